@@ -1,0 +1,47 @@
+"""The KV cache as an explicit pytree of static shape.
+
+Slot i of a row holds the key/value of the token at position i of that row, so a row's valid
+keys are exactly the slots whose position the mask allows: no separate length is needed for
+attention, and rows of a batch may sit at different positions. Writes go to contiguous slots
+starting at each row's own offset.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dllm_jax.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+  k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+  v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def batch(self) -> int:
+    return self.k.shape[1]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def write(layer_kv: jax.Array, new_kv: jax.Array, start: jax.Array) -> jax.Array:
+  """Writes new_kv [B, T, K, D] into layer_kv [B, S, K, D] at slots start[b] .. start[b]+T-1.
+
+  The caller keeps start + T <= S: `dynamic_update_slice` clamps an out-of-range start, which
+  would overwrite valid slots.
+  """
+  def one_row(row, new, s):
+    return jax.lax.dynamic_update_slice(row, new.astype(row.dtype), (s, 0, 0))
+
+  return jax.vmap(one_row)(layer_kv, new_kv, start.astype(jnp.int32))

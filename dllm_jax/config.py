@@ -1,0 +1,177 @@
+"""Typed, frozen configuration tree, config files and `--set a.b=value` overrides.
+
+A config file is Python that defines `get_config() -> Config`. The command line overrides single
+fields; a key that does not exist, or one set twice, is an error that lists what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+import types
+import typing
+from typing import Any, Optional, Sequence
+
+
+class ConfigError(ValueError):
+  """A config file or override is wrong; the message says where and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a Qwen2 / Llama decoder-only transformer."""
+
+  architecture: str = "llama"  # "llama" | "qwen2": decides the HF class on export
+  vocab_size: int = 256
+  hidden_size: int = 64
+  intermediate_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+  tie_embeddings: bool = False
+  max_position_embeddings: int = 2048
+  mask_token_id: Optional[int] = None  # None: not a diffusion model yet (see model.add_mask_token)
+  bos_token_id: Optional[int] = None
+  eos_token_id: Optional[int] = None
+  pad_token_id: Optional[int] = None
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype; softmax, norms and logits stay in float32
+  remat: str = "none"  # "none" | "full" | "dots": what a layer keeps for the backward pass
+  attention_impl: str = "auto"  # "auto" (pallas on GPU/TPU, xla on CPU) | "xla" | "pallas"
+
+  def __post_init__(self):
+    if self.architecture not in ("llama", "qwen2"):
+      raise ConfigError(f"model.architecture={self.architecture!r}: expected 'llama' or 'qwen2'")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"model.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.remat not in ("none", "full", "dots"):
+      raise ConfigError(f"model.remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+    if self.attention_impl not in ("auto", "xla", "pallas"):
+      raise ConfigError(
+          f"model.attention_impl={self.attention_impl!r}: expected 'auto', 'xla' or 'pallas'")
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.{name}={getattr(self, name)!r}: expected float32, bfloat16 or float16")
+    if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
+      raise ConfigError(
+          f"model.mask_token_id={self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides
+
+
+def _field_types(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _parse_value(text: str, tp: Any, key: str) -> Any:
+  origin = typing.get_origin(tp)
+  args = typing.get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    non_none = [a for a in args if a is not type(None)]
+    if text.lower() in ("none", "null"):
+      return None
+    if len(non_none) == 1:
+      return _parse_value(text, non_none[0], key)
+  if tp is bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+      return True
+    if text.lower() in ("0", "false", "no", "off"):
+      return False
+    raise ConfigError(f"--set {key}={text}: expected a boolean (true/false)")
+  if tp is int:
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(f"--set {key}={text}: expected an integer") from None
+  if tp is float:
+    try:
+      return float(text)
+    except ValueError:
+      raise ConfigError(f"--set {key}={text}: expected a number") from None
+  if tp is str:
+    return text
+  if origin is tuple:
+    items = [t for t in text.split(",") if t.strip()] if text.strip() else []
+    elem = args[0] if args else str
+    return tuple(_parse_value(t.strip(), elem, key) for t in items)
+  raise ConfigError(f"--set {key}: fields of type {tp} cannot be set from the command line")
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+  """Returns `cfg` with each "a.b.c=value" applied; unknown or repeated keys are errors."""
+  seen: set[str] = set()
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key in seen:
+      raise ConfigError(f"--set {key} is given twice; give each key once")
+    seen.add(key)
+    cfg = _set_path(cfg, key.split("."), text, key)
+  return cfg
+
+
+def _set_path(node: Any, path: list[str], text: str, full_key: str) -> Any:
+  if not dataclasses.is_dataclass(node):
+    raise ConfigError(f"--set {full_key}: {'.'.join(path)} is not a config section")
+  names = [f.name for f in dataclasses.fields(node)]
+  head = path[0]
+  if head not in names:
+    raise ConfigError(
+        f"--set {full_key}: unknown key {head!r} in {type(node).__name__}; valid keys: "
+        + ", ".join(names))
+  current = getattr(node, head)
+  if len(path) > 1:
+    return dataclasses.replace(node, **{head: _set_path(current, path[1:], text, full_key)})
+  if dataclasses.is_dataclass(current):
+    raise ConfigError(f"--set {full_key}: {head!r} is a section; set one of its fields: "
+                      + ", ".join(f.name for f in dataclasses.fields(current)))
+  value = _parse_value(text, _field_types(type(node))[head], full_key)
+  try:
+    return dataclasses.replace(node, **{head: value})
+  except ConfigError as e:
+    raise ConfigError(f"--set {full_key}: {e}") from None
+
+
+def load_config_file(path: str | pathlib.Path) -> Any:
+  """Runs a Python config file and returns what its `get_config()` returns."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_dllm_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config() function")
+  return module.get_config()
+
+
+def to_dict(cfg: Any) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict, where: str = "config") -> Any:
+  """Builds dataclass `cls` from a nested dict, rejecting unknown keys."""
+  names = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = set(data) - set(names)
+  if unknown:
+    raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; valid keys: {sorted(names)}")
+  hints = _field_types(cls)
+  kwargs = {}
+  for name, value in data.items():
+    tp = hints[name]
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+      value = from_dict(tp, value, f"{where}.{name}")
+    elif typing.get_origin(tp) is tuple and isinstance(value, list):
+      value = tuple(value)
+    kwargs[name] = value
+  return cls(**kwargs)

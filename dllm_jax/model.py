@@ -62,7 +62,7 @@ class Attention(nn.Module):
   spec: masks.MaskSpec
 
   @nn.compact
-  def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv):
+  def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv, write_mask_B=None):
     cfg = self.cfg
     dense = functools.partial(nn.DenseGeneral, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     std = 0.02
@@ -88,8 +88,8 @@ class Attention(nn.Module):
       # Cached tokens are clean tokens of one sequence whose slot index is their position.
       cache_k, cache_v = cache_kv
       start = meta.positions[:, 0]
-      cache_k = write(cache_k, k, start)
-      cache_v = write(cache_v, v, start)
+      cache_k = write(cache_k, k, start, write_mask_B)
+      cache_v = write(cache_v, v, start, write_mask_B)
       batch, max_len = cache_k.shape[:2]
       k_meta = masks.TokenMeta.simple(
           jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len)))
@@ -122,11 +122,11 @@ class DecoderLayer(nn.Module):
   spec: masks.MaskSpec
 
   @nn.compact
-  def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv):
+  def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv, write_mask_B=None):
     cfg = self.cfg
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
     h, new_cache = Attention(cfg, self.spec, name="attn")(norm(name="attn_norm")(x_BTE), meta,
-                                                         cache_kv)
+                                                         cache_kv, write_mask_B)
     x = x_BTE + h
     x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
@@ -144,6 +144,9 @@ class Transformer(nn.Module):
 
   `head_slice=(start, end)` computes logits only for tokens start..end-1 (the noisy part of a
   diffusion layout), which saves the largest matmul of the model on tokens whose logits are unused.
+  `head_index` (int [B, K]) does the same for K per-row token indices chosen at run time (a
+  decoder needs a few positions of each row). `cache_write_mask` (bool [B]): rows where it is
+  False leave the cache unchanged.
   """
 
   cfg: ModelConfig
@@ -151,7 +154,9 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, meta: masks.TokenMeta, cache: Optional[KVCache] = None,
-               head_slice: Optional[tuple[int, int]] = None):
+               head_slice: Optional[tuple[int, int]] = None,
+               head_index: Optional[jax.Array] = None,
+               cache_write_mask: Optional[jax.Array] = None):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, name="embed",
@@ -166,17 +171,19 @@ class Transformer(nn.Module):
         layer,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, 0),
+        in_axes=(nn.broadcast, 0, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: ax.LAYERS},
     )(cfg, self.spec, name="layers")
     cache_kv = None if cache is None else (cache.k, cache.v)
-    x, new_kv = stack(x, meta, cache_kv)
+    x, new_kv = stack(x, meta, cache_kv, cache_write_mask)
     new_cache = None if cache is None else KVCache(k=new_kv[0], v=new_kv[1])
 
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
     if head_slice is not None:
       x = x[:, head_slice[0]:head_slice[1]]
+    if head_index is not None:
+      x = jnp.take_along_axis(x, head_index[:, :, None].astype(jnp.int32), axis=1)
     if cfg.tie_embeddings:
       w_EV = embed.embedding.T
     else:
@@ -217,8 +224,11 @@ def forward(
     spec: masks.MaskSpec,
     cache: Optional[KVCache] = None,
     head_slice: Optional[tuple[int, int]] = None,
+    head_index: Optional[jax.Array] = None,
+    cache_write_mask: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, Optional[KVCache]]:
-  return Transformer(cfg, spec).apply({"params": params}, tokens_BT, meta, cache, head_slice)
+  return Transformer(cfg, spec).apply({"params": params}, tokens_BT, meta, cache, head_slice,
+                                      head_index, cache_write_mask)
 
 
 def ar_forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array:

@@ -73,13 +73,31 @@ def layout(spec: MaskSpec, length: int) -> tuple[np.ndarray, np.ndarray]:
   return np.tile(pos, spec.num_streams), np.concatenate(streams)
 
 
-def layout_meta(spec: MaskSpec, segments: jax.Array) -> TokenMeta:
-  """TokenMeta [batch, num_streams * L] for rows whose per-position segments are `segments` [B, L]."""
+def packed_positions(segments_BL: jax.Array) -> jax.Array:
+  """int32 [B, L]: each token's offset from the first token of its run of equal segment ids.
+
+  Packed samples then see RoPE positions 0, 1, ... exactly as they do alone at inference. Samples
+  start on block boundaries, so `position // block_size` still names the same blocks.
+  """
+  seg = jnp.asarray(segments_BL, jnp.int32)
+  idx = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
+  starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def layout_meta(spec: MaskSpec, segments: jax.Array, positions: jax.Array | None = None
+                ) -> TokenMeta:
+  """TokenMeta [batch, num_streams * L] for rows whose per-position segments are `segments` [B, L].
+
+  `positions` [B, L] (e.g. `packed_positions(segments)`) replaces the default 0..L-1 of each part.
+  """
   batch, length = segments.shape
   pos, streams = layout(spec, length)
   seg = jnp.tile(jnp.asarray(segments, jnp.int32), (1, spec.num_streams))
+  if positions is not None:
+    pos = jnp.tile(jnp.asarray(positions, jnp.int32), (1, spec.num_streams))
   return TokenMeta(
-      positions=jnp.broadcast_to(jnp.asarray(pos), (batch, pos.size)),
+      positions=jnp.broadcast_to(jnp.asarray(pos), (batch, pos.shape[-1])),
       streams=jnp.broadcast_to(jnp.asarray(streams), (batch, streams.size)),
       segments=seg,
   )
@@ -108,3 +126,73 @@ def dense_mask(spec: MaskSpec, q: TokenMeta, k: TokenMeta) -> jax.Array:
       q.positions[:, :, None], q.streams[:, :, None], q.segments[:, :, None],
       k.positions[:, None, :], k.streams[:, None, :], k.segments[:, None, :],
   )
+
+
+# --------------------------------------------------------------------------------------------
+# Tile maps for block-sparse kernels, derived from the static layout alone.
+
+TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
+
+
+def _stream_runs(spec: MaskSpec, length: int, tile: int, num_tiles: int):
+  """Per layout part p and tile i, the position interval [lo, hi] of part p inside tile i.
+
+  Returns (lo, hi, stream) with lo/hi int64 [num_parts, num_tiles] (hi < lo when the tile holds no
+  token of that part) and stream [num_parts]: the layout is parts of `length` consecutive indices,
+  so a tile meets each part in at most one contiguous run of positions.
+  """
+  parts = spec.num_streams
+  total = parts * length
+  start = np.arange(num_tiles, dtype=np.int64) * tile
+  end = np.minimum(start + tile, total)  # exclusive
+  part_start = np.arange(parts, dtype=np.int64)[:, None] * length
+  lo = np.maximum(start[None, :], part_start) - part_start
+  hi = np.minimum(end[None, :], part_start + length) - 1 - part_start
+  if spec.kind == "diffusion":
+    stream = np.array(list(range(1, spec.num_noisy + 1)) + [0], np.int64)
+  else:
+    stream = np.zeros(1, np.int64)
+  return lo, hi, stream
+
+
+def tile_map(spec: MaskSpec, length: int, block_q: int, block_k: int) -> np.ndarray:
+  """Class of every (query tile, key tile) of the layout `layout(spec, length)`, ignoring segments.
+
+  Returns int8 [ceil(T / block_q), ceil(T / block_k)] with T = spec.num_streams * length, each
+  TILE_EMPTY (no allowed pair: skip), TILE_FULL (every pair of a real query with the tile's keys
+  allowed, no padding key: no mask needed) or TILE_PARTIAL. Computed from per-tile position
+  intervals on the host in O(tiles^2): the rules are monotone in block index, so an interval pair
+  is empty/full exactly when its extreme corners are.
+  """
+  total = spec.num_streams * length
+  nq, nk = -(-total // block_q), -(-total // block_k)
+  qlo, qhi, qstream = _stream_runs(spec, length, block_q, nq)
+  klo, khi, kstream = _stream_runs(spec, length, block_k, nk)
+  any_allowed = np.zeros((nq, nk), bool)
+  all_allowed = np.ones((nq, nk), bool)
+  bs = spec.block_size
+  for a in range(qstream.size):
+    for c in range(kstream.size):
+      ql, qh = qlo[a][:, None], qhi[a][:, None]
+      kl, kh = klo[c][None, :], khi[c][None, :]
+      present = (qh >= ql) & (kh >= kl)
+      sq, sk = qstream[a], kstream[c]
+      if spec.kind == "causal":
+        some, every = kl <= qh, kh <= ql
+      else:
+        qbl, qbh, kbl, kbh = ql // bs, qh // bs, kl // bs, kh // bs
+        if sq == 0 and sk == 0:  # clean -> clean: kb <= qb
+          some, every = kbl <= qbh, kbh <= qbl
+        elif sq > 0 and sk == sq:  # noisy -> own noisy block: kb == qb
+          some = np.maximum(qbl, kbl) <= np.minimum(qbh, kbh)
+          every = (qbl == qbh) & (kbl == kbh) & (qbl == kbl)
+        elif sq > 0 and sk == 0:  # noisy -> earlier clean blocks: kb < qb
+          some, every = kbl < qbh, kbh < qbl
+        else:
+          some, every = np.zeros((1, 1), bool), np.zeros((1, 1), bool)
+      any_allowed |= present & some
+      all_allowed &= ~present | every
+  key_padding = (np.arange(nk) + 1) * block_k > total
+  out = np.where(any_allowed, TILE_PARTIAL, TILE_EMPTY)
+  out = np.where(any_allowed & all_allowed & ~key_padding[None, :], TILE_FULL, out)
+  return out.astype(np.int8)

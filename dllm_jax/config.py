@@ -175,3 +175,98 @@ def from_dict(cls, data: dict, where: str = "config") -> Any:
       value = tuple(value)
     kwargs[name] = value
   return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections of a training run (the top-level `run_config.Config` gathers them with the data and
+# objective sections, which live next to the code that reads them).
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimizer, schedule and loop. The defaults are the authors' (lr 2e-5 constant, 3% warmup)."""
+
+  steps: int = 1000
+  batch_size: int = 8  # sequences per optimizer step, over all devices and micro-batches
+  grad_accum: int = 1  # micro-batches per step; the loss is count-weighted across them
+  learning_rate: float = 2e-5
+  schedule: str = "constant"  # "constant" | "cosine", both after a linear warmup
+  warmup_ratio: float = 0.03
+  min_lr_ratio: float = 0.0  # cosine only: final lr / peak lr
+  weight_decay: float = 0.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+  seed: int = 0
+  run_dir: str = "runs/run"
+  log_every: int = 1  # steps between metrics lines
+  progress: bool = True  # the stderr progress bar
+  eval_batches: int = 0  # held-out batches scored at the end (masked-token accuracy); 0: none
+  export_hf: bool = False  # write the final model to RUN_DIR/hf as a HF directory
+
+  def __post_init__(self):
+    if self.steps < 1:
+      raise ConfigError(f"train.steps={self.steps}: must be at least 1")
+    if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+      raise ConfigError(f"train.batch_size={self.batch_size} is not a multiple of "
+                        f"train.grad_accum={self.grad_accum}; pick sizes that divide")
+    if self.schedule not in ("constant", "cosine"):
+      raise ConfigError(f"train.schedule={self.schedule!r}: expected 'constant' or 'cosine'")
+    if not 0.0 <= self.warmup_ratio <= 1.0:
+      raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: expected a value in [0, 1]")
+    if self.learning_rate <= 0:
+      raise ConfigError(f"train.learning_rate={self.learning_rate}: must be positive")
+    if self.log_every < 1:
+      raise ConfigError(f"train.log_every={self.log_every}: must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh sizes (-1: all remaining devices) and the multi-host coordinator.
+
+  When `coordinator_address` is empty, the environment variables DLLM_COORDINATOR_ADDRESS,
+  DLLM_NUM_PROCESSES and DLLM_PROCESS_ID are used; when those are unset too, the run is one process.
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  coordinator_address: str = ""  # "host:port" of process 0
+  num_processes: int = 0
+  process_id: int = -1
+
+  def __post_init__(self):
+    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    bad = [k for k, v in sizes.items() if v == 0 or v < -1]
+    if bad:
+      raise ConfigError(f"mesh.{bad[0]}={sizes[bad[0]]}: expected a positive size or -1 (auto)")
+    if sum(v == -1 for v in sizes.values()) > 1:
+      raise ConfigError(f"mesh sizes {sizes}: at most one axis may be -1 (auto)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 500  # also saved at the end and on SIGTERM
+  keep: int = 3  # the last `keep` checkpoints are kept
+  async_save: bool = True
+
+  def __post_init__(self):
+    if self.every_steps < 1:
+      raise ConfigError(f"checkpoint.every_steps={self.every_steps}: must be at least 1")
+    if self.keep < 1:
+      raise ConfigError(f"checkpoint.keep={self.keep}: must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """Where the weights come from.
+
+  `source="random"` initialises `model` from scratch with `tokenizer` ("chars": the built-in
+  character tokenizer); any other source (a HF directory, a .gguf file, a shortcut such as
+  "smollm2-135m-instruct", or a training run directory) is loaded with its own architecture and
+  tokenizer, and only the runtime fields of `model` (dtypes, remat, attention_impl) apply.
+  """
+
+  source: str = "random"  # "" in a shipped config means: the user must set it (checked at start)
+  tokenizer: str = "chars"  # random init only

@@ -56,3 +56,89 @@ ACTIVATION_RULES = (
 def logical_rules() -> tuple[tuple[str, object], ...]:
   """The logical -> mesh table for `nn.logical_axis_rules` / `nn.logical_to_mesh_sharding`."""
   return PARAM_RULES + ACTIVATION_RULES
+
+
+# --------------------------------------------------------------------------------------------
+# The device mesh and NamedShardings derived from the table above.
+
+import logging  # noqa: E402  (kept below the table, which is the part most readers want)
+import math  # noqa: E402
+from typing import Any, Optional, Sequence  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, int, int]:
+  """Resolves a -1 (auto) size and checks that the sizes multiply to `num_devices`."""
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if num_devices % fixed:
+    raise ValueError(f"mesh sizes {sizes} do not divide the {num_devices} devices; "
+                     "set mesh.data / mesh.fsdp / mesh.tensor so their product is the device count")
+  resolved = {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
+  if math.prod(resolved.values()) != num_devices:
+    raise ValueError(f"mesh sizes {resolved} use {math.prod(resolved.values())} devices but "
+                     f"{num_devices} are present; make the product match or set one size to -1")
+  return tuple(resolved[a] for a in MESH_AXES)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  # make_mesh lays the last (tensor) axis on the closest devices (same host / NVLink domain).
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
+  """Replicates every dim whose size its mesh axes do not divide (e.g. vocab + 1 mask token)."""
+  dims = list(spec) + [None] * (len(shape) - len(spec))
+  for i, axes in enumerate(dims):
+    if axes is None:
+      continue
+    names = axes if isinstance(axes, tuple) else (axes,)
+    n = math.prod(mesh.shape[a] for a in names)
+    if shape[i] % n:
+      log.info("sharding: %s dim %d (size %d) is not divisible by mesh %s=%d; replicated",
+               where, i, shape[i], "x".join(names), n)
+      dims[i] = None
+  return PartitionSpec(*dims)
+
+
+def shardings_for(logical_specs: Any, shapes: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a pytree given its logical PartitionSpecs and its shapes.
+
+  `logical_specs` is a pytree of PartitionSpecs of logical names (e.g. `model.param_logical_axes`)
+  and `shapes` a matching pytree of arrays or ShapeDtypeStructs.
+  """
+  mesh_specs = nn.logical_to_mesh(logical_specs, logical_rules())
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      mesh_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  shape_leaves = treedef.flatten_up_to(shapes)
+  out = [
+      NamedSharding(mesh, _fit(spec, tuple(s.shape), mesh, jax.tree_util.keystr(path)))
+      for (path, spec), s in zip(leaves, shape_leaves)
+  ]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
+  """Sharding of a [*leading, batch, length] array: batch over the activation batch rule."""
+  spec = nn.logical_to_mesh_axes((BATCH, LENGTH), logical_rules())
+  return NamedSharding(mesh, PartitionSpec(*([None] * leading), *spec))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """How many shards the batch axis is split into; the global batch must be a multiple."""
+  spec = nn.logical_to_mesh_axes((BATCH,), logical_rules())[0]
+  names = spec if isinstance(spec, tuple) else ((spec,) if spec else ())
+  return math.prod(mesh.shape[a] for a in names)

@@ -1,0 +1,162 @@
+"""Decode attention: a run of query tokens against the KV cache, split over the cache length.
+
+Contract (model.py's cache branch): row b's T queries sit at positions start[b] .. start[b]+T-1,
+cache slot s holds position s, one segment. A query at position p may see slots <= p (`causal`)
+or up to the end of its block, ((p // B) + 1) * B - 1 (`block_causal`), so each row needs only a
+prefix of the cache: tiles past the last allowed slot are neither read nor computed.
+
+The queries of one KV head's group are folded into the rows of one tile ([T * group, D]), so each
+K/V tile is read once per group. The cache length is split over programs (flash-decoding), each
+writing an unnormalised partial output with its running max and sum; a small XLA step combines
+them. Everything is in base 2, like `flash`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dllm_jax import masks
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+_LOG2E = math.log2(math.e)
+TARGET_PROGRAMS = 264  # two waves of the H100's 132 SMs: enough programs to fill the GPU at batch 1
+
+
+def _dot(a, b, trans_b=False):
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _last_slot(spec: masks.MaskSpec, pos):
+  if spec.kind == "causal":
+    return pos
+  bs = spec.block_size
+  return (lax.div(pos, bs) + 1) * bs - 1
+
+
+def _kernel(start_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, spec, num_queries, group,
+            rows, block_k, tiles_per_split, num_kv_tiles, scale):
+  split, row_tile, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  start = start_ref[b]
+  q = q_ref[...]
+  r = row_tile * rows + jnp.arange(rows, dtype=jnp.int32)
+  t = lax.div(r, group)  # query offset of each row
+  last = jnp.where(t < num_queries, _last_slot(spec, start + t), -1)  # padding rows see nothing
+  # Tile range of the rows of this tile: full up to the first real row's limit, none past the last.
+  t_first = lax.div(row_tile * rows, group)
+  t_last = jnp.minimum(lax.div(row_tile * rows + rows - 1, group), num_queries - 1)
+  n_full = jnp.minimum(lax.div(_last_slot(spec, start + t_first) + 1, block_k), num_kv_tiles)
+  n_used = jnp.minimum(lax.div(_last_slot(spec, start + t_last) + block_k, block_k),
+                       num_kv_tiles)
+  lo = split * tiles_per_split
+  hi = jnp.minimum(lo + tiles_per_split, n_used)
+
+  def body(j, carry, masked):
+    acc, m, l = carry
+    first = pl.multiple_of(j * block_k, block_k)
+    k = k_ref[pl.ds(first, block_k), :]
+    s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
+    if masked:
+      slot = first + jnp.arange(block_k, dtype=jnp.int32)
+      s = jnp.where(slot[None, :] <= last[:, None], s, _MASKED)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    v = v_ref[pl.ds(first, block_k), :]
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l * alpha + p.sum(axis=1)
+
+  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+           jnp.zeros((rows,), jnp.float32))
+  mid = jnp.clip(n_full, lo, hi)
+  carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
+  acc, m, l = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
+  acc_ref[...] = acc
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def _pick_block_k(cache_len: int) -> int | None:
+  for bk in (128, 64, 32, 16):
+    if cache_len % bk == 0:
+      return bk
+  return None
+
+
+def supported(q_BTHD, k_BSKD) -> str | None:
+  """None when `decode_attention` covers these shapes, else why not."""
+  if _pick_block_k(k_BSKD.shape[1]) is None:
+    return f"cache length {k_BSKD.shape[1]} is not a multiple of 16"
+  d = q_BTHD.shape[-1]
+  if d < 16 or d & (d - 1):
+    return f"head_dim {d} is not a power of two >= 16"
+  return None
+
+
+def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
+                     interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+  """Attention of queries at positions start[b] + (0..T-1) over cache slots 0..S-1.
+
+  Equals `attention.xla_attention` under `masks.dense_mask` of the model's cache branch metadata.
+  """
+  if spec.kind not in ("causal", "block_causal"):
+    raise ValueError(f"decode attention takes a causal or block_causal spec, got {spec}")
+  b, t, h, d = q_BTHD.shape
+  s, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
+  group = h // kv_heads
+  block_k = _pick_block_k(s)
+  if block_k is None:
+    raise ValueError(f"cache length {s} must be a multiple of 16")
+  n_rows = t * group
+  rows = max(16, min(128, pl.next_power_of_2(n_rows)))
+  row_tiles = -(-n_rows // rows)
+  num_kv_tiles = s // block_k
+  programs = b * kv_heads * row_tiles
+  splits = max(1, min(num_kv_tiles, -(-TARGET_PROGRAMS // programs)))
+  tiles_per_split = -(-num_kv_tiles // splits)
+  splits = -(-num_kv_tiles // tiles_per_split)
+
+  # [B, T, K*G, D] -> [B, K, T*G rows (padded), D]: row r is query r // G, head r % G of the group.
+  q = q_BTHD.reshape(b, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4)
+  q = q.reshape(b, kv_heads, n_rows, d)
+  q = jnp.pad(q, [(0, 0), (0, 0), (0, row_tiles * rows - n_rows), (0, 0)])
+
+  kernel = functools.partial(
+      _kernel, spec=spec, num_queries=t, group=group, rows=rows, block_k=block_k,
+      tiles_per_split=tiles_per_split, num_kv_tiles=num_kv_tiles, scale=d ** -0.5)
+  part = lambda *shape: jax.ShapeDtypeStruct((splits, b, kv_heads, row_tiles * rows) + shape,
+                                             jnp.float32)
+  start = jnp.asarray(start_B, jnp.int32)
+  acc, m, l = pl.pallas_call(
+      kernel,
+      grid=(splits, row_tiles, b, kv_heads),
+      in_specs=[
+          pl.BlockSpec((b,), lambda *_: (0,)),
+          pl.BlockSpec((None, None, rows, d), lambda sp, rt, bi, ki: (bi, ki, rt, 0)),
+          pl.BlockSpec((None, s, None, d), lambda sp, rt, bi, ki: (bi, 0, ki, 0)),
+          pl.BlockSpec((None, s, None, d), lambda sp, rt, bi, ki: (bi, 0, ki, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, rows, d), lambda sp, rt, bi, ki: (sp, bi, ki, rt, 0)),
+          pl.BlockSpec((None, None, None, rows), lambda sp, rt, bi, ki: (sp, bi, ki, rt)),
+          pl.BlockSpec((None, None, None, rows), lambda sp, rt, bi, ki: (sp, bi, ki, rt)),
+      ],
+      out_shape=[part(d), part(), part()],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="decode_attention",
+  )(start, q, k_BSKD, v_BSKD)
+
+  # Combine the splits: splits that saw no tile carry m = -inf, l = 0 and weigh nothing.
+  m_max = m.max(axis=0)
+  w = jnp.exp2(m - m_max[None])
+  out = (acc * w[..., None]).sum(0) / (l * w).sum(0)[..., None]
+  out = out[:, :, :n_rows].reshape(b, kv_heads, t, group, d).transpose(0, 2, 1, 3, 4)
+  return out.reshape(b, t, h, d).astype(q_BTHD.dtype)

@@ -1,0 +1,352 @@
+"""Block-sparse flash attention over the static training layouts, forward and backward (Pallas).
+
+The row layout is `masks.layout(spec, L)`: T = spec.num_streams * L tokens whose position and
+stream follow from their index, so which (query tile, key tile) pairs hold allowed pairs is known
+on the host (`masks.tile_map`). Each query tile loops over its non-empty key tiles only: first
+the full ones (no layout mask), then the partial ones (layout mask from indices). Segment ids
+(packed samples) are runtime data, compared in-kernel on every visited tile.
+
+Grouped-query attention: the forward and dq kernels run per query head and read their KV head in
+place; the dk/dv kernel runs per KV head and loops over the heads of its group, so repeated K/V
+and per-query-head dK/dV are never materialised.
+
+Softmax runs in base 2 (scores pre-multiplied by log2 e) with float32 statistics and
+accumulators; the saved log-sum-exp is in that base too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dllm_jax import masks
+
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked padding rows stay NaN-free
+_LOG2E = math.log2(math.e)
+
+
+def _dot(a, b, trans_a=False, trans_b=False):
+  """2-D matmul with float32 accumulation (what Pallas' GPU dot does; kept local across jax versions)."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tile sizes (powers of two, >= 16) and Triton launch parameters of the three kernels."""
+
+  block_q: int = 128
+  block_k: int = 64
+  block_q_dq: int = 64
+  block_k_dq: int = 64
+  block_q_dkv: int = 64
+  block_k_dkv: int = 64
+  num_warps: int = 4
+  num_warps_bwd: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if f.name.startswith("block_") and (v < 16 or v & (v - 1)):
+        raise ValueError(f"Tiles.{f.name}={v}: must be a power of two >= 16")
+
+
+@functools.lru_cache(maxsize=256)
+def visit_lists(spec: masks.MaskSpec, length: int, block_rows: int, block_cols: int,
+                transpose: bool):
+  """Host-side visit order of the non-empty tiles, as int32 arrays.
+
+  For each outer tile (query tiles; key tiles when `transpose`): `idx[i, :n_total[i]]` lists the
+  inner tiles to visit, the `n_full[i]` full ones first. Returns (idx, n_full, n_total).
+  """
+  tmap = masks.tile_map(spec, length, block_rows, block_cols)
+  if transpose:
+    tmap = tmap.T
+  outer, inner = tmap.shape
+  n_full = (tmap == masks.TILE_FULL).sum(1).astype(np.int32)
+  n_total = (tmap != masks.TILE_EMPTY).sum(1).astype(np.int32)
+  idx = np.zeros((outer, max(1, int(n_total.max()))), np.int32)
+  for i in range(outer):
+    order = np.concatenate([np.flatnonzero(tmap[i] == masks.TILE_FULL),
+                            np.flatnonzero(tmap[i] == masks.TILE_PARTIAL)])
+    idx[i, :order.size] = order
+  return idx, n_full, n_total
+
+
+def _layout_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx):
+  """`masks.allowed` for layout indices (segments aside); padding indices are never allowed."""
+  total = spec.num_streams * length
+
+  def pos_stream(idx):
+    if spec.kind != "diffusion":
+      return idx, jnp.zeros_like(idx)
+    part = lax.div(idx, jnp.int32(length))
+    stream = jnp.where(part < spec.num_noisy, part + 1, 0)
+    return idx - part * length, stream
+
+  qp, qs = pos_stream(q_idx[:, None])
+  kp, ks = pos_stream(k_idx[None, :])
+  if spec.kind == "causal":
+    ok = kp <= qp
+  else:
+    bs = jnp.int32(spec.block_size)
+    qb, kb = lax.div(qp, bs), lax.div(kp, bs)
+    ok = (qs == 0) & (ks == 0) & (kb <= qb)
+    if spec.kind == "diffusion":
+      noisy = qs > 0
+      ok = ok | (noisy & (ks == qs) & (kb == qb)) | (noisy & (ks == 0) & (kb < qb))
+  return ok & (k_idx[None, :] < total)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+
+
+def _fwd_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref,
+                o_ref, lse_ref, *, spec, length, block_q, block_k, scale, num_q_tiles):
+  qi = num_q_tiles - 1 - pl.program_id(0)  # heaviest (latest) query tiles first
+  q = q_ref[...]
+  seg_q = segq_ref[...]
+  q_idx = qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  d = q.shape[-1]
+
+  def body(j, carry, masked):
+    acc, m, l = carry
+    start = pl.multiple_of(idx_ref[qi, j] * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
+    keep = seg_q[:, None] == segk_ref[pl.ds(start, block_k)][None, :]
+    if masked:
+      k_idx = start + jnp.arange(block_k, dtype=jnp.int32)
+      keep = keep & _layout_allowed(spec, length, q_idx, k_idx)
+    s = jnp.where(keep, s, _MASKED)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    v = v_ref[pl.ds(start, block_k), :]
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l * alpha + p.sum(axis=1)
+
+  carry = (jnp.zeros((block_q, d), jnp.float32),
+           jnp.full((block_q,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_q,), jnp.float32))
+  n_full, n_total = nfull_ref[qi], ntotal_ref[qi]
+  carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+  acc, m, l = lax.fori_loop(n_full, n_total, functools.partial(body, masked=True), carry)
+  # l == 0 only on query tiles made of padding alone (never visited): keep them finite.
+  l = jnp.where(l == 0.0, 1.0, l)
+  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log2(l)
+
+
+def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
+  """q [B, Tp, H, D], k/v [B, Tp, K, D], seg [B, Tp] (Tp a multiple of every tile size)."""
+  b, tp, h, d = q.shape
+  group = h // k.shape[2]
+  bq, bk = tiles.block_q, tiles.block_k
+  nq = tp // bq
+  idx, n_full, n_total = visit_lists(spec, length, bq, bk, False)
+  whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+  rev = lambda i: nq - 1 - i
+  kernel = functools.partial(_fwd_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
+                             scale=d ** -0.5, num_q_tiles=nq)
+  return pl.pallas_call(
+      kernel,
+      grid=(nq, b, h),
+      in_specs=[
+          whole(idx), whole(n_full), whole(n_total),
+          pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+          pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+          pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+          pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, rev(i))),
+          pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+          pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, rev(i))),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret,
+      name="block_sparse_attention_fwd",
+  )(idx, n_full, n_total, q, k, v, seg, seg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward
+
+
+def _dq_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref,
+               lse_ref, delta_ref, dq_ref, *, spec, length, block_q, block_k, scale):
+  qi = pl.program_id(0)
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  seg_q = segq_ref[...]
+  q_idx = qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
+
+  def body(j, dq, masked):
+    start = pl.multiple_of(idx_ref[qi, j] * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    v = v_ref[pl.ds(start, block_k), :]
+    s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
+    keep = seg_q[:, None] == segk_ref[pl.ds(start, block_k)][None, :]
+    if masked:
+      k_idx = start + jnp.arange(block_k, dtype=jnp.int32)
+      keep = keep & _layout_allowed(spec, length, q_idx, k_idx)
+    p = jnp.where(keep, jnp.exp2(s - lse[:, None]), 0.0)
+    dp = _dot(do, v, trans_b=True)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jnp.zeros(q.shape, jnp.float32)
+  n_full, n_total = nfull_ref[qi], ntotal_ref[qi]
+  dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
+  dq = lax.fori_loop(n_full, n_total, functools.partial(body, masked=True), dq)
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref,
+                lse_ref, delta_ref, dk_ref, dv_ref, *, spec, length, block_q, block_k, scale,
+                group):
+  ki = pl.program_id(0)
+  k, v = k_ref[...], v_ref[...]
+  seg_k = segk_ref[...]
+  k_idx = ki * block_k + jnp.arange(block_k, dtype=jnp.int32)
+
+  def body(j, carry, head, masked):
+    dk, dv = carry
+    start = pl.multiple_of(idx_ref[ki, j] * block_q, block_q)
+    rows = pl.ds(start, block_q)
+    q = q_ref[rows, head, :]
+    do = do_ref[rows, head, :]
+    lse, delta = lse_ref[head, rows], delta_ref[head, rows]
+    s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
+    keep = segq_ref[rows][:, None] == seg_k[None, :]
+    if masked:
+      q_idx = start + jnp.arange(block_q, dtype=jnp.int32)
+      keep = keep & _layout_allowed(spec, length, q_idx, k_idx)
+    p = jnp.where(keep, jnp.exp2(s - lse[:, None]), 0.0)
+    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+    dp = _dot(do, v, trans_b=True)
+    ds = p * (dp - delta[:, None])
+    return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+  n_full, n_total = nfull_ref[ki], ntotal_ref[ki]
+
+  def per_head(head, carry):
+    carry = lax.fori_loop(0, n_full, functools.partial(body, head=head, masked=False), carry)
+    return lax.fori_loop(n_full, n_total, functools.partial(body, head=head, masked=True), carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, group, per_head, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
+  b, tp, h, d = q.shape
+  kv_heads = k.shape[2]
+  group = h // kv_heads
+  scale = d ** -0.5
+  # delta_i = sum_d o_id * do_id: one cheap fused XLA pass, [B, H, Tp] like lse.
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+  params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd, num_stages=tiles.num_stages)
+
+  bq, bk = tiles.block_q_dq, tiles.block_k_dq
+  idx, n_full, n_total = visit_lists(spec, length, bq, bk, False)
+  q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+  kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
+  row_q = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
+                        scale=scale),
+      grid=(tp // bq, b, h),
+      in_specs=[whole(idx), whole(n_full), whole(n_total), q_tile, kv_all, kv_all,
+                pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+                pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)),
+                q_tile, row_q, row_q],
+      out_specs=q_tile,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params,
+      interpret=interpret,
+      name="block_sparse_attention_dq",
+  )(idx, n_full, n_total, q, k, v, seg, seg, do, lse, delta)
+
+  bq, bk = tiles.block_q_dkv, tiles.block_k_dkv
+  idx, n_full, n_total = visit_lists(spec, length, bq, bk, True)
+  kv_tile = pl.BlockSpec((None, bk, None, d), lambda i, bi, ki: (bi, i, ki, 0))
+  q_group = pl.BlockSpec((None, tp, group, d), lambda i, bi, ki: (bi, 0, ki, 0))
+  rows_group = pl.BlockSpec((None, group, tp), lambda i, bi, ki: (bi, ki, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
+                        scale=scale, group=group),
+      grid=(tp // bk, b, kv_heads),
+      in_specs=[whole(idx), whole(n_full), whole(n_total), q_group, kv_tile, kv_tile,
+                pl.BlockSpec((None, tp), lambda i, bi, ki: (bi, 0)),
+                pl.BlockSpec((None, bk), lambda i, bi, ki: (bi, i)),
+                q_group, rows_group, rows_group],
+      out_specs=[kv_tile, kv_tile],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=params,
+      interpret=interpret,
+      name="block_sparse_attention_dkv",
+  )(idx, n_full, n_total, q, k, v, seg, seg, do, lse, delta)
+  return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry: padding and custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attention_padded(q, k, v, seg, spec, length, tiles, interpret):
+  return _forward(q, k, v, seg, spec, length, tiles, interpret)[0]
+
+
+def _attention_fwd(q, k, v, seg, spec, length, tiles, interpret):
+  o, lse = _forward(q, k, v, seg, spec, length, tiles, interpret)
+  return o, (q, k, v, seg, o, lse)
+
+
+def _attention_bwd(spec, length, tiles, interpret, res, do):
+  q, k, v, seg, o, lse = res
+  dq, dk, dv = _backward(q, k, v, seg, o, lse, do, spec, length, tiles, interpret)
+  return dq, dk, dv, None
+
+
+_attention_padded.defvjp(_attention_fwd, _attention_bwd)
+
+
+def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.MaskSpec,
+                           tiles: Tiles = Tiles(), interpret: bool = False):
+  """Attention over the layout `masks.layout_meta(spec, segments)` rows, T = num_streams * L.
+
+  q [B, T, H, D]; k, v [B, T, K, D] with H % K == 0; segments_BT int32 [B, T] (the layout's
+  per-token segment ids). Equals `attention.xla_attention` under `masks.dense_mask` of that
+  layout; differentiable in q, k, v.
+  """
+  b, t, h, d = q_BTHD.shape
+  if t % spec.num_streams:
+    raise ValueError(f"sequence length {t} is not a multiple of the layout's "
+                     f"{spec.num_streams} streams (spec={spec})")
+  length = t // spec.num_streams
+  lcm = max(tiles.block_q, tiles.block_k, tiles.block_q_dq, tiles.block_k_dq,
+            tiles.block_q_dkv, tiles.block_k_dkv)  # all powers of two: the max is their lcm
+  tp = -(-t // lcm) * lcm
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+  seg = pad(jnp.asarray(segments_BT, jnp.int32))
+  out = _attention_padded(pad(q_BTHD), pad(k_BTKD), pad(v_BTKD), seg, spec, length, tiles,
+                          interpret)
+  return out[:, :t]

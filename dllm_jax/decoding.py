@@ -1,0 +1,488 @@
+"""Fast-dLLM v2 parallel block decoding, and plain KV-cached AR decoding, as one jitted program.
+
+`generate(params, model_cfg, prompt_tokens_BP, prompt_lengths_B, rng, config)` runs the whole
+decode on device: the block, sub-block and step loops of the authors' decoder are folded into one
+`lax.while_loop` in which every unfinished row takes exactly one action per iteration (a
+denoising step, or the commit of its finished block), so rows of different prompt lengths sit at
+different blocks and still get exactly the tokens they would get alone.
+
+How the single KV buffer maps onto the authors' two caches
+-----------------------------------------------------------
+The authors keep a block-level cache (`past_key_values`: KV of committed blocks) and, with
+DualCache, a sub-block cache (`block_past_key_values`: KV of the whole current block from its
+last full forward, overwritten in place at a sub-block's positions by every sub-block forward).
+Here both live in one `KVCache` buffer whose slot i holds position i of the row:
+
+* slots before the current block are the block-level cache (written by the prefill and by each
+  commit, never touched while a block is being denoised);
+* the current block's slots are the sub-block cache: a full-block forward writes all of them
+  ("keep the block KV"), a sub-block forward writes only its sub-block's slots in place and
+  attends, under the `block_causal` mask by position, to every earlier block plus the whole
+  current block -- exactly the keys the authors concatenate (`past ; block_past`);
+* slots after the current block hold stale or zero KV that the block-causal mask never lets a
+  query see; each is overwritten by a full-block forward before any query of its block reads it
+  (a block's first step is always a full forward).
+
+Committing a block is a full-block forward of its final tokens: its KV lands in the same slots,
+which now count as block-level cache. Without DualCache every step is a full-block forward,
+which is the authors' `use_block_cache=False` path.
+
+The authors' semantics kept (their `batch_sample`, per row):
+* the prompt's whole blocks are prefilled; if the prompt ends on a block boundary the first new
+  token is the argmax of the prefill's last position (also when the prompt is exactly one block
+  long: the reference skips that prefill, a defect not copied);
+* the current block is the prompt's tail plus mask tokens; sub-blocks are decoded left to right;
+  each step shifts the logits by one (position j reads the output of j - 1, the block's first
+  position its own), samples, and unmasks in the current sub-block every masked token whose
+  confidence (probability of the sampled token) exceeds the threshold, and at least the most
+  confident one;
+* DualCache: a step forwards the whole block when the block has not been forwarded whole yet or
+  the sub-block's first token is still masked, else only the sub-block; the decision is per row
+  (the reference takes it for the whole batch with `.any()`);
+* a full block is committed by one forward; the argmax at its last position is the next block's
+  first token (greedy, as in the reference, also when sampling);
+* a row stops once a stop token is decoded with no mask before it, or when the block holding its
+  `max_new_tokens`-th token is fully decoded (blocks are decoded whole, as in the reference, so the
+  first N tokens do not depend on N);
+* sampling (temperature, top-p) draws every row from its own distribution with its own key (the
+  reference's top-p path draws every row from row 0's distribution).
+
+A token equal to the mask id in the prompt is not decoded: which positions are masked is tracked
+in a boolean array, not by comparing tokens with the mask id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dllm_jax import masks, model
+from dllm_jax.cache import KVCache, init_cache
+from dllm_jax.config import ModelConfig
+
+Params = Any
+MODES = ("diffusion", "ar")
+
+
+class DecodeError(ValueError):
+  """Bad decoding input; the message says what was wrong and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  mode: str = "diffusion"  # "diffusion" (Fast-dLLM v2 parallel decoding) | "ar" (the baseline)
+  max_new_tokens: int = 256
+  block_size: int = 32
+  sub_block_size: int = 8
+  threshold: float = 0.9  # unmask tokens whose confidence exceeds this; 1.0: one per step
+  temperature: float = 0.0  # 0: greedy
+  top_p: float = 1.0
+  use_dual_cache: bool = True
+  stop_token_ids: tuple[int, ...] = ()
+  mask_token_id: Optional[int] = None  # None: the model config's mask_token_id
+  pad_token_id: int = 0  # fills tokens_BN past each row's length
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise DecodeError(f"DecodeConfig.mode={self.mode!r}: expected one of {MODES}")
+    if self.max_new_tokens < 1:
+      raise DecodeError(f"DecodeConfig.max_new_tokens={self.max_new_tokens}: must be >= 1")
+    if self.block_size < 1 or self.sub_block_size < 1:
+      raise DecodeError(f"DecodeConfig.block_size={self.block_size}, sub_block_size="
+                        f"{self.sub_block_size}: both must be >= 1")
+    if self.block_size % self.sub_block_size:
+      raise DecodeError(
+          f"DecodeConfig.sub_block_size={self.sub_block_size} does not divide block_size="
+          f"{self.block_size}; pick a divisor (e.g. 8 for blocks of 32)")
+    if not 0.0 < self.threshold <= 1.0:
+      raise DecodeError(f"DecodeConfig.threshold={self.threshold}: must be in (0, 1] "
+                        "(1.0 unmasks one token per step)")
+    if self.temperature < 0:
+      raise DecodeError(f"DecodeConfig.temperature={self.temperature}: must be >= 0 (0 = greedy)")
+    if not 0.0 < self.top_p <= 1.0:
+      raise DecodeError(f"DecodeConfig.top_p={self.top_p}: must be in (0, 1]")
+    if not isinstance(self.stop_token_ids, tuple):
+      object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+
+@struct.dataclass
+class DecodeState:
+  """Everything the decode loop carries; B = batch, L = cache length (a multiple of blocks)."""
+
+  tokens: jax.Array  # int32 [B, L]: prompt, decoded tokens, mask tokens where still masked
+  masked: jax.Array  # bool [B, L]: positions still to be decoded
+  cache: KVCache  # slot i = position i; see the module docstring for what each region holds
+  block_start: jax.Array  # int32 [B]: first position of the row's current block
+  has_block_kv: jax.Array  # bool [B]: the current block was forwarded whole (DualCache)
+  done: jax.Array  # bool [B]
+  length: jax.Array  # int32 [B]: valid generated tokens (set when done)
+  nfe: jax.Array  # int32 [B]: forward passes that included this row
+  keys: jax.Array  # typed PRNG keys [B]: one stream per row
+  iterations: jax.Array  # int32 []: batched forward rounds (the loop's trip count)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check(model_cfg: ModelConfig, config: DecodeConfig, prompt_tokens_BP, prompt_lengths_B):
+  if not isinstance(config, DecodeConfig):
+    raise DecodeError(f"config must be a DecodeConfig, got {type(config).__name__}")
+  if prompt_tokens_BP.ndim != 2:
+    raise DecodeError(f"prompt_tokens must be [batch, prompt_len], got shape "
+                      f"{prompt_tokens_BP.shape}")
+  batch, width = prompt_tokens_BP.shape
+  if width < 1 or batch < 1:
+    raise DecodeError(f"prompt_tokens has shape {prompt_tokens_BP.shape}: an empty prompt "
+                      "cannot be decoded; give at least one token (e.g. BOS) per row")
+  if prompt_lengths_B.shape != (batch,):
+    raise DecodeError(f"prompt_lengths must be [batch]={batch}, got shape "
+                      f"{prompt_lengths_B.shape}")
+  if width > model_cfg.max_position_embeddings:
+    raise DecodeError(
+        f"prompt of {width} tokens is longer than the model's context "
+        f"(max_position_embeddings={model_cfg.max_position_embeddings}); shorten the prompt or "
+        "its padding")
+  for t in config.stop_token_ids:
+    if not 0 <= t < model_cfg.vocab_size:
+      raise DecodeError(f"stop token {t} is outside the vocabulary (size {model_cfg.vocab_size})")
+  if config.mode == "diffusion":
+    mask_id = _mask_id(model_cfg, config)
+    if mask_id is None:
+      raise DecodeError(
+          "diffusion decoding needs a mask token, and neither DecodeConfig.mask_token_id nor the "
+          "model config's mask_token_id is set: this model was not diffusion-trained; use "
+          "mode='ar' or fine-tune it first")
+    if not 0 <= mask_id < model_cfg.vocab_size:
+      raise DecodeError(f"mask token {mask_id} is outside the vocabulary "
+                        f"(size {model_cfg.vocab_size})")
+  if not isinstance(prompt_lengths_B, jax.core.Tracer):
+    lengths = [int(x) for x in jax.device_get(prompt_lengths_B)]
+    for row, n in enumerate(lengths):
+      if n < 1:
+        raise DecodeError(f"prompt {row} is empty (length {n}); give at least one token "
+                          "(e.g. BOS)")
+      if n > width:
+        raise DecodeError(f"prompt {row} has length {n} but prompt_tokens is only {width} wide")
+
+
+def _mask_id(model_cfg: ModelConfig, config: DecodeConfig) -> Optional[int]:
+  return config.mask_token_id if config.mask_token_id is not None else model_cfg.mask_token_id
+
+
+def _row_keys(rng: jax.Array, batch: int) -> jax.Array:
+  """Typed keys [batch]: `rng` is one key (row b gets fold_in(rng, b)) or already one per row."""
+  if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)
+  if rng.shape == ():
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch))
+  if rng.shape == (batch,):
+    return rng
+  raise DecodeError(f"rng must be one PRNG key or one per row ({batch}), got shape {rng.shape}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample(logits_BTV: jax.Array, keys_B: jax.Array, temperature: float, top_p: float):
+  """Per-row sampling. Returns (tokens int32 [B, T], confidence float32 [B, T]).
+
+  Confidence is the probability of the chosen token under the distribution it was drawn from:
+  softmax(logits) when greedy, else the temperature-scaled, top-p-truncated, renormalised one.
+  """
+  logits = logits_BTV.astype(jnp.float32)
+  if temperature == 0.0:
+    probs = jax.nn.softmax(logits, axis=-1)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
+  probs = jax.nn.softmax(logits / temperature, axis=-1)
+  if top_p < 1.0:
+    order = jnp.argsort(-probs, axis=-1)
+    cumulative = jnp.cumsum(jnp.take_along_axis(probs, order, axis=-1), axis=-1)
+    # Keep a token while the mass before it is within top_p; the most likely always stays.
+    keep_sorted = jnp.concatenate(
+        [jnp.ones_like(cumulative[..., :1], bool), cumulative[..., :-1] <= top_p], axis=-1)
+    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+    probs = jnp.where(keep, probs, 0.0)
+    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+
+  def one_row(key, p_TV):
+    return jax.random.categorical(key, jnp.log(p_TV), axis=-1)
+
+  tokens = jax.vmap(one_row)(keys_B, probs).astype(jnp.int32)
+  return tokens, jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
+
+
+def _split(keys_B):
+  pairs = jax.vmap(jax.random.split)(keys_B)  # [B, 2]
+  return pairs[:, 0], pairs[:, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers over rows at different offsets
+
+
+def _rows_slice(x_BL, start_B, size):
+  return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, size))(x_BL, start_B)
+
+
+def _rows_update(x_BL, new_BT, start_B):
+  return jax.vmap(lambda row, new, s: jax.lax.dynamic_update_slice_in_dim(row, new, s, 0))(
+      x_BL, new_BT, start_B)
+
+
+def _meta(start_B, size):
+  return masks.TokenMeta.simple(start_B[:, None] + jnp.arange(size, dtype=jnp.int32)[None, :])
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _is_stop(tokens, stop_token_ids):
+  if not stop_token_ids:
+    return jnp.zeros(tokens.shape, bool)
+  return jnp.isin(tokens, jnp.asarray(stop_token_ids, jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusion decoding
+
+
+def _status(st_tokens, st_masked, block_start, plen, config):
+  """(done, length) per row from the decoded tokens; see the stopping rules in the docstring."""
+  n, bs = config.max_new_tokens, config.block_size
+  pos = jnp.arange(st_tokens.shape[1], dtype=jnp.int32)[None, :]
+  generated = (pos >= plen[:, None]) & (pos < (plen + n)[:, None])
+  stop_at = jnp.where(generated & ~st_masked & _is_stop(st_tokens, config.stop_token_ids),
+                      pos, st_tokens.shape[1])
+  first_stop = jnp.min(stop_at, axis=1)
+  masked_before = jnp.any(st_masked & (pos >= plen[:, None]) & (pos < first_stop[:, None]), axis=1)
+  stopped = (first_stop < st_tokens.shape[1]) & ~masked_before
+  block_end = block_start + bs
+  in_block = (pos >= block_start[:, None]) & (pos < block_end[:, None])
+  block_decoded = ~jnp.any(st_masked & in_block, axis=1)
+  at_limit = block_decoded & (block_end >= plen + n)
+  length = jnp.where(stopped, first_stop - plen + 1, n)
+  return stopped | at_limit, length.astype(jnp.int32)
+
+
+def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: DecodeConfig,
+               on_step: Optional[Callable]):
+  bs, sbs, n = config.block_size, config.sub_block_size, config.max_new_tokens
+  mask_id = _mask_id(cfg, config)
+  batch, width = prompt_BP.shape
+  total = _round_up(width + n, bs)  # every row's last block ends at or before this
+  rows = jnp.arange(batch)
+  pos = jnp.arange(total, dtype=jnp.int32)[None, :]
+
+  valid = (plen_B >= 1) & (plen_B <= width)
+  plen = jnp.clip(plen_B, 1, width).astype(jnp.int32)
+  padded = jnp.pad(prompt_BP.astype(jnp.int32), ((0, 0), (0, total - width)))
+  masked = pos >= plen[:, None]
+  tokens = jnp.where(masked, mask_id, padded)
+
+  # Prefill the prompt's whole blocks. Its partial last block (and the padding) are forwarded
+  # too, but the block-causal mask keeps them from whole blocks, and their slots are rewritten by
+  # the first full-block step before anything reads them.
+  prefill_len = _round_up(width, bs)
+  cache = init_cache(cfg, batch, total)
+  logits, cache = model.forward(
+      params, cfg, tokens[:, :prefill_len], _meta(jnp.zeros_like(plen), prefill_len),
+      masks.MaskSpec("block_causal", bs), cache, head_index=(plen - 1)[:, None])
+  ar_first = plen % bs == 0
+  first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+  tokens = tokens.at[rows, plen].set(jnp.where(ar_first, first, tokens[rows, plen]))
+  masked = masked.at[rows, plen].set(masked[rows, plen] & ~ar_first)
+  block_start = (plen // bs) * bs
+
+  done, length = _status(tokens, masked, block_start, plen, config)
+  state = DecodeState(
+      tokens=tokens, masked=masked, cache=cache, block_start=block_start,
+      has_block_kv=jnp.zeros(batch, bool), done=done | ~valid,
+      length=jnp.where(valid, length, 0), nfe=(plen >= bs).astype(jnp.int32), keys=keys_B,
+      iterations=jnp.zeros((), jnp.int32))
+  spec = masks.MaskSpec("block_causal", bs)
+  sub_offsets = jnp.arange(sbs, dtype=jnp.int32)
+
+  def body(st: DecodeState) -> DecodeState:
+    active = ~st.done
+    blk = _rows_slice(st.tokens, st.block_start, bs)  # [B, bs]
+    blk_masked = _rows_slice(st.masked, st.block_start, bs)
+    any_masked = blk_masked.any(axis=1)
+    commit = active & ~any_masked
+    step = active & any_masked
+    # The current sub-block is the first one holding a mask: earlier ones are fully decoded.
+    sub_start = (jnp.argmax(blk_masked.reshape(batch, bs // sbs, sbs).any(-1), axis=1)
+                 * sbs).astype(jnp.int32)
+    first_masked = jnp.take_along_axis(blk_masked, sub_start[:, None], axis=1)[:, 0]
+    if config.use_dual_cache:
+      full = step & (~st.has_block_kv | first_masked)
+    else:
+      full = step
+    partial = step & ~full
+    whole = commit | full
+
+    # Full-block forward: logits of the sub-block's shifted positions and of the block's last.
+    shifted = jnp.maximum(sub_start[:, None] + sub_offsets[None, :] - 1, 0)
+    head_block = jnp.concatenate([shifted, jnp.full((batch, 1), bs - 1, jnp.int32)], axis=1)
+
+    def block_fwd(cache):
+      return model.forward(params, cfg, blk, _meta(st.block_start, bs), spec, cache,
+                           head_index=head_block, cache_write_mask=whole)
+
+    def skip(num):
+      return lambda cache: (jnp.zeros((batch, num, cfg.vocab_size), jnp.float32), cache)
+
+    logits_blk, cache = jax.lax.cond(whole.any(), block_fwd, skip(sbs + 1), st.cache)
+    step_logits = logits_blk[:, :sbs]
+    if config.use_dual_cache:
+      sub_tokens = _rows_slice(blk, sub_start, sbs)
+      head_sub = jnp.broadcast_to(jnp.maximum(sub_offsets - 1, 0), (batch, sbs))
+
+      def sub_fwd(cache):
+        return model.forward(params, cfg, sub_tokens, _meta(st.block_start + sub_start, sbs),
+                             spec, cache, head_index=head_sub, cache_write_mask=partial)
+
+      logits_sub, cache = jax.lax.cond(partial.any(), sub_fwd, skip(sbs), cache)
+      step_logits = jnp.where(partial[:, None, None], logits_sub, step_logits)
+
+    keys, sample_keys = _split(st.keys)
+    candidates, confidence = sample(step_logits, sample_keys, config.temperature, config.top_p)
+    sub_masked = _rows_slice(blk_masked, sub_start, sbs) & step[:, None]
+    confidence = jnp.where(sub_masked, confidence, -jnp.inf)
+    unmask = (confidence > config.threshold) | jax.nn.one_hot(
+        jnp.argmax(confidence, axis=1), sbs, dtype=bool)
+    unmask &= sub_masked
+    sub_new = jnp.where(unmask, candidates, _rows_slice(blk, sub_start, sbs))
+    blk = _rows_update(blk, sub_new, sub_start)
+    blk_masked = _rows_update(blk_masked, _rows_slice(blk_masked, sub_start, sbs) & ~unmask,
+                              sub_start)
+    tokens = _rows_update(st.tokens, blk, st.block_start)
+    masked = _rows_update(st.masked, blk_masked, st.block_start)
+
+    # Commit: the block's KV is now written; its last output is the next block's first token.
+    # A committing row is not done, so its next block lies inside the buffer.
+    nxt_pos = jnp.minimum(st.block_start + bs, total - 1)
+    nxt = jnp.argmax(logits_blk[:, sbs], axis=-1).astype(jnp.int32)
+    tokens = tokens.at[rows, nxt_pos].set(jnp.where(commit, nxt, tokens[rows, nxt_pos]))
+    masked = masked.at[rows, nxt_pos].set(masked[rows, nxt_pos] & ~commit)
+    block_start = jnp.where(commit, st.block_start + bs, st.block_start)
+    has_block_kv = jnp.where(commit, False, st.has_block_kv | full)
+
+    done, length = _status(tokens, masked, block_start, plen, config)
+    new = DecodeState(
+        tokens=tokens, masked=masked, cache=cache, block_start=block_start,
+        has_block_kv=has_block_kv, done=st.done | done,
+        length=jnp.where(st.done, st.length, length), nfe=st.nfe + active.astype(jnp.int32),
+        keys=keys, iterations=st.iterations + 1)
+    if on_step is not None:
+      jax.debug.callback(on_step, new.tokens, new.masked, new.done, ordered=True)
+    return new
+
+  state = jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, state)
+  if on_step is not None:
+    jax.debug.callback(on_step, state.tokens, state.masked, state.done, ordered=True)
+  out = _rows_slice(state.tokens, plen, n)
+  return out, state.length, state.nfe, state.iterations
+
+
+# --------------------------------------------------------------------------------------------
+# AR decoding: the baseline, over the same cache pytree
+
+
+def _ar(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: DecodeConfig):
+  n = config.max_new_tokens
+  batch, width = prompt_BP.shape
+  rows = jnp.arange(batch)
+  valid = (plen_B >= 1) & (plen_B <= width)
+  plen = jnp.clip(plen_B, 1, width).astype(jnp.int32)
+  causal = masks.MaskSpec("causal")
+  cache = init_cache(cfg, batch, width + n)
+  # Padding after a row's prompt is forwarded too; causality hides it and each later token
+  # overwrites its slot before reading it.
+  logits, cache = model.forward(params, cfg, prompt_BP.astype(jnp.int32),
+                                _meta(jnp.zeros_like(plen), width), causal, cache,
+                                head_index=(plen - 1)[:, None])
+  keys, sample_keys = _split(keys_B)
+  first, _ = sample(logits, sample_keys, config.temperature, config.top_p)
+  out = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(first[:, 0])
+  count = jnp.ones(batch, jnp.int32)
+  done = ~valid | _is_stop(first[:, 0], config.stop_token_ids) | (n == 1)
+
+  def body(carry):
+    out, count, done, cache, keys, it = carry
+    active = ~done
+    last = out[rows, count - 1]
+    logits, cache = model.forward(params, cfg, last[:, None], _meta(plen + count - 1, 1), causal,
+                                  cache, cache_write_mask=active)
+    keys, sample_keys = _split(keys)
+    tok, _ = sample(logits, sample_keys, config.temperature, config.top_p)
+    tok = tok[:, 0]
+    idx = jnp.minimum(count, n - 1)
+    out = out.at[rows, idx].set(jnp.where(active, tok, out[rows, idx]))
+    count = count + active.astype(jnp.int32)
+    done = done | (active & _is_stop(tok, config.stop_token_ids)) | (count >= n)
+    return out, count, done, cache, keys, it + 1
+
+  out, count, done, _, _, it = jax.lax.while_loop(
+      lambda c: ~jnp.all(c[2]), body, (out, count, done, cache, keys, jnp.zeros((), jnp.int32)))
+  length = jnp.where(valid, count, 0)
+  return out, length, jnp.where(valid, count, 0), it + 1
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def generate(
+    params: Params,
+    model_cfg: ModelConfig,
+    prompt_tokens_BP: jax.Array,
+    prompt_lengths_B: jax.Array,
+    rng: jax.Array,
+    config: DecodeConfig,
+    on_step: Optional[Callable] = None,
+) -> tuple[jax.Array, jax.Array, dict]:
+  """Decodes `config.max_new_tokens` tokens after each row's prompt.
+
+  prompt_tokens_BP: int [B, P], row b's prompt in its first prompt_lengths_B[b] entries (the rest
+  is ignored). rng: one PRNG key, or one per row (a row then gets exactly what it gets alone with
+  its key). Returns tokens int32 [B, max_new_tokens] (entries past a row's length are
+  `config.pad_token_id`), lengths int32 [B] (up to and including the stop token) and stats:
+  `nfe` [B] forward passes that included the row (prefill and commits included), `tokens_per_nfe`
+  [B], their totals `total_nfe`, `total_tokens_per_nfe`, and `iterations`, the number of batched
+  forward rounds. Traceable: jit it with model_cfg, config and on_step static (`generate_jit`).
+  `on_step(tokens_BL, masked_BL, done_B)` (diffusion only) is called from the device after every
+  step; it is for visualisation, leave it None otherwise.
+  """
+  prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
+  prompt_lengths_B = jnp.asarray(prompt_lengths_B)
+  _check(model_cfg, config, prompt_tokens_BP, prompt_lengths_B)
+  keys = _row_keys(jnp.asarray(rng), prompt_tokens_BP.shape[0])
+  if config.mode == "ar":
+    out, lengths, nfe, iterations = _ar(params, model_cfg, prompt_tokens_BP, prompt_lengths_B,
+                                        keys, config)
+  else:
+    out, lengths, nfe, iterations = _diffusion(params, model_cfg, prompt_tokens_BP,
+                                               prompt_lengths_B, keys, config, on_step)
+  cols = jnp.arange(config.max_new_tokens)[None, :]
+  out = jnp.where(cols < lengths[:, None], out, config.pad_token_id)
+  safe_nfe = jnp.maximum(nfe, 1)
+  stats = {
+      "nfe": nfe,
+      "tokens_per_nfe": lengths / safe_nfe,
+      "total_nfe": jnp.sum(nfe),
+      "total_tokens_per_nfe": jnp.sum(lengths) / jnp.maximum(jnp.sum(nfe), 1),
+      "iterations": iterations,
+  }
+  return out, lengths, stats
+
+
+generate_jit = jax.jit(generate, static_argnames=("model_cfg", "config", "on_step"))

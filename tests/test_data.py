@@ -1,0 +1,204 @@
+"""The data pipeline: rendering, block-aligned packing, determinism, sharding, state, bad records."""
+
+import dataclasses
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from dllm_jax import data
+from dllm_jax import tokenizer as tok_lib
+from dllm_jax.config import ConfigError
+from dllm_jax.data import DataConfig
+
+TOK = tok_lib.simple_chars()
+END = "<|im_end|>"
+
+
+def write_jsonl(path, records):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+  return str(path)
+
+
+def qa_records(n):
+  return [{"question": f"q{i}?", "answer": f"a{i} #### {i}"} for i in range(n)]
+
+
+def samples_of(batch):
+  """[(tokens, loss_mask)] of every packed sample of a batch, block padding included."""
+  out = []
+  for toks, mask, seg in zip(batch["tokens"], batch["loss_mask"], batch["segments"]):
+    for s in range(1, seg.max() + 1):
+      out.append((toks[seg == s], mask[seg == s]))
+  return out
+
+
+def test_each_record_shape_renders_with_loss_on_assistant_tokens_only(tmp_path):
+  recs = [
+      {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"}, {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": "y!"}]},
+      {"prompt": "2+2", "response": "4"},
+      {"question": "How many?", "answer": "3 + 4 = 7\n#### 7"},
+  ]
+  cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", recs), seq_len=128, block_size=16,
+                   batch_size=3, shuffle=False, num_epochs=1)
+  got = samples_of(next(data.make_dataset(cfg, TOK)))
+  want_text = [
+      "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+      "<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nx<|im_end|>\n"
+      "<|im_start|>assistant\ny!<|im_end|>\n",
+      "<|im_start|>user\n2+2<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n",
+      "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n3 + 4 = 7\n#### 7<|im_end|>\n",
+  ]
+  want_loss = [["hello" + END, "y!" + END], ["4" + END], ["3 + 4 = 7\n#### 7" + END]]
+  assert len(got) == 3
+  for (ids, mask), text, loss_spans in zip(got, want_text, want_loss):
+    assert len(ids) % 16 == 0
+    n = len(TOK.encode(text))
+    assert TOK.decode(ids[:n], skip_special=False) == text
+    assert (ids[n:] == TOK.pad_token_id).all() and not mask[n:].any()  # block padding
+    # The loss-bearing tokens are exactly the assistant turns, each with its end-of-turn token.
+    runs, cur = [], []
+    for i, m in zip(ids, mask):
+      if m:
+        cur.append(i)
+      elif cur:
+        runs.append(TOK.decode(cur, skip_special=False))
+        cur = []
+    assert runs == loss_spans
+
+
+def test_packing_is_block_aligned_with_correct_segments(tmp_path):
+  recs = [{"prompt": "p" * int(k), "response": "r" * int(m)}
+          for k, m in np.random.default_rng(0).integers(1, 30, (60, 2))]
+  cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", recs), seq_len=96, block_size=16,
+                   batch_size=4, shuffle=False, num_epochs=1)
+  it = data.make_dataset(cfg, TOK)
+  expected = [data.render(("x", r), TOK, cfg) for r in recs]
+  got = [s for b in it for s in samples_of(b)]
+  for b in data.make_dataset(cfg, TOK):
+    seg = b["segments"]
+    blocks = seg.reshape(seg.shape[0], -1, 16)
+    assert (blocks == blocks[..., :1]).all()  # one sample per block
+    for row in seg:  # ids 1, 2, ... in order, padding (0) only at the end
+      nz = row[row > 0]  # (the last batch of a finite epoch may hold empty rows)
+      assert (np.diff(nz) >= 0).all() and (np.unique(nz) == np.arange(1, len(set(nz)) + 1)).all()
+      assert (row[len(nz):] == 0).all()
+    assert not b["loss_mask"][seg == 0].any()
+  assert len(got) == len(expected) == 60
+  for (ids, mask), e in zip(got, expected):
+    np.testing.assert_array_equal(ids, e["ids"])
+    np.testing.assert_array_equal(mask, e["loss_mask"])
+  # Greedy: a row is closed only when the next sample does not fit.
+  assert it.stats.samples == 60 and it.stats.records == 60
+
+
+def _prompts(batches):
+  return [TOK.decode(ids[:m.argmax()]) for b in batches for ids, m in samples_of(b)]
+
+
+def test_shuffling_is_deterministic_by_seed(tmp_path):
+  cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", qa_records(40)), seq_len=64,
+                   block_size=16, batch_size=2, seed=3)
+  first = [next(it) for it in [data.make_dataset(cfg, TOK)] for _ in range(8)]
+  again = [next(it) for it in [data.make_dataset(cfg, TOK)] for _ in range(8)]
+  other = [next(it) for it in [data.make_dataset(dataclasses.replace(cfg, seed=4), TOK)]
+           for _ in range(8)]
+  for a, b in zip(first, again):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert _prompts(first) != _prompts(other)
+  assert sorted(_prompts(first)) != _prompts(first)  # shuffled, not file order
+
+
+def test_process_shards_are_disjoint_and_cover_the_data(tmp_path):
+  cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", qa_records(50)), seq_len=64,
+                   block_size=16, batch_size=4, seed=1, num_epochs=1)
+  shards = [_prompts(list(data.make_dataset(cfg, TOK, process_index=p, process_count=2)))
+            for p in range(2)]
+  assert set(shards[0]).isdisjoint(shards[1])
+  assert sorted(shards[0] + shards[1]) == sorted(_prompts(list(data.make_dataset(cfg, TOK))))
+  assert len(shards[0]) + len(shards[1]) == 50
+  batch = next(data.make_dataset(cfg, TOK, process_index=1, process_count=2))
+  assert batch["tokens"].shape == (2, 64)  # each process packs its share of the global batch
+  with pytest.raises(ConfigError, match="not divisible by the 3"):
+    data.make_dataset(cfg, TOK, process_index=0, process_count=3)
+
+
+@pytest.mark.parametrize("source", ["jsonl", "synthetic"])
+def test_restored_iterator_continues_exactly(tmp_path, source):
+  src = write_jsonl(tmp_path / "a.jsonl", qa_records(30)) if source == "jsonl" else "synthetic"
+  cfg = DataConfig(source=src, seq_len=64, block_size=16, batch_size=3, seed=5)
+  it = data.make_dataset(cfg, TOK, process_index=1, process_count=3)
+  for _ in range(7):  # crosses an epoch of the JSONL source
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  rest = [next(it) for _ in range(12)]
+  restored = data.make_dataset(cfg, TOK, process_index=1, process_count=3)
+  restored.set_state(state)
+  for want in rest:
+    got = next(restored)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  assert restored.stats == it.stats
+
+
+def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):
+  lines = [
+      json.dumps({"prompt": "ok", "response": "fine"}),  # line 1
+      "{not json",  # 2
+      json.dumps({"prompt": "no response"}),  # 3
+      json.dumps({"question": "q", "answer": "   "}),  # 4
+      json.dumps({"prompt": "p" * 200, "response": "long"}),  # 5
+      "",  # 6: blank lines are not records
+      json.dumps([1, 2]),  # 7
+      json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),  # 8
+      json.dumps({"text": "unknown shape"}),  # 9
+      json.dumps({"prompt": "é?", "response": "not in the char vocabulary: é"}),  # 10
+      json.dumps({"question": "fine", "answer": "too"}),  # 11
+  ]
+  path = write_jsonl(tmp_path / "bad.jsonl", lines)
+  cfg = DataConfig(source=path, seq_len=64, block_size=16, batch_size=2, shuffle=False,
+                   num_epochs=1)
+  with caplog.at_level(logging.WARNING, logger="dllm_jax.data"):
+    batches = list(data.make_dataset(cfg, TOK))
+    it = data.make_dataset(cfg, TOK)
+    list(it)
+  assert len(samples_of(batches[0])) == 2
+  assert it.stats.records == 10 and it.stats.samples == 2
+  assert it.stats.skipped == {"malformed_json": 1, "missing_field": 2, "empty_response": 2,
+                              "too_long": 1, "not_an_object": 1, "untokenizable": 1}
+  for line in (2, 3, 4, 5, 7, 8, 9, 10):
+    assert f"{path}:{line}: skipped" in caplog.text
+  assert "longer than data.seq_len=64" in caplog.text
+
+  strict = dataclasses.replace(cfg, strict=True)
+  with pytest.raises(data.DataError, match=rf"{path}:2: malformed JSON"):
+    list(data.make_dataset(strict, TOK))
+
+
+def test_synthetic_tasks_and_held_out_split():
+  rng = np.random.default_rng(0)
+  r = data.synthetic_record("reverse", rng, 5, 5)
+  assert r["response"] == r["prompt"].split(": ")[1][::-1] and len(r["response"]) == 5
+  r = data.synthetic_record("sort", rng, 3, 9)
+  assert r["response"] == "".join(sorted(r["prompt"].split(": ")[1]))
+  r = data.synthetic_record("upper", rng, 3, 9)
+  assert r["response"] == r["prompt"].split(": ")[1].upper()
+  cfg = DataConfig(seq_len=64, block_size=16, batch_size=4, eval_records=20)
+  held_out = _prompts(list(data.make_dataset(cfg, TOK, split="eval")))
+  assert len(held_out) == 20
+  train = _prompts([next(it) for it in [data.make_dataset(cfg, TOK)] for _ in range(50)])
+  assert len(set(train)) > 150 and not set(held_out) & set(train)
+
+
+def test_config_errors_say_what_to_do(tmp_path):
+  with pytest.raises(ConfigError, match="multiple of data.block_size=32"):
+    DataConfig(seq_len=100)
+  with pytest.raises(ConfigError, match="matches no file"):
+    data.make_dataset(DataConfig(source=str(tmp_path / "missing.jsonl")), TOK)
+  with pytest.raises(ConfigError, match="eval_source"):
+    data.make_dataset(DataConfig(source=write_jsonl(tmp_path / "a.jsonl", qa_records(2))), TOK,
+                      split="eval")

@@ -1,0 +1,256 @@
+"""GSM8K evaluation: batched generation, answer extraction, accuracy with its standard error, speed.
+
+    python -m dllm_jax.eval gsm8k --checkpoint DIR --data test.jsonl [--mode diffusion|ar]
+        [--threshold 0.9] [--sub-block-size 8] [--batch-size 32] [--limit N] [--out gen.jsonl]
+        [--compare-to other_gen.jsonl] [--json]
+
+Every batch has the same shape (prompts padded to one length, the last batch filled with copies
+of its first row that are dropped afterwards), so the decoder compiles once; compile time is
+reported apart from the timed generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dllm_jax import decoding
+
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def normalize_number(text: str) -> Optional[str]:
+  """'1,234.50' -> '1234.5'; None when `text` holds no number."""
+  m = _NUMBER.search(text)
+  if not m:
+    return None
+  s = m.group(0).replace(",", "")
+  try:
+    value = float(s)
+  except ValueError:
+    return None
+  return str(int(value)) if value == int(value) else repr(value)
+
+
+def extract_answer(text: str) -> Optional[str]:
+  """The number after the last '####', else the last number in the text."""
+  if "####" in text:
+    found = normalize_number(text.rsplit("####", 1)[1])
+    if found is not None:
+      return found
+  numbers = _NUMBER.findall(text)
+  for candidate in reversed(numbers):
+    found = normalize_number(candidate)
+    if found is not None:
+      return found
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  index: int
+  question: str
+  gold: str
+
+
+def load_gsm8k(path: str | pathlib.Path, limit: Optional[int] = None) -> list[Problem]:
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"GSM8K file {path} does not exist; pass --data PATH/test.jsonl")
+  problems = []
+  with path.open() as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+        question, answer = rec["question"], rec["answer"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}:{line_no}: not a GSM8K record with question/answer ({e})") from None
+      gold = extract_answer(answer)
+      if gold is None:
+        raise ValueError(f"{path}:{line_no}: the answer has no final number after '####'")
+      problems.append(Problem(len(problems), question, gold))
+      if limit is not None and len(problems) >= limit:
+        break
+  return problems
+
+
+def accuracy_with_se(correct: Sequence[bool]) -> tuple[float, float]:
+  """Mean and its standard error sqrt(p (1 - p) / n)."""
+  n = len(correct)
+  if n == 0:
+    return 0.0, 0.0
+  p = sum(map(bool, correct)) / n
+  return p, math.sqrt(p * (1 - p) / n)
+
+
+def _stop_ids(tok) -> tuple[int, ...]:
+  return tuple(sorted({i for i in (tok.eot_token_id, tok.eos_token_id) if i is not None}))
+
+
+def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.DecodeConfig,
+             batch_size: int, seed: int = 0, log=print,
+             stop_token_ids: Optional[tuple[int, ...]] = None) -> tuple[list[dict], dict]:
+  """Generates an answer for every problem; returns per-problem records and a summary.
+
+  stop_token_ids: None stops at the tokenizer's end-of-turn and eos tokens.
+  """
+  tok = pretrained.tokenizer
+  if tok is None:
+    raise ValueError("the checkpoint has no tokenizer; evaluation needs one to render prompts")
+  decode_cfg = dataclasses.replace(
+      decode_cfg, stop_token_ids=_stop_ids(tok) if stop_token_ids is None else stop_token_ids)
+  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p.question}],
+                                                add_generation_prompt=True)) for p in problems]
+  width = max(len(p) for p in prompts)
+  width = -(-width // decode_cfg.block_size) * decode_cfg.block_size
+  model_cfg = pretrained.config
+  fn = jax.jit(lambda params, toks, lens, rng: decoding.generate(params, model_cfg, toks, lens,
+                                                                   rng, decode_cfg))
+
+  def batch_arrays(start):
+    rows = list(range(start, min(start + batch_size, len(prompts))))
+    rows += [rows[0]] * (batch_size - len(rows))
+    toks = np.zeros((batch_size, width), np.int32)
+    lens = np.zeros((batch_size,), np.int32)
+    for r, i in enumerate(rows):
+      toks[r, :len(prompts[i])] = prompts[i]
+      lens[r] = len(prompts[i])
+    return jnp.asarray(toks), jnp.asarray(lens)
+
+  params = pretrained.params
+  rng = jax.random.key(seed)
+  t0 = time.perf_counter()
+  compiled = fn.lower(params, *batch_arrays(0), rng).compile()
+  compile_s = time.perf_counter() - t0
+
+  records, run_s, total_tokens, total_nfe, total_iters = [], 0.0, 0, 0, 0
+  for start in range(0, len(prompts), batch_size):
+    toks, lens = batch_arrays(start)
+    rng, key = jax.random.split(rng)
+    jax.block_until_ready((toks, lens, key))
+    t0 = time.perf_counter()
+    out, lengths, stats = jax.block_until_ready(compiled(params, toks, lens, key))
+    run_s += time.perf_counter() - t0
+    out, lengths, nfe = np.asarray(out), np.asarray(lengths), np.asarray(stats["nfe"])
+    total_iters += int(stats["iterations"])
+    for r in range(min(batch_size, len(prompts) - start)):
+      p = problems[start + r]
+      text = tok.decode(out[r, :lengths[r]].tolist())
+      pred = extract_answer(text)
+      total_tokens += int(lengths[r])
+      total_nfe += int(nfe[r])
+      records.append({"index": p.index, "question": p.question, "gold": p.gold,
+                      "generation": text, "prediction": pred, "correct": pred == p.gold,
+                      "tokens": int(lengths[r]), "nfe": int(nfe[r])})
+    log(f"[eval] {len(records)}/{len(problems)} problems, "
+        f"{total_tokens / max(run_s, 1e-9):.1f} tokens/s")
+
+  acc, se = accuracy_with_se([r["correct"] for r in records])
+  summary = {
+      "n": len(records), "accuracy": acc, "stderr": se,
+      "tokens_per_s": total_tokens / max(run_s, 1e-9),
+      "forwards_per_token": total_nfe / max(total_tokens, 1),
+      "tokens_per_forward": total_tokens / max(total_nfe, 1),
+      "generated_tokens": total_tokens, "run_s": run_s, "compile_s": compile_s,
+      "batched_forward_rounds": total_iters, "batch_size": batch_size,
+      "decode": dataclasses.asdict(decode_cfg),
+      "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+  }
+  return records, summary
+
+
+def agreement(records: Sequence[dict], reference: Sequence[dict]) -> float:
+  """Share of problems whose predicted answer equals the reference run's for the same problem."""
+  ref = {r["index"]: r["prediction"] for r in reference}
+  shared = [r for r in records if r["index"] in ref]
+  if not shared:
+    raise ValueError("the two generation files share no problem index")
+  return sum(r["prediction"] == ref[r["index"]] for r in shared) / len(shared)
+
+
+def _read_jsonl(path) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  parser = argparse.ArgumentParser(prog="python -m dllm_jax.eval", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("task", choices=["gsm8k"])
+  parser.add_argument("--checkpoint", required=True,
+                      help="training run dir, HF dir, .gguf file or smollm2-135m-instruct")
+  parser.add_argument("--data", required=True, help="GSM8K test.jsonl")
+  parser.add_argument("--mode", choices=decoding.MODES, default="diffusion")
+  parser.add_argument("--threshold", type=float, default=0.9)
+  parser.add_argument("--block-size", type=int, default=32)
+  parser.add_argument("--sub-block-size", type=int, default=8)
+  parser.add_argument("--max-new-tokens", type=int, default=256)
+  parser.add_argument("--no-dual-cache", action="store_true")
+  parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--limit", type=int, default=None, help="first N problems only")
+  parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default=None, help="write every generation here (JSONL)")
+  parser.add_argument("--compare-to", default=None,
+                      help="another run's generations JSONL: report the share of equal answers")
+  parser.add_argument("--force", action="store_true",
+                      help="allow diffusion decoding of a model not trained for it")
+  parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
+  args = parser.parse_args(argv)
+
+  from dllm_jax import checkpoint
+
+  pretrained = checkpoint.load_model(args.checkpoint)
+  # Weights are read once per forward: storing them in the compute dtype halves those bytes.
+  pretrained = dataclasses.replace(
+      pretrained,
+      params=jax.tree_util.tree_map(lambda x: jnp.asarray(x, args.dtype), pretrained.params),
+      config=dataclasses.replace(pretrained.config, dtype=args.dtype, param_dtype=args.dtype))
+  if args.mode == "diffusion":
+    trained = pretrained.metadata.get("objective") == "diffusion"
+    if pretrained.config.mask_token_id is None or not (trained or args.force):
+      raise SystemExit(
+          f"{args.checkpoint}: not a block-diffusion model (objective="
+          f"{pretrained.metadata.get('objective')!r}, mask_token_id="
+          f"{pretrained.config.mask_token_id}); use --mode ar, or --force to decode it anyway")
+  decode_cfg = decoding.DecodeConfig(
+      mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+      sub_block_size=args.sub_block_size, threshold=args.threshold,
+      use_dual_cache=not args.no_dual_cache)
+  problems = load_gsm8k(args.data, args.limit)
+  log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+  records, summary = evaluate(pretrained, problems, decode_cfg, args.batch_size, args.seed, log)
+  summary["checkpoint"] = args.checkpoint
+  if args.compare_to:
+    summary["agreement_with"] = args.compare_to
+    summary["agreement"] = agreement(records, _read_jsonl(args.compare_to))
+  if args.out:
+    with open(args.out, "w") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+  if args.json:
+    print(json.dumps(summary))
+  else:
+    print(f"accuracy {summary['accuracy']:.4f} +- {summary['stderr']:.4f} (n={summary['n']}), "
+          f"{summary['tokens_per_s']:.1f} tokens/s, {summary['tokens_per_forward']:.2f} tokens "
+          f"per forward, compile {summary['compile_s']:.1f}s")
+    if "agreement" in summary:
+      print(f"answers equal to {args.compare_to}: {summary['agreement']:.4f}")
+  return summary
+
+
+if __name__ == "__main__":
+  main()

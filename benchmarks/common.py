@@ -1,0 +1,55 @@
+"""What every benchmark needs: a timer that keeps compilation out, and the device's two ceilings
+(bf16 matmul rate, copy bandwidth) measured in the same run as the figures compared with them."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def timeit(fn, arg_sets, reps=5, inner=4):
+  """Median seconds per call of `fn` after two warm-up calls; cycles through `arg_sets` so that
+  repeated calls do not measure the L2 cache."""
+  jax.block_until_ready(fn(*arg_sets[0]))
+  jax.block_until_ready(fn(*arg_sets[-1]))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = None
+    for i in range(inner):
+      out = fn(*arg_sets[i % len(arg_sets)])
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner)
+  return statistics.median(times)
+
+
+def ceilings() -> dict:
+  """bf16 matmul TFLOP/s (8192^3 on random data) and copy GB/s (bytes read + written)."""
+  n = 8192
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+  t_mm = timeit(jax.jit(lambda a, b: a @ b), [(a, b), (b, a)], reps=5, inner=10)
+  x = jax.random.normal(jax.random.key(3), (1 << 30,), jnp.bfloat16)  # 2 GiB
+  t_cp = timeit(jax.jit(lambda x: x * 2), [(x,)], reps=5, inner=5)
+  del a, b, x
+  return {"matmul_tflops": 2 * n ** 3 / t_mm / 1e12, "copy_GBps": 2 * (1 << 30) * 2 / t_cp / 1e9}
+
+
+def run_meta() -> dict:
+  dev = jax.devices()[0]
+  return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
+          "jax": jax.__version__, "date": datetime.date.today().isoformat()}
+
+
+def save_json(name: str, results: dict) -> None:
+  """Writes $OUT/name when $OUT is set, so a run cut short keeps what it measured."""
+  out = os.environ.get("OUT")
+  if out:
+    with open(os.path.join(out, name), "w") as f:
+      json.dump(results, f, indent=1)

@@ -1,0 +1,266 @@
+"""Decode speed at the paper's shapes (random bf16 weights, one GPU), beside its floors and a peer.
+
+    python benchmarks/decode.py --part jax   [--shapes qwen2.5-1.5b,qwen2.5-7b]
+    python benchmarks/decode.py --part peer  [--shapes ...]   # transformers generate (PyTorch)
+    python benchmarks/decode.py --part report                 # markdown from $OUT/*.json
+
+The parts run as separate processes so that JAX's and PyTorch's allocators never share the GPU;
+run all three in one device call so that every ratio compares figures of the same machine.
+
+jax part: the device's copy bandwidth and matmul rate; AR decoding (our `generate(mode="ar")`,
+one compiled program) of 256 new tokens after a 512-token prompt at batch 1, 8, 32, beside the
+weight-read floor (parameter bytes / copy bandwidth per step); the time of one forward of a
+32-token block and of an 8-token sub-block against the cache; and the diffusion decoder's real
+time per forward (whole `generate(mode="diffusion")` over its forward count) with and without
+the DualCache.
+peer part: transformers `generate` (greedy, 256 new tokens forced) eager and with
+`cache_implementation="static"` (compiled forward), and one eager 32-token block forward against
+a 512-token cache: what the authors' decoder pays per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import ceilings, run_meta, save_json, timeit  # noqa: E402
+from dllm_jax.config import ModelConfig  # noqa: E402
+
+PROMPT, NEW = 512, 256
+SHAPES = {
+    "qwen2.5-1.5b": ModelConfig(architecture="qwen2", vocab_size=151936, hidden_size=1536,
+                                intermediate_size=8960, num_layers=28, num_heads=12,
+                                num_kv_heads=2, head_dim=128, qkv_bias=True, tie_embeddings=True,
+                                rope_theta=1e6, max_position_embeddings=32768,
+                                mask_token_id=151665, param_dtype="bfloat16", dtype="bfloat16",
+                                attention_impl="xla"),
+    "qwen2.5-7b": ModelConfig(architecture="qwen2", vocab_size=152064, hidden_size=3584,
+                              intermediate_size=18944, num_layers=28, num_heads=28,
+                              num_kv_heads=4, head_dim=128, qkv_bias=True, tie_embeddings=False,
+                              rope_theta=1e6, max_position_embeddings=32768, mask_token_id=151665,
+                              param_dtype="bfloat16", dtype="bfloat16", attention_impl="xla"),
+}
+
+
+def _safe(fn):
+  try:
+    return fn()
+  except Exception as e:  # an OOM or unsupported setting is recorded, and the run goes on
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def jax_part(shapes, batches, impls):
+  import jax
+  import jax.numpy as jnp
+
+  from dllm_jax import cache as kvcache
+  from dllm_jax import decoding, masks, model
+
+  res = {"meta": run_meta(), "ceil": ceilings(), "rows": []}
+  print("ceilings", res["ceil"], flush=True)
+  save_json("decode_jax.json", res)
+  bw = res["ceil"]["copy_GBps"] * 1e9
+  for name in shapes:
+    for impl in impls:
+      cfg = dataclasses.replace(SHAPES[name], attention_impl=impl)
+      params = jax.jit(lambda r: model.init_params(cfg, r))(jax.random.key(0))
+      pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+      floor_step = pbytes / bw
+      for b in batches:
+        row = {"shape": name, "impl": impl, "batch": b, "param_bytes": pbytes,
+               "floor_tokens_per_s": b / floor_step}
+        prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
+        lens = jnp.full((b,), PROMPT, jnp.int32)
+
+        def run_generate(dcfg):
+          fn = jax.jit(lambda p, t, l, r: decoding.generate(p, cfg, t, l, r, dcfg))
+          t0 = time.perf_counter()
+          compiled = fn.lower(params, prompt, lens, jax.random.key(2)).compile()
+          compile_s = time.perf_counter() - t0
+          out = jax.block_until_ready(compiled(params, prompt, lens, jax.random.key(2)))
+          times = []
+          for i in range(3):
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(compiled(params, prompt, lens, jax.random.key(3 + i)))
+            times.append(time.perf_counter() - t0)
+          tokens, nfe = int(out[1].sum()), int(out[2]["total_nfe"])
+          return {"s": statistics.median(times), "tokens": tokens, "nfe": nfe,
+                  "iterations": int(out[2]["iterations"]), "compile_s": compile_s}
+
+        ar = _safe(lambda: run_generate(decoding.DecodeConfig(mode="ar", max_new_tokens=NEW)))
+        row["ar"] = ar
+        if isinstance(ar, dict):
+          row["ar_tokens_per_s"] = ar["tokens"] / ar["s"]
+          row["ar_vs_floor"] = row["floor_tokens_per_s"] / row["ar_tokens_per_s"]
+
+        # One forward of a 32-token block / an 8-token sub-block against a 512-token cache.
+        spec = masks.MaskSpec("block_causal", block_size=32)
+
+        def step_time(t_len, offset):
+          f = jax.jit(lambda p, toks, c: model.forward(
+              p, cfg, toks, masks.TokenMeta.simple(
+                  jnp.broadcast_to(jnp.arange(offset, offset + t_len, dtype=jnp.int32),
+                                   (b, t_len))), spec, c), donate_argnums=(2,))
+          state = {"c": kvcache.init_cache(cfg, b, PROMPT + 32)}
+          toks = jax.random.randint(jax.random.key(4), (b, t_len), 0, 32000)
+
+          def call(p, tk):
+            logits, state["c"] = f(p, tk, state["c"])
+            return logits
+
+          return timeit(call, [(params, toks)], reps=5, inner=10)
+
+        row["block32_forward_s"] = _safe(lambda: step_time(32, PROMPT))
+        row["sub8_forward_s"] = _safe(lambda: step_time(8, PROMPT + 8))
+        for dual in (True, False):
+          key = "diffusion_dual" if dual else "diffusion_nodual"
+          d = _safe(lambda: run_generate(decoding.DecodeConfig(
+              mode="diffusion", max_new_tokens=NEW, threshold=1.0, use_dual_cache=dual)))
+          row[key] = d
+          if isinstance(d, dict):
+            row[key + "_s_per_forward_round"] = d["s"] / d["iterations"]
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        save_json("decode_jax.json", res)
+      del params
+  return res
+
+
+def peer_part(shapes, batches, modes):
+  import torch
+  import transformers
+
+  res = {"meta": {"torch": torch.__version__, "transformers": transformers.__version__,
+                  "device": torch.cuda.get_device_name()}, "rows": []}
+  for name in shapes:
+    c = SHAPES[name]
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads, rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_embeddings, max_position_embeddings=4096)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+      m = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+    torch.set_default_dtype(torch.float32)
+
+    def sync_time(fn, reps):
+      fn()
+      times = []
+      for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+      return statistics.median(times)
+
+    for b in batches:
+      ids = torch.randint(0, 32000, (b, PROMPT), device="cuda")
+      row = {"shape": name, "batch": b}
+      for mode in modes:
+        kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                      attention_mask=torch.ones_like(ids))
+        if mode == "static":
+          kwargs["cache_implementation"] = "static"
+
+        def gen():
+          with torch.inference_mode():
+            m.generate(ids, **kwargs)
+
+        t = _safe(lambda: sync_time(gen, 2))
+        row[mode] = t if isinstance(t, str) else {"s": t, "tokens_per_s": b * NEW / t}
+      # One eager block forward of 32 tokens against a 512-token cache, as the authors' decoder.
+      def block_forward():
+        with torch.inference_mode():
+          out = m(ids, use_cache=True)
+          past = out.past_key_values
+          blk = torch.randint(0, 32000, (b, 32), device="cuda")
+
+          def step():
+            m(blk, past_key_values=past, use_cache=False)
+
+          step()
+          torch.cuda.synchronize()
+          t0 = time.perf_counter()
+          for _ in range(10):
+            step()
+          torch.cuda.synchronize()
+          return (time.perf_counter() - t0) / 10
+
+      row["block32_forward_s"] = _safe(block_forward)
+      res["rows"].append(row)
+      print(json.dumps(row), flush=True)
+      save_json("decode_peer.json", res)
+    del m
+    torch.cuda.empty_cache()
+  return res
+
+
+def report(out_dir):
+  ours = json.load(open(os.path.join(out_dir, "decode_jax.json")))
+  peer_path = os.path.join(out_dir, "decode_peer.json")
+  peer = json.load(open(peer_path)) if os.path.exists(peer_path) else {"rows": []}
+  pr = {(r["shape"], r["batch"]): r for r in peer["rows"]}
+  m = ours["meta"]
+  lines = [f"device {m['device']}, jax {m['jax']}, {m['date']}; copy "
+           f"{ours['ceil']['copy_GBps']:.0f} GB/s, bf16 matmul {ours['ceil']['matmul_tflops']:.0f} "
+           f"TFLOP/s; peer: {peer.get('meta', {})}", "",
+           "| shape | attn | batch | AR tok/s | floor tok/s | floor/AR | peer eager tok/s | "
+           "peer static tok/s | ours/peer static | block32 fwd ms | sub8 fwd ms | peer block32 "
+           "fwd ms | diff. s/round dual | diff. s/round no-dual |",
+           "|" + "---|" * 14]
+
+  def f(x, scale=1.0, d=1):
+    return f"{x * scale:.{d}f}" if isinstance(x, (int, float)) else "n/a"
+
+  for r in ours["rows"]:
+    p = pr.get((r["shape"], r["batch"]), {})
+    eager = p.get("eager", {}) if isinstance(p.get("eager"), dict) else {}
+    static = p.get("static", {}) if isinstance(p.get("static"), dict) else {}
+    ours_tps = r.get("ar_tokens_per_s")
+    ratio = ours_tps / static["tokens_per_s"] if ours_tps and static else None
+    lines.append(
+        f"| {r['shape']} | {r['impl']} | {r['batch']} | {f(ours_tps)} | "
+        f"{f(r['floor_tokens_per_s'])} | {f(r.get('ar_vs_floor'), d=2)} | "
+        f"{f(eager.get('tokens_per_s'))} | {f(static.get('tokens_per_s'))} | {f(ratio, d=2)} | "
+        f"{f(r['block32_forward_s'], 1e3, 2)} | {f(r['sub8_forward_s'], 1e3, 2)} | "
+        f"{f(p.get('block32_forward_s'), 1e3, 2)} | "
+        f"{f(r.get('diffusion_dual_s_per_forward_round'), 1e3, 2)} | "
+        f"{f(r.get('diffusion_nodual_s_per_forward_round'), 1e3, 2)} |")
+  text = "\n".join(lines)
+  print(text)
+  return text
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--part", choices=["jax", "peer", "report"], required=True)
+  ap.add_argument("--shapes", default="qwen2.5-1.5b,qwen2.5-7b")
+  ap.add_argument("--batches", default="1,8,32")
+  ap.add_argument("--impls", default="xla", help="attention impls for the jax part: xla,pallas")
+  ap.add_argument("--peer-modes", default="eager,static")
+  args = ap.parse_args()
+  shapes = [s for s in args.shapes.split(",") if s]
+  unknown = set(shapes) - set(SHAPES)
+  if unknown:
+    ap.error(f"unknown shapes {sorted(unknown)}; known: {sorted(SHAPES)}")
+  batches = [int(b) for b in args.batches.split(",")]
+  if args.part == "jax":
+    jax_part(shapes, batches, args.impls.split(","))
+  elif args.part == "peer":
+    peer_part(shapes, batches, args.peer_modes.split(","))
+  else:
+    report(os.environ.get("OUT", "."))
+
+
+if __name__ == "__main__":
+  main()

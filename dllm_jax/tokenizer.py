@@ -342,7 +342,7 @@ def from_gguf(reader_or_path) -> Tokenizer:
   reader = reader_or_path
   if not isinstance(reader, gguf.GGUFReader):
     reader = gguf.GGUFReader(str(reader_or_path))
-  where = getattr(reader, "path", "the GGUF file")
+  where = getattr(reader.data, "filename", None) or "the GGUF file"
   fields = reader.fields
 
   def get(key, default=None):
@@ -353,9 +353,9 @@ def from_gguf(reader_or_path) -> Tokenizer:
     raise TokenizerError(f"{where}: tokenizer.ggml.model={kind!r}; only byte-level BPE ('gpt2', "
                          "used by Llama 3, Qwen2 and SmolLM) is supported")
   tokens = get("tokenizer.ggml.tokens")
-  merges = get("tokenizer.ggml.merges")
-  if tokens is None or merges is None:
-    raise TokenizerError(f"{where}: metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+  if tokens is None:
+    raise TokenizerError(f"{where}: metadata lacks tokenizer.ggml.tokens")
+  merges = get("tokenizer.ggml.merges", [])  # GGUFWriter leaves out an empty merge list
   types = get("tokenizer.ggml.token_type") or [1] * len(tokens)
 
   spelling = _bytes_to_unicode()

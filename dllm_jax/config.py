@@ -187,8 +187,9 @@ class TrainConfig:
   """Optimizer, schedule and loop. The defaults are the authors' (lr 2e-5 constant, 3% warmup)."""
 
   steps: int = 1000
-  batch_size: int = 8  # sequences per optimizer step, over all devices and micro-batches
-  grad_accum: int = 1  # micro-batches per step; the loss is count-weighted across them
+  # The batch (rows per optimizer step, over all devices) is data.batch_size; it is split into
+  # grad_accum micro-batches, and the loss is count-weighted across them.
+  grad_accum: int = 1
   learning_rate: float = 2e-5
   schedule: str = "constant"  # "constant" | "cosine", both after a linear warmup
   warmup_ratio: float = 0.03
@@ -208,9 +209,8 @@ class TrainConfig:
   def __post_init__(self):
     if self.steps < 1:
       raise ConfigError(f"train.steps={self.steps}: must be at least 1")
-    if self.grad_accum < 1 or self.batch_size % self.grad_accum:
-      raise ConfigError(f"train.batch_size={self.batch_size} is not a multiple of "
-                        f"train.grad_accum={self.grad_accum}; pick sizes that divide")
+    if self.grad_accum < 1:
+      raise ConfigError(f"train.grad_accum={self.grad_accum}: must be at least 1")
     if self.schedule not in ("constant", "cosine"):
       raise ConfigError(f"train.schedule={self.schedule!r}: expected 'constant' or 'cosine'")
     if not 0.0 <= self.warmup_ratio <= 1.0:

@@ -126,16 +126,15 @@ def init_state(params: Optional[Params], model_cfg: ModelConfig, tx: optax.Gradi
   return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 
-def check_batch_size(cfg: TrainConfig, mesh: Mesh) -> int:
+def check_batch_size(batch_size: int, grad_accum: int, mesh: Mesh) -> int:
   """The micro-batch size; errors when the batch does not split over accumulation and devices."""
-  micro = cfg.batch_size // cfg.grad_accum
   shards = sharding.batch_divisor(mesh)
-  if micro % shards:
+  if batch_size % grad_accum or (batch_size // grad_accum) % shards:
     raise ConfigError(
-        f"train.batch_size={cfg.batch_size} / train.grad_accum={cfg.grad_accum} = {micro} "
-        f"sequences per micro-batch do not split over the {shards} batch shards of the mesh "
-        f"(mesh.data x mesh.fsdp); make the micro-batch a multiple of {shards}")
-  return micro
+        f"data.batch_size={batch_size} does not split into train.grad_accum={grad_accum} "
+        f"micro-batches that divide over the {shards} batch shards of the mesh (mesh.data x "
+        f"mesh.fsdp); make data.batch_size a multiple of {grad_accum * shards}")
+  return batch_size // grad_accum
 
 
 def shard_batch(local_batch: Mapping[str, np.ndarray], grad_accum: int, mesh: Mesh
@@ -215,3 +214,316 @@ def make_train_step(model_cfg: ModelConfig, obj_cfg: objective.ObjectiveConfig,
   # constrains the flattened 2-D kernel with 3-D axis names, which fails.
   return jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
                  donate_argnums=(0,))
+
+
+# --------------------------------------------------------------------------------------------
+# Model source, multi-host start-up
+
+
+def maybe_initialize_distributed(mesh_cfg) -> None:
+  """`jax.distributed.initialize` when a coordinator is configured (config or environment)."""
+  import os
+
+  address = mesh_cfg.coordinator_address or os.environ.get("DLLM_COORDINATOR_ADDRESS", "")
+  if not address:
+    return
+  num = mesh_cfg.num_processes or int(os.environ.get("DLLM_NUM_PROCESSES", "0"))
+  pid = mesh_cfg.process_id if mesh_cfg.process_id >= 0 else int(
+      os.environ.get("DLLM_PROCESS_ID", "-1"))
+  if num < 1 or not 0 <= pid < num:
+    raise ConfigError(f"multi-host: coordinator {address!r} is set but num_processes={num} / "
+                      f"process_id={pid} are not; set mesh.num_processes and mesh.process_id (or "
+                      "DLLM_NUM_PROCESSES and DLLM_PROCESS_ID)")
+  if jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(address, num_processes=num, process_id=pid)
+  log.info("jax.distributed: process %d of %d, coordinator %s", pid, num, address)
+
+
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl")
+
+
+def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
+  """(host params or None for random init, model config, tokenizer, metadata) from `cfg.init`.
+
+  A pretrained model keeps its architecture; `cfg.model` contributes only its runtime fields.
+  The mask token is added when the model has none.
+  """
+  from dllm_jax import checkpoint, convert
+  from dllm_jax import tokenizer as tokenizer_lib
+
+  source = cfg.init.source
+  if not source:
+    raise ConfigError("init.source is empty: this config needs a model, e.g. --set "
+                      "init.source=/path/to/hf_dir (or a .gguf file, or 'random')")
+  metadata = {"objective": cfg.objective.kind, "block_size": cfg.objective.block_size}
+  if source == "random":
+    if cfg.init.tokenizer == "chars":
+      tok = tokenizer_lib.simple_chars()
+    else:
+      tok = tokenizer_lib.from_hf_dir(cfg.init.tokenizer)
+    tokenizer_lib.add_mask_token(tok)
+    model_cfg = cfg.model
+    if model_cfg.vocab_size < tok.vocab_size:
+      raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                        f"{tok.vocab_size} ids (init.tokenizer={cfg.init.tokenizer!r}); raise it")
+    model_cfg = dataclasses.replace(
+        model_cfg, mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    return None, model_cfg, tok, metadata
+  if checkpoint.is_run_dir(source):
+    pretrained = checkpoint.load_model(source)
+  else:
+    pretrained = convert.load_pretrained(source, dtype=cfg.model.param_dtype)
+  pretrained = convert.add_mask_token(pretrained)
+  model_cfg = dataclasses.replace(
+      pretrained.config, **{f: getattr(cfg.model, f) for f in _RUNTIME_FIELDS})
+  if pretrained.tokenizer is None:
+    raise ConfigError(f"init.source={source!r} carries no tokenizer; training needs one")
+  return pretrained.params, model_cfg, pretrained.tokenizer, metadata
+
+
+# --------------------------------------------------------------------------------------------
+# Progress and metrics
+
+
+class Progress:
+  """A one-line stderr progress bar: step, loss, tokens/s, ETA."""
+
+  def __init__(self, total: int, start: int, enabled: bool):
+    self.total, self.start, self.enabled = total, start, enabled
+    self.t0 = time.perf_counter()
+    self._timed_from = None  # the first step is mostly compilation: rates start after it
+
+  def update(self, step: int, tokens_per_step: int, metrics: Mapping[str, float]) -> dict:
+    now = time.perf_counter()
+    if self._timed_from is None:
+      self._timed_from = (step, now)
+    done = step - self._timed_from[0]
+    elapsed = now - self._timed_from[1]
+    rate = done / elapsed if done and elapsed > 0 else 0.0
+    eta = (self.total - step) / rate if rate else None
+    stats = {"tokens_per_s": rate * tokens_per_step, "eta_s": eta,
+             "elapsed_s": now - self.t0}
+    if self.enabled:
+      width = 24
+      filled = int(width * step / self.total)
+      eta_text = "?" if eta is None else f"{int(eta) // 60}:{int(eta) % 60:02d}"
+      sys.stderr.write(
+          f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
+          f"loss {metrics['loss']:.4f} acc {metrics['accuracy']:.3f} "
+          f"{stats['tokens_per_s']:,.0f} tok/s ETA {eta_text}   ")
+      sys.stderr.flush()
+    return stats
+
+  def close(self):
+    if self.enabled:
+      sys.stderr.write("\n")
+      sys.stderr.flush()
+
+
+class MetricsLog:
+  """metrics.jsonl in the run directory (process 0), plus TensorBoard when installed.
+
+  On resume, lines of steps after the restored step are dropped: those steps are trained again.
+  """
+
+  def __init__(self, run_dir: pathlib.Path, start_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = run_dir / "metrics.jsonl"
+    self._tb = None
+    if not self.enabled:
+      return
+    if self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line).get("step", 0) <= start_step]
+      self.path.write_text("".join(line + "\n" for line in kept))
+    self._file = open(self.path, "a")
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:
+      try:
+        from torch.utils.tensorboard import SummaryWriter
+      except ImportError:
+        SummaryWriter = None
+    if SummaryWriter is not None:
+      try:
+        self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+      except Exception as e:  # noqa: BLE001  (optional; a broken install must not stop training)
+        log.info("TensorBoard disabled: %s", e)
+
+  def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, record["step"])
+
+  def close(self):
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Mesh,
+             shardings: TrainState) -> dict:
+  """Held-out masked-token accuracy (next-token accuracy for AR) over `train.eval_batches`
+  batches of the eval split; every process runs the same number of steps (empty batches once
+  its share is exhausted) so collectives stay matched."""
+  from dllm_jax import data
+
+  it = data.make_dataset(cfg.data, tokenizer, process_index=jax.process_index(),
+                         process_count=jax.process_count(), split="eval")
+  key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0x5EED)
+  eval_fn = jax.jit(
+      lambda params, batch: objective.eval_masked_accuracy(
+          params, model_cfg, cfg.objective, {k: v[0] for k, v in batch.items()}, key),
+      in_shardings=(shardings.params, sharding.batch_sharding(mesh, leading=1)),
+      out_shardings=sharding.replicated(mesh))
+  totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+  empty = None
+  for _ in range(cfg.train.eval_batches):
+    batch = next(it, None)
+    if batch is None:
+      if empty is None:
+        rows = cfg.data.batch_size // jax.process_count()
+        empty = {"tokens": np.zeros((rows, cfg.data.seq_len), np.int32),
+                 "loss_mask": np.zeros((rows, cfg.data.seq_len), bool),
+                 "segments": np.zeros((rows, cfg.data.seq_len), np.int32)}
+      batch = empty
+    out = jax.device_get(eval_fn(state.params, shard_batch(batch, 1, mesh)))
+    for k in totals:
+      totals[k] += float(out[k])
+  count = max(totals["count"], 1.0)
+  return {"eval_loss": totals["loss_sum"] / count, "eval_accuracy": totals["correct"] / count,
+          "eval_tokens": totals["count"]}
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg, *, resume: bool = False) -> dict:
+  """Trains per `cfg` (a `run_config.Config`); returns the last metrics (and eval results).
+
+  Saves every `checkpoint.every_steps`, at the end and on SIGTERM; `resume=True` continues from
+  the newest good checkpoint of `train.run_dir` exactly where it left off.
+  """
+  from dllm_jax import checkpoint, data, run_config
+
+  maybe_initialize_distributed(cfg.mesh)
+  run_dir = pathlib.Path(cfg.train.run_dir)
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)
+  params, model_cfg, tokenizer, metadata = build_model(cfg)
+  log.info("mesh %s; model %s, %.1fM params", dict(mesh.shape), model_cfg.architecture,
+           sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(model_cfg)))
+           / 1e6)
+
+  mgr = checkpoint.manager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+  if mgr.all_steps() and not resume:
+    raise ConfigError(f"{run_dir} already holds checkpoints {mgr.all_steps()}; pass --resume to "
+                      "continue that run, or set train.run_dir to a new directory")
+  checkpoint.write_run_files(run_dir, json.loads(run_config.to_json(cfg)), model_cfg, metadata,
+                             tokenizer)
+
+  tx = make_optimizer(cfg.train)
+  shardings, shapes = state_shardings(model_cfg, tx, mesh)
+  batches = data.make_dataset(cfg.data, tokenizer, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  state = None
+  if resume:
+    state = checkpoint.restore_latest(mgr, abstract_state(shardings, shapes), batches)
+    if state is None:
+      log.warning("--resume: %s holds no usable checkpoint; starting from step 0", run_dir)
+  if state is None:
+    state = init_state(params, model_cfg, tx, cfg.train.seed, shardings)
+  del params
+  start = int(jax.device_get(state.step))
+  if start:
+    log.info("resumed at step %d", start)
+
+  step_fn = make_train_step(model_cfg, cfg.objective, cfg.train, tx, mesh, shardings)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  progress = Progress(cfg.train.steps, start, cfg.train.progress and jax.process_index() == 0)
+  metrics_log = MetricsLog(run_dir, start)
+
+  stop = {"signal": None}
+  previous_handler = None
+  if _in_main_thread():
+    previous_handler = signal.signal(
+        signal.SIGTERM, lambda signum, frame: stop.__setitem__("signal", signum))
+
+  last: dict = {}
+  step = start
+  try:
+    while step < cfg.train.steps:
+      batch = next(batches, None)
+      if batch is None:
+        log.warning("the data ran out (data.num_epochs) after step %d; stopping", step)
+        break
+      state, metrics = step_fn(state, shard_batch(batch, cfg.train.grad_accum, mesh))
+      step += 1
+      if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        last.update(progress.update(step, tokens_per_step, last))
+        metrics_log.write({"step": step, **last})
+      if step % cfg.checkpoint.every_steps == 0 and step < cfg.train.steps:
+        checkpoint.save(mgr, step, state, batches)
+      # Every process must agree to stop at the same step, or collectives would hang.
+      if _any_process(stop["signal"] is not None):
+        log.warning("SIGTERM: saving step %d and stopping", step)
+        break
+    if step not in mgr.all_steps():
+      checkpoint.save(mgr, step, state, batches)
+    mgr.wait_until_finished()
+  finally:
+    progress.close()
+    metrics_log.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+
+  last["step"] = step
+  if stop["signal"] is None and step >= cfg.train.steps:
+    if cfg.train.eval_batches:
+      last.update(evaluate(state, model_cfg, cfg, tokenizer, mesh, shardings))
+    if cfg.train.export_hf:
+      export_hf(state, model_cfg, tokenizer, metadata, run_dir / "hf")
+  mgr.close()
+  return last
+
+
+def _in_main_thread() -> bool:
+  import threading
+
+  return threading.current_thread() is threading.main_thread()
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def export_hf(state: TrainState, model_cfg: ModelConfig, tokenizer, metadata: dict,
+              out_dir: pathlib.Path) -> None:
+  """The final params as a HF directory (process 0 writes; all processes gather)."""
+  from dllm_jax import convert
+  from jax.experimental import multihost_utils
+
+  params = multihost_utils.process_allgather(state.params, tiled=True)
+  if jax.process_index() == 0:
+    pretrained = convert.Pretrained(params=jax.tree_util.tree_map(np.asarray, params),
+                                    config=model_cfg, tokenizer=tokenizer, metadata=metadata)
+    convert.export_hf_dir(pretrained, out_dir, overwrite=True)
+    log.info("exported the final model to %s", out_dir)

@@ -1,0 +1,158 @@
+"""Checkpoints of a training run (orbax) and loading a model from a run directory.
+
+A run directory is self-describing:
+
+  RUN_DIR/config.json       the full run config (`run_config.Config`)
+  RUN_DIR/model.json        the model config actually trained (after import and the mask token)
+                            and the model's metadata ({"objective", "block_size", ...})
+  RUN_DIR/tokenizer/        tokenizer.json + tokenizer_config.json
+  RUN_DIR/checkpoints/STEP/ state (step, params, optimizer, base key) and the data iterator
+                            state of every process
+  RUN_DIR/metrics.jsonl     one line per logged step
+
+Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it), so a
+run killed mid-save leaves the previous checkpoints intact. A latest checkpoint that is corrupt
+or incomplete is skipped with a warning and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import warnings
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from dllm_jax import config as config_lib
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MODEL_JSON = "model.json"
+CONFIG_JSON = "config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def manager(run_dir: str | pathlib.Path, keep: int, async_save: bool = True
+            ) -> ocp.CheckpointManager:
+  directory = pathlib.Path(run_dir).absolute() / CHECKPOINTS
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+
+
+class _IteratorState:
+  """Adapts a data iterator with a JSON-able `get_state()` dict to grain's orbax handler (which
+  stores bytes per process). The state is taken at construction: an async save must not see
+  batches drawn after it was requested."""
+
+  def __init__(self, iterator: Any):
+    self._iterator = iterator
+    self._saved = json.dumps(iterator.get_state()).encode()
+
+  def get_state(self) -> bytes:
+    return self._saved
+
+  def set_state(self, state: bytes) -> None:
+    self._iterator.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any = None) -> None:
+  """Starts an (async) save of `state` and, when given, the grain iterator's state as of now."""
+  import grain.checkpoint as grain_ckpt
+
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    items["data"] = grain_ckpt.CheckpointSave(_IteratorState(data_iterator))
+  mgr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any = None
+                   ) -> Optional[Any]:
+  """The newest checkpoint that restores, or None when there is none.
+
+  `abstract_state` holds ShapeDtypeStructs with shardings (the state lands sharded); the data
+  iterator, when given, is set to its saved state in place. Checkpoints that fail to restore are
+  skipped with a warning.
+  """
+  import grain.checkpoint as grain_ckpt
+
+  for step in sorted(mgr.all_steps(), reverse=True):
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain_ckpt.CheckpointRestore(_IteratorState(data_iterator))
+    try:
+      restored = mgr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001  (any failure means: this checkpoint is unusable)
+      msg = (f"checkpoint {mgr.directory}/{step} is corrupt or incomplete "
+             f"({type(e).__name__}: {str(e)[:200]}); falling back to an earlier one")
+      warnings.warn(msg, RuntimeWarning, stacklevel=2)
+      log.warning(msg)
+      continue
+    return restored["state"]
+  return None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a model back
+
+
+def write_run_files(run_dir: str | pathlib.Path, run_config: dict, model_cfg: config_lib.ModelConfig,
+                    metadata: dict, tokenizer: Any) -> None:
+  """config.json, model.json and tokenizer/ (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  run_dir = pathlib.Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / CONFIG_JSON).write_text(json.dumps(run_config, indent=2))
+  (run_dir / MODEL_JSON).write_text(json.dumps(
+      {"model": config_lib.to_dict(model_cfg), "metadata": metadata}, indent=2))
+  tokenizer.save(run_dir / TOKENIZER_DIR)
+
+
+def is_run_dir(path: str | pathlib.Path) -> bool:
+  path = pathlib.Path(path)
+  return (path / MODEL_JSON).is_file() and (path / CHECKPOINTS).is_dir()
+
+
+def load_params(run_dir: str | pathlib.Path) -> tuple[int, Any]:
+  """(step, params) of the newest good checkpoint of a run, as arrays on the first device."""
+  mgr = manager(run_dir, keep=1 << 30, async_save=False)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  for step in sorted(mgr.all_steps(), reverse=True):
+    try:
+      meta = mgr.item_metadata(step)["state"]
+      target = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+      state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+      return step, state["state"]["params"]
+    except Exception as e:  # noqa: BLE001
+      msg = (f"checkpoint {mgr.directory}/{step} is corrupt or incomplete "
+             f"({type(e).__name__}: {str(e)[:200]}); falling back to an earlier one")
+      warnings.warn(msg, RuntimeWarning, stacklevel=2)
+      log.warning(msg)
+  raise FileNotFoundError(f"{run_dir} holds no readable checkpoint under {CHECKPOINTS}/; train "
+                          "first (python train.py --config ...) or pass a model path")
+
+
+def load_model(path: str | pathlib.Path):
+  """A training run directory -> its newest good params, config, tokenizer and metadata as a
+  `convert.Pretrained`; any other path (or shortcut) -> `convert.load_pretrained(path)`."""
+  from dllm_jax import convert, tokenizer as tokenizer_lib
+
+  if not is_run_dir(path):
+    return convert.load_pretrained(str(path))
+  path = pathlib.Path(path)
+  saved = json.loads((path / MODEL_JSON).read_text())
+  model_cfg = config_lib.from_dict(config_lib.ModelConfig, saved["model"], f"{path / MODEL_JSON}")
+  step, params = load_params(path)
+  metadata = dict(saved.get("metadata", {}), step=step, run_dir=str(path))
+  return convert.Pretrained(params=params, config=model_cfg,
+                            tokenizer=tokenizer_lib.from_hf_dir(path / TOKENIZER_DIR),
+                            metadata=metadata)

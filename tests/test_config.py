@@ -1,0 +1,119 @@
+"""Run configs: every shipped config loads, overrides apply, bad keys are clear errors, and the
+full-size configs describe the published model sizes (shapes only, nothing allocated)."""
+
+import dataclasses
+import math
+import pathlib
+
+import jax
+import pytest
+
+from dllm_jax import run_config, training
+from dllm_jax.config import ConfigError
+
+CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
+
+
+def test_configs_are_shipped():
+  assert {p.stem for p in CONFIGS} >= {"tiny", "smollm2_gsm8k", "qwen2.5_1.5b", "qwen2.5_7b"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("kind", ["diffusion", "ar"])
+def test_every_config_loads_with_either_objective(path, kind):
+  cfg = run_config.load(path, [f"objective.kind={kind}"])
+  assert isinstance(cfg, run_config.Config)
+  assert cfg.objective.kind == kind
+  assert cfg.data.block_size == cfg.objective.block_size
+  # A run config survives the JSON written into the run directory.
+  assert run_config.from_json(run_config.to_json(cfg)) == cfg
+
+
+def test_overrides_reach_nested_fields_with_types():
+  cfg = run_config.load(CONFIGS[0].parent / "tiny.py",
+                        ["train.steps=7", "train.learning_rate=1e-4", "mesh.data=2",
+                         "mesh.fsdp=4", "model.remat=full", "data.num_epochs=none",
+                         "train.export_hf=true", "init.source=/some/dir"])
+  assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+  assert cfg.train.learning_rate == 1e-4
+  assert (cfg.mesh.data, cfg.mesh.fsdp) == (2, 4)
+  assert cfg.model.remat == "full"
+  assert cfg.data.num_epochs is None
+  assert cfg.train.export_hf is True
+  assert cfg.init.source == "/some/dir"
+
+
+def test_unknown_key_lists_the_valid_ones():
+  tiny = CONFIGS[0].parent / "tiny.py"
+  with pytest.raises(ConfigError) as e:
+    run_config.load(tiny, ["train.stepz=3"])
+  msg = str(e.value)
+  assert "stepz" in msg and "valid keys" in msg
+  for name in (f.name for f in dataclasses.fields(training.TrainConfig)):
+    assert name in msg
+  with pytest.raises(ConfigError, match="valid keys: model, init, data, objective, train, mesh"):
+    run_config.load(tiny, ["trian.steps=3"])
+
+
+def test_repeated_key_is_an_error():
+  with pytest.raises(ConfigError, match="given twice"):
+    run_config.load(CONFIGS[0].parent / "tiny.py", ["train.steps=3", "train.steps=4"])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.steps=many", "expected an integer"),
+    ("train.steps=0", "train.steps=0"),
+    ("train.schedule=linear", "expected 'constant' or 'cosine'"),
+    ("mesh.data=0", "mesh.data=0"),
+    ("objective.block_size=8", "differs from objective.block_size|data.block_size"),
+    ("train", "expected KEY=VALUE"),
+    ("train=3", "is a section"),
+])
+def test_bad_values_are_clear_errors(override, match):
+  with pytest.raises(ConfigError, match=match):
+    run_config.load(CONFIGS[0].parent / "tiny.py", [override])
+
+
+def test_two_auto_mesh_axes_is_an_error():
+  with pytest.raises(ConfigError, match="at most one axis may be -1"):
+    run_config.load(CONFIGS[0].parent / "tiny.py", ["mesh.fsdp=-1"])
+
+
+def test_config_file_must_return_a_run_config(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config():\n  return {'train': {}}\n")
+  with pytest.raises(ConfigError, match="must return dllm_jax.run_config.Config"):
+    run_config.load(bad)
+  with pytest.raises(ConfigError, match="does not exist"):
+    run_config.load(tmp_path / "missing.py")
+
+
+def test_saved_config_with_unknown_key_is_rejected():
+  text = run_config.to_json(run_config.Config()).replace('"steps"', '"stepz"')
+  with pytest.raises(ConfigError, match="stepz"):
+    run_config.from_json(text)
+
+
+# Published parameter counts: Qwen2.5-1.5B 1,543,714,304 (tied embeddings) and Qwen2.5-7B
+# 7,615,616,512; SmolLM2-135M 134,515,008.
+@pytest.mark.parametrize("name, expected", [
+    ("qwen2.5_1.5b", 1_543_714_304),
+    ("qwen2.5_7b", 7_615_616_512),
+    ("smollm2_gsm8k", 134_515_008),
+])
+def test_full_size_configs_have_the_published_shapes(name, expected):
+  cfg = run_config.load(CONFIGS[0].parent / f"{name}.py")
+  shapes = training.abstract_params(cfg.model)  # jax.eval_shape: nothing is allocated
+  assert sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)) == expected
+  m = cfg.model
+  assert shapes["layers"]["attn"]["q"]["kernel"].shape == (
+      m.num_layers, m.hidden_size, m.num_heads, m.head_dim)
+  assert shapes["layers"]["mlp"]["down"]["kernel"].shape == (
+      m.num_layers, m.intermediate_size, m.hidden_size)
+  assert ("lm_head" in shapes) == (not m.tie_embeddings)
+
+
+def test_pretrained_configs_require_a_source():
+  cfg = run_config.load(CONFIGS[0].parent / "qwen2.5_7b.py")
+  with pytest.raises(ConfigError, match="init.source is empty"):
+    training.build_model(cfg)

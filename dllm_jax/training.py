@@ -200,7 +200,7 @@ def make_train_step(model_cfg: ModelConfig, obj_cfg: objective.ObjectiveConfig,
         "loss": loss_sum / denom,
         "count": count,
         "accuracy": correct / denom,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree_utils.tree_norm(grads),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,

@@ -1,0 +1,126 @@
+"""Mesh and NamedShardings from the logical table, and sharded training on 8 fake CPU devices
+matching single-device training step for step."""
+
+import dataclasses
+import logging
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from dllm_jax import model, objective, sharding, training
+from dllm_jax.config import ConfigError, ModelConfig, TrainConfig
+
+TINY = ModelConfig(vocab_size=130, hidden_size=32, intermediate_size=64, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=8, mask_token_id=129)
+
+
+def test_mesh_auto_axis_and_errors():
+  assert jax.device_count() == 8
+  assert dict(sharding.make_mesh(-1, 2, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(sharding.make_mesh(1, -1, 1).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  with pytest.raises(ValueError, match="do not divide the 8 devices"):
+    sharding.make_mesh(-1, 3, 1)
+  with pytest.raises(ValueError, match="use 4 devices but 8 are present"):
+    sharding.make_mesh(2, 2, 1)
+
+
+def _param_specs(cfg, mesh):
+  shapes = training.abstract_params(cfg)
+  sh = sharding.shardings_for(model.param_logical_axes(cfg), shapes, mesh)
+  return jax.tree_util.tree_map(lambda s: s.spec, sh)
+
+
+def test_param_shardings_follow_the_logical_table():
+  cfg = dataclasses.replace(TINY, vocab_size=128, mask_token_id=127)
+  specs = _param_specs(cfg, sharding.make_mesh(2, 2, 2))
+  assert specs["embed"]["embedding"] == P("tensor", "fsdp")
+  assert specs["lm_head"] == P("fsdp", "tensor")
+  assert specs["layers"]["attn"]["q"]["kernel"] == P(None, "fsdp", "tensor", None)
+  assert specs["layers"]["attn"]["o"]["kernel"] == P(None, "tensor", None, "fsdp")
+  assert specs["layers"]["mlp"]["down"]["kernel"] == P(None, "tensor", "fsdp")
+  assert specs["final_norm"]["scale"] == P(None)
+
+
+def test_indivisible_dim_falls_back_to_replicated_and_is_logged(caplog):
+  cfg = dataclasses.replace(TINY, vocab_size=131, mask_token_id=130)  # 130 tokens + a mask
+  with caplog.at_level(logging.INFO, logger="dllm_jax.sharding"):
+    specs = _param_specs(cfg, sharding.make_mesh(2, 2, 2))
+  assert specs["embed"]["embedding"] == P(None, "fsdp")  # vocab dim replicated, embed kept
+  assert specs["lm_head"] == P("fsdp", None)
+  assert "['embed']['embedding'] dim 0 (size 131) is not divisible by mesh tensor=2" in caplog.text
+
+
+def test_optimizer_moments_follow_their_params():
+  mesh = sharding.make_mesh(2, 2, 2)
+  tx = training.make_optimizer(TrainConfig())
+  sh, _ = training.state_shardings(TINY, tx, mesh)
+  adam = sh.opt_state[1][0]
+  assert adam.mu["layers"]["mlp"]["up"]["kernel"] == sh.params["layers"]["mlp"]["up"]["kernel"]
+  assert adam.nu["embed"]["embedding"] == sh.params["embed"]["embedding"]
+  assert adam.count.spec == P() and sh.step.spec == P() and sh.rng.spec == P()
+
+
+def test_batch_must_split_over_accumulation_and_batch_shards():
+  mesh = sharding.make_mesh(2, 2, 2)
+  assert training.check_batch_size(16, 2, mesh) == 8
+  with pytest.raises(ConfigError, match="multiple of 8"):
+    training.check_batch_size(12, 2, mesh)
+
+
+def _batches(n, rows=8, length=32, seed=0):
+  rs = np.random.RandomState(seed)
+  out = []
+  for _ in range(n):
+    segments = np.ones((rows, length), np.int32)
+    segments[:, 16:] = 2
+    segments[0, 24:] = 0  # padding at the end of a row
+    out.append({"tokens": rs.randint(0, 128, (rows, length)).astype(np.int32),
+                "loss_mask": rs.rand(rows, length) < 0.7, "segments": segments})
+  return out
+
+
+def _train(mesh, obj_cfg, train_cfg, batches):
+  tx = training.make_optimizer(train_cfg)
+  sh, _ = training.state_shardings(TINY, tx, mesh)
+  state = training.init_state(None, TINY, tx, seed=0, shardings=sh)
+  step = training.make_train_step(TINY, obj_cfg, train_cfg, tx, mesh, sh)
+  losses = []
+  for b in batches:
+    state, metrics = step(state, training.shard_batch(b, train_cfg.grad_accum, mesh))
+    losses.append(float(metrics["loss"]))
+  return np.asarray(losses), jax.device_get(state.params), state
+
+
+def test_sharded_training_matches_single_device():
+  obj = objective.ObjectiveConfig(kind="diffusion", block_size=8)
+  cfg = TrainConfig(steps=4, grad_accum=2, learning_rate=1e-3, warmup_ratio=0.0)
+  batches = _batches(4)
+  single = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  losses_1, params_1, _ = _train(single, obj, cfg, batches)
+  losses_8, params_8, state_8 = _train(sharding.make_mesh(2, 2, 2), obj, cfg, batches)
+  # The sharded state really is spread over the 8 devices.
+  q = state_8.params["layers"]["attn"]["q"]["kernel"]
+  assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.shape[1] == 16
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-6)
+  assert losses_1[-1] < losses_1[0]
+  for a, b in zip(jax.tree_util.tree_leaves(params_1), jax.tree_util.tree_leaves(params_8)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_accumulation_is_count_weighted():
+  # The AR objective draws no noise, so 2 micro-batches of 4 rows must equal one batch of 8:
+  # that holds only if the loss is sum(loss sums) / sum(counts), not a mean of micro means.
+  obj = objective.ObjectiveConfig(kind="ar", block_size=8)
+  batches = _batches(3)
+  for b in batches:  # unequal counts in the two halves
+    b["loss_mask"][:4, :] = b["loss_mask"][:4, :] & (np.arange(32) < 10)
+  mesh = sharding.make_mesh(4, 1, 2)
+  one = TrainConfig(steps=3, grad_accum=1, learning_rate=1e-3, warmup_ratio=0.0)
+  two = TrainConfig(steps=3, grad_accum=2, learning_rate=1e-3, warmup_ratio=0.0)
+  losses_1, params_1, _ = _train(mesh, obj, one, batches)
+  losses_2, params_2, _ = _train(mesh, obj, two, batches)
+  np.testing.assert_allclose(losses_2, losses_1, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(params_1), jax.tree_util.tree_leaves(params_2)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

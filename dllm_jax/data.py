@@ -140,16 +140,21 @@ class _JsonlSource:
     self._file = np.asarray(files, np.int32)
     self._offset = np.asarray(offsets, np.int64)
     self._line = np.asarray(lines, np.int64)
+    self._handles = {}
 
   def __len__(self):
     return len(self._file)
 
   def __getitem__(self, i):
-    path = self._paths[self._file[i]]
-    with open(path, "rb") as fh:
-      fh.seek(int(self._offset[i]))
-      raw = fh.readline()
-    return f"{path}:{int(self._line[i])}", raw
+    f = int(self._file[i])
+    fh = self._handles.get(f)
+    if fh is None:
+      fh = self._handles[f] = open(self._paths[f], "rb")  # kept open: one seek per record
+    fh.seek(int(self._offset[i]))
+    return f"{self._paths[f]}:{int(self._line[i])}", fh.readline()
+
+  def __getstate__(self):  # file handles do not pickle (grain worker processes)
+    return {**self.__dict__, "_handles": {}}
 
 
 def synthetic_record(task: str, rng: np.random.Generator, min_len: int, max_len: int) -> dict:

@@ -25,6 +25,7 @@ import glob
 import json
 import logging
 import os
+import threading
 from typing import Any, Iterator, Optional, Sequence
 
 import grain
@@ -121,7 +122,7 @@ class _JsonlSource:
     if not paths:
       raise ConfigError("data.source is empty; give JSONL paths or 'synthetic'")
     self._paths = paths
-    files, offsets, lines = [], [], []
+    files, offsets, lengths, lines = [], [], [], []
     for f, path in enumerate(paths):
       with open(path, "rb") as fh:
         pos = 0
@@ -129,6 +130,7 @@ class _JsonlSource:
           if raw.strip():
             files.append(f)
             offsets.append(pos)
+            lengths.append(len(raw))
             lines.append(n)
           pos += len(raw)
           if max_records and len(files) >= max_records:
@@ -139,22 +141,35 @@ class _JsonlSource:
       raise ConfigError(f"data.source: {', '.join(paths)} hold no records")
     self._file = np.asarray(files, np.int32)
     self._offset = np.asarray(offsets, np.int64)
+    self._length = np.asarray(lengths, np.int64)
     self._line = np.asarray(lines, np.int64)
-    self._handles = {}
+    self._fds = {}
+    self._lock = threading.Lock()
 
   def __len__(self):
     return len(self._file)
 
   def __getitem__(self, i):
     f = int(self._file[i])
-    fh = self._handles.get(f)
-    if fh is None:
-      fh = self._handles[f] = open(self._paths[f], "rb")  # kept open: one seek per record
-    fh.seek(int(self._offset[i]))
-    return f"{self._paths[f]}:{int(self._line[i])}", fh.readline()
+    fd = self._fds.get(f)
+    if fd is None:
+      with self._lock:
+        fd = self._fds.get(f)
+        if fd is None:
+          fd = self._fds[f] = os.open(self._paths[f], os.O_RDONLY)
+    # pread, not seek + read: grain's prefetch threads read records concurrently.
+    raw = os.pread(fd, int(self._length[i]), int(self._offset[i]))
+    return f"{self._paths[f]}:{int(self._line[i])}", raw
 
-  def __getstate__(self):  # file handles do not pickle (grain worker processes)
-    return {**self.__dict__, "_handles": {}}
+  def __getstate__(self):  # descriptors do not travel to grain worker processes
+    return {**self.__dict__, "_fds": {}, "_lock": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
+
+  def __del__(self, _close=os.close):  # bound now: module globals may be gone at exit
+    for fd in getattr(self, "_fds", {}).values():
+      _close(fd)
 
 
 def synthetic_record(task: str, rng: np.random.Generator, min_len: int, max_len: int) -> dict:

@@ -1,0 +1,365 @@
+"""Attention kernels vs XLA (and cuDNN) on one GPU: correctness first, then time.
+
+    python benchmarks/attention.py [--quick] [--sections check,ceil,tune,train,decode]
+
+Checks the compiled kernels against a float32 XLA reference (relative error), measures the bf16
+matmul rate and device copy bandwidth of this GPU, then times training attention (forward, and
+forward + backward) and decode attention. FLOPs count allowed (query, key) pairs only: forward
+4 * pairs * D per head, backward 2.5x that (the FlashAttention convention; the recompute in the
+backward kernels is not counted). Prints markdown tables; writes JSON to $OUT/attention.json
+after every row when $OUT is set, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dllm_jax import attention, masks
+from dllm_jax.kernels import decode, flash
+
+RESULTS = {"meta": {}, "check": [], "ceil": {}, "tune": [], "train": [], "decode": []}
+SHAPES = {"qwen2.5-1.5b": (12, 2, 128), "qwen2.5-7b": (28, 4, 128)}
+
+
+def save():
+  out = os.environ.get("OUT")
+  if out:
+    with open(os.path.join(out, "attention.json"), "w") as f:
+      json.dump(RESULTS, f, indent=1)
+
+
+def timeit(fn, arg_sets, reps=5, inner=4):
+  """Median seconds per call; cycles through `arg_sets` so repeated calls do not hit in L2."""
+  jax.block_until_ready(fn(*arg_sets[0]))
+  jax.block_until_ready(fn(*arg_sets[-1]))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = None
+    for i in range(inner):
+      out = fn(*arg_sets[i % len(arg_sets)])
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner)
+  return statistics.median(times)
+
+
+def safe(fn):
+  try:
+    return fn()
+  except Exception as e:  # OOM or an unsupported configuration: record it, go on
+    msg = str(e).split("\n")[0][:160]
+    return f"failed: {type(e).__name__}: {msg}"
+
+
+def rel_err(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  if not np.all(np.isfinite(x)):
+    return float("nan")
+  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def layout_segments(b, length, spec, rng, packed):
+  """Segment ids [B, L] (runs starting on block boundaries when packed), tiled over the streams."""
+  seg = np.zeros((b, length), np.int32)
+  if packed:
+    for i in range(b):
+      cuts = sorted(rng.choice(np.arange(1, length // spec.block_size), 2, replace=False))
+      for c in cuts:
+        seg[i, c * spec.block_size:] += 1
+  return masks.layout_meta(spec, jnp.asarray(seg))
+
+
+def allowed_pairs(spec, length):
+  """Allowed (query, key) pairs of one row of the layout, single segment (exact count)."""
+  pos, stream = masks.layout(spec, length)
+  total = 0
+  for i in range(0, pos.size, 1024):
+    ok = masks.allowed(spec, pos[i:i + 1024, None], stream[i:i + 1024, None], 0,
+                       pos[None, :], stream[None, :], 0)
+    total += int(ok.sum())
+  return total
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def check(tiles):
+  """Compiled kernels vs float32 XLA reference on bf16 inputs."""
+  rng = np.random.default_rng(0)
+  cases = [  # (kind, block, num_noisy, L, H, K, D, B, packed)
+      ("diffusion", 32, 1, 300, 12, 2, 128, 2, True),
+      ("diffusion", 32, 2, 256, 28, 4, 128, 1, True),
+      ("causal", 32, 1, 500, 6, 6, 64, 2, True),
+      ("block_causal", 32, 1, 384, 14, 2, 64, 1, False),
+  ]
+  for kind, bs, nn_, length, h, kh, d, b, packed in cases:
+    spec = masks.MaskSpec(kind, bs, nn_)
+    meta = layout_segments(b, length, spec, rng, packed)
+    t = meta.positions.shape[1]
+    keys = jax.random.split(jax.random.key(len(RESULTS["check"])), 4)
+    q = jax.random.normal(keys[0], (b, t, h, d), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (b, t, kh, d), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (b, t, kh, d), jnp.bfloat16)
+    ct = jax.random.normal(keys[3], (b, t, h, d), jnp.float32)
+    mask = masks.dense_mask(spec, meta, meta)
+    f32 = lambda x: x.astype(jnp.float32)
+
+    def ours(q, k, v):
+      return flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles)
+
+    def ref(q, k, v):
+      return attention.xla_attention(q, k, v, mask)
+
+    out = jax.jit(ours)(q, k, v)
+    want = jax.jit(ref)(f32(q), f32(k), f32(v))
+    g = jax.jit(jax.grad(lambda *a: (ours(*a).astype(jnp.float32) * ct).sum(), (0, 1, 2)))(q, k, v)
+    gw = jax.jit(jax.grad(lambda *a: (ref(*a) * ct).sum(), (0, 1, 2)))(f32(q), f32(k), f32(v))
+    row = {"case": f"{kind}x{spec.num_streams} B={b} L={length} H={h}/{kh} D={d} packed={packed}",
+           "out": rel_err(out, want), "dq": rel_err(g[0], gw[0]), "dk": rel_err(g[1], gw[1]),
+           "dv": rel_err(g[2], gw[2])}
+    row["pass"] = all(row[x] < 2e-2 for x in ("out", "dq", "dk", "dv"))
+    RESULTS["check"].append(row)
+    print(row, flush=True)
+    save()
+
+  for kind, tq, s, h, kh, b in [("block_causal", 8, 1024, 12, 2, 3), ("block_causal", 32, 512, 28, 4, 2),
+                                ("causal", 1, 256, 12, 2, 4)]:
+    spec = masks.MaskSpec(kind, 32)
+    keys = jax.random.split(jax.random.key(100 + len(RESULTS["check"])), 3)
+    q = jax.random.normal(keys[0], (b, tq, h, 128), jnp.bfloat16)
+    kc = jax.random.normal(keys[1], (b, s, kh, 128), jnp.bfloat16)
+    vc = jax.random.normal(keys[2], (b, s, kh, 128), jnp.bfloat16)
+    start = jnp.asarray(rng.integers(0, s - tq + 1, b), jnp.int32)
+    out = jax.jit(lambda *a: decode.decode_attention(*a, spec))(q, kc, vc, start)
+    qm = masks.TokenMeta.simple(start[:, None] + jnp.arange(tq)[None])
+    km = masks.TokenMeta.simple(jnp.broadcast_to(jnp.arange(s), (b, s)))
+    want = attention.xla_attention(q.astype(jnp.float32), kc.astype(jnp.float32),
+                                   vc.astype(jnp.float32), masks.dense_mask(spec, qm, km))
+    row = {"case": f"decode {kind} T={tq} S={s} H={h}/{kh} B={b}", "out": rel_err(out, want)}
+    row["pass"] = row["out"] < 2e-2
+    RESULTS["check"].append(row)
+    print(row, flush=True)
+    save()
+
+
+def ceilings():
+  n = 8192
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+  mm = jax.jit(lambda a, b: a @ b)
+  t = timeit(mm, [(a, b), (b, a)], reps=5, inner=10)
+  RESULTS["ceil"]["matmul_tflops"] = 2 * n ** 3 / t / 1e12
+  x = jax.random.normal(jax.random.key(3), (1 << 30,), jnp.bfloat16)  # 2 GiB
+  cp = jax.jit(lambda x: x * 2)  # one read + one write of every byte
+  t = timeit(cp, [(x,)], reps=5, inner=5)
+  RESULTS["ceil"]["copy_GBps"] = 2 * x.size * 2 / t / 1e9
+  print("ceilings", RESULTS["ceil"], flush=True)
+  save()
+
+
+def _train_fns(spec, meta, tiles):
+  mask_fn = lambda: masks.dense_mask(spec, meta, meta)
+
+  def ours(q, k, v):
+    return flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles)
+
+  def xla(q, k, v):
+    return attention.xla_attention(q, k, v, mask_fn())
+
+  def cudnn(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask_fn()[:, None],
+                                        implementation="cudnn")
+
+  return {"pallas": ours, "xla": xla, "cudnn": cudnn}
+
+
+def _grad(fn):
+  return jax.jit(jax.grad(lambda q, k, v, ct: (fn(q, k, v) * ct).astype(jnp.float32).sum(),
+                          (0, 1, 2)))
+
+
+def train_row(name, spec, length, tiles, impls=("pallas", "xla", "cudnn"), record="train",
+              batch=None):
+  h, kh, d = SHAPES[name]
+  b = batch or max(1, 8192 // length)  # 8192 query positions per layout part: fills the GPU
+  meta = layout_segments(b, length, spec, None, False)
+  t = meta.positions.shape[1]
+  sets = []
+  for i in range(2):
+    ks = jax.random.split(jax.random.key(10 + i), 4)
+    sets.append((jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16),
+                 jax.random.normal(ks[1], (b, t, kh, d), jnp.bfloat16),
+                 jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16),
+                 jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16)))
+  pairs = allowed_pairs(spec, length) * b * h
+  fwd_flops = 4 * pairs * d
+  mm = RESULTS["ceil"].get("matmul_tflops")
+  fns = _train_fns(spec, meta, tiles)
+  row = {"shape": name, "layout": f"{spec.kind}x{spec.num_streams}", "L": length, "T": t, "B": b,
+         "density": pairs / (b * h * t * t)}
+  if record == "tune":
+    row["tiles"] = str(tiles)
+  for impl in impls:
+    fn = fns[impl]
+    fwd = jax.jit(fn)
+    tf = safe(lambda: timeit(lambda q, k, v, ct: fwd(q, k, v), sets))
+    g = _grad(fn)
+    tb = safe(lambda: timeit(g, sets))
+    row[f"{impl}_fwd_ms"] = tf * 1e3 if isinstance(tf, float) else tf
+    row[f"{impl}_fwdbwd_ms"] = tb * 1e3 if isinstance(tb, float) else tb
+    if isinstance(tf, float):
+      row[f"{impl}_fwd_tflops"] = fwd_flops / tf / 1e12
+      if mm:
+        row[f"{impl}_fwd_frac"] = row[f"{impl}_fwd_tflops"] / mm
+    if isinstance(tb, float):
+      row[f"{impl}_fwdbwd_tflops"] = 3.5 * fwd_flops / tb / 1e12
+      if mm:
+        row[f"{impl}_fwdbwd_frac"] = row[f"{impl}_fwdbwd_tflops"] / mm
+  RESULTS[record].append(row)
+  print(row, flush=True)
+  save()
+  return row
+
+
+def decode_row(name, s, b, tq=8):
+  h, kh, d = SHAPES[name]
+  spec = masks.MaskSpec("block_causal", 32)
+  start = jnp.full((b,), s - tq, jnp.int32)  # last sub-block of the last block: all S slots seen
+  kv_bytes = 2 * b * s * kh * d * 2
+  n_sets = int(min(32, max(2, math.ceil(256e6 / kv_bytes))))  # > L2: each call reads HBM
+  sets = []
+  for i in range(n_sets):
+    ks = jax.random.split(jax.random.key(50 + i), 3)
+    sets.append((jax.random.normal(ks[0], (b, tq, h, d), jnp.bfloat16),
+                 jax.random.normal(ks[1], (b, s, kh, d), jnp.bfloat16),
+                 jax.random.normal(ks[2], (b, s, kh, d), jnp.bfloat16)))
+  qm = masks.TokenMeta.simple(start[:, None] + jnp.arange(tq)[None])
+  km = masks.TokenMeta.simple(jnp.broadcast_to(jnp.arange(s), (b, s)))
+  ours = jax.jit(lambda q, k, v: decode.decode_attention(q, k, v, start, spec))
+  xla = jax.jit(lambda q, k, v: attention.xla_attention(q, k, v, masks.dense_mask(spec, qm, km)))
+  copy_bw = RESULTS["ceil"].get("copy_GBps")
+  row = {"shape": name, "S": s, "B": b, "T": tq}
+  for impl, fn in (("pallas", ours), ("xla", xla)):
+    t = safe(lambda: timeit(fn, sets, reps=7, inner=n_sets))
+    if isinstance(t, float):
+      row[f"{impl}_us"] = t * 1e6
+      row[f"{impl}_GBps"] = kv_bytes / t / 1e9
+      if copy_bw:
+        row[f"{impl}_bw_frac"] = row[f"{impl}_GBps"] / copy_bw
+    else:
+      row[f"{impl}_us"] = t
+  RESULTS["decode"].append(row)
+  print(row, flush=True)
+  save()
+
+
+def fmt(x, digits=2):
+  return f"{x:.{digits}f}" if isinstance(x, float) else ("-" if x is None else str(x)[:40])
+
+
+def tables():
+  print("\n### Correctness (compiled, bf16 inputs vs float32 XLA reference, relative L2 error)")
+  print("| case | out | dq | dk | dv | pass |\n|---|---|---|---|---|---|")
+  for r in RESULTS["check"]:
+    print(f"| {r['case']} | " + " | ".join(fmt(r.get(x), 5) for x in ("out", "dq", "dk", "dv"))
+          + f" | {r['pass']} |")
+  print(f"\nceilings: {RESULTS['ceil']}")
+  for key in ("tune", "train"):
+    if not RESULTS[key]:
+      continue
+    print(f"\n### {key}: time ms (TFLOP/s on allowed pairs, fraction of matmul rate)")
+    print("| shape | layout | L | B | density | impl | fwd ms | fwd TFLOP/s | frac | fwd+bwd ms |"
+          " fwd+bwd TFLOP/s | frac | xla/pallas fwd | xla/pallas fwd+bwd |")
+    print("|" + "---|" * 14)
+    for r in RESULTS[key]:
+      for impl in ("pallas", "xla", "cudnn"):
+        if f"{impl}_fwd_ms" not in r:
+          continue
+        sf = sb = "-"
+        if impl == "pallas" and isinstance(r.get("xla_fwd_ms"), float):
+          sf = fmt(r["xla_fwd_ms"] / r["pallas_fwd_ms"]) if isinstance(r["pallas_fwd_ms"], float) else "-"
+        if impl == "pallas" and isinstance(r.get("xla_fwdbwd_ms"), float):
+          sb = (fmt(r["xla_fwdbwd_ms"] / r["pallas_fwdbwd_ms"])
+                if isinstance(r["pallas_fwdbwd_ms"], float) else "-")
+        label = impl + (f" {r['tiles']}" if key == "tune" and impl == "pallas" else "")
+        print(f"| {r['shape']} | {r['layout']} | {r['L']} | {r['B']} | {r['density']:.3f} | "
+              f"{label} | {fmt(r[f'{impl}_fwd_ms'], 3)} | {fmt(r.get(f'{impl}_fwd_tflops'), 1)} | "
+              f"{fmt(r.get(f'{impl}_fwd_frac'))} | {fmt(r[f'{impl}_fwdbwd_ms'], 3)} | "
+              f"{fmt(r.get(f'{impl}_fwdbwd_tflops'), 1)} | {fmt(r.get(f'{impl}_fwdbwd_frac'))} | "
+              f"{sf} | {sb} |")
+  if RESULTS["decode"]:
+    print("\n### decode (block_causal, T=8 sub-block at the end of the cache)")
+    print("| shape | S | B | pallas us | GB/s | frac copy | xla us | GB/s | frac copy | speedup |")
+    print("|" + "---|" * 10)
+    for r in RESULTS["decode"]:
+      sp = (fmt(r["xla_us"] / r["pallas_us"]) if isinstance(r.get("xla_us"), float)
+            and isinstance(r.get("pallas_us"), float) else "-")
+      print(f"| {r['shape']} | {r['S']} | {r['B']} | {fmt(r['pallas_us'], 1)} | "
+            f"{fmt(r.get('pallas_GBps'), 0)} | {fmt(r.get('pallas_bw_frac'))} | {fmt(r['xla_us'], 1)} | "
+            f"{fmt(r.get('xla_GBps'), 0)} | {fmt(r.get('xla_bw_frac'))} | {sp} |")
+
+
+TUNE = [
+    flash.Tiles(128, 64, 64, 64, 64, 64, num_warps=4, num_warps_bwd=4, num_stages=2),
+    flash.Tiles(128, 64, 64, 64, 64, 64, num_warps=8, num_warps_bwd=4, num_stages=3),
+    flash.Tiles(128, 128, 128, 64, 64, 128, num_warps=8, num_warps_bwd=8, num_stages=2),
+    flash.Tiles(64, 64, 64, 32, 32, 64, num_warps=4, num_warps_bwd=4, num_stages=3),
+]
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--sections", default="check,ceil,tune,train,decode")
+  ap.add_argument("--quick", action="store_true", help="L=2048 2L and decode S=4096 only")
+  ap.add_argument("--tiles", type=int, default=-1, help="index into TUNE to use without tuning")
+  args = ap.parse_args()
+  sections = args.sections.split(",")
+  RESULTS["meta"] = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
+                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                     "argv": sys.argv}
+  print(RESULTS["meta"], flush=True)
+  tiles = TUNE[args.tiles] if args.tiles >= 0 else TUNE[0]
+  if "check" in sections:
+    check(tiles)
+  if "ceil" in sections:
+    ceilings()
+  if "tune" in sections and args.tiles < 0:
+    spec = masks.MaskSpec("diffusion", 32, 1)
+    best = None
+    for cand in TUNE:
+      r = train_row("qwen2.5-1.5b", spec, 2048, cand, impls=("pallas",), record="tune")
+      score = r["pallas_fwdbwd_ms"] if isinstance(r["pallas_fwdbwd_ms"], float) else 1e9
+      if best is None or score < best[0]:
+        best = (score, cand)
+    tiles = best[1]
+    RESULTS["meta"]["tiles"] = str(tiles)
+  if "train" in sections:
+    lengths = (2048,) if args.quick else (1024, 2048, 4096)
+    for length in lengths:
+      for nn_ in (1, 2):
+        for name in SHAPES:
+          train_row(name, masks.MaskSpec("diffusion", 32, nn_), length, tiles)
+  if "decode" in sections:
+    for name, lens in (("qwen2.5-1.5b", (4096,) if args.quick else (512, 1024, 2048, 4096, 8192)),
+                       ("qwen2.5-7b", (4096,))):
+      for s in lens:
+        for b in (1, 32):
+          decode_row(name, s, b)
+  tables()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+from dllm_jax.decoding import DecodeConfig, generate, generate_jit

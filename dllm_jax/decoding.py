@@ -386,9 +386,9 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
       jax.debug.callback(on_step, new.tokens, new.masked, new.done, ordered=True)
     return new
 
-  state = jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, state)
   if on_step is not None:
     jax.debug.callback(on_step, state.tokens, state.masked, state.done, ordered=True)
+  state = jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, state)
   out = _rows_slice(state.tokens, plen, n)
   return out, state.length, state.nfe, state.iterations
 
@@ -459,8 +459,8 @@ def generate(
   `nfe` [B] forward passes that included the row (prefill and commits included), `tokens_per_nfe`
   [B], their totals `total_nfe`, `total_tokens_per_nfe`, and `iterations`, the number of batched
   forward rounds. Traceable: jit it with model_cfg, config and on_step static (`generate_jit`).
-  `on_step(tokens_BL, masked_BL, done_B)` (diffusion only) is called from the device after every
-  step; it is for visualisation, leave it None otherwise.
+  `on_step(tokens_BL, masked_BL, done_B)` (diffusion only) is called from the device with the
+  state after the prefill and after every step; it is for visualisation, leave it None otherwise.
   """
   prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
   prompt_lengths_B = jnp.asarray(prompt_lengths_B)

@@ -1,0 +1,300 @@
+"""The jitted decoders against plain-Python transcriptions of the same algorithms."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from dllm_jax import decoding, masks, model
+from dllm_jax.cache import init_cache
+from dllm_jax.config import ModelConfig
+from dllm_jax.decoding import DecodeConfig, DecodeError
+
+MASK = 127
+BS, SBS = 8, 4
+CFG = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=8, mask_token_id=MASK,
+                  max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def params():
+  # Random weights scaled up so that confidences spread over (0, 1) (median ~0.4, 90th
+  # percentile ~0.7): some steps unmask several tokens at the thresholds used below, others one.
+  p = model.init_params(CFG, jax.random.key(0))
+  p = jax.tree.map(lambda x: x * 3.0 if x.ndim >= 2 else x, p)
+  return {**p, "lm_head": p["lm_head"] * 10.0}
+
+
+def _prompts(lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  width = max(lengths)
+  out = np.zeros((len(lengths), width), np.int32)
+  for i, n in enumerate(lengths):
+    out[i, :n] = rng.integers(0, MASK, n)
+  return out, np.asarray(lengths, np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain-Python transcriptions (batch of one, host control flow)
+
+
+@jax.jit
+def _uncached(params, tokens_1T):
+  meta = masks.TokenMeta.simple(jnp.arange(tokens_1T.shape[1], dtype=jnp.int32)[None])
+  return model.forward(params, CFG, tokens_1T, meta, masks.MaskSpec("block_causal", BS))[0][0]
+
+
+@jax.jit
+def _cached(params, tokens_1T, start, cache):
+  meta = masks.TokenMeta.simple(start + jnp.arange(tokens_1T.shape[1], dtype=jnp.int32)[None])
+  logits, cache = model.forward(params, CFG, tokens_1T, meta, masks.MaskSpec("block_causal", BS),
+                                cache)
+  return logits[0], cache
+
+
+def _block_logits_uncached(params, seq, end):
+  """Logits [end, V] of seq[:end] recomputed from scratch under the block-causal mask."""
+  return np.asarray(_uncached(params, jnp.asarray([seq[:end]], jnp.int32)))
+
+
+def _forward_cached(params, tokens, start, cache):
+  logits, cache = _cached(params, jnp.asarray([tokens], jnp.int32), start, cache)
+  return np.asarray(logits), cache
+
+
+def reference_decode(params, prompt, cfg: DecodeConfig):
+  """The authors' decoder for one row, greedy, in plain Python.
+
+  use_dual_cache=False: every step recomputes the prompt and all generated context from scratch.
+  use_dual_cache=True: the authors' two buffers -- a block-level cache of committed blocks and a
+  separate copy holding the current block's KV, refreshed by a full-block forward when a
+  sub-block starts masked, and updated in place by sub-block forwards otherwise.
+  Returns (generated tokens, number of forward passes, number of sub-block forwards).
+  """
+  n, thr = cfg.max_new_tokens, cfg.threshold
+  stop = set(cfg.stop_token_ids)
+  p = len(prompt)
+  seq, masked = list(prompt), [False] * p
+  nfe = sub_forwards = 0
+  total = -(-(p + n) // BS) * BS
+  prefix_cache = init_cache(CFG, 1, total)
+  whole = p // BS * BS
+  if whole:
+    nfe += 1
+    if cfg.use_dual_cache:
+      logits, prefix_cache = _forward_cached(params, seq[:whole], 0, prefix_cache)
+    else:
+      logits = _block_logits_uncached(params, seq, whole)
+    if p % BS == 0:
+      seq.append(int(np.argmax(logits[-1])))
+      masked.append(False)
+  block_start = p // BS * BS
+  block_kv = None
+  while True:
+    block_end = block_start + BS
+    while len(seq) < block_end:
+      seq.append(MASK)
+      masked.append(True)
+    # Stopping rules.
+    first_stop = next((i for i in range(p, min(len(seq), p + n))
+                       if not masked[i] and seq[i] in stop), None)
+    if first_stop is not None and not any(masked[p:first_stop]):
+      return seq[p:first_stop + 1], nfe, sub_forwards
+    if not any(masked[block_start:block_end]) and block_end >= p + n:
+      return seq[p:p + n], nfe, sub_forwards
+    if not any(masked[block_start:block_end]):  # commit
+      nfe += 1
+      if cfg.use_dual_cache:
+        logits, prefix_cache = _forward_cached(params, seq[block_start:block_end], block_start,
+                                               prefix_cache)
+        last = logits[-1]
+      else:
+        last = _block_logits_uncached(params, seq, block_end)[block_end - 1]
+      seq.append(int(np.argmax(last)))
+      masked.append(False)
+      block_start, block_kv = block_end, None
+      continue
+    sub = next(s for s in range(block_start, block_end, SBS) if any(masked[s:s + SBS]))
+    nfe += 1
+    if not cfg.use_dual_cache:
+      logits = _block_logits_uncached(params, seq, block_end)
+      step = np.stack([logits[max(j - 1, block_start)] for j in range(sub, sub + SBS)])
+    elif block_kv is None or masked[sub]:
+      logits, block_kv = _forward_cached(params, seq[block_start:block_end], block_start,
+                                         prefix_cache)
+      step = np.stack([logits[max(j - 1, block_start) - block_start]
+                       for j in range(sub, sub + SBS)])
+    else:
+      sub_forwards += 1
+      logits, block_kv = _forward_cached(params, seq[sub:sub + SBS], sub, block_kv)
+      step = np.stack([logits[max(j - 1, 0)] for j in range(SBS)])
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(step), axis=-1))
+    cand = probs.argmax(-1)
+    conf = np.where(masked[sub:sub + SBS], probs[np.arange(SBS), cand], -np.inf)
+    unmask = conf > thr
+    unmask[conf.argmax()] = True
+    for i in range(SBS):
+      if unmask[i] and masked[sub + i]:
+        seq[sub + i], masked[sub + i] = int(cand[i]), False
+
+
+def _decode(params, prompts, lengths, cfg, rng=None):
+  rng = jax.random.key(0) if rng is None else rng
+  out, lens, stats = decoding.generate_jit(params, CFG, jnp.asarray(prompts), jnp.asarray(lengths),
+                                           rng, cfg)
+  return np.asarray(out), np.asarray(lens), jax.tree.map(np.asarray, stats)
+
+
+# Prompt shorter than a block, exactly one block (first token from the prefill), ending inside
+# the second block, and exactly two blocks.
+LENGTHS = [3, 8, 13, 16]
+
+
+@pytest.mark.parametrize("dual", [False, True])
+def test_batched_decoder_equals_python_transcription(params, dual):
+  cfg = DecodeConfig(max_new_tokens=21, block_size=BS, sub_block_size=SBS, threshold=0.5,
+                     use_dual_cache=dual)
+  prompts, lengths = _prompts(LENGTHS)
+  out, lens, stats = _decode(params, prompts, lengths, cfg)
+  several = sub_forwards = 0
+  for row, n in enumerate(LENGTHS):
+    ref, ref_nfe, subs = reference_decode(params, list(prompts[row, :n]), cfg)
+    sub_forwards += subs
+    assert lens[row] == len(ref)
+    np.testing.assert_array_equal(out[row, :lens[row]], ref)
+    assert stats["nfe"][row] == ref_nfe
+    several += ref_nfe < len(ref)
+  # The model and threshold make some rows decode several tokens in one step.
+  assert several >= 1
+  assert sub_forwards >= 1 if dual else sub_forwards == 0  # the DualCache path is exercised
+
+
+def test_stop_token_and_rows_finish_independently(params):
+  prompts, lengths = _prompts([4, 11, 9], seed=3)
+  base = DecodeConfig(max_new_tokens=24, block_size=BS, sub_block_size=SBS, threshold=0.5)
+  out, lens, _ = _decode(params, prompts, lengths, base)
+  stop = int(out[1, 5])  # a token row 1 decodes; it makes row 1 stop by its 6th token
+  cfg = DecodeConfig(max_new_tokens=24, block_size=BS, sub_block_size=SBS, threshold=0.5,
+                     stop_token_ids=(stop,))
+  out_s, lens_s, stats = _decode(params, prompts, lengths, cfg)
+  for row, n in enumerate([4, 11, 9]):
+    ref, ref_nfe, _ = reference_decode(params, list(prompts[row, :n]), cfg)
+    np.testing.assert_array_equal(out_s[row, :lens_s[row]], ref)
+    assert stats["nfe"][row] == ref_nfe
+    assert np.all(out_s[row, lens_s[row]:] == cfg.pad_token_id)
+  assert lens_s[1] <= 6 and out_s[1, lens_s[1] - 1] == stop
+  assert lens_s.max() > lens_s[1]  # another row ran on after row 1 finished
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_each_row_gets_what_it_gets_alone(params, mode):
+  lengths = [2, 9, 16, 6]
+  prompts, lens_in = _prompts(lengths, seed=5)
+  cfg = DecodeConfig(mode=mode, max_new_tokens=19, block_size=BS, sub_block_size=SBS,
+                     threshold=0.7, temperature=0.8, top_p=0.9, stop_token_ids=(7, 11))
+  keys = jax.random.split(jax.random.key(42), len(lengths))
+  out, lens, stats = _decode(params, prompts, lens_in, cfg, keys)
+  for row in range(len(lengths)):
+    out1, lens1, stats1 = _decode(params, prompts[row:row + 1], lens_in[row:row + 1], cfg,
+                                  keys[row:row + 1])
+    assert lens1[0] == lens[row]
+    np.testing.assert_array_equal(out1[0], out[row])
+    assert stats1["nfe"][0] == stats["nfe"][row]
+
+
+def test_threshold_semantics(params):
+  prompts, lengths = _prompts([5, 8, 12], seed=7)
+  tpf = {}
+  for thr in (1.0, 0.5, 0.1):
+    cfg = DecodeConfig(max_new_tokens=24, block_size=BS, sub_block_size=SBS, threshold=thr)
+    seen = []
+
+    def on_step(tokens, masked, done):
+      seen.append((np.asarray(masked).sum(axis=1), np.asarray(done)))
+
+    out, lens, stats = decoding.generate(params, CFG, prompts, lengths, jax.random.key(0), cfg,
+                                         on_step=on_step)
+    counts = np.stack([c for c, _ in seen])  # masked positions after prefill and each iteration
+    active = ~np.stack([d for _, d in seen])[:-1]  # unfinished before each iteration
+    decoded = counts[:-1] - counts[1:]
+    assert len(seen) == stats["iterations"] + 1 and active[0].all()
+    # Every iteration of an unfinished row unmasks at least one token (a commit fills in the
+    # next block's first token), finished rows none; at threshold 1.0 exactly one.
+    assert np.all(decoded[active] >= 1) and np.all(decoded[~active] == 0)
+    if thr == 1.0:
+      assert np.all(decoded[active] == 1)
+    tpf[thr] = np.asarray(stats["tokens_per_nfe"])
+  assert np.all(tpf[0.5] >= tpf[1.0])
+  assert np.all(tpf[0.1] >= tpf[0.5])
+  assert np.all(tpf[0.1] > tpf[1.0])
+
+
+def test_one_compiled_program_without_host_transfers(params):
+  prompts, lengths = _prompts([6, 10])
+  cfg = DecodeConfig(max_new_tokens=16, block_size=BS, sub_block_size=SBS, threshold=0.5)
+  args = jax.device_put((params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0)))
+  compiled = jax.jit(decoding.generate, static_argnums=(1, 5)).lower(
+      args[0], CFG, args[1], args[2], args[3], cfg).compile()
+  assert "while" in compiled.as_text()
+  with jax.transfer_guard("disallow"):
+    out, lens, stats = compiled(*args)
+    out.block_until_ready()
+  ref, _, _ = reference_decode(params, list(prompts[0, :6]), cfg)
+  np.testing.assert_array_equal(np.asarray(out)[0, :len(ref)], ref)
+
+
+def test_ar_equals_greedy_recompute(params):
+  prompts, lengths = _prompts([3, 7, 12], seed=9)
+  cfg = DecodeConfig(mode="ar", max_new_tokens=10)
+  out, lens, stats = _decode(params, prompts, lengths, cfg)
+  ar_logits = jax.jit(model.ar_forward, static_argnums=1)
+  width = 12 + 10  # causal: padding after the sequence does not change its logits
+  for row, n in enumerate([3, 7, 12]):
+    seq = list(prompts[row, :n])
+    for _ in range(10):
+      logits = ar_logits(params, CFG, jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32))
+      seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+    np.testing.assert_array_equal(out[row], seq[n:])
+  assert np.all(lens == 10) and np.all(stats["nfe"] == 10)
+
+
+def test_sampler_per_row_and_top_p():
+  logits = jnp.log(jnp.asarray([[[0.5, 0.3, 0.15, 0.05]], [[0.05, 0.15, 0.3, 0.5]]]))
+  keys = jax.random.split(jax.random.key(1), 2)
+  many_keys = jax.random.split(jax.random.key(2), (300, 2))
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: decoding.sample(logits, k, 1.0, 0.7)[0]))(
+      many_keys))[:, :, 0]
+  # top_p=0.7 keeps {0, 1} for row 0 and {3, 2} for row 1: each row draws from its own.
+  assert set(np.unique(draws[:, 0])) == {0, 1}
+  assert set(np.unique(draws[:, 1])) == {2, 3}
+  tok, conf = decoding.sample(logits, keys, 1.0, 0.7)
+  expected = {0: 0.5 / 0.8, 1: 0.3 / 0.8, 2: 0.3 / 0.8, 3: 0.5 / 0.8}
+  for row in range(2):
+    np.testing.assert_allclose(conf[row, 0], expected[int(tok[row, 0])], rtol=1e-5)
+  tok, conf = decoding.sample(logits, keys, 0.0, 1.0)
+  np.testing.assert_array_equal(tok[:, 0], [0, 3])
+  np.testing.assert_allclose(conf[:, 0], [0.5, 0.5], rtol=1e-5)
+
+
+def test_bad_inputs_are_clear_errors(params):
+  prompts, lengths = _prompts([3, 5])
+  ok = DecodeConfig(max_new_tokens=4, block_size=BS, sub_block_size=SBS)
+  with pytest.raises(DecodeError, match="longer than the model's context"):
+    decoding.generate(params, CFG, np.zeros((1, 129), np.int32), np.array([129]),
+                      jax.random.key(0), ok)
+  with pytest.raises(DecodeError, match="empty"):
+    decoding.generate(params, CFG, prompts, np.array([3, 0]), jax.random.key(0), ok)
+  with pytest.raises(DecodeError, match="empty"):
+    decoding.generate(params, CFG, np.zeros((1, 0), np.int32), np.array([0]), jax.random.key(0), ok)
+  for thr in (0.0, -0.1, 1.5):
+    with pytest.raises(DecodeError, match=r"threshold.*\(0, 1\]"):
+      DecodeConfig(threshold=thr)
+  with pytest.raises(DecodeError, match="does not divide block_size"):
+    DecodeConfig(block_size=32, sub_block_size=5)
+  ar_model = ModelConfig(**{**CFG.__dict__, "mask_token_id": None})
+  with pytest.raises(DecodeError, match="not diffusion-trained"):
+    decoding.generate(params, ar_model, prompts, lengths, jax.random.key(0), ok)
+  with pytest.raises(DecodeError, match="mode"):
+    DecodeConfig(mode="beam")

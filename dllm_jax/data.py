@@ -6,7 +6,7 @@ Pipeline (one JAX process sees only its own shard):
     -> grain.MapDataset: shuffle by seed, reshuffled each epoch, repeated
     -> every process_count-th record from process_index on (disjoint shards that cover the data)
     -> rendered with the tokenizer's chat template; loss only on assistant tokens
-    -> padded to a multiple of the block size, packed greedily into rows of seq_len
+    -> padded to a multiple of the block size, packed first-fit into the rows of a batch
     -> batches {"tokens", "loss_mask", "segments"} of [batch_size / process_count, seq_len]
 
 A sample never shares a block with another, and its segment id (1, 2, ... within a row; 0 is
@@ -273,9 +273,11 @@ def render(item, tokenizer: Tokenizer, cfg: DataConfig):
 
 
 class BatchIterator(Iterator[dict]):
-  """Greedy block-aligned packing of rendered samples into fixed-size batches.
+  """First-fit block-aligned packing of rendered samples into fixed-size batches.
 
-  A row takes samples in order until the next does not fit; that sample opens the next row.
+  Samples, in order, go to the first row of the batch with room for them; the first sample that
+  fits in no row closes the batch and opens the next one. A batch is thus a contiguous run of
+  the sample stream, and the iterator state is just where that run ends.
   """
 
   def __init__(self, samples: grain.DatasetIterator, cfg: DataConfig, rows: int, pad_id: int):
@@ -320,32 +322,30 @@ class BatchIterator(Iterator[dict]):
     tokens = np.full((self._rows, cfg.seq_len), self._pad, np.int32)
     loss_mask = np.zeros((self._rows, cfg.seq_len), bool)
     segments = np.zeros((self._rows, cfg.seq_len), np.int32)
+    used = [0] * self._rows  # tokens taken in each row
     placed = sum_block_padding = 0
-    for r in range(self._rows):
-      start, seg = 0, 1
-      while True:
+    while True:
+      if self._pending is None:
+        self._pending, self._pending_state = self._next_sample()
         if self._pending is None:
-          self._pending, self._pending_state = self._next_sample()
-          if self._pending is None:
-            self._done = True
-            break
-        s = self._pending
-        size = len(s["ids"])
-        if start + size > cfg.seq_len:
+          self._done = True
           break
-        tokens[r, start:start + size] = s["ids"]
-        loss_mask[r, start:start + size] = s["loss_mask"]
-        segments[r, start:start + size] = seg
-        self.stats.samples += 1
-        self.stats.tokens += s["n"]
-        sum_block_padding += size - s["n"]
-        self.stats.loss_tokens += int(s["loss_mask"].sum())
-        start += size
-        seg += 1
-        placed += 1
-        self._pending = None
-      if self._done:
+      s = self._pending
+      size = len(s["ids"])
+      r = next((r for r in range(self._rows) if used[r] + size <= cfg.seq_len), None)
+      if r is None:  # fits in no row: it opens the next batch
         break
+      at = used[r]
+      tokens[r, at:at + size] = s["ids"]
+      loss_mask[r, at:at + size] = s["loss_mask"]
+      segments[r, at:at + size] = (segments[r, at - 1] if at else 0) + 1
+      used[r] += size
+      self.stats.samples += 1
+      self.stats.tokens += s["n"]
+      self.stats.loss_tokens += int(s["loss_mask"].sum())
+      sum_block_padding += size - s["n"]
+      placed += 1
+      self._pending = None
     if placed == 0:
       raise StopIteration
     self.stats.padding += int((tokens.size - (segments > 0).sum()) + sum_block_padding)

@@ -76,9 +76,8 @@ def test_packing_is_block_aligned_with_correct_segments(tmp_path):
   cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", recs), seq_len=96, block_size=16,
                    batch_size=4, shuffle=False, num_epochs=1)
   it = data.make_dataset(cfg, TOK)
-  expected = [data.render(("x", r), TOK, cfg) for r in recs]
-  got = [s for b in it for s in samples_of(b)]
-  for b in data.make_dataset(cfg, TOK):
+  batches = list(it)
+  for b in batches:
     seg = b["segments"]
     blocks = seg.reshape(seg.shape[0], -1, 16)
     assert (blocks == blocks[..., :1]).all()  # one sample per block
@@ -87,12 +86,17 @@ def test_packing_is_block_aligned_with_correct_segments(tmp_path):
       assert (np.diff(nz) >= 0).all() and (np.unique(nz) == np.arange(1, len(set(nz)) + 1)).all()
       assert (row[len(nz):] == 0).all()
     assert not b["loss_mask"][seg == 0].any()
-  assert len(got) == len(expected) == 60
-  for (ids, mask), e in zip(got, expected):
-    np.testing.assert_array_equal(ids, e["ids"])
-    np.testing.assert_array_equal(mask, e["loss_mask"])
-  # Greedy: a row is closed only when the next sample does not fit.
+  # First fit: a batch closes only when the next sample fits in none of its rows.
+  for b, following in zip(batches, batches[1:]):
+    opening = (following["segments"][0] == 1).sum()
+    assert ((b["segments"] == 0).sum(axis=1) < opening).all()
+  key = lambda s: (s[0].tobytes(), s[1].tobytes())
+  got = sorted((key(s) for b in batches for s in samples_of(b)))
+  expected = sorted(key((e["ids"], e["loss_mask"])) for e in
+                    (data.render(("x", r), TOK, cfg) for r in recs))
+  assert got == expected and len(got) == 60
   assert it.stats.samples == 60 and it.stats.records == 60
+  assert it.stats.tokens + it.stats.padding == len(batches) * 4 * 96
 
 
 def _prompts(batches):

@@ -1,0 +1,193 @@
+"""The training loop end to end: the quick start, exact resume after SIGKILL, save on SIGTERM,
+and falling back from a corrupt or partial latest checkpoint."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from dllm_jax import checkpoint, run_config, training
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny.py"
+# The tiny config, shortened: 3 checkpoints kept, one every 3 steps.
+SHORT = ["data.batch_size=8", "data.seq_len=48", "train.progress=false",
+         "checkpoint.every_steps=3", "checkpoint.keep=3", "train.warmup_ratio=0.2"]
+STEPS = 10
+
+
+def _cfg(run_dir, steps=STEPS, extra=()):
+  return run_config.load(TINY, SHORT + [f"train.steps={steps}", f"train.run_dir={run_dir}",
+                                        *extra])
+
+
+def _losses(run_dir):
+  lines = pathlib.Path(run_dir, "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(line) for line in lines]
+  return [r["step"] for r in records], np.asarray([r["loss"] for r in records])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run: its per-step losses are what every resumed run must reproduce."""
+  run_dir = tmp_path_factory.mktemp("reference")
+  result = training.train(_cfg(run_dir))
+  steps, losses = _losses(run_dir)
+  assert steps == list(range(1, STEPS + 1))
+  assert result["step"] == STEPS
+  return run_dir, losses
+
+
+def _wrap_step(monkeypatch, at_call, action):
+  """Makes the loop's step function run `action()` right after its `at_call`-th call."""
+  real = training.make_train_step
+
+  def patched(*args, **kwargs):
+    step_fn = real(*args, **kwargs)
+    calls = [0]
+
+    def wrapped(state, batch):
+      out = step_fn(state, batch)
+      calls[0] += 1
+      if calls[0] == at_call:
+        jax.block_until_ready(out)
+        action()
+      return out
+    return wrapped
+  monkeypatch.setattr(training, "make_train_step", patched)
+
+
+def test_sigkill_then_resume_continues_the_loss_curve(reference, tmp_path):
+  ref_dir, ref_losses = reference
+  run_dir = tmp_path / "run"
+  # A real process, killed with SIGKILL after its 8th step: checkpoints 3 and 6 exist, steps
+  # 7 and 8 are lost and must be trained again identically.
+  driver = tmp_path / "driver.py"
+  driver.write_text(textwrap.dedent(f"""
+      import os, signal, sys
+      sys.path.insert(0, {str(REPO)!r})
+      import jax
+      from dllm_jax import run_config, training
+      cfg = run_config.load({str(TINY)!r}, {SHORT + [f"train.steps={STEPS}",
+                                                     f"train.run_dir={run_dir}"]!r})
+      real = training.make_train_step
+      def patched(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+        calls = [0]
+        def wrapped(state, batch):
+          out = step_fn(state, batch)
+          calls[0] += 1
+          if calls[0] == 8:
+            jax.block_until_ready(out)
+            os.kill(os.getpid(), signal.SIGKILL)
+          return out
+        return wrapped
+      training.make_train_step = patched
+      training.train(cfg)
+  """))
+  proc = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  steps, _ = _losses(run_dir)
+  assert steps == list(range(1, 8))
+  assert 3 in checkpoint.manager(run_dir, keep=3).all_steps()
+
+  result = training.train(_cfg(run_dir), resume=True)
+  assert result["step"] == STEPS
+  steps, losses = _losses(run_dir)
+  assert steps == list(range(1, STEPS + 1))  # the lost steps were logged once, not twice
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+
+
+def test_sigterm_saves_and_stops_then_resume_finishes(reference, tmp_path, monkeypatch):
+  _, ref_losses = reference
+  run_dir = tmp_path / "run"
+  _wrap_step(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM))
+  result = training.train(_cfg(run_dir))
+  assert result["step"] == 4
+  assert checkpoint.manager(run_dir, keep=3).all_steps() == [3, 4]
+  monkeypatch.undo()
+  training.train(_cfg(run_dir), resume=True)
+  np.testing.assert_allclose(_losses(run_dir)[1], ref_losses, rtol=1e-6)
+
+
+def test_refuses_to_overwrite_a_run_without_resume(reference):
+  ref_dir, _ = reference
+  with pytest.raises(training.ConfigError, match="pass --resume"):
+    training.train(_cfg(ref_dir))
+
+
+def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
+  ref_dir, ref_losses = reference
+  run_dir = tmp_path / "run"
+  shutil.copytree(ref_dir, run_dir)
+  ckpts = run_dir / "checkpoints"
+  assert sorted(int(p.name) for p in ckpts.iterdir()) == [6, 9, 10]
+  # Corrupt: the array data of the latest checkpoint is garbage.
+  for f in (ckpts / "10" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(b"garbage")
+  # Partial: a save interrupted before orbax finalized it (never listed, ignored).
+  shutil.copytree(ckpts / "9", ckpts / "12.orbax-checkpoint-tmp-1234")
+
+  with pytest.warns(RuntimeWarning, match="checkpoints/10 is corrupt or incomplete"):
+    step, params = checkpoint.load_params(run_dir)
+  assert step == 9
+
+  # Resuming replays steps 10.. from checkpoint 9 and lands on the reference curve.
+  metrics = run_dir / "metrics.jsonl"
+  metrics.write_text("".join(l + "\n" for l in metrics.read_text().splitlines()[:9]))
+  with pytest.warns(RuntimeWarning, match="falling back to an earlier one"):
+    result = training.train(_cfg(run_dir), resume=True)
+  assert result["step"] == STEPS
+  np.testing.assert_allclose(_losses(run_dir)[1], ref_losses, rtol=1e-6)
+
+  # Incomplete: files missing from the latest checkpoint.
+  shutil.rmtree(ckpts / "10" / "state")
+  shutil.rmtree(ckpts / "9" / "state")
+  with pytest.warns(RuntimeWarning, match="corrupt or incomplete"):
+    assert checkpoint.load_params(run_dir)[0] == 6
+
+
+def test_quick_start_leaves_a_model_that_load_model_reads(tmp_path):
+  run_dir = tmp_path / "tiny"
+  cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--set", "train.steps=3",
+         "--set", f"train.run_dir={run_dir}", "--set", "data.batch_size=8", "--set",
+         "train.eval_batches=1", "--set", "train.export_hf=true"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "held-out masked-token accuracy" in proc.stdout
+  assert "tok/s" in proc.stderr and "ETA" in proc.stderr  # the progress bar
+
+  model = checkpoint.load_model(run_dir)
+  cfg = run_config.from_json((run_dir / "config.json").read_text())
+  assert cfg.train.steps == 3
+  assert model.metadata["objective"] == "diffusion" and model.metadata["block_size"] == 16
+  assert model.metadata["step"] == 3
+  assert model.config.mask_token_id == model.tokenizer.mask_token_id is not None
+  assert model.tokenizer.decode(model.tokenizer.encode("reverse: abc")) == "reverse: abc"
+  shapes = training.abstract_params(model.config)
+  assert jax.tree_util.tree_map(lambda x: x.shape, model.params) == jax.tree_util.tree_map(
+      lambda x: x.shape, shapes)
+  # The exported HF directory holds the same weights.
+  from dllm_jax import convert
+  exported = convert.load_pretrained(run_dir / "hf")
+  np.testing.assert_array_equal(exported.params["embed"]["embedding"],
+                                model.params["embed"]["embedding"])
+  assert exported.config.mask_token_id == model.config.mask_token_id
+
+
+def test_missing_source_is_a_clear_command_line_error(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/qwen2.5_1.5b.py", "--set",
+       f"train.run_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "init.source is empty" in proc.stderr

@@ -329,13 +329,26 @@ def _bytes_to_unicode() -> dict[int, str]:
 # llama.cpp token types (gguf.TokenType)
 _CONTROL, _USER_DEFINED = 3, 4
 
+# Pre-tokenizer splits of the vocabularies whose `tokenizer.ggml.pre` names one; any other name
+# (gpt2, smollm, ...) gets GPT-2's split built into the ByteLevel pre-tokenizer. Same table as
+# transformers' GGUF builder, so both tokenize alike.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"),
+                    _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
+}
+
 
 def from_gguf(reader_or_path) -> Tokenizer:
   """Builds the byte-level BPE tokenizer a GGUF file describes ("gpt2" tokenizer model).
 
   Follows transformers' own GGUF tokenizer builder (integrations/gguf), so both encode alike:
-  byte-level pre-tokenizer with GPT-2's split, control tokens added whole as special tokens,
-  user-defined ones as plain added tokens.
+  byte-level pre-tokenizer with the split `tokenizer.ggml.pre` names (GPT-2's by default),
+  control tokens added whole as special tokens, user-defined ones as plain added tokens.
   """
   import gguf  # imported here: only GGUF users need it
 
@@ -366,7 +379,13 @@ def from_gguf(reader_or_path) -> Tokenizer:
   bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
                    continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
   backend = tokenizers.Tokenizer(bpe)
-  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  split = _GGUF_SPLITS.get(get("tokenizer.ggml.pre"))
+  if split is None:
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  else:
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   backend.decoder = decoders.ByteLevel()
   control = [AddedToken(t, normalized=False, special=True)
              for t, ty in zip(tokens, types) if ty == _CONTROL and set(t) <= alphabet]

@@ -1,5 +1,6 @@
 """Tokenizers against transformers: GGUF-built encoding, chat templates, assistant loss masks."""
 
+import copy
 import importlib.resources
 import json
 import pathlib
@@ -187,7 +188,7 @@ def test_from_hf_dir_errors(tmp_path):
 
 
 def test_add_mask_token(gguf_tok):
-  tok = tk.from_gguf(str(GGUF))
+  tok = copy.deepcopy(gguf_tok)
   n = tok.vocab_size
   assert tk.add_mask_token(tok) == n
   assert tok.vocab_size == n + 1 and tok.encode("a<|mask|>b")[1] == n
@@ -196,3 +197,32 @@ def test_add_mask_token(gguf_tok):
   chars = tk.simple_chars()
   assert tk.add_mask_token(chars) == 3 and chars.vocab_size == 104
   assert gguf_tok.mask_token_id is None  # the fixture tokenizer was not touched
+
+
+def test_gguf_pre_tokenizer_split_matches_transformers(tmp_path, gguf_tok):
+  """SmolLM2's vocabulary relabelled as Qwen2's (`tokenizer.ggml.pre`): the split changes (e.g.
+  "(word" stays one piece) and must change as in transformers."""
+  pre = "qwen2"
+  import gguf
+  src = gguf.GGUFReader(str(GGUF)).fields
+  path = tmp_path / f"{pre}.gguf"
+  w = gguf.GGUFWriter(str(path), "qwen2")
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre(pre)
+  w.add_token_list(src["tokenizer.ggml.tokens"].contents())
+  w.add_token_merges(src["tokenizer.ggml.merges"].contents())
+  w.add_token_types(src["tokenizer.ggml.token_type"].contents())
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  ours = tk.from_gguf(path)
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+  plain = gguf_tok
+  differs = False
+  for text in TEXTS + ["f(hello) [world] 1234567 x'S"]:
+    assert ours.encode(text) == ref.encode(text, add_special_tokens=False), text
+    differs |= ours.encode(text) != plain.encode(text)
+  assert differs  # the split really changed something

@@ -148,6 +148,9 @@ class Tokenizer:
       turn = upto[len(prompt):]
       content = m["content"]
       offset = turn.find(content)
+      if offset < 0:  # templates such as Llama 3's trim the content
+        content = content.strip()
+        offset = turn.find(content)
       if offset < 0:
         raise TokenizerError(f"messages[{i}]: the template does not render the assistant content "
                              "verbatim, so its tokens cannot be found")

@@ -105,6 +105,17 @@ def test_encode_chat_masks_exactly_assistant_content(which, gguf_tok):
   assert all(ids[e] == tok.eot_token_id for e in ends)
 
 
+def test_encode_chat_with_a_trimming_llama3_style_template():
+  tok = tk.simple_chars()
+  tok.chat_template = (
+      "{% for m in messages %}<|im_start|>{{ m['role'] }}\n\n{{ m['content'] | trim }}<|im_end|>"
+      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n\n{% endif %}")
+  messages = CONVERSATIONS[2]
+  ids, mask = tok.encode_chat(messages)
+  assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == \
+      "4, obviously.<|im_end|>6\n\nDone<|im_end|>"
+
+
 def test_encode_chat_refuses_template_that_rewrites_history():
   tok = tk.simple_chars()
   # Renders only the last message: the prefix of a conversation is not a prefix of the whole.

@@ -3,7 +3,6 @@
 import copy
 import importlib.resources
 import json
-import pathlib
 
 import pytest
 import transformers

@@ -390,7 +390,7 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
     jax.debug.callback(on_step, state.tokens, state.masked, state.done, ordered=True)
   state = jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, state)
   out = _rows_slice(state.tokens, plen, n)
-  return out, state.length, state.nfe, state.iterations
+  return out, state.length, state.nfe, state.iterations + 1  # + the prefill
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,7 +458,8 @@ def generate(
   `config.pad_token_id`), lengths int32 [B] (up to and including the stop token) and stats:
   `nfe` [B] forward passes that included the row (prefill and commits included), `tokens_per_nfe`
   [B], their totals `total_nfe`, `total_tokens_per_nfe`, and `iterations`, the number of batched
-  forward rounds. Traceable: jit it with model_cfg, config and on_step static (`generate_jit`).
+  forward rounds, prefill included (a diffusion round runs two forwards when some rows need a
+  whole-block forward and others a sub-block one). Traceable: jit it with model_cfg, config and on_step static (`generate_jit`).
   `on_step(tokens_BL, masked_BL, done_B)` (diffusion only) is called from the device with the
   state after the prefill and after every step; it is for visualisation, leave it None otherwise.
   """

@@ -219,7 +219,7 @@ def test_threshold_semantics(params):
     counts = np.stack([c for c, _ in seen])  # masked positions after prefill and each iteration
     active = ~np.stack([d for _, d in seen])[:-1]  # unfinished before each iteration
     decoded = counts[:-1] - counts[1:]
-    assert len(seen) == stats["iterations"] + 1 and active[0].all()
+    assert len(seen) == stats["iterations"] and active[0].all()  # iterations counts the prefill
     # Every iteration of an unfinished row unmasks at least one token (a commit fills in the
     # next block's first token), finished rows none; at threshold 1.0 exactly one.
     assert np.all(decoded[active] >= 1) and np.all(decoded[~active] == 0)

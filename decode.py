@@ -1,0 +1,357 @@
+"""Decode with a block-diffusion (Fast-dLLM v2) or AR model.
+
+  python decode.py --checkpoint PATH --prompt "What is 7 * 8?"
+  python decode.py --checkpoint PATH --prompts prompts.jsonl --batch-size 8 --json
+  python decode.py --checkpoint PATH --chat            # interactive multi-turn
+  python decode.py --checkpoint PATH --prompt "..." --live   # watch the blocks denoise
+
+PATH: a training run directory (newest good checkpoint), a HF model directory, a .gguf file, or
+the shortcut smollm2-135m-instruct. A prompts file holds one JSON object per line with "prompt"
+(a user message) or "messages" (a conversation); the model's chat template is applied unless
+--no-chat-template. Timings exclude compilation, which is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+
+MASK_GLYPH = "░"
+
+
+class UsageError(ValueError):
+  """A bad command line, prompts file or checkpoint for the chosen mode."""
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python decode.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", required=True,
+                 help="training run dir, HF dir, .gguf file or smollm2-135m-instruct")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--prompt", help="one user message")
+  src.add_argument("--prompts", help="JSONL file: {'prompt': ...} or {'messages': [...]} a line")
+  src.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
+  p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion")
+  p.add_argument("--threshold", type=float, default=0.9)
+  p.add_argument("--block-size", type=int, default=32)
+  p.add_argument("--sub-block-size", type=int, default=8)
+  p.add_argument("--max-new-tokens", type=int, default=256)
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--no-dual-cache", action="store_true", help="forward the whole block every step")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                 help="compute and weight dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+  p.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as is")
+  p.add_argument("--force", action="store_true",
+                 help="diffusion-decode a model not trained for it (warns instead of refusing)")
+  p.add_argument("--json", action="store_true", help="print one machine-readable JSON document")
+  p.add_argument("--live", action="store_true",
+                 help="show the denoising of a single --prompt in the terminal, step by step")
+  return p
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def read_prompts(path: str) -> list[list[dict]]:
+  """Conversations from a JSONL file; a bad line is an error naming file:line."""
+  conversations = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+      if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+        conversations.append([{"role": "user", "content": record["prompt"]}])
+      elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+        conversations.append(record["messages"])
+      else:
+        raise UsageError(f"{where}: expected an object with a string 'prompt' or a list "
+                         "'messages'")
+  if not conversations:
+    raise UsageError(f"{path} holds no prompts")
+  return conversations
+
+
+def load(args):
+  """The checkpoint as a `convert.Pretrained`, checked for the mode and cast to the dtype."""
+  import jax
+  import jax.numpy as jnp
+
+  from dllm_jax import checkpoint
+
+  pretrained = checkpoint.load_model(args.checkpoint)
+  if pretrained.tokenizer is None:
+    raise UsageError(f"{args.checkpoint} has no tokenizer; decode.py needs one to encode text")
+  if args.mode == "diffusion":
+    objective = pretrained.metadata.get("objective")
+    reason = None
+    if pretrained.config.mask_token_id is None:
+      reason = "it has no mask token"
+    elif objective != "diffusion":
+      reason = f"its metadata says objective={objective!r}, not 'diffusion'"
+    if reason and (pretrained.config.mask_token_id is None or not args.force):
+      raise UsageError(f"{args.checkpoint} is not a block-diffusion model ({reason}); use "
+                       "--mode ar, fine-tune it with train.py, or --force to decode it anyway")
+    if reason:
+      warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
+                    stacklevel=2)
+  dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  return dataclasses.replace(
+      pretrained,
+      params=jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), pretrained.params),
+      config=dataclasses.replace(pretrained.config, dtype=dtype, param_dtype=dtype))
+
+
+def decode_config(args, tokenizer, model_cfg):
+  from dllm_jax import decoding
+
+  stop = tuple(sorted({i for i in (tokenizer.eot_token_id, tokenizer.eos_token_id,
+                                   model_cfg.eos_token_id) if i is not None}))
+  pad = next((i for i in (tokenizer.pad_token_id, model_cfg.pad_token_id) if i is not None), 0)
+  return decoding.DecodeConfig(
+      mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+      sub_block_size=args.sub_block_size, threshold=args.threshold,
+      temperature=args.temperature, top_p=args.top_p, use_dual_cache=not args.no_dual_cache,
+      stop_token_ids=stop, pad_token_id=pad)
+
+
+def encode(tokenizer, conversation, raw: bool) -> list[int]:
+  if raw or not tokenizer.chat_template:
+    return tokenizer.encode("\n".join(m["content"] for m in conversation))
+  return tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+class Decoder:
+  """Compiles `generate` once per (batch, prompt width) and times runs apart from compiles."""
+
+  def __init__(self, pretrained, cfg, seed: int):
+    import jax
+
+    from dllm_jax import decoding
+
+    self.pretrained, self.cfg = pretrained, cfg
+    self.rng = jax.random.key(seed)
+    self.fn = jax.jit(lambda p, t, n, r: decoding.generate(p, pretrained.config, t, n, r, cfg))
+    self.compiled = {}
+    self.compile_s = 0.0
+    self.run_s = 0.0
+    self.calls = 0
+
+  def __call__(self, prompts: list[list[int]], width: int, batch: int):
+    """Generated ids and stats of each prompt; `width`/`batch` fix the compiled shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    toks = np.zeros((batch, width), np.int32)
+    lens = np.zeros((batch,), np.int32)
+    for r in range(batch):
+      ids = prompts[min(r, len(prompts) - 1)]  # unused rows repeat the last prompt
+      toks[r, :len(ids)] = ids
+      lens[r] = len(ids)
+    args = (self.pretrained.params, jnp.asarray(toks), jnp.asarray(lens),
+            jax.random.fold_in(self.rng, self.calls))
+    self.calls += 1
+    key = (batch, width)
+    if key not in self.compiled:
+      t0 = time.perf_counter()
+      self.compiled[key] = self.fn.lower(*args).compile()
+      self.compile_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out, lengths, stats = jax.block_until_ready(self.compiled[key](*args))
+    self.run_s += time.perf_counter() - t0
+    out, lengths, nfe = np.asarray(out), np.asarray(lengths), np.asarray(stats["nfe"])
+    return [(out[r, :lengths[r]].tolist(), int(nfe[r])) for r in range(len(prompts))]
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _strip_stop(ids: list[int], cfg) -> list[int]:
+  return ids[:-1] if ids and ids[-1] in cfg.stop_token_ids else ids
+
+
+def _check_lengths(prompts, model_cfg):
+  for i, ids in enumerate(prompts):
+    if not ids:
+      raise UsageError(f"prompt {i} is empty after tokenization; give some text")
+    if len(ids) > model_cfg.max_position_embeddings:
+      raise UsageError(f"prompt {i} has {len(ids)} tokens, longer than the model's context "
+                       f"({model_cfg.max_position_embeddings})")
+
+
+def run_batch(args, pretrained, cfg, conversations) -> dict:
+  tok = pretrained.tokenizer
+  prompts = [encode(tok, c, args.no_chat_template) for c in conversations]
+  _check_lengths(prompts, pretrained.config)
+  width = min(_round_up(max(map(len, prompts)), cfg.block_size),
+              pretrained.config.max_position_embeddings)
+  batch = max(1, min(args.batch_size, len(prompts)))
+  decoder = Decoder(pretrained, cfg, args.seed)
+  results = []
+  for start in range(0, len(prompts), batch):
+    chunk = prompts[start:start + batch]
+    for i, (ids, nfe) in enumerate(decoder(chunk, width, batch)):
+      text = tok.decode(_strip_stop(ids, cfg))
+      results.append({"index": start + i, "prompt": conversations[start + i][-1]["content"],
+                      "text": text, "tokens": len(ids), "nfe": nfe,
+                      "tokens_per_forward": len(ids) / max(nfe, 1)})
+  tokens = sum(r["tokens"] for r in results)
+  nfe = sum(r["nfe"] for r in results)
+  summary = {"mode": cfg.mode, "prompts": len(results), "generated_tokens": tokens,
+             "tokens_per_s": tokens / decoder.run_s if decoder.run_s else 0.0,
+             "tokens_per_forward": tokens / max(nfe, 1), "run_s": decoder.run_s,
+             "compile_s": decoder.compile_s, "batch_size": batch, "checkpoint": args.checkpoint}
+  return {"results": results, "summary": summary}
+
+
+def _print_summary(s: dict, out=None):
+  out = out or sys.stdout
+  print(f"[{s['mode']}] {s['generated_tokens']} tokens in {s['run_s']:.2f}s: "
+        f"{s['tokens_per_s']:.1f} tokens/s, {s['tokens_per_forward']:.2f} tokens per forward "
+        f"(compile {s['compile_s']:.1f}s, not included)", file=out)
+
+
+def chat(args, pretrained, cfg, stdin=None, out=None) -> dict:
+  """Multi-turn chat: each line typed is a user turn; an empty line or EOF ends it."""
+  stdin, out = stdin or sys.stdin, out or sys.stdout
+  tok = pretrained.tokenizer
+  decoder = Decoder(pretrained, cfg, args.seed)
+  conversation, turns = [], []
+  print("chat: type a message, an empty line to quit", file=out)
+  while True:
+    print("> ", end="", file=out, flush=True)
+    line = stdin.readline()
+    if not line.strip():
+      break
+    conversation.append({"role": "user", "content": line.strip()})
+    ids = encode(tok, conversation, args.no_chat_template)
+    _check_lengths([ids], pretrained.config)
+    # Widths in steps of 4 blocks so that a growing conversation recompiles rarely.
+    width = min(_round_up(len(ids), 4 * cfg.block_size), pretrained.config.max_position_embeddings)
+    (gen, nfe), = decoder([ids], width, 1)
+    reply = tok.decode(_strip_stop(gen, cfg))
+    conversation.append({"role": "assistant", "content": reply})
+    turns.append({"user": line.strip(), "assistant": reply, "tokens": len(gen), "nfe": nfe})
+    print(reply, file=out)
+    print(f"  ({len(gen)} tokens, {len(gen) / max(nfe, 1):.2f} per forward)", file=out)
+  tokens = sum(t["tokens"] for t in turns)
+  return {"turns": turns, "summary": {
+      "mode": cfg.mode, "generated_tokens": tokens, "run_s": decoder.run_s,
+      "tokens_per_s": tokens / decoder.run_s if decoder.run_s else 0.0,
+      "tokens_per_forward": tokens / max(sum(t["nfe"] for t in turns), 1),
+      "compile_s": decoder.compile_s}}
+
+
+def live(args, pretrained, cfg, conversation, out=None) -> dict:
+  """Runs the decode with a host callback after every step and redraws the generated text,
+  masked positions shown as MASK_GLYPH. Slower than the compiled path: a visualisation."""
+  out = out or sys.stdout
+  import jax
+  import jax.numpy as jnp
+
+  from dllm_jax import decoding
+
+  if cfg.mode != "diffusion":
+    raise UsageError("--live shows diffusion denoising; use it with --mode diffusion")
+  tok = pretrained.tokenizer
+  ids = encode(tok, conversation, args.no_chat_template)
+  _check_lengths([ids], pretrained.config)
+  plen, n = len(ids), cfg.max_new_tokens
+  frames = []
+  tty = hasattr(out, "isatty") and out.isatty()
+
+  def on_step(tokens, masked, done):
+    tokens, masked = np.asarray(tokens)[0, plen:plen + n], np.asarray(masked)[0, plen:plen + n]
+    last = int(np.argmax(masked)) if masked.any() else n
+    # Show up to the end of the block being decoded; decoded tokens as text, masks as glyphs.
+    shown = min(n, _round_up(plen + last + 1, cfg.block_size) - plen)
+    pieces = [MASK_GLYPH if masked[i] else tok.decode([int(tokens[i])], skip_special=False)
+              for i in range(shown)]
+    frame = "".join(pieces)
+    frames.append(frame)
+    if tty:
+      out.write("\x1b[2J\x1b[H" + frame + "\n")
+    else:
+      out.write(frame + "\n")
+    out.flush()
+
+  t0 = time.perf_counter()
+  gen, lengths, stats = decoding.generate(
+      pretrained.params, pretrained.config, jnp.asarray([ids], jnp.int32),
+      jnp.asarray([plen], jnp.int32), jax.random.key(args.seed), cfg, on_step=on_step)
+  jax.block_until_ready(gen)
+  elapsed = time.perf_counter() - t0
+  gen = np.asarray(gen)[0, :int(lengths[0])].tolist()
+  text = tok.decode(_strip_stop(gen, cfg))
+  print(text, file=out)
+  return {"text": text, "frames": frames, "tokens": len(gen), "nfe": int(stats["nfe"][0]),
+          "wall_s_with_compile_and_drawing": elapsed}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  args = _parser().parse_args(argv)
+  try:
+    if args.live and not args.prompt:
+      raise UsageError("--live needs a single --prompt")
+    if args.batch_size < 1:
+      raise UsageError(f"--batch-size={args.batch_size}: must be >= 1")
+    from dllm_jax import decoding
+
+    try:
+      # Validates the decoding flags before the (slow) checkpoint load.
+      decoding.DecodeConfig(mode=args.mode, max_new_tokens=args.max_new_tokens,
+                            block_size=args.block_size, sub_block_size=args.sub_block_size,
+                            threshold=args.threshold, temperature=args.temperature,
+                            top_p=args.top_p)
+    except decoding.DecodeError as e:
+      raise UsageError(str(e)) from None
+    conversations = None
+    if args.prompts:
+      conversations = read_prompts(args.prompts)
+    pretrained = load(args)
+    cfg = decode_config(args, pretrained.tokenizer, pretrained.config)
+    if args.live:
+      result = live(args, pretrained, cfg, [{"role": "user", "content": args.prompt}])
+    elif args.chat:
+      result = chat(args, pretrained, cfg, out=sys.stderr if args.json else None)
+    else:
+      conversations = conversations or [[{"role": "user", "content": args.prompt}]]
+      result = run_batch(args, pretrained, cfg, conversations)
+  except UsageError as e:
+    raise SystemExit(f"decode.py: error: {e}") from None
+  if args.json:
+    print(json.dumps({k: v for k, v in result.items() if k != "frames"}))
+  elif "results" in result:
+    for r in result["results"]:
+      if len(result["results"]) > 1:
+        print(f"--- [{r['index']}] {r['prompt']}")
+      print(r["text"])
+    _print_summary(result["summary"])
+  elif "turns" in result:
+    _print_summary(result["summary"])
+  return result
+
+
+if __name__ == "__main__":
+  main()

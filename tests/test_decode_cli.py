@@ -1,0 +1,126 @@
+"""decode.py on tiny models exported to HF directories: batch, JSON, chat, live view, errors."""
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from dllm_jax import convert, decoding, model
+from dllm_jax import tokenizer as tk
+from dllm_jax.config import ModelConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import decode  # noqa: E402
+
+FAST = ["--block-size", "8", "--sub-block-size", "4", "--threshold", "0.5",
+        "--max-new-tokens", "12"]
+
+
+def _export(path, objective):
+  tok = tk.simple_chars()
+  cfg = ModelConfig(architecture="qwen2", qkv_bias=True, vocab_size=128, hidden_size=32,
+                    intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                    max_position_embeddings=256, mask_token_id=tok.mask_token_id,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  params = model.init_params(cfg, jax.random.key(0))
+  params = jax.tree.map(lambda x: x * 3.0 if x.ndim >= 2 else x, params)
+  metadata = {"objective": objective} if objective else {}
+  convert.export_hf_dir(convert.Pretrained(params, cfg, tok, metadata), path)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("decode_cli")
+  return {"diffusion": _export(root / "dllm", "diffusion"), "ar": _export(root / "ar", None)}
+
+
+def test_prompts_file_batched_json_equals_generate(dirs, tmp_path, capsys):
+  prompts = ["What is 2+2?", "Say hi", "A longer prompt about blocks and masks, please."]
+  path = tmp_path / "p.jsonl"
+  path.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts[:2]) + "\n\n"
+                  + json.dumps({"messages": [{"role": "user", "content": prompts[2]}]}) + "\n")
+  result = decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(path),
+                        "--batch-size", "2", "--json", *FAST])
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["summary"] == result["summary"]
+  s = result["summary"]
+  assert s["prompts"] == 3 and s["batch_size"] == 2 and s["mode"] == "diffusion"
+  assert s["tokens_per_s"] > 0 and s["compile_s"] > 0 and s["tokens_per_forward"] > 0
+  # Each answer is what generate() gives that prompt alone, under the model's chat template.
+  pre = convert.load_pretrained(dirs["diffusion"])
+  tok = pre.tokenizer
+  cfg = decoding.DecodeConfig(max_new_tokens=12, block_size=8, sub_block_size=4, threshold=0.5,
+                              stop_token_ids=(tok.eot_token_id,), pad_token_id=tok.pad_token_id)
+  for r, p in zip(result["results"], prompts):
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
+    assert ids[:3] == tok.encode("<|im_start|>user")[:3]
+    out, n, stats = decoding.generate(pre.params, pre.config, jnp.asarray([ids]),
+                                      jnp.asarray([len(ids)]), jax.random.key(0), cfg)
+    gen = np.asarray(out)[0, :int(n[0])].tolist()
+    assert r["tokens"] == len(gen) and r["nfe"] == int(stats["nfe"][0])
+    assert r["text"] == tok.decode(gen[:-1] if gen[-1] == tok.eot_token_id else gen)
+
+
+def test_diffusion_mode_refused_for_non_diffusion_checkpoint(dirs):
+  with pytest.raises(SystemExit, match="not a block-diffusion model.*objective=None.*--mode ar"):
+    decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", *FAST])
+  with pytest.warns(UserWarning, match="--force"):
+    result = decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", "--force", *FAST])
+  assert result["results"][0]["tokens"] >= 1
+
+
+def test_bad_arguments_are_clear_errors(dirs, tmp_path):
+  base = ["--checkpoint", dirs["diffusion"], "--prompt", "hi"]
+  with pytest.raises(SystemExit, match=r"threshold=1.5: must be in \(0, 1\]"):
+    decode.main(base + ["--threshold", "1.5"])
+  with pytest.raises(SystemExit, match="sub_block_size=5 does not divide block_size=32"):
+    decode.main(base + ["--sub-block-size", "5"])
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "ok"}\n{"text": 3}\n')
+  with pytest.raises(SystemExit, match=f"{bad}:2: expected an object"):
+    decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(bad)])
+  with pytest.raises(SystemExit, match="longer than the model's context"):
+    decode.main(base[:2] + ["--prompt", "x" * 300, *FAST])
+  with pytest.raises(SystemExit, match="--live needs a single --prompt"):
+    decode.main(["--checkpoint", dirs["diffusion"], "--chat", "--live"])
+
+
+def test_live_view_fills_masks_in(dirs, capsys):
+  result = decode.main(["--checkpoint", dirs["diffusion"], "--prompt", "hello", "--live", *FAST])
+  frames = result["frames"]
+  glyphs = [f.count(decode.MASK_GLYPH) for f in frames]
+  assert glyphs[0] > 0 and glyphs[-1] == 0  # starts masked, ends decoded
+  assert len(frames) >= 3  # the prefill's state, then one frame per step or commit
+  assert result["text"] in capsys.readouterr().out
+
+
+def test_chat_keeps_the_conversation(dirs, monkeypatch, capsys):
+  monkeypatch.setattr(sys, "stdin", io.StringIO("hi there\nand again\n\n"))
+  result = decode.main(["--checkpoint", dirs["diffusion"], "--chat", "--mode", "ar",
+                        "--max-new-tokens", "6"])
+  turns = result["turns"]
+  assert [t["user"] for t in turns] == ["hi there", "and again"]
+  assert all(1 <= t["tokens"] <= 6 for t in turns)
+  assert "tokens/s" in capsys.readouterr().out
+
+
+def test_command_line_subprocess(dirs):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "decode.py"), "--checkpoint", dirs["ar"], "--prompt", "hi",
+       "--mode", "ar", "--max-new-tokens", "5", "--json"],
+      capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  out = json.loads(proc.stdout)
+  assert out["summary"]["mode"] == "ar" and 1 <= out["results"][0]["tokens"] <= 5
+  assert out["summary"]["tokens_per_forward"] == pytest.approx(1.0)

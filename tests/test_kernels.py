@@ -1,0 +1,184 @@
+"""Pallas attention kernels (interpret mode on CPU) against the XLA reference with a dense mask."""
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dllm_jax import attention, masks, model
+from dllm_jax import cache as kvcache
+from dllm_jax import kernels
+from dllm_jax.config import ModelConfig
+from dllm_jax.kernels import decode, flash
+
+SMALL = flash.Tiles(16, 16, 16, 16, 16, 16)
+MIXED = flash.Tiles(16, 32, 32, 16, 16, 32)  # different maps for the forward, dq and dk/dv kernels
+
+
+def _dense_tile_classes(spec, length, bq, bk):
+  """Tile classes derived from the dense mask (the definition `masks.tile_map` must equal)."""
+  pos, stream = masks.layout(spec, length)
+  ok = masks.allowed(spec, pos[:, None], stream[:, None], 0, pos[None, :], stream[None, :], 0)
+  t = pos.size
+  nq, nk = -(-t // bq), -(-t // bk)
+  out = np.zeros((nq, nk), np.int8)
+  for i in range(nq):
+    for j in range(nk):
+      tile = ok[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+      if tile.any():
+        full = tile.all() and (j + 1) * bk <= t
+        out[i, j] = masks.TILE_FULL if full else masks.TILE_PARTIAL
+  return out
+
+
+@pytest.mark.parametrize("spec", [
+    masks.MaskSpec("causal"),
+    masks.MaskSpec("block_causal", 8),
+    masks.MaskSpec("diffusion", 8, 1),
+    masks.MaskSpec("diffusion", 4, 2),
+    masks.MaskSpec("diffusion", 16, 1),
+])
+@pytest.mark.parametrize("length", [13, 24, 37, 64])
+@pytest.mark.parametrize("bq,bk", [(8, 16), (16, 8), (32, 32)])
+def test_tile_map_equals_dense_classification(spec, length, bq, bk):
+  got = masks.tile_map(spec, length, bq, bk)
+  want = _dense_tile_classes(spec, length, bq, bk)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_tile_map_skips_most_of_a_long_diffusion_layout():
+  # 2L at L=2048, tiles 128 x 64: 16 noisy then 16 clean query tiles, 32 + 32 key tiles. Query
+  # tile i (blocks 4i..4i+3) has 2i full clean key tiles whether noisy or clean; its diagonal is
+  # partial: 2 own-noisy + 2 clean tiles for a noisy tile, 2 clean ones for a clean tile.
+  tmap = masks.tile_map(masks.MaskSpec("diffusion", 32, 1), 2048, 128, 64)
+  full, partial = 2 * sum(2 * i for i in range(16)), 16 * 4 + 16 * 2
+  np.testing.assert_array_equal(np.bincount(tmap.ravel(), minlength=3),
+                                [tmap.size - full - partial, partial, full])
+
+
+def _segments(b, length, cuts):
+  seg = np.zeros((b, length), np.int32)
+  for row, row_cuts in enumerate(cuts[:b]):
+    for c in row_cuts:
+      seg[row, c:] += 1
+  return jnp.asarray(seg)
+
+
+def _qkv(key, b, t, h, kh, d, dtype):
+  ks = jax.random.split(key, 4)
+  return (jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(dtype),
+          jax.random.normal(ks[1], (b, t, kh, d), jnp.float32).astype(dtype),
+          jax.random.normal(ks[2], (b, t, kh, d), jnp.float32).astype(dtype),
+          jax.random.normal(ks[3], (b, t, h, d), jnp.float32))
+
+
+TRAIN_CASES = [
+    # spec, L, B, H, K, D, segment cuts per row (block-aligned), tiles
+    (masks.MaskSpec("diffusion", 8, 1), 29, 2, 6, 1, 16, [[16], []], SMALL),
+    (masks.MaskSpec("diffusion", 4, 2), 21, 1, 7, 1, 16, [[8, 12]], SMALL),
+    (masks.MaskSpec("diffusion", 8, 1), 40, 1, 3, 1, 16, [[24]], MIXED),
+    (masks.MaskSpec("block_causal", 16), 45, 2, 3, 1, 64, [[], [32]], SMALL),
+    (masks.MaskSpec("causal"), 33, 1, 2, 2, 128, [[10]], SMALL),
+]
+
+
+@pytest.mark.parametrize("spec,length,b,h,kh,d,cuts,tiles", TRAIN_CASES)
+def test_block_sparse_forward_and_grads_equal_reference(spec, length, b, h, kh, d, cuts, tiles):
+  meta = masks.layout_meta(spec, _segments(b, length, cuts))
+  t = meta.positions.shape[1]
+  q, k, v, ct = _qkv(jax.random.key(length), b, t, h, kh, d, jnp.float32)
+  mask = masks.dense_mask(spec, meta, meta)
+
+  def ours(q, k, v):
+    return flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles, interpret=True)
+
+  def ref(q, k, v):
+    return attention.xla_attention(q, k, v, mask)
+
+  def out_and_grads(f):
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(ct)
+
+  # Under jit, interpret mode compiles each kernel once instead of stepping it op by op.
+  got, got_grads = jax.jit(lambda: out_and_grads(ours))()
+  want, want_grads = out_and_grads(ref)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for name, g, w in zip("qkv", got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
+
+
+def test_block_sparse_bf16_inputs_accumulate_in_float32():
+  spec = masks.MaskSpec("diffusion", 8, 1)
+  meta = masks.layout_meta(spec, jnp.zeros((1, 24), jnp.int32))
+  q, k, v, _ = _qkv(jax.random.key(7), 1, 48, 4, 2, 32, jnp.bfloat16)
+  out = jax.jit(lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, SMALL,
+                                                             interpret=True))(q, k, v)
+  assert out.dtype == jnp.bfloat16
+  f32 = lambda x: x.astype(jnp.float32)
+  want = attention.xla_attention(f32(q), f32(k), f32(v), masks.dense_mask(spec, meta, meta))
+  err = jnp.linalg.norm(f32(out) - want) / jnp.linalg.norm(want)
+  assert err < 1e-2  # bf16 rounding of inputs and output only; a bf16 accumulator gives ~1e-1
+
+
+DECODE_CASES = [
+    # kind, block, T, S, B, H, K, starts
+    ("block_causal", 16, 8, 64, 3, 6, 2, [0, 24, 56]),
+    ("causal", 16, 1, 48, 2, 3, 1, [0, 47]),
+    ("block_causal", 8, 32, 128, 2, 7, 1, [0, 96]),  # 224 rows: two row tiles
+]
+
+
+@pytest.mark.parametrize("kind,bs,t,s,b,h,kh,starts", DECODE_CASES)
+def test_decode_equals_reference_on_random_caches(kind, bs, t, s, b, h, kh, starts):
+  spec = masks.MaskSpec(kind, bs)
+  ks = jax.random.split(jax.random.key(s + t), 3)
+  q = jax.random.normal(ks[0], (b, t, h, 16))
+  kc = jax.random.normal(ks[1], (b, s, kh, 16))
+  vc = jax.random.normal(ks[2], (b, s, kh, 16))
+  start = jnp.asarray(starts, jnp.int32)
+  got = jax.jit(lambda *a: decode.decode_attention(*a, spec, interpret=True))(q, kc, vc, start)
+  q_meta = masks.TokenMeta.simple(start[:, None] + jnp.arange(t)[None])
+  k_meta = masks.TokenMeta.simple(jnp.broadcast_to(jnp.arange(s), (b, s)))
+  want = attention.xla_attention(q, kc, vc, masks.dense_mask(spec, q_meta, k_meta))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_without_contract_falls_back_to_xla_once(caplog):
+  spec = masks.MaskSpec("causal")
+  meta = masks.layout_meta(spec, jnp.zeros((1, 16), jnp.int32))
+  q, k, v, _ = _qkv(jax.random.key(3), 1, 16, 2, 1, 16, jnp.float32)
+  want = attention.xla_attention(q, k, v, masks.dense_mask(spec, meta, meta))
+  kernels._fallback_once.cache_clear()
+  with caplog.at_level(logging.WARNING, logger="dllm_jax.kernels"):
+    for _ in range(2):
+      got = attention.attend(q, k, v, spec, meta, meta, impl="pallas")
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert len([r for r in caplog.records if "falls back" in r.message]) == 1
+  got = attention.attend(q, k, v, spec, meta, meta, impl="pallas", contract="layout")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_pallas_attention_equals_xla():
+  cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1,
+                    num_heads=6, num_kv_heads=2, head_dim=16, qkv_bias=True)
+  pallas_cfg = dataclasses.replace(cfg, attention_impl="pallas")
+  params = model.init_params(cfg, jax.random.key(0))
+  spec = masks.MaskSpec("diffusion", 8, 1)
+  seg = jnp.asarray([[0] * 16 + [1] * 8])
+  meta = masks.layout_meta(spec, seg)
+  tokens = jax.random.randint(jax.random.key(1), (1, 48), 0, 128)
+  fwd = jax.jit(model.forward, static_argnums=(1, 4))
+  want, _ = fwd(params, cfg, tokens, meta, spec)
+  got, _ = fwd(params, pallas_cfg, tokens, meta, spec)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+  # Cache branch: two blocks in the cache, then one sub-block of the third against it.
+  spec = masks.MaskSpec("block_causal", 8)
+  pos = lambda start, n: masks.TokenMeta.simple(jnp.arange(start, start + n, dtype=jnp.int32)[None])
+  _, cache = fwd(params, cfg, tokens[:, :16], pos(0, 16), spec, kvcache.init_cache(cfg, 1, 32))
+  want, _ = fwd(params, cfg, tokens[:, 16:20], pos(16, 4), spec, cache)
+  got, _ = fwd(params, pallas_cfg, tokens[:, 16:20], pos(16, 4), spec, cache)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

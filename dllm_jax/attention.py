@@ -47,13 +47,21 @@ def attend(
     q_meta: masks.TokenMeta,
     k_meta: masks.TokenMeta,
     impl: str = "auto",
+    contract: str | None = None,
 ) -> jax.Array:
-  """Attention of q over (k, v) under `spec` applied to the tokens' metadata."""
+  """Attention of q over (k, v) under `spec` applied to the tokens' metadata.
+
+  `contract` (static) tells a kernel which structure the metadata has, so it never guesses from
+  shapes: "layout" (q_meta == k_meta == `masks.layout_meta(spec, segments)`, segments starting on
+  block boundaries) or "cache" (each row's queries at consecutive positions from
+  `q_meta.positions[:, 0]`, keys = cache slots 0..S-1 with slot == position, one segment); None
+  runs the XLA reference. See `dllm_jax.kernels`.
+  """
   impl = resolve_impl(impl)
   if impl == "xla":
     return xla_attention(q_BTHD, k_BSKD, v_BSKD, masks.dense_mask(spec, q_meta, k_meta))
   if impl == "pallas":
     from dllm_jax import kernels  # imported lazily: the CPU path never needs Pallas
 
-    return kernels.attend(q_BTHD, k_BSKD, v_BSKD, spec, q_meta, k_meta)
+    return kernels.attend(q_BTHD, k_BSKD, v_BSKD, spec, q_meta, k_meta, contract)
   raise ValueError(f"attention impl {impl!r}: expected 'auto', 'xla' or 'pallas'")

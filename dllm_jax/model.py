@@ -82,7 +82,8 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(k, (ax.BATCH, ax.LENGTH, ax.ACT_KV_HEADS, None))
 
     if cache_kv is None:
-      out = attention.attend(q, k, v, self.spec, meta, meta, cfg.attention_impl)
+      out = attention.attend(q, k, v, self.spec, meta, meta, cfg.attention_impl,
+                             contract="layout")
       new_cache = None
     else:
       # Cached tokens are clean tokens of one sequence whose slot index is their position.
@@ -95,7 +96,7 @@ class Attention(nn.Module):
           jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len)))
       q_meta = masks.TokenMeta.simple(meta.positions)
       out = attention.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), self.spec,
-                             q_meta, k_meta, cfg.attention_impl)
+                             q_meta, k_meta, cfg.attention_impl, contract="cache")
       new_cache = (cache_k, cache_v)
 
     y = dense(cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o",

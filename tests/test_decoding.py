@@ -174,8 +174,7 @@ def test_batched_decoder_equals_python_transcription(params, dual):
 def test_stop_token_and_rows_finish_independently(params):
   prompts, lengths = _prompts([4, 11, 9], seed=3)
   base = DecodeConfig(max_new_tokens=24, block_size=BS, sub_block_size=SBS, threshold=0.5)
-  out, lens, _ = _decode(params, prompts, lengths, base)
-  stop = int(out[1, 5])  # a token row 1 decodes; it makes row 1 stop by its 6th token
+  stop = reference_decode(params, list(prompts[1, :11]), base)[0][5]  # row 1 stops by token 6
   cfg = DecodeConfig(max_new_tokens=24, block_size=BS, sub_block_size=SBS, threshold=0.5,
                      stop_token_ids=(stop,))
   out_s, lens_s, stats = _decode(params, prompts, lengths, cfg)

@@ -171,6 +171,16 @@ def test_batched_decoder_equals_python_transcription(params, dual):
   assert sub_forwards >= 1 if dual else sub_forwards == 0  # the DualCache path is exercised
 
 
+def test_fewer_new_tokens_give_a_prefix(params):
+  """Blocks are decoded whole, so the first N tokens do not depend on max_new_tokens."""
+  prompts, lengths = _prompts(LENGTHS)
+  kw = dict(block_size=BS, sub_block_size=SBS, threshold=0.5)
+  long, _, _ = _decode(params, prompts, lengths, DecodeConfig(max_new_tokens=21, **kw))
+  short, lens, _ = _decode(params, prompts, lengths, DecodeConfig(max_new_tokens=13, **kw))
+  assert np.all(lens == 13)
+  np.testing.assert_array_equal(short, long[:, :13])
+
+
 def test_stop_token_and_rows_finish_independently(params):
   prompts, lengths = _prompts([4, 11, 9], seed=3)
   base = DecodeConfig(max_new_tokens=24, block_size=BS, sub_block_size=SBS, threshold=0.5)

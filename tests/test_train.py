@@ -13,15 +13,43 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
 
 from dllm_jax import checkpoint, run_config, training
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.py"
 # The tiny config, shortened: 3 checkpoints kept, one every 3 steps.
-SHORT = ["data.batch_size=8", "data.seq_len=48", "train.progress=false",
+SHORT = ["data.batch_size=8", "data.seq_len=48",
          "checkpoint.every_steps=3", "checkpoint.keep=3", "train.warmup_ratio=0.2"]
 STEPS = 10
+
+
+_CACHE_FLAGS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": -1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_once(tmp_path_factory):
+  """The runs below (in this process and in subprocesses) compile the same programs: a
+  persistent compilation cache for this module compiles each of them once."""
+  flags = dict(_CACHE_FLAGS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp("jax_cache")))
+  saved = {k: getattr(jax.config, k) for k in flags}
+  env = {k: os.environ.get(k.upper()) for k in flags}
+  for k, v in flags.items():
+    jax.config.update(k, v)
+    os.environ[k.upper()] = str(v)  # inherited by the subprocesses
+  compilation_cache.reset_cache()
+  yield
+  for k, v in saved.items():
+    jax.config.update(k, v)
+  for k, v in env.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  compilation_cache.reset_cache()
 
 
 def _cfg(run_dir, steps=STEPS, extra=()):
@@ -159,9 +187,11 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
 
 def test_quick_start_leaves_a_model_that_load_model_reads(tmp_path):
   run_dir = tmp_path / "tiny"
-  cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--set", "train.steps=3",
-         "--set", f"train.run_dir={run_dir}", "--set", "data.batch_size=8", "--set",
-         "train.eval_batches=1", "--set", "train.export_hf=true"]
+  sets = SHORT + ["train.steps=3", f"train.run_dir={run_dir}", "train.eval_batches=1",
+                  "train.export_hf=true"]
+  cmd = [sys.executable, "train.py", "--config", "configs/tiny.py"]
+  for s in sets:
+    cmd += ["--set", s]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "held-out masked-token accuracy" in proc.stdout

@@ -30,7 +30,9 @@ import numpy as np
 from dllm_jax import attention, masks
 from dllm_jax.kernels import decode, flash
 
-RESULTS = {"meta": {}, "check": [], "ceil": {}, "tune": [], "train": [], "decode": []}
+LEAN_CHECK = 4  # how many check cases of each kind run (--lean-check lowers it)
+RESULTS = {"meta": {}, "check": [], "ceil": {}, "tune": [], "tune_decode": [], "train": [],
+           "decode": []}
 SHAPES = {"qwen2.5-1.5b": (12, 2, 128), "qwen2.5-7b": (28, 4, 128)}
 
 
@@ -104,7 +106,7 @@ def check(tiles):
       ("diffusion", 32, 2, 256, 28, 4, 128, 1, True),
       ("causal", 32, 1, 500, 6, 6, 64, 2, True),
       ("block_causal", 32, 1, 384, 14, 2, 64, 1, False),
-  ]
+  ][:LEAN_CHECK]
   for kind, bs, nn_, length, h, kh, d, b, packed in cases:
     spec = masks.MaskSpec(kind, bs, nn_)
     meta = layout_segments(b, length, spec, rng, packed)
@@ -135,15 +137,16 @@ def check(tiles):
     print(row, flush=True)
     save()
 
-  for kind, tq, s, h, kh, b in [("block_causal", 8, 1024, 12, 2, 3), ("block_causal", 32, 512, 28, 4, 2),
-                                ("causal", 1, 256, 12, 2, 4)]:
+  for kind, tq, s, h, kh, b in [("block_causal", 8, 1024, 12, 2, 3),
+                                ("block_causal", 32, 512, 28, 4, 2),
+                                ("causal", 1, 256, 12, 2, 4)][:LEAN_CHECK]:
     spec = masks.MaskSpec(kind, 32)
     keys = jax.random.split(jax.random.key(100 + len(RESULTS["check"])), 3)
     q = jax.random.normal(keys[0], (b, tq, h, 128), jnp.bfloat16)
     kc = jax.random.normal(keys[1], (b, s, kh, 128), jnp.bfloat16)
     vc = jax.random.normal(keys[2], (b, s, kh, 128), jnp.bfloat16)
     start = jnp.asarray(rng.integers(0, s - tq + 1, b), jnp.int32)
-    out = jax.jit(lambda *a: decode.decode_attention(*a, spec))(q, kc, vc, start)
+    out = jax.jit(lambda *a: decode.decode_attention(*a, spec, **DECODE_KW))(q, kc, vc, start)
     qm = masks.TokenMeta.simple(start[:, None] + jnp.arange(tq)[None])
     km = masks.TokenMeta.simple(jnp.broadcast_to(jnp.arange(s), (b, s)))
     want = attention.xla_attention(q.astype(jnp.float32), kc.astype(jnp.float32),
@@ -215,9 +218,9 @@ def train_row(name, spec, length, tiles, impls=("pallas", "xla", "cudnn"), recor
   for impl in impls:
     fn = fns[impl]
     fwd = jax.jit(fn)
-    tf = safe(lambda: timeit(lambda q, k, v, ct: fwd(q, k, v), sets))
+    tf = safe(lambda: timeit(lambda q, k, v, ct: fwd(q, k, v), sets, reps=3, inner=3))
     g = _grad(fn)
-    tb = safe(lambda: timeit(g, sets))
+    tb = safe(lambda: timeit(g, sets, reps=3, inner=3))
     row[f"{impl}_fwd_ms"] = tf * 1e3 if isinstance(tf, float) else tf
     row[f"{impl}_fwdbwd_ms"] = tb * 1e3 if isinstance(tb, float) else tb
     if isinstance(tf, float):
@@ -234,12 +237,18 @@ def train_row(name, spec, length, tiles, impls=("pallas", "xla", "cudnn"), recor
   return row
 
 
-def decode_row(name, s, b, tq=8):
+DECODE_KW = {}  # tuning knobs of decode.decode_attention chosen by the decode tuning step
+
+
+def decode_row(name, s, b, tq=8, kw=None, record="decode"):
+  """One decode step's attention; n_sets calls on distinct caches inside one executable, so
+  neither L2 hits nor host dispatch enter the time (the model runs a step as one executable)."""
   h, kh, d = SHAPES[name]
+  kw = DECODE_KW if kw is None else kw
   spec = masks.MaskSpec("block_causal", 32)
   start = jnp.full((b,), s - tq, jnp.int32)  # last sub-block of the last block: all S slots seen
   kv_bytes = 2 * b * s * kh * d * 2
-  n_sets = int(min(32, max(2, math.ceil(256e6 / kv_bytes))))  # > L2: each call reads HBM
+  n_sets = int(min(16, max(2, math.ceil(256e6 / kv_bytes))))  # > L2: each call reads HBM
   sets = []
   for i in range(n_sets):
     ks = jax.random.split(jax.random.key(50 + i), 3)
@@ -248,22 +257,29 @@ def decode_row(name, s, b, tq=8):
                  jax.random.normal(ks[2], (b, s, kh, d), jnp.bfloat16)))
   qm = masks.TokenMeta.simple(start[:, None] + jnp.arange(tq)[None])
   km = masks.TokenMeta.simple(jnp.broadcast_to(jnp.arange(s), (b, s)))
-  ours = jax.jit(lambda q, k, v: decode.decode_attention(q, k, v, start, spec))
-  xla = jax.jit(lambda q, k, v: attention.xla_attention(q, k, v, masks.dense_mask(spec, qm, km)))
+  ours = lambda q, k, v: decode.decode_attention(q, k, v, start, spec, **kw)
+  xla = lambda q, k, v: attention.xla_attention(q, k, v, masks.dense_mask(spec, qm, km))
   copy_bw = RESULTS["ceil"].get("copy_GBps")
   row = {"shape": name, "S": s, "B": b, "T": tq}
+  if record == "tune_decode":
+    row["kw"] = str(kw)
   for impl, fn in (("pallas", ours), ("xla", xla)):
-    t = safe(lambda: timeit(fn, sets, reps=7, inner=n_sets))
+    if record == "tune_decode" and impl == "xla":
+      continue
+    many = jax.jit(lambda all_sets: [fn(*x) for x in all_sets])
+    t = safe(lambda: timeit(many, [(sets,)], reps=5, inner=2))
     if isinstance(t, float):
+      t /= n_sets
       row[f"{impl}_us"] = t * 1e6
       row[f"{impl}_GBps"] = kv_bytes / t / 1e9
       if copy_bw:
         row[f"{impl}_bw_frac"] = row[f"{impl}_GBps"] / copy_bw
     else:
       row[f"{impl}_us"] = t
-  RESULTS["decode"].append(row)
+  RESULTS.setdefault(record, []).append(row)
   print(row, flush=True)
   save()
+  return row
 
 
 def fmt(x, digits=2):
@@ -300,6 +316,9 @@ def tables():
               f"{fmt(r.get(f'{impl}_fwd_frac'))} | {fmt(r[f'{impl}_fwdbwd_ms'], 3)} | "
               f"{fmt(r.get(f'{impl}_fwdbwd_tflops'), 1)} | {fmt(r.get(f'{impl}_fwdbwd_frac'))} | "
               f"{sf} | {sb} |")
+  for r in RESULTS["tune_decode"]:
+    print(f"decode tune {r['kw']}: {fmt(r['pallas_us'], 1)} us, {fmt(r.get('pallas_GBps'), 0)} GB/s, "
+          f"{fmt(r.get('pallas_bw_frac'))} of copy")
   if RESULTS["decode"]:
     print("\n### decode (block_causal, T=8 sub-block at the end of the cache)")
     print("| shape | S | B | pallas us | GB/s | frac copy | xla us | GB/s | frac copy | speedup |")
@@ -313,10 +332,14 @@ def tables():
 
 
 TUNE = [
-    flash.Tiles(128, 64, 64, 64, 64, 64, num_warps=4, num_warps_bwd=4, num_stages=2),
-    flash.Tiles(128, 64, 64, 64, 64, 64, num_warps=8, num_warps_bwd=4, num_stages=3),
-    flash.Tiles(128, 128, 128, 64, 64, 128, num_warps=8, num_warps_bwd=8, num_stages=2),
-    flash.Tiles(64, 64, 64, 32, 32, 64, num_warps=4, num_warps_bwd=4, num_stages=3),
+    flash.Tiles(128, 64, 64, 64, 64, 64),
+    flash.Tiles(128, 64, 64, 64, 64, 64, max_run=1),  # one tile per run: the tile list of v1
+    flash.Tiles(128, 64, 64, 64, 32, 64, num_stages_bwd=3),
+]
+DECODE_TUNE = [
+    {"block_k": 128, "programs": 264, "num_stages": 2},
+    {"block_k": 64, "programs": 528, "num_stages": 3},
+    {"block_k": 128, "programs": 528, "num_stages": 3},
 ]
 
 
@@ -325,7 +348,10 @@ def main():
   ap.add_argument("--sections", default="check,ceil,tune,train,decode")
   ap.add_argument("--quick", action="store_true", help="L=2048 2L and decode S=4096 only")
   ap.add_argument("--tiles", type=int, default=-1, help="index into TUNE to use without tuning")
+  ap.add_argument("--lean-check", type=int, default=4, help="check cases of each kind to run")
   args = ap.parse_args()
+  global LEAN_CHECK
+  LEAN_CHECK = args.lean_check
   sections = args.sections.split(",")
   RESULTS["meta"] = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -346,8 +372,16 @@ def main():
         best = (score, cand)
     tiles = best[1]
     RESULTS["meta"]["tiles"] = str(tiles)
+    best = None
+    for kw in DECODE_TUNE:
+      r = decode_row("qwen2.5-1.5b", 4096, 32, kw=kw, record="tune_decode")
+      score = r["pallas_us"] if isinstance(r["pallas_us"], float) else 1e9
+      if best is None or score < best[0]:
+        best = (score, kw)
+    DECODE_KW.update(best[1])
+    RESULTS["meta"]["decode_kw"] = dict(DECODE_KW)
   if "train" in sections:
-    lengths = (2048,) if args.quick else (1024, 2048, 4096)
+    lengths = (2048,) if args.quick else (2048, 1024, 4096)
     for length in lengths:
       for nn_ in (1, 2):
         for name in SHAPES:

@@ -101,25 +101,27 @@ def supported(q_BTHD, k_BSKD) -> str | None:
 
 
 def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
-                     interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+                     interpret: bool = False, block_k: int | None = None,
+                     programs: int = TARGET_PROGRAMS, num_warps: int = 4, num_stages: int = 2):
   """Attention of queries at positions start[b] + (0..T-1) over cache slots 0..S-1.
 
   Equals `attention.xla_attention` under `masks.dense_mask` of the model's cache branch metadata.
+  `block_k` (cache slots per tile, default the largest of 128/64/32/16 dividing S) and `programs`
+  (how many programs the cache length is split into, at least) are tuning knobs.
   """
   if spec.kind not in ("causal", "block_causal"):
     raise ValueError(f"decode attention takes a causal or block_causal spec, got {spec}")
   b, t, h, d = q_BTHD.shape
   s, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
   group = h // kv_heads
-  block_k = _pick_block_k(s)
-  if block_k is None:
-    raise ValueError(f"cache length {s} must be a multiple of 16")
+  block_k = block_k or _pick_block_k(s)
+  if block_k is None or s % block_k:
+    raise ValueError(f"cache length {s} must be a multiple of 16 (and of block_k={block_k})")
   n_rows = t * group
   rows = max(16, min(128, pl.next_power_of_2(n_rows)))
   row_tiles = -(-n_rows // rows)
   num_kv_tiles = s // block_k
-  programs = b * kv_heads * row_tiles
-  splits = max(1, min(num_kv_tiles, -(-TARGET_PROGRAMS // programs)))
+  splits = max(1, min(num_kv_tiles, -(-programs // (b * kv_heads * row_tiles))))
   tiles_per_split = -(-num_kv_tiles // splits)
   splits = -(-num_kv_tiles // tiles_per_split)
 

@@ -2,8 +2,9 @@
 
 The row layout is `masks.layout(spec, L)`: T = spec.num_streams * L tokens whose position and
 stream follow from their index, so which (query tile, key tile) pairs hold allowed pairs is known
-on the host (`masks.tile_map`). Each query tile loops over its non-empty key tiles only: first
-the full ones (no layout mask), then the partial ones (layout mask from indices). Segment ids
+on the host (`masks.tile_map`). Each query tile loops over its non-empty key tiles only, as runs
+of consecutive tiles: first the full ones (no layout mask), then the partial ones (layout mask
+from indices). Segment ids
 (packed samples) are runtime data, compared in-kernel on every visited tile.
 
 Grouped-query attention: the forward and dq kernels run per query head and read their KV head in
@@ -52,6 +53,8 @@ class Tiles:
   num_warps: int = 4
   num_warps_bwd: int = 4
   num_stages: int = 2
+  num_stages_bwd: int = 2
+  max_run: int = 0  # longest run of consecutive tiles one inner loop visits (0: no limit)
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -61,25 +64,52 @@ class Tiles:
 
 
 @functools.lru_cache(maxsize=256)
-def visit_lists(spec: masks.MaskSpec, length: int, block_rows: int, block_cols: int,
-                transpose: bool):
-  """Host-side visit order of the non-empty tiles, as int32 arrays.
+def visit_runs(spec: masks.MaskSpec, length: int, block_rows: int, block_cols: int,
+               transpose: bool, max_run: int = 0):
+  """Host-side visit plan of the non-empty tiles, as runs of consecutive inner tiles.
 
-  For each outer tile (query tiles; key tiles when `transpose`): `idx[i, :n_total[i]]` lists the
-  inner tiles to visit, the `n_full[i]` full ones first. Returns (idx, n_full, n_total).
+  For each outer tile i (query tiles; key tiles when `transpose`), runs r < n_runs[i] cover
+  inner tiles first[i, r] .. first[i, r] + count[i, r] - 1; runs r < n_full_runs[i] hold full
+  tiles only, the rest partial ones. Runs keep tile addresses affine in the loop index, which lets
+  the compiler prefetch the next tile; `max_run` > 0 caps their length (1 = one tile per run).
+  Returns (first, count, n_full_runs, n_runs), int32.
   """
   tmap = masks.tile_map(spec, length, block_rows, block_cols)
   if transpose:
     tmap = tmap.T
-  outer, inner = tmap.shape
-  n_full = (tmap == masks.TILE_FULL).sum(1).astype(np.int32)
-  n_total = (tmap != masks.TILE_EMPTY).sum(1).astype(np.int32)
-  idx = np.zeros((outer, max(1, int(n_total.max()))), np.int32)
-  for i in range(outer):
-    order = np.concatenate([np.flatnonzero(tmap[i] == masks.TILE_FULL),
-                            np.flatnonzero(tmap[i] == masks.TILE_PARTIAL)])
-    idx[i, :order.size] = order
-  return idx, n_full, n_total
+  plans = []
+  for row in tmap:
+    plan = []
+    for cls in (masks.TILE_FULL, masks.TILE_PARTIAL):
+      tiles = np.flatnonzero(row == cls)
+      runs = np.split(tiles, np.flatnonzero(np.diff(tiles) != 1) + 1) if tiles.size else []
+      for run in runs:
+        step = max_run or run.size
+        plan += [(cls, run[i], min(step, run.size - i)) for i in range(0, run.size, step)]
+    plans.append(plan)
+  width = max(1, max(len(p) for p in plans))
+  first = np.zeros((len(plans), width), np.int32)
+  count = np.zeros((len(plans), width), np.int32)
+  for i, plan in enumerate(plans):
+    for r, (_, f, c) in enumerate(plan):
+      first[i, r], count[i, r] = f, c
+  n_full = np.array([sum(c == masks.TILE_FULL for c, _, _ in p) for p in plans], np.int32)
+  n_runs = np.array([len(p) for p in plans], np.int32)
+  return first, count, n_full, n_runs
+
+
+def _visit(plan_refs, outer, tile, body, carry):
+  """Runs `body(start, carry, masked)` over the planned tiles of outer tile `outer`."""
+  first_ref, count_ref, nfull_ref, nruns_ref = plan_refs
+
+  def run(r, carry, masked):
+    first = first_ref[outer, r]
+    step = lambda j, c: body(pl.multiple_of((first + j) * tile, tile), c, masked)
+    return lax.fori_loop(0, count_ref[outer, r], step, carry)
+
+  n_full = nfull_ref[outer]
+  carry = lax.fori_loop(0, n_full, functools.partial(run, masked=False), carry)
+  return lax.fori_loop(n_full, nruns_ref[outer], functools.partial(run, masked=True), carry)
 
 
 def _layout_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx):
@@ -111,7 +141,7 @@ def _layout_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx):
 # Forward
 
 
-def _fwd_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref,
+def _fwd_kernel(first_ref, count_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref,
                 o_ref, lse_ref, *, spec, length, block_q, block_k, scale, num_q_tiles):
   qi = num_q_tiles - 1 - pl.program_id(0)  # heaviest (latest) query tiles first
   q = q_ref[...]
@@ -119,9 +149,8 @@ def _fwd_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, s
   q_idx = qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
   d = q.shape[-1]
 
-  def body(j, carry, masked):
+  def body(start, carry, masked):
     acc, m, l = carry
-    start = pl.multiple_of(idx_ref[qi, j] * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
     s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
     keep = seg_q[:, None] == segk_ref[pl.ds(start, block_k)][None, :]
@@ -139,9 +168,8 @@ def _fwd_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, s
   carry = (jnp.zeros((block_q, d), jnp.float32),
            jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  n_full, n_total = nfull_ref[qi], ntotal_ref[qi]
-  carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-  acc, m, l = lax.fori_loop(n_full, n_total, functools.partial(body, masked=True), carry)
+  plan = (first_ref, count_ref, nfull_ref, nruns_ref)
+  acc, m, l = _visit(plan, qi, block_k, body, carry)
   # l == 0 only on query tiles made of padding alone (never visited): keep them finite.
   l = jnp.where(l == 0.0, 1.0, l)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
@@ -154,7 +182,7 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
   group = h // k.shape[2]
   bq, bk = tiles.block_q, tiles.block_k
   nq = tp // bq
-  idx, n_full, n_total = visit_lists(spec, length, bq, bk, False)
+  plan = visit_runs(spec, length, bq, bk, False, tiles.max_run)
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   rev = lambda i: nq - 1 - i
   kernel = functools.partial(_fwd_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
@@ -163,7 +191,7 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
       kernel,
       grid=(nq, b, h),
       in_specs=[
-          whole(idx), whole(n_full), whole(n_total),
+          *map(whole, plan),
           pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
           pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
           pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
@@ -180,14 +208,14 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
                                            num_stages=tiles.num_stages),
       interpret=interpret,
       name="block_sparse_attention_fwd",
-  )(idx, n_full, n_total, q, k, v, seg, seg)
+  )(*plan, q, k, v, seg, seg)
 
 
 # ------------------------------------------------------------------------------------------------
 # Backward
 
 
-def _dq_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref,
+def _dq_kernel(first_ref, count_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref,
                lse_ref, delta_ref, dq_ref, *, spec, length, block_q, block_k, scale):
   qi = pl.program_id(0)
   q, do = q_ref[...], do_ref[...]
@@ -195,8 +223,7 @@ def _dq_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, se
   seg_q = segq_ref[...]
   q_idx = qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
 
-  def body(j, dq, masked):
-    start = pl.multiple_of(idx_ref[qi, j] * block_k, block_k)
+  def body(start, dq, masked):
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
     s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
@@ -209,14 +236,12 @@ def _dq_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, se
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = jnp.zeros(q.shape, jnp.float32)
-  n_full, n_total = nfull_ref[qi], ntotal_ref[qi]
-  dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
-  dq = lax.fori_loop(n_full, n_total, functools.partial(body, masked=True), dq)
+  plan = (first_ref, count_ref, nfull_ref, nruns_ref)
+  dq = _visit(plan, qi, block_k, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref,
+def _dkv_kernel(first_ref, count_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref,
                 lse_ref, delta_ref, dk_ref, dv_ref, *, spec, length, block_q, block_k, scale,
                 group):
   ki = pl.program_id(0)
@@ -224,9 +249,8 @@ def _dkv_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, s
   seg_k = segk_ref[...]
   k_idx = ki * block_k + jnp.arange(block_k, dtype=jnp.int32)
 
-  def body(j, carry, head, masked):
+  def body(start, carry, masked, head):
     dk, dv = carry
-    start = pl.multiple_of(idx_ref[ki, j] * block_q, block_q)
     rows = pl.ds(start, block_q)
     q = q_ref[rows, head, :]
     do = do_ref[rows, head, :]
@@ -242,11 +266,9 @@ def _dkv_kernel(idx_ref, nfull_ref, ntotal_ref, q_ref, k_ref, v_ref, segq_ref, s
     ds = p * (dp - delta[:, None])
     return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
-  n_full, n_total = nfull_ref[ki], ntotal_ref[ki]
-
-  def per_head(head, carry):
-    carry = lax.fori_loop(0, n_full, functools.partial(body, head=head, masked=False), carry)
-    return lax.fori_loop(n_full, n_total, functools.partial(body, head=head, masked=True), carry)
+  plan = (first_ref, count_ref, nfull_ref, nruns_ref)
+  per_head = lambda head, carry: _visit(plan, ki, block_q, functools.partial(body, head=head),
+                                        carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, group, per_head, (zeros, zeros))
@@ -262,10 +284,11 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   # delta_i = sum_d o_id * do_id: one cheap fused XLA pass, [B, H, Tp] like lse.
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
-  params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd, num_stages=tiles.num_stages)
+  params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
+                                 num_stages=tiles.num_stages_bwd)
 
   bq, bk = tiles.block_q_dq, tiles.block_k_dq
-  idx, n_full, n_total = visit_lists(spec, length, bq, bk, False)
+  plan = visit_runs(spec, length, bq, bk, False, tiles.max_run)
   q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
   row_q = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
@@ -273,7 +296,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                         scale=scale),
       grid=(tp // bq, b, h),
-      in_specs=[whole(idx), whole(n_full), whole(n_total), q_tile, kv_all, kv_all,
+      in_specs=[*map(whole, plan), q_tile, kv_all, kv_all,
                 pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
                 pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)),
                 q_tile, row_q, row_q],
@@ -282,10 +305,10 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       compiler_params=params,
       interpret=interpret,
       name="block_sparse_attention_dq",
-  )(idx, n_full, n_total, q, k, v, seg, seg, do, lse, delta)
+  )(*plan, q, k, v, seg, seg, do, lse, delta)
 
   bq, bk = tiles.block_q_dkv, tiles.block_k_dkv
-  idx, n_full, n_total = visit_lists(spec, length, bq, bk, True)
+  plan = visit_runs(spec, length, bq, bk, True, tiles.max_run)
   kv_tile = pl.BlockSpec((None, bk, None, d), lambda i, bi, ki: (bi, i, ki, 0))
   q_group = pl.BlockSpec((None, tp, group, d), lambda i, bi, ki: (bi, 0, ki, 0))
   rows_group = pl.BlockSpec((None, group, tp), lambda i, bi, ki: (bi, ki, 0))
@@ -293,7 +316,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       functools.partial(_dkv_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                         scale=scale, group=group),
       grid=(tp // bk, b, kv_heads),
-      in_specs=[whole(idx), whole(n_full), whole(n_total), q_group, kv_tile, kv_tile,
+      in_specs=[*map(whole, plan), q_group, kv_tile, kv_tile,
                 pl.BlockSpec((None, tp), lambda i, bi, ki: (bi, 0)),
                 pl.BlockSpec((None, bk), lambda i, bi, ki: (bi, i)),
                 q_group, rows_group, rows_group],
@@ -302,7 +325,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       compiler_params=params,
       interpret=interpret,
       name="block_sparse_attention_dkv",
-  )(idx, n_full, n_total, q, k, v, seg, seg, do, lse, delta)
+  )(*plan, q, k, v, seg, seg, do, lse, delta)
   return dq, dk, dv
 
 

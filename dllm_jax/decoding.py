@@ -59,6 +59,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from dllm_jax import masks, model
@@ -161,14 +162,15 @@ def _check(model_cfg: ModelConfig, config: DecodeConfig, prompt_tokens_BP, promp
     if not 0 <= mask_id < model_cfg.vocab_size:
       raise DecodeError(f"mask token {mask_id} is outside the vocabulary "
                         f"(size {model_cfg.vocab_size})")
-  if not isinstance(prompt_lengths_B, jax.core.Tracer):
-    lengths = [int(x) for x in jax.device_get(prompt_lengths_B)]
-    for row, n in enumerate(lengths):
-      if n < 1:
-        raise DecodeError(f"prompt {row} is empty (length {n}); give at least one token "
-                          "(e.g. BOS)")
-      if n > width:
-        raise DecodeError(f"prompt {row} has length {n} but prompt_tokens is only {width} wide")
+  try:
+    lengths = np.asarray(prompt_lengths_B).tolist()
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    lengths = []  # traced under an outer jit: rows with a bad length decode nothing
+  for row, n in enumerate(lengths):
+    if n < 1:
+      raise DecodeError(f"prompt {row} is empty (length {n}); give at least one token (e.g. BOS)")
+    if n > width:
+      raise DecodeError(f"prompt {row} has length {n} but prompt_tokens is only {width} wide")
 
 
 def _mask_id(model_cfg: ModelConfig, config: DecodeConfig) -> Optional[int]:

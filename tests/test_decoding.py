@@ -252,6 +252,11 @@ def test_one_compiled_program_without_host_transfers(params):
     out.block_until_ready()
   ref, _, _ = reference_decode(params, list(prompts[0, :6]), cfg)
   np.testing.assert_array_equal(np.asarray(out)[0, :len(ref)], ref)
+  # Lengths are data here, so a bad one cannot raise: that row decodes nothing, the other is
+  # unaffected.
+  out2, lens2, _ = compiled(args[0], args[1], jnp.asarray([6, 0]), args[3])
+  np.testing.assert_array_equal(out2[0], out[0])
+  assert int(lens2[1]) == 0 and np.all(np.asarray(out2[1]) == cfg.pad_token_id)
 
 
 def test_ar_equals_greedy_recompute(params):

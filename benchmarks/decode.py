@@ -56,7 +56,7 @@ def _safe(fn):
     return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def jax_part(shapes, batches, impls):
+def jax_part(shapes, batches, impls, diffusion_batches):
   import jax
   import jax.numpy as jnp
 
@@ -119,7 +119,7 @@ def jax_part(shapes, batches, impls):
 
         row["block32_forward_s"] = _safe(lambda: step_time(32, PROMPT))
         row["sub8_forward_s"] = _safe(lambda: step_time(8, PROMPT + 8))
-        for dual in (True, False):
+        for dual in ((True, False) if b in diffusion_batches else ()):
           key = "diffusion_dual" if dual else "diffusion_nodual"
           d = _safe(lambda: run_generate(decoding.DecodeConfig(
               mode="diffusion", max_new_tokens=NEW, threshold=1.0, use_dual_cache=dual)))
@@ -247,6 +247,8 @@ def main():
   ap.add_argument("--shapes", default="qwen2.5-1.5b,qwen2.5-7b")
   ap.add_argument("--batches", default="1,8,32")
   ap.add_argument("--impls", default="xla", help="attention impls for the jax part: xla,pallas")
+  ap.add_argument("--diffusion-batches", default="1,32",
+                  help="batches at which the whole diffusion decoder is timed")
   ap.add_argument("--peer-modes", default="eager,static")
   args = ap.parse_args()
   shapes = [s for s in args.shapes.split(",") if s]
@@ -255,7 +257,8 @@ def main():
     ap.error(f"unknown shapes {sorted(unknown)}; known: {sorted(SHAPES)}")
   batches = [int(b) for b in args.batches.split(",")]
   if args.part == "jax":
-    jax_part(shapes, batches, args.impls.split(","))
+    jax_part(shapes, batches, args.impls.split(","),
+             [int(b) for b in args.diffusion_batches.split(",")])
   elif args.part == "peer":
     peer_part(shapes, batches, args.peer_modes.split(","))
   else:

@@ -54,7 +54,7 @@ def compile_once(tmp_path_factory):
 
 def _cfg(run_dir, steps=STEPS, extra=()):
   return run_config.load(TINY, SHORT + [f"train.steps={steps}", f"train.run_dir={run_dir}",
-                                        *extra])
+                                        "train.eval_batches=0", *extra])
 
 
 def _losses(run_dir):
@@ -105,7 +105,8 @@ def test_sigkill_then_resume_continues_the_loss_curve(reference, tmp_path):
       import jax
       from dllm_jax import run_config, training
       cfg = run_config.load({str(TINY)!r}, {SHORT + [f"train.steps={STEPS}",
-                                                     f"train.run_dir={run_dir}"]!r})
+                                                     f"train.run_dir={run_dir}",
+                                                     "train.eval_batches=0"]!r})
       real = training.make_train_step
       def patched(*args, **kwargs):
         step_fn = real(*args, **kwargs)

@@ -1,0 +1,62 @@
+"""Two JAX processes on localhost (CPU, two devices each) train through jax.distributed and
+checkpoint: one global mesh over 4 devices, each process saving its own data-iterator state."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_and_checkpoint(tmp_path):
+  run_dir = tmp_path / "run"
+  port = _free_port()
+  sets = ["train.steps=3", f"train.run_dir={run_dir}", "checkpoint.every_steps=2",
+          "data.batch_size=8", "data.seq_len=48", "train.progress=false",
+          "train.eval_batches=0", "mesh.data=2", "mesh.fsdp=2"]
+  cmd = [sys.executable, "train.py", "--config", "configs/tiny.py"]
+  for s in sets:
+    cmd += ["--set", s]
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               DLLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DLLM_NUM_PROCESSES="2",
+               DLLM_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=500))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+    assert "step 3: loss" in out
+  # Both processes ran the same global steps (the loss is a global, replicated value).
+  final = [[l for l in out.splitlines() if l.startswith("step 3: loss")] for out, _ in outputs]
+  assert final[0] == final[1]
+  assert "process 0 of 2" in outputs[0][1] and "process 1 of 2" in outputs[1][1]
+  assert "{'data': 2, 'fsdp': 2, 'tensor': 1}" in outputs[0][1]
+
+  ckpts = run_dir / "checkpoints"
+  assert sorted(int(p.name) for p in ckpts.iterdir()) == [2, 3]
+  for step in (2, 3):
+    data_states = sorted(p.name for p in (ckpts / str(step) / "data").glob("process_*.json"))
+    assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]
+  # Process 0 alone writes the metrics and the run files.
+  steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3]
+  assert (run_dir / "model.json").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()

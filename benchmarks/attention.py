@@ -349,7 +349,14 @@ def main():
   ap.add_argument("--quick", action="store_true", help="L=2048 2L and decode S=4096 only")
   ap.add_argument("--tiles", type=int, default=-1, help="index into TUNE to use without tuning")
   ap.add_argument("--lean-check", type=int, default=4, help="check cases of each kind to run")
+  ap.add_argument("--tables-from", help="print the tables of an earlier run's JSON and exit")
   args = ap.parse_args()
+  if args.tables_from:
+    with open(args.tables_from) as f:
+      RESULTS.update(json.load(f))
+    print(RESULTS["meta"])
+    tables()
+    return
   global LEAN_CHECK
   LEAN_CHECK = args.lean_check
   sections = args.sections.split(",")

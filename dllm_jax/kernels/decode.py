@@ -26,7 +26,10 @@ from dllm_jax import masks
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
-TARGET_PROGRAMS = 264  # two waves of the H100's 132 SMs: enough programs to fill the GPU at batch 1
+# At least four programs per SM of an H100 (132 SMs), so batch 1 still fills the GPU; with 64-slot
+# tiles and 3 stages this measured 101 us vs 106 us for 264 programs / 128-slot tiles / 2 stages
+# (1.5B heads, B=32, S=4096; within the ~5% run-to-run spread, see benchmarks/NOTES_attention.md).
+TARGET_PROGRAMS = 528
 
 
 def _dot(a, b, trans_b=False):
@@ -84,7 +87,7 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, spec, num_
 
 
 def _pick_block_k(cache_len: int) -> int | None:
-  for bk in (128, 64, 32, 16):
+  for bk in (64, 32, 16):
     if cache_len % bk == 0:
       return bk
   return None
@@ -102,11 +105,11 @@ def supported(q_BTHD, k_BSKD) -> str | None:
 
 def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
                      interpret: bool = False, block_k: int | None = None,
-                     programs: int = TARGET_PROGRAMS, num_warps: int = 4, num_stages: int = 2):
+                     programs: int = TARGET_PROGRAMS, num_warps: int = 4, num_stages: int = 3):
   """Attention of queries at positions start[b] + (0..T-1) over cache slots 0..S-1.
 
   Equals `attention.xla_attention` under `masks.dense_mask` of the model's cache branch metadata.
-  `block_k` (cache slots per tile, default the largest of 128/64/32/16 dividing S) and `programs`
+  `block_k` (cache slots per tile, default the largest of 64/32/16 dividing S) and `programs`
   (how many programs the cache length is split into, at least) are tuning knobs.
   """
   if spec.kind not in ("causal", "block_causal"):

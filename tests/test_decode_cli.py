@@ -61,11 +61,15 @@ def test_prompts_file_batched_json_equals_generate(dirs, tmp_path, capsys):
   tok = pre.tokenizer
   cfg = decoding.DecodeConfig(max_new_tokens=12, block_size=8, sub_block_size=4, threshold=0.5,
                               stop_token_ids=(tok.eot_token_id,), pad_token_id=tok.pad_token_id)
-  for r, p in zip(result["results"], prompts):
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
+  encoded = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
+             for p in prompts]
+  width = -(-max(map(len, encoded)) // 8) * 8  # one compiled shape for the three prompts
+  for r, ids in zip(result["results"], encoded):
     assert ids[:3] == tok.encode("<|im_start|>user")[:3]
-    out, n, stats = decoding.generate(pre.params, pre.config, jnp.asarray([ids]),
-                                      jnp.asarray([len(ids)]), jax.random.key(0), cfg)
+    row = np.zeros((1, width), np.int32)
+    row[0, :len(ids)] = ids
+    out, n, stats = decoding.generate_jit(pre.params, pre.config, jnp.asarray(row),
+                                          jnp.asarray([len(ids)]), jax.random.key(0), cfg)
     gen = np.asarray(out)[0, :int(n[0])].tolist()
     assert r["tokens"] == len(gen) and r["nfe"] == int(stats["nfe"][0])
     assert r["text"] == tok.decode(gen[:-1] if gen[-1] == tok.eot_token_id else gen)

@@ -17,6 +17,7 @@ or incomplete is skipped with a warning and the one before it is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -36,10 +37,11 @@ CONFIG_JSON = "config.json"
 TOKENIZER_DIR = "tokenizer"
 
 
-def manager(run_dir: str | pathlib.Path, keep: int, async_save: bool = True
-            ) -> ocp.CheckpointManager:
+def manager(run_dir: str | pathlib.Path, keep: Optional[int] = None, async_save: bool = True,
+            create: bool = True) -> ocp.CheckpointManager:
+  """The run's orbax manager; `keep=None` keeps every checkpoint (readers never delete)."""
   directory = pathlib.Path(run_dir).absolute() / CHECKPOINTS
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                          enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
@@ -79,24 +81,52 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iterato
 
   `abstract_state` holds ShapeDtypeStructs with shardings (the state lands sharded); the data
   iterator, when given, is set to its saved state in place. Checkpoints that fail to restore are
-  skipped with a warning.
+  skipped with a warning and moved to RUN_DIR/unreadable_checkpoints/ (kept for inspection), so
+  the resumed run can save those steps again.
   """
   import grain.checkpoint as grain_ckpt
 
+  unreadable = []
+  restored = None
   for step in sorted(mgr.all_steps(), reverse=True):
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain_ckpt.CheckpointRestore(_IteratorState(data_iterator))
     try:
-      restored = mgr.restore(step, args=ocp.args.Composite(**items))
+      restored = mgr.restore(step, args=ocp.args.Composite(**items))["state"]
+      break
     except Exception as e:  # noqa: BLE001  (any failure means: this checkpoint is unusable)
-      msg = (f"checkpoint {mgr.directory}/{step} is corrupt or incomplete "
-             f"({type(e).__name__}: {str(e)[:200]}); falling back to an earlier one")
-      warnings.warn(msg, RuntimeWarning, stacklevel=2)
-      log.warning(msg)
-      continue
-    return restored["state"]
-  return None
+      _warn_unreadable(mgr, step, e)
+      unreadable.append(step)
+  if unreadable:
+    _set_aside(mgr, unreadable)
+  return restored
+
+
+def _warn_unreadable(mgr: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  msg = (f"checkpoint {mgr.directory}/{step} is corrupt or incomplete "
+         f"({type(error).__name__}: {str(error)[:200]}); falling back to an earlier one")
+  warnings.warn(msg, RuntimeWarning, stacklevel=3)
+  log.warning(msg)
+
+
+def _set_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> None:
+  directory = pathlib.Path(mgr.directory)
+  if jax.process_index() == 0:
+    aside = directory.parent / "unreadable_checkpoints"
+    aside.mkdir(exist_ok=True)
+    for step in steps:
+      target = aside / str(step)
+      n = 1
+      while target.exists():
+        target, n = aside / f"{step}.{n}", n + 1
+      (directory / str(step)).rename(target)
+      log.warning("moved unreadable checkpoint %d to %s", step, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("dllm_jax.checkpoint.set_aside")
+  mgr.reload()
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,6 +146,12 @@ def write_run_files(run_dir: str | pathlib.Path, run_config: dict, model_cfg: co
   tokenizer.save(run_dir / TOKENIZER_DIR)
 
 
+def saved_steps(run_dir: str | pathlib.Path) -> list[int]:
+  """Steps of the finished checkpoints of a run (unreadable ones included), oldest first."""
+  with contextlib.closing(manager(run_dir, async_save=False, create=False)) as mgr:
+    return sorted(mgr.all_steps())
+
+
 def is_run_dir(path: str | pathlib.Path) -> bool:
   path = pathlib.Path(path)
   return (path / MODEL_JSON).is_file() and (path / CHECKPOINTS).is_dir()
@@ -123,20 +159,17 @@ def is_run_dir(path: str | pathlib.Path) -> bool:
 
 def load_params(run_dir: str | pathlib.Path) -> tuple[int, Any]:
   """(step, params) of the newest good checkpoint of a run, as arrays on the first device."""
-  mgr = manager(run_dir, keep=1 << 30, async_save=False)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  for step in sorted(mgr.all_steps(), reverse=True):
-    try:
-      meta = mgr.item_metadata(step)["state"]
-      target = jax.tree_util.tree_map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-      state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-      return step, state["state"]["params"]
-    except Exception as e:  # noqa: BLE001
-      msg = (f"checkpoint {mgr.directory}/{step} is corrupt or incomplete "
-             f"({type(e).__name__}: {str(e)[:200]}); falling back to an earlier one")
-      warnings.warn(msg, RuntimeWarning, stacklevel=2)
-      log.warning(msg)
+  with contextlib.closing(manager(run_dir, async_save=False, create=False)) as mgr:
+    for step in sorted(mgr.all_steps(), reverse=True):
+      try:
+        meta = mgr.item_metadata(step)["state"]
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+        state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return step, state["state"]["params"]
+      except Exception as e:  # noqa: BLE001
+        _warn_unreadable(mgr, step, e)
   raise FileNotFoundError(f"{run_dir} holds no readable checkpoint under {CHECKPOINTS}/; train "
                           "first (python train.py --config ...) or pass a model path")
 

@@ -463,7 +463,7 @@ def train(cfg, *, resume: bool = False) -> dict:
         signal.SIGTERM, lambda signum, frame: stop.__setitem__("signal", signum))
 
   last: dict = {}
-  step = start
+  step = saved = start
   try:
     while step < cfg.train.steps:
       batch = next(batches, None)
@@ -478,11 +478,12 @@ def train(cfg, *, resume: bool = False) -> dict:
         metrics_log.write({"step": step, **last})
       if step % cfg.checkpoint.every_steps == 0 and step < cfg.train.steps:
         checkpoint.save(mgr, step, state, batches)
+        saved = step
       # Every process must agree to stop at the same step, or collectives would hang.
       if _any_process(stop["signal"] is not None):
         log.warning("SIGTERM: saving step %d and stopping", step)
         break
-    if step not in mgr.all_steps():
+    if step != saved or not mgr.all_steps():
       checkpoint.save(mgr, step, state, batches)
     mgr.wait_until_finished()
   finally:
@@ -490,6 +491,7 @@ def train(cfg, *, resume: bool = False) -> dict:
     metrics_log.close()
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
+    mgr.close()
 
   last["step"] = step
   if stop["signal"] is None and step >= cfg.train.steps:
@@ -497,7 +499,6 @@ def train(cfg, *, resume: bool = False) -> dict:
       last.update(evaluate(state, model_cfg, cfg, tokenizer, mesh, shardings))
     if cfg.train.export_hf:
       export_hf(state, model_cfg, tokenizer, metadata, run_dir / "hf")
-  mgr.close()
   return last
 
 

@@ -127,7 +127,7 @@ def test_sigkill_then_resume_continues_the_loss_curve(reference, tmp_path):
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   steps, _ = _losses(run_dir)
   assert steps == list(range(1, 8))
-  assert 3 in checkpoint.manager(run_dir, keep=3).all_steps()
+  assert 3 in checkpoint.saved_steps(run_dir)
 
   result = training.train(_cfg(run_dir), resume=True)
   assert result["step"] == STEPS
@@ -142,7 +142,7 @@ def test_sigterm_saves_and_stops_then_resume_finishes(reference, tmp_path, monke
   _wrap_step(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM))
   result = training.train(_cfg(run_dir))
   assert result["step"] == 4
-  assert checkpoint.manager(run_dir, keep=3).all_steps() == [3, 4]
+  assert checkpoint.saved_steps(run_dir) == [3, 4]
   monkeypatch.undo()
   training.train(_cfg(run_dir), resume=True)
   np.testing.assert_allclose(_losses(run_dir)[1], ref_losses, rtol=1e-6)
@@ -178,6 +178,9 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
     result = training.train(_cfg(run_dir), resume=True)
   assert result["step"] == STEPS
   np.testing.assert_allclose(_losses(run_dir)[1], ref_losses, rtol=1e-6)
+  # The unreadable checkpoint was set aside, and step 10 saved afresh.
+  assert (run_dir / "unreadable_checkpoints" / "10" / "state").is_dir()
+  assert checkpoint.load_params(run_dir)[0] == 10
 
   # Incomplete: files missing from the latest checkpoint.
   shutil.rmtree(ckpts / "10" / "state")

@@ -1,11 +1,22 @@
-"""Logical axis names and the one table that maps them to mesh axes.
+"""Logical axis names, the one table that maps them to mesh axes, and the mesh itself.
 
 Layers name their parameter and activation axes with the constants below and never a mesh axis;
 `logical_rules()` is the only place where a logical axis meets the device mesh
-(`data`, `fsdp`, `tensor`).
+(`data`, `fsdp`, `tensor`). `make_mesh` builds that mesh and `shardings_for` turns logical
+PartitionSpecs into NamedShardings, replicating any dim its mesh axes do not divide.
 """
 
 from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
 
 # Parameter axes.
 VOCAB = "vocab"
@@ -60,16 +71,6 @@ def logical_rules() -> tuple[tuple[str, object], ...]:
 
 # --------------------------------------------------------------------------------------------
 # The device mesh and NamedShardings derived from the table above.
-
-import logging  # noqa: E402  (kept below the table, which is the part most readers want)
-import math  # noqa: E402
-from typing import Any, Optional, Sequence  # noqa: E402
-
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
-
-log = logging.getLogger(__name__)
 
 
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, int, int]:

@@ -20,14 +20,14 @@ import pathlib
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from dllm_jax import model, objective, sharding
 from dllm_jax.config import ConfigError, ModelConfig, TrainConfig

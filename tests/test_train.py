@@ -225,3 +225,29 @@ def test_missing_source_is_a_clear_command_line_error(tmp_path):
        f"train.run_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert "init.source is empty" in proc.stderr
+
+
+def test_init_from_a_hf_directory_adds_the_mask_token_and_keeps_runtime_fields(tmp_path):
+  from dllm_jax import convert, model, tokenizer
+  from dllm_jax.config import ModelConfig
+
+  # An AR model as it comes from the hub: no mask token, no spare embedding row.
+  tok = tokenizer.simple_chars()
+  tok.mask_token_id = None
+  ar_cfg = ModelConfig(architecture="qwen2", qkv_bias=True, vocab_size=tok.vocab_size,
+                       hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+  params = jax.tree_util.tree_map(np.asarray, model.init_params(ar_cfg, jax.random.key(1)))
+  convert.export_hf_dir(convert.Pretrained(params, ar_cfg, tok, {}), tmp_path / "hf")
+
+  cfg = _cfg(tmp_path / "run", extra=[f"init.source={tmp_path / 'hf'}", "model.remat=full",
+                                      "model.dtype=bfloat16"])
+  host_params, model_cfg, tok2, metadata = training.build_model(cfg)
+  assert model_cfg.mask_token_id is not None and model_cfg.mask_token_id == tok2.mask_token_id
+  assert (model_cfg.architecture, model_cfg.hidden_size, model_cfg.qkv_bias) == ("qwen2", 32, True)
+  assert (model_cfg.remat, model_cfg.dtype) == ("full", "bfloat16")  # runtime fields: the config's
+  assert host_params["embed"]["embedding"].shape == (model_cfg.vocab_size, 32)
+  np.testing.assert_array_equal(host_params["layers"]["mlp"]["up"]["kernel"],
+                                params["layers"]["mlp"]["up"]["kernel"])
+  assert metadata == {"objective": "diffusion", "block_size": 16}

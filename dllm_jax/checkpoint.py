@@ -43,7 +43,10 @@ def manager(run_dir: str | pathlib.Path, keep: Optional[int] = None, async_save:
   directory = pathlib.Path(run_dir).absolute() / CHECKPOINTS
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+  import grain.checkpoint as grain_ckpt
+
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain_ckpt.CheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 class _IteratorState:

@@ -49,6 +49,10 @@ def manager(run_dir: str | pathlib.Path, keep: Optional[int] = None, async_save:
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint of a run restores into the state this config describes."""
+
+
 class _IteratorState:
   """Adapts a data iterator with a JSON-able `get_state()` dict to grain's orbax handler (which
   stores bytes per process). The state is taken at construction: an async save must not see
@@ -84,8 +88,9 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iterato
 
   `abstract_state` holds ShapeDtypeStructs with shardings (the state lands sharded); the data
   iterator, when given, is set to its saved state in place. Checkpoints that fail to restore are
-  skipped with a warning and moved to RUN_DIR/unreadable_checkpoints/ (kept for inspection), so
-  the resumed run can save those steps again.
+  skipped with a warning and, once an older one restores, moved to RUN_DIR/unreadable_checkpoints/
+  (kept for inspection) so the resumed run can save those steps again. When none restores, raises
+  `CheckpointRestoreError` and moves nothing.
   """
   import grain.checkpoint as grain_ckpt
 
@@ -101,6 +106,12 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iterato
     except Exception as e:  # noqa: BLE001  (any failure means: this checkpoint is unusable)
       _warn_unreadable(mgr, step, e)
       unreadable.append(step)
+  if unreadable and restored is None:
+    # Not one checkpoint fits: more likely a changed config (model, optimizer) than corruption
+    # of them all, so nothing is moved.
+    raise CheckpointRestoreError(
+        f"none of the checkpoints {sorted(unreadable)} in {mgr.directory} restores into this run's "
+        "state; resume with the config the run was started with (see config.json beside them)")
   if unreadable:
     _set_aside(mgr, unreadable)
   return restored

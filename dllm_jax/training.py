@@ -402,6 +402,7 @@ def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Me
     out = jax.device_get(eval_fn(state.params, shard_batch(batch, 1, mesh)))
     for k in totals:
       totals[k] += float(out[k])
+  it.close()
   count = max(totals["count"], 1.0)
   return {"eval_loss": totals["loss_sum"] / count, "eval_accuracy": totals["correct"] / count,
           "eval_tokens": totals["count"]}
@@ -487,6 +488,7 @@ def train(cfg, *, resume: bool = False) -> dict:
       checkpoint.save(mgr, step, state, batches)
     mgr.wait_until_finished()
   finally:
+    batches.close()
     progress.close()
     metrics_log.close()
     if previous_handler is not None:

@@ -175,6 +175,9 @@ class Transformer(nn.Module):
         in_axes=(nn.broadcast, 0, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: ax.LAYERS},
+        # The layers have no broadcast variables or outputs, so flax's extra trace that checks
+        # them is not needed; under jax 0.11 it also rejects a Pallas call in the body.
+        check_constancy_invariants=False,
     )(cfg, self.spec, name="layers")
     cache_kv = None if cache is None else (cache.k, cache.v)
     x, new_kv = stack(x, meta, cache_kv, cache_write_mask)

@@ -28,12 +28,17 @@ def main(argv=None) -> int:
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every file it writes
 
   from dllm_jax import run_config, training
+  from dllm_jax.checkpoint import CheckpointRestoreError
   from dllm_jax.config import ConfigError
+  from dllm_jax.convert import CheckpointError
+  from dllm_jax.data import DataError
+  from dllm_jax.tokenizer import TokenizerError
 
   try:
     cfg = run_config.load(args.config, args.set)
     result = training.train(cfg, resume=args.resume)
-  except ConfigError as e:
+  except (ConfigError, CheckpointError, CheckpointRestoreError, DataError, TokenizerError) as e:
+    # Bad input, explained in the message: no traceback.
     print(f"error: {e}", file=sys.stderr)
     return 2
   line = f"step {result['step']}: loss {result.get('loss', float('nan')):.4f}"

@@ -63,6 +63,11 @@ class DataConfig:
   synthetic_min_len: int = 4  # length range of the task's random strings
   synthetic_max_len: int = 12
   eval_records: int = 256  # held-out synthetic records
+  # The tail of a sample that ends with an assistant turn (the template's trailer and the block
+  # padding) is a response too: the model then learns to fill a block after its answer, which is
+  # what a decoder asks of it when the answer ends mid-block with every later position masked.
+  # Without it, training sees those positions as visible pad tokens and decoding never does.
+  loss_on_block_padding: bool = True
 
   def __post_init__(self):
     if self.block_size < 1 or self.seq_len < self.block_size or self.seq_len % self.block_size:
@@ -265,6 +270,10 @@ def render(item, tokenizer: Tokenizer, cfg: DataConfig):
   out_ids[:n] = ids
   out_mask = np.zeros(padded, bool)
   out_mask[:n] = mask
+  if cfg.loss_on_block_padding and padded > n:
+    last = max(i for i, m in enumerate(mask) if m)
+    if all(tokenizer.eot_token_id != t for t in ids[last + 1:]):  # ends with the assistant turn
+      out_mask[last + 1:] = True
   return {"ids": out_ids, "loss_mask": out_mask, "n": n, "where": where}
 
 

@@ -380,7 +380,10 @@ def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Me
   its share is exhausted) so collectives stay matched."""
   from dllm_jax import data
 
-  it = data.make_dataset(cfg.data, tokenizer, process_index=jax.process_index(),
+  # Scored on the answers' own tokens only: the padding after an answer is easy to predict and
+  # would flatter the accuracy.
+  eval_data = dataclasses.replace(cfg.data, loss_on_block_padding=False)
+  it = data.make_dataset(eval_data, tokenizer, process_index=jax.process_index(),
                          process_count=jax.process_count(), split="eval")
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0x5EED)
   eval_fn = jax.jit(

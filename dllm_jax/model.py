@@ -57,6 +57,39 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
+class Projection(nn.Module):
+  """`x [..., *in] @ kernel [*in, *out] -> [..., *out]` (+ bias [*out]), kernel N-D.
+
+  nn.DenseGeneral initialises its kernel flattened to 2-D and boxes that with the N-D logical
+  names; flax re-runs the initializer during apply (its shape check), so under active logical
+  axis rules and a mesh that mismatch raises. Here the kernel is made in its full shape. The
+  contraction is DenseGeneral's own dot_general (x's trailing dims against the kernel's leading
+  dims, in order): jnp.einsum would reorder a multi-dim contraction and change float32 rounding.
+  As in DenseGeneral, inputs, kernel and bias are cast to `dtype` and the result is in `dtype`.
+  """
+
+  num_in: int  # how many trailing dims of x (= leading dims of the kernel) are contracted
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  bias_axes: Optional[tuple[str, ...]]  # logical names of [*out]; None: no bias
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _init(0.02, self.kernel_axes), self.kernel_shape,
+                        self.param_dtype)
+    n = self.num_in
+    contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.bias_axes is not None:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             self.bias_axes),
+                        self.kernel_shape[n:], self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   spec: masks.MaskSpec
@@ -64,18 +97,14 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv, write_mask_B=None):
     cfg = self.cfg
-    dense = functools.partial(nn.DenseGeneral, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    std = 0.02
-    bias_init = lambda axes: nn.with_logical_partitioning(nn.initializers.zeros, axes)
-    q = dense((cfg.num_heads, cfg.head_dim), use_bias=cfg.qkv_bias, name="q",
-              kernel_init=_init(std, (ax.EMBED, ax.HEADS, ax.HEAD_DIM)),
-              bias_init=bias_init((ax.HEADS, ax.HEAD_DIM)))(x_BTE)
-    k = dense((cfg.num_kv_heads, cfg.head_dim), use_bias=cfg.qkv_bias, name="k",
-              kernel_init=_init(std, (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM)),
-              bias_init=bias_init((ax.KV_HEADS, ax.HEAD_DIM)))(x_BTE)
-    v = dense((cfg.num_kv_heads, cfg.head_dim), use_bias=cfg.qkv_bias, name="v",
-              kernel_init=_init(std, (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM)),
-              bias_init=bias_init((ax.KV_HEADS, ax.HEAD_DIM)))(x_BTE)
+    proj = functools.partial(Projection, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    bias = lambda heads: (heads, ax.HEAD_DIM) if cfg.qkv_bias else None
+    q = proj(1, (e, h, d), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), bias(ax.HEADS), name="q")(x_BTE)
+    k = proj(1, (e, kv, d), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), bias(ax.KV_HEADS), name="k")(
+        x_BTE)
+    v = proj(1, (e, kv, d), (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM), bias(ax.KV_HEADS), name="v")(
+        x_BTE)
     q = rope(q, meta.positions, cfg.rope_theta)
     k = rope(k, meta.positions, cfg.rope_theta)
     q = nn.with_logical_constraint(q, (ax.BATCH, ax.LENGTH, ax.ACT_HEADS, None))
@@ -99,8 +128,7 @@ class Attention(nn.Module):
                              q_meta, k_meta, cfg.attention_impl, contract="cache")
       new_cache = (cache_k, cache_v)
 
-    y = dense(cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o",
-              kernel_init=_init(std, (ax.HEADS, ax.HEAD_DIM, ax.EMBED)))(out)
+    y = proj(2, (h, d, e), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), None, name="o")(out)
     return y, new_cache
 
 

@@ -8,6 +8,7 @@ PartitionSpecs into NamedShardings, replicating any dim its mesh axes do not div
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any, Optional, Sequence
@@ -67,6 +68,16 @@ ACTIVATION_RULES = (
 def logical_rules() -> tuple[tuple[str, object], ...]:
   """The logical -> mesh table for `nn.logical_axis_rules` / `nn.logical_to_mesh_sharding`."""
   return PARAM_RULES + ACTIVATION_RULES
+
+
+@contextlib.contextmanager
+def activation_constraints(mesh: Mesh):
+  """Binds the model's `nn.with_logical_constraint`s to `mesh`; enter it inside the function that
+  jit traces. Flax applies a constraint only when logical rules and a mesh are both in context;
+  the abstract mesh is enough to name the axes, and unlike `jax.set_mesh` it may be set under jit.
+  """
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(logical_rules()):
+    yield
 
 
 # --------------------------------------------------------------------------------------------

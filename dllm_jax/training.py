@@ -177,6 +177,10 @@ def make_train_step(model_cfg: ModelConfig, obj_cfg: objective.ObjectiveConfig,
     return grads, loss_sum, count, correct
 
   def step(state: TrainState, batch: Mapping[str, jax.Array]):
+    with sharding.activation_constraints(mesh):
+      return _step(state, batch)
+
+  def _step(state: TrainState, batch: Mapping[str, jax.Array]):
     key = jax.random.fold_in(state.rng, state.step)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
 
@@ -208,10 +212,9 @@ def make_train_step(model_cfg: ModelConfig, obj_cfg: objective.ObjectiveConfig,
 
   batch_sh = sharding.batch_sharding(mesh, leading=1)
   repl = sharding.replicated(mesh)
-  # Activations are left to XLA's sharding propagation from these in/out shardings. The model's
-  # logical activation constraints stay inactive (no `nn.logical_axis_rules` context): under such
-  # a context flax 0.12 re-runs each DenseGeneral kernel init during apply (its shape check) and
-  # constrains the flattened 2-D kernel with 3-D axis names, which fails.
+  # Besides these in/out shardings, the model's logical activation constraints (batch over
+  # data x fsdp, heads / mlp / vocab over tensor) are bound to the mesh while `step` is traced,
+  # so XLA's propagation does not have to guess the activations' layout inside the layer scan.
   return jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl),
                  donate_argnums=(0,))
 
@@ -386,9 +389,13 @@ def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Me
   it = data.make_dataset(eval_data, tokenizer, process_index=jax.process_index(),
                          process_count=jax.process_count(), split="eval")
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0x5EED)
+  def eval_step(params, batch):
+    with sharding.activation_constraints(mesh):
+      return objective.eval_masked_accuracy(params, model_cfg, cfg.objective,
+                                            {k: v[0] for k, v in batch.items()}, key)
+
   eval_fn = jax.jit(
-      lambda params, batch: objective.eval_masked_accuracy(
-          params, model_cfg, cfg.objective, {k: v[0] for k, v in batch.items()}, key),
+      eval_step,
       in_shardings=(shardings.params, sharding.batch_sharding(mesh, leading=1)),
       out_shardings=sharding.replicated(mesh))
   totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}

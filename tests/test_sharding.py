@@ -110,6 +110,30 @@ def test_sharded_training_matches_single_device():
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
+def test_train_step_binds_the_activation_constraints_to_the_mesh():
+  # The model's logical activation constraints must reach the lowered program as sharding
+  # constraints on the (data, fsdp, tensor) mesh: batch over data x fsdp, heads / mlp / vocab
+  # over tensor. Without the logical rules and mesh in context flax drops them silently.
+  mesh = sharding.make_mesh(2, 2, 2)
+  obj = objective.ObjectiveConfig(kind="diffusion", block_size=8)
+  cfg = TrainConfig(steps=1, grad_accum=2, learning_rate=1e-3, warmup_ratio=0.0)
+  tx = training.make_optimizer(cfg)
+  sh, shapes = training.state_shardings(TINY, tx, mesh)
+  step = training.make_train_step(TINY, obj, cfg, tx, mesh, sh)
+  batch_sh = sharding.batch_sharding(mesh, leading=1)
+  batch = {name: jax.ShapeDtypeStruct((2, 4, 32), dtype, sharding=batch_sh)
+           for name, dtype in (("tokens", np.int32), ("loss_mask", bool), ("segments", np.int32))}
+  hlo = step.lower(training.abstract_state(sh, shapes), batch).as_text()
+  # 4 rows per micro-batch; the complementary-mask layout [noisy_1; noisy_2; clean] is 3 x 32.
+  batch_split = '<@mesh, [{"data", "fsdp"}, {}, '
+  for constrained in ('{}]> : tensor<4x96x32xf32>',  # the residual stream
+                      '{"tensor"}, {}]> : tensor<4x96x4x8xf32>',  # q: heads over tensor
+                      '{"tensor"}, {}]> : tensor<4x96x2x8xf32>',  # k: kv heads over tensor
+                      '{"tensor"}]> : tensor<4x96x64xf32>',  # the MLP hidden
+                      '{"tensor"}]> : tensor<4x64x130xf32>'):  # logits of the noisy tokens
+    assert "sdy.sharding_constraint" in hlo and batch_split + constrained in hlo, constrained
+
+
 def test_grad_accumulation_is_count_weighted():
   # The AR objective draws no noise, so 2 micro-batches of 4 rows must equal one batch of 8:
   # that holds only if the loss is sum(loss sums) / sum(counts), not a mean of micro means.

@@ -93,8 +93,13 @@ def test_without_a_mesh_or_a_split_the_kernel_sees_whole_inputs(monkeypatch, cap
   with caplog.at_level(logging.WARNING, logger="dllm_jax.kernels"):
     got = kernels.mesh_bound(f, sharding.make_mesh(2, 2, 2))(q, k, v)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  assert seen == [(b, length, h, d)] * 2
   assert "neither batch 3 nor 1 KV heads split over mesh" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="dllm_jax.kernels"):
+    one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    np.testing.assert_allclose(kernels.mesh_bound(f, one)(q, k, v), want, rtol=1e-5, atol=1e-5)
+  assert seen == [(b, length, h, d)] * 3
+  assert not caplog.text  # one device: nothing to split, nothing to warn about
 
 
 def test_sharded_train_step_with_the_kernel_equals_xla(monkeypatch):

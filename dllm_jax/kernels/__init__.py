@@ -98,7 +98,7 @@ def _per_device(kernel, q_BTHD, k_BSKD, v_BSKD, row_args):
   """kernel(q, k, v, *row_args) run per device when a mesh is set for the trace; `row_args` are
   [B, ...] arrays split like the batch."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  if mesh.empty or all(mesh.shape[a] == 1 for a in mesh.axis_names if a not in mesh.manual_axes):
     return kernel(q_BTHD, k_BSKD, v_BSKD, *row_args)
   batch = _split_axes(mesh, sharding.BATCH, q_BTHD.shape[0]) or None
   # Splitting the KV heads splits the query heads into matching groups (H is a multiple of K).

@@ -15,7 +15,8 @@ the XLA path runs (these kernels use Triton-only features: dynamic loop bounds a
 tiles by a host-computed index list).
 
 A Pallas kernel is a custom call XLA cannot partition: on a device mesh it would gather its
-inputs onto every device. So when a mesh is set for the trace (`jax.set_mesh(mesh)`, or
+inputs onto every device. So when a mesh is set for the trace (the train and eval steps trace
+under `sharding.activation_constraints(mesh)`; elsewhere `jax.set_mesh(mesh)` or
 `mesh_bound(fn, mesh)` below), `attend` runs the kernel per device under `jax.shard_map`: the
 batch split as the activation batch rule says (data x fsdp) and the heads over `tensor`. Rows and
 heads never mix in attention, so each device's slice is an independent problem.
@@ -71,8 +72,8 @@ def _why_not(q, k, spec: masks.MaskSpec, contract, interpret: bool) -> str | Non
 def mesh_bound(fn, mesh: jax.sharding.Mesh):
   """`fn` called under `jax.set_mesh(mesh)`, so the kernels it traces run per device.
 
-  A jitted step traced without a mesh context (shardings only on its inputs) sees no mesh, and
-  a kernel inside it would be gathered. Wrap the step: `step = kernels.mesh_bound(step, mesh)`;
+  A jitted function traced without a mesh context (shardings only on its inputs, e.g. a decode
+  function) sees no mesh, and a kernel inside it would be gathered. Wrap the step: `step = kernels.mesh_bound(step, mesh)`;
   every call (hence every trace and cache lookup) then happens under the same mesh.
   """
   @functools.wraps(fn)

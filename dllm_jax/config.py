@@ -106,40 +106,56 @@ def _parse_value(text: str, tp: Any, key: str) -> Any:
 
 
 def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
-  """Returns `cfg` with each "a.b.c=value" applied; unknown or repeated keys are errors."""
-  seen: set[str] = set()
+  """Returns `cfg` with each "a.b.c=value" applied; unknown or repeated keys are errors.
+
+  All overrides are applied together, so each section is rebuilt (and validated) once: fields that
+  must agree across sections (e.g. data.block_size and objective.block_size) can be changed in
+  one command line.
+  """
+  tree: dict = {}
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
     key, text = item.split("=", 1)
     key = key.strip()
-    if key in seen:
+    path = key.split(".")
+    node = tree
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: {part!r} is set as a value elsewhere on the command line")
+    if path[-1] in node:
       raise ConfigError(f"--set {key} is given twice; give each key once")
-    seen.add(key)
-    cfg = _set_path(cfg, key.split("."), text, key)
-  return cfg
+    node[path[-1]] = (text, key)
+  return _apply_tree(cfg, tree, "")
 
 
-def _set_path(node: Any, path: list[str], text: str, full_key: str) -> Any:
-  if not dataclasses.is_dataclass(node):
-    raise ConfigError(f"--set {full_key}: {'.'.join(path)} is not a config section")
+def _apply_tree(node: Any, tree: dict, where: str) -> Any:
   names = [f.name for f in dataclasses.fields(node)]
-  head = path[0]
-  if head not in names:
-    raise ConfigError(
-        f"--set {full_key}: unknown key {head!r} in {type(node).__name__}; valid keys: "
-        + ", ".join(names))
-  current = getattr(node, head)
-  if len(path) > 1:
-    return dataclasses.replace(node, **{head: _set_path(current, path[1:], text, full_key)})
-  if dataclasses.is_dataclass(current):
-    raise ConfigError(f"--set {full_key}: {head!r} is a section; set one of its fields: "
-                      + ", ".join(f.name for f in dataclasses.fields(current)))
-  value = _parse_value(text, _field_types(type(node))[head], full_key)
+  changes = {}
+  for head, sub in tree.items():
+    full = f"{where}{head}"
+    if head not in names:
+      example = next(iter(sub.values()))[1] if isinstance(sub, dict) else sub[1]
+      raise ConfigError(
+          f"--set {example}: unknown key {head!r} in {type(node).__name__}; valid keys: "
+          + ", ".join(names))
+    current = getattr(node, head)
+    if isinstance(sub, dict):
+      if not dataclasses.is_dataclass(current):
+        raise ConfigError(f"--set {full}.{next(iter(sub))}: {full} is not a config section")
+      changes[head] = _apply_tree(current, sub, f"{full}.")
+      continue
+    text, key = sub
+    if dataclasses.is_dataclass(current):
+      raise ConfigError(f"--set {key}: {head!r} is a section; set one of its fields: "
+                        + ", ".join(f.name for f in dataclasses.fields(current)))
+    changes[head] = _parse_value(text, _field_types(type(node))[head], key)
   try:
-    return dataclasses.replace(node, **{head: value})
+    return dataclasses.replace(node, **changes)
   except ConfigError as e:
-    raise ConfigError(f"--set {full_key}: {e}") from None
+    keys = ", ".join(f"{where}{k}" for k in changes)
+    raise ConfigError(f"--set {keys}: {e}") from None
 
 
 def load_config_file(path: str | pathlib.Path) -> Any:

@@ -43,6 +43,14 @@ def test_overrides_reach_nested_fields_with_types():
   assert cfg.init.source == "/some/dir"
 
 
+def test_fields_that_must_agree_across_sections_change_together():
+  tiny = CONFIGS[0].parent / "tiny.py"
+  cfg = run_config.load(tiny, ["data.block_size=8", "objective.block_size=8"])
+  assert cfg.data.block_size == cfg.objective.block_size == 8
+  with pytest.raises(ConfigError, match="differs from objective.block_size"):
+    run_config.load(tiny, ["data.block_size=8"])
+
+
 def test_unknown_key_lists_the_valid_ones():
   tiny = CONFIGS[0].parent / "tiny.py"
   with pytest.raises(ConfigError) as e:

@@ -43,7 +43,7 @@ def test_each_record_shape_renders_with_loss_on_assistant_tokens_only(tmp_path):
       {"question": "How many?", "answer": "3 + 4 = 7\n#### 7"},
   ]
   cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", recs), seq_len=128, block_size=16,
-                   batch_size=3, shuffle=False, num_epochs=1, loss_on_block_padding=False)
+                   batch_size=3, shuffle=False, num_epochs=1)
   got = samples_of(next(data.make_dataset(cfg, TOK)))
   want_text = [
       "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
@@ -213,7 +213,7 @@ def test_block_padding_after_the_answer_is_a_response(tmp_path):
   # trailer, then padding) when every later position is masked.
   recs = [{"prompt": "2+2", "response": "4"}]
   cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", recs), seq_len=32, block_size=16,
-                   batch_size=1, shuffle=False, num_epochs=1)
+                   batch_size=1, shuffle=False, num_epochs=1, loss_on_block_padding=True)
   (ids, mask), = samples_of(next(data.make_dataset(cfg, TOK)))
   n = len(TOK.encode("<|im_start|>user\n2+2<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"))
   assert len(ids) == 32 and n < 32

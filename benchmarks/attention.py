@@ -17,9 +17,7 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import timeit  # noqa: E402
 from dllm_jax import attention, masks
 from dllm_jax.kernels import decode, flash
 
@@ -41,21 +40,6 @@ def save():
   if out:
     with open(os.path.join(out, "attention.json"), "w") as f:
       json.dump(RESULTS, f, indent=1)
-
-
-def timeit(fn, arg_sets, reps=5, inner=4):
-  """Median seconds per call; cycles through `arg_sets` so repeated calls do not hit in L2."""
-  jax.block_until_ready(fn(*arg_sets[0]))
-  jax.block_until_ready(fn(*arg_sets[-1]))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    out = None
-    for i in range(inner):
-      out = fn(*arg_sets[i % len(arg_sets)])
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner)
-  return statistics.median(times)
 
 
 def safe(fn):

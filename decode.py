@@ -14,7 +14,6 @@ the shortcut smollm2-135m-instruct. A prompts file holds one JSON object per lin
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -91,20 +90,14 @@ def read_prompts(path: str) -> list[list[dict]]:
 def load(args):
   """The checkpoint as a `convert.Pretrained`, checked for the mode and cast to the dtype."""
   import jax
-  import jax.numpy as jnp
 
-  from dllm_jax import checkpoint
+  from dllm_jax import checkpoint, convert
 
   pretrained = checkpoint.load_model(args.checkpoint)
   if pretrained.tokenizer is None:
     raise UsageError(f"{args.checkpoint} has no tokenizer; decode.py needs one to encode text")
   if args.mode == "diffusion":
-    objective = pretrained.metadata.get("objective")
-    reason = None
-    if pretrained.config.mask_token_id is None:
-      reason = "it has no mask token"
-    elif objective != "diffusion":
-      reason = f"its metadata says objective={objective!r}, not 'diffusion'"
+    reason = convert.not_diffusion_reason(pretrained)
     if reason and (pretrained.config.mask_token_id is None or not args.force):
       raise UsageError(f"{args.checkpoint} is not a block-diffusion model ({reason}); use "
                        "--mode ar, fine-tune it with train.py, or --force to decode it anyway")
@@ -112,17 +105,13 @@ def load(args):
       warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
                     stacklevel=2)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  return dataclasses.replace(
-      pretrained,
-      params=jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), pretrained.params),
-      config=dataclasses.replace(pretrained.config, dtype=dtype, param_dtype=dtype))
+  return convert.cast(pretrained, dtype)
 
 
 def decode_config(args, tokenizer, model_cfg):
   from dllm_jax import decoding
 
-  stop = tuple(sorted({i for i in (tokenizer.eot_token_id, tokenizer.eos_token_id,
-                                   model_cfg.eos_token_id) if i is not None}))
+  stop = decoding.stop_token_ids(tokenizer, model_cfg)
   pad = next((i for i in (tokenizer.pad_token_id, model_cfg.pad_token_id) if i is not None), 0)
   return decoding.DecodeConfig(
       mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,

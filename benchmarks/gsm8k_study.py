@@ -21,7 +21,6 @@ Results: WORK/study.json (and $OUT/study.json when $OUT is set).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
@@ -65,18 +64,12 @@ def stage_train(study, work, data_dir, steps, extra):
 
 
 def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, reference=None):
-  import jax
-  import jax.numpy as jnp
-
-  from dllm_jax import checkpoint as ckpt, decoding, eval as ev
+  from dllm_jax import checkpoint as ckpt, convert, decoding, eval as ev
 
   if key in study:
     return
-  pre = ckpt.load_model(checkpoint)
   # bf16 weights and compute, as a user would decode on a GPU.
-  pre = dataclasses.replace(
-      pre, params=jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), pre.params),
-      config=dataclasses.replace(pre.config, dtype="bfloat16", param_dtype="bfloat16"))
+  pre = convert.cast(ckpt.load_model(checkpoint), "bfloat16")
   problems = ev.load_gsm8k(os.path.join(study["data_dir"], "test.jsonl"), limit)
   records, summary = ev.evaluate(pre, problems, decoding.DecodeConfig(**decode_kwargs), batch,
                                  log=lambda *a: None)

@@ -483,6 +483,28 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32") -> 
       f"shortcuts: {sorted(SHORTCUTS)}")
 
 
+def cast(pretrained: Pretrained, dtype: str) -> Pretrained:
+  """The model with weights stored and computed in `dtype`: a decoder reads every weight once
+  per forward, so weights in the compute dtype halve those bytes."""
+  import jax
+  import jax.numpy as jnp
+
+  return dataclasses.replace(
+      pretrained,
+      params=jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), pretrained.params),
+      config=dataclasses.replace(pretrained.config, dtype=dtype, param_dtype=dtype))
+
+
+def not_diffusion_reason(pretrained: Pretrained) -> Optional[str]:
+  """Why `pretrained` is not a block-diffusion model (None when it is one)."""
+  if pretrained.config.mask_token_id is None:
+    return "it has no mask token"
+  objective = pretrained.metadata.get("objective")
+  if objective != "diffusion":
+    return f"its metadata says objective={objective!r}, not 'diffusion'"
+  return None
+
+
 def add_mask_token(pretrained: Pretrained, pad_to_multiple_of: int = 64) -> Pretrained:
   """A copy whose config (and tokenizer) has a `<|mask|>` token with an embedding row.
 

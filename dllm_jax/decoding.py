@@ -54,7 +54,6 @@ in a boolean array, not by comparing tokens with the mask id.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -125,6 +124,12 @@ class DecodeState:
   nfe: jax.Array  # int32 [B]: forward passes that included this row
   keys: jax.Array  # typed PRNG keys [B]: one stream per row
   iterations: jax.Array  # int32 []: batched forward rounds (the loop's trip count)
+
+
+def stop_token_ids(tokenizer, model_cfg: ModelConfig) -> tuple[int, ...]:
+  """The ids that end an answer: the tokenizer's end-of-turn and eos, and the model's eos."""
+  return tuple(sorted({i for i in (tokenizer.eot_token_id, tokenizer.eos_token_id,
+                                   model_cfg.eos_token_id) if i is not None}))
 
 
 # --------------------------------------------------------------------------------------------

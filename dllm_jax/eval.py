@@ -19,7 +19,7 @@ import pathlib
 import re
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -96,22 +96,19 @@ def accuracy_with_se(correct: Sequence[bool]) -> tuple[float, float]:
   return p, math.sqrt(p * (1 - p) / n)
 
 
-def _stop_ids(tok) -> tuple[int, ...]:
-  return tuple(sorted({i for i in (tok.eot_token_id, tok.eos_token_id) if i is not None}))
-
-
 def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.DecodeConfig,
              batch_size: int, seed: int = 0, log=print,
              stop_token_ids: Optional[tuple[int, ...]] = None) -> tuple[list[dict], dict]:
   """Generates an answer for every problem; returns per-problem records and a summary.
 
-  stop_token_ids: None stops at the tokenizer's end-of-turn and eos tokens.
+  stop_token_ids: None stops where decode.py does (`decoding.stop_token_ids`).
   """
   tok = pretrained.tokenizer
   if tok is None:
     raise ValueError("the checkpoint has no tokenizer; evaluation needs one to render prompts")
   decode_cfg = dataclasses.replace(
-      decode_cfg, stop_token_ids=_stop_ids(tok) if stop_token_ids is None else stop_token_ids)
+      decode_cfg, stop_token_ids=(decoding.stop_token_ids(tok, pretrained.config)
+                                  if stop_token_ids is None else stop_token_ids))
   prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p.question}],
                                                 add_generation_prompt=True)) for p in problems]
   width = max(len(p) for p in prompts)
@@ -211,21 +208,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
   args = parser.parse_args(argv)
 
-  from dllm_jax import checkpoint
+  from dllm_jax import checkpoint, convert
 
-  pretrained = checkpoint.load_model(args.checkpoint)
-  # Weights are read once per forward: storing them in the compute dtype halves those bytes.
-  pretrained = dataclasses.replace(
-      pretrained,
-      params=jax.tree_util.tree_map(lambda x: jnp.asarray(x, args.dtype), pretrained.params),
-      config=dataclasses.replace(pretrained.config, dtype=args.dtype, param_dtype=args.dtype))
+  pretrained = convert.cast(checkpoint.load_model(args.checkpoint), args.dtype)
   if args.mode == "diffusion":
-    trained = pretrained.metadata.get("objective") == "diffusion"
-    if pretrained.config.mask_token_id is None or not (trained or args.force):
-      raise SystemExit(
-          f"{args.checkpoint}: not a block-diffusion model (objective="
-          f"{pretrained.metadata.get('objective')!r}, mask_token_id="
-          f"{pretrained.config.mask_token_id}); use --mode ar, or --force to decode it anyway")
+    reason = convert.not_diffusion_reason(pretrained)
+    if reason and (pretrained.config.mask_token_id is None or not args.force):
+      raise SystemExit(f"{args.checkpoint} is not a block-diffusion model ({reason}); use "
+                       "--mode ar, or --force to decode it anyway")
   decode_cfg = decoding.DecodeConfig(
       mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
       sub_block_size=args.sub_block_size, threshold=args.threshold,

@@ -2,28 +2,37 @@
 same data, steps and learning rate, then evaluated and timed.
 
     python benchmarks/gsm8k_study.py --data-dir DIR [--work runs/study] [--steps N]
-        [--stages train,zeroshot,eval,speed] [--limit N]
+        [--stages train,speed,zeroshot,areval,diffeval] [--limit N] [--jobs N]
+        [--base smollm2-135m-instruct | path/to/SmolLM2.gguf] [--set key=value ...]
     python benchmarks/gsm8k_study.py --report study.json   # markdown + PNG plots under docs/
 
-Stages (each skips the settings whose results already exist under --work, so a study can be
-spread over several calls on one machine):
+Stages, run in this order (each skips the settings whose results already exist under --work, so
+a study can be spread over several calls on one machine):
   train     configs/smollm2_gsm8k.py with objective.kind=ar and =diffusion; records the held-out
             masked-token accuracy (next-token accuracy for AR) on the test split
-  zeroshot  the unmodified SmolLM2 with AR decoding, whole test set, batch 32
-  eval      AR model with AR decoding; diffusion model at thresholds 1.0 .. 0.7 and sub-blocks
-            4, 8, 16, 32; whole test set, batch 32; agreement with the same sub-block size's
-            threshold-1.0 answers
   speed     batch 1 on the first 128 problems: the AR model, and the diffusion model at each
-            threshold with sub-block 8
-Results: WORK/study.json (and $OUT/study.json when $OUT is set).
+            threshold with sub-block 8 (alone on the GPU: these are the timed figures)
+  zeroshot  the unmodified SmolLM2 with AR decoding, whole test set, batch 32
+  areval    AR model with AR decoding, whole test set, batch 32
+  diffeval  diffusion model at thresholds 1.0 .. 0.7 and sub-blocks 4, 8, 16, 32; whole test set,
+            batch 32; agreement with the same sub-block size's threshold-1.0 answers
+  (`eval` means areval,diffeval.)
+--jobs N runs zeroshot, areval and diffeval as up to N processes sharing the GPU (one per
+sub-block size): a 135M model's decode step is launch-bound, so they overlap well. Their
+batch-32 tokens/s are then shared-GPU figures, marked so in study.json (`concurrent_jobs`).
+Results: WORK/study.json, merged under a file lock (and copied to $OUT/study.json when $OUT is
+set); every generation in WORK/<setting>.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -37,11 +46,28 @@ def _load(path: pathlib.Path) -> dict:
   return json.loads(path.read_text()) if path.exists() else {}
 
 
+@contextlib.contextmanager
+def _locked(work: pathlib.Path):
+  with open(work / "study.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _save(work: pathlib.Path, study: dict) -> None:
-  text = json.dumps(study, indent=1)
-  (work / "study.json").write_text(text)
-  if os.environ.get("OUT"):
-    pathlib.Path(os.environ["OUT"], "study.json").write_text(text)
+  """Merges `study` into WORK/study.json: concurrent jobs each add their own settings."""
+  with _locked(work):
+    merged = _load(work / "study.json")
+    merged.update(study)
+    study.update(merged)
+    text = json.dumps(merged, indent=1)
+    tmp = work / "study.json.tmp"
+    tmp.write_text(text)
+    tmp.replace(work / "study.json")
+    if os.environ.get("OUT"):
+      pathlib.Path(os.environ["OUT"], "study.json").write_text(text)
 
 
 def stage_train(study, work, data_dir, steps, extra):
@@ -63,7 +89,8 @@ def stage_train(study, work, data_dir, steps, extra):
     _save(work, study)
 
 
-def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, reference=None):
+def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, reference=None,
+              jobs=1):
   from dllm_jax import checkpoint as ckpt, convert, decoding, eval as ev
 
   if key in study:
@@ -83,7 +110,7 @@ def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, referen
       summary["agreement_with_threshold_1"] = ev.agreement(
           records, [json.loads(l) for l in ref_path.read_text().splitlines() if l])
   summary.pop("decode", None)
-  study[key] = dict(summary, **decode_kwargs)
+  study[key] = dict(summary, concurrent_jobs=jobs, **decode_kwargs)
   print(key, {k: study[key][k] for k in ("accuracy", "stderr", "tokens_per_s",
                                            "tokens_per_forward")}, flush=True)
   _save(work, study)
@@ -94,13 +121,17 @@ def main():
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--data-dir", help="folder with GSM8K train.jsonl and test.jsonl")
   ap.add_argument("--work", default="runs/study")
+  ap.add_argument("--base", default="smollm2-135m-instruct",
+                  help="the model to fine-tune and to evaluate zero-shot (name or .gguf path)")
   ap.add_argument("--steps", type=int, default=300)
-  ap.add_argument("--stages", default="train,zeroshot,eval,speed")
+  ap.add_argument("--stages", default="train,speed,zeroshot,areval,diffeval")
   ap.add_argument("--limit", type=int, default=None, help="test problems (default: all 1319)")
   ap.add_argument("--speed-limit", type=int, default=128)
   ap.add_argument("--max-new-tokens", type=int, default=256)
   ap.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)))
   ap.add_argument("--sub-blocks", default=",".join(map(str, SUB_BLOCKS)))
+  ap.add_argument("--jobs", type=int, default=1,
+                  help="concurrent processes for zeroshot/areval/diffeval (see above)")
   ap.add_argument("--set", action="append", default=[], help="extra training overrides")
   ap.add_argument("--report", help="study.json to turn into markdown and plots")
   args = ap.parse_args()
@@ -109,27 +140,20 @@ def main():
     return
   if not args.data_dir:
     ap.error("--data-dir is required (a folder holding GSM8K train.jsonl and test.jsonl)")
+  stages = [x for st in args.stages.split(",")
+            for x in (("areval", "diffeval") if st == "eval" else (st,))]
+  known = {"train", "speed", "zeroshot", "areval", "diffeval"}
+  if set(stages) - known:
+    ap.error(f"--stages: unknown {sorted(set(stages) - known)}; choose from {sorted(known)}")
   work = pathlib.Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
   study = _load(work / "study.json")
   study["data_dir"] = args.data_dir
-  stages = args.stages.split(",")
   n = args.max_new_tokens
   thresholds = [float(t) for t in args.thresholds.split(",")]
   sub_blocks = [int(b) for b in args.sub_blocks.split(",")]
   if "train" in stages:
-    stage_train(study, work, args.data_dir, args.steps, args.set)
-  if "zeroshot" in stages:
-    _evaluate(study, work, "zeroshot_ar", "smollm2-135m-instruct",
-              dict(mode="ar", max_new_tokens=n), 32, args.limit)
-  if "eval" in stages:
-    _evaluate(study, work, "ar_model_ar", str(work / "ar"), dict(mode="ar", max_new_tokens=n),
-              32, args.limit)
-    for sub in sub_blocks:
-      for th in thresholds:
-        _evaluate(study, work, f"diff_t{th}_s{sub}", str(work / "diffusion"),
-                  dict(mode="diffusion", max_new_tokens=n, threshold=th, sub_block_size=sub),
-                  32, args.limit, reference=f"diff_t1.0_s{sub}")
+    stage_train(study, work, args.data_dir, args.steps, [f"init.source={args.base}", *args.set])
   if "speed" in stages:
     _evaluate(study, work, "speed_ar", str(work / "ar"), dict(mode="ar", max_new_tokens=n), 1,
               args.speed_limit)
@@ -137,55 +161,114 @@ def main():
       _evaluate(study, work, f"speed_diff_t{th}_s8", str(work / "diffusion"),
                 dict(mode="diffusion", max_new_tokens=n, threshold=th, sub_block_size=8), 1,
                 args.speed_limit)
+  evals = [s for s in ("zeroshot", "areval", "diffeval") if s in stages]
+  if args.jobs > 1 and evals:
+    # One child per sub-block size (threshold 1.0 first: the others' agreement reads it), and
+    # one for the two AR evaluations.
+    common = [sys.executable, os.path.abspath(__file__), "--data-dir", args.data_dir, "--work",
+              str(work), "--base", args.base, "--max-new-tokens", str(n), "--thresholds",
+              args.thresholds, "--jobs", "1"] + (["--limit", str(args.limit)] if args.limit else [])
+    children = []
+    ar_stages = [s for s in evals if s != "diffeval"]
+    if ar_stages:
+      children.append(common + ["--stages", ",".join(ar_stages)])
+    if "diffeval" in evals:
+      children += [common + ["--stages", "diffeval", "--sub-blocks", str(b)] for b in sub_blocks]
+    env = dict(os.environ, DLLM_STUDY_JOBS=str(min(args.jobs, len(children))))
+    started = []
+    for cmd in children:
+      while sum(p.poll() is None for p in started) >= args.jobs:
+        time.sleep(1)
+      print("[study] starting", " ".join(cmd[2:]), flush=True)
+      started.append(subprocess.Popen(cmd, env=env))
+    failed = [p for p in started if p.wait()]
+    if failed:
+      raise SystemExit(f"{len(failed)} evaluation job(s) failed: "
+                       + "; ".join(" ".join(p.args[2:]) for p in failed))
+    study = _load(work / "study.json")
+  else:
+    jobs = int(os.environ.get("DLLM_STUDY_JOBS", "1"))
+    if "zeroshot" in evals:
+      _evaluate(study, work, "zeroshot_ar", args.base, dict(mode="ar", max_new_tokens=n), 32,
+                args.limit, jobs=jobs)
+    if "areval" in evals:
+      _evaluate(study, work, "ar_model_ar", str(work / "ar"), dict(mode="ar", max_new_tokens=n),
+                32, args.limit, jobs=jobs)
+    if "diffeval" in evals:
+      for sub in sub_blocks:
+        for th in sorted(thresholds, reverse=True):
+          _evaluate(study, work, f"diff_t{th}_s{sub}", str(work / "diffusion"),
+                    dict(mode="diffusion", max_new_tokens=n, threshold=th, sub_block_size=sub),
+                    32, args.limit, reference=f"diff_t1.0_s{sub}", jobs=jobs)
   _save(work, study)
 
 
-def report(study: dict) -> str:
-  """Markdown tables for BENCHMARKS.md and the two plots under docs/."""
-  def acc(key):
-    s = study.get(key)
-    return f"{s['accuracy']:.3f} ± {s['stderr']:.3f}" if s else "n/a"
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+
+
+def report(study: dict, plot_dir: pathlib.Path = DOCS) -> str:
+  """Markdown tables for BENCHMARKS.md and the two plots under `plot_dir`.
+
+  Settings absent from `study` show as "not run"; batch-32 tokens/s measured while other
+  evaluation jobs shared the GPU carry a dagger.
+  """
+  nan = float("nan")
+
+  def acc(s):
+    return f"{s['accuracy']:.3f} ± {s['stderr']:.3f}" if s else "not run"
+
+  def b32(s):
+    if not s:
+      return "not run"
+    return f"{s['tokens_per_s']:.0f}" + ("†" if s.get("concurrent_jobs", 1) > 1 else "")
 
   ar_speed = study.get("speed_ar", {}).get("tokens_per_s")
-  lines = ["| model / decoding | sub-block | threshold | accuracy ± s.e. | agreement with t=1.0 | "
-           "tokens per forward | batch-32 tok/s | batch-1 tok/s | batch-1 speed-up vs AR |",
-           "|" + "---|" * 9]
-  lines.append(f"| SmolLM2 zero-shot, AR | - | - | {acc('zeroshot_ar')} | - | - | "
-               f"{study.get('zeroshot_ar', {}).get('tokens_per_s', float('nan')):.0f} | - | - |")
-  ar = study.get("ar_model_ar", {})
-  lines.append(f"| AR-SFT, AR | - | - | {acc('ar_model_ar')} | - | 1.00 | "
-               f"{ar.get('tokens_per_s', float('nan')):.0f} | "
-               f"{ar_speed or float('nan'):.0f} | 1.00 |")
+  lines = ["| model / decoding | sub-block | threshold | accuracy ± s.e. (1319) | agreement "
+           "with t=1.0 | tokens per forward | batch-32 tok/s | batch-1 tok/s (128) | batch-1 "
+           "accuracy (128) | batch-1 speed-up vs AR |", "|" + "---|" * 10]
+  zs = study.get("zeroshot_ar")
+  lines.append(f"| SmolLM2-135M-Instruct zero-shot, AR | - | - | {acc(zs)} | - | 1.00 | {b32(zs)} "
+               "| - | - | - |")
+  ar, sp = study.get("ar_model_ar"), study.get("speed_ar")
+  lines.append(f"| AR-SFT model, AR | - | - | {acc(ar)} | - | 1.00 | {b32(ar)} | "
+               f"{ar_speed or nan:.0f} | {acc(sp)} | 1.00 |")
   for sub in SUB_BLOCKS:
     for th in THRESHOLDS:
       s = study.get(f"diff_t{th}_s{sub}")
-      if not s:
-        continue
       sp = study.get(f"speed_diff_t{th}_s8") if sub == 8 else None
+      if not s and not sp:
+        continue
       b1 = sp["tokens_per_s"] if sp else None
-      up = f"{b1 / ar_speed:.2f}" if b1 and ar_speed else "-"
+      tpf = (s or sp)["tokens_per_forward"]
+      agree = s.get("agreement_with_threshold_1") if s else None
       lines.append(
-          f"| diffusion | {sub} | {th} | {acc(f'diff_t{th}_s{sub}')} | "
-          f"{s.get('agreement_with_threshold_1', float('nan')):.3f} | "
-          f"{s['tokens_per_forward']:.2f} | {s['tokens_per_s']:.0f} | "
-          f"{f'{b1:.0f}' if b1 else '-'} | {up} |")
+          f"| diffusion model | {sub} | {th} | {acc(s)} | "
+          f"{'-' if agree is None else f'{agree:.3f}'} | {tpf:.2f}{'' if s else ' (b1)'} | "
+          f"{b32(s)} | {f'{b1:.0f}' if b1 else '-'} | {acc(sp) if sp else '-'} | "
+          f"{f'{b1 / ar_speed:.2f}' if b1 and ar_speed else '-'} |")
+  for kind in ("ar", "diffusion"):
+    t = study.get(f"train_{kind}")
+    if t:
+      what = "next-token" if kind == "ar" else "masked-token"
+      lines.append(f"\n{kind} fine-tune: {t['step']} steps in {t['wall_s']:.0f} s, final train "
+                   f"loss {t['loss']:.3f}, held-out {what} accuracy {t['eval_accuracy']:.3f} "
+                   f"(GSM8K test, {t['eval_tokens']:.0f} tokens)")
   text = "\n".join(lines)
   print(text)
   try:
-    _plots(study)
+    _plots(study, plot_dir)
   except ImportError as e:
     print(f"no plots: {e}")
   return text
 
 
-def _plots(study: dict) -> None:
+def _plots(study: dict, docs: pathlib.Path) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  docs = pathlib.Path(__file__).resolve().parents[1] / "docs"
-  docs.mkdir(exist_ok=True)
+  docs.mkdir(parents=True, exist_ok=True)
   fig, ax = plt.subplots(figsize=(6, 4))
   for sub in SUB_BLOCKS:
     pts = [(th, study[f"diff_t{th}_s{sub}"]) for th in THRESHOLDS if f"diff_t{th}_s{sub}" in study]
@@ -195,9 +278,12 @@ def _plots(study: dict) -> None:
                   label=f"diffusion, sub-block {sub}")
   if "ar_model_ar" in study:
     a = study["ar_model_ar"]
-    ax.axhline(a["accuracy"], color="k", ls="--", label="AR-SFT model, AR decoding")
+    ax.axhline(a["accuracy"], color="k", ls="--", label="AR-SFT model, AR decoding (±2 s.e.)")
     ax.axhspan(a["accuracy"] - 2 * a["stderr"], a["accuracy"] + 2 * a["stderr"], color="k",
                alpha=0.1)
+  if "zeroshot_ar" in study:
+    ax.axhline(study["zeroshot_ar"]["accuracy"], color="gray", ls=":",
+               label="SmolLM2 zero-shot, AR decoding")
   ax.set_xlabel("confidence threshold")
   ax.set_ylabel("GSM8K accuracy (full test set)")
   ax.invert_xaxis()

@@ -1,0 +1,66 @@
+"""The GSM8K study driver: concurrent jobs merge their results, stage names are checked, and the
+report marks what did not run and what shared the GPU."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gsm8k_study.py"
+
+
+@pytest.fixture(scope="module")
+def study_mod():
+  spec = importlib.util.spec_from_file_location("gsm8k_study", _PATH)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_save_merges_concurrent_jobs(study_mod, tmp_path, monkeypatch):
+  out = tmp_path / "out"
+  out.mkdir()
+  monkeypatch.setenv("OUT", str(out))
+  # Two jobs that loaded the file before either saved: neither may drop the other's result.
+  job_a, job_b = {"data_dir": "d"}, {"data_dir": "d"}
+  job_a["diff_t1.0_s4"] = {"accuracy": 0.1}
+  study_mod._save(tmp_path, job_a)
+  job_b["diff_t1.0_s8"] = {"accuracy": 0.2}
+  study_mod._save(tmp_path, job_b)
+  merged = json.loads((tmp_path / "study.json").read_text())
+  assert merged["diff_t1.0_s4"] == {"accuracy": 0.1}
+  assert merged["diff_t1.0_s8"] == {"accuracy": 0.2}
+  assert json.loads((out / "study.json").read_text()) == merged
+  assert "diff_t1.0_s4" in job_b  # the saving job sees the others' results too
+
+
+def test_unknown_stage_is_an_error(study_mod, tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(sys, "argv", ["gsm8k_study.py", "--data-dir", str(tmp_path), "--work",
+                                    str(tmp_path / "w"), "--stages", "train,evall"])
+  with pytest.raises(SystemExit):
+    study_mod.main()
+  assert "unknown ['evall']" in capsys.readouterr().err
+
+
+def test_report_marks_missing_and_shared_figures(study_mod, tmp_path):
+  def ev(acc, tps, tpf=1.0, jobs=5, **kw):
+    return dict(accuracy=acc, stderr=0.01, tokens_per_s=tps, tokens_per_forward=tpf,
+                concurrent_jobs=jobs, **kw)
+
+  study = {
+      "zeroshot_ar": ev(0.02, 1500.0),
+      "ar_model_ar": ev(0.06, 1100.0),
+      "speed_ar": ev(0.08, 500.0, jobs=1),
+      "diff_t1.0_s8": ev(0.02, 650.0, 0.95, agreement_with_threshold_1=1.0),
+      "speed_diff_t1.0_s8": ev(0.02, 400.0, 0.95, jobs=1),
+      "speed_diff_t0.7_s8": ev(0.01, 1250.0, 2.6, jobs=1),  # no batch-32 run of this one
+  }
+  text = study_mod.report(study, plot_dir=tmp_path)
+  rows = {line.split("|")[3].strip() + "/" + line.split("|")[2].strip(): line
+          for line in text.splitlines() if line.startswith("| diffusion")}
+  assert "650†" in rows["1.0/8"] and "0.80" in rows["1.0/8"]  # 400 / 500 at batch 1
+  assert "not run" in rows["0.7/8"] and "2.50" in rows["0.7/8"]  # 1250 / 500
+  assert "1.00" in rows["1.0/8"].split("|")[5]  # agreement
+  assert "| AR-SFT model, AR | - | - | 0.060 ± 0.010 |" in text

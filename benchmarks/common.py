@@ -44,7 +44,8 @@ def ceilings() -> dict:
 def run_meta() -> dict:
   dev = jax.devices()[0]
   return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
-          "jax": jax.__version__, "date": datetime.date.today().isoformat()}
+          "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def save_json(name: str, results: dict) -> None:

@@ -56,7 +56,7 @@ def _safe(fn):
     return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def jax_part(shapes, batches, impls, diffusion_batches):
+def jax_part(shapes, batches, impls, diffusion_batches, unrolls=(1,)):
   import jax
   import jax.numpy as jnp
 
@@ -68,13 +68,16 @@ def jax_part(shapes, batches, impls, diffusion_batches):
   save_json("decode_jax.json", res)
   bw = res["ceil"]["copy_GBps"] * 1e9
   for name in shapes:
-    for impl in impls:
-      cfg = dataclasses.replace(SHAPES[name], attention_impl=impl)
-      params = jax.jit(lambda r: model.init_params(cfg, r))(jax.random.key(0))
+    params = None
+    for impl, unroll in [(i, u) for i in impls for u in unrolls]:
+      cfg = dataclasses.replace(SHAPES[name], attention_impl=impl, scan_unroll=unroll)
+      if params is None:  # the same weights for every variant (the runtime fields differ)
+        params = jax.jit(lambda r: model.init_params(cfg, r))(jax.random.key(0))
       pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
       floor_step = pbytes / bw
       for b in batches:
-        row = {"shape": name, "impl": impl, "batch": b, "param_bytes": pbytes,
+        row = {"shape": name, "impl": impl, "scan_unroll": unroll, "batch": b,
+               "param_bytes": pbytes,
                "floor_tokens_per_s": b / floor_step}
         prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
         lens = jnp.full((b,), PROMPT, jnp.int32)
@@ -129,7 +132,7 @@ def jax_part(shapes, batches, impls, diffusion_batches):
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save_json("decode_jax.json", res)
-      del params
+    del params
   return res
 
 
@@ -217,10 +220,10 @@ def report(out_dir):
   lines = [f"device {m['device']}, jax {m['jax']}, {m['date']}; copy "
            f"{ours['ceil']['copy_GBps']:.0f} GB/s, bf16 matmul {ours['ceil']['matmul_tflops']:.0f} "
            f"TFLOP/s; peer: {peer.get('meta', {})}", "",
-           "| shape | attn | batch | AR tok/s | floor tok/s | floor/AR | peer eager tok/s | "
+           "| shape | attn | unroll | batch | AR tok/s | floor tok/s | floor/AR | peer eager tok/s | "
            "peer static tok/s | ours/peer static | block32 fwd ms | sub8 fwd ms | peer block32 "
            "fwd ms | diff. s/round dual | diff. s/round no-dual |",
-           "|" + "---|" * 14]
+           "|" + "---|" * 15]
 
   def f(x, scale=1.0, d=1):
     return f"{x * scale:.{d}f}" if isinstance(x, (int, float)) else "n/a"
@@ -232,7 +235,8 @@ def report(out_dir):
     ours_tps = r.get("ar_tokens_per_s")
     ratio = ours_tps / static["tokens_per_s"] if ours_tps and static else None
     lines.append(
-        f"| {r['shape']} | {r['impl']} | {r['batch']} | {f(ours_tps)} | "
+        f"| {r['shape']} | {r['impl']} | {r.get('scan_unroll', 1)} | {r['batch']} | "
+        f"{f(ours_tps)} | "
         f"{f(r['floor_tokens_per_s'])} | {f(r.get('ar_vs_floor'), d=2)} | "
         f"{f(eager.get('tokens_per_s'))} | {f(static.get('tokens_per_s'))} | {f(ratio, d=2)} | "
         f"{f(r['block32_forward_s'], 1e3, 2)} | {f(r['sub8_forward_s'], 1e3, 2)} | "
@@ -253,6 +257,9 @@ def main():
   ap.add_argument("--impls", default="xla", help="attention impls for the jax part: xla,pallas")
   ap.add_argument("--diffusion-batches", default="1,32",
                   help="batches at which the whole diffusion decoder is timed")
+  ap.add_argument("--scan-unroll", default="1",
+                  help="model.scan_unroll values for the jax part (e.g. 1,28: the layer loop "
+                       "unrolled)")
   ap.add_argument("--peer-modes", default="eager,static")
   args = ap.parse_args()
   shapes = [s for s in args.shapes.split(",") if s]
@@ -262,7 +269,8 @@ def main():
   batches = [int(b) for b in args.batches.split(",")]
   if args.part == "jax":
     jax_part(shapes, batches, args.impls.split(","),
-             [int(b) for b in args.diffusion_batches.split(",")])
+             [int(b) for b in args.diffusion_batches.split(",") if b],
+             [int(u) for u in args.scan_unroll.split(",")])
   elif args.part == "peer":
     peer_part(shapes, batches, args.peer_modes.split(","))
   else:

@@ -202,6 +202,7 @@ class Transformer(nn.Module):
         split_rngs={"params": True},
         in_axes=(nn.broadcast, 0, nn.broadcast),
         length=cfg.num_layers,
+        unroll=cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: ax.LAYERS},
         # The layers have no broadcast variables or outputs, so flax's extra trace that checks
         # them is not needed; under jax 0.11 it also rejects a Pallas call in the body.

@@ -102,6 +102,20 @@ def test_remat_gives_same_loss_and_grads(params, remat):
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
 
+def test_unrolled_layer_loop_gives_same_logits_and_cache(params):
+  tokens = jax.random.randint(jax.random.key(7), (2, 6), 0, TINY.vocab_size)
+  spec, meta = masks.MaskSpec("causal"), masks.TokenMeta.simple(_positions(2, 6))
+  outs = []
+  for unroll in (1, TINY.num_layers):
+    cfg = dataclasses.replace(TINY, scan_unroll=unroll)
+    logits, cache = model.forward(params, cfg, tokens, meta, spec, kvcache.init_cache(cfg, 2, 8))
+    outs.append((logits, cache.k, cache.v))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                         outs[0], outs[1])
+  with pytest.raises(Exception, match="scan_unroll=3: expected 1 .. num_layers"):
+    dataclasses.replace(TINY, scan_unroll=3)
+
+
 def test_bf16_compute_is_close_to_fp32(params):
   tokens = jax.random.randint(jax.random.key(6), (2, 16), 0, TINY.vocab_size)
   ref = model.ar_forward(params, TINY, tokens)

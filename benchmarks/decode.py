@@ -1,6 +1,7 @@
 """Decode speed at the paper's shapes (random bf16 weights, one GPU), beside its floors and a peer.
 
     python benchmarks/decode.py --part jax   [--shapes qwen2.5-1.5b,qwen2.5-7b]
+        [--impls xla,pallas] [--layouts stacked,per_layer]
     python benchmarks/decode.py --part peer  [--shapes ...]   # transformers generate (PyTorch)
     python benchmarks/decode.py --part report                 # markdown from $OUT/*.json
 
@@ -56,7 +57,7 @@ def _safe(fn):
     return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def jax_part(shapes, batches, impls, diffusion_batches, unrolls=(1,)):
+def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",)):
   import jax
   import jax.numpy as jnp
 
@@ -68,15 +69,16 @@ def jax_part(shapes, batches, impls, diffusion_batches, unrolls=(1,)):
   save_json("decode_jax.json", res)
   bw = res["ceil"]["copy_GBps"] * 1e9
   for name in shapes:
-    params = None
-    for impl, unroll in [(i, u) for i in impls for u in unrolls]:
-      cfg = dataclasses.replace(SHAPES[name], attention_impl=impl, scan_unroll=unroll)
-      if params is None:  # the same weights for every variant (the runtime fields differ)
-        params = jax.jit(lambda r: model.init_params(cfg, r))(jax.random.key(0))
+    stacked = None
+    for impl, layout in [(i, l) for i in impls for l in layouts]:
+      cfg = dataclasses.replace(SHAPES[name], attention_impl=impl)
+      if stacked is None:  # the same weights for every variant
+        stacked = jax.jit(lambda r: model.init_params(cfg, r))(jax.random.key(0))
+      params = stacked if layout == "stacked" else jax.jit(model.unstack_layers)(stacked)
       pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
       floor_step = pbytes / bw
       for b in batches:
-        row = {"shape": name, "impl": impl, "scan_unroll": unroll, "batch": b,
+        row = {"shape": name, "impl": impl, "layout": layout, "batch": b,
                "param_bytes": pbytes,
                "floor_tokens_per_s": b / floor_step}
         prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
@@ -111,7 +113,7 @@ def jax_part(shapes, batches, impls, diffusion_batches, unrolls=(1,)):
               p, cfg, toks, masks.TokenMeta.simple(
                   jnp.broadcast_to(jnp.arange(offset, offset + t_len, dtype=jnp.int32),
                                    (b, t_len))), spec, c), donate_argnums=(2,))
-          state = {"c": kvcache.init_cache(cfg, b, PROMPT + 32)}
+          state = {"c": kvcache.init_cache(cfg, b, PROMPT + 32, per_layer=layout != "stacked")}
           toks = jax.random.randint(jax.random.key(4), (b, t_len), 0, 32000)
 
           def call(p, tk):
@@ -132,7 +134,8 @@ def jax_part(shapes, batches, impls, diffusion_batches, unrolls=(1,)):
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save_json("decode_jax.json", res)
-    del params
+      del params
+    del stacked
   return res
 
 
@@ -220,7 +223,7 @@ def report(out_dir):
   lines = [f"device {m['device']}, jax {m['jax']}, {m['date']}; copy "
            f"{ours['ceil']['copy_GBps']:.0f} GB/s, bf16 matmul {ours['ceil']['matmul_tflops']:.0f} "
            f"TFLOP/s; peer: {peer.get('meta', {})}", "",
-           "| shape | attn | unroll | batch | AR tok/s | floor tok/s | floor/AR | peer eager tok/s | "
+           "| shape | attn | layers | batch | AR tok/s | floor tok/s | floor/AR | peer eager tok/s | "
            "peer static tok/s | ours/peer static | block32 fwd ms | sub8 fwd ms | peer block32 "
            "fwd ms | diff. s/round dual | diff. s/round no-dual |",
            "|" + "---|" * 15]
@@ -235,7 +238,7 @@ def report(out_dir):
     ours_tps = r.get("ar_tokens_per_s")
     ratio = ours_tps / static["tokens_per_s"] if ours_tps and static else None
     lines.append(
-        f"| {r['shape']} | {r['impl']} | {r.get('scan_unroll', 1)} | {r['batch']} | "
+        f"| {r['shape']} | {r['impl']} | {r.get('layout', 'stacked')} | {r['batch']} | "
         f"{f(ours_tps)} | "
         f"{f(r['floor_tokens_per_s'])} | {f(r.get('ar_vs_floor'), d=2)} | "
         f"{f(eager.get('tokens_per_s'))} | {f(static.get('tokens_per_s'))} | {f(ratio, d=2)} | "
@@ -257,9 +260,9 @@ def main():
   ap.add_argument("--impls", default="xla", help="attention impls for the jax part: xla,pallas")
   ap.add_argument("--diffusion-batches", default="1,32",
                   help="batches at which the whole diffusion decoder is timed")
-  ap.add_argument("--scan-unroll", default="1",
-                  help="model.scan_unroll values for the jax part (e.g. 1,28: the layer loop "
-                       "unrolled)")
+  ap.add_argument("--layouts", default="stacked",
+                  help="parameter layouts for the jax part: stacked,per_layer (per_layer: "
+                       "model.unstack_layers, one buffer per layer and no layer loop)")
   ap.add_argument("--peer-modes", default="eager,static")
   args = ap.parse_args()
   shapes = [s for s in args.shapes.split(",") if s]
@@ -267,10 +270,13 @@ def main():
   if unknown:
     ap.error(f"unknown shapes {sorted(unknown)}; known: {sorted(SHAPES)}")
   batches = [int(b) for b in args.batches.split(",")]
+  bad_layouts = set(args.layouts.split(",")) - {"stacked", "per_layer"}
+  if bad_layouts:
+    ap.error(f"--layouts: unknown {sorted(bad_layouts)}; known: stacked, per_layer")
   if args.part == "jax":
     jax_part(shapes, batches, args.impls.split(","),
              [int(b) for b in args.diffusion_batches.split(",") if b],
-             [int(u) for u in args.scan_unroll.split(",")])
+             args.layouts.split(","))
   elif args.part == "peer":
     peer_part(shapes, batches, args.peer_modes.split(","))
   else:

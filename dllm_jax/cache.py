@@ -8,6 +8,8 @@ starting at each row's own offset.
 
 from __future__ import annotations
 
+from typing import Union
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -17,21 +19,34 @@ from dllm_jax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-  k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-  v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+  """k and v: one array [layers, batch, max_len, kv_heads, head_dim] for stacked params, or a
+  tuple of `layers` arrays [batch, max_len, kv_heads, head_dim] for per-layer params
+  (`model.unstack_layers`), so that each layer's cache is its own buffer, updated in place."""
+  k: Union[jax.Array, tuple[jax.Array, ...]]
+  v: Union[jax.Array, tuple[jax.Array, ...]]
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self._one_layer_shape[1]
 
   @property
   def batch(self) -> int:
-    return self.k.shape[1]
+    return self._one_layer_shape[0]
+
+  @property
+  def _one_layer_shape(self):
+    return self.k[0].shape if isinstance(self.k, tuple) else self.k.shape[1:]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None,
+               per_layer: bool = False) -> KVCache:
+  """An empty cache; `per_layer` for params in the per-layer layout (`model.unstack_layers`)."""
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  if per_layer:
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return KVCache(k=zeros(), v=zeros())
+  shape = (cfg.num_layers, *shape)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 

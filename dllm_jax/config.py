@@ -43,10 +43,6 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; softmax, norms and logits stay in float32
   remat: str = "none"  # "none" | "full" | "dots": what a layer keeps for the backward pass
   attention_impl: str = "auto"  # "auto" (pallas on GPU/TPU, xla on CPU) | "xla" | "pallas"
-  # Layers per iteration of the layer loop (num_layers: no loop). A decode step is a few small
-  # kernels per layer, so the loop's per-iteration cost shows; unrolling trades compile time for
-  # it. Same numbers either way.
-  scan_unroll: int = 1
 
   def __post_init__(self):
     if self.architecture not in ("llama", "qwen2"):
@@ -56,9 +52,6 @@ class ModelConfig:
           f"model.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.remat not in ("none", "full", "dots"):
       raise ConfigError(f"model.remat={self.remat!r}: expected 'none', 'full' or 'dots'")
-    if not 1 <= self.scan_unroll <= self.num_layers:
-      raise ConfigError(f"model.scan_unroll={self.scan_unroll}: expected 1 .. num_layers "
-                        f"({self.num_layers})")
     if self.attention_impl not in ("auto", "xla", "pallas"):
       raise ConfigError(
           f"model.attention_impl={self.attention_impl!r}: expected 'auto', 'xla' or 'pallas'")
@@ -288,8 +281,7 @@ class InitConfig:
   `source="random"` initialises `model` from scratch with `tokenizer` ("chars": the built-in
   character tokenizer); any other source (a HF directory, a .gguf file, a shortcut such as
   "smollm2-135m-instruct", or a training run directory) is loaded with its own architecture and
-  tokenizer, and only the runtime fields of `model` (dtypes, remat, attention_impl,
-  scan_unroll) apply.
+  tokenizer, and only the runtime fields of `model` (dtypes, remat, attention_impl) apply.
   """
 
   source: str = "random"  # "" in a shipped config means: the user must set it (checked at start)

@@ -299,7 +299,7 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
   # too, but the block-causal mask keeps them from whole blocks, and their slots are rewritten by
   # the first full-block step before anything reads them.
   prefill_len = _round_up(width, bs)
-  cache = init_cache(cfg, batch, total)
+  cache = init_cache(cfg, batch, total, per_layer=not model.is_stacked(params))
   logits, cache = model.forward(
       params, cfg, tokens[:, :prefill_len], _meta(jnp.zeros_like(plen), prefill_len),
       masks.MaskSpec("block_causal", bs), cache, head_index=(plen - 1)[:, None])
@@ -411,7 +411,7 @@ def _ar(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: DecodeConfi
   valid = (plen_B >= 1) & (plen_B <= width)
   plen = jnp.clip(plen_B, 1, width).astype(jnp.int32)
   causal = masks.MaskSpec("causal")
-  cache = init_cache(cfg, batch, width + n)
+  cache = init_cache(cfg, batch, width + n, per_layer=not model.is_stacked(params))
   # Padding after a row's prompt is forwarded too; causality hides it and each later token
   # overwrites its slot before reading it.
   logits, cache = model.forward(params, cfg, prompt_BP.astype(jnp.int32),
@@ -458,6 +458,9 @@ def generate(
     on_step: Optional[Callable] = None,
 ) -> tuple[jax.Array, jax.Array, dict]:
   """Decodes `config.max_new_tokens` tokens after each row's prompt.
+
+  params: stacked, as trained and saved, or per-layer (`model.unstack_layers`): one buffer per
+  layer and no layer loop in the step (`benchmarks/decode.py --layouts` times both).
 
   prompt_tokens_BP: int [B, P], row b's prompt in its first prompt_lengths_B[b] entries (the rest
   is ignored). rng: one PRNG key, or one per row (a row then gets exactly what it gets alone with

@@ -5,7 +5,10 @@ block decoding against a KV cache: what differs is only the attention mask (`mas
 per-token `masks.TokenMeta`) and whether a cache is read and written.
 
 Layers are one `nn.scan` so compile time does not grow with depth; every parameter carries
-logical axis names (see `sharding`).
+logical axis names (see `sharding`). Checkpoints and training use that stacked layout
+(`params["layers"]`, leading axis = layer); `unstack_layers` gives the per-layer layout
+(`params["layers_0"]`, ...), one buffer per layer run by an unrolled Python loop, for decoding
+where a step is a few small kernels per layer. `forward` takes either.
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ class Transformer(nn.Module):
 
   cfg: ModelConfig
   spec: masks.MaskSpec
+  stacked: bool = True  # the layout of the layer parameters and the cache (module docstring)
 
   @nn.compact
   def __call__(self, tokens_BT, meta: masks.TokenMeta, cache: Optional[KVCache] = None,
@@ -196,21 +200,30 @@ class Transformer(nn.Module):
     layer = DecoderLayer
     if cfg.remat != "none":
       layer = nn.remat(layer, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
-    stack = nn.scan(
-        layer,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast, 0, nn.broadcast),
-        length=cfg.num_layers,
-        unroll=cfg.scan_unroll,
-        metadata_params={nn.PARTITION_NAME: ax.LAYERS},
-        # The layers have no broadcast variables or outputs, so flax's extra trace that checks
-        # them is not needed; under jax 0.11 it also rejects a Pallas call in the body.
-        check_constancy_invariants=False,
-    )(cfg, self.spec, name="layers")
-    cache_kv = None if cache is None else (cache.k, cache.v)
-    x, new_kv = stack(x, meta, cache_kv, cache_write_mask)
-    new_cache = None if cache is None else KVCache(k=new_kv[0], v=new_kv[1])
+    if self.stacked:
+      stack = nn.scan(
+          layer,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, 0, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: ax.LAYERS},
+          # The layers have no broadcast variables or outputs, so flax's extra trace that checks
+          # them is not needed; under jax 0.11 it also rejects a Pallas call in the body.
+          check_constancy_invariants=False,
+      )(cfg, self.spec, name="layers")
+      cache_kv = None if cache is None else (cache.k, cache.v)
+      x, new_kv = stack(x, meta, cache_kv, cache_write_mask)
+      new_cache = None if cache is None else KVCache(k=new_kv[0], v=new_kv[1])
+    else:
+      new_k, new_v = [], []
+      for i in range(cfg.num_layers):
+        cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+        x, kv = layer(cfg, self.spec, name=f"layers_{i}")(x, meta, cache_kv, cache_write_mask)
+        if cache is not None:
+          new_k.append(kv[0])
+          new_v.append(kv[1])
+      new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
 
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
     if head_slice is not None:
@@ -232,20 +245,53 @@ class Transformer(nn.Module):
 # Functional entry points: params are a plain pytree, the module is rebuilt from the config.
 
 
+def is_stacked(params: Params) -> bool:
+  """False for the per-layer layout of `unstack_layers`."""
+  return "layers" in params
+
+
+def unstack_layers(params: Params) -> Params:
+  """The per-layer layout of params: `layers_i` = `layers[i]` (see the module docstring).
+
+  Costs one copy of the layer weights: do it once, outside the decode loop (and drop the stacked
+  copy if memory is short). `param_logical_axes(cfg, stacked=False)` gives its logical axes.
+  """
+  if not is_stacked(params):
+    raise ValueError("unstack_layers: the params have no stacked 'layers' entry (already "
+                     "unstacked?)")
+  stacked = params["layers"]
+  n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  out = {k: v for k, v in params.items() if k != "layers"}
+  out.update({f"layers_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+              for i in range(n)})
+  return out
+
+
+def stack_layers(params: Params) -> Params:
+  """The inverse of `unstack_layers` (the layout checkpoints store)."""
+  names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k[7:]))
+  if not names:
+    raise ValueError("stack_layers: the params have no per-layer 'layers_i' entries")
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+  return out
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
   """Random parameters (plain arrays, logical-axis metadata removed)."""
   return nn.unbox(_boxed_init(cfg, rng))
 
 
-def _boxed_init(cfg: ModelConfig, rng: jax.Array):
+def _boxed_init(cfg: ModelConfig, rng: jax.Array, stacked: bool = True):
   tokens = jnp.zeros((1, 1), jnp.int32)
   meta = masks.TokenMeta.simple(jnp.zeros((1, 1), jnp.int32))
-  return Transformer(cfg, masks.MaskSpec("causal")).init(rng, tokens, meta)["params"]
+  return Transformer(cfg, masks.MaskSpec("causal"), stacked).init(rng, tokens, meta)["params"]
 
 
-def param_logical_axes(cfg: ModelConfig) -> Params:
-  """A pytree like the params whose leaves are `PartitionSpec`s of logical axis names."""
-  boxed = jax.eval_shape(lambda r: _boxed_init(cfg, r), jax.random.key(0))
+def param_logical_axes(cfg: ModelConfig, stacked: bool = True) -> Params:
+  """A pytree like the params (of either layout) whose leaves are `PartitionSpec`s of logical
+  axis names."""
+  boxed = jax.eval_shape(lambda r: _boxed_init(cfg, r, stacked), jax.random.key(0))
   return nn.get_partition_spec(boxed)
 
 
@@ -260,8 +306,14 @@ def forward(
     head_index: Optional[jax.Array] = None,
     cache_write_mask: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, Optional[KVCache]]:
-  return Transformer(cfg, spec).apply({"params": params}, tokens_BT, meta, cache, head_slice,
-                                      head_index, cache_write_mask)
+  stacked = is_stacked(params)
+  if cache is not None and isinstance(cache.k, tuple) == stacked:
+    raise ValueError(
+        f"the KV cache is in the {'per-layer' if stacked else 'stacked'} layout but the params "
+        f"are {'stacked' if stacked else 'per-layer'}: make the cache with "
+        f"cache.init_cache(..., per_layer={not stacked})")
+  return Transformer(cfg, spec, stacked).apply({"params": params}, tokens_BT, meta, cache,
+                                               head_slice, head_index, cache_write_mask)
 
 
 def ar_forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array:

@@ -171,6 +171,16 @@ def test_batched_decoder_equals_python_transcription(params, dual):
   assert sub_forwards >= 1 if dual else sub_forwards == 0  # the DualCache path is exercised
 
 
+@pytest.mark.parametrize("mode,dual", [("diffusion", True), ("diffusion", False), ("ar", False)])
+def test_per_layer_params_decode_the_same_tokens(params, mode, dual):
+  cfg = DecodeConfig(mode=mode, max_new_tokens=13, block_size=BS, sub_block_size=SBS,
+                     threshold=0.5, use_dual_cache=dual)
+  prompts, lengths = _prompts(LENGTHS)
+  stacked = _decode(params, prompts, lengths, cfg)
+  per_layer = _decode(model.unstack_layers(params), prompts, lengths, cfg)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, per_layer, stacked)
+
+
 def test_fewer_new_tokens_give_a_prefix(params):
   """Blocks are decoded whole, so the first N tokens do not depend on max_new_tokens."""
   prompts, lengths = _prompts(LENGTHS)

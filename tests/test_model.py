@@ -102,18 +102,28 @@ def test_remat_gives_same_loss_and_grads(params, remat):
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
 
 
-def test_unrolled_layer_loop_gives_same_logits_and_cache(params):
+def test_per_layer_layout_gives_same_logits_and_cache(params):
   tokens = jax.random.randint(jax.random.key(7), (2, 6), 0, TINY.vocab_size)
   spec, meta = masks.MaskSpec("causal"), masks.TokenMeta.simple(_positions(2, 6))
-  outs = []
-  for unroll in (1, TINY.num_layers):
-    cfg = dataclasses.replace(TINY, scan_unroll=unroll)
-    logits, cache = model.forward(params, cfg, tokens, meta, spec, kvcache.init_cache(cfg, 2, 8))
-    outs.append((logits, cache.k, cache.v))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
-                         outs[0], outs[1])
-  with pytest.raises(Exception, match="scan_unroll=3: expected 1 .. num_layers"):
-    dataclasses.replace(TINY, scan_unroll=3)
+  per_layer = model.unstack_layers(params)
+  assert sorted(k for k in per_layer if k.startswith("layers")) == ["layers_0", "layers_1"]
+  logits, cache = model.forward(params, TINY, tokens, meta, spec, kvcache.init_cache(TINY, 2, 8))
+  logits_pl, cache_pl = model.forward(per_layer, TINY, tokens, meta, spec,
+                                      kvcache.init_cache(TINY, 2, 8, per_layer=True))
+  np.testing.assert_allclose(logits_pl, logits, rtol=1e-6, atol=1e-6)
+  assert isinstance(cache_pl.k, tuple) and cache_pl.max_len == 8 and cache_pl.batch == 2
+  np.testing.assert_allclose(jnp.stack(cache_pl.k), cache.k, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jnp.stack(cache_pl.v), cache.v, rtol=1e-6, atol=1e-6)
+  # Round trip, and the logical axes of the per-layer layout match its tree.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, model.stack_layers(per_layer), params)
+  axes = model.param_logical_axes(TINY, stacked=False)
+  assert (jax.tree_util.tree_structure(axes, is_leaf=lambda x: isinstance(
+      x, jax.sharding.PartitionSpec)) == jax.tree_util.tree_structure(per_layer))
+  assert axes["layers_0"]["mlp"]["up"]["kernel"] == jax.sharding.PartitionSpec("embed", "mlp")
+  with pytest.raises(ValueError, match="per_layer=True"):
+    model.forward(per_layer, TINY, tokens, meta, spec, kvcache.init_cache(TINY, 2, 8))
+  with pytest.raises(ValueError, match="already unstacked"):
+    model.unstack_layers(per_layer)
 
 
 def test_bf16_compute_is_close_to_fp32(params):

@@ -133,6 +133,10 @@ def _params_to_hf(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """HF-named [out, in] tensors of our param tree (the inverse of `_params_from_hf`)."""
   e, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
   host = lambda x: np.asarray(x)
+  if "layers" not in params:  # the per-layer layout of model.unstack_layers
+    from dllm_jax import model
+
+    params = model.stack_layers(params)
   layers = params["layers"]
   attn, mlp = layers["attn"], layers["mlp"]
   out = {"model.embed_tokens.weight": host(params["embed"]["embedding"]),

@@ -389,3 +389,16 @@ def test_failed_export_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
     convert.export_hf_dir(pre, target)
   convert.export_hf_dir(pre, target, overwrite=True)
   assert os.listdir(tmp_path) == ["out"]
+
+
+def test_export_tensors_of_per_layer_params_equal_stacked():
+  from dllm_jax.config import ModelConfig
+
+  cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=3,
+                    num_heads=2, num_kv_heads=1, head_dim=8)
+  params = model.init_params(cfg, jax.random.key(0))
+  stacked = convert._params_to_hf(params, cfg)
+  per_layer = convert._params_to_hf(model.unstack_layers(params), cfg)
+  assert stacked.keys() == per_layer.keys()
+  for name in stacked:
+    np.testing.assert_array_equal(per_layer[name], stacked[name])

@@ -222,7 +222,8 @@ def report(out_dir):
   m = ours["meta"]
   lines = [f"device {m['device']}, jax {m['jax']}, {m['date']}; copy "
            f"{ours['ceil']['copy_GBps']:.0f} GB/s, bf16 matmul {ours['ceil']['matmul_tflops']:.0f} "
-           f"TFLOP/s; peer: {peer.get('meta', {})}", "",
+           f"TFLOP/s; XLA_FLAGS={m.get('xla_flags', '')!r}; peer: {peer.get('meta', {})}",
+           "",
            "| shape | attn | layers | batch | AR tok/s | floor tok/s | floor/AR | peer eager tok/s | "
            "peer static tok/s | ours/peer static | block32 fwd ms | sub8 fwd ms | peer block32 "
            "fwd ms | diff. s/round dual | diff. s/round no-dual |",
@@ -262,7 +263,7 @@ def main():
                   help="batches at which the whole diffusion decoder is timed")
   ap.add_argument("--layouts", default="stacked",
                   help="parameter layouts for the jax part: stacked,per_layer (per_layer: "
-                       "model.unstack_layers, one buffer per layer and no layer loop)")
+                       "model.unstack_layers, one buffer per layer and no scan)")
   ap.add_argument("--peer-modes", default="eager,static")
   args = ap.parse_args()
   shapes = [s for s in args.shapes.split(",") if s]

@@ -19,7 +19,8 @@ a study can be spread over several calls on one machine):
   (`eval` means areval,diffeval.)
 --jobs N runs zeroshot, areval and diffeval as up to N processes sharing the GPU (one per
 sub-block size): a 135M model's decode step is launch-bound, so they overlap well. Their
-batch-32 tokens/s are then shared-GPU figures, marked so in study.json (`concurrent_jobs`).
+batch-32 tokens/s are then shared-GPU figures, marked so in study.json (`concurrent_jobs`: how
+many jobs could share the GPU at most; fewer did once the shorter jobs ended).
 Results: WORK/study.json, merged under a file lock (and copied to $OUT/study.json when $OUT is
 set); every generation in WORK/<setting>.jsonl.
 """
@@ -32,6 +33,7 @@ import fcntl
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -76,6 +78,9 @@ def stage_train(study, work, data_dir, steps, extra):
   for kind in ("ar", "diffusion"):
     key = f"train_{kind}"
     if key in study:
+      if study[key].get("step") != steps:
+        raise SystemExit(f"{work}/study.json holds {key} trained for {study[key].get('step')} "
+                         f"steps, not --steps {steps}: use another --work to train anew")
       continue
     overrides = [f"objective.kind={kind}", f"data.source={data_dir}/train.jsonl",
                  f"data.eval_source={data_dir}/test.jsonl", f"train.steps={steps}",
@@ -94,6 +99,11 @@ def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, referen
   from dllm_jax import checkpoint as ckpt, convert, decoding, eval as ev
 
   if key in study:
+    old = study[key]
+    if old.get("limit") != limit or old.get("max_new_tokens") != decode_kwargs["max_new_tokens"]:
+      raise SystemExit(f"{work}/study.json holds {key} for limit={old.get('limit')}, "
+                       f"max_new_tokens={old.get('max_new_tokens')}, not limit={limit}, "
+                       f"max_new_tokens={decode_kwargs['max_new_tokens']}: use another --work")
     return
   # bf16 weights and compute, as a user would decode on a GPU.
   pre = convert.cast(ckpt.load_model(checkpoint), "bfloat16")
@@ -109,8 +119,11 @@ def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, referen
     if ref_path.exists():
       summary["agreement_with_threshold_1"] = ev.agreement(
           records, [json.loads(l) for l in ref_path.read_text().splitlines() if l])
+    else:
+      print(f"[study] {key}: no {ref_path.name} to compare answers with (threshold 1.0 not "
+            "evaluated in this --work); agreement left out", flush=True)
   summary.pop("decode", None)
-  study[key] = dict(summary, concurrent_jobs=jobs, **decode_kwargs)
+  study[key] = dict(summary, limit=limit, concurrent_jobs=jobs, **decode_kwargs)
   print(key, {k: study[key][k] for k in ("accuracy", "stderr", "tokens_per_s",
                                            "tokens_per_forward")}, flush=True)
   _save(work, study)
@@ -174,17 +187,23 @@ def main():
       children.append(common + ["--stages", ",".join(ar_stages)])
     if "diffeval" in evals:
       children += [common + ["--stages", "diffeval", "--sub-blocks", str(b)] for b in sub_blocks]
-    env = dict(os.environ, DLLM_STUDY_JOBS=str(min(args.jobs, len(children))))
+    # Children allocate as they go: JAX's default would have each (and this process, which keeps
+    # its pool from the stages above) reserve most of the GPU.
+    env = dict(os.environ, DLLM_STUDY_JOBS=str(min(args.jobs, len(children))),
+               XLA_PYTHON_CLIENT_PREALLOCATE="false")
     started = []
-    for cmd in children:
-      while sum(p.poll() is None for p in started) >= args.jobs:
+    for i, cmd in enumerate(children):
+      while sum(p.poll() is None for p, _ in started) >= args.jobs:
         time.sleep(1)
-      print("[study] starting", " ".join(cmd[2:]), flush=True)
-      started.append(subprocess.Popen(cmd, env=env))
-    failed = [p for p in started if p.wait()]
+      log_path = work / f"job{i}.log"
+      print("[study] starting", " ".join(cmd[2:]), "->", log_path, flush=True)
+      with open(log_path, "w") as log:
+        started.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT),
+                        log_path))
+    failed = [(p, log) for p, log in started if p.wait()]
     if failed:
-      raise SystemExit(f"{len(failed)} evaluation job(s) failed: "
-                       + "; ".join(" ".join(p.args[2:]) for p in failed))
+      raise SystemExit(f"{len(failed)} evaluation job(s) failed: " + "; ".join(
+          f"exit {p.returncode}, see {log}" for p, log in failed))
     study = _load(work / "study.json")
   else:
     jobs = int(os.environ.get("DLLM_STUDY_JOBS", "1"))
@@ -206,14 +225,23 @@ def main():
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 
 
+_DIFF_KEY = re.compile(r"^(speed_)?diff_t([0-9.]+)_s(\d+)$")
+
+
+def _settings(study: dict) -> tuple[list[float], list[int]]:
+  """The thresholds (high to low) and sub-block sizes that `study` holds results for."""
+  found = [_DIFF_KEY.match(k) for k in study]
+  ths = sorted({float(m.group(2)) for m in found if m}, reverse=True)
+  subs = sorted({int(m.group(3)) for m in found if m})
+  return ths, subs
+
+
 def report(study: dict, plot_dir: pathlib.Path = DOCS) -> str:
   """Markdown tables for BENCHMARKS.md and the two plots under `plot_dir`.
 
   Settings absent from `study` show as "not run"; batch-32 tokens/s measured while other
   evaluation jobs shared the GPU carry a dagger.
   """
-  nan = float("nan")
-
   def acc(s):
     return f"{s['accuracy']:.3f} ± {s['stderr']:.3f}" if s else "not run"
 
@@ -222,30 +250,37 @@ def report(study: dict, plot_dir: pathlib.Path = DOCS) -> str:
       return "not run"
     return f"{s['tokens_per_s']:.0f}" + ("†" if s.get("concurrent_jobs", 1) > 1 else "")
 
-  ar_speed = study.get("speed_ar", {}).get("tokens_per_s")
-  lines = ["| model / decoding | sub-block | threshold | accuracy ± s.e. (1319) | agreement "
-           "with t=1.0 | tokens per forward | batch-32 tok/s | batch-1 tok/s (128) | batch-1 "
-           "accuracy (128) | batch-1 speed-up vs AR |", "|" + "---|" * 10]
+  def b1(s):
+    return f"{s['tokens_per_s']:.0f}" if s else "not run"
+
+  thresholds, sub_blocks = _settings(study)
+  n_full = next((v["n"] for k, v in study.items() if k.startswith(("diff_", "ar_model", "zero"))),
+                "?")
+  n_speed = next((v["n"] for k, v in study.items() if k.startswith("speed_")), "?")
+  ar_b1 = study.get("speed_ar")
+  ar_speed = ar_b1["tokens_per_s"] if ar_b1 else None
+  lines = [f"| model / decoding | sub-block | threshold | accuracy ± s.e. ({n_full}) | agreement "
+           f"with t=1.0 | tokens per forward | batch-32 tok/s | batch-1 tok/s ({n_speed}) | "
+           f"batch-1 accuracy ({n_speed}) | batch-1 speed-up vs AR |", "|" + "---|" * 10]
   zs = study.get("zeroshot_ar")
   lines.append(f"| SmolLM2-135M-Instruct zero-shot, AR | - | - | {acc(zs)} | - | 1.00 | {b32(zs)} "
                "| - | - | - |")
-  ar, sp = study.get("ar_model_ar"), study.get("speed_ar")
-  lines.append(f"| AR-SFT model, AR | - | - | {acc(ar)} | - | 1.00 | {b32(ar)} | "
-               f"{ar_speed or nan:.0f} | {acc(sp)} | 1.00 |")
-  for sub in SUB_BLOCKS:
-    for th in THRESHOLDS:
+  ar = study.get("ar_model_ar")
+  lines.append(f"| AR-SFT model, AR | - | - | {acc(ar)} | - | 1.00 | {b32(ar)} | {b1(ar_b1)} | "
+               f"{acc(ar_b1)} | {'1.00' if ar_b1 else '-'} |")
+  for sub in sub_blocks:
+    for th in thresholds:
       s = study.get(f"diff_t{th}_s{sub}")
-      sp = study.get(f"speed_diff_t{th}_s8") if sub == 8 else None
+      sp = study.get(f"speed_diff_t{th}_s{sub}")
       if not s and not sp:
         continue
-      b1 = sp["tokens_per_s"] if sp else None
       tpf = (s or sp)["tokens_per_forward"]
       agree = s.get("agreement_with_threshold_1") if s else None
+      speedup = f"{sp['tokens_per_s'] / ar_speed:.2f}" if sp and ar_speed else "-"
       lines.append(
           f"| diffusion model | {sub} | {th} | {acc(s)} | "
           f"{'-' if agree is None else f'{agree:.3f}'} | {tpf:.2f}{'' if s else ' (b1)'} | "
-          f"{b32(s)} | {f'{b1:.0f}' if b1 else '-'} | {acc(sp) if sp else '-'} | "
-          f"{f'{b1 / ar_speed:.2f}' if b1 and ar_speed else '-'} |")
+          f"{b32(s)} | {b1(sp) if sp else '-'} | {acc(sp) if sp else '-'} | {speedup} |")
   for kind in ("ar", "diffusion"):
     t = study.get(f"train_{kind}")
     if t:
@@ -270,8 +305,9 @@ def _plots(study: dict, docs: pathlib.Path) -> None:
 
   docs.mkdir(parents=True, exist_ok=True)
   fig, ax = plt.subplots(figsize=(6, 4))
-  for sub in SUB_BLOCKS:
-    pts = [(th, study[f"diff_t{th}_s{sub}"]) for th in THRESHOLDS if f"diff_t{th}_s{sub}" in study]
+  thresholds, sub_blocks = _settings(study)
+  for sub in sub_blocks:
+    pts = [(th, study[f"diff_t{th}_s{sub}"]) for th in thresholds if f"diff_t{th}_s{sub}" in study]
     if pts:
       ax.errorbar([p[0] for p in pts], [p[1]["accuracy"] for p in pts],
                   yerr=[p[1]["stderr"] for p in pts], marker="o", capsize=3,
@@ -291,11 +327,12 @@ def _plots(study: dict, docs: pathlib.Path) -> None:
   fig.tight_layout()
   fig.savefig(docs / "gsm8k_accuracy_vs_threshold.png", dpi=120)
   fig, ax = plt.subplots(figsize=(6, 4))
-  pts = [(th, study[f"speed_diff_t{th}_s8"]) for th in THRESHOLDS
-         if f"speed_diff_t{th}_s8" in study]
-  if pts:
-    ax.plot([p[0] for p in pts], [p[1]["tokens_per_s"] for p in pts], marker="o",
-            label="diffusion, sub-block 8")
+  for sub in sub_blocks:
+    pts = [(th, study[f"speed_diff_t{th}_s{sub}"]) for th in thresholds
+           if f"speed_diff_t{th}_s{sub}" in study]
+    if pts:
+      ax.plot([p[0] for p in pts], [p[1]["tokens_per_s"] for p in pts], marker="o",
+              label=f"diffusion, sub-block {sub}")
   if "speed_ar" in study:
     ax.axhline(study["speed_ar"]["tokens_per_s"], color="k", ls="--", label="AR-SFT, AR decoding")
   ax.set_xlabel("confidence threshold")

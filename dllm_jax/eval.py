@@ -162,6 +162,12 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
       "forwards_per_token": total_nfe / max(total_tokens, 1),
       "tokens_per_forward": total_tokens / max(total_nfe, 1),
       "generated_tokens": total_tokens, "run_s": run_s, "compile_s": compile_s,
+      # How often a model fails to end its answer, and how often it writes GSM8K's marker: a
+      # weak diffusion model loops until the token limit.
+      "at_token_limit": sum(r["tokens"] >= decode_cfg.max_new_tokens for r in records)
+                        / max(len(records), 1),
+      "with_answer_marker": sum("####" in r["generation"] for r in records)
+                            / max(len(records), 1),
       "batched_forward_rounds": total_iters, "batch_size": batch_size,
       "decode": dataclasses.asdict(decode_cfg),
       "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,

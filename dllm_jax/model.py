@@ -199,7 +199,9 @@ class Transformer(nn.Module):
 
     layer = DecoderLayer
     if cfg.remat != "none":
-      layer = nn.remat(layer, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+      # CSE cannot merge a scan body's recompute with its forward, so the barrier that stops it
+      # is only needed for the unrolled per-layer loop.
+      layer = nn.remat(layer, prevent_cse=not self.stacked, policy=_REMAT_POLICIES[cfg.remat])
     if self.stacked:
       stack = nn.scan(
           layer,
@@ -270,8 +272,9 @@ def unstack_layers(params: Params) -> Params:
 def stack_layers(params: Params) -> Params:
   """The inverse of `unstack_layers` (the layout checkpoints store)."""
   names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k[7:]))
-  if not names:
-    raise ValueError("stack_layers: the params have no per-layer 'layers_i' entries")
+  if names != [f"layers_{i}" for i in range(len(names))]:
+    raise ValueError(f"stack_layers: expected per-layer entries layers_0 .. layers_N-1, got "
+                     f"{names or 'none'}")
   out = {k: v for k, v in params.items() if not k.startswith("layers_")}
   out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
   return out
@@ -312,6 +315,9 @@ def forward(
         f"the KV cache is in the {'per-layer' if stacked else 'stacked'} layout but the params "
         f"are {'stacked' if stacked else 'per-layer'}: make the cache with "
         f"cache.init_cache(..., per_layer={not stacked})")
+  if cache is not None and not stacked and len(cache.k) != cfg.num_layers:
+    raise ValueError(f"the per-layer KV cache has {len(cache.k)} layers, the model "
+                     f"{cfg.num_layers}: make it with cache.init_cache(model_cfg, ...)")
   return Transformer(cfg, spec, stacked).apply({"params": params}, tokens_BT, meta, cache,
                                                head_slice, head_index, cache_write_mask)
 

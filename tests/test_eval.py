@@ -75,4 +75,7 @@ def test_evaluate_end_to_end_counts_every_problem_once(tmp_path):
   assert eval_lib.agreement(one, one) == 1.0
   assert 0.0 <= eval_lib.agreement(fast, one) <= 1.0
   assert one_summary["generated_tokens"] == fast_summary["generated_tokens"] == 5 * 16
+  # No stop tokens: every answer runs to the limit.
+  assert one_summary["at_token_limit"] == 1.0
+  assert 0.0 <= one_summary["with_answer_marker"] <= 1.0
   assert fast_summary["tokens_per_forward"] > 2 * one_summary["tokens_per_forward"]

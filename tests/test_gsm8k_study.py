@@ -47,7 +47,7 @@ def test_unknown_stage_is_an_error(study_mod, tmp_path, monkeypatch, capsys):
 def test_report_marks_missing_and_shared_figures(study_mod, tmp_path):
   def ev(acc, tps, tpf=1.0, jobs=5, **kw):
     return dict(accuracy=acc, stderr=0.01, tokens_per_s=tps, tokens_per_forward=tpf,
-                concurrent_jobs=jobs, **kw)
+                concurrent_jobs=jobs, n=128 if jobs == 1 else 1319, **kw)
 
   study = {
       "zeroshot_ar": ev(0.02, 1500.0),
@@ -64,3 +64,15 @@ def test_report_marks_missing_and_shared_figures(study_mod, tmp_path):
   assert "not run" in rows["0.7/8"] and "2.50" in rows["0.7/8"]  # 1250 / 500
   assert "1.00" in rows["1.0/8"].split("|")[5]  # agreement
   assert "| AR-SFT model, AR | - | - | 0.060 ± 0.010 |" in text
+  assert "accuracy ± s.e. (1319)" in text and "batch-1 tok/s (128)" in text
+  # Without the AR batch-1 run there is no speed-up to state.
+  del study["speed_ar"]
+  assert "| AR-SFT model, AR | - | - | 0.060 ± 0.010 | - | 1.00 | 1100† | not run | not run | - |" \
+      in study_mod.report(study, plot_dir=tmp_path)
+
+
+def test_resuming_with_other_settings_is_an_error(study_mod, tmp_path):
+  study = {"data_dir": "d", "ar_model_ar": {"limit": 64, "max_new_tokens": 256}}
+  with pytest.raises(SystemExit, match="limit=64, max_new_tokens=256, not limit=None"):
+    study_mod._evaluate(study, tmp_path, "ar_model_ar", "unused", {"max_new_tokens": 256}, 32,
+                        None)

@@ -124,6 +124,11 @@ def test_per_layer_layout_gives_same_logits_and_cache(params):
     model.forward(per_layer, TINY, tokens, meta, spec, kvcache.init_cache(TINY, 2, 8))
   with pytest.raises(ValueError, match="already unstacked"):
     model.unstack_layers(per_layer)
+  short = kvcache.init_cache(dataclasses.replace(TINY, num_layers=1), 2, 8, per_layer=True)
+  with pytest.raises(ValueError, match="has 1 layers, the model 2"):
+    model.forward(per_layer, TINY, tokens, meta, spec, short)
+  with pytest.raises(ValueError, match="layers_0 .. layers_N-1, got"):
+    model.stack_layers({k: v for k, v in per_layer.items() if k != "layers_0"})
 
 
 def test_bf16_compute_is_close_to_fp32(params):

@@ -167,6 +167,11 @@ def main():
   sub_blocks = [int(b) for b in args.sub_blocks.split(",")]
   if "train" in stages:
     stage_train(study, work, args.data_dir, args.steps, [f"init.source={args.base}", *args.set])
+  needs = {"ar": ("speed", "areval"), "diffusion": ("speed", "diffeval")}
+  for kind, users in needs.items():
+    if set(users) & set(stages) and not (work / kind).is_dir():
+      ap.error(f"stages {sorted(set(users) & set(stages))} evaluate {work / kind}, which does "
+               "not exist: run the train stage first (same --work)")
   if "speed" in stages:
     _evaluate(study, work, "speed_ar", str(work / "ar"), dict(mode="ar", max_new_tokens=n), 1,
               args.speed_limit)

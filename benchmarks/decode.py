@@ -69,12 +69,15 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",)):
   save_json("decode_jax.json", res)
   bw = res["ceil"]["copy_GBps"] * 1e9
   for name in shapes:
-    stacked = None
+    # The same weights for every variant, each layout made once (attention_impl is not a
+    # parameter).
+    stacked = jax.jit(lambda r: model.init_params(SHAPES[name], r))(jax.random.key(0))
+    by_layout = {"stacked": stacked}
+    if "per_layer" in layouts:
+      by_layout["per_layer"] = jax.jit(model.unstack_layers)(stacked)
     for impl, layout in [(i, l) for i in impls for l in layouts]:
       cfg = dataclasses.replace(SHAPES[name], attention_impl=impl)
-      if stacked is None:  # the same weights for every variant
-        stacked = jax.jit(lambda r: model.init_params(cfg, r))(jax.random.key(0))
-      params = stacked if layout == "stacked" else jax.jit(model.unstack_layers)(stacked)
+      params = by_layout[layout]
       pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
       floor_step = pbytes / bw
       for b in batches:
@@ -135,7 +138,7 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",)):
         print(json.dumps(row), flush=True)
         save_json("decode_jax.json", res)
       del params
-    del stacked
+    del stacked, by_layout
   return res
 
 

@@ -34,8 +34,12 @@ class KVCache:
     return self._one_layer_shape[0]
 
   @property
+  def per_layer(self) -> bool:
+    return isinstance(self.k, tuple)
+
+  @property
   def _one_layer_shape(self):
-    return self.k[0].shape if isinstance(self.k, tuple) else self.k.shape[1:]
+    return self.k[0].shape if self.per_layer else self.k.shape[1:]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None,

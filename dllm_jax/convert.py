@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import ml_dtypes
 import numpy as np
 
+from dllm_jax import model
 from dllm_jax import tokenizer as tk
 from dllm_jax.config import ModelConfig
 
@@ -133,9 +134,7 @@ def _params_to_hf(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """HF-named [out, in] tensors of our param tree (the inverse of `_params_from_hf`)."""
   e, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
   host = lambda x: np.asarray(x)
-  if "layers" not in params:  # the per-layer layout of model.unstack_layers
-    from dllm_jax import model
-
+  if not model.is_stacked(params):
     params = model.stack_layers(params)
   layers = params["layers"]
   attn, mlp = layers["attn"], layers["mlp"]

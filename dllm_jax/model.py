@@ -310,7 +310,7 @@ def forward(
     cache_write_mask: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, Optional[KVCache]]:
   stacked = is_stacked(params)
-  if cache is not None and isinstance(cache.k, tuple) == stacked:
+  if cache is not None and cache.per_layer == stacked:
     raise ValueError(
         f"the KV cache is in the {'per-layer' if stacked else 'stacked'} layout but the params "
         f"are {'stacked' if stacked else 'per-layer'}: make the cache with "

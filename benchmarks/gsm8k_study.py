@@ -95,21 +95,23 @@ def stage_train(study, work, data_dir, steps, extra):
 
 
 def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, reference=None,
-              jobs=1):
+              jobs=1, layout="stacked"):
   from dllm_jax import checkpoint as ckpt, convert, decoding, eval as ev
 
   if key in study:
     old = study[key]
-    if old.get("limit") != limit or old.get("max_new_tokens") != decode_kwargs["max_new_tokens"]:
+    if (old.get("limit"), old.get("max_new_tokens"), old.get("layout", "stacked")) != (
+        limit, decode_kwargs["max_new_tokens"], layout):
       raise SystemExit(f"{work}/study.json holds {key} for limit={old.get('limit')}, "
-                       f"max_new_tokens={old.get('max_new_tokens')}, not limit={limit}, "
-                       f"max_new_tokens={decode_kwargs['max_new_tokens']}: use another --work")
+                       f"max_new_tokens={old.get('max_new_tokens')}, layout="
+                       f"{old.get('layout', 'stacked')}, not limit={limit}, max_new_tokens="
+                       f"{decode_kwargs['max_new_tokens']}, layout={layout}: use another --work")
     return
   # bf16 weights and compute, as a user would decode on a GPU.
   pre = convert.cast(ckpt.load_model(checkpoint), "bfloat16")
   problems = ev.load_gsm8k(os.path.join(study["data_dir"], "test.jsonl"), limit)
   records, summary = ev.evaluate(pre, problems, decoding.DecodeConfig(**decode_kwargs), batch,
-                                 log=lambda *a: None)
+                                 log=lambda *a: None, layout=layout)
   gen_path = work / f"{key}.jsonl"
   with gen_path.open("w") as f:
     for r in records:
@@ -143,6 +145,8 @@ def main():
   ap.add_argument("--max-new-tokens", type=int, default=256)
   ap.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)))
   ap.add_argument("--sub-blocks", default=",".join(map(str, SUB_BLOCKS)))
+  ap.add_argument("--layout", choices=["stacked", "per_layer"], default="stacked",
+                  help="parameter layout for decoding (dllm_jax.eval --layout)")
   ap.add_argument("--jobs", type=int, default=1,
                   help="concurrent processes for zeroshot/areval/diffeval (see above)")
   ap.add_argument("--set", action="append", default=[], help="extra training overrides")
@@ -174,18 +178,19 @@ def main():
                "not exist: run the train stage first (same --work)")
   if "speed" in stages:
     _evaluate(study, work, "speed_ar", str(work / "ar"), dict(mode="ar", max_new_tokens=n), 1,
-              args.speed_limit)
+              args.speed_limit, layout=args.layout)
     for th in thresholds:
       _evaluate(study, work, f"speed_diff_t{th}_s8", str(work / "diffusion"),
                 dict(mode="diffusion", max_new_tokens=n, threshold=th, sub_block_size=8), 1,
-                args.speed_limit)
+                args.speed_limit, layout=args.layout)
   evals = [s for s in ("zeroshot", "areval", "diffeval") if s in stages]
   if args.jobs > 1 and evals:
     # One child per sub-block size (threshold 1.0 first: the others' agreement reads it), and
     # one for the two AR evaluations.
     common = [sys.executable, os.path.abspath(__file__), "--data-dir", args.data_dir, "--work",
               str(work), "--base", args.base, "--max-new-tokens", str(n), "--thresholds",
-              args.thresholds, "--jobs", "1"] + (["--limit", str(args.limit)] if args.limit else [])
+              args.thresholds, "--jobs", "1", "--layout", args.layout]
+    common += ["--limit", str(args.limit)] if args.limit else []
     children = []
     ar_stages = [s for s in evals if s != "diffeval"]
     if ar_stages:
@@ -214,16 +219,17 @@ def main():
     jobs = int(os.environ.get("DLLM_STUDY_JOBS", "1"))
     if "zeroshot" in evals:
       _evaluate(study, work, "zeroshot_ar", args.base, dict(mode="ar", max_new_tokens=n), 32,
-                args.limit, jobs=jobs)
+                args.limit, jobs=jobs, layout=args.layout)
     if "areval" in evals:
       _evaluate(study, work, "ar_model_ar", str(work / "ar"), dict(mode="ar", max_new_tokens=n),
-                32, args.limit, jobs=jobs)
+                32, args.limit, jobs=jobs, layout=args.layout)
     if "diffeval" in evals:
       for sub in sub_blocks:
         for th in sorted(thresholds, reverse=True):
           _evaluate(study, work, f"diff_t{th}_s{sub}", str(work / "diffusion"),
                     dict(mode="diffusion", max_new_tokens=n, threshold=th, sub_block_size=sub),
-                    32, args.limit, reference=f"diff_t1.0_s{sub}", jobs=jobs)
+                    32, args.limit, reference=f"diff_t1.0_s{sub}", jobs=jobs,
+                    layout=args.layout)
   _save(work, study)
 
 

@@ -2,7 +2,7 @@
 
     python -m dllm_jax.eval gsm8k --checkpoint DIR --data test.jsonl [--mode diffusion|ar]
         [--threshold 0.9] [--sub-block-size 8] [--batch-size 32] [--limit N] [--out gen.jsonl]
-        [--compare-to other_gen.jsonl] [--json]
+        [--compare-to other_gen.jsonl] [--layout stacked|per_layer] [--json]
 
 Every batch has the same shape (prompts padded to one length, the last batch filled with copies
 of its first row that are dropped afterwards), so the decoder compiles once; compile time is
@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dllm_jax import decoding
+from dllm_jax import decoding, model
 
+LAYOUTS = ("stacked", "per_layer")
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
@@ -98,11 +99,17 @@ def accuracy_with_se(correct: Sequence[bool]) -> tuple[float, float]:
 
 def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.DecodeConfig,
              batch_size: int, seed: int = 0, log=print,
-             stop_token_ids: Optional[tuple[int, ...]] = None) -> tuple[list[dict], dict]:
+             stop_token_ids: Optional[tuple[int, ...]] = None,
+             layout: str = "stacked") -> tuple[list[dict], dict]:
   """Generates an answer for every problem; returns per-problem records and a summary.
 
   stop_token_ids: None stops where decode.py does (`decoding.stop_token_ids`).
+  layout: "stacked" decodes with the parameters as saved (one array per weight, layers looped
+    by a scan); "per_layer" unstacks them once first (`model.unstack_layers`: one buffer per
+    layer, no layer loop in the decode step). Same tokens either way.
   """
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
   tok = pretrained.tokenizer
   if tok is None:
     raise ValueError("the checkpoint has no tokenizer; evaluation needs one to render prompts")
@@ -128,6 +135,8 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
     return jnp.asarray(toks), jnp.asarray(lens)
 
   params = pretrained.params
+  if layout == "per_layer":
+    params = model.unstack_layers(params)
   rng = jax.random.key(seed)
   t0 = time.perf_counter()
   compiled = fn.lower(params, *batch_arrays(0), rng).compile()
@@ -168,7 +177,7 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
                         / max(len(records), 1),
       "with_answer_marker": sum("####" in r["generation"] for r in records)
                             / max(len(records), 1),
-      "batched_forward_rounds": total_iters, "batch_size": batch_size,
+      "batched_forward_rounds": total_iters, "batch_size": batch_size, "layout": layout,
       "decode": dataclasses.asdict(decode_cfg),
       "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
   }
@@ -206,6 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--limit", type=int, default=None, help="first N problems only")
   parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--layout", choices=LAYOUTS, default="stacked",
+                      help="decode with the layers stacked (as saved) or unstacked once first")
   parser.add_argument("--out", default=None, help="write every generation here (JSONL)")
   parser.add_argument("--compare-to", default=None,
                       help="another run's generations JSONL: report the share of equal answers")
@@ -228,7 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       use_dual_cache=not args.no_dual_cache)
   problems = load_gsm8k(args.data, args.limit)
   log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-  records, summary = evaluate(pretrained, problems, decode_cfg, args.batch_size, args.seed, log)
+  records, summary = evaluate(pretrained, problems, decode_cfg, args.batch_size, args.seed, log,
+                              layout=args.layout)
   summary["checkpoint"] = args.checkpoint
   if args.compare_to:
     summary["agreement_with"] = args.compare_to

@@ -79,3 +79,20 @@ def test_evaluate_end_to_end_counts_every_problem_once(tmp_path):
   assert one_summary["at_token_limit"] == 1.0
   assert 0.0 <= one_summary["with_answer_marker"] <= 1.0
   assert fast_summary["tokens_per_forward"] > 2 * one_summary["tokens_per_forward"]
+
+
+def test_evaluate_per_layer_layout_gives_the_same_generations(tmp_path):
+  data = tmp_path / "test.jsonl"
+  data.write_text("".join(json.dumps({"question": f"What is {i} + 1?",
+                                      "answer": f"#### {i + 1}"}) + "\n" for i in range(3)))
+  problems = eval_lib.load_gsm8k(data)
+  pre = _tiny_pretrained()
+  cfg = decoding.DecodeConfig(threshold=0.5, max_new_tokens=16, block_size=8, sub_block_size=4)
+  runs = {layout: eval_lib.evaluate(pre, problems, cfg, batch_size=2, log=lambda *a: None,
+                                    stop_token_ids=(), layout=layout)
+          for layout in eval_lib.LAYOUTS}
+  (stacked, s_sum), (per_layer, p_sum) = runs["stacked"], runs["per_layer"]
+  assert [r["generation"] for r in per_layer] == [r["generation"] for r in stacked]
+  assert (p_sum["layout"], s_sum["layout"]) == ("per_layer", "stacked")
+  with pytest.raises(ValueError, match="layout='scan'"):
+    eval_lib.evaluate(pre, problems, cfg, batch_size=2, log=lambda *a: None, layout="scan")

@@ -73,6 +73,14 @@ def test_report_marks_missing_and_shared_figures(study_mod, tmp_path):
 
 def test_resuming_with_other_settings_is_an_error(study_mod, tmp_path):
   study = {"data_dir": "d", "ar_model_ar": {"limit": 64, "max_new_tokens": 256}}
-  with pytest.raises(SystemExit, match="limit=64, max_new_tokens=256, not limit=None"):
+  with pytest.raises(SystemExit, match="limit=64, max_new_tokens=256, layout=stacked, not "
+                     "limit=None"):
     study_mod._evaluate(study, tmp_path, "ar_model_ar", "unused", {"max_new_tokens": 256}, 32,
                         None)
+  # A result decoded with the other parameter layout is not resumed either.
+  study = {"data_dir": "d", "ar_model_ar": {"limit": None, "max_new_tokens": 256}}
+  with pytest.raises(SystemExit, match="layout=per_layer: use another --work"):
+    study_mod._evaluate(study, tmp_path, "ar_model_ar", "unused", {"max_new_tokens": 256}, 32,
+                        None, layout="per_layer")
+  # The same settings resume (nothing to do).
+  study_mod._evaluate(study, tmp_path, "ar_model_ar", "unused", {"max_new_tokens": 256}, 32, None)

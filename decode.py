@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                  help="compute and weight dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+  p.add_argument("--layout", choices=["stacked", "per_layer"], default="per_layer",
+                 help="parameter layout to decode with: per_layer (unstacked once after loading; "
+                      "about 2x faster steps on a GPU) or stacked (as saved; faster to compile)")
   p.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as is")
   p.add_argument("--force", action="store_true",
                  help="diffusion-decode a model not trained for it (warns instead of refusing)")
@@ -88,10 +91,13 @@ def read_prompts(path: str) -> list[list[dict]]:
 
 
 def load(args):
-  """The checkpoint as a `convert.Pretrained`, checked for the mode and cast to the dtype."""
+  """The checkpoint as a `convert.Pretrained`, checked for the mode, cast to the dtype and in
+  the parameter layout asked for."""
+  import dataclasses
+
   import jax
 
-  from dllm_jax import checkpoint, convert
+  from dllm_jax import checkpoint, convert, model
 
   pretrained = checkpoint.load_model(args.checkpoint)
   if pretrained.tokenizer is None:
@@ -105,7 +111,9 @@ def load(args):
       warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
                     stacklevel=2)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  return convert.cast(pretrained, dtype)
+  pretrained = convert.cast(pretrained, dtype)
+  # Replaces the stacked weights rather than keeping both copies.
+  return dataclasses.replace(pretrained, params=model.with_layout(pretrained.params, args.layout))
 
 
 def decode_config(args, tokenizer, model_cfg):

@@ -264,7 +264,7 @@ def main():
   ap.add_argument("--impls", default="xla", help="attention impls for the jax part: xla,pallas")
   ap.add_argument("--diffusion-batches", default="1,32",
                   help="batches at which the whole diffusion decoder is timed")
-  ap.add_argument("--layouts", default="stacked",
+  ap.add_argument("--layouts", default="stacked,per_layer",
                   help="parameter layouts for the jax part: stacked,per_layer (per_layer: "
                        "model.unstack_layers, one buffer per layer and no scan)")
   ap.add_argument("--peer-modes", default="eager,static")

@@ -34,9 +34,9 @@ def get_config() -> Config:
                       # end-of-sequence padding the same way).
                       loss_on_block_padding=True),
       objective=ObjectiveConfig(kind="diffusion", block_size=BLOCK),
-      # The GSM8K study (BENCHMARKS.md) ran 300 steps of this recipe (batch 32: about 70 problems
-      # a step, 2.8 epochs): too few for the diffusion model to match the AR one. The 2000 steps
-      # here have not been run yet.
+      # The GSM8K study (BENCHMARKS.md) ran 300 and 600 steps of this recipe (batch 32: about 70
+      # problems a step, 2.8 epochs per 300 steps): too few for the diffusion model to match the
+      # AR one, though 600 did better than 300. The 2000 steps here have not been run yet.
       train=TrainConfig(steps=2000, learning_rate=1e-4, warmup_ratio=0.03, schedule="cosine",
                         run_dir="runs/smollm2_gsm8k", eval_batches=20, export_hf=True),
       mesh=MeshConfig(data=-1),

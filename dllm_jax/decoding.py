@@ -459,8 +459,9 @@ def generate(
 ) -> tuple[jax.Array, jax.Array, dict]:
   """Decodes `config.max_new_tokens` tokens after each row's prompt.
 
-  params: stacked, as trained and saved, or per-layer (`model.unstack_layers`): one buffer per
-  layer and no layer loop in the step (`benchmarks/decode.py --layouts` times both).
+  params: stacked, as trained and saved, or per-layer (`model.with_layout(params, "per_layer")`:
+  one buffer per layer and no layer loop in the step; about 2x faster steps on a GPU, see
+  BENCHMARKS.md). Convert once, outside the function you jit.
 
   prompt_tokens_BP: int [B, P], row b's prompt in its first prompt_lengths_B[b] entries (the rest
   is ignored). rng: one PRNG key, or one per row (a row then gets exactly what it gets alone with

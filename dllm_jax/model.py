@@ -8,7 +8,8 @@ Layers are one `nn.scan` so compile time does not grow with depth; every paramet
 logical axis names (see `sharding`). Checkpoints and training use that stacked layout
 (`params["layers"]`, leading axis = layer); `unstack_layers` gives the per-layer layout
 (`params["layers_0"]`, ...), one buffer per layer run by an unrolled Python loop, for decoding
-where a step is a few small kernels per layer. `forward` takes either.
+where a step is a few small kernels per layer and must not copy weights. `forward` takes either;
+`with_layout` converts.
 """
 
 from __future__ import annotations
@@ -278,6 +279,22 @@ def stack_layers(params: Params) -> Params:
   out = {k: v for k, v in params.items() if not k.startswith("layers_")}
   out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
   return out
+
+
+# "per_layer" is the decoding default: on an H100 it took a Qwen2.5-1.5B AR step from 4.3 to
+# 2.1 ms at batch 1 (BENCHMARKS.md), because the scan copies each layer's weights out of the
+# stack before the matmuls read them.
+LAYOUTS = ("stacked", "per_layer")
+
+
+def with_layout(params: Params, layout: str) -> Params:
+  """`params` in `layout` ("stacked" as saved and trained, or "per_layer"); a no-op when they
+  are in it already."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+  if (layout == "stacked") == is_stacked(params):
+    return params
+  return stack_layers(params) if layout == "stacked" else unstack_layers(params)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:

@@ -90,7 +90,7 @@ def test_evaluate_per_layer_layout_gives_the_same_generations(tmp_path):
   cfg = decoding.DecodeConfig(threshold=0.5, max_new_tokens=16, block_size=8, sub_block_size=4)
   runs = {layout: eval_lib.evaluate(pre, problems, cfg, batch_size=2, log=lambda *a: None,
                                     stop_token_ids=(), layout=layout)
-          for layout in eval_lib.LAYOUTS}
+          for layout in model.LAYOUTS}
   (stacked, s_sum), (per_layer, p_sum) = runs["stacked"], runs["per_layer"]
   assert [r["generation"] for r in per_layer] == [r["generation"] for r in stacked]
   assert (p_sum["layout"], s_sum["layout"]) == ("per_layer", "stacked")

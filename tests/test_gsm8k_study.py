@@ -83,4 +83,5 @@ def test_resuming_with_other_settings_is_an_error(study_mod, tmp_path):
     study_mod._evaluate(study, tmp_path, "ar_model_ar", "unused", {"max_new_tokens": 256}, 32,
                         None, layout="per_layer")
   # The same settings resume (nothing to do).
-  study_mod._evaluate(study, tmp_path, "ar_model_ar", "unused", {"max_new_tokens": 256}, 32, None)
+  study_mod._evaluate(study, tmp_path, "ar_model_ar", "unused", {"max_new_tokens": 256}, 32, None,
+                      layout="stacked")

@@ -129,6 +129,15 @@ def test_per_layer_layout_gives_same_logits_and_cache(params):
     model.forward(per_layer, TINY, tokens, meta, spec, short)
   with pytest.raises(ValueError, match="layers_0 .. layers_N-1, got"):
     model.stack_layers({k: v for k, v in per_layer.items() if k != "layers_0"})
+  # with_layout converts either way and leaves params already in the layout alone.
+  assert model.with_layout(params, "stacked") is params
+  assert model.with_layout(per_layer, "per_layer") is per_layer
+  jax.tree_util.tree_map(np.testing.assert_array_equal, model.with_layout(params, "per_layer"),
+                         per_layer)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, model.with_layout(per_layer, "stacked"),
+                         params)
+  with pytest.raises(ValueError, match="layout='scan': expected one of"):
+    model.with_layout(params, "scan")
 
 
 def test_bf16_compute_is_close_to_fp32(params):

@@ -21,6 +21,9 @@ a study can be spread over several calls on one machine):
 sub-block size): a 135M model's decode step is launch-bound, so they overlap well. Their
 batch-32 tokens/s are then shared-GPU figures, marked so in study.json (`concurrent_jobs`: how
 many jobs could share the GPU at most; fewer did once the shorter jobs ended).
+Evaluations decode with the per-layer parameter layout (--layout) and share a JAX persistent
+compilation cache (--compile-cache, default WORK/jax_cache): the threshold is an argument of the
+compiled decoder, so each sub-block size compiles once per batch size.
 Results: WORK/study.json, merged under a file lock (and copied to $OUT/study.json when $OUT is
 set); every generation in WORK/<setting>.jsonl.
 """
@@ -147,6 +150,9 @@ def main():
   ap.add_argument("--sub-blocks", default=",".join(map(str, SUB_BLOCKS)))
   ap.add_argument("--layout", choices=["stacked", "per_layer"], default="per_layer",
                   help="parameter layout for decoding (dllm_jax.eval --layout)")
+  ap.add_argument("--compile-cache", default=None,
+                  help="JAX persistent compilation cache (default WORK/jax_cache; '' for none): "
+                       "the thresholds of one sub-block size then compile once")
   ap.add_argument("--jobs", type=int, default=1,
                   help="concurrent processes for zeroshot/areval/diffeval (see above)")
   ap.add_argument("--set", action="append", default=[], help="extra training overrides")
@@ -166,6 +172,12 @@ def main():
   work.mkdir(parents=True, exist_ok=True)
   study = _load(work / "study.json")
   study["data_dir"] = args.data_dir
+  cache_dir = str(work / "jax_cache") if args.compile_cache is None else args.compile_cache
+  if cache_dir:
+    import jax
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir  # for the child jobs
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
   n = args.max_new_tokens
   thresholds = [float(t) for t in args.thresholds.split(",")]
   sub_blocks = [int(b) for b in args.sub_blocks.split(",")]
@@ -189,7 +201,8 @@ def main():
     # one for the two AR evaluations.
     common = [sys.executable, os.path.abspath(__file__), "--data-dir", args.data_dir, "--work",
               str(work), "--base", args.base, "--max-new-tokens", str(n), "--thresholds",
-              args.thresholds, "--jobs", "1", "--layout", args.layout]
+              args.thresholds, "--jobs", "1", "--layout", args.layout,
+              "--compile-cache", cache_dir]
     common += ["--limit", str(args.limit)] if args.limit else []
     children = []
     ar_stages = [s for s in evals if s != "diffeval"]

@@ -281,7 +281,7 @@ def _status(st_tokens, st_masked, block_start, plen, config):
 
 
 def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: DecodeConfig,
-               on_step: Optional[Callable]):
+               on_step: Optional[Callable], threshold):
   bs, sbs, n = config.block_size, config.sub_block_size, config.max_new_tokens
   mask_id = _mask_id(cfg, config)
   batch, width = prompt_BP.shape
@@ -364,7 +364,7 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
     candidates, confidence = sample(step_logits, sample_keys, config.temperature, config.top_p)
     sub_masked = _rows_slice(blk_masked, sub_start, sbs) & step[:, None]
     confidence = jnp.where(sub_masked, confidence, -jnp.inf)
-    unmask = (confidence > config.threshold) | jax.nn.one_hot(
+    unmask = (confidence > threshold) | jax.nn.one_hot(
         jnp.argmax(confidence, axis=1), sbs, dtype=bool)
     unmask &= sub_masked
     sub_new = jnp.where(unmask, candidates, _rows_slice(blk, sub_start, sbs))
@@ -456,6 +456,7 @@ def generate(
     rng: jax.Array,
     config: DecodeConfig,
     on_step: Optional[Callable] = None,
+    threshold=None,
 ) -> tuple[jax.Array, jax.Array, dict]:
   """Decodes `config.max_new_tokens` tokens after each row's prompt.
 
@@ -473,6 +474,9 @@ def generate(
   whole-block forward and others a sub-block one). Traceable: jit it with model_cfg, config and on_step static (`generate_jit`).
   `on_step(tokens_BL, masked_BL, done_B)` (diffusion only) is called from the device with the
   state after the prefill and after every step; it is for visualisation, leave it None otherwise.
+  `threshold` (diffusion only): a scalar, possibly traced, used in place of `config.threshold`,
+  so that one compiled decoder serves a sweep of thresholds (a traced value is not checked: keep
+  it in (0, 1]).
   """
   prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
   prompt_lengths_B = jnp.asarray(prompt_lengths_B)
@@ -482,8 +486,19 @@ def generate(
     out, lengths, nfe, iterations = _ar(params, model_cfg, prompt_tokens_BP, prompt_lengths_B,
                                         keys, config)
   else:
+    if threshold is None:
+      threshold = config.threshold
+    else:
+      try:
+        value = float(threshold)
+      except jax.errors.ConcretizationTypeError:  # traced: checked by whoever made it
+        value = None
+      if value is not None and not 0.0 < value <= 1.0:
+        raise DecodeError(f"generate(threshold={value}): must be in (0, 1] (1.0 unmasks one "
+                          "token per step)")
     out, lengths, nfe, iterations = _diffusion(params, model_cfg, prompt_tokens_BP,
-                                               prompt_lengths_B, keys, config, on_step)
+                                               prompt_lengths_B, keys, config, on_step,
+                                               jnp.asarray(threshold, jnp.float32))
   cols = jnp.arange(config.max_new_tokens)[None, :]
   out = jnp.where(cols < lengths[:, None], out, config.pad_token_id)
   safe_nfe = jnp.maximum(nfe, 1)

@@ -117,8 +117,11 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
   width = max(len(p) for p in prompts)
   width = -(-width // decode_cfg.block_size) * decode_cfg.block_size
   model_cfg = pretrained.config
-  fn = jax.jit(lambda params, toks, lens, rng: decoding.generate(params, model_cfg, toks, lens,
-                                                                   rng, decode_cfg))
+  # The threshold is an argument, not a constant, so a sweep over thresholds compiles to the same
+  # program (and hits JAX's persistent compilation cache when one is set).
+  fn = jax.jit(lambda params, toks, lens, rng, th: decoding.generate(
+      params, model_cfg, toks, lens, rng, decode_cfg, threshold=th))
+  threshold = jnp.float32(decode_cfg.threshold)
 
   def batch_arrays(start):
     rows = list(range(start, min(start + batch_size, len(prompts))))
@@ -133,7 +136,7 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
   params = model.with_layout(pretrained.params, layout)
   rng = jax.random.key(seed)
   t0 = time.perf_counter()
-  compiled = fn.lower(params, *batch_arrays(0), rng).compile()
+  compiled = fn.lower(params, *batch_arrays(0), rng, threshold).compile()
   compile_s = time.perf_counter() - t0
 
   records, run_s, total_tokens, total_nfe, total_iters = [], 0.0, 0, 0, 0
@@ -142,7 +145,7 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
     rng, key = jax.random.split(rng)
     jax.block_until_ready((toks, lens, key))
     t0 = time.perf_counter()
-    out, lengths, stats = jax.block_until_ready(compiled(params, toks, lens, key))
+    out, lengths, stats = jax.block_until_ready(compiled(params, toks, lens, key, threshold))
     run_s += time.perf_counter() - t0
     out, lengths, nfe = np.asarray(out), np.asarray(lengths), np.asarray(stats["nfe"])
     total_iters += int(stats["iterations"])

@@ -250,6 +250,23 @@ def test_threshold_semantics(params):
   assert np.all(tpf[0.1] > tpf[1.0])
 
 
+def test_traced_threshold_serves_a_sweep_with_one_program(params):
+  prompts, lengths = _prompts([5, 8, 12], seed=7)
+  base = DecodeConfig(max_new_tokens=24, block_size=BS, sub_block_size=SBS, threshold=1.0)
+  fn = jax.jit(lambda th: decoding.generate(params, CFG, prompts, lengths, jax.random.key(0),
+                                            base, threshold=th))
+  compiled = fn.lower(jnp.float32(1.0)).compile()
+  for thr in (1.0, 0.5, 0.1):
+    want = decoding.generate(params, CFG, prompts, lengths, jax.random.key(0),
+                             DecodeConfig(**{**base.__dict__, "threshold": thr}))
+    got = compiled(jnp.float32(thr))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[2]["nfe"], want[2]["nfe"])
+  # A concrete threshold is checked like DecodeConfig's.
+  with pytest.raises(DecodeError, match=r"generate\(threshold=1.5\): must be in \(0, 1\]"):
+    decoding.generate(params, CFG, prompts, lengths, jax.random.key(0), base, threshold=1.5)
+
+
 def test_one_compiled_program_without_host_transfers(params):
   prompts, lengths = _prompts([6, 10])
   cfg = DecodeConfig(max_new_tokens=16, block_size=BS, sub_block_size=SBS, threshold=0.5)

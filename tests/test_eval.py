@@ -1,6 +1,10 @@
 """GSM8K evaluation: answer extraction, accuracy statistics, and an end-to-end run on a tiny model."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -96,3 +100,39 @@ def test_evaluate_per_layer_layout_gives_the_same_generations(tmp_path):
   assert (p_sum["layout"], s_sum["layout"]) == ("per_layer", "stacked")
   with pytest.raises(ValueError, match="layout='scan'"):
     eval_lib.evaluate(pre, problems, cfg, batch_size=2, log=lambda *a: None, layout="scan")
+
+
+_SWEEP = """
+import json, pathlib, sys
+from dllm_jax import decoding, eval as eval_lib
+sys.path.insert(0, {tests!r})
+from test_eval import _tiny_pretrained
+problems = eval_lib.load_gsm8k({data!r})
+pre, cache, counts = _tiny_pretrained(), pathlib.Path({cache!r}), []
+for th in (0.9, 0.5):
+  cfg = decoding.DecodeConfig(threshold=th, max_new_tokens=16, block_size=8, sub_block_size=4)
+  eval_lib.evaluate(pre, problems, cfg, batch_size=2, log=lambda *a: None, stop_token_ids=())
+  counts.append(len(list(cache.iterdir())))
+print(json.dumps(counts))
+"""
+
+
+def test_a_threshold_sweep_compiles_once_with_a_persistent_cache(tmp_path):
+  # The threshold is an argument of the compiled decoder, so the second threshold finds every
+  # program in JAX's persistent cache (what the GSM8K study relies on to save device time). A
+  # subprocess: the cache directory is process-wide state.
+  data = tmp_path / "test.jsonl"
+  data.write_text("".join(json.dumps({"question": f"What is {i}?", "answer": f"#### {i}"}) + "\n"
+                          for i in range(3)))
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=str(root), JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", JAX_PLATFORMS="cpu")
+  script = _SWEEP.format(tests=str(root / "tests"), data=str(data), cache=str(cache))
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  first, second = json.loads(out.stdout.strip().splitlines()[-1])
+  assert first > 0 and second == first

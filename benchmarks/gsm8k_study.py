@@ -23,7 +23,8 @@ batch-32 tokens/s are then shared-GPU figures, marked so in study.json (`concurr
 many jobs could share the GPU at most; fewer did once the shorter jobs ended).
 Evaluations decode with the per-layer parameter layout (--layout) and share a JAX persistent
 compilation cache (--compile-cache, default WORK/jax_cache): the threshold is an argument of the
-compiled decoder, so each sub-block size compiles once per batch size.
+compiled decoder, so each sub-block size should compile once per batch size (shown on CPU by
+tests/test_eval.py; not yet observed on a GPU). On a cache hit `compile_s` is the load time.
 Results: WORK/study.json, merged under a file lock (and copied to $OUT/study.json when $OUT is
 set); every generation in WORK/<setting>.jsonl.
 """
@@ -108,7 +109,8 @@ def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, referen
       raise SystemExit(f"{work}/study.json holds {key} for limit={old.get('limit')}, "
                        f"max_new_tokens={old.get('max_new_tokens')}, layout="
                        f"{old.get('layout', 'stacked')}, not limit={limit}, max_new_tokens="
-                       f"{decode_kwargs['max_new_tokens']}, layout={layout}: use another --work")
+                       f"{decode_kwargs['max_new_tokens']}, layout={layout}: use another --work "
+                       "(or the same settings to resume)")
     return
   # bf16 weights and compute, as a user would decode on a GPU.
   pre = convert.cast(ckpt.load_model(checkpoint), "bfloat16")
@@ -173,11 +175,15 @@ def main():
   study = _load(work / "study.json")
   study["data_dir"] = args.data_dir
   cache_dir = str(work / "jax_cache") if args.compile_cache is None else args.compile_cache
-  if cache_dir:
-    import jax
+  import jax
 
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir  # for the child jobs
+  if cache_dir:
+    # The environment as well as the config: any other process this one starts shares the cache.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     jax.config.update("jax_compilation_cache_dir", cache_dir)
+  else:
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    jax.config.update("jax_compilation_cache_dir", None)
   n = args.max_new_tokens
   thresholds = [float(t) for t in args.thresholds.split(",")]
   sub_blocks = [int(b) for b in args.sub_blocks.split(",")]

@@ -489,6 +489,10 @@ def generate(
     if threshold is None:
       threshold = config.threshold
     else:
+      if jnp.ndim(threshold) != 0:
+        # A [B] threshold would broadcast against [B, sub_block] confidences along the wrong axis.
+        raise DecodeError(f"generate(threshold=...): must be a scalar, got shape "
+                          f"{jnp.shape(threshold)}")
       try:
         value = float(threshold)
       except jax.errors.ConcretizationTypeError:  # traced: checked by whoever made it

@@ -282,8 +282,8 @@ def stack_layers(params: Params) -> Params:
 
 
 # "per_layer" is the decoding default: on an H100 it took a Qwen2.5-1.5B AR step from 4.3 to
-# 2.1 ms at batch 1 (BENCHMARKS.md), because the scan copies each layer's weights out of the
-# stack before the matmuls read them.
+# 2.1 ms at batch 1 (BENCHMARKS.md); the timings fit the scan copying each layer's weights out
+# of the stack before the matmuls read them.
 LAYOUTS = ("stacked", "per_layer")
 
 
@@ -292,6 +292,10 @@ def with_layout(params: Params, layout: str) -> Params:
   are in it already."""
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+  if not is_stacked(params) and "layers_0" not in params:
+    raise ValueError(f"with_layout: params hold neither 'layers' (stacked) nor 'layers_0' "
+                     f"(per-layer) but {sorted(params)}; pass the model's params dict (for a "
+                     "Flax variables dict, its ['params'])")
   if (layout == "stacked") == is_stacked(params):
     return params
   return stack_layers(params) if layout == "stacked" else unstack_layers(params)

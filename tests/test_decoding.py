@@ -265,6 +265,13 @@ def test_traced_threshold_serves_a_sweep_with_one_program(params):
   # A concrete threshold is checked like DecodeConfig's.
   with pytest.raises(DecodeError, match=r"generate\(threshold=1.5\): must be in \(0, 1\]"):
     decoding.generate(params, CFG, prompts, lengths, jax.random.key(0), base, threshold=1.5)
+  # A per-row threshold is refused, traced or not (it would broadcast along the sub-block).
+  with pytest.raises(DecodeError, match=r"must be a scalar, got shape \(3,\)"):
+    decoding.generate(params, CFG, prompts, lengths, jax.random.key(0), base,
+                      threshold=np.full(3, 0.5, np.float32))
+  with pytest.raises(DecodeError, match="must be a scalar"):
+    jax.jit(lambda th: decoding.generate(params, CFG, prompts, lengths, jax.random.key(0), base,
+                                         threshold=th))(jnp.full(3, 0.5))
 
 
 def test_one_compiled_program_without_host_transfers(params):

@@ -138,6 +138,8 @@ def test_per_layer_layout_gives_same_logits_and_cache(params):
                          params)
   with pytest.raises(ValueError, match="layout='scan': expected one of"):
     model.with_layout(params, "scan")
+  with pytest.raises(ValueError, match=r"neither 'layers'.*\['params'\]"):
+    model.with_layout({"params": params}, "per_layer")
 
 
 def test_bf16_compute_is_close_to_fp32(params):

@@ -94,11 +94,9 @@ def read_prompts(path: str) -> list[list[dict]]:
 def load(args):
   """The checkpoint as a `convert.Pretrained`, checked for the mode, cast to the dtype and in
   the parameter layout asked for."""
-  import dataclasses
-
   import jax
 
-  from dllm_jax import checkpoint, convert, model
+  from dllm_jax import checkpoint, convert
 
   pretrained = checkpoint.load_model(args.checkpoint)
   if pretrained.tokenizer is None:
@@ -112,9 +110,7 @@ def load(args):
       warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
                     stacklevel=2)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  pretrained = convert.cast(pretrained, dtype)
-  # Replaces the stacked weights rather than keeping both copies.
-  return dataclasses.replace(pretrained, params=model.with_layout(pretrained.params, args.layout))
+  return convert.cast(pretrained, dtype, args.layout)
 
 
 def decode_config(args, tokenizer, model_cfg):

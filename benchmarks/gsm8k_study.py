@@ -113,7 +113,7 @@ def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, referen
                        "(or the same settings to resume)")
     return
   # bf16 weights and compute, as a user would decode on a GPU.
-  pre = convert.cast(ckpt.load_model(checkpoint), "bfloat16")
+  pre = convert.cast(ckpt.load_model(checkpoint), "bfloat16", layout)
   problems = ev.load_gsm8k(os.path.join(study["data_dir"], "test.jsonl"), limit)
   records, summary = ev.evaluate(pre, problems, decoding.DecodeConfig(**decode_kwargs), batch,
                                  log=lambda *a: None, layout=layout)
@@ -177,13 +177,9 @@ def main():
   cache_dir = str(work / "jax_cache") if args.compile_cache is None else args.compile_cache
   import jax
 
-  if cache_dir:
-    # The environment as well as the config: any other process this one starts shares the cache.
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-  else:
-    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-    jax.config.update("jax_compilation_cache_dir", None)
+  # Overrides a JAX_COMPILATION_CACHE_DIR from the environment either way; child jobs get the
+  # same directory through their --compile-cache.
+  jax.config.update("jax_compilation_cache_dir", cache_dir or None)
   n = args.max_new_tokens
   thresholds = [float(t) for t in args.thresholds.split(",")]
   sub_blocks = [int(b) for b in args.sub_blocks.split(",")]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -136,3 +137,15 @@ def test_a_threshold_sweep_compiles_once_with_a_persistent_cache(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   first, second = json.loads(out.stdout.strip().splitlines()[-1])
   assert first > 0 and second == first
+
+
+def test_cast_changes_dtype_and_optionally_layout():
+  pre = _tiny_pretrained()
+  kept = convert.cast(pre, "bfloat16")
+  assert model.is_stacked(kept.params)
+  assert kept.config.dtype == kept.config.param_dtype == "bfloat16"
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(kept.params))
+  per_layer = convert.cast(pre, "bfloat16", "per_layer")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, per_layer.params,
+                         model.unstack_layers(kept.params))
+  assert per_layer.config == kept.config

@@ -131,15 +131,17 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("programs", [decode.TARGET_PROGRAMS, 1])  # many splits; one, no combine
 @pytest.mark.parametrize("kind,bs,t,s,b,h,kh,starts", DECODE_CASES)
-def test_decode_equals_reference_on_random_caches(kind, bs, t, s, b, h, kh, starts):
+def test_decode_equals_reference_on_random_caches(kind, bs, t, s, b, h, kh, starts, programs):
   spec = masks.MaskSpec(kind, bs)
   ks = jax.random.split(jax.random.key(s + t), 3)
   q = jax.random.normal(ks[0], (b, t, h, 16))
   kc = jax.random.normal(ks[1], (b, s, kh, 16))
   vc = jax.random.normal(ks[2], (b, s, kh, 16))
   start = jnp.asarray(starts, jnp.int32)
-  got = jax.jit(lambda *a: decode.decode_attention(*a, spec, interpret=True))(q, kc, vc, start)
+  got = jax.jit(lambda *a: decode.decode_attention(*a, spec, interpret=True, programs=programs))(
+      q, kc, vc, start)
   q_meta = masks.TokenMeta.simple(start[:, None] + jnp.arange(t)[None])
   k_meta = masks.TokenMeta.simple(jnp.broadcast_to(jnp.arange(s), (b, s)))
   want = attention.xla_attention(q, kc, vc, masks.dense_mask(spec, q_meta, k_meta))

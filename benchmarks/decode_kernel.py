@@ -1,0 +1,155 @@
+"""Decode-attention kernel: tuning knobs against the read bound of its own access pattern.
+
+    python benchmarks/decode_kernel.py [--shape qwen2.5-1.5b] [--cache 4096] [--batch 32]
+
+`decode.decode_attention` moves the K and V slots its queries may see once. How close it gets
+to the copy bandwidth depends on how many programs share the cache, tile size, pipelining
+depth and what the partial outputs cost; this sweeps those, and times a kernel with the same
+grid and loads that only sums what it reads (the most this access pattern can give in Pallas'
+Triton lowering). Every figure is the time of one call inside an executable that runs the
+call on several distinct caches (more bytes than L2 holds, no host dispatch per call), beside
+the copy bandwidth measured in the same run. JSON to $OUT/decode_kernel.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from benchmarks.common import ceilings, run_meta, save_json, timeit  # noqa: E402
+from dllm_jax import masks  # noqa: E402
+from dllm_jax.kernels import decode  # noqa: E402
+
+SHAPES = {"qwen2.5-1.5b": (12, 2, 128), "qwen2.5-7b": (28, 4, 128)}
+
+
+def read_bound(q_BTHD, k_BSKD, v_BSKD, *, block_k=64, programs=decode.TARGET_PROGRAMS,
+               num_warps=4, num_stages=3, interpret=False):
+  """The decode kernel's grid and K/V loads with the arithmetic left out: every program sums
+  the K and V tiles of its split into one [block_k, D] float32 tile."""
+  b, t, h, d = q_BTHD.shape
+  s, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
+  num_kv_tiles = s // block_k
+  splits = max(1, min(num_kv_tiles, -(-programs // (b * kv_heads))))
+  per = -(-num_kv_tiles // splits)
+  splits = -(-num_kv_tiles // per)
+
+  def kernel(k_ref, v_ref, o_ref):
+    lo = pl.program_id(0) * per
+    hi = jnp.minimum(lo + per, num_kv_tiles)
+
+    def body(j, acc):
+      first = pl.multiple_of(j * block_k, block_k)
+      return (acc + k_ref[pl.ds(first, block_k), :].astype(jnp.float32)
+              + v_ref[pl.ds(first, block_k), :].astype(jnp.float32))
+
+    o_ref[...] = lax.fori_loop(lo, hi, body, jnp.zeros((block_k, d), jnp.float32))
+
+  return pl.pallas_call(
+      kernel, grid=(splits, b, kv_heads),
+      in_specs=[pl.BlockSpec((None, s, None, d), lambda sp, bi, ki: (bi, 0, ki, 0))] * 2,
+      out_specs=pl.BlockSpec((None, None, None, block_k, d),
+                             lambda sp, bi, ki: (sp, bi, ki, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((splits, b, kv_heads, block_k, d), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="decode_read_bound")(k_BSKD, v_BSKD)
+
+
+def make_sets(shape, s, b, tq, head_major_cache=False):
+  h, kh, d = SHAPES[shape]
+  kv_bytes = 2 * b * s * kh * d * 2
+  n_sets = int(min(16, max(4, math.ceil(1e9 / kv_bytes))))
+  sets = []
+  for i in range(n_sets):
+    ks = jax.random.split(jax.random.key(50 + i), 3)
+    q = jax.random.normal(ks[0], (b, tq, h, d), jnp.bfloat16)
+    kc = jax.random.normal(ks[1], (b, s, kh, d), jnp.bfloat16)
+    vc = jax.random.normal(ks[2], (b, s, kh, d), jnp.bfloat16)
+    if head_major_cache:  # stored that way: the fold is not part of the timed call
+      fold = lambda x: x.transpose(0, 2, 1, 3).reshape(b * kh, s, 1, d)
+      q = q.reshape(b, tq, kh, h // kh, d).transpose(0, 2, 1, 3, 4).reshape(b * kh, tq, h // kh, d)
+      kc, vc = fold(kc), fold(vc)
+    sets.append((q, kc, vc))
+  return sets, kv_bytes
+
+
+def time_call(fn, sets):
+  many = jax.jit(lambda all_sets: [fn(*x) for x in all_sets])
+  return timeit(many, [(sets,)], reps=5, inner=3) / len(sets)
+
+
+VARIANTS = [  # (name, kwargs of decode_attention)
+    ("default", {}),
+    ("f32 partials", {"partial_dtype": jnp.float32}),
+    ("bk128 p264 st2", {"block_k": 128, "programs": 264, "num_stages": 2}),
+    ("bk64 p264", {"programs": 264}),
+    ("bk64 p132", {"programs": 132}),
+    ("bk64 p1056", {"programs": 1056}),
+    ("bk64 p64 (one split)", {"programs": 1}),
+    ("bk64 st4", {"num_stages": 4}),
+    ("bk64 st2", {"num_stages": 2}),
+    ("bk32 st4", {"block_k": 32, "num_stages": 4}),
+    ("bk128 st3", {"block_k": 128}),
+    ("bk64 w8", {"num_warps": 8}),
+    ("bk64 w2", {"num_warps": 2}),
+]
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
+  ap.add_argument("--cache", type=int, default=4096)
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--queries", type=int, default=8)
+  args = ap.parse_args()
+  s, b, tq = args.cache, args.batch, args.queries
+  spec = masks.MaskSpec("block_causal", 32)
+  start = jnp.full((b,), s - tq, jnp.int32)  # last sub-block: every slot is seen
+  res = {"meta": run_meta(), "ceil": ceilings(), "shape": args.shape, "S": s, "B": b, "T": tq,
+         "rows": []}
+  copy = res["ceil"]["copy_GBps"]
+  print(res["meta"], res["ceil"], flush=True)
+  sets, kv_bytes = make_sets(args.shape, s, b, tq)
+
+  def record(name, fn, these=sets):
+    try:
+      t = time_call(fn, these)
+      row = {"variant": name, "us": t * 1e6, "GBps": kv_bytes / t / 1e9,
+             "frac_copy": kv_bytes / t / 1e9 / copy}
+    except Exception as e:  # an unsupported knob setting is recorded, the sweep goes on
+      row = {"variant": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    res["rows"].append(row)
+    print(row, flush=True)
+    save_json("decode_kernel.json", res)
+
+  for bk, st in ((64, 3), (128, 2), (64, 4)):
+    record(f"read bound bk{bk} st{st}",
+           lambda q, k, v: read_bound(q, k, v, block_k=bk, num_stages=st))
+  for name, kw in VARIANTS:
+    record(name, lambda q, k, v, kw=kw: decode.decode_attention(q, k, v, start, spec, **kw))
+  hm_sets, _ = make_sets(args.shape, s, b, tq, head_major_cache=True)
+  hm_start = jnp.repeat(start, SHAPES[args.shape][1])
+  record("head-major cache, default",
+         lambda q, k, v: decode.decode_attention(q, k, v, hm_start, spec), hm_sets)
+  record("head-major read bound bk64 st3", lambda q, k, v: read_bound(q, k, v), hm_sets)
+  print("\n| variant | us | GB/s | frac of copy |\n|---|---|---|---|")
+  for r in res["rows"]:
+    if "us" in r:
+      print(f"| {r['variant']} | {r['us']:.1f} | {r['GBps']:.0f} | {r['frac_copy']:.2f} |")
+    else:
+      print(f"| {r['variant']} | {r['error']} | | |")
+
+
+if __name__ == "__main__":
+  main()

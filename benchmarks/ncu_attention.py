@@ -1,0 +1,63 @@
+"""Launches each attention kernel a few times, warm, so Nsight Compute can read its counters.
+
+    ncu --clock-control none -k regex:NAME --launch-skip 1 --launch-count 1 \
+        --section SpeedOfLight ... python benchmarks/ncu_attention.py --case train|decode
+
+Shapes are the benchmark's headline cases: training, Qwen2.5-1.5B heads (12/2, D=128), the
+diffusion 2L layout at L=2048, batch 4 (kernels block_sparse_attention_fwd/_dq/_dkv); decode,
+the same heads, an 8-token sub-block at the end of a 4096-slot cache, batch 32
+(decode_attention). Nothing is timed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+
+from dllm_jax import masks  # noqa: E402
+from dllm_jax.kernels import decode, flash  # noqa: E402
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--case", choices=["train", "decode"], required=True)
+  ap.add_argument("--calls", type=int, default=3)
+  ap.add_argument("--num-warps-dkv", type=int, default=0, help="flash.Tiles.num_warps_dkv")
+  args = ap.parse_args()
+  h, kh, d = 12, 2, 128
+  ks = jax.random.split(jax.random.key(0), 4)
+  if args.case == "train":
+    b, length = 4, 2048
+    spec = masks.MaskSpec("diffusion", 32, 1)
+    meta = masks.layout_meta(spec, jnp.zeros((b, length), jnp.int32))
+    t = meta.positions.shape[1]
+    q = jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, t, kh, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16)
+    ct = jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16)
+    tiles = flash.Tiles(num_warps_dkv=args.num_warps_dkv)
+    attn = lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles)
+    fn = jax.jit(jax.grad(lambda q, k, v: (attn(q, k, v) * ct).astype(jnp.float32).sum(),
+                          (0, 1, 2)))
+    call = lambda: fn(q, k, v)
+  else:
+    b, s, tq = 32, 4096, 8
+    spec = masks.MaskSpec("block_causal", 32)
+    start = jnp.full((b,), s - tq, jnp.int32)
+    q = jax.random.normal(ks[0], (b, tq, h, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, s, kh, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, s, kh, d), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v: decode.decode_attention(q, k, v, start, spec))
+    call = lambda: fn(q, k, v)
+  for _ in range(args.calls):
+    jax.block_until_ready(call())
+
+
+if __name__ == "__main__":
+  main()

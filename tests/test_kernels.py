@@ -14,8 +14,10 @@ from dllm_jax import kernels
 from dllm_jax.config import ModelConfig
 from dllm_jax.kernels import decode, flash
 
-SMALL = flash.Tiles(16, 16, 16, 16, 16, 16)
+SMALL = flash.Tiles(16, 16, 16, 16, 16, 16, dkv_head_split=1)
 MIXED = flash.Tiles(16, 32, 32, 16, 16, 32)  # different maps for the forward, dq and dk/dv kernels
+SPLIT2 = flash.Tiles(16, 16, 16, 16, 16, 16, dkv_head_split=2)  # dk/dv from per-program partials
+SPLIT4 = flash.Tiles(16, 16, 16, 16, 16, 16, dkv_head_split=4)  # group 6: clipped to 3 programs
 
 
 def _dense_tile_classes(spec, length, bq, bk):
@@ -82,6 +84,8 @@ TRAIN_CASES = [
     (masks.MaskSpec("diffusion", 8, 1), 40, 1, 3, 1, 16, [[24]], MIXED),
     (masks.MaskSpec("block_causal", 16), 45, 2, 3, 1, 64, [[], [32]], SMALL),
     (masks.MaskSpec("causal"), 33, 1, 2, 2, 128, [[10]], SMALL),
+    (masks.MaskSpec("diffusion", 8, 1), 29, 2, 6, 1, 16, [[16], []], SPLIT2),
+    (masks.MaskSpec("diffusion", 4, 2), 21, 1, 12, 2, 16, [[8, 12]], SPLIT4),
 ]
 
 
@@ -184,3 +188,40 @@ def test_model_with_pallas_attention_equals_xla():
   want, _ = fwd(params, cfg, tokens[:, 16:20], pos(16, 4), spec, cache)
   got, _ = fwd(params, pallas_cfg, tokens[:, 16:20], pos(16, 4), spec, cache)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dkv_tiles_are_visited_heaviest_first():
+  spec = masks.MaskSpec("diffusion", 32, 1)
+  plan = flash.visit_runs(spec, 256, 64, 64, True)
+  order = flash.heavy_first(plan)
+  _, count, _, n_runs = plan
+  work = [int(count[i, :n_runs[i]].sum()) for i in range(len(n_runs))]
+  assert sorted(order.tolist()) == list(range(len(work)))
+  assert [work[i] for i in order] == sorted(work, reverse=True)
+  assert work[order[0]] > work[order[-1]]  # the layout is uneven, so the order is not trivial
+
+
+@pytest.mark.parametrize("field,value", [("num_warps_dkv", 3), ("num_warps", 0),
+                                         ("dkv_head_split", 0), ("block_q", 48)])
+def test_tiles_refuse_bad_settings(field, value):
+  with pytest.raises(ValueError, match=field):
+    flash.Tiles(**{field: value})
+
+
+def test_decode_in_bf16_stays_within_bf16_rounding():
+  # The split outputs are stored in the output dtype (bf16 here) before the combine.
+  spec = masks.MaskSpec("block_causal", 16)
+  b, t, s, h, kh, d = 2, 8, 256, 6, 2, 64
+  ks = jax.random.split(jax.random.key(7), 3)
+  q = jax.random.normal(ks[0], (b, t, h, d)).astype(jnp.bfloat16)
+  kc = jax.random.normal(ks[1], (b, s, kh, d)).astype(jnp.bfloat16)
+  vc = jax.random.normal(ks[2], (b, s, kh, d)).astype(jnp.bfloat16)
+  start = jnp.asarray([40, 248], jnp.int32)
+  got = decode.decode_attention(q, kc, vc, start, spec, interpret=True, block_k=16)
+  assert got.dtype == jnp.bfloat16
+  f32 = lambda x: x.astype(jnp.float32)
+  q_meta = masks.TokenMeta.simple(start[:, None] + jnp.arange(t)[None])
+  k_meta = masks.TokenMeta.simple(jnp.broadcast_to(jnp.arange(s), (b, s)))
+  want = attention.xla_attention(f32(q), f32(kc), f32(vc), masks.dense_mask(spec, q_meta, k_meta))
+  err = jnp.linalg.norm(f32(got) - want) / jnp.linalg.norm(want)
+  assert err < 1e-2

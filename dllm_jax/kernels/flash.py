@@ -51,7 +51,13 @@ class Tiles:
   block_q_dkv: int = 64
   block_k_dkv: int = 64
   num_warps: int = 4
-  num_warps_bwd: int = 4
+  num_warps_bwd: int = 4  # the dq kernel
+  num_warps_dkv: int = 0  # the dk/dv kernel (0: num_warps_bwd)
+  # Programs the query heads of one KV head's group are split over in the dk/dv kernel (the
+  # largest divisor of the group size not above it); > 1 sums float32 partials in XLA. 2 was
+  # fastest for the 1.5B heads on the H100 (fwd+bwd 1.47 ms vs 1.54 for 3 and 2.06 for 1, L=2048);
+  # a group of 7 (the 7B) cannot be halved and runs unsplit.
+  dkv_head_split: int = 2
   num_stages: int = 2
   num_stages_bwd: int = 2
   max_run: int = 0  # longest run of consecutive tiles one inner loop visits (0: no limit)
@@ -61,6 +67,11 @@ class Tiles:
       v = getattr(self, f.name)
       if f.name.startswith("block_") and (v < 16 or v & (v - 1)):
         raise ValueError(f"Tiles.{f.name}={v}: must be a power of two >= 16")
+      if f.name == "dkv_head_split" and v < 1:
+        raise ValueError(f"Tiles.dkv_head_split={v}: must be >= 1")
+      if f.name.startswith("num_warps") and v not in ((0, 1, 2, 4, 8, 16) if f.name ==
+                                                      "num_warps_dkv" else (1, 2, 4, 8, 16)):
+        raise ValueError(f"Tiles.{f.name}={v}: must be a power of two <= 16")
 
 
 @functools.lru_cache(maxsize=256)
@@ -241,12 +252,13 @@ def _dq_kernel(first_ref, count_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, 
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(first_ref, count_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref,
-                lse_ref, delta_ref, dk_ref, dv_ref, *, spec, length, block_q, block_k, scale,
-                group):
-  ki = pl.program_id(0)
-  k, v = k_ref[...], v_ref[...]
-  seg_k = segk_ref[...]
+def _dkv_kernel(order_ref, first_ref, count_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref,
+                segk_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, spec, length, block_q,
+                block_k, scale, heads):
+  ki = order_ref[pl.program_id(2)]
+  tile = pl.ds(pl.multiple_of(ki * block_k, block_k), block_k)
+  k, v = k_ref[tile, :], v_ref[tile, :]
+  seg_k = segk_ref[tile]
   k_idx = ki * block_k + jnp.arange(block_k, dtype=jnp.int32)
 
   def body(start, carry, masked, head):
@@ -271,9 +283,17 @@ def _dkv_kernel(first_ref, count_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref,
                                         carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, group, per_head, (zeros, zeros))
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dk, dv = lax.fori_loop(0, heads, per_head, (zeros, zeros))
+  dk_ref[tile, :] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[tile, :] = dv.astype(dv_ref.dtype)
+
+
+def heavy_first(plan) -> np.ndarray:
+  """Outer tiles ordered by how many inner tiles they visit, most first (ties: lowest index),
+  so the longest programs start in the first wave instead of forming the tail of the last."""
+  _, count, _, n_runs = plan
+  work = np.where(np.arange(count.shape[1])[None, :] < n_runs[:, None], count, 0).sum(1)
+  return np.argsort(-work, kind="stable").astype(np.int32)
 
 
 def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
@@ -307,25 +327,41 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       name="block_sparse_attention_dq",
   )(*plan, q, k, v, seg, seg, do, lse, delta)
 
+  # Key tiles differ up to ~30x in work (an early clean tile is seen by every later query, a
+  # noisy one by its own block): ncu showed the SMs idle 42% of the dk/dv kernel's time. So the
+  # key tile is the slowest grid axis, visited heaviest first (its K/V rows are sliced in-kernel,
+  # since block index maps cannot read the order), and a group's heads may be split over
+  # `split` programs, so that the heaviest program is not longer than a fair share of the SMs.
   bq, bk = tiles.block_q_dkv, tiles.block_k_dkv
   plan = visit_runs(spec, length, bq, bk, True, tiles.max_run)
-  kv_tile = pl.BlockSpec((None, bk, None, d), lambda i, bi, ki: (bi, i, ki, 0))
-  q_group = pl.BlockSpec((None, tp, group, d), lambda i, bi, ki: (bi, 0, ki, 0))
-  rows_group = pl.BlockSpec((None, group, tp), lambda i, bi, ki: (bi, ki, 0))
+  order = heavy_first(plan)
+  split = max(c for c in range(1, min(tiles.dkv_head_split, group) + 1) if group % c == 0)
+  hp = group // split  # query heads per program
+  kv_row = pl.BlockSpec((None, tp, None, d), lambda bi, j, i: (bi, 0, j // split, 0))
+  q_heads = pl.BlockSpec((None, tp, hp, d), lambda bi, j, i: (bi, 0, j, 0))
+  rows_heads = pl.BlockSpec((None, hp, tp), lambda bi, j, i: (bi, j, 0))
+  seg_row = pl.BlockSpec((None, tp), lambda bi, j, i: (bi, 0))
+  if split == 1:
+    out_spec, out_shape = kv_row, [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2
+  else:  # [split, B, Tp, K, D] float32 partials
+    out_spec = pl.BlockSpec((None, None, tp, None, d),
+                            lambda bi, j, i: (j % split, bi, 0, j // split, 0))
+    out_shape = [jax.ShapeDtypeStruct((split,) + k.shape, jnp.float32)] * 2
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
-                        scale=scale, group=group),
-      grid=(tp // bk, b, kv_heads),
-      in_specs=[*map(whole, plan), q_group, kv_tile, kv_tile,
-                pl.BlockSpec((None, tp), lambda i, bi, ki: (bi, 0)),
-                pl.BlockSpec((None, bk), lambda i, bi, ki: (bi, i)),
-                q_group, rows_group, rows_group],
-      out_specs=[kv_tile, kv_tile],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params,
+                        scale=scale, heads=hp),
+      grid=(b, kv_heads * split, tp // bk),
+      in_specs=[whole(order), *map(whole, plan), q_heads, kv_row, kv_row, seg_row, seg_row,
+                q_heads, rows_heads, rows_heads],
+      out_specs=[out_spec, out_spec],
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps_dkv or tiles.num_warps_bwd,
+                                           num_stages=tiles.num_stages_bwd),
       interpret=interpret,
       name="block_sparse_attention_dkv",
-  )(*plan, q, k, v, seg, seg, do, lse, delta)
+  )(order, *plan, q, k, v, seg, seg, do, lse, delta)
+  if split > 1:
+    dk, dv = dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
   return dq, dk, dv
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--shape qwen2.5-1.5b] [--seq-len 2048]
         [--variants ar:xla,2x2l:xla,3l:xla,3l:pallas] [--batches 1,2,4,8] [--remat full,dots]
+        [--loss-chunk 0]
 
 Random bf16-compute weights (float32 master copy), AdamW, the real jitted sharded train step of
 `dllm_jax.training` on a one-device mesh. For every variant it tries the batch sizes from the
@@ -51,14 +52,15 @@ def model_flops_per_row(cfg, seq_len: int, kind: str, layout: str, block: int) -
   return 3 * rows * fwd
 
 
-def run(shape, seq_len, variants, batches, remats, steps):
+def run(shape, seq_len, variants, batches, remats, steps, loss_chunk=0):
   import jax
   import numpy as np
 
   from dllm_jax import objective, sharding, training
   from dllm_jax.config import TrainConfig
 
-  res = {"meta": run_meta(), "ceil": ceilings(), "rows": [], "shape": shape, "seq_len": seq_len}
+  res = {"meta": run_meta(), "ceil": ceilings(), "rows": [], "shape": shape, "seq_len": seq_len,
+         "loss_chunk": loss_chunk}
   print("ceilings", res["ceil"], flush=True)
   save_json("train_step.json", res)
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1)
@@ -67,7 +69,8 @@ def run(shape, seq_len, variants, batches, remats, steps):
   for variant in variants:
     layout, impl = variant.split(":")
     kind = "ar" if layout == "ar" else "diffusion"
-    obj = objective.ObjectiveConfig(kind=kind, layout="3l" if kind == "ar" else layout)
+    obj = objective.ObjectiveConfig(kind=kind, layout="3l" if kind == "ar" else layout,
+                                    loss_chunk=loss_chunk)
     best = None
     for remat in remats:
       for b in sorted(batches, reverse=True):
@@ -147,9 +150,11 @@ def main():
   ap.add_argument("--batches", default="1,2,4,8")
   ap.add_argument("--remat", default="full")
   ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--loss-chunk", type=int, default=0, help="objective.loss_chunk (0: no chunks)")
   args = ap.parse_args()
   res = run(args.shape, args.seq_len, args.variants.split(","),
-            [int(b) for b in args.batches.split(",")], args.remat.split(","), args.steps)
+            [int(b) for b in args.batches.split(",")], args.remat.split(","), args.steps,
+            args.loss_chunk)
   report(res)
 
 

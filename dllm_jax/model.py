@@ -179,7 +179,8 @@ class Transformer(nn.Module):
   diffusion layout), which saves the largest matmul of the model on tokens whose logits are unused.
   `head_index` (int [B, K]) does the same for K per-row token indices chosen at run time (a
   decoder needs a few positions of each row). `cache_write_mask` (bool [B]): rows where it is
-  False leave the cache unchanged.
+  False leave the cache unchanged. `return_hidden` returns the final-normed hidden states
+  [B, T', E] instead of logits (a loss that applies `head_matrix` in chunks).
   """
 
   cfg: ModelConfig
@@ -190,7 +191,8 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BT, meta: masks.TokenMeta, cache: Optional[KVCache] = None,
                head_slice: Optional[tuple[int, int]] = None,
                head_index: Optional[jax.Array] = None,
-               cache_write_mask: Optional[jax.Array] = None):
+               cache_write_mask: Optional[jax.Array] = None,
+               return_hidden: bool = False):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, name="embed",
@@ -233,6 +235,8 @@ class Transformer(nn.Module):
       x = x[:, head_slice[0]:head_slice[1]]
     if head_index is not None:
       x = jnp.take_along_axis(x, head_index[:, :, None].astype(jnp.int32), axis=1)
+    if return_hidden:
+      return x, new_cache
     if cfg.tie_embeddings:
       w_EV = embed.embedding.T
     else:
@@ -329,6 +333,7 @@ def forward(
     head_slice: Optional[tuple[int, int]] = None,
     head_index: Optional[jax.Array] = None,
     cache_write_mask: Optional[jax.Array] = None,
+    return_hidden: bool = False,
 ) -> tuple[jax.Array, Optional[KVCache]]:
   stacked = is_stacked(params)
   if cache is not None and cache.per_layer == stacked:
@@ -340,7 +345,16 @@ def forward(
     raise ValueError(f"the per-layer KV cache has {len(cache.k)} layers, the model "
                      f"{cfg.num_layers}: make it with cache.init_cache(model_cfg, ...)")
   return Transformer(cfg, spec, stacked).apply({"params": params}, tokens_BT, meta, cache,
-                                               head_slice, head_index, cache_write_mask)
+                                               head_slice, head_index, cache_write_mask,
+                                               return_hidden)
+
+
+def head_matrix(params: Params, cfg: ModelConfig) -> jax.Array:
+  """The output projection [E, V] the model applies after the final norm (the transposed
+  embedding when tied), in the parameters' dtype."""
+  if cfg.tie_embeddings:
+    return params["embed"]["embedding"].T
+  return params["lm_head"]
 
 
 def ar_forward(params: Params, cfg: ModelConfig, tokens_BT: jax.Array) -> jax.Array:

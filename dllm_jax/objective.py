@@ -21,10 +21,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from dllm_jax import masks, model
+from dllm_jax import sharding as ax
 from dllm_jax.config import ConfigError, ModelConfig
 
 Batch = Mapping[str, jax.Array]  # tokens int32, loss_mask bool, segments int32; each [batch, L]
@@ -39,6 +42,10 @@ class ObjectiveConfig:
   block_size: int = 32
   eps: float = 1e-3  # lowest masking rate of a block
   layout: str = "3l"  # "3l" (shared clean copy) | "2x2l" (the authors' layout, for comparison)
+  # Tokens per chunk of the loss's LM head (0: all at once). With a chunk, the float32 logits
+  # [B, chunk, V] of one chunk exist at a time and are recomputed in the backward pass, instead
+  # of [B, 2L, V] for the whole batch (at a 152k vocabulary, the largest buffers of a step).
+  loss_chunk: int = 0
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -49,6 +56,8 @@ class ObjectiveConfig:
       raise ConfigError(f"objective.block_size={self.block_size}: must be a positive integer")
     if not 0.0 <= self.eps <= 1.0:
       raise ConfigError(f"objective.eps={self.eps}: must lie in [0, 1]")
+    if self.loss_chunk < 0:
+      raise ConfigError(f"objective.loss_chunk={self.loss_chunk}: must be >= 0 (0: no chunks)")
 
 
 def _check_batch(batch: Batch, block_size: int) -> None:
@@ -106,26 +115,57 @@ def _token_ce(logits_BLV, targets_BL):
   return ce, jnp.argmax(logits, axis=-1) == targets_BL
 
 
-def diffusion_logits(params, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, noisy_BL,
-                     noisy_c_BL, clean_BL, segments_BL):
-  """Logits [B, L, V] of both noisy copies under the configured layout."""
+def _hidden_token_ce(params, model_cfg: ModelConfig, hidden_BLE, targets_BL, chunk: int):
+  """`_token_ce` of the logits `hidden @ head` without holding them all: `chunk` tokens at a time,
+  each chunk's logits recomputed in the backward pass (chunk 0: one piece)."""
+  w_EV = model.head_matrix(params, model_cfg).astype(model_cfg.dtype)
+
+  def piece(h_BCE, targets_BC):
+    logits = jnp.einsum("bce,ev->bcv", h_BCE, w_EV, preferred_element_type=jnp.float32)
+    logits = nn.with_logical_constraint(logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
+    return _token_ce(logits, targets_BC)
+
+  b, length, e = hidden_BLE.shape
+  if not chunk or chunk >= length:
+    return piece(hidden_BLE, targets_BL)
+  n = -(-length // chunk)
+  pad = n * chunk - length
+  h = jnp.pad(hidden_BLE, [(0, 0), (0, pad), (0, 0)]).reshape(b, n, chunk, e).swapaxes(0, 1)
+  tg = jnp.pad(targets_BL, [(0, 0), (0, pad)]).reshape(b, n, chunk).swapaxes(0, 1)
+  ce, right = lax.map(lambda x: jax.checkpoint(piece)(*x), (h, tg))  # [n, B, chunk]
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+  return unchunk(ce), unchunk(right)
+
+
+def _diffusion_forward(params, model_cfg, obj_cfg, noisy_BL, noisy_c_BL, clean_BL, segments_BL,
+                       return_hidden):
+  """Logits (or final hidden states) [B, L, .] of both noisy copies under the configured layout."""
   length = clean_BL.shape[1]
   positions = masks.packed_positions(segments_BL)
   if obj_cfg.layout == "3l":
     spec = masks.MaskSpec("diffusion", obj_cfg.block_size, num_noisy=2)
     rows = jnp.concatenate([noisy_BL, noisy_c_BL, clean_BL], axis=1)
     meta = masks.layout_meta(spec, segments_BL, positions)
-    logits, _ = model.forward(params, model_cfg, rows, meta, spec, head_slice=(0, 2 * length))
-    return logits[:, :length], logits[:, length:]
+    out, _ = model.forward(params, model_cfg, rows, meta, spec, head_slice=(0, 2 * length),
+                           return_hidden=return_hidden)
+    return out[:, :length], out[:, length:]
   # The authors' layout: the two copies are separate rows, each with its own clean half.
   spec = masks.MaskSpec("diffusion", obj_cfg.block_size, num_noisy=1)
   rows = jnp.concatenate([jnp.concatenate([noisy_BL, clean_BL], axis=1),
                           jnp.concatenate([noisy_c_BL, clean_BL], axis=1)], axis=0)
   seg2 = jnp.concatenate([segments_BL, segments_BL], axis=0)
   meta = masks.layout_meta(spec, seg2, jnp.concatenate([positions, positions], axis=0))
-  logits, _ = model.forward(params, model_cfg, rows, meta, spec, head_slice=(0, length))
+  out, _ = model.forward(params, model_cfg, rows, meta, spec, head_slice=(0, length),
+                         return_hidden=return_hidden)
   b = clean_BL.shape[0]
-  return logits[:b], logits[b:]
+  return out[:b], out[b:]
+
+
+def diffusion_logits(params, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, noisy_BL,
+                     noisy_c_BL, clean_BL, segments_BL):
+  """Logits [B, L, V] of both noisy copies under the configured layout."""
+  return _diffusion_forward(params, model_cfg, obj_cfg, noisy_BL, noisy_c_BL, clean_BL,
+                            segments_BL, return_hidden=False)
 
 
 def _diffusion_loss(params, model_cfg, obj_cfg, batch, rng):
@@ -135,28 +175,28 @@ def _diffusion_loss(params, model_cfg, obj_cfg, batch, rng):
   tokens = jnp.asarray(batch["tokens"], jnp.int32)
   segments = jnp.asarray(batch["segments"], jnp.int32)
   noisy, noisy_c, masked, masked_c = noise(rng, batch, obj_cfg, model_cfg.mask_token_id)
-  logits_1, logits_2 = diffusion_logits(params, model_cfg, obj_cfg, noisy, noisy_c, tokens,
-                                        segments)
+  hidden_1, hidden_2 = _diffusion_forward(params, model_cfg, obj_cfg, noisy, noisy_c, tokens,
+                                          segments, return_hidden=True)
   loss_sum = jnp.zeros((), jnp.float32)
   count = jnp.zeros((), jnp.float32)
   correct = jnp.zeros((), jnp.float32)
-  for logits, copy_masked in ((logits_1, masked), (logits_2, masked_c)):
+  for hidden, copy_masked in ((hidden_1, masked), (hidden_2, masked_c)):
     targets, counted = _shifted_targets(tokens, copy_masked, segments)
-    ce, right = _token_ce(logits, targets)
+    ce, right = _hidden_token_ce(params, model_cfg, hidden, targets, obj_cfg.loss_chunk)
     loss_sum += jnp.sum(jnp.where(counted, ce, 0.0))
     count += jnp.sum(counted)
     correct += jnp.sum(counted & right)
   return loss_sum, count, {"correct": correct}
 
 
-def _ar_loss(params, model_cfg, batch):
+def _ar_loss(params, model_cfg, obj_cfg, batch):
   tokens = jnp.asarray(batch["tokens"], jnp.int32)
   segments = jnp.asarray(batch["segments"], jnp.int32)
   spec = masks.MaskSpec("causal")
   meta = masks.TokenMeta(masks.packed_positions(segments), jnp.zeros_like(segments), segments)
-  logits, _ = model.forward(params, model_cfg, tokens, meta, spec)
+  hidden, _ = model.forward(params, model_cfg, tokens, meta, spec, return_hidden=True)
   targets, counted = _shifted_targets(tokens, response_mask(batch), segments)
-  ce, right = _token_ce(logits, targets)
+  ce, right = _hidden_token_ce(params, model_cfg, hidden, targets, obj_cfg.loss_chunk)
   return (jnp.sum(jnp.where(counted, ce, 0.0)), jnp.sum(counted).astype(jnp.float32),
           {"correct": jnp.sum(counted & right).astype(jnp.float32)})
 
@@ -171,7 +211,7 @@ def loss_fn(params: Any, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, batch
   """
   _check_batch(batch, obj_cfg.block_size)
   if obj_cfg.kind == "ar":
-    return _ar_loss(params, model_cfg, batch)
+    return _ar_loss(params, model_cfg, obj_cfg, batch)
   return _diffusion_loss(params, model_cfg, obj_cfg, batch, rng)
 
 

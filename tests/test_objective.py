@@ -315,3 +315,45 @@ def test_bad_inputs_give_clear_errors(params):
                       ObjectiveConfig(block_size=8), batch, jax.random.key(0))
   with pytest.raises(ConfigError, match="objective.layout"):
     ObjectiveConfig(layout="4l")
+  with pytest.raises(ConfigError, match="objective.loss_chunk"):
+    ObjectiveConfig(loss_chunk=-1)
+
+
+@pytest.mark.parametrize("kind,layout,tie", [("ar", "3l", True), ("diffusion", "3l", False),
+                                             ("diffusion", "2x2l", True)])
+def test_chunked_loss_equals_whole_loss(kind, layout, tie):
+  cfg = dataclasses.replace(CFG, tie_embeddings=tie)
+  params = model.init_params(cfg, jax.random.key(4))
+  batch = random_batch(8)
+
+  def run(chunk):  # 20 does not divide L=48: the last chunk is padded
+    obj = ObjectiveConfig(kind=kind, block_size=BLOCK, layout=layout, loss_chunk=chunk)
+    f = lambda p: objective.loss_fn(p, cfg, obj, batch, jax.random.key(5))
+    (loss, (count, metrics)), grads = jax.jit(jax.value_and_grad(
+        lambda p: (lambda r: (r[0], r[1:]))(f(p)), has_aux=True))(params)
+    return float(loss), float(count), float(metrics["correct"]), grads
+
+  whole, got = run(0), run(20)
+  np.testing.assert_allclose(got[0], whole[0], rtol=1e-6)
+  assert got[1:3] == whole[1:3]
+  for a, b in zip(jax.tree_util.tree_leaves(got[3]), jax.tree_util.tree_leaves(whole[3])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("kind", ["ar", "diffusion"])
+def test_chunked_loss_does_not_hold_all_logits(kind):
+  # A vocabulary large against everything else, so the logits dominate the step's temporaries.
+  cfg = dataclasses.replace(CFG, vocab_size=16384, mask_token_id=16383, num_layers=1)
+  params = model.init_params(cfg, jax.random.key(0))
+  batch = random_batch(9, batch=2, length=128)
+  loss_rows = 2 * (1 if kind == "ar" else 2) * 128  # rows x positions that take a loss
+  logits_bytes = loss_rows * cfg.vocab_size * 4
+
+  def temp_bytes(chunk):
+    obj = ObjectiveConfig(kind=kind, block_size=BLOCK, loss_chunk=chunk)
+    g = jax.jit(jax.grad(lambda p: objective.loss_fn(p, cfg, obj, batch, jax.random.key(3))[0]))
+    return g.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  whole, chunked = temp_bytes(0), temp_bytes(16)
+  assert whole > logits_bytes  # the float32 logits of every loss position are held at once
+  assert whole - chunked > 0.6 * logits_bytes, (whole, chunked, logits_bytes)

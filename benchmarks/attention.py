@@ -320,9 +320,9 @@ def tables():
 
 TUNE = [
     flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=1),
-    # ncu (NOTES_attention.md): the dk/dv kernel's SMs were idle ~40% of its time, because its
-    # heaviest program (an early clean key tile, 6 heads x 64 query tiles) outlasts a fair share
-    # of the GPU; splitting the group's heads over programs shortens it.
+    # ncu (NOTES_attention.md): the dk/dv kernel's SMs were idle ~40% of its time; by the tile
+    # plan its heaviest program (an early clean key tile, 6 heads x 64 query tiles) outlasts a
+    # fair share of the GPU (inferred); splitting the group's heads over programs shortens it.
     flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=2),
     flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=3),
     flash.Tiles(128, 64, 64, 64, 128, 64, num_warps_dkv=8, dkv_head_split=1),  # best of run 3

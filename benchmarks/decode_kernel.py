@@ -5,8 +5,8 @@
 `decode.decode_attention` moves the K and V slots its queries may see once. How close it gets
 to the copy bandwidth depends on how many programs share the cache, tile size, pipelining
 depth and what the partial outputs cost; this sweeps those, and times a kernel with the same
-grid and loads that only sums what it reads (the most this access pattern can give in Pallas'
-Triton lowering). Every figure is the time of one call inside an executable that runs the
+grid and loads that only sums what it reads (what the loads alone cost; it also writes a float32
+sum per program, so it is a reference, not a bound). Every figure is the time of one call inside an executable that runs the
 call on several distinct caches (more bytes than L2 holds, no host dispatch per call), beside
 the copy bandwidth measured in the same run. JSON to $OUT/decode_kernel.json.
 """

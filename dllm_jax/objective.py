@@ -118,10 +118,13 @@ def _token_ce(logits_BLV, targets_BL):
 def _hidden_token_ce(params, model_cfg: ModelConfig, hidden_BLE, targets_BL, chunk: int):
   """`_token_ce` of the logits `hidden @ head` without holding them all: `chunk` tokens at a time,
   each chunk's logits recomputed in the backward pass (chunk 0: one piece)."""
-  w_EV = model.head_matrix(params, model_cfg).astype(model_cfg.dtype)
+  # Cast inside the chunk: the head's gradient is then summed over chunks in the parameters'
+  # dtype (float32 master weights), not in the compute dtype.
+  w_EV = model.head_matrix(params, model_cfg)
 
   def piece(h_BCE, targets_BC):
-    logits = jnp.einsum("bce,ev->bcv", h_BCE, w_EV, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bce,ev->bcv", h_BCE, w_EV.astype(model_cfg.dtype),
+                        preferred_element_type=jnp.float32)
     logits = nn.with_logical_constraint(logits, (ax.BATCH, ax.LENGTH, ax.ACT_VOCAB))
     return _token_ce(logits, targets_BC)
 
@@ -177,16 +180,15 @@ def _diffusion_loss(params, model_cfg, obj_cfg, batch, rng):
   noisy, noisy_c, masked, masked_c = noise(rng, batch, obj_cfg, model_cfg.mask_token_id)
   hidden_1, hidden_2 = _diffusion_forward(params, model_cfg, obj_cfg, noisy, noisy_c, tokens,
                                           segments, return_hidden=True)
-  loss_sum = jnp.zeros((), jnp.float32)
-  count = jnp.zeros((), jnp.float32)
-  correct = jnp.zeros((), jnp.float32)
-  for hidden, copy_masked in ((hidden_1, masked), (hidden_2, masked_c)):
-    targets, counted = _shifted_targets(tokens, copy_masked, segments)
-    ce, right = _hidden_token_ce(params, model_cfg, hidden, targets, obj_cfg.loss_chunk)
-    loss_sum += jnp.sum(jnp.where(counted, ce, 0.0))
-    count += jnp.sum(counted)
-    correct += jnp.sum(counted & right)
-  return loss_sum, count, {"correct": correct}
+  # Both copies side by side [B, 2L]: one head matmul (and, in 3L, the forward's own order).
+  (targets_1, counted_1), (targets_2, counted_2) = (
+      _shifted_targets(tokens, m, segments) for m in (masked, masked_c))
+  ce, right = _hidden_token_ce(params, model_cfg, jnp.concatenate([hidden_1, hidden_2], axis=1),
+                               jnp.concatenate([targets_1, targets_2], axis=1),
+                               obj_cfg.loss_chunk)
+  counted = jnp.concatenate([counted_1, counted_2], axis=1)
+  return (jnp.sum(jnp.where(counted, ce, 0.0)), jnp.sum(counted).astype(jnp.float32),
+          {"correct": jnp.sum(counted & right).astype(jnp.float32)})
 
 
 def _ar_loss(params, model_cfg, obj_cfg, batch):

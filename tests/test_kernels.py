@@ -18,6 +18,7 @@ SMALL = flash.Tiles(16, 16, 16, 16, 16, 16, dkv_head_split=1)
 MIXED = flash.Tiles(16, 32, 32, 16, 16, 32)  # different maps for the forward, dq and dk/dv kernels
 SPLIT2 = flash.Tiles(16, 16, 16, 16, 16, 16, dkv_head_split=2)  # dk/dv from per-program partials
 SPLIT4 = flash.Tiles(16, 16, 16, 16, 16, 16, dkv_head_split=4)  # group 6: clipped to 3 programs
+UNEVEN = flash.Tiles(32, 16, 16, 16, 16, 16)  # rows padded to 32: more dq/dkv grid tiles than plan
 
 
 def _dense_tile_classes(spec, length, bq, bk):
@@ -86,6 +87,7 @@ TRAIN_CASES = [
     (masks.MaskSpec("causal"), 33, 1, 2, 2, 128, [[10]], SMALL),
     (masks.MaskSpec("diffusion", 8, 1), 29, 2, 6, 1, 16, [[16], []], SPLIT2),
     (masks.MaskSpec("diffusion", 4, 2), 21, 1, 12, 2, 16, [[8, 12]], SPLIT4),
+    (masks.MaskSpec("causal"), 33, 1, 2, 1, 16, [[10]], UNEVEN),
 ]
 
 
@@ -188,6 +190,19 @@ def test_model_with_pallas_attention_equals_xla():
   want, _ = fwd(params, cfg, tokens[:, 16:20], pos(16, 4), spec, cache)
   got, _ = fwd(params, pallas_cfg, tokens[:, 16:20], pos(16, 4), spec, cache)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_visit_plans_cover_the_padded_grid():
+  # T=33 padded to 64 rows: 4 grid tiles of 16, of which the layout has 3. The kernels read the
+  # plan (and the dk/dv order) at every grid index unchecked, so both must have 4 entries.
+  spec = masks.MaskSpec("causal")
+  first, count, n_full, n_runs = flash.visit_runs(spec, 33, 16, 16, True, num_outer=4)
+  assert first.shape[0] == count.shape[0] == n_full.size == n_runs.size == 4
+  assert n_runs[3] == 0 and n_runs[:3].min() > 0
+  order = flash.heavy_first((first, count, n_full, n_runs))
+  assert sorted(order.tolist()) == [0, 1, 2, 3] and order[-1] == 3
+  with pytest.raises(ValueError, match="num_outer"):
+    flash.visit_runs(spec, 33, 16, 16, True, num_outer=2)
 
 
 def test_dkv_tiles_are_visited_heaviest_first():

@@ -28,9 +28,9 @@ from dllm_jax import masks
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
-# At least four programs per SM of an H100 (132 SMs), so batch 1 still fills the GPU; with 64-slot
-# tiles and 3 stages this measured 101 us vs 106 us for 264 programs / 128-slot tiles / 2 stages
-# (1.5B heads, B=32, S=4096; within the ~5% run-to-run spread, see benchmarks/NOTES_attention.md).
+# At least four programs per SM of an H100 (132 SMs), so batch 1 still fills the GPU. With 64-slot
+# tiles and 3 stages: 79.0 us vs 80.0 / 81.5 / 83.8 us for 264 / 132 / 1056 programs (1.5B heads,
+# B=32, S=4096; benchmarks/decode_kernel.py, BENCHMARKS.md; ~5% run-to-run spread).
 TARGET_PROGRAMS = 528
 
 
@@ -164,9 +164,8 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
 
   if splits == 1:
     out = o[0]
-  else:  # splits that saw no tile carry lse = -inf and weigh nothing
-    lse_max = lse.max(axis=0)
-    w = jnp.exp2(lse - jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)[None])
+  else:  # splits that saw no tile carry lse = -inf and weigh nothing; split 0 always sees slot 0
+    w = jnp.exp2(lse - lse.max(axis=0)[None])
     out = (o.astype(jnp.float32) * w[..., None]).sum(0) / w.sum(0)[..., None]
   out = out[:, :, :n_rows].reshape(b, kv_heads, t, group, d).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, t, h, d).astype(q_BTHD.dtype)

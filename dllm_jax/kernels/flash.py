@@ -4,12 +4,14 @@ The row layout is `masks.layout(spec, L)`: T = spec.num_streams * L tokens whose
 stream follow from their index, so which (query tile, key tile) pairs hold allowed pairs is known
 on the host (`masks.tile_map`). Each query tile loops over its non-empty key tiles only, as runs
 of consecutive tiles: first the full ones (no layout mask), then the partial ones (layout mask
-from indices). Segment ids
-(packed samples) are runtime data, compared in-kernel on every visited tile.
+from indices). Segment ids (packed samples) are runtime data, compared in-kernel on every visited
+tile.
 
 Grouped-query attention: the forward and dq kernels run per query head and read their KV head in
-place; the dk/dv kernel runs per KV head and loops over the heads of its group, so repeated K/V
-and per-query-head dK/dV are never materialised.
+place, so repeated K/V are never materialised; the dk/dv kernel runs per KV head and loops over
+the heads of its group, split over `Tiles.dkv_head_split` programs whose float32 dK/dV partials
+(one per program, [split, B, T, K, D]; never one per query head unless split equals the group)
+are summed afterwards.
 
 Softmax runs in base 2 (scores pre-multiplied by log2 e) with float32 statistics and
 accumulators; the saved log-sum-exp is in that base too.
@@ -42,7 +44,8 @@ def _dot(a, b, trans_a=False, trans_b=False):
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-  """Tile sizes (powers of two, >= 16) and Triton launch parameters of the three kernels."""
+  """Tile sizes (powers of two, >= 16), Triton launch parameters of the three kernels, and how
+  the dk/dv kernel splits a group's heads."""
 
   block_q: int = 128
   block_k: int = 64
@@ -71,23 +74,28 @@ class Tiles:
         raise ValueError(f"Tiles.dkv_head_split={v}: must be >= 1")
       if f.name.startswith("num_warps") and v not in ((0, 1, 2, 4, 8, 16) if f.name ==
                                                       "num_warps_dkv" else (1, 2, 4, 8, 16)):
-        raise ValueError(f"Tiles.{f.name}={v}: must be a power of two <= 16")
+        raise ValueError(f"Tiles.{f.name}={v}: must be a power of two <= 16"
+                         + (" (or 0: num_warps_bwd)" if f.name == "num_warps_dkv" else ""))
 
 
 @functools.lru_cache(maxsize=256)
 def visit_runs(spec: masks.MaskSpec, length: int, block_rows: int, block_cols: int,
-               transpose: bool, max_run: int = 0):
+               transpose: bool, max_run: int = 0, num_outer: int = 0):
   """Host-side visit plan of the non-empty tiles, as runs of consecutive inner tiles.
 
   For each outer tile i (query tiles; key tiles when `transpose`), runs r < n_runs[i] cover
   inner tiles first[i, r] .. first[i, r] + count[i, r] - 1; runs r < n_full_runs[i] hold full
   tiles only, the rest partial ones. Runs keep tile addresses affine in the loop index, which lets
   the compiler prefetch the next tile; `max_run` > 0 caps their length (1 = one tile per run).
-  Returns (first, count, n_full_runs, n_runs), int32.
+  `num_outer` pads the plan with empty outer tiles up to the kernel's grid (its rows are padded to
+  the largest tile size, so it may have more outer tiles than the layout): the kernels read the
+  plan, unchecked, at every grid index. Returns (first, count, n_full_runs, n_runs), int32.
   """
   tmap = masks.tile_map(spec, length, block_rows, block_cols)
   if transpose:
     tmap = tmap.T
+  if num_outer < tmap.shape[0] and num_outer:
+    raise ValueError(f"num_outer={num_outer} < the layout's {tmap.shape[0]} outer tiles")
   plans = []
   for row in tmap:
     plan = []
@@ -98,6 +106,7 @@ def visit_runs(spec: masks.MaskSpec, length: int, block_rows: int, block_cols: i
         step = max_run or run.size
         plan += [(cls, run[i], min(step, run.size - i)) for i in range(0, run.size, step)]
     plans.append(plan)
+  plans += [[] for _ in range(num_outer - len(plans))]  # grid padding: nothing to visit
   width = max(1, max(len(p) for p in plans))
   first = np.zeros((len(plans), width), np.int32)
   count = np.zeros((len(plans), width), np.int32)
@@ -193,7 +202,7 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
   group = h // k.shape[2]
   bq, bk = tiles.block_q, tiles.block_k
   nq = tp // bq
-  plan = visit_runs(spec, length, bq, bk, False, tiles.max_run)
+  plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=nq)
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   rev = lambda i: nq - 1 - i
   kernel = functools.partial(_fwd_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
@@ -308,7 +317,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
                                  num_stages=tiles.num_stages_bwd)
 
   bq, bk = tiles.block_q_dq, tiles.block_k_dq
-  plan = visit_runs(spec, length, bq, bk, False, tiles.max_run)
+  plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=tp // bq)
   q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
   row_q = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
@@ -327,14 +336,16 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       name="block_sparse_attention_dq",
   )(*plan, q, k, v, seg, seg, do, lse, delta)
 
-  # Key tiles differ up to ~30x in work (an early clean tile is seen by every later query, a
-  # noisy one by its own block): ncu showed the SMs idle 42% of the dk/dv kernel's time. So the
-  # key tile is the slowest grid axis, visited heaviest first (its K/V rows are sliced in-kernel,
-  # since block index maps cannot read the order), and a group's heads may be split over
-  # `split` programs, so that the heaviest program is not longer than a fair share of the SMs.
+  # Key tiles differ in work from 1 to ~64 query-tile visits per head (an early clean tile is
+  # seen by every later query, a noisy one by its own block), and ncu showed the SMs idle 42% of
+  # the dk/dv kernel's time; the tile plan says the heaviest program outlasts a fair share of
+  # the GPU (inferred, not profiled). So the key tile is the slowest grid axis, visited heaviest
+  # first (its K/V rows are sliced in-kernel, since block index maps cannot read the order), and
+  # a group's heads may be split over `split` programs to shorten the heaviest one.
   bq, bk = tiles.block_q_dkv, tiles.block_k_dkv
-  plan = visit_runs(spec, length, bq, bk, True, tiles.max_run)
-  order = heavy_first(plan)
+  plan = visit_runs(spec, length, bq, bk, True, tiles.max_run, num_outer=tp // bk)
+  order = heavy_first(plan)  # every grid index maps to a tile of its own, padding tiles last
+  assert order.size == tp // bk, (order.size, tp, bk)
   split = max(c for c in range(1, min(tiles.dkv_head_split, group) + 1) if group % c == 0)
   hp = group // split  # query heads per program
   kv_row = pl.BlockSpec((None, tp, None, d), lambda bi, j, i: (bi, 0, j // split, 0))

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import sys
 
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import timeit  # noqa: E402
+from benchmarks.common import distinct_sets, timeit  # noqa: E402
 from dllm_jax import attention, masks
 from dllm_jax.kernels import decode, flash
 
@@ -233,9 +232,7 @@ def decode_row(name, s, b, tq=8, kw=None, record="decode"):
   spec = masks.MaskSpec("block_causal", 32)
   start = jnp.full((b,), s - tq, jnp.int32)  # last sub-block of the last block: all S slots seen
   kv_bytes = 2 * b * s * kh * d * 2
-  # At least 4 calls and 1 GB per executable: no L2 hits, and the executable's own launch cost
-  # (tens of us) is spread as it is in a model step, where the call is one of hundreds of kernels.
-  n_sets = int(min(16, max(4, math.ceil(1e9 / kv_bytes))))
+  n_sets = distinct_sets(kv_bytes)
   sets = []
   for i in range(n_sets):
     ks = jax.random.split(jax.random.key(50 + i), 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import statistics
 import time
@@ -27,6 +28,13 @@ def timeit(fn, arg_sets, reps=5, inner=4):
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / inner)
   return statistics.median(times)
+
+
+def distinct_sets(bytes_per_set: float) -> int:
+  """How many distinct input sets one timed executable cycles through: at least 4 and 1 GB (at
+  most 16), so no call hits L2 and the executable's own launch cost (tens of us) is spread as it
+  is in a model step, where a kernel is one of hundreds."""
+  return int(min(16, max(4, math.ceil(1e9 / bytes_per_set))))
 
 
 def ceilings() -> dict:

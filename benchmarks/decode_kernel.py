@@ -6,15 +6,15 @@
 to the copy bandwidth depends on how many programs share the cache, tile size, pipelining
 depth and what the partial outputs cost; this sweeps those, and times a kernel with the same
 grid and loads that only sums what it reads (what the loads alone cost; it also writes a float32
-sum per program, so it is a reference, not a bound). Every figure is the time of one call inside an executable that runs the
-call on several distinct caches (more bytes than L2 holds, no host dispatch per call), beside
-the copy bandwidth measured in the same run. JSON to $OUT/decode_kernel.json.
+sum per program, so it is a reference, not a bound). Every figure is the time of one call inside
+an executable that runs the call on several distinct caches (more bytes than L2 holds, no host
+dispatch per call), beside the copy bandwidth measured in the same run. JSON to
+$OUT/decode_kernel.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -26,11 +26,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from benchmarks.common import ceilings, run_meta, save_json, timeit  # noqa: E402
+from benchmarks.attention import SHAPES  # noqa: E402
+from benchmarks.common import ceilings, distinct_sets, run_meta, save_json, timeit  # noqa: E402
 from dllm_jax import masks  # noqa: E402
 from dllm_jax.kernels import decode  # noqa: E402
-
-SHAPES = {"qwen2.5-1.5b": (12, 2, 128), "qwen2.5-7b": (28, 4, 128)}
 
 
 def read_bound(q_BTHD, k_BSKD, v_BSKD, *, block_k=64, programs=decode.TARGET_PROGRAMS,
@@ -40,9 +39,7 @@ def read_bound(q_BTHD, k_BSKD, v_BSKD, *, block_k=64, programs=decode.TARGET_PRO
   b, t, h, d = q_BTHD.shape
   s, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
   num_kv_tiles = s // block_k
-  splits = max(1, min(num_kv_tiles, -(-programs // (b * kv_heads))))
-  per = -(-num_kv_tiles // splits)
-  splits = -(-num_kv_tiles // per)
+  splits, per = decode.split_cache(num_kv_tiles, programs, b * kv_heads)
 
   def kernel(k_ref, v_ref, o_ref):
     lo = pl.program_id(0) * per
@@ -68,9 +65,8 @@ def read_bound(q_BTHD, k_BSKD, v_BSKD, *, block_k=64, programs=decode.TARGET_PRO
 def make_sets(shape, s, b, tq, head_major_cache=False):
   h, kh, d = SHAPES[shape]
   kv_bytes = 2 * b * s * kh * d * 2
-  n_sets = int(min(16, max(4, math.ceil(1e9 / kv_bytes))))
   sets = []
-  for i in range(n_sets):
+  for i in range(distinct_sets(kv_bytes)):
     ks = jax.random.split(jax.random.key(50 + i), 3)
     q = jax.random.normal(ks[0], (b, tq, h, d), jnp.bfloat16)
     kc = jax.random.normal(ks[1], (b, s, kh, d), jnp.bfloat16)

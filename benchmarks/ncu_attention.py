@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 
+from benchmarks.attention import SHAPES  # noqa: E402
 from dllm_jax import masks  # noqa: E402
 from dllm_jax.kernels import decode, flash  # noqa: E402
 
@@ -32,7 +33,7 @@ def main():
   ap.add_argument("--dkv-head-split", type=int, default=flash.Tiles().dkv_head_split,
                   help="flash.Tiles.dkv_head_split (1: the unsplit kernel of the ncu table)")
   args = ap.parse_args()
-  h, kh, d = 12, 2, 128
+  h, kh, d = SHAPES["qwen2.5-1.5b"]
   ks = jax.random.split(jax.random.key(0), 4)
   if args.case == "train":
     b, length = 4, 2048

@@ -142,7 +142,8 @@ def _hidden_token_ce(params, model_cfg: ModelConfig, hidden_BLE, targets_BL, chu
 
 def _diffusion_forward(params, model_cfg, obj_cfg, noisy_BL, noisy_c_BL, clean_BL, segments_BL,
                        return_hidden):
-  """Logits (or final hidden states) [B, L, .] of both noisy copies under the configured layout."""
+  """Logits (or final hidden states) [B, 2L, .] of both noisy copies side by side (first copy,
+  then its complement) under the configured layout."""
   length = clean_BL.shape[1]
   positions = masks.packed_positions(segments_BL)
   if obj_cfg.layout == "3l":
@@ -151,7 +152,7 @@ def _diffusion_forward(params, model_cfg, obj_cfg, noisy_BL, noisy_c_BL, clean_B
     meta = masks.layout_meta(spec, segments_BL, positions)
     out, _ = model.forward(params, model_cfg, rows, meta, spec, head_slice=(0, 2 * length),
                            return_hidden=return_hidden)
-    return out[:, :length], out[:, length:]
+    return out  # the layout's own order
   # The authors' layout: the two copies are separate rows, each with its own clean half.
   spec = masks.MaskSpec("diffusion", obj_cfg.block_size, num_noisy=1)
   rows = jnp.concatenate([jnp.concatenate([noisy_BL, clean_BL], axis=1),
@@ -161,14 +162,16 @@ def _diffusion_forward(params, model_cfg, obj_cfg, noisy_BL, noisy_c_BL, clean_B
   out, _ = model.forward(params, model_cfg, rows, meta, spec, head_slice=(0, length),
                          return_hidden=return_hidden)
   b = clean_BL.shape[0]
-  return out[:b], out[b:]
+  return jnp.concatenate([out[:b], out[b:]], axis=1)
 
 
 def diffusion_logits(params, model_cfg: ModelConfig, obj_cfg: ObjectiveConfig, noisy_BL,
                      noisy_c_BL, clean_BL, segments_BL):
   """Logits [B, L, V] of both noisy copies under the configured layout."""
-  return _diffusion_forward(params, model_cfg, obj_cfg, noisy_BL, noisy_c_BL, clean_BL,
+  both = _diffusion_forward(params, model_cfg, obj_cfg, noisy_BL, noisy_c_BL, clean_BL,
                             segments_BL, return_hidden=False)
+  length = clean_BL.shape[1]
+  return both[:, :length], both[:, length:]
 
 
 def _diffusion_loss(params, model_cfg, obj_cfg, batch, rng):
@@ -178,12 +181,11 @@ def _diffusion_loss(params, model_cfg, obj_cfg, batch, rng):
   tokens = jnp.asarray(batch["tokens"], jnp.int32)
   segments = jnp.asarray(batch["segments"], jnp.int32)
   noisy, noisy_c, masked, masked_c = noise(rng, batch, obj_cfg, model_cfg.mask_token_id)
-  hidden_1, hidden_2 = _diffusion_forward(params, model_cfg, obj_cfg, noisy, noisy_c, tokens,
-                                          segments, return_hidden=True)
-  # Both copies side by side [B, 2L]: one head matmul (and, in 3L, the forward's own order).
+  hidden = _diffusion_forward(params, model_cfg, obj_cfg, noisy, noisy_c, tokens, segments,
+                              return_hidden=True)  # [B, 2L, E]: one head matmul for both copies
   (targets_1, counted_1), (targets_2, counted_2) = (
       _shifted_targets(tokens, m, segments) for m in (masked, masked_c))
-  ce, right = _hidden_token_ce(params, model_cfg, jnp.concatenate([hidden_1, hidden_2], axis=1),
+  ce, right = _hidden_token_ce(params, model_cfg, hidden,
                                jnp.concatenate([targets_1, targets_2], axis=1),
                                obj_cfg.loss_chunk)
   counted = jnp.concatenate([counted_1, counted_2], axis=1)

@@ -142,6 +142,18 @@ def test_per_layer_layout_gives_same_logits_and_cache(params):
     model.with_layout({"params": params}, "per_layer")
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_head_matrix_is_the_head_forward_applies(tie):
+  # The chunked loss applies `head_matrix` to `return_hidden` states outside the module.
+  cfg = dataclasses.replace(TINY, tie_embeddings=tie)
+  p = model.init_params(cfg, jax.random.key(2))
+  tokens = jax.random.randint(jax.random.key(3), (2, 6), 0, cfg.vocab_size)
+  spec, meta = masks.MaskSpec("causal"), masks.TokenMeta.simple(_positions(2, 6))
+  logits, _ = model.forward(p, cfg, tokens, meta, spec)
+  hidden, _ = model.forward(p, cfg, tokens, meta, spec, return_hidden=True)
+  np.testing.assert_allclose(hidden @ model.head_matrix(p, cfg), logits, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_compute_is_close_to_fp32(params):
   tokens = jax.random.randint(jax.random.key(6), (2, 16), 0, TINY.vocab_size)
   ref = model.ar_forward(params, TINY, tokens)

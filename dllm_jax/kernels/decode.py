@@ -88,6 +88,14 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec, num_queries
   lse_ref[...] = m + jnp.log2(l)
 
 
+def split_cache(num_kv_tiles: int, programs: int, programs_per_split: int) -> tuple[int, int]:
+  """(splits, tiles per split): the cache's tiles cut into at least `programs` /
+  `programs_per_split` runs of equal length (the last shorter), none empty."""
+  splits = max(1, min(num_kv_tiles, -(-programs // programs_per_split)))
+  per = -(-num_kv_tiles // splits)
+  return -(-num_kv_tiles // per), per
+
+
 def _pick_block_k(cache_len: int) -> int | None:
   for bk in (64, 32, 16):
     if cache_len % bk == 0:
@@ -128,9 +136,7 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
   rows = max(16, min(128, pl.next_power_of_2(n_rows)))
   row_tiles = -(-n_rows // rows)
   num_kv_tiles = s // block_k
-  splits = max(1, min(num_kv_tiles, -(-programs // (b * kv_heads * row_tiles))))
-  tiles_per_split = -(-num_kv_tiles // splits)
-  splits = -(-num_kv_tiles // tiles_per_split)
+  splits, tiles_per_split = split_cache(num_kv_tiles, programs, b * kv_heads * row_tiles)
 
   # [B, T, K*G, D] -> [B, K, T*G rows (padded), D]: row r is query r // G, head r % G of the group.
   q = q_BTHD.reshape(b, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4)

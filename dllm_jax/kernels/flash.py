@@ -72,10 +72,10 @@ class Tiles:
         raise ValueError(f"Tiles.{f.name}={v}: must be a power of two >= 16")
       if f.name == "dkv_head_split" and v < 1:
         raise ValueError(f"Tiles.dkv_head_split={v}: must be >= 1")
-      if f.name.startswith("num_warps") and v not in ((0, 1, 2, 4, 8, 16) if f.name ==
-                                                      "num_warps_dkv" else (1, 2, 4, 8, 16)):
+      zero_ok = f.name == "num_warps_dkv"  # 0: num_warps_bwd
+      if f.name.startswith("num_warps") and v not in (1, 2, 4, 8, 16) and not (zero_ok and v == 0):
         raise ValueError(f"Tiles.{f.name}={v}: must be a power of two <= 16"
-                         + (" (or 0: num_warps_bwd)" if f.name == "num_warps_dkv" else ""))
+                         + (" (or 0: num_warps_bwd)" if zero_ok else ""))
 
 
 @functools.lru_cache(maxsize=256)

@@ -15,6 +15,7 @@ where a step is a few small kernels per layer and must not copy weights. `forwar
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -61,14 +62,26 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
+def _matmul(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
+  """x @ w. A single row (one-token decode at batch 1) is multiplied as two equal rows: XLA's GPU
+  simplifier turns a vector-matrix dot whose matrix has under 10M elements (the 1.5B's q/k/v/o)
+  into an elementwise product and a reduction, which read the weights at a fraction of the
+  bandwidth of a GEMM (BENCHMARKS.md, decode profile); a two-row dot stays a GEMM."""
+  if x_MK.shape[0] == 1:
+    return jnp.dot(jnp.concatenate([x_MK, x_MK]), w_KN)[:1]
+  return jnp.dot(x_MK, w_KN)
+
+
 class Projection(nn.Module):
   """`x [..., *in] @ kernel [*in, *out] -> [..., *out]` (+ bias [*out]), kernel N-D.
 
   nn.DenseGeneral initialises its kernel flattened to 2-D and boxes that with the N-D logical
   names; flax re-runs the initializer during apply (its shape check), so under active logical
-  axis rules and a mesh that mismatch raises. Here the kernel is made in its full shape. The
-  contraction is DenseGeneral's own dot_general (x's trailing dims against the kernel's leading
-  dims, in order): jnp.einsum would reorder a multi-dim contraction and change float32 rounding.
+  axis rules and a mesh that mismatch raises. Here the kernel is made in its full shape, and used
+  as the 2-D matrix DenseGeneral multiplies by (x's trailing dims and the kernel's leading dims
+  flattened in order, as in the HF Linear layers): on a GPU, XLA lowered the N-D contraction of
+  a one-token decode step (q/k/v [E, H, D], o [H, D, E]) to reduction fusions that read the
+  weights at about a quarter of the bandwidth of its GEMM fusions (BENCHMARKS.md).
   As in DenseGeneral, inputs, kernel and bias are cast to `dtype` and the result is in `dtype`.
   """
 
@@ -84,8 +97,10 @@ class Projection(nn.Module):
     kernel = self.param("kernel", _init(0.02, self.kernel_axes), self.kernel_shape,
                         self.param_dtype)
     n = self.num_in
-    contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    k_in, k_out = self.kernel_shape[:n], self.kernel_shape[n:]
+    x2 = x.reshape(*x.shape[:x.ndim - n], math.prod(k_in)).astype(self.dtype)
+    w2 = kernel.reshape(math.prod(k_in), math.prod(k_out)).astype(self.dtype)
+    y = _matmul(x2, w2).reshape(*x.shape[:x.ndim - n], *k_out)
     if self.bias_axes is not None:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.bias_axes),

@@ -1,0 +1,154 @@
+"""Where an AR decode step's time goes on the GPU: kernels per step, the GPU's busy time, the gaps.
+
+    python benchmarks/decode_profile.py [--shape qwen2.5-1.5b] [--batch 1] [--layout per_layer]
+
+Times `generate(mode="ar")` (random bf16 weights, 512-token prompt) without the profiler, then
+runs it once under `jax.profiler.trace` and reads the trace back (`jax.profiler.ProfileData`):
+every kernel and copy on the GPU's streams between the first and the last of the run. Per step
+(the whole call, the 512-token prefill included, over its steps): the wall time, how many
+kernels, how long the GPU was busy (union of their intervals; the traced span also holds the
+profiler's own stalls), and the kernels that take the most time; and about one step's kernel
+sequence. A step whose busy time is far below its wall time is paced by the host
+launching kernels, not by the GPU; run it under different `XLA_FLAGS` (command buffers) to see
+what they change. JSON to $OUT/decode_profile[_TAG].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import glob
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks.common import ceilings, run_meta, save_json  # noqa: E402
+from benchmarks.decode import PROMPT, SHAPES  # noqa: E402
+from dllm_jax import decoding, model  # noqa: E402
+
+
+def _gpu_events(xplane_path):
+  """(name, start_ns, end_ns) of every event on a GPU stream line, sorted by start."""
+  data = jax.profiler.ProfileData.from_file(xplane_path)
+  events, lines = [], collections.Counter()
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      evs = list(line.events)
+      lines[f"{plane.name} | {line.name}"] += len(evs)
+      if not line.name.startswith("Stream"):
+        continue
+      events += [(e.name, e.start_ns, e.start_ns + e.duration_ns) for e in evs]
+  return sorted(events, key=lambda e: e[1]), dict(lines)
+
+
+def _busy_ns(events):
+  busy, end = 0.0, float("-inf")
+  for _, s, e in events:
+    if e > end:
+      busy += e - max(s, end)
+      end = e
+  return busy
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
+  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--new", type=int, default=128, help="new tokens (steps) per generate call")
+  ap.add_argument("--layout", default="per_layer", choices=model.LAYOUTS)
+  ap.add_argument("--impl", default="pallas", choices=["pallas", "xla"])
+  ap.add_argument("--tag", default="", help="suffix of the JSON file name (one per XLA_FLAGS)")
+  ap.add_argument("--no-ceilings", action="store_true")
+  ap.add_argument("--decode-programs", type=int, default=0,
+                  help="the decode kernel's `programs` knob (0: its default)")
+  args = ap.parse_args()
+  if args.decode_programs:
+    from dllm_jax import kernels
+
+    kernels.decode_attention = functools.partial(kernels.decode_attention,
+                                                 programs=args.decode_programs)
+
+  cfg = dataclasses.replace(SHAPES[args.shape], attention_impl=args.impl)
+  params = jax.jit(lambda r: model.with_layout(model.init_params(cfg, r), args.layout))(
+      jax.random.key(0))
+  pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+  res = {"meta": run_meta(), "args": vars(args), "param_bytes": pbytes}
+  if not args.no_ceilings:
+    res["ceil"] = ceilings()
+  b = args.batch
+  prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
+  lens = jnp.full((b,), PROMPT, jnp.int32)
+  dcfg = decoding.DecodeConfig(mode="ar", max_new_tokens=args.new)
+  fn = jax.jit(lambda p, t, l, r: decoding.generate(p, cfg, t, l, r, dcfg))
+  compiled = fn.lower(params, prompt, lens, jax.random.key(2)).compile()
+  jax.block_until_ready(compiled(params, prompt, lens, jax.random.key(2)))
+  times = []
+  for i in range(5):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(params, prompt, lens, jax.random.key(3 + i)))
+    times.append(time.perf_counter() - t0)
+  steps = int(out[2]["iterations"]) - 1  # the prefill is the first iteration
+  res["wall_s"] = statistics.median(times)
+
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      jax.block_until_ready(compiled(params, prompt, lens, jax.random.key(9)))
+    paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    events, lines = _gpu_events(paths[0])
+  res["trace_lines"] = lines
+  if not events:
+    res["error"] = "no GPU stream events in the trace"
+    save_json(f"decode_profile{args.tag}.json", res)
+    print(res)
+    return
+  span = events[-1][2] - events[0][1]
+  busy = _busy_ns(events)
+  per_name = collections.defaultdict(lambda: [0, 0.0])
+  for name, s, e in events:
+    per_name[name][0] += 1
+    per_name[name][1] += e - s
+  top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:25]
+  gaps = [max(0, events[i + 1][1] - events[i][2]) for i in range(len(events) - 1)]
+  # About one step's events, from the middle of the run (where a step starts is not marked).
+  per_step = len(events) / steps
+  mid = len(events) // 2
+  window = events[mid:mid + int(round(per_step))]
+  res.update({
+      "steps": steps,
+      "wall_ms_per_step": res["wall_s"] / steps * 1e3,
+      "floor_ms_per_step": pbytes / (res["ceil"]["copy_GBps"] * 1e9) * 1e3 if "ceil" in res else None,
+      "traced_span_ms_per_step": span / steps / 1e6,
+      "gpu_busy_ms_per_step": busy / steps / 1e6,
+      "gpu_idle_ms_per_step": (span - busy) / steps / 1e6,
+      "events_per_step": per_step,
+      "gap_us_quantiles": [g / 1e3 for g in statistics.quantiles(gaps, n=10)] if len(gaps) > 10
+                          else None,
+      "top_kernels": [{"name": n[:160], "count_per_step": c / steps,
+                       "us_per_step": t / steps / 1e3, "us_each": t / c / 1e3}
+                      for n, (c, t) in top],
+      "one_step": [{"name": n[:100], "us": (e - s) / 1e3,
+                    "gap_before_us": (s - window[i - 1][2]) / 1e3 if i else None}
+                   for i, (n, s, e) in enumerate(window)],
+  })
+  save_json(f"decode_profile{args.tag}.json", res)
+  keys = ("steps", "wall_ms_per_step", "floor_ms_per_step", "traced_span_ms_per_step",
+          "gpu_busy_ms_per_step", "gpu_idle_ms_per_step", "events_per_step", "gap_us_quantiles")
+  print({k: res[k] for k in keys})
+  for t in res["top_kernels"][:15]:
+    print(f"  {t['us_per_step']:8.1f} us/step  {t['count_per_step']:6.1f}x  {t['name'][:90]}")
+
+
+if __name__ == "__main__":
+  main()

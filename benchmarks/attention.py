@@ -325,6 +325,19 @@ TUNE = [
     flash.Tiles(128, 64, 64, 64, 128, 64, num_warps_dkv=8, dkv_head_split=1),  # best of run 3
     flash.Tiles(128, 64, 64, 64, 128, 64, num_warps_dkv=8, dkv_head_split=2),
 ]
+# A wider sweep of the training kernels' tiles, warps and pipeline depths (`--sections sweep`):
+# each against the defaults on the 1.5B 2L case, the first four also on the 7B 3L case.
+_T = flash.Tiles()
+SWEEP = [
+    _T, dataclasses.replace(_T, num_warps=8),
+    dataclasses.replace(_T, num_warps=8, num_stages=3),
+    dataclasses.replace(_T, block_k=128, num_warps=8), dataclasses.replace(_T, num_stages=3),
+    dataclasses.replace(_T, block_q=64, num_stages=3),
+    dataclasses.replace(_T, block_q=64, block_k=128),
+    dataclasses.replace(_T, block_q_dq=128, num_warps_bwd=8),
+    dataclasses.replace(_T, num_stages_bwd=3), dataclasses.replace(_T, block_k_dq=128),
+    dataclasses.replace(_T, block_q_dq=128, block_k_dq=32, num_warps_bwd=8),
+]
 DECODE_TUNE = [  # benchmarks/decode_kernel.py sweeps more; these were its closest three
     {"block_k": 64, "programs": 528, "num_stages": 3},
     {"block_k": 128, "programs": 528, "num_stages": 3},
@@ -334,7 +347,8 @@ DECODE_TUNE = [  # benchmarks/decode_kernel.py sweeps more; these were its close
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--sections", default="check,ceil,tune,train,decode")
+  ap.add_argument("--sections", default="check,ceil,tune,train,decode",
+                  help="also: sweep (SWEEP's tiles on two cases; give ceil with it)")
   ap.add_argument("--quick", action="store_true", help="L=2048 2L and decode S=4096 only")
   ap.add_argument("--lengths", default="2048,1024,4096", help="training-attention lengths L")
   ap.add_argument("--tiles", type=int, default=-1, help="index into TUNE to use without tuning")
@@ -377,6 +391,13 @@ def main():
         best = (score, kw)
     DECODE_KW.update(best[1])
     RESULTS["meta"]["decode_kw"] = dict(DECODE_KW)
+  if "sweep" in sections:
+    for cand in SWEEP:
+      train_row("qwen2.5-1.5b", masks.MaskSpec("diffusion", 32, 1), 2048, cand,
+                impls=("pallas",), record="tune")
+    for cand in SWEEP[:4]:
+      train_row("qwen2.5-7b", masks.MaskSpec("diffusion", 32, 2), 2048, cand,
+                impls=("pallas",), record="tune")
   if "train" in sections:
     lengths = (2048,) if args.quick else tuple(int(x) for x in args.lengths.split(","))
     for length in lengths:

@@ -42,6 +42,13 @@ SHAPES = {
                                 rope_theta=1e6, max_position_embeddings=32768,
                                 mask_token_id=151665, param_dtype="bfloat16", dtype="bfloat16",
                                 attention_impl="xla"),
+    # The GSM8K study's model (benchmarks/gsm8k_study.py), at its decoding dtype.
+    "smollm2-135m": ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576,
+                                intermediate_size=1536, num_layers=30, num_heads=9,
+                                num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                                rms_norm_eps=1e-5, tie_embeddings=True,
+                                max_position_embeddings=8192, mask_token_id=49151,
+                                param_dtype="bfloat16", dtype="bfloat16", attention_impl="xla"),
     "qwen2.5-7b": ModelConfig(architecture="qwen2", vocab_size=152064, hidden_size=3584,
                               intermediate_size=18944, num_layers=28, num_heads=28,
                               num_kv_heads=4, head_dim=128, qkv_bias=True, tie_embeddings=False,
@@ -150,14 +157,15 @@ def peer_part(shapes, batches, modes):
                   "device": torch.cuda.get_device_name()}, "rows": []}
   for name in shapes:
     c = SHAPES[name]
-    hf_cfg = transformers.Qwen2Config(
+    qwen = c.architecture == "qwen2"
+    hf_cfg = (transformers.Qwen2Config if qwen else transformers.LlamaConfig)(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
         num_key_value_heads=c.num_kv_heads, rope_theta=c.rope_theta,
         tie_word_embeddings=c.tie_embeddings, max_position_embeddings=4096)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-      m = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+      m = (transformers.Qwen2ForCausalLM if qwen else transformers.LlamaForCausalLM)(hf_cfg).eval()
     torch.set_default_dtype(torch.float32)
 
     def sync_time(fn, reps):

@@ -276,7 +276,14 @@ def main():
                   help="parameter layouts for the jax part: stacked,per_layer (per_layer: "
                        "model.unstack_layers, one buffer per layer and no scan)")
   ap.add_argument("--peer-modes", default="eager,static")
+  ap.add_argument("--plain-dot", action="store_true",
+                  help="jax part: multiply a single row as one (model._matmul's baseline)")
   args = ap.parse_args()
+  if args.plain_dot:
+    import jax.numpy as jnp
+
+    from dllm_jax import model
+    model._matmul = jnp.dot
   shapes = [s for s in args.shapes.split(",") if s]
   unknown = set(shapes) - set(SHAPES)
   if unknown:

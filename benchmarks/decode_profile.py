@@ -73,7 +73,11 @@ def main():
   ap.add_argument("--no-ceilings", action="store_true")
   ap.add_argument("--decode-programs", type=int, default=0,
                   help="the decode kernel's `programs` knob (0: its default)")
+  ap.add_argument("--plain-dot", action="store_true",
+                  help="multiply a single row as one (model._matmul's baseline)")
   args = ap.parse_args()
+  if args.plain_dot:
+    model._matmul = jnp.dot
   if args.decode_programs:
     from dllm_jax import kernels
 

@@ -62,14 +62,17 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-def _matmul(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
-  """x @ w. A single row (one-token decode at batch 1) is multiplied as two equal rows: XLA's GPU
-  simplifier turns a vector-matrix dot whose matrix has under 10M elements (the 1.5B's q/k/v/o)
-  into an elementwise product and a reduction, which read the weights at a fraction of the
-  bandwidth of a GEMM (BENCHMARKS.md, decode profile); a two-row dot stays a GEMM."""
-  if x_MK.shape[0] == 1:
-    return jnp.dot(jnp.concatenate([x_MK, x_MK]), w_KN)[:1]
-  return jnp.dot(x_MK, w_KN)
+def _matmul(x_K: jax.Array, w_KN: jax.Array) -> jax.Array:
+  """x [..., K] @ w [K, N]. A single row (a one-token decode step at batch 1) is multiplied as
+  two equal rows: XLA's GPU simplifier turns a vector-matrix dot whose operands have under 10M
+  elements (the 1.5B's q/k/v/o) into an elementwise product and a reduction, which read the
+  weights at a fraction of a GEMM's bandwidth (BENCHMARKS.md, decode profile); a two-row dot
+  stays a GEMM. Any other shape is one plain dot."""
+  lead = x_K.shape[:-1]
+  if math.prod(lead) != 1:
+    return jnp.dot(x_K, w_KN)
+  row = x_K.reshape(1, x_K.shape[-1])
+  return jnp.dot(jnp.concatenate([row, row]), w_KN)[:1].reshape(*lead, w_KN.shape[1])
 
 
 class Projection(nn.Module):

@@ -182,12 +182,18 @@ def test_full_size_parameter_counts_without_allocation(cfg, expected):
 
 def test_single_row_matmul_is_a_two_row_dot():
   # A one-token decode step at batch 1 multiplies a single row; model._matmul doubles it so that
-  # XLA on a GPU keeps the dot a GEMM (BENCHMARKS.md, decode profile). Same values as x @ w.
-  x = jax.random.normal(jax.random.key(7), (1, 48), jnp.float32)
+  # XLA on a GPU keeps the dot a GEMM (BENCHMARKS.md, decode profile). Same values as x @ w, and
+  # every other shape (batch 1 with several tokens included) is one plain dot.
   w = jax.random.normal(jax.random.key(8), (48, 40), jnp.float32)
-  np.testing.assert_allclose(model._matmul(x, w), x @ w, rtol=1e-6, atol=1e-6)
-  dots = [e for e in jax.make_jaxpr(model._matmul)(x, w).eqns if e.primitive.name == "dot_general"]
-  assert [d.invars[0].aval.shape for d in dots] == [(2, 48)]
-  x3 = jax.random.normal(jax.random.key(9), (3, 48), jnp.float32)
-  dots = [e for e in jax.make_jaxpr(model._matmul)(x3, w).eqns if e.primitive.name == "dot_general"]
-  assert [d.invars[0].aval.shape for d in dots] == [(3, 48)]
+
+  def lhs_shapes(x):
+    eqns = jax.make_jaxpr(model._matmul)(x, w).eqns
+    return [e.invars[0].aval.shape for e in eqns if e.primitive.name == "dot_general"]
+
+  for shape, rows in [((1, 1, 48), (2, 48)), ((1, 48), (2, 48)), ((1, 8, 48), (1, 8, 48)),
+                      ((3, 1, 48), (3, 1, 48)), ((3, 48), (3, 48))]:
+    x = jax.random.normal(jax.random.key(7), shape, jnp.float32)
+    y = model._matmul(x, w)
+    assert y.shape == shape[:-1] + (40,)
+    np.testing.assert_allclose(y, x @ w, rtol=1e-6, atol=1e-6)
+    assert lhs_shapes(x) == [rows], shape

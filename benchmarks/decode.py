@@ -32,6 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ceilings, run_meta, save_json, timeit  # noqa: E402
+from dllm_jax import run_config  # noqa: E402
 from dllm_jax.config import ModelConfig  # noqa: E402
 
 PROMPT, NEW = 512, 256
@@ -42,19 +43,19 @@ SHAPES = {
                                 rope_theta=1e6, max_position_embeddings=32768,
                                 mask_token_id=151665, param_dtype="bfloat16", dtype="bfloat16",
                                 attention_impl="xla"),
-    # The GSM8K study's model (benchmarks/gsm8k_study.py), at its decoding dtype.
-    "smollm2-135m": ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576,
-                                intermediate_size=1536, num_layers=30, num_heads=9,
-                                num_kv_heads=3, head_dim=64, rope_theta=100000.0,
-                                rms_norm_eps=1e-5, tie_embeddings=True,
-                                max_position_embeddings=8192, mask_token_id=49151,
-                                param_dtype="bfloat16", dtype="bfloat16", attention_impl="xla"),
     "qwen2.5-7b": ModelConfig(architecture="qwen2", vocab_size=152064, hidden_size=3584,
                               intermediate_size=18944, num_layers=28, num_heads=28,
                               num_kv_heads=4, head_dim=128, qkv_bias=True, tie_embeddings=False,
                               rope_theta=1e6, max_position_embeddings=32768, mask_token_id=151665,
                               param_dtype="bfloat16", dtype="bfloat16", attention_impl="xla"),
 }
+
+# The GSM8K study's model, shape from its config (one source), at the decoding dtype and with the
+# other shapes' runtime settings; its mask id is any valid token (random weights).
+SHAPES["smollm2-135m"] = dataclasses.replace(
+    run_config.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "configs", "smollm2_gsm8k.py"), []).model,
+    param_dtype="bfloat16", mask_token_id=49151, attention_impl="xla", remat=ModelConfig().remat)
 
 
 def _safe(fn):

@@ -62,13 +62,20 @@ def write(layer_kv: jax.Array, new_kv: jax.Array, start: jax.Array,
   would overwrite valid slots. Rows where `row_mask` [B] is False keep their slots unchanged
   (a batched decoder whose rows are in different phases forwards all rows but commits some).
   """
-  def one_row(row, new, s, keep_new):
+  def one_row(row, new, s, keep_new):  # row [S, K, D] or, for a batch of one, [1, S, K, D]
     new = new.astype(row.dtype)
+    index = (0,) * (row.ndim - 3) + (s, 0, 0)
     if keep_new is not None:
-      new = jnp.where(keep_new, new, jax.lax.dynamic_slice(row, (s, 0, 0), new.shape))
-    return jax.lax.dynamic_update_slice(row, new, (s, 0, 0))
+      new = jnp.where(keep_new, new, jax.lax.dynamic_slice(row, index, new.shape))
+    return jax.lax.dynamic_update_slice(row, new, index)
 
   start = start.astype(jnp.int32)
+  if layer_kv.shape[0] == 1:
+    # vmap would make this a scatter, which XLA's GPU pipeline turns back into an update of the
+    # slice plus a select that keeps the old slots if the window were out of bounds: one more
+    # kernel per K and per V write in a batch-1 decode step (BENCHMARKS.md, decode profile).
+    # A plain dynamic_update_slice clamps instead, as each row of the vmapped path does.
+    return one_row(layer_kv, new_kv, start[0], None if row_mask is None else row_mask[0])
   if row_mask is None:
     return jax.vmap(lambda r, n, s: one_row(r, n, s, None))(layer_kv, new_kv, start)
   return jax.vmap(one_row)(layer_kv, new_kv, start, row_mask)

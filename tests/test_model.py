@@ -197,3 +197,23 @@ def test_single_row_matmul_is_a_two_row_dot():
     assert y.shape == shape[:-1] + (40,)
     np.testing.assert_allclose(y, x @ w, rtol=1e-6, atol=1e-6)
     assert lhs_shapes(x) == [rows], shape
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cache_write_puts_each_row_at_its_own_offset(batch, masked):
+  # A batch of one takes a plain dynamic_update_slice (no scatter, BENCHMARKS.md decode profile);
+  # both paths must write the same slots and leave masked rows alone.
+  rng = np.random.default_rng(batch)
+  layer = jnp.asarray(rng.normal(size=(batch, 16, 2, 4)), jnp.float32)
+  new = jnp.asarray(rng.normal(size=(batch, 3, 2, 4)), jnp.float32)
+  start = jnp.asarray(rng.integers(0, 14, size=batch), jnp.int32)
+  mask = jnp.asarray([i % 2 == 0 for i in range(batch)]) if masked else None
+  out = jax.jit(kvcache.write)(layer, new, start, mask)
+  want = np.array(layer)
+  for i in range(batch):
+    if mask is None or bool(mask[i]):
+      want[i, int(start[i]):int(start[i]) + 3] = new[i]
+  np.testing.assert_array_equal(out, want)
+  jaxpr = str(jax.make_jaxpr(kvcache.write)(layer, new, start, mask))
+  assert ("scatter" in jaxpr) == (batch > 1)

@@ -315,19 +315,22 @@ def tables():
             f"{fmt(r.get('xla_GBps'), 0)} | {fmt(r.get('xla_bw_frac'))} | {sp} |")
 
 
-TUNE = [
-    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=1),
+TUNE = [  # forward 128 rows, 2 stages: the default until session 6
+    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=1, num_stages=2),
     # ncu (NOTES_attention.md): the dk/dv kernel's SMs were idle ~40% of its time; by the tile
     # plan its heaviest program (an early clean key tile, 6 heads x 64 query tiles) outlasts a
     # fair share of the GPU (inferred); splitting the group's heads over programs shortens it.
-    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=2),
-    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=3),
-    flash.Tiles(128, 64, 64, 64, 128, 64, num_warps_dkv=8, dkv_head_split=1),  # best of run 3
-    flash.Tiles(128, 64, 64, 64, 128, 64, num_warps_dkv=8, dkv_head_split=2),
+    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=2, num_stages=2),
+    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=3, num_stages=2),
+    # best of run 3:
+    flash.Tiles(128, 64, 64, 64, 128, 64, num_warps_dkv=8, dkv_head_split=1, num_stages=2),
+    flash.Tiles(128, 64, 64, 64, 128, 64, num_warps_dkv=8, dkv_head_split=2, num_stages=2),
+    flash.Tiles(),  # session 6's default: forward 64 rows, 3 stages
 ]
 # A wider sweep of the training kernels' tiles, warps and pipeline depths (`--sections sweep`):
-# each against the defaults on the 1.5B 2L case, the first four also on the 7B 3L case.
-_T = flash.Tiles()
+# each against the defaults of session 5 (`_T`) on the 1.5B 2L case, the first four also on the
+# 7B 3L case. Its `block_q=64, num_stages=3` row is the default since session 6.
+_T = flash.Tiles(block_q=128, num_stages=2)
 SWEEP = [
     _T, dataclasses.replace(_T, num_warps=8),
     dataclasses.replace(_T, num_warps=8, num_stages=3),

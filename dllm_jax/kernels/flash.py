@@ -47,7 +47,10 @@ class Tiles:
   """Tile sizes (powers of two, >= 16), Triton launch parameters of the three kernels, and how
   the dk/dv kernel splits a group's heads."""
 
-  block_q: int = 128
+  # The forward's query tiles and pipeline depth: 64 rows with 3 stages beat 128 rows with 2 on the
+  # H100 by 5-9% for the 1.5B heads' forward at L=2048 and tied for the 7B's (BENCHMARKS.md,
+  # session 6); 128 rows hold a 128x128 float32 accumulator that spills at 255 registers.
+  block_q: int = 64
   block_k: int = 64
   block_q_dq: int = 64
   block_k_dq: int = 64
@@ -61,7 +64,7 @@ class Tiles:
   # fastest for the 1.5B heads on the H100 (fwd+bwd 1.47 ms vs 1.54 for 3 and 2.06 for 1, L=2048);
   # a group of 7 (the 7B) cannot be halved and runs unsplit.
   dkv_head_split: int = 2
-  num_stages: int = 2
+  num_stages: int = 3  # the forward kernel
   num_stages_bwd: int = 2
   max_run: int = 0  # longest run of consecutive tiles one inner loop visits (0: no limit)
 

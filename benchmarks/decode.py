@@ -72,7 +72,8 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",)):
   from dllm_jax import cache as kvcache
   from dllm_jax import decoding, masks, model
 
-  res = {"meta": run_meta(), "ceil": ceilings(), "rows": []}
+  # argv says which variant ran (a --plain-dot run writes the same file name as the default).
+  res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceilings(), "rows": []}
   print("ceilings", res["ceil"], flush=True)
   save_json("decode_jax.json", res)
   bw = res["ceil"]["copy_GBps"] * 1e9

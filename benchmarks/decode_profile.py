@@ -78,6 +78,7 @@ def main():
   args = ap.parse_args()
   if args.plain_dot:
     model._matmul = jnp.dot
+    args.tag = args.tag or "_plaindot"  # never overwrite the default run's JSON
   if args.decode_programs:
     from dllm_jax import kernels
 
@@ -110,6 +111,8 @@ def main():
     with jax.profiler.trace(d):
       jax.block_until_ready(compiled(params, prompt, lens, jax.random.key(9)))
     paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+      raise SystemExit(f"jax.profiler.trace wrote no *.xplane.pb under {d}: no profile to read")
     events, lines = _gpu_events(paths[0])
   res["trace_lines"] = lines
   if not events:

@@ -69,8 +69,14 @@ def write(layer_kv: jax.Array, new_kv: jax.Array, start: jax.Array,
       new = jnp.where(keep_new, new, jax.lax.dynamic_slice(row, index, new.shape))
     return jax.lax.dynamic_update_slice(row, new, index)
 
-  start = start.astype(jnp.int32)
-  if layer_kv.shape[0] == 1:
+  b = layer_kv.shape[0]
+  rows = {"new_kv": new_kv.shape[:1], "start": jnp.shape(start),
+          "row_mask": None if row_mask is None else jnp.shape(row_mask)}
+  if any(v is not None and v != (b,) for v in rows.values()):
+    raise ValueError(f"cache write: the cache has {b} rows; new_kv, start and row_mask need one "
+                     f"each, got leading shapes {rows}")
+  start = jnp.asarray(start).astype(jnp.int32)
+  if b == 1:
     # vmap would make this a scatter, which XLA's GPU pipeline turns back into an update of the
     # slice plus a select that keeps the old slots if the window were out of bounds: one more
     # kernel per K and per V write in a batch-1 decode step (BENCHMARKS.md, decode profile).

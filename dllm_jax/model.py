@@ -101,6 +101,10 @@ class Projection(nn.Module):
                         self.param_dtype)
     n = self.num_in
     k_in, k_out = self.kernel_shape[:n], self.kernel_shape[n:]
+    if tuple(x.shape[x.ndim - n:]) != tuple(k_in):
+      # The flattening below would accept any input with as many elements and scramble it.
+      raise ValueError(f"{self.name}: input {x.shape} must end in the kernel's input dims "
+                       f"{tuple(k_in)} (kernel {tuple(self.kernel_shape)})")
     x2 = x.reshape(*x.shape[:x.ndim - n], math.prod(k_in)).astype(self.dtype)
     w2 = kernel.reshape(math.prod(k_in), math.prod(k_out)).astype(self.dtype)
     y = _matmul(x2, w2).reshape(*x.shape[:x.ndim - n], *k_out)

@@ -200,15 +200,17 @@ def test_single_row_matmul_is_a_two_row_dot():
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("masked", [False, True])
-def test_cache_write_puts_each_row_at_its_own_offset(batch, masked):
+@pytest.mark.parametrize("mask_rows", [None, "even", "odd"])
+def test_cache_write_puts_each_row_at_its_own_offset(batch, mask_rows):
   # A batch of one takes a plain dynamic_update_slice (no scatter, BENCHMARKS.md decode profile);
-  # both paths must write the same slots and leave masked rows alone.
+  # both paths must write the same slots and leave masked rows alone. Row 0 writes the last
+  # three slots.
   rng = np.random.default_rng(batch)
   layer = jnp.asarray(rng.normal(size=(batch, 16, 2, 4)), jnp.float32)
   new = jnp.asarray(rng.normal(size=(batch, 3, 2, 4)), jnp.float32)
-  start = jnp.asarray(rng.integers(0, 14, size=batch), jnp.int32)
-  mask = jnp.asarray([i % 2 == 0 for i in range(batch)]) if masked else None
+  start = jnp.asarray([13] + list(rng.integers(0, 14, size=batch - 1)), jnp.int32)
+  mask = None if mask_rows is None else jnp.asarray(
+      [(i % 2 == 0) == (mask_rows == "even") for i in range(batch)])
   out = jax.jit(kvcache.write)(layer, new, start, mask)
   want = np.array(layer)
   for i in range(batch):
@@ -217,3 +219,23 @@ def test_cache_write_puts_each_row_at_its_own_offset(batch, masked):
   np.testing.assert_array_equal(out, want)
   jaxpr = str(jax.make_jaxpr(kvcache.write)(layer, new, start, mask))
   assert ("scatter" in jaxpr) == (batch > 1)
+
+
+def test_cache_write_refuses_rows_that_do_not_match_the_cache():
+  layer = jnp.zeros((1, 8, 1, 2))
+  new = jnp.ones((1, 2, 1, 2))
+  with pytest.raises(ValueError, match="cache has 1 rows"):
+    kvcache.write(layer, new, jnp.array([3, 5, 0]))
+  with pytest.raises(ValueError, match="cache has 1 rows"):
+    kvcache.write(layer, new, jnp.array([3]), jnp.array([False, True]))
+
+
+def test_projection_refuses_an_input_of_the_wrong_trailing_shape(params):
+  # Flattening to a 2-D matmul would otherwise accept [.., D, H] for [.., H, D] and scramble it.
+  o = model.Projection(2, (TINY.num_heads, TINY.head_dim, TINY.hidden_size),
+                       ("heads", "head_dim", "embed"), None, jnp.float32, jnp.float32, name="o")
+  kernel = {"params": {"kernel": jnp.ones((TINY.num_heads, TINY.head_dim, TINY.hidden_size))}}
+  ok = o.apply(kernel, jnp.ones((2, 3, TINY.num_heads, TINY.head_dim)))
+  assert ok.shape == (2, 3, TINY.hidden_size)
+  with pytest.raises(ValueError, match="must end in the kernel's input dims"):
+    o.apply(kernel, jnp.ones((2, 3, TINY.head_dim, TINY.num_heads)))

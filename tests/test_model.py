@@ -230,7 +230,7 @@ def test_cache_write_refuses_rows_that_do_not_match_the_cache():
     kvcache.write(layer, new, jnp.array([3]), jnp.array([False, True]))
 
 
-def test_projection_refuses_an_input_of_the_wrong_trailing_shape(params):
+def test_projection_refuses_an_input_of_the_wrong_trailing_shape():
   # Flattening to a 2-D matmul would otherwise accept [.., D, H] for [.., H, D] and scramble it.
   o = model.Projection(2, (TINY.num_heads, TINY.head_dim, TINY.hidden_size),
                        ("heads", "head_dim", "embed"), None, jnp.float32, jnp.float32, name="o")

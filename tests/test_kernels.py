@@ -88,6 +88,9 @@ TRAIN_CASES = [
     (masks.MaskSpec("diffusion", 8, 1), 29, 2, 6, 1, 16, [[16], []], SPLIT2),
     (masks.MaskSpec("diffusion", 4, 2), 21, 1, 12, 2, 16, [[8, 12]], SPLIT4),
     (masks.MaskSpec("causal"), 33, 1, 2, 1, 16, [[10]], UNEVEN),
+    # Many short samples: most clean-prefix tiles of a later sample are cut by segment_runs.
+    (masks.MaskSpec("diffusion", 8, 1), 64, 2, 3, 1, 16, [[16, 24, 40, 48], [8]], SMALL),
+    (masks.MaskSpec("diffusion", 8, 2), 48, 1, 6, 2, 16, [[16, 32]], SPLIT2),
 ]
 
 
@@ -116,6 +119,62 @@ def test_block_sparse_forward_and_grads_equal_reference(spec, length, b, h, kh, 
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
 
 
+def test_block_sparse_with_unsorted_segment_ids_equals_reference():
+  # Ids need not increase along a row (a sample's id may come back after another's): the span
+  # segment_runs keeps then holds tiles of another segment, which must still be masked.
+  spec = masks.MaskSpec("diffusion", 8, 1)
+  seg = jnp.asarray([[0] * 16 + [3] * 8 + [0] * 16 + [1] * 8, [2] * 48])
+  meta = masks.layout_meta(spec, seg)
+  q, k, v, ct = _qkv(jax.random.key(11), 2, 96, 2, 1, 16, jnp.float32)
+  mask = masks.dense_mask(spec, meta, meta)
+  ours = lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, SMALL,
+                                                      interpret=True)
+  ref = lambda q, k, v: attention.xla_attention(q, k, v, mask)
+  loss = lambda f: lambda *a: (f(*a) * ct).sum()
+  got, got_g = jax.jit(jax.value_and_grad(loss(ours), (0, 1, 2)))(q, k, v)
+  want, want_g = jax.value_and_grad(loss(ref), (0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  for name, g, w in zip("qkv", got_g, want_g):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_segment_runs_visit_every_same_segment_pair_and_skip_the_rest(transpose):
+  spec = masks.MaskSpec("diffusion", 8, 1)
+  length, bq, bk = 64, 16, 8
+  seg = _segments(3, length, [[16, 40], [], [8, 24, 32, 48]])
+  meta = masks.layout_meta(spec, seg)
+  seg_t = meta.segments  # [B, 128]: divisible by both tile sizes
+  plan = flash.visit_runs(spec, length, bq, bk, transpose)
+  lo, hi, one = map(np.asarray, flash.segment_runs(plan, seg_t, bq, bk, transpose))
+  ok = np.asarray(masks.dense_mask(spec, meta, meta))  # [B, T, T]: layout and segments
+  first, count, _, n_runs = plan
+  rows, cols = (bk, bq) if transpose else (bq, bk)
+  for b in range(3):
+    okb = ok[b].T if transpose else ok[b]
+    segb = np.asarray(seg_t[b])
+    static = visited = 0
+    for i in range(first.shape[0]):
+      tiles = {j for r in range(n_runs[i]) for j in range(lo[b, i, r], hi[b, i, r])}
+      # Each run only shrinks; every inner tile holding an allowed pair of outer tile i is kept.
+      for r in range(n_runs[i]):
+        assert first[i, r] <= lo[b, i, r] <= hi[b, i, r] <= first[i, r] + count[i, r]
+      need = {j for j in range(okb.shape[1] // cols)
+              if okb[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols].any()}
+      assert need <= tiles, (b, i, sorted(need - tiles))
+      static += sum(count[i, :n_runs[i]])
+      visited += len(tiles)
+      # one_segment: every query and key of every visit carries one id.
+      ids = {int(x) for x in segb[i * rows:(i + 1) * rows]}
+      for j in tiles:
+        ids |= {int(x) for x in segb[j * cols:(j + 1) * cols]}
+      assert one[b, i] == (len(ids) == 1), (b, i, ids)
+    if b == 1:  # one sample: nothing to cut, and every tile lies in it
+      assert visited == static and one[b].all()
+    else:  # packed rows: later samples' runs are cut
+      assert visited < static
+
+
 def test_block_sparse_bf16_inputs_accumulate_in_float32():
   spec = masks.MaskSpec("diffusion", 8, 1)
   meta = masks.layout_meta(spec, jnp.zeros((1, 24), jnp.int32))
@@ -137,17 +196,22 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("programs", [decode.TARGET_PROGRAMS, 1])  # many splits; one, no combine
+@pytest.mark.parametrize("programs,block_rows", [
+    (decode.TARGET_PROGRAMS, None),  # many splits
+    (1, None),  # one split: no combine
+    (1, 16),  # a group's rows over several programs, each reading the whole cache
+])
 @pytest.mark.parametrize("kind,bs,t,s,b,h,kh,starts", DECODE_CASES)
-def test_decode_equals_reference_on_random_caches(kind, bs, t, s, b, h, kh, starts, programs):
+def test_decode_equals_reference_on_random_caches(kind, bs, t, s, b, h, kh, starts, programs,
+                                                  block_rows):
   spec = masks.MaskSpec(kind, bs)
   ks = jax.random.split(jax.random.key(s + t), 3)
   q = jax.random.normal(ks[0], (b, t, h, 16))
   kc = jax.random.normal(ks[1], (b, s, kh, 16))
   vc = jax.random.normal(ks[2], (b, s, kh, 16))
   start = jnp.asarray(starts, jnp.int32)
-  got = jax.jit(lambda *a: decode.decode_attention(*a, spec, interpret=True, programs=programs))(
-      q, kc, vc, start)
+  got = jax.jit(lambda *a: decode.decode_attention(*a, spec, interpret=True, programs=programs,
+                                                  block_rows=block_rows))(q, kc, vc, start)
   q_meta = masks.TokenMeta.simple(start[:, None] + jnp.arange(t)[None])
   k_meta = masks.TokenMeta.simple(jnp.broadcast_to(jnp.arange(s), (b, s)))
   want = attention.xla_attention(q, kc, vc, masks.dense_mask(spec, q_meta, k_meta))

@@ -4,8 +4,10 @@ The row layout is `masks.layout(spec, L)`: T = spec.num_streams * L tokens whose
 stream follow from their index, so which (query tile, key tile) pairs hold allowed pairs is known
 on the host (`masks.tile_map`). Each query tile loops over its non-empty key tiles only, as runs
 of consecutive tiles: first the full ones (no layout mask), then the partial ones (layout mask
-from indices). Segment ids (packed samples) are runtime data, compared in-kernel on every visited
-tile.
+from indices). Segment ids (packed samples) are runtime data: before the kernels run, XLA narrows
+each run to the tiles whose ids can meet the outer tile's (`segment_runs`), so a sample packed
+after others never visits their keys, and an outer tile whose visits all lie inside one segment
+skips the in-kernel segment comparison.
 
 Grouped-query attention: the forward and dq kernels run per query head and read their KV head in
 place, so repeated K/V are never materialised; the dk/dv kernel runs per KV head and loops over
@@ -121,18 +123,73 @@ def visit_runs(spec: masks.MaskSpec, length: int, block_rows: int, block_cols: i
   return first, count, n_full, n_runs
 
 
+def segment_runs(plan, segments_BT, rows: int, cols: int, transpose: bool):
+  """The static plan narrowed by this batch's segment ids (XLA, before the kernels run).
+
+  Segment ids are data, so `visit_runs` counts every tile the layout allows. A tile whose id
+  range [min, max] does not meet the outer tile's holds no pair of one segment: each run is cut
+  to the span from its first to its last tile that meets (a tile inside the span that does not
+  is still visited and masked in-kernel: ids need not be sorted). Query tiles have `rows` rows,
+  key tiles `cols`; `transpose` as in `visit_runs`; segments_BT int32 [B, Tp], Tp a multiple of
+  both tile sizes and at least the plan's outer tiles.
+
+  Returns lo, hi int32 [B, n_outer, R] (run r visits inner tiles lo..hi-1, none when hi == lo)
+  and one_segment int32 [B, n_outer]: 1 when every query and key of every visit shares one id,
+  so the kernel needs no segment comparison there.
+  """
+  first, count, _, n_runs = plan
+  b, tp = segments_BT.shape
+
+  def id_range(tile):  # [B, Tp // tile] each
+    s = segments_BT.reshape(b, tp // tile, tile)
+    return s.min(-1), s.max(-1)
+
+  (olo, ohi), (ilo, ihi) = ((id_range(cols), id_range(rows)) if transpose
+                            else (id_range(rows), id_range(cols)))
+  n_outer, width = first.shape
+  m = np.arange(max(1, int(count.max())))
+  valid = ((m[None, None, :] < count[:, :, None])
+           & (np.arange(width)[None, :, None] < n_runs[:, None, None]))  # [n_outer, R, M]
+  inner = np.where(valid, first[:, :, None] + m, 0)
+  a_lo, a_hi = ilo[:, inner], ihi[:, inner]  # [B, n_outer, R, M]
+  o_lo, o_hi = olo[:, :n_outer, None, None], ohi[:, :n_outer, None, None]
+  meets = valid & (a_lo <= o_hi) & (a_hi >= o_lo)
+  any_meets = meets.any(-1)
+  lo_off = jnp.argmax(meets, -1)
+  hi_off = m.size - jnp.argmax(meets[..., ::-1], -1)
+  lo = jnp.where(any_meets, first + lo_off, first).astype(jnp.int32)
+  hi = jnp.where(any_meets, first + hi_off, first).astype(jnp.int32)
+  visited = (m >= lo_off[..., None]) & (m < hi_off[..., None]) & any_meets[..., None]
+  same = (a_lo == a_hi) & (a_lo == o_lo) & (o_lo == o_hi)
+  one = jnp.all(~visited | same, axis=(-2, -1)) & (olo[:, :n_outer] == ohi[:, :n_outer])
+  return lo, hi, one.astype(jnp.int32)
+
+
 def _visit(plan_refs, outer, tile, body, carry):
-  """Runs `body(start, carry, masked)` over the planned tiles of outer tile `outer`."""
-  first_ref, count_ref, nfull_ref, nruns_ref = plan_refs
+  """Runs `body(start, carry, masked)` over the planned tiles of outer tile `outer`; plan_refs
+  are (lo, hi) of `segment_runs` for this batch row and (n_full_runs, n_runs) of `visit_runs`."""
+  lo_ref, hi_ref, nfull_ref, nruns_ref = plan_refs
 
   def run(r, carry, masked):
-    first = first_ref[outer, r]
-    step = lambda j, c: body(pl.multiple_of((first + j) * tile, tile), c, masked)
-    return lax.fori_loop(0, count_ref[outer, r], step, carry)
+    step = lambda j, c: body(pl.multiple_of(j * tile, tile), c, masked)
+    return lax.fori_loop(lo_ref[outer, r], hi_ref[outer, r], step, carry)
 
   n_full = nfull_ref[outer]
   carry = lax.fori_loop(0, n_full, functools.partial(run, masked=False), carry)
   return lax.fori_loop(n_full, nruns_ref[outer], functools.partial(run, masked=True), carry)
+
+
+def _by_segments(one_segment, visit):
+  """visit(compare_segments), without the comparison when the outer tile lies in one segment."""
+  return lax.cond(one_segment != 0, lambda: visit(False), lambda: visit(True))
+
+
+def _keep(compare_segments, masked, seg_q, seg_k, allowed):
+  """Which scores of a tile count; None when all do (a full tile inside one segment)."""
+  keep = seg_q[:, None] == seg_k[None, :] if compare_segments else None
+  if masked:
+    keep = allowed() if keep is None else keep & allowed()
+  return keep
 
 
 def _layout_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx):
@@ -164,23 +221,23 @@ def _layout_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx):
 # Forward
 
 
-def _fwd_kernel(first_ref, count_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref,
-                o_ref, lse_ref, *, spec, length, block_q, block_k, scale, num_q_tiles):
+def _fwd_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref,
+                segk_ref, o_ref, lse_ref, *, spec, length, block_q, block_k, scale, num_q_tiles):
   qi = num_q_tiles - 1 - pl.program_id(0)  # heaviest (latest) query tiles first
   q = q_ref[...]
   seg_q = segq_ref[...]
   q_idx = qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
   d = q.shape[-1]
 
-  def body(start, carry, masked):
+  def body(start, carry, masked, compare_segments):
     acc, m, l = carry
     k = k_ref[pl.ds(start, block_k), :]
     s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
-    keep = seg_q[:, None] == segk_ref[pl.ds(start, block_k)][None, :]
-    if masked:
-      k_idx = start + jnp.arange(block_k, dtype=jnp.int32)
-      keep = keep & _layout_allowed(spec, length, q_idx, k_idx)
-    s = jnp.where(keep, s, _MASKED)
+    k_idx = lambda: start + jnp.arange(block_k, dtype=jnp.int32)
+    keep = _keep(compare_segments, masked, seg_q, segk_ref[pl.ds(start, block_k)],
+                 lambda: _layout_allowed(spec, length, q_idx, k_idx()))
+    if keep is not None:
+      s = jnp.where(keep, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
@@ -191,8 +248,9 @@ def _fwd_kernel(first_ref, count_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref,
   carry = (jnp.zeros((block_q, d), jnp.float32),
            jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  plan = (first_ref, count_ref, nfull_ref, nruns_ref)
-  acc, m, l = _visit(plan, qi, block_k, body, carry)
+  plan = (lo_ref, hi_ref, nfull_ref, nruns_ref)
+  acc, m, l = _by_segments(one_ref[qi], lambda cmp: _visit(
+      plan, qi, block_k, functools.partial(body, compare_segments=cmp), carry))
   # l == 0 only on query tiles made of padding alone (never visited): keep them finite.
   l = jnp.where(l == 0.0, 1.0, l)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
@@ -206,7 +264,9 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
   bq, bk = tiles.block_q, tiles.block_k
   nq = tp // bq
   plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=nq)
+  lo, hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+  row = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, bi, hi: (bi,) + (0,) * (a.ndim - 1))
   rev = lambda i: nq - 1 - i
   kernel = functools.partial(_fwd_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                              scale=d ** -0.5, num_q_tiles=nq)
@@ -214,7 +274,7 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
       kernel,
       grid=(nq, b, h),
       in_specs=[
-          *map(whole, plan),
+          row(lo), row(hi), row(one), whole(plan[2]), whole(plan[3]),
           pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
           pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
           pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
@@ -231,71 +291,79 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
                                            num_stages=tiles.num_stages),
       interpret=interpret,
       name="block_sparse_attention_fwd",
-  )(*plan, q, k, v, seg, seg)
+  )(lo, hi, one, plan[2], plan[3], q, k, v, seg, seg)
 
 
 # ------------------------------------------------------------------------------------------------
 # Backward
 
 
-def _dq_kernel(first_ref, count_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref,
-               lse_ref, delta_ref, dq_ref, *, spec, length, block_q, block_k, scale):
+def _dq_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref,
+               segk_ref, do_ref, lse_ref, delta_ref, dq_ref, *, spec, length, block_q, block_k,
+               scale):
   qi = pl.program_id(0)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   seg_q = segq_ref[...]
   q_idx = qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
 
-  def body(start, dq, masked):
+  def body(start, dq, masked, compare_segments):
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
     s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
-    keep = seg_q[:, None] == segk_ref[pl.ds(start, block_k)][None, :]
-    if masked:
-      k_idx = start + jnp.arange(block_k, dtype=jnp.int32)
-      keep = keep & _layout_allowed(spec, length, q_idx, k_idx)
-    p = jnp.where(keep, jnp.exp2(s - lse[:, None]), 0.0)
+    k_idx = lambda: start + jnp.arange(block_k, dtype=jnp.int32)
+    keep = _keep(compare_segments, masked, seg_q, segk_ref[pl.ds(start, block_k)],
+                 lambda: _layout_allowed(spec, length, q_idx, k_idx()))
+    p = jnp.exp2(s - lse[:, None])
+    if keep is not None:
+      p = jnp.where(keep, p, 0.0)
     dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  plan = (first_ref, count_ref, nfull_ref, nruns_ref)
-  dq = _visit(plan, qi, block_k, body, jnp.zeros(q.shape, jnp.float32))
+  plan = (lo_ref, hi_ref, nfull_ref, nruns_ref)
+  dq = _by_segments(one_ref[qi], lambda cmp: _visit(
+      plan, qi, block_k, functools.partial(body, compare_segments=cmp),
+      jnp.zeros(q.shape, jnp.float32)))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(order_ref, first_ref, count_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref,
-                segk_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, spec, length, block_q,
-                block_k, scale, heads):
+def _dkv_kernel(order_ref, lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref,
+                segq_ref, segk_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, spec, length,
+                block_q, block_k, scale, heads):
   ki = order_ref[pl.program_id(2)]
   tile = pl.ds(pl.multiple_of(ki * block_k, block_k), block_k)
   k, v = k_ref[tile, :], v_ref[tile, :]
   seg_k = segk_ref[tile]
   k_idx = ki * block_k + jnp.arange(block_k, dtype=jnp.int32)
 
-  def body(start, carry, masked, head):
+  def body(start, carry, masked, head, compare_segments):
     dk, dv = carry
     rows = pl.ds(start, block_q)
     q = q_ref[rows, head, :]
     do = do_ref[rows, head, :]
     lse, delta = lse_ref[head, rows], delta_ref[head, rows]
     s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
-    keep = segq_ref[rows][:, None] == seg_k[None, :]
-    if masked:
-      q_idx = start + jnp.arange(block_q, dtype=jnp.int32)
-      keep = keep & _layout_allowed(spec, length, q_idx, k_idx)
-    p = jnp.where(keep, jnp.exp2(s - lse[:, None]), 0.0)
+    q_idx = lambda: start + jnp.arange(block_q, dtype=jnp.int32)
+    keep = _keep(compare_segments, masked, segq_ref[rows], seg_k,
+                 lambda: _layout_allowed(spec, length, q_idx(), k_idx))
+    p = jnp.exp2(s - lse[:, None])
+    if keep is not None:
+      p = jnp.where(keep, p, 0.0)
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
     dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
     return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
-  plan = (first_ref, count_ref, nfull_ref, nruns_ref)
-  per_head = lambda head, carry: _visit(plan, ki, block_q, functools.partial(body, head=head),
-                                        carry)
+  plan = (lo_ref, hi_ref, nfull_ref, nruns_ref)
 
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, heads, per_head, (zeros, zeros))
+  def all_heads(cmp):
+    per_head = lambda head, carry: _visit(
+        plan, ki, block_q, functools.partial(body, head=head, compare_segments=cmp), carry)
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    return lax.fori_loop(0, heads, per_head, (zeros, zeros))
+
+  dk, dv = _by_segments(one_ref[ki], all_heads)
   dk_ref[tile, :] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[tile, :] = dv.astype(dv_ref.dtype)
 
@@ -321,6 +389,8 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
 
   bq, bk = tiles.block_q_dq, tiles.block_k_dq
   plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=tp // bq)
+  lo, hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
+  row = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, bi, hi: (bi,) + (0,) * (a.ndim - 1))
   q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
   row_q = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
@@ -328,7 +398,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                         scale=scale),
       grid=(tp // bq, b, h),
-      in_specs=[*map(whole, plan), q_tile, kv_all, kv_all,
+      in_specs=[row(lo), row(hi), row(one), whole(plan[2]), whole(plan[3]), q_tile, kv_all, kv_all,
                 pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
                 pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)),
                 q_tile, row_q, row_q],
@@ -337,7 +407,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       compiler_params=params,
       interpret=interpret,
       name="block_sparse_attention_dq",
-  )(*plan, q, k, v, seg, seg, do, lse, delta)
+  )(lo, hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, delta)
 
   # Key tiles differ in work from 1 to ~64 query-tile visits per head (an early clean tile is
   # seen by every later query, a noisy one by its own block), and ncu showed the SMs idle 42% of
@@ -347,6 +417,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   # a group's heads may be split over `split` programs to shorten the heaviest one.
   bq, bk = tiles.block_q_dkv, tiles.block_k_dkv
   plan = visit_runs(spec, length, bq, bk, True, tiles.max_run, num_outer=tp // bk)
+  lo, hi, one = segment_runs(plan, seg, bq, bk, transpose=True)
   order = heavy_first(plan)  # every grid index maps to a tile of its own, padding tiles last
   assert order.size == tp // bk, (order.size, tp, bk)
   split = max(c for c in range(1, min(tiles.dkv_head_split, group) + 1) if group % c == 0)
@@ -365,7 +436,10 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       functools.partial(_dkv_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                         scale=scale, heads=hp),
       grid=(b, kv_heads * split, tp // bk),
-      in_specs=[whole(order), *map(whole, plan), q_heads, kv_row, kv_row, seg_row, seg_row,
+      in_specs=[whole(order), *(pl.BlockSpec((None,) + a.shape[1:],
+                                             lambda bi, j, i, n=a.ndim: (bi,) + (0,) * (n - 1))
+                                for a in (lo, hi, one)),
+                whole(plan[2]), whole(plan[3]), q_heads, kv_row, kv_row, seg_row, seg_row,
                 q_heads, rows_heads, rows_heads],
       out_specs=[out_spec, out_spec],
       out_shape=out_shape,
@@ -373,7 +447,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
                                            num_stages=tiles.num_stages_bwd),
       interpret=interpret,
       name="block_sparse_attention_dkv",
-  )(order, *plan, q, k, v, seg, seg, do, lse, delta)
+  )(order, lo, hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, delta)
   if split > 1:
     dk, dv = dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
   return dq, dk, dv

@@ -98,6 +98,14 @@ VARIANTS = [  # (name, kwargs of decode_attention)
     ("bk128 st3", {"block_k": 128}),
     ("bk64 w8", {"num_warps": 8}),
     ("bk64 w2", {"num_warps": 2}),
+    # A group's rows over several programs (each reads the same K/V, from L2 when the programs
+    # run side by side): more programs without splitting the cache, so fewer or no partials.
+    ("rows16 one split", {"block_rows": 16, "programs": 1}),
+    ("rows16 p384", {"block_rows": 16, "programs": 384}),
+    ("rows16 p528", {"block_rows": 16}),
+    ("rows32 one split", {"block_rows": 32, "programs": 1}),
+    ("rows16 one split bk128 st2", {"block_rows": 16, "programs": 1, "block_k": 128,
+                                    "num_stages": 2}),
 ]
 
 

@@ -116,13 +116,14 @@ def supported(q_BTHD, k_BSKD) -> str | None:
 def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
                      interpret: bool = False, block_k: int | None = None,
                      programs: int = TARGET_PROGRAMS, num_warps: int = 4, num_stages: int = 3,
-                     partial_dtype=None):
+                     partial_dtype=None, block_rows: int | None = None):
   """Attention of queries at positions start[b] + (0..T-1) over cache slots 0..S-1.
 
   Equals `attention.xla_attention` under `masks.dense_mask` of the model's cache branch metadata.
   `block_k` (cache slots per tile, default the largest of 64/32/16 dividing S) and `programs`
-  (how many programs the cache length is split into, at least) are tuning knobs, and so is
-  `partial_dtype` (dtype of the per-split outputs; default the queries' dtype).
+  (how many programs the cache length is split into, at least) are tuning knobs, and so are
+  `partial_dtype` (dtype of the per-split outputs; default the queries' dtype) and `block_rows`
+  (query rows of a group per program, a power of two >= 16; default all of them, up to 128).
   """
   if spec.kind not in ("causal", "block_causal"):
     raise ValueError(f"decode attention takes a causal or block_causal spec, got {spec}")
@@ -133,7 +134,9 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
   if block_k is None or s % block_k:
     raise ValueError(f"cache length {s} must be a multiple of 16 (and of block_k={block_k})")
   n_rows = t * group
-  rows = max(16, min(128, pl.next_power_of_2(n_rows)))
+  if block_rows is not None and (block_rows < 16 or block_rows & (block_rows - 1)):
+    raise ValueError(f"block_rows={block_rows}: must be a power of two >= 16")
+  rows = block_rows or max(16, min(128, pl.next_power_of_2(n_rows)))
   row_tiles = -(-n_rows // rows)
   num_kv_tiles = s // block_k
   splits, tiles_per_split = split_cache(num_kv_tiles, programs, b * kv_heads * row_tiles)

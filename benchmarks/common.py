@@ -14,11 +14,20 @@ import jax
 import jax.numpy as jnp
 
 
-def timeit(fn, arg_sets, reps=5, inner=4):
+def timeit(fn, arg_sets, reps=5, inner=4, min_region_s=0.02):
   """Median seconds per call of `fn` after two warm-up calls; cycles through `arg_sets` so that
-  repeated calls do not measure the L2 cache."""
+  repeated calls do not measure the L2 cache.
+
+  Each timed region runs `inner` calls back to back, more if needed for the region to last
+  `min_region_s`: a region pays once for the first launch's latency and the final
+  synchronisation (0.1-0.2 ms on the H200), which over two or three sub-millisecond calls read as
+  20-40% of their time (decode attention at S=4096: 62-75 us a call with 2-3 calls a region,
+  50.4-50.8 us with 40; BENCHMARKS.md).
+  """
   jax.block_until_ready(fn(*arg_sets[0]))
+  t0 = time.perf_counter()
   jax.block_until_ready(fn(*arg_sets[-1]))
+  inner = max(inner, math.ceil(min_region_s / max(time.perf_counter() - t0, 1e-6)))
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()

@@ -57,13 +57,14 @@ def rel_err(x, ref):
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def layout_segments(b, length, spec, rng, packed):
-  """Segment ids [B, L] (runs starting on block boundaries when packed), tiled over the streams."""
+def layout_segments(b, length, spec, rng, packed, samples=3):
+  """Segment ids [B, L], tiled over the streams: one sample per row, or `samples` per row when
+  packed, cut at random block boundaries (as data.py packs: every sample padded to blocks)."""
   seg = np.zeros((b, length), np.int32)
   if packed:
     for i in range(b):
-      cuts = sorted(rng.choice(np.arange(1, length // spec.block_size), 2, replace=False))
-      for c in cuts:
+      cuts = rng.choice(np.arange(1, length // spec.block_size), samples - 1, replace=False)
+      for c in sorted(cuts):
         seg[i, c * spec.block_size:] += 1
   return masks.layout_meta(spec, jnp.asarray(seg))
 
@@ -179,10 +180,12 @@ def _grad(fn):
 
 
 def train_row(name, spec, length, tiles, impls=("pallas", "xla", "cudnn"), record="train",
-              batch=None):
+              batch=None, samples=1):
+  """Times one case; `samples` > 1 packs that many samples into every row (random block-aligned
+  cuts, seeded), and the allowed pairs then count only pairs of one sample."""
   h, kh, d = SHAPES[name]
   b = batch or max(1, 8192 // length)  # 8192 query positions per layout part: fills the GPU
-  meta = layout_segments(b, length, spec, None, False)
+  meta = layout_segments(b, length, spec, np.random.default_rng(samples), samples > 1, samples)
   t = meta.positions.shape[1]
   sets = []
   for i in range(2):
@@ -191,12 +194,15 @@ def train_row(name, spec, length, tiles, impls=("pallas", "xla", "cudnn"), recor
                  jax.random.normal(ks[1], (b, t, kh, d), jnp.bfloat16),
                  jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16),
                  jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16)))
-  pairs = allowed_pairs(spec, length) * b * h
+  if samples > 1:
+    pairs = int(jax.jit(lambda: masks.dense_mask(spec, meta, meta).sum())()) * h
+  else:
+    pairs = allowed_pairs(spec, length) * b * h
   fwd_flops = 4 * pairs * d
   mm = RESULTS["ceil"].get("matmul_tflops")
   fns = _train_fns(spec, meta, tiles)
   row = {"shape": name, "layout": f"{spec.kind}x{spec.num_streams}", "L": length, "T": t, "B": b,
-         "density": pairs / (b * h * t * t)}
+         "samples": samples, "density": pairs / (b * h * t * t)}
   if record == "tune":
     row["tiles"] = str(tiles)
   for impl in impls:
@@ -281,9 +287,9 @@ def tables():
     if not RESULTS[key]:
       continue
     print(f"\n### {key}: time ms (TFLOP/s on allowed pairs, fraction of matmul rate)")
-    print("| shape | layout | L | B | density | impl | fwd ms | fwd TFLOP/s | frac | fwd+bwd ms |"
-          " fwd+bwd TFLOP/s | frac | xla/pallas fwd | xla/pallas fwd+bwd |")
-    print("|" + "---|" * 14)
+    print("| shape | layout | L | B | samples | density | impl | fwd ms | fwd TFLOP/s | frac |"
+          " fwd+bwd ms | fwd+bwd TFLOP/s | frac | xla/pallas fwd | xla/pallas fwd+bwd |")
+    print("|" + "---|" * 15)
     for r in RESULTS[key]:
       for impl in ("pallas", "xla", "cudnn"):
         if f"{impl}_fwd_ms" not in r:
@@ -295,7 +301,8 @@ def tables():
           sb = (fmt(r["xla_fwdbwd_ms"] / r["pallas_fwdbwd_ms"])
                 if isinstance(r["pallas_fwdbwd_ms"], float) else "-")
         label = impl + (f" {r['tiles']}" if key == "tune" and impl == "pallas" else "")
-        print(f"| {r['shape']} | {r['layout']} | {r['L']} | {r['B']} | {r['density']:.3f} | "
+        print(f"| {r['shape']} | {r['layout']} | {r['L']} | {r['B']} | {r.get('samples', 1)} | "
+              f"{r['density']:.3f} | "
               f"{label} | {fmt(r[f'{impl}_fwd_ms'], 3)} | {fmt(r.get(f'{impl}_fwd_tflops'), 1)} | "
               f"{fmt(r.get(f'{impl}_fwd_frac'))} | {fmt(r[f'{impl}_fwdbwd_ms'], 3)} | "
               f"{fmt(r.get(f'{impl}_fwdbwd_tflops'), 1)} | {fmt(r.get(f'{impl}_fwdbwd_frac'))} | "
@@ -354,6 +361,8 @@ def main():
                   help="also: sweep (SWEEP's tiles on two cases; give ceil with it)")
   ap.add_argument("--quick", action="store_true", help="L=2048 2L and decode S=4096 only")
   ap.add_argument("--lengths", default="2048,1024,4096", help="training-attention lengths L")
+  ap.add_argument("--packed", type=int, default=0,
+                  help="also time rows packing this many samples each (pallas only)")
   ap.add_argument("--tiles", type=int, default=-1, help="index into TUNE to use without tuning")
   ap.add_argument("--lean-check", type=int, default=4, help="check cases of each kind to run")
   ap.add_argument("--tables-from", help="print the tables of an earlier run's JSON and exit")
@@ -407,6 +416,9 @@ def main():
       for nn_ in (1, 2):
         for name in SHAPES:
           train_row(name, masks.MaskSpec("diffusion", 32, nn_), length, tiles)
+          if args.packed > 1:
+            train_row(name, masks.MaskSpec("diffusion", 32, nn_), length, tiles,
+                      impls=("pallas",), samples=args.packed)
   if "decode" in sections:
     for name, lens in (("qwen2.5-1.5b", (4096,) if args.quick else (512, 1024, 2048, 4096, 8192)),
                        ("qwen2.5-7b", (4096,))):

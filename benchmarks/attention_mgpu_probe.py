@@ -85,7 +85,8 @@ def main():
         res["rows"].append(row)
         print(row, flush=True)
         save_json("attention_mgpu_probe.json", res)
-  print("\n| shape | L | causal | fwd ms | fwd frac | fwd+bwd ms | fwd+bwd frac |\n|---|---|---|---|---|---|---|")
+  print("\n| shape | L | causal | fwd ms | fwd frac | fwd+bwd ms | fwd+bwd frac |")
+  print("|---|---|---|---|---|---|---|")
   for r in res["rows"]:
     f = lambda key, p=3: f"{r[key]:.{p}f}" if key in r else "-"
     print(f"| {r['shape']} | {r['L']} | {r['causal']} | {f('fwd_ms')} | {f('fwd_frac', 2)} | "

@@ -264,7 +264,7 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
   bq, bk = tiles.block_q, tiles.block_k
   nq = tp // bq
   plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=nq)
-  lo, hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
+  run_lo, run_hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   row = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, bi, hi: (bi,) + (0,) * (a.ndim - 1))
   rev = lambda i: nq - 1 - i
@@ -274,7 +274,7 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
       kernel,
       grid=(nq, b, h),
       in_specs=[
-          row(lo), row(hi), row(one), whole(plan[2]), whole(plan[3]),
+          row(run_lo), row(run_hi), row(one), whole(plan[2]), whole(plan[3]),
           pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
           pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
           pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
@@ -291,7 +291,7 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
                                            num_stages=tiles.num_stages),
       interpret=interpret,
       name="block_sparse_attention_fwd",
-  )(lo, hi, one, plan[2], plan[3], q, k, v, seg, seg)
+  )(run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
 
   bq, bk = tiles.block_q_dq, tiles.block_k_dq
   plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=tp // bq)
-  lo, hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
+  run_lo, run_hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
   row = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, bi, hi: (bi,) + (0,) * (a.ndim - 1))
   q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
@@ -398,7 +398,8 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                         scale=scale),
       grid=(tp // bq, b, h),
-      in_specs=[row(lo), row(hi), row(one), whole(plan[2]), whole(plan[3]), q_tile, kv_all, kv_all,
+      in_specs=[row(run_lo), row(run_hi), row(one), whole(plan[2]), whole(plan[3]), q_tile,
+                kv_all, kv_all,
                 pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
                 pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)),
                 q_tile, row_q, row_q],
@@ -407,7 +408,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       compiler_params=params,
       interpret=interpret,
       name="block_sparse_attention_dq",
-  )(lo, hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, delta)
+  )(run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, delta)
 
   # Key tiles differ in work from 1 to ~64 query-tile visits per head (an early clean tile is
   # seen by every later query, a noisy one by its own block), and ncu showed the SMs idle 42% of
@@ -417,7 +418,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   # a group's heads may be split over `split` programs to shorten the heaviest one.
   bq, bk = tiles.block_q_dkv, tiles.block_k_dkv
   plan = visit_runs(spec, length, bq, bk, True, tiles.max_run, num_outer=tp // bk)
-  lo, hi, one = segment_runs(plan, seg, bq, bk, transpose=True)
+  run_lo, run_hi, one = segment_runs(plan, seg, bq, bk, transpose=True)
   order = heavy_first(plan)  # every grid index maps to a tile of its own, padding tiles last
   assert order.size == tp // bk, (order.size, tp, bk)
   split = max(c for c in range(1, min(tiles.dkv_head_split, group) + 1) if group % c == 0)
@@ -438,7 +439,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       grid=(b, kv_heads * split, tp // bk),
       in_specs=[whole(order), *(pl.BlockSpec((None,) + a.shape[1:],
                                              lambda bi, j, i, n=a.ndim: (bi,) + (0,) * (n - 1))
-                                for a in (lo, hi, one)),
+                                for a in (run_lo, run_hi, one)),
                 whole(plan[2]), whole(plan[3]), q_heads, kv_row, kv_row, seg_row, seg_row,
                 q_heads, rows_heads, rows_heads],
       out_specs=[out_spec, out_spec],
@@ -447,7 +448,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
                                            num_stages=tiles.num_stages_bwd),
       interpret=interpret,
       name="block_sparse_attention_dkv",
-  )(order, lo, hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, delta)
+  )(order, run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, delta)
   if split > 1:
     dk, dv = dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
   return dq, dk, dv

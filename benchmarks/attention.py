@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import ceilings as common_ceilings  # noqa: E402
 from benchmarks.common import distinct_sets, timeit  # noqa: E402
 from dllm_jax import attention, masks
 from dllm_jax.kernels import decode, flash
@@ -144,16 +145,7 @@ def check(tiles):
 
 
 def ceilings():
-  n = 8192
-  a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
-  mm = jax.jit(lambda a, b: a @ b)
-  t = timeit(mm, [(a, b), (b, a)], reps=5, inner=10)
-  RESULTS["ceil"]["matmul_tflops"] = 2 * n ** 3 / t / 1e12
-  x = jax.random.normal(jax.random.key(3), (1 << 30,), jnp.bfloat16)  # 2 GiB
-  cp = jax.jit(lambda x: x * 2)  # one read + one write of every byte
-  t = timeit(cp, [(x,)], reps=5, inner=5)
-  RESULTS["ceil"]["copy_GBps"] = 2 * x.size * 2 / t / 1e9
+  RESULTS["ceil"].update(common_ceilings())
   print("ceilings", RESULTS["ceil"], flush=True)
   save()
 

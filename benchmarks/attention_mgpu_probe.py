@@ -4,8 +4,8 @@ the 45%-of-matmul target that the Triton kernels miss.
 
     python benchmarks/attention_mgpu_probe.py [--lengths 2048,4096]
 
-Runs `jax.experimental.pallas.ops.gpu.attention_mgpu` (not our code) on [B, T, H, D] bf16 inputs
-with T = 2L (the 2L layout's row length, 8192 query positions per call as in attention.py):
+Runs `jax.experimental.pallas.ops.gpu.attention_mgpu` (not our code) on [B, T, H, D] float16
+inputs (its shared-memory buffers are float16: it refuses bf16) with T = 2L (the 2L layout's row length, 8192 query positions per call as in attention.py):
 causal and full forward, and full forward+backward (its backward has no causal mask). FLOPs:
 4 * pairs * D per head forward (pairs halved for causal), 3.5x that forward+backward, over the
 bf16 matmul rate measured in the same run. Checks each forward against a float32 reference first.

@@ -1,6 +1,8 @@
 """Decode-attention kernel: tuning knobs against the read bound of its own access pattern.
 
     python benchmarks/decode_kernel.py [--shape qwen2.5-1.5b] [--cache 4096] [--batch 32]
+    python benchmarks/decode_kernel.py --cache 512,2048,8192 --batch 1,8,32 \
+        --variants default,"bk64 p132"    # a grid of cases, chosen variants only
 
 `decode.decode_attention` moves the K and V slots its queries may see once. How close it gets
 to the copy bandwidth depends on how many programs share the cache, tile size, pipelining
@@ -85,7 +87,8 @@ def time_call(fn, sets):
 
 
 VARIANTS = [  # (name, kwargs of decode_attention)
-    ("default", {}),
+    ("default", {}),  # one wave (decode.RESIDENT_PER_SM programs per SM) since session 8
+    ("bk64 p528", {"programs": decode.TARGET_PROGRAMS}),  # the default until session 8
     ("f32 partials", {"partial_dtype": jnp.float32}),
     ("bk128 p264 st2", {"block_k": 128, "programs": 264, "num_stages": 2}),
     ("bk64 p264", {"programs": 264}),
@@ -113,46 +116,65 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
-  ap.add_argument("--cache", type=int, default=4096)
-  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--cache", default="4096", help="cache length(s), comma-separated")
+  ap.add_argument("--batch", default="32", help="batch size(s), comma-separated")
   ap.add_argument("--queries", type=int, default=8)
+  ap.add_argument("--variants", default="",
+                  help="comma-separated names from VARIANTS (default: all, with the read bound "
+                       "and head-major rows)")
   args = ap.parse_args()
-  s, b, tq = args.cache, args.batch, args.queries
+  names = dict(VARIANTS)
+  chosen = [v for v in args.variants.split(",") if v]
+  unknown = [v for v in chosen if v not in names]
+  if unknown:
+    ap.error(f"--variants: unknown {unknown}; known: {sorted(names)}")
+  caches = [int(x) for x in args.cache.split(",")]
+  batches = [int(x) for x in args.batch.split(",")]
+  tq = args.queries
   spec = masks.MaskSpec("block_causal", 32)
-  start = jnp.full((b,), s - tq, jnp.int32)  # last sub-block: every slot is seen
-  res = {"meta": run_meta(), "ceil": ceilings(), "shape": args.shape, "S": s, "B": b, "T": tq,
-         "rows": []}
+  res = {"meta": run_meta(), "ceil": ceilings(), "shape": args.shape, "T": tq, "rows": []}
+  if len(caches) == len(batches) == 1:  # the single-case layout of earlier runs' JSON
+    res.update(S=caches[0], B=batches[0])
   copy = res["ceil"]["copy_GBps"]
   print(res["meta"], res["ceil"], flush=True)
-  sets, kv_bytes = make_sets(args.shape, s, b, tq)
+  for s in caches:
+    for b in batches:
+      start = jnp.full((b,), s - tq, jnp.int32)  # last sub-block: every slot is seen
+      sets, kv_bytes = make_sets(args.shape, s, b, tq)
 
-  def record(name, fn, these=sets):
-    try:
-      t = time_call(fn, these)
-      row = {"variant": name, "us": t * 1e6, "GBps": kv_bytes / t / 1e9,
-             "frac_copy": kv_bytes / t / 1e9 / copy}
-    except Exception as e:  # an unsupported knob setting is recorded, the sweep goes on
-      row = {"variant": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-    res["rows"].append(row)
-    print(row, flush=True)
-    save_json("decode_kernel.json", res)
+      def record(name, fn, these=sets, s=s, b=b, kv_bytes=kv_bytes):
+        try:
+          t = time_call(fn, these)
+          row = {"variant": name, "S": s, "B": b, "us": t * 1e6, "GBps": kv_bytes / t / 1e9,
+                 "frac_copy": kv_bytes / t / 1e9 / copy}
+        except Exception as e:  # an unsupported knob setting is recorded, the sweep goes on
+          row = {"variant": name, "S": s, "B": b,
+                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        res["rows"].append(row)
+        print(row, flush=True)
+        save_json("decode_kernel.json", res)
 
-  for bk, st in ((64, 3), (128, 2), (64, 4)):
-    record(f"read bound bk{bk} st{st}",
-           lambda q, k, v: read_bound(q, k, v, block_k=bk, num_stages=st))
-  for name, kw in VARIANTS:
-    record(name, lambda q, k, v, kw=kw: decode.decode_attention(q, k, v, start, spec, **kw))
-  hm_sets, _ = make_sets(args.shape, s, b, tq, head_major_cache=True)
-  hm_start = jnp.repeat(start, SHAPES[args.shape][1])
-  record("head-major cache, default",
-         lambda q, k, v: decode.decode_attention(q, k, v, hm_start, spec), hm_sets)
-  record("head-major read bound bk64 st3", lambda q, k, v: read_bound(q, k, v), hm_sets)
-  print("\n| variant | us | GB/s | frac of copy |\n|---|---|---|---|")
+      if not chosen:
+        for bk, st in ((64, 3), (128, 2), (64, 4)):
+          record(f"read bound bk{bk} st{st}",
+                 lambda q, k, v, bk=bk, st=st: read_bound(q, k, v, block_k=bk, num_stages=st))
+      for name in chosen or names:
+        record(name, lambda q, k, v, kw=names[name], start=start:
+               decode.decode_attention(q, k, v, start, spec, **kw))
+      if not chosen:
+        hm_sets, _ = make_sets(args.shape, s, b, tq, head_major_cache=True)
+        hm_start = jnp.repeat(start, SHAPES[args.shape][1])
+        record("head-major cache, default",
+               lambda q, k, v: decode.decode_attention(q, k, v, hm_start, spec), hm_sets)
+        record("head-major read bound bk64 st3", lambda q, k, v: read_bound(q, k, v), hm_sets)
+      del sets
+  print("\n| S | B | variant | us | GB/s | frac of copy |\n|---|---|---|---|---|---|")
   for r in res["rows"]:
     if "us" in r:
-      print(f"| {r['variant']} | {r['us']:.1f} | {r['GBps']:.0f} | {r['frac_copy']:.2f} |")
+      print(f"| {r['S']} | {r['B']} | {r['variant']} | {r['us']:.1f} | {r['GBps']:.0f} | "
+            f"{r['frac_copy']:.2f} |")
     else:
-      print(f"| {r['variant']} | {r['error']} | | |")
+      print(f"| {r['S']} | {r['B']} | {r['variant']} | {r['error']} | | |")
 
 
 if __name__ == "__main__":

@@ -197,6 +197,7 @@ DECODE_CASES = [
 
 
 @pytest.mark.parametrize("programs,block_rows", [
+    (None, None),  # the default: splits that fill one wave of the device (or 132 SMs' worth)
     (decode.TARGET_PROGRAMS, None),  # many splits
     (1, None),  # one split: no combine
     (1, 16),  # a group's rows over several programs, each reading the whole cache
@@ -216,6 +217,19 @@ def test_decode_equals_reference_on_random_caches(kind, bs, t, s, b, h, kh, star
   k_meta = masks.TokenMeta.simple(jnp.broadcast_to(jnp.arange(s), (b, s)))
   want = attention.xla_attention(q, kc, vc, masks.dense_mask(spec, q_meta, k_meta))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiles,slots,per_split", [
+    (64, 264, 64), (64, 264, 128), (64, 264, 2), (8, 264, 64), (128, 264, 2), (64, 264, 300),
+    (7, 264, 37), (1, 264, 1)])
+def test_one_wave_split_fills_one_wave_and_covers_the_cache(tiles, slots, per_split):
+  splits, per = decode.one_wave_split(tiles, slots, per_split)
+  assert splits * per >= tiles > (splits - 1) * per  # every tile in a run, no run empty
+  assert splits * per_split <= max(slots, per_split)  # one wave (one split if a split overflows)
+  # As many splits as fit: one more equal cut would overflow the wave or exceed the tiles.
+  fewer_per = -(-tiles // (splits + 1))
+  more = -(-tiles // fewer_per) if splits < tiles else splits
+  assert more == splits or more * per_split > slots
 
 
 def test_attend_without_contract_falls_back_to_xla_once(caplog):

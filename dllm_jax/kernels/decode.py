@@ -28,10 +28,22 @@ from dllm_jax import masks
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
-# At least four programs per SM of an H100 (132 SMs), so batch 1 still fills the GPU. With 64-slot
-# tiles and 3 stages: 79.0 us vs 80.0 / 81.5 / 83.8 us for 264 / 132 / 1056 programs (1.5B heads,
-# B=32, S=4096; benchmarks/decode_kernel.py, BENCHMARKS.md; ~5% run-to-run spread).
+# Programs of this kernel that one SM holds at once (64-slot K and V tiles of head_dim 128 in 3
+# stages take 96 KB of shared memory each; ncu on the H100 read 12.5% occupancy, two 4-warp
+# programs). By default the cache is split so the whole grid fits in one such wave: a grid just
+# over it runs a second, nearly empty wave (on the H200, B=32, S=4096, 1.5B heads: 5 splits = 320
+# programs took 57.0 us, 3 splits = 192 took 46.9 and 9 splits = 576 took 51.1; BENCHMARKS.md).
+RESIDENT_PER_SM = 2
+# Where the device does not say how many SMs it has (CPU, interpret mode): an H100's or H200's.
+DEFAULT_SM_COUNT = 132
+# The old default, kept as a knob value: split the cache into at least this many programs.
 TARGET_PROGRAMS = 528
+
+
+def sm_count() -> int:
+  """SMs of the default device (`core_count` on GPUs), else DEFAULT_SM_COUNT."""
+  n = getattr(jax.devices()[0], "core_count", None)
+  return n if isinstance(n, int) and n > 0 else DEFAULT_SM_COUNT
 
 
 def _dot(a, b, trans_b=False):
@@ -96,6 +108,12 @@ def split_cache(num_kv_tiles: int, programs: int, programs_per_split: int) -> tu
   return -(-num_kv_tiles // per), per
 
 
+def one_wave_split(num_kv_tiles: int, slots: int, programs_per_split: int) -> tuple[int, int]:
+  """(splits, tiles per split): as many equal runs as keep the grid within `slots` resident
+  programs (one wave), at least one, never more than the tiles."""
+  return split_cache(num_kv_tiles, max(1, slots // programs_per_split), 1)
+
+
 def _pick_block_k(cache_len: int) -> int | None:
   for bk in (64, 32, 16):
     if cache_len % bk == 0:
@@ -115,13 +133,14 @@ def supported(q_BTHD, k_BSKD) -> str | None:
 
 def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
                      interpret: bool = False, block_k: int | None = None,
-                     programs: int = TARGET_PROGRAMS, num_warps: int = 4, num_stages: int = 3,
+                     programs: int | None = None, num_warps: int = 4, num_stages: int = 3,
                      partial_dtype=None, block_rows: int | None = None):
   """Attention of queries at positions start[b] + (0..T-1) over cache slots 0..S-1.
 
   Equals `attention.xla_attention` under `masks.dense_mask` of the model's cache branch metadata.
   `block_k` (cache slots per tile, default the largest of 64/32/16 dividing S) and `programs`
-  (how many programs the cache length is split into, at least) are tuning knobs, and so are
+  (split the cache length into at least this many programs; default: as many as fill one wave,
+  RESIDENT_PER_SM per SM of the device) are tuning knobs, and so are
   `partial_dtype` (dtype of the per-split outputs; default the queries' dtype) and `block_rows`
   (query rows of a group per program, a power of two >= 16; default all of them, up to 128).
   """
@@ -139,7 +158,11 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
   rows = block_rows or max(16, min(128, pl.next_power_of_2(n_rows)))
   row_tiles = -(-n_rows // rows)
   num_kv_tiles = s // block_k
-  splits, tiles_per_split = split_cache(num_kv_tiles, programs, b * kv_heads * row_tiles)
+  per_split = b * kv_heads * row_tiles
+  if programs is None:
+    splits, tiles_per_split = one_wave_split(num_kv_tiles, RESIDENT_PER_SM * sm_count(), per_split)
+  else:
+    splits, tiles_per_split = split_cache(num_kv_tiles, programs, per_split)
 
   # [B, T, K*G, D] -> [B, K, T*G rows (padded), D]: row r is query r // G, head r % G of the group.
   q = q_BTHD.reshape(b, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4)

@@ -340,6 +340,21 @@ SWEEP = [
     dataclasses.replace(_T, num_stages_bwd=3), dataclasses.replace(_T, block_k_dq=128),
     dataclasses.replace(_T, block_q_dq=128, block_k_dq=32, num_warps_bwd=8),
 ]
+# Session 8, on the H200: knobs around the current default `Tiles()` (64-row forward, 3 stages;
+# 64x64 dq and dk/dv tiles, 2 stages, dk/dv heads split in two), `--sections sweep8`, on the
+# 1.5B 2L and 7B 3L cases at L=2048. Deeper pipelines for every kernel, and for the dk/dv kernel
+# the shape of Triton's own fused-attention tutorial (32 query rows against 128 keys).
+_D = flash.Tiles()
+SWEEP_S8 = [
+    _D, dataclasses.replace(_D, num_stages=4), dataclasses.replace(_D, num_stages=2),
+    dataclasses.replace(_D, block_k=32, num_stages=4),
+    dataclasses.replace(_D, block_q=128, num_warps=8),
+    dataclasses.replace(_D, num_stages_bwd=3),
+    dataclasses.replace(_D, block_q_dkv=32, block_k_dkv=128, num_warps_dkv=8),
+    dataclasses.replace(_D, block_q_dkv=32, block_k_dkv=128, num_warps_dkv=8, num_stages_bwd=3),
+    dataclasses.replace(_D, block_q_dkv=32),
+    dataclasses.replace(_D, block_k_dq=32, num_stages_bwd=3),
+]
 DECODE_TUNE = [  # benchmarks/decode_kernel.py sweeps more; these were its closest three
     {"block_k": 64, "programs": 528, "num_stages": 3},
     {"block_k": 128, "programs": 528, "num_stages": 3},
@@ -350,7 +365,8 @@ DECODE_TUNE = [  # benchmarks/decode_kernel.py sweeps more; these were its close
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sections", default="check,ceil,tune,train,decode",
-                  help="also: sweep (SWEEP's tiles on two cases; give ceil with it)")
+                  help="also: sweep, sweep8 (SWEEP's or SWEEP_S8's tiles on two cases; give ceil "
+                       "with them)")
   ap.add_argument("--quick", action="store_true", help="L=2048 2L and decode S=4096 only")
   ap.add_argument("--lengths", default="2048,1024,4096", help="training-attention lengths L")
   ap.add_argument("--packed", type=int, default=0,
@@ -402,6 +418,11 @@ def main():
     for cand in SWEEP[:4]:
       train_row("qwen2.5-7b", masks.MaskSpec("diffusion", 32, 2), 2048, cand,
                 impls=("pallas",), record="tune")
+  if "sweep8" in sections:
+    for name, spec in (("qwen2.5-1.5b", masks.MaskSpec("diffusion", 32, 1)),
+                       ("qwen2.5-7b", masks.MaskSpec("diffusion", 32, 2))):
+      for cand in SWEEP_S8:
+        train_row(name, spec, 2048, cand, impls=("pallas",), record="tune")
   if "train" in sections:
     lengths = (2048,) if args.quick else tuple(int(x) for x in args.lengths.split(","))
     for length in lengths:

@@ -19,8 +19,6 @@ MIXED = flash.Tiles(16, 32, 32, 16, 16, 32)  # different maps for the forward, d
 SPLIT2 = flash.Tiles(16, 16, 16, 16, 16, 16, dkv_head_split=2)  # dk/dv from per-program partials
 SPLIT4 = flash.Tiles(16, 16, 16, 16, 16, 16, dkv_head_split=4)  # group 6: clipped to 3 programs
 UNEVEN = flash.Tiles(32, 16, 16, 16, 16, 16)  # rows padded to 32: more dq/dkv grid tiles than plan
-# dQ added atomically by the dk/dv kernel: split heads, and dk/dv tiles unlike the forward's.
-FUSED = flash.Tiles(16, 16, 16, 16, 16, 32, dkv_head_split=2, fused_dq=True)
 
 
 def _dense_tile_classes(spec, length, bq, bk):
@@ -93,9 +91,6 @@ TRAIN_CASES = [
     # Many short samples: most clean-prefix tiles of a later sample are cut by segment_runs.
     (masks.MaskSpec("diffusion", 8, 1), 64, 2, 3, 1, 16, [[16, 24, 40, 48], [8]], SMALL),
     (masks.MaskSpec("diffusion", 8, 2), 48, 1, 6, 2, 16, [[16, 32]], SPLIT2),
-    (masks.MaskSpec("diffusion", 8, 1), 40, 2, 6, 1, 16, [[24], []], FUSED),
-    (masks.MaskSpec("diffusion", 4, 2), 21, 1, 7, 1, 16, [[8, 12]], FUSED),
-    (masks.MaskSpec("causal"), 33, 1, 2, 2, 64, [[10]], FUSED),
 ]
 
 

@@ -69,9 +69,6 @@ class Tiles:
   num_stages: int = 3  # the forward kernel
   num_stages_bwd: int = 2
   max_run: int = 0  # longest run of consecutive tiles one inner loop visits (0: no limit)
-  # dQ from the dk/dv kernel, added atomically into a float32 buffer, instead of a dq kernel that
-  # recomputes P and dP (7 matmuls per tile pair become 5; the adds contend across key tiles).
-  fused_dq: bool = False
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -332,10 +329,8 @@ def _dq_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_re
 
 
 def _dkv_kernel(order_ref, lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref,
-                segq_ref, segk_ref, do_ref, lse_ref, delta_ref, *refs, spec, length, block_q,
-                block_k, scale, heads, fused_dq):
-  # refs: dk, dv; with fused_dq first the float32 dQ buffer as input, then aliased as an output.
-  dk_ref, dv_ref, dq_ref = refs[1:] if fused_dq else refs + (None,)
+                segq_ref, segk_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, spec, length,
+                block_q, block_k, scale, heads):
   ki = order_ref[pl.program_id(2)]
   tile = pl.ds(pl.multiple_of(ki * block_k, block_k), block_k)
   k, v = k_ref[tile, :], v_ref[tile, :]
@@ -358,8 +353,6 @@ def _dkv_kernel(order_ref, lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref,
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
     dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
-    if fused_dq:  # unscaled, like dk: the scale is applied once, in XLA
-      plgpu.atomic_add(dq_ref, (rows, head, slice(None)), _dot(ds.astype(k.dtype), k))
     return dk + _dot(ds.astype(q.dtype), q, trans_a=True), dv
 
   plan = (lo_ref, hi_ref, nfull_ref, nruns_ref)
@@ -384,22 +377,16 @@ def heavy_first(plan) -> np.ndarray:
 
 
 def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
+  b, tp, h, d = q.shape
+  kv_heads = k.shape[2]
+  group = h // kv_heads
+  scale = d ** -0.5
   # delta_i = sum_d o_id * do_id: one cheap fused XLA pass, [B, H, Tp] like lse.
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-  dq_acc, dk, dv = _dkv(q, k, v, seg, do, lse, delta, spec, length, tiles, interpret)
-  if tiles.fused_dq:
-    dq = (dq_acc * q.shape[-1] ** -0.5).astype(q.dtype)
-  else:
-    dq = _dq(q, k, v, seg, do, lse, delta, spec, length, tiles, interpret)
-  return dq, dk, dv
-
-
-def _dq(q, k, v, seg, do, lse, delta, spec, length, tiles: Tiles, interpret):
-  b, tp, h, d = q.shape
-  group = h // k.shape[2]
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
                                  num_stages=tiles.num_stages_bwd)
+
   bq, bk = tiles.block_q_dq, tiles.block_k_dq
   plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=tp // bq)
   run_lo, run_hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
@@ -409,7 +396,7 @@ def _dq(q, k, v, seg, do, lse, delta, spec, length, tiles: Tiles, interpret):
   row_q = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
-                        scale=d ** -0.5),
+                        scale=scale),
       grid=(tp // bq, b, h),
       in_specs=[row(run_lo), row(run_hi), row(one), whole(plan[2]), whole(plan[3]), q_tile,
                 kv_all, kv_all,
@@ -422,15 +409,7 @@ def _dq(q, k, v, seg, do, lse, delta, spec, length, tiles: Tiles, interpret):
       interpret=interpret,
       name="block_sparse_attention_dq",
   )(run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, delta)
-  return dq
 
-
-def _dkv(q, k, v, seg, do, lse, delta, spec, length, tiles: Tiles, interpret):
-  """(float32 dQ without its scale, or None unless tiles.fused_dq; dK; dV)."""
-  b, tp, h, d = q.shape
-  kv_heads = k.shape[2]
-  group = h // kv_heads
-  whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   # Key tiles differ in work from 1 to ~64 query-tile visits per head (an early clean tile is
   # seen by every later query, a noisy one by its own block), and ncu showed the SMs idle 42% of
   # the dk/dv kernel's time; the tile plan says the heaviest program outlasts a fair share of
@@ -454,36 +433,25 @@ def _dkv(q, k, v, seg, do, lse, delta, spec, length, tiles: Tiles, interpret):
     out_spec = pl.BlockSpec((None, None, tp, None, d),
                             lambda bi, j, i: (j % split, bi, 0, j // split, 0))
     out_shape = [jax.ShapeDtypeStruct((split,) + k.shape, jnp.float32)] * 2
-  args = [order, run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, delta]
-  in_specs = [whole(order), *(pl.BlockSpec((None,) + a.shape[1:],
-                                           lambda bi, j, i, n=a.ndim: (bi,) + (0,) * (n - 1))
-                              for a in (run_lo, run_hi, one)),
-              whole(plan[2]), whole(plan[3]), q_heads, kv_row, kv_row, seg_row, seg_row,
-              q_heads, rows_heads, rows_heads]
-  out_specs, aliases = [out_spec, out_spec], {}
-  if tiles.fused_dq:  # every program adds into the rows of its own heads: q's blocks
-    args.append(jnp.zeros(q.shape, jnp.float32))
-    in_specs.append(q_heads)
-    out_specs.append(q_heads)
-    out_shape = out_shape + [jax.ShapeDtypeStruct(q.shape, jnp.float32)]
-    aliases = {len(args) - 1: 2}
-  outs = pl.pallas_call(
+  dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
-                        scale=d ** -0.5, heads=hp, fused_dq=tiles.fused_dq),
+                        scale=scale, heads=hp),
       grid=(b, kv_heads * split, tp // bk),
-      in_specs=in_specs,
-      out_specs=out_specs,
+      in_specs=[whole(order), *(pl.BlockSpec((None,) + a.shape[1:],
+                                             lambda bi, j, i, n=a.ndim: (bi,) + (0,) * (n - 1))
+                                for a in (run_lo, run_hi, one)),
+                whole(plan[2]), whole(plan[3]), q_heads, kv_row, kv_row, seg_row, seg_row,
+                q_heads, rows_heads, rows_heads],
+      out_specs=[out_spec, out_spec],
       out_shape=out_shape,
-      input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps_dkv or tiles.num_warps_bwd,
                                            num_stages=tiles.num_stages_bwd),
       interpret=interpret,
       name="block_sparse_attention_dkv",
-  )(*args)
-  dk, dv = outs[:2]
+  )(order, run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, delta)
   if split > 1:
     dk, dv = dk.sum(0).astype(k.dtype), dv.sum(0).astype(v.dtype)
-  return (outs[2] if tiles.fused_dq else None), dk, dv
+  return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------------------

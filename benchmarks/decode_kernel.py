@@ -34,14 +34,14 @@ from dllm_jax import masks  # noqa: E402
 from dllm_jax.kernels import decode  # noqa: E402
 
 
-def read_bound(q_BTHD, k_BSKD, v_BSKD, *, block_k=64, programs=decode.TARGET_PROGRAMS,
-               num_warps=4, num_stages=3, interpret=False):
+def read_bound(q_BTHD, k_BSKD, v_BSKD, *, block_k=64, programs=None, num_warps=4, num_stages=3,
+               interpret=False):
   """The decode kernel's grid and K/V loads with the arithmetic left out: every program sums
   the K and V tiles of its split into one [block_k, D] float32 tile."""
   b, t, h, d = q_BTHD.shape
   s, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
   num_kv_tiles = s // block_k
-  splits, per = decode.split_cache(num_kv_tiles, programs, b * kv_heads)
+  splits, per = decode.plan_splits(num_kv_tiles, b * kv_heads, programs)
 
   def kernel(k_ref, v_ref, o_ref):
     lo = pl.program_id(0) * per

@@ -114,6 +114,15 @@ def one_wave_split(num_kv_tiles: int, slots: int, programs_per_split: int) -> tu
   return split_cache(num_kv_tiles, max(1, slots // programs_per_split), 1)
 
 
+def plan_splits(num_kv_tiles: int, programs_per_split: int,
+                programs: int | None = None) -> tuple[int, int]:
+  """(splits, tiles per split) of `decode_attention`'s `programs` knob: None fills one wave of
+  the device (RESIDENT_PER_SM per SM), an int asks for at least that many programs."""
+  if programs is None:
+    return one_wave_split(num_kv_tiles, RESIDENT_PER_SM * sm_count(), programs_per_split)
+  return split_cache(num_kv_tiles, programs, programs_per_split)
+
+
 def _pick_block_k(cache_len: int) -> int | None:
   for bk in (64, 32, 16):
     if cache_len % bk == 0:
@@ -158,11 +167,7 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
   rows = block_rows or max(16, min(128, pl.next_power_of_2(n_rows)))
   row_tiles = -(-n_rows // rows)
   num_kv_tiles = s // block_k
-  per_split = b * kv_heads * row_tiles
-  if programs is None:
-    splits, tiles_per_split = one_wave_split(num_kv_tiles, RESIDENT_PER_SM * sm_count(), per_split)
-  else:
-    splits, tiles_per_split = split_cache(num_kv_tiles, programs, per_split)
+  splits, tiles_per_split = plan_splits(num_kv_tiles, b * kv_heads * row_tiles, programs)
 
   # [B, T, K*G, D] -> [B, K, T*G rows (padded), D]: row r is query r // G, head r % G of the group.
   q = q_BTHD.reshape(b, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4)

@@ -355,7 +355,8 @@ SWEEP_S8 = [
     dataclasses.replace(_D, block_q_dkv=32),
     dataclasses.replace(_D, block_k_dq=32, num_stages_bwd=3),
 ]
-DECODE_TUNE = [  # benchmarks/decode_kernel.py sweeps more; these were its closest three
+DECODE_TUNE = [  # the default (one wave) and, from benchmarks/decode_kernel.py, its closest rivals
+    {},
     {"block_k": 64, "programs": 528, "num_stages": 3},
     {"block_k": 128, "programs": 528, "num_stages": 3},
     {"block_k": 64, "programs": 264, "num_stages": 3},

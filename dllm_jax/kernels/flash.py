@@ -217,6 +217,13 @@ def _layout_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx):
   return ok & (k_idx[None, :] < total)
 
 
+def _batch_rows(batch_axis, *arrays):
+  """BlockSpecs giving each program its batch row of per-row plan arrays ([B, ...] each), the
+  batch being grid axis `batch_axis`."""
+  return [pl.BlockSpec((None,) + a.shape[1:],
+                       lambda *g, n=a.ndim: (g[batch_axis],) + (0,) * (n - 1)) for a in arrays]
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 
@@ -266,7 +273,6 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
   plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=nq)
   run_lo, run_hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
-  row = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, bi, hi: (bi,) + (0,) * (a.ndim - 1))
   rev = lambda i: nq - 1 - i
   kernel = functools.partial(_fwd_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                              scale=d ** -0.5, num_q_tiles=nq)
@@ -274,7 +280,7 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
       kernel,
       grid=(nq, b, h),
       in_specs=[
-          row(run_lo), row(run_hi), row(one), whole(plan[2]), whole(plan[3]),
+          *_batch_rows(1, run_lo, run_hi, one), whole(plan[2]), whole(plan[3]),
           pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
           pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
           pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
@@ -390,7 +396,6 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   bq, bk = tiles.block_q_dq, tiles.block_k_dq
   plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=tp // bq)
   run_lo, run_hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
-  row = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda i, bi, hi: (bi,) + (0,) * (a.ndim - 1))
   q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
   row_q = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
@@ -398,7 +403,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                         scale=scale),
       grid=(tp // bq, b, h),
-      in_specs=[row(run_lo), row(run_hi), row(one), whole(plan[2]), whole(plan[3]), q_tile,
+      in_specs=[*_batch_rows(1, run_lo, run_hi, one), whole(plan[2]), whole(plan[3]), q_tile,
                 kv_all, kv_all,
                 pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
                 pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)),
@@ -437,9 +442,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       functools.partial(_dkv_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                         scale=scale, heads=hp),
       grid=(b, kv_heads * split, tp // bk),
-      in_specs=[whole(order), *(pl.BlockSpec((None,) + a.shape[1:],
-                                             lambda bi, j, i, n=a.ndim: (bi,) + (0,) * (n - 1))
-                                for a in (run_lo, run_hi, one)),
+      in_specs=[whole(order), *_batch_rows(0, run_lo, run_hi, one),
                 whole(plan[2]), whole(plan[3]), q_heads, kv_row, kv_row, seg_row, seg_row,
                 q_heads, rows_heads, rows_heads],
       out_specs=[out_spec, out_spec],

@@ -10,8 +10,9 @@ Which kernel runs is decided by the caller's static `contract`, never guessed fr
   (model.py's cache branch). Runs `decode.decode_attention`.
 
 Anything else, or a shape a kernel does not cover, falls back to the XLA reference with a
-one-time log line naming the reason. Kernels lower through Pallas' Triton backend (GPU); on a TPU
-the XLA path runs (these kernels use Triton-only features: dynamic loop bounds and gathers of
+one-time log line naming the reason. Kernels lower through Pallas' Triton backend (GPU), except
+the training forward on an sm_90 GPU, which is Mosaic GPU's (`flash_mgpu`, `Tiles.forward`); on
+a TPU the XLA path runs (these kernels use GPU-only features: dynamic loop bounds and gathers of
 tiles by a host-computed index list).
 
 A Pallas kernel is a custom call XLA cannot partition: on a device mesh it would gather its

@@ -69,10 +69,18 @@ class Tiles:
   num_stages: int = 3  # the forward kernel
   num_stages_bwd: int = 2
   max_run: int = 0  # longest run of consecutive tiles one inner loop visits (0: no limit)
+  # Which forward kernel runs: "mosaic" (`flash_mgpu`, warp-specialised wgmma; 1.21-1.28x the
+  # Triton forward on the H200, BENCHMARKS.md session 9), "triton" (below), or "auto": mosaic on
+  # an sm_90 GPU for the problems it covers, else triton. The backward is the Triton one either way.
+  forward: str = "auto"
 
   def __post_init__(self):
+    if self.forward not in ("auto", "triton", "mosaic"):
+      raise ValueError(f"Tiles.forward={self.forward!r}: expected 'auto', 'triton' or 'mosaic'")
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
+      if f.name == "forward":
+        continue
       if f.name.startswith("block_") and (v < 16 or v & (v - 1)):
         raise ValueError(f"Tiles.{f.name}={v}: must be a power of two >= 16")
       if f.name == "dkv_head_split" and v < 1:
@@ -266,6 +274,10 @@ def _fwd_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_r
 
 def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
   """q [B, Tp, H, D], k/v [B, Tp, K, D], seg [B, Tp] (Tp a multiple of every tile size)."""
+  if tiles.forward == "mosaic":
+    from dllm_jax.kernels import flash_mgpu
+
+    return flash_mgpu.forward(q, k, v, seg, spec, length, interpret=interpret)
   b, tp, h, d = q.shape
   group = h // k.shape[2]
   bq, bk = tiles.block_q, tiles.block_k
@@ -480,6 +492,22 @@ def _attention_bwd(spec, length, tiles, interpret, res, do):
 _attention_padded.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _forward_kernel(choice: str, spec: masks.MaskSpec, q, interpret: bool) -> str:
+  """`Tiles.forward` resolved for this problem: "auto" picks the Mosaic GPU kernel on sm_90 when
+  it covers the problem; an explicit "mosaic" it cannot run is an error, not a fallback."""
+  if choice == "triton":
+    return choice
+  from dllm_jax.kernels import flash_mgpu
+
+  why = flash_mgpu.unsupported(spec, q.shape[-1], q.dtype)
+  if choice == "mosaic":
+    if why is not None:
+      raise ValueError(f"Tiles.forward='mosaic' cannot run this problem: {why}; "
+                       "use forward='triton' or 'auto'")
+    return choice
+  return "mosaic" if why is None and not interpret and flash_mgpu.on_hopper() else "triton"
+
+
 def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.MaskSpec,
                            tiles: Tiles = Tiles(), interpret: bool = False):
   """Attention over the layout `masks.layout_meta(spec, segments)` rows, T = num_streams * L.
@@ -493,8 +521,14 @@ def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.Mask
     raise ValueError(f"sequence length {t} is not a multiple of the layout's "
                      f"{spec.num_streams} streams (spec={spec})")
   length = t // spec.num_streams
+  tiles = dataclasses.replace(tiles, forward=_forward_kernel(tiles.forward, spec, q_BTHD,
+                                                             interpret))
   lcm = max(tiles.block_q, tiles.block_k, tiles.block_q_dq, tiles.block_k_dq,
             tiles.block_q_dkv, tiles.block_k_dkv)  # all powers of two: the max is their lcm
+  if tiles.forward == "mosaic":
+    from dllm_jax.kernels import flash_mgpu
+
+    lcm = max(lcm, flash_mgpu.OUTER, flash_mgpu.BLOCK_K)
   tp = -(-t // lcm) * lcm
   pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
   seg = pad(jnp.asarray(segments_BT, jnp.int32))

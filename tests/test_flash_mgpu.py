@@ -1,0 +1,107 @@
+"""The Mosaic GPU training forward (`kernels.flash_mgpu`) in jax's Mosaic GPU interpreter.
+
+The interpreter runs the kernel's interpret body (P through shared memory); the GPU body shares
+its plan, copies, barriers and softmax arithmetic and is checked on the device against the
+Triton kernel (benchmarks/attention.py --sections check).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dllm_jax import attention, masks
+from dllm_jax.kernels import flash, flash_mgpu
+
+MOSAIC = flash.Tiles(forward="mosaic")
+TRITON = flash.Tiles(forward="triton")
+
+CASES = [
+    # spec, L, B, H, K, D, segment cuts per row (block-aligned)
+    (masks.MaskSpec("diffusion", 32, 1), 100, 2, 2, 1, 64, [[32], [64]]),  # packed, GQA 2
+    (masks.MaskSpec("diffusion", 16, 2), 70, 1, 3, 1, 64, [[]]),  # 3L, GQA 3
+    (masks.MaskSpec("causal"), 150, 1, 2, 2, 128, [[40]]),  # D = 128, no GQA
+]
+
+
+def _segments(b, length, cuts):
+  seg = np.zeros((b, length), np.int32)
+  for row, row_cuts in enumerate(cuts):
+    for c in row_cuts:
+      seg[row, c:] += 1
+  return jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("spec,length,b,h,kh,d,cuts", CASES)
+def test_mosaic_forward_and_its_gradients_equal_the_reference(spec, length, b, h, kh, d, cuts):
+  meta = masks.layout_meta(spec, _segments(b, length, cuts))
+  t = meta.positions.shape[1]
+  ks = jax.random.split(jax.random.key(length), 4)
+  q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(jnp.bfloat16)
+  k = jax.random.normal(ks[1], (b, t, kh, d), jnp.float32).astype(jnp.bfloat16)
+  v = jax.random.normal(ks[2], (b, t, kh, d), jnp.float32).astype(jnp.bfloat16)
+  ct = jax.random.normal(ks[3], (b, t, h, d), jnp.float32).astype(jnp.bfloat16)
+  f32 = lambda x: x.astype(jnp.float32)
+
+  def run(tiles):
+    f = lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles,
+                                                     interpret=True)
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(ct)
+
+  got, got_g = jax.jit(lambda: run(MOSAIC))()
+  tri, tri_g = jax.jit(lambda: run(TRITON))()
+  want = attention.xla_attention(f32(q), f32(k), f32(v), masks.dense_mask(spec, meta, meta))
+  rel = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(b)))
+  assert got.dtype == jnp.bfloat16
+  assert rel(got, want) < 5e-3  # bf16 rounding of inputs, P and the output
+  assert rel(got, tri) < 5e-3
+  # The backward is the Triton one in both runs: only the residuals (o, lse) differ.
+  for name, g, w in zip("qkv", got_g, tri_g):
+    assert rel(g, w) < 1e-2, f"d{name}"
+
+
+def test_visit_list_flattens_the_narrowed_runs_full_tiles_first():
+  spec = masks.MaskSpec("diffusion", 32, 1)
+  length = 512
+  seg = masks.layout_meta(spec, _segments(2, length, [[], [96, 224]])).segments
+  n_outer = seg.shape[1] // flash_mgpu.OUTER
+  packed, v = flash_mgpu.visit_list(spec, length, seg, n_outer)
+  packed = np.asarray(packed)
+  assert packed.shape[-1] % 32 == 0  # whole 128-byte TMA rows
+  plan = flash.visit_runs(spec, length, flash_mgpu.OUTER, flash_mgpu.BLOCK_K, False,
+                          num_outer=n_outer)
+  lo, hi, one = map(np.asarray, flash.segment_runs(plan, seg, flash_mgpu.OUTER,
+                                                   flash_mgpu.BLOCK_K, False))
+  _, _, n_full_runs, n_runs = plan
+  for b in range(2):
+    for i in range(n_outer):
+      full = [j for r in range(n_full_runs[i]) for j in range(lo[b, i, r], hi[b, i, r])]
+      part = [j for r in range(n_full_runs[i], n_runs[i]) for j in range(lo[b, i, r], hi[b, i, r])]
+      n_full, n_vis, one_seg = packed[b, i, v], packed[b, i, v + 1], packed[b, i, v + 2]
+      assert one_seg == one[b, i]
+      assert packed[b, i, :n_vis].tolist() == full + part
+      # Several segments in the outer tile: its full tiles are compared like partial ones.
+      assert n_full == (len(full) if one[b, i] else 0)
+  assert not one[1].all() and one[0].all()  # the packed row exercises both cases
+
+
+def test_mosaic_forward_refuses_what_it_cannot_run():
+  spec = masks.MaskSpec("diffusion", 24, 1)  # block size not a power of two
+  meta = masks.layout_meta(spec, jnp.zeros((1, 48), jnp.int32))
+  q = jnp.zeros((1, 96, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="block_size 24 is not a power of two.*forward='triton'"):
+    flash.block_sparse_attention(q, q, q, meta.segments, spec, MOSAIC, interpret=True)
+  with pytest.raises(ValueError, match="float32"):
+    flash.block_sparse_attention(q.astype(jnp.float32), q, q, meta.segments,
+                                 masks.MaskSpec("diffusion", 32, 1), MOSAIC, interpret=True)
+  with pytest.raises(ValueError, match="Tiles.forward='cuda'"):
+    flash.Tiles(forward="cuda")
+
+
+def test_auto_forward_is_triton_off_hopper():
+  # On this CPU machine (and in interpret mode anywhere) "auto" keeps the Triton forward.
+  spec = masks.MaskSpec("diffusion", 32, 1)
+  q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+  assert flash._forward_kernel("auto", spec, q, interpret=True) == "triton"
+  assert flash._forward_kernel("mosaic", spec, q, interpret=True) == "mosaic"

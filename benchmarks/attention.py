@@ -388,6 +388,8 @@ def main():
   ap.add_argument("--tiles", type=int, default=-1, help="index into TUNE to use without tuning")
   ap.add_argument("--lean-check", type=int, default=4, help="check cases of each kind to run")
   ap.add_argument("--tables-from", help="print the tables of an earlier run's JSON and exit")
+  ap.add_argument("--impls", default="pallas,triton,xla,cudnn",
+                  help="training-attention implementations to time")
   args = ap.parse_args()
   if args.tables_from:
     with open(args.tables_from) as f:
@@ -442,7 +444,8 @@ def main():
     for length in lengths:
       for nn_ in (1, 2):
         for name in SHAPES:
-          train_row(name, masks.MaskSpec("diffusion", 32, nn_), length, tiles)
+          train_row(name, masks.MaskSpec("diffusion", 32, nn_), length, tiles,
+                    impls=tuple(args.impls.split(",")))
           if args.packed > 1:
             train_row(name, masks.MaskSpec("diffusion", 32, nn_), length, tiles,
                       impls=("pallas",), samples=args.packed)

@@ -69,7 +69,7 @@ class Tiles:
   num_stages: int = 3  # the forward kernel
   num_stages_bwd: int = 2
   max_run: int = 0  # longest run of consecutive tiles one inner loop visits (0: no limit)
-  # Which forward kernel runs: "mosaic" (`flash_mgpu`, warp-specialised wgmma; 1.21-1.28x the
+  # Which forward kernel runs: "mosaic" (`flash_mgpu`, warp-specialised wgmma; 1.10-1.23x the
   # Triton forward on the H200, BENCHMARKS.md session 9), "triton" (below), or "auto": mosaic on
   # an sm_90 GPU for the problems it covers, else triton. The backward is the Triton one either way.
   forward: str = "auto"

@@ -39,7 +39,7 @@ from dllm_jax.kernels import flash
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 _LOG2E = math.log2(math.e)
 BLOCK_Q = 64  # rows per consumer warpgroup (wgmma's M); a CTA takes 2 * BLOCK_Q
-BLOCK_K = 128  # 1.21-1.26x the 64-key tiles on the H200 (BENCHMARKS.md, session 9)
+BLOCK_K = 128  # 1.15-1.17x faster than 64-key tiles on the H200 (BENCHMARKS.md, session 9)
 SLOTS = 2
 OUTER = 2 * BLOCK_Q
 

@@ -200,29 +200,43 @@ def _keep(compare_segments, masked, seg_q, seg_k, allowed):
   return keep
 
 
-def _layout_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx):
-  """`masks.allowed` for layout indices (segments aside); padding indices are never allowed."""
+def _layout_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx, vector_div: bool = True):
+  """`masks.allowed` for layout indices (segments aside); padding indices are never allowed.
+
+  q_idx and k_idx broadcast against each other (the Triton kernels pass [BQ, 1] and [1, BK]).
+  `vector_div=False` avoids integer division, which Mosaic GPU does not lower for vectors:
+  streams by comparisons, blocks by a shift (the block size must then be a power of two).
+  """
   total = spec.num_streams * length
 
   def pos_stream(idx):
     if spec.kind != "diffusion":
       return idx, jnp.zeros_like(idx)
-    part = lax.div(idx, jnp.int32(length))
-    stream = jnp.where(part < spec.num_noisy, part + 1, 0)
+    if vector_div:
+      part = lax.div(idx, jnp.int32(length))
+    else:
+      part = jnp.zeros_like(idx)
+      for j in range(1, spec.num_streams):
+        part = part + (idx >= j * length).astype(jnp.int32)
+    stream = jnp.where(part < spec.num_noisy, part + 1, jnp.zeros_like(part))
     return idx - part * length, stream
 
-  qp, qs = pos_stream(q_idx[:, None])
-  kp, ks = pos_stream(k_idx[None, :])
+  def block(pos):
+    if vector_div:
+      return lax.div(pos, jnp.int32(spec.block_size))
+    return lax.shift_right_logical(pos, spec.block_size.bit_length() - 1)
+
+  qp, qs = pos_stream(q_idx)
+  kp, ks = pos_stream(k_idx)
   if spec.kind == "causal":
     ok = kp <= qp
   else:
-    bs = jnp.int32(spec.block_size)
-    qb, kb = lax.div(qp, bs), lax.div(kp, bs)
+    qb, kb = block(qp), block(kp)
     ok = (qs == 0) & (ks == 0) & (kb <= qb)
     if spec.kind == "diffusion":
       noisy = qs > 0
       ok = ok | (noisy & (ks == qs) & (kb == qb)) | (noisy & (ks == 0) & (kb < qb))
-  return ok & (k_idx[None, :] < total)
+  return ok & (k_idx < total)
 
 
 def _batch_rows(batch_axis, *arrays):
@@ -250,7 +264,7 @@ def _fwd_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_r
     s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
     k_idx = lambda: start + jnp.arange(block_k, dtype=jnp.int32)
     keep = _keep(compare_segments, masked, seg_q, segk_ref[pl.ds(start, block_k)],
-                 lambda: _layout_allowed(spec, length, q_idx, k_idx()))
+                 lambda: _layout_allowed(spec, length, q_idx[:, None], k_idx()[None, :]))
     if keep is not None:
       s = jnp.where(keep, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=1))
@@ -331,7 +345,7 @@ def _dq_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_re
     s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
     k_idx = lambda: start + jnp.arange(block_k, dtype=jnp.int32)
     keep = _keep(compare_segments, masked, seg_q, segk_ref[pl.ds(start, block_k)],
-                 lambda: _layout_allowed(spec, length, q_idx, k_idx()))
+                 lambda: _layout_allowed(spec, length, q_idx[:, None], k_idx()[None, :]))
     p = jnp.exp2(s - lse[:, None])
     if keep is not None:
       p = jnp.where(keep, p, 0.0)
@@ -364,7 +378,7 @@ def _dkv_kernel(order_ref, lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref,
     s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
     q_idx = lambda: start + jnp.arange(block_q, dtype=jnp.int32)
     keep = _keep(compare_segments, masked, segq_ref[rows], seg_k,
-                 lambda: _layout_allowed(spec, length, q_idx(), k_idx))
+                 lambda: _layout_allowed(spec, length, q_idx()[:, None], k_idx[None, :]))
     p = jnp.exp2(s - lse[:, None])
     if keep is not None:
       p = jnp.where(keep, p, 0.0)

@@ -25,7 +25,6 @@ and each wgmma lands in a fresh accumulator. Both share the mask and softmax ari
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +35,7 @@ from jax.experimental import pallas as pl
 from dllm_jax import masks
 from dllm_jax.kernels import flash
 
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
-_LOG2E = math.log2(math.e)
+_MASKED, _LOG2E = flash._MASKED, flash._LOG2E
 BLOCK_Q = 64  # rows per consumer warpgroup (wgmma's M); a CTA takes 2 * BLOCK_Q
 BLOCK_K = 128  # 1.15-1.17x faster than 64-key tiles on the H200 (BENCHMARKS.md, session 9)
 SLOTS = 2
@@ -98,34 +96,6 @@ def visit_list(spec, length, seg_BT, num_outer):
   extra = jnp.zeros((b, num_outer, wp - v - 3), jnp.int32)
   packed = jnp.concatenate([rows, n_full[..., None], n_vis[..., None], one[..., None], extra], -1)
   return packed.astype(jnp.int32), v
-
-
-def _allowed(spec, length, q_idx, k_idx):
-  """`flash._layout_allowed` on index arrays of one shape, in the ops Mosaic GPU lowers
-  (comparisons and shifts instead of integer division)."""
-  total = spec.num_streams * length
-
-  def pos_stream(idx):
-    if spec.kind != "diffusion":
-      return idx, jnp.zeros_like(idx)
-    part = jnp.zeros_like(idx)
-    for j in range(1, spec.num_streams):
-      part = part + (idx >= j * length).astype(jnp.int32)
-    stream = jnp.where(part < spec.num_noisy, part + 1, jnp.zeros_like(part))
-    return idx - part * length, stream
-
-  qp, qs = pos_stream(q_idx)
-  kp, ks = pos_stream(k_idx)
-  if spec.kind == "causal":
-    ok = kp <= qp
-  else:
-    shift = spec.block_size.bit_length() - 1
-    qb, kb = lax.shift_right_logical(qp, shift), lax.shift_right_logical(kp, shift)
-    ok = (qs == 0) & (ks == 0) & (kb <= qb)
-    if spec.kind == "diffusion":
-      noisy = qs > 0
-      ok = ok | (noisy & (ks == qs) & (kb == qb)) | (noisy & (ks == 0) & (kb < qb))
-  return ok & (k_idx < total)
 
 
 def _softmax_step(s, m, l, c, keep):
@@ -225,7 +195,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
       plgpu.barrier_wait(sq_bar.at[wg])
 
       def keep_of(i, slot, masked):
-        ok = _allowed(spec, length, iota(0) + base, iota(1) + plan_s[i] * bk)
+        ok = flash._layout_allowed(spec, length, iota(0) + base, iota(1) + plan_s[i] * bk,
+                                   vector_div=False)
         if masked == "segments":
           # Loaded and broadcast per visit: a [BQ, BK] copy of the query ids held across the
           # loop is 64 registers a thread, which made the whole kernel 23% slower.

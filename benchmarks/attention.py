@@ -111,14 +111,15 @@ def check(tiles):
     def ref(q, k, v):
       return attention.xla_attention(q, k, v, mask)
 
-    out = jax.jit(ours)(q, k, v)
-    triton = dataclasses.replace(tiles, forward="triton")
-    out_triton = jax.jit(lambda *a: flash.block_sparse_attention(
-        *a, meta.segments, spec, triton))(q, k, v)
-    g_triton = jax.jit(jax.grad(lambda *a: (flash.block_sparse_attention(
-        *a, meta.segments, spec, triton).astype(jnp.float32) * ct).sum(), (0, 1, 2)))(q, k, v)
+    def triton(q, k, v):  # the all-Triton kernels, checked beside the default
+      return flash.block_sparse_attention(q, k, v, meta.segments, spec,
+                                          dataclasses.replace(tiles, forward="triton"))
+
+    grad = lambda f: jax.jit(jax.grad(lambda *a: (f(*a).astype(jnp.float32) * ct).sum(),
+                                      (0, 1, 2)))(q, k, v)
+    out, out_triton = jax.jit(ours)(q, k, v), jax.jit(triton)(q, k, v)
     want = jax.jit(ref)(f32(q), f32(k), f32(v))
-    g = jax.jit(jax.grad(lambda *a: (ours(*a).astype(jnp.float32) * ct).sum(), (0, 1, 2)))(q, k, v)
+    g, g_triton = grad(ours), grad(triton)
     gw = jax.jit(jax.grad(lambda *a: (ref(*a) * ct).sum(), (0, 1, 2)))(f32(q), f32(k), f32(v))
     row = {"case": f"{kind}x{spec.num_streams} B={b} L={length} H={h}/{kh} D={d} packed={packed}",
            "out": rel_err(out, want), "dq": rel_err(g[0], gw[0]), "dk": rel_err(g[1], gw[1]),
@@ -182,8 +183,7 @@ def _grad(fn):
 
 
 def train_row(name, spec, length, tiles, impls=("pallas", "triton", "xla", "cudnn"),
-              record="train",
-              batch=None, samples=1):
+              record="train", batch=None, samples=1):
   """Times one case; `samples` > 1 packs that many samples into every row (random block-aligned
   cuts, seeded), and the allowed pairs then count only pairs of one sample."""
   h, kh, d = SHAPES[name]

@@ -1,8 +1,8 @@
-"""The Mosaic GPU training forward (`kernels.flash_mgpu`) in jax's Mosaic GPU interpreter.
+"""The Mosaic GPU training kernels (`kernels.flash_mgpu`) in jax's Mosaic GPU interpreter.
 
-The interpreter runs the kernel's interpret body (P through shared memory); the GPU body shares
-its plan, copies, barriers and softmax arithmetic and is checked on the device against the
-Triton kernel (benchmarks/attention.py --sections check).
+The interpreter runs each kernel's interpret body (P, dS through shared memory; Q^T, dO^T
+streamed); the GPU bodies share their plans, copies, barriers and arithmetic and are checked on
+the device against the float32 reference (benchmarks/attention.py --sections check).
 """
 
 import jax
@@ -63,6 +63,33 @@ def test_mosaic_forward_and_its_gradients_equal_the_reference(spec, length, b, h
     assert rel(g, w) < 1e-2, f"d{name}"
 
 
+@pytest.mark.parametrize("spec,length,b,h,kh,d,cuts", [CASES[0], CASES[1]])
+def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cuts):
+  # Packed samples with GQA 2 (the segment comparison, per-head partials) and 3L with GQA 3.
+  meta = masks.layout_meta(spec, _segments(b, length, cuts))
+  t = meta.positions.shape[1]
+  ks = jax.random.split(jax.random.key(length + 1), 4)
+  q, ct = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(jnp.bfloat16)
+           for kk in ks[::3])
+  k, v = (jax.random.normal(kk, (b, t, kh, d), jnp.float32).astype(jnp.bfloat16)
+          for kk in ks[1:3])
+  f32 = lambda x: x.astype(jnp.float32)
+  tiles = flash.Tiles(forward="triton", dkv="mosaic")
+  ours = lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles,
+                                                      interpret=True)
+  mask = masks.dense_mask(spec, meta, meta)
+  ref = lambda q, k, v: attention.xla_attention(q, k, v, mask)
+  grads = lambda f, *a: jax.vjp(f, *a)[1](ct.astype(a[0].dtype))
+  jaxpr = str(jax.make_jaxpr(lambda: grads(ours, q, k, v))())
+  assert "block_sparse_attention_dkv" not in jaxpr and "block_sparse_attention_dq" in jaxpr
+  got = jax.jit(lambda: grads(ours, q, k, v))()
+  want = grads(ref, f32(q), f32(k), f32(v))
+  rel = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(b)))
+  for name, g, w in zip("qkv", got, want):
+    assert g.dtype == jnp.bfloat16
+    assert rel(g, w) < 1e-2, f"d{name}"
+
+
 def test_visit_list_flattens_the_narrowed_runs_full_tiles_first():
   spec = masks.MaskSpec("diffusion", 32, 1)
   length = 512
@@ -99,6 +126,11 @@ def test_mosaic_forward_refuses_what_it_cannot_run():
                                  masks.MaskSpec("diffusion", 32, 1), MOSAIC, interpret=True)
   with pytest.raises(ValueError, match="Tiles.forward='cuda'"):
     flash.Tiles(forward="cuda")
+  with pytest.raises(ValueError, match="Tiles.dkv='auto'"):
+    flash.Tiles(dkv="auto")
+  with pytest.raises(ValueError, match="Tiles.dkv='mosaic' cannot run.*block_size 24"):
+    flash.block_sparse_attention(q, q, q, meta.segments, spec,
+                                 flash.Tiles(forward="triton", dkv="mosaic"), interpret=True)
 
 
 def test_auto_forward_is_triton_off_hopper():

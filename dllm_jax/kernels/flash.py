@@ -13,7 +13,8 @@ Grouped-query attention: the forward and dq kernels run per query head and read 
 place, so repeated K/V are never materialised; the dk/dv kernel runs per KV head and loops over
 the heads of its group, split over `Tiles.dkv_head_split` programs whose float32 dK/dV partials
 (one per program, [split, B, T, K, D]; never one per query head unless split equals the group)
-are summed afterwards.
+are summed afterwards. `flash_mgpu` holds Mosaic GPU (Hopper) versions of the forward (the
+default there) and of the dk/dv kernel (`Tiles.dkv="mosaic"`), on the same plans.
 
 Softmax runs in base 2 (scores pre-multiplied by log2 e) with float32 statistics and
 accumulators; the saved log-sum-exp is in that base too.
@@ -73,13 +74,20 @@ class Tiles:
   # Triton forward on the H200, BENCHMARKS.md session 9), "triton" (below), or "auto": mosaic on
   # an sm_90 GPU for the problems it covers, else triton. The backward is the Triton one either way.
   forward: str = "auto"
+  # Which dk/dv kernel runs: "triton" (below) or "mosaic" (`flash_mgpu.dkv`, the forward's
+  # warp-specialised schedule transposed, one query head per CTA; sm_90 only). On the H200 the
+  # Mosaic kernel is exact but no faster overall (L=2048, fwd+bwd GPU time -1.6% for the 1.5B
+  # heads' 2L layout, +2.0 to +6.2% for the others: BENCHMARKS.md, session 10), so Triton's
+  # stays the default; `dkv_head_split` applies to the Triton kernel only.
+  dkv: str = "triton"
 
   def __post_init__(self):
-    if self.forward not in ("auto", "triton", "mosaic"):
-      raise ValueError(f"Tiles.forward={self.forward!r}: expected 'auto', 'triton' or 'mosaic'")
+    for name, options in (("forward", ("auto", "triton", "mosaic")), ("dkv", ("triton", "mosaic"))):
+      if getattr(self, name) not in options:
+        raise ValueError(f"Tiles.{name}={getattr(self, name)!r}: expected one of {options}")
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
-      if f.name == "forward":
+      if f.name in ("forward", "dkv"):
         continue
       if f.name.startswith("block_") and (v < 16 or v & (v - 1)):
         raise ValueError(f"Tiles.{f.name}={v}: must be a power of two >= 16")
@@ -447,12 +455,16 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   # the GPU (inferred, not profiled). So the key tile is the slowest grid axis, visited heaviest
   # first (its K/V rows are sliced in-kernel, since block index maps cannot read the order), and
   # a group's heads may be split over `split` programs to shorten the heaviest one.
+  if tiles.dkv == "mosaic":
+    from dllm_jax.kernels import flash_mgpu
+
+    return (dq, *flash_mgpu.dkv(q, k, v, seg, do, lse, delta, spec, length, interpret))
+  split = max(c for c in range(1, min(tiles.dkv_head_split, group) + 1) if group % c == 0)
   bq, bk = tiles.block_q_dkv, tiles.block_k_dkv
   plan = visit_runs(spec, length, bq, bk, True, tiles.max_run, num_outer=tp // bk)
   run_lo, run_hi, one = segment_runs(plan, seg, bq, bk, transpose=True)
   order = heavy_first(plan)  # every grid index maps to a tile of its own, padding tiles last
   assert order.size == tp // bk, (order.size, tp, bk)
-  split = max(c for c in range(1, min(tiles.dkv_head_split, group) + 1) if group % c == 0)
   hp = group // split  # query heads per program
   kv_row = pl.BlockSpec((None, tp, None, d), lambda bi, j, i: (bi, 0, j // split, 0))
   q_heads = pl.BlockSpec((None, tp, hp, d), lambda bi, j, i: (bi, 0, j, 0))
@@ -539,10 +551,15 @@ def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.Mask
                                                              interpret))
   lcm = max(tiles.block_q, tiles.block_k, tiles.block_q_dq, tiles.block_k_dq,
             tiles.block_q_dkv, tiles.block_k_dkv)  # all powers of two: the max is their lcm
-  if tiles.forward == "mosaic":
+  if tiles.forward == "mosaic" or tiles.dkv == "mosaic":
     from dllm_jax.kernels import flash_mgpu
 
-    lcm = max(lcm, flash_mgpu.OUTER, flash_mgpu.BLOCK_K)
+    why = flash_mgpu.unsupported(spec, d, q_BTHD.dtype)
+    if tiles.dkv == "mosaic" and why is not None:
+      raise ValueError(f"Tiles.dkv='mosaic' cannot run this problem: {why}; use dkv='triton'")
+
+    lcm = max(lcm, flash_mgpu.OUTER, flash_mgpu.BLOCK_K, 2 * flash_mgpu.BLOCK_KV,
+              flash_mgpu.BLOCK_QI)
   tp = -(-t // lcm) * lcm
   pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
   seg = pad(jnp.asarray(segments_BT, jnp.int32))

@@ -1,4 +1,4 @@
-"""The block-sparse training forward in Mosaic GPU (Hopper): warp-specialised, TMA + wgmma.
+"""The block-sparse training forward, and a dk/dv kernel, in Mosaic GPU (Hopper): TMA + wgmma.
 
 Same contract as `flash._forward` (padded q [B, Tp, H, D], k/v [B, Tp, K, D], seg [B, Tp];
 returns o and the base-2 log-sum-exp [B, H, Tp]), so `flash`'s Triton backward runs on its
@@ -14,6 +14,9 @@ flattened per (batch row, outer tile) into one list of key tiles, full ones firs
 (`visit_list`). The producer copies that row of the plan into shared memory and walks it; the
 consumers apply the layout mask and the segment comparison on the partial tiles only. An outer
 tile whose visits are not all inside one segment counts every visit as partial.
+
+`dkv` is the forward's schedule transposed (128 keys a CTA, the query tiles streamed; see its
+docstring); the dq kernel stays `flash`'s Triton one.
 
 Two bodies, one schedule of copies and barriers: on the GPU, P stays in registers and PV
 accumulates in place (`run_state`); in interpret mode (CPU tests) jax 0.10.2's Mosaic GPU
@@ -68,14 +71,15 @@ def on_hopper() -> bool:
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def visit_list(spec, length, seg_BT, num_outer):
-  """int32 [B, num_outer, W]: per batch row and 128-row outer tile, the key tiles to visit
-  (full first) in columns 0..V-1, then n_full at V, n_vis at V + 1 and at V + 2 whether every
-  visit lies inside one segment (1) or the kernel compares segment ids (0); W a multiple of 32
-  (TMA copies of whole 128-byte rows). Returns (plan, V)."""
-  plan = flash.visit_runs(spec, length, OUTER, BLOCK_K, False, 0, num_outer=num_outer)
+def visit_list(spec, length, seg_BT, num_outer, rows=OUTER, cols=BLOCK_K, transpose=False):
+  """int32 [B, num_outer, W]: per batch row and outer tile (`rows` query rows, or `cols` keys
+  when `transpose`), the inner tiles to visit (full first) in columns 0..V-1, then n_full at V,
+  n_vis at V + 1, at V + 2 whether every visit lies inside one segment (1) or the kernel compares
+  segment ids (0), and the outer tile's own index at V + 3 (so rows can be reordered); W a
+  multiple of 32 (TMA copies of whole 128-byte rows). Returns (plan, V)."""
+  plan = flash.visit_runs(spec, length, rows, cols, transpose, 0, num_outer=num_outer)
   first, count, n_full_runs, _ = plan
-  lo, hi, one = flash.segment_runs(plan, seg_BT, OUTER, BLOCK_K, transpose=False)
+  lo, hi, one = flash.segment_runs(plan, seg_BT, rows, cols, transpose=transpose)
   m = max(1, int(count.max()))
   width = first.shape[1]
   v = max(1, int(count.sum(1).max()))
@@ -86,15 +90,17 @@ def visit_list(spec, length, seg_BT, num_outer):
   b = seg_BT.shape[0]
   tiles, valid = tiles.reshape(b, num_outer, -1), valid.reshape(b, num_outer, -1)
   dest = jnp.where(valid, jnp.cumsum(valid, -1) - 1, v)  # v: out of bounds, dropped
-  rows = jnp.zeros((b, num_outer, v), jnp.int32)
+  listed = jnp.zeros((b, num_outer, v), jnp.int32)
   bi, oi = np.ix_(np.arange(b), np.arange(num_outer))
-  rows = rows.at[bi[..., None], oi[..., None], dest].set(tiles, mode="drop")
+  listed = listed.at[bi[..., None], oi[..., None], dest].set(tiles, mode="drop")
   # Several segments meet in the outer tile: the full tiles need the segment comparison too.
   n_full = jnp.where(one != 0, n_full, 0)
   n_vis = valid.sum(-1)
-  wp = -(-(v + 3) // 32) * 32
-  extra = jnp.zeros((b, num_outer, wp - v - 3), jnp.int32)
-  packed = jnp.concatenate([rows, n_full[..., None], n_vis[..., None], one[..., None], extra], -1)
+  index = jnp.broadcast_to(jnp.arange(num_outer, dtype=jnp.int32), (b, num_outer))
+  wp = -(-(v + 4) // 32) * 32
+  extra = jnp.zeros((b, num_outer, wp - v - 4), jnp.int32)
+  packed = jnp.concatenate([listed, n_full[..., None], n_vis[..., None], one[..., None],
+                            index[..., None], extra], -1)
   return packed.astype(jnp.int32), v
 
 
@@ -307,6 +313,245 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
       interpret=_interpret_params() if interpret else None,
   )(q, kt, v, seg, plan)
   return o, lse
+
+
+BLOCK_KV = 64  # keys per consumer warpgroup in the dk/dv kernel (wgmma's M); a CTA takes 2x
+BLOCK_QI = 64  # query rows of one streamed tile in the dk/dv kernel (wgmma's K: 64 at least)
+
+
+def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpret: bool = False):
+  """(dk, dv) of `flash._backward`'s problem, the forward's schedule transposed.
+
+  One CTA holds 128 keys of one KV head (two consumer warpgroups of 64, K and V resident in
+  shared memory) and walks the query tiles of one query head that see them; the producer streams
+  Q, dO, lse and delta per visit. A visit is S^T = K Q^T and dP^T = V dO^T issued together, P^T
+  and dS^T in registers, then dV += P^T dO and dK += dS^T Q issued together; the two warpgroups
+  take turns on the tensor cores (the forward's schedule barrier) so one's exponentials overlap
+  the other's products. Key tiles start heaviest first: the plan's rows are reordered (each
+  carries its tile's index) along the slowest grid axis.
+
+  One query head per CTA: a CTA is a whole SM here, and its work per key tile varies ~60x, so
+  the smallest CTAs balance best (BENCHMARKS.md, session 10). Returns [B, Tp, K, D] in k's dtype
+  without GQA, else per-query-head partials [group, B, Tp, K, D] for the caller to sum.
+  """
+  plgpu = _plgpu()
+  b, tp, h, d = q.shape
+  group = h // k.shape[2]
+  bk, bq = BLOCK_KV, BLOCK_QI
+  outer = 2 * bk
+  if tp % outer:
+    raise ValueError(f"padded length {tp} is not a multiple of {outer}")
+  n_outer = tp // outer
+  plan, nv = visit_list(spec, length, seg, n_outer, rows=bq, cols=outer, transpose=True)
+  plan = plan[:, flash.heavy_first(flash.visit_runs(spec, length, bq, outer, True, 0,
+                                                    num_outer=n_outer))]
+  dtype = q.dtype
+  c = d ** -0.5 * _LOG2E
+  wgmma_l = plgpu.Layout.WGMMA
+  row_l, col_l = wgmma_l.reduce(1), wgmma_l.reduce(0)
+  lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
+  # The interpreter has no transpose_ref: there Q^T and dO^T are streamed as well.
+  qt = q.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bq), dtype)
+  dot = do.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bq), dtype)
+
+  def iota(dim):
+    if interpret:
+      return lax.broadcasted_iota(jnp.int32, (bk, bq), dim)
+    return plgpu.broadcasted_iota(jnp.int32, (bk, bq), dim, layout=wgmma_l)
+
+  def load(ref, layout):
+    return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, plan_ref, qt_ref, dot_ref,
+             dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, lse_s, delta_s, segk_s,
+             segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar, do_bar, qt_bar, dot_bar,
+             lse_bar, delta_bar, sq_bar, free, sched_bar):
+    head, bi, j = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("kv")
+    kvh = lax.div(head, jnp.int32(group))
+    wg = lax.axis_index("wg")
+
+    def sched():  # the other consumer warpgroup's turn on the tensor cores
+      plgpu.barrier_arrive(sched_bar)
+      plgpu.barrier_wait(sched_bar)
+
+    @pl.when(wg == 2)
+    def _producer():
+      if not interpret:
+        plgpu.set_max_registers(40, action="decrease")
+      plgpu.copy_gmem_to_smem(plan_ref.at[bi, j], plan_s, plan_bar.at[0])
+      plgpu.barrier_wait(plan_bar.at[0])
+      n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
+
+      def fetch(i, slot):
+        rows = pl.ds(pl.multiple_of(plan_s[i] * bq, bq), bq)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, head], do_s.at[slot], do_bar.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, rows], lse_s.at[slot], lse_bar.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[bi, head, rows], delta_s.at[slot],
+                                delta_bar.at[slot])
+        if interpret:
+          plgpu.copy_gmem_to_smem(qt_ref.at[bi, head, :, rows], qt_s.at[slot], qt_bar.at[slot])
+          plgpu.copy_gmem_to_smem(dot_ref.at[bi, head, :, rows], dot_s.at[slot],
+                                  dot_bar.at[slot])
+
+        @pl.when((i >= n_full) & (one == 0))  # the visits that compare segment ids
+        def _():
+          plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[slot], sq_bar.at[slot])
+
+      @pl.loop(0, jnp.minimum(n_vis, SLOTS))
+      def _(i):
+        fetch(i, i)
+
+      @pl.loop(SLOTS, n_vis)
+      def _(i):
+        slot = lax.rem(i, SLOTS)
+        plgpu.barrier_wait(free.at[slot])
+        fetch(i, slot)
+
+    @pl.when(wg < 2)
+    def _consumer():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+      plgpu.barrier_wait(plan_bar.at[0])
+      n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
+      base = plan_s[nv + 3] * outer + wg * bk
+      keys = pl.ds(base, bk)
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s.at[wg], k_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s.at[wg], v_bar.at[wg])
+      plgpu.copy_gmem_to_smem(seg_ref.at[bi, keys], segk_s.at[wg], sk_bar.at[wg])
+      plgpu.barrier_wait(k_bar.at[wg])
+      plgpu.barrier_wait(v_bar.at[wg])
+      plgpu.barrier_wait(sk_bar.at[wg])
+
+      def keep_of(i, slot, masked):
+        ok = flash._layout_allowed(spec, length, iota(1) + plan_s[i] * bq, iota(0) + base,
+                                   vector_div=False)
+        if masked == "segments":
+          plgpu.barrier_wait(sq_bar.at[slot])
+          seg_k = lax.broadcast_in_dim(load(segk_s.at[wg], row_l), (bk, bq), [0])
+          seg_q = lax.broadcast_in_dim(load(segq_s.at[slot], col_l), (bk, bq), [1])
+          ok = ok & (seg_q == seg_k)
+        return ok
+
+      def grads(s, dp, i, slot, masked):  # P^T and dS^T [BK, BQ] from S^T and dP^T
+        plgpu.barrier_wait(lse_bar.at[slot])
+        plgpu.barrier_wait(delta_bar.at[slot])
+        bcast = lambda x: lax.broadcast_in_dim(x, (bk, bq), [1])
+        p = jnp.exp2(s * c - bcast(load(lse_s.at[slot], col_l)))
+        if masked:
+          p = jnp.where(keep_of(i, slot, masked), p, jnp.zeros_like(p))
+        return p, p * (dp - bcast(load(delta_s.at[slot], col_l)))
+
+      def product(a, b_ref, shape):
+        def f(acc_ref):
+          plgpu.wgmma(acc_ref, a, b_ref)
+          return acc_ref[...]
+        return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
+
+      def interpret_step(i, carry, masked):
+        dk, dv = carry
+        slot = lax.rem(i, SLOTS)
+        for bar in (q_bar, do_bar, qt_bar, dot_bar):
+          plgpu.barrier_wait(bar.at[slot])
+        s = product(k_s.at[wg], qt_s.at[slot], (bk, bq))
+        dp = product(v_s.at[wg], dot_s.at[slot], (bk, bq))
+        p, ds = grads(s, dp, i, slot, masked)
+        p_s[wg] = p.astype(dtype)
+        ds_s[wg] = ds.astype(dtype)
+        plgpu.commit_smem()
+        dv = dv + product(p_s.at[wg], do_s.at[slot], (bk, d))
+        dk = dk + product(ds_s.at[wg], q_s.at[slot], (bk, d))
+        pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
+        return dk, dv
+
+      def gpu_step(i, carry, masked):
+        dk, dv = carry
+        slot = lax.rem(i, SLOTS)
+
+        def transposed_products(s_ref, dp_ref):
+          plgpu.wgmma(s_ref, k_s.at[wg], plgpu.transpose_ref(q_s.at[slot], (1, 0)))
+          plgpu.wgmma(dp_ref, v_s.at[wg], plgpu.transpose_ref(do_s.at[slot], (1, 0)))
+          sched()
+          return s_ref[...], dp_ref[...]
+
+        s, dp = pl.run_scoped(transposed_products, plgpu.ACC((bk, bq), jnp.float32),
+                              plgpu.ACC((bk, bq), jnp.float32))
+        p, ds = grads(s, dp, i, slot, masked)
+        p16, ds16 = p.astype(dtype), ds.astype(dtype)
+        dk, dv, p16, ds16 = lax.optimization_barrier((dk, dv, p16, ds16))
+        sched()
+
+        def accumulate(refs):
+          dv_ref, dk_ref = refs
+          plgpu.wgmma(dv_ref, p16, do_s.at[slot])
+          plgpu.wgmma(dk_ref, ds16, q_s.at[slot])
+
+          @pl.when(i + 1 < n_vis)  # the next tile's operands, while these products run
+          def _():
+            nxt = lax.rem(i + 1, SLOTS)
+            plgpu.barrier_wait(q_bar.at[nxt])
+            plgpu.barrier_wait(do_bar.at[nxt])
+
+        dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+        pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
+        return dk, dv
+
+      step = interpret_step if interpret else gpu_step
+      zeros = lc(jnp.zeros((bk, d), jnp.float32), wgmma_l)
+      if not interpret:
+        @pl.when(n_vis > 0)
+        def _():
+          plgpu.barrier_wait(q_bar.at[0])
+          plgpu.barrier_wait(do_bar.at[0])
+        pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn
+      # Full tiles, then partial ones, as in the forward.
+      mid = jnp.where(one != 0, n_vis, n_full)
+      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (zeros, zeros))
+      carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
+      dk, dv = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
+      if not interpret:
+        pl.when(wg == 0)(sched)
+      out = (lax.rem(head, jnp.int32(group)), bi, keys, kvh) if group > 1 else (bi, keys, kvh)
+      k_s[wg] = (dk * (d ** -0.5)).astype(dtype)
+      v_s[wg] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_s.at[wg], dk_ref.at[out])
+      plgpu.copy_smem_to_gmem(v_s.at[wg], dv_ref.at[out])
+      plgpu.wait_smem_to_gmem(0)
+
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  small = (1, 8, 64)  # a buffer the GPU body does not use
+  out_shape = jax.ShapeDtypeStruct(((group,) if group > 1 else ()) + k.shape, dtype)
+  dk, dv = plgpu.kernel(
+      kernel,
+      out_type=[out_shape, out_shape],
+      scratch_types=[
+          plgpu.SMEM((2, bk, d), dtype, **tiled), plgpu.SMEM((2, bk, d), dtype, **tiled),
+          plgpu.SMEM((SLOTS, bq, d), dtype, **tiled), plgpu.SMEM((SLOTS, bq, d), dtype, **tiled),
+          plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
+          plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
+          plgpu.SMEM((2, bk, bq) if interpret else small, dtype, **tiled),
+          plgpu.SMEM((2, bk, bq) if interpret else small, dtype, **tiled),
+          plgpu.SMEM((SLOTS, bq), jnp.float32), plgpu.SMEM((SLOTS, bq), jnp.float32),
+          plgpu.SMEM((2, bk), jnp.int32), plgpu.SMEM((SLOTS, bq), jnp.int32),
+          plgpu.SMEM((plan.shape[-1],), jnp.int32),
+          plgpu.Barrier(num_barriers=1),
+          plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_barriers=2),
+          *[plgpu.Barrier(num_barriers=SLOTS) for _ in range(7)],
+          plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
+          plgpu.Barrier(num_arrivals=2)],
+      # Mosaic GPU launches the last grid axis fastest: the key tiles, heaviest first, are the
+      # slowest axis, so every head's and batch row's heaviest CTAs start in the first wave.
+      grid=(n_outer, h, b), grid_names=("kv", "heads", "batch"),
+      num_threads=3, thread_name="wg",
+      compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params() if interpret else None,
+  )(q, k, v, do, lse, delta, seg, plan, qt, dot)
+  if group > 1:
+    dk = dk.astype(jnp.float32).sum(0).astype(k.dtype)
+    dv = dv.astype(jnp.float32).sum(0).astype(v.dtype)
+  return dk, dv
 
 
 def _interpret_params():

@@ -115,16 +115,25 @@ def check(tiles):
       return flash.block_sparse_attention(q, k, v, meta.segments, spec,
                                           dataclasses.replace(tiles, forward="triton"))
 
+    def mosaic_dkv(q, k, v):  # the Mosaic GPU dk/dv kernel, checked beside the default
+      return flash.block_sparse_attention(q, k, v, meta.segments, spec,
+                                          dataclasses.replace(tiles, dkv="mosaic"))
+
     grad = lambda f: jax.jit(jax.grad(lambda *a: (f(*a).astype(jnp.float32) * ct).sum(),
                                       (0, 1, 2)))(q, k, v)
     out, out_triton = jax.jit(ours)(q, k, v), jax.jit(triton)(q, k, v)
     want = jax.jit(ref)(f32(q), f32(k), f32(v))
     g, g_triton = grad(ours), grad(triton)
+    g_mdkv = safe(lambda: grad(mosaic_dkv))
     gw = jax.jit(jax.grad(lambda *a: (ref(*a) * ct).sum(), (0, 1, 2)))(f32(q), f32(k), f32(v))
     row = {"case": f"{kind}x{spec.num_streams} B={b} L={length} H={h}/{kh} D={d} packed={packed}",
            "out": rel_err(out, want), "dq": rel_err(g[0], gw[0]), "dk": rel_err(g[1], gw[1]),
            "dv": rel_err(g[2], gw[2]), "out_triton": rel_err(out_triton, want),
            "dq_triton": rel_err(g_triton[0], gw[0])}
+    if isinstance(g_mdkv, str):
+      row["mosaic_dkv"] = g_mdkv
+    else:
+      row.update(dk_mosaic=rel_err(g_mdkv[1], gw[1]), dv_mosaic=rel_err(g_mdkv[2], gw[2]))
     row["pass"] = all(row[x] < 2e-2 for x in ("out", "dq", "dk", "dv", "out_triton", "dq_triton"))
     RESULTS["check"].append(row)
     print(row, flush=True)
@@ -151,6 +160,40 @@ def check(tiles):
     save()
 
 
+def profile_row(name, spec, length, tiles, impl="pallas", reps=5):
+  """GPU time per kernel of one forward + backward of `ours` (jax.profiler trace, `reps` calls),
+  so a change to one kernel is judged by its own share of the step."""
+  import collections
+  import glob
+  import tempfile
+  from benchmarks.decode_profile import _gpu_events
+  h, kh, d = SHAPES[name]
+  b = max(1, 8192 // length)
+  meta = layout_segments(b, length, spec, np.random.default_rng(1), False, 1)
+  t = meta.positions.shape[1]
+  ks = jax.random.split(jax.random.key(10), 4)
+  args = (jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16),
+          jax.random.normal(ks[1], (b, t, kh, d), jnp.bfloat16),
+          jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16),
+          jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16))
+  g = _grad(_train_fns(spec, meta, tiles)[impl])
+  jax.block_until_ready(g(*args))
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(reps):
+        jax.block_until_ready(g(*args))
+    events, _ = _gpu_events(glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[0])
+  per = collections.defaultdict(float)
+  for kname, s0, s1 in events:
+    per[kname[:80]] += (s1 - s0) / reps / 1e3
+  row = {"impl": impl, "shape": name, "layout": f"{spec.kind}x{spec.num_streams}", "L": length,
+         "B": b, "kernels_us": dict(sorted(per.items(), key=lambda kv: -kv[1])),
+         "total_us": sum(per.values())}
+  RESULTS.setdefault("profile", []).append(row)
+  print(json.dumps(row, indent=1), flush=True)
+  save()
+
+
 def ceilings():
   RESULTS["ceil"].update(common_ceilings())
   print("ceilings", RESULTS["ceil"], flush=True)
@@ -174,7 +217,11 @@ def _train_fns(spec, meta, tiles):
     return jax.nn.dot_product_attention(q, k, v, mask=mask_fn()[:, None],
                                         implementation="cudnn")
 
-  return {"pallas": ours, "triton": triton, "xla": xla, "cudnn": cudnn}
+  def mosaic_dkv(q, k, v):  # the default with the Mosaic GPU dk/dv kernel
+    return flash.block_sparse_attention(q, k, v, meta.segments, spec,
+                                        dataclasses.replace(tiles, dkv="mosaic"))
+
+  return {"pallas": ours, "triton": triton, "xla": xla, "cudnn": cudnn, "mosaic_dkv": mosaic_dkv}
 
 
 def _grad(fn):
@@ -379,7 +426,7 @@ DECODE_TUNE = [  # the default (one wave) and, from benchmarks/decode_kernel.py,
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sections", default="check,ceil,tune,train,decode",
-                  help="also: sweep, sweep8 (SWEEP's or SWEEP_S8's tiles on two cases; give ceil "
+                  help="also: profile (GPU time per kernel of fwd+bwd at L=2048), sweep, sweep8 (SWEEP's or SWEEP_S8's tiles on two cases; give ceil "
                        "with them)")
   ap.add_argument("--quick", action="store_true", help="L=2048 2L and decode S=4096 only")
   ap.add_argument("--lengths", default="2048,1024,4096", help="training-attention lengths L")
@@ -449,6 +496,12 @@ def main():
           if args.packed > 1:
             train_row(name, masks.MaskSpec("diffusion", 32, nn_), length, tiles,
                       impls=("pallas",), samples=args.packed)
+  if "profile" in sections:
+    for nn_ in (1, 2):
+      for name in SHAPES:
+        for impl in args.impls.split(","):
+          if impl not in ("xla", "cudnn"):
+            profile_row(name, masks.MaskSpec("diffusion", 32, nn_), 2048, tiles, impl)
   if "decode" in sections:
     for name, lens in (("qwen2.5-1.5b", (4096,) if args.quick else (512, 1024, 2048, 4096, 8192)),
                        ("qwen2.5-7b", (4096,))):

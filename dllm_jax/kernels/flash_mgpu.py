@@ -104,6 +104,50 @@ def visit_list(spec, length, seg_BT, num_outer, rows=OUTER, cols=BLOCK_K, transp
   return packed.astype(jnp.int32), v
 
 
+def _iota(shape, dim, interpret):
+  if interpret:
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+  plgpu = _plgpu()
+  return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _load(ref, layout, interpret):
+  """A shared-memory read in the register layout the wgmma results use (none in the interpreter)."""
+  return ref[...] if interpret else _plgpu().load(ref, (), layout=layout)
+
+
+def _take_turns(sched_bar):
+  """The other consumer warpgroup's turn on the tensor cores (jax's schedule barrier)."""
+  plgpu = _plgpu()
+  plgpu.barrier_arrive(sched_bar)
+  plgpu.barrier_wait(sched_bar)
+
+
+def _producer_start(plan_row, plan_s, plan_bar, nv, interpret):
+  """The producer warpgroup's prologue: give up registers, copy this CTA's plan row into shared
+  memory (the consumers wait on the same barrier), and read its (n_full, n_vis, one)."""
+  plgpu = _plgpu()
+  if not interpret:
+    plgpu.set_max_registers(40, action="decrease")
+  plgpu.copy_gmem_to_smem(plan_row, plan_s, plan_bar.at[0])
+  plgpu.barrier_wait(plan_bar.at[0])
+  return plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
+
+
+def _stream(n_vis, fetch, wait_free):
+  """The producer's loop: visit i's tiles into slot i % SLOTS (`fetch(i, slot)`), a slot
+  refilled once both consumers released it (`wait_free(slot)`)."""
+  @pl.loop(0, jnp.minimum(n_vis, SLOTS))
+  def _(i):
+    fetch(i, i)
+
+  @pl.loop(SLOTS, n_vis)
+  def _(i):
+    slot = lax.rem(i, SLOTS)
+    wait_free(slot)
+    fetch(i, slot)
+
+
 def _softmax_step(s, m, l, c, keep):
   """One tile of the online softmax in base 2. s [BQ, BK] raw scores, m/l [BQ], c the scale
   times log2 e, keep None or bool [BQ, BK]. Returns (p, alpha, m_new, l_new)."""
@@ -137,13 +181,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
   row_l, col_l = wgmma_l.reduce(1), wgmma_l.reduce(0)
   lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
 
-  def iota(dim):
-    if interpret:
-      return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
-    return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=wgmma_l)
-
-  def load(ref, layout):
-    return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+  iota = functools.partial(_iota, (bq, bk), interpret=interpret)
+  load = functools.partial(_load, interpret=interpret)
 
   def kernel(q_ref, kt_ref, v_ref, seg_ref, plan_ref, o_ref, lse_ref, q_s, kt_s, v_s, p_s,
              lse_s, segq_s, segk_s, plan_s, plan_bar, q_bar, sq_bar, k_bar, v_bar, sk_bar,
@@ -152,17 +191,11 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     kvh = lax.div(head, jnp.int32(group))
     wg = lax.axis_index("wg")
 
-    def sched():  # the other consumer warpgroup's turn on the tensor cores
-      plgpu.barrier_arrive(sched_bar)
-      plgpu.barrier_wait(sched_bar)
+    sched = functools.partial(_take_turns, sched_bar)
 
     @pl.when(wg == 2)
     def _producer():
-      if not interpret:
-        plgpu.set_max_registers(40, action="decrease")
-      plgpu.copy_gmem_to_smem(plan_ref.at[bi, qt], plan_s, plan_bar.at[0])
-      plgpu.barrier_wait(plan_bar.at[0])
-      n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
+      n_full, n_vis, one = _producer_start(plan_ref.at[bi, qt], plan_s, plan_bar, nv, interpret)
 
       def fetch(i, slot):
         tile = pl.multiple_of(plan_s[i] * bk, bk)
@@ -175,16 +208,11 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(tile, bk)], segk_s.at[slot],
                                   sk_bar.at[slot])
 
-      @pl.loop(0, jnp.minimum(n_vis, SLOTS))
-      def _(i):
-        fetch(i, i)
-
-      @pl.loop(SLOTS, n_vis)
-      def _(i):
-        slot = lax.rem(i, SLOTS)
+      def wait_free(slot):
         plgpu.barrier_wait(k_free.at[slot])
         plgpu.barrier_wait(v_free.at[slot])
-        fetch(i, slot)
+
+      _stream(n_vis, fetch, wait_free)
 
     @pl.when(wg < 2)
     def _consumer():
@@ -354,13 +382,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   qt = q.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bq), dtype)
   dot = do.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bq), dtype)
 
-  def iota(dim):
-    if interpret:
-      return lax.broadcasted_iota(jnp.int32, (bk, bq), dim)
-    return plgpu.broadcasted_iota(jnp.int32, (bk, bq), dim, layout=wgmma_l)
-
-  def load(ref, layout):
-    return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+  iota = functools.partial(_iota, (bk, bq), interpret=interpret)
+  load = functools.partial(_load, interpret=interpret)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, plan_ref, qt_ref, dot_ref,
              dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, lse_s, delta_s, segk_s,
@@ -370,17 +393,11 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     kvh = lax.div(head, jnp.int32(group))
     wg = lax.axis_index("wg")
 
-    def sched():  # the other consumer warpgroup's turn on the tensor cores
-      plgpu.barrier_arrive(sched_bar)
-      plgpu.barrier_wait(sched_bar)
+    sched = functools.partial(_take_turns, sched_bar)
 
     @pl.when(wg == 2)
     def _producer():
-      if not interpret:
-        plgpu.set_max_registers(40, action="decrease")
-      plgpu.copy_gmem_to_smem(plan_ref.at[bi, j], plan_s, plan_bar.at[0])
-      plgpu.barrier_wait(plan_bar.at[0])
-      n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
+      n_full, n_vis, one = _producer_start(plan_ref.at[bi, j], plan_s, plan_bar, nv, interpret)
 
       def fetch(i, slot):
         rows = pl.ds(pl.multiple_of(plan_s[i] * bq, bq), bq)
@@ -398,15 +415,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         def _():
           plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[slot], sq_bar.at[slot])
 
-      @pl.loop(0, jnp.minimum(n_vis, SLOTS))
-      def _(i):
-        fetch(i, i)
-
-      @pl.loop(SLOTS, n_vis)
-      def _(i):
-        slot = lax.rem(i, SLOTS)
-        plgpu.barrier_wait(free.at[slot])
-        fetch(i, slot)
+      _stream(n_vis, fetch, lambda slot: plgpu.barrier_wait(free.at[slot]))
 
     @pl.when(wg < 2)
     def _consumer():

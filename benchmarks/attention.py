@@ -13,6 +13,7 @@ after every row when $OUT is set, so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import json
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import ceilings as common_ceilings  # noqa: E402
-from benchmarks.common import distinct_sets, timeit  # noqa: E402
+from benchmarks.common import distinct_sets, timeit, traced_gpu_events  # noqa: E402
 from dllm_jax import attention, masks
 from dllm_jax.kernels import decode, flash
 
@@ -163,10 +164,6 @@ def check(tiles):
 def profile_row(name, spec, length, tiles, impl="pallas", reps=5):
   """GPU time per kernel of one forward + backward of `ours` (jax.profiler trace, `reps` calls),
   so a change to one kernel is judged by its own share of the step."""
-  import collections
-  import glob
-  import tempfile
-  from benchmarks.decode_profile import _gpu_events
   h, kh, d = SHAPES[name]
   b = max(1, 8192 // length)
   meta = layout_segments(b, length, spec, np.random.default_rng(1), False, 1)
@@ -178,11 +175,11 @@ def profile_row(name, spec, length, tiles, impl="pallas", reps=5):
           jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16))
   g = _grad(_train_fns(spec, meta, tiles)[impl])
   jax.block_until_ready(g(*args))
-  with tempfile.TemporaryDirectory() as tmp:
-    with jax.profiler.trace(tmp):
-      for _ in range(reps):
-        jax.block_until_ready(g(*args))
-    events, _ = _gpu_events(glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[0])
+  def run():
+    for _ in range(reps):
+      jax.block_until_ready(g(*args))
+
+  events, _ = traced_gpu_events(run)
   per = collections.defaultdict(float)
   for kname, s0, s1 in events:
     per[kname[:80]] += (s1 - s0) / reps / 1e3

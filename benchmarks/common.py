@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import collections
 import datetime
+import glob
 import json
 import math
 import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -71,3 +74,26 @@ def save_json(name: str, results: dict) -> None:
   if out:
     with open(os.path.join(out, name), "w") as f:
       json.dump(results, f, indent=1)
+
+
+def traced_gpu_events(run):
+  """Calls `run()` under `jax.profiler.trace` and reads the trace back: (events, lines), events
+  the (name, start_ns, end_ns) of every kernel and copy on a GPU stream, sorted by start, and
+  lines the number of events on each of the trace's GPU lines (to see what a trace did hold)."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      run()
+    paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+      raise SystemExit(f"jax.profiler.trace wrote no *.xplane.pb under {d}: no profile to read")
+    data = jax.profiler.ProfileData.from_file(paths[0])
+  events, lines = [], collections.Counter()
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      evs = list(line.events)
+      lines[f"{plane.name} | {line.name}"] += len(evs)
+      if line.name.startswith("Stream"):
+        events += [(e.name, e.start_ns, e.start_ns + e.duration_ns) for e in evs]
+  return sorted(events, key=lambda e: e[1]), dict(lines)

@@ -19,11 +19,9 @@ import argparse
 import collections
 import dataclasses
 import functools
-import glob
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,25 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import ceilings, run_meta, save_json  # noqa: E402
+from benchmarks.common import ceilings, run_meta, save_json, traced_gpu_events  # noqa: E402
 from benchmarks.decode import PROMPT, SHAPES  # noqa: E402
 from dllm_jax import decoding, model  # noqa: E402
-
-
-def _gpu_events(xplane_path):
-  """(name, start_ns, end_ns) of every event on a GPU stream line, sorted by start."""
-  data = jax.profiler.ProfileData.from_file(xplane_path)
-  events, lines = [], collections.Counter()
-  for plane in data.planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    for line in plane.lines:
-      evs = list(line.events)
-      lines[f"{plane.name} | {line.name}"] += len(evs)
-      if not line.name.startswith("Stream"):
-        continue
-      events += [(e.name, e.start_ns, e.start_ns + e.duration_ns) for e in evs]
-  return sorted(events, key=lambda e: e[1]), dict(lines)
 
 
 def _busy_ns(events):
@@ -107,13 +89,8 @@ def main():
   steps = int(out[2]["iterations"]) - 1  # the prefill is the first iteration
   res["wall_s"] = statistics.median(times)
 
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      jax.block_until_ready(compiled(params, prompt, lens, jax.random.key(9)))
-    paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-    if not paths:
-      raise SystemExit(f"jax.profiler.trace wrote no *.xplane.pb under {d}: no profile to read")
-    events, lines = _gpu_events(paths[0])
+  events, lines = traced_gpu_events(
+      lambda: jax.block_until_ready(compiled(params, prompt, lens, jax.random.key(9))))
   res["trace_lines"] = lines
   if not events:
     res["error"] = "no GPU stream events in the trace"

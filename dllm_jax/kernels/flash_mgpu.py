@@ -316,6 +316,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
       plgpu.wait_smem_to_gmem(0)
 
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  kernel.__name__ = "block_sparse_attention_fwd_mgpu"  # Mosaic GPU names the kernel after it
   o, lse = plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
@@ -531,6 +532,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   small = (1, 8, 64)  # a buffer the GPU body does not use
   out_shape = jax.ShapeDtypeStruct(((group,) if group > 1 else ()) + k.shape, dtype)
+  kernel.__name__ = "block_sparse_attention_dkv_mgpu"  # as the forward's: profiles tell them apart
   dk, dv = plgpu.kernel(
       kernel,
       out_type=[out_shape, out_shape],

@@ -132,6 +132,12 @@ def test_mosaic_forward_refuses_what_it_cannot_run():
     flash.Tiles(forward="cuda")
   with pytest.raises(ValueError, match="Tiles.dkv='auto'"):
     flash.Tiles(dkv="auto")
+  # Outside the interpreter, off an sm_90 GPU (this CPU): a clear refusal, not a compile error.
+  ok_spec = masks.MaskSpec("diffusion", 32, 1)
+  ok_meta = masks.layout_meta(ok_spec, jnp.zeros((1, 48), jnp.int32))
+  for tiles in (MOSAIC, flash.Tiles(forward="triton", dkv="mosaic")):
+    with pytest.raises(ValueError, match="needs an sm_90 GPU.*the device is cpu"):
+      flash.block_sparse_attention(q, q, q, ok_meta.segments, ok_spec, tiles)
   with pytest.raises(ValueError, match="Tiles.dkv='mosaic' cannot run.*block_size 24"):
     flash.block_sparse_attention(q, q, q, meta.segments, spec,
                                  flash.Tiles(forward="triton", dkv="mosaic"), interpret=True)

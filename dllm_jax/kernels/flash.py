@@ -72,7 +72,7 @@ class Tiles:
   max_run: int = 0  # longest run of consecutive tiles one inner loop visits (0: no limit)
   # Which forward kernel runs: "mosaic" (`flash_mgpu`, warp-specialised wgmma; 1.10-1.23x the
   # Triton forward on the H200, BENCHMARKS.md session 9), "triton" (below), or "auto": mosaic on
-  # an sm_90 GPU for the problems it covers, else triton. The backward is the Triton one either way.
+  # an sm_90 GPU for the problems it covers, else triton. The backward is Triton's unless `dkv`.
   forward: str = "auto"
   # Which dk/dv kernel runs: "triton" (below) or "mosaic" (`flash_mgpu.dkv`, the forward's
   # warp-specialised schedule transposed, one query head per CTA; sm_90 only). On the H200 the
@@ -449,16 +449,17 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
       name="block_sparse_attention_dq",
   )(run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, delta)
 
+  if tiles.dkv == "mosaic":
+    from dllm_jax.kernels import flash_mgpu
+
+    return (dq, *flash_mgpu.dkv(q, k, v, seg, do, lse, delta, spec, length, interpret))
+
   # Key tiles differ in work from 1 to ~64 query-tile visits per head (an early clean tile is
   # seen by every later query, a noisy one by its own block), and ncu showed the SMs idle 42% of
   # the dk/dv kernel's time; the tile plan says the heaviest program outlasts a fair share of
   # the GPU (inferred, not profiled). So the key tile is the slowest grid axis, visited heaviest
   # first (its K/V rows are sliced in-kernel, since block index maps cannot read the order), and
   # a group's heads may be split over `split` programs to shorten the heaviest one.
-  if tiles.dkv == "mosaic":
-    from dllm_jax.kernels import flash_mgpu
-
-    return (dq, *flash_mgpu.dkv(q, k, v, seg, do, lse, delta, spec, length, interpret))
   split = max(c for c in range(1, min(tiles.dkv_head_split, group) + 1) if group % c == 0)
   bq, bk = tiles.block_q_dkv, tiles.block_k_dkv
   plan = visit_runs(spec, length, bq, bk, True, tiles.max_run, num_outer=tp // bk)
@@ -518,6 +519,17 @@ def _attention_bwd(spec, length, tiles, interpret, res, do):
 _attention_padded.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _not_hopper(interpret: bool) -> str | None:
+  """Why a Mosaic GPU kernel cannot run here outside the interpreter (None when it can)."""
+  from dllm_jax.kernels import flash_mgpu
+
+  if interpret or flash_mgpu.on_hopper():
+    return None
+  dev = jax.devices()[0]
+  return (f"it needs an sm_90 GPU (H100/H200), and the device is {dev.platform} "
+          f"{getattr(dev, 'device_kind', '')}".rstrip())
+
+
 def _forward_kernel(choice: str, spec: masks.MaskSpec, q, interpret: bool) -> str:
   """`Tiles.forward` resolved for this problem: "auto" picks the Mosaic GPU kernel on sm_90 when
   it covers the problem; an explicit "mosaic" it cannot run is an error, not a fallback."""
@@ -527,6 +539,7 @@ def _forward_kernel(choice: str, spec: masks.MaskSpec, q, interpret: bool) -> st
 
   why = flash_mgpu.unsupported(spec, q.shape[-1], q.dtype)
   if choice == "mosaic":
+    why = why or _not_hopper(interpret)
     if why is not None:
       raise ValueError(f"Tiles.forward='mosaic' cannot run this problem: {why}; "
                        "use forward='triton' or 'auto'")
@@ -554,7 +567,7 @@ def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.Mask
   if tiles.forward == "mosaic" or tiles.dkv == "mosaic":
     from dllm_jax.kernels import flash_mgpu
 
-    why = flash_mgpu.unsupported(spec, d, q_BTHD.dtype)
+    why = flash_mgpu.unsupported(spec, d, q_BTHD.dtype) or _not_hopper(interpret)
     if tiles.dkv == "mosaic" and why is not None:
       raise ValueError(f"Tiles.dkv='mosaic' cannot run this problem: {why}; use dkv='triton'")
 

@@ -433,7 +433,8 @@ def main():
   ap.add_argument("--lean-check", type=int, default=4, help="check cases of each kind to run")
   ap.add_argument("--tables-from", help="print the tables of an earlier run's JSON and exit")
   ap.add_argument("--impls", default="pallas,triton,xla,cudnn",
-                  help="training-attention implementations to time")
+                  help="training-attention implementations to time (also: mosaic_dkv, the "
+                       "default with Tiles(dkv='mosaic'))")
   args = ap.parse_args()
   if args.tables_from:
     with open(args.tables_from) as f:

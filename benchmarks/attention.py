@@ -103,23 +103,10 @@ def check(tiles):
     k = jax.random.normal(keys[1], (b, t, kh, d), jnp.bfloat16)
     v = jax.random.normal(keys[2], (b, t, kh, d), jnp.bfloat16)
     ct = jax.random.normal(keys[3], (b, t, h, d), jnp.float32)
-    mask = masks.dense_mask(spec, meta, meta)
     f32 = lambda x: x.astype(jnp.float32)
-
-    def ours(q, k, v):
-      return flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles)
-
-    def ref(q, k, v):
-      return attention.xla_attention(q, k, v, mask)
-
-    def triton(q, k, v):  # the all-Triton kernels, checked beside the default
-      return flash.block_sparse_attention(q, k, v, meta.segments, spec,
-                                          dataclasses.replace(tiles, forward="triton"))
-
-    def mosaic_dkv(q, k, v):  # the Mosaic GPU dk/dv kernel, checked beside the default
-      return flash.block_sparse_attention(q, k, v, meta.segments, spec,
-                                          dataclasses.replace(tiles, dkv="mosaic"))
-
+    # The default, beside the all-Triton kernels and the Mosaic GPU dk/dv kernel.
+    fns = _train_fns(spec, meta, tiles)
+    ours, ref, triton, mosaic_dkv = (fns[n] for n in ("pallas", "xla", "triton", "mosaic_dkv"))
     grad = lambda f: jax.jit(jax.grad(lambda *a: (f(*a).astype(jnp.float32) * ct).sum(),
                                       (0, 1, 2)))(q, k, v)
     out, out_triton = jax.jit(ours)(q, k, v), jax.jit(triton)(q, k, v)
@@ -167,12 +154,7 @@ def profile_row(name, spec, length, tiles, impl="pallas", reps=5):
   h, kh, d = SHAPES[name]
   b = max(1, 8192 // length)
   meta = layout_segments(b, length, spec, np.random.default_rng(1), False, 1)
-  t = meta.positions.shape[1]
-  ks = jax.random.split(jax.random.key(10), 4)
-  args = (jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16),
-          jax.random.normal(ks[1], (b, t, kh, d), jnp.bfloat16),
-          jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16),
-          jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16))
+  args = _train_inputs(b, meta.positions.shape[1], h, kh, d, seed=10)
   g = _grad(_train_fns(spec, meta, tiles)[impl])
   jax.block_until_ready(g(*args))
   def run():
@@ -189,6 +171,15 @@ def profile_row(name, spec, length, tiles, impl="pallas", reps=5):
   RESULTS.setdefault("profile", []).append(row)
   print(json.dumps(row, indent=1), flush=True)
   save()
+
+
+def _train_inputs(b, t, h, kh, d, seed):
+  """Random bf16 (q, k, v, cotangent) of a training-attention case."""
+  ks = jax.random.split(jax.random.key(seed), 4)
+  return (jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16),
+          jax.random.normal(ks[1], (b, t, kh, d), jnp.bfloat16),
+          jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16),
+          jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16))
 
 
 def ceilings():
@@ -234,13 +225,7 @@ def train_row(name, spec, length, tiles, impls=("pallas", "triton", "xla", "cudn
   b = batch or max(1, 8192 // length)  # 8192 query positions per layout part: fills the GPU
   meta = layout_segments(b, length, spec, np.random.default_rng(samples), samples > 1, samples)
   t = meta.positions.shape[1]
-  sets = []
-  for i in range(2):
-    ks = jax.random.split(jax.random.key(10 + i), 4)
-    sets.append((jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16),
-                 jax.random.normal(ks[1], (b, t, kh, d), jnp.bfloat16),
-                 jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16),
-                 jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16)))
+  sets = [_train_inputs(b, t, h, kh, d, seed=10 + i) for i in range(2)]
   if samples > 1:
     pairs = int(jax.jit(lambda: masks.dense_mask(spec, meta, meta).sum())()) * h
   else:
@@ -423,8 +408,8 @@ DECODE_TUNE = [  # the default (one wave) and, from benchmarks/decode_kernel.py,
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sections", default="check,ceil,tune,train,decode",
-                  help="also: profile (GPU time per kernel of fwd+bwd at L=2048), sweep, sweep8 (SWEEP's or SWEEP_S8's tiles on two cases; give ceil "
-                       "with them)")
+                  help="also: profile (GPU time per kernel of fwd+bwd at L=2048), sweep, "
+                       "sweep8 (SWEEP's or SWEEP_S8's tiles on two cases; give ceil with them)")
   ap.add_argument("--quick", action="store_true", help="L=2048 2L and decode S=4096 only")
   ap.add_argument("--lengths", default="2048,1024,4096", help="training-attention lengths L")
   ap.add_argument("--packed", type=int, default=0,

@@ -519,15 +519,18 @@ def _attention_bwd(spec, length, tiles, interpret, res, do):
 _attention_padded.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _not_hopper(interpret: bool) -> str | None:
-  """Why a Mosaic GPU kernel cannot run here outside the interpreter (None when it can)."""
+def _require_mosaic(field: str, spec: masks.MaskSpec, q, interpret: bool, instead: str):
+  """An explicit `Tiles.<field>="mosaic"` this problem or device cannot run is an error naming
+  why (not a fallback, nor a failure inside Pallas or the Mosaic compiler)."""
   from dllm_jax.kernels import flash_mgpu
 
-  if interpret or flash_mgpu.on_hopper():
-    return None
-  dev = jax.devices()[0]
-  return (f"it needs an sm_90 GPU (H100/H200), and the device is {dev.platform} "
-          f"{getattr(dev, 'device_kind', '')}".rstrip())
+  why = flash_mgpu.unsupported(spec, q.shape[-1], q.dtype)
+  if why is None and not interpret and not flash_mgpu.on_hopper():
+    dev = jax.devices()[0]
+    why = (f"it needs an sm_90 GPU (H100/H200), and the device is {dev.platform} "
+           f"{getattr(dev, 'device_kind', '')}".rstrip())
+  if why is not None:
+    raise ValueError(f"Tiles.{field}='mosaic' cannot run this problem: {why}; use {instead}")
 
 
 def _forward_kernel(choice: str, spec: masks.MaskSpec, q, interpret: bool) -> str:
@@ -535,15 +538,12 @@ def _forward_kernel(choice: str, spec: masks.MaskSpec, q, interpret: bool) -> st
   it covers the problem; an explicit "mosaic" it cannot run is an error, not a fallback."""
   if choice == "triton":
     return choice
+  if choice == "mosaic":
+    _require_mosaic("forward", spec, q, interpret, "forward='triton' or 'auto'")
+    return choice
   from dllm_jax.kernels import flash_mgpu
 
   why = flash_mgpu.unsupported(spec, q.shape[-1], q.dtype)
-  if choice == "mosaic":
-    why = why or _not_hopper(interpret)
-    if why is not None:
-      raise ValueError(f"Tiles.forward='mosaic' cannot run this problem: {why}; "
-                       "use forward='triton' or 'auto'")
-    return choice
   return "mosaic" if why is None and not interpret and flash_mgpu.on_hopper() else "triton"
 
 
@@ -564,12 +564,10 @@ def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.Mask
                                                              interpret))
   lcm = max(tiles.block_q, tiles.block_k, tiles.block_q_dq, tiles.block_k_dq,
             tiles.block_q_dkv, tiles.block_k_dkv)  # all powers of two: the max is their lcm
+  if tiles.dkv == "mosaic":
+    _require_mosaic("dkv", spec, q_BTHD, interpret, "dkv='triton'")
   if tiles.forward == "mosaic" or tiles.dkv == "mosaic":
     from dllm_jax.kernels import flash_mgpu
-
-    why = flash_mgpu.unsupported(spec, d, q_BTHD.dtype) or _not_hopper(interpret)
-    if tiles.dkv == "mosaic" and why is not None:
-      raise ValueError(f"Tiles.dkv='mosaic' cannot run this problem: {why}; use dkv='triton'")
 
     lcm = max(lcm, flash_mgpu.OUTER, flash_mgpu.BLOCK_K, 2 * flash_mgpu.BLOCK_KV,
               flash_mgpu.BLOCK_QI)

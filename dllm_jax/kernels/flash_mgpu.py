@@ -360,8 +360,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   carries its tile's index) along the slowest grid axis.
 
   One query head per CTA: a CTA is a whole SM here, and its work per key tile varies ~60x, so
-  the smallest CTAs balance best (BENCHMARKS.md, session 10). Returns [B, Tp, K, D] in k's dtype
-  without GQA, else per-query-head partials [group, B, Tp, K, D] for the caller to sum.
+  the smallest CTAs balance best (BENCHMARKS.md, session 10). With GQA each CTA writes its query
+  head's bf16 partial ([group, B, Tp, K, D]), summed here in float32. Returns dk, dv
+  [B, Tp, K, D] in k's dtype.
   """
   plgpu = _plgpu()
   b, tp, h, d = q.shape

@@ -65,9 +65,18 @@ def test_mosaic_forward_and_its_gradients_equal_the_reference(spec, length, b, h
     assert rel(g, w) < 1e-2, f"d{name}"
 
 
-@pytest.mark.parametrize("spec,length,b,h,kh,d,cuts", [CASES[0], CASES[1]])
-def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cuts):
-  # Packed samples with GQA 2 (the segment comparison, per-head partials) and 3L with GQA 3.
+FUSED = flash.Tiles(forward="triton", dkv="mosaic", fuse_dq=True)
+
+
+@pytest.mark.parametrize("spec,length,b,h,kh,d,cuts,tiles", [
+    # Packed samples with GQA 2 (the segment comparison, per-head partials) and 3L with GQA 3.
+    (*CASES[0], flash.Tiles(forward="triton", dkv="mosaic")),
+    (*CASES[1], flash.Tiles(forward="triton", dkv="mosaic")),
+    # dQ fused into the dk/dv kernel (head_dim 128 only): packed GQA 2, and 3L with GQA 3.
+    (masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]], FUSED),
+    (masks.MaskSpec("diffusion", 16, 2), 40, 1, 3, 1, 128, [[]], FUSED),
+])
+def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cuts, tiles):
   meta = masks.layout_meta(spec, _segments(b, length, cuts))
   t = meta.positions.shape[1]
   ks = jax.random.split(jax.random.key(length + 1), 4)
@@ -76,16 +85,16 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
   k, v = (jax.random.normal(kk, (b, t, kh, d), jnp.float32).astype(jnp.bfloat16)
           for kk in ks[1:3])
   f32 = lambda x: x.astype(jnp.float32)
-  tiles = flash.Tiles(forward="triton", dkv="mosaic")
   ours = lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles,
                                                       interpret=True)
   mask = masks.dense_mask(spec, meta, meta)
   ref = lambda q, k, v: attention.xla_attention(q, k, v, mask)
   grads = lambda f, *a: jax.vjp(f, *a)[1](ct.astype(a[0].dtype))
   jaxpr = str(jax.make_jaxpr(lambda: grads(ours, q, k, v))())
-  # The Mosaic dk/dv kernel ran, beside Triton's dq kernel, not Triton's dk/dv kernel.
-  assert "block_sparse_attention_dkv_mgpu" in jaxpr and "block_sparse_attention_dq" in jaxpr
+  # The Mosaic dk/dv kernel ran, not Triton's; beside Triton's dq kernel unless dQ is fused.
+  assert "block_sparse_attention_dkv_mgpu" in jaxpr
   assert re.search(r"block_sparse_attention_dkv(?!_mgpu)", jaxpr) is None
+  assert ("block_sparse_attention_dq" in jaxpr) == (not tiles.fuse_dq)
   got = jax.jit(lambda: grads(ours, q, k, v))()
   want = grads(ref, f32(q), f32(k), f32(v))
   rel = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(b)))
@@ -141,6 +150,10 @@ def test_mosaic_forward_refuses_what_it_cannot_run():
   with pytest.raises(ValueError, match="Tiles.dkv='mosaic' cannot run.*block_size 24"):
     flash.block_sparse_attention(q, q, q, meta.segments, spec,
                                  flash.Tiles(forward="triton", dkv="mosaic"), interpret=True)
+  with pytest.raises(ValueError, match="Tiles.fuse_dq=True needs dkv='mosaic'"):
+    flash.Tiles(fuse_dq=True)
+  with pytest.raises(ValueError, match="Tiles.fuse_dq=True needs head_dim 128.*got 64"):
+    flash.block_sparse_attention(q, q, q, ok_meta.segments, ok_spec, FUSED, interpret=True)
 
 
 def test_auto_forward_is_triton_off_hopper():

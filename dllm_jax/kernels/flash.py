@@ -14,7 +14,8 @@ place, so repeated K/V are never materialised; the dk/dv kernel runs per KV head
 the heads of its group, split over `Tiles.dkv_head_split` programs whose float32 dK/dV partials
 (one per program, [split, B, T, K, D]; never one per query head unless split equals the group)
 are summed afterwards. `flash_mgpu` holds Mosaic GPU (Hopper) versions of the forward (the
-default there) and of the dk/dv kernel (`Tiles.dkv="mosaic"`), on the same plans.
+default there) and of the dk/dv kernel (`Tiles.dkv="mosaic"`, which can also accumulate dQ:
+`Tiles.fuse_dq`), on the same plans.
 
 Softmax runs in base 2 (scores pre-multiplied by log2 e) with float32 statistics and
 accumulators; the saved log-sum-exp is in that base too.
@@ -80,6 +81,11 @@ class Tiles:
   # heads' 2L layout, +2.0 to +6.2% for the others: BENCHMARKS.md, session 10), so Triton's
   # stays the default; `dkv_head_split` applies to the Triton kernel only.
   dkv: str = "triton"
+  # With dkv="mosaic" and head_dim 128: the dk/dv kernel also accumulates dQ (FlashAttention-3's
+  # TMA reduce-adds into float32) and no dq kernel runs. Exact, but on the H200 its kernel takes
+  # 1.0-1.12x the two it replaces, and zeroing and converting the float32 dQ adds ~5% (fwd+bwd
+  # at 0.84-0.95x the default's speed: BENCHMARKS.md, session 11).
+  fuse_dq: bool = False
 
   def __post_init__(self):
     for name, options in (("forward", ("auto", "triton", "mosaic")), ("dkv", ("triton", "mosaic"))):
@@ -88,6 +94,11 @@ class Tiles:
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
       if f.name in ("forward", "dkv"):
+        continue
+      if f.name == "fuse_dq":
+        if v and self.dkv != "mosaic":
+          raise ValueError(f"Tiles.fuse_dq=True needs dkv='mosaic' (dkv={self.dkv!r}): dQ is "
+                           "fused into the Mosaic GPU dk/dv kernel only")
         continue
       if f.name.startswith("block_") and (v < 16 or v & (v - 1)):
         raise ValueError(f"Tiles.{f.name}={v}: must be a power of two >= 16")
@@ -423,6 +434,10 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   scale = d ** -0.5
   # delta_i = sum_d o_id * do_id: one cheap fused XLA pass, [B, H, Tp] like lse.
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  if tiles.dkv == "mosaic" and tiles.fuse_dq:
+    from dllm_jax.kernels import flash_mgpu
+
+    return flash_mgpu.dkv(q, k, v, seg, do, lse, delta, spec, length, interpret, fuse_dq=True)
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
                                  num_stages=tiles.num_stages_bwd)
@@ -452,7 +467,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   if tiles.dkv == "mosaic":
     from dllm_jax.kernels import flash_mgpu
 
-    return (dq, *flash_mgpu.dkv(q, k, v, seg, do, lse, delta, spec, length, interpret))
+    return (dq, *flash_mgpu.dkv(q, k, v, seg, do, lse, delta, spec, length, interpret)[1:])
 
   # Key tiles differ in work from 1 to ~64 query-tile visits per head (an early clean tile is
   # seen by every later query, a noisy one by its own block), and ncu showed the SMs idle 42% of
@@ -566,6 +581,9 @@ def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.Mask
             tiles.block_q_dkv, tiles.block_k_dkv)  # all powers of two: the max is their lcm
   if tiles.dkv == "mosaic":
     _require_mosaic("dkv", spec, q_BTHD, interpret, "dkv='triton'")
+  if tiles.fuse_dq and d != 128:
+    raise ValueError(f"Tiles.fuse_dq=True needs head_dim 128 (dQ's columns are split between "
+                     f"two warpgroups in 64-column tiles), got {d}; use fuse_dq=False")
   if tiles.forward == "mosaic" or tiles.dkv == "mosaic":
     from dllm_jax.kernels import flash_mgpu
 

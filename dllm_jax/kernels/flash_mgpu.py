@@ -16,7 +16,8 @@ consumers apply the layout mask and the segment comparison on the partial tiles 
 tile whose visits are not all inside one segment counts every visit as partial.
 
 `dkv` is the forward's schedule transposed (128 keys a CTA, the query tiles streamed; see its
-docstring); the dq kernel stays `flash`'s Triton one.
+docstring); the dq kernel stays `flash`'s Triton one unless `dkv` accumulates dQ itself
+(`fuse_dq`: FlashAttention-3's TMA reduce-adds).
 
 Two bodies, one schedule of copies and barriers: on the GPU, P stays in registers and PV
 accumulates in place (`run_state`); in interpret mode (CPU tests) jax 0.10.2's Mosaic GPU
@@ -123,12 +124,12 @@ def _take_turns(sched_bar):
   plgpu.barrier_wait(sched_bar)
 
 
-def _producer_start(plan_row, plan_s, plan_bar, nv, interpret):
+def _producer_start(plan_row, plan_s, plan_bar, nv, interpret, regs=40):
   """The producer warpgroup's prologue: give up registers, copy this CTA's plan row into shared
   memory (the consumers wait on the same barrier), and read its (n_full, n_vis, one)."""
   plgpu = _plgpu()
   if not interpret:
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(regs, action="decrease")
   plgpu.copy_gmem_to_smem(plan_row, plan_s, plan_bar.at[0])
   plgpu.barrier_wait(plan_bar.at[0])
   return plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
@@ -348,8 +349,25 @@ BLOCK_KV = 64  # keys per consumer warpgroup in the dk/dv kernel (wgmma's M); a 
 BLOCK_QI = 64  # query rows of one streamed tile in the dk/dv kernel (wgmma's K: 64 at least)
 
 
-def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpret: bool = False):
-  """(dk, dv) of `flash._backward`'s problem, the forward's schedule transposed.
+def _when(cond, f):
+  """f() under `cond`: a Python bool decided now, or a traced one (pl.when)."""
+  if isinstance(cond, (bool, np.bool_)):
+    if cond:
+      f()
+  else:
+    pl.when(cond)(f)
+
+
+def _zeroed(shape):
+  """A zeroed float32 global-memory Ref for a kernel's reduce-adds. Passed to `pl.kernel` it is
+  aliased in and out (`plgpu.kernel` takes no Refs, nor input_output_aliases in jax 0.10)."""
+  return jax.new_ref(jnp.zeros(shape, jnp.float32), memory_space=_plgpu().GMEM)
+
+
+def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpret: bool = False,
+        fuse_dq: bool = False):
+  """(dq, dk, dv) of `flash._backward`'s problem, the forward's schedule transposed; dq is None
+  unless `fuse_dq`.
 
   One CTA holds 128 keys of one KV head (two consumer warpgroups of 64, K and V resident in
   shared memory) and walks the query tiles of one query head that see them; the producer streams
@@ -361,14 +379,27 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
   One query head per CTA: a CTA is a whole SM here, and its work per key tile varies ~60x, so
   the smallest CTAs balance best (BENCHMARKS.md, session 10). With GQA each CTA writes its query
-  head's bf16 partial ([group, B, Tp, K, D]), summed here in float32. Returns dk, dv
-  [B, Tp, K, D] in k's dtype.
+  head's bf16 partial ([group, B, Tp, K, D]), summed here in float32.
+
+  `fuse_dq` (FlashAttention-3's backward; head_dim 128): each warpgroup also stores its dS^T
+  tile to shared memory, and during the next visit computes one half of the previous visit's dQ
+  tile's columns, dQ[:, half] = dS K[:, half] over both warpgroups' 128 keys (dS read back
+  transposed), then adds it into a zeroed float32 dQ by a TMA reduce-add; no dq kernel runs.
+  The warpgroups pass dS tiles through two slots (`ds_ready`: both written; `ds_free`: both
+  read). Splitting by columns halves the adds and the accumulator of each warpgroup adding its
+  own keys' whole dQ tile, which spilled registers and ran 1.24x the two kernels it replaces;
+  split, 1.0-1.12x (H200, BENCHMARKS.md, session 11), so it is opt-in.
+  Returns dq [B, Tp, H, D], dk, dv [B, Tp, K, D] in the inputs' dtype.
   """
   plgpu = _plgpu()
   b, tp, h, d = q.shape
   group = h // k.shape[2]
   bk, bq = BLOCK_KV, BLOCK_QI
   outer = 2 * bk
+  half = d // 2
+  if fuse_dq and d != 128:
+    raise ValueError(f"fuse_dq splits dQ's columns between two warpgroups in 64-column tiles: "
+                     f"head_dim 128 only, got {d}; use fuse_dq=False")
   if tp % outer:
     raise ValueError(f"padded length {tp} is not a multiple of {outer}")
   n_outer = tp // outer
@@ -376,33 +407,40 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   plan = plan[:, flash.heavy_first(flash.visit_runs(spec, length, bq, outer, True, 0,
                                                     num_outer=n_outer))]
   dtype = q.dtype
-  c = d ** -0.5 * _LOG2E
+  scale = d ** -0.5
+  c = scale * _LOG2E
   wgmma_l = plgpu.Layout.WGMMA
   row_l, col_l = wgmma_l.reduce(1), wgmma_l.reduce(0)
   lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
   # The interpreter has no transpose_ref: there Q^T and dO^T are streamed as well.
   qt = q.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bq), dtype)
   dot = do.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bq), dtype)
+  # Registers: the fused kernel's consumers need every one (in an earlier layout 24/240 spilled
+  # 660 bytes against 820 at 40/232 and ran 10% faster); the unfused one gains nothing (session 11).
+  regs = (24, 240) if fuse_dq else (40, 232)
 
   iota = functools.partial(_iota, (bk, bq), interpret=interpret)
   load = functools.partial(_load, interpret=interpret)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, plan_ref, qt_ref, dot_ref,
-             dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, lse_s, delta_s, segk_s,
-             segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar, do_bar, qt_bar, dot_bar,
-             lse_bar, delta_bar, sq_bar, free, sched_bar):
+             dq_ref, dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s, dq_s,
+             lse_s, delta_s, segk_s, segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar, do_bar,
+             qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, ds_ready, ds_free,
+             sched_bar):
     head, bi, j = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("kv")
     kvh = lax.div(head, jnp.int32(group))
     wg = lax.axis_index("wg")
+    query_rows = lambda i: pl.ds(pl.multiple_of(plan_s[i] * bq, bq), bq)
 
     sched = functools.partial(_take_turns, sched_bar)
 
     @pl.when(wg == 2)
     def _producer():
-      n_full, n_vis, one = _producer_start(plan_ref.at[bi, j], plan_s, plan_bar, nv, interpret)
+      n_full, n_vis, one = _producer_start(plan_ref.at[bi, j], plan_s, plan_bar, nv, interpret,
+                                           regs=regs[0])
 
       def fetch(i, slot):
-        rows = pl.ds(pl.multiple_of(plan_s[i] * bq, bq), bq)
+        rows = query_rows(i)
         plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[slot], q_bar.at[slot])
         plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, head], do_s.at[slot], do_bar.at[slot])
         plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, rows], lse_s.at[slot], lse_bar.at[slot])
@@ -419,27 +457,27 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
       _stream(n_vis, fetch, lambda slot: plgpu.barrier_wait(free.at[slot]))
 
-    @pl.when(wg < 2)
-    def _consumer():
+    def consumer(w):  # w: this warpgroup's index (a Python int when fused: see below)
       if not interpret:
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(regs[1], action="increase")
       plgpu.barrier_wait(plan_bar.at[0])
       n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
-      base = plan_s[nv + 3] * outer + wg * bk
+      base = plan_s[nv + 3] * outer + w * bk
       keys = pl.ds(base, bk)
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s.at[wg], k_bar.at[wg])
-      plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s.at[wg], v_bar.at[wg])
-      plgpu.copy_gmem_to_smem(seg_ref.at[bi, keys], segk_s.at[wg], sk_bar.at[wg])
-      plgpu.barrier_wait(k_bar.at[wg])
-      plgpu.barrier_wait(v_bar.at[wg])
-      plgpu.barrier_wait(sk_bar.at[wg])
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s.at[w], k_bar.at[w])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s.at[w], v_bar.at[w])
+      plgpu.copy_gmem_to_smem(seg_ref.at[bi, keys], segk_s.at[w], sk_bar.at[w])
+      plgpu.barrier_wait(k_bar.at[w])
+      plgpu.barrier_wait(v_bar.at[w])
+      plgpu.barrier_wait(sk_bar.at[w])
+      cols = pl.ds(w * half, half)  # this warpgroup's half of dQ's columns
 
       def keep_of(i, slot, masked):
         ok = flash._layout_allowed(spec, length, iota(1) + plan_s[i] * bq, iota(0) + base,
                                    vector_div=False)
         if masked == "segments":
           plgpu.barrier_wait(sq_bar.at[slot])
-          seg_k = lax.broadcast_in_dim(load(segk_s.at[wg], row_l), (bk, bq), [0])
+          seg_k = lax.broadcast_in_dim(load(segk_s.at[w], row_l), (bk, bq), [0])
           seg_q = lax.broadcast_in_dim(load(segq_s.at[slot], col_l), (bk, bq), [1])
           ok = ok & (seg_q == seg_k)
         return ok
@@ -459,29 +497,79 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           return acc_ref[...]
         return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
 
+      def share_ds(i, slot, ds16):
+        """This warpgroup's dS^T of visit i into its slot, once both have read visit i - 2's."""
+        pl.when(i >= SLOTS)(lambda: plgpu.barrier_wait(ds_free.at[slot]))
+        ds_s[slot, w] = ds16
+        if interpret:  # dS itself, for the interpreter's untransposed wgmma operand
+          dsq_s[slot, w] = ds16.T
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(ds_ready.at[slot])
+
+      def ds_operand(slot, kh):  # dS [BQ, BK] of warpgroup kh's keys
+        if interpret:
+          return dsq_s.at[slot, kh]
+        return plgpu.transpose_ref(ds_s.at[slot, kh], (1, 0))
+
+      def add_dq(i, x):
+        """dQ[rows of visit i, this warpgroup's columns] += x, by a TMA reduce-add."""
+        target = dq_ref.at[bi, query_rows(i), head, cols]
+        if interpret:  # no reduction_op there: read, add, write back (grid points run in turn)
+          plgpu.copy_gmem_to_smem(target, dq_s.at[w], add_bar.at[w])
+          plgpu.barrier_wait(add_bar.at[w])
+          dq_s[w] = dq_s[w] + x
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(dq_s.at[w], target)
+          plgpu.wait_smem_to_gmem(0)
+        else:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read dq_s
+          dq_s[w] = x
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(dq_s.at[w], target, reduction_op="add")
+
+      def release_ds(i):  # both dS^T tiles of visit i read: the slot may take visit i + 2's
+        pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(ds_free.at[lax.rem(i, SLOTS)]))
+
+      def interpret_dq(i):  # the previous visit's dQ columns, in the interpreter
+        @pl.when(i >= 0)
+        def _():
+          prev = lax.rem(i, SLOTS)
+          plgpu.barrier_wait(ds_ready.at[prev])
+          x = (product(ds_operand(prev, 0), k_s.at[0, :, cols], (bq, half))
+               + product(ds_operand(prev, 1), k_s.at[1, :, cols], (bq, half)))
+          release_ds(i)
+          add_dq(i, x)
+
       def interpret_step(i, carry, masked):
         dk, dv = carry
         slot = lax.rem(i, SLOTS)
         for bar in (q_bar, do_bar, qt_bar, dot_bar):
           plgpu.barrier_wait(bar.at[slot])
-        s = product(k_s.at[wg], qt_s.at[slot], (bk, bq))
-        dp = product(v_s.at[wg], dot_s.at[slot], (bk, bq))
+        s = product(k_s.at[w], qt_s.at[slot], (bk, bq))
+        dp = product(v_s.at[w], dot_s.at[slot], (bk, bq))
         p, ds = grads(s, dp, i, slot, masked)
-        p_s[wg] = p.astype(dtype)
-        ds_s[wg] = ds.astype(dtype)
+        p_s[w] = p.astype(dtype)
+        ds16 = ds.astype(dtype)
+        if fuse_dq:
+          share_ds(i, slot, ds16)
+        else:
+          ds_s[0, w] = ds16
         plgpu.commit_smem()
-        dv = dv + product(p_s.at[wg], do_s.at[slot], (bk, d))
-        dk = dk + product(ds_s.at[wg], q_s.at[slot], (bk, d))
+        dv = dv + product(p_s.at[w], do_s.at[slot], (bk, d))
+        dk = dk + product(ds_s.at[slot if fuse_dq else 0, w], q_s.at[slot], (bk, d))
         pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
+        if fuse_dq:
+          interpret_dq(i - 1)
         return dk, dv
 
       def gpu_step(i, carry, masked):
         dk, dv = carry
         slot = lax.rem(i, SLOTS)
+        prev = lax.rem(i + 1, SLOTS)  # visit i - 1's slot (SLOTS == 2)
 
         def transposed_products(s_ref, dp_ref):
-          plgpu.wgmma(s_ref, k_s.at[wg], plgpu.transpose_ref(q_s.at[slot], (1, 0)))
-          plgpu.wgmma(dp_ref, v_s.at[wg], plgpu.transpose_ref(do_s.at[slot], (1, 0)))
+          plgpu.wgmma(s_ref, k_s.at[w], plgpu.transpose_ref(q_s.at[slot], (1, 0)))
+          plgpu.wgmma(dp_ref, v_s.at[w], plgpu.transpose_ref(do_s.at[slot], (1, 0)))
           sched()
           return s_ref[...], dp_ref[...]
 
@@ -489,13 +577,21 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
                               plgpu.ACC((bk, bq), jnp.float32))
         p, ds = grads(s, dp, i, slot, masked)
         p16, ds16 = p.astype(dtype), ds.astype(dtype)
+        if fuse_dq:
+          share_ds(i, slot, ds16)
+          pl.when(i >= 1)(lambda: plgpu.barrier_wait(ds_ready.at[prev]))
         dk, dv, p16, ds16 = lax.optimization_barrier((dk, dv, p16, ds16))
         sched()
 
         def accumulate(refs):
-          dv_ref, dk_ref = refs
+          dv_ref, dk_ref, *dq_acc = refs
           plgpu.wgmma(dv_ref, p16, do_s.at[slot])
           plgpu.wgmma(dk_ref, ds16, q_s.at[slot])
+          if fuse_dq:
+            # Visit i - 1's dQ columns (unconditional: at i == 0 the slot holds nothing yet
+            # and the product is dropped below, so the wgmma needs no branch).
+            plgpu.wgmma(dq_acc[0], ds_operand(prev, 0), k_s.at[0, :, cols])
+            plgpu.wgmma(dq_acc[0], ds_operand(prev, 1), k_s.at[1, :, cols])
 
           @pl.when(i + 1 < n_vis)  # the next tile's operands, while these products run
           def _():
@@ -503,8 +599,16 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
             plgpu.barrier_wait(q_bar.at[nxt])
             plgpu.barrier_wait(do_bar.at[nxt])
 
-        dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+        accs = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
+        if fuse_dq:
+          accs += (plgpu.ACC.init(lc(jnp.zeros((bq, half), jnp.float32), wgmma_l)),)
+        dv, dk, *dq = pl.run_state(accumulate)(accs)
         pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
+        if fuse_dq:
+          @pl.when(i >= 1)
+          def _():
+            release_ds(i - 1)
+            add_dq(i - 1, dq[0])
         return dk, dv
 
       step = interpret_step if interpret else gpu_step
@@ -514,56 +618,103 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         def _():
           plgpu.barrier_wait(q_bar.at[0])
           plgpu.barrier_wait(do_bar.at[0])
-        pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn
+        _when(w == 1, sched)  # offsets the two warpgroups by one turn
       # Full tiles, then partial ones, as in the forward.
       mid = jnp.where(one != 0, n_vis, n_full)
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (zeros, zeros))
       carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
       dk, dv = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
       if not interpret:
-        pl.when(wg == 0)(sched)
+        _when(w == 0, sched)
+      if fuse_dq:  # the last visit's dQ columns
+        last = n_vis - 1
+        if interpret:
+          interpret_dq(last)
+        else:
+          pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(ds_ready.at[lax.rem(last + SLOTS, SLOTS)]))
+          slot = lax.rem(last + SLOTS, SLOTS)
+
+          def last_dq(acc_ref):
+            plgpu.wgmma(acc_ref, ds_operand(slot, 0), k_s.at[0, :, cols])
+            plgpu.wgmma(acc_ref, ds_operand(slot, 1), k_s.at[1, :, cols])
+            return acc_ref[...]
+
+          x = pl.run_scoped(last_dq, plgpu.ACC((bq, half), jnp.float32))
+          pl.when(n_vis > 0)(lambda: add_dq(last, x))
       out = (lax.rem(head, jnp.int32(group)), bi, keys, kvh) if group > 1 else (bi, keys, kvh)
-      k_s[wg] = (dk * (d ** -0.5)).astype(dtype)
-      v_s[wg] = dv.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_s.at[wg], dk_ref.at[out])
-      plgpu.copy_smem_to_gmem(v_s.at[wg], dv_ref.at[out])
+      if fuse_dq:  # the other warpgroup may still read k_s[w] for its last dQ: both via v_s[w]
+        for x, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          v_s[w] = x.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(v_s.at[w], ref.at[out])
+      else:
+        k_s[w] = (dk * scale).astype(dtype)
+        v_s[w] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_s.at[w], dk_ref.at[out])
+        plgpu.copy_smem_to_gmem(v_s.at[w], dv_ref.at[out])
       plgpu.wait_smem_to_gmem(0)
 
+    if fuse_dq:  # one copy of the body per warpgroup, so that dQ's column slices are static
+      for w in range(2):
+        pl.when(wg == w)(functools.partial(consumer, w))
+    else:
+      pl.when(wg < 2)(functools.partial(consumer, wg))
+
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-  small = (1, 8, 64)  # a buffer the GPU body does not use
+  tiled32 = dict(transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+  small = (1, 8, 64)  # a buffer this body does not use
+  scratch = [
+      plgpu.SMEM((2, bk, d), dtype, **tiled), plgpu.SMEM((2, bk, d), dtype, **tiled),
+      plgpu.SMEM((SLOTS, bq, d), dtype, **tiled), plgpu.SMEM((SLOTS, bq, d), dtype, **tiled),
+      plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
+      plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
+      plgpu.SMEM((2, bk, bq) if interpret else small, dtype, **tiled),
+      # dS^T tiles: [slot, warpgroup] when fused (both warpgroups read both), else the
+      # interpreter's staging copy
+      plgpu.SMEM((SLOTS, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret else (1,) + small,
+                 dtype, **tiled),
+      plgpu.SMEM((SLOTS, 2, bq, bk) if interpret and fuse_dq else (1,) + small, dtype, **tiled),
+      plgpu.SMEM((2, bq, half) if fuse_dq else (1, 8, 32), jnp.float32, **tiled32),
+      plgpu.SMEM((SLOTS, bq), jnp.float32), plgpu.SMEM((SLOTS, bq), jnp.float32),
+      plgpu.SMEM((2, bk), jnp.int32), plgpu.SMEM((SLOTS, bq), jnp.int32),
+      plgpu.SMEM((plan.shape[-1],), jnp.int32),
+      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),
+      *[plgpu.Barrier(num_barriers=SLOTS) for _ in range(7)],
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
+      plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
+      plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
+      plgpu.Barrier(num_arrivals=2)]
+  inputs = (q, k, v, do, lse, delta, seg, plan, qt, dot)
+  targets = [_zeroed(q.shape)] if fuse_dq else []  # reduce-add targets, aliased in and out
   out_shape = jax.ShapeDtypeStruct(((group,) if group > 1 else ()) + k.shape, dtype)
-  kernel.__name__ = "block_sparse_attention_dkv_mgpu"  # as the forward's: profiles tell them apart
-  dk, dv = plgpu.kernel(
-      kernel,
+
+  def body(*refs):
+    ins, rest = refs[:len(inputs)], refs[len(inputs):]
+    if not fuse_dq:
+      rest = (None,) + rest
+    pl.run_scoped(functools.partial(kernel, *ins, *rest), *scratch, collective_axes="wg")
+
+  dk, dv = pl.kernel(
+      body,
       out_type=[out_shape, out_shape],
-      scratch_types=[
-          plgpu.SMEM((2, bk, d), dtype, **tiled), plgpu.SMEM((2, bk, d), dtype, **tiled),
-          plgpu.SMEM((SLOTS, bq, d), dtype, **tiled), plgpu.SMEM((SLOTS, bq, d), dtype, **tiled),
-          plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
-          plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
-          plgpu.SMEM((2, bk, bq) if interpret else small, dtype, **tiled),
-          plgpu.SMEM((2, bk, bq) if interpret else small, dtype, **tiled),
-          plgpu.SMEM((SLOTS, bq), jnp.float32), plgpu.SMEM((SLOTS, bq), jnp.float32),
-          plgpu.SMEM((2, bk), jnp.int32), plgpu.SMEM((SLOTS, bq), jnp.int32),
-          plgpu.SMEM((plan.shape[-1],), jnp.int32),
-          plgpu.Barrier(num_barriers=1),
-          plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
-          plgpu.Barrier(num_barriers=2),
-          *[plgpu.Barrier(num_barriers=SLOTS) for _ in range(7)],
-          plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
-          plgpu.Barrier(num_arrivals=2)],
       # Mosaic GPU launches the last grid axis fastest: the key tiles, heaviest first, are the
       # slowest axis, so every head's and batch row's heaviest CTAs start in the first wave.
-      grid=(n_outer, h, b), grid_names=("kv", "heads", "batch"),
-      num_threads=3, thread_name="wg",
+      mesh=plgpu.Mesh(grid=(n_outer, h, b), grid_names=("kv", "heads", "batch"), num_threads=3,
+                      thread_name="wg"),
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params() if interpret else None,
-  )(q, k, v, do, lse, delta, seg, plan, qt, dot)
+      interpret=_interpret_params() if interpret else False,
+      name="block_sparse_attention_dkv_mgpu",  # as the forward's: profiles tell them apart
+  )(*inputs, *targets)
+  dq = (targets[0][...] * scale).astype(dtype) if fuse_dq else None
   if group > 1:
     dk = dk.astype(jnp.float32).sum(0).astype(k.dtype)
     dv = dv.astype(jnp.float32).sum(0).astype(v.dtype)
-  return dk, dv
+  return dq, dk, dv
 
 
 def _interpret_params():

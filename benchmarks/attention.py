@@ -107,14 +107,13 @@ def check(tiles):
     # The default, beside the all-Triton kernels and the Mosaic GPU dk/dv kernel.
     fns = _train_fns(spec, meta, tiles)
     ours, ref, triton = (fns[n] for n in ("pallas", "xla", "triton"))
-    grad = lambda f: jax.jit(jax.grad(lambda *a: (f(*a).astype(jnp.float32) * ct).sum(),
-                                      (0, 1, 2)))(q, k, v)
+    grad = lambda f: _grad(f)(q, k, v, ct)
     out, out_triton = jax.jit(ours)(q, k, v), jax.jit(triton)(q, k, v)
     want = jax.jit(ref)(f32(q), f32(k), f32(v))
     g, g_triton = grad(ours), grad(triton)
     fused = ("mosaic_fused",) if d == 128 else ()  # fuse_dq: head_dim 128 only
     g_mosaic = {n: safe(lambda: grad(fns[n])) for n in ("mosaic_dkv", *fused)}
-    gw = jax.jit(jax.grad(lambda *a: (ref(*a) * ct).sum(), (0, 1, 2)))(f32(q), f32(k), f32(v))
+    gw = _grad(ref)(f32(q), f32(k), f32(v), ct)
     row = {"case": f"{kind}x{spec.num_streams} B={b} L={length} H={h}/{kh} D={d} packed={packed}",
            "out": rel_err(out, want), "dq": rel_err(g[0], gw[0]), "dk": rel_err(g[1], gw[1]),
            "dv": rel_err(g[2], gw[2]), "out_triton": rel_err(out_triton, want),

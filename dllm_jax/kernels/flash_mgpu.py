@@ -149,6 +149,24 @@ def _stream(n_vis, fetch, wait_free):
     fetch(i, slot)
 
 
+def _keep(spec, length, q_idx, k_idx, masked, own_seg, streamed_seg, streamed_bar, interpret):
+  """bool [rows, cols] of a partial tile: the layout mask at (q_idx, k_idx), and when `masked`
+  is "segments" the segment comparison of this warpgroup's resident tile (rows, ids in
+  `own_seg`) with the streamed one (cols, `streamed_seg`, its copy awaited on `streamed_bar`).
+  The ids are loaded and broadcast per visit: a [rows, cols] copy of the resident ids held
+  across the loop is 64 registers a thread, which made the forward 23% slower."""
+  plgpu = _plgpu()
+  ok = flash._layout_allowed(spec, length, q_idx, k_idx, vector_div=False)
+  if masked == "segments":
+    plgpu.barrier_wait(streamed_bar)
+    layout = plgpu.Layout.WGMMA
+    shape = q_idx.shape
+    own = lax.broadcast_in_dim(_load(own_seg, layout.reduce(1), interpret), shape, [0])
+    streamed = lax.broadcast_in_dim(_load(streamed_seg, layout.reduce(0), interpret), shape, [1])
+    ok = ok & (own == streamed)
+  return ok
+
+
 def _softmax_step(s, m, l, c, keep):
   """One tile of the online softmax in base 2. s [BQ, BK] raw scores, m/l [BQ], c the scale
   times log2 e, keep None or bool [BQ, BK]. Returns (p, alpha, m_new, l_new)."""
@@ -179,11 +197,10 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
   dtype = q.dtype
   c = d ** -0.5 * _LOG2E
   wgmma_l = plgpu.Layout.WGMMA
-  row_l, col_l = wgmma_l.reduce(1), wgmma_l.reduce(0)
+  row_l = wgmma_l.reduce(1)
   lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
 
   iota = functools.partial(_iota, (bq, bk), interpret=interpret)
-  load = functools.partial(_load, interpret=interpret)
 
   def kernel(q_ref, kt_ref, v_ref, seg_ref, plan_ref, o_ref, lse_ref, q_s, kt_s, v_s, p_s,
              lse_s, segq_s, segk_s, plan_s, plan_bar, q_bar, sq_bar, k_bar, v_bar, sk_bar,
@@ -230,16 +247,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
       plgpu.barrier_wait(sq_bar.at[wg])
 
       def keep_of(i, slot, masked):
-        ok = flash._layout_allowed(spec, length, iota(0) + base, iota(1) + plan_s[i] * bk,
-                                   vector_div=False)
-        if masked == "segments":
-          # Loaded and broadcast per visit: a [BQ, BK] copy of the query ids held across the
-          # loop is 64 registers a thread, which made the whole kernel 23% slower.
-          plgpu.barrier_wait(sk_bar.at[slot])
-          seg_q = lax.broadcast_in_dim(load(segq_s.at[wg], row_l), (bq, bk), [0])
-          seg_k = lax.broadcast_in_dim(load(segk_s.at[slot], col_l), (bq, bk), [1])
-          ok = ok & (seg_q == seg_k)
-        return ok
+        return _keep(spec, length, iota(0) + base, iota(1) + plan_s[i] * bk, masked,
+                     segq_s.at[wg], segk_s.at[slot], sk_bar.at[slot], interpret)
 
       def scores(slot, after=lambda: None):
         def qk(acc_ref):
@@ -410,7 +419,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   scale = d ** -0.5
   c = scale * _LOG2E
   wgmma_l = plgpu.Layout.WGMMA
-  row_l, col_l = wgmma_l.reduce(1), wgmma_l.reduce(0)
+  col_l = wgmma_l.reduce(0)
   lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
   # The interpreter has no transpose_ref: there Q^T and dO^T are streamed as well.
   qt = q.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bq), dtype)
@@ -473,14 +482,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       cols = pl.ds(w * half, half)  # this warpgroup's half of dQ's columns
 
       def keep_of(i, slot, masked):
-        ok = flash._layout_allowed(spec, length, iota(1) + plan_s[i] * bq, iota(0) + base,
-                                   vector_div=False)
-        if masked == "segments":
-          plgpu.barrier_wait(sq_bar.at[slot])
-          seg_k = lax.broadcast_in_dim(load(segk_s.at[w], row_l), (bk, bq), [0])
-          seg_q = lax.broadcast_in_dim(load(segq_s.at[slot], col_l), (bk, bq), [1])
-          ok = ok & (seg_q == seg_k)
-        return ok
+        return _keep(spec, length, iota(1) + plan_s[i] * bq, iota(0) + base, masked,
+                     segk_s.at[w], segq_s.at[slot], sq_bar.at[slot], interpret)
 
       def grads(s, dp, i, slot, masked):  # P^T and dS^T [BK, BQ] from S^T and dP^T
         plgpu.barrier_wait(lse_bar.at[slot])
@@ -510,6 +513,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         if interpret:
           return dsq_s.at[slot, kh]
         return plgpu.transpose_ref(ds_s.at[slot, kh], (1, 0))
+
+      def dq_products(acc_ref, slot):  # acc += dS K[:, cols] over both warpgroups' keys (GPU)
+        for kh in range(2):
+          plgpu.wgmma(acc_ref, ds_operand(slot, kh), k_s.at[kh, :, cols])
 
       def add_dq(i, x):
         """dQ[rows of visit i, this warpgroup's columns] += x, by a TMA reduce-add."""
@@ -590,8 +597,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           if fuse_dq:
             # Visit i - 1's dQ columns (unconditional: at i == 0 the slot holds nothing yet
             # and the product is dropped below, so the wgmma needs no branch).
-            plgpu.wgmma(dq_acc[0], ds_operand(prev, 0), k_s.at[0, :, cols])
-            plgpu.wgmma(dq_acc[0], ds_operand(prev, 1), k_s.at[1, :, cols])
+            dq_products(dq_acc[0], prev)
 
           @pl.when(i + 1 < n_vis)  # the next tile's operands, while these products run
           def _():
@@ -631,12 +637,11 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         if interpret:
           interpret_dq(last)
         else:
-          pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(ds_ready.at[lax.rem(last + SLOTS, SLOTS)]))
           slot = lax.rem(last + SLOTS, SLOTS)
+          pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(ds_ready.at[slot]))
 
           def last_dq(acc_ref):
-            plgpu.wgmma(acc_ref, ds_operand(slot, 0), k_s.at[0, :, cols])
-            plgpu.wgmma(acc_ref, ds_operand(slot, 1), k_s.at[1, :, cols])
+            dq_products(acc_ref, slot)
             return acc_ref[...]
 
           x = pl.run_scoped(last_dq, plgpu.ACC((bq, half), jnp.float32))

@@ -381,23 +381,25 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   One CTA holds 128 keys of one KV head (two consumer warpgroups of 64, K and V resident in
   shared memory) and walks the query tiles of one query head that see them; the producer streams
   Q, dO, lse and delta per visit. A visit is S^T = K Q^T and dP^T = V dO^T issued together, P^T
-  and dS^T in registers, then dV += P^T dO and dK += dS^T Q issued together; the two warpgroups
-  take turns on the tensor cores (the forward's schedule barrier) so one's exponentials overlap
-  the other's products. Key tiles start heaviest first: the plan's rows are reordered (each
-  carries its tile's index) along the slowest grid axis.
+  and dS^T in registers, then dV += P^T dO and dK += dS^T Q issued together. Unlike the forward,
+  the two warpgroups do not take turns on the tensor cores: with the forward's schedule barrier
+  this kernel ran 1.04-1.16x slower on the H200 (BENCHMARKS.md, session 12). Key tiles start
+  heaviest first: the plan's rows are reordered (each carries its tile's index) along the
+  slowest grid axis.
 
   One query head per CTA: a CTA is a whole SM here, and its work per key tile varies ~60x, so
   the smallest CTAs balance best (BENCHMARKS.md, session 10). With GQA each CTA writes its query
   head's bf16 partial ([group, B, Tp, K, D]), summed here in float32.
 
   `fuse_dq` (FlashAttention-3's backward; head_dim 128): each warpgroup also stores its dS^T
-  tile to shared memory, and during the next visit computes one half of the previous visit's dQ
-  tile's columns, dQ[:, half] = dS K[:, half] over both warpgroups' 128 keys (dS read back
-  transposed), then adds it into a zeroed float32 dQ by a TMA reduce-add; no dq kernel runs.
-  The warpgroups pass dS tiles through two slots (`ds_ready`: both written; `ds_free`: both
-  read). Splitting by columns halves the adds and the accumulator of each warpgroup adding its
-  own keys' whole dQ tile, which spilled registers and ran 1.24x the two kernels it replaces;
-  split, 1.0-1.12x (H200, BENCHMARKS.md, session 11), so it is opt-in.
+  tile to shared memory, and after the next visit's dV and dK products computes one half of the
+  previous visit's dQ tile's columns, dQ[:, half] = dS K[:, half] over both warpgroups' 128 keys
+  (dS read back transposed), then adds it into a zeroed float32 dQ by a TMA reduce-add; no dq
+  kernel runs. The warpgroups pass dS tiles through two slots (`ds_ready`: both written;
+  `ds_free`: both read). Splitting by columns halves the adds and the accumulator of each
+  warpgroup adding its own keys' whole dQ tile, which spilled registers and ran 1.24x the two
+  kernels it replaces (H200, BENCHMARKS.md, session 11). Opt-in: level with this kernel unfused
+  plus the Triton dq kernel for the 1.5B heads, slower for the 7B's (session 12).
   Returns dq [B, Tp, H, D], dk, dv [B, Tp, K, D] in the inputs' dtype.
   """
   plgpu = _plgpu()
@@ -434,14 +436,12 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, plan_ref, qt_ref, dot_ref,
              dq_ref, dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s, dq_s,
              lse_s, delta_s, segk_s, segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar, do_bar,
-             qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, ds_ready, ds_free,
-             sched_bar):
+             qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, ds_ready, ds_free):
     head, bi, j = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("kv")
     kvh = lax.div(head, jnp.int32(group))
     wg = lax.axis_index("wg")
     query_rows = lambda i: pl.ds(pl.multiple_of(plan_s[i] * bq, bq), bq)
 
-    sched = functools.partial(_take_turns, sched_bar)
 
     @pl.when(wg == 2)
     def _producer():
@@ -518,6 +518,12 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         for kh in range(2):
           plgpu.wgmma(acc_ref, ds_operand(slot, kh), k_s.at[kh, :, cols])
 
+      def dq_columns(slot):  # [BQ, D / 2]: this warpgroup's dQ columns of the visit in `slot`
+        def f(acc_ref):
+          dq_products(acc_ref, slot)
+          return acc_ref[...]
+        return pl.run_scoped(f, plgpu.ACC((bq, half), jnp.float32))
+
       def add_dq(i, x):
         """dQ[rows of visit i, this warpgroup's columns] += x, by a TMA reduce-add."""
         target = dq_ref.at[bi, query_rows(i), head, cols]
@@ -577,7 +583,6 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         def transposed_products(s_ref, dp_ref):
           plgpu.wgmma(s_ref, k_s.at[w], plgpu.transpose_ref(q_s.at[slot], (1, 0)))
           plgpu.wgmma(dp_ref, v_s.at[w], plgpu.transpose_ref(do_s.at[slot], (1, 0)))
-          sched()
           return s_ref[...], dp_ref[...]
 
         s, dp = pl.run_scoped(transposed_products, plgpu.ACC((bk, bq), jnp.float32),
@@ -588,16 +593,11 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           share_ds(i, slot, ds16)
           pl.when(i >= 1)(lambda: plgpu.barrier_wait(ds_ready.at[prev]))
         dk, dv, p16, ds16 = lax.optimization_barrier((dk, dv, p16, ds16))
-        sched()
 
         def accumulate(refs):
-          dv_ref, dk_ref, *dq_acc = refs
+          dv_ref, dk_ref = refs
           plgpu.wgmma(dv_ref, p16, do_s.at[slot])
           plgpu.wgmma(dk_ref, ds16, q_s.at[slot])
-          if fuse_dq:
-            # Visit i - 1's dQ columns (unconditional: at i == 0 the slot holds nothing yet
-            # and the product is dropped below, so the wgmma needs no branch).
-            dq_products(dq_acc[0], prev)
 
           @pl.when(i + 1 < n_vis)  # the next tile's operands, while these products run
           def _():
@@ -605,16 +605,19 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
             plgpu.barrier_wait(q_bar.at[nxt])
             plgpu.barrier_wait(do_bar.at[nxt])
 
-        accs = (plgpu.ACC.init(dv), plgpu.ACC.init(dk))
-        if fuse_dq:
-          accs += (plgpu.ACC.init(lc(jnp.zeros((bq, half), jnp.float32), wgmma_l)),)
-        dv, dk, *dq = pl.run_state(accumulate)(accs)
+        dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
+          # Visit i - 1's dQ columns, after dV and dK: issued with them (its accumulator beside
+          # theirs and the register operands) it spilled more and ran 1.03-1.05x slower
+          # (session 12). Unconditional: at i == 0 the slot holds nothing yet and the product
+          # is dropped, so the wgmma needs no branch.
+          x = dq_columns(prev)
+
           @pl.when(i >= 1)
           def _():
             release_ds(i - 1)
-            add_dq(i - 1, dq[0])
+            add_dq(i - 1, x)
         return dk, dv
 
       step = interpret_step if interpret else gpu_step
@@ -624,14 +627,11 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         def _():
           plgpu.barrier_wait(q_bar.at[0])
           plgpu.barrier_wait(do_bar.at[0])
-        _when(w == 1, sched)  # offsets the two warpgroups by one turn
       # Full tiles, then partial ones, as in the forward.
       mid = jnp.where(one != 0, n_vis, n_full)
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (zeros, zeros))
       carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
       dk, dv = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
-      if not interpret:
-        _when(w == 0, sched)
       if fuse_dq:  # the last visit's dQ columns
         last = n_vis - 1
         if interpret:
@@ -639,12 +639,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         else:
           slot = lax.rem(last + SLOTS, SLOTS)
           pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(ds_ready.at[slot]))
-
-          def last_dq(acc_ref):
-            dq_products(acc_ref, slot)
-            return acc_ref[...]
-
-          x = pl.run_scoped(last_dq, plgpu.ACC((bq, half), jnp.float32))
+          x = dq_columns(slot)
           pl.when(n_vis > 0)(lambda: add_dq(last, x))
       out = (lax.rem(head, jnp.int32(group)), bi, keys, kvh) if group > 1 else (bi, keys, kvh)
       if fuse_dq:  # the other warpgroup may still read k_s[w] for its last dQ: both via v_s[w]
@@ -692,8 +687,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.Barrier(num_barriers=2),
       plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
       plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
-      plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
-      plgpu.Barrier(num_arrivals=2)]
+      plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS)]
   inputs = (q, k, v, do, lse, delta, seg, plan, qt, dot)
   targets = [_zeroed(q.shape)] if fuse_dq else []  # reduce-add targets, aliased in and out
   out_shape = jax.ShapeDtypeStruct(((group,) if group > 1 else ()) + k.shape, dtype)

@@ -104,7 +104,7 @@ def check(tiles):
     v = jax.random.normal(keys[2], (b, t, kh, d), jnp.bfloat16)
     ct = jax.random.normal(keys[3], (b, t, h, d), jnp.float32)
     f32 = lambda x: x.astype(jnp.float32)
-    # The default, beside the all-Triton kernels and the Mosaic GPU dk/dv kernel.
+    # The default, beside the all-Triton kernels and the two dk/dv kernels named explicitly.
     fns = _train_fns(spec, meta, tiles)
     ours, ref, triton = (fns[n] for n in ("pallas", "xla", "triton"))
     grad = lambda f: _grad(f)(q, k, v, ct)
@@ -112,13 +112,13 @@ def check(tiles):
     want = jax.jit(ref)(f32(q), f32(k), f32(v))
     g, g_triton = grad(ours), grad(triton)
     fused = ("mosaic_fused",) if d == 128 else ()  # fuse_dq: head_dim 128 only
-    g_mosaic = {n: safe(lambda: grad(fns[n])) for n in ("mosaic_dkv", *fused)}
+    g_mosaic = {n: safe(lambda: grad(fns[n])) for n in ("mosaic_dkv", "triton_dkv", *fused)}
     gw = _grad(ref)(f32(q), f32(k), f32(v), ct)
     row = {"case": f"{kind}x{spec.num_streams} B={b} L={length} H={h}/{kh} D={d} packed={packed}",
            "out": rel_err(out, want), "dq": rel_err(g[0], gw[0]), "dk": rel_err(g[1], gw[1]),
            "dv": rel_err(g[2], gw[2]), "out_triton": rel_err(out_triton, want),
            "dq_triton": rel_err(g_triton[0], gw[0])}
-    for n, gm in g_mosaic.items():  # opt-in kernels: reported, not part of "pass"
+    for n, gm in g_mosaic.items():  # explicit choices: reported, not part of "pass"
       if isinstance(gm, str):
         row[n] = gm
       else:
@@ -206,16 +206,20 @@ def _train_fns(spec, meta, tiles):
     return jax.nn.dot_product_attention(q, k, v, mask=mask_fn()[:, None],
                                         implementation="cudnn")
 
-  def mosaic_dkv(q, k, v):  # the default with the Mosaic GPU dk/dv kernel
+  def mosaic_dkv(q, k, v):  # the Mosaic GPU dk/dv kernel named (the default's choice on sm_90)
     return flash.block_sparse_attention(q, k, v, meta.segments, spec,
                                         dataclasses.replace(tiles, dkv="mosaic"))
+
+  def triton_dkv(q, k, v):  # the Triton dk/dv kernel (the default's choice before session 12)
+    return flash.block_sparse_attention(q, k, v, meta.segments, spec,
+                                        dataclasses.replace(tiles, dkv="triton"))
 
   def mosaic_fused(q, k, v):  # the Mosaic GPU dk/dv kernel accumulating dQ too (no dq kernel)
     return flash.block_sparse_attention(q, k, v, meta.segments, spec,
                                         dataclasses.replace(tiles, dkv="mosaic", fuse_dq=True))
 
   return {"pallas": ours, "triton": triton, "xla": xla, "cudnn": cudnn, "mosaic_dkv": mosaic_dkv,
-          "mosaic_fused": mosaic_fused}
+          "triton_dkv": triton_dkv, "mosaic_fused": mosaic_fused}
 
 
 def _grad(fn):
@@ -362,22 +366,25 @@ def tables():
             f"{fmt(r.get('xla_GBps'), 0)} | {fmt(r.get('xla_bw_frac'))} | {sp} |")
 
 
+# Rows 0-4 tune the Triton dk/dv kernel, so they name it (the default picks Mosaic's on sm_90).
 TUNE = [  # forward 128 rows, 2 stages: the default until session 6
-    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=1, num_stages=2),
+    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=1, num_stages=2, dkv="triton"),
     # ncu (NOTES_attention.md): the dk/dv kernel's SMs were idle ~40% of its time; by the tile
     # plan its heaviest program (an early clean key tile, 6 heads x 64 query tiles) outlasts a
     # fair share of the GPU (inferred); splitting the group's heads over programs shortens it.
-    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=2, num_stages=2),
-    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=3, num_stages=2),
+    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=2, num_stages=2, dkv="triton"),
+    flash.Tiles(128, 64, 64, 64, 64, 64, dkv_head_split=3, num_stages=2, dkv="triton"),
     # best of run 3:
-    flash.Tiles(128, 64, 64, 64, 128, 64, num_warps_dkv=8, dkv_head_split=1, num_stages=2),
-    flash.Tiles(128, 64, 64, 64, 128, 64, num_warps_dkv=8, dkv_head_split=2, num_stages=2),
-    flash.Tiles(),  # session 6's default: forward 64 rows, 3 stages
+    flash.Tiles(128, 64, 64, 64, 128, 64, num_warps_dkv=8, dkv_head_split=1, num_stages=2,
+                dkv="triton"),
+    flash.Tiles(128, 64, 64, 64, 128, 64, num_warps_dkv=8, dkv_head_split=2, num_stages=2,
+                dkv="triton"),
+    flash.Tiles(),  # the default: session 6's tiles; since session 12 dkv='auto'
 ]
 # A wider sweep of the training kernels' tiles, warps and pipeline depths (`--sections sweep`):
 # each against the defaults of session 5 (`_T`) on the 1.5B 2L case, the first four also on the
 # 7B 3L case. Its `block_q=64, num_stages=3` row is the default since session 6.
-_T = flash.Tiles(block_q=128, num_stages=2)
+_T = flash.Tiles(block_q=128, num_stages=2, dkv="triton")
 SWEEP = [
     _T, dataclasses.replace(_T, num_warps=8),
     dataclasses.replace(_T, num_warps=8, num_stages=3),
@@ -392,7 +399,7 @@ SWEEP = [
 # 64x64 dq and dk/dv tiles, 2 stages, dk/dv heads split in two), `--sections sweep8`, on the
 # 1.5B 2L and 7B 3L cases at L=2048. Deeper pipelines for every kernel, and for the dk/dv kernel
 # the shape of Triton's own fused-attention tutorial (32 query rows against 128 keys).
-_D = flash.Tiles()
+_D = flash.Tiles(dkv="triton")  # the Triton kernels' knobs
 SWEEP_S8 = [
     _D, dataclasses.replace(_D, num_stages=4), dataclasses.replace(_D, num_stages=2),
     dataclasses.replace(_D, block_k=32, num_stages=4),
@@ -424,8 +431,9 @@ def main():
   ap.add_argument("--lean-check", type=int, default=4, help="check cases of each kind to run")
   ap.add_argument("--tables-from", help="print the tables of an earlier run's JSON and exit")
   ap.add_argument("--impls", default="pallas,triton,xla,cudnn",
-                  help="training-attention implementations to time (also: mosaic_dkv, the "
-                       "default with Tiles(dkv='mosaic'); mosaic_fused, with fuse_dq too)")
+                  help="training-attention implementations to time (also: mosaic_dkv / "
+                       "triton_dkv, the default with Tiles(dkv='mosaic' / 'triton'); "
+                       "mosaic_fused, Tiles(dkv='mosaic', fuse_dq=True))")
   args = ap.parse_args()
   if args.tables_from:
     with open(args.tables_from) as f:

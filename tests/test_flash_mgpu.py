@@ -139,8 +139,8 @@ def test_mosaic_forward_refuses_what_it_cannot_run():
                                  masks.MaskSpec("diffusion", 32, 1), MOSAIC, interpret=True)
   with pytest.raises(ValueError, match="Tiles.forward='cuda'"):
     flash.Tiles(forward="cuda")
-  with pytest.raises(ValueError, match="Tiles.dkv='auto'"):
-    flash.Tiles(dkv="auto")
+  with pytest.raises(ValueError, match="Tiles.dkv='cuda'"):
+    flash.Tiles(dkv="cuda")
   # Outside the interpreter, off an sm_90 GPU (this CPU): a clear refusal, not a compile error.
   ok_spec = masks.MaskSpec("diffusion", 32, 1)
   ok_meta = masks.layout_meta(ok_spec, jnp.zeros((1, 48), jnp.int32))
@@ -156,9 +156,14 @@ def test_mosaic_forward_refuses_what_it_cannot_run():
     flash.block_sparse_attention(q, q, q, ok_meta.segments, ok_spec, FUSED, interpret=True)
 
 
-def test_auto_forward_is_triton_off_hopper():
-  # On this CPU machine (and in interpret mode anywhere) "auto" keeps the Triton forward.
+def test_auto_kernels_are_triton_off_hopper():
+  # On this CPU machine (and in interpret mode anywhere) "auto" keeps the Triton kernels.
   spec = masks.MaskSpec("diffusion", 32, 1)
-  q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
-  assert flash._forward_kernel("auto", spec, q, interpret=True) == "triton"
-  assert flash._forward_kernel("mosaic", spec, q, interpret=True) == "mosaic"
+  for d in (64, 128):
+    q = jnp.zeros((1, 64, 2, d), jnp.bfloat16)
+    for field in ("forward", "dkv"):
+      assert flash._kernel_choice(field, "auto", spec, q, interpret=True) == "triton"
+      assert flash._kernel_choice(field, "auto", spec, q, interpret=False) == "triton"
+      assert flash._kernel_choice(field, "mosaic", spec, q, interpret=True) == "mosaic"
+      assert flash._kernel_choice(field, "triton", spec, q, interpret=True) == "triton"
+  assert flash.Tiles().dkv == "auto" and flash.Tiles().forward == "auto"

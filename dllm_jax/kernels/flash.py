@@ -13,9 +13,9 @@ Grouped-query attention: the forward and dq kernels run per query head and read 
 place, so repeated K/V are never materialised; the dk/dv kernel runs per KV head and loops over
 the heads of its group, split over `Tiles.dkv_head_split` programs whose float32 dK/dV partials
 (one per program, [split, B, T, K, D]; never one per query head unless split equals the group)
-are summed afterwards. `flash_mgpu` holds Mosaic GPU (Hopper) versions of the forward (the
-default there) and of the dk/dv kernel (`Tiles.dkv="mosaic"`, which can also accumulate dQ:
-`Tiles.fuse_dq`), on the same plans.
+are summed afterwards. `flash_mgpu` holds Mosaic GPU (Hopper) versions of the forward and of
+the dk/dv kernel (both the default there, `Tiles.forward` / `Tiles.dkv`; the dk/dv kernel can
+also accumulate dQ: `Tiles.fuse_dq`), on the same plans.
 
 Softmax runs in base 2 (scores pre-multiplied by log2 e) with float32 statistics and
 accumulators; the saved log-sum-exp is in that base too.
@@ -75,20 +75,20 @@ class Tiles:
   # Triton forward on the H200, BENCHMARKS.md session 9), "triton" (below), or "auto": mosaic on
   # an sm_90 GPU for the problems it covers, else triton. The backward is Triton's unless `dkv`.
   forward: str = "auto"
-  # Which dk/dv kernel runs: "triton" (below) or "mosaic" (`flash_mgpu.dkv`, the forward's
-  # warp-specialised schedule transposed, one query head per CTA; sm_90 only). On the H200 the
-  # Mosaic kernel is exact but no faster overall (L=2048, fwd+bwd GPU time -1.6% for the 1.5B
-  # heads' 2L layout, +2.0 to +6.2% for the others: BENCHMARKS.md, session 10), so Triton's
-  # stays the default; `dkv_head_split` applies to the Triton kernel only.
-  dkv: str = "triton"
+  # Which dk/dv kernel runs: "triton" (below), "mosaic" (`flash_mgpu.dkv`, TMA + wgmma, one
+  # query head per CTA; sm_90 only), or "auto", as `forward`. Since session 12 (its warpgroups
+  # no longer take turns on the tensor cores) the Mosaic kernel is the faster one on the H200
+  # (BENCHMARKS.md, session 12). `dkv_head_split` applies to the Triton kernel only.
+  dkv: str = "auto"
   # With dkv="mosaic" and head_dim 128: the dk/dv kernel also accumulates dQ (FlashAttention-3's
-  # TMA reduce-adds into float32) and no dq kernel runs. Exact, but on the H200 its kernel takes
-  # 1.0-1.12x the two it replaces, and zeroing and converting the float32 dQ adds ~5% (fwd+bwd
-  # at 0.84-0.95x the default's speed: BENCHMARKS.md, session 11).
+  # TMA reduce-adds into float32) and no dq kernel runs. Exact; on the H200 its fwd+bwd GPU time
+  # equals the default's for the 1.5B heads' 2L layout (1114 vs 1120 us) and is 1.18x it for the
+  # 7B's, where zeroing and converting the float32 dQ weigh more (BENCHMARKS.md, session 12).
   fuse_dq: bool = False
 
   def __post_init__(self):
-    for name, options in (("forward", ("auto", "triton", "mosaic")), ("dkv", ("triton", "mosaic"))):
+    for name in ("forward", "dkv"):
+      options = ("auto", "triton", "mosaic")
       if getattr(self, name) not in options:
         raise ValueError(f"Tiles.{name}={getattr(self, name)!r}: expected one of {options}")
     for f in dataclasses.fields(self):
@@ -548,18 +548,22 @@ def _require_mosaic(field: str, spec: masks.MaskSpec, q, interpret: bool, instea
     raise ValueError(f"Tiles.{field}='mosaic' cannot run this problem: {why}; use {instead}")
 
 
-def _forward_kernel(choice: str, spec: masks.MaskSpec, q, interpret: bool) -> str:
-  """`Tiles.forward` resolved for this problem: "auto" picks the Mosaic GPU kernel on sm_90 when
-  it covers the problem; an explicit "mosaic" it cannot run is an error, not a fallback."""
+def _kernel_choice(field: str, choice: str, spec: masks.MaskSpec, q, interpret: bool) -> str:
+  """`Tiles.<field>` ("forward" or "dkv") resolved for this problem: "auto" picks the Mosaic
+  GPU kernel on sm_90 when it covers the problem; an explicit "mosaic" it cannot run is an
+  error, not a fallback."""
   if choice == "triton":
     return choice
   if choice == "mosaic":
-    _require_mosaic("forward", spec, q, interpret, "forward='triton' or 'auto'")
+    _require_mosaic(field, spec, q, interpret, f"{field}='triton' or 'auto'")
     return choice
   from dllm_jax.kernels import flash_mgpu
 
   why = flash_mgpu.unsupported(spec, q.shape[-1], q.dtype)
-  return "mosaic" if why is None and not interpret and flash_mgpu.on_hopper() else "triton"
+  # The Mosaic dk/dv kernel has been timed at head_dim 128 only (the benchmark's shapes).
+  measured = field == "forward" or q.shape[-1] == 128
+  ok = why is None and measured and not interpret and flash_mgpu.on_hopper()
+  return "mosaic" if ok else "triton"
 
 
 def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.MaskSpec,
@@ -575,12 +579,11 @@ def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.Mask
     raise ValueError(f"sequence length {t} is not a multiple of the layout's "
                      f"{spec.num_streams} streams (spec={spec})")
   length = t // spec.num_streams
-  tiles = dataclasses.replace(tiles, forward=_forward_kernel(tiles.forward, spec, q_BTHD,
-                                                             interpret))
+  tiles = dataclasses.replace(
+      tiles, **{f: _kernel_choice(f, getattr(tiles, f), spec, q_BTHD, interpret)
+                for f in ("forward", "dkv")})
   lcm = max(tiles.block_q, tiles.block_k, tiles.block_q_dq, tiles.block_k_dq,
             tiles.block_q_dkv, tiles.block_k_dkv)  # all powers of two: the max is their lcm
-  if tiles.dkv == "mosaic":
-    _require_mosaic("dkv", spec, q_BTHD, interpret, "dkv='triton'")
   if tiles.fuse_dq and d != 128:
     raise ValueError(f"Tiles.fuse_dq=True needs head_dim 128 (dQ's columns are split between "
                      f"two warpgroups in 64-column tiles), got {d}; use fuse_dq=False")

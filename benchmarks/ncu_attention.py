@@ -32,6 +32,8 @@ def main():
   ap.add_argument("--num-warps-dkv", type=int, default=0, help="flash.Tiles.num_warps_dkv")
   ap.add_argument("--dkv-head-split", type=int, default=flash.Tiles().dkv_head_split,
                   help="flash.Tiles.dkv_head_split (1: the unsplit kernel of the ncu table)")
+  ap.add_argument("--dkv", default="triton", choices=["triton", "mosaic", "auto"],
+                  help="flash.Tiles.dkv (triton: the kernel the two knobs above tune)")
   args = ap.parse_args()
   h, kh, d = SHAPES["qwen2.5-1.5b"]
   ks = jax.random.split(jax.random.key(0), 4)
@@ -44,7 +46,8 @@ def main():
     k = jax.random.normal(ks[1], (b, t, kh, d), jnp.bfloat16)
     v = jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16)
     ct = jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16)
-    tiles = flash.Tiles(num_warps_dkv=args.num_warps_dkv, dkv_head_split=args.dkv_head_split)
+    tiles = flash.Tiles(num_warps_dkv=args.num_warps_dkv, dkv_head_split=args.dkv_head_split,
+                        dkv=args.dkv)
     attn = lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles)
     fn = jax.jit(jax.grad(lambda q, k, v: (attn(q, k, v) * ct).astype(jnp.float32).sum(),
                           (0, 1, 2)))

@@ -358,15 +358,6 @@ BLOCK_KV = 64  # keys per consumer warpgroup in the dk/dv kernel (wgmma's M); a 
 BLOCK_QI = 64  # query rows of one streamed tile in the dk/dv kernel (wgmma's K: 64 at least)
 
 
-def _when(cond, f):
-  """f() under `cond`: a Python bool decided now, or a traced one (pl.when)."""
-  if isinstance(cond, (bool, np.bool_)):
-    if cond:
-      f()
-  else:
-    pl.when(cond)(f)
-
-
 def _zeroed(shape):
   """A zeroed float32 global-memory Ref for a kernel's reduce-adds. Passed to `pl.kernel` it is
   aliased in and out (`plgpu.kernel` takes no Refs, nor input_output_aliases in jax 0.10)."""

@@ -197,7 +197,7 @@ def _train_fns(spec, meta, tiles):
 
   def triton(q, k, v):  # every kernel through Pallas' Triton lowering
     return flash.block_sparse_attention(q, k, v, meta.segments, spec,
-                                        dataclasses.replace(tiles, forward="triton"))
+                                        dataclasses.replace(tiles, forward="triton", dkv="triton"))
 
   def xla(q, k, v):
     return attention.xla_attention(q, k, v, mask_fn())

@@ -169,3 +169,18 @@ def test_auto_kernels_are_triton_off_hopper():
       assert flash._kernel_choice(field, "mosaic", spec, q, interpret=True) == "mosaic"
       assert flash._kernel_choice(field, "triton", spec, q, interpret=True) == "triton"
   assert flash.Tiles().dkv == "auto" and flash.Tiles().forward == "auto"
+
+
+def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
+  # As if on an sm_90 GPU: the forward wherever it covers the problem; the dk/dv kernel only
+  # where it was run on one (diffusion layouts, head_dim 128).
+  monkeypatch.setattr(flash_mgpu, "on_hopper", lambda: True)
+  diffusion, causal = masks.MaskSpec("diffusion", 32, 1), masks.MaskSpec("causal")
+  q64, q128 = (jnp.zeros((1, 64, 2, d), jnp.bfloat16) for d in (64, 128))
+  choice = lambda field, spec, q: flash._kernel_choice(field, "auto", spec, q, interpret=False)
+  assert choice("dkv", diffusion, q128) == "mosaic"
+  assert choice("dkv", diffusion, q64) == "triton"
+  assert choice("dkv", causal, q128) == "triton"
+  assert choice("forward", diffusion, q64) == "mosaic"
+  assert choice("forward", causal, q128) == "mosaic"
+  assert choice("dkv", masks.MaskSpec("diffusion", 24, 1), q128) == "triton"  # not covered

@@ -12,7 +12,7 @@ Which kernel runs is decided by the caller's static `contract`, never guessed fr
 Anything else, or a shape a kernel does not cover, falls back to the XLA reference with a
 one-time log line naming the reason. Kernels lower through Pallas' Triton backend (GPU), except
 the training forward and dk/dv kernels on an sm_90 GPU, which are Mosaic GPU's (`flash_mgpu`,
-`Tiles.forward`, `Tiles.dkv`; the dk/dv kernel at head_dim 128 only); on
+`Tiles.forward`, `Tiles.dkv`; the dk/dv kernel for the diffusion layouts at head_dim 128); on
 a TPU the XLA path runs (these kernels use GPU-only features: dynamic loop bounds and gathers of
 tiles by a host-computed index list).
 

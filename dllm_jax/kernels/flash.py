@@ -76,14 +76,16 @@ class Tiles:
   # an sm_90 GPU for the problems it covers, else triton. The backward is Triton's unless `dkv`.
   forward: str = "auto"
   # Which dk/dv kernel runs: "triton" (below), "mosaic" (`flash_mgpu.dkv`, TMA + wgmma, one
-  # query head per CTA; sm_90 only), or "auto", as `forward`. Since session 12 (its warpgroups
-  # no longer take turns on the tensor cores) the Mosaic kernel is the faster one on the H200
-  # (BENCHMARKS.md, session 12). `dkv_head_split` applies to the Triton kernel only.
+  # query head per CTA; sm_90 only), or "auto": as `forward`, but only where the Mosaic kernel
+  # was timed (diffusion layouts, head_dim 128). Since session 12 (its warpgroups no longer take
+  # turns on the tensor cores) it makes fwd+bwd 1.02-1.05x faster there on the H200, 0.98x for
+  # the 7B heads' 3L layout (BENCHMARKS.md, session 12). `dkv_head_split`: Triton's only.
   dkv: str = "auto"
   # With dkv="mosaic" and head_dim 128: the dk/dv kernel also accumulates dQ (FlashAttention-3's
   # TMA reduce-adds into float32) and no dq kernel runs. Exact; on the H200 its fwd+bwd GPU time
   # equals the default's for the 1.5B heads' 2L layout (1114 vs 1120 us) and is 1.18x it for the
-  # 7B's, where zeroing and converting the float32 dQ weigh more (BENCHMARKS.md, session 12).
+  # 7B's, where the fused kernel itself takes 1.17x the two it replaces (BENCHMARKS.md, session
+  # 12).
   fuse_dq: bool = False
 
   def __post_init__(self):
@@ -560,8 +562,9 @@ def _kernel_choice(field: str, choice: str, spec: masks.MaskSpec, q, interpret: 
   from dllm_jax.kernels import flash_mgpu
 
   why = flash_mgpu.unsupported(spec, q.shape[-1], q.dtype)
-  # The Mosaic dk/dv kernel has been timed at head_dim 128 only (the benchmark's shapes).
-  measured = field == "forward" or q.shape[-1] == 128
+  # The Mosaic dk/dv kernel has been run on a GPU for the diffusion layouts at head_dim 128
+  # only (the benchmark's cases); the causal mask (AR-SFT) keeps Triton's until it is too.
+  measured = field == "forward" or (q.shape[-1] == 128 and spec.kind == "diffusion")
   ok = why is None and measured and not interpret and flash_mgpu.on_hopper()
   return "mosaic" if ok else "triton"
 

@@ -15,9 +15,9 @@ flattened per (batch row, outer tile) into one list of key tiles, full ones firs
 consumers apply the layout mask and the segment comparison on the partial tiles only. An outer
 tile whose visits are not all inside one segment counts every visit as partial.
 
-`dkv` is the forward's schedule transposed (128 keys a CTA, the query tiles streamed; see its
-docstring); the dq kernel stays `flash`'s Triton one unless `dkv` accumulates dQ itself
-(`fuse_dq`: FlashAttention-3's TMA reduce-adds).
+`dkv` is the forward's tiling transposed, without its turns (128 keys a CTA, the query tiles
+streamed; see its docstring); the dq kernel stays `flash`'s Triton one unless `dkv` accumulates
+dQ itself (`fuse_dq`: FlashAttention-3's TMA reduce-adds).
 
 Two bodies, one schedule of copies and barriers: on the GPU, P stays in registers and PV
 accumulates in place (`run_state`); in interpret mode (CPU tests) jax 0.10.2's Mosaic GPU
@@ -366,7 +366,7 @@ def _zeroed(shape):
 
 def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpret: bool = False,
         fuse_dq: bool = False):
-  """(dq, dk, dv) of `flash._backward`'s problem, the forward's schedule transposed; dq is None
+  """(dq, dk, dv) of `flash._backward`'s problem, the forward's tiling transposed; dq is None
   unless `fuse_dq`.
 
   One CTA holds 128 keys of one KV head (two consumer warpgroups of 64, K and V resident in
@@ -374,7 +374,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   Q, dO, lse and delta per visit. A visit is S^T = K Q^T and dP^T = V dO^T issued together, P^T
   and dS^T in registers, then dV += P^T dO and dK += dS^T Q issued together. Unlike the forward,
   the two warpgroups do not take turns on the tensor cores: with the forward's schedule barrier
-  this kernel ran 1.04-1.16x slower on the H200 (BENCHMARKS.md, session 12). Key tiles start
+  this kernel ran 1.12-1.16x slower on the H200 unfused, 1.00-1.12x fused (BENCHMARKS.md,
+  session 12). Key tiles start
   heaviest first: the plan's rows are reordered (each carries its tile's index) along the
   slowest grid axis.
 
@@ -432,7 +433,6 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     kvh = lax.div(head, jnp.int32(group))
     wg = lax.axis_index("wg")
     query_rows = lambda i: pl.ds(pl.multiple_of(plan_s[i] * bq, bq), bq)
-
 
     @pl.when(wg == 2)
     def _producer():
@@ -600,9 +600,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
           # Visit i - 1's dQ columns, after dV and dK: issued with them (its accumulator beside
-          # theirs and the register operands) it spilled more and ran 1.03-1.05x slower
-          # (session 12). Unconditional: at i == 0 the slot holds nothing yet and the product
-          # is dropped, so the wgmma needs no branch.
+          # theirs and the register operands) it spilled more and ran 1.03x slower on the 1.5B
+          # heads, 0.99x on the 7B's (session 12, without turns). Unconditional: at i == 0 the
+          # slot holds nothing yet and the product is dropped, so the wgmma needs no branch.
           x = dq_columns(prev)
 
           @pl.when(i >= 1)

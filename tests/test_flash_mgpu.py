@@ -72,7 +72,8 @@ FUSED = flash.Tiles(forward="triton", dkv="mosaic", fuse_dq=True)
     # Packed samples with GQA 2 (the segment comparison, per-head partials) and 3L with GQA 3.
     (*CASES[0], flash.Tiles(forward="triton", dkv="mosaic")),
     (*CASES[1], flash.Tiles(forward="triton", dkv="mosaic")),
-    # The AR objective's causal mask at head_dim 128: what dkv="auto" picks on an sm_90 GPU.
+    # The AR objective's causal mask at head_dim 128 (dkv="auto" keeps Triton's there until this
+    # has run on a GPU too).
     (*CASES[2], flash.Tiles(forward="triton", dkv="mosaic")),
     # dQ fused into the dk/dv kernel (head_dim 128 only): packed GQA 2, and 3L with GQA 3.
     (masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]], FUSED),

@@ -192,12 +192,9 @@ def ceilings():
 def _train_fns(spec, meta, tiles):
   mask_fn = lambda: masks.dense_mask(spec, meta, meta)
 
-  def ours(q, k, v):
-    return flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles)
-
-  def triton(q, k, v):  # every kernel through Pallas' Triton lowering
-    return flash.block_sparse_attention(q, k, v, meta.segments, spec,
-                                        dataclasses.replace(tiles, forward="triton", dkv="triton"))
+  def ours(**changes):  # our kernels, with `tiles` changed by `changes`
+    chosen = dataclasses.replace(tiles, **changes)
+    return lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, chosen)
 
   def xla(q, k, v):
     return attention.xla_attention(q, k, v, mask_fn())
@@ -206,20 +203,13 @@ def _train_fns(spec, meta, tiles):
     return jax.nn.dot_product_attention(q, k, v, mask=mask_fn()[:, None],
                                         implementation="cudnn")
 
-  def mosaic_dkv(q, k, v):  # the Mosaic GPU dk/dv kernel named (the default's choice on sm_90)
-    return flash.block_sparse_attention(q, k, v, meta.segments, spec,
-                                        dataclasses.replace(tiles, dkv="mosaic"))
-
-  def triton_dkv(q, k, v):  # the Triton dk/dv kernel (the default's choice before session 12)
-    return flash.block_sparse_attention(q, k, v, meta.segments, spec,
-                                        dataclasses.replace(tiles, dkv="triton"))
-
-  def mosaic_fused(q, k, v):  # the Mosaic GPU dk/dv kernel accumulating dQ too (no dq kernel)
-    return flash.block_sparse_attention(q, k, v, meta.segments, spec,
-                                        dataclasses.replace(tiles, dkv="mosaic", fuse_dq=True))
-
-  return {"pallas": ours, "triton": triton, "xla": xla, "cudnn": cudnn, "mosaic_dkv": mosaic_dkv,
-          "triton_dkv": triton_dkv, "mosaic_fused": mosaic_fused}
+  return {"pallas": ours(), "xla": xla, "cudnn": cudnn,
+          "triton": ours(forward="triton", dkv="triton"),  # every kernel through Pallas' Triton
+          # the dk/dv kernel named: Mosaic's (the default's choice on sm_90 for the diffusion
+          # layouts at head_dim 128) or Triton's (the default's choice before session 12)
+          "mosaic_dkv": ours(dkv="mosaic"), "triton_dkv": ours(dkv="triton"),
+          # the Mosaic GPU dk/dv kernel accumulating dQ too (no dq kernel)
+          "mosaic_fused": ours(dkv="mosaic", fuse_dq=True)}
 
 
 def _grad(fn):

@@ -89,8 +89,8 @@ class Tiles:
   fuse_dq: bool = False
 
   def __post_init__(self):
+    options = ("auto", "triton", "mosaic")
     for name in ("forward", "dkv"):
-      options = ("auto", "triton", "mosaic")
       if getattr(self, name) not in options:
         raise ValueError(f"Tiles.{name}={getattr(self, name)!r}: expected one of {options}")
     for f in dataclasses.fields(self):
@@ -587,11 +587,12 @@ def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.Mask
                 for f in ("forward", "dkv")})
   lcm = max(tiles.block_q, tiles.block_k, tiles.block_q_dq, tiles.block_k_dq,
             tiles.block_q_dkv, tiles.block_k_dkv)  # all powers of two: the max is their lcm
-  if tiles.fuse_dq and d != 128:
-    raise ValueError(f"Tiles.fuse_dq=True needs head_dim 128 (dQ's columns are split between "
-                     f"two warpgroups in 64-column tiles), got {d}; use fuse_dq=False")
   if tiles.forward == "mosaic" or tiles.dkv == "mosaic":
     from dllm_jax.kernels import flash_mgpu
+
+    why = flash_mgpu.fuse_dq_unsupported(d) if tiles.fuse_dq else None
+    if why is not None:
+      raise ValueError(f"Tiles.fuse_dq=True {why}; use fuse_dq=False")
 
     lcm = max(lcm, flash_mgpu.OUTER, flash_mgpu.BLOCK_K, 2 * flash_mgpu.BLOCK_KV,
               flash_mgpu.BLOCK_QI)

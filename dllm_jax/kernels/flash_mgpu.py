@@ -358,6 +358,14 @@ BLOCK_KV = 64  # keys per consumer warpgroup in the dk/dv kernel (wgmma's M); a 
 BLOCK_QI = 64  # query rows of one streamed tile in the dk/dv kernel (wgmma's K: 64 at least)
 
 
+def fuse_dq_unsupported(head_dim: int) -> str | None:
+  """Why `dkv(fuse_dq=True)` cannot run this head_dim (None when it can)."""
+  if head_dim != 128:
+    return (f"needs head_dim 128 (dQ's columns are split between two warpgroups in 64-column "
+            f"tiles), got {head_dim}")
+  return None
+
+
 def _zeroed(shape):
   """A zeroed float32 global-memory Ref for a kernel's reduce-adds. Passed to `pl.kernel` it is
   aliased in and out (`plgpu.kernel` takes no Refs, nor input_output_aliases in jax 0.10)."""
@@ -375,9 +383,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   and dS^T in registers, then dV += P^T dO and dK += dS^T Q issued together. Unlike the forward,
   the two warpgroups do not take turns on the tensor cores: with the forward's schedule barrier
   this kernel ran 1.12-1.16x slower on the H200 unfused, 1.00-1.12x fused (BENCHMARKS.md,
-  session 12). Key tiles start
-  heaviest first: the plan's rows are reordered (each carries its tile's index) along the
-  slowest grid axis.
+  session 12). Key tiles start heaviest first: the plan's rows are reordered (each carries its
+  tile's index) along the slowest grid axis.
 
   One query head per CTA: a CTA is a whole SM here, and its work per key tile varies ~60x, so
   the smallest CTAs balance best (BENCHMARKS.md, session 10). With GQA each CTA writes its query
@@ -400,9 +407,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   bk, bq = BLOCK_KV, BLOCK_QI
   outer = 2 * bk
   half = d // 2
-  if fuse_dq and d != 128:
-    raise ValueError(f"fuse_dq splits dQ's columns between two warpgroups in 64-column tiles: "
-                     f"head_dim 128 only, got {d}; use fuse_dq=False")
+  why = fuse_dq_unsupported(d) if fuse_dq else None
+  if why is not None:
+    raise ValueError(f"fuse_dq=True {why}; use fuse_dq=False")
   if tp % outer:
     raise ValueError(f"padded length {tp} is not a multiple of {outer}")
   n_outer = tp // outer

@@ -106,6 +106,16 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
     assert rel(g, w) < 1e-2, f"d{name}"
 
 
+@pytest.mark.parametrize("tiles", [FUSED, flash.Tiles(forward="triton", dkv="mosaic")])
+def test_mosaic_dkv_launch_order_covers_every_cta(monkeypatch, tiles):
+  # Two batch rows, two heads and two key tiles: every CTA's (key tile, batch row, head) comes
+  # from its place in the launch order. Fused, groups of 2 pairs (two groups; on the GPU 16);
+  # unfused, one group of all 4.
+  monkeypatch.setattr(flash_mgpu, "FUSED_GROUP", 2)
+  test_mosaic_dkv_gradients_equal_the_reference(
+      masks.MaskSpec("diffusion", 32, 1), 100, 2, 2, 1, 128, [[32, 64], []], tiles)
+
+
 def test_visit_list_flattens_the_narrowed_runs_full_tiles_first():
   spec = masks.MaskSpec("diffusion", 32, 1)
   length = 512

@@ -82,10 +82,11 @@ class Tiles:
   # the 7B heads' 3L layout (BENCHMARKS.md, session 12). `dkv_head_split`: Triton's only.
   dkv: str = "auto"
   # With dkv="mosaic" and head_dim 128: the dk/dv kernel also accumulates dQ (FlashAttention-3's
-  # TMA reduce-adds into float32) and no dq kernel runs. Exact; on the H200 its fwd+bwd GPU time
-  # equals the default's for the 1.5B heads' 2L layout (1114 vs 1120 us) and is 1.18x it for the
-  # 7B's, where the fused kernel itself takes 1.17x the two it replaces (BENCHMARKS.md, session
-  # 12).
+  # TMA reduce-adds into float32) and no dq kernel runs. Exact; on the H200, since its CTAs are
+  # launched in groups of 16 heads (`flash_mgpu.FUSED_GROUP`), its fwd+bwd is level with the
+  # default's: 0.98-1.00x the time at L=2048 (wall, one run), GPU time 1123 vs 1123 us (1.5B 2L)
+  # and 2470 vs 2483 (7B 2L; BENCHMARKS.md, session 13). Opt-in: no faster beyond the spread,
+  # and it holds a float32 dQ ([B, T, H, D]) through the backward.
   fuse_dq: bool = False
 
   def __post_init__(self):

@@ -356,6 +356,14 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
 
 BLOCK_KV = 64  # keys per consumer warpgroup in the dk/dv kernel (wgmma's M); a CTA takes 2x
 BLOCK_QI = 64  # query rows of one streamed tile in the dk/dv kernel (wgmma's K: 64 at least)
+# The fused dk/dv kernel's CTAs are launched in groups of at most this many (batch row, query
+# head) pairs, each group's key tiles heaviest first: the CTAs running at once then reduce-add
+# into the float32 dQ rows of 16 pairs (32 MB at T=4096), which fit the H200's L2, instead of
+# every pair's. Against one group of all (the unfused kernel's order, which balances its tail
+# best) the 7B heads' fused kernel ran 2019 -> 1585 us (2L) and 3255 -> 2600 (3L), the 1.5B
+# heads' 700 -> 709 (2L); groups of 4 and 8 were slower than 16 for both shapes, and 24 / 28
+# (the largest divisors up to 28) 689 / 1592 us (BENCHMARKS.md, session 13).
+FUSED_GROUP = 16
 
 
 def fuse_dq_unsupported(head_dim: int) -> str | None:
@@ -384,11 +392,13 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   the two warpgroups do not take turns on the tensor cores: with the forward's schedule barrier
   this kernel ran 1.12-1.16x slower on the H200 unfused, 1.00-1.12x fused (BENCHMARKS.md,
   session 12). Key tiles start heaviest first: the plan's rows are reordered (each carries its
-  tile's index) along the slowest grid axis.
+  tile's index).
 
   One query head per CTA: a CTA is a whole SM here, and its work per key tile varies ~60x, so
   the smallest CTAs balance best (BENCHMARKS.md, session 10). With GQA each CTA writes its query
-  head's bf16 partial ([group, B, Tp, K, D]), summed here in float32.
+  head's bf16 partial ([group, B, Tp, K, D]), summed here in float32. The grid is one axis of
+  CTAs in launch order: groups of (batch row, head) pairs, in each the key tiles heaviest first,
+  then the group's pairs; unfused, one group holds every pair; fused, `FUSED_GROUP` (see there).
 
   `fuse_dq` (FlashAttention-3's backward; head_dim 128): each warpgroup also stores its dS^T
   tile to shared memory, and after the next visit's dV and dK products computes one half of the
@@ -431,12 +441,20 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
   iota = functools.partial(_iota, (bk, bq), interpret=interpret)
   load = functools.partial(_load, interpret=interpret)
+  # (batch row, head) pairs a launch group holds: a divisor of b * h, so groups are whole
+  pairs = b * h if not fuse_dq else max(
+      c for c in range(1, min(FUSED_GROUP, b * h) + 1) if (b * h) % c == 0)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, plan_ref, qt_ref, dot_ref,
              dq_ref, dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s, dq_s,
              lse_s, delta_s, segk_s, segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar, do_bar,
              qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, ds_ready, ds_free):
-    head, bi, j = lax.axis_index("heads"), lax.axis_index("batch"), lax.axis_index("kv")
+    # This CTA's place in the launch order -> (key tile j, batch row bi, query head).
+    cta, span = lax.axis_index("cta"), jnp.int32(n_outer * pairs)
+    within = lax.rem(cta, span)  # place inside its group: key tile major, pair minor
+    j = lax.div(within, jnp.int32(pairs))
+    bh = lax.div(cta, span) * pairs + lax.rem(within, jnp.int32(pairs))
+    bi, head = lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h))
     kvh = lax.div(head, jnp.int32(group))
     wg = lax.axis_index("wg")
     query_rows = lambda i: pl.ds(pl.multiple_of(plan_s[i] * bq, bq), bq)
@@ -699,9 +717,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   dk, dv = pl.kernel(
       body,
       out_type=[out_shape, out_shape],
-      # Mosaic GPU launches the last grid axis fastest: the key tiles, heaviest first, are the
-      # slowest axis, so every head's and batch row's heaviest CTAs start in the first wave.
-      mesh=plgpu.Mesh(grid=(n_outer, h, b), grid_names=("kv", "heads", "batch"), num_threads=3,
+      # one axis, launched in order (see the docstring and `FUSED_GROUP`)
+      mesh=plgpu.Mesh(grid=(n_outer * b * h,), grid_names=("cta",), num_threads=3,
                       thread_name="wg"),
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params() if interpret else False,

@@ -116,6 +116,23 @@ def test_mosaic_dkv_launch_order_covers_every_cta(monkeypatch, tiles):
       masks.MaskSpec("diffusion", 32, 1), 100, 2, 2, 1, 128, [[32, 64], []], tiles)
 
 
+@pytest.mark.parametrize("n_outer,b,h,pairs", [(3, 2, 6, 4), (2, 4, 12, 16), (5, 1, 7, 7),
+                                              (4, 3, 2, 6), (1, 2, 3, 1)])
+def test_launch_place_visits_each_cta_once_in_groups_heaviest_first(n_outer, b, h, pairs):
+  j, bi, head = (np.asarray(x) for x in flash_mgpu.launch_place(
+      jnp.arange(n_outer * b * h, dtype=jnp.int32), n_outer, pairs, h))
+  places = set(zip(j.tolist(), bi.tolist(), head.tolist()))
+  assert len(places) == n_outer * b * h
+  assert places == {(a, c, e) for a in range(n_outer) for c in range(b) for e in range(h)}
+  # One group's CTAs come together: key tile major (its heaviest first), then the group's pairs.
+  span = n_outer * pairs
+  pair = bi * h + head
+  for g in range(b * h // pairs):
+    sl = slice(g * span, (g + 1) * span)
+    assert set(pair[sl].tolist()) == set(range(g * pairs, (g + 1) * pairs))
+    assert (j[sl] == np.repeat(np.arange(n_outer), pairs)).all()
+
+
 def test_visit_list_flattens_the_narrowed_runs_full_tiles_first():
   spec = masks.MaskSpec("diffusion", 32, 1)
   length = 512

@@ -83,10 +83,10 @@ class Tiles:
   dkv: str = "auto"
   # With dkv="mosaic" and head_dim 128: the dk/dv kernel also accumulates dQ (FlashAttention-3's
   # TMA reduce-adds into float32) and no dq kernel runs. Exact; on the H200, since its CTAs are
-  # launched in groups of 16 heads (`flash_mgpu.FUSED_GROUP`), its fwd+bwd is level with the
-  # default's: 0.98-1.00x the time at L=2048 (wall, one run), GPU time 1123 vs 1123 us (1.5B 2L)
-  # and 2470 vs 2483 (7B 2L; BENCHMARKS.md, session 13). Opt-in: no faster beyond the spread,
-  # and it holds a float32 dQ ([B, T, H, D]) through the backward.
+  # launched in groups of 16 (batch row, head) pairs (`flash_mgpu.FUSED_GROUP`), its fwd+bwd is
+  # level with the default's: 0.98-1.00x the time at L=2048 (wall, one run), GPU time 1123 vs
+  # 1123 us (1.5B 2L) and 2470 vs 2483 (7B 2L; BENCHMARKS.md, session 13). Opt-in: not faster in
+  # one run, and it holds a float32 dQ ([B, T, H, D]) through the backward.
   fuse_dq: bool = False
 
   def __post_init__(self):

@@ -358,12 +358,22 @@ BLOCK_KV = 64  # keys per consumer warpgroup in the dk/dv kernel (wgmma's M); a 
 BLOCK_QI = 64  # query rows of one streamed tile in the dk/dv kernel (wgmma's K: 64 at least)
 # The fused dk/dv kernel's CTAs are launched in groups of at most this many (batch row, query
 # head) pairs, each group's key tiles heaviest first: the CTAs running at once then reduce-add
-# into the float32 dQ rows of 16 pairs (32 MB at T=4096), which fit the H200's L2, instead of
-# every pair's. Against one group of all (the unfused kernel's order, which balances its tail
-# best) the 7B heads' fused kernel ran 2019 -> 1585 us (2L) and 3255 -> 2600 (3L), the 1.5B
-# heads' 700 -> 709 (2L); groups of 4 and 8 were slower than 16 for both shapes, and 24 / 28
-# (the largest divisors up to 28) 689 / 1592 us (BENCHMARKS.md, session 13).
+# mostly into the float32 dQ rows of 16 pairs (32 MB at T=4096), which fit the H200's L2,
+# instead of every pair's (100-235 MB). Against one group of all (session 12's order, every
+# pair's heaviest tiles first) the 7B heads' fused kernel ran 2019 -> 1585 us (2L) and 3255 ->
+# 2600 (3L), the 1.5B heads' 700 -> 708 (2L); groups of 4 and 8 were slower than 16 for both
+# shapes. Groups of 24 / 28 (the largest divisors up to 28) ran 689 / 1593 us, profiled once;
+# 16 is the size whose fwd+bwd was timed and checked (BENCHMARKS.md, session 13).
 FUSED_GROUP = 16
+
+
+def launch_place(cta, n_outer: int, pairs: int, h: int):
+  """(key tile, batch row, query head) of the dk/dv kernel's CTA `cta` (int32, any shape): CTAs
+  launch in groups of `pairs` (batch row, head) pairs, inside a group key tile major."""
+  span = jnp.int32(n_outer * pairs)
+  within = lax.rem(cta, span)
+  bh = lax.div(cta, span) * pairs + lax.rem(within, jnp.int32(pairs))
+  return lax.div(within, jnp.int32(pairs)), lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h))
 
 
 def fuse_dq_unsupported(head_dim: int) -> str | None:
@@ -407,8 +417,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   kernel runs. The warpgroups pass dS tiles through two slots (`ds_ready`: both written;
   `ds_free`: both read). Splitting by columns halves the adds and the accumulator of each
   warpgroup adding its own keys' whole dQ tile, which spilled registers and ran 1.24x the two
-  kernels it replaces (H200, BENCHMARKS.md, session 11). Opt-in: level with this kernel unfused
-  plus the Triton dq kernel for the 1.5B heads, slower for the 7B's (session 12).
+  kernels it replaces (H200, BENCHMARKS.md, session 11). Opt-in: with its CTAs launched in
+  groups (`FUSED_GROUP`) level with this kernel unfused plus the Triton dq kernel for both shapes
+  (session 13).
   Returns dq [B, Tp, H, D], dk, dv [B, Tp, K, D] in the inputs' dtype.
   """
   plgpu = _plgpu()
@@ -441,7 +452,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
   iota = functools.partial(_iota, (bk, bq), interpret=interpret)
   load = functools.partial(_load, interpret=interpret)
-  # (batch row, head) pairs a launch group holds: a divisor of b * h, so groups are whole
+  # (batch row, head) pairs a launch group holds. Unfused, one group: every pair's heaviest key
+  # tiles first balances the tail best, and its CTAs add nothing into global memory. A divisor of
+  # b * h, so that every group is whole and `launch_place` a bijection.
   pairs = b * h if not fuse_dq else max(
       c for c in range(1, min(FUSED_GROUP, b * h) + 1) if (b * h) % c == 0)
 
@@ -449,12 +462,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
              dq_ref, dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s, dq_s,
              lse_s, delta_s, segk_s, segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar, do_bar,
              qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, ds_ready, ds_free):
-    # This CTA's place in the launch order -> (key tile j, batch row bi, query head).
-    cta, span = lax.axis_index("cta"), jnp.int32(n_outer * pairs)
-    within = lax.rem(cta, span)  # place inside its group: key tile major, pair minor
-    j = lax.div(within, jnp.int32(pairs))
-    bh = lax.div(cta, span) * pairs + lax.rem(within, jnp.int32(pairs))
-    bi, head = lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h))
+    j, bi, head = launch_place(lax.axis_index("cta"), n_outer, pairs, h)
     kvh = lax.div(head, jnp.int32(group))
     wg = lax.axis_index("wg")
     query_rows = lambda i: pl.ds(pl.multiple_of(plan_s[i] * bq, bq), bq)

@@ -422,6 +422,11 @@ def _dkv_kernel(order_ref, lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref,
   dv_ref[tile, :] = dv.astype(dv_ref.dtype)
 
 
+def largest_divisor(n: int, cap: int) -> int:
+  """The largest divisor of n not above cap (cap >= 1): a split of n into whole, equal parts."""
+  return max(c for c in range(1, min(cap, n) + 1) if n % c == 0)
+
+
 def heavy_first(plan) -> np.ndarray:
   """Outer tiles ordered by how many inner tiles they visit, most first (ties: lowest index),
   so the longest programs start in the first wave instead of forming the tail of the last."""
@@ -478,7 +483,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   # the GPU (inferred, not profiled). So the key tile is the slowest grid axis, visited heaviest
   # first (its K/V rows are sliced in-kernel, since block index maps cannot read the order), and
   # a group's heads may be split over `split` programs to shorten the heaviest one.
-  split = max(c for c in range(1, min(tiles.dkv_head_split, group) + 1) if group % c == 0)
+  split = largest_divisor(group, tiles.dkv_head_split)
   bq, bk = tiles.block_q_dkv, tiles.block_k_dkv
   plan = visit_runs(spec, length, bq, bk, True, tiles.max_run, num_outer=tp // bk)
   run_lo, run_hi, one = segment_runs(plan, seg, bq, bk, transpose=True)

@@ -455,8 +455,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   # (batch row, head) pairs a launch group holds. Unfused, one group: every pair's heaviest key
   # tiles first balances the tail best, and its CTAs add nothing into global memory. A divisor of
   # b * h, so that every group is whole and `launch_place` a bijection.
-  pairs = b * h if not fuse_dq else max(
-      c for c in range(1, min(FUSED_GROUP, b * h) + 1) if (b * h) % c == 0)
+  pairs = flash.largest_divisor(b * h, FUSED_GROUP if fuse_dq else b * h)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, plan_ref, qt_ref, dot_ref,
              dq_ref, dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s, dq_s,

@@ -116,6 +116,23 @@ def test_mosaic_dkv_launch_order_covers_every_cta(monkeypatch, tiles):
       masks.MaskSpec("diffusion", 32, 1), 100, 2, 2, 1, 128, [[32, 64], []], tiles)
 
 
+@pytest.mark.parametrize("slots,lag", [(3, 1), (3, 2), (4, 2)])
+def test_fused_dkv_with_other_ds_slots_and_lags(monkeypatch, slots, lag):
+  # The dQ products trail the dS by DQ_LAG visits through DS_SLOTS slots (default 2 and 1); the
+  # 3L case has key tiles with fewer visits than the lag, whose dQ all comes from the epilogue.
+  monkeypatch.setattr(flash_mgpu, "DS_SLOTS", slots)
+  monkeypatch.setattr(flash_mgpu, "DQ_LAG", lag)
+  test_mosaic_dkv_gradients_equal_the_reference(
+      masks.MaskSpec("diffusion", 16, 2), 40, 1, 3, 1, 128, [[]], FUSED)
+
+
+def test_fused_dkv_refuses_a_lag_its_slots_cannot_hold(monkeypatch):
+  monkeypatch.setattr(flash_mgpu, "DQ_LAG", 2)
+  with pytest.raises(ValueError, match="DQ_LAG=2 must be at least 1 and below DS_SLOTS=2"):
+    test_mosaic_dkv_gradients_equal_the_reference(
+        masks.MaskSpec("diffusion", 16, 2), 40, 1, 3, 1, 128, [[]], FUSED)
+
+
 @pytest.mark.parametrize("n_outer,b,h,pairs", [(3, 2, 6, 4), (2, 4, 12, 16), (5, 1, 7, 7),
                                               (4, 3, 2, 6), (1, 2, 3, 1)])
 def test_launch_place_visits_each_cta_once_in_groups_heaviest_first(n_outer, b, h, pairs):

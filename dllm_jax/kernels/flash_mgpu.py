@@ -365,6 +365,15 @@ BLOCK_QI = 64  # query rows of one streamed tile in the dk/dv kernel (wgmma's K:
 # shapes. Groups of 24 / 28 (the largest divisors up to 28) ran 689 / 1593 us, profiled once;
 # 16 is the size whose fwd+bwd was timed and checked (BENCHMARKS.md, session 13).
 FUSED_GROUP = 16
+# dS^T slots the fused kernel's warpgroups exchange through, and how many visits a warpgroup's
+# dQ products trail its dS (at visit i, the dQ columns of visit i - DQ_LAG; DQ_LAG < DS_SLOTS).
+# A warpgroup writes visit i's dS once both have read visit i - DS_SLOTS's, which they do at
+# visit i - DS_SLOTS + DQ_LAG: with 2 slots and lag 1 that is the visit just before, a meeting
+# every visit that keeps the two warpgroups in phase. A visit of slack (3 slots, lag 1: +16 KB of
+# shared memory) made the kernel 1.18x slower on the H200, 3 slots with lag 2 1.31x; 4 slots do
+# not fit (BENCHMARKS.md, session 14).
+DS_SLOTS = 2
+DQ_LAG = 1
 
 
 def launch_place(cta, n_outer: int, pairs: int, h: int):
@@ -414,12 +423,12 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   tile to shared memory, and after the next visit's dV and dK products computes one half of the
   previous visit's dQ tile's columns, dQ[:, half] = dS K[:, half] over both warpgroups' 128 keys
   (dS read back transposed), then adds it into a zeroed float32 dQ by a TMA reduce-add; no dq
-  kernel runs. The warpgroups pass dS tiles through two slots (`ds_ready`: both written;
-  `ds_free`: both read). Splitting by columns halves the adds and the accumulator of each
-  warpgroup adding its own keys' whole dQ tile, which spilled registers and ran 1.24x the two
-  kernels it replaces (H200, BENCHMARKS.md, session 11). Opt-in: with its CTAs launched in
-  groups (`FUSED_GROUP`) level with this kernel unfused plus the Triton dq kernel for both shapes
-  (session 13).
+  kernel runs. The warpgroups pass dS tiles through `DS_SLOTS` slots (`ds_ready`: both written;
+  `ds_free`: both read), the dQ products `DQ_LAG` visits behind (default 2 and 1). Splitting by
+  columns halves the adds and the accumulator of each warpgroup adding its own keys' whole dQ
+  tile, which spilled registers and ran 1.24x the two kernels it replaces (H200, BENCHMARKS.md,
+  session 11). Opt-in: with its CTAs launched in groups (`FUSED_GROUP`) level with this kernel
+  unfused plus the Triton dq kernel for both shapes (sessions 13 and 14).
   Returns dq [B, Tp, H, D], dk, dv [B, Tp, K, D] in the inputs' dtype.
   """
   plgpu = _plgpu()
@@ -456,6 +465,11 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   # tiles first balances the tail best, and its CTAs add nothing into global memory. A divisor of
   # b * h, so that every group is whole and `launch_place` a bijection.
   pairs = flash.largest_divisor(b * h, FUSED_GROUP if fuse_dq else b * h)
+  n_ds = DS_SLOTS if fuse_dq else 1
+  lag = DQ_LAG if fuse_dq else 0
+  if fuse_dq and not 1 <= lag < n_ds:
+    raise ValueError(f"flash_mgpu.DQ_LAG={DQ_LAG} must be at least 1 and below "
+                     f"DS_SLOTS={DS_SLOTS}")
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, plan_ref, qt_ref, dot_ref,
              dq_ref, dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s, dq_s,
@@ -524,8 +538,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
 
       def share_ds(i, slot, ds16):
-        """This warpgroup's dS^T of visit i into its slot, once both have read visit i - 2's."""
-        pl.when(i >= SLOTS)(lambda: plgpu.barrier_wait(ds_free.at[slot]))
+        """This warpgroup's dS^T of visit i into its slot, once both have read the dS^T of
+        visit i - n_ds there."""
+        pl.when(i >= n_ds)(lambda: plgpu.barrier_wait(ds_free.at[slot]))
         ds_s[slot, w] = ds16
         if interpret:  # dS itself, for the interpreter's untransposed wgmma operand
           dsq_s[slot, w] = ds16.T
@@ -563,13 +578,13 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(dq_s.at[w], target, reduction_op="add")
 
-      def release_ds(i):  # both dS^T tiles of visit i read: the slot may take visit i + 2's
-        pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(ds_free.at[lax.rem(i, SLOTS)]))
+      def release_ds(i):  # visit i's dS^T read: its slot may take visit i + n_ds's
+        pl.when(i + n_ds < n_vis)(lambda: plgpu.barrier_arrive(ds_free.at[lax.rem(i, n_ds)]))
 
-      def interpret_dq(i):  # the previous visit's dQ columns, in the interpreter
+      def interpret_dq(i):  # visit i's dQ columns, in the interpreter
         @pl.when(i >= 0)
         def _():
-          prev = lax.rem(i, SLOTS)
+          prev = lax.rem(i, n_ds)
           plgpu.barrier_wait(ds_ready.at[prev])
           x = (product(ds_operand(prev, 0), k_s.at[0, :, cols], (bq, half))
                + product(ds_operand(prev, 1), k_s.at[1, :, cols], (bq, half)))
@@ -586,22 +601,24 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         p, ds = grads(s, dp, i, slot, masked)
         p_s[w] = p.astype(dtype)
         ds16 = ds.astype(dtype)
+        dslot = lax.rem(i, n_ds)
         if fuse_dq:
-          share_ds(i, slot, ds16)
+          share_ds(i, dslot, ds16)
         else:
           ds_s[0, w] = ds16
         plgpu.commit_smem()
         dv = dv + product(p_s.at[w], do_s.at[slot], (bk, d))
-        dk = dk + product(ds_s.at[slot if fuse_dq else 0, w], q_s.at[slot], (bk, d))
+        dk = dk + product(ds_s.at[dslot, w], q_s.at[slot], (bk, d))
         pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
-          interpret_dq(i - 1)
+          interpret_dq(i - lag)
         return dk, dv
 
       def gpu_step(i, carry, masked):
         dk, dv = carry
         slot = lax.rem(i, SLOTS)
-        prev = lax.rem(i + 1, SLOTS)  # visit i - 1's slot (SLOTS == 2)
+        dslot = lax.rem(i, n_ds)
+        prev = lax.rem(i - lag + n_ds, n_ds)  # the dS slot of visit i - lag
 
         def transposed_products(s_ref, dp_ref):
           plgpu.wgmma(s_ref, k_s.at[w], plgpu.transpose_ref(q_s.at[slot], (1, 0)))
@@ -613,8 +630,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         p, ds = grads(s, dp, i, slot, masked)
         p16, ds16 = p.astype(dtype), ds.astype(dtype)
         if fuse_dq:
-          share_ds(i, slot, ds16)
-          pl.when(i >= 1)(lambda: plgpu.barrier_wait(ds_ready.at[prev]))
+          share_ds(i, dslot, ds16)
+          pl.when(i >= lag)(lambda: plgpu.barrier_wait(ds_ready.at[prev]))
         dk, dv, p16, ds16 = lax.optimization_barrier((dk, dv, p16, ds16))
 
         def accumulate(refs):
@@ -631,16 +648,16 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
-          # Visit i - 1's dQ columns, after dV and dK: issued with them (its accumulator beside
+          # Visit i - lag's dQ columns, after dV and dK: issued with them (its accumulator beside
           # theirs and the register operands) it spilled more and ran 1.03x slower on the 1.5B
-          # heads, 0.99x on the 7B's (session 12, without turns). Unconditional: at i == 0 the
-          # slot holds nothing yet and the product is dropped, so the wgmma needs no branch.
+          # heads, 0.99x on the 7B's (session 12, without turns). Unconditional: while i < lag
+          # the slot holds nothing yet and the product is dropped, so the wgmma needs no branch.
           x = dq_columns(prev)
 
-          @pl.when(i >= 1)
+          @pl.when(i >= lag)
           def _():
-            release_ds(i - 1)
-            add_dq(i - 1, x)
+            release_ds(i - lag)
+            add_dq(i - lag, x)
         return dk, dv
 
       step = interpret_step if interpret else gpu_step
@@ -655,15 +672,15 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (zeros, zeros))
       carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
       dk, dv = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
-      if fuse_dq:  # the last visit's dQ columns
-        last = n_vis - 1
+      for back in range(lag, 0, -1) if fuse_dq else ():  # the last `lag` visits' dQ columns
+        last = n_vis - back
         if interpret:
           interpret_dq(last)
         else:
-          slot = lax.rem(last + SLOTS, SLOTS)
-          pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(ds_ready.at[slot]))
+          slot = lax.rem(last + n_ds, n_ds)
+          pl.when(last >= 0)(lambda: plgpu.barrier_wait(ds_ready.at[slot]))
           x = dq_columns(slot)
-          pl.when(n_vis > 0)(lambda: add_dq(last, x))
+          pl.when(last >= 0)(functools.partial(add_dq, last, x))
       out = (lax.rem(head, jnp.int32(group)), bi, keys, kvh) if group > 1 else (bi, keys, kvh)
       if fuse_dq:  # the other warpgroup may still read k_s[w] for its last dQ: both via v_s[w]
         for x, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
@@ -696,9 +713,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.SMEM((2, bk, bq) if interpret else small, dtype, **tiled),
       # dS^T tiles: [slot, warpgroup] when fused (both warpgroups read both), else the
       # interpreter's staging copy
-      plgpu.SMEM((SLOTS, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret else (1,) + small,
+      plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret else (1,) + small,
                  dtype, **tiled),
-      plgpu.SMEM((SLOTS, 2, bq, bk) if interpret and fuse_dq else (1,) + small, dtype, **tiled),
+      plgpu.SMEM((n_ds, 2, bq, bk) if interpret and fuse_dq else (1,) + small, dtype, **tiled),
       plgpu.SMEM((2, bq, half) if fuse_dq else (1, 8, 32), jnp.float32, **tiled32),
       plgpu.SMEM((SLOTS, bq), jnp.float32), plgpu.SMEM((SLOTS, bq), jnp.float32),
       plgpu.SMEM((2, bk), jnp.int32), plgpu.SMEM((SLOTS, bq), jnp.int32),
@@ -709,8 +726,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       *[plgpu.Barrier(num_barriers=SLOTS) for _ in range(7)],
       plgpu.Barrier(num_barriers=2),
       plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
-      plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
-      plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS)]
+      plgpu.Barrier(num_arrivals=2, num_barriers=n_ds),
+      plgpu.Barrier(num_arrivals=2, num_barriers=n_ds)]
   inputs = (q, k, v, do, lse, delta, seg, plan, qt, dot)
   targets = [_zeroed(q.shape)] if fuse_dq else []  # reduce-add targets, aliased in and out
   out_shape = jax.ShapeDtypeStruct(((group,) if group > 1 else ()) + k.shape, dtype)

@@ -126,6 +126,24 @@ def test_fused_dkv_with_other_ds_slots_and_lags(monkeypatch, slots, lag):
       masks.MaskSpec("diffusion", 16, 2), 40, 1, 3, 1, 128, [[]], FUSED)
 
 
+@pytest.mark.parametrize("case,tiles", [
+    (CASES[0], flash.Tiles(forward="triton", dkv="mosaic")),  # packed, GQA 2, head_dim 64
+    ((masks.MaskSpec("diffusion", 16, 2), 40, 1, 3, 1, 128, [[]]), FUSED),  # 3L, GQA 3
+])
+def test_mosaic_dkv_gqa_reduce_adds(monkeypatch, case, tiles):
+  # With GQA_REDUCE_ADD each query head's CTA adds its share of dK and dV into float32 targets
+  # (FlashAttention-3's way) instead of writing a bf16 partial per head; zeroed targets are made
+  # for dK and dV (and dQ when fused), so the path taken is the one checked.
+  monkeypatch.setattr(flash_mgpu, "GQA_REDUCE_ADD", True)
+  made = []
+  zeroed = flash_mgpu._zeroed
+  monkeypatch.setattr(flash_mgpu, "_zeroed", lambda shape: made.append(shape) or zeroed(shape))
+  test_mosaic_dkv_gradients_equal_the_reference(*case, tiles)
+  h, kh, d = case[3:6]
+  want = {(kh, d)} | ({(h, d)} if tiles.fuse_dq else set())  # dK and dV's heads (and dQ's)
+  assert {m[2:] for m in made} == want, made
+
+
 def test_fused_dkv_refuses_a_lag_its_slots_cannot_hold(monkeypatch):
   monkeypatch.setattr(flash_mgpu, "DQ_LAG", 2)
   with pytest.raises(ValueError, match="DQ_LAG=2 must be at least 1 and below DS_SLOTS=2"):

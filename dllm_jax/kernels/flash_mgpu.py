@@ -374,6 +374,13 @@ FUSED_GROUP = 16
 # not fit (BENCHMARKS.md, session 14).
 DS_SLOTS = 2
 DQ_LAG = 1
+# With GQA, how a dk/dv CTA's share of its KV head's dK and dV (one query head's) reaches memory:
+# float32 TMA reduce-adds into a zeroed [B, Tp, K, D], converted after the kernel (True; what
+# FlashAttention-3 does for GQA), or bf16 per-head partials [group, B, Tp, K, D] that XLA sums in
+# float32 (False). The reduce-adds remove XLA's 32-100 us sum but cost the kernel more (1.5B heads,
+# L=2048, 2L: +26 us in it, +18 us in all, fwd+bwd 1.01x the time; 7B 3L +90 / +49 us): False
+# (H200, BENCHMARKS.md, session 15). Exact either way.
+GQA_REDUCE_ADD = False
 
 
 def launch_place(cta, n_outer: int, pairs: int, h: int):
@@ -414,8 +421,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   tile's index).
 
   One query head per CTA: a CTA is a whole SM here, and its work per key tile varies ~60x, so
-  the smallest CTAs balance best (BENCHMARKS.md, session 10). With GQA each CTA writes its query
-  head's bf16 partial ([group, B, Tp, K, D]), summed here in float32. The grid is one axis of
+  the smallest CTAs balance best (BENCHMARKS.md, session 10). With GQA each CTA adds its query
+  head's share into its KV head's dK and dV: float32 TMA reduce-adds with `GQA_REDUCE_ADD`, else
+  a bf16 partial ([group, B, Tp, K, D]) summed here in float32. The grid is one axis of
   CTAs in launch order: groups of (batch row, head) pairs, in each the key tiles heaviest first,
   then the group's pairs; unfused, one group holds every pair; fused, `FUSED_GROUP` (see there).
 
@@ -466,6 +474,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   # b * h, so that every group is whole and `launch_place` a bijection.
   pairs = flash.largest_divisor(b * h, FUSED_GROUP if fuse_dq else b * h)
   n_ds = DS_SLOTS if fuse_dq else 1
+  reduce_add = group > 1 and GQA_REDUCE_ADD
+  partials = group > 1 and not reduce_add
   lag = DQ_LAG if fuse_dq else 0
   if fuse_dq and not 1 <= lag < n_ds:
     raise ValueError(f"flash_mgpu.DQ_LAG={DQ_LAG} must be at least 1 and below "
@@ -537,6 +547,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           return acc_ref[...]
         return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
 
+      def ds_slot(v):  # the dS^T slot of visit v (v >= -n_ds: the lagged visits before 0)
+        return lax.rem(v + n_ds, n_ds)
+
       def share_ds(i, slot, ds16):
         """This warpgroup's dS^T of visit i into its slot, once both have read the dS^T of
         visit i - n_ds there."""
@@ -564,7 +577,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
       def add_dq(i, x):
         """dQ[rows of visit i, this warpgroup's columns] += x, by a TMA reduce-add."""
-        target = dq_ref.at[bi, query_rows(i), head, cols]
+        add_f32(dq_ref.at[bi, query_rows(i), head, cols], x)
+
+      def add_f32(target, x):
+        """target += x ([64, D / 2] float32), staged through this warpgroup's `dq_s`."""
         if interpret:  # no reduction_op there: read, add, write back (grid points run in turn)
           plgpu.copy_gmem_to_smem(target, dq_s.at[w], add_bar.at[w])
           plgpu.barrier_wait(add_bar.at[w])
@@ -579,12 +595,12 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.copy_smem_to_gmem(dq_s.at[w], target, reduction_op="add")
 
       def release_ds(i):  # visit i's dS^T read: its slot may take visit i + n_ds's
-        pl.when(i + n_ds < n_vis)(lambda: plgpu.barrier_arrive(ds_free.at[lax.rem(i, n_ds)]))
+        pl.when(i + n_ds < n_vis)(lambda: plgpu.barrier_arrive(ds_free.at[ds_slot(i)]))
 
       def interpret_dq(i):  # visit i's dQ columns, in the interpreter
         @pl.when(i >= 0)
         def _():
-          prev = lax.rem(i, n_ds)
+          prev = ds_slot(i)
           plgpu.barrier_wait(ds_ready.at[prev])
           x = (product(ds_operand(prev, 0), k_s.at[0, :, cols], (bq, half))
                + product(ds_operand(prev, 1), k_s.at[1, :, cols], (bq, half)))
@@ -601,7 +617,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         p, ds = grads(s, dp, i, slot, masked)
         p_s[w] = p.astype(dtype)
         ds16 = ds.astype(dtype)
-        dslot = lax.rem(i, n_ds)
+        dslot = ds_slot(i)
         if fuse_dq:
           share_ds(i, dslot, ds16)
         else:
@@ -617,8 +633,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       def gpu_step(i, carry, masked):
         dk, dv = carry
         slot = lax.rem(i, SLOTS)
-        dslot = lax.rem(i, n_ds)
-        prev = lax.rem(i - lag + n_ds, n_ds)  # the dS slot of visit i - lag
+        dslot, prev = ds_slot(i), ds_slot(i - lag)
 
         def transposed_products(s_ref, dp_ref):
           plgpu.wgmma(s_ref, k_s.at[w], plgpu.transpose_ref(q_s.at[slot], (1, 0)))
@@ -677,12 +692,16 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         if interpret:
           interpret_dq(last)
         else:
-          slot = lax.rem(last + n_ds, n_ds)
+          slot = ds_slot(last)
           pl.when(last >= 0)(lambda: plgpu.barrier_wait(ds_ready.at[slot]))
           x = dq_columns(slot)
           pl.when(last >= 0)(functools.partial(add_dq, last, x))
-      out = (lax.rem(head, jnp.int32(group)), bi, keys, kvh) if group > 1 else (bi, keys, kvh)
-      if fuse_dq:  # the other warpgroup may still read k_s[w] for its last dQ: both via v_s[w]
+      out = (lax.rem(head, jnp.int32(group)), bi, keys, kvh) if partials else (bi, keys, kvh)
+      if reduce_add:  # by halves of the columns: `dq_s` holds [64, D / 2] float32 a warpgroup
+        for x, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
+          for c0 in range(0, d, half):
+            add_f32(ref.at[out + (pl.ds(c0, half),)], x[:, c0:c0 + half])
+      elif fuse_dq:  # the other warpgroup may still read k_s[w] for its last dQ: both via v_s[w]
         for x, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           v_s[w] = x.astype(dtype)
@@ -716,7 +735,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret else (1,) + small,
                  dtype, **tiled),
       plgpu.SMEM((n_ds, 2, bq, bk) if interpret and fuse_dq else (1,) + small, dtype, **tiled),
-      plgpu.SMEM((2, bq, half) if fuse_dq else (1, 8, 32), jnp.float32, **tiled32),
+      # float32 staging of the reduce-adds (dQ's, dK's and dV's), one [64, D / 2] a warpgroup
+      plgpu.SMEM((2, bq, half) if fuse_dq or reduce_add else (1, 8, 32), jnp.float32,
+                 **tiled32),
       plgpu.SMEM((SLOTS, bq), jnp.float32), plgpu.SMEM((SLOTS, bq), jnp.float32),
       plgpu.SMEM((2, bk), jnp.int32), plgpu.SMEM((SLOTS, bq), jnp.int32),
       plgpu.SMEM((plan.shape[-1],), jnp.int32),
@@ -729,8 +750,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.Barrier(num_arrivals=2, num_barriers=n_ds),
       plgpu.Barrier(num_arrivals=2, num_barriers=n_ds)]
   inputs = (q, k, v, do, lse, delta, seg, plan, qt, dot)
-  targets = [_zeroed(q.shape)] if fuse_dq else []  # reduce-add targets, aliased in and out
-  out_shape = jax.ShapeDtypeStruct(((group,) if group > 1 else ()) + k.shape, dtype)
+  # reduce-add targets, aliased in and out: dQ when fused, dK and dV with `reduce_add`
+  targets = ([_zeroed(q.shape)] if fuse_dq else []) + [_zeroed(k.shape) for _ in range(2 * reduce_add)]
+  out_shape = jax.ShapeDtypeStruct(((group,) if partials else ()) + k.shape, dtype)
 
   def body(*refs):
     ins, rest = refs[:len(inputs)], refs[len(inputs):]
@@ -738,9 +760,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       rest = (None,) + rest
     pl.run_scoped(functools.partial(kernel, *ins, *rest), *scratch, collective_axes="wg")
 
-  dk, dv = pl.kernel(
+  outs = pl.kernel(
       body,
-      out_type=[out_shape, out_shape],
+      out_type=[] if reduce_add else [out_shape, out_shape],
       # one axis, launched in order (see the docstring and `FUSED_GROUP`)
       mesh=plgpu.Mesh(grid=(n_outer * b * h,), grid_names=("cta",), num_threads=3,
                       thread_name="wg"),
@@ -749,7 +771,11 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       name="block_sparse_attention_dkv_mgpu",  # as the forward's: profiles tell them apart
   )(*inputs, *targets)
   dq = (targets[0][...] * scale).astype(dtype) if fuse_dq else None
-  if group > 1:
+  if reduce_add:
+    dk, dv = (t[...].astype(dtype) for t in targets[-2:])
+  else:
+    dk, dv = outs
+  if partials:
     dk = dk.astype(jnp.float32).sum(0).astype(k.dtype)
     dv = dv.astype(jnp.float32).sum(0).astype(v.dtype)
   return dq, dk, dv

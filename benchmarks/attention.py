@@ -29,11 +29,11 @@ import numpy as np
 from benchmarks.common import ceilings as common_ceilings  # noqa: E402
 from benchmarks.common import distinct_sets, timeit, traced_gpu_events  # noqa: E402
 from dllm_jax import attention, masks
-from dllm_jax.kernels import decode, flash
+from dllm_jax.kernels import decode, flash, flash_mgpu
 
 LEAN_CHECK = 4  # how many check cases of each kind run (--lean-check lowers it)
 RESULTS = {"meta": {}, "check": [], "ceil": {}, "tune": [], "tune_decode": [], "train": [],
-           "decode": []}
+           "variants": [], "decode": []}
 SHAPES = {"qwen2.5-1.5b": (12, 2, 128), "qwen2.5-7b": (28, 4, 128)}
 
 
@@ -184,7 +184,21 @@ def _train_inputs(b, t, h, kh, d, seed):
 
 
 def ceilings():
-  RESULTS["ceil"].update(common_ceilings())
+  """The device's two ceilings, merged with any measured earlier in this run (the best of all
+  readings counts: `common.ceilings`); every fraction already recorded is taken again against
+  them, so rows timed before a better reading do not read high."""
+  RESULTS["ceil"].update(common_ceilings(before=RESULTS["ceil"]))
+  mm, bw = RESULTS["ceil"]["matmul_tflops"], RESULTS["ceil"]["copy_GBps"]
+  for key, rows in RESULTS.items():
+    if not isinstance(rows, list):
+      continue
+    for r in rows:
+      for f in [f for f in r if f.endswith("_frac")]:
+        base = f[:-len("_frac")]
+        if f.endswith("_bw_frac") and isinstance(r.get(base[:-3] + "_GBps"), float):
+          r[f] = r[base[:-3] + "_GBps"] / bw
+        elif isinstance(r.get(base + "_tflops"), float):
+          r[f] = r[base + "_tflops"] / mm
   print("ceilings", RESULTS["ceil"], flush=True)
   save()
 
@@ -262,6 +276,87 @@ def train_row(name, spec, length, tiles, impls=("pallas", "triton", "xla", "cudn
 DECODE_KW = {}  # tuning knobs of decode.decode_attention chosen by the decode tuning step
 
 
+def parse_variants(text):
+  """'name:KNOB=v,KNOB=v;name2:...' -> [(name, {KNOB: int})]: `flash_mgpu`'s module constants
+  (the Mosaic kernels' experiment knobs, e.g. GQA_REDUCE_ADD, FUSED_GROUP, DS_SLOTS, DQ_LAG)."""
+  out = []
+  for part in filter(None, text.split(";")):
+    name, _, knobs = part.partition(":")
+    kv = {}
+    for item in filter(None, knobs.split(",")):
+      k, _, v = item.partition("=")
+      if not hasattr(flash_mgpu, k) or not k.isupper():
+        raise SystemExit(f"--variants {part!r}: flash_mgpu has no knob {k!r}")
+      kv[k] = int(v)
+    out.append((name, kv))
+  return out
+
+
+def check_grads(impls, tiles, tag):
+  """Outputs and gradients of `impls` against the float32 XLA reference on the two diffusion
+  check cases (packed, GQA 6 and 7), as `check` does for the default; a variant is timed only if
+  exact."""
+  rng = np.random.default_rng(7)
+  ok = True
+  for kind, bs, nn_, length, h, kh, d, b in [("diffusion", 32, 1, 300, 12, 2, 128, 2),
+                                              ("diffusion", 32, 2, 256, 28, 4, 128, 1)]:
+    spec = masks.MaskSpec(kind, bs, nn_)
+    meta = layout_segments(b, length, spec, rng, True)
+    t = meta.positions.shape[1]
+    keys = jax.random.split(jax.random.key(1000 + len(RESULTS["check"])), 4)
+    q, ct = (jax.random.normal(keys[i], (b, t, h, d), jnp.bfloat16) for i in (0, 3))
+    k, v = (jax.random.normal(keys[i], (b, t, kh, d), jnp.bfloat16) for i in (1, 2))
+    f32 = lambda x: x.astype(jnp.float32)
+    fns = _train_fns(spec, meta, tiles)
+    gw = _grad(fns["xla"])(f32(q), f32(k), f32(v), f32(ct))
+    want = jax.jit(fns["xla"])(f32(q), f32(k), f32(v))
+    row = {"case": f"{tag} {kind}x{nn_} B={b} L={length} H={h}/{kh} D={d} packed"}
+    for impl in impls:
+      out = safe(lambda: jax.jit(fns[impl])(q, k, v))
+      row[f"out_{impl}"] = out if isinstance(out, str) else rel_err(out, want)
+      ok &= isinstance(row[f"out_{impl}"], float) and row[f"out_{impl}"] < 2e-2
+      g = safe(lambda: _grad(fns[impl])(q, k, v, ct))
+      if isinstance(g, str):
+        row[impl] = g
+        ok = False
+        continue
+      row.update({f"d{x}_{impl}": rel_err(g[i], gw[i]) for i, x in enumerate("qkv")})
+      ok &= all(row[f"d{x}_{impl}"] < 2e-2 for x in "qkv")
+    row["pass"] = ok
+    RESULTS["check"].append(row)
+    print(row, flush=True)
+    save()
+  return ok
+
+
+def variant_rows(variants, tiles, impls, profile):
+  """For each variant: its knobs set, jax's caches cleared, its gradients checked, then the
+  four L=2048 cases timed (and profiled) with `impls`; the knobs restored after."""
+  for name, knobs in variants:
+    old = {k: getattr(flash_mgpu, k) for k in knobs}
+    try:
+      for k, v in knobs.items():
+        setattr(flash_mgpu, k, v)
+      jax.clear_caches()
+      if not check_grads(impls, tiles, name):
+        print(f"variant {name}: not exact, not timed", flush=True)
+        continue
+      for nn_ in (1, 2):
+        for shape in SHAPES:
+          spec = masks.MaskSpec("diffusion", 32, nn_)
+          row = train_row(shape, spec, 2048, tiles, impls=impls, record="variants")
+          row["variant"] = name
+          if profile:
+            for impl in impls:
+              profile_row(shape, spec, 2048, tiles, impl)
+              RESULTS["profile"][-1]["variant"] = name
+          save()
+    finally:
+      for k, v in old.items():
+        setattr(flash_mgpu, k, v)
+      jax.clear_caches()
+
+
 def decode_row(name, s, b, tq=8, kw=None, record="decode"):
   """One decode step's attention; n_sets calls on distinct caches inside one executable, so
   neither L2 hits nor host dispatch enter the time (the model runs a step as one executable)."""
@@ -317,17 +412,15 @@ def tables():
                                                                          "out_triton", "dq_triton"))
           + f" | {r['pass']} |")
   print(f"\nceilings: {RESULTS['ceil']}")
-  for key in ("tune", "train"):
-    if not RESULTS[key]:
+  for key in ("tune", "train", "variants"):
+    if not RESULTS.get(key):
       continue
     print(f"\n### {key}: time ms (TFLOP/s on allowed pairs, fraction of matmul rate)")
     print("| shape | layout | L | B | samples | density | impl | fwd ms | fwd TFLOP/s | frac |"
           " fwd+bwd ms | fwd+bwd TFLOP/s | frac | xla/pallas fwd | xla/pallas fwd+bwd |")
     print("|" + "---|" * 15)
     for r in RESULTS[key]:
-      for impl in ("pallas", "triton", "xla", "cudnn"):
-        if f"{impl}_fwd_ms" not in r:
-          continue
+      for impl in [f[:-len("_fwd_ms")] for f in r if f.endswith("_fwd_ms")]:
         sf = sb = "-"
         if impl == "pallas" and isinstance(r.get("xla_fwd_ms"), float):
           sf = fmt(r["xla_fwd_ms"] / r["pallas_fwd_ms"]) if isinstance(r["pallas_fwd_ms"], float) else "-"
@@ -335,6 +428,7 @@ def tables():
           sb = (fmt(r["xla_fwdbwd_ms"] / r["pallas_fwdbwd_ms"])
                 if isinstance(r["pallas_fwdbwd_ms"], float) else "-")
         label = impl + (f" {r['tiles']}" if key == "tune" and impl == "pallas" else "")
+        label = f"{r['variant']}: {label}" if "variant" in r else label
         print(f"| {r['shape']} | {r['layout']} | {r['L']} | {r['B']} | {r.get('samples', 1)} | "
               f"{r['density']:.3f} | "
               f"{label} | {fmt(r[f'{impl}_fwd_ms'], 3)} | {fmt(r.get(f'{impl}_fwd_tflops'), 1)} | "
@@ -419,6 +513,10 @@ def main():
                   help="also time rows packing this many samples each (pallas only)")
   ap.add_argument("--tiles", type=int, default=-1, help="index into TUNE to use without tuning")
   ap.add_argument("--lean-check", type=int, default=4, help="check cases of each kind to run")
+  ap.add_argument("--variants", default="",
+                  help="with --sections variants: 'name:KNOB=v,...;name2:...', flash_mgpu's knobs "
+                       "per variant (e.g. 'base:;add:GQA_REDUCE_ADD=1'); each is checked, then "
+                       "timed on the four L=2048 cases with --impls (profiled too with profile)")
   ap.add_argument("--tables-from", help="print the tables of an earlier run's JSON and exit")
   ap.add_argument("--impls", default="pallas,triton,xla,cudnn",
                   help="training-attention implementations to time (also: mosaic_dkv / "
@@ -483,7 +581,10 @@ def main():
           if args.packed > 1:
             train_row(name, masks.MaskSpec("diffusion", 32, nn_), length, tiles,
                       impls=("pallas",), samples=args.packed)
-  if "profile" in sections:
+  if "variants" in sections:
+    variant_rows(parse_variants(args.variants), tiles, tuple(args.impls.split(",")),
+                 profile="profile" in sections)
+  if "profile" in sections and "variants" not in sections:
     for nn_ in (1, 2):
       for name in SHAPES:
         for impl in args.impls.split(","):
@@ -495,6 +596,8 @@ def main():
       for s in lens:
         for b in (1, 32):
           decode_row(name, s, b)
+  if "ceil" in sections and len(sections) > 1:  # again after the rows: the best reading counts
+    ceilings()
   tables()
 
 

@@ -247,3 +247,32 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
   assert choice("forward", diffusion, q64) == "mosaic"
   assert choice("forward", causal, q128) == "mosaic"
   assert choice("dkv", masks.MaskSpec("diffusion", 24, 1), q128) == "triton"  # not covered
+
+
+@pytest.mark.parametrize("knobs,fuse_dq", [
+    ({}, False), ({}, True),  # the defaults
+    ({"FWD_TURNS": False, "GQA_REDUCE_ADD": True}, False),
+    ({"GQA_REDUCE_ADD": True}, True),
+    ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
+])
+def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq):
+  # The interpreter runs the kernels' interpret bodies only; the GPU bodies (P in registers,
+  # transposed shared-memory operands, turns, reduce-adds) are traced and lowered here for CUDA,
+  # so a knob's GPU path cannot break unseen between runs on a GPU. Packed 2L, GQA 6, head_dim 128.
+  for name, value in knobs.items():
+    monkeypatch.setattr(flash_mgpu, name, value)
+  spec = masks.MaskSpec("diffusion", 32, 1)
+  meta = masks.layout_meta(spec, _segments(2, 128, [[32, 96], []]))  # T = 256: whole CTAs
+  b, t, h, kh, d = 2, meta.positions.shape[1], 12, 2, 128
+  q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
+  lse = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
+
+  def fwd_bwd(q, k, v, do, delta):
+    o, lse = flash_mgpu.forward(q, k, v, meta.segments, spec, 128)
+    return o, flash_mgpu.dkv(q, k, v, meta.segments, do, lse, delta, spec, 128, fuse_dq=fuse_dq)
+
+  lowered = jax.jit(fwd_bwd).trace(q, kv, kv, q, lse).lower(lowering_platforms=("cuda",))
+  # Both kernels lowered into Mosaic GPU modules (a kernel given Refs, as the fused and the
+  # reduce-add ones are, keeps no name in the text).
+  assert len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text())) == 2

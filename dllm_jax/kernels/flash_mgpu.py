@@ -44,6 +44,11 @@ BLOCK_Q = 64  # rows per consumer warpgroup (wgmma's M); a CTA takes 2 * BLOCK_Q
 BLOCK_K = 128  # 1.15-1.17x faster than 64-key tiles on the H200 (BENCHMARKS.md, session 9)
 SLOTS = 2
 OUTER = 2 * BLOCK_Q
+# Whether the forward's two consumer warpgroups take turns on the tensor cores (jax's schedule
+# barrier, so one's softmax overlaps the other's products). The dk/dv kernel ran 1.1x faster
+# without turns (session 12); the forward without them ran 1.06-1.07x slower at L=2048 for both
+# head shapes and layouts (H200, BENCHMARKS.md, session 15), so it keeps them.
+FWD_TURNS = True
 
 
 def _plgpu():
@@ -209,7 +214,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     kvh = lax.div(head, jnp.int32(group))
     wg = lax.axis_index("wg")
 
-    sched = functools.partial(_take_turns, sched_bar)
+    turns = FWD_TURNS
+    sched = functools.partial(_take_turns, sched_bar) if turns else lambda: None
 
     @pl.when(wg == 2)
     def _producer():
@@ -289,9 +295,11 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p16 = p.astype(dtype)
         acc, l, m, p16 = lax.optimization_barrier((acc, l, m, p16))
-        plgpu.barrier_arrive(sched_bar)
+        if turns:
+          plgpu.barrier_arrive(sched_bar)
         plgpu.barrier_wait(v_bar.at[slot])
-        plgpu.barrier_wait(sched_bar)
+        if turns:
+          plgpu.barrier_wait(sched_bar)
 
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, p16, v_s.at[slot])
@@ -307,14 +315,15 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
       step = interpret_step if interpret else gpu_step
       if not interpret:
         pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(k_bar.at[0]))
-        pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn
+        if turns:
+          pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn
       # Full tiles, then partial ones: with the layout mask only inside one segment, else with
       # the segment comparison too (one of the last two loops is empty).
       mid = jnp.where(one != 0, n_vis, n_full)
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
       carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
       acc, m, l = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
-      if not interpret:
+      if not interpret and turns:
         pl.when(wg == 0)(sched)
       # l == 0 only on rows with nothing to visit (padding): keep them finite, as flash does.
       l = jnp.where(l == 0.0, jnp.ones_like(l), l)

@@ -287,6 +287,8 @@ def parse_variants(text):
       k, _, v = item.partition("=")
       if not hasattr(flash_mgpu, k) or not k.isupper():
         raise SystemExit(f"--variants {part!r}: flash_mgpu has no knob {k!r}")
+      if not v.lstrip("-").isdigit():
+        raise SystemExit(f"--variants {part!r}: {k}={v!r} is not an integer (booleans: 0/1)")
       kv[k] = int(v)
     out.append((name, kv))
   return out
@@ -408,9 +410,20 @@ def tables():
   print("| case | out | dq | dk | dv | out, Triton only | dq, Triton only | pass |\n"
         + "|---" * 8 + "|")
   for r in RESULTS["check"]:
+    if "out" not in r:  # a variant's check (`check_grads`): below
+      continue
     print(f"| {r['case']} | " + " | ".join(fmt(r.get(x), 5) for x in ("out", "dq", "dk", "dv",
                                                                          "out_triton", "dq_triton"))
           + f" | {r['pass']} |")
+  variant_checks = [r for r in RESULTS["check"] if "out" not in r]
+  if variant_checks:
+    print("\n### Variants' correctness (relative L2 error against the float32 XLA reference)")
+    print("| case | impl | out | dq | dk | dv | pass |\n" + "|---" * 7 + "|")
+    for r in variant_checks:
+      for impl in [f[len("out_"):] for f in r if f.startswith("out_")]:
+        print(f"| {r['case']} | {impl} | " + " | ".join(
+            fmt(r.get(f"{x}_{impl}", r.get(impl)), 5) for x in ("out", "dq", "dk", "dv"))
+              + f" | {r['pass']} |")
   print(f"\nceilings: {RESULTS['ceil']}")
   for key in ("tune", "train", "variants"):
     if not RESULTS.get(key):

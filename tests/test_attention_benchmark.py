@@ -1,0 +1,55 @@
+"""benchmarks/attention.py's bookkeeping: variant specs are checked before a GPU call is spent on
+them, and every fraction is taken against the best ceiling reading of the run."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from dllm_jax.kernels import flash_mgpu
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+
+
+@pytest.fixture()
+def bench():
+  spec = importlib.util.spec_from_file_location("attention_benchmark", _PATH)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_parse_variants(bench):
+  assert bench.parse_variants("base:;add:GQA_REDUCE_ADD=1,FUSED_GROUP=8") == [
+      ("base", {}), ("add", {"GQA_REDUCE_ADD": 1, "FUSED_GROUP": 8})]
+  with pytest.raises(SystemExit, match="flash_mgpu has no knob 'NO_SUCH'"):
+    bench.parse_variants("x:NO_SUCH=1")
+  with pytest.raises(SystemExit, match="flash_mgpu has no knob 'dkv'"):  # a function, not a knob
+    bench.parse_variants("x:dkv=1")
+  with pytest.raises(SystemExit, match=r"FWD_TURNS='yes' is not an integer \(booleans: 0/1\)"):
+    bench.parse_variants("x:FWD_TURNS=yes")
+  assert hasattr(flash_mgpu, "FWD_TURNS")
+
+
+def test_ceilings_take_the_best_reading_and_refresh_fractions(bench, monkeypatch):
+  readings = iter([(700.0, 3000.0), (800.0, 3200.0)])
+
+  def fake(rounds=3, before=None):  # what common.ceilings returns: best of all readings so far
+    mm, cp = next(readings)
+    mm_all = list((before or {}).get("matmul_tflops_all", [])) + [mm]
+    cp_all = list((before or {}).get("copy_GBps_all", [])) + [cp]
+    return {"matmul_tflops": max(mm_all), "copy_GBps": max(cp_all),
+            "matmul_tflops_all": mm_all, "copy_GBps_all": cp_all}
+
+  monkeypatch.setattr(bench, "common_ceilings", fake)
+  monkeypatch.setattr(bench, "save", lambda: None)
+  bench.ceilings()
+  row = {"pallas_fwdbwd_tflops": 350.0, "pallas_fwdbwd_frac": 0.5, "pallas_GBps": 1600.0,
+         "pallas_bw_frac": 1600.0 / 3000.0, "pallas_fwd_ms": "failed: OOM"}
+  bench.RESULTS["train"].append(row)
+  bench.ceilings()  # a better reading after the rows: every fraction is taken against it
+  assert bench.RESULTS["ceil"]["matmul_tflops"] == 800.0
+  assert bench.RESULTS["ceil"]["matmul_tflops_all"] == [700.0, 800.0]
+  assert row["pallas_fwdbwd_frac"] == pytest.approx(350.0 / 800.0)
+  assert row["pallas_bw_frac"] == pytest.approx(1600.0 / 3200.0)
+  assert row["pallas_fwd_ms"] == "failed: OOM"

@@ -85,24 +85,34 @@ def allowed_pairs(spec, length):
 # ------------------------------------------------------------------------------------------------
 
 
+CHECK_CASES = [  # (kind, block, num_noisy, L, H, K, D, B, packed); the first two: GQA 6 and 7
+    ("diffusion", 32, 1, 300, 12, 2, 128, 2, True),
+    ("diffusion", 32, 2, 256, 28, 4, 128, 1, True),
+    ("causal", 32, 1, 500, 6, 6, 64, 2, True),
+    ("block_causal", 32, 1, 384, 14, 2, 64, 1, False),
+]
+
+
+def _check_inputs(case, rng, seed):
+  """(spec, meta, q, k, v, ct) of a check case: bf16 q/k/v, a float32 cotangent."""
+  kind, bs, nn_, length, h, kh, d, b, packed = case
+  spec = masks.MaskSpec(kind, bs, nn_)
+  meta = layout_segments(b, length, spec, rng, packed)
+  t = meta.positions.shape[1]
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (b, t, h, d), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (b, t, kh, d), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (b, t, kh, d), jnp.bfloat16)
+  ct = jax.random.normal(keys[3], (b, t, h, d), jnp.float32)
+  return spec, meta, q, k, v, ct
+
+
 def check(tiles):
   """Compiled kernels vs float32 XLA reference on bf16 inputs."""
   rng = np.random.default_rng(0)
-  cases = [  # (kind, block, num_noisy, L, H, K, D, B, packed)
-      ("diffusion", 32, 1, 300, 12, 2, 128, 2, True),
-      ("diffusion", 32, 2, 256, 28, 4, 128, 1, True),
-      ("causal", 32, 1, 500, 6, 6, 64, 2, True),
-      ("block_causal", 32, 1, 384, 14, 2, 64, 1, False),
-  ][:LEAN_CHECK]
-  for kind, bs, nn_, length, h, kh, d, b, packed in cases:
-    spec = masks.MaskSpec(kind, bs, nn_)
-    meta = layout_segments(b, length, spec, rng, packed)
-    t = meta.positions.shape[1]
-    keys = jax.random.split(jax.random.key(len(RESULTS["check"])), 4)
-    q = jax.random.normal(keys[0], (b, t, h, d), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (b, t, kh, d), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (b, t, kh, d), jnp.bfloat16)
-    ct = jax.random.normal(keys[3], (b, t, h, d), jnp.float32)
+  for case in CHECK_CASES[:LEAN_CHECK]:
+    kind, _, _, length, h, kh, d, b, packed = case
+    spec, meta, q, k, v, ct = _check_inputs(case, rng, len(RESULTS["check"]))
     f32 = lambda x: x.astype(jnp.float32)
     # The default, beside the all-Triton kernels and the two dk/dv kernels named explicitly.
     fns = _train_fns(spec, meta, tiles)
@@ -194,11 +204,13 @@ def ceilings():
       continue
     for r in rows:
       for f in [f for f in r if f.endswith("_frac")]:
-        base = f[:-len("_frac")]
-        if f.endswith("_bw_frac") and isinstance(r.get(base[:-3] + "_GBps"), float):
-          r[f] = r[base[:-3] + "_GBps"] / bw
-        elif isinstance(r.get(base + "_tflops"), float):
-          r[f] = r[base + "_tflops"] / mm
+        # "{impl}_bw_frac" is of "{impl}_GBps"; "{impl}_{fwd|fwdbwd}_frac" of "..._tflops"
+        if f.endswith("_bw_frac"):
+          src, ceil = f[:-len("_bw_frac")] + "_GBps", bw
+        else:
+          src, ceil = f[:-len("_frac")] + "_tflops", mm
+        if isinstance(r.get(src), float):
+          r[f] = r[src] / ceil
   print("ceilings", RESULTS["ceil"], flush=True)
   save()
 
@@ -300,17 +312,12 @@ def check_grads(impls, tiles, tag):
   exact."""
   rng = np.random.default_rng(7)
   ok = True
-  for kind, bs, nn_, length, h, kh, d, b in [("diffusion", 32, 1, 300, 12, 2, 128, 2),
-                                              ("diffusion", 32, 2, 256, 28, 4, 128, 1)]:
-    spec = masks.MaskSpec(kind, bs, nn_)
-    meta = layout_segments(b, length, spec, rng, True)
-    t = meta.positions.shape[1]
-    keys = jax.random.split(jax.random.key(1000 + len(RESULTS["check"])), 4)
-    q, ct = (jax.random.normal(keys[i], (b, t, h, d), jnp.bfloat16) for i in (0, 3))
-    k, v = (jax.random.normal(keys[i], (b, t, kh, d), jnp.bfloat16) for i in (1, 2))
+  for case in CHECK_CASES[:2]:
+    kind, _, nn_, length, h, kh, d, b, _ = case
+    spec, meta, q, k, v, ct = _check_inputs(case, rng, 1000 + len(RESULTS["check"]))
     f32 = lambda x: x.astype(jnp.float32)
     fns = _train_fns(spec, meta, tiles)
-    gw = _grad(fns["xla"])(f32(q), f32(k), f32(v), f32(ct))
+    gw = _grad(fns["xla"])(f32(q), f32(k), f32(v), ct)
     want = jax.jit(fns["xla"])(f32(q), f32(k), f32(v))
     row = {"case": f"{tag} {kind}x{nn_} B={b} L={length} H={h}/{kh} D={d} packed"}
     for impl in impls:

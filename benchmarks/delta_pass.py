@@ -3,7 +3,7 @@ training-attention shapes of benchmarks/attention.py (L=2048, B=4).
 
     python benchmarks/delta_pass.py
 
-`einsum` is what `flash._backward` ran until session 15: one fusion that reduces over D and
+`einsum` is what `flash._backward` runs: one fusion that reduces over D and
 writes [B, H, T]. `sum_t` reduces over D in [B, T, H] (a row reduction) and transposes the small
 result; `sum` leaves it in [B, T, H] (no transpose: what the kernels would read if they took
 that layout). Bytes: o and do read once (bf16), delta written once (float32).
@@ -43,9 +43,9 @@ def main():
       sets.append(tuple(jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in ks))
     nbytes = 2 * b * t * h * d * 2 + b * t * h * 4
     row = {"case": name, "floor_us": nbytes / bw / 1e3}
+    ref = FORMS["einsum"](*sets[0])
     for form, fn in FORMS.items():
       f = jax.jit(fn)
-      ref = FORMS["einsum"](*sets[0])
       got = f(*sets[0])
       got = got if got.shape == ref.shape else got.transpose(0, 2, 1)
       assert float(jnp.max(jnp.abs(got - ref))) < 1e-3 * float(jnp.max(jnp.abs(ref))), form

@@ -760,7 +760,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.Barrier(num_arrivals=2, num_barriers=n_ds)]
   inputs = (q, k, v, do, lse, delta, seg, plan, qt, dot)
   # reduce-add targets, aliased in and out: dQ when fused, dK and dV with `reduce_add`
-  targets = ([_zeroed(q.shape)] if fuse_dq else []) + [_zeroed(k.shape) for _ in range(2 * reduce_add)]
+  targets = (([_zeroed(q.shape)] if fuse_dq else [])
+             + ([_zeroed(k.shape), _zeroed(k.shape)] if reduce_add else []))
   out_shape = jax.ShapeDtypeStruct(((group,) if partials else ()) + k.shape, dtype)
 
   def body(*refs):

@@ -15,6 +15,7 @@ where a step is a few small kernels per layer and must not copy weights. `forwar
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Any, Optional
 
@@ -28,6 +29,7 @@ from dllm_jax.cache import KVCache, write
 from dllm_jax.config import ModelConfig
 
 Params = Any
+_log = logging.getLogger(__name__)
 
 
 def _init(std: float, axes: tuple[str, ...]):
@@ -141,21 +143,28 @@ class Attention(nn.Module):
                              contract="layout")
       new_cache = None
     else:
-      # Cached tokens are clean tokens of one sequence whose slot index is their position.
-      cache_k, cache_v = cache_kv
-      start = meta.positions[:, 0]
-      cache_k = write(cache_k, k, start, write_mask_B)
-      cache_v = write(cache_v, v, start, write_mask_B)
-      batch, max_len = cache_k.shape[:2]
-      k_meta = masks.TokenMeta.simple(
-          jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len)))
-      q_meta = masks.TokenMeta.simple(meta.positions)
-      out = attention.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), self.spec,
-                             q_meta, k_meta, cfg.attention_impl, contract="cache")
-      new_cache = (cache_k, cache_v)
+      out, new_cache = _cached_attention(cfg, self.spec, q, k, v, meta, cache_kv, write_mask_B)
 
     y = proj(2, (h, d, e), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), None, name="o")(out)
     return y, new_cache
+
+
+def _cached_attention(cfg: ModelConfig, spec: masks.MaskSpec, q, k, v, meta: masks.TokenMeta,
+                      cache_kv, write_mask_B):
+  """Writes k, v [B, T, KV, D] into the cache at the rows' positions and attends q over it:
+  (out [B, T, H, D], new (k, v) cache). Cached tokens are clean tokens of one sequence whose
+  slot index is their position."""
+  cache_k, cache_v = cache_kv
+  start = meta.positions[:, 0]
+  cache_k = write(cache_k, k, start, write_mask_B)
+  cache_v = write(cache_v, v, start, write_mask_B)
+  batch, max_len = cache_k.shape[:2]
+  k_meta = masks.TokenMeta.simple(
+      jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len)))
+  q_meta = masks.TokenMeta.simple(meta.positions)
+  out = attention.attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), spec, q_meta,
+                         k_meta, cfg.attention_impl, contract="cache")
+  return out, (cache_k, cache_v)
 
 
 class MLP(nn.Module):
@@ -179,6 +188,10 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv, write_mask_B=None):
     cfg = self.cfg
+    if (cache_kv is not None and math.prod(x_BTE.shape[:-1]) == 1
+        and not self.is_initializing() and _row_kernels(cfg)):
+      return _fused_row_layer(self.variables["params"], cfg, self.spec, x_BTE, meta, cache_kv,
+                              write_mask_B)
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
     h, new_cache = Attention(cfg, self.spec, name="attn")(norm(name="attn_norm")(x_BTE), meta,
                                                          cache_kv, write_mask_B)
@@ -186,6 +199,65 @@ class DecoderLayer(nn.Module):
     x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
     return x, new_cache
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  _log.warning(message)
+
+
+def _row_kernels(cfg: ModelConfig) -> bool:
+  """Whether a one-row decode step runs `kernels.matvec` (`model.matvec_impl="pallas"`)."""
+  if cfg.matvec_impl == "xla":
+    return False
+  from dllm_jax.kernels import matvec  # lazily: the CPU path never needs Pallas
+
+  where = "model.matvec_impl='pallas'"
+  if jax.default_backend() not in ("gpu", "cpu"):
+    raise ValueError(f"{where} runs a Triton kernel, which has no {jax.default_backend()!r} "
+                     "lowering (GPU only; the CPU interprets it): use 'xla'")
+  why = matvec.supported(cfg.hidden_size, (cfg.num_heads * cfg.head_dim,
+                                           cfg.num_kv_heads * cfg.head_dim,
+                                           cfg.intermediate_size))
+  if why is not None:
+    raise ValueError(f"{where}: this model's shapes are not covered ({why}); use 'xla'")
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and any(mesh.shape[a] > 1 for a in mesh.axis_names):
+    # The kernel is one custom call: on a mesh it would gather every sharded weight.
+    _warn_once(f"{where} is ignored on device mesh {dict(mesh.shape)}: the one-row "
+               "projections run as XLA (the kernel would gather the sharded weights)")
+    return False
+  return True
+
+
+def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x_BTE, meta, cache_kv,
+                     write_mask_B):
+  """`DecoderLayer` for a single row (B = T = 1) against the cache, with `kernels.matvec`
+  doing the attention norm with q/k/v, and the residual add and MLP norm with gate/up and the
+  SiLU product: the same arithmetic, three kernels a layer fewer (BENCHMARKS.md, session 16)."""
+  from dllm_jax.kernels import matvec  # lazily: the CPU path never needs Pallas
+
+  e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  dt = cfg.dtype
+  interpret = jax.default_backend() == "cpu"
+  a = p["attn"]
+  ws = [a[n]["kernel"].reshape(e, -1).astype(dt) for n in ("q", "k", "v")]
+  biases = [a[n]["bias"].reshape(-1).astype(dt) for n in ("q", "k", "v")] if cfg.qkv_bias else None
+  (q, k, v), _ = matvec.norm_matvec(
+      x_BTE.reshape(e), ws, norm_scale_E=p["attn_norm"]["scale"].astype(dt),
+      eps=cfg.rms_norm_eps, biases_N=biases, interpret=interpret)
+  q = rope(q.reshape(1, 1, h, d), meta.positions, cfg.rope_theta)
+  k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
+  out, new_cache = _cached_attention(cfg, spec, q, k, v.reshape(1, 1, kv, d), meta, cache_kv,
+                                     write_mask_B)
+  o = _matmul(out.reshape(1, h * d).astype(dt), a["o"]["kernel"].reshape(h * d, e).astype(dt))
+  m = p["mlp"]
+  (act,), x = matvec.norm_matvec(
+      x_BTE.reshape(e), (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)),
+      add_E=o.reshape(e), norm_scale_E=p["mlp_norm"]["scale"].astype(dt),
+      eps=cfg.rms_norm_eps, silu_pair=True, interpret=interpret)
+  x = x + _matmul(act.reshape(1, -1), m["down"]["kernel"].astype(dt)).reshape(e)
+  return x.reshape(x_BTE.shape), new_cache
 
 
 _REMAT_POLICIES = {

@@ -243,7 +243,7 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
   log.info("jax.distributed: process %d of %d, coordinator %s", pid, num, address)
 
 
-_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl")
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "matvec_impl")
 
 
 def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:

@@ -1,0 +1,227 @@
+"""One row times several weight matrices, with the residual add and RMSNorm that feed them fused
+in: the projections of a one-token decode step at batch 1.
+
+At batch 1 an AR step multiplies a single row by every weight matrix. Each product is a
+matrix-vector product bound by reading the weights, and XLA runs the work around it as kernels of
+their own, 1-2 us each however little they do: the norm's reduction, the norm's multiply, the
+residual add, the SiLU product (BENCHMARKS.md, "Where the 1.5B batch-1 AR step goes"). Here one
+kernel does all of it: every program recomputes the (tiny) normalised row, then reads its columns
+of the weights. The model (`model.matvec_impl="pallas"`) runs two a layer: the attention's norm
+with q/k/v, and the residual add and MLP norm with gate/up.
+
+Where it stands (H200, BENCHMARKS.md session 16): three kernels a layer fewer and a 5% faster
+step at the Qwen2.5-1.5B and SmolLM2-135M shapes, but the products themselves read the weights
+at about 3 TB/s where XLA's autotuned GEMMs reach 3.3-4: at the 7B's shapes, where the weights
+dominate, the step is 11% slower. Hence opt-in.
+
+Numerics follow the model's XLA path op for op: bf16 residual add, the norm in float32 cast to
+the compute dtype before its scale, products accumulated in float32 and rounded to the compute
+dtype, then the bias (or SiLU(gate) * up) each rounded as XLA rounds its bf16 ops. Only the
+order of the float32 sum differs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+def _pow2_divisor(n: int, at_most: int) -> int:
+  """The largest power of two <= at_most that divides n (1 if none larger)."""
+  b = 1
+  while b * 2 <= at_most and n % (b * 2) == 0:
+    b *= 2
+  return b
+
+
+def supported(e: int, ns: Sequence[int], block_n: int = 32, block_k: int = 256) -> str | None:
+  """None when `norm_matvec` covers a row of length e times weights of ns columns, else why
+  not."""
+  if _pow2_divisor(e, block_k) < 16:
+    return f"row length {e} has no power-of-two divisor >= 16"
+  for n in ns:
+    if _pow2_divisor(n, block_n) < 16:
+      return f"weight columns {n} have no power-of-two divisor >= 16"
+  return None
+
+
+def _round(x, dtype):
+  """float32 -> dtype -> float32: what storing a `dtype` intermediate does."""
+  return x.astype(dtype).astype(jnp.float32)
+
+
+_ROWS = 16  # rows of the tensor-core product (the row, repeated)
+
+
+def _kernel(*refs, num_w, has_add, has_norm, has_bias, silu_pair, eps, bk, nk, bn, tiles,
+            dtype):
+  it = iter(refs)
+  x_ref = next(it)
+  add_ref = next(it) if has_add else None
+  scale_ref = next(it) if has_norm else None
+  w_refs = [next(it) for _ in range(num_w)]
+  b_refs = [next(it) for _ in range(num_w)] if has_bias else None
+  o_refs = [next(it) for _ in range(1 if silu_pair else num_w)]
+  sum_ref = next(it) if has_add else None
+  e = bk * nk
+  j = pl.program_id(0)
+
+  def load(c):  # the raw inputs of chunk c of the row
+    sl = pl.ds(c * bk, bk)
+    return (x_ref[sl], add_ref[sl] if has_add else None, scale_ref[sl] if has_norm else None)
+
+  def row(raw):  # the (residual-added) row, float32 of dtype values
+    x = raw[0].astype(jnp.float32)
+    if has_add:
+      x = _round(x + raw[1].astype(jnp.float32), dtype)
+    return x
+
+  # Chunks unrolled: their loads do not wait on one another.
+  raws = [load(c) for c in range(nk)]
+  if has_norm:
+    r = lax.rsqrt(sum(jnp.sum(row(raw) * row(raw)) for raw in raws) / e + eps)
+
+  if has_add:
+    @pl.when(j == 0)
+    def _():
+      for c, raw in enumerate(raws):
+        sum_ref[pl.ds(c * bk, bk)] = row(raw).astype(sum_ref.dtype)
+
+  def normed(raw):
+    x = row(raw)
+    if has_norm:
+      x = _round(raw[2].astype(jnp.float32) * _round(x * r, dtype), dtype)
+    return x.astype(dtype)
+
+  # The row goes through the tensor cores as 16 equal rows (their smallest M): Triton pipelines
+  # only loads that feed a dot, and a weight-bound product needs its loads in flight while it
+  # multiplies (an elementwise multiply-add reached half the bandwidth of XLA's GEMM on the
+  # H200, BENCHMARKS.md). Row 0 of the result is the product. The next chunk of the row is
+  # loaded before this chunk's products and normalised after them, so its latency hides behind
+  # them instead of standing in front of every chunk.
+  first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
+  precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+  def matvec(refs, col):
+    def body(c, carry):
+      accs, xn = carry
+      nxt = load(jnp.minimum(c + 1, nk - 1))
+      a = jnp.broadcast_to(xn[None, :], (_ROWS, bk))
+      accs = tuple(
+          acc + lax.dot_general(a, w_ref[pl.ds(c * bk, bk), pl.ds(col, bn)].astype(dtype),
+                                (((1,), (0,)), ((), ())), precision=precision,
+                                preferred_element_type=jnp.float32)
+          for acc, w_ref in zip(accs, refs))
+      return accs, normed(nxt)
+    zeros = tuple(jnp.zeros((_ROWS, bn), jnp.float32) for _ in refs)
+    accs, _ = lax.fori_loop(0, nk, body, (zeros, normed(raws[0])))
+    return [_round(jnp.sum(jnp.where(first_row, acc, 0.0), axis=0), dtype) for acc in accs]
+
+  if silu_pair:
+    col = pl.multiple_of(j * bn, bn)
+    g, u = matvec(w_refs, col)
+    s = _round(g * _round(jax.nn.sigmoid(g), dtype), dtype)
+    o_refs[0][pl.ds(col, bn)] = (s * u).astype(o_refs[0].dtype)
+    return
+
+  first = 0
+  for i in range(num_w):  # program j works on the weight whose tiles hold it
+    @pl.when((j >= first) & (j < first + tiles[i]))
+    def _(i=i, first=first):
+      col = pl.multiple_of((j - first) * bn, bn)
+      y, = matvec(w_refs[i:i + 1], col)
+      if has_bias:
+        y = _round(y + b_refs[i][pl.ds(col, bn)].astype(jnp.float32), dtype)
+      o_refs[i][pl.ds(col, bn)] = y.astype(o_refs[i].dtype)
+    first += tiles[i]
+
+
+def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
+                add_E: Optional[jax.Array] = None,
+                norm_scale_E: Optional[jax.Array] = None, eps: float = 1e-6,
+                biases_N: Optional[Sequence[jax.Array]] = None, silu_pair: bool = False,
+                block_n: int = 32, block_k: Optional[int] = None, num_warps: int = 4,
+                num_stages: int = 3, interpret: bool = False):
+  """(outputs, row): `outputs[i] = norm(x + add) @ ws[i] (+ biases[i])`, in x's dtype.
+
+  x [E]; ws[i] [E, N_i]. `add_E` given: the row is x + add (rounded to x's dtype), returned as
+  `row` (the residual stream after the add); else `row` is None. `norm_scale_E` given: the row
+  is RMS-normalised first (eps `eps`), as `model.RMSNorm`. `silu_pair`: ws = (gate, up) and the
+  one output is SiLU(row @ gate) * (row @ up). `block_n` / `block_k` (columns per program, rows
+  per chunk; the largest powers of two up to them that divide the shapes), `num_warps` and
+  `num_stages` are tuning knobs. The defaults were the fastest of a sweep on the H200 at the
+  Qwen2.5-1.5B's shapes (BENCHMARKS.md): 32 columns a program, chunks of 512 rows, or 256 for the
+  gate/up pair, whose two weight tiles in three stages must fit in shared memory.
+  """
+  ws_EN = tuple(ws_EN)
+  e = x_E.shape[0]
+  if block_k is None:
+    block_k = 256 if silu_pair else 512
+  if x_E.ndim != 1 or any(w.ndim != 2 or w.shape[0] != e for w in ws_EN):
+    raise ValueError(f"norm_matvec: a row [E] and weights [E, N] expected, got x {x_E.shape} "
+                     f"and weights {[w.shape for w in ws_EN]}")
+  why = supported(e, [w.shape[1] for w in ws_EN], block_n, block_k)
+  if why is not None:
+    raise ValueError(f"norm_matvec: {why}")
+  if silu_pair and (len(ws_EN) != 2 or ws_EN[0].shape != ws_EN[1].shape or biases_N):
+    raise ValueError("norm_matvec: silu_pair takes two weights of one shape (gate, up), no bias")
+  if biases_N is not None and [b.shape for b in biases_N] != [(w.shape[1],) for w in ws_EN]:
+    raise ValueError(f"norm_matvec: biases {[b.shape for b in biases_N]} do not match the "
+                     f"weights' columns {[w.shape[1] for w in ws_EN]}")
+  dtype = x_E.dtype
+  bk = _pow2_divisor(e, block_k)
+  bn = min(_pow2_divisor(w.shape[1], block_n) for w in ws_EN)
+  tiles = tuple(w.shape[1] // bn for w in ws_EN)
+  grid = tiles[0] if silu_pair else sum(tiles)
+
+  whole = lambda a: pl.BlockSpec(a.shape, lambda j: (0,) * a.ndim)
+  args = [x_E] + ([add_E] if add_E is not None else [])
+  args += [norm_scale_E] if norm_scale_E is not None else []
+  args += list(ws_EN) + (list(biases_N) if biases_N is not None else [])
+  outs = ([jax.ShapeDtypeStruct((ws_EN[0].shape[1],), dtype)] if silu_pair else
+          [jax.ShapeDtypeStruct((w.shape[1],), dtype) for w in ws_EN])
+  if add_E is not None:
+    outs.append(jax.ShapeDtypeStruct((e,), dtype))
+  kernel = functools.partial(
+      _kernel, num_w=len(ws_EN), has_add=add_E is not None, has_norm=norm_scale_E is not None,
+      has_bias=biases_N is not None, silu_pair=silu_pair, eps=eps, bk=bk, nk=e // bk, bn=bn,
+      tiles=tiles, dtype=dtype)
+  res = pl.pallas_call(
+      kernel,
+      grid=(grid,),
+      in_specs=[whole(a) for a in args],
+      out_specs=[pl.BlockSpec(o.shape, lambda j: (0,)) for o in outs],
+      out_shape=outs,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="norm_matvec",
+  )(*args)
+  res = list(res)
+  row = res.pop() if add_E is not None else None
+  return tuple(res), row
+
+
+def norm_matvec_reference(x_E, ws_EN, *, add_E=None, norm_scale_E=None, eps=1e-6,
+                          biases_N=None, silu_pair=False, dot=None):
+  """`norm_matvec` in plain XLA, written as the model writes it; `dot(x [1, E], w [E, N])` is
+  the product (default a plain dot; the model's `_matmul` for what the model runs)."""
+  dot = dot or (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  dtype = x_E.dtype
+  x = x_E if add_E is None else x_E + add_E
+  h = x
+  if norm_scale_E is not None:
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32) + eps)
+    h = norm_scale_E.astype(dtype) * y.astype(dtype)
+  ys = [dot(h[None], w.astype(dtype)).astype(dtype)[0] for w in ws_EN]
+  if silu_pair:
+    ys = [jax.nn.silu(ys[0]) * ys[1]]
+  elif biases_N is not None:
+    ys = [y + b.astype(dtype) for y, b in zip(ys, biases_N)]
+  return tuple(ys), (x if add_E is not None else None)

@@ -1,0 +1,191 @@
+"""`kernels.matvec` (interpret mode on CPU) against its XLA reference, and the model's one-row
+decode step with it against the plain XLA path."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dllm_jax import cache as kvcache
+from dllm_jax import decoding, masks, model
+from dllm_jax.config import ConfigError, ModelConfig
+from dllm_jax.kernels import matvec
+
+
+def _inputs(key, e, ns, dtype):
+  k = jax.random.split(key, 4 + 2 * len(ns))
+  x = (2 * jax.random.normal(k[0], (e,))).astype(dtype)
+  add = jax.random.normal(k[1], (e,)).astype(dtype)
+  scale = (1 + 0.2 * jax.random.normal(k[2], (e,))).astype(dtype)
+  ws = [(e ** -0.5 * jax.random.normal(k[4 + i], (e, n))).astype(dtype) for i, n in enumerate(ns)]
+  bs = [jax.random.normal(k[4 + len(ns) + i], (n,)).astype(dtype) for i, n in enumerate(ns)]
+  return x, add, scale, ws, bs
+
+
+def _close(got, want, dtype):
+  # bf16 results: the float32 sums differ only in order, so at most a rounding step apart.
+  tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("e,ns,block_n,block_k", [
+    (64, (32,), 64, 128),  # one chunk, one tile
+    (192, (96, 32, 32), 32, 64),  # three weights (q, k, v), tiles of each in one grid
+    (576, (144, 48), 64, 128),  # SmolLM2's hidden size: 64-row chunks, 16-column tiles
+    (96, (80,), 64, 32),  # 80 columns: tiles of 16
+])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("mode", ["plain", "add", "norm", "add_norm_bias"])
+def test_norm_matvec_equals_reference(e, ns, block_n, block_k, dtype, mode):
+  x, add, scale, ws, bs = _inputs(jax.random.key(e + len(ns)), e, ns, dtype)
+  kw = {"plain": {}, "add": {"add_E": add}, "norm": {"norm_scale_E": scale, "eps": 1e-5},
+        "add_norm_bias": {"add_E": add, "norm_scale_E": scale, "biases_N": bs}}[mode]
+  got, row = matvec.norm_matvec(x, ws, block_n=block_n, block_k=block_k, interpret=True, **kw)
+  want, want_row = matvec.norm_matvec_reference(x, ws, **kw)
+  assert len(got) == len(ns) and [g.shape for g in got] == [(n,) for n in ns]
+  assert all(g.dtype == dtype for g in got)
+  for g, w in zip(got, want):
+    _close(g, w, dtype)
+  if "add_E" in kw:
+    np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
+  else:
+    assert row is None
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_norm_matvec_silu_pair(dtype):
+  x, add, scale, ws, _ = _inputs(jax.random.key(7), 128, (96, 96), dtype)
+  kw = dict(add_E=add, norm_scale_E=scale, silu_pair=True)
+  (got,), row = matvec.norm_matvec(x, ws, block_n=32, block_k=32, interpret=True, **kw)
+  (want,), want_row = matvec.norm_matvec_reference(x, ws, **kw)
+  assert got.shape == (96,)
+  _close(got, want, dtype)
+  np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
+
+
+def test_norm_matvec_refuses_bad_inputs():
+  x, _, _, ws, bs = _inputs(jax.random.key(0), 64, (32, 32), jnp.float32)
+  with pytest.raises(ValueError, match=r"weights \[E, N\]"):
+    matvec.norm_matvec(x, [ws[0].T[:, :16]], interpret=True)
+  with pytest.raises(ValueError, match="columns 24"):
+    matvec.norm_matvec(x, [ws[0][:, :24]], interpret=True)
+  with pytest.raises(ValueError, match="row length 40"):
+    matvec.norm_matvec(x[:40], [ws[0][:40]], interpret=True)
+  with pytest.raises(ValueError, match="silu_pair"):
+    matvec.norm_matvec(x, ws[:1], silu_pair=True, interpret=True)
+  with pytest.raises(ValueError, match="biases"):
+    matvec.norm_matvec(x, ws, biases_N=bs[:1], interpret=True)
+
+
+def test_norm_matvec_lowers_for_cuda():
+  # The interpreter never lowers the kernel through Triton; this does, on the CPU.
+  x, add, scale, ws, bs = _inputs(jax.random.key(1), 192, (96, 32, 32), jnp.bfloat16)
+  f = lambda x, a, s, ws, bs: matvec.norm_matvec(x, ws, add_E=a, norm_scale_E=s, biases_N=bs)
+  g = lambda x, a, s, ws: matvec.norm_matvec(x, ws[:2], add_E=a, norm_scale_E=s, silu_pair=True)
+  for fn, args in ((f, (x, add, scale, ws, bs)), (g, (x, add, scale, [ws[1], ws[2]]))):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
+
+
+CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, dtype="bfloat16",
+                  param_dtype="float32", matvec_impl="xla")
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_model_one_row_step_with_kernels_equals_xla(stacked):
+  params = model.init_params(CFG, jax.random.key(0))
+  # Norm scales away from 1, so a scale applied wrongly shows.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * (1 + 0.3 * jnp.sin(jnp.arange(x.shape[-1])))
+      if "scale" in jax.tree_util.keystr(path) else x, params)
+  params = model.with_layout(params, "stacked" if stacked else "per_layer")
+  pallas = dataclasses.replace(CFG, matvec_impl="pallas")
+  spec = masks.MaskSpec("causal")
+  tokens = jax.random.randint(jax.random.key(1), (1, 13), 0, CFG.vocab_size)
+  pos = lambda s, n: masks.TokenMeta.simple(jnp.arange(s, s + n, dtype=jnp.int32)[None])
+  fwd = jax.jit(model.forward, static_argnums=(1, 4))
+  cache = kvcache.init_cache(CFG, 1, 32, per_layer=not stacked)
+  _, cache = fwd(params, CFG, tokens[:, :12], pos(0, 12), spec, cache)
+  want, want_cache = fwd(params, CFG, tokens[:, 12:], pos(12, 1), spec, cache)
+  got, got_cache = fwd(params, pallas, tokens[:, 12:], pos(12, 1), spec, cache)
+  # Two kernel launches a layer (the scan's body holds one layer).
+  jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(
+      params, pallas, tokens[:, 12:], pos(12, 1), spec, cache))
+  assert jaxpr.count("name=norm_matvec") == 2 * (1 if stacked else CFG.num_layers)
+  np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2)
+  assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.999
+  for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=3e-2, atol=3e-2)
+
+
+def test_ar_generation_with_kernels_matches_xla():
+  params = model.with_layout(model.init_params(CFG, jax.random.key(2)), "per_layer")
+  prompt = jax.random.randint(jax.random.key(3), (1, 8), 0, CFG.vocab_size)
+  dcfg = decoding.DecodeConfig(mode="ar", max_new_tokens=12)
+  run = lambda cfg: decoding.generate(params, cfg, prompt, jnp.asarray([8]), jax.random.key(4),
+                                      dcfg)
+  want = run(CFG)
+  got = run(dataclasses.replace(CFG, matvec_impl="pallas"))
+  # Greedy tokens of a random model can flip on a near tie; all but a late one must agree.
+  agree = np.cumprod(np.asarray(got[0]) == np.asarray(want[0]), axis=-1).sum()
+  assert agree >= 8, (got[0], want[0])
+
+
+def test_matvec_impl_is_validated():
+  with pytest.raises(ConfigError, match="matvec_impl"):
+    ModelConfig(matvec_impl="triton")
+  cfg = dataclasses.replace(CFG, hidden_size=40, num_heads=2, num_kv_heads=1, head_dim=20,
+                            matvec_impl="pallas")
+  params = model.init_params(cfg, jax.random.key(0))
+  cache = kvcache.init_cache(cfg, 1, 16)
+  meta = masks.TokenMeta.simple(jnp.zeros((1, 1), jnp.int32))
+  with pytest.raises(ValueError, match="matvec_impl='pallas'.*row length 40.*use 'xla'"):
+    model.forward(params, cfg, jnp.zeros((1, 1), jnp.int32), meta, masks.MaskSpec("causal"),
+                  cache)
+  # "xla" (the default) runs the same model.
+  model.forward(params, dataclasses.replace(cfg, matvec_impl="xla"), jnp.zeros((1, 1), jnp.int32),
+                meta, masks.MaskSpec("causal"), cache)
+  assert ModelConfig().matvec_impl == "xla"
+
+
+def test_pallas_matvec_on_a_mesh_falls_back_to_xla(caplog):
+  # A mesh of one device: nothing is sharded and the kernel runs.
+  params = model.with_layout(model.init_params(CFG, jax.random.key(0)), "per_layer")
+  cfg = dataclasses.replace(CFG, matvec_impl="pallas")
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  meta = masks.TokenMeta.simple(jnp.zeros((1, 1), jnp.int32))
+  cache = kvcache.init_cache(CFG, 1, 16, per_layer=True)
+  fwd = lambda: model.forward(params, cfg, tokens, meta, masks.MaskSpec("causal"), cache)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  with jax.set_mesh(mesh):
+    assert "name=norm_matvec" in str(jax.make_jaxpr(fwd)())
+  assert len(jax.devices()) >= 2  # conftest.py asks XLA for 8 CPU devices
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",))
+  model._warn_once.cache_clear()
+  with caplog.at_level("WARNING", logger="dllm_jax.model"), jax.set_mesh(mesh):
+    assert "norm_matvec" not in str(jax.make_jaxpr(fwd)())
+  assert any("ignored on device mesh" in r.message for r in caplog.records)
+
+
+def test_benchmark_knob_specs():
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "matvec.py"
+  spec = importlib.util.spec_from_file_location("matvec_benchmark", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert bench._parse_knobs("default;block_n=64,num_stages=2") == [
+      {}, {"block_n": 64, "num_stages": 2}]
+  with pytest.raises(SystemExit, match=r"unknown \['blockn'\]"):
+    bench._parse_knobs("blockn=64")
+  with pytest.raises(SystemExit, match="not an integer"):
+    bench._parse_knobs("block_n=big")
+  with pytest.raises(SystemExit, match="KNOB=INT"):
+    bench._parse_knobs("block_n")

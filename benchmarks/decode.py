@@ -65,7 +65,8 @@ def _safe(fn):
     return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",)):
+def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
+             matvecs=("xla",)):
   import jax
   import jax.numpy as jnp
 
@@ -84,13 +85,13 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",)):
     by_layout = {"stacked": stacked}
     if "per_layer" in layouts:
       by_layout["per_layer"] = jax.jit(model.unstack_layers)(stacked)
-    for impl, layout in [(i, l) for i in impls for l in layouts]:
-      cfg = dataclasses.replace(SHAPES[name], attention_impl=impl)
+    for impl, layout, mv in [(i, l, m) for i in impls for l in layouts for m in matvecs]:
+      cfg = dataclasses.replace(SHAPES[name], attention_impl=impl, matvec_impl=mv)
       params = by_layout[layout]
       pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
       floor_step = pbytes / bw
       for b in batches:
-        row = {"shape": name, "impl": impl, "layout": layout, "batch": b,
+        row = {"shape": name, "impl": impl, "layout": layout, "matvec": mv, "batch": b,
                "param_bytes": pbytes,
                "floor_tokens_per_s": b / floor_step}
         prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
@@ -237,10 +238,10 @@ def report(out_dir):
            f"{ours['ceil']['copy_GBps']:.0f} GB/s, bf16 matmul {ours['ceil']['matmul_tflops']:.0f} "
            f"TFLOP/s; XLA_FLAGS={m.get('xla_flags', '')!r}; peer: {peer.get('meta', {})}",
            "",
-           "| shape | attn | layers | batch | AR tok/s | floor tok/s | floor/AR | peer eager tok/s | "
+           "| shape | attn | layers | matvec | batch | AR tok/s | floor tok/s | floor/AR | peer eager tok/s | "
            "peer static tok/s | ours/peer static | block32 fwd ms | sub8 fwd ms | peer block32 "
            "fwd ms | diff. s/round dual | diff. s/round no-dual |",
-           "|" + "---|" * 15]
+           "|" + "---|" * 16]
 
   def f(x, scale=1.0, d=1):
     return f"{x * scale:.{d}f}" if isinstance(x, (int, float)) else "n/a"
@@ -252,7 +253,8 @@ def report(out_dir):
     ours_tps = r.get("ar_tokens_per_s")
     ratio = ours_tps / static["tokens_per_s"] if ours_tps and static else None
     lines.append(
-        f"| {r['shape']} | {r['impl']} | {r.get('layout', 'stacked')} | {r['batch']} | "
+        f"| {r['shape']} | {r['impl']} | {r.get('layout', 'stacked')} | "
+        f"{r.get('matvec', 'xla')} | {r['batch']} | "
         f"{f(ours_tps)} | "
         f"{f(r['floor_tokens_per_s'])} | {f(r.get('ar_vs_floor'), d=2)} | "
         f"{f(eager.get('tokens_per_s'))} | {f(static.get('tokens_per_s'))} | {f(ratio, d=2)} | "
@@ -277,6 +279,9 @@ def main():
   ap.add_argument("--layouts", default="stacked,per_layer",
                   help="parameter layouts for the jax part: stacked,per_layer (per_layer: "
                        "model.unstack_layers, one buffer per layer and no scan)")
+  ap.add_argument("--matvecs", default="xla",
+                  help="model.matvec_impl values for the jax part: xla,pallas (the one-row "
+                       "projections, kernels/matvec.py)")
   ap.add_argument("--peer-modes", default="eager,static")
   ap.add_argument("--plain-dot", action="store_true",
                   help="jax part: multiply a single row as one (model._matmul's baseline)")
@@ -297,7 +302,7 @@ def main():
   if args.part == "jax":
     jax_part(shapes, batches, args.impls.split(","),
              [int(b) for b in args.diffusion_batches.split(",") if b],
-             args.layouts.split(","))
+             args.layouts.split(","), args.matvecs.split(","))
   elif args.part == "peer":
     peer_part(shapes, batches, args.peer_modes.split(","))
   else:

@@ -51,13 +51,22 @@ def main():
   ap.add_argument("--new", type=int, default=128, help="new tokens (steps) per generate call")
   ap.add_argument("--layout", default="per_layer", choices=model.LAYOUTS)
   ap.add_argument("--impl", default="pallas", choices=["pallas", "xla"])
+  ap.add_argument("--matvec", default="xla", choices=["xla", "pallas"],
+                  help="model.matvec_impl: the one-row projections (kernels/matvec.py)")
   ap.add_argument("--tag", default="", help="suffix of the JSON file name (one per XLA_FLAGS)")
   ap.add_argument("--no-ceilings", action="store_true")
   ap.add_argument("--decode-programs", type=int, default=0,
                   help="the decode kernel's `programs` knob (0: its default)")
   ap.add_argument("--plain-dot", action="store_true",
                   help="multiply a single row as one (model._matmul's baseline)")
+  ap.add_argument("--matvec-knobs", default="",
+                  help="knobs of kernels/matvec.norm_matvec, e.g. 'block_k=256,num_stages=4'")
   args = ap.parse_args()
+  if args.matvec_knobs:
+    from dllm_jax.kernels import matvec
+
+    knobs = {k: int(v) for k, v in (p.split("=") for p in args.matvec_knobs.split(","))}
+    matvec.norm_matvec = functools.partial(matvec.norm_matvec, **knobs)
   if args.plain_dot:
     model._matmul = jnp.dot
     args.tag = args.tag or "_plaindot"  # never overwrite the default run's JSON
@@ -67,7 +76,8 @@ def main():
     kernels.decode_attention = functools.partial(kernels.decode_attention,
                                                  programs=args.decode_programs)
 
-  cfg = dataclasses.replace(SHAPES[args.shape], attention_impl=args.impl)
+  cfg = dataclasses.replace(SHAPES[args.shape], attention_impl=args.impl,
+                            matvec_impl=args.matvec)
   params = jax.jit(lambda r: model.with_layout(model.init_params(cfg, r), args.layout))(
       jax.random.key(0))
   pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,141 @@
+"""The fused one-row projections (`kernels/matvec.py`) against the XLA kernels they replace.
+
+    python benchmarks/matvec.py [--shapes qwen2.5-1.5b,qwen2.5-7b,smollm2-135m]
+        [--knobs 'block_n=64,block_k=128,num_warps=4,num_stages=1;...']
+
+For each shape, the two launches of a one-row decode layer: `qkv` (RMSNorm, q/k/v, bias) and
+`gate_up` (residual add, RMSNorm, gate/up, SiLU product), each run over 16 layers of distinct
+weights in one jitted chain (layer i+1's input is layer i's output, so nothing is fused across
+layers and no weight is read from L2), as XLA runs the model's code (`model._matmul`) and as the
+kernel with each knob setting. Measured: wall us per layer (`common.timeit` over the chain),
+and from a profile the GPU us per layer of every kernel, with the weight-read floor per layer at
+the copy bandwidth of the same run. The gate/up chain slices the SiLU product to the row length
+for the next layer's residual, in both variants; its copy shows in the kernel list.
+JSON to $OUT/matvec.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks.common import ceilings, run_meta, save_json, timeit, traced_gpu_events  # noqa: E402
+from benchmarks.decode import SHAPES  # noqa: E402
+from dllm_jax import model  # noqa: E402
+from dllm_jax.kernels import matvec  # noqa: E402
+
+LAYERS = 16
+
+
+def _weights(cfg, key):
+  e, f = cfg.hidden_size, cfg.intermediate_size
+  ns = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim)
+  ks = jax.random.split(key, 8)
+  # One buffer per layer, as the per-layer layout the decoder runs (a slice of a stacked array
+  # is copied out for a custom call; XLA's GEMM reads it in place).
+  w = lambda k, *s: [(0.02 * jax.random.normal(jax.random.fold_in(k, i), s)).astype(jnp.bfloat16)
+                     for i in range(LAYERS)]
+  return {"scale": [1 + a for a in w(ks[0], e)], "qkv": [w(ks[1 + i], e, n) for i, n in enumerate(ns)],
+          "bias": [w(ks[4 + i], n) for i, n in enumerate(ns)],
+          "gate_up": [w(ks[7], e, f), w(jax.random.fold_in(ks[7], 1), e, f)]}
+
+
+def _chain(op, impl, knobs, cfg):
+  """A jitted function (x, add, weights) running `op` over LAYERS layers by `impl`."""
+  eps = cfg.rms_norm_eps
+  if impl == "xla":
+    fn = functools.partial(_xla_op, dot=model._matmul)
+  else:
+    fn = functools.partial(matvec.norm_matvec, **knobs)
+
+  def run(x, add, w):
+    for i in range(LAYERS):
+      if op == "qkv":
+        (q, _, _), _ = fn(x, [a[i] for a in w["qkv"]], norm_scale_E=w["scale"][i], eps=eps,
+                          biases_N=[b[i] for b in w["bias"]])
+        x = q
+      else:
+        (h,), x = fn(x, [a[i] for a in w["gate_up"]], add_E=add, norm_scale_E=w["scale"][i],
+                     eps=eps, silu_pair=True)
+        add = h[:x.shape[0]]
+    return x, add
+
+  return jax.jit(run)
+
+
+def _xla_op(x, ws, *, dot, add_E=None, norm_scale_E=None, eps=1e-6, biases_N=None,
+            silu_pair=False):
+  """`matvec.norm_matvec_reference` with the model's one-row product."""
+  return matvec.norm_matvec_reference(x, ws, add_E=add_E, norm_scale_E=norm_scale_E, eps=eps,
+                                      biases_N=biases_N, silu_pair=silu_pair, dot=dot)
+
+
+def _parse_knobs(text):
+  out = []
+  for item in filter(None, (t.strip() for t in text.split(";"))):
+    if item == "default":
+      out.append({})
+      continue
+    pairs = [p.split("=") for p in item.split(",")]
+    if any(len(p) != 2 for p in pairs):
+      raise SystemExit(f"--knobs: {item!r} is not KNOB=INT[,KNOB=INT...]")
+    kv = dict(pairs)
+    bad = set(kv) - {"block_n", "block_k", "num_warps", "num_stages"}
+    if bad:
+      raise SystemExit(f"--knobs: unknown {sorted(bad)} in {item!r} (knobs: block_n, block_k, "
+                       "num_warps, num_stages)")
+    try:
+      out.append({k: int(v) for k, v in kv.items()})
+    except ValueError:
+      raise SystemExit(f"--knobs: {item!r} has a value that is not an integer") from None
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--shapes", default="qwen2.5-1.5b")
+  ap.add_argument("--knobs", default="default",
+                  help="';'-separated knob settings of the kernel, 'default' = its defaults")
+  args = ap.parse_args()
+  res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceilings(rounds=2), "rows": []}
+  bw = res["ceil"]["copy_GBps"] * 1e9
+  print("ceilings", res["ceil"], flush=True)
+  for name in args.shapes.split(","):
+    cfg = SHAPES[name]
+    w = _weights(cfg, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (cfg.hidden_size,), jnp.bfloat16)
+    for op in ("qkv", "gate_up"):
+      wbytes = sum(a[0].nbytes for a in w[op])
+      for impl, knobs in [("xla", {})] + [("pallas", k) for k in _parse_knobs(args.knobs)]:
+        row = {"shape": name, "op": op, "impl": impl, "knobs": knobs,
+               "floor_us": wbytes / bw * 1e6}
+        try:
+          fn = _chain(op, impl, knobs, cfg)
+          row["wall_us"] = timeit(fn, [(x, x, w)], reps=5, inner=20) / LAYERS * 1e6
+          events, _ = traced_gpu_events(lambda: jax.block_until_ready(fn(x, x, w)))
+          per = collections.defaultdict(float)
+          for n, s, e in events:
+            per[n[:80]] += (e - s) / 1e3 / LAYERS
+          row["gpu_us"] = sum(per.values())
+          row["kernels_per_layer"] = len(events) / LAYERS
+          row["kernels"] = dict(sorted(per.items(), key=lambda kv: -kv[1])[:8])
+        except Exception as e:  # a knob setting that does not compile is recorded
+          row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        save_json("matvec.json", res)
+
+
+if __name__ == "__main__":
+  main()

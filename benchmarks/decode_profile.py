@@ -60,7 +60,8 @@ def main():
   ap.add_argument("--plain-dot", action="store_true",
                   help="multiply a single row as one (model._matmul's baseline)")
   ap.add_argument("--matvec-knobs", default="",
-                  help="knobs of kernels/matvec.norm_matvec, e.g. 'block_k=256,num_stages=4'")
+                  help="knobs of kernels/matvec.norm_matvec for both of a layer's launches, "
+                       "e.g. 'block_k=256,num_stages=4'")
   args = ap.parse_args()
   if args.matvec_knobs:
     from dllm_jax.kernels import matvec

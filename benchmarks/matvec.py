@@ -6,8 +6,9 @@
 For each shape, the two launches of a one-row decode layer: `qkv` (RMSNorm, q/k/v, bias) and
 `gate_up` (residual add, RMSNorm, gate/up, SiLU product), each run over 16 layers of distinct
 weights in one jitted chain (layer i+1's input is layer i's output, so nothing is fused across
-layers and no weight is read from L2), as XLA runs the model's code (`model._matmul`) and as the
-kernel with each knob setting. Measured: wall us per layer (`common.timeit` over the chain),
+layers and no weight is read from L2), as XLA (the model's ops, every product through
+`model._matmul`; the model's MLP uses `nn.Dense`, the same GEMM at these sizes) and as the kernel
+with each knob setting. Measured: wall us per layer (`common.timeit` over the chain),
 and from a profile the GPU us per layer of every kernel, with the weight-read floor per layer at
 the copy bandwidth of the same run. The gate/up chain slices the SiLU product to the row length
 for the next layer's residual, in both variants; its copy shows in the kernel list.

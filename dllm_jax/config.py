@@ -44,8 +44,8 @@ class ModelConfig:
   remat: str = "none"  # "none" | "full" | "dots": what a layer keeps for the backward pass
   attention_impl: str = "auto"  # "auto" (pallas on GPU/TPU, xla on CPU) | "xla" | "pallas"
   # The projections of a one-row decode step (AR at batch 1): "xla" | "pallas" (fused with their
-  # norm and residual add, kernels/matvec.py; GPU only, opt-in: 5% faster steps on the H200 at the
-  # 1.5B and 135M shapes, 11% slower at the 7B's; BENCHMARKS.md).
+  # norm and residual add, kernels/matvec.py; GPU only, opt-in: with bf16 weights on the H200 5%
+  # faster steps at the 1.5B and 135M shapes, 11% slower at the 7B's; BENCHMARKS.md).
   matvec_impl: str = "xla"
 
   def __post_init__(self):

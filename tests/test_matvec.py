@@ -57,12 +57,13 @@ def test_norm_matvec_equals_reference(e, ns, block_n, block_k, dtype, mode):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_norm_matvec_silu_pair(dtype):
-  x, add, scale, ws, _ = _inputs(jax.random.key(7), 128, (96, 96), dtype)
+@pytest.mark.parametrize("knobs", [dict(block_n=32, block_k=32), {}])  # {}: the defaults
+def test_norm_matvec_silu_pair(dtype, knobs):
+  x, add, scale, ws, _ = _inputs(jax.random.key(7), 256, (128, 128), dtype)
   kw = dict(add_E=add, norm_scale_E=scale, silu_pair=True)
-  (got,), row = matvec.norm_matvec(x, ws, block_n=32, block_k=32, interpret=True, **kw)
+  (got,), row = matvec.norm_matvec(x, ws, interpret=True, **knobs, **kw)
   (want,), want_row = matvec.norm_matvec_reference(x, ws, **kw)
-  assert got.shape == (96,)
+  assert got.shape == (128,)
   _close(got, want, dtype)
   np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
 
@@ -79,6 +80,14 @@ def test_norm_matvec_refuses_bad_inputs():
     matvec.norm_matvec(x, ws[:1], silu_pair=True, interpret=True)
   with pytest.raises(ValueError, match="biases"):
     matvec.norm_matvec(x, ws, biases_N=bs[:1], interpret=True)
+  with pytest.raises(ValueError, match=r"add_E has shape \(32,\), the row \(64,\)"):
+    matvec.norm_matvec(x, ws, add_E=x[:32], interpret=True)
+  with pytest.raises(ValueError, match="norm_scale_E has shape"):
+    matvec.norm_matvec(x, ws, norm_scale_E=x[None], interpret=True)
+  with pytest.raises(ValueError, match="at least one weight"):
+    matvec.norm_matvec(x, [], interpret=True)
+  with pytest.raises(ValueError, match="a row"):
+    matvec.norm_matvec(x[0], ws, interpret=True)
 
 
 def test_norm_matvec_lowers_for_cuda():
@@ -96,32 +105,46 @@ CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_laye
                   param_dtype="float32", matvec_impl="xla")
 
 
-@pytest.mark.parametrize("stacked", [True, False])
-def test_model_one_row_step_with_kernels_equals_xla(stacked):
-  params = model.init_params(CFG, jax.random.key(0))
-  # Norm scales away from 1, so a scale applied wrongly shows.
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, x: x * (1 + 0.3 * jnp.sin(jnp.arange(x.shape[-1])))
-      if "scale" in jax.tree_util.keystr(path) else x, params)
-  params = model.with_layout(params, "stacked" if stacked else "per_layer")
-  pallas = dataclasses.replace(CFG, matvec_impl="pallas")
+def _perturbed(cfg, key):
+  """Random params with norm scales away from 1 and nonzero biases, so that a scale or bias
+  applied wrongly (or not at all) shows."""
+  params = model.init_params(cfg, key)
+
+  def perturb(path, x):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      return x * (1 + 0.5 * jnp.sin(jnp.arange(x.shape[-1]) + 1.0))
+    if "bias" in name:
+      return 0.5 * jnp.cos(jnp.arange(x.size) * 0.37).reshape(x.shape)
+    return x
+  return jax.tree_util.tree_map_with_path(perturb, params)
+
+
+@pytest.mark.parametrize("stacked,qkv_bias", [(True, True), (False, True), (False, False)])
+def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias):
+  cfg = dataclasses.replace(CFG, qkv_bias=qkv_bias)
+  params = model.with_layout(_perturbed(cfg, jax.random.key(0)),
+                             "stacked" if stacked else "per_layer")
+  pallas = dataclasses.replace(cfg, matvec_impl="pallas")
   spec = masks.MaskSpec("causal")
   tokens = jax.random.randint(jax.random.key(1), (1, 13), 0, CFG.vocab_size)
   pos = lambda s, n: masks.TokenMeta.simple(jnp.arange(s, s + n, dtype=jnp.int32)[None])
   fwd = jax.jit(model.forward, static_argnums=(1, 4))
-  cache = kvcache.init_cache(CFG, 1, 32, per_layer=not stacked)
-  _, cache = fwd(params, CFG, tokens[:, :12], pos(0, 12), spec, cache)
-  want, want_cache = fwd(params, CFG, tokens[:, 12:], pos(12, 1), spec, cache)
+  cache = kvcache.init_cache(cfg, 1, 32, per_layer=not stacked)
+  _, cache = fwd(params, cfg, tokens[:, :12], pos(0, 12), spec, cache)
+  want, want_cache = fwd(params, cfg, tokens[:, 12:], pos(12, 1), spec, cache)
   got, got_cache = fwd(params, pallas, tokens[:, 12:], pos(12, 1), spec, cache)
   # Two kernel launches a layer (the scan's body holds one layer).
   jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(
       params, pallas, tokens[:, 12:], pos(12, 1), spec, cache))
   assert jaxpr.count("name=norm_matvec") == 2 * (1 if stacked else CFG.num_layers)
-  np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2)
-  assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.999
+  # bf16 steps that differ only in the order of float32 sums: about one rounding apart (a
+  # dropped norm scale moved these logits by 2e-2, a dropped bias by more).
+  np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
+  assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.9999
   for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
-                               rtol=3e-2, atol=3e-2)
+                               rtol=5e-3, atol=5e-3)
 
 
 def test_ar_generation_with_kernels_matches_xla():
@@ -130,8 +153,12 @@ def test_ar_generation_with_kernels_matches_xla():
   dcfg = decoding.DecodeConfig(mode="ar", max_new_tokens=12)
   run = lambda cfg: decoding.generate(params, cfg, prompt, jnp.asarray([8]), jax.random.key(4),
                                       dcfg)
+  pallas = dataclasses.replace(CFG, matvec_impl="pallas")
   want = run(CFG)
-  got = run(dataclasses.replace(CFG, matvec_impl="pallas"))
+  got = run(pallas)
+  jaxpr = str(jax.make_jaxpr(lambda p: decoding.generate(p, pallas, prompt, jnp.asarray([8]),
+                                                         jax.random.key(4), dcfg))(params))
+  assert "name=norm_matvec" in jaxpr
   # Greedy tokens of a random model can flip on a near tie; all but a late one must agree.
   agree = np.cumprod(np.asarray(got[0]) == np.asarray(want[0]), axis=-1).sum()
   assert agree >= 8, (got[0], want[0])
@@ -152,6 +179,13 @@ def test_matvec_impl_is_validated():
   model.forward(params, dataclasses.replace(cfg, matvec_impl="xla"), jnp.zeros((1, 1), jnp.int32),
                 meta, masks.MaskSpec("causal"), cache)
   assert ModelConfig().matvec_impl == "xla"
+
+
+def test_pallas_matvec_is_refused_on_a_tpu(monkeypatch):
+  cfg = dataclasses.replace(CFG, matvec_impl="pallas")
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with pytest.raises(ValueError, match="matvec_impl='pallas' runs a Triton kernel.*'tpu'"):
+    model._row_kernels(cfg)
 
 
 def test_pallas_matvec_on_a_mesh_falls_back_to_xla(caplog):

@@ -14,10 +14,11 @@ step at the Qwen2.5-1.5B and SmolLM2-135M shapes, but the products themselves re
 at about 3 TB/s where XLA's autotuned GEMMs reach 3.3-4: at the 7B's shapes, where the weights
 dominate, the step is 11% slower. Hence opt-in.
 
-Numerics follow the model's XLA path op for op: bf16 residual add, the norm in float32 cast to
-the compute dtype before its scale, products accumulated in float32 and rounded to the compute
-dtype, then the bias (or SiLU(gate) * up) each rounded as XLA rounds its bf16 ops. Only the
-order of the float32 sum differs.
+Numerics follow the model's XLA path op for op, within rounding: bf16 residual add, the norm in
+float32 cast to the compute dtype before its scale, products accumulated in float32 and rounded
+to the compute dtype, then the bias (or SiLU(gate) * up) each rounded as XLA rounds its bf16 ops;
+the order of the float32 sums differs. Float32 rows multiply at full precision (the model's XLA
+dots at default precision may use TF32 on a GPU). Measured with bf16 weights only.
 """
 
 from __future__ import annotations
@@ -157,13 +158,18 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   per chunk; the largest powers of two up to them that divide the shapes), `num_warps` and
   `num_stages` are tuning knobs. The defaults were the fastest of a sweep on the H200 at the
   Qwen2.5-1.5B's shapes (BENCHMARKS.md): 32 columns a program, chunks of 512 rows, or 256 for the
-  gate/up pair, whose two weight tiles in three stages must fit in shared memory.
+  gate/up pair, whose two weight tiles in three stages must fit in shared memory. At the 7B's
+  gate/up, 64 columns, 256-row chunks and 2 stages streamed as fast as XLA (the default did not);
+  not yet timed in a whole step.
   """
   ws_EN = tuple(ws_EN)
+  if x_E.ndim != 1 or not ws_EN:
+    raise ValueError(f"norm_matvec: a row [E] and at least one weight [E, N] expected, got x "
+                     f"{x_E.shape} and {len(ws_EN)} weights")
   e = x_E.shape[0]
   if block_k is None:
     block_k = 256 if silu_pair else 512
-  if x_E.ndim != 1 or any(w.ndim != 2 or w.shape[0] != e for w in ws_EN):
+  if any(w.ndim != 2 or w.shape[0] != e for w in ws_EN):
     raise ValueError(f"norm_matvec: a row [E] and weights [E, N] expected, got x {x_E.shape} "
                      f"and weights {[w.shape for w in ws_EN]}")
   why = supported(e, [w.shape[1] for w in ws_EN], block_n, block_k)
@@ -174,7 +180,14 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   if biases_N is not None and [b.shape for b in biases_N] != [(w.shape[1],) for w in ws_EN]:
     raise ValueError(f"norm_matvec: biases {[b.shape for b in biases_N]} do not match the "
                      f"weights' columns {[w.shape[1] for w in ws_EN]}")
+  for name, a in (("add_E", add_E), ("norm_scale_E", norm_scale_E)):
+    if a is not None and a.shape != (e,):
+      raise ValueError(f"norm_matvec: {name} has shape {a.shape}, the row ({e},)")
   dtype = x_E.dtype
+  # Scale, bias and the added row enter the arithmetic in the row's dtype, as in the model.
+  add_E = None if add_E is None else add_E.astype(dtype)
+  norm_scale_E = None if norm_scale_E is None else norm_scale_E.astype(dtype)
+  biases_N = None if biases_N is None else [b.astype(dtype) for b in biases_N]
   bk = _pow2_divisor(e, block_k)
   bn = min(_pow2_divisor(w.shape[1], block_n) for w in ws_EN)
   tiles = tuple(w.shape[1] // bn for w in ws_EN)

@@ -14,6 +14,7 @@ the shortcut smollm2-135m-instruct. A prompts file holds one JSON object per lin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="parameter layout to decode with: per_layer (unstacked once after loading; "
                       "2x faster steps for Qwen2.5-1.5B on an H100, 2.5-5x the compile time) or "
                       "stacked (as saved; better for one short prompt)")
+  p.add_argument("--matvec", choices=["xla", "pallas"], default="xla",
+                 help="one-row projections of AR decoding at batch 1: pallas fuses each layer's "
+                      "norms into them (GPU; opt-in, see model.matvec_impl)")
   p.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as is")
   p.add_argument("--force", action="store_true",
                  help="diffusion-decode a model not trained for it (warns instead of refusing)")
@@ -110,7 +114,9 @@ def load(args):
       warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
                     stacklevel=2)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  return convert.cast(pretrained, dtype, args.layout)
+  pretrained = convert.cast(pretrained, dtype, args.layout)
+  return dataclasses.replace(pretrained, config=dataclasses.replace(pretrained.config,
+                                                                    matvec_impl=args.matvec))
 
 
 def decode_config(args, tokenizer, model_cfg):

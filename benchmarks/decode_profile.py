@@ -62,12 +62,20 @@ def main():
   ap.add_argument("--matvec-knobs", default="",
                   help="knobs of kernels/matvec.norm_matvec for both of a layer's launches, "
                        "e.g. 'block_k=256,num_stages=4'")
+  ap.add_argument("--matvec-pair-knobs", default="",
+                  help="knobs of the gate/up launch alone (silu_pair), over --matvec-knobs")
   args = ap.parse_args()
-  if args.matvec_knobs:
+  if args.matvec_knobs or args.matvec_pair_knobs:
     from dllm_jax.kernels import matvec
 
-    knobs = {k: int(v) for k, v in (p.split("=") for p in args.matvec_knobs.split(","))}
-    matvec.norm_matvec = functools.partial(matvec.norm_matvec, **knobs)
+    parse = lambda t: {k: int(v) for k, v in (p.split("=") for p in t.split(",") if p)}
+    knobs, pair = parse(args.matvec_knobs), parse(args.matvec_pair_knobs)
+    plain = matvec.norm_matvec
+
+    def tuned(*a, silu_pair=False, **kw):
+      return plain(*a, silu_pair=silu_pair, **{**kw, **knobs, **(pair if silu_pair else {})})
+
+    matvec.norm_matvec = tuned
   if args.plain_dot:
     model._matmul = jnp.dot
     args.tag = args.tag or "_plaindot"  # never overwrite the default run's JSON

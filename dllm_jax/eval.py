@@ -214,6 +214,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--layout", choices=model.LAYOUTS, default="per_layer",
                       help="parameter layout to decode with (per_layer: unstacked once, faster)")
+  parser.add_argument("--matvec", choices=["xla", "pallas"], default="xla",
+                      help="one-row projections of AR decoding at batch 1: pallas fuses each "
+                           "layer's norms into them (GPU; opt-in, see model.matvec_impl)")
   parser.add_argument("--out", default=None, help="write every generation here (JSONL)")
   parser.add_argument("--compare-to", default=None,
                       help="another run's generations JSONL: report the share of equal answers")
@@ -225,6 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   from dllm_jax import checkpoint, convert
 
   pretrained = convert.cast(checkpoint.load_model(args.checkpoint), args.dtype, args.layout)
+  pretrained = dataclasses.replace(pretrained, config=dataclasses.replace(
+      pretrained.config, matvec_impl=args.matvec))
   if args.mode == "diffusion":
     reason = convert.not_diffusion_reason(pretrained)
     if reason and (pretrained.config.mask_token_id is None or not args.force):

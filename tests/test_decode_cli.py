@@ -75,6 +75,23 @@ def test_prompts_file_batched_json_equals_generate(dirs, tmp_path, capsys):
     assert r["text"] == tok.decode(gen[:-1] if gen[-1] == tok.eot_token_id else gen)
 
 
+def test_ar_batch_one_with_fused_projections(dirs, monkeypatch):
+  # --matvec pallas runs kernels.matvec (interpreted here) for the one-row steps; greedy text
+  # equals the XLA path's.
+  from dllm_jax.kernels import matvec
+
+  traced = []
+  plain = matvec.norm_matvec
+  monkeypatch.setattr(matvec, "norm_matvec", lambda *a, **k: traced.append(1) or plain(*a, **k))
+  base = ["--checkpoint", dirs["ar"], "--prompt", "What is 2+2?", "--mode", "ar",
+          "--batch-size", "1", "--max-new-tokens", "10"]
+  want = decode.main(base)
+  assert not traced
+  got = decode.main(base + ["--matvec", "pallas"])
+  assert traced  # two launches a layer in the traced step
+  assert got["results"][0]["text"] == want["results"][0]["text"]
+
+
 def test_diffusion_mode_refused_for_non_diffusion_checkpoint(dirs):
   with pytest.raises(SystemExit, match="not a block-diffusion model.*objective=None.*--mode ar"):
     decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", *FAST])

@@ -149,3 +149,26 @@ def test_cast_changes_dtype_and_optionally_layout():
   jax.tree_util.tree_map(np.testing.assert_array_equal, per_layer.params,
                          model.unstack_layers(kept.params))
   assert per_layer.config == kept.config
+
+
+def test_main_with_fused_projections_gives_the_same_generations(tmp_path, monkeypatch):
+  # `--matvec pallas`: AR decoding at batch 1 runs kernels.matvec (interpreted here).
+  from dllm_jax.kernels import matvec
+
+  data = tmp_path / "test.jsonl"
+  data.write_text("".join(json.dumps({"question": f"What is {i} + 2?", "answer": f"#### {i + 2}"})
+                          + "\n" for i in range(2)))
+  ckpt = tmp_path / "ckpt"
+  convert.export_hf_dir(_tiny_pretrained(), ckpt)
+  traced = []
+  plain = matvec.norm_matvec
+  monkeypatch.setattr(matvec, "norm_matvec", lambda *a, **k: traced.append(1) or plain(*a, **k))
+  base = ["gsm8k", "--checkpoint", str(ckpt), "--data", str(data), "--mode", "ar",
+          "--batch-size", "1", "--max-new-tokens", "8", "--dtype", "float32", "--json"]
+  eval_lib.main(base + ["--out", str(tmp_path / "xla.jsonl")])
+  assert not traced
+  eval_lib.main(base + ["--matvec", "pallas", "--out", str(tmp_path / "pallas.jsonl")])
+  assert traced
+  gens = [[json.loads(line)["generation"] for line in open(tmp_path / f"{name}.jsonl")]
+          for name in ("xla", "pallas")]
+  assert gens[0] == gens[1] and len(gens[0]) == 2

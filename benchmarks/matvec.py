@@ -4,14 +4,15 @@
         [--knobs 'block_n=64,block_k=128,num_warps=4,num_stages=1;...']
 
 For each shape, the two launches of a one-row decode layer: `qkv` (RMSNorm, q/k/v, bias) and
-`gate_up` (residual add, RMSNorm, gate/up, SiLU product), each run over 16 layers of distinct
-weights in one jitted chain (layer i+1's input is layer i's output, so nothing is fused across
-layers and no weight is read from L2), as XLA (the model's ops, every product through
+`gate_up` (residual add, RMSNorm, gate/up, SiLU product). Each kernel setting is first checked
+against XLA on one layer (`check_max_rel_err`, `check_ok`). Then each launch runs over 16 layers
+of distinct weights in one jitted chain (layer i+1's input is layer i's output, so nothing is fused
+across layers and no weight is read from L2), as XLA runs the model's ops (every product through
 `model._matmul`; the model's MLP uses `nn.Dense`, the same GEMM at these sizes) and as the kernel
-with each knob setting. Measured: wall us per layer (`common.timeit` over the chain),
-and from a profile the GPU us per layer of every kernel, with the weight-read floor per layer at
-the copy bandwidth of the same run. The gate/up chain slices the SiLU product to the row length
-for the next layer's residual, in both variants; its copy shows in the kernel list.
+with each knob setting. Measured: wall us per layer (`common.timeit` over the chain), and from a
+profile the GPU us per layer of every kernel, beside the weight-read floor per layer at the copy
+bandwidth of the same run. The gate/up chain slices the SiLU product to the row length for the
+next layer's residual, in both variants; its copy shows in the kernel list.
 JSON to $OUT/matvec.json.
 """
 
@@ -54,10 +55,7 @@ def _weights(cfg, key):
 def _chain(op, impl, knobs, cfg):
   """A jitted function (x, add, weights) running `op` over LAYERS layers by `impl`."""
   eps = cfg.rms_norm_eps
-  if impl == "xla":
-    fn = functools.partial(_xla_op, dot=model._matmul)
-  else:
-    fn = functools.partial(matvec.norm_matvec, **knobs)
+  fn = _op(impl, knobs)
 
   def run(x, add, w):
     for i in range(LAYERS):
@@ -72,6 +70,30 @@ def _chain(op, impl, knobs, cfg):
     return x, add
 
   return jax.jit(run)
+
+
+def _op(impl, knobs):
+  if impl == "xla":
+    return functools.partial(_xla_op, dot=model._matmul)
+  # On a CPU (a smoke run) the kernel is interpreted.
+  return functools.partial(matvec.norm_matvec, interpret=jax.default_backend() == "cpu", **knobs)
+
+
+def check(op, knobs, cfg, x, w):
+  """Layer 0's outputs by the kernel against XLA's: the largest difference over the largest
+  value, per output (bf16 outputs whose float32 sums differ only in order: ~1e-2 at most)."""
+  kw = dict(eps=cfg.rms_norm_eps, norm_scale_E=w["scale"][0])
+  if op == "qkv":
+    kw["biases_N"] = [b[0] for b in w["bias"]]
+  else:
+    kw.update(add_E=x[::-1], silu_pair=True)
+  ws = [a[0] for a in w[op]]
+  (got, got_row), (want, want_row) = (jax.jit(lambda x, ws: _op(i, k)(x, ws, **kw))(x, ws)
+                                      for i, k in (("pallas", knobs), ("xla", {})))
+  pairs = list(zip(got, want)) + ([(got_row, want_row)] if want_row is not None else [])
+  rel = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))
+               / max(float(jnp.max(jnp.abs(r.astype(jnp.float32)))), 1e-30)) for g, r in pairs]
+  return {"check_max_rel_err": max(rel), "check_ok": max(rel) <= 2e-2}
 
 
 def _xla_op(x, ws, *, dot, add_E=None, norm_scale_E=None, eps=1e-6, biases_N=None,
@@ -122,6 +144,8 @@ def main():
         row = {"shape": name, "op": op, "impl": impl, "knobs": knobs,
                "floor_us": wbytes / bw * 1e6}
         try:
+          if impl == "pallas":  # the kernel's numbers on this device, before its speed
+            row.update(check(op, knobs, cfg, x, w))
           fn = _chain(op, impl, knobs, cfg)
           row["wall_us"] = timeit(fn, [(x, x, w)], reps=5, inner=20) / LAYERS * 1e6
           events, _ = traced_gpu_events(lambda: jax.block_until_ready(fn(x, x, w)))

@@ -3,6 +3,7 @@ decode step with it against the plain XLA path."""
 
 import dataclasses
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -223,3 +224,18 @@ def test_benchmark_knob_specs():
     bench._parse_knobs("block_n=big")
   with pytest.raises(SystemExit, match="KNOB=INT"):
     bench._parse_knobs("block_n")
+
+  # The benchmark's check of the kernel against XLA passes for the kernel and fails for a wrong one.
+  bench.LAYERS = 1
+  w = bench._weights(CFG, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (CFG.hidden_size,), jnp.bfloat16)
+  for op in ("qkv", "gate_up"):
+    assert bench.check(op, {}, CFG, x, w)["check_ok"]
+  def broken(*a, **k):
+    outs, row = matvec.norm_matvec(*a, **k)
+    return tuple(1.1 * y for y in outs), row
+
+  bench.matvec = types.SimpleNamespace(norm_matvec=broken,
+                                       norm_matvec_reference=matvec.norm_matvec_reference)
+  result = bench.check("qkv", {}, CFG, x, w)
+  assert not result["check_ok"] and result["check_max_rel_err"] > 0.05

@@ -11,8 +11,9 @@ with q/k/v, and the residual add and MLP norm with gate/up.
 
 Where it stands (H200, BENCHMARKS.md session 16): three kernels a layer fewer and a 5% faster
 step at the Qwen2.5-1.5B and SmolLM2-135M shapes, but the products themselves read the weights
-at about 3 TB/s where XLA's autotuned GEMMs reach 3.3-4: at the 7B's shapes, where the weights
-dominate, the step is 11% slower. Hence opt-in.
+at about 3 TB/s where XLA's autotuned GEMMs reach 3.6-4.1: at the 7B's shapes, where the weights
+dominate, the step is 11% slower. Hence opt-in. Tested against XLA in the CPU interpreter and
+lowered for CUDA; its outputs on a GPU not yet compared (`benchmarks/matvec.py` does, first).
 
 Numerics follow the model's XLA path op for op, within rounding: bf16 residual add, the norm in
 float32 cast to the compute dtype before its scale, products accumulated in float32 and rounded

@@ -14,7 +14,6 @@ the shortcut smollm2-135m-instruct. A prompts file holds one JSON object per lin
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -114,9 +113,7 @@ def load(args):
       warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
                     stacklevel=2)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  pretrained = convert.cast(pretrained, dtype, args.layout)
-  return dataclasses.replace(pretrained, config=dataclasses.replace(pretrained.config,
-                                                                    matvec_impl=args.matvec))
+  return convert.cast(pretrained, dtype, args.layout, args.matvec)
 
 
 def decode_config(args, tokenizer, model_cfg):

@@ -66,10 +66,17 @@ def main():
                   help="knobs of the gate/up launch alone (silu_pair), over --matvec-knobs")
   args = ap.parse_args()
   if args.matvec_knobs or args.matvec_pair_knobs:
+    from benchmarks.matvec import parse_knobs
     from dllm_jax.kernels import matvec
 
-    parse = lambda t: {k: int(v) for k, v in (p.split("=") for p in t.split(",") if p)}
-    knobs, pair = parse(args.matvec_knobs), parse(args.matvec_pair_knobs)
+    def one(text, flag):
+      settings = parse_knobs(text, flag)
+      if len(settings) > 1:
+        ap.error(f"{flag}: one knob setting expected, got {text!r}")
+      return settings[0] if settings else {}
+
+    knobs = one(args.matvec_knobs, "--matvec-knobs")
+    pair = one(args.matvec_pair_knobs, "--matvec-pair-knobs")
     plain = matvec.norm_matvec
 
     def tuned(*a, silu_pair=False, **kw):

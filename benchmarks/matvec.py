@@ -73,8 +73,8 @@ def _chain(op, impl, knobs, cfg):
 
 
 def _op(impl, knobs):
-  if impl == "xla":
-    return functools.partial(_xla_op, dot=model._matmul)
+  if impl == "xla":  # the model's one-row product
+    return functools.partial(matvec.norm_matvec_reference, dot=model._matmul)
   # On a CPU (a smoke run) the kernel is interpreted.
   return functools.partial(matvec.norm_matvec, interpret=jax.default_backend() == "cpu", **knobs)
 
@@ -96,14 +96,9 @@ def check(op, knobs, cfg, x, w):
   return {"check_max_rel_err": max(rel), "check_ok": max(rel) <= 2e-2}
 
 
-def _xla_op(x, ws, *, dot, add_E=None, norm_scale_E=None, eps=1e-6, biases_N=None,
-            silu_pair=False):
-  """`matvec.norm_matvec_reference` with the model's one-row product."""
-  return matvec.norm_matvec_reference(x, ws, add_E=add_E, norm_scale_E=norm_scale_E, eps=eps,
-                                      biases_N=biases_N, silu_pair=silu_pair, dot=dot)
-
-
-def _parse_knobs(text):
+def parse_knobs(text, flag="--knobs"):
+  """';'-separated knob settings ('default' = the kernel's defaults) as a list of dicts; errors
+  name `flag`."""
   out = []
   for item in filter(None, (t.strip() for t in text.split(";"))):
     if item == "default":
@@ -111,16 +106,16 @@ def _parse_knobs(text):
       continue
     pairs = [p.split("=") for p in item.split(",")]
     if any(len(p) != 2 for p in pairs):
-      raise SystemExit(f"--knobs: {item!r} is not KNOB=INT[,KNOB=INT...]")
+      raise SystemExit(f"{flag}: {item!r} is not KNOB=INT[,KNOB=INT...]")
     kv = dict(pairs)
     bad = set(kv) - {"block_n", "block_k", "num_warps", "num_stages"}
     if bad:
-      raise SystemExit(f"--knobs: unknown {sorted(bad)} in {item!r} (knobs: block_n, block_k, "
+      raise SystemExit(f"{flag}: unknown {sorted(bad)} in {item!r} (knobs: block_n, block_k, "
                        "num_warps, num_stages)")
     try:
       out.append({k: int(v) for k, v in kv.items()})
     except ValueError:
-      raise SystemExit(f"--knobs: {item!r} has a value that is not an integer") from None
+      raise SystemExit(f"{flag}: {item!r} has a value that is not an integer") from None
   return out
 
 
@@ -140,7 +135,7 @@ def main():
     x = jax.random.normal(jax.random.key(1), (cfg.hidden_size,), jnp.bfloat16)
     for op in ("qkv", "gate_up"):
       wbytes = sum(a[0].nbytes for a in w[op])
-      for impl, knobs in [("xla", {})] + [("pallas", k) for k in _parse_knobs(args.knobs)]:
+      for impl, knobs in [("xla", {})] + [("pallas", k) for k in parse_knobs(args.knobs)]:
         row = {"shape": name, "op": op, "impl": impl, "knobs": knobs,
                "floor_us": wbytes / bw * 1e6}
         try:

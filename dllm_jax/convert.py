@@ -486,21 +486,25 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32") -> 
       f"shortcuts: {sorted(SHORTCUTS)}")
 
 
-def cast(pretrained: Pretrained, dtype: str, layout: Optional[str] = None) -> Pretrained:
+def cast(pretrained: Pretrained, dtype: str, layout: Optional[str] = None,
+         matvec_impl: Optional[str] = None) -> Pretrained:
   """The model with weights stored and computed in `dtype`: a decoder reads every weight once
   per forward, so weights in the compute dtype halve those bytes.
 
   layout: also put the params in this layout (`model.LAYOUTS`; None keeps theirs). Done here,
   where the loaded copy is dropped, so a decoder never holds the stacked and per-layer weights
-  at once.
+  at once. matvec_impl: also set `model.matvec_impl` (None keeps the config's).
   """
   import jax
   import jax.numpy as jnp
 
   params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), pretrained.params)
+  runtime = {"dtype": dtype, "param_dtype": dtype}
+  if matvec_impl is not None:
+    runtime["matvec_impl"] = matvec_impl
   return dataclasses.replace(
       pretrained, params=params if layout is None else model.with_layout(params, layout),
-      config=dataclasses.replace(pretrained.config, dtype=dtype, param_dtype=dtype))
+      config=dataclasses.replace(pretrained.config, **runtime))
 
 
 def not_diffusion_reason(pretrained: Pretrained) -> Optional[str]:

@@ -227,9 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
   from dllm_jax import checkpoint, convert
 
-  pretrained = convert.cast(checkpoint.load_model(args.checkpoint), args.dtype, args.layout)
-  pretrained = dataclasses.replace(pretrained, config=dataclasses.replace(
-      pretrained.config, matvec_impl=args.matvec))
+  pretrained = convert.cast(checkpoint.load_model(args.checkpoint), args.dtype, args.layout,
+                            args.matvec)
   if args.mode == "diffusion":
     reason = convert.not_diffusion_reason(pretrained)
     if reason and (pretrained.config.mask_token_id is None or not args.force):

@@ -216,14 +216,14 @@ def test_benchmark_knob_specs():
   spec = importlib.util.spec_from_file_location("matvec_benchmark", path)
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
-  assert bench._parse_knobs("default;block_n=64,num_stages=2") == [
+  assert bench.parse_knobs("default;block_n=64,num_stages=2") == [
       {}, {"block_n": 64, "num_stages": 2}]
   with pytest.raises(SystemExit, match=r"unknown \['blockn'\]"):
-    bench._parse_knobs("blockn=64")
+    bench.parse_knobs("blockn=64")
   with pytest.raises(SystemExit, match="not an integer"):
-    bench._parse_knobs("block_n=big")
+    bench.parse_knobs("block_n=big")
   with pytest.raises(SystemExit, match="KNOB=INT"):
-    bench._parse_knobs("block_n")
+    bench.parse_knobs("block_n")
 
   # The benchmark's check of the kernel against XLA passes for the kernel and fails for a wrong one.
   bench.LAYERS = 1

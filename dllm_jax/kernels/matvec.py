@@ -87,7 +87,7 @@ def _kernel(*refs, num_w, has_add, has_norm, has_bias, silu_pair, eps, bk, nk, b
   # Chunks unrolled: their loads do not wait on one another.
   raws = [load(c) for c in range(nk)]
   if has_norm:
-    r = lax.rsqrt(sum(jnp.sum(row(raw) * row(raw)) for raw in raws) / e + eps)
+    r = lax.rsqrt(sum(jnp.sum(x * x) for x in map(row, raws)) / e + eps)
 
   if has_add:
     @pl.when(j == 0)
@@ -164,15 +164,13 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   not yet timed in a whole step.
   """
   ws_EN = tuple(ws_EN)
-  if x_E.ndim != 1 or not ws_EN:
-    raise ValueError(f"norm_matvec: a row [E] and at least one weight [E, N] expected, got x "
-                     f"{x_E.shape} and {len(ws_EN)} weights")
+  if (x_E.ndim != 1 or not ws_EN
+      or any(w.ndim != 2 or w.shape[0] != x_E.shape[0] for w in ws_EN)):
+    raise ValueError(f"norm_matvec: a row [E] and at least one weight, all weights [E, N], "
+                     f"expected; got x {x_E.shape} and weights {[w.shape for w in ws_EN]}")
   e = x_E.shape[0]
   if block_k is None:
     block_k = 256 if silu_pair else 512
-  if any(w.ndim != 2 or w.shape[0] != e for w in ws_EN):
-    raise ValueError(f"norm_matvec: a row [E] and weights [E, N] expected, got x {x_E.shape} "
-                     f"and weights {[w.shape for w in ws_EN]}")
   why = supported(e, [w.shape[1] for w in ws_EN], block_n, block_k)
   if why is not None:
     raise ValueError(f"norm_matvec: {why}")

@@ -64,13 +64,15 @@ def main():
                        "e.g. 'block_k=256,num_stages=4'")
   ap.add_argument("--matvec-pair-knobs", default="",
                   help="knobs of the gate/up launch alone (silu_pair), over --matvec-knobs")
+  ap.add_argument("--matvec-partial-knobs", default="",
+                  help="knobs of the o and down launches (matvec_partials), e.g. 'splits=4'")
   args = ap.parse_args()
-  if args.matvec_knobs or args.matvec_pair_knobs:
-    from benchmarks.matvec import parse_knobs
+  if args.matvec_knobs or args.matvec_pair_knobs or args.matvec_partial_knobs:
+    from benchmarks.matvec import KNOBS, parse_knobs
     from dllm_jax.kernels import matvec
 
-    def one(text, flag):
-      settings = parse_knobs(text, flag)
+    def one(text, flag, allowed=KNOBS):
+      settings = parse_knobs(text, flag, allowed)
       if len(settings) > 1:
         ap.error(f"{flag}: one knob setting expected, got {text!r}")
       return settings[0] if settings else {}
@@ -83,6 +85,9 @@ def main():
       return plain(*a, silu_pair=silu_pair, **{**kw, **knobs, **(pair if silu_pair else {})})
 
     matvec.norm_matvec = tuned
+    matvec.matvec_partials = functools.partial(
+        matvec.matvec_partials,
+        **one(args.matvec_partial_knobs, "--matvec-partial-knobs", KNOBS + ("splits",)))
   if args.plain_dot:
     model._matmul = jnp.dot
     args.tag = args.tag or "_plaindot"  # never overwrite the default run's JSON

@@ -1,13 +1,17 @@
 """The fused one-row projections (`kernels/matvec.py`) against the XLA kernels they replace.
 
     python benchmarks/matvec.py [--shapes qwen2.5-1.5b,qwen2.5-7b,smollm2-135m]
+        [--ops qkv,gate_up,o,down]
         [--knobs 'block_n=64,block_k=128,num_warps=4,num_stages=1;...']
+        [--partial-knobs 'splits=4,block_n=64;...']
 
-For each shape, the two launches of a one-row decode layer: `qkv` (RMSNorm, q/k/v, bias) and
-`gate_up` (residual add, RMSNorm, gate/up, SiLU product). Each kernel setting is first checked
+For each shape, the four launches of a one-row decode layer: `qkv` (RMSNorm, q/k/v, bias),
+`gate_up` (residual add, RMSNorm, gate/up, SiLU product) by `norm_matvec` at each `--knobs`
+setting, and `o` and `down` (split-K partial sums, `matvec_partials`, at each `--partial-knobs`
+setting; XLA's side is the model's GEMM, whose output is the summed product). Each kernel setting is first checked
 against XLA on one layer (`check_max_rel_err`, `check_ok`). Then each launch runs over 16 layers
 of distinct weights in one jitted chain (layer i+1's input is layer i's output, so nothing is fused
-across layers and no weight is read from L2), as XLA runs the model's ops (every product through
+across layers and no weight is read from L2; `o` and `down` run the 16 products on one row), as XLA runs the model's ops (every product through
 `model._matmul`; the model's MLP uses `nn.Dense`, the same GEMM at these sizes) and as the kernel
 with each knob setting. Measured: wall us per layer (`common.timeit` over the chain), and from a
 profile the GPU us per layer of every kernel, beside the weight-read floor per layer at the copy
@@ -49,15 +53,24 @@ def _weights(cfg, key):
                      for i in range(LAYERS)]
   return {"scale": [1 + a for a in w(ks[0], e)], "qkv": [w(ks[1 + i], e, n) for i, n in enumerate(ns)],
           "bias": [w(ks[4 + i], n) for i, n in enumerate(ns)],
-          "gate_up": [w(ks[7], e, f), w(jax.random.fold_in(ks[7], 1), e, f)]}
+          "gate_up": [w(ks[7], e, f), w(jax.random.fold_in(ks[7], 1), e, f)],
+          "o": [w(jax.random.fold_in(ks[7], 2), cfg.num_heads * cfg.head_dim, e)],
+          "down": [w(jax.random.fold_in(ks[7], 3), f, e)]}
+
+
+def _row_len(cfg, op):
+  return {"o": cfg.num_heads * cfg.head_dim, "down": cfg.intermediate_size}.get(op,
+                                                                               cfg.hidden_size)
 
 
 def _chain(op, impl, knobs, cfg):
   """A jitted function (x, add, weights) running `op` over LAYERS layers by `impl`."""
   eps = cfg.rms_norm_eps
-  fn = _op(impl, knobs)
+  fn = _op(impl, knobs, op)
 
   def run(x, add, w):
+    if op in ("o", "down"):
+      return [fn(x, w[op][0][i]) for i in range(LAYERS)]
     for i in range(LAYERS):
       if op == "qkv":
         (q, _, _), _ = fn(x, [a[i] for a in w["qkv"]], norm_scale_E=w["scale"][i], eps=eps,
@@ -72,16 +85,33 @@ def _chain(op, impl, knobs, cfg):
   return jax.jit(run)
 
 
-def _op(impl, knobs):
+def _op(impl, knobs, op="qkv"):
+  # On a CPU (a smoke run) the kernel is interpreted.
+  interpret = jax.default_backend() == "cpu"
+  if op in ("o", "down"):
+    if impl == "xla":
+      return lambda x, w: model._matmul(x[None], w)[0]
+    return functools.partial(matvec.matvec_partials, interpret=interpret, **knobs)
   if impl == "xla":  # the model's one-row product
     return functools.partial(matvec.norm_matvec_reference, dot=model._matmul)
-  # On a CPU (a smoke run) the kernel is interpreted.
-  return functools.partial(matvec.norm_matvec, interpret=jax.default_backend() == "cpu", **knobs)
+  return functools.partial(matvec.norm_matvec, interpret=interpret, **knobs)
 
 
 def check(op, knobs, cfg, x, w):
   """Layer 0's outputs by the kernel against XLA's: the largest difference over the largest
   value, per output (bf16 outputs whose float32 sums differ only in order: ~1e-2 at most)."""
+  if op in ("o", "down"):
+    got = jax.jit(_op("pallas", knobs, op))(x, w[op][0][0]).sum(0).astype(x.dtype)
+    want = jax.jit(_op("xla", {}, op))(x, w[op][0][0])
+    pairs = [(got, want)]
+  else:
+    pairs = _pairs(op, knobs, cfg, x, w)
+  rel = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))
+               / max(float(jnp.max(jnp.abs(r.astype(jnp.float32)))), 1e-30)) for g, r in pairs]
+  return {"check_max_rel_err": max(rel), "check_ok": max(rel) <= 2e-2}
+
+
+def _pairs(op, knobs, cfg, x, w):
   kw = dict(eps=cfg.rms_norm_eps, norm_scale_E=w["scale"][0])
   if op == "qkv":
     kw["biases_N"] = [b[0] for b in w["bias"]]
@@ -90,13 +120,13 @@ def check(op, knobs, cfg, x, w):
   ws = [a[0] for a in w[op]]
   (got, got_row), (want, want_row) = (jax.jit(lambda x, ws: _op(i, k)(x, ws, **kw))(x, ws)
                                       for i, k in (("pallas", knobs), ("xla", {})))
-  pairs = list(zip(got, want)) + ([(got_row, want_row)] if want_row is not None else [])
-  rel = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))
-               / max(float(jnp.max(jnp.abs(r.astype(jnp.float32)))), 1e-30)) for g, r in pairs]
-  return {"check_max_rel_err": max(rel), "check_ok": max(rel) <= 2e-2}
+  return list(zip(got, want)) + ([(got_row, want_row)] if want_row is not None else [])
 
 
-def parse_knobs(text, flag="--knobs"):
+KNOBS = ("block_n", "block_k", "num_warps", "num_stages")
+
+
+def parse_knobs(text, flag="--knobs", allowed=KNOBS):
   """';'-separated knob settings ('default' = the kernel's defaults) as a list of dicts; errors
   name `flag`."""
   out = []
@@ -108,10 +138,10 @@ def parse_knobs(text, flag="--knobs"):
     if any(len(p) != 2 for p in pairs):
       raise SystemExit(f"{flag}: {item!r} is not KNOB=INT[,KNOB=INT...]")
     kv = dict(pairs)
-    bad = set(kv) - {"block_n", "block_k", "num_warps", "num_stages"}
+    bad = set(kv) - set(allowed)
     if bad:
-      raise SystemExit(f"{flag}: unknown {sorted(bad)} in {item!r} (knobs: block_n, block_k, "
-                       "num_warps, num_stages)")
+      raise SystemExit(f"{flag}: unknown {sorted(bad)} in {item!r} (knobs: "
+                       f"{', '.join(allowed)})")
     try:
       out.append({k: int(v) for k, v in kv.items()})
     except ValueError:
@@ -125,17 +155,27 @@ def main():
   ap.add_argument("--shapes", default="qwen2.5-1.5b")
   ap.add_argument("--knobs", default="default",
                   help="';'-separated knob settings of the kernel, 'default' = its defaults")
+  ap.add_argument("--ops", default="qkv,gate_up,o,down")
+  ap.add_argument("--partial-knobs", default="default",
+                  help="';'-separated knob settings of matvec_partials (o and down), with splits")
   args = ap.parse_args()
+  ops = args.ops.split(",")
+  if set(ops) - {"qkv", "gate_up", "o", "down"}:
+    ap.error(f"--ops: {args.ops!r}; expected a subset of qkv,gate_up,o,down")
+  knob_sets = {"norm": parse_knobs(args.knobs),
+               "partial": parse_knobs(args.partial_knobs, "--partial-knobs",
+                                      KNOBS + ("splits",))}
   res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceilings(rounds=2), "rows": []}
   bw = res["ceil"]["copy_GBps"] * 1e9
   print("ceilings", res["ceil"], flush=True)
   for name in args.shapes.split(","):
     cfg = SHAPES[name]
     w = _weights(cfg, jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (cfg.hidden_size,), jnp.bfloat16)
-    for op in ("qkv", "gate_up"):
+    for op in ops:
+      x = jax.random.normal(jax.random.key(1), (_row_len(cfg, op),), jnp.bfloat16)
       wbytes = sum(a[0].nbytes for a in w[op])
-      for impl, knobs in [("xla", {})] + [("pallas", k) for k in parse_knobs(args.knobs)]:
+      knobs_of_op = knob_sets["partial" if op in ("o", "down") else "norm"]
+      for impl, knobs in [("xla", {})] + [("pallas", k) for k in knobs_of_op]:
         row = {"shape": name, "op": op, "impl": impl, "knobs": knobs,
                "floor_us": wbytes / bw * 1e6}
         try:

@@ -184,12 +184,14 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
   cfg: ModelConfig
   spec: masks.MaskSpec
+  # A one-row step by `kernels.matvec` (`Transformer` decides): x is then the pair `_fused_row_layer`
+  # takes and returns, not [B, T, E].
+  row_kernels: bool = False
 
   @nn.compact
   def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv, write_mask_B=None):
     cfg = self.cfg
-    if (cache_kv is not None and math.prod(x_BTE.shape[:-1]) == 1
-        and not self.is_initializing() and _row_kernels(cfg)):
+    if self.row_kernels:
       return _fused_row_layer(self.variables["params"], cfg, self.spec, x_BTE, meta, cache_kv,
                               write_mask_B)
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
@@ -230,34 +232,43 @@ def _row_kernels(cfg: ModelConfig) -> bool:
   return True
 
 
-def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x_BTE, meta, cache_kv,
+def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
                      write_mask_B):
-  """`DecoderLayer` for a single row (B = T = 1) against the cache, with `kernels.matvec`
-  doing the attention norm with q/k/v, and the residual add and MLP norm with gate/up and the
-  SiLU product: the same arithmetic, three kernels a layer fewer (BENCHMARKS.md, session 16)."""
+  """`DecoderLayer` for a single row (B = T = 1) against the cache, by `kernels.matvec`: the
+  same arithmetic in four launches of its own and the attention's kernels, nine kernels a layer
+  where XLA runs thirteen (BENCHMARKS.md, sessions 16-17).
+
+  x = (row [E], pending): the residual stream is the row plus `pending`, the previous layer's
+  down product as float32 partial sums [S, E] (or None), which this layer's first launch adds
+  (as the o product's parts are added by the MLP's launch): split-K products fill the GPU, and
+  no kernel runs only to sum them or to add the residual. Returns the same pair."""
   from dllm_jax.kernels import matvec  # lazily: the CPU path never needs Pallas
 
+  x_E, pending_SE = x
   e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   dt = cfg.dtype
   interpret = jax.default_backend() == "cpu"
   a = p["attn"]
   ws = [a[n]["kernel"].reshape(e, -1).astype(dt) for n in ("q", "k", "v")]
   biases = [a[n]["bias"].reshape(-1).astype(dt) for n in ("q", "k", "v")] if cfg.qkv_bias else None
-  (q, k, v), _ = matvec.norm_matvec(
-      x_BTE.reshape(e), ws, norm_scale_E=p["attn_norm"]["scale"].astype(dt),
+  (q, k, v), row = matvec.norm_matvec(
+      x_E, ws, add_E=pending_SE, norm_scale_E=p["attn_norm"]["scale"].astype(dt),
       eps=cfg.rms_norm_eps, biases_N=biases, interpret=interpret)
+  x_E = x_E if row is None else row
   q = rope(q.reshape(1, 1, h, d), meta.positions, cfg.rope_theta)
   k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
   out, new_cache = _cached_attention(cfg, spec, q, k, v.reshape(1, 1, kv, d), meta, cache_kv,
                                      write_mask_B)
-  o = _matmul(out.reshape(1, h * d).astype(dt), a["o"]["kernel"].reshape(h * d, e).astype(dt))
+  o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt),
+                                a["o"]["kernel"].reshape(h * d, e).astype(dt),
+                                interpret=interpret)
   m = p["mlp"]
-  (act,), x = matvec.norm_matvec(
-      x_BTE.reshape(e), (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)),
-      add_E=o.reshape(e), norm_scale_E=p["mlp_norm"]["scale"].astype(dt),
-      eps=cfg.rms_norm_eps, silu_pair=True, interpret=interpret)
-  x = x + _matmul(act.reshape(1, -1), m["down"]["kernel"].astype(dt)).reshape(e)
-  return x.reshape(x_BTE.shape), new_cache
+  (act,), x_E = matvec.norm_matvec(
+      x_E, (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)), add_E=o_SE,
+      norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
+      interpret=interpret)
+  down_SE = matvec.matvec_partials(act, m["down"]["kernel"].astype(dt), interpret=interpret)
+  return (x_E, down_SE), new_cache
 
 
 _REMAT_POLICIES = {
@@ -295,6 +306,17 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
 
     layer = DecoderLayer
+    row_kernels = (cache is not None and math.prod(tokens_BT.shape) == 1
+                   and not self.is_initializing() and _row_kernels(cfg))
+    if row_kernels:
+      # (row, pending partial sums): `_fused_row_layer`. A scan's carry keeps one shape, so its
+      # first layer adds zeros; the unrolled loop's adds nothing.
+      from dllm_jax.kernels import matvec
+
+      e = cfg.hidden_size
+      pending = (jnp.zeros((matvec.pick_splits(cfg.intermediate_size, e), e), jnp.float32)
+                 if self.stacked else None)
+      x = (x.reshape(e), pending)
     if cfg.remat != "none":
       # CSE cannot merge a scan body's recompute with its forward, so the barrier that stops it
       # is only needed for the unrolled per-layer loop.
@@ -310,7 +332,7 @@ class Transformer(nn.Module):
           # The layers have no broadcast variables or outputs, so flax's extra trace that checks
           # them is not needed; under jax 0.11 it also rejects a Pallas call in the body.
           check_constancy_invariants=False,
-      )(cfg, self.spec, name="layers")
+      )(cfg, self.spec, row_kernels, name="layers")
       cache_kv = None if cache is None else (cache.k, cache.v)
       x, new_kv = stack(x, meta, cache_kv, cache_write_mask)
       new_cache = None if cache is None else KVCache(k=new_kv[0], v=new_kv[1])
@@ -318,11 +340,15 @@ class Transformer(nn.Module):
       new_k, new_v = [], []
       for i in range(cfg.num_layers):
         cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-        x, kv = layer(cfg, self.spec, name=f"layers_{i}")(x, meta, cache_kv, cache_write_mask)
+        x, kv = layer(cfg, self.spec, row_kernels, name=f"layers_{i}")(x, meta, cache_kv,
+                                                                       cache_write_mask)
         if cache is not None:
           new_k.append(kv[0])
           new_v.append(kv[1])
       new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+    if row_kernels:
+      x_E, pending = x
+      x = (x_E + pending.sum(0).astype(x_E.dtype)).reshape(*tokens_BT.shape, -1)
 
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
     if head_slice is not None:

@@ -69,6 +69,63 @@ def test_norm_matvec_silu_pair(dtype, knobs):
   np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
 
 
+@pytest.mark.parametrize("e,n,splits,block_k", [
+    (1536, 64, 4, 512),  # the 1.5B's o split four ways: 384-row runs in chunks of 128
+    (1792, 96, None, 512),  # the default split
+    (576, 48, 9, 512),  # SmolLM2's o: 64-row runs
+    (320, 80, 5, 32),  # 16-column tiles, two chunks a run
+])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_matvec_partials_sum_to_the_product(e, n, splits, block_k, dtype):
+  x, _, _, (w,), _ = _inputs(jax.random.key(e), e, (n,), dtype)
+  parts = matvec.matvec_partials(x, w, splits=splits, block_k=block_k, interpret=True)
+  s = splits or matvec.pick_splits(e, n, block_k=block_k)
+  assert parts.shape == (s, n) and parts.dtype == jnp.float32
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  np.testing.assert_allclose(np.asarray(parts, np.float64).sum(0), want, rtol=1e-5, atol=1e-5)
+  # Each part is its run of the row alone, not the whole product over S.
+  run = e // s
+  np.testing.assert_allclose(parts[1], np.asarray(x[run:2 * run], np.float64)
+                             @ np.asarray(w[run:2 * run], np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_pick_splits_fills_one_wave():
+  assert matvec.pick_splits(1536, 1536, programs=264) == 4  # 48 tiles: 192 programs
+  assert matvec.pick_splits(8960, 1536, programs=264) == 5  # 1.5B down: 240
+  assert matvec.pick_splits(18944, 3584, programs=264) == 2  # 7B down: 224
+  assert matvec.pick_splits(576, 576, programs=264) == 9  # SmolLM2 o: 64-row runs
+  assert matvec.pick_splits(64, 8192, programs=264) == 1  # the columns alone fill it
+
+
+@pytest.mark.parametrize("mode", ["add", "add_norm_bias"])
+def test_norm_matvec_adds_partial_sums(mode):
+  dtype = jnp.bfloat16
+  x, _, scale, ws, bs = _inputs(jax.random.key(3), 192, (96, 32), dtype)
+  parts = jax.random.normal(jax.random.key(4), (5, 192))
+  kw = {"add_E": parts}
+  if mode == "add_norm_bias":
+    kw.update(norm_scale_E=scale, biases_N=bs)
+  got, row = matvec.norm_matvec(x, ws, block_k=64, interpret=True, **kw)
+  want, want_row = matvec.norm_matvec_reference(x, ws, **kw)
+  for g, w in zip(got, want):
+    _close(g, w, dtype)
+  # The row is x + (the parts' sum rounded to bf16), rounded: exactly what the model adds.
+  np.testing.assert_array_equal(np.asarray(row, np.float32),
+                                np.asarray(x + parts.sum(0).astype(dtype), np.float32))
+
+
+def test_matvec_partials_refuses_bad_inputs():
+  x, _, _, (w,), _ = _inputs(jax.random.key(0), 64, (32,), jnp.float32)
+  with pytest.raises(ValueError, match=r"weight \[E, N\]"):
+    matvec.matvec_partials(x, w[:32], interpret=True)
+  with pytest.raises(ValueError, match="splits=3 does not divide the row length 64"):
+    matvec.matvec_partials(x, w, splits=3, interpret=True)
+  with pytest.raises(ValueError, match="8 splits of the row: row length 8"):
+    matvec.matvec_partials(x, w, splits=8, interpret=True)
+  with pytest.raises(ValueError, match=r"or partial sums \[S, 64\]"):
+    matvec.norm_matvec(x, [w], add_E=jnp.zeros((2, 32)), interpret=True)
+
+
 def test_norm_matvec_refuses_bad_inputs():
   x, _, _, ws, bs = _inputs(jax.random.key(0), 64, (32, 32), jnp.float32)
   with pytest.raises(ValueError, match=r"weights \[E, N\]"):
@@ -96,7 +153,9 @@ def test_norm_matvec_lowers_for_cuda():
   x, add, scale, ws, bs = _inputs(jax.random.key(1), 192, (96, 32, 32), jnp.bfloat16)
   f = lambda x, a, s, ws, bs: matvec.norm_matvec(x, ws, add_E=a, norm_scale_E=s, biases_N=bs)
   g = lambda x, a, s, ws: matvec.norm_matvec(x, ws[:2], add_E=a, norm_scale_E=s, silu_pair=True)
-  for fn, args in ((f, (x, add, scale, ws, bs)), (g, (x, add, scale, [ws[1], ws[2]]))):
+  h = lambda x, ws: matvec.matvec_partials(x, ws[0], splits=3)
+  for fn, args in ((f, (x, add, scale, ws, bs)), (g, (x, add, scale, [ws[1], ws[2]])),
+                   (h, (x, ws))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
@@ -135,10 +194,12 @@ def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias):
   _, cache = fwd(params, cfg, tokens[:, :12], pos(0, 12), spec, cache)
   want, want_cache = fwd(params, cfg, tokens[:, 12:], pos(12, 1), spec, cache)
   got, got_cache = fwd(params, pallas, tokens[:, 12:], pos(12, 1), spec, cache)
-  # Two kernel launches a layer (the scan's body holds one layer).
+  # Four kernel launches a layer (the scan's body holds one layer).
   jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(
       params, pallas, tokens[:, 12:], pos(12, 1), spec, cache))
-  assert jaxpr.count("name=norm_matvec") == 2 * (1 if stacked else CFG.num_layers)
+  layers = 1 if stacked else CFG.num_layers
+  assert jaxpr.count("name=norm_matvec") == 2 * layers
+  assert jaxpr.count("name=matvec_partials") == 2 * layers
   # bf16 steps that differ only in the order of float32 sums: about one rounding apart (a
   # dropped norm scale moved these logits by 2e-2, a dropped bias by more).
   np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
@@ -224,18 +285,24 @@ def test_benchmark_knob_specs():
     bench.parse_knobs("block_n=big")
   with pytest.raises(SystemExit, match="KNOB=INT"):
     bench.parse_knobs("block_n")
+  with pytest.raises(SystemExit, match=r"unknown \['splits'\]"):
+    bench.parse_knobs("splits=2")
+  assert bench.parse_knobs("splits=2", "--partial-knobs", bench.KNOBS + ("splits",)) == [
+      {"splits": 2}]
 
   # The benchmark's check of the kernel against XLA passes for the kernel and fails for a wrong one.
   bench.LAYERS = 1
   w = bench._weights(CFG, jax.random.key(0))
-  x = jax.random.normal(jax.random.key(1), (CFG.hidden_size,), jnp.bfloat16)
-  for op in ("qkv", "gate_up"):
-    assert bench.check(op, {}, CFG, x, w)["check_ok"]
+  row = lambda op: jax.random.normal(jax.random.key(1), (bench._row_len(CFG, op),), jnp.bfloat16)
+  for op in ("qkv", "gate_up", "o", "down"):
+    assert bench.check(op, {}, CFG, row(op), w)["check_ok"]
   def broken(*a, **k):
     outs, row = matvec.norm_matvec(*a, **k)
     return tuple(1.1 * y for y in outs), row
 
-  bench.matvec = types.SimpleNamespace(norm_matvec=broken,
-                                       norm_matvec_reference=matvec.norm_matvec_reference)
-  result = bench.check("qkv", {}, CFG, x, w)
-  assert not result["check_ok"] and result["check_max_rel_err"] > 0.05
+  bench.matvec = types.SimpleNamespace(
+      norm_matvec=broken, norm_matvec_reference=matvec.norm_matvec_reference,
+      matvec_partials=lambda *a, **k: 1.1 * matvec.matvec_partials(*a, **k))
+  for op in ("qkv", "down"):
+    result = bench.check(op, {}, CFG, row(op), w)
+    assert not result["check_ok"] and result["check_max_rel_err"] > 0.05

@@ -61,8 +61,38 @@ def _round(x, dtype):
 _ROWS = 16  # rows of the tensor-core product (the row, repeated)
 
 
-def _kernel(*refs, num_w, has_add, has_norm, has_bias, silu_pair, eps, bk, nk, bn, tiles,
-            dtype):
+def _products(load, prep, w_refs, col, nk, bk, bn, dtype, first=None):
+  """float32 [bn] per weight: the sum over chunks c < nk of prep(load(c)) [bk] times rows
+  c*bk .. of w[:, col:col+bn].
+
+  The row goes through the tensor cores as 16 equal rows (their smallest M): Triton pipelines
+  only loads that feed a dot, and a weight-bound product needs its loads in flight while it
+  multiplies (an elementwise multiply-add reached half the bandwidth of XLA's GEMM on the
+  H200, BENCHMARKS.md). Row 0 of the result is the product. The next chunk of the row is
+  loaded (`load`) before this chunk's products and prepared (`prep`) after them, so its latency
+  hides behind them instead of standing in front of every chunk. `first`: chunk 0 prepared, if
+  the caller has it."""
+  first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
+  precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+  def body(c, carry):
+    accs, xn = carry
+    nxt = load(jnp.minimum(c + 1, nk - 1))
+    a = jnp.broadcast_to(xn[None, :], (_ROWS, bk))
+    accs = tuple(
+        acc + lax.dot_general(a, w_ref[pl.ds(c * bk, bk), pl.ds(col, bn)].astype(dtype),
+                              (((1,), (0,)), ((), ())), precision=precision,
+                              preferred_element_type=jnp.float32)
+        for acc, w_ref in zip(accs, w_refs))
+    return accs, prep(nxt)
+
+  zeros = tuple(jnp.zeros((_ROWS, bn), jnp.float32) for _ in w_refs)
+  accs, _ = lax.fori_loop(0, nk, body, (zeros, prep(load(0)) if first is None else first))
+  return [jnp.sum(jnp.where(first_row, acc, 0.0), axis=0) for acc in accs]
+
+
+def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
+            tiles, dtype):
   it = iter(refs)
   x_ref = next(it)
   add_ref = next(it) if has_add else None
@@ -76,12 +106,19 @@ def _kernel(*refs, num_w, has_add, has_norm, has_bias, silu_pair, eps, bk, nk, b
 
   def load(c):  # the raw inputs of chunk c of the row
     sl = pl.ds(c * bk, bk)
-    return (x_ref[sl], add_ref[sl] if has_add else None, scale_ref[sl] if has_norm else None)
+    add = None
+    if has_add:  # partial sums [S, E]: S loads of [bk] (Triton tiles are powers of two)
+      add = [add_ref[i, sl] for i in range(add_parts)] if add_parts else add_ref[sl]
+    return x_ref[sl], add, scale_ref[sl] if has_norm else None
 
   def row(raw):  # the (residual-added) row, float32 of dtype values
     x = raw[0].astype(jnp.float32)
     if has_add:
-      x = _round(x + raw[1].astype(jnp.float32), dtype)
+      if add_parts:  # the product the parts sum to, rounded as XLA rounds its GEMM's output
+        a = _round(sum(p.astype(jnp.float32) for p in raw[1]), dtype)
+      else:
+        a = raw[1].astype(jnp.float32)
+      x = _round(x + a, dtype)
     return x
 
   # Chunks unrolled: their loads do not wait on one another.
@@ -101,29 +138,9 @@ def _kernel(*refs, num_w, has_add, has_norm, has_bias, silu_pair, eps, bk, nk, b
       x = _round(raw[2].astype(jnp.float32) * _round(x * r, dtype), dtype)
     return x.astype(dtype)
 
-  # The row goes through the tensor cores as 16 equal rows (their smallest M): Triton pipelines
-  # only loads that feed a dot, and a weight-bound product needs its loads in flight while it
-  # multiplies (an elementwise multiply-add reached half the bandwidth of XLA's GEMM on the
-  # H200, BENCHMARKS.md). Row 0 of the result is the product. The next chunk of the row is
-  # loaded before this chunk's products and normalised after them, so its latency hides behind
-  # them instead of standing in front of every chunk.
-  first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
-  precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
-
   def matvec(refs, col):
-    def body(c, carry):
-      accs, xn = carry
-      nxt = load(jnp.minimum(c + 1, nk - 1))
-      a = jnp.broadcast_to(xn[None, :], (_ROWS, bk))
-      accs = tuple(
-          acc + lax.dot_general(a, w_ref[pl.ds(c * bk, bk), pl.ds(col, bn)].astype(dtype),
-                                (((1,), (0,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32)
-          for acc, w_ref in zip(accs, refs))
-      return accs, normed(nxt)
-    zeros = tuple(jnp.zeros((_ROWS, bn), jnp.float32) for _ in refs)
-    accs, _ = lax.fori_loop(0, nk, body, (zeros, normed(raws[0])))
-    return [_round(jnp.sum(jnp.where(first_row, acc, 0.0), axis=0), dtype) for acc in accs]
+    ys = _products(load, normed, refs, col, nk, bk, bn, dtype, first=normed(raws[0]))
+    return [_round(y, dtype) for y in ys]
 
   if silu_pair:
     col = pl.multiple_of(j * bn, bn)
@@ -153,7 +170,9 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   """(outputs, row): `outputs[i] = norm(x + add) @ ws[i] (+ biases[i])`, in x's dtype.
 
   x [E]; ws[i] [E, N_i]. `add_E` given: the row is x + add (rounded to x's dtype), returned as
-  `row` (the residual stream after the add); else `row` is None. `norm_scale_E` given: the row
+  `row` (the residual stream after the add); else `row` is None. `add_E` may also be float32
+  partial sums [S, E] (`matvec_partials`' output): then add = their sum rounded to x's dtype,
+  the product they split. `norm_scale_E` given: the row
   is RMS-normalised first (eps `eps`), as `model.RMSNorm`. `silu_pair`: ws = (gate, up) and the
   one output is SiLU(row @ gate) * (row @ up). `block_n` / `block_k` (columns per program, rows
   per chunk; the largest powers of two up to them that divide the shapes), `num_warps` and
@@ -180,11 +199,15 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
     raise ValueError(f"norm_matvec: biases {[b.shape for b in biases_N]} do not match the "
                      f"weights' columns {[w.shape[1] for w in ws_EN]}")
   for name, a in (("add_E", add_E), ("norm_scale_E", norm_scale_E)):
-    if a is not None and a.shape != (e,):
-      raise ValueError(f"norm_matvec: {name} has shape {a.shape}, the row ({e},)")
+    if a is not None and a.shape != (e,) and not (name == "add_E" and a.ndim == 2
+                                                   and a.shape[1] == e and a.shape[0] >= 1):
+      raise ValueError(f"norm_matvec: {name} has shape {a.shape}, the row ({e},)"
+                       + (f" or partial sums [S, {e}]" if name == "add_E" else ""))
   dtype = x_E.dtype
   # Scale, bias and the added row enter the arithmetic in the row's dtype, as in the model.
-  add_E = None if add_E is None else add_E.astype(dtype)
+  add_parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
+  if add_E is not None:
+    add_E = add_E.astype(jnp.float32 if add_parts else dtype)
   norm_scale_E = None if norm_scale_E is None else norm_scale_E.astype(dtype)
   biases_N = None if biases_N is None else [b.astype(dtype) for b in biases_N]
   bk = _pow2_divisor(e, block_k)
@@ -201,7 +224,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   if add_E is not None:
     outs.append(jax.ShapeDtypeStruct((e,), dtype))
   kernel = functools.partial(
-      _kernel, num_w=len(ws_EN), has_add=add_E is not None, has_norm=norm_scale_E is not None,
+      _kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts, has_norm=norm_scale_E is not None,
       has_bias=biases_N is not None, silu_pair=silu_pair, eps=eps, bk=bk, nk=e // bk, bn=bn,
       tiles=tiles, dtype=dtype)
   res = pl.pallas_call(
@@ -219,12 +242,79 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   return tuple(res), row
 
 
+def pick_splits(e: int, n: int, block_n: int = 32, block_k: int = 512,
+                programs: Optional[int] = None) -> int:
+  """`matvec_partials`' default split of the row length e (weights [e, n]): the most splits
+  whose grid (column tiles x splits) still fits in `programs` (default two a streaming
+  multiprocessor, one wave of programs holding their 3-stage weight tiles), each split's rows a
+  multiple of 64 (16 at the least, where e has no larger power-of-two divisor)."""
+  if programs is None:
+    from dllm_jax.kernels.decode import sm_count  # the device's SMs (a default on a CPU)
+
+    programs = 2 * sm_count()
+  tiles = n // _pow2_divisor(n, block_n)
+  least = min(64, _pow2_divisor(e, block_k))
+  fits = [s for s in range(1, e // least + 1)
+          if e % s == 0 and _pow2_divisor(e // s, block_k) >= least and tiles * s <= programs]
+  return max(fits, default=1)
+
+
+def _partials_kernel(x_ref, w_ref, o_ref, *, bk, nk, bn, dtype):
+  # x_ref [rows]: this split's part of the row; w_ref [rows, bn]; o_ref [bn].
+  load = lambda c: x_ref[pl.ds(c * bk, bk)]
+  o_ref[...] = _products(load, lambda x: x.astype(dtype), [w_ref], 0, nk, bk, bn, dtype)[0]
+
+
+def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = None,
+                    block_n: int = 32, block_k: int = 512, num_warps: int = 4,
+                    num_stages: int = 3, interpret: bool = False) -> jax.Array:
+  """x [E] @ w [E, N] as float32 partial sums [S, N] over S equal runs of the row (split-K).
+
+  A product whose columns alone give too few programs to stream the weights at full rate (the
+  o and down projections: 48 tiles of 32 columns at Qwen2.5-1.5B's 1536, against 132 SMs)
+  splits the row; the next kernel sums the parts where it reads them (`norm_matvec`'s `add_E`),
+  so no kernel runs just to reduce them. Their sum rounded to x's dtype is the product, as XLA's
+  GEMM rounds it; the order of the float32 sums differs. `splits` (default `pick_splits`; it
+  must divide E into runs with a power-of-two divisor >= 16), `block_n`, `block_k`, `num_warps`
+  and `num_stages` are tuning knobs, as in `norm_matvec`.
+  """
+  if x_E.ndim != 1 or w_EN.ndim != 2 or w_EN.shape[0] != x_E.shape[0]:
+    raise ValueError(f"matvec_partials: a row [E] and a weight [E, N] expected; got x "
+                     f"{x_E.shape} and w {w_EN.shape}")
+  e, n = w_EN.shape
+  if splits is None:
+    splits = pick_splits(e, n, block_n, block_k)
+  if splits < 1 or e % splits:
+    raise ValueError(f"matvec_partials: splits={splits} does not divide the row length {e}")
+  rows = e // splits
+  why = supported(rows, [n], block_n, block_k)
+  if why is not None:
+    raise ValueError(f"matvec_partials: {splits} splits of the row: {why}")
+  dtype = x_E.dtype
+  bk = _pow2_divisor(rows, block_k)
+  bn = _pow2_divisor(n, block_n)
+  kernel = functools.partial(_partials_kernel, bk=bk, nk=rows // bk, bn=bn, dtype=dtype)
+  return pl.pallas_call(
+      kernel,
+      grid=(n // bn, splits),
+      in_specs=[pl.BlockSpec((rows,), lambda j, s: (s,)),
+                pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
+      out_specs=pl.BlockSpec((None, bn), lambda j, s: (s, j)),
+      out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="matvec_partials",
+  )(x_E, w_EN)
+
+
 def norm_matvec_reference(x_E, ws_EN, *, add_E=None, norm_scale_E=None, eps=1e-6,
                           biases_N=None, silu_pair=False, dot=None):
   """`norm_matvec` in plain XLA, written as the model writes it; `dot(x [1, E], w [E, N])` is
   the product (default a plain dot; the model's `_matmul` for what the model runs)."""
   dot = dot or (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   dtype = x_E.dtype
+  if add_E is not None and add_E.ndim == 2:  # partial sums: the product they split
+    add_E = add_E.astype(jnp.float32).sum(0).astype(dtype)
   x = x_E if add_E is None else x_E + add_E
   h = x
   if norm_scale_E is not None:

@@ -63,8 +63,7 @@ def main():
                   help="knobs of kernels/matvec.norm_matvec for both of a layer's launches, "
                        "e.g. 'block_k=256,num_stages=4'")
   ap.add_argument("--matvec-pair-knobs", default="",
-                  help="knobs of the gate/up launch alone (silu_pair), over --matvec-knobs; "
-                       "splits=S sets its split of the row")
+                  help="knobs of the gate/up launch alone (silu_pair), over --matvec-knobs")
   ap.add_argument("--matvec-partial-knobs", default="",
                   help="knobs of the o and down launches (matvec_partials), e.g. 'splits=4'")
   args = ap.parse_args()
@@ -79,7 +78,7 @@ def main():
       return settings[0] if settings else {}
 
     knobs = one(args.matvec_knobs, "--matvec-knobs")
-    pair = one(args.matvec_pair_knobs, "--matvec-pair-knobs", KNOBS + ("splits",))
+    pair = one(args.matvec_pair_knobs, "--matvec-pair-knobs")
     plain = matvec.norm_matvec
 
     def tuned(*a, silu_pair=False, **kw):

@@ -2,15 +2,13 @@
 
     python benchmarks/matvec.py [--shapes qwen2.5-1.5b,qwen2.5-7b,smollm2-135m]
         [--ops qkv,gate_up,o,down]
-        [--knobs 'block_n=64,block_k=128,num_warps=4,num_stages=1;splits=2,block_n=128;...']
+        [--knobs 'block_n=64,block_k=128,num_warps=4,num_stages=1;...']
         [--partial-knobs 'splits=4,block_n=64;...']
 
 For each shape, the four launches of a one-row decode layer: `qkv` (RMSNorm, q/k/v, bias),
 `gate_up` (residual add, RMSNorm, gate/up, SiLU product) by `norm_matvec` at each `--knobs`
 setting, and `o` and `down` (split-K partial sums, `matvec_partials`, at each `--partial-knobs`
-setting; XLA's side is the model's GEMM, whose output is the summed product). A `--knobs`
-setting with `splits` runs gate_up split (float32 parts of gate and up; the chain adds the gate's
-parts as the next layer's residual) and is skipped for qkv. Each kernel setting is first checked
+setting; XLA's side is the model's GEMM, whose output is the summed product). Each kernel setting is first checked
 against XLA on one layer (`check_max_rel_err`, `check_ok`). Then each launch runs over 16 layers
 of distinct weights in one jitted chain (layer i+1's input is layer i's output, so nothing is fused
 across layers and no weight is read from L2; `o` and `down` run the 16 products on one row), as XLA runs the model's ops (every product through
@@ -79,10 +77,9 @@ def _chain(op, impl, knobs, cfg):
                           biases_N=[b[i] for b in w["bias"]])
         x = q
       else:
-        (h, *_), x = fn(x, [a[i] for a in w["gate_up"]], add_E=add, norm_scale_E=w["scale"][i],
-                        eps=eps, silu_pair=True)
-        # Split: the gate's partial sums [S, F] stand in for the o product's parts.
-        add = h[..., :x.shape[0]]
+        (h,), x = fn(x, [a[i] for a in w["gate_up"]], add_E=add, norm_scale_E=w["scale"][i],
+                     eps=eps, silu_pair=True)
+        add = h[:x.shape[0]]
     return x, add
 
   return jax.jit(run)
@@ -123,9 +120,6 @@ def _pairs(op, knobs, cfg, x, w):
   ws = [a[0] for a in w[op]]
   (got, got_row), (want, want_row) = (jax.jit(lambda x, ws: _op(i, k)(x, ws, **kw))(x, ws)
                                       for i, k in (("pallas", knobs), ("xla", {})))
-  if "splits" in knobs:  # (gate, up) partial sums: their SiLU product, as the down launch forms it
-    g, u = (p.sum(0).astype(x.dtype).astype(jnp.float32) for p in got)
-    got = (matvec._silu_product(g, u, x.dtype).astype(x.dtype),)
   return list(zip(got, want)) + ([(got_row, want_row)] if want_row is not None else [])
 
 
@@ -168,7 +162,7 @@ def main():
   ops = args.ops.split(",")
   if set(ops) - {"qkv", "gate_up", "o", "down"}:
     ap.error(f"--ops: {args.ops!r}; expected a subset of qkv,gate_up,o,down")
-  knob_sets = {"norm": parse_knobs(args.knobs, allowed=KNOBS + ("splits",)),
+  knob_sets = {"norm": parse_knobs(args.knobs),
                "partial": parse_knobs(args.partial_knobs, "--partial-knobs",
                                       KNOBS + ("splits",))}
   res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceilings(rounds=2), "rows": []}
@@ -181,8 +175,7 @@ def main():
       x = jax.random.normal(jax.random.key(1), (_row_len(cfg, op),), jnp.bfloat16)
       wbytes = sum(a[0].nbytes for a in w[op])
       knobs_of_op = knob_sets["partial" if op in ("o", "down") else "norm"]
-      for impl, knobs in [("xla", {})] + [("pallas", k) for k in knobs_of_op
-                                          if op != "qkv" or "splits" not in k]:
+      for impl, knobs in [("xla", {})] + [("pallas", k) for k in knobs_of_op]:
         row = {"shape": name, "op": op, "impl": impl, "knobs": knobs,
                "floor_us": wbytes / bw * 1e6}
         try:

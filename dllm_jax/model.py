@@ -263,13 +263,11 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
                                 a["o"]["kernel"].reshape(h * d, e).astype(dt),
                                 interpret=interpret)
   m = p["mlp"]
-  f = cfg.intermediate_size
-  gate_up, x_E = matvec.norm_matvec(
+  (act,), x_E = matvec.norm_matvec(
       x_E, (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)), add_E=o_SE,
       norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
-      splits=matvec.pick_splits(e, f, block_k=256), interpret=interpret)
-  # The down launch forms SiLU(gate) * up from the parts as it reads them.
-  down_SE = matvec.matvec_partials(gate_up, m["down"]["kernel"].astype(dt), interpret=interpret)
+      interpret=interpret)
+  down_SE = matvec.matvec_partials(act, m["down"]["kernel"].astype(dt), interpret=interpret)
   return (x_E, down_SE), new_cache
 
 

@@ -89,38 +89,6 @@ def test_matvec_partials_sum_to_the_product(e, n, splits, block_k, dtype):
                              @ np.asarray(w[run:2 * run], np.float64), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_norm_matvec_split_gives_partial_sums(splits, dtype):
-  x, _, scale, ws, _ = _inputs(jax.random.key(11), 192, (96, 32, 32), dtype)
-  parts = jax.random.normal(jax.random.key(12), (2, 192))
-  kw = dict(add_E=parts, norm_scale_E=scale)
-  got, row = matvec.norm_matvec(x, ws, splits=splits, block_k=32, interpret=True, **kw)
-  want, want_row = matvec.norm_matvec_reference(x, ws, **kw)
-  assert [g.shape for g in got] == [(splits, n) for n in (96, 32, 32)]
-  assert all(g.dtype == jnp.float32 for g in got)
-  for g, w in zip(got, want):
-    _close(g.sum(0).astype(dtype), w, dtype)
-  np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
-  if splits > 1:  # each part is one run of the normalised row, not the whole sum
-    assert float(jnp.abs(got[0][0] - got[0].sum(0)).max()) > 0.1
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_split_silu_pair_feeds_the_down_product(dtype):
-  # The MLP as the one-row step runs it: gate/up parts, whose SiLU product the down launch forms.
-  x, add, scale, (wg, wu, wd), _ = _inputs(jax.random.key(13), 128, (256, 256, 64), dtype)
-  wd = (256 ** -0.5 * jax.random.normal(jax.random.key(14), (256, 64))).astype(dtype)
-  kw = dict(add_E=add, norm_scale_E=scale, silu_pair=True)
-  (g, u), row = matvec.norm_matvec(x, (wg, wu), splits=2, block_k=32, interpret=True, **kw)
-  assert g.shape == u.shape == (2, 256)
-  down = matvec.matvec_partials((g, u), wd, splits=4, block_k=32, interpret=True)
-  (act,), want_row = matvec.norm_matvec_reference(x, (wg, wu), **kw)
-  want = matvec.norm_matvec_reference(act, (wd,))[0][0]
-  _close(down.sum(0).astype(dtype), want, dtype)
-  np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
-
-
 def test_pick_splits_fills_one_wave():
   assert matvec.pick_splits(1536, 1536, programs=264) == 4  # 48 tiles: 192 programs
   assert matvec.pick_splits(8960, 1536, programs=264) == 5  # 1.5B down: 240
@@ -156,12 +124,6 @@ def test_matvec_partials_refuses_bad_inputs():
     matvec.matvec_partials(x, w, splits=8, interpret=True)
   with pytest.raises(ValueError, match=r"or partial sums \[S, 64\]"):
     matvec.norm_matvec(x, [w], add_E=jnp.zeros((2, 32)), interpret=True)
-  with pytest.raises(ValueError, match=r"pair of partial sums"):
-    matvec.matvec_partials((jnp.zeros((2, 64)), jnp.zeros((3, 64))), w, interpret=True)
-  with pytest.raises(ValueError, match="partial sums, which take no bias"):
-    matvec.norm_matvec(x, [w], biases_N=[w[0]], splits=2, interpret=True)
-  with pytest.raises(ValueError, match="splits=5 does not divide the row length 64"):
-    matvec.norm_matvec(x, [w], splits=5, interpret=True)
 
 
 def test_norm_matvec_refuses_bad_inputs():

@@ -61,7 +61,7 @@ def _round(x, dtype):
 _ROWS = 16  # rows of the tensor-core product (the row, repeated)
 
 
-def _products(load, prep, w_refs, col, nk, bk, bn, dtype, first=None, c0=0):
+def _products(load, prep, w_refs, col, nk, bk, bn, dtype, first=None):
   """float32 [bn] per weight: the sum over chunks c < nk of prep(load(c)) [bk] times rows
   c*bk .. of w[:, col:col+bn].
 
@@ -70,14 +70,14 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, first=None, c0=0):
   multiplies (an elementwise multiply-add reached half the bandwidth of XLA's GEMM on the
   H200, BENCHMARKS.md). Row 0 of the result is the product. The next chunk of the row is
   loaded (`load`) before this chunk's products and prepared (`prep`) after them, so its latency
-  hides behind them instead of standing in front of every chunk. The chunks are c0 .. c0+nk-1;
-  `first`: chunk c0 prepared, if the caller has it."""
+  hides behind them instead of standing in front of every chunk. `first`: chunk 0 prepared, if
+  the caller has it."""
   first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
   precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
   def body(c, carry):
     accs, xn = carry
-    nxt = load(jnp.minimum(c + 1, c0 + nk - 1))
+    nxt = load(jnp.minimum(c + 1, nk - 1))
     a = jnp.broadcast_to(xn[None, :], (_ROWS, bk))
     accs = tuple(
         acc + lax.dot_general(a, w_ref[pl.ds(c * bk, bk), pl.ds(col, bn)].astype(dtype),
@@ -87,24 +87,22 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, first=None, c0=0):
     return accs, prep(nxt)
 
   zeros = tuple(jnp.zeros((_ROWS, bn), jnp.float32) for _ in w_refs)
-  accs, _ = lax.fori_loop(c0, c0 + nk, body,
-                          (zeros, prep(load(c0)) if first is None else first))
+  accs, _ = lax.fori_loop(0, nk, body, (zeros, prep(load(0)) if first is None else first))
   return [jnp.sum(jnp.where(first_row, acc, 0.0), axis=0) for acc in accs]
 
 
 def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
-            tiles, dtype, splits):
+            tiles, dtype):
   it = iter(refs)
   x_ref = next(it)
   add_ref = next(it) if has_add else None
   scale_ref = next(it) if has_norm else None
   w_refs = [next(it) for _ in range(num_w)]
   b_refs = [next(it) for _ in range(num_w)] if has_bias else None
-  o_refs = [next(it) for _ in range(1 if silu_pair and not splits else num_w)]
+  o_refs = [next(it) for _ in range(1 if silu_pair else num_w)]
   sum_ref = next(it) if has_add else None
   e = bk * nk
   j = pl.program_id(0)
-  s = pl.program_id(1) if splits else 0  # the run of the row whose products this program sums
 
   def load(c):  # the raw inputs of chunk c of the row
     sl = pl.ds(c * bk, bk)
@@ -129,7 +127,7 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
     r = lax.rsqrt(sum(jnp.sum(x * x) for x in map(row, raws)) / e + eps)
 
   if has_add:
-    @pl.when((j == 0) & (s == 0))
+    @pl.when(j == 0)
     def _():
       for c, raw in enumerate(raws):
         sum_ref[pl.ds(c * bk, bk)] = row(raw).astype(sum_ref.dtype)
@@ -141,22 +139,14 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
     return x.astype(dtype)
 
   def matvec(refs, col):
-    if splits:  # float32 partial sums over this program's run of the row
-      return _products(load, normed, refs, col, nk // splits, bk, bn, dtype,
-                       c0=s * (nk // splits))
     ys = _products(load, normed, refs, col, nk, bk, bn, dtype, first=normed(raws[0]))
     return [_round(y, dtype) for y in ys]
-
-  if splits and silu_pair:  # (gate, up) parts; the SiLU product is the consumer's
-    col = pl.multiple_of(j * bn, bn)
-    for o_ref, y in zip(o_refs, matvec(w_refs, col)):
-      o_ref[s, pl.ds(col, bn)] = y
-    return
 
   if silu_pair:
     col = pl.multiple_of(j * bn, bn)
     g, u = matvec(w_refs, col)
-    o_refs[0][pl.ds(col, bn)] = _silu_product(g, u, dtype).astype(o_refs[0].dtype)
+    s = _round(g * _round(jax.nn.sigmoid(g), dtype), dtype)
+    o_refs[0][pl.ds(col, bn)] = (s * u).astype(o_refs[0].dtype)
     return
 
   first = 0
@@ -165,9 +155,6 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
     def _(i=i, first=first):
       col = pl.multiple_of((j - first) * bn, bn)
       y, = matvec(w_refs[i:i + 1], col)
-      if splits:
-        o_refs[i][s, pl.ds(col, bn)] = y
-        return
       if has_bias:
         y = _round(y + b_refs[i][pl.ds(col, bn)].astype(jnp.float32), dtype)
       o_refs[i][pl.ds(col, bn)] = y.astype(o_refs[i].dtype)
@@ -178,9 +165,8 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
                 add_E: Optional[jax.Array] = None,
                 norm_scale_E: Optional[jax.Array] = None, eps: float = 1e-6,
                 biases_N: Optional[Sequence[jax.Array]] = None, silu_pair: bool = False,
-                splits: Optional[int] = None, block_n: int = 32,
-                block_k: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
-                interpret: bool = False):
+                block_n: int = 32, block_k: Optional[int] = None, num_warps: int = 4,
+                num_stages: int = 3, interpret: bool = False):
   """(outputs, row): `outputs[i] = norm(x + add) @ ws[i] (+ biases[i])`, in x's dtype.
 
   x [E]; ws[i] [E, N_i]. `add_E` given: the row is x + add (rounded to x's dtype), returned as
@@ -188,11 +174,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   partial sums [S, E] (`matvec_partials`' output): then add = their sum rounded to x's dtype,
   the product they split. `norm_scale_E` given: the row
   is RMS-normalised first (eps `eps`), as `model.RMSNorm`. `silu_pair`: ws = (gate, up) and the
-  one output is SiLU(row @ gate) * (row @ up). `splits` given: each output is instead float32
-  partial sums [splits, N_i] over equal runs of the normalised row (split-K, as
-  `matvec_partials`), no bias; with `silu_pair` the outputs are the gate's and the up's parts,
-  whose SiLU product `matvec_partials` forms where it reads them. `block_n` / `block_k` (columns
-  per program, rows
+  one output is SiLU(row @ gate) * (row @ up). `block_n` / `block_k` (columns per program, rows
   per chunk; the largest powers of two up to them that divide the shapes), `num_warps` and
   `num_stages` are tuning knobs. The defaults were the fastest of a sweep on the H200 at the
   Qwen2.5-1.5B's shapes (BENCHMARKS.md): 32 columns a program, chunks of 512 rows, or 256 for the
@@ -213,15 +195,6 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
     raise ValueError(f"norm_matvec: {why}")
   if silu_pair and (len(ws_EN) != 2 or ws_EN[0].shape != ws_EN[1].shape or biases_N):
     raise ValueError("norm_matvec: silu_pair takes two weights of one shape (gate, up), no bias")
-  if splits is not None:
-    if biases_N is not None:
-      raise ValueError("norm_matvec: splits gives partial sums, which take no bias (add it to "
-                       "their sum)")
-    if splits < 1 or e % splits:
-      raise ValueError(f"norm_matvec: splits={splits} does not divide the row length {e}")
-    why = supported(e // splits, [], block_n, block_k)
-    if why is not None:
-      raise ValueError(f"norm_matvec: {splits} splits of the row: {why}")
   if biases_N is not None and [b.shape for b in biases_N] != [(w.shape[1],) for w in ws_EN]:
     raise ValueError(f"norm_matvec: biases {[b.shape for b in biases_N]} do not match the "
                      f"weights' columns {[w.shape[1] for w in ws_EN]}")
@@ -237,32 +210,28 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
     add_E = add_E.astype(jnp.float32 if add_parts else dtype)
   norm_scale_E = None if norm_scale_E is None else norm_scale_E.astype(dtype)
   biases_N = None if biases_N is None else [b.astype(dtype) for b in biases_N]
-  bk = _pow2_divisor(e if splits is None else e // splits, block_k)
+  bk = _pow2_divisor(e, block_k)
   bn = min(_pow2_divisor(w.shape[1], block_n) for w in ws_EN)
   tiles = tuple(w.shape[1] // bn for w in ws_EN)
-  grid = (tiles[0] if silu_pair else sum(tiles),) + (() if splits is None else (splits,))
+  grid = tiles[0] if silu_pair else sum(tiles)
 
-  whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+  whole = lambda a: pl.BlockSpec(a.shape, lambda j: (0,) * a.ndim)
   args = [x_E] + ([add_E] if add_E is not None else [])
   args += [norm_scale_E] if norm_scale_E is not None else []
   args += list(ws_EN) + (list(biases_N) if biases_N is not None else [])
-  if splits is not None:
-    outs = [jax.ShapeDtypeStruct((splits, w.shape[1]), jnp.float32) for w in ws_EN]
-  elif silu_pair:
-    outs = [jax.ShapeDtypeStruct((ws_EN[0].shape[1],), dtype)]
-  else:
-    outs = [jax.ShapeDtypeStruct((w.shape[1],), dtype) for w in ws_EN]
+  outs = ([jax.ShapeDtypeStruct((ws_EN[0].shape[1],), dtype)] if silu_pair else
+          [jax.ShapeDtypeStruct((w.shape[1],), dtype) for w in ws_EN])
   if add_E is not None:
     outs.append(jax.ShapeDtypeStruct((e,), dtype))
   kernel = functools.partial(
-      _kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
-      has_norm=norm_scale_E is not None, has_bias=biases_N is not None, silu_pair=silu_pair,
-      eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype, splits=splits)
+      _kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts, has_norm=norm_scale_E is not None,
+      has_bias=biases_N is not None, silu_pair=silu_pair, eps=eps, bk=bk, nk=e // bk, bn=bn,
+      tiles=tiles, dtype=dtype)
   res = pl.pallas_call(
       kernel,
-      grid=grid,
+      grid=(grid,),
       in_specs=[whole(a) for a in args],
-      out_specs=[whole(o) for o in outs],
+      out_specs=[pl.BlockSpec(o.shape, lambda j: (0,)) for o in outs],
       out_shape=outs,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
@@ -290,33 +259,13 @@ def pick_splits(e: int, n: int, block_n: int = 32, block_k: int = 512,
   return max(fits, default=1)
 
 
-def _silu_product(g, u, dtype):
-  """SiLU(g) * u of float32 g, u holding dtype values, rounded at each step as XLA's dtype ops."""
-  s = _round(g * _round(jax.nn.sigmoid(g), dtype), dtype)
-  return _round(s * u, dtype)
+def _partials_kernel(x_ref, w_ref, o_ref, *, bk, nk, bn, dtype):
+  # x_ref [rows]: this split's part of the row; w_ref [rows, bn]; o_ref [bn].
+  load = lambda c: x_ref[pl.ds(c * bk, bk)]
+  o_ref[...] = _products(load, lambda x: x.astype(dtype), [w_ref], 0, nk, bk, bn, dtype)[0]
 
 
-def _partials_kernel(*refs, pair_parts, bk, nk, bn, dtype):
-  # x [rows] (this split's run of the row) or, for a SiLU pair of partial sums, gate and up
-  # [S, rows]; w [rows, bn]; out [bn].
-  if pair_parts:
-    g_ref, u_ref, w_ref, o_ref = refs
-
-    def load(c):
-      sl = pl.ds(c * bk, bk)
-      return [g_ref[i, sl] for i in range(pair_parts)], [u_ref[i, sl] for i in range(pair_parts)]
-
-    def prep(raw):
-      g, u = (_round(sum(raw[k][1:], raw[k][0]), dtype) for k in (0, 1))
-      return _silu_product(g, u, dtype).astype(dtype)
-  else:
-    x_ref, w_ref, o_ref = refs
-    load = lambda c: x_ref[pl.ds(c * bk, bk)]
-    prep = lambda x: x.astype(dtype)
-  o_ref[...] = _products(load, prep, [w_ref], 0, nk, bk, bn, dtype)[0]
-
-
-def matvec_partials(x_E, w_EN: jax.Array, *, splits: Optional[int] = None,
+def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = None,
                     block_n: int = 32, block_k: int = 512, num_warps: int = 4,
                     num_stages: int = 3, interpret: bool = False) -> jax.Array:
   """x [E] @ w [E, N] as float32 partial sums [S, N] over S equal runs of the row (split-K).
@@ -325,20 +274,14 @@ def matvec_partials(x_E, w_EN: jax.Array, *, splits: Optional[int] = None,
   o and down projections: 48 tiles of 32 columns at Qwen2.5-1.5B's 1536, against 132 SMs)
   splits the row; the next kernel sums the parts where it reads them (`norm_matvec`'s `add_E`),
   so no kernel runs just to reduce them. Their sum rounded to x's dtype is the product, as XLA's
-  GEMM rounds it; the order of the float32 sums differs. x may also be a pair (gate [P, E],
-  up [P, E]) of float32 partial sums (`norm_matvec(..., silu_pair=True, splits=P)`): the row is
-  then SiLU(gate) * up of their sums rounded to w's dtype, formed as each chunk is read.
-  `splits` (default `pick_splits`; it must divide E into runs with a power-of-two divisor >= 16),
-  `block_n`, `block_k`, `num_warps` and `num_stages` are tuning knobs, as in `norm_matvec`.
+  GEMM rounds it; the order of the float32 sums differs. `splits` (default `pick_splits`; it
+  must divide E into runs with a power-of-two divisor >= 16), `block_n`, `block_k`, `num_warps`
+  and `num_stages` are tuning knobs, as in `norm_matvec`.
   """
-  pair = isinstance(x_E, (tuple, list))
-  rows_in = ([a.shape for a in x_E] if pair else [x_E.shape])
-  e = w_EN.shape[0] if w_EN.ndim == 2 else None
-  want = [(rows_in[0][0], e)] * 2 if pair else [(e,)]
-  if w_EN.ndim != 2 or rows_in != want or (pair and len(x_E) != 2):
-    raise ValueError(f"matvec_partials: a row [E], or a pair of partial sums ([P, E], [P, E]), "
-                     f"and a weight [E, N] expected; got x {rows_in} and w {w_EN.shape}")
-  n = w_EN.shape[1]
+  if x_E.ndim != 1 or w_EN.ndim != 2 or w_EN.shape[0] != x_E.shape[0]:
+    raise ValueError(f"matvec_partials: a row [E] and a weight [E, N] expected; got x "
+                     f"{x_E.shape} and w {w_EN.shape}")
+  e, n = w_EN.shape
   if splits is None:
     splits = pick_splits(e, n, block_n, block_k)
   if splits < 1 or e % splits:
@@ -347,26 +290,21 @@ def matvec_partials(x_E, w_EN: jax.Array, *, splits: Optional[int] = None,
   why = supported(rows, [n], block_n, block_k)
   if why is not None:
     raise ValueError(f"matvec_partials: {splits} splits of the row: {why}")
-  dtype = w_EN.dtype if pair else x_E.dtype
+  dtype = x_E.dtype
   bk = _pow2_divisor(rows, block_k)
   bn = _pow2_divisor(n, block_n)
-  kernel = functools.partial(_partials_kernel, pair_parts=rows_in[0][0] if pair else 0, bk=bk,
-                             nk=rows // bk, bn=bn, dtype=dtype)
-  if pair:
-    x_args = [a.astype(jnp.float32) for a in x_E]
-    x_specs = [pl.BlockSpec((rows_in[0][0], rows), lambda j, s: (0, s))] * 2
-  else:
-    x_args, x_specs = [x_E], [pl.BlockSpec((rows,), lambda j, s: (s,))]
+  kernel = functools.partial(_partials_kernel, bk=bk, nk=rows // bk, bn=bn, dtype=dtype)
   return pl.pallas_call(
       kernel,
       grid=(n // bn, splits),
-      in_specs=x_specs + [pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
+      in_specs=[pl.BlockSpec((rows,), lambda j, s: (s,)),
+                pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
       out_specs=pl.BlockSpec((None, bn), lambda j, s: (s, j)),
       out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="matvec_partials",
-  )(*x_args, w_EN)
+  )(x_E, w_EN)
 
 
 def norm_matvec_reference(x_E, ws_EN, *, add_E=None, norm_scale_E=None, eps=1e-6,

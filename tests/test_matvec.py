@@ -89,6 +89,14 @@ def test_matvec_partials_sum_to_the_product(e, n, splits, block_k, dtype):
                              @ np.asarray(w[run:2 * run], np.float64), rtol=1e-5, atol=1e-5)
 
 
+def test_default_knobs_widen_a_large_gate_up_pair():
+  assert matvec.default_knobs([8960, 8960], True) == {"block_n": 32, "block_k": 256,
+                                                       "num_stages": 3}  # 1.5B: 280 tiles
+  assert matvec.default_knobs([18944, 18944], True) == {"block_n": 64, "block_k": 256,
+                                                         "num_stages": 2}  # 7B: 592 tiles
+  assert matvec.default_knobs([18944, 512, 512], False)["block_n"] == 32  # q/k/v stay narrow
+
+
 def test_pick_splits_fills_one_wave():
   assert matvec.pick_splits(1536, 1536, programs=264) == 4  # 48 tiles: 192 programs
   assert matvec.pick_splits(8960, 1536, programs=264) == 5  # 1.5B down: 240

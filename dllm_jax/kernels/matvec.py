@@ -161,12 +161,33 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
     first += tiles[i]
 
 
+# A gate/up pair with more 32-column tiles than this a streaming multiprocessor (the 7B's 18944
+# columns: 592 tiles, 4.5 a SM on 132) streamed faster in 64-column tiles.
+WIDE_PAIR_TILES_PER_SM = 4
+
+
+def default_knobs(ns: Sequence[int], silu_pair: bool) -> dict:
+  """`norm_matvec`'s block_n, block_k and num_stages for weights of ns columns: the fastest of the
+  sweeps on the H200 (BENCHMARKS.md, sessions 16-17). 32 columns a program and chunks of 512
+  rows, or 256 for the gate/up pair, whose two weight tiles in three stages must fit in shared
+  memory; a pair of many column tiles (WIDE_PAIR_TILES_PER_SM) 64 columns in two stages: at the
+  7B's gate/up 69.9 us a layer against 97.5 for the narrow setting (XLA 71.7), at the 1.5B's 280
+  tiles 20.2 against 19.8."""
+  if not silu_pair:
+    return {"block_n": 32, "block_k": 512, "num_stages": 3}
+  from dllm_jax.kernels.decode import sm_count  # the device's SMs (a default on a CPU)
+
+  if max(ns) // _pow2_divisor(max(ns), 32) > WIDE_PAIR_TILES_PER_SM * sm_count():
+    return {"block_n": 64, "block_k": 256, "num_stages": 2}
+  return {"block_n": 32, "block_k": 256, "num_stages": 3}
+
+
 def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
                 add_E: Optional[jax.Array] = None,
                 norm_scale_E: Optional[jax.Array] = None, eps: float = 1e-6,
                 biases_N: Optional[Sequence[jax.Array]] = None, silu_pair: bool = False,
-                block_n: int = 32, block_k: Optional[int] = None, num_warps: int = 4,
-                num_stages: int = 3, interpret: bool = False):
+                block_n: Optional[int] = None, block_k: Optional[int] = None,
+                num_warps: int = 4, num_stages: Optional[int] = None, interpret: bool = False):
   """(outputs, row): `outputs[i] = norm(x + add) @ ws[i] (+ biases[i])`, in x's dtype.
 
   x [E]; ws[i] [E, N_i]. `add_E` given: the row is x + add (rounded to x's dtype), returned as
@@ -176,11 +197,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   is RMS-normalised first (eps `eps`), as `model.RMSNorm`. `silu_pair`: ws = (gate, up) and the
   one output is SiLU(row @ gate) * (row @ up). `block_n` / `block_k` (columns per program, rows
   per chunk; the largest powers of two up to them that divide the shapes), `num_warps` and
-  `num_stages` are tuning knobs. The defaults were the fastest of a sweep on the H200 at the
-  Qwen2.5-1.5B's shapes (BENCHMARKS.md): 32 columns a program, chunks of 512 rows, or 256 for the
-  gate/up pair, whose two weight tiles in three stages must fit in shared memory. At the 7B's
-  gate/up, 64 columns, 256-row chunks and 2 stages streamed as fast as XLA (the default did not);
-  not yet timed in a whole step.
+  `num_stages` are tuning knobs; those left None take `default_knobs`.
   """
   ws_EN = tuple(ws_EN)
   if (x_E.ndim != 1 or not ws_EN
@@ -188,8 +205,9 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
     raise ValueError(f"norm_matvec: a row [E] and at least one weight, all weights [E, N], "
                      f"expected; got x {x_E.shape} and weights {[w.shape for w in ws_EN]}")
   e = x_E.shape[0]
-  if block_k is None:
-    block_k = 256 if silu_pair else 512
+  d = default_knobs([w.shape[1] for w in ws_EN], silu_pair)
+  block_n, block_k, num_stages = (d[k] if v is None else v for k, v in (
+      ("block_n", block_n), ("block_k", block_k), ("num_stages", num_stages)))
   why = supported(e, [w.shape[1] for w in ws_EN], block_n, block_k)
   if why is not None:
     raise ValueError(f"norm_matvec: {why}")

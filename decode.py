@@ -54,9 +54,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="parameter layout to decode with: per_layer (unstacked once after loading; "
                       "2x faster steps for Qwen2.5-1.5B on an H100, 2.5-5x the compile time) or "
                       "stacked (as saved; better for one short prompt)")
-  p.add_argument("--matvec", choices=["xla", "pallas"], default="xla",
-                 help="one-row projections of AR decoding at batch 1: pallas fuses each layer's "
-                      "norms into them (GPU; opt-in, see model.matvec_impl)")
+  p.add_argument("--matvec", choices=["auto", "xla", "pallas"], default="auto",
+                 help="one-row projections of AR decoding at batch 1: pallas fuses each "
+                      "layer's norms into them (GPU); auto: pallas where it pays, see "
+                      "model.matvec_impl")
   p.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as is")
   p.add_argument("--force", action="store_true",
                  help="diffusion-decode a model not trained for it (warns instead of refusing)")

@@ -51,7 +51,7 @@ def main():
   ap.add_argument("--new", type=int, default=128, help="new tokens (steps) per generate call")
   ap.add_argument("--layout", default="per_layer", choices=model.LAYOUTS)
   ap.add_argument("--impl", default="pallas", choices=["pallas", "xla"])
-  ap.add_argument("--matvec", default="xla", choices=["xla", "pallas"],
+  ap.add_argument("--matvec", default="xla", choices=["xla", "pallas", "auto"],
                   help="model.matvec_impl: the one-row projections (kernels/matvec.py)")
   ap.add_argument("--tag", default="", help="suffix of the JSON file name (one per XLA_FLAGS)")
   ap.add_argument("--no-ceilings", action="store_true")

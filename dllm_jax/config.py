@@ -43,10 +43,11 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; softmax, norms and logits stay in float32
   remat: str = "none"  # "none" | "full" | "dots": what a layer keeps for the backward pass
   attention_impl: str = "auto"  # "auto" (pallas on GPU/TPU, xla on CPU) | "xla" | "pallas"
-  # The projections of a one-row decode step (AR at batch 1): "xla" | "pallas" (fused with their
-  # norm and residual add, kernels/matvec.py; GPU only, opt-in: with bf16 weights on the H200 5%
-  # faster steps at the 1.5B and 135M shapes, 11% slower at the 7B's; BENCHMARKS.md).
-  matvec_impl: str = "xla"
+  # The projections of a one-row decode step (AR at batch 1): "xla", "pallas" (fused with their
+  # norms and residual adds, kernels/matvec.py; GPU only) or "auto": pallas on a GPU for bf16
+  # weights in the per-layer layout on one device, where it measured faster or level (H200:
+  # 7.5% at Qwen2.5-1.5B, 5.4% at SmolLM2-135M, level at 7B; BENCHMARKS.md session 17), else xla.
+  matvec_impl: str = "auto"
 
   def __post_init__(self):
     if self.architecture not in ("llama", "qwen2"):
@@ -59,8 +60,9 @@ class ModelConfig:
     if self.attention_impl not in ("auto", "xla", "pallas"):
       raise ConfigError(
           f"model.attention_impl={self.attention_impl!r}: expected 'auto', 'xla' or 'pallas'")
-    if self.matvec_impl not in ("xla", "pallas"):
-      raise ConfigError(f"model.matvec_impl={self.matvec_impl!r}: expected 'xla' or 'pallas'")
+    if self.matvec_impl not in ("auto", "xla", "pallas"):
+      raise ConfigError(
+          f"model.matvec_impl={self.matvec_impl!r}: expected 'auto', 'xla' or 'pallas'")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.{name}={getattr(self, name)!r}: expected float32, bfloat16 or float16")

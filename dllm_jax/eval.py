@@ -214,9 +214,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--layout", choices=model.LAYOUTS, default="per_layer",
                       help="parameter layout to decode with (per_layer: unstacked once, faster)")
-  parser.add_argument("--matvec", choices=["xla", "pallas"], default="xla",
+  parser.add_argument("--matvec", choices=["auto", "xla", "pallas"], default="auto",
                       help="one-row projections of AR decoding at batch 1: pallas fuses each "
-                           "layer's norms into them (GPU; opt-in, see model.matvec_impl)")
+                           "layer's norms into them (GPU); auto: pallas where it pays, see "
+                           "model.matvec_impl")
   parser.add_argument("--out", default=None, help="write every generation here (JSONL)")
   parser.add_argument("--compare-to", default=None,
                       help="another run's generations JSONL: report the share of equal answers")

@@ -208,23 +208,30 @@ def _warn_once(message: str) -> None:
   _log.warning(message)
 
 
-def _row_kernels(cfg: ModelConfig) -> bool:
-  """Whether a one-row decode step runs `kernels.matvec` (`model.matvec_impl="pallas"`)."""
+def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
+  """Whether a one-row decode step runs `kernels.matvec` (`model.matvec_impl`)."""
   if cfg.matvec_impl == "xla":
     return False
   from dllm_jax.kernels import matvec  # lazily: the CPU path never needs Pallas
 
-  where = "model.matvec_impl='pallas'"
-  if jax.default_backend() not in ("gpu", "cpu"):
-    raise ValueError(f"{where} runs a Triton kernel, which has no {jax.default_backend()!r} "
-                     "lowering (GPU only; the CPU interprets it): use 'xla'")
+  backend = jax.default_backend()
   why = matvec.supported(cfg.hidden_size, (cfg.num_heads * cfg.head_dim,
                                            cfg.num_kv_heads * cfg.head_dim,
                                            cfg.intermediate_size))
-  if why is not None:
-    raise ValueError(f"{where}: this model's shapes are not covered ({why}); use 'xla'")
   mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and any(mesh.shape[a] > 1 for a in mesh.axis_names):
+  sharded = not mesh.empty and any(mesh.shape[a] > 1 for a in mesh.axis_names)
+  if cfg.matvec_impl == "auto":
+    # Only where it was measured to pay: a weight of another dtype would be converted every step
+    # (XLA fuses that into its GEMM), and a layer sliced out of the stack copied for the call.
+    return (backend == "gpu" and why is None and not sharded and not stacked
+            and cfg.dtype == cfg.param_dtype == "bfloat16")
+  where = "model.matvec_impl='pallas'"
+  if backend not in ("gpu", "cpu"):
+    raise ValueError(f"{where} runs a Triton kernel, which has no {backend!r} lowering (GPU "
+                     "only; the CPU interprets it): use 'xla' or 'auto'")
+  if why is not None:
+    raise ValueError(f"{where}: this model's shapes are not covered ({why}); use 'xla' or 'auto'")
+  if sharded:
     # The kernel is one custom call: on a mesh it would gather every sharded weight.
     _warn_once(f"{where} is ignored on device mesh {dict(mesh.shape)}: the one-row "
                "projections run as XLA (the kernel would gather the sharded weights)")
@@ -307,7 +314,7 @@ class Transformer(nn.Module):
 
     layer = DecoderLayer
     row_kernels = (cache is not None and math.prod(tokens_BT.shape) == 1
-                   and not self.is_initializing() and _row_kernels(cfg))
+                   and not self.is_initializing() and _row_kernels(cfg, self.stacked))
     if row_kernels:
       # (row, pending partial sums): `_fused_row_layer`. A scan's carry keeps one shape, so its
       # first layer adds zeros; the unrolled loop's adds nothing.

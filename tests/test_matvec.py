@@ -245,17 +245,30 @@ def test_matvec_impl_is_validated():
   with pytest.raises(ValueError, match="matvec_impl='pallas'.*row length 40.*use 'xla'"):
     model.forward(params, cfg, jnp.zeros((1, 1), jnp.int32), meta, masks.MaskSpec("causal"),
                   cache)
-  # "xla" (the default) runs the same model.
-  model.forward(params, dataclasses.replace(cfg, matvec_impl="xla"), jnp.zeros((1, 1), jnp.int32),
-                meta, masks.MaskSpec("causal"), cache)
-  assert ModelConfig().matvec_impl == "xla"
+  # "xla" and "auto" (the default) run the same model.
+  for impl in ("xla", "auto"):
+    model.forward(params, dataclasses.replace(cfg, matvec_impl=impl),
+                  jnp.zeros((1, 1), jnp.int32), meta, masks.MaskSpec("causal"), cache)
+
+
+def test_auto_matvec_picks_the_kernel_only_where_it_was_measured_to_pay(monkeypatch):
+  bf16 = dataclasses.replace(CFG, matvec_impl="auto", param_dtype="bfloat16")
+  assert not model._row_kernels(bf16, stacked=False)  # on this CPU: XLA
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert model._row_kernels(bf16, stacked=False)
+  assert not model._row_kernels(bf16, stacked=True)  # a slice of the stack would be copied
+  assert not model._row_kernels(dataclasses.replace(bf16, param_dtype="float32"), stacked=False)
+  assert not model._row_kernels(dataclasses.replace(bf16, intermediate_size=72), stacked=False)
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert not model._row_kernels(bf16, stacked=False)  # where "pallas" is an error
+  assert ModelConfig().matvec_impl == "auto"
 
 
 def test_pallas_matvec_is_refused_on_a_tpu(monkeypatch):
   cfg = dataclasses.replace(CFG, matvec_impl="pallas")
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   with pytest.raises(ValueError, match="matvec_impl='pallas' runs a Triton kernel.*'tpu'"):
-    model._row_kernels(cfg)
+    model._row_kernels(cfg, stacked=False)
 
 
 def test_pallas_matvec_on_a_mesh_falls_back_to_xla(caplog):

@@ -242,8 +242,8 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
                      write_mask_B):
   """`DecoderLayer` for a single row (B = T = 1) against the cache, by `kernels.matvec`: the
-  same arithmetic in four launches of its own and the attention's kernels, nine kernels a layer
-  where XLA runs thirteen (BENCHMARKS.md, sessions 16-17).
+  same arithmetic in four launches of its own, the attention's kernel and five small XLA kernels
+  around it: ten a layer where XLA runs about seventeen (BENCHMARKS.md, session 17).
 
   x = (row [E], pending): the residual stream is the row plus `pending`, the previous layer's
   down product as float32 partial sums [S, E] (or None), which this layer's first launch adds

@@ -6,14 +6,17 @@ matrix-vector product bound by reading the weights, and XLA runs the work around
 their own, 1-2 us each however little they do: the norm's reduction, the norm's multiply, the
 residual add, the SiLU product (BENCHMARKS.md, "Where the 1.5B batch-1 AR step goes"). Here one
 kernel does all of it: every program recomputes the (tiny) normalised row, then reads its columns
-of the weights. The model (`model.matvec_impl="pallas"`) runs two a layer: the attention's norm
-with q/k/v, and the residual add and MLP norm with gate/up.
+of the weights. The model (`model.matvec_impl`, "auto" on a GPU) runs four a layer: the
+attention's norm with q/k/v (adding the previous layer's down product), o, the residual add and
+MLP norm with gate/up and the SiLU product, and down. The o and down products have too few
+column tiles to fill the GPU, so `matvec_partials` splits their rows (split-K) and leaves float32
+partial sums that the next launch adds where it reads the row: no kernel runs just to reduce them.
 
-Where it stands (H200, BENCHMARKS.md session 16): three kernels a layer fewer and a 5% faster
-step at the Qwen2.5-1.5B and SmolLM2-135M shapes, but the products themselves read the weights
-at about 3 TB/s where XLA's autotuned GEMMs reach 3.6-4.1: at the 7B's shapes, where the weights
-dominate, the step is 11% slower. Hence opt-in. Tested against XLA in the CPU interpreter and
-lowered for CUDA; its outputs on a GPU not yet compared (`benchmarks/matvec.py` does, first).
+Where it stands (H200, BENCHMARKS.md session 17): the step 7.5% faster than XLA's at the
+Qwen2.5-1.5B shape, 5.4% at SmolLM2-135M, level at 7B, with 305 kernels a step instead of 473
+(1.5B), and logits within bf16 rounding of XLA's step at the 1.5B and 135M shapes. The products read
+the weights slower than XLA's autotuned GEMMs (1.5B gate/up 19.3 us a layer against 15.2, down
+9.9 against 7.1): what fusion saves, streaming still loses in part.
 
 Numerics follow the model's XLA path op for op, within rounding: bf16 residual add, the norm in
 float32 cast to the compute dtype before its scale, products accumulated in float32 and rounded

@@ -11,7 +11,9 @@ setting, and `o` and `down` (split-K partial sums, `matvec_partials`, at each `-
 setting; XLA's side is the model's GEMM, whose output is the summed product). Each kernel setting is first checked
 against XLA on one layer (`check_max_rel_err`, `check_ok`). Then each launch runs over 16 layers
 of distinct weights in one jitted chain (layer i+1's input is layer i's output, so nothing is fused
-across layers and no weight is read from L2; `o` and `down` run the 16 products on one row), as XLA runs the model's ops (every product through
+across layers and no weight is read from L2; `o` and `down` run 16 independent products, each
+on its own row: given one shared row, XLA merged them into one GEMM, which made the XLA side of
+session 17's o and down rows no measure of the step), as XLA runs the model's ops (every product through
 `model._matmul`; the model's MLP uses `nn.Dense`, the same GEMM at these sizes) and as the kernel
 with each knob setting. Measured: wall us per layer (`common.timeit` over the chain), and from a
 profile the GPU us per layer of every kernel, beside the weight-read floor per layer at the copy
@@ -69,8 +71,8 @@ def _chain(op, impl, knobs, cfg):
   fn = _op(impl, knobs, op)
 
   def run(x, add, w):
-    if op in ("o", "down"):
-      return [fn(x, w[op][0][i]) for i in range(LAYERS)]
+    if op in ("o", "down"):  # x: one row a layer (on one shared row XLA merges the products)
+      return [fn(x[i], w[op][0][i]) for i in range(LAYERS)]
     for i in range(LAYERS):
       if op == "qkv":
         (q, _, _), _ = fn(x, [a[i] for a in w["qkv"]], norm_scale_E=w["scale"][i], eps=eps,
@@ -101,6 +103,7 @@ def check(op, knobs, cfg, x, w):
   """Layer 0's outputs by the kernel against XLA's: the largest difference over the largest
   value, per output (bf16 outputs whose float32 sums differ only in order: ~1e-2 at most)."""
   if op in ("o", "down"):
+    x = x[0] if isinstance(x, list) else x
     got = jax.jit(_op("pallas", knobs, op))(x, w[op][0][0]).sum(0).astype(x.dtype)
     want = jax.jit(_op("xla", {}, op))(x, w[op][0][0])
     pairs = [(got, want)]
@@ -173,6 +176,8 @@ def main():
     w = _weights(cfg, jax.random.key(0))
     for op in ops:
       x = jax.random.normal(jax.random.key(1), (_row_len(cfg, op),), jnp.bfloat16)
+      if op in ("o", "down"):
+        x = [jax.random.normal(jax.random.key(1 + i), x.shape, x.dtype) for i in range(LAYERS)]
       wbytes = sum(a[0].nbytes for a in w[op])
       knobs_of_op = knob_sets["partial" if op in ("o", "down") else "norm"]
       for impl, knobs in [("xla", {})] + [("pallas", k) for k in knobs_of_op]:

@@ -11,9 +11,13 @@ knob, so nothing of the q/k/v setting leaks into that launch.
 
 import argparse
 import json
+import os
+import sys
 
-# norm_matvec's defaults for the gate/up pair (block_k 256 there).
-PAIR_DEFAULTS = {"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.decode import SHAPES  # noqa: E402
+from dllm_jax.kernels import matvec  # noqa: E402
 
 
 def best(rows, shape, op):
@@ -29,8 +33,9 @@ def flags(rows, shape):
     knobs = best(rows, shape, op)
     if knobs is None:
       continue
-    if op == "gate_up":
-      knobs = {**PAIR_DEFAULTS, **knobs}
+    if op == "gate_up":  # the pair's defaults for this shape on this device, as the model runs
+      f = SHAPES[shape].intermediate_size
+      knobs = {**matvec.default_knobs([f], True), "num_warps": 4, **knobs}
     if knobs:
       out.append(f"{flag}=" + ",".join(f"{k}={v}" for k, v in sorted(knobs.items())))
   return out

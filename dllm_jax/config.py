@@ -44,9 +44,10 @@ class ModelConfig:
   remat: str = "none"  # "none" | "full" | "dots": what a layer keeps for the backward pass
   attention_impl: str = "auto"  # "auto" (pallas on GPU/TPU, xla on CPU) | "xla" | "pallas"
   # The projections of a one-row decode step (AR at batch 1): "xla", "pallas" (fused with their
-  # norms and residual adds, kernels/matvec.py; GPU only) or "auto": pallas on a GPU for bf16
-  # weights in the per-layer layout on one device, where it measured faster or level (H200:
-  # 7.5% at Qwen2.5-1.5B, 5.4% at SmolLM2-135M, level at 7B; BENCHMARKS.md session 17), else xla.
+  # norms and residual adds, kernels/matvec.py; GPU only) or "auto": pallas where it measured
+  # faster (H200: 7.5% at Qwen2.5-1.5B, 5.4% at SmolLM2-135M; BENCHMARKS.md session 17): a Hopper
+  # GPU, bf16 weights in the per-layer layout, one device, not a 7B-like MLP (level there);
+  # else xla.
   matvec_impl: str = "auto"
 
   def __post_init__(self):

@@ -208,6 +208,12 @@ def _warn_once(message: str) -> None:
   _log.warning(message)
 
 
+def _hopper() -> bool:
+  """Whether the default device is an NVIDIA GPU of compute capability 9.x (H100, H200)."""
+  cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+  return cc.split(".")[0] == "9"
+
+
 def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
   """Whether a one-row decode step runs `kernels.matvec` (`model.matvec_impl`)."""
   if cfg.matvec_impl == "xla":
@@ -221,10 +227,14 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
   mesh = jax.sharding.get_abstract_mesh()
   sharded = not mesh.empty and any(mesh.shape[a] > 1 for a in mesh.axis_names)
   if cfg.matvec_impl == "auto":
-    # Only where it was measured to pay: a weight of another dtype would be converted every step
-    # (XLA fuses that into its GEMM), and a layer sliced out of the stack copied for the call.
+    # Only where it was measured to pay (H200, BENCHMARKS.md session 17): a Hopper GPU (the
+    # kernels' tiles were sized for its shared memory), bf16 weights (others would be converted
+    # every step; XLA fuses that into its GEMM), the per-layer layout (a layer sliced out of the
+    # stack would be copied for the call), and a gate/up pair narrow enough for the default
+    # tiles (the 7B's wide one was only level with XLA).
     return (backend == "gpu" and why is None and not sharded and not stacked
-            and cfg.dtype == cfg.param_dtype == "bfloat16")
+            and cfg.dtype == cfg.param_dtype == "bfloat16" and _hopper()
+            and matvec.default_knobs([cfg.intermediate_size], True)["block_n"] == 32)
   where = "model.matvec_impl='pallas'"
   if backend not in ("gpu", "cpu"):
     raise ValueError(f"{where} runs a Triton kernel, which has no {backend!r} lowering (GPU "
@@ -320,9 +330,11 @@ class Transformer(nn.Module):
       # first layer adds zeros; the unrolled loop's adds nothing.
       from dllm_jax.kernels import matvec
 
-      e = cfg.hidden_size
-      pending = (jnp.zeros((matvec.pick_splits(cfg.intermediate_size, e), e), jnp.float32)
-                 if self.stacked else None)
+      e, f, dt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.dtype)
+      # The down launch's parts, shaped as that launch (with whatever knobs it runs) makes them.
+      parts = jax.eval_shape(matvec.matvec_partials, jax.ShapeDtypeStruct((f,), dt),
+                             jax.ShapeDtypeStruct((f, e), dt))
+      pending = jnp.zeros(parts.shape, parts.dtype) if self.stacked else None
       x = (x.reshape(e), pending)
     if cfg.remat != "none":
       # CSE cannot merge a scan body's recompute with its forward, so the barrier that stops it
@@ -355,7 +367,9 @@ class Transformer(nn.Module):
       new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
     if row_kernels:
       x_E, pending = x
-      x = (x_E + pending.sum(0).astype(x_E.dtype)).reshape(*tokens_BT.shape, -1)
+      if pending is not None:  # None: no layer ran
+        x_E = x_E + pending.sum(0).astype(x_E.dtype)
+      x = x_E.reshape(*tokens_BT.shape, -1)
 
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
     if head_slice is not None:

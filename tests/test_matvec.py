@@ -2,6 +2,7 @@
 decode step with it against the plain XLA path."""
 
 import dataclasses
+import functools
 import re
 import types
 
@@ -89,7 +90,10 @@ def test_matvec_partials_sum_to_the_product(e, n, splits, block_k, dtype):
                              @ np.asarray(w[run:2 * run], np.float64), rtol=1e-5, atol=1e-5)
 
 
-def test_default_knobs_widen_a_large_gate_up_pair():
+def test_default_knobs_widen_a_large_gate_up_pair(monkeypatch):
+  from dllm_jax.kernels import decode as decode_kernel
+
+  monkeypatch.setattr(decode_kernel, "sm_count", lambda: 132)  # an H100's or H200's
   assert matvec.default_knobs([8960, 8960], True) == {"block_n": 32, "block_k": 256,
                                                        "num_stages": 3}  # 1.5B: 280 tiles
   assert matvec.default_knobs([18944, 18944], True) == {"block_n": 64, "block_k": 256,
@@ -132,6 +136,17 @@ def test_matvec_partials_refuses_bad_inputs():
     matvec.matvec_partials(x, w, splits=8, interpret=True)
   with pytest.raises(ValueError, match=r"or partial sums \[S, 64\]"):
     matvec.norm_matvec(x, [w], add_E=jnp.zeros((2, 32)), interpret=True)
+  for kw, msg in ((dict(block_n=8), "block_n=8 must be an integer >= 16"),
+                  (dict(splits=2.0), "splits=2.0 must be"), (dict(splits=True), "splits=True"),
+                  (dict(num_stages=0), "num_stages=0 must be an integer >= 1")):
+    with pytest.raises(ValueError, match=msg):
+      matvec.matvec_partials(x, w, interpret=True, **kw)
+  with pytest.raises(ValueError, match="block_k=8 must be an integer >= 16"):
+    matvec.norm_matvec(x, [w], block_k=8, interpret=True)
+  with pytest.raises(ValueError, match="no rows or no columns"):
+    matvec.pick_splits(0, 32)
+  with pytest.raises(ValueError, match="weight column counts expected"):
+    matvec.default_knobs([], True)
 
 
 def test_norm_matvec_refuses_bad_inputs():
@@ -162,8 +177,9 @@ def test_norm_matvec_lowers_for_cuda():
   f = lambda x, a, s, ws, bs: matvec.norm_matvec(x, ws, add_E=a, norm_scale_E=s, biases_N=bs)
   g = lambda x, a, s, ws: matvec.norm_matvec(x, ws[:2], add_E=a, norm_scale_E=s, silu_pair=True)
   h = lambda x, ws: matvec.matvec_partials(x, ws[0], splits=3)
+  parts = jnp.zeros((5, 192), jnp.float32)  # partial sums as the add: one load per part
   for fn, args in ((f, (x, add, scale, ws, bs)), (g, (x, add, scale, [ws[1], ws[2]])),
-                   (h, (x, ws))):
+                   (h, (x, ws)), (f, (x, parts, scale, ws, bs))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
@@ -217,6 +233,21 @@ def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias):
                                rtol=5e-3, atol=5e-3)
 
 
+def test_stacked_carry_takes_the_down_launch_shape(monkeypatch):
+  # The scan's zeros are shaped as the down launch makes its parts, knobs and all.
+  monkeypatch.setattr(matvec, "matvec_partials",
+                      functools.partial(matvec.matvec_partials, splits=2))
+  params = _perturbed(CFG, jax.random.key(0))
+  pallas = dataclasses.replace(CFG, matvec_impl="pallas")
+  spec = masks.MaskSpec("causal")
+  cache = kvcache.init_cache(CFG, 1, 16)
+  meta = masks.TokenMeta.simple(jnp.full((1, 1), 3, jnp.int32))
+  tokens = jnp.ones((1, 1), jnp.int32)
+  got, _ = model.forward(params, pallas, tokens, meta, spec, cache)
+  want, _ = model.forward(params, CFG, tokens, meta, spec, cache)
+  np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
+
+
 def test_ar_generation_with_kernels_matches_xla():
   params = model.with_layout(model.init_params(CFG, jax.random.key(2)), "per_layer")
   prompt = jax.random.randint(jax.random.key(3), (1, 8), 0, CFG.vocab_size)
@@ -255,10 +286,20 @@ def test_auto_matvec_picks_the_kernel_only_where_it_was_measured_to_pay(monkeypa
   bf16 = dataclasses.replace(CFG, matvec_impl="auto", param_dtype="bfloat16")
   assert not model._row_kernels(bf16, stacked=False)  # on this CPU: XLA
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(model, "_hopper", lambda: False)
+  assert not model._row_kernels(bf16, stacked=False)  # tiles sized for a Hopper's memory
+  monkeypatch.setattr(model, "_hopper", lambda: True)
   assert model._row_kernels(bf16, stacked=False)
   assert not model._row_kernels(bf16, stacked=True)  # a slice of the stack would be copied
   assert not model._row_kernels(dataclasses.replace(bf16, param_dtype="float32"), stacked=False)
+  f16 = dataclasses.replace(bf16, dtype="float16", param_dtype="float16")
+  assert not model._row_kernels(f16, stacked=False)  # measured with bf16 only
   assert not model._row_kernels(dataclasses.replace(bf16, intermediate_size=72), stacked=False)
+  # A 7B-like gate/up (wide tiles) was only level with XLA.
+  assert not model._row_kernels(dataclasses.replace(bf16, intermediate_size=18944), stacked=False)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",))
+  with jax.set_mesh(mesh):
+    assert not model._row_kernels(bf16, stacked=False)  # no warning either: auto means XLA here
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert not model._row_kernels(bf16, stacked=False)  # where "pallas" is an error
   assert ModelConfig().matvec_impl == "auto"

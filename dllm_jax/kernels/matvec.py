@@ -14,9 +14,10 @@ partial sums that the next launch adds where it reads the row: no kernel runs ju
 
 Where it stands (H200, BENCHMARKS.md session 17): the step 7.5% faster than XLA's at the
 Qwen2.5-1.5B shape, 5.4% at SmolLM2-135M, level at 7B, with 305 kernels a step instead of 473
-(1.5B), and logits within bf16 rounding of XLA's step at the 1.5B and 135M shapes. The products read
-the weights slower than XLA's autotuned GEMMs (1.5B gate/up 19.3 us a layer against 15.2, down
-9.9 against 7.1): what fusion saves, streaming still loses in part.
+(1.5B); the step's logits correlated 0.9998 with XLA's at the 1.5B and 135M shapes (largest
+difference 2% of the largest logit, argmax equal). In the same step profiles the 1.5B's gate/up
+launch took 19.3 us a layer against XLA's GEMM's 16.8 (the kernel streams the weights slower),
+its down 9.9 against 10.9.
 
 Numerics follow the model's XLA path op for op, within rounding: bf16 residual add, the norm in
 float32 cast to the compute dtype before its scale, products accumulated in float32 and rounded
@@ -43,6 +44,14 @@ def _pow2_divisor(n: int, at_most: int) -> int:
   while b * 2 <= at_most and n % (b * 2) == 0:
     b *= 2
   return b
+
+
+def _check_knobs(fn: str, **knobs) -> None:
+  """Positive integer knobs (block sizes at least 16), else a ValueError naming the knob."""
+  for name, v in knobs.items():
+    least = 16 if name.startswith("block_") else 1
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+      raise ValueError(f"{fn}: {name}={v!r} must be an integer >= {least}")
 
 
 def supported(e: int, ns: Sequence[int], block_n: int = 32, block_k: int = 256) -> str | None:
@@ -176,6 +185,8 @@ def default_knobs(ns: Sequence[int], silu_pair: bool) -> dict:
   memory; a pair of many column tiles (WIDE_PAIR_TILES_PER_SM) 64 columns in two stages: at the
   7B's gate/up 69.9 us a layer against 97.5 for the narrow setting (XLA 71.7), at the 1.5B's 280
   tiles 20.2 against 19.8."""
+  if not ns or min(ns) < 1:
+    raise ValueError(f"default_knobs: weight column counts expected, got {list(ns)}")
   if not silu_pair:
     return {"block_n": 32, "block_k": 512, "num_stages": 3}
   from dllm_jax.kernels.decode import sm_count  # the device's SMs (a default on a CPU)
@@ -211,6 +222,8 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   d = default_knobs([w.shape[1] for w in ws_EN], silu_pair)
   block_n, block_k, num_stages = (d[k] if v is None else v for k, v in (
       ("block_n", block_n), ("block_k", block_k), ("num_stages", num_stages)))
+  _check_knobs("norm_matvec", block_n=block_n, block_k=block_k, num_warps=num_warps,
+               num_stages=num_stages)
   why = supported(e, [w.shape[1] for w in ws_EN], block_n, block_k)
   if why is not None:
     raise ValueError(f"norm_matvec: {why}")
@@ -268,13 +281,16 @@ def pick_splits(e: int, n: int, block_n: int = 32, block_k: int = 512,
   """`matvec_partials`' default split of the row length e (weights [e, n]): the most splits
   whose grid (column tiles x splits) still fits in `programs` (default two a streaming
   multiprocessor, one wave of programs holding their 3-stage weight tiles), each split's rows a
-  multiple of 64 (16 at the least, where e has no larger power-of-two divisor)."""
+  multiple of 64, or of the largest power of two (at least 16) dividing both e and block_k;
+  1 where no split qualifies."""
   if programs is None:
     from dllm_jax.kernels.decode import sm_count  # the device's SMs (a default on a CPU)
 
     programs = 2 * sm_count()
+  if e < 1 or n < 1:
+    raise ValueError(f"pick_splits: a weight [{e}, {n}] has no rows or no columns")
   tiles = n // _pow2_divisor(n, block_n)
-  least = min(64, _pow2_divisor(e, block_k))
+  least = max(16, min(64, _pow2_divisor(e, block_k)))
   fits = [s for s in range(1, e // least + 1)
           if e % s == 0 and _pow2_divisor(e // s, block_k) >= least and tiles * s <= programs]
   return max(fits, default=1)
@@ -303,9 +319,14 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = 
     raise ValueError(f"matvec_partials: a row [E] and a weight [E, N] expected; got x "
                      f"{x_E.shape} and w {w_EN.shape}")
   e, n = w_EN.shape
+  _check_knobs("matvec_partials", block_n=block_n, block_k=block_k, num_warps=num_warps,
+               num_stages=num_stages)
+  if _pow2_divisor(n, block_n) < 16:
+    raise ValueError(f"matvec_partials: weight columns {n} have no power-of-two divisor >= 16")
   if splits is None:
     splits = pick_splits(e, n, block_n, block_k)
-  if splits < 1 or e % splits:
+  _check_knobs("matvec_partials", splits=splits)
+  if e % splits:
     raise ValueError(f"matvec_partials: splits={splits} does not divide the row length {e}")
   rows = e // splits
   why = supported(rows, [n], block_n, block_k)

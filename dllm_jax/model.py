@@ -208,17 +208,11 @@ def _warn_once(message: str) -> None:
   _log.warning(message)
 
 
-def _hopper() -> bool:
-  """Whether the default device is an NVIDIA GPU of compute capability 9.x (H100, H200)."""
-  cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-  return cc.split(".")[0] == "9"
-
-
 def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
   """Whether a one-row decode step runs `kernels.matvec` (`model.matvec_impl`)."""
   if cfg.matvec_impl == "xla":
     return False
-  from dllm_jax.kernels import matvec  # lazily: the CPU path never needs Pallas
+  from dllm_jax.kernels import flash_mgpu, matvec  # lazily: the CPU path never needs Pallas
 
   backend = jax.default_backend()
   why = matvec.supported(cfg.hidden_size, (cfg.num_heads * cfg.head_dim,
@@ -233,7 +227,7 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
     # stack would be copied for the call), and a gate/up pair narrow enough for the default
     # tiles (the 7B's wide one was only level with XLA).
     return (backend == "gpu" and why is None and not sharded and not stacked
-            and cfg.dtype == cfg.param_dtype == "bfloat16" and _hopper()
+            and cfg.dtype == cfg.param_dtype == "bfloat16" and flash_mgpu.on_hopper()
             and matvec.default_knobs([cfg.intermediate_size], True)["block_n"] == 32)
   where = "model.matvec_impl='pallas'"
   if backend not in ("gpu", "cpu"):

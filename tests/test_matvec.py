@@ -286,9 +286,11 @@ def test_auto_matvec_picks_the_kernel_only_where_it_was_measured_to_pay(monkeypa
   bf16 = dataclasses.replace(CFG, matvec_impl="auto", param_dtype="bfloat16")
   assert not model._row_kernels(bf16, stacked=False)  # on this CPU: XLA
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(model, "_hopper", lambda: False)
+  from dllm_jax.kernels import flash_mgpu
+
+  monkeypatch.setattr(flash_mgpu, "on_hopper", lambda: False)
   assert not model._row_kernels(bf16, stacked=False)  # tiles sized for a Hopper's memory
-  monkeypatch.setattr(model, "_hopper", lambda: True)
+  monkeypatch.setattr(flash_mgpu, "on_hopper", lambda: True)
   assert model._row_kernels(bf16, stacked=False)
   assert not model._row_kernels(bf16, stacked=True)  # a slice of the stack would be copied
   assert not model._row_kernels(dataclasses.replace(bf16, param_dtype="float32"), stacked=False)

@@ -212,7 +212,7 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
   """Whether a one-row decode step runs `kernels.matvec` (`model.matvec_impl`)."""
   if cfg.matvec_impl == "xla":
     return False
-  from dllm_jax.kernels import flash_mgpu, matvec  # lazily: the CPU path never needs Pallas
+  from dllm_jax.kernels import matvec  # lazily: the CPU path never needs Pallas
 
   backend = jax.default_backend()
   why = matvec.supported(cfg.hidden_size, (cfg.num_heads * cfg.head_dim,
@@ -226,7 +226,11 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
     # every step; XLA fuses that into its GEMM), the per-layer layout (a layer sliced out of the
     # stack would be copied for the call), and a gate/up pair narrow enough for the default
     # tiles (the 7B's wide one was only level with XLA).
-    return (backend == "gpu" and why is None and not sharded and not stacked
+    if backend != "gpu":
+      return False
+    from dllm_jax.kernels import flash_mgpu  # its Hopper check; Mosaic GPU only on a GPU
+
+    return (why is None and not sharded and not stacked
             and cfg.dtype == cfg.param_dtype == "bfloat16" and flash_mgpu.on_hopper()
             and matvec.default_knobs([cfg.intermediate_size], True)["block_n"] == 32)
   where = "model.matvec_impl='pallas'"

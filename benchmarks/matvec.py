@@ -8,14 +8,14 @@
 For each shape, the four launches of a one-row decode layer: `qkv` (RMSNorm, q/k/v, bias),
 `gate_up` (residual add, RMSNorm, gate/up, SiLU product) by `norm_matvec` at each `--knobs`
 setting, and `o` and `down` (split-K partial sums, `matvec_partials`, at each `--partial-knobs`
-setting; XLA's side is the model's GEMM, whose output is the summed product). Each kernel setting is first checked
-against XLA on one layer (`check_max_rel_err`, `check_ok`). Then each launch runs over 16 layers
-of distinct weights in one jitted chain (layer i+1's input is layer i's output, so nothing is fused
-across layers and no weight is read from L2; `o` and `down` run 16 independent products, each
-on its own row: given one shared row, XLA merged them into one GEMM, which made the XLA side of
-session 17's o and down rows no measure of the step), as XLA runs the model's ops (every product through
-`model._matmul`; the model's MLP uses `nn.Dense`, the same GEMM at these sizes) and as the kernel
-with each knob setting. Measured: wall us per layer (`common.timeit` over the chain), and from a
+setting; XLA's side is the model's GEMM, whose output is the summed product). Each kernel
+setting is first checked against XLA on one layer (`check_max_rel_err`, `check_ok`). Then each
+launch runs over 16 layers of distinct weights in one jitted chain (layer i+1's input is layer
+i's output, so nothing is fused across layers and no weight is read from L2; `o` and `down` run
+16 independent products, each on its own row: given one shared row, XLA merged them into one
+GEMM, which made the XLA side of session 17's o and down rows no measure of the step), as XLA
+runs the model's ops (every product through `model._matmul`; the model's MLP uses `nn.Dense`,
+the same GEMM at these sizes) and as the kernel with each knob setting. Measured: wall us per layer (`common.timeit` over the chain), and from a
 profile the GPU us per layer of every kernel, beside the weight-read floor per layer at the copy
 bandwidth of the same run. The gate/up chain slices the SiLU product to the row length for the
 next layer's residual, in both variants; its copy shows in the kernel list.
@@ -175,9 +175,9 @@ def main():
     cfg = SHAPES[name]
     w = _weights(cfg, jax.random.key(0))
     for op in ops:
-      x = jax.random.normal(jax.random.key(1), (_row_len(cfg, op),), jnp.bfloat16)
-      if op in ("o", "down"):
-        x = [jax.random.normal(jax.random.key(1 + i), x.shape, x.dtype) for i in range(LAYERS)]
+      rows = [jax.random.normal(jax.random.key(1 + i), (_row_len(cfg, op),), jnp.bfloat16)
+              for i in range(LAYERS if op in ("o", "down") else 1)]
+      x = rows if op in ("o", "down") else rows[0]
       wbytes = sum(a[0].nbytes for a in w[op])
       knobs_of_op = knob_sets["partial" if op in ("o", "down") else "norm"]
       for impl, knobs in [("xla", {})] + [("pallas", k) for k in knobs_of_op]:

@@ -184,8 +184,8 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
   cfg: ModelConfig
   spec: masks.MaskSpec
-  # A one-row step by `kernels.matvec` (`Transformer` decides): x is then the pair `_fused_row_layer`
-  # takes and returns, not [B, T, E].
+  # A one-row step by `kernels.matvec` (`Transformer` decides): x is then the pair
+  # `_fused_row_layer` takes and returns, not [B, T, E].
   row_kernels: bool = False
 
   @nn.compact
@@ -326,13 +326,15 @@ class Transformer(nn.Module):
     if row_kernels:
       # (row, pending partial sums): `_fused_row_layer`. A scan's carry keeps one shape, so its
       # first layer adds zeros; the unrolled loop's adds nothing.
-      from dllm_jax.kernels import matvec
-
       e, f, dt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.dtype)
-      # The down launch's parts, shaped as that launch (with whatever knobs it runs) makes them.
-      parts = jax.eval_shape(matvec.matvec_partials, jax.ShapeDtypeStruct((f,), dt),
-                             jax.ShapeDtypeStruct((f, e), dt))
-      pending = jnp.zeros(parts.shape, parts.dtype) if self.stacked else None
+      pending = None
+      if self.stacked:
+        from dllm_jax.kernels import matvec
+
+        # The down launch's parts, shaped as that launch (with whatever knobs it runs) makes them.
+        parts = jax.eval_shape(matvec.matvec_partials, jax.ShapeDtypeStruct((f,), dt),
+                               jax.ShapeDtypeStruct((f, e), dt))
+        pending = jnp.zeros(parts.shape, parts.dtype)
       x = (x.reshape(e), pending)
     if cfg.remat != "none":
       # CSE cannot merge a scan body's recompute with its forward, so the barrier that stops it

@@ -258,9 +258,9 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   if add_E is not None:
     outs.append(jax.ShapeDtypeStruct((e,), dtype))
   kernel = functools.partial(
-      _kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts, has_norm=norm_scale_E is not None,
-      has_bias=biases_N is not None, silu_pair=silu_pair, eps=eps, bk=bk, nk=e // bk, bn=bn,
-      tiles=tiles, dtype=dtype)
+      _kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
+      has_norm=norm_scale_E is not None, has_bias=biases_N is not None, silu_pair=silu_pair,
+      eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype)
   res = pl.pallas_call(
       kernel,
       grid=(grid,),

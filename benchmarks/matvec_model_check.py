@@ -4,7 +4,9 @@
 
 Random bf16 weights of a benchmark shape (per-layer layout, norm scales and biases perturbed away
 from 1 and 0 so a dropped one shows), a 512-token prompt prefilled by the XLA path, then one step
-of the next token by each path against that cache: the logits' largest difference relative to
+of the next token by each path against that cache (attention by the decode kernel, so that the
+kernels' step runs its fused attention: RoPE and the cache rows in the q/k/v launch, the splits
+combined in the o launch): the logits' largest difference relative to
 their largest value, their correlation, whether the argmax agrees, and the same for the updated
 cache. The CPU tests compare the interpreted kernels on small shapes; this compares the compiled
 ones at the real shapes. JSON to $OUT/matvec_model_check.json.
@@ -40,8 +42,8 @@ def _perturb(path, x):
   return x
 
 
-def check(name):
-  cfg = dataclasses.replace(SHAPES[name], matvec_impl="xla")
+def check(name, attention_impl="pallas"):
+  cfg = dataclasses.replace(SHAPES[name], matvec_impl="xla", attention_impl=attention_impl)
   params = jax.jit(lambda r: model.with_layout(
       jax.tree_util.tree_map_with_path(_perturb, model.init_params(cfg, r)), "per_layer"))(
           jax.random.key(0))
@@ -73,10 +75,13 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--shapes", default="qwen2.5-1.5b,smollm2-135m")
+  ap.add_argument("--attention", default="pallas", choices=["pallas", "xla"],
+                  help="attention_impl of both paths; with pallas the kernels' step also "
+                       "rotates, writes the cache rows and combines the splits itself")
   args = ap.parse_args()
   res = {"meta": run_meta(), "rows": []}
   for name in args.shapes.split(","):
-    row = check(name)
+    row = {**check(name, args.attention), "attention": args.attention}
     print(row, flush=True)
     res["rows"].append(row)
     save_json("matvec_model_check.json", res)

@@ -185,14 +185,17 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
     o_refs[0][pl.ds(col, bn)] = (s * u).astype(o_refs[0].dtype)
     return
 
+  if cache_outputs:  # read before the products, for the same reason as the epilogue's inputs
+    slot, keep = slot_ref[0], slot_ref[1]
+
   def store(i, col, width, y):
     if i not in cache_outputs:
       o_refs[i][pl.ds(col, width)] = y.astype(o_refs[i].dtype)
       return
     # Row `slot` of a cache [1, S, K, D]: column col of the [K * D] output is head col // D.
-    @pl.when(slot_ref[1] != 0)
+    @pl.when(keep != 0)
     def _():
-      o_refs[i][0, slot_ref[0], col // head_dim, pl.ds(col % head_dim, width)] = (
+      o_refs[i][0, slot, col // head_dim, pl.ds(col % head_dim, width)] = (
           y.astype(o_refs[i].dtype))
 
   first = 0
@@ -210,12 +213,14 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
         head, f0 = t // (head_dim // bn), (t % (head_dim // bn)) * half
         col = pl.multiple_of(head * head_dim + f0, half)
         cols = [(col, half), (col + head_dim // 2, half)]
+      # The epilogue's inputs loaded before the products, so their latency hides behind them.
+      bias = [b_refs[i][pl.ds(c, width)] for c, width in cols] if has_bias else None
+      if i in rope_outputs:
+        cos, sin = cos_ref[pl.ds(f0, half)], sin_ref[pl.ds(f0, half)]
       ys = matvec([(w_refs[i], c, width) for c, width in cols])
       if has_bias:
-        ys = [_round(y + b_refs[i][pl.ds(c, width)].astype(jnp.float32), dtype)
-              for y, (c, width) in zip(ys, cols)]
+        ys = [_round(y + b.astype(jnp.float32), dtype) for y, b in zip(ys, bias)]
       if i in rope_outputs:  # as `model.rope`: float32 of the rounded values, then rounded
-        cos, sin = cos_ref[pl.ds(f0, half)], sin_ref[pl.ds(f0, half)]
         ys = [_round(ys[0] * cos - ys[1] * sin, dtype), _round(ys[1] * cos + ys[0] * sin, dtype)]
       for y, (c, width) in zip(ys, cols):
         store(i, c, width, y)
@@ -422,13 +427,18 @@ class SplitRow(NamedTuple):
 
 
 def _split_row_load(o_ref, lse_ref, offset, bk, group, head_dim):
-  """The combined row's [bk] values from `offset` (within one head), float32."""
+  """The splits of the row's [bk] values from `offset` (within one head): o [P, bk], lse [P]."""
   head, dd = offset // head_dim, offset % head_dim
   kv, g = head // group, head % group
-  o = o_ref[:, 0, kv, g, pl.ds(dd, bk)].astype(jnp.float32)  # [P, bk]
-  lse = lse_ref[:, 0, kv, g]  # [P]; empty splits -inf, and split 0 is never empty
+  return o_ref[:, 0, kv, g, pl.ds(dd, bk)], lse_ref[:, 0, kv, g]
+
+
+def _split_row_combine(raw):
+  """The row's values from `_split_row_load`'s splits, float32 (empty splits have lse -inf;
+  split 0 is never empty)."""
+  o, lse = raw
   w = jnp.exp2(lse - jnp.max(lse))
-  return jnp.sum(o * w[:, None], axis=0) / jnp.sum(w)
+  return jnp.sum(o.astype(jnp.float32) * w[:, None], axis=0) / jnp.sum(w)
 
 
 def _partials_kernel(*refs, bk, nk, bn, dtype, split_row):
@@ -437,13 +447,17 @@ def _partials_kernel(*refs, bk, nk, bn, dtype, split_row):
   if split_row is None:
     x_ref, w_ref, o_ref = refs
     load = lambda c: x_ref[pl.ds(c * bk, bk)]
+    prep = lambda x: x.astype(dtype)
   else:
     o_parts, lse_parts, w_ref, o_ref = refs
     group, head_dim, rows = split_row
     base = pl.program_id(1) * rows
     load = lambda c: _split_row_load(o_parts, lse_parts, base + c * bk, bk, group, head_dim)
-  # A SplitRow's combine is rounded to the row's dtype, as the attention's output is.
-  o_ref[...] = _products(load, lambda x: x.astype(dtype), [(w_ref, 0, bn)], nk, bk, dtype)[0]
+    # Combined after the chunk's products (`_products`' prep), not as loaded: a use right after
+    # the load would stall the products behind its latency. Rounded to the row's dtype, as the
+    # attention's output is.
+    prep = lambda raw: _split_row_combine(raw).astype(dtype)
+  o_ref[...] = _products(load, prep, [(w_ref, 0, bn)], nk, bk, dtype)[0]
 
 
 def matvec_partials(x_E, w_EN: jax.Array, *, splits: Optional[int] = None,

@@ -4,9 +4,8 @@
 
 Random bf16 weights of a benchmark shape (per-layer layout, norm scales and biases perturbed away
 from 1 and 0 so a dropped one shows), a 512-token prompt prefilled by the XLA path, then one step
-of the next token by each path against that cache (attention by the decode kernel, so that the
-kernels' step runs its fused attention: RoPE and the cache rows in the q/k/v launch, the splits
-combined in the o launch): the logits' largest difference relative to
+of the next token by each path against that cache (attention by the decode kernel by default, as
+on a GPU the model runs it): the logits' largest difference relative to
 their largest value, their correlation, whether the argmax agrees, and the same for the updated
 cache. The CPU tests compare the interpreted kernels on small shapes; this compares the compiled
 ones at the real shapes. JSON to $OUT/matvec_model_check.json.
@@ -76,8 +75,7 @@ def main():
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--shapes", default="qwen2.5-1.5b,smollm2-135m")
   ap.add_argument("--attention", default="pallas", choices=["pallas", "xla"],
-                  help="attention_impl of both paths; with pallas the kernels' step also "
-                       "rotates, writes the cache rows and combines the splits itself")
+                  help="attention_impl of both paths")
   args = ap.parse_args()
   res = {"meta": run_meta(), "rows": []}
   for name in args.shapes.split(","):

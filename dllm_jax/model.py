@@ -36,18 +36,13 @@ def _init(std: float, axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
-def rope_angles(positions: jax.Array, head_dim: int, theta: float):
-  """(cos, sin) float32 [..., head_dim / 2] of the rotary angles at `positions` [...]."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.cos(freqs), jnp.sin(freqs)
-
-
 def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding in the HF "rotate half" layout (first half of head_dim pairs with second)."""
   d = x_BTHD.shape[-1]
-  cos, sin = rope_angles(positions_BT, d, theta)  # [B, T, D/2]
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(freqs)[:, :, None, :]
+  sin = jnp.sin(freqs)[:, :, None, :]
   x = x_BTHD.astype(jnp.float32)
   x1, x2 = x[..., : d // 2], x[..., d // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -252,35 +247,17 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
   return True
 
 
-def _fused_attention(cfg: ModelConfig, spec: masks.MaskSpec, cache_kv) -> bool:
-  """Whether a one-row step's attention runs fused into the kernels around it: q/k/v rotated and
-  k/v written into the cache by the q/k/v launch, the splits combined by the o launch. Only
-  where the model would run the decode attention kernel anyway, on a cache of the compute
-  dtype."""
-  from dllm_jax.kernels import decode  # lazily: the CPU path never needs Pallas
-
-  d, dt = cfg.head_dim, jnp.dtype(cfg.dtype)
-  k = cache_kv[0]
-  q = jax.ShapeDtypeStruct((1, 1, cfg.num_heads, d), dt)
-  return (attention.resolve_impl(cfg.attention_impl) == "pallas"
-          and spec.kind in ("causal", "block_causal") and cfg.num_heads % cfg.num_kv_heads == 0
-          and d >= 32 and not d & (d - 1) and decode.supported(q, k) is None
-          and all(c.dtype == dt for c in cache_kv))
-
-
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
                      write_mask_B):
   """`DecoderLayer` for a single row (B = T = 1) against the cache, by `kernels.matvec`: the
-  same arithmetic in four launches of its own and the attention's kernel, five a layer where
-  XLA runs about seventeen (BENCHMARKS.md, session 18). The q/k/v launch rotates q and k and
-  writes k and v into the cache; the o launch combines the attention's splits as it reads its
-  row (`_fused_attention`; else RoPE, the cache writes and the combine are XLA's, five more).
+  same arithmetic in four launches of its own, the attention's kernel and five small XLA kernels
+  around it: ten a layer where XLA runs about seventeen (BENCHMARKS.md, session 17).
 
   x = (row [E], pending): the residual stream is the row plus `pending`, the previous layer's
   down product as float32 partial sums [S, E] (or None), which this layer's first launch adds
   (as the o product's parts are added by the MLP's launch): split-K products fill the GPU, and
   no kernel runs only to sum them or to add the residual. Returns the same pair."""
-  from dllm_jax.kernels import decode, matvec  # lazily: the CPU path never needs Pallas
+  from dllm_jax.kernels import matvec  # lazily: the CPU path never needs Pallas
 
   x_E, pending_SE = x
   e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -289,28 +266,17 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   a = p["attn"]
   ws = [a[n]["kernel"].reshape(e, -1).astype(dt) for n in ("q", "k", "v")]
   biases = [a[n]["bias"].reshape(-1).astype(dt) for n in ("q", "k", "v")] if cfg.qkv_bias else None
-  norm = dict(add_E=pending_SE, norm_scale_E=p["attn_norm"]["scale"].astype(dt),
-              eps=cfg.rms_norm_eps, biases_N=biases, interpret=interpret)
-  w_o = a["o"]["kernel"].reshape(h * d, e).astype(dt)
-  if _fused_attention(cfg, spec, cache_kv):
-    start = meta.positions[:, 0]
-    cos, sin = rope_angles(start[0], d, cfg.rope_theta)
-    keep = None if write_mask_B is None else write_mask_B[0]
-    (q, cache_k, cache_v), row = matvec.norm_matvec(
-        x_E, ws, rope=matvec.Rope(cos, sin, (0, 1)),
-        into=matvec.CacheRows((None, *cache_kv), start[0], keep), **norm)
-    new_cache = (cache_k, cache_v)
-    o, lse = decode.decode_attention(q.reshape(1, 1, h, d), cache_k, cache_v, start, spec,
-                                     interpret=interpret, parts=True)
-    o_SE = matvec.matvec_partials(matvec.SplitRow(o, lse, h // kv), w_o, interpret=interpret)
-  else:
-    (q, k, v), row = matvec.norm_matvec(x_E, ws, **norm)
-    q = rope(q.reshape(1, 1, h, d), meta.positions, cfg.rope_theta)
-    k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
-    out, new_cache = _cached_attention(cfg, spec, q, k, v.reshape(1, 1, kv, d), meta, cache_kv,
-                                       write_mask_B)
-    o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt), w_o, interpret=interpret)
+  (q, k, v), row = matvec.norm_matvec(
+      x_E, ws, add_E=pending_SE, norm_scale_E=p["attn_norm"]["scale"].astype(dt),
+      eps=cfg.rms_norm_eps, biases_N=biases, interpret=interpret)
   x_E = x_E if row is None else row
+  q = rope(q.reshape(1, 1, h, d), meta.positions, cfg.rope_theta)
+  k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
+  out, new_cache = _cached_attention(cfg, spec, q, k, v.reshape(1, 1, kv, d), meta, cache_kv,
+                                     write_mask_B)
+  o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt),
+                                a["o"]["kernel"].reshape(h * d, e).astype(dt),
+                                interpret=interpret)
   m = p["mlp"]
   (act,), x_E = matvec.norm_matvec(
       x_E, (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)), add_E=o_SE,

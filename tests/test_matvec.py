@@ -178,111 +178,10 @@ def test_norm_matvec_lowers_for_cuda():
   g = lambda x, a, s, ws: matvec.norm_matvec(x, ws[:2], add_E=a, norm_scale_E=s, silu_pair=True)
   h = lambda x, ws: matvec.matvec_partials(x, ws[0], splits=3)
   parts = jnp.zeros((5, 192), jnp.float32)  # partial sums as the add: one load per part
-  cos, sin = model.rope_angles(jnp.int32(5), 32, 1e4)
-  ck = jnp.zeros((1, 16, 1, 32), jnp.bfloat16)
-  r = lambda x, ws, c, s, ck, cv: matvec.norm_matvec(
-      x, ws, rope=matvec.Rope(c, s, (0, 1)), into=matvec.CacheRows((None, ck, cv), 5))
-  o, lse = jnp.zeros((4, 1, 1, 16, 32), jnp.bfloat16), jnp.zeros((4, 1, 1, 16))
-  sr = lambda o, lse, w: matvec.matvec_partials(matvec.SplitRow(o, lse, 3), w)
   for fn, args in ((f, (x, add, scale, ws, bs)), (g, (x, add, scale, [ws[1], ws[2]])),
-                   (h, (x, ws)), (f, (x, parts, scale, ws, bs)),
-                   (r, (x, ws, cos, sin, ck, ck)), (sr, (o, lse, ws[0].T))):
+                   (h, (x, ws)), (f, (x, parts, scale, ws, bs))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
-
-
-def _qkv_inputs(key, e, h, kv, d, dtype=jnp.bfloat16):
-  x, add, scale, ws, bs = _inputs(key, e, (h * d, kv * d, kv * d), dtype)
-  cache = lambda k: jax.random.normal(k, (1, 48, kv, d)).astype(dtype)
-  return x, add, scale, ws, bs, cache(jax.random.key(11)), cache(jax.random.key(12))
-
-
-@pytest.mark.parametrize("e,h,kv,d,block_n", [
-    (128, 4, 2, 32, 32),  # one 32-column tile a head: its two 16-column halves
-    (192, 6, 2, 64, 32),  # two tiles a head: frequencies 0..15 and 16..31 with their partners
-    (128, 2, 1, 128, 64),  # 64-column tiles: halves of 32
-])
-@pytest.mark.parametrize("bias,slot,keep", [(True, 29, None), (False, 0, True),
-                                            (True, 47, False), (True, 60, None)])
-def test_norm_matvec_rotates_and_writes_cache_rows(e, h, kv, d, block_n, bias, slot, keep):
-  # q and k rotated as model.rope after the bias, k and v written as cache.write writes them
-  # (a slot past the end clamped as it clamps; keep=False leaves the caches as they were).
-  x, add, scale, ws, bs, ck, cv = _qkv_inputs(jax.random.key(d + slot), e, h, kv, d)
-  cos, sin = model.rope_angles(jnp.int32(slot), d, 1e4)
-  kw = dict(add_E=add, norm_scale_E=scale, biases_N=bs if bias else None)
-  (q, got_k, got_v), row = matvec.norm_matvec(
-      x, ws, rope=matvec.Rope(cos, sin, (0, 1)), block_n=block_n,
-      into=matvec.CacheRows((None, ck, cv), jnp.int32(slot),
-                            None if keep is None else jnp.bool_(keep)), interpret=True, **kw)
-  (wq, wk, wv), want_row = matvec.norm_matvec_reference(x, ws, **kw)
-  at = jnp.full((1, 1), slot)
-  wq = model.rope(wq.reshape(1, 1, h, d), at, 1e4).reshape(-1)
-  wk = model.rope(wk.reshape(1, 1, kv, d), at, 1e4)
-  mask = None if keep is None else jnp.asarray([keep])
-  want_k = kvcache.write(ck, wk, jnp.asarray([slot]), mask)
-  want_v = kvcache.write(cv, wv.reshape(1, 1, kv, d), jnp.asarray([slot]), mask)
-  assert q.shape == (h * d,) and got_k.shape == ck.shape and got_v.dtype == cv.dtype
-  _close(q, wq, jnp.bfloat16)
-  _close(got_k, want_k, jnp.bfloat16)
-  _close(got_v, want_v, jnp.bfloat16)
-  np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
-  # Only the written row moved.
-  others = np.arange(48) != min(slot, 47) if keep is not False else np.ones(48, bool)
-  np.testing.assert_array_equal(np.asarray(got_k, np.float32)[:, others],
-                                np.asarray(ck, np.float32)[:, others])
-  if keep is not False:  # and it is the rotated k, not the raw one
-    assert not np.allclose(np.asarray(got_k, np.float32)[0, min(slot, 47)],
-                           np.asarray(ck, np.float32)[0, min(slot, 47)])
-
-
-@pytest.mark.parametrize("b_h_kv_d_s", [(12, 2, 128, 512), (6, 2, 32, 48), (9, 3, 64, 64),
-                                         (4, 4, 32, 128)])
-def test_split_row_combines_the_attention_splits(b_h_kv_d_s):
-  from dllm_jax.kernels import decode
-
-  h, kv, d, s = b_h_kv_d_s
-  k = jax.random.split(jax.random.key(s + h), 4)
-  q = jax.random.normal(k[0], (1, 1, h, d)).astype(jnp.bfloat16)
-  cache_k, cache_v = (jax.random.normal(kk, (1, s, kv, d)).astype(jnp.bfloat16) for kk in k[1:3])
-  w = (jax.random.normal(k[3], (h * d, 64)) * d ** -0.5).astype(jnp.bfloat16)
-  spec, start = masks.MaskSpec("causal"), jnp.asarray([s - 7], jnp.int32)
-  out = decode.decode_attention(q, cache_k, cache_v, start, spec, interpret=True)
-  o, lse = decode.decode_attention(q, cache_k, cache_v, start, spec, interpret=True, parts=True)
-  p = o.shape[0]
-  assert p & (p - 1) == 0 and lse.shape == o.shape[:4]
-  # Splits past the real ones are empty: they weigh nothing.
-  real = decode.plan_splits(s // decode._pick_block_k(s), kv)[0]
-  assert np.all(np.isneginf(np.asarray(lse[real:]))) and not np.any(np.asarray(o[real:]))
-  got = matvec.matvec_partials(matvec.SplitRow(o, lse, h // kv), w, interpret=True)
-  want = matvec.matvec_partials(out.reshape(-1), w, splits=got.shape[0], interpret=True)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_rope_cache_rows_and_split_rows_refuse_bad_inputs():
-  x, _, _, ws, _, ck, cv = _qkv_inputs(jax.random.key(0), 128, 4, 2, 32)
-  cos, sin = model.rope_angles(jnp.int32(3), 32, 1e4)
-  rows = lambda *caches: matvec.CacheRows(caches, jnp.int32(3))
-  for kw, msg in (
-      (dict(rope=matvec.Rope(cos, sin[:8], (0,))), "cos and sin"),
-      (dict(rope=matvec.Rope(cos, sin, (3,))), r"outputs among 0..2"),
-      (dict(into=rows(ck, cv)), "one entry .* per weight, 3; got 2"),
-      (dict(into=rows(None, ck[0], cv)), r"cache 1 has shape \(48, 2, 32\)"),
-      (dict(into=rows(None, cv, ck[:, :, :1])), r"K \* D = 64"),
-      (dict(rope=matvec.Rope(cos[:8], sin[:8], (0,)), into=rows(None, ck, cv)),
-       r"disagree on head_dim: \[16, 32\]"),
-      (dict(rope=matvec.Rope(cos[:8], sin[:8], (0,))), "head_dim 16 must be a power of two >= 32"),
-      (dict(rope=matvec.Rope(cos, sin, (0,)), block_n=16), "tiles of at least 32 columns"),
-  ):
-    with pytest.raises(ValueError, match=msg):
-      matvec.norm_matvec(x, ws, interpret=True, **kw)
-  with pytest.raises(ValueError, match="silu_pair"):
-    matvec.norm_matvec(x, [ws[1], ws[2]], silu_pair=True, into=rows(None, ck), interpret=True)
-  o, lse = jnp.zeros((4, 1, 2, 16, 32)), jnp.zeros((4, 1, 2, 16))
-  w = jnp.zeros((128, 32))
-  for args, msg in (((o, lse[..., :8], 2), "SplitRow of o"), ((o[:3], lse[:3], 2), "powers of two"),
-                    ((o, lse, 17), "group <= R"), ((o, lse, 3), r"\(E = 192\)")):
-    with pytest.raises(ValueError, match=msg):
-      matvec.matvec_partials(matvec.SplitRow(*args), w, interpret=True)
 
 
 CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2,
@@ -332,53 +231,6 @@ def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias):
   for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                rtol=5e-3, atol=5e-3)
-
-
-# head_dim 32: the smallest whose rotated halves make tiles (16 columns each).
-ATTN = dataclasses.replace(CFG, num_heads=6, head_dim=32, attention_impl="pallas")
-
-
-@pytest.mark.parametrize("keep", [None, True, False])
-def test_model_one_row_step_with_fused_attention_equals_xla(keep):
-  # The q/k/v launch rotates and writes the cache rows, the o launch combines the attention's
-  # splits: the same step as XLA's (with the same attention kernel), in five launches a layer.
-  params = model.with_layout(_perturbed(ATTN, jax.random.key(0)), "per_layer")
-  pallas = dataclasses.replace(ATTN, matvec_impl="pallas")
-  spec = masks.MaskSpec("causal")
-  tokens = jax.random.randint(jax.random.key(1), (1, 41), 0, CFG.vocab_size)
-  pos = lambda s, n: masks.TokenMeta.simple(jnp.arange(s, s + n, dtype=jnp.int32)[None])
-  fwd = jax.jit(model.forward, static_argnums=(1, 4))
-  cache = kvcache.init_cache(ATTN, 1, 48, per_layer=True)
-  _, cache = fwd(params, ATTN, tokens[:, :40], pos(0, 40), spec, cache)
-  mask = None if keep is None else jnp.asarray([keep])
-  args = (tokens[:, 40:], pos(40, 1), spec, cache, None, None, mask)
-  want, want_cache = jax.jit(model.forward, static_argnums=(1, 4))(params, ATTN, *args)
-  got, got_cache = jax.jit(model.forward, static_argnums=(1, 4))(params, pallas, *args)
-  jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(params, pallas, *args))
-  for name, n in (("norm_matvec", 2), ("matvec_partials", 2), ("decode_attention", 1)):
-    assert jaxpr.count(f"name={name}") == n * ATTN.num_layers, name
-  assert "dynamic_update_slice" not in jaxpr  # the cache rows are the q/k/v launch's
-  np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
-  assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.9999
-  for g, w, old in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache),
-                       jax.tree_util.tree_leaves(cache)):
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
-                               rtol=5e-3, atol=5e-3)
-    if keep is False:
-      np.testing.assert_array_equal(np.asarray(g), np.asarray(old))
-
-
-def test_fused_attention_only_where_the_decode_kernel_runs():
-  cache = kvcache.init_cache(ATTN, 1, 48, per_layer=True)
-  kv = (cache.k[0], cache.v[0])
-  causal = masks.MaskSpec("causal")
-  assert model._fused_attention(ATTN, causal, kv)
-  assert model._fused_attention(ATTN, masks.MaskSpec("block_causal", block_size=8), kv)
-  assert not model._fused_attention(dataclasses.replace(ATTN, attention_impl="xla"), causal, kv)
-  assert not model._fused_attention(CFG, causal, kv)  # head_dim 16: halves under a tile
-  assert not model._fused_attention(ATTN, causal, tuple(c.astype(jnp.float32) for c in kv))
-  short = kvcache.init_cache(ATTN, 1, 40, per_layer=True)  # not a multiple of 16 slots
-  assert not model._fused_attention(ATTN, causal, (short.k[0], short.v[0]))
 
 
 def test_stacked_carry_takes_the_down_launch_shape(monkeypatch):

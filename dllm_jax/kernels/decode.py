@@ -62,10 +62,8 @@ def _kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, spec, num_queries
             rows, block_k, tiles_per_split, num_kv_tiles, scale):
   split, row_tile, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   start = start_ref[b]
+  q = q_ref[...]
   r = row_tile * rows + jnp.arange(rows, dtype=jnp.int32)
-  # q_ref [T * group, D], unpadded: the rows past its end are zeros, not a padded copy's.
-  q = plgpu.load(q_ref.at[pl.ds(row_tile * rows, rows)], mask=(r < num_queries * group)[:, None],
-                 other=0)
   t = lax.div(r, group)  # query offset of each row
   last = jnp.where(t < num_queries, _last_slot(spec, start + t), -1)  # padding rows see nothing
   # Tile range of the rows of this tile: full up to the first real row's limit, none past the last.
@@ -145,7 +143,7 @@ def supported(q_BTHD, k_BSKD) -> str | None:
 def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
                      interpret: bool = False, block_k: int | None = None,
                      programs: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                     partial_dtype=None, block_rows: int | None = None, parts: bool = False):
+                     partial_dtype=None, block_rows: int | None = None):
   """Attention of queries at positions start[b] + (0..T-1) over cache slots 0..S-1.
 
   Equals `attention.xla_attention` under `masks.dense_mask` of the model's cache branch metadata.
@@ -154,12 +152,6 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
   RESIDENT_PER_SM per SM of the device) are tuning knobs, and so are
   `partial_dtype` (dtype of the per-split outputs; default the queries' dtype) and `block_rows`
   (query rows of a group per program, a power of two >= 16; default all of them, up to 128).
-
-  `parts=True` returns the splits uncombined, for a consumer that combines them where it reads
-  them (`matvec.SplitRow`): (o [P, B, K, R, D] in `partial_dtype`, lse [P, B, K, R] float32, base
-  2), row r of KV head k being query r // G, head k * G + r % G (R >= T * G rows, the rest
-  padding); P is the split count rounded up to a power of two, the extra splits empty (o 0, lse
-  -inf), so that a Triton consumer loads all P at once.
   """
   if spec.kind not in ("causal", "block_causal"):
     raise ValueError(f"decode attention takes a causal or block_causal spec, got {spec}")
@@ -176,12 +168,11 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
   row_tiles = -(-n_rows // rows)
   num_kv_tiles = s // block_k
   splits, tiles_per_split = plan_splits(num_kv_tiles, b * kv_heads * row_tiles, programs)
-  if parts:
-    splits = pl.next_power_of_2(splits)
 
   # [B, T, K*G, D] -> [B, K, T*G rows (padded), D]: row r is query r // G, head r % G of the group.
   q = q_BTHD.reshape(b, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4)
   q = q.reshape(b, kv_heads, n_rows, d)
+  q = jnp.pad(q, [(0, 0), (0, 0), (0, row_tiles * rows - n_rows), (0, 0)])
 
   kernel = functools.partial(
       _kernel, spec=spec, num_queries=t, group=group, rows=rows, block_k=block_k,
@@ -194,7 +185,7 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
       grid=(splits, row_tiles, b, kv_heads),
       in_specs=[
           pl.BlockSpec((b,), lambda *_: (0,)),
-          pl.BlockSpec((None, None, n_rows, d), lambda sp, rt, bi, ki: (bi, ki, 0, 0)),
+          pl.BlockSpec((None, None, rows, d), lambda sp, rt, bi, ki: (bi, ki, rt, 0)),
           pl.BlockSpec((None, s, None, d), lambda sp, rt, bi, ki: (bi, 0, ki, 0)),
           pl.BlockSpec((None, s, None, d), lambda sp, rt, bi, ki: (bi, 0, ki, 0)),
       ],
@@ -208,8 +199,6 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
       name="decode_attention",
   )(start, q, k_BSKD, v_BSKD)
 
-  if parts:
-    return o, lse
   if splits == 1:
     out = o[0]
   else:  # splits that saw no tile carry lse = -inf and weigh nothing; split 0 always sees slot 0

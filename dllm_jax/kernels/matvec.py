@@ -29,33 +29,13 @@ dots at default precision may use TF32 on a GPU). Measured with bf16 weights onl
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-
-
-class Rope(NamedTuple):
-  """Rotary embedding of some of `norm_matvec`'s outputs, as `model.rope` ("rotate half": in
-  each head of head_dim = 2 * len(cos) columns, column i pairs with i + head_dim / 2).
-  cos, sin: float32 [head_dim / 2] of the row's position; `outputs`: which outputs."""
-  cos: jax.Array
-  sin: jax.Array
-  outputs: tuple
-
-
-class CacheRows(NamedTuple):
-  """Outputs of `norm_matvec` written into a KV cache instead of returned: output i (columns
-  [K * D], head-major) goes to row `slot` of caches[i] [1, S, K, D] (None: returned as usual),
-  and the cache, updated in place, is returned in its stead; a slot past the end is clamped to
-  the last row, as `cache.write` clamps. `keep` (bool scalar, default True): False leaves the
-  caches as they are (`cache.write`'s row mask)."""
-  caches: tuple
-  slot: jax.Array
-  keep: Optional[jax.Array] = None
 
 
 def _pow2_divisor(n: int, at_most: int) -> int:
@@ -93,9 +73,9 @@ def _round(x, dtype):
 _ROWS = 16  # rows of the tensor-core product (the row, repeated)
 
 
-def _products(load, prep, slices, nk, bk, dtype, first=None):
-  """float32 [width] per (w_ref, col, width) of `slices`: the sum over chunks c < nk of
-  prep(load(c)) [bk] times rows c*bk .. of w[:, col:col+width].
+def _products(load, prep, w_refs, col, nk, bk, bn, dtype, first=None):
+  """float32 [bn] per weight: the sum over chunks c < nk of prep(load(c)) [bk] times rows
+  c*bk .. of w[:, col:col+bn].
 
   The row goes through the tensor cores as 16 equal rows (their smallest M): Triton pipelines
   only loads that feed a dot, and a weight-bound product needs its loads in flight while it
@@ -104,6 +84,7 @@ def _products(load, prep, slices, nk, bk, dtype, first=None):
   loaded (`load`) before this chunk's products and prepared (`prep`) after them, so its latency
   hides behind them instead of standing in front of every chunk. `first`: chunk 0 prepared, if
   the caller has it."""
+  first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
   precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
   def body(c, carry):
@@ -111,30 +92,25 @@ def _products(load, prep, slices, nk, bk, dtype, first=None):
     nxt = load(jnp.minimum(c + 1, nk - 1))
     a = jnp.broadcast_to(xn[None, :], (_ROWS, bk))
     accs = tuple(
-        acc + lax.dot_general(a, w_ref[pl.ds(c * bk, bk), pl.ds(col, width)].astype(dtype),
+        acc + lax.dot_general(a, w_ref[pl.ds(c * bk, bk), pl.ds(col, bn)].astype(dtype),
                               (((1,), (0,)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32)
-        for acc, (w_ref, col, width) in zip(accs, slices))
+        for acc, w_ref in zip(accs, w_refs))
     return accs, prep(nxt)
 
-  zeros = tuple(jnp.zeros((_ROWS, width), jnp.float32) for _, _, width in slices)
+  zeros = tuple(jnp.zeros((_ROWS, bn), jnp.float32) for _ in w_refs)
   accs, _ = lax.fori_loop(0, nk, body, (zeros, prep(load(0)) if first is None else first))
-  return [jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, acc.shape, 0) == 0, acc, 0.0),
-                  axis=0) for acc in accs]
+  return [jnp.sum(jnp.where(first_row, acc, 0.0), axis=0) for acc in accs]
 
 
 def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
-            tiles, dtype, rope_outputs, head_dim, cache_outputs):
+            tiles, dtype):
   it = iter(refs)
   x_ref = next(it)
   add_ref = next(it) if has_add else None
   scale_ref = next(it) if has_norm else None
   w_refs = [next(it) for _ in range(num_w)]
   b_refs = [next(it) for _ in range(num_w)] if has_bias else None
-  cos_ref, sin_ref = (next(it), next(it)) if rope_outputs else (None, None)
-  slot_ref = next(it) if cache_outputs else None
-  for _ in cache_outputs:  # the caches' inputs: aliased to their outputs, which are written
-    next(it)
   o_refs = [next(it) for _ in range(1 if silu_pair else num_w)]
   sum_ref = next(it) if has_add else None
   e = bk * nk
@@ -174,56 +150,26 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
       x = _round(raw[2].astype(jnp.float32) * _round(x * r, dtype), dtype)
     return x.astype(dtype)
 
-  def matvec(slices):
-    ys = _products(load, normed, slices, nk, bk, dtype, first=normed(raws[0]))
+  def matvec(refs, col):
+    ys = _products(load, normed, refs, col, nk, bk, bn, dtype, first=normed(raws[0]))
     return [_round(y, dtype) for y in ys]
 
   if silu_pair:
     col = pl.multiple_of(j * bn, bn)
-    g, u = matvec([(w, col, bn) for w in w_refs])
+    g, u = matvec(w_refs, col)
     s = _round(g * _round(jax.nn.sigmoid(g), dtype), dtype)
     o_refs[0][pl.ds(col, bn)] = (s * u).astype(o_refs[0].dtype)
     return
-
-  if cache_outputs:  # read before the products, for the same reason as the epilogue's inputs
-    slot, keep = slot_ref[0], slot_ref[1]
-
-  def store(i, col, width, y):
-    if i not in cache_outputs:
-      o_refs[i][pl.ds(col, width)] = y.astype(o_refs[i].dtype)
-      return
-    # Row `slot` of a cache [1, S, K, D]: column col of the [K * D] output is head col // D.
-    @pl.when(keep != 0)
-    def _():
-      o_refs[i][0, slot, col // head_dim, pl.ds(col % head_dim, width)] = (
-          y.astype(o_refs[i].dtype))
 
   first = 0
   for i in range(num_w):  # program j works on the weight whose tiles hold it
     @pl.when((j >= first) & (j < first + tiles[i]))
     def _(i=i, first=first):
-      t = j - first
-      if i not in rope_outputs:
-        col = pl.multiple_of(t * bn, bn)
-        cols = [(col, bn)]
-      else:
-        # Rotary pairs are head_dim / 2 apart ("rotate half"): the program's bn columns are
-        # bn / 2 of a head's first half and their partners, so it rotates them itself.
-        half = bn // 2
-        head, f0 = t // (head_dim // bn), (t % (head_dim // bn)) * half
-        col = pl.multiple_of(head * head_dim + f0, half)
-        cols = [(col, half), (col + head_dim // 2, half)]
-      # The epilogue's inputs loaded before the products, so their latency hides behind them.
-      bias = [b_refs[i][pl.ds(c, width)] for c, width in cols] if has_bias else None
-      if i in rope_outputs:
-        cos, sin = cos_ref[pl.ds(f0, half)], sin_ref[pl.ds(f0, half)]
-      ys = matvec([(w_refs[i], c, width) for c, width in cols])
+      col = pl.multiple_of((j - first) * bn, bn)
+      y, = matvec(w_refs[i:i + 1], col)
       if has_bias:
-        ys = [_round(y + b.astype(jnp.float32), dtype) for y, b in zip(ys, bias)]
-      if i in rope_outputs:  # as `model.rope`: float32 of the rounded values, then rounded
-        ys = [_round(ys[0] * cos - ys[1] * sin, dtype), _round(ys[1] * cos + ys[0] * sin, dtype)]
-      for y, (c, width) in zip(ys, cols):
-        store(i, c, width, y)
+        y = _round(y + b_refs[i][pl.ds(col, bn)].astype(jnp.float32), dtype)
+      o_refs[i][pl.ds(col, bn)] = y.astype(o_refs[i].dtype)
     first += tiles[i]
 
 
@@ -254,7 +200,6 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
                 add_E: Optional[jax.Array] = None,
                 norm_scale_E: Optional[jax.Array] = None, eps: float = 1e-6,
                 biases_N: Optional[Sequence[jax.Array]] = None, silu_pair: bool = False,
-                rope: Optional[Rope] = None, into: Optional[CacheRows] = None,
                 block_n: Optional[int] = None, block_k: Optional[int] = None,
                 num_warps: int = 4, num_stages: Optional[int] = None, interpret: bool = False):
   """(outputs, row): `outputs[i] = norm(x + add) @ ws[i] (+ biases[i])`, in x's dtype.
@@ -264,12 +209,9 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   partial sums [S, E] (`matvec_partials`' output): then add = their sum rounded to x's dtype,
   the product they split. `norm_scale_E` given: the row
   is RMS-normalised first (eps `eps`), as `model.RMSNorm`. `silu_pair`: ws = (gate, up) and the
-  one output is SiLU(row @ gate) * (row @ up). `rope`: the outputs it names are rotated after
-  the bias (`Rope`); `into`: outputs written into KV caches (`CacheRows`), so that the attention
-  step of a one-row decode needs no kernel of its own before attending. `block_n` / `block_k`
-  (columns per program, rows per chunk; the largest powers of two up to them that divide the
-  shapes, and at most head_dim with `rope` or `into`), `num_warps` and `num_stages` are tuning
-  knobs; those left None take `default_knobs`.
+  one output is SiLU(row @ gate) * (row @ up). `block_n` / `block_k` (columns per program, rows
+  per chunk; the largest powers of two up to them that divide the shapes), `num_warps` and
+  `num_stages` are tuning knobs; those left None take `default_knobs`.
   """
   ws_EN = tuple(ws_EN)
   if (x_E.ndim != 1 or not ws_EN
@@ -285,10 +227,8 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   why = supported(e, [w.shape[1] for w in ws_EN], block_n, block_k)
   if why is not None:
     raise ValueError(f"norm_matvec: {why}")
-  if silu_pair and (len(ws_EN) != 2 or ws_EN[0].shape != ws_EN[1].shape or biases_N
-                    or rope or into):
-    raise ValueError("norm_matvec: silu_pair takes two weights of one shape (gate, up), no bias, "
-                     "rope or cache rows")
+  if silu_pair and (len(ws_EN) != 2 or ws_EN[0].shape != ws_EN[1].shape or biases_N):
+    raise ValueError("norm_matvec: silu_pair takes two weights of one shape (gate, up), no bias")
   if biases_N is not None and [b.shape for b in biases_N] != [(w.shape[1],) for w in ws_EN]:
     raise ValueError(f"norm_matvec: biases {[b.shape for b in biases_N]} do not match the "
                      f"weights' columns {[w.shape[1] for w in ws_EN]}")
@@ -297,7 +237,6 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
                                                    and a.shape[1] == e and a.shape[0] >= 1):
       raise ValueError(f"norm_matvec: {name} has shape {a.shape}, the row ({e},)"
                        + (f" or partial sums [S, {e}]" if name == "add_E" else ""))
-  head_dim, rope_outputs, cache_outputs = _check_heads(ws_EN, rope, into)
   dtype = x_E.dtype
   # Scale, bias and the added row enter the arithmetic in the row's dtype, as in the model.
   add_parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
@@ -307,11 +246,6 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   biases_N = None if biases_N is None else [b.astype(dtype) for b in biases_N]
   bk = _pow2_divisor(e, block_k)
   bn = min(_pow2_divisor(w.shape[1], block_n) for w in ws_EN)
-  if head_dim:
-    bn = min(bn, head_dim)
-  if rope_outputs and bn < 32:
-    raise ValueError(f"norm_matvec: rope needs tiles of at least 32 columns (two halves of 16); "
-                     f"block_n={block_n} and the weights' columns give {bn}")
   tiles = tuple(w.shape[1] // bn for w in ws_EN)
   grid = tiles[0] if silu_pair else sum(tiles)
 
@@ -319,37 +253,20 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   args = [x_E] + ([add_E] if add_E is not None else [])
   args += [norm_scale_E] if norm_scale_E is not None else []
   args += list(ws_EN) + (list(biases_N) if biases_N is not None else [])
-  if rope_outputs:
-    args += [rope.cos.astype(jnp.float32), rope.sin.astype(jnp.float32)]
-  aliases = {}
-  if cache_outputs:
-    keep = True if into.keep is None else into.keep
-    # Clamped as `cache.write`'s dynamic_update_slice clamps: never a store past the cache.
-    last = min(into.caches[i].shape[1] for i in cache_outputs) - 1
-    slot = jnp.clip(jnp.asarray(into.slot, jnp.int32).reshape(()), 0, last)
-    args.append(jnp.stack([slot,
-                           jnp.asarray(keep).astype(jnp.int32).reshape(())]))
-    for i in cache_outputs:
-      aliases[len(args)] = i
-      args.append(into.caches[i])
   outs = ([jax.ShapeDtypeStruct((ws_EN[0].shape[1],), dtype)] if silu_pair else
-          [jax.ShapeDtypeStruct(into.caches[i].shape, into.caches[i].dtype)
-           if i in cache_outputs else jax.ShapeDtypeStruct((w.shape[1],), dtype)
-           for i, w in enumerate(ws_EN)])
+          [jax.ShapeDtypeStruct((w.shape[1],), dtype) for w in ws_EN])
   if add_E is not None:
     outs.append(jax.ShapeDtypeStruct((e,), dtype))
   kernel = functools.partial(
       _kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
       has_norm=norm_scale_E is not None, has_bias=biases_N is not None, silu_pair=silu_pair,
-      eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype, rope_outputs=rope_outputs,
-      head_dim=head_dim, cache_outputs=cache_outputs)
+      eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype)
   res = pl.pallas_call(
       kernel,
       grid=(grid,),
       in_specs=[whole(a) for a in args],
-      out_specs=[whole(o) for o in outs],
+      out_specs=[pl.BlockSpec(o.shape, lambda j: (0,)) for o in outs],
       out_shape=outs,
-      input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="norm_matvec",
@@ -357,42 +274,6 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   res = list(res)
   row = res.pop() if add_E is not None else None
   return tuple(res), row
-
-
-def _check_heads(ws_EN, rope: Optional[Rope], into: Optional[CacheRows]):
-  """(head_dim or 0, rope's outputs, outputs with a cache), or a ValueError saying what is
-  wrong with `rope` / `into`."""
-  n = len(ws_EN)
-  rope_outputs, cache_outputs, dims = (), (), set()
-  if rope is not None:
-    rope_outputs = tuple(sorted(set(rope.outputs)))
-    if (rope.cos.ndim != 1 or rope.cos.shape != rope.sin.shape
-        or any(not 0 <= i < n for i in rope_outputs)):
-      raise ValueError(f"norm_matvec: rope takes cos and sin [head_dim / 2] and outputs among "
-                       f"0..{n - 1}; got cos {rope.cos.shape}, sin {rope.sin.shape}, outputs "
-                       f"{rope.outputs}")
-    dims.add(2 * rope.cos.shape[0])
-  if into is not None:
-    if len(into.caches) != n:
-      raise ValueError(f"norm_matvec: into.caches needs one entry (a cache or None) per weight, "
-                       f"{n}; got {len(into.caches)}")
-    cache_outputs = tuple(i for i, c in enumerate(into.caches) if c is not None)
-    for i in cache_outputs:
-      c = into.caches[i]
-      if c.ndim != 4 or c.shape[0] != 1 or c.shape[2] * c.shape[3] != ws_EN[i].shape[1]:
-        raise ValueError(f"norm_matvec: cache {i} has shape {c.shape}; a cache [1, S, K, D] with "
-                         f"K * D = {ws_EN[i].shape[1]}, the weight's columns, expected")
-      dims.add(c.shape[3])
-  if len(dims) > 1:
-    raise ValueError(f"norm_matvec: rope and the caches disagree on head_dim: {sorted(dims)}")
-  head_dim = dims.pop() if dims else 0
-  if head_dim:
-    for i in set(rope_outputs) | set(cache_outputs):
-      if head_dim < 32 or head_dim & (head_dim - 1) or ws_EN[i].shape[1] % head_dim:
-        raise ValueError(f"norm_matvec: head_dim {head_dim} must be a power of two >= 32 (the "
-                         f"rotated halves are tiles of at least 16 columns) dividing output "
-                         f"{i}'s {ws_EN[i].shape[1]} columns")
-  return head_dim, rope_outputs, cache_outputs
 
 
 def pick_splits(e: int, n: int, block_n: int = 32, block_k: int = 512,
@@ -415,52 +296,13 @@ def pick_splits(e: int, n: int, block_n: int = 32, block_k: int = 512,
   return max(fits, default=1)
 
 
-class SplitRow(NamedTuple):
-  """A row given as the uncombined splits of one query's decode attention
-  (`decode.decode_attention(..., parts=True)` at B = T = 1): o [P, 1, K, R, D], lse [P, 1, K, R]
-  (base 2); the row [K * group * D] is the attention's output, head h = k * group + g in row
-  r = g of KV head k. `matvec_partials` combines the splits where it reads the row, so no kernel
-  runs only to combine them."""
-  o: jax.Array
-  lse: jax.Array
-  group: int
+def _partials_kernel(x_ref, w_ref, o_ref, *, bk, nk, bn, dtype):
+  # x_ref [rows]: this split's part of the row; w_ref [rows, bn]; o_ref [bn].
+  load = lambda c: x_ref[pl.ds(c * bk, bk)]
+  o_ref[...] = _products(load, lambda x: x.astype(dtype), [w_ref], 0, nk, bk, bn, dtype)[0]
 
 
-def _split_row_load(o_ref, lse_ref, offset, bk, group, head_dim):
-  """The splits of the row's [bk] values from `offset` (within one head): o [P, bk], lse [P]."""
-  head, dd = offset // head_dim, offset % head_dim
-  kv, g = head // group, head % group
-  return o_ref[:, 0, kv, g, pl.ds(dd, bk)], lse_ref[:, 0, kv, g]
-
-
-def _split_row_combine(raw):
-  """The row's values from `_split_row_load`'s splits, float32 (empty splits have lse -inf;
-  split 0 is never empty)."""
-  o, lse = raw
-  w = jnp.exp2(lse - jnp.max(lse))
-  return jnp.sum(o.astype(jnp.float32) * w[:, None], axis=0) / jnp.sum(w)
-
-
-def _partials_kernel(*refs, bk, nk, bn, dtype, split_row):
-  # x: this split's part of the row [rows], or a SplitRow's (o, lse); w_ref [rows, bn];
-  # o_ref [bn].
-  if split_row is None:
-    x_ref, w_ref, o_ref = refs
-    load = lambda c: x_ref[pl.ds(c * bk, bk)]
-    prep = lambda x: x.astype(dtype)
-  else:
-    o_parts, lse_parts, w_ref, o_ref = refs
-    group, head_dim, rows = split_row
-    base = pl.program_id(1) * rows
-    load = lambda c: _split_row_load(o_parts, lse_parts, base + c * bk, bk, group, head_dim)
-    # Combined after the chunk's products (`_products`' prep), not as loaded: a use right after
-    # the load would stall the products behind its latency. Rounded to the row's dtype, as the
-    # attention's output is.
-    prep = lambda raw: _split_row_combine(raw).astype(dtype)
-  o_ref[...] = _products(load, prep, [(w_ref, 0, bn)], nk, bk, dtype)[0]
-
-
-def matvec_partials(x_E, w_EN: jax.Array, *, splits: Optional[int] = None,
+def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = None,
                     block_n: int = 32, block_k: int = 512, num_warps: int = 4,
                     num_stages: int = 3, interpret: bool = False) -> jax.Array:
   """x [E] @ w [E, N] as float32 partial sums [S, N] over S equal runs of the row (split-K).
@@ -469,35 +311,14 @@ def matvec_partials(x_E, w_EN: jax.Array, *, splits: Optional[int] = None,
   o and down projections: 48 tiles of 32 columns at Qwen2.5-1.5B's 1536, against 132 SMs)
   splits the row; the next kernel sums the parts where it reads them (`norm_matvec`'s `add_E`),
   so no kernel runs just to reduce them. Their sum rounded to x's dtype is the product, as XLA's
-  GEMM rounds it; the order of the float32 sums differs. x may be a `SplitRow` (the attention's
-  output as its splits; the product is in w's dtype then), combined as it is read.
-  `splits` (default `pick_splits`; it must divide E into runs with a power-of-two divisor >= 16),
-  `block_n`, `block_k` (at most head_dim for a SplitRow), `num_warps` and `num_stages` are
-  tuning knobs, as in `norm_matvec`.
+  GEMM rounds it; the order of the float32 sums differs. `splits` (default `pick_splits`; it
+  must divide E into runs with a power-of-two divisor >= 16), `block_n`, `block_k`, `num_warps`
+  and `num_stages` are tuning knobs, as in `norm_matvec`.
   """
-  split_row = x_E if isinstance(x_E, SplitRow) else None
-  if split_row is not None:
-    o, lse, group = split_row
-    if (o.ndim != 5 or o.shape[1] != 1 or lse.shape != o.shape[:4] or group < 1
-        or o.shape[3] < group):
-      raise ValueError(f"matvec_partials: a SplitRow of o [P, 1, K, R, D] and lse [P, 1, K, R] "
-                       f"with group <= R expected; got o {o.shape}, lse {lse.shape}, group "
-                       f"{group}")
-    head_dim = o.shape[4]
-    if o.shape[0] & (o.shape[0] - 1) or head_dim & (head_dim - 1):
-      raise ValueError(f"matvec_partials: a SplitRow's splits ({o.shape[0]}) and head_dim "
-                       f"({head_dim}) must be powers of two")
-    e, dtype = o.shape[2] * group * head_dim, w_EN.dtype
-    block_k = min(block_k, head_dim)  # a chunk of the row lies in one head
-  elif x_E.ndim != 1:
-    e, dtype = -1, x_E.dtype
-  else:
-    e, dtype = x_E.shape[0], x_E.dtype
-  if w_EN.ndim != 2 or w_EN.shape[0] != e:
-    shape = "SplitRow" if split_row is not None else x_E.shape
+  if x_E.ndim != 1 or w_EN.ndim != 2 or w_EN.shape[0] != x_E.shape[0]:
     raise ValueError(f"matvec_partials: a row [E] and a weight [E, N] expected; got x "
-                     f"{shape} (E = {e}) and w {w_EN.shape}")
-  n = w_EN.shape[1]
+                     f"{x_E.shape} and w {w_EN.shape}")
+  e, n = w_EN.shape
   _check_knobs("matvec_partials", block_n=block_n, block_k=block_k, num_warps=num_warps,
                num_stages=num_stages)
   if _pow2_divisor(n, block_n) < 16:
@@ -511,26 +332,21 @@ def matvec_partials(x_E, w_EN: jax.Array, *, splits: Optional[int] = None,
   why = supported(rows, [n], block_n, block_k)
   if why is not None:
     raise ValueError(f"matvec_partials: {splits} splits of the row: {why}")
+  dtype = x_E.dtype
   bk = _pow2_divisor(rows, block_k)
   bn = _pow2_divisor(n, block_n)
-  whole = lambda a: pl.BlockSpec(a.shape, lambda j, s: (0,) * a.ndim)
-  if split_row is None:
-    xs, x_specs, meta = [x_E], [pl.BlockSpec((rows,), lambda j, s: (s,))], None
-  else:
-    xs = [split_row.o, split_row.lse]
-    x_specs, meta = [whole(a) for a in xs], (split_row.group, head_dim, rows)
-  kernel = functools.partial(_partials_kernel, bk=bk, nk=rows // bk, bn=bn, dtype=dtype,
-                             split_row=meta)
+  kernel = functools.partial(_partials_kernel, bk=bk, nk=rows // bk, bn=bn, dtype=dtype)
   return pl.pallas_call(
       kernel,
       grid=(n // bn, splits),
-      in_specs=x_specs + [pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
+      in_specs=[pl.BlockSpec((rows,), lambda j, s: (s,)),
+                pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
       out_specs=pl.BlockSpec((None, bn), lambda j, s: (s, j)),
       out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="matvec_partials",
-  )(*xs, w_EN)
+  )(x_E, w_EN)
 
 
 def norm_matvec_reference(x_E, ws_EN, *, add_E=None, norm_scale_E=None, eps=1e-6,

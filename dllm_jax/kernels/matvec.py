@@ -279,7 +279,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   grid = tiles[0] if silu_pair else sum(tiles)
   prefetch = tuple(prefetch)
   pf_nk = min(prefetch_rows, e) // bk if prefetch and prefetch_programs > 0 else 0
-  if pf_nk and (silu_pair or any(w.ndim != 2 or w.shape[0] != e or w.shape[1] % bn
+  if prefetch and prefetch_rows > 0 and prefetch_programs > 0 and (silu_pair or any(w.ndim != 2 or w.shape[0] != e or w.shape[1] % bn
                                   for w in prefetch)):
     raise ValueError(f"norm_matvec: prefetch takes weights [{e}, N] with N a multiple of {bn}, "
                      f"and no silu_pair; got {[w.shape for w in prefetch]}")

@@ -66,18 +66,7 @@ def main():
                   help="knobs of the gate/up launch alone (silu_pair), over --matvec-knobs")
   ap.add_argument("--matvec-partial-knobs", default="",
                   help="knobs of the o and down launches (matvec_partials), e.g. 'splits=4'")
-  ap.add_argument("--prefetch", default="",
-                  help="ROWS,PROGRAMS: kernels/matvec.PREFETCH_ROWS and PREFETCH_PROGRAMS (the "
-                       "q/k/v launch reads that many rows of gate/up into L2 in that many "
-                       "programs more)")
   args = ap.parse_args()
-  if args.prefetch:
-    from dllm_jax.kernels import matvec
-
-    try:
-      matvec.PREFETCH_ROWS, matvec.PREFETCH_PROGRAMS = map(int, args.prefetch.split(","))
-    except ValueError:
-      ap.error(f"--prefetch: ROWS,PROGRAMS (two integers) expected, got {args.prefetch!r}")
   if args.matvec_knobs or args.matvec_pair_knobs or args.matvec_partial_knobs:
     from benchmarks.matvec import KNOBS, parse_knobs
     from dllm_jax.kernels import matvec

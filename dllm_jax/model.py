@@ -266,13 +266,9 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   a = p["attn"]
   ws = [a[n]["kernel"].reshape(e, -1).astype(dt) for n in ("q", "k", "v")]
   biases = [a[n]["bias"].reshape(-1).astype(dt) for n in ("q", "k", "v")] if cfg.qkv_bias else None
-  m = p["mlp"]
-  gate_up = (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt))
   (q, k, v), row = matvec.norm_matvec(
       x_E, ws, add_E=pending_SE, norm_scale_E=p["attn_norm"]["scale"].astype(dt),
-      eps=cfg.rms_norm_eps, biases_N=biases, prefetch=gate_up,
-      prefetch_rows=matvec.PREFETCH_ROWS, prefetch_programs=matvec.PREFETCH_PROGRAMS,
-      interpret=interpret)
+      eps=cfg.rms_norm_eps, biases_N=biases, interpret=interpret)
   x_E = x_E if row is None else row
   q = rope(q.reshape(1, 1, h, d), meta.positions, cfg.rope_theta)
   k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
@@ -281,8 +277,9 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt),
                                 a["o"]["kernel"].reshape(h * d, e).astype(dt),
                                 interpret=interpret)
+  m = p["mlp"]
   (act,), x_E = matvec.norm_matvec(
-      x_E, gate_up, add_E=o_SE,
+      x_E, (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)), add_E=o_SE,
       norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
       interpret=interpret)
   down_SE = matvec.matvec_partials(act, m["down"]["kernel"].astype(dt), interpret=interpret)

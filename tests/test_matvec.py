@@ -171,24 +171,6 @@ def test_norm_matvec_refuses_bad_inputs():
     matvec.norm_matvec(x[0], ws, interpret=True)
 
 
-def test_norm_matvec_prefetch_leaves_the_outputs_as_they_are():
-  # The extra programs read other weights into L2; what the launch returns is unchanged, for
-  # any number of them (more or fewer than the prefetched weights' tiles).
-  x, add, scale, ws, bs = _inputs(jax.random.key(5), 256, (64, 32, 32), jnp.bfloat16)
-  gate_up = [w.T for w in _inputs(jax.random.key(6), 96, (256, 256), jnp.bfloat16)[3]]
-  kw = dict(add_E=add, norm_scale_E=scale, biases_N=bs, block_k=64, interpret=True)
-  want, want_row = matvec.norm_matvec(x, ws, **kw)
-  for rows, programs in ((128, 3), (256, 40), (100, 1)):
-    got, row = matvec.norm_matvec(x, ws, prefetch=gate_up, prefetch_rows=rows,
-                                  prefetch_programs=programs, **kw)
-    for g, w in zip(got, want):
-      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
-    np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
-  with pytest.raises(ValueError, match=r"prefetch takes weights \[256, N\]"):
-    matvec.norm_matvec(x, ws, prefetch=[gate_up[0][:128]], prefetch_rows=64, prefetch_programs=2,
-                       interpret=True)
-
-
 def test_norm_matvec_lowers_for_cuda():
   # The interpreter never lowers the kernel through Triton; this does, on the CPU.
   x, add, scale, ws, bs = _inputs(jax.random.key(1), 192, (96, 32, 32), jnp.bfloat16)
@@ -196,10 +178,8 @@ def test_norm_matvec_lowers_for_cuda():
   g = lambda x, a, s, ws: matvec.norm_matvec(x, ws[:2], add_E=a, norm_scale_E=s, silu_pair=True)
   h = lambda x, ws: matvec.matvec_partials(x, ws[0], splits=3)
   parts = jnp.zeros((5, 192), jnp.float32)  # partial sums as the add: one load per part
-  pf = lambda x, ws, g: matvec.norm_matvec(x, ws, prefetch=g, prefetch_rows=64,
-                                           prefetch_programs=5)
   for fn, args in ((f, (x, add, scale, ws, bs)), (g, (x, add, scale, [ws[1], ws[2]])),
-                   (h, (x, ws)), (f, (x, parts, scale, ws, bs)), (pf, (x, ws, [ws[0], ws[0]]))):
+                   (h, (x, ws)), (f, (x, parts, scale, ws, bs))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
@@ -251,20 +231,6 @@ def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias):
   for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                rtol=5e-3, atol=5e-3)
-
-
-def test_model_step_with_prefetch_equals_without(monkeypatch):
-  params = model.with_layout(_perturbed(CFG, jax.random.key(0)), "per_layer")
-  pallas = dataclasses.replace(CFG, matvec_impl="pallas")
-  spec = masks.MaskSpec("causal")
-  cache = kvcache.init_cache(CFG, 1, 16, per_layer=True)
-  meta = masks.TokenMeta.simple(jnp.full((1, 1), 3, jnp.int32))
-  tokens = jnp.ones((1, 1), jnp.int32)
-  want, _ = model.forward(params, pallas, tokens, meta, spec, cache)
-  monkeypatch.setattr(matvec, "PREFETCH_ROWS", 32)
-  monkeypatch.setattr(matvec, "PREFETCH_PROGRAMS", 3)
-  got, _ = model.forward(params, pallas, tokens, meta, spec, cache)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_stacked_carry_takes_the_down_launch_shape(monkeypatch):

@@ -104,17 +104,15 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, first=None):
 
 
 def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
-            tiles, dtype, pf_tiles=(), pf_nk=0, pf_programs=0):
+            tiles, dtype):
   it = iter(refs)
   x_ref = next(it)
   add_ref = next(it) if has_add else None
   scale_ref = next(it) if has_norm else None
   w_refs = [next(it) for _ in range(num_w)]
   b_refs = [next(it) for _ in range(num_w)] if has_bias else None
-  pf_refs = [next(it) for _ in pf_tiles]
   o_refs = [next(it) for _ in range(1 if silu_pair else num_w)]
   sum_ref = next(it) if has_add else None
-  pf_out = next(it) if pf_tiles else None
   e = bk * nk
   j = pl.program_id(0)
 
@@ -174,27 +172,6 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
       o_refs[i][pl.ds(col, bn)] = y.astype(o_refs[i].dtype)
     first += tiles[i]
 
-  if pf_tiles:
-    # Programs past the products' read the first pf_nk chunks of rows of the prefetched weights
-    # (the row times them, so that the loads are real and pipelined), leaving those rows in L2
-    # for the launch that needs them: this launch reads too little to keep the memory busy.
-    @pl.when(j >= first)
-    def _():
-      p = j - first
-      acc = jnp.zeros((bn,), jnp.float32)
-      for w_ref, n in zip(pf_refs, pf_tiles):
-        for k in range(-(-n // pf_programs)):
-          col = pl.multiple_of(jnp.minimum(p + k * pf_programs, n - 1) * bn, bn)
-          acc += _products(load, normed, [w_ref], col, pf_nk, bk, bn, dtype,
-                           first=normed(raws[0]))[0]
-      pf_out[pl.ds(pl.multiple_of(p * bn, bn), bn)] = acc
-
-
-# The q/k/v launch's extra programs that read the first rows of the layer's gate/up weights into
-# L2 while it, the attention and o leave the memory idle (`norm_matvec`'s prefetch); 0: none.
-PREFETCH_ROWS = 0
-PREFETCH_PROGRAMS = 0
-
 
 # A gate/up pair with more 32-column tiles than this a streaming multiprocessor (the 7B's 18944
 # columns: 592 tiles, 4.5 a SM on 132) streamed faster in 64-column tiles.
@@ -223,8 +200,6 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
                 add_E: Optional[jax.Array] = None,
                 norm_scale_E: Optional[jax.Array] = None, eps: float = 1e-6,
                 biases_N: Optional[Sequence[jax.Array]] = None, silu_pair: bool = False,
-                prefetch: Sequence[jax.Array] = (), prefetch_rows: int = 0,
-                prefetch_programs: int = 0,
                 block_n: Optional[int] = None, block_k: Optional[int] = None,
                 num_warps: int = 4, num_stages: Optional[int] = None, interpret: bool = False):
   """(outputs, row): `outputs[i] = norm(x + add) @ ws[i] (+ biases[i])`, in x's dtype.
@@ -237,10 +212,6 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   one output is SiLU(row @ gate) * (row @ up). `block_n` / `block_k` (columns per program, rows
   per chunk; the largest powers of two up to them that divide the shapes), `num_warps` and
   `num_stages` are tuning knobs; those left None take `default_knobs`.
-
-  `prefetch` (weights [E, N]), `prefetch_rows`, `prefetch_programs`: that many programs more read
-  the first `prefetch_rows` rows (rounded down to whole chunks) of those weights, so that a later
-  launch finds them in L2; the outputs are unchanged.
   """
   ws_EN = tuple(ws_EN)
   if (x_E.ndim != 1 or not ws_EN
@@ -277,32 +248,19 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   bn = min(_pow2_divisor(w.shape[1], block_n) for w in ws_EN)
   tiles = tuple(w.shape[1] // bn for w in ws_EN)
   grid = tiles[0] if silu_pair else sum(tiles)
-  prefetch = tuple(prefetch)
-  pf_nk = min(prefetch_rows, e) // bk if prefetch and prefetch_programs > 0 else 0
-  if prefetch and prefetch_rows > 0 and prefetch_programs > 0 and (silu_pair or any(w.ndim != 2 or w.shape[0] != e or w.shape[1] % bn
-                                  for w in prefetch)):
-    raise ValueError(f"norm_matvec: prefetch takes weights [{e}, N] with N a multiple of {bn}, "
-                     f"and no silu_pair; got {[w.shape for w in prefetch]}")
-  pf_tiles = tuple(w.shape[1] // bn for w in prefetch) if pf_nk else ()
-  if pf_tiles:
-    grid += prefetch_programs
 
   whole = lambda a: pl.BlockSpec(a.shape, lambda j: (0,) * a.ndim)
   args = [x_E] + ([add_E] if add_E is not None else [])
   args += [norm_scale_E] if norm_scale_E is not None else []
   args += list(ws_EN) + (list(biases_N) if biases_N is not None else [])
-  args += [w.astype(dtype) for w in prefetch] if pf_tiles else []
   outs = ([jax.ShapeDtypeStruct((ws_EN[0].shape[1],), dtype)] if silu_pair else
           [jax.ShapeDtypeStruct((w.shape[1],), dtype) for w in ws_EN])
   if add_E is not None:
     outs.append(jax.ShapeDtypeStruct((e,), dtype))
-  if pf_tiles:  # the prefetching programs' products, which nothing reads
-    outs.append(jax.ShapeDtypeStruct((prefetch_programs * bn,), jnp.float32))
   kernel = functools.partial(
       _kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
       has_norm=norm_scale_E is not None, has_bias=biases_N is not None, silu_pair=silu_pair,
-      eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype, pf_tiles=pf_tiles,
-      pf_nk=pf_nk, pf_programs=prefetch_programs)
+      eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype)
   res = pl.pallas_call(
       kernel,
       grid=(grid,),
@@ -314,8 +272,6 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
       name="norm_matvec",
   )(*args)
   res = list(res)
-  if pf_tiles:
-    res.pop()
   row = res.pop() if add_E is not None else None
   return tuple(res), row
 

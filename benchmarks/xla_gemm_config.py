@@ -50,6 +50,20 @@ def gemms(hlo: str) -> list[dict]:
   return found
 
 
+def summary(cfg) -> str:
+  """The tiling of a fusion's backend config in one line: the Triton fusion's kind, stages,
+  warps, whether TMA is allowed and its output tiles (the config's own JSON otherwise)."""
+  if not isinstance(cfg, dict):
+    return str(cfg)[:200]
+  fusion = cfg.get("fusion_backend_config", {})
+  block = fusion.get("block_level_fusion_config") or fusion.get("triton_gemm_config")
+  if not block:
+    return json.dumps(fusion or cfg)[:200]
+  keep = ("num_stages", "num_warps", "is_tma_allowed", "block_m", "block_n", "block_k", "split_k")
+  tiles = [t.get("sizes") for t in block.get("output_tiles", [])]
+  return f"{fusion.get('kind')} {({k: block[k] for k in keep if k in block})} tiles {tiles}"
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,9 +81,9 @@ def main():
     hlo = fwd.lower(params, cfg, jnp.ones((1, 1), jnp.int32), meta, masks.MaskSpec("causal"),
                     cache).compile().as_text()
     res["shapes"][name] = found = gemms(hlo)
-    print(f"## {name}: {len(found)} GEMM instructions")
+    print(f"## {name}: {len(found)} instructions with a GEMM-like backend config")
     for g in found:
-      print(f"  {g['name']}: {g['shapes']}\n    {json.dumps(g['backend_config'])[:400]}")
+      print(f"  {g['name']}: {g['shapes']} {summary(g['backend_config'])}")
   save_json("xla_gemm_config.json", res)
 
 

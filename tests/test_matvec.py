@@ -370,3 +370,24 @@ def test_benchmark_knob_specs():
   for op in ("qkv", "down"):
     result = bench.check(op, {}, CFG, row(op), w)
     assert not result["check_ok"] and result["check_max_rel_err"] > 0.05
+
+
+def test_xla_gemm_config_reads_the_tiling_off_the_hlo():
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "xla_gemm_config.py"
+  spec = importlib.util.spec_from_file_location("xla_gemm_config", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  # A line of the H200's optimised HLO of the 1.5B step (session 18), shortened.
+  hlo = ('  %gemm_fusion_dot.6 = bf16[1,17920]{1,0} fusion(bf16[1,1536]{1,0} %p, '
+         'bf16[1536,17920]{1,0} %w), kind=kCustom, calls=%c, backend_config={"fusion_backend_'
+         'config":{"kind":"__triton_nested_gemm_fusion","block_level_fusion_config":{"num_warps":'
+         '"4","output_tiles":[{"sizes":["8","128"]}],"num_stages":3,"is_tma_allowed":true}}}\n'
+         '  %add.1 = f32[4]{0} add(f32[4]{0} %a, f32[4]{0} %b)')
+  (g,) = bench.gemms(hlo)
+  assert g["name"] == "%gemm_fusion_dot.6" and g["shapes"][0] == "bf16[1,17920]"
+  assert bench.summary(g["backend_config"]) == (
+      "__triton_nested_gemm_fusion {'num_stages': 3, 'num_warps': '4', 'is_tma_allowed': True} "
+      "tiles [['8', '128']]")

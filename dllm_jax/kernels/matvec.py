@@ -17,7 +17,12 @@ Qwen2.5-1.5B shape, 5.4% at SmolLM2-135M, level at 7B, with 305 kernels a step i
 (1.5B); the step's logits correlated 0.9998 with XLA's at the 1.5B and 135M shapes (largest
 difference 2% of the largest logit, argmax equal). In the same step profiles the 1.5B's gate/up
 launch took 19.3 us a layer against XLA's GEMM's 16.8 (the kernel streams the weights slower),
-its down 9.9 against 10.9.
+its down 9.9 against 10.9. XLA streams gate/up in 128-column tiles through TMA (session 18,
+`benchmarks/xla_gemm_config.py`), which a Triton kernel of Pallas pointer loads does not match.
+
+Measured not to pay (session 18), so not here: RoPE, the cache writes and the attention's split
+combine fused into these launches (level: the q/k/v and o launches grew by what the five small
+kernels had cost), and extra q/k/v programs reading gate/up into L2 (far slower).
 
 Numerics follow the model's XLA path op for op, within rounding: bf16 residual add, the norm in
 float32 cast to the compute dtype before its scale, products accumulated in float32 and rounded

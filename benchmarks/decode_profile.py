@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
 
 from benchmarks.common import ceilings, run_meta, save_json, traced_gpu_events  # noqa: E402
 from benchmarks.decode import PROMPT, SHAPES  # noqa: E402
@@ -43,6 +44,30 @@ def _busy_ns(events):
   return busy
 
 
+def _forwards(cfg, params, batch, t_len, n, layout):
+  """(run, n): run(i) does n forwards of t_len tokens at positions PROMPT.. (block-causal,
+  blocks of 32: a diffusion block or sub-block) against a cache of PROMPT + 32 slots, in one
+  jitted loop, as the diffusion decoder calls the model."""
+  from dllm_jax import cache as kvcache
+  from dllm_jax import masks
+
+  spec = masks.MaskSpec("block_causal", block_size=32)
+  meta = masks.TokenMeta.simple(jnp.broadcast_to(
+      jnp.arange(PROMPT, PROMPT + t_len, dtype=jnp.int32), (batch, t_len)))
+  toks = jax.random.randint(jax.random.key(4), (batch, t_len), 0, 32000)
+
+  @jax.jit
+  def loop(p, toks):
+    c = kvcache.init_cache(cfg, batch, PROMPT + 32, per_layer=layout != "stacked")
+
+    def body(_, carry):
+      toks, c = carry
+      logits, c = model.forward(p, cfg, toks, meta, spec, c)
+      return jnp.argmax(logits, -1).astype(toks.dtype), c  # the next call depends on this one
+    return lax.fori_loop(0, n, body, (toks, c))[0]
+  return (lambda i: loop(params, (toks + i) % 32000)), n
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +78,10 @@ def main():
   ap.add_argument("--impl", default="pallas", choices=["pallas", "xla"])
   ap.add_argument("--matvec", default="xla", choices=["xla", "pallas", "auto"],
                   help="model.matvec_impl: the one-row projections (kernels/matvec.py)")
+  ap.add_argument("--forward", type=int, default=0,
+                  help="T > 0: profile one forward of T tokens (a diffusion block or sub-block, "
+                       "block-causal, blocks of 32) against the cache after the prompt, run "
+                       "--new times, instead of AR generate; per step = per forward")
   ap.add_argument("--tag", default="", help="suffix of the JSON file name (one per XLA_FLAGS)")
   ap.add_argument("--no-ceilings", action="store_true")
   ap.add_argument("--decode-programs", type=int, default=0,
@@ -106,22 +135,26 @@ def main():
   if not args.no_ceilings:
     res["ceil"] = ceilings()
   b = args.batch
-  prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
-  lens = jnp.full((b,), PROMPT, jnp.int32)
-  dcfg = decoding.DecodeConfig(mode="ar", max_new_tokens=args.new)
-  fn = jax.jit(lambda p, t, l, r: decoding.generate(p, cfg, t, l, r, dcfg))
-  compiled = fn.lower(params, prompt, lens, jax.random.key(2)).compile()
-  jax.block_until_ready(compiled(params, prompt, lens, jax.random.key(2)))
+  if args.forward:
+    run, steps = _forwards(cfg, params, b, args.forward, args.new, args.layout)
+  else:
+    prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
+    lens = jnp.full((b,), PROMPT, jnp.int32)
+    dcfg = decoding.DecodeConfig(mode="ar", max_new_tokens=args.new)
+    fn = jax.jit(lambda p, t, l, r: decoding.generate(p, cfg, t, l, r, dcfg))
+    compiled = fn.lower(params, prompt, lens, jax.random.key(2)).compile()
+    run = lambda i: compiled(params, prompt, lens, jax.random.key(2 + i))
+    # The prefill is the first iteration.
+    steps = int(jax.block_until_ready(run(0))[2]["iterations"]) - 1
+  jax.block_until_ready(run(0))
   times = []
   for i in range(5):
     t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(params, prompt, lens, jax.random.key(3 + i)))
+    jax.block_until_ready(run(1 + i))
     times.append(time.perf_counter() - t0)
-  steps = int(out[2]["iterations"]) - 1  # the prefill is the first iteration
   res["wall_s"] = statistics.median(times)
 
-  events, lines = traced_gpu_events(
-      lambda: jax.block_until_ready(compiled(params, prompt, lens, jax.random.key(9))))
+  events, lines = traced_gpu_events(lambda: jax.block_until_ready(run(7)))
   res["trace_lines"] = lines
   if not events:
     res["error"] = "no GPU stream events in the trace"

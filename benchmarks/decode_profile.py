@@ -28,10 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
 
 from benchmarks.common import ceilings, run_meta, save_json, traced_gpu_events  # noqa: E402
-from benchmarks.decode import PROMPT, SHAPES  # noqa: E402
+from benchmarks.decode import PROMPT, SHAPES, forward_loop  # noqa: E402
 from dllm_jax import decoding, model  # noqa: E402
 
 
@@ -42,30 +41,6 @@ def _busy_ns(events):
       busy += e - max(s, end)
       end = e
   return busy
-
-
-def _forwards(cfg, params, batch, t_len, n, layout):
-  """(run, n): run(i) does n forwards of t_len tokens at positions PROMPT.. (block-causal,
-  blocks of 32: a diffusion block or sub-block) against a cache of PROMPT + 32 slots, in one
-  jitted loop, as the diffusion decoder calls the model."""
-  from dllm_jax import cache as kvcache
-  from dllm_jax import masks
-
-  spec = masks.MaskSpec("block_causal", block_size=32)
-  meta = masks.TokenMeta.simple(jnp.broadcast_to(
-      jnp.arange(PROMPT, PROMPT + t_len, dtype=jnp.int32), (batch, t_len)))
-  toks = jax.random.randint(jax.random.key(4), (batch, t_len), 0, 32000)
-
-  @jax.jit
-  def loop(p, toks):
-    c = kvcache.init_cache(cfg, batch, PROMPT + 32, per_layer=layout != "stacked")
-
-    def body(_, carry):
-      toks, c = carry
-      logits, c = model.forward(p, cfg, toks, meta, spec, c)
-      return jnp.argmax(logits, -1).astype(toks.dtype), c  # the next call depends on this one
-    return lax.fori_loop(0, n, body, (toks, c))[0]
-  return (lambda i: loop(params, (toks + i) % 32000)), n
 
 
 def main():
@@ -136,7 +111,8 @@ def main():
     res["ceil"] = ceilings()
   b = args.batch
   if args.forward:
-    run, steps = _forwards(cfg, params, b, args.forward, args.new, args.layout)
+    run = forward_loop(cfg, params, b, args.forward, PROMPT, args.new, args.layout != "stacked")
+    steps = args.new
   else:
     prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
     lens = jnp.full((b,), PROMPT, jnp.int32)

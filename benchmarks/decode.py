@@ -105,8 +105,7 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
   import jax
   import jax.numpy as jnp
 
-  from dllm_jax import cache as kvcache
-  from dllm_jax import decoding, masks, model
+  from dllm_jax import decoding, model
 
   # argv says which variant ran (a --plain-dot run writes the same file name as the default).
   res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceilings(), "rows": []}

@@ -112,7 +112,6 @@ def main():
   b = args.batch
   if args.forward:
     run = forward_loop(cfg, params, b, args.forward, PROMPT, args.new, args.layout != "stacked")
-    steps = args.new
   else:
     prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
     lens = jnp.full((b,), PROMPT, jnp.int32)
@@ -120,9 +119,9 @@ def main():
     fn = jax.jit(lambda p, t, l, r: decoding.generate(p, cfg, t, l, r, dcfg))
     compiled = fn.lower(params, prompt, lens, jax.random.key(2)).compile()
     run = lambda i: compiled(params, prompt, lens, jax.random.key(2 + i))
-    # The prefill is the first iteration.
-    steps = int(jax.block_until_ready(run(0))[2]["iterations"]) - 1
-  jax.block_until_ready(run(0))
+  out = jax.block_until_ready(run(0))  # the warm-up
+  # AR: the prefill is generate's first iteration.
+  steps = args.new if args.forward else int(out[2]["iterations"]) - 1
   times = []
   for i in range(5):
     t0 = time.perf_counter()

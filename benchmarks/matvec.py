@@ -15,9 +15,9 @@ i's output, so nothing is fused across layers and no weight is read from L2; `o`
 16 independent products, each on its own row: given one shared row, XLA merged them into one
 GEMM, which made the XLA side of session 17's o and down rows no measure of the step), as XLA
 runs the model's ops (every product through `model._matmul`; the model's MLP uses `nn.Dense`,
-the same GEMM at these sizes) and as the kernel with each knob setting. Measured: wall us per layer (`common.timeit` over the chain), and from a
-profile the GPU us per layer of every kernel, beside the weight-read floor per layer at the copy
-bandwidth of the same run. The gate/up chain slices the SiLU product to the row length for the
+the same GEMM at these sizes) and as the kernel with each knob setting. Measured: wall us per
+layer (`common.timeit` over the chain), and from a profile the GPU us per layer of every kernel,
+beside the weight-read floor per layer at the copy bandwidth of the same run. The gate/up chain slices the SiLU product to the row length for the
 next layer's residual, in both variants; its copy shows in the kernel list.
 JSON to $OUT/matvec.json.
 """
@@ -103,7 +103,6 @@ def check(op, knobs, cfg, x, w):
   """Layer 0's outputs by the kernel against XLA's: the largest difference over the largest
   value, per output (bf16 outputs whose float32 sums differ only in order: ~1e-2 at most)."""
   if op in ("o", "down"):
-    x = x[0] if isinstance(x, list) else x
     got = jax.jit(_op("pallas", knobs, op))(x, w[op][0][0]).sum(0).astype(x.dtype)
     want = jax.jit(_op("xla", {}, op))(x, w[op][0][0])
     pairs = [(got, want)]
@@ -185,7 +184,7 @@ def main():
                "floor_us": wbytes / bw * 1e6}
         try:
           if impl == "pallas":  # the kernel's numbers on this device, before its speed
-            row.update(check(op, knobs, cfg, x, w))
+            row.update(check(op, knobs, cfg, rows[0], w))
           fn = _chain(op, impl, knobs, cfg)
           row["wall_us"] = timeit(fn, [(x, x, w)], reps=5, inner=20) / LAYERS * 1e6
           events, _ = traced_gpu_events(lambda: jax.block_until_ready(fn(x, x, w)))

@@ -1,22 +1,14 @@
 """benchmarks/attention.py's bookkeeping: variant specs are checked before a GPU call is spent on
 them, and every fraction is taken against the best ceiling reading of the run."""
 
-import importlib.util
-import pathlib
-
 import pytest
 
 from dllm_jax.kernels import flash_mgpu
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
-
 
 @pytest.fixture()
-def bench():
-  spec = importlib.util.spec_from_file_location("attention_benchmark", _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+def bench(load_benchmark):
+  return load_benchmark("attention")
 
 
 def test_parse_variants(bench):

@@ -1,22 +1,15 @@
 """The GSM8K study driver: concurrent jobs merge their results, stage names are checked, and the
 report marks what did not run and what shared the GPU."""
 
-import importlib.util
 import json
-import pathlib
 import sys
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gsm8k_study.py"
-
 
 @pytest.fixture(scope="module")
-def study_mod():
-  spec = importlib.util.spec_from_file_location("gsm8k_study", _PATH)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+def study_mod(load_benchmark):
+  return load_benchmark("gsm8k_study")
 
 
 def test_save_merges_concurrent_jobs(study_mod, tmp_path, monkeypatch):

@@ -333,14 +333,8 @@ def test_pallas_matvec_on_a_mesh_falls_back_to_xla(caplog):
   assert any("ignored on device mesh" in r.message for r in caplog.records)
 
 
-def test_benchmark_knob_specs():
-  import importlib.util
-  import pathlib
-
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "matvec.py"
-  spec = importlib.util.spec_from_file_location("matvec_benchmark", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+def test_benchmark_knob_specs(load_benchmark):
+  bench = load_benchmark("matvec")
   assert bench.parse_knobs("default;block_n=64,num_stages=2") == [
       {}, {"block_n": 64, "num_stages": 2}]
   with pytest.raises(SystemExit, match=r"unknown \['blockn'\]"):
@@ -372,14 +366,8 @@ def test_benchmark_knob_specs():
     assert not result["check_ok"] and result["check_max_rel_err"] > 0.05
 
 
-def test_xla_gemm_config_reads_the_tiling_off_the_hlo():
-  import importlib.util
-  import pathlib
-
-  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "xla_gemm_config.py"
-  spec = importlib.util.spec_from_file_location("xla_gemm_config", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+def test_xla_gemm_config_reads_the_tiling_off_the_hlo(load_benchmark):
+  bench = load_benchmark("xla_gemm_config")
   # A line of the H200's optimised HLO of the 1.5B step (session 18), shortened.
   hlo = ('  %gemm_fusion_dot.6 = bf16[1,17920]{1,0} fusion(bf16[1,1536]{1,0} %p, '
          'bf16[1536,17920]{1,0} %w), kind=kCustom, calls=%c, backend_config={"fusion_backend_'

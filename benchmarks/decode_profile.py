@@ -72,7 +72,7 @@ def main():
                   help="knobs of the o and down launches (matvec_partials), e.g. 'splits=4'")
   args = ap.parse_args()
   if args.matvec_knobs or args.matvec_pair_knobs or args.matvec_partial_knobs:
-    from benchmarks.matvec import KNOBS, parse_knobs
+    from benchmarks.matvec import KNOBS, PARTIAL_KNOBS, parse_knobs
     from dllm_jax.kernels import matvec
 
     def one(text, flag, allowed=KNOBS):
@@ -91,7 +91,7 @@ def main():
     matvec.norm_matvec = tuned
     matvec.matvec_partials = functools.partial(
         matvec.matvec_partials,
-        **one(args.matvec_partial_knobs, "--matvec-partial-knobs", KNOBS + ("splits",)))
+        **one(args.matvec_partial_knobs, "--matvec-partial-knobs", PARTIAL_KNOBS))
   if args.plain_dot:
     model._matmul = jnp.dot
     args.tag = args.tag or "_plaindot"  # never overwrite the default run's JSON

@@ -125,7 +125,8 @@ def _pairs(op, knobs, cfg, x, w):
   return list(zip(got, want)) + ([(got_row, want_row)] if want_row is not None else [])
 
 
-KNOBS = ("block_n", "block_k", "num_warps", "num_stages")
+KNOBS = ("block_n", "block_k", "num_warps", "num_stages")  # norm_matvec
+PARTIAL_KNOBS = ("block_n", "block_k", "num_warps", "num_stages", "splits")  # matvec_partials
 
 
 def parse_knobs(text, flag="--knobs", allowed=KNOBS):
@@ -166,7 +167,7 @@ def main():
     ap.error(f"--ops: {args.ops!r}; expected a subset of qkv,gate_up,o,down")
   knob_sets = {"norm": parse_knobs(args.knobs),
                "partial": parse_knobs(args.partial_knobs, "--partial-knobs",
-                                      KNOBS + ("splits",))}
+                                      PARTIAL_KNOBS)}
   res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceilings(rounds=2), "rows": []}
   bw = res["ceil"]["copy_GBps"] * 1e9
   print("ceilings", res["ceil"], flush=True)

@@ -345,7 +345,7 @@ def test_benchmark_knob_specs(load_benchmark):
     bench.parse_knobs("block_n")
   with pytest.raises(SystemExit, match=r"unknown \['splits'\]"):
     bench.parse_knobs("splits=2")
-  assert bench.parse_knobs("splits=2", "--partial-knobs", bench.KNOBS + ("splits",)) == [
+  assert bench.parse_knobs("splits=2", "--partial-knobs", bench.PARTIAL_KNOBS) == [
       {"splits": 2}]
 
   # The benchmark's check of the kernel against XLA passes for the kernel and fails for a wrong one.

@@ -24,10 +24,13 @@ Measured not to pay (session 18), so not here: RoPE, the cache writes and the at
 combine fused into these launches (level: the q/k/v and o launches grew by what the five small
 kernels had cost), and extra q/k/v programs reading gate/up into L2 (far slower).
 
-Numerics follow the model's XLA path op for op, within rounding: bf16 residual add, the norm in
-float32 cast to the compute dtype before its scale, products accumulated in float32 and rounded
-to the compute dtype, then the bias (or SiLU(gate) * up) each rounded as XLA rounds its bf16 ops;
-the order of the float32 sums differs. Float32 rows multiply at full precision (the model's XLA
+Numerics follow the model's XLA path op for op, within rounding, with one exception: the norm's
+1/rms multiplies the products' float32 sums, not the row before them (it is one scalar, so it
+factors out; the weights' loads then wait for no reduction over the row). The row is the bf16
+residual add, scale * row rounded to the compute dtype, the products accumulated in float32,
+times 1/rms and rounded to the compute dtype, then the bias (or SiLU(gate) * up) each rounded as
+XLA rounds its bf16 ops. Against the model's path that drops the rounding of the normalised row
+and orders the float32 sums differently. Float32 rows multiply at full precision (the model's XLA
 dots at default precision may use TF32 on a GPU). Measured with bf16 weights only.
 """
 
@@ -78,7 +81,7 @@ def _round(x, dtype):
 _ROWS = 16  # rows of the tensor-core product (the row, repeated)
 
 
-def _products(load, prep, w_refs, col, nk, bk, bn, dtype, first=None):
+def _products(load, prep, w_refs, col, nk, bk, bn, dtype):
   """float32 [bn] per weight: the sum over chunks c < nk of prep(load(c)) [bk] times rows
   c*bk .. of w[:, col:col+bn].
 
@@ -87,8 +90,9 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, first=None):
   multiplies (an elementwise multiply-add reached half the bandwidth of XLA's GEMM on the
   H200, BENCHMARKS.md). Row 0 of the result is the product. The next chunk of the row is
   loaded (`load`) before this chunk's products and prepared (`prep`) after them, so its latency
-  hides behind them instead of standing in front of every chunk. `first`: chunk 0 prepared, if
-  the caller has it."""
+  hides behind them instead of standing in front of every chunk (loading each chunk in the
+  iteration that multiplies it made the 1.5B step's gate/up launch 2.2x slower, session 19).
+  """
   first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
   precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
@@ -104,7 +108,7 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, first=None):
     return accs, prep(nxt)
 
   zeros = tuple(jnp.zeros((_ROWS, bn), jnp.float32) for _ in w_refs)
-  accs, _ = lax.fori_loop(0, nk, body, (zeros, prep(load(0)) if first is None else first))
+  accs, _ = lax.fori_loop(0, nk, body, (zeros, prep(load(0))))
   return [jnp.sum(jnp.where(first_row, acc, 0.0), axis=0) for acc in accs]
 
 
@@ -138,26 +142,31 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
       x = _round(x + a, dtype)
     return x
 
-  # Chunks unrolled: their loads do not wait on one another.
-  raws = [load(c) for c in range(nk)]
-  if has_norm:
-    r = lax.rsqrt(sum(jnp.sum(x * x) for x in map(row, raws)) / e + eps)
+  def rsqrt_and_sum():  # the norm's 1/rms (None without a norm); program 0 stores the row
+    raws = [load(c) for c in range(nk)]  # read again: by now from the cache
+    if has_add:
+      @pl.when(j == 0)
+      def _():
+        for c, raw in enumerate(raws):
+          sum_ref[pl.ds(c * bk, bk)] = row(raw).astype(sum_ref.dtype)
+    if has_norm:
+      return lax.rsqrt(sum(jnp.sum(x * x) for x in map(row, raws)) / e + eps)
+    return None
 
-  if has_add:
-    @pl.when(j == 0)
-    def _():
-      for c, raw in enumerate(raws):
-        sum_ref[pl.ds(c * bk, bk)] = row(raw).astype(sum_ref.dtype)
-
+  # The norm's 1/rms is one scalar, so it factors out of the products: they multiply
+  # scale * row and 1/rms multiplies their float32 sums. The weights' loads then wait for no
+  # reduction over the row (the q/k/v launch 6.60 -> 6.22 us at the 1.5B, BENCHMARKS.md
+  # session 19).
   def normed(raw):
     x = row(raw)
     if has_norm:
-      x = _round(raw[2].astype(jnp.float32) * _round(x * r, dtype), dtype)
+      x = _round(raw[2].astype(jnp.float32) * x, dtype)
     return x.astype(dtype)
 
   def matvec(refs, col):
-    ys = _products(load, normed, refs, col, nk, bk, bn, dtype, first=normed(raws[0]))
-    return [_round(y, dtype) for y in ys]
+    ys = _products(load, normed, refs, col, nk, bk, bn, dtype)
+    r = rsqrt_and_sum()
+    return [_round(y if r is None else y * r, dtype) for y in ys]
 
   if silu_pair:
     col = pl.multiple_of(j * bn, bn)

@@ -17,50 +17,27 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 
+from dllm_jax import decoding_cli
+from dllm_jax.decoding_cli import UsageError
+
 MASK_GLYPH = "░"
-
-
-class UsageError(ValueError):
-  """A bad command line, prompts file or checkpoint for the chosen mode."""
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python decode.py", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", required=True,
-                 help="training run dir, HF dir, .gguf file or smollm2-135m-instruct")
+  decoding_cli.add_arguments(p, batch_size=8)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--prompt", help="one user message")
   src.add_argument("--prompts", help="JSONL file: {'prompt': ...} or {'messages': [...]} a line")
   src.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
-  p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion")
-  p.add_argument("--threshold", type=float, default=0.9)
-  p.add_argument("--block-size", type=int, default=32)
-  p.add_argument("--sub-block-size", type=int, default=8)
-  p.add_argument("--max-new-tokens", type=int, default=256)
-  p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--temperature", type=float, default=0.0)
   p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--no-dual-cache", action="store_true", help="forward the whole block every step")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                 help="compute and weight dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
-  p.add_argument("--layout", choices=["stacked", "per_layer"], default="per_layer",
-                 help="parameter layout to decode with: per_layer (unstacked once after loading; "
-                      "2x faster steps for Qwen2.5-1.5B on an H100, 2.5-5x the compile time) or "
-                      "stacked (as saved; better for one short prompt)")
-  p.add_argument("--matvec", choices=["auto", "xla", "pallas"], default="auto",
-                 help="one-row projections of AR decoding at batch 1: pallas fuses each "
-                      "layer's norms into them (GPU); auto: pallas where it pays, see "
-                      "model.matvec_impl")
   p.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as is")
-  p.add_argument("--force", action="store_true",
-                 help="diffusion-decode a model not trained for it (warns instead of refusing)")
   p.add_argument("--json", action="store_true", help="print one machine-readable JSON document")
   p.add_argument("--live", action="store_true",
                  help="show the denoising of a single --prompt in the terminal, step by step")
@@ -95,38 +72,8 @@ def read_prompts(path: str) -> list[list[dict]]:
   return conversations
 
 
-def load(args):
-  """The checkpoint as a `convert.Pretrained`, checked for the mode, cast to the dtype and in
-  the parameter layout asked for."""
-  import jax
-
-  from dllm_jax import checkpoint, convert
-
-  pretrained = checkpoint.load_model(args.checkpoint)
-  if pretrained.tokenizer is None:
-    raise UsageError(f"{args.checkpoint} has no tokenizer; decode.py needs one to encode text")
-  if args.mode == "diffusion":
-    reason = convert.not_diffusion_reason(pretrained)
-    if reason and (pretrained.config.mask_token_id is None or not args.force):
-      raise UsageError(f"{args.checkpoint} is not a block-diffusion model ({reason}); use "
-                       "--mode ar, fine-tune it with train.py, or --force to decode it anyway")
-    if reason:
-      warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
-                    stacklevel=2)
-  dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  return convert.cast(pretrained, dtype, args.layout, args.matvec)
-
-
-def decode_config(args, tokenizer, model_cfg):
-  from dllm_jax import decoding
-
-  stop = decoding.stop_token_ids(tokenizer, model_cfg)
-  pad = next((i for i in (tokenizer.pad_token_id, model_cfg.pad_token_id) if i is not None), 0)
-  return decoding.DecodeConfig(
-      mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-      sub_block_size=args.sub_block_size, threshold=args.threshold,
-      temperature=args.temperature, top_p=args.top_p, use_dual_cache=not args.no_dual_cache,
-      stop_token_ids=stop, pad_token_id=pad)
+def _sampling(args) -> dict:
+  return {"temperature": args.temperature, "top_p": args.top_p}
 
 
 def encode(tokenizer, conversation, raw: bool) -> list[int]:
@@ -312,23 +259,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   try:
     if args.live and not args.prompt:
       raise UsageError("--live needs a single --prompt")
-    if args.batch_size < 1:
-      raise UsageError(f"--batch-size={args.batch_size}: must be >= 1")
-    from dllm_jax import decoding
-
-    try:
-      # Validates the decoding flags before the (slow) checkpoint load.
-      decoding.DecodeConfig(mode=args.mode, max_new_tokens=args.max_new_tokens,
-                            block_size=args.block_size, sub_block_size=args.sub_block_size,
-                            threshold=args.threshold, temperature=args.temperature,
-                            top_p=args.top_p)
-    except decoding.DecodeError as e:
-      raise UsageError(str(e)) from None
+    decoding_cli.check(args, **_sampling(args))
     conversations = None
     if args.prompts:
       conversations = read_prompts(args.prompts)
-    pretrained = load(args)
-    cfg = decode_config(args, pretrained.tokenizer, pretrained.config)
+    pretrained = decoding_cli.load(args, "decode.py")
+    cfg = decoding_cli.decode_config(args, pretrained, **_sampling(args))
     if args.live:
       result = live(args, pretrained, cfg, [{"role": "user", "content": args.prompt}])
     elif args.chat:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dllm_jax import decoding, model
+from dllm_jax import decoding, decoding_cli, model
 
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
@@ -199,47 +199,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m dllm_jax.eval", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("task", choices=["gsm8k"])
-  parser.add_argument("--checkpoint", required=True,
-                      help="training run dir, HF dir, .gguf file or smollm2-135m-instruct")
+  decoding_cli.add_arguments(parser, batch_size=32)
   parser.add_argument("--data", required=True, help="GSM8K test.jsonl")
-  parser.add_argument("--mode", choices=decoding.MODES, default="diffusion")
-  parser.add_argument("--threshold", type=float, default=0.9)
-  parser.add_argument("--block-size", type=int, default=32)
-  parser.add_argument("--sub-block-size", type=int, default=8)
-  parser.add_argument("--max-new-tokens", type=int, default=256)
-  parser.add_argument("--no-dual-cache", action="store_true")
-  parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--limit", type=int, default=None, help="first N problems only")
-  parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--layout", choices=model.LAYOUTS, default="per_layer",
-                      help="parameter layout to decode with (per_layer: unstacked once, faster)")
-  parser.add_argument("--matvec", choices=["auto", "xla", "pallas"], default="auto",
-                      help="one-row projections of AR decoding at batch 1: pallas fuses each "
-                           "layer's norms into them (GPU); auto: pallas where it pays, see "
-                           "model.matvec_impl")
   parser.add_argument("--out", default=None, help="write every generation here (JSONL)")
   parser.add_argument("--compare-to", default=None,
                       help="another run's generations JSONL: report the share of equal answers")
-  parser.add_argument("--force", action="store_true",
-                      help="allow diffusion decoding of a model not trained for it")
   parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
   args = parser.parse_args(argv)
-
-  from dllm_jax import checkpoint, convert
-
-  pretrained = convert.cast(checkpoint.load_model(args.checkpoint), args.dtype, args.layout,
-                            args.matvec)
-  if args.mode == "diffusion":
-    reason = convert.not_diffusion_reason(pretrained)
-    if reason and (pretrained.config.mask_token_id is None or not args.force):
-      raise SystemExit(f"{args.checkpoint} is not a block-diffusion model ({reason}); use "
-                       "--mode ar, or --force to decode it anyway")
-  decode_cfg = decoding.DecodeConfig(
-      mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-      sub_block_size=args.sub_block_size, threshold=args.threshold,
-      use_dual_cache=not args.no_dual_cache)
-  problems = load_gsm8k(args.data, args.limit)
+  prog = parser.prog
+  try:  # the flags and the data (errors naming file:line) before the slow checkpoint load
+    decoding_cli.check(args)
+    if args.limit is not None and args.limit < 1:
+      raise decoding_cli.UsageError(f"--limit={args.limit}: must be >= 1")
+    problems = load_gsm8k(args.data, args.limit)
+    pretrained = decoding_cli.load(args, prog)
+  except (ValueError, FileNotFoundError) as e:  # UsageError is a ValueError
+    raise SystemExit(f"{prog}: error: {e}") from None
+  decode_cfg = decoding_cli.decode_config(args, pretrained)
   log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
   records, summary = evaluate(pretrained, problems, decode_cfg, args.batch_size, args.seed, log,
                               layout=args.layout)

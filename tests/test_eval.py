@@ -172,3 +172,23 @@ def test_main_with_fused_projections_gives_the_same_generations(tmp_path, monkey
   gens = [[json.loads(line)["generation"] for line in open(tmp_path / f"{name}.jsonl")]
           for name in ("xla", "pallas")]
   assert gens[0] == gens[1] and len(gens[0]) == 2
+
+
+def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path):
+  # The checkpoint does not exist: each error must come from the flags or the data first.
+  data = tmp_path / "test.jsonl"
+  data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+  base = ["gsm8k", "--checkpoint", str(tmp_path / "missing"), "--data", str(data)]
+  for extra, message in ((["--threshold", "1.5"], r"threshold=1.5: must be in \(0, 1\]"),
+                         (["--sub-block-size", "5"], "sub_block_size=5 does not divide"),
+                         (["--batch-size", "0"], "--batch-size=0: must be >= 1"),
+                         (["--limit", "0"], "--limit=0: must be >= 1")):
+    with pytest.raises(SystemExit, match=r"python -m dllm_jax.eval: error: .*" + message):
+      eval_lib.main(base + extra)
+  with pytest.raises(SystemExit, match="nope.jsonl does not exist"):
+    eval_lib.main(["gsm8k", "--checkpoint", "x", "--data", str(tmp_path / "nope.jsonl")])
+
+
+def test_the_shared_decoding_flags_name_the_library_choices():
+  from dllm_jax import decoding_cli
+  assert decoding_cli.MODES == decoding.MODES and decoding_cli.LAYOUTS == model.LAYOUTS

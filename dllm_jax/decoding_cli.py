@@ -1,0 +1,106 @@
+"""The decoding flags that `decode.py` and `python -m dllm_jax.eval` share: their definitions, the
+check of their values before the (slow) checkpoint load, the checkpoint loaded for decoding, and
+the `DecodeConfig` they make. One definition, so the two commands decode alike and say the same.
+
+jax is imported only once a checkpoint is loaded, so `--help` and a bad flag answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+# Literal here, so that building the parser imports no jax; a test checks them against
+# `decoding.MODES` and `model.LAYOUTS`.
+MODES = ("diffusion", "ar")
+LAYOUTS = ("stacked", "per_layer")
+
+
+class UsageError(ValueError):
+  """A bad command line, prompts file or checkpoint for the chosen mode."""
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
+  """The shared flags; `batch_size` is the command's default batch."""
+  parser.add_argument("--checkpoint", required=True,
+                      help="training run dir, HF dir, .gguf file or smollm2-135m-instruct")
+  parser.add_argument("--mode", choices=MODES, default="diffusion")
+  parser.add_argument("--threshold", type=float, default=0.9,
+                      help="diffusion: unmask every token whose confidence exceeds this")
+  parser.add_argument("--block-size", type=int, default=32)
+  parser.add_argument("--sub-block-size", type=int, default=8)
+  parser.add_argument("--max-new-tokens", type=int, default=256)
+  parser.add_argument("--batch-size", type=int, default=batch_size)
+  parser.add_argument("--no-dual-cache", action="store_true",
+                      help="forward the whole block every step")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                      help="compute and weight dtype (default: bfloat16 on GPU/TPU, float32 on "
+                           "CPU)")
+  parser.add_argument("--layout", choices=LAYOUTS, default="per_layer",
+                      help="parameter layout to decode with: per_layer (unstacked once after "
+                           "loading; 2x faster steps for Qwen2.5-1.5B on an H100, 2.5-5x the "
+                           "compile time) or stacked (as saved; better for one short prompt)")
+  parser.add_argument("--matvec", choices=["auto", "xla", "pallas"], default="auto",
+                      help="one-row projections of AR decoding at batch 1: pallas fuses each "
+                           "layer's norms into them (GPU); auto: pallas where it pays, see "
+                           "model.matvec_impl")
+  parser.add_argument("--force", action="store_true",
+                      help="diffusion-decode a model not trained for it (warns instead of "
+                           "refusing)")
+
+
+def check(args, **sampling) -> None:
+  """UsageError for a shared flag's bad value, before any checkpoint is read. `sampling`: the
+  command's own `DecodeConfig` fields (temperature, top_p), checked with the rest."""
+  from dllm_jax import decoding
+
+  if args.batch_size < 1:
+    raise UsageError(f"--batch-size={args.batch_size}: must be >= 1")
+  try:
+    _config(args, **sampling)
+  except decoding.DecodeError as e:
+    raise UsageError(str(e)) from None
+
+
+def _config(args, **fields):
+  from dllm_jax import decoding
+
+  return decoding.DecodeConfig(
+      mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+      sub_block_size=args.sub_block_size, threshold=args.threshold,
+      use_dual_cache=not args.no_dual_cache, **fields)
+
+
+def load(args, command: str):
+  """The checkpoint as a `convert.Pretrained` for decoding: with a tokenizer, a block-diffusion
+  model for --mode diffusion (or --force, with a warning), cast to the dtype and in the layout
+  asked for. `command` names the caller in errors."""
+  import jax
+
+  from dllm_jax import checkpoint, convert
+
+  pretrained = checkpoint.load_model(args.checkpoint)
+  if pretrained.tokenizer is None:
+    raise UsageError(f"{args.checkpoint} has no tokenizer; {command} needs one to encode text")
+  if args.mode == "diffusion":
+    reason = convert.not_diffusion_reason(pretrained)
+    if reason and (pretrained.config.mask_token_id is None or not args.force):
+      raise UsageError(f"{args.checkpoint} is not a block-diffusion model ({reason}); use "
+                       "--mode ar, fine-tune it with train.py, or --force to decode it anyway")
+    if reason:
+      warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
+                    stacklevel=2)
+  dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  return convert.cast(pretrained, dtype, args.layout, args.matvec)
+
+
+def decode_config(args, pretrained, **sampling):
+  """The `DecodeConfig` of the flags, stopping where the model's chat turn ends and padding with
+  the tokenizer's (else the model's) pad token."""
+  from dllm_jax import decoding
+
+  tok, cfg = pretrained.tokenizer, pretrained.config
+  pad = next((i for i in (tok.pad_token_id, cfg.pad_token_id) if i is not None), 0)
+  return _config(args, stop_token_ids=decoding.stop_token_ids(tok, cfg), pad_token_id=pad,
+                 **sampling)

@@ -31,22 +31,33 @@ from dllm_jax import cache as kvcache  # noqa: E402
 from dllm_jax import masks, model  # noqa: E402
 
 
+def _is_gemm(line: str, cfg) -> bool:
+  """A GEMM's backend config: a Triton GEMM fusion (its kind names a gemm) or a cuBLAS call.
+  Matching the words anywhere in the line also listed other fusions whose names or configs
+  mention Triton (their native-emitter configs, session 18)."""
+  if isinstance(cfg, dict):
+    return ("gemm" in cfg.get("fusion_backend_config", {}).get("kind", "")
+            or "gemm_backend_config" in cfg)
+  return "cublas" in line
+
+
 def gemms(hlo: str) -> list[dict]:
   """Each instruction of `hlo` whose backend config is a GEMM's: its name, the shapes in its
   line, and the config (JSON, parsed where it parses)."""
   found = []
   for line in hlo.splitlines():
-    if "backend_config=" not in line or not re.search(r"gemm|cublas|triton", line):
+    if "backend_config=" not in line:
       continue
-    name = line.split("=")[0].strip()
     m = re.search(r"backend_config=(\{.*\})", line)
     cfg = m.group(1) if m else ""
     try:
       cfg = json.loads(cfg)
     except ValueError:
       pass
-    found.append({"name": name, "shapes": re.findall(r"\w+\[[\d,]*\]", line)[:6],
-                  "backend_config": cfg})
+    if not _is_gemm(line, cfg):
+      continue
+    found.append({"name": line.split("=")[0].strip(),
+                  "shapes": re.findall(r"\w+\[[\d,]*\]", line)[:6], "backend_config": cfg})
   return found
 
 

@@ -373,8 +373,17 @@ def test_xla_gemm_config_reads_the_tiling_off_the_hlo(load_benchmark):
          'bf16[1536,17920]{1,0} %w), kind=kCustom, calls=%c, backend_config={"fusion_backend_'
          'config":{"kind":"__triton_nested_gemm_fusion","block_level_fusion_config":{"num_warps":'
          '"4","output_tiles":[{"sizes":["8","128"]}],"num_stages":3,"is_tma_allowed":true}}}\n'
-         '  %add.1 = f32[4]{0} add(f32[4]{0} %a, f32[4]{0} %b)')
-  (g,) = bench.gemms(hlo)
+         '  %add.1 = f32[4]{0} add(f32[4]{0} %a, f32[4]{0} %b)\n'
+         # Not a GEMM, though its name and config say triton: left out.
+         '  %triton_softmax.2 = bf16[1,64]{1,0} fusion(bf16[1,64]{1,0} %s), kind=kCustom, '
+         'calls=%d, backend_config={"fusion_backend_config":{"kind":"__triton","block_level_'
+         'fusion_config":{"num_warps":"1"}}}\n'
+         # A cuBLAS call is one.
+         '  %cublas-gemm.3 = (f32[8,8]{1,0}, s8[0]{0}) custom-call(f32[8,8]{1,0} %x, f32[8,8]{1,0} '
+         '%y), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":'
+         '{"alpha_real":1}}')
+  g, c = bench.gemms(hlo)
+  assert c["name"] == "%cublas-gemm.3" and "gemm_backend_config" in c["backend_config"]
   assert g["name"] == "%gemm_fusion_dot.6" and g["shapes"][0] == "bf16[1,17920]"
   assert bench.summary(g["backend_config"]) == (
       "__triton_nested_gemm_fusion {'num_stages': 3, 'num_warps': '4', 'is_tma_allowed': True} "

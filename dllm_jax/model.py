@@ -266,9 +266,13 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   a = p["attn"]
   ws = [a[n]["kernel"].reshape(e, -1).astype(dt) for n in ("q", "k", "v")]
   biases = [a[n]["bias"].reshape(-1).astype(dt) for n in ("q", "k", "v")] if cfg.qkv_bias else None
-  (q, k, v), row = matvec.norm_matvec(
-      x_E, ws, add_E=pending_SE, norm_scale_E=p["attn_norm"]["scale"].astype(dt),
-      eps=cfg.rms_norm_eps, biases_N=biases, interpret=interpret)
+  # q/k/v's 64 column tiles (1.5B) fill half the GPU: split-K parts, summed by the XLA kernels
+  # that read q, k and v (RoPE, the cache write) at no launch of their own.
+  parts, rsqrt, row = matvec.norm_matvec_partials(
+      x_E, ws, norm_scale_E=p["attn_norm"]["scale"].astype(dt), add_E=pending_SE,
+      eps=cfg.rms_norm_eps, interpret=interpret)
+  q, k, v = (matvec.finish_partials(pp, rsqrt, dt, b)
+             for pp, b in zip(parts, biases or (None,) * 3))
   x_E = x_E if row is None else row
   q = rope(q.reshape(1, 1, h, d), meta.positions, cfg.rope_theta)
   k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)

@@ -149,6 +149,48 @@ def test_matvec_partials_refuses_bad_inputs():
     matvec.default_knobs([], True)
 
 
+@pytest.mark.parametrize("add", ["parts", "row", None])
+@pytest.mark.parametrize("splits", [3, None])  # None: pick_splits
+def test_norm_matvec_partials_finish_to_the_reference(add, splits):
+  # q/k/v as the model runs them: three weights, the row's norm, the previous down's parts.
+  dtype = jnp.bfloat16
+  x, add_row, scale, ws, bs = _inputs(jax.random.key(5), 192, (96, 32, 32), dtype)
+  add_E = {"parts": jax.random.normal(jax.random.key(6), (5, 192)), "row": add_row,
+           None: None}[add]
+  parts, rsqrt, row = matvec.norm_matvec_partials(x, ws, norm_scale_E=scale, add_E=add_E,
+                                                  eps=1e-5, splits=splits, block_k=32,
+                                                  interpret=True)
+  s = splits or matvec.pick_splits(192, 160, 32, 32)
+  assert [p.shape for p in parts] == [(s, n) for n in (96, 32, 32)] and rsqrt.shape == (16,)
+  want, want_row = matvec.norm_matvec_reference(x, ws, add_E=add_E, norm_scale_E=scale,
+                                                eps=1e-5, biases_N=bs)
+  for p, b, w in zip(parts, bs, want):
+    _close(matvec.finish_partials(p, rsqrt, dtype, b), w, dtype)
+  if add is None:
+    assert row is None
+  else:
+    np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
+  r = np.asarray(want_row if add else x, np.float32)
+  np.testing.assert_allclose(rsqrt, 1 / np.sqrt(np.mean(r * r) + 1e-5), rtol=1e-5)
+
+
+def test_norm_matvec_partials_refuses_bad_inputs():
+  x, _, scale, ws, _ = _inputs(jax.random.key(0), 64, (32, 32), jnp.bfloat16)
+  f = functools.partial(matvec.norm_matvec_partials, interpret=True)
+  with pytest.raises(ValueError, match=r"weights \[E, N\]"):
+    f(x, [ws[0][:32]], norm_scale_E=scale)
+  with pytest.raises(ValueError, match="norm_scale_E has shape"):
+    f(x, ws, norm_scale_E=scale[:32])
+  with pytest.raises(ValueError, match=r"add_E has shape \(32,\)"):
+    f(x, ws, norm_scale_E=scale, add_E=x[:32])
+  with pytest.raises(ValueError, match="splits=3 does not divide the row length 64"):
+    f(x, ws, norm_scale_E=scale, splits=3)
+  with pytest.raises(ValueError, match="8 splits of the row: row length 8"):
+    f(x, ws, norm_scale_E=scale, splits=8)
+  with pytest.raises(ValueError, match="columns 24"):
+    f(x, [ws[0][:, :24]], norm_scale_E=scale)
+
+
 def test_norm_matvec_refuses_bad_inputs():
   x, _, _, ws, bs = _inputs(jax.random.key(0), 64, (32, 32), jnp.float32)
   with pytest.raises(ValueError, match=r"weights \[E, N\]"):
@@ -177,9 +219,10 @@ def test_norm_matvec_lowers_for_cuda():
   f = lambda x, a, s, ws, bs: matvec.norm_matvec(x, ws, add_E=a, norm_scale_E=s, biases_N=bs)
   g = lambda x, a, s, ws: matvec.norm_matvec(x, ws[:2], add_E=a, norm_scale_E=s, silu_pair=True)
   h = lambda x, ws: matvec.matvec_partials(x, ws[0], splits=3)
+  n = lambda x, a, s, ws: matvec.norm_matvec_partials(x, ws, norm_scale_E=s, add_E=a, splits=3)
   parts = jnp.zeros((5, 192), jnp.float32)  # partial sums as the add: one load per part
   for fn, args in ((f, (x, add, scale, ws, bs)), (g, (x, add, scale, [ws[1], ws[2]])),
-                   (h, (x, ws)), (f, (x, parts, scale, ws, bs))):
+                   (h, (x, ws)), (f, (x, parts, scale, ws, bs)), (n, (x, parts, scale, ws))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
@@ -222,8 +265,9 @@ def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias):
   jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(
       params, pallas, tokens[:, 12:], pos(12, 1), spec, cache))
   layers = 1 if stacked else CFG.num_layers
-  assert jaxpr.count("name=norm_matvec") == 2 * layers
-  assert jaxpr.count("name=matvec_partials") == 2 * layers
+  assert jaxpr.count("name=norm_partials") == layers  # q/k/v
+  assert jaxpr.count("name=norm_matvec") == layers  # gate/up
+  assert jaxpr.count("name=matvec_partials") == 2 * layers  # o, down
   # bf16 steps that differ only in the order of float32 sums: about one rounding apart (a
   # dropped norm scale moved these logits by 2e-2, a dropped bias by more).
   np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)

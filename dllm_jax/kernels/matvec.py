@@ -5,12 +5,14 @@ At batch 1 an AR step multiplies a single row by every weight matrix. Each produ
 matrix-vector product bound by reading the weights, and XLA runs the work around it as kernels of
 their own, 1-2 us each however little they do: the norm's reduction, the norm's multiply, the
 residual add, the SiLU product (BENCHMARKS.md, "Where the 1.5B batch-1 AR step goes"). Here one
-kernel does all of it: every program recomputes the (tiny) normalised row, then reads its columns
-of the weights. The model (`model.matvec_impl`, "auto" on a GPU) runs four a layer: the
-attention's norm with q/k/v (adding the previous layer's down product), o, the residual add and
-MLP norm with gate/up and the SiLU product, and down. The o and down products have too few
-column tiles to fill the GPU, so `matvec_partials` splits their rows (split-K) and leaves float32
-partial sums that the next launch adds where it reads the row: no kernel runs just to reduce them.
+kernel does all of it: every program recomputes the (tiny) residual-added row, then reads its
+columns of the weights. The model (`model.matvec_impl`, "auto" on a GPU) runs four a layer: the
+attention's norm with q/k/v (adding the previous layer's down product; `norm_matvec_partials`),
+o, the residual add and MLP norm with gate/up and the SiLU product (`norm_matvec`), and down. The
+q/k/v, o and down products have too few column tiles to fill the GPU, so they split their rows
+(split-K) and leave float32 partial sums that whatever reads them adds: the next launch where it
+reads the row (o, down), the XLA kernels of RoPE and the cache write (q/k/v, BENCHMARKS.md
+session 19). No kernel runs just to reduce them.
 
 Where it stands (H200, BENCHMARKS.md session 17): the step 7.5% faster than XLA's at the
 Qwen2.5-1.5B shape, 5.4% at SmolLM2-135M, level at 7B, with 305 kernels a step instead of 473
@@ -31,7 +33,9 @@ residual add, scale * row rounded to the compute dtype, the products accumulated
 times 1/rms and rounded to the compute dtype, then the bias (or SiLU(gate) * up) each rounded as
 XLA rounds its bf16 ops. Against the model's path that drops the rounding of the normalised row
 and orders the float32 sums differently. Float32 rows multiply at full precision (the model's XLA
-dots at default precision may use TF32 on a GPU). Measured with bf16 weights only.
+dots at default precision may use TF32 on a GPU). Measured with bf16 weights only; in float16 the
+un-normalised scale * row can overflow where the normalised row would not (`model.matvec_impl`'s
+"auto" runs these kernels for bf16 only).
 """
 
 from __future__ import annotations
@@ -81,9 +85,9 @@ def _round(x, dtype):
 _ROWS = 16  # rows of the tensor-core product (the row, repeated)
 
 
-def _products(load, prep, w_refs, col, nk, bk, bn, dtype):
+def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0):
   """float32 [bn] per weight: the sum over chunks c < nk of prep(load(c)) [bk] times rows
-  c*bk .. of w[:, col:col+bn].
+  row0 + c*bk .. of w[:, col:col+bn].
 
   The row goes through the tensor cores as 16 equal rows (their smallest M): Triton pipelines
   only loads that feed a dot, and a weight-bound product needs its loads in flight while it
@@ -101,7 +105,7 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype):
     nxt = load(jnp.minimum(c + 1, nk - 1))
     a = jnp.broadcast_to(xn[None, :], (_ROWS, bk))
     accs = tuple(
-        acc + lax.dot_general(a, w_ref[pl.ds(c * bk, bk), pl.ds(col, bn)].astype(dtype),
+        acc + lax.dot_general(a, w_ref[pl.ds(row0 + c * bk, bk), pl.ds(col, bn)].astype(dtype),
                               (((1,), (0,)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32)
         for acc, w_ref in zip(accs, w_refs))
@@ -155,7 +159,7 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
 
   # The norm's 1/rms is one scalar, so it factors out of the products: they multiply
   # scale * row and 1/rms multiplies their float32 sums. The weights' loads then wait for no
-  # reduction over the row (the q/k/v launch 6.60 -> 6.22 us at the 1.5B, BENCHMARKS.md
+  # reduction over the row (the q/k/v launch 6.61 -> 6.22 us at the 1.5B, BENCHMARKS.md
   # session 19).
   def normed(raw):
     x = row(raw)
@@ -221,9 +225,9 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   x [E]; ws[i] [E, N_i]. `add_E` given: the row is x + add (rounded to x's dtype), returned as
   `row` (the residual stream after the add); else `row` is None. `add_E` may also be float32
   partial sums [S, E] (`matvec_partials`' output): then add = their sum rounded to x's dtype,
-  the product they split. `norm_scale_E` given: the row
-  is RMS-normalised first (eps `eps`), as `model.RMSNorm`. `silu_pair`: ws = (gate, up) and the
-  one output is SiLU(row @ gate) * (row @ up). `block_n` / `block_k` (columns per program, rows
+  the product they split. `norm_scale_E` given: the row is RMS-normalised (eps `eps`), as
+  `model.RMSNorm`, its 1/rms applied to the products. `silu_pair`: ws = (gate, up) and the one
+  output is SiLU(row @ gate) * (row @ up). `block_n` / `block_k` (columns per program, rows
   per chunk; the largest powers of two up to them that divide the shapes), `num_warps` and
   `num_stages` are tuning knobs; those left None take `default_knobs`.
   """
@@ -361,6 +365,145 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = 
       interpret=interpret,
       name="matvec_partials",
   )(x_E, w_EN)
+
+
+def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk, bn, tiles,
+                          splits, eps, dtype):
+  it = iter(refs)
+  x_ref = next(it)
+  add_ref = next(it) if has_add else None
+  scale_ref = next(it)
+  w_refs = [next(it) for _ in range(num_w)]
+  o_refs = [next(it) for _ in range(num_w)]
+  r_ref = next(it)
+  sum_ref = next(it) if has_add else None
+  p = pl.program_id(0)
+  work = sum(tiles) * splits
+
+  def load(start, size):  # the raw inputs of the row at start .. start + size
+    sl = pl.ds(start, size)
+    add = None
+    if has_add:
+      add = [add_ref[i, sl] for i in range(add_parts)] if add_parts else add_ref[sl]
+    return x_ref[sl], add, scale_ref[sl]
+
+  def row(raw):  # the residual-added row, float32 of dtype values
+    x = raw[0].astype(jnp.float32)
+    if has_add:
+      if add_parts:  # the product the parts sum to, rounded as XLA rounds its GEMM's output
+        a = _round(sum(a.astype(jnp.float32) for a in raw[1]), dtype)
+      else:
+        a = raw[1].astype(jnp.float32)
+      x = _round(x + a, dtype)
+    return x
+
+  @pl.when(p == work)  # one program more than the products': the whole row's 1/rms (and row)
+  def _():
+    xs = [row(load(c * bk_row, bk_row)) for c in range(e // bk_row)]
+    if has_add:
+      for c, x in enumerate(xs):
+        sum_ref[pl.ds(c * bk_row, bk_row)] = x.astype(sum_ref.dtype)
+    r = lax.rsqrt(sum(jnp.sum(x * x) for x in xs) / e + eps)
+    r_ref[...] = jnp.full(r_ref.shape, r, jnp.float32)
+
+  s = p % splits  # this program's run of the row
+  t = p // splits  # its column tile, over the weights' tiles in order
+  # scale * row over chunk c of the run: 1/rms multiplies the parts' sum
+  normed = lambda raw: _round(raw[2].astype(jnp.float32) * row(raw), dtype).astype(dtype)
+
+  first = 0
+  for i in range(num_w):
+    @pl.when((p < work) & (t >= first) & (t < first + tiles[i]))
+    def _(i=i, first=first):
+      col = pl.multiple_of((t - first) * bn, bn)
+      y, = _products(lambda c: load(s * rows + c * bk, bk), normed, [w_refs[i]], col,
+                     rows // bk, bk, bn, dtype, row0=s * rows)
+      o_refs[i][pl.ds(s, 1), pl.ds(col, bn)] = y[None]
+    first += tiles[i]
+
+
+def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_scale_E: jax.Array,
+                         add_E: Optional[jax.Array] = None, eps: float = 1e-6,
+                         splits: Optional[int] = None, block_n: int = 32, block_k: int = 512,
+                         num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+  """(parts, rsqrt, row): `norm(x + add) @ ws[i]` as float32 partial sums over S runs of the row
+  (split-K), for a product whose columns alone give too few programs (the q/k/v of a one-row
+  step: 64 tiles of 32 columns at Qwen2.5-1.5B). The norm's 1/rms is one scalar, so the parts
+  hold the products of scale * row and `rsqrt` ([16] float32, every entry 1/rms) scales their
+  sum: `norm_matvec`'s output i is `(parts[i].sum(0) * rsqrt[0])` rounded to x's dtype, which
+  the caller's next ops compute where they read it (`model._fused_row_layer`). `row`: as
+  `norm_matvec`'s (x + add, or None without `add_E`); `add_E` may be float32 partial sums
+  [S', E]. One program more than the products' computes the whole row's 1/rms and stores the
+  row, so no other program reads more than its run of the row. `splits` (default
+  `pick_splits`), `block_n`, `block_k`, `num_warps`, `num_stages`: as `matvec_partials`.
+  """
+  ws_EN = tuple(ws_EN)
+  if (x_E.ndim != 1 or not ws_EN
+      or any(w.ndim != 2 or w.shape[0] != x_E.shape[0] for w in ws_EN)):
+    raise ValueError(f"norm_matvec_partials: a row [E] and at least one weight, all weights "
+                     f"[E, N], expected; got x {x_E.shape} and weights {[w.shape for w in ws_EN]}")
+  e = x_E.shape[0]
+  if norm_scale_E.shape != (e,):
+    raise ValueError(f"norm_matvec_partials: norm_scale_E has shape {norm_scale_E.shape}, the "
+                     f"row ({e},)")
+  if add_E is not None and add_E.shape != (e,) and not (add_E.ndim == 2 and add_E.shape[1] == e
+                                                        and add_E.shape[0] >= 1):
+    raise ValueError(f"norm_matvec_partials: add_E has shape {add_E.shape}, the row ({e},) or "
+                     f"partial sums [S, {e}]")
+  _check_knobs("norm_matvec_partials", block_n=block_n, block_k=block_k, num_warps=num_warps,
+               num_stages=num_stages)
+  why = supported(e, [w.shape[1] for w in ws_EN], block_n, block_k)
+  if why is not None:
+    raise ValueError(f"norm_matvec_partials: {why}")
+  bn = min(_pow2_divisor(w.shape[1], block_n) for w in ws_EN)
+  tiles = tuple(w.shape[1] // bn for w in ws_EN)
+  if splits is None:
+    splits = pick_splits(e, sum(w.shape[1] for w in ws_EN), bn, block_k)
+  _check_knobs("norm_matvec_partials", splits=splits)
+  if e % splits:
+    raise ValueError(f"norm_matvec_partials: splits={splits} does not divide the row length {e}")
+  rows = e // splits
+  why = supported(rows, [bn], block_n, block_k)
+  if why is not None:
+    raise ValueError(f"norm_matvec_partials: {splits} splits of the row: {why}")
+  dtype = x_E.dtype
+  add_parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
+  if add_E is not None:
+    add_E = add_E.astype(jnp.float32 if add_parts else dtype)
+  args = [x_E] + ([add_E] if add_E is not None else []) + [norm_scale_E.astype(dtype)]
+  args += list(ws_EN)
+  outs = [jax.ShapeDtypeStruct((splits, w.shape[1]), jnp.float32) for w in ws_EN]
+  outs.append(jax.ShapeDtypeStruct((16,), jnp.float32))
+  if add_E is not None:
+    outs.append(jax.ShapeDtypeStruct((e,), dtype))
+  whole = lambda shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
+  kernel = functools.partial(
+      _norm_partials_kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
+      e=e, bk_row=_pow2_divisor(e, block_k), rows=rows, bk=_pow2_divisor(rows, block_k), bn=bn,
+      tiles=tiles, splits=splits, eps=eps, dtype=dtype)
+  res = list(pl.pallas_call(
+      kernel,
+      grid=(sum(tiles) * splits + 1,),
+      in_specs=[whole(a.shape) for a in args],
+      out_specs=[whole(o.shape) for o in outs],
+      out_shape=outs,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="norm_partials",
+  )(*args))
+  row = res.pop() if add_E is not None else None
+  rsqrt = res.pop()
+  return tuple(res), rsqrt, row
+
+
+def finish_partials(parts_SN: jax.Array, rsqrt: jax.Array, dtype,
+                    bias_N: Optional[jax.Array] = None) -> jax.Array:
+  """`norm_matvec_partials`' output i from its parts: their sum times 1/rms, rounded to `dtype`,
+  plus the bias (rounded as XLA rounds a bf16 add). The parts are added one by one, so XLA fuses
+  the sum into whatever reads the result (a reduction would be a kernel of its own)."""
+  y = functools.reduce(lambda a, b: a + b, list(parts_SN)) * rsqrt[0]
+  y = y.astype(dtype)
+  return y if bias_N is None else y + bias_N.astype(dtype)
 
 
 def norm_matvec_reference(x_E, ws_EN, *, add_E=None, norm_scale_E=None, eps=1e-6,

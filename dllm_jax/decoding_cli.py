@@ -2,7 +2,7 @@
 check of their values before the (slow) checkpoint load, the checkpoint loaded for decoding, and
 the `DecodeConfig` they make. One definition, so the two commands decode alike and say the same.
 
-jax is imported only once a checkpoint is loaded, so `--help` and a bad flag answer at once.
+Building the parser imports no jax, so `--help` and a flag outside its choices answer at once.
 """
 
 from __future__ import annotations
@@ -80,7 +80,10 @@ def load(args, command: str):
 
   from dllm_jax import checkpoint, convert
 
-  pretrained = checkpoint.load_model(args.checkpoint)
+  try:
+    pretrained = checkpoint.load_model(args.checkpoint)
+  except (convert.CheckpointError, checkpoint.CheckpointRestoreError, FileNotFoundError) as e:
+    raise UsageError(f"--checkpoint {args.checkpoint}: {e}") from None
   if pretrained.tokenizer is None:
     raise UsageError(f"{args.checkpoint} has no tokenizer; {command} needs one to encode text")
   if args.mode == "diffusion":

@@ -208,26 +208,35 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
   args = parser.parse_args(argv)
   prog = parser.prog
-  try:  # the flags and the data (errors naming file:line) before the slow checkpoint load
+  try:  # the flags and the files before the slow checkpoint load and the evaluation
     decoding_cli.check(args)
     if args.limit is not None and args.limit < 1:
       raise decoding_cli.UsageError(f"--limit={args.limit}: must be >= 1")
-    problems = load_gsm8k(args.data, args.limit)
+    if args.compare_to and not pathlib.Path(args.compare_to).is_file():
+      raise decoding_cli.UsageError(f"--compare-to {args.compare_to} is not a file")
+    try:
+      problems = load_gsm8k(args.data, args.limit)
+    except (ValueError, FileNotFoundError) as e:  # naming file:line
+      raise decoding_cli.UsageError(str(e)) from None
     pretrained = decoding_cli.load(args, prog)
-  except (ValueError, FileNotFoundError) as e:  # UsageError is a ValueError
+  except decoding_cli.UsageError as e:
     raise SystemExit(f"{prog}: error: {e}") from None
   decode_cfg = decoding_cli.decode_config(args, pretrained)
   log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
   records, summary = evaluate(pretrained, problems, decode_cfg, args.batch_size, args.seed, log,
                               layout=args.layout)
   summary["checkpoint"] = args.checkpoint
-  if args.compare_to:
-    summary["agreement_with"] = args.compare_to
-    summary["agreement"] = agreement(records, _read_jsonl(args.compare_to))
-  if args.out:
+  if args.out:  # before the comparison, so that a bad comparison file loses no generation
     with open(args.out, "w") as f:
       for r in records:
         f.write(json.dumps(r) + "\n")
+  if args.compare_to:
+    summary["agreement_with"] = args.compare_to
+    try:
+      summary["agreement"] = agreement(records, _read_jsonl(args.compare_to))
+    except ValueError as e:
+      raise SystemExit(f"{prog}: error: --compare-to {args.compare_to}: {e}"
+                       + (f" (the generations are in {args.out})" if args.out else "")) from None
   if args.json:
     print(json.dumps(summary))
   else:

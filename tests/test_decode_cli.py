@@ -145,3 +145,15 @@ def test_command_line_subprocess(dirs):
   out = json.loads(proc.stdout)
   assert out["summary"]["mode"] == "ar" and 1 <= out["results"][0]["tokens"] <= 5
   assert out["summary"]["tokens_per_forward"] == pytest.approx(1.0)
+
+
+def test_the_parser_answers_without_importing_jax():
+  # `decode.py --help` and a bad choice must not wait for jax (seconds on a cold start).
+  code = ("import sys, decode; decode._parser().parse_args(['--checkpoint', 'x', '--prompt', 'y'])"
+          "; assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)")
+  subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_a_missing_checkpoint_is_one_error_line(tmp_path):
+  with pytest.raises(SystemExit, match=r"decode.py: error: --checkpoint .*nothing: .*neither"):
+    decode.main(["--checkpoint", str(tmp_path / "nothing"), "--prompt", "hi", *FAST])

@@ -187,6 +187,10 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
       eval_lib.main(base + extra)
   with pytest.raises(SystemExit, match="nope.jsonl does not exist"):
     eval_lib.main(["gsm8k", "--checkpoint", "x", "--data", str(tmp_path / "nope.jsonl")])
+  with pytest.raises(SystemExit, match="--compare-to .*other.jsonl is not a file"):
+    eval_lib.main(base + ["--compare-to", str(tmp_path / "other.jsonl")])
+  with pytest.raises(SystemExit, match=r"error: --checkpoint .*missing: .*is neither a HF model directory"):
+    eval_lib.main(base)
 
 
 def test_the_shared_decoding_flags_name_the_library_choices():

@@ -38,7 +38,8 @@ def _is_gemm(line: str, cfg) -> bool:
   if isinstance(cfg, dict):
     return ("gemm" in cfg.get("fusion_backend_config", {}).get("kind", "")
             or "gemm_backend_config" in cfg)
-  return "cublas" in line
+  # A config that did not parse as JSON (more than the config matched): the same tests on text.
+  return "cublas" in line or bool(re.search(r'"kind":\s*"[^"]*gemm|gemm_backend_config', line))
 
 
 def gemms(hlo: str) -> list[dict]:

@@ -371,8 +371,9 @@ BLOCK_QI = 64  # query rows of one streamed tile in the dk/dv kernel (wgmma's K:
 # instead of every pair's (100-235 MB). Against one group of all (session 12's order, every
 # pair's heaviest tiles first) the 7B heads' fused kernel ran 2019 -> 1585 us (2L) and 3255 ->
 # 2600 (3L), the 1.5B heads' 700 -> 708 (2L); groups of 4 and 8 were slower than 16 for both
-# shapes. Groups of 24 / 28 timed level with 16 (fwd+bwd within the 1.4% the unchanged default
-# kernels moved in the same run; BENCHMARKS.md, sessions 13 and 19).
+# shapes. Groups of 24 / 28 (session 19, one reading each): the 7B heads' 2L fwd+bwd 2-3% faster
+# than with 16, the 1.5B's level or 1.8% slower, the 3L cases level (28 untimed there); the
+# fused backward, opt-in, stays level with the default either way (BENCHMARKS.md).
 FUSED_GROUP = 16
 # dS^T slots the fused kernel's warpgroups exchange through, and how many visits a warpgroup's
 # dQ products trail its dS (at visit i, the dQ columns of visit i - DQ_LAG; DQ_LAG < DS_SLOTS).

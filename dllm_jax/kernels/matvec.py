@@ -116,6 +116,29 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0):
   return [jnp.sum(jnp.where(first_row, acc, 0.0), axis=0) for acc in accs]
 
 
+def _row_inputs(x_ref, add_ref, scale_ref, add_parts, start, size):
+  """The raw inputs of the row at start .. start + size: x, the add (None, [size], or one [size]
+  a part of float32 partial sums [S, E]: Triton tiles are powers of two) and the norm's scale
+  (or None)."""
+  sl = pl.ds(start, size)
+  add = None
+  if add_ref is not None:
+    add = [add_ref[i, sl] for i in range(add_parts)] if add_parts else add_ref[sl]
+  return x_ref[sl], add, None if scale_ref is None else scale_ref[sl]
+
+
+def _residual_row(raw, add_parts, dtype):
+  """x + add of `_row_inputs`' values, float32 of dtype values rounded as the model rounds."""
+  x = raw[0].astype(jnp.float32)
+  if raw[1] is not None:
+    if add_parts:  # the product the parts sum to, rounded as XLA rounds its GEMM's output
+      a = _round(sum(p.astype(jnp.float32) for p in raw[1]), dtype)
+    else:
+      a = raw[1].astype(jnp.float32)
+    x = _round(x + a, dtype)
+  return x
+
+
 def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
             tiles, dtype):
   it = iter(refs)
@@ -129,22 +152,8 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
   e = bk * nk
   j = pl.program_id(0)
 
-  def load(c):  # the raw inputs of chunk c of the row
-    sl = pl.ds(c * bk, bk)
-    add = None
-    if has_add:  # partial sums [S, E]: S loads of [bk] (Triton tiles are powers of two)
-      add = [add_ref[i, sl] for i in range(add_parts)] if add_parts else add_ref[sl]
-    return x_ref[sl], add, scale_ref[sl] if has_norm else None
-
-  def row(raw):  # the (residual-added) row, float32 of dtype values
-    x = raw[0].astype(jnp.float32)
-    if has_add:
-      if add_parts:  # the product the parts sum to, rounded as XLA rounds its GEMM's output
-        a = _round(sum(p.astype(jnp.float32) for p in raw[1]), dtype)
-      else:
-        a = raw[1].astype(jnp.float32)
-      x = _round(x + a, dtype)
-    return x
+  load = lambda c: _row_inputs(x_ref, add_ref, scale_ref, add_parts, c * bk, bk)  # chunk c
+  row = lambda raw: _residual_row(raw, add_parts, dtype)
 
   def rsqrt_and_sum():  # the norm's 1/rms (None without a norm); program 0 stores the row
     raws = [load(c) for c in range(nk)]  # read again: by now from the cache
@@ -214,6 +223,21 @@ def default_knobs(ns: Sequence[int], silu_pair: bool) -> dict:
   return {"block_n": 32, "block_k": 256, "num_stages": 3}
 
 
+def _check_row_inputs(fn: str, x_E, ws_EN, add_E, norm_scale_E) -> None:
+  """A row [E], weights [E, N], an add [E] or partial sums [S, E], a scale [E]; else a ValueError
+  naming `fn` and the shapes."""
+  if (x_E.ndim != 1 or not ws_EN
+      or any(w.ndim != 2 or w.shape[0] != x_E.shape[0] for w in ws_EN)):
+    raise ValueError(f"{fn}: a row [E] and at least one weight, all weights [E, N], expected; "
+                     f"got x {x_E.shape} and weights {[w.shape for w in ws_EN]}")
+  e = x_E.shape[0]
+  for name, a in (("add_E", add_E), ("norm_scale_E", norm_scale_E)):
+    if a is not None and a.shape != (e,) and not (name == "add_E" and a.ndim == 2
+                                                   and a.shape[1] == e and a.shape[0] >= 1):
+      raise ValueError(f"{fn}: {name} has shape {a.shape}, the row ({e},)"
+                       + (f" or partial sums [S, {e}]" if name == "add_E" else ""))
+
+
 def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
                 add_E: Optional[jax.Array] = None,
                 norm_scale_E: Optional[jax.Array] = None, eps: float = 1e-6,
@@ -232,10 +256,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   `num_stages` are tuning knobs; those left None take `default_knobs`.
   """
   ws_EN = tuple(ws_EN)
-  if (x_E.ndim != 1 or not ws_EN
-      or any(w.ndim != 2 or w.shape[0] != x_E.shape[0] for w in ws_EN)):
-    raise ValueError(f"norm_matvec: a row [E] and at least one weight, all weights [E, N], "
-                     f"expected; got x {x_E.shape} and weights {[w.shape for w in ws_EN]}")
+  _check_row_inputs("norm_matvec", x_E, ws_EN, add_E, norm_scale_E)
   e = x_E.shape[0]
   d = default_knobs([w.shape[1] for w in ws_EN], silu_pair)
   block_n, block_k, num_stages = (d[k] if v is None else v for k, v in (
@@ -250,11 +271,6 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   if biases_N is not None and [b.shape for b in biases_N] != [(w.shape[1],) for w in ws_EN]:
     raise ValueError(f"norm_matvec: biases {[b.shape for b in biases_N]} do not match the "
                      f"weights' columns {[w.shape[1] for w in ws_EN]}")
-  for name, a in (("add_E", add_E), ("norm_scale_E", norm_scale_E)):
-    if a is not None and a.shape != (e,) and not (name == "add_E" and a.ndim == 2
-                                                   and a.shape[1] == e and a.shape[0] >= 1):
-      raise ValueError(f"norm_matvec: {name} has shape {a.shape}, the row ({e},)"
-                       + (f" or partial sums [S, {e}]" if name == "add_E" else ""))
   dtype = x_E.dtype
   # Scale, bias and the added row enter the arithmetic in the row's dtype, as in the model.
   add_parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
@@ -314,6 +330,21 @@ def pick_splits(e: int, n: int, block_n: int = 32, block_k: int = 512,
   return max(fits, default=1)
 
 
+def _checked_splits(fn: str, e: int, n: int, splits: Optional[int], block_n: int,
+                    block_k: int) -> tuple[int, int]:
+  """(splits, rows a split): `splits` of a row of length e times weights of n columns, default
+  `pick_splits`, checked to cut the row into runs the kernels cover; errors name `fn`."""
+  if splits is None:
+    splits = pick_splits(e, n, block_n, block_k)
+  _check_knobs(fn, splits=splits)
+  if e % splits:
+    raise ValueError(f"{fn}: splits={splits} does not divide the row length {e}")
+  why = supported(e // splits, [n], block_n, block_k)
+  if why is not None:
+    raise ValueError(f"{fn}: {splits} splits of the row: {why}")
+  return splits, e // splits
+
+
 def _partials_kernel(x_ref, w_ref, o_ref, *, bk, nk, bn, dtype):
   # x_ref [rows]: this split's part of the row; w_ref [rows, bn]; o_ref [bn].
   load = lambda c: x_ref[pl.ds(c * bk, bk)]
@@ -341,15 +372,7 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = 
                num_stages=num_stages)
   if _pow2_divisor(n, block_n) < 16:
     raise ValueError(f"matvec_partials: weight columns {n} have no power-of-two divisor >= 16")
-  if splits is None:
-    splits = pick_splits(e, n, block_n, block_k)
-  _check_knobs("matvec_partials", splits=splits)
-  if e % splits:
-    raise ValueError(f"matvec_partials: splits={splits} does not divide the row length {e}")
-  rows = e // splits
-  why = supported(rows, [n], block_n, block_k)
-  if why is not None:
-    raise ValueError(f"matvec_partials: {splits} splits of the row: {why}")
+  splits, rows = _checked_splits("matvec_partials", e, n, splits, block_n, block_k)
   dtype = x_E.dtype
   bk = _pow2_divisor(rows, block_k)
   bn = _pow2_divisor(n, block_n)
@@ -380,22 +403,8 @@ def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk,
   p = pl.program_id(0)
   work = sum(tiles) * splits
 
-  def load(start, size):  # the raw inputs of the row at start .. start + size
-    sl = pl.ds(start, size)
-    add = None
-    if has_add:
-      add = [add_ref[i, sl] for i in range(add_parts)] if add_parts else add_ref[sl]
-    return x_ref[sl], add, scale_ref[sl]
-
-  def row(raw):  # the residual-added row, float32 of dtype values
-    x = raw[0].astype(jnp.float32)
-    if has_add:
-      if add_parts:  # the product the parts sum to, rounded as XLA rounds its GEMM's output
-        a = _round(sum(a.astype(jnp.float32) for a in raw[1]), dtype)
-      else:
-        a = raw[1].astype(jnp.float32)
-      x = _round(x + a, dtype)
-    return x
+  load = lambda start, size: _row_inputs(x_ref, add_ref, scale_ref, add_parts, start, size)
+  row = lambda raw: _residual_row(raw, add_parts, dtype)
 
   @pl.when(p == work)  # one program more than the products': the whole row's 1/rms (and row)
   def _():
@@ -438,18 +447,8 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
   `pick_splits`), `block_n`, `block_k`, `num_warps`, `num_stages`: as `matvec_partials`.
   """
   ws_EN = tuple(ws_EN)
-  if (x_E.ndim != 1 or not ws_EN
-      or any(w.ndim != 2 or w.shape[0] != x_E.shape[0] for w in ws_EN)):
-    raise ValueError(f"norm_matvec_partials: a row [E] and at least one weight, all weights "
-                     f"[E, N], expected; got x {x_E.shape} and weights {[w.shape for w in ws_EN]}")
+  _check_row_inputs("norm_matvec_partials", x_E, ws_EN, add_E, norm_scale_E)
   e = x_E.shape[0]
-  if norm_scale_E.shape != (e,):
-    raise ValueError(f"norm_matvec_partials: norm_scale_E has shape {norm_scale_E.shape}, the "
-                     f"row ({e},)")
-  if add_E is not None and add_E.shape != (e,) and not (add_E.ndim == 2 and add_E.shape[1] == e
-                                                        and add_E.shape[0] >= 1):
-    raise ValueError(f"norm_matvec_partials: add_E has shape {add_E.shape}, the row ({e},) or "
-                     f"partial sums [S, {e}]")
   _check_knobs("norm_matvec_partials", block_n=block_n, block_k=block_k, num_warps=num_warps,
                num_stages=num_stages)
   why = supported(e, [w.shape[1] for w in ws_EN], block_n, block_k)
@@ -457,15 +456,8 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
     raise ValueError(f"norm_matvec_partials: {why}")
   bn = min(_pow2_divisor(w.shape[1], block_n) for w in ws_EN)
   tiles = tuple(w.shape[1] // bn for w in ws_EN)
-  if splits is None:
-    splits = pick_splits(e, sum(w.shape[1] for w in ws_EN), bn, block_k)
-  _check_knobs("norm_matvec_partials", splits=splits)
-  if e % splits:
-    raise ValueError(f"norm_matvec_partials: splits={splits} does not divide the row length {e}")
-  rows = e // splits
-  why = supported(rows, [bn], block_n, block_k)
-  if why is not None:
-    raise ValueError(f"norm_matvec_partials: {splits} splits of the row: {why}")
+  splits, rows = _checked_splits("norm_matvec_partials", e, sum(w.shape[1] for w in ws_EN),
+                                 splits, bn, block_k)
   dtype = x_E.dtype
   add_parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
   if add_E is not None:

@@ -433,3 +433,14 @@ def test_xla_gemm_config_reads_the_tiling_off_the_hlo(load_benchmark):
   assert bench.summary(g["backend_config"]) == (
       "__triton_nested_gemm_fusion {'num_stages': 3, 'num_warps': '4', 'is_tma_allowed': True} "
       "tiles [['8', '128']]")
+
+
+def test_matvec_mgpu_probe_arguments(load_benchmark):
+  bench = load_benchmark("matvec_mgpu_probe")
+  assert bench.parse_tiles("64,64,4; 128,128,6") == [(64, 64, 4), (128, 128, 6)]
+  for bad in ("64,64", "64,x,4", "0,64,4", ""):
+    with pytest.raises(SystemExit, match="--tiles"):
+      bench.parse_tiles(bad)
+  cfg = bench.SHAPES["qwen2.5-1.5b"]
+  assert bench.weight_shape(cfg, "gate_up") == (1536, 2 * 8960)
+  assert bench.weight_shape(cfg, "down") == (8960, 1536)

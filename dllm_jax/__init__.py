@@ -15,3 +15,7 @@ def __getattr__(name):
 
     return getattr(decoding, name)
   raise AttributeError(f"module 'dllm_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_DECODING))

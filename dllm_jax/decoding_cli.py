@@ -82,7 +82,9 @@ def load(args, command: str):
 
   try:
     pretrained = checkpoint.load_model(args.checkpoint)
-  except (convert.CheckpointError, checkpoint.CheckpointRestoreError, FileNotFoundError) as e:
+  except (ValueError, OSError, checkpoint.CheckpointRestoreError) as e:
+    # What a bad path or file raises: CheckpointError, ConfigError, TokenizerError (ValueErrors),
+    # a missing or unreadable file (OSError), a checkpoint orbax cannot restore.
     raise UsageError(f"--checkpoint {args.checkpoint}: {e}") from None
   if pretrained.tokenizer is None:
     raise UsageError(f"{args.checkpoint} has no tokenizer; {command} needs one to encode text")

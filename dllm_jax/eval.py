@@ -190,9 +190,32 @@ def agreement(records: Sequence[dict], reference: Sequence[dict]) -> float:
   return sum(r["prediction"] == ref[r["index"]] for r in shared) / len(shared)
 
 
-def _read_jsonl(path) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_generations(path, indices) -> list[dict]:
+  """Another run's generations JSONL (`--out`), checked before a run compares with it: every
+  line an object with an "index" and a "prediction", some index among `indices`; else a
+  UsageError naming the file (and line)."""
+  where = f"--compare-to {path}"
+  try:
+    with open(path) as f:
+      lines = list(enumerate(f, 1))
+  except OSError as e:
+    raise decoding_cli.UsageError(f"{where}: {e}") from None
+  records = []
+  for number, line in lines:
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise decoding_cli.UsageError(f"{where}:{number}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or "index" not in record or "prediction" not in record:
+      raise decoding_cli.UsageError(f"{where}:{number}: expected an object with 'index' and "
+                                    "'prediction' (a generations file written by --out)")
+    records.append(record)
+  if not any(r["index"] in indices for r in records):
+    raise decoding_cli.UsageError(f"{where}: shares no problem index with this run's "
+                                  f"{len(indices)} problems")
+  return records
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -212,12 +235,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     decoding_cli.check(args)
     if args.limit is not None and args.limit < 1:
       raise decoding_cli.UsageError(f"--limit={args.limit}: must be >= 1")
-    if args.compare_to and not pathlib.Path(args.compare_to).is_file():
-      raise decoding_cli.UsageError(f"--compare-to {args.compare_to} is not a file")
     try:
       problems = load_gsm8k(args.data, args.limit)
-    except (ValueError, FileNotFoundError) as e:  # naming file:line
+    except (ValueError, OSError) as e:  # naming file:line
       raise decoding_cli.UsageError(str(e)) from None
+    reference = None
+    if args.compare_to:
+      reference = read_generations(args.compare_to, {p.index for p in problems})
     pretrained = decoding_cli.load(args, prog)
   except decoding_cli.UsageError as e:
     raise SystemExit(f"{prog}: error: {e}") from None
@@ -226,17 +250,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   records, summary = evaluate(pretrained, problems, decode_cfg, args.batch_size, args.seed, log,
                               layout=args.layout)
   summary["checkpoint"] = args.checkpoint
-  if args.out:  # before the comparison, so that a bad comparison file loses no generation
+  if args.out:
     with open(args.out, "w") as f:
       for r in records:
         f.write(json.dumps(r) + "\n")
-  if args.compare_to:
+  if reference is not None:
     summary["agreement_with"] = args.compare_to
-    try:
-      summary["agreement"] = agreement(records, _read_jsonl(args.compare_to))
-    except ValueError as e:
-      raise SystemExit(f"{prog}: error: --compare-to {args.compare_to}: {e}"
-                       + (f" (the generations are in {args.out})" if args.out else "")) from None
+    summary["agreement"] = agreement(records, reference)
   if args.json:
     print(json.dumps(summary))
   else:

@@ -167,8 +167,10 @@ def test_main_with_fused_projections_gives_the_same_generations(tmp_path, monkey
           "--batch-size", "1", "--max-new-tokens", "8", "--dtype", "float32", "--json"]
   eval_lib.main(base + ["--out", str(tmp_path / "xla.jsonl")])
   assert not traced
-  eval_lib.main(base + ["--matvec", "pallas", "--out", str(tmp_path / "pallas.jsonl")])
+  summary = eval_lib.main(base + ["--matvec", "pallas", "--out", str(tmp_path / "pallas.jsonl"),
+                                   "--compare-to", str(tmp_path / "xla.jsonl")])
   assert traced
+  assert summary["agreement"] == 1.0 and summary["agreement_with"].endswith("xla.jsonl")
   gens = [[json.loads(line)["generation"] for line in open(tmp_path / f"{name}.jsonl")]
           for name in ("xla", "pallas")]
   assert gens[0] == gens[1] and len(gens[0]) == 2
@@ -187,8 +189,20 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
       eval_lib.main(base + extra)
   with pytest.raises(SystemExit, match="nope.jsonl does not exist"):
     eval_lib.main(["gsm8k", "--checkpoint", "x", "--data", str(tmp_path / "nope.jsonl")])
-  with pytest.raises(SystemExit, match="--compare-to .*other.jsonl is not a file"):
-    eval_lib.main(base + ["--compare-to", str(tmp_path / "other.jsonl")])
+  other = tmp_path / "other.jsonl"
+  with pytest.raises(SystemExit, match="--compare-to .*other.jsonl: .*No such file"):
+    eval_lib.main(base + ["--compare-to", str(other)])
+  other.write_text('{"index": 0, "prediction": "1"}\n[1]\n')
+  with pytest.raises(SystemExit, match=r"other.jsonl:2: expected an object with 'index'"):
+    eval_lib.main(base + ["--compare-to", str(other)])
+  other.write_text('{"index": 5, "prediction": "1"}\n')
+  with pytest.raises(SystemExit, match="shares no problem index with this run's 1 problems"):
+    eval_lib.main(base + ["--compare-to", str(other)])
+  # A run directory whose model.json is not JSON: one error line, not a traceback.
+  (tmp_path / "bad_run" / "checkpoints").mkdir(parents=True)
+  (tmp_path / "bad_run" / "model.json").write_text("{not json")
+  with pytest.raises(SystemExit, match=r"error: --checkpoint .*bad_run: "):
+    eval_lib.main(["gsm8k", "--checkpoint", str(tmp_path / "bad_run"), "--data", str(data)])
   with pytest.raises(SystemExit, match=r"error: --checkpoint .*missing: .*is neither a HF model directory"):
     eval_lib.main(base)
 

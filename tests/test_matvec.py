@@ -438,7 +438,7 @@ def test_xla_gemm_config_reads_the_tiling_off_the_hlo(load_benchmark):
 def test_matvec_mgpu_probe_arguments(load_benchmark):
   bench = load_benchmark("matvec_mgpu_probe")
   assert bench.parse_tiles("64,64,4; 128,128,6") == [(64, 64, 4), (128, 128, 6)]
-  for bad in ("64,64", "64,x,4", "0,64,4", ""):
+  for bad in ("64,64", "64,x,4", "0,64,4", "", "32,128,6"):
     with pytest.raises(SystemExit, match="--tiles"):
       bench.parse_tiles(bad)
   cfg = bench.SHAPES["qwen2.5-1.5b"]

@@ -5,8 +5,8 @@ At batch 1 an AR step multiplies a single row by every weight matrix. Each produ
 matrix-vector product bound by reading the weights, and XLA runs the work around it as kernels of
 their own, 1-2 us each however little they do: the norm's reduction, the norm's multiply, the
 residual add, the SiLU product (BENCHMARKS.md, "Where the 1.5B batch-1 AR step goes"). Here one
-kernel does all of it: every program recomputes the (tiny) residual-added row, then reads its
-columns of the weights. The model (`model.matvec_impl`, "auto" on a GPU) runs four a layer: the
+kernel does all of it: every program computes the (tiny) residual-added row, or its run of it,
+then reads its columns of the weights. The model (`model.matvec_impl`, "auto" on a GPU) runs four a layer: the
 attention's norm with q/k/v (adding the previous layer's down product; `norm_matvec_partials`),
 o, the residual add and MLP norm with gate/up and the SiLU product (`norm_matvec`), and down. The
 q/k/v, o and down products have too few column tiles to fill the GPU, so they split their rows
@@ -117,9 +117,9 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0):
 
 
 def _row_inputs(x_ref, add_ref, scale_ref, add_parts, start, size):
-  """The raw inputs of the row at start .. start + size: x, the add (None, [size], or one [size]
-  a part of float32 partial sums [S, E]: Triton tiles are powers of two) and the norm's scale
-  (or None)."""
+  """The raw inputs of the row at start .. start + size: x; the add (None, [size], or for float32
+  partial sums [S, E] a list of S loads of [size], Triton tiles being powers of two); the norm's
+  scale (or None)."""
   sl = pl.ds(start, size)
   add = None
   if add_ref is not None:
@@ -312,7 +312,8 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
 
 def pick_splits(e: int, n: int, block_n: int = 32, block_k: int = 512,
                 programs: Optional[int] = None) -> int:
-  """`matvec_partials`' default split of the row length e (weights [e, n]): the most splits
+  """The default split of `matvec_partials` and `norm_matvec_partials` over the row length e
+  (weights [e, n]): the most splits
   whose grid (column tiles x splits) still fits in `programs` (default two a streaming
   multiprocessor, one wave of programs holding their 3-stage weight tiles), each split's rows a
   multiple of 64, or of the largest power of two (at least 16) dividing both e and block_k;
@@ -439,14 +440,17 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
   (split-K), for a product whose columns alone give too few programs (the q/k/v of a one-row
   step: 64 tiles of 32 columns at Qwen2.5-1.5B). The norm's 1/rms is one scalar, so the parts
   hold the products of scale * row and `rsqrt` ([16] float32, every entry 1/rms) scales their
-  sum: `norm_matvec`'s output i is `(parts[i].sum(0) * rsqrt[0])` rounded to x's dtype, which
-  the caller's next ops compute where they read it (`model._fused_row_layer`). `row`: as
+  sum: `norm_matvec`'s output i is `(parts[i].sum(0) * rsqrt[0])` rounded to x's dtype, plus
+  its bias, which `finish_partials` computes in the caller's ops that read it
+  (`model._fused_row_layer`). `row`: as
   `norm_matvec`'s (x + add, or None without `add_E`); `add_E` may be float32 partial sums
   [S', E]. One program more than the products' computes the whole row's 1/rms and stores the
   row, so no other program reads more than its run of the row. `splits` (default
   `pick_splits`), `block_n`, `block_k`, `num_warps`, `num_stages`: as `matvec_partials`.
   """
   ws_EN = tuple(ws_EN)
+  if norm_scale_E is None:
+    raise ValueError("norm_matvec_partials: norm_scale_E is required (1/rms scales the parts)")
   _check_row_inputs("norm_matvec_partials", x_E, ws_EN, add_E, norm_scale_E)
   e = x_E.shape[0]
   _check_knobs("norm_matvec_partials", block_n=block_n, block_k=block_k, num_warps=num_warps,

@@ -13,10 +13,11 @@ its figure bounds nothing; it is there to see the per-CTA rate). The kernel is p
 CTA an SM, over N / (2 TILE_N) work tiles: the 1.5B's 17920 gate/up columns are 140 tiles of 128
 on 132 SMs, two rounds for 8 of them, so each setting is also timed on the first
 SMs x 2 TILE_N columns alone (`fill` rows: one tile an SM), the streaming rate without that
-tail. A setting whose output is wrong (over 2e-2 of the largest value) is not timed. Beside it XLA's product of the single row (the model's
-`_matmul`). Each is checked against a float32 product, then timed over distinct weight sets
-(no L2 hits); figures: us a call and the weights' read rate against the copy bandwidth of the
-same run. JSON to $OUT/matvec_mgpu_probe.json.
+tail. Beside it XLA's product of the single row (the model's `_matmul`). Each is checked
+against a float32 product (a setting whose output is off by over 2e-2 of the largest value is
+not timed), then timed over distinct weight sets (no L2 hits); figures: us a call and the
+weights' read rate against the copy bandwidth of the same run. JSON to
+$OUT/matvec_mgpu_probe.json.
 """
 
 from __future__ import annotations
@@ -111,10 +112,13 @@ def main():
         fill = sms * 2 * tn  # one work tile an SM
         if fill < n:
           runs.append(("mosaic_fill", dict(knobs, work_tiles=sms), fn, xs, fill))
+      sliced = {n: ws}  # weight sets by their column count; the `fill` ones copied once
       for impl, knobs, fn, arg, cols in runs:
         row = {"shape": name, "op": op, "K": k, "N": cols, "impl": impl, "knobs": knobs,
                "floor_us": 2 * k * cols / bw * 1e6}
-        w_sets = ws if cols == n else [w[:, :cols] for w in ws]  # copies, made before timing
+        if cols not in sliced:
+          sliced[cols] = [w[:, :cols] for w in ws]
+        w_sets = sliced[cols]
         try:
           got = fn(arg, w_sets[0]).astype(jnp.float32)
           row["max_rel_err"] = float(jnp.max(jnp.abs(got - want[:cols]))) / scale

@@ -203,7 +203,8 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
   (tmp_path / "bad_run" / "model.json").write_text("{not json")
   with pytest.raises(SystemExit, match=r"error: --checkpoint .*bad_run: "):
     eval_lib.main(["gsm8k", "--checkpoint", str(tmp_path / "bad_run"), "--data", str(data)])
-  with pytest.raises(SystemExit, match=r"error: --checkpoint .*missing: .*is neither a HF model directory"):
+  with pytest.raises(SystemExit,
+                     match=r"error: --checkpoint .*missing: .*is neither a HF model directory"):
     eval_lib.main(base)
 
 

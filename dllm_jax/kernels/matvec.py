@@ -6,13 +6,13 @@ matrix-vector product bound by reading the weights, and XLA runs the work around
 their own, 1-2 us each however little they do: the norm's reduction, the norm's multiply, the
 residual add, the SiLU product (BENCHMARKS.md, "Where the 1.5B batch-1 AR step goes"). Here one
 kernel does all of it: every program computes the (tiny) residual-added row, or its run of it,
-then reads its columns of the weights. The model (`model.matvec_impl`, "auto" on a GPU) runs four a layer: the
-attention's norm with q/k/v (adding the previous layer's down product; `norm_matvec_partials`),
-o, the residual add and MLP norm with gate/up and the SiLU product (`norm_matvec`), and down. The
-q/k/v, o and down products have too few column tiles to fill the GPU, so they split their rows
-(split-K) and leave float32 partial sums that whatever reads them adds: the next launch where it
-reads the row (o, down), the XLA kernels of RoPE and the cache write (q/k/v, BENCHMARKS.md
-session 19). No kernel runs just to reduce them.
+then reads its columns of the weights. The model (`model.matvec_impl`, "auto" on a GPU) runs four
+a layer: the attention's norm with q/k/v (adding the previous layer's down product;
+`norm_matvec_partials`), o, the residual add and MLP norm with gate/up and the SiLU product
+(`norm_matvec`), and down. The q/k/v, o and down products have too few column tiles to fill the
+GPU, so they split their rows (split-K) and leave float32 partial sums that whatever reads them
+adds: the next launch where it reads the row (o, down), the XLA kernels of RoPE and the cache
+write (q/k/v, BENCHMARKS.md session 19). No kernel runs just to reduce them.
 
 Where it stands (H200, BENCHMARKS.md session 17): the step 7.5% faster than XLA's at the
 Qwen2.5-1.5B shape, 5.4% at SmolLM2-135M, level at 7B, with 305 kernels a step instead of 473
@@ -139,6 +139,17 @@ def _residual_row(raw, add_parts, dtype):
   return x
 
 
+def _scaled_row(raw, add_parts, dtype):
+  """The products' operand from `_row_inputs`' values: scale * (x + add) rounded to dtype (the
+  row alone without a scale). 1/rms is one scalar, so it multiplies the products' float32 sums
+  instead, and the weights' loads wait for no reduction over the row (the q/k/v launch 6.61 ->
+  6.22 us at the 1.5B, BENCHMARKS.md session 19)."""
+  x = _residual_row(raw, add_parts, dtype)
+  if raw[2] is not None:
+    x = _round(raw[2].astype(jnp.float32) * x, dtype)
+  return x.astype(dtype)
+
+
 def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
             tiles, dtype):
   it = iter(refs)
@@ -166,17 +177,9 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
       return lax.rsqrt(sum(jnp.sum(x * x) for x in map(row, raws)) / e + eps)
     return None
 
-  # The norm's 1/rms is one scalar, so it factors out of the products: they multiply
-  # scale * row and 1/rms multiplies their float32 sums. The weights' loads then wait for no
-  # reduction over the row (the q/k/v launch 6.61 -> 6.22 us at the 1.5B, BENCHMARKS.md
-  # session 19).
-  def normed(raw):
-    x = row(raw)
-    if has_norm:
-      x = _round(raw[2].astype(jnp.float32) * x, dtype)
-    return x.astype(dtype)
+  normed = lambda raw: _scaled_row(raw, add_parts, dtype)
 
-  def matvec(refs, col):
+  def matvec(refs, col):  # the products of scale * row, times 1/rms
     ys = _products(load, normed, refs, col, nk, bk, bn, dtype)
     r = rsqrt_and_sum()
     return [_round(y if r is None else y * r, dtype) for y in ys]
@@ -418,8 +421,7 @@ def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk,
 
   s = p % splits  # this program's run of the row
   t = p // splits  # its column tile, over the weights' tiles in order
-  # scale * row over chunk c of the run: 1/rms multiplies the parts' sum
-  normed = lambda raw: _round(raw[2].astype(jnp.float32) * row(raw), dtype).astype(dtype)
+  normed = lambda raw: _scaled_row(raw, add_parts, dtype)  # 1/rms multiplies the parts' sum
 
   first = 0
   for i in range(num_w):

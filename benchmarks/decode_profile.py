@@ -70,10 +70,7 @@ def main():
                   help="knobs of the gate/up launch alone (silu_pair), over --matvec-knobs")
   ap.add_argument("--matvec-partial-knobs", default="",
                   help="knobs of the o and down launches (matvec_partials), e.g. 'splits=4'")
-  ap.add_argument("--gate-up-xla", action="store_true",
-                  help="the one-row step's gate/up by XLA's GEMM (model._GATE_UP_BY_XLA)")
   args = ap.parse_args()
-  model._GATE_UP_BY_XLA = args.gate_up_xla
   if args.matvec_knobs or args.matvec_pair_knobs or args.matvec_partial_knobs:
     from benchmarks.matvec import KNOBS, PARTIAL_KNOBS, parse_knobs
     from dllm_jax.kernels import matvec

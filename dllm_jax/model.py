@@ -58,15 +58,10 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (ax.NORM,)),
                        (x.shape[-1],), self.param_dtype)
-    return rms_norm(x, scale, self.eps, self.dtype)
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
-  """`RMSNorm` over x's last axis, in float32, with the given scale."""
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  # HF casts back to the input dtype before the scale; doing the same keeps bf16 parity.
-  return scale.astype(dtype) * y.astype(dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # HF casts back to the input dtype before the scale; doing the same keeps bf16 parity.
+    return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
 def _matmul(x_K: jax.Array, w_KN: jax.Array) -> jax.Array:
@@ -287,22 +282,12 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
                                 a["o"]["kernel"].reshape(h * d, e).astype(dt),
                                 interpret=interpret)
   m = p["mlp"]
-  down = m["down"]["kernel"].astype(dt)
-  if _GATE_UP_BY_XLA:
-    x_E = x_E + o_SE.sum(0).astype(dt)
-    h = rms_norm(x_E, p["mlp_norm"]["scale"], cfg.rms_norm_eps, dt)
-    gate, up = (_matmul(h[None], m[n]["kernel"].astype(dt))[0] for n in ("gate", "up"))
-    down_SE = matvec.matvec_partials(gate, down, up_E=up, interpret=interpret)
-    return (x_E, down_SE), new_cache
   (act,), x_E = matvec.norm_matvec(
       x_E, (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)), add_E=o_SE,
       norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
       interpret=interpret)
-  down_SE = matvec.matvec_partials(act, down, interpret=interpret)
+  down_SE = matvec.matvec_partials(act, m["down"]["kernel"].astype(dt), interpret=interpret)
   return (x_E, down_SE), new_cache
-
-
-_GATE_UP_BY_XLA = False  # session 20 experiment: gate/up by XLA's (TMA) GEMM
 
 
 _REMAT_POLICIES = {

@@ -150,11 +150,6 @@ def _scaled_row(raw, add_parts, dtype):
   return x.astype(dtype)
 
 
-def _silu_product(g, u, dtype):
-  """SiLU(g) * u of float32 values of dtype, rounded as the model's `nn.silu(gate) * up`."""
-  return _round(_round(g * _round(jax.nn.sigmoid(g), dtype), dtype) * u, dtype)
-
-
 def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
             tiles, dtype):
   it = iter(refs)
@@ -191,7 +186,9 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
 
   if silu_pair:
     col = pl.multiple_of(j * bn, bn)
-    o_refs[0][pl.ds(col, bn)] = _silu_product(*matvec(w_refs, col), dtype).astype(o_refs[0].dtype)
+    g, u = matvec(w_refs, col)
+    s = _round(g * _round(jax.nn.sigmoid(g), dtype), dtype)
+    o_refs[0][pl.ds(col, bn)] = (s * u).astype(o_refs[0].dtype)
     return
 
   first = 0
@@ -352,25 +349,16 @@ def _checked_splits(fn: str, e: int, n: int, splits: Optional[int], block_n: int
   return splits, e // splits
 
 
-def _partials_kernel(*refs, gated, bk, nk, bn, dtype):
-  # x_ref (and up_ref) [rows]: this split's part of the row; w_ref [rows, bn]; o_ref [bn].
-  x_ref, up_ref, w_ref, o_ref = refs if gated else (refs[0], None, *refs[1:])
-  if gated:  # the row is SiLU(gate) * up, formed chunk by chunk as the products read it
-    load = lambda c: (x_ref[pl.ds(c * bk, bk)], up_ref[pl.ds(c * bk, bk)])
-    prep = lambda gu: _silu_product(*(a.astype(jnp.float32) for a in gu), dtype).astype(dtype)
-  else:
-    load = lambda c: x_ref[pl.ds(c * bk, bk)]
-    prep = lambda x: x.astype(dtype)
-  o_ref[...] = _products(load, prep, [w_ref], 0, nk, bk, bn, dtype)[0]
+def _partials_kernel(x_ref, w_ref, o_ref, *, bk, nk, bn, dtype):
+  # x_ref [rows]: this split's part of the row; w_ref [rows, bn]; o_ref [bn].
+  load = lambda c: x_ref[pl.ds(c * bk, bk)]
+  o_ref[...] = _products(load, lambda x: x.astype(dtype), [w_ref], 0, nk, bk, bn, dtype)[0]
 
 
-def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, up_E: Optional[jax.Array] = None,
-                    splits: Optional[int] = None, block_n: int = 32, block_k: int = 512,
-                    num_warps: int = 4, num_stages: int = 3,
-                    interpret: bool = False) -> jax.Array:
+def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = None,
+                    block_n: int = 32, block_k: int = 512, num_warps: int = 4,
+                    num_stages: int = 3, interpret: bool = False) -> jax.Array:
   """x [E] @ w [E, N] as float32 partial sums [S, N] over S equal runs of the row (split-K).
-  With `up_E` [E] the row is SiLU(x) * up, rounded as the model's MLP rounds it: the down
-  product of the gate and up products, with no kernel of its own for their SiLU product.
 
   A product whose columns alone give too few programs to stream the weights at full rate (the
   o and down projections: 48 tiles of 32 columns at Qwen2.5-1.5B's 1536, against 132 SMs)
@@ -383,8 +371,6 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, up_E: Optional[jax.Array
   if x_E.ndim != 1 or w_EN.ndim != 2 or w_EN.shape[0] != x_E.shape[0]:
     raise ValueError(f"matvec_partials: a row [E] and a weight [E, N] expected; got x "
                      f"{x_E.shape} and w {w_EN.shape}")
-  if up_E is not None and up_E.shape != x_E.shape:
-    raise ValueError(f"matvec_partials: up_E has shape {up_E.shape}, the row's {x_E.shape}")
   e, n = w_EN.shape
   _check_knobs("matvec_partials", block_n=block_n, block_k=block_k, num_warps=num_warps,
                num_stages=num_stages)
@@ -394,20 +380,18 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, up_E: Optional[jax.Array
   dtype = x_E.dtype
   bk = _pow2_divisor(rows, block_k)
   bn = _pow2_divisor(n, block_n)
-  kernel = functools.partial(_partials_kernel, gated=up_E is not None, bk=bk, nk=rows // bk,
-                             bn=bn, dtype=dtype)
-  rows_in = [x_E] + ([up_E.astype(dtype)] if up_E is not None else [])
+  kernel = functools.partial(_partials_kernel, bk=bk, nk=rows // bk, bn=bn, dtype=dtype)
   return pl.pallas_call(
       kernel,
       grid=(n // bn, splits),
-      in_specs=[pl.BlockSpec((rows,), lambda j, s: (s,)) for _ in rows_in]
-      + [pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
+      in_specs=[pl.BlockSpec((rows,), lambda j, s: (s,)),
+                pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
       out_specs=pl.BlockSpec((None, bn), lambda j, s: (s, j)),
       out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="matvec_partials",
-  )(*rows_in, w_EN)
+  )(x_E, w_EN)
 
 
 def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk, bn, tiles,

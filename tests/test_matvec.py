@@ -444,3 +444,17 @@ def test_matvec_mgpu_probe_arguments(load_benchmark):
   cfg = bench.SHAPES["qwen2.5-1.5b"]
   assert bench.weight_shape(cfg, "gate_up") == (1536, 2 * 8960)
   assert bench.weight_shape(cfg, "down") == (8960, 1536)
+
+
+def test_matvec_layout_benchmark_kernel_reads_both_layouts(load_benchmark):
+  # The layout benchmark's product must be the same product on the row-major and the pre-tiled
+  # weight, or its timings compare different work.
+  bench = load_benchmark("matvec_layout")
+  x = jax.random.normal(jax.random.key(0), (256,), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (256, 96), jnp.bfloat16)
+  assert bench.tile(w, 32).shape == (3, 256, 32)
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  for tiled in (False, True):
+    got = bench.matvec(x, bench.tile(w, 32) if tiled else w, tiled=tiled, bn=32, bk=64,
+                       stages=2, warps=4, interpret=True)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-2, atol=0.3)

@@ -282,37 +282,12 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
                                 a["o"]["kernel"].reshape(h * d, e).astype(dt),
                                 interpret=interpret)
   m = p["mlp"]
-  if "gate_up" in m:  # session 20 experiment: gate and up interleaved (`matvec.interleave_pair`)
-    (act,), x_E = matvec.norm_matvec(
-        x_E, (m["gate_up"]["kernel"].astype(dt),), add_E=o_SE,
-        norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
-        interleave=_INTERLEAVE, interpret=interpret)
-  else:
-    (act,), x_E = matvec.norm_matvec(
-        x_E, (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)), add_E=o_SE,
-        norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
-        interpret=interpret)
+  (act,), x_E = matvec.norm_matvec(
+      x_E, (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)), add_E=o_SE,
+      norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
+      interpret=interpret)
   down_SE = matvec.matvec_partials(act, m["down"]["kernel"].astype(dt), interpret=interpret)
   return (x_E, down_SE), new_cache
-
-
-_INTERLEAVE = 32  # session 20 experiment
-
-
-def with_interleaved_gate_up(params: Params) -> Params:
-  """Session 20 experiment: per-layer params with each MLP's gate and up also stored
-  interleaved (`mlp.gate_up`), which the one-row step then reads instead."""
-  from dllm_jax.kernels import matvec
-
-  out = dict(params)
-  for name in [n for n in params if n.startswith("layers_")]:
-    layer = dict(params[name])
-    mlp = dict(layer["mlp"])
-    mlp["gate_up"] = {"kernel": matvec.interleave_pair(mlp["gate"]["kernel"], mlp["up"]["kernel"],
-                                                       _INTERLEAVE)}
-    layer["mlp"] = mlp
-    out[name] = layer
-  return out
 
 
 _REMAT_POLICIES = {

@@ -220,14 +220,10 @@ def test_norm_matvec_lowers_for_cuda():
   f = lambda x, a, s, ws, bs: matvec.norm_matvec(x, ws, add_E=a, norm_scale_E=s, biases_N=bs)
   g = lambda x, a, s, ws: matvec.norm_matvec(x, ws[:2], add_E=a, norm_scale_E=s, silu_pair=True)
   h = lambda x, ws: matvec.matvec_partials(x, ws[0], splits=3)
-  gi = lambda x, a, s, ws: matvec.norm_matvec(x, (matvec.interleave_pair(ws[0], ws[1], 16),),
-                                              add_E=a, norm_scale_E=s, silu_pair=True,
-                                              interleave=16)
   n = lambda x, a, s, ws: matvec.norm_matvec_partials(x, ws, norm_scale_E=s, add_E=a, splits=3)
   parts = jnp.zeros((5, 192), jnp.float32)  # partial sums as the add: one load per part
   for fn, args in ((f, (x, add, scale, ws, bs)), (g, (x, add, scale, [ws[1], ws[2]])),
-                   (h, (x, ws)), (gi, (x, add, scale, [ws[1], ws[2]])),
-                   (f, (x, parts, scale, ws, bs)), (n, (x, parts, scale, ws))):
+                   (h, (x, ws)), (f, (x, parts, scale, ws, bs)), (n, (x, parts, scale, ws))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
@@ -462,19 +458,3 @@ def test_matvec_layout_benchmark_kernel_reads_both_layouts(load_benchmark):
     got = bench.matvec(x, bench.tile(w, 32) if tiled else w, tiled=tiled, bn=32, bk=64,
                        stages=2, warps=4, interpret=True)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-2, atol=0.3)
-
-
-@pytest.mark.parametrize("block", [16, 32])
-def test_norm_matvec_reads_an_interleaved_gate_up_weight(block):
-  x, add, scale, ws, _ = _inputs(jax.random.key(8), 256, (128, 128), jnp.bfloat16)
-  kw = dict(add_E=add, norm_scale_E=scale, silu_pair=True)
-  pair = matvec.interleave_pair(ws[0], ws[1], block)
-  np.testing.assert_array_equal(pair[:, block:2 * block], ws[1][:, :block])
-  (got,), row = matvec.norm_matvec(x, (pair,), interleave=block, interpret=True, block_k=64, **kw)
-  (want,), want_row = matvec.norm_matvec(x, ws, interpret=True, block_n=block, block_k=64, **kw)
-  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-  np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
-  with pytest.raises(ValueError, match="interleave"):
-    matvec.norm_matvec(x, ws, interleave=block, interpret=True, **kw)
-  with pytest.raises(ValueError, match="power of two"):
-    matvec.norm_matvec(x, (pair,), interleave=24, interpret=True, **kw)

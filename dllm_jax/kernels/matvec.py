@@ -87,7 +87,7 @@ _ROWS = 16  # rows of the tensor-core product (the row, repeated)
 
 def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0):
   """float32 [bn] per weight: the sum over chunks c < nk of prep(load(c)) [bk] times rows
-  row0 + c*bk .. of w[:, col:col+bn] (`col` one offset, or one per weight).
+  row0 + c*bk .. of w[:, col:col+bn].
 
   The row goes through the tensor cores as 16 equal rows (their smallest M): Triton pipelines
   only loads that feed a dot, and a weight-bound product needs its loads in flight while it
@@ -100,17 +100,15 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0):
   first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
   precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
-  cols = col if isinstance(col, (tuple, list)) else (col,) * len(w_refs)
-
   def body(c, carry):
     accs, xn = carry
     nxt = load(jnp.minimum(c + 1, nk - 1))
     a = jnp.broadcast_to(xn[None, :], (_ROWS, bk))
     accs = tuple(
-        acc + lax.dot_general(a, w_ref[pl.ds(row0 + c * bk, bk), pl.ds(cl, bn)].astype(dtype),
+        acc + lax.dot_general(a, w_ref[pl.ds(row0 + c * bk, bk), pl.ds(col, bn)].astype(dtype),
                               (((1,), (0,)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32)
-        for acc, w_ref, cl in zip(accs, w_refs, cols))
+        for acc, w_ref in zip(accs, w_refs))
     return accs, prep(nxt)
 
   zeros = tuple(jnp.zeros((_ROWS, bn), jnp.float32) for _ in w_refs)
@@ -152,8 +150,8 @@ def _scaled_row(raw, add_parts, dtype):
   return x.astype(dtype)
 
 
-def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, interleaved, eps,
-            bk, nk, bn, tiles, dtype):
+def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
+            tiles, dtype):
   it = iter(refs)
   x_ref = next(it)
   add_ref = next(it) if has_add else None
@@ -188,10 +186,7 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, int
 
   if silu_pair:
     col = pl.multiple_of(j * bn, bn)
-    if interleaved:  # one weight: bn gate columns, then bn up columns, block after block
-      g, u = matvec([w_refs[0]] * 2, (2 * col, 2 * col + bn))
-    else:
-      g, u = matvec(w_refs, col)
+    g, u = matvec(w_refs, col)
     s = _round(g * _round(jax.nn.sigmoid(g), dtype), dtype)
     o_refs[0][pl.ds(col, bn)] = (s * u).astype(o_refs[0].dtype)
     return
@@ -250,7 +245,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
                 add_E: Optional[jax.Array] = None,
                 norm_scale_E: Optional[jax.Array] = None, eps: float = 1e-6,
                 biases_N: Optional[Sequence[jax.Array]] = None, silu_pair: bool = False,
-                interleave: Optional[int] = None, block_n: Optional[int] = None, block_k: Optional[int] = None,
+                block_n: Optional[int] = None, block_k: Optional[int] = None,
                 num_warps: int = 4, num_stages: Optional[int] = None, interpret: bool = False):
   """(outputs, row): `outputs[i] = norm(x + add) @ ws[i] (+ biases[i])`, in x's dtype.
 
@@ -261,27 +256,9 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   `model.RMSNorm`, its 1/rms applied to the products. `silu_pair`: ws = (gate, up) and the one
   output is SiLU(row @ gate) * (row @ up). `block_n` / `block_k` (columns per program, rows
   per chunk; the largest powers of two up to them that divide the shapes), `num_warps` and
-  `num_stages` are tuning knobs; those left None take `default_knobs`. `interleave=B` (with
-  silu_pair): ws = (gate_up,), one weight [E, 2F] of B gate columns then B up columns, block
-  after block (`interleave_pair`), read as one contiguous 2B-column run a program.
+  `num_stages` are tuning knobs; those left None take `default_knobs`.
   """
   ws_EN = tuple(ws_EN)
-  if interleave is not None:
-    if (isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 16
-        or interleave & (interleave - 1)):
-      raise ValueError(f"norm_matvec: interleave={interleave!r} must be a power of two >= 16")
-    if (not silu_pair or len(ws_EN) != 1 or ws_EN[0].ndim != 2
-        or ws_EN[0].shape[1] % (2 * interleave)):
-      raise ValueError("norm_matvec: interleave takes silu_pair and one weight [E, 2F], 2F a "
-                       f"multiple of {2 * interleave}; got {[w.shape for w in ws_EN]}")
-    if block_n not in (None, interleave):
-      raise ValueError(f"norm_matvec: interleave={interleave} fixes block_n; got {block_n}")
-    w = ws_EN[0]
-    block_n = interleave
-    ws_EN = (w[:, :w.shape[1] // 2], w[:, w.shape[1] // 2:])  # shapes only: see `ws_call`
-    ws_call = (w,)
-  else:
-    ws_call = None
   _check_row_inputs("norm_matvec", x_E, ws_EN, add_E, norm_scale_E)
   e = x_E.shape[0]
   d = default_knobs([w.shape[1] for w in ws_EN], silu_pair)
@@ -312,15 +289,15 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   whole = lambda a: pl.BlockSpec(a.shape, lambda j: (0,) * a.ndim)
   args = [x_E] + ([add_E] if add_E is not None else [])
   args += [norm_scale_E] if norm_scale_E is not None else []
-  args += list(ws_call or ws_EN) + (list(biases_N) if biases_N is not None else [])
+  args += list(ws_EN) + (list(biases_N) if biases_N is not None else [])
   outs = ([jax.ShapeDtypeStruct((ws_EN[0].shape[1],), dtype)] if silu_pair else
           [jax.ShapeDtypeStruct((w.shape[1],), dtype) for w in ws_EN])
   if add_E is not None:
     outs.append(jax.ShapeDtypeStruct((e,), dtype))
   kernel = functools.partial(
-      _kernel, num_w=len(ws_call or ws_EN), has_add=add_E is not None, add_parts=add_parts,
+      _kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
       has_norm=norm_scale_E is not None, has_bias=biases_N is not None, silu_pair=silu_pair,
-      interleaved=ws_call is not None, eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype)
+      eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype)
   res = pl.pallas_call(
       kernel,
       grid=(grid,),
@@ -334,17 +311,6 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   res = list(res)
   row = res.pop() if add_E is not None else None
   return tuple(res), row
-
-
-def interleave_pair(gate_EF: jax.Array, up_EF: jax.Array, block: int) -> jax.Array:
-  """[E, 2F]: `block` columns of gate, then the same `block` columns of up, block after block
-  (`norm_matvec`'s `interleave`): each program's gate and up tiles one contiguous run."""
-  e, f = gate_EF.shape
-  if up_EF.shape != (e, f) or f % block:
-    raise ValueError(f"interleave_pair: gate {gate_EF.shape} and up {up_EF.shape} must match, "
-                     f"their columns a multiple of {block}")
-  pair = jnp.stack([gate_EF.reshape(e, f // block, block), up_EF.reshape(e, f // block, block)], 2)
-  return pair.reshape(e, 2 * f)
 
 
 def pick_splits(e: int, n: int, block_n: int = 32, block_k: int = 512,

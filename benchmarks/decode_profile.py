@@ -70,8 +70,6 @@ def main():
                   help="knobs of the gate/up launch alone (silu_pair), over --matvec-knobs")
   ap.add_argument("--matvec-partial-knobs", default="",
                   help="knobs of the o and down launches (matvec_partials), e.g. 'splits=4'")
-  ap.add_argument("--tile-gate-up", action="store_true",
-                  help="session 20 experiment: gate/up also stored tiled, read by the step")
   args = ap.parse_args()
   if args.matvec_knobs or args.matvec_pair_knobs or args.matvec_partial_knobs:
     from benchmarks.matvec import KNOBS, PARTIAL_KNOBS, parse_knobs
@@ -108,8 +106,6 @@ def main():
   params = jax.jit(lambda r: model.with_layout(model.init_params(cfg, r), args.layout))(
       jax.random.key(0))
   pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-  if args.tile_gate_up:  # after pbytes: the floor counts each weight once
-    params = jax.jit(model.with_tiled_gate_up)(params)
   res = {"meta": run_meta(), "args": vars(args), "param_bytes": pbytes}
   if not args.no_ceilings:
     res["ceil"] = ceilings()

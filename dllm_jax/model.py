@@ -282,29 +282,12 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
                                 a["o"]["kernel"].reshape(h * d, e).astype(dt),
                                 interpret=interpret)
   m = p["mlp"]
-  tiled = "gate_tiles" in m  # session 20 experiment: `with_tiled_gate_up`
   (act,), x_E = matvec.norm_matvec(
-      x_E, tuple(m[n]["kernel"].astype(dt) for n in (("gate_tiles", "up_tiles") if tiled
-                                                      else ("gate", "up"))), add_E=o_SE,
+      x_E, (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)), add_E=o_SE,
       norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
-      tiled=tiled, interpret=interpret)
+      interpret=interpret)
   down_SE = matvec.matvec_partials(act, m["down"]["kernel"].astype(dt), interpret=interpret)
   return (x_E, down_SE), new_cache
-
-
-def with_tiled_gate_up(params: Params, block: int = 32) -> Params:
-  """Session 20 experiment: per-layer params with each MLP's gate and up also stored as
-  [F / block, E, block] (`mlp.gate_tiles`, `mlp.up_tiles`), which the one-row step reads."""
-  out = dict(params)
-  for name in [n for n in params if n.startswith("layers_")]:
-    layer = dict(params[name])
-    mlp = dict(layer["mlp"])
-    for n in ("gate", "up"):
-      w = mlp[n]["kernel"]
-      mlp[f"{n}_tiles"] = {"kernel": w.reshape(w.shape[0], -1, block).transpose(1, 0, 2)}
-    layer["mlp"] = mlp
-    out[name] = layer
-  return out
 
 
 _REMAT_POLICIES = {

@@ -108,9 +108,7 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0):
     nxt = load(jnp.minimum(c + 1, nk - 1))
     a = jnp.broadcast_to(xn[None, :], (_ROWS, bk))
     accs = tuple(
-        acc + lax.dot_general(a, w_ref[pl.ds(row0 + c * bk, bk), pl.ds(col, bn)].astype(dtype)
-                              if col is not None else
-                              w_ref[pl.ds(row0 + c * bk, bk), :].astype(dtype),
+        acc + lax.dot_general(a, w_ref[pl.ds(row0 + c * bk, bk), pl.ds(col, bn)].astype(dtype),
                               (((1,), (0,)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32)
         for acc, w_ref in zip(accs, w_refs))
@@ -155,8 +153,8 @@ def _scaled_row(raw, add_parts, dtype):
   return x.astype(dtype)
 
 
-def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, tiled, eps, bk,
-            nk, bn, tiles, dtype):
+def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
+            tiles, dtype):
   it = iter(refs)
   x_ref = next(it)
   add_ref = next(it) if has_add else None
@@ -191,7 +189,7 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, til
 
   if silu_pair:
     col = pl.multiple_of(j * bn, bn)
-    g, u = matvec(w_refs, None if tiled else col)  # tiled: the refs are this program's tiles
+    g, u = matvec(w_refs, col)
     s = _round(g * _round(jax.nn.sigmoid(g), dtype), dtype)
     o_refs[0][pl.ds(col, bn)] = (s * u).astype(o_refs[0].dtype)
     return
@@ -250,7 +248,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
                 add_E: Optional[jax.Array] = None,
                 norm_scale_E: Optional[jax.Array] = None, eps: float = 1e-6,
                 biases_N: Optional[Sequence[jax.Array]] = None, silu_pair: bool = False,
-                tiled: bool = False, block_n: Optional[int] = None, block_k: Optional[int] = None,
+                block_n: Optional[int] = None, block_k: Optional[int] = None,
                 num_warps: int = 4, num_stages: Optional[int] = None, interpret: bool = False):
   """(outputs, row): `outputs[i] = norm(x + add) @ ws[i] (+ biases[i])`, in x's dtype.
 
@@ -261,18 +259,9 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   `model.RMSNorm`, its 1/rms applied to the products. `silu_pair`: ws = (gate, up) and the one
   output is SiLU(row @ gate) * (row @ up). `block_n` / `block_k` (columns per program, rows
   per chunk; the largest powers of two up to them that divide the shapes), `num_warps` and
-  `num_stages` are tuning knobs; those left None take `default_knobs`. `tiled` (session 20
-  experiment, silu_pair only): ws are [N / B, E, B], each program's B columns one contiguous run.
+  `num_stages` are tuning knobs; those left None take `default_knobs`.
   """
   ws_EN = tuple(ws_EN)
-  ws_call = None
-  if tiled:
-    if not silu_pair or any(w.ndim != 3 for w in ws_EN):
-      raise ValueError("norm_matvec: tiled takes silu_pair and weights [N / B, E, B]")
-    ws_call = ws_EN
-    block_n = ws_call[0].shape[2]
-    ws_EN = tuple(jax.ShapeDtypeStruct((w.shape[1], w.shape[0] * w.shape[2]), w.dtype)
-                  for w in ws_call)
   _check_row_inputs("norm_matvec", x_E, ws_EN, add_E, norm_scale_E)
   e = x_E.shape[0]
   d = default_knobs([w.shape[1] for w in ws_EN], silu_pair)
@@ -303,8 +292,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   whole = lambda a: pl.BlockSpec(a.shape, lambda j: (0,) * a.ndim)
   args = [x_E] + ([add_E] if add_E is not None else [])
   args += [norm_scale_E] if norm_scale_E is not None else []
-  n_lead = len(args)
-  args += list(ws_call or ws_EN) + (list(biases_N) if biases_N is not None else [])
+  args += list(ws_EN) + (list(biases_N) if biases_N is not None else [])
   outs = ([jax.ShapeDtypeStruct((ws_EN[0].shape[1],), dtype)] if silu_pair else
           [jax.ShapeDtypeStruct((w.shape[1],), dtype) for w in ws_EN])
   if add_E is not None:
@@ -312,13 +300,11 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   kernel = functools.partial(
       _kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
       has_norm=norm_scale_E is not None, has_bias=biases_N is not None, silu_pair=silu_pair,
-      tiled=tiled, eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype)
+      eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype)
   res = pl.pallas_call(
       kernel,
       grid=(grid,),
-      in_specs=[pl.BlockSpec((None,) + a.shape[1:], lambda j: (j, 0, 0))
-                if tiled and n_lead <= i < n_lead + len(ws_call) else whole(a)
-                for i, a in enumerate(args)],
+      in_specs=[whole(a) for a in args],
       out_specs=[pl.BlockSpec(o.shape, lambda j: (0,)) for o in outs],
       out_shape=outs,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),

@@ -90,6 +90,22 @@ def save_json(name: str, results: dict) -> None:
       json.dump(results, f, indent=1)
 
 
+def kernel_us(run, calls: int, width: int = 40) -> dict:
+  """GPU us a call of each kernel (names cut to `width` characters) over `calls` calls made by
+  `run()`, read off a profile: the figure for a launch too short for wall time, where one call's
+  time is the host's dispatch."""
+  events, _ = traced_gpu_events(run)
+  per = collections.Counter()
+  for name, s, e in events:
+    per[name[:width]] += (e - s) / 1e3 / calls
+  return dict(per)
+
+
+def error_text(e: BaseException) -> str:
+  """One line for a benchmark row whose setting failed: the exception's type and first line."""
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
 def traced_gpu_events(run):
   """Calls `run()` under `jax.profiler.trace` and reads the trace back: (events, lines), events
   the (name, start_ns, end_ns) of every kernel and copy on a GPU stream, sorted by start, and

@@ -16,7 +16,6 @@ GEMM at ~1.19.
 
 from __future__ import annotations
 
-import collections
 import os
 import sys
 
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import ceilings, run_meta, save_json, traced_gpu_events  # noqa: E402
+from benchmarks.common import ceilings, error_text, kernel_us, run_meta, save_json  # noqa: E402
 from dllm_jax import model  # noqa: E402
 from dllm_jax.kernels import matvec  # noqa: E402
 
@@ -61,17 +60,14 @@ def main():
            "programs": n // bn if bn else None}
     try:
       jax.block_until_ready(f(x, ws))
-      events, _ = traced_gpu_events(
-          lambda: [jax.block_until_ready(f(x, ws)) for _ in range(ROUNDS)])
-      per = collections.Counter()
-      for name, s, e in events:
-        per[name[:40]] += (e - s) / 1e3 / (ROUNDS * SETS)
-      row["kernels_us"] = dict(per)
+      per = kernel_us(lambda: [jax.block_until_ready(f(x, ws)) for _ in range(ROUNDS)],
+                      ROUNDS * SETS)
+      row["kernels_us"] = per
       row["us"] = sum(v for k, v in per.items() if "gemm" in k or "norm_matvec" in k)
       row["total_us"] = sum(per.values())
       row["of_copy"] = 2 * 2 * E * n / (row["us"] * 1e-6) / (ceil["copy_GBps"] * 1e9)
     except Exception as e:  # a setting that does not compile or fit is recorded
-      row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+      row["error"] = error_text(e)
     print(row, flush=True)
     res["rows"].append(row)
     save_json("matvec_balance.json", res)

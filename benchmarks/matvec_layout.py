@@ -15,7 +15,6 @@ $OUT/matvec_layout.json.
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import os
 import sys
@@ -28,7 +27,7 @@ from jax import lax  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
-from benchmarks.common import ceilings, run_meta, save_json, traced_gpu_events  # noqa: E402
+from benchmarks.common import ceilings, error_text, kernel_us, run_meta, save_json  # noqa: E402
 from dllm_jax import model  # noqa: E402
 
 SETS, ROUNDS, ROWS = 16, 4, 16
@@ -109,16 +108,13 @@ def main():
       row["max_rel_err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
       if row["max_rel_err"] > 2e-2:
         raise ValueError(f"wrong output: {row['max_rel_err']:.3g} of the largest value")
-      events, _ = traced_gpu_events(lambda: [jax.block_until_ready(f(x, sets))
-                                             for _ in range(ROUNDS)])
-      per = collections.Counter()
-      for name, s, e in events:
-        per[name[:40]] += (e - s) / 1e3 / (ROUNDS * SETS)
-      row["kernels_us"] = dict(per)
+      per = kernel_us(lambda: [jax.block_until_ready(f(x, sets)) for _ in range(ROUNDS)],
+                      ROUNDS * SETS)
+      row["kernels_us"] = per
       row["us"] = sum(v for name, v in per.items() if "gemm" in name or "layout_matvec" in name)
       row["of_copy"] = 2 * k * n / (row["us"] * 1e-6) / bw
     except Exception as e:  # a setting that does not compile or fit is recorded
-      row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+      row["error"] = error_text(e)
     print(row, flush=True)
     res["rows"].append(row)
     save_json("matvec_layout.json", res)

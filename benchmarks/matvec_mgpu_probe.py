@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import (ceilings, distinct_sets, run_meta, save_json, timeit,  # noqa: E402
-                               traced_gpu_events)
+from benchmarks.common import (ceilings, distinct_sets, error_text, kernel_us,  # noqa: E402
+                               run_meta, save_json, timeit)
 from benchmarks.decode import SHAPES  # noqa: E402
 from dllm_jax import model  # noqa: E402
 
@@ -130,15 +130,14 @@ def main():
           # The wall time of one small call is the host's dispatch (session 20: ~40-55 us for
           # every setting); the GPU time of its kernels is the figure.
           calls = 4 * len(w_sets)
-          events, _ = traced_gpu_events(
-              lambda: jax.block_until_ready([fn(arg, w_sets[i % len(w_sets)])
-                                             for i in range(calls)]))
-          row["gpu_us"] = sum(e - s for _, s, e in events) / calls / 1e3
-          row["kernels"] = sorted({name[:60] for name, _, _ in events})
+          per = kernel_us(lambda: jax.block_until_ready([fn(arg, w_sets[i % len(w_sets)])
+                                                         for i in range(calls)]), calls, 60)
+          row["gpu_us"] = sum(per.values())
+          row["kernels"] = sorted(per)
           row["read_GBps"] = 2 * k * cols / row["gpu_us"] * 1e-3
           row["of_copy"] = row["read_GBps"] * 1e9 / bw
         except Exception as e:  # a setting that does not compile, fit or compute is recorded
-          row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+          row["error"] = error_text(e)
         print(row, flush=True)
         res["rows"].append(row)
         save_json("matvec_mgpu_probe.json", res)

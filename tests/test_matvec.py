@@ -458,3 +458,14 @@ def test_matvec_layout_benchmark_kernel_reads_both_layouts(load_benchmark):
     got = bench.matvec(x, bench.tile(w, 32) if tiled else w, tiled=tiled, bn=32, bk=64,
                        stages=2, warps=4, interpret=True)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-2, atol=0.3)
+
+
+def test_kernel_us_sums_each_kernel_per_call(load_benchmark, monkeypatch):
+  # The one-row benchmarks' figure: GPU us a call per kernel name, from the profile's events.
+  common = load_benchmark("common")
+  events = [("norm_matvec", 0, 4000), ("gemm_fusion_dot", 5000, 6000),
+            ("norm_matvec", 7000, 9000), ("MemcpyD2D", 9000, 9500)]
+  monkeypatch.setattr(common, "traced_gpu_events", lambda run: (run() or events, {}))
+  assert common.kernel_us(lambda: None, calls=2, width=4) == {"norm": 3.0, "gemm": 0.5,
+                                                             "Memc": 0.25}
+  assert common.error_text(ValueError("first\nsecond")) == "ValueError: first"

@@ -101,6 +101,16 @@ def kernel_us(run, calls: int, width: int = 40) -> dict:
   return dict(per)
 
 
+def product_us(per: dict, *names: str) -> float:
+  """The GPU us of `kernel_us`' kernels whose names hold any of `names`: a product's own launches
+  without the copies and concatenations around it. An error when the profile holds none (a
+  library kernel under another name, e.g. cuBLAS's nvjet_*), rather than a rate of zero time."""
+  us = sum(v for k, v in per.items() if any(n in k for n in names))
+  if us <= 0:
+    raise ValueError(f"no kernel named like {names} in the profile: {sorted(per)}")
+  return us
+
+
 def error_text(e: BaseException) -> str:
   """One line for a benchmark row whose setting failed: the exception's type and first line."""
   return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"

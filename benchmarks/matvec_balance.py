@@ -1,12 +1,14 @@
 """Whether the Triton gate/up launch (`kernels.matvec.norm_matvec`, silu_pair) is held back by
 programs unevenly spread over the SMs, or by how it streams: its GPU time on gate and up weights
 [1536, N] whose column tiles fill exactly one wave (N = 8448: 264 programs of 32 columns, two an
-SM, or 132 of 64) against the 1.5B's N = 8960 (280 programs: a second wave of 16), and XLA's GEMM
-of the same products (which streams through TMA) beside them.
+SM, or 132 of 64; N = 4224: 132 of 32, one an SM) against the 1.5B's N = 8960 (280 programs: a
+second wave of 16), other tile shapes (`CASES`), and XLA's GEMM of the same products (which
+streams through TMA) beside them.
 
     python benchmarks/matvec_balance.py
 
-Each case runs over 16 distinct weight sets chained in one jit (no L2 hits), four times under
+Each case runs over 16 distinct weight sets, independent products in one jit (no L2 hits), four
+times under
 the profiler; figures are GPU us a launch (the product's kernels: `norm_matvec`, or XLA's
 `gemm_fusion*`; `total_us` adds every kernel) and the weights' read rate as a fraction of the copy
 bandwidth (bytes read + written) measured in the same run. JSON to $OUT/matvec_balance.json.
@@ -24,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import ceilings, error_text, kernel_us, run_meta, save_json  # noqa: E402
+from benchmarks.common import (ceilings, error_text, kernel_us, product_us, run_meta,  # noqa: E402
+                               save_json)
 from dllm_jax import model  # noqa: E402
 from dllm_jax.kernels import matvec  # noqa: E402
 
@@ -63,7 +66,7 @@ def main():
       per = kernel_us(lambda: [jax.block_until_ready(f(x, ws)) for _ in range(ROUNDS)],
                       ROUNDS * SETS)
       row["kernels_us"] = per
-      row["us"] = sum(v for k, v in per.items() if "gemm" in k or "norm_matvec" in k)
+      row["us"] = product_us(per, "gemm", "norm_matvec")
       row["total_us"] = sum(per.values())
       row["of_copy"] = 2 * 2 * E * n / (row["us"] * 1e-6) / (ceil["copy_GBps"] * 1e9)
     except Exception as e:  # a setting that does not compile or fit is recorded

@@ -1,9 +1,11 @@
 """Whether the one-row kernels read their weights slowly because of the layout: a column tile
-[K, bn] of a row-major [K, N] weight is K rows of bn * 2 bytes, 35 KB apart at the 1.5B's gate/up,
-where XLA's GEMM reads 128-column tiles through TMA. The same Pallas Triton product (the row as
-16 equal rows through the tensor cores, as `kernels.matvec`) on the weight as it is and on the
-weight pre-tiled to [N / bn, K, bn] (each program's tile one contiguous run), GPU time from a
-profile, 16 distinct weight sets chained in one jit (no L2 hits).
+[K, bn] of a row-major [K, N] weight is K rows of bn * 2 bytes, N * 2 bytes apart (35 KB for this
+script's default, the 1.5B's gate and up as one [1536, 17920] weight; 17.9 KB in the model's
+gate/up launch, which reads two [1536, 8960] weights), where XLA's GEMM reads 128-column tiles
+through TMA. The same Pallas Triton product (the row as 16 equal rows through the tensor cores,
+as `kernels.matvec`) on the weight as it is and on the weight pre-tiled to [N / bn, K, bn]
+(each program's tile one contiguous run), GPU time from a profile, 16 distinct weight sets,
+independent products in one jit (no L2 hits).
 
     python benchmarks/matvec_layout.py [--n 17920] [--k 1536]
 
@@ -27,7 +29,8 @@ from jax import lax  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
-from benchmarks.common import ceilings, error_text, kernel_us, run_meta, save_json  # noqa: E402
+from benchmarks.common import (ceilings, error_text, kernel_us, product_us, run_meta,  # noqa: E402
+                               save_json)
 from dllm_jax import model  # noqa: E402
 
 SETS, ROUNDS, ROWS = 16, 4, 16
@@ -95,15 +98,15 @@ def main():
   tiled_sets = {}
   for impl, kw, run, sets in runs:
     row = {"impl": impl, "knobs": kw, "K": k, "N": n}
-    if sets is None:
-      if impl == "tiled":
-        if kw["bn"] not in tiled_sets:
-          tiled_sets[kw["bn"]] = [jax.block_until_ready(tile(w, kw["bn"])) for w in ws]
-        sets = tiled_sets[kw["bn"]]
-      else:
-        sets = ws
     f = jax.jit(run)
     try:
+      if sets is None:
+        if impl == "tiled":
+          if kw["bn"] not in tiled_sets:
+            tiled_sets[kw["bn"]] = [jax.block_until_ready(tile(w, kw["bn"])) for w in ws]
+          sets = tiled_sets[kw["bn"]]
+        else:
+          sets = ws
       got = f(x, sets)[0].astype(jnp.float32)
       row["max_rel_err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
       if row["max_rel_err"] > 2e-2:
@@ -111,7 +114,7 @@ def main():
       per = kernel_us(lambda: [jax.block_until_ready(f(x, sets)) for _ in range(ROUNDS)],
                       ROUNDS * SETS)
       row["kernels_us"] = per
-      row["us"] = sum(v for name, v in per.items() if "gemm" in name or "layout_matvec" in name)
+      row["us"] = product_us(per, "gemm", "layout_matvec")
       row["of_copy"] = 2 * k * n / (row["us"] * 1e-6) / bw
     except Exception as e:  # a setting that does not compile or fit is recorded
       row["error"] = error_text(e)

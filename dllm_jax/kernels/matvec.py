@@ -27,9 +27,10 @@ combine fused into these launches (level: the q/k/v and o launches grew by what 
 kernels had cost), and extra q/k/v programs reading gate/up into L2 (far slower). Session 20:
 the gate/up launch reads at ~0.87 of the copy rate whether or not its programs fill one wave
 (XLA's TMA GEMM ~1.19); gate/up by XLA's GEMM inside this step cost more in the kernels around
-it than it saved, and gate and up interleaved in one weight (128-byte rows) were level. Gate and
-up stored as [F / 32, E, 32] tiles (each program's tile contiguous) cut the launch 7% and the
-step's GPU time 2.2%, but only on a second copy of the weights: not kept (BENCHMARKS.md).
+it than it saved, and gate and up interleaved in one weight (128-byte rows) ran slightly
+slower. Gate and up stored as [F / 32, E, 32] tiles (each program's tile contiguous) cut the
+launch 7% and the step's GPU time 2.2%, but only on a second copy of the weights: not kept
+(BENCHMARKS.md).
 
 Numerics follow the model's XLA path op for op, within rounding, with one exception: the norm's
 1/rms multiplies the products' float32 sums, not the row before them (it is one scalar, so it

@@ -13,7 +13,6 @@ after every row when $OUT is set, so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import datetime
 import json
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import ceilings as common_ceilings  # noqa: E402
-from benchmarks.common import distinct_sets, timeit, traced_gpu_events  # noqa: E402
+from benchmarks.common import distinct_sets, kernel_us, timeit  # noqa: E402
 from dllm_jax import attention, masks
 from dllm_jax.kernels import decode, flash, flash_mgpu
 
@@ -172,10 +171,7 @@ def profile_row(name, spec, length, tiles, impl="pallas", reps=5):
     for _ in range(reps):
       jax.block_until_ready(g(*args))
 
-  events, _ = traced_gpu_events(run)
-  per = collections.defaultdict(float)
-  for kname, s0, s1 in events:
-    per[kname[:80]] += (s1 - s0) / reps / 1e3
+  per = kernel_us(run, reps, 80)
   row = {"impl": impl, "shape": name, "layout": f"{spec.kind}x{spec.num_streams}", "L": length,
          "B": b, "kernels_us": dict(sorted(per.items(), key=lambda kv: -kv[1])),
          "total_us": sum(per.values())}

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.attention import SHAPES  # noqa: E402
-from benchmarks.common import ceilings, run_meta, save_json, timeit  # noqa: E402
+from benchmarks.common import ceilings, error_text, run_meta, save_json, timeit  # noqa: E402
 
 
 def main():
@@ -64,7 +64,7 @@ def main():
             err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
             tf = timeit(fwd, sets, reps=5, inner=3)
           except Exception as e:  # shared memory or an unsupported case: record, go on
-            row[f"bkv{block_kv}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            row[f"bkv{block_kv}_error"] = error_text(e, 160)
             continue
           row[f"bkv{block_kv}_fwd_ms"] = tf * 1e3
           row[f"bkv{block_kv}_rel_err"] = err
@@ -81,7 +81,7 @@ def main():
               row["fwdbwd_ms"] = tb * 1e3
               row["fwdbwd_frac"] = 3.5 * fwd_flops / tb / 1e12 / mm
             except Exception as e:
-              row["bwd_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+              row["bwd_error"] = error_text(e, 160)
         res["rows"].append(row)
         print(row, flush=True)
         save_json("attention_mgpu_probe.json", res)

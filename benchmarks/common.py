@@ -111,9 +111,10 @@ def product_us(per: dict, *names: str) -> float:
   return us
 
 
-def error_text(e: BaseException) -> str:
-  """One line for a benchmark row whose setting failed: the exception's type and first line."""
-  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+def error_text(e: BaseException, limit: int = 300) -> str:
+  """One line for a benchmark row whose setting failed: the exception's type and the first
+  `limit` characters of its first line (none for an exception without a message)."""
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:limit]}"
 
 
 def traced_gpu_events(run):

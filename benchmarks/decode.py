@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ceilings, run_meta, save_json, timeit  # noqa: E402
+from benchmarks.common import ceilings, error_text, run_meta, save_json, timeit  # noqa: E402
 from dllm_jax import run_config  # noqa: E402
 from dllm_jax.config import ModelConfig  # noqa: E402
 
@@ -97,7 +97,7 @@ def _safe(fn):
   try:
     return fn()
   except Exception as e:  # an OOM or unsupported setting is recorded, and the run goes on
-    return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return f"failed: {error_text(e, 200)}"
 
 
 def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),

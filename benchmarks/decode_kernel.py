@@ -29,7 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from benchmarks.attention import SHAPES  # noqa: E402
-from benchmarks.common import ceilings, distinct_sets, run_meta, save_json, timeit  # noqa: E402
+from benchmarks.common import (ceilings, distinct_sets, error_text, run_meta,  # noqa: E402
+                               save_json, timeit)
 from dllm_jax import masks  # noqa: E402
 from dllm_jax.kernels import decode  # noqa: E402
 
@@ -149,7 +150,7 @@ def main():
                  "frac_copy": kv_bytes / t / 1e9 / copy}
         except Exception as e:  # an unsupported knob setting is recorded, the sweep goes on
           row = {"variant": name, "S": s, "B": b,
-                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+                 "error": error_text(e, 160)}
         res["rows"].append(row)
         print(row, flush=True)
         save_json("decode_kernel.json", res)

@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import ceilings, run_meta, save_json, timeit, traced_gpu_events  # noqa: E402
+from benchmarks.common import (ceilings, error_text, run_meta, save_json, timeit,  # noqa: E402
+                               traced_gpu_events)
 from benchmarks.decode import SHAPES  # noqa: E402
 from dllm_jax import model  # noqa: E402
 from dllm_jax.kernels import matvec  # noqa: E402
@@ -196,7 +197,7 @@ def main():
           row["kernels_per_layer"] = len(events) / LAYERS
           row["kernels"] = dict(sorted(per.items(), key=lambda kv: -kv[1])[:8])
         except Exception as e:  # a knob setting that does not compile is recorded
-          row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+          row["error"] = error_text(e)
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save_json("matvec.json", res)

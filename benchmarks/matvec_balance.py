@@ -8,10 +8,9 @@ streams through TMA) beside them.
     python benchmarks/matvec_balance.py
 
 Each case runs over 16 distinct weight sets, independent products in one jit (no L2 hits), four
-times under
-the profiler; figures are GPU us a launch (the product's kernels: `norm_matvec`, or XLA's
-`gemm_fusion*`; `total_us` adds every kernel) and the weights' read rate as a fraction of the copy
-bandwidth (bytes read + written) measured in the same run. JSON to $OUT/matvec_balance.json.
+times under the profiler; figures are GPU us a launch (the product's kernels: `norm_matvec`, or
+XLA's `gemm_fusion*`; `total_us` adds every kernel) and the weights' read rate as a fraction of
+the copy bandwidth (bytes read + written) measured in the same run. JSON to $OUT/matvec_balance.json.
 Session 20 (BENCHMARKS.md): one wave or not, the kernel reads at ~0.87 of the copy rate; XLA's
 GEMM at ~1.19.
 """

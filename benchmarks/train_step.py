@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ceilings, run_meta, save_json  # noqa: E402
+from benchmarks.common import ceilings, error_text, run_meta, save_json  # noqa: E402
 from benchmarks.decode import SHAPES  # noqa: E402
 
 
@@ -106,7 +106,7 @@ def run(shape, seq_len, variants, batches, remats, steps, loss_chunk=0):
           row["mfu"] = row["tflops"] / res["ceil"]["matmul_tflops"]
           del state, step
         except Exception as e:  # out of memory or unsupported: record and try a smaller batch
-          row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+          row["error"] = error_text(e, 200)
           print(json.dumps(row), flush=True)
           res["rows"].append(row)
           continue

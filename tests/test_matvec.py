@@ -469,6 +469,8 @@ def test_kernel_us_sums_each_kernel_per_call(load_benchmark, monkeypatch):
   assert common.kernel_us(lambda: None, calls=2, width=4) == {"norm": 3.0, "gemm": 0.5,
                                                              "Memc": 0.25}
   assert common.error_text(ValueError("first\nsecond")) == "ValueError: first"
+  assert common.error_text(ValueError("first"), limit=3) == "ValueError: fir"
+  assert common.error_text(KeyboardInterrupt()) == "KeyboardInterrupt: "  # no message, no crash
   per = {"gemm_fusion": 2.0, "MemcpyD2D": 1.0, "layout_matvec": 3.0}
   assert common.product_us(per, "gemm", "layout_matvec") == 5.0  # the copy counted apart
   with pytest.raises(ValueError, match="no kernel named like"):

@@ -308,7 +308,13 @@ def main():
   ap.add_argument("--peer-modes", default="eager,static")
   ap.add_argument("--plain-dot", action="store_true",
                   help="jax part: multiply a single row as one (model._matmul's baseline)")
+  ap.add_argument("--no-row-attention", action="store_true",
+                  help="jax part: model.ROW_ATTENTION off (the one-row step's RoPE, cache "
+                       "write and split combine as XLA kernels around decode_attention)")
   args = ap.parse_args()
+  if args.no_row_attention:
+    from dllm_jax import model
+    model.ROW_ATTENTION = False
   if args.plain_dot:
     import jax.numpy as jnp
 

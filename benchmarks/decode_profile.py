@@ -49,6 +49,7 @@ def main():
   ap.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--new", type=int, default=128, help="new tokens (steps) per generate call")
+  ap.add_argument("--prompt", type=int, default=PROMPT, help="prompt tokens (the prefill)")
   ap.add_argument("--layout", default="per_layer", choices=model.LAYOUTS)
   ap.add_argument("--impl", default="pallas", choices=["pallas", "xla"])
   ap.add_argument("--matvec", default="xla", choices=["xla", "pallas", "auto"],
@@ -70,7 +71,26 @@ def main():
                   help="knobs of the gate/up launch alone (silu_pair), over --matvec-knobs")
   ap.add_argument("--matvec-partial-knobs", default="",
                   help="knobs of the o and down launches (matvec_partials), e.g. 'splits=4'")
+  ap.add_argument("--no-row-attention", action="store_true",
+                  help="model.ROW_ATTENTION off: the one-row step's RoPE, cache write and "
+                       "split combine as XLA kernels around decode_attention (the baseline of "
+                       "kernels/decode.row_attention)")
+  ap.add_argument("--row-attention-knobs", default="",
+                  help="knobs of kernels/decode.row_attention, e.g. 'splits=2,block_k=32'")
   args = ap.parse_args()
+  if args.no_row_attention:
+    model.ROW_ATTENTION = False
+  if args.row_attention_knobs:
+    from dllm_jax.kernels import decode as decode_kernels
+
+    knobs = {}
+    for item in filter(None, args.row_attention_knobs.split(",")):
+      key, _, value = item.partition("=")
+      if key not in ("splits", "block_k", "num_warps", "num_stages") or not value.isdigit():
+        ap.error(f"--row-attention-knobs: {item!r} is not splits|block_k|num_warps|num_stages"
+                 "=INT")
+      knobs[key] = int(value)
+    decode_kernels.row_attention = functools.partial(decode_kernels.row_attention, **knobs)
   if args.matvec_knobs or args.matvec_pair_knobs or args.matvec_partial_knobs:
     from benchmarks.matvec import KNOBS, PARTIAL_KNOBS, parse_knobs
     from dllm_jax.kernels import matvec
@@ -111,10 +131,11 @@ def main():
     res["ceil"] = ceilings()
   b = args.batch
   if args.forward:
-    run = forward_loop(cfg, params, b, args.forward, PROMPT, args.new, args.layout != "stacked")
+    run = forward_loop(cfg, params, b, args.forward, args.prompt, args.new,
+                       args.layout != "stacked")
   else:
-    prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
-    lens = jnp.full((b,), PROMPT, jnp.int32)
+    prompt = jax.random.randint(jax.random.key(1), (b, args.prompt), 0, 32000)
+    lens = jnp.full((b,), args.prompt, jnp.int32)
     dcfg = decoding.DecodeConfig(mode="ar", max_new_tokens=args.new)
     fn = jax.jit(lambda p, t, l, r: decoding.generate(p, cfg, t, l, r, dcfg))
     compiled = fn.lower(params, prompt, lens, jax.random.key(2)).compile()

@@ -36,13 +36,17 @@ def _init(std: float, axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
+def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float):
+  """(cos, sin) float32 [B, T, head_dim / 2] of `rope`."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(freqs), jnp.sin(freqs)
+
+
 def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding in the HF "rotate half" layout (first half of head_dim pairs with second)."""
   d = x_BTHD.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  cos = jnp.cos(freqs)[:, :, None, :]
-  sin = jnp.sin(freqs)[:, :, None, :]
+  cos, sin = (t[:, :, None, :] for t in rope_tables(positions_BT, d, theta))
   x = x_BTHD.astype(jnp.float32)
   x1, x2 = x[..., : d // 2], x[..., d // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -247,19 +251,42 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
   return True
 
 
+# Whether the one-row step runs `kernels.decode.row_attention` where it applies (a knob for
+# benchmarks/decode_profile.py's comparison with the kernels it replaces).
+ROW_ATTENTION = True
+
+
+def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, cache) -> bool:
+  """Whether the one-row step's attention, with its RoPE and cache write, is one kernel
+  (`kernels.decode.row_attention`): the Pallas attention on, a causal or block-causal mask and
+  shapes it covers; else `_cached_attention` after XLA's RoPE and cache write."""
+  if not ROW_ATTENTION or attention.resolve_impl(cfg.attention_impl) != "pallas":
+    return False
+  if spec.kind not in ("causal", "block_causal"):
+    return False
+  from dllm_jax.kernels import decode
+
+  cache_len = (cache.k[0] if isinstance(cache.k, tuple) else cache.k).shape[-3]
+  return decode.row_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache_len) is None
+
+
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
                      write_mask_B):
   """`DecoderLayer` for a single row (B = T = 1) against the cache, by `kernels.matvec`: the
-  same arithmetic in four launches of its own, the attention's kernel and five small XLA kernels
-  around it: ten a layer where XLA runs about seventeen (BENCHMARKS.md, session 17).
+  same arithmetic in four launches of its own and the attention's: five a layer where XLA runs
+  about seventeen. The attention's launch (`kernels.decode.row_attention`, where
+  `_row_attention` says) also sums the q/k/v parts, applies RoPE, writes the cache and combines
+  its splits, which took five small XLA kernels around `decode_attention` before: 8.0 us a layer
+  against 10.0 on the 1.5B (BENCHMARKS.md, session 21).
 
-  x = (row [E], pending): the residual stream is the row plus `pending`, the previous layer's
-  down product as float32 partial sums [S, E] (or None), which this layer's first launch adds
-  (as the o product's parts are added by the MLP's launch): split-K products fill the GPU, and
-  no kernel runs only to sum them or to add the residual. Returns the same pair."""
+  x = (row [E], pending, counter): the residual stream is the row plus `pending`, the previous
+  layer's down product as float32 partial sums [S, E] (or None), which this layer's first launch
+  adds (as the o product's parts are added by the MLP's launch): split-K products fill the GPU,
+  and no kernel runs only to sum them or to add the residual. `counter` is `row_attention`'s
+  (int32 [KV], zero), or None without it. Returns the same triple."""
   from dllm_jax.kernels import matvec  # lazily: the CPU path never needs Pallas
 
-  x_E, pending_SE = x
+  x_E, pending_SE, counter_K = x
   e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   dt = cfg.dtype
   interpret = jax.default_backend() == "cpu"
@@ -271,13 +298,27 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   parts, rsqrt, row = matvec.norm_matvec_partials(
       x_E, ws, norm_scale_E=p["attn_norm"]["scale"].astype(dt), add_E=pending_SE,
       eps=cfg.rms_norm_eps, interpret=interpret)
-  q, k, v = (matvec.finish_partials(pp, rsqrt, dt, b)
-             for pp, b in zip(parts, biases or (None,) * 3))
   x_E = x_E if row is None else row
-  q = rope(q.reshape(1, 1, h, d), meta.positions, cfg.rope_theta)
-  k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
-  out, new_cache = _cached_attention(cfg, spec, q, k, v.reshape(1, 1, kv, d), meta, cache_kv,
-                                     write_mask_B)
+  if counter_K is not None:  # `_row_attention`: the parts' sums, RoPE and cache write in it
+    from dllm_jax.kernels import decode
+
+    cos, sin = (t.reshape(d // 2) for t in rope_tables(meta.positions, d, cfg.rope_theta))
+    cache_k, cache_v = cache_kv  # [1, S, KV, D]
+    heads = (h, kv, kv)
+    out, new_k, new_v, counter_K = decode.row_attention(
+        *(pp.reshape(-1, n, d) for pp, n in zip(parts, heads)), rsqrt, cos, sin,
+        cache_k.reshape(cache_k.shape[1:]), cache_v.reshape(cache_v.shape[1:]), counter_K,
+        meta.positions[:, 0], spec, dtype=dt,
+        biases=None if biases is None else [b.reshape(n, d) for b, n in zip(biases, heads)],
+        write_mask=write_mask_B, interpret=interpret)
+    new_cache = (new_k.reshape(cache_k.shape), new_v.reshape(cache_v.shape))
+  else:
+    q, k, v = (matvec.finish_partials(pp, rsqrt, dt, b)
+               for pp, b in zip(parts, biases or (None,) * 3))
+    q = rope(q.reshape(1, 1, h, d), meta.positions, cfg.rope_theta)
+    k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
+    out, new_cache = _cached_attention(cfg, spec, q, k, v.reshape(1, 1, kv, d), meta, cache_kv,
+                                       write_mask_B)
   o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt),
                                 a["o"]["kernel"].reshape(h * d, e).astype(dt),
                                 interpret=interpret)
@@ -287,7 +328,7 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
       norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
       interpret=interpret)
   down_SE = matvec.matvec_partials(act, m["down"]["kernel"].astype(dt), interpret=interpret)
-  return (x_E, down_SE), new_cache
+  return (x_E, down_SE, counter_K), new_cache
 
 
 _REMAT_POLICIES = {
@@ -339,7 +380,10 @@ class Transformer(nn.Module):
         parts = jax.eval_shape(matvec.matvec_partials, jax.ShapeDtypeStruct((f,), dt),
                                jax.ShapeDtypeStruct((f, e), dt))
         pending = jnp.zeros(parts.shape, parts.dtype)
-      x = (x.reshape(e), pending)
+      # One zeroed counter serves every layer's `row_attention` (each launch leaves it zero).
+      counter = (jnp.zeros((cfg.num_kv_heads,), jnp.int32)
+                 if _row_attention(cfg, self.spec, cache) else None)
+      x = (x.reshape(e), pending, counter)
     if cfg.remat != "none":
       # CSE cannot merge a scan body's recompute with its forward, so the barrier that stops it
       # is only needed for the unrolled per-layer loop.
@@ -370,7 +414,7 @@ class Transformer(nn.Module):
           new_v.append(kv[1])
       new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
     if row_kernels:
-      x_E, pending = x
+      x_E, pending, _ = x
       if pending is not None:  # None: no layer ran
         x_E = x_E + pending.sum(0).astype(x_E.dtype)
       x = x_E.reshape(*tokens_BT.shape, -1)

@@ -11,6 +11,10 @@ writing its normalised partial output and log-sum-exp; a small XLA step combines
 one program covers the whole cache). Partials are stored in the output's dtype by default, as
 vLLM's paged attention v2 does: at batch 32 float32 partials were about an eighth of the bytes
 the kernel moves, read again by the combine. Everything is in base 2, like `flash`.
+
+`row_attention` is the batch-1, one-token case of the model's one-row step (`model._row_attention`):
+the same attention with the work around it in its launch (the q/k/v parts' sums, RoPE, the cache
+write, the splits' combine), which took five small XLA kernels around `decode_attention`.
 """
 
 from __future__ import annotations
@@ -206,3 +210,275 @@ def decode_attention(q_BTHD, k_BSKD, v_BSKD, start_B, spec: masks.MaskSpec, *,
     out = (o.astype(jnp.float32) * w[..., None]).sum(0) / w.sum(0)[..., None]
   out = out[:, :, :n_rows].reshape(b, kv_heads, t, group, d).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, t, h, d).astype(q_BTHD.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# One row (batch 1, one query token) with its RoPE and cache write: `row_attention`.
+
+
+def _finish_rows(ref, bias_ref, first, n, half, d2, num_parts, rsqrt, dtype, count=None):
+  """float32 [n, d2] of `matvec.finish_partials` on heads first .. first+n-1, columns
+  half*d2 .. half*d2+d2 of the parts ref [S, heads, D]: their sum (added one by one) times
+  1/rms, rounded to dtype, plus the bias rounded as XLA rounds a bf16 add. Rows at or past
+  `count` (if given) are masked: they read 0."""
+  sl = (pl.ds(first, n), pl.ds(half * d2, d2))
+  mask = None
+  if count is not None:
+    mask = jnp.broadcast_to((jnp.arange(n, dtype=jnp.int32) < count)[:, None], (n, d2))
+  load = lambda r: plgpu.load(r, mask=mask, other=0.0 if mask is not None else None)
+  # (A Python int index does not discharge in the interpreter: jnp.int32.)
+  parts = [load(ref.at[(jnp.int32(s),) + sl]).astype(jnp.float32) for s in range(num_parts)]
+  y = functools.reduce(lambda a, b: a + b, parts)
+  y = (y * rsqrt).astype(dtype).astype(jnp.float32)
+  if bias_ref is not None:
+    y = (y + load(bias_ref.at[sl]).astype(jnp.float32)).astype(dtype).astype(jnp.float32)
+  return y
+
+
+def _rotate(lo, hi, cos, sin, dtype):
+  """`model.rope` on the two halves of head_dim (float32 in, dtype values as float32 out)."""
+  rnd = lambda x: x.astype(dtype).astype(jnp.float32)
+  return rnd(lo * cos - hi * sin), rnd(hi * cos + lo * sin)
+
+
+def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias, spec, group,
+                rows, d, block_k, tiles_per_split, num_kv_tiles, splits, num_parts, scale,
+                dtype, cache_dtype, interpret):
+  it = iter(refs)
+  bq_ref, bk_ref, bv_ref = (next(it), next(it), next(it)) if has_bias else (None,) * 3
+  cos_ref, sin_ref = next(it), next(it)
+  next(it), next(it), next(it)  # the aliased inputs: read and written through the outputs
+  out_ref, po_ref, plse_ref, kc_ref, vc_ref, ctr_ref = it
+  sp, g = pl.program_id(0), pl.program_id(1)
+  d2 = d // 2
+  p = pos_ref[0]
+  slots = num_kv_tiles * block_k
+  w = jnp.minimum(p, slots - 1)  # the cache write's slot (clamped, as dynamic_update_slice)
+  tile_w = lax.div(w, block_k)
+  # This program writes the new k, v and sees them from registers, not from the cache: the
+  # cache holds them only once the write lands, and no other program reads slot w.
+  own = (lax.div(tile_w, tiles_per_split) == sp) & (wm_ref[0] != 0)
+  rsqrt = r_ref[0]
+  cos = cos_ref[...][None, :]
+  sin = sin_ref[...][None, :]
+
+  fin = lambda ref, b_ref, first, n, half, count=None: _finish_rows(
+      ref, b_ref, first, n, half, d2, num_parts, rsqrt, dtype, count)
+  q_lo, q_hi = _rotate(fin(qp_ref, bq_ref, g * group, rows, 0, group),
+                       fin(qp_ref, bq_ref, g * group, rows, 1, group), cos, sin, dtype)
+  k_lo, k_hi = _rotate(fin(kp_ref, bk_ref, g, 1, 0), fin(kp_ref, bk_ref, g, 1, 1), cos, sin,
+                       dtype)
+  v_lo, v_hi = fin(vp_ref, bv_ref, g, 1, 0), fin(vp_ref, bv_ref, g, 1, 1)
+  to_cache = lambda x: x.astype(cache_dtype).astype(dtype)  # as stored, then read back
+
+  @pl.when(own)
+  def _():
+    for ref, x, half in ((kc_ref, k_lo, 0), (kc_ref, k_hi, 1), (vc_ref, v_lo, 0),
+                         (vc_ref, v_hi, 1)):
+      ref[w, g, pl.ds(half * d2, d2)] = x.reshape(d2).astype(cache_dtype)
+
+  qc_lo, qc_hi = q_lo.astype(dtype), q_hi.astype(dtype)
+  k_lo, k_hi = to_cache(k_lo).astype(jnp.float32), to_cache(k_hi).astype(jnp.float32)
+  v_lo, v_hi = to_cache(v_lo), to_cache(v_hi)
+  c = scale * _LOG2E
+  s_w = (jnp.sum(q_lo * k_lo, axis=1) + jnp.sum(q_hi * k_hi, axis=1)) * c  # [rows]
+  r = jnp.arange(rows, dtype=jnp.int32)
+  last = jnp.where(r < group, _last_slot(spec, p), -1)
+  n_full = jnp.minimum(lax.div(_last_slot(spec, p) + 1, block_k), num_kv_tiles)
+  n_used = jnp.minimum(lax.div(_last_slot(spec, p) + block_k, block_k), num_kv_tiles)
+  lo = sp * tiles_per_split
+  hi = jnp.minimum(lo + tiles_per_split, n_used)
+
+  def body(j, carry, masked):
+    acc_lo, acc_hi, m, l = carry
+    first = pl.multiple_of(j * block_k, block_k)
+    ks = pl.ds(first, block_k)
+    s = (_dot(qc_lo, kc_ref[ks, g, pl.ds(0, d2)].astype(dtype), trans_b=True)
+         + _dot(qc_hi, kc_ref[ks, g, pl.ds(d2, d2)].astype(dtype), trans_b=True)) * c
+    vl = vc_ref[ks, g, pl.ds(0, d2)].astype(dtype)
+    vh = vc_ref[ks, g, pl.ds(d2, d2)].astype(dtype)
+    if masked:
+      slot = first + jnp.arange(block_k, dtype=jnp.int32)
+      new = own & (slot == w)
+      s = jnp.where(new[None, :], s_w[:, None], s)
+      s = jnp.where(slot[None, :] <= last[:, None], s, _MASKED)
+      vl = jnp.where(new[:, None], v_lo, vl)
+      vh = jnp.where(new[:, None], v_hi, vh)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    pr = jnp.exp2(s - m_new[:, None])
+    acc_lo = acc_lo * alpha[:, None] + _dot(pr.astype(dtype), vl)
+    acc_hi = acc_hi * alpha[:, None] + _dot(pr.astype(dtype), vh)
+    return acc_lo, acc_hi, m_new, l * alpha + pr.sum(axis=1)
+
+  zeros = jnp.zeros((rows, d2), jnp.float32)
+  carry = (zeros, zeros, jnp.full((rows,), -jnp.inf, jnp.float32),
+           jnp.zeros((rows,), jnp.float32))
+  # Tiles before the first partial one (or the one holding slot w here) need no mask.
+  mid = jnp.clip(jnp.where(own, jnp.minimum(n_full, tile_w), n_full), lo, hi)
+  carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
+  acc_lo, acc_hi, m, l = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
+  # A split that saw no tile (or a padding row) has l == 0: output 0, lse -inf, weight 0.
+  inv = 1.0 / jnp.where(l == 0.0, 1.0, l)[:, None]
+  o_lo, o_hi = acc_lo * inv, acc_hi * inv
+  row_mask = jnp.broadcast_to((r < group)[:, None], (rows, d2))
+
+  def store_out(lo_, hi_):
+    for half, x in enumerate((lo_, hi_)):
+      plgpu.store(out_ref.at[pl.ds(g * group, rows), pl.ds(half * d2, d2)],
+                  x.astype(out_ref.dtype), mask=row_mask)
+
+  if splits == 1:
+    store_out(o_lo, o_hi)
+    return
+  po_ref[sp, g, :, pl.ds(0, d2)] = o_lo
+  po_ref[sp, g, :, pl.ds(d2, d2)] = o_hi
+  plse_ref[sp, g, :] = m + jnp.log2(l)
+  # The last of a KV head's splits to finish combines them. The barrier puts every thread's
+  # stores before the counter's add (acquire-release, issued by one thread); the last program
+  # reads the partials with volatile loads, which L1 (it may hold lines of an earlier launch)
+  # does not serve.
+  if not interpret:
+    plgpu.debug_barrier()
+  done = plgpu.atomic_add(ctr_ref, (g,), jnp.int32(1))
+
+  @pl.when(done == splits - 1)
+  def _():
+    ctr_ref[pl.ds(g, 1)] = jnp.zeros((1,), jnp.int32)  # ready for the next launch
+    rd = lambda ref: plgpu.load(ref, volatile=True)
+    at = lambda ref, s, *idx: ref.at[(jnp.int32(s), g) + idx]
+    lses = [rd(at(plse_ref, s, slice(None))) for s in range(splits)]
+    top = functools.reduce(jnp.maximum, lses)
+    ws = [jnp.exp2(x - top) for x in lses]
+    den = functools.reduce(lambda a, b: a + b, ws)[:, None]
+    num_lo = functools.reduce(lambda a, b: a + b, [
+        wt[:, None] * rd(at(po_ref, s, slice(None), pl.ds(0, d2))) for s, wt in enumerate(ws)])
+    num_hi = functools.reduce(lambda a, b: a + b, [
+        wt[:, None] * rd(at(po_ref, s, slice(None), pl.ds(d2, d2))) for s, wt in enumerate(ws)])
+    store_out(num_lo / den, num_hi / den)
+
+
+# `row_attention`'s cache split: runs of this many tiles, at most ROW_MAX_SPLITS of them. At
+# the 1.5B's 768-slot cache (12 tiles of 64) 3-6 splits took 7.9-8.2 us a launch, 2 splits 11.8
+# and 1 split 16.3: the launch is a chain of latencies (the parts' loads, the tiles, the
+# combine's add and loads), and a tile more a program costs about one (BENCHMARKS.md session 21).
+ROW_TILES_PER_SPLIT = 2
+ROW_MAX_SPLITS = 16  # the last program reads every split's partial output
+
+
+def default_row_splits(num_kv_tiles: int) -> int:
+  return max(1, min(ROW_MAX_SPLITS, -(-num_kv_tiles // ROW_TILES_PER_SPLIT)))
+
+
+def row_supported(num_heads: int, num_kv_heads: int, head_dim: int, cache_len: int) -> str | None:
+  """None when `row_attention` covers these shapes, else why not."""
+  if head_dim < 32 or head_dim & (head_dim - 1):
+    return f"head_dim {head_dim} is not a power of two >= 32 (its halves meet the tensor cores)"
+  if num_heads % num_kv_heads:
+    return f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+  if num_heads // num_kv_heads > 128:
+    return f"a group of {num_heads // num_kv_heads} query heads is over 128 rows"
+  if _pick_block_k(cache_len) is None:
+    return f"cache length {cache_len} is not a multiple of 16"
+  return None
+
+
+def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cache_SKD,
+                  v_cache_SKD, counter_K, pos, spec: masks.MaskSpec, *, dtype, biases=None,
+                  write_mask=None, block_k: int | None = None, splits: int | None = None,
+                  num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+  """One query token's attention at batch 1, with the work around it in the same launch.
+
+  Returns (out [H, D] in `dtype`, k cache, v cache, counter). The inputs are what the one-row
+  step's q/k/v launch (`matvec.norm_matvec_partials`) leaves: float32 partial sums q [S, H, D],
+  k and v [S, K, D], 1/rms ([16], every entry the same), and `biases` (q [H, D], k and v
+  [K, D], or None). This kernel finishes them as `matvec.finish_partials` does, applies RoPE
+  (`cos`, `sin` [D / 2] float32 of the token's position `pos` (int [1]), `model.rope_tables`),
+  writes k and v into the caches [S', K, D] at slot `pos` (clamped to the last slot, as
+  `cache.write`; not where `write_mask` (bool [1]) is False), and attends the query over the
+  cache under `spec` (causal or block_causal) as `decode_attention` does. Before this, the
+  step ran five small XLA kernels around the attention for that work, and one more for the
+  splits' combine (BENCHMARKS.md, session 21).
+
+  The cache is split over `splits` programs a KV head (`default_row_splits`); the last of a
+  head's programs to finish combines their normalised outputs (float32) by their log-sum-exp,
+  counted by `counter_K` (int32 [K], zero on entry; each launch leaves it zero again, so one
+  zeroed counter serves every layer of a step). The caches and the counter are updated in place
+  (aliased); pass arrays the caller no longer needs.
+  """
+  if spec.kind not in ("causal", "block_causal"):
+    raise ValueError(f"row_attention takes a causal or block_causal spec, got {spec}")
+  parts, h, d = q_parts_SHD.shape
+  s_max, kv, _ = k_cache_SKD.shape
+  why = row_supported(h, kv, d, s_max)
+  if why is not None:
+    raise ValueError(f"row_attention: {why}")
+  expect = {"k_parts": ((parts, kv, d), k_parts_SKD), "v_parts": ((parts, kv, d), v_parts_SKD),
+            "v_cache": ((s_max, kv, d), v_cache_SKD), "cos": ((d // 2,), cos),
+            "sin": ((d // 2,), sin), "counter": ((kv,), counter_K), "pos": ((1,), pos),
+            "rsqrt": ((16,), rsqrt)}
+  bad = {k: tuple(a.shape) for k, (shape, a) in expect.items() if tuple(a.shape) != shape}
+  if bad:
+    raise ValueError(f"row_attention: shapes {bad} do not match q parts {q_parts_SHD.shape} "
+                     f"and k cache {k_cache_SKD.shape} (expected "
+                     f"{ {k: shape for k, (shape, _) in expect.items() if k in bad} })")
+  if v_cache_SKD.dtype != k_cache_SKD.dtype:
+    raise ValueError(f"row_attention: k cache {k_cache_SKD.dtype} and v cache "
+                     f"{v_cache_SKD.dtype} differ")
+  block_k = block_k or _pick_block_k(s_max)
+  if block_k < 16 or block_k & (block_k - 1) or s_max % block_k:
+    raise ValueError(f"row_attention: block_k={block_k} must be a power of two >= 16 that "
+                     f"divides the cache length {s_max}")
+  num_kv_tiles = s_max // block_k
+  splits = default_row_splits(num_kv_tiles) if splits is None else splits
+  if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= num_kv_tiles:
+    raise ValueError(f"row_attention: splits={splits} must be 1 .. {num_kv_tiles} (the "
+                     f"cache's tiles of {block_k})")
+  tiles_per_split = -(-num_kv_tiles // splits)
+  group = h // kv
+  rows = max(16, pl.next_power_of_2(group))
+  if biases is not None:
+    shapes = [tuple(b.shape) for b in biases]
+    if shapes != [(h, d), (kv, d), (kv, d)]:
+      raise ValueError(f"row_attention: biases {shapes}, expected q {(h, d)}, k and v {(kv, d)}")
+    biases = [b.astype(dtype) for b in biases]
+  # A group's rows are a tile of `rows` query heads, masked past the group; the last group's
+  # tile reaches past the heads. A GPU never touches masked rows, but the interpreter slices the
+  # whole tile out of the array, so there the q rows and the output are padded to hold it.
+  pad = (kv - 1) * group + rows - h if interpret else 0
+  if pad:
+    q_parts_SHD = jnp.pad(q_parts_SHD, [(0, 0), (0, pad), (0, 0)])
+    if biases is not None:
+      biases[0] = jnp.pad(biases[0], [(0, pad), (0, 0)])
+  wm = jnp.ones((1,), jnp.int32) if write_mask is None else write_mask.astype(jnp.int32)
+  args = [jnp.asarray(pos, jnp.int32), wm.reshape(1), q_parts_SHD.astype(jnp.float32),
+          k_parts_SKD.astype(jnp.float32), v_parts_SKD.astype(jnp.float32),
+          rsqrt.astype(jnp.float32)]
+  args += list(biases or [])
+  args += [cos.astype(jnp.float32), sin.astype(jnp.float32), k_cache_SKD, v_cache_SKD,
+           counter_K.astype(jnp.int32)]
+  first_alias = len(args) - 3
+  outs = [jax.ShapeDtypeStruct((h + pad, d), dtype),
+          jax.ShapeDtypeStruct((splits, kv, rows, d), jnp.float32),
+          jax.ShapeDtypeStruct((splits, kv, rows), jnp.float32),
+          jax.ShapeDtypeStruct(k_cache_SKD.shape, k_cache_SKD.dtype),
+          jax.ShapeDtypeStruct(v_cache_SKD.shape, v_cache_SKD.dtype),
+          jax.ShapeDtypeStruct((kv,), jnp.int32)]
+  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  kernel = functools.partial(
+      _row_kernel, has_bias=biases is not None, spec=spec, group=group, rows=rows, d=d,
+      block_k=block_k, tiles_per_split=tiles_per_split, num_kv_tiles=num_kv_tiles,
+      splits=splits, num_parts=parts, scale=d ** -0.5, dtype=jnp.dtype(dtype),
+      cache_dtype=k_cache_SKD.dtype, interpret=interpret)
+  out, _, _, k_cache, v_cache, counter = pl.pallas_call(
+      kernel,
+      grid=(splits, kv),
+      in_specs=[whole(a.shape) for a in args],
+      out_specs=[whole(o.shape) for o in outs],
+      out_shape=outs,
+      input_output_aliases={first_alias: 3, first_alias + 1: 4, first_alias + 2: 5},
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="row_attention",
+  )(*args)
+  return out[:h], k_cache, v_cache, counter

@@ -11,8 +11,9 @@ a layer: the attention's norm with q/k/v (adding the previous layer's down produ
 `norm_matvec_partials`), o, the residual add and MLP norm with gate/up and the SiLU product
 (`norm_matvec`), and down. The q/k/v, o and down products have too few column tiles to fill the
 GPU, so they split their rows (split-K) and leave float32 partial sums that whatever reads them
-adds: the next launch where it reads the row (o, down), the XLA kernels of RoPE and the cache
-write (q/k/v, BENCHMARKS.md session 19). No kernel runs just to reduce them.
+adds: the next launch where it reads the row (o, down), the attention's launch with its RoPE and
+cache write (q/k/v: `decode.row_attention`, session 21; else the XLA kernels of RoPE and the
+cache write, session 19). No kernel runs just to reduce them.
 
 Where it stands (H200, BENCHMARKS.md session 17): the step 7.5% faster than XLA's at the
 Qwen2.5-1.5B shape, 5.4% at SmolLM2-135M, level at 7B, with 305 kernels a step instead of 473
@@ -24,7 +25,7 @@ its down 9.9 against 10.9. XLA streams gate/up in 128-column tiles through TMA (
 
 Measured not to pay (session 18), so not here: RoPE, the cache writes and the attention's split
 combine fused into these launches (level: the q/k/v and o launches grew by what the five small
-kernels had cost), and extra q/k/v programs reading gate/up into L2 (far slower). Session 20:
+kernels had cost; session 21 put them into the attention's launch instead, which paid), and extra q/k/v programs reading gate/up into L2 (far slower). Session 20:
 the gate/up launch reads at ~0.87 of the copy rate whether or not its programs fill one wave
 (XLA's TMA GEMM ~1.19); gate/up by XLA's GEMM inside this step cost more in the kernels around
 it than it saved, and gate and up interleaved in one weight (128-byte rows) ran slightly

@@ -1,0 +1,214 @@
+"""`kernels.decode.row_attention` (interpreted): one query token's attention at batch 1 with
+its q/k/v parts finished, RoPE and the cache write in the same kernel, against the ops it
+replaces, and inside the model's one-row step."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dllm_jax import attention, masks, model
+from dllm_jax import cache as kvcache
+from dllm_jax.kernels import decode, matvec
+from test_matvec import CFG, _perturbed
+
+THETA = 10000.0
+
+
+def _reference(qp, kp, vp, rsqrt, biases, kc, vc, pos, spec, dtype, write_mask):
+  """The one-row step's ops before this kernel: `finish_partials`, `rope`, `cache.write` and
+  the XLA attention over the written cache."""
+  h, d = qp.shape[1:]
+  kv = kp.shape[1]
+  bq, bk, bv = biases or (None,) * 3
+  fin = lambda parts, b: matvec.finish_partials(parts.reshape(parts.shape[0], -1), rsqrt, dtype,
+                                                None if b is None else b.reshape(-1))
+  positions = jnp.full((1, 1), pos, jnp.int32)
+  q = model.rope(fin(qp, bq).reshape(1, 1, h, d), positions, THETA)
+  k = model.rope(fin(kp, bk).reshape(1, 1, kv, d), positions, THETA)
+  v = fin(vp, bv).reshape(1, 1, kv, d)
+  kc = kvcache.write(kc[None], k, jnp.array([pos]), write_mask)
+  vc = kvcache.write(vc[None], v, jnp.array([pos]), write_mask)
+  k_meta = masks.TokenMeta.simple(jnp.arange(kc.shape[1], dtype=jnp.int32)[None])
+  mask = masks.dense_mask(spec, masks.TokenMeta.simple(positions), k_meta)
+  out = attention.xla_attention(q, kc.astype(dtype), vc.astype(dtype), mask)
+  return out.reshape(h, d), kc[0], vc[0]
+
+
+def _inputs(h, kv, d, slots, parts, bias, cache_dtype, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 8)
+  qp = jax.random.normal(ks[0], (parts, h, d))
+  kp = jax.random.normal(ks[1], (parts, kv, d))
+  vp = jax.random.normal(ks[2], (parts, kv, d))
+  rsqrt = jnp.full((16,), 0.7, jnp.float32)
+  kc = jax.random.normal(ks[3], (slots, kv, d)).astype(cache_dtype)
+  vc = jax.random.normal(ks[4], (slots, kv, d)).astype(cache_dtype)
+  biases = None
+  if bias:
+    biases = [jax.random.normal(k, s).astype(jnp.bfloat16)
+              for k, s in zip(ks[5:], [(h, d), (kv, d), (kv, d)])]
+  return qp, kp, vp, rsqrt, biases, kc, vc
+
+
+def _run(pos, spec, *, h=12, kv=2, d=64, slots=128, parts=3, bias=True, splits=None, block_k=None,
+         cache_dtype=jnp.bfloat16, write_mask=None, seed=0):
+  qp, kp, vp, rsqrt, biases, kc, vc = _inputs(h, kv, d, slots, parts, bias, cache_dtype, seed)
+  cos, sin = (t.reshape(d // 2) for t in model.rope_tables(jnp.full((1, 1), pos), d, THETA))
+  got = decode.row_attention(qp, kp, vp, rsqrt, cos, sin, kc, vc, jnp.zeros((kv,), jnp.int32),
+                             jnp.array([pos]), spec, dtype=jnp.bfloat16, biases=biases,
+                             write_mask=write_mask, splits=splits, block_k=block_k,
+                             interpret=True)
+  want = _reference(qp, kp, vp, rsqrt, biases, kc, vc, pos, spec, jnp.bfloat16, write_mask)
+  return got, want
+
+
+CAUSAL = masks.MaskSpec("causal")
+BLOCK = masks.MaskSpec("block_causal", 32)
+
+
+@pytest.mark.parametrize("pos,spec,shape,splits,block_k", [
+    (77, CAUSAL, dict(), None, None),  # the default split (the 2 tiles of 64 in one run)
+    (0, CAUSAL, dict(), 2, None),  # the first slot: only the new key
+    (63, CAUSAL, dict(), 2, 32),  # the last slot of a tile, several tiles a split
+    (64, CAUSAL, dict(), 4, 32),  # the first slot of a tile
+    (127, CAUSAL, dict(), 8, 16),  # the last slot; every split holds one tile
+    (200, CAUSAL, dict(), 3, 32),  # past the cache: written at the last slot, as cache.write
+    (40, BLOCK, dict(), 2, 16),  # block-causal: stale slots after the new one are seen
+    (95, BLOCK, dict(h=9, kv=3, bias=False), 1, 32),  # one split, SmolLM2's group of 3
+    (50, CAUSAL, dict(h=7, kv=1, d=32, parts=1), 3, 16),  # a group of 7, one part, head_dim 32
+    (90, CAUSAL, dict(h=4, kv=4, d=128, parts=5), 2, 64),  # no grouping, head_dim 128
+])
+def test_row_attention_equals_the_ops_it_replaces(pos, spec, shape, splits, block_k):
+  (out, kc, vc, counter), (want_out, want_kc, want_vc) = _run(
+      pos, spec, splits=splits, block_k=block_k, **shape)
+  # The cache rows are the same ops' results, rounded the same way: equal.
+  np.testing.assert_array_equal(np.asarray(kc, np.float32), np.asarray(want_kc, np.float32))
+  np.testing.assert_array_equal(np.asarray(vc, np.float32), np.asarray(want_vc, np.float32))
+  # Attention over bf16 inputs in float32, summed in another order (head_dim in two halves,
+  # float32 partials where decode_attention rounds them to bf16): within a bf16 rounding.
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
+                             rtol=1e-2, atol=8e-3)
+  np.testing.assert_array_equal(counter, 0)  # left zero for the next layer's launch
+
+
+def test_row_attention_without_the_write_sees_the_old_slot():
+  (out, kc, vc, _), (want_out, want_kc, want_vc) = _run(
+      70, CAUSAL, splits=2, write_mask=jnp.array([False]))
+  np.testing.assert_array_equal(np.asarray(kc, np.float32), np.asarray(want_kc, np.float32))
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
+                             rtol=1e-2, atol=8e-3)
+  written, _ = _run(70, CAUSAL, splits=2)
+  assert not np.array_equal(np.asarray(written[1]), np.asarray(kc))  # the write did happen
+
+
+def test_row_attention_with_a_float32_cache():
+  (out, kc, vc, _), (want_out, want_kc, want_vc) = _run(33, CAUSAL, splits=2,
+                                                        cache_dtype=jnp.float32)
+  assert kc.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(kc), np.asarray(want_kc))
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
+                             rtol=1e-2, atol=8e-3)
+
+
+def test_row_attention_counts_on_the_counter():
+  # A counter not zero on entry: no program sees itself last, so no output is combined. Shows
+  # the combine is what writes the output (the tests above would pass a kernel that never
+  # counted only if every split wrote it).
+  qp, kp, vp, rsqrt, biases, kc, vc = _inputs(12, 2, 64, 128, 3, True, jnp.bfloat16)
+  cos, sin = (t.reshape(32) for t in model.rope_tables(jnp.full((1, 1), 30), 64, THETA))
+  args = (qp, kp, vp, rsqrt, cos, sin, kc, vc)
+  run = lambda counter: decode.row_attention(*args, counter, jnp.array([30]), CAUSAL,
+                                             dtype=jnp.bfloat16, biases=biases, splits=2,
+                                             interpret=True)
+  good, _, _, counter = run(jnp.zeros((2,), jnp.int32))
+  bad, _, _, counter_bad = run(jnp.full((2,), 5, jnp.int32))
+  np.testing.assert_array_equal(counter, 0)
+  np.testing.assert_array_equal(counter_bad, 7)  # each of the 2 splits added one
+  assert np.abs(np.asarray(good, np.float32)).max() > 0.1
+  assert not np.allclose(np.asarray(good, np.float32), np.asarray(bad, np.float32))
+
+
+def test_default_row_splits():
+  assert decode.default_row_splits(12) == 6
+  assert decode.default_row_splits(1) == 1
+  assert decode.default_row_splits(3) == 2
+  assert decode.default_row_splits(1000) == decode.ROW_MAX_SPLITS
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(spec=masks.MaskSpec("diffusion")), "causal or block_causal"),
+    (dict(splits=9), r"splits=9 must be 1 \.\. 8"),
+    (dict(splits=0), r"splits=0 must be"),
+    (dict(block_k=24), "block_k=24 must be a power of two"),
+    (dict(counter=jnp.zeros((3,), jnp.int32)), r"'counter': \(3,\)"),
+    (dict(v_cache=jnp.zeros((128, 2, 64), jnp.float32)), "differ"),
+    (dict(biases=[jnp.zeros((12, 64))] * 3), "biases"),
+])
+def test_row_attention_names_bad_inputs(change, match):
+  qp, kp, vp, rsqrt, _, kc, vc = _inputs(12, 2, 64, 128, 3, False, jnp.bfloat16)
+  cos = sin = jnp.zeros((32,))
+  kw = dict(spec=CAUSAL, counter=jnp.zeros((2,), jnp.int32), v_cache=vc, splits=None,
+            block_k=16, biases=None)
+  kw.update(change)
+  with pytest.raises(ValueError, match=match):
+    decode.row_attention(qp, kp, vp, rsqrt, cos, sin, kc, kw["v_cache"], kw["counter"],
+                         jnp.array([3]), kw["spec"], dtype=jnp.bfloat16, biases=kw["biases"],
+                         splits=kw["splits"], block_k=kw["block_k"], interpret=True)
+
+
+def test_row_supported_names_the_shape():
+  assert decode.row_supported(12, 2, 128, 768) is None
+  assert "head_dim 16" in decode.row_supported(4, 2, 16, 64)
+  assert "multiple of 16" in decode.row_supported(4, 2, 64, 40)
+
+
+def test_row_attention_lowers_for_cuda_as_one_triton_call():
+  sd = jax.ShapeDtypeStruct
+  f32, bf = jnp.float32, jnp.bfloat16
+  fn = lambda *a: decode.row_attention(*a[:10], CAUSAL, dtype=bf, biases=list(a[10:]))
+  args = [sd((3, 12, 128), f32), sd((3, 2, 128), f32), sd((3, 2, 128), f32), sd((16,), f32),
+          sd((64,), f32), sd((64,), f32), sd((768, 2, 128), bf), sd((768, 2, 128), bf),
+          sd((2,), jnp.int32), sd((1,), jnp.int32), sd((12, 128), bf), sd((2, 128), bf),
+          sd((2, 128), bf)]
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
+
+
+@pytest.mark.parametrize("stacked,spec", [(False, CAUSAL), (True, masks.MaskSpec("block_causal", 8))])
+def test_model_one_row_step_with_row_attention_equals_xla(stacked, spec):
+  cfg = dataclasses.replace(CFG, head_dim=32, attention_impl="pallas")
+  params = model.with_layout(_perturbed(cfg, jax.random.key(0)),
+                             "stacked" if stacked else "per_layer")
+  pallas = dataclasses.replace(cfg, matvec_impl="pallas")
+  tokens = jax.random.randint(jax.random.key(1), (1, 13), 0, CFG.vocab_size)
+  pos = lambda s, n: masks.TokenMeta.simple(jnp.arange(s, s + n, dtype=jnp.int32)[None])
+  fwd = jax.jit(model.forward, static_argnums=(1, 4))
+  cache = kvcache.init_cache(cfg, 1, 32, per_layer=not stacked)
+  _, cache = fwd(params, cfg, tokens[:, :12], pos(0, 12), spec, cache)
+  want, want_cache = fwd(params, cfg, tokens[:, 12:], pos(12, 1), spec, cache)
+  got, got_cache = fwd(params, pallas, tokens[:, 12:], pos(12, 1), spec, cache)
+  jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(
+      params, pallas, tokens[:, 12:], pos(12, 1), spec, cache))
+  layers = 1 if stacked else CFG.num_layers
+  assert jaxpr.count("name=row_attention") == layers
+  assert "name=decode_attention" not in jaxpr
+  np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
+  assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.9999
+  for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=5e-3, atol=5e-3)
+
+
+def test_model_row_attention_off_runs_the_decode_kernel(monkeypatch):
+  monkeypatch.setattr(model, "ROW_ATTENTION", False)
+  cfg = dataclasses.replace(CFG, head_dim=32, attention_impl="pallas", matvec_impl="pallas")
+  params = model.with_layout(model.init_params(cfg, jax.random.key(0)), "per_layer")
+  cache = kvcache.init_cache(cfg, 1, 16, per_layer=True)
+  meta = masks.TokenMeta.simple(jnp.full((1, 1), 3, jnp.int32))
+  jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(
+      params, cfg, jnp.ones((1, 1), jnp.int32), meta, CAUSAL, cache))
+  assert "name=row_attention" not in jaxpr
+  assert jaxpr.count("name=decode_attention") == CFG.num_layers

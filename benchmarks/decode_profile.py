@@ -86,10 +86,9 @@ def main():
     knobs = {}
     for item in filter(None, args.row_attention_knobs.split(",")):
       key, _, value = item.partition("=")
-      if (key not in ("splits", "block_k", "num_warps", "num_stages", "prefetch")
-          or not value.isdigit()):
-        ap.error(f"--row-attention-knobs: {item!r} is not "
-                 "splits|block_k|num_warps|num_stages|prefetch=INT")
+      if key not in ("splits", "block_k", "num_warps", "num_stages") or not value.isdigit():
+        ap.error(f"--row-attention-knobs: {item!r} is not splits|block_k|num_warps|num_stages"
+                 "=INT")
       knobs[key] = int(value)
     decode_kernels.row_attention = functools.partial(decode_kernels.row_attention, **knobs)
   if args.matvec_knobs or args.matvec_pair_knobs or args.matvec_partial_knobs:

@@ -243,7 +243,7 @@ def _rotate(lo, hi, cos, sin, dtype):
 
 def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias, spec, group,
                 rows, d, block_k, tiles_per_split, num_kv_tiles, splits, num_parts, scale,
-                dtype, cache_dtype, prefetch, interpret):
+                dtype, cache_dtype, interpret):
   it = iter(refs)
   bq_ref, bk_ref, bv_ref = (next(it), next(it), next(it)) if has_bias else (None,) * 3
   cos_ref, sin_ref = next(it), next(it)
@@ -258,19 +258,6 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
   # This program writes the new k, v and sees them from registers, not from the cache: the
   # cache holds them only once the write lands, and no other program reads slot w.
   own = (lax.div(tile_w, tiles_per_split) == sp) & (wm_ref[0] != 0)
-  last_slot = _last_slot(spec, p)
-  n_full = jnp.minimum(lax.div(last_slot + 1, block_k), num_kv_tiles)
-  n_used = jnp.minimum(lax.div(last_slot + block_k, block_k), num_kv_tiles)
-  lo = sp * tiles_per_split
-  hi = jnp.minimum(lo + tiles_per_split, n_used)
-
-  def load_tile(j):  # K and V of cache tile j, each as its two halves of head_dim
-    ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-    return tuple(ref[ks, g, pl.ds(half * d2, d2)].astype(dtype)
-                 for ref in (kc_ref, vc_ref) for half in (0, 1))
-
-  if prefetch:  # the first tile's loads go out before the q/k/v parts' arithmetic waits
-    first_tile = load_tile(jnp.minimum(lo, num_kv_tiles - 1))
   rsqrt = r_ref[0]
   cos = cos_ref[...][None, :]
   sin = sin_ref[...][None, :]
@@ -296,14 +283,22 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
   c = scale * _LOG2E
   s_w = (jnp.sum(q_lo * k_lo, axis=1) + jnp.sum(q_hi * k_hi, axis=1)) * c  # [rows]
   r = jnp.arange(rows, dtype=jnp.int32)
-  last = jnp.where(r < group, last_slot, -1)
+  last = jnp.where(r < group, _last_slot(spec, p), -1)
+  n_full = jnp.minimum(lax.div(_last_slot(spec, p) + 1, block_k), num_kv_tiles)
+  n_used = jnp.minimum(lax.div(_last_slot(spec, p) + block_k, block_k), num_kv_tiles)
+  lo = sp * tiles_per_split
+  hi = jnp.minimum(lo + tiles_per_split, n_used)
 
-  def tile_step(j, carry, tile, masked):
+  def body(j, carry, masked):
     acc_lo, acc_hi, m, l = carry
-    kl, kh, vl, vh = tile
-    s = (_dot(qc_lo, kl, trans_b=True) + _dot(qc_hi, kh, trans_b=True)) * c
+    first = pl.multiple_of(j * block_k, block_k)
+    ks = pl.ds(first, block_k)
+    s = (_dot(qc_lo, kc_ref[ks, g, pl.ds(0, d2)].astype(dtype), trans_b=True)
+         + _dot(qc_hi, kc_ref[ks, g, pl.ds(d2, d2)].astype(dtype), trans_b=True)) * c
+    vl = vc_ref[ks, g, pl.ds(0, d2)].astype(dtype)
+    vh = vc_ref[ks, g, pl.ds(d2, d2)].astype(dtype)
     if masked:
-      slot = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+      slot = first + jnp.arange(block_k, dtype=jnp.int32)
       new = own & (slot == w)
       s = jnp.where(new[None, :], s_w[:, None], s)
       s = jnp.where(slot[None, :] <= last[:, None], s, _MASKED)
@@ -319,22 +314,10 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
   zeros = jnp.zeros((rows, d2), jnp.float32)
   carry = (zeros, zeros, jnp.full((rows,), -jnp.inf, jnp.float32),
            jnp.zeros((rows,), jnp.float32))
-  if prefetch:
-    # Each step loads the next tile before it computes on the current one (the program's loop
-    # is a chain of latencies: a run of 2-4 tiles gives Triton's pipeliner nothing to overlap).
-    # Every tile is masked: a select is cheaper than a second loop's ramp here.
-    def body(j, carry_tile):
-      carry, tile = carry_tile
-      nxt = load_tile(jnp.minimum(j + 1, num_kv_tiles - 1))
-      return tile_step(j, carry, tile, True), nxt
-
-    acc_lo, acc_hi, m, l = lax.fori_loop(lo, hi, body, (carry, first_tile))[0]
-  else:
-    body = lambda j, carry, masked: tile_step(j, carry, load_tile(j), masked)
-    # Tiles before the first partial one (or the one holding slot w here) need no mask.
-    mid = jnp.clip(jnp.where(own, jnp.minimum(n_full, tile_w), n_full), lo, hi)
-    carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
-    acc_lo, acc_hi, m, l = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
+  # Tiles before the first partial one (or the one holding slot w here) need no mask.
+  mid = jnp.clip(jnp.where(own, jnp.minimum(n_full, tile_w), n_full), lo, hi)
+  carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
+  acc_lo, acc_hi, m, l = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
   # A split that saw no tile (or a padding row) has l == 0: output 0, lse -inf, weight 0.
   inv = 1.0 / jnp.where(l == 0.0, 1.0, l)[:, None]
   o_lo, o_hi = acc_lo * inv, acc_hi * inv
@@ -403,8 +386,7 @@ def row_supported(num_heads: int, num_kv_heads: int, head_dim: int, cache_len: i
 def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cache_SKD,
                   v_cache_SKD, counter_K, pos, spec: masks.MaskSpec, *, dtype, biases=None,
                   write_mask=None, block_k: int | None = None, splits: int | None = None,
-                  num_warps: int = 4, num_stages: int = 3, prefetch: bool = False,
-                  interpret: bool = False):
+                  num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
   """One query token's attention at batch 1, with the work around it in the same launch.
 
   Returns (out [H, D] in `dtype`, k cache, v cache, counter). The inputs are what the one-row
@@ -487,7 +469,7 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
       _row_kernel, has_bias=biases is not None, spec=spec, group=group, rows=rows, d=d,
       block_k=block_k, tiles_per_split=tiles_per_split, num_kv_tiles=num_kv_tiles,
       splits=splits, num_parts=parts, scale=d ** -0.5, dtype=jnp.dtype(dtype),
-      cache_dtype=k_cache_SKD.dtype, prefetch=bool(prefetch), interpret=interpret)
+      cache_dtype=k_cache_SKD.dtype, interpret=interpret)
   out, _, _, k_cache, v_cache, counter = pl.pallas_call(
       kernel,
       grid=(splits, kv),

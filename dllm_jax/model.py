@@ -276,8 +276,8 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   same arithmetic in four launches of its own and the attention's: five a layer where XLA runs
   about seventeen. The attention's launch (`kernels.decode.row_attention`, where
   `_row_attention` says) also sums the q/k/v parts, applies RoPE, writes the cache and combines
-  its splits, which took five small XLA kernels around `decode_attention` before: 8.0 us a layer
-  against 10.0 on the 1.5B (BENCHMARKS.md, session 21).
+  its splits, which took five small XLA kernels around `decode_attention` before: 7.9 us a layer
+  against 10.0 on the 1.5B at 640 cache slots (BENCHMARKS.md, session 21).
 
   x = (row [E], pending, counter): the residual stream is the row plus `pending`, the previous
   layer's down product as float32 partial sums [S, E] (or None), which this layer's first launch

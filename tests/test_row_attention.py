@@ -177,7 +177,8 @@ def test_row_attention_lowers_for_cuda_as_one_triton_call():
   assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
 
-@pytest.mark.parametrize("stacked,spec", [(False, CAUSAL), (True, masks.MaskSpec("block_causal", 8))])
+@pytest.mark.parametrize("stacked,spec", [(False, CAUSAL),
+                                          (True, masks.MaskSpec("block_causal", 8))])
 def test_model_one_row_step_with_row_attention_equals_xla(stacked, spec):
   cfg = dataclasses.replace(CFG, head_dim=32, attention_impl="pallas")
   params = model.with_layout(_perturbed(cfg, jax.random.key(0)),

@@ -4,8 +4,12 @@ script's default, the 1.5B's gate and up as one [1536, 17920] weight; 17.9 KB in
 gate/up launch, which reads two [1536, 8960] weights), where XLA's GEMM reads 128-column tiles
 through TMA. The same Pallas Triton product (the row as 16 equal rows through the tensor cores,
 as `kernels.matvec`) on the weight as it is and on the weight pre-tiled to [N / bn, K, bn]
-(each program's tile one contiguous run), GPU time from a profile, 16 distinct weight sets,
-independent products in one jit (no L2 hits).
+(each program's tile one contiguous run), and on the weight transposed to [N, K] (out-major, as
+Hugging Face stores a Linear: each program's bn output columns are bn whole rows of K, one
+contiguous run as well, in a layout XLA's GEMMs take as they are), GPU time from a profile, 16
+distinct weight sets, independent products in one jit (no L2 hits). Beside them XLA's one-row
+GEMM, and its 512-row GEMM (a prefill's) on [K, N] and on [N, K]: a layout the kernels would
+keep must not slow the prefill and diffusion forwards, which multiply through XLA.
 
     python benchmarks/matvec_layout.py [--n 17920] [--k 1536]
 
@@ -34,16 +38,19 @@ from benchmarks.common import (ceilings, error_text, kernel_us, product_us, run_
 from dllm_jax import model  # noqa: E402
 
 SETS, ROUNDS, ROWS = 16, 4, 16
+PREFILL = 512  # rows of the prefill-sized GEMM
 # (block_n, block_k, num_stages, num_warps)
 SETTINGS = [(32, 256, 3, 4), (32, 512, 3, 4), (64, 256, 3, 4), (64, 128, 4, 4),
             (128, 128, 3, 4), (128, 64, 4, 4), (64, 512, 2, 4)]
 
 
-def _kernel(x_ref, w_ref, o_ref, *, bk, nk, bn):
-  # x_ref [K]; w_ref [K, bn]: this program's column tile, whichever layout it came from.
+def _kernel(x_ref, w_ref, o_ref, *, bk, nk, bn, transposed):
+  # x_ref [K]; w_ref [K, bn] (row-major or tiled) or [bn, K] (transposed): this program's
+  # output columns.
   def body(c, acc):
     a = jnp.broadcast_to(x_ref[pl.ds(c * bk, bk)][None, :], (ROWS, bk))
-    return acc + lax.dot_general(a, w_ref[pl.ds(c * bk, bk), :], (((1,), (0,)), ((), ())),
+    w = w_ref[:, pl.ds(c * bk, bk)] if transposed else w_ref[pl.ds(c * bk, bk), :]
+    return acc + lax.dot_general(a, w, (((1,), (1 if transposed else 0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
 
   acc = lax.fori_loop(0, nk, body, jnp.zeros((ROWS, bn), jnp.float32))
@@ -51,14 +58,22 @@ def _kernel(x_ref, w_ref, o_ref, *, bk, nk, bn):
   o_ref[...] = jnp.sum(jnp.where(first, acc, 0.0), axis=0).astype(o_ref.dtype)
 
 
-def matvec(x, w, *, tiled, bn, bk, stages, warps, interpret=False):
-  """x [K] @ w, w [K, N] or, `tiled`, [N / bn, K, bn]; bf16 [N]."""
+LAYOUTS = ("row_major", "tiled", "transposed")
+
+
+def matvec(x, w, *, layout, bn, bk, stages, warps, interpret=False):
+  """x [K] @ the weight, bf16 [N]: w is [K, N] (`row_major`), [N / bn, K, bn] (`tiled`) or
+  [N, K] (`transposed`)."""
   k = x.shape[0]
-  tiles = w.shape[0] if tiled else w.shape[1] // bn
-  spec = (pl.BlockSpec((None, k, bn), lambda j: (j, 0, 0)) if tiled
-          else pl.BlockSpec((k, bn), lambda j: (0, j)))
+  if layout not in LAYOUTS:
+    raise ValueError(f"matvec: layout {layout!r}; expected one of {LAYOUTS}")
+  tiles = {"row_major": lambda: w.shape[1] // bn, "tiled": lambda: w.shape[0],
+           "transposed": lambda: w.shape[0] // bn}[layout]()
+  spec = {"row_major": lambda: pl.BlockSpec((k, bn), lambda j: (0, j)),
+          "tiled": lambda: pl.BlockSpec((None, k, bn), lambda j: (j, 0, 0)),
+          "transposed": lambda: pl.BlockSpec((bn, k), lambda j: (j, 0))}[layout]()
   return pl.pallas_call(
-      functools.partial(_kernel, bk=bk, nk=k // bk, bn=bn),
+      functools.partial(_kernel, bk=bk, nk=k // bk, bn=bn, transposed=layout == "transposed"),
       grid=(tiles,),
       in_specs=[pl.BlockSpec((k,), lambda j: (0,)), spec],
       out_specs=pl.BlockSpec((bn,), lambda j: (j,)),
@@ -67,10 +82,12 @@ def matvec(x, w, *, tiled, bn, bk, stages, warps, interpret=False):
       interpret=interpret, name="layout_matvec")(x, w)
 
 
-def tile(w, bn):
-  """[K, N] -> [N / bn, K, bn]."""
+def relayout(w, layout, bn):
+  """[K, N] in `layout` (see `matvec`)."""
   k, n = w.shape
-  return w.reshape(k, n // bn, bn).transpose(1, 0, 2)
+  if layout == "tiled":
+    return w.reshape(k, n // bn, bn).transpose(1, 0, 2)
+  return w.T if layout == "transposed" else w
 
 
 def main():
@@ -87,28 +104,34 @@ def main():
   x = jax.random.normal(jax.random.key(0), (k,), jnp.bfloat16)
   ws = [(k ** -0.5 * jax.random.normal(jax.random.key(1 + i), (k, n))).astype(jnp.bfloat16)
         for i in range(SETS)]
+  xs = jax.random.normal(jax.random.key(SETS + 1), (PREFILL, k), jnp.bfloat16)
   want = jnp.dot(x.astype(jnp.float32), ws[0].astype(jnp.float32))
-  runs = [("xla", None, lambda x, ws: [model._matmul(x[None], w)[0] for w in ws], ws)]
+  nt = lambda a, w: lax.dot_general(a, w, (((1,), (1,)), ((), ())))  # a @ w.T
+  # (impl, knobs, run(x, sets), layout, the rows multiplied)
+  runs = [("xla", None, lambda x, ws: [model._matmul(x[None], w)[0] for w in ws], "row_major", 1),
+          ("xla_transposed", None, lambda x, ws: [nt(x[None], w)[0] for w in ws], "transposed",
+           1),
+          ("xla_prefill", None, lambda _, ws: [jnp.dot(xs, w)[0] for w in ws], "row_major",
+           PREFILL),
+          ("xla_prefill_transposed", None, lambda _, ws: [nt(xs, w)[0] for w in ws],
+           "transposed", PREFILL)]
   for bn, bk, stages, warps in SETTINGS:
     kw = dict(bn=bn, bk=bk, stages=stages, warps=warps)
-    for tiled in (False, True):
-      fn = functools.partial(matvec, tiled=tiled, **kw)
-      runs.append(("tiled" if tiled else "row_major", kw,
-                   lambda x, ws, fn=fn: [fn(x, w) for w in ws], None))
-  tiled_sets = {}
-  for impl, kw, run, sets in runs:
-    row = {"impl": impl, "knobs": kw, "K": k, "N": n}
+    for layout in LAYOUTS:
+      fn = functools.partial(matvec, layout=layout, **kw)
+      runs.append((layout, kw, lambda x, ws, fn=fn: [fn(x, w) for w in ws], layout, 1))
+  sets_of = {}
+  for impl, kw, run, layout, m in runs:
+    row = {"impl": impl, "knobs": kw, "K": k, "N": n, "M": m}
     f = jax.jit(run)
     try:
-      if sets is None:
-        if impl == "tiled":
-          if kw["bn"] not in tiled_sets:
-            tiled_sets[kw["bn"]] = [jax.block_until_ready(tile(w, kw["bn"])) for w in ws]
-          sets = tiled_sets[kw["bn"]]
-        else:
-          sets = ws
+      key = (layout, kw["bn"] if layout == "tiled" else None)
+      if key not in sets_of:
+        sets_of[key] = [jax.block_until_ready(relayout(w, layout, key[1] or 1)) for w in ws]
+      sets = sets_of[key]
       got = f(x, sets)[0].astype(jnp.float32)
-      row["max_rel_err"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+      ref = want if m == 1 else jnp.dot(xs[0].astype(jnp.float32), ws[0].astype(jnp.float32))
+      row["max_rel_err"] = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
       if row["max_rel_err"] > 2e-2:
         raise ValueError(f"wrong output: {row['max_rel_err']:.3g} of the largest value")
       per = kernel_us(lambda: [jax.block_until_ready(f(x, sets)) for _ in range(ROUNDS)],
@@ -116,6 +139,8 @@ def main():
       row["kernels_us"] = per
       row["us"] = product_us(per, "gemm", "layout_matvec")
       row["of_copy"] = 2 * k * n / (row["us"] * 1e-6) / bw
+      if m > 1:
+        row["tflops"] = 2 * m * k * n / (row["us"] * 1e-6) / 1e12
     except Exception as e:  # a setting that does not compile or fit is recorded
       row["error"] = error_text(e)
     print(row, flush=True)

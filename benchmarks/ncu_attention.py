@@ -1,12 +1,16 @@
 """Launches each attention kernel a few times, warm, so Nsight Compute can read its counters.
 
     ncu --clock-control none -k regex:NAME --launch-skip 1 --launch-count 1 \
-        --section SpeedOfLight ... python benchmarks/ncu_attention.py --case train|decode
+        --section SpeedOfLight ... python benchmarks/ncu_attention.py --case train|decode|row
 
 Shapes are the benchmark's headline cases: training, Qwen2.5-1.5B heads (12/2, D=128), the
 diffusion 2L layout at L=2048, batch 4 (kernels block_sparse_attention_fwd/_dq/_dkv); decode,
 the same heads, an 8-token sub-block at the end of a 4096-slot cache, batch 32
-(decode_attention). Nothing is timed here.
+(decode_attention); row, the batch-1 one-token step's `row_attention` at position 575 of a
+640-slot cache (the decode_profile case; 7.7-8.4 us a launch on the H200 where
+decode_attention alone took 3.4: where the chain of latencies goes is the open question,
+BENCHMARKS.md session 21), its q/k/v parts in 3 splits as the q/k/v launch leaves them.
+Nothing is timed here.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from dllm_jax.kernels import decode, flash  # noqa: E402
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--case", choices=["train", "decode"], required=True)
+  ap.add_argument("--case", choices=["train", "decode", "row"], required=True)
+  ap.add_argument("--row-splits", type=int, default=0,
+                  help="row case: row_attention's splits (0: its default)")
   ap.add_argument("--calls", type=int, default=3)
   ap.add_argument("--num-warps-dkv", type=int, default=0, help="flash.Tiles.num_warps_dkv")
   ap.add_argument("--dkv-head-split", type=int, default=flash.Tiles().dkv_head_split,
@@ -52,6 +58,18 @@ def main():
     fn = jax.jit(jax.grad(lambda q, k, v: (attn(q, k, v) * ct).astype(jnp.float32).sum(),
                           (0, 1, 2)))
     call = lambda: fn(q, k, v)
+  elif args.case == "row":
+    slots, pos, parts = 640, 575, 3
+    kc = jax.random.normal(ks[1], (slots, kh, d), jnp.bfloat16)
+    vc = jax.random.normal(ks[2], (slots, kh, d), jnp.bfloat16)
+    qp, kp, vp = (jax.random.normal(k, (parts, n, d)) for k, n in
+                  zip(jax.random.split(ks[0], 3), (h, kh, kh)))
+    cos = sin = jnp.full((d // 2,), 0.5, jnp.float32)
+    fn = jax.jit(lambda qp, kp, vp, kc, vc: decode.row_attention(
+        qp, kp, vp, jnp.ones((16,)), cos, sin, kc, vc, jnp.zeros((kh,), jnp.int32),
+        jnp.array([pos]), masks.MaskSpec("causal"), dtype=jnp.bfloat16,
+        splits=args.row_splits or None)[0])
+    call = lambda: fn(qp, kp, vp, kc, vc)
   else:
     b, s, tq = 32, 4096, 8
     spec = masks.MaskSpec("block_causal", 32)

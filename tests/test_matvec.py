@@ -248,27 +248,21 @@ def _perturbed(cfg, key):
   return jax.tree_util.tree_map_with_path(perturb, params)
 
 
-@pytest.mark.parametrize("stacked,qkv_bias", [(True, True), (False, True), (False, False)])
-def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias):
-  cfg = dataclasses.replace(CFG, qkv_bias=qkv_bias)
+def check_one_row_step(cfg, stacked, spec):
+  """One decode step of token 13 after a 12-token prefill, by the XLA path (cfg) and the
+  one-row kernels (cfg with matvec_impl="pallas"): their logits and caches agree. Returns the
+  kernels' step as a jaxpr string, and how many layers it spells out (the scan's body holds
+  one)."""
   params = model.with_layout(_perturbed(cfg, jax.random.key(0)),
                              "stacked" if stacked else "per_layer")
   pallas = dataclasses.replace(cfg, matvec_impl="pallas")
-  spec = masks.MaskSpec("causal")
-  tokens = jax.random.randint(jax.random.key(1), (1, 13), 0, CFG.vocab_size)
+  tokens = jax.random.randint(jax.random.key(1), (1, 13), 0, cfg.vocab_size)
   pos = lambda s, n: masks.TokenMeta.simple(jnp.arange(s, s + n, dtype=jnp.int32)[None])
   fwd = jax.jit(model.forward, static_argnums=(1, 4))
   cache = kvcache.init_cache(cfg, 1, 32, per_layer=not stacked)
   _, cache = fwd(params, cfg, tokens[:, :12], pos(0, 12), spec, cache)
   want, want_cache = fwd(params, cfg, tokens[:, 12:], pos(12, 1), spec, cache)
   got, got_cache = fwd(params, pallas, tokens[:, 12:], pos(12, 1), spec, cache)
-  # Four kernel launches a layer (the scan's body holds one layer).
-  jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(
-      params, pallas, tokens[:, 12:], pos(12, 1), spec, cache))
-  layers = 1 if stacked else CFG.num_layers
-  assert jaxpr.count("name=norm_partials") == layers  # q/k/v
-  assert jaxpr.count("name=norm_matvec") == layers  # gate/up
-  assert jaxpr.count("name=matvec_partials") == 2 * layers  # o, down
   # bf16 steps that differ in the order of float32 sums and where 1/rms applies: about one
   # rounding apart (a dropped norm scale moved these logits by 2e-2, a dropped bias by more).
   np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
@@ -276,6 +270,19 @@ def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias):
   for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                rtol=5e-3, atol=5e-3)
+  jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(
+      params, pallas, tokens[:, 12:], pos(12, 1), spec, cache))
+  return jaxpr, 1 if stacked else cfg.num_layers
+
+
+@pytest.mark.parametrize("stacked,qkv_bias", [(True, True), (False, True), (False, False)])
+def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias):
+  cfg = dataclasses.replace(CFG, qkv_bias=qkv_bias)
+  jaxpr, layers = check_one_row_step(cfg, stacked, masks.MaskSpec("causal"))
+  # Four kernel launches a layer.
+  assert jaxpr.count("name=norm_partials") == layers  # q/k/v
+  assert jaxpr.count("name=norm_matvec") == layers  # gate/up
+  assert jaxpr.count("name=matvec_partials") == 2 * layers  # o, down
 
 
 def test_stacked_carry_takes_the_down_launch_shape(monkeypatch):
@@ -446,18 +453,21 @@ def test_matvec_mgpu_probe_arguments(load_benchmark):
   assert bench.weight_shape(cfg, "down") == (8960, 1536)
 
 
-def test_matvec_layout_benchmark_kernel_reads_both_layouts(load_benchmark):
-  # The layout benchmark's product must be the same product on the row-major and the pre-tiled
-  # weight, or its timings compare different work.
+def test_matvec_layout_benchmark_kernel_reads_every_layout(load_benchmark):
+  # The layout benchmark's product must be the same product on the row-major, the pre-tiled and
+  # the transposed weight, or its timings compare different work.
   bench = load_benchmark("matvec_layout")
   x = jax.random.normal(jax.random.key(0), (256,), jnp.bfloat16)
   w = jax.random.normal(jax.random.key(1), (256, 96), jnp.bfloat16)
-  assert bench.tile(w, 32).shape == (3, 256, 32)
+  assert bench.relayout(w, "tiled", 32).shape == (3, 256, 32)
+  assert bench.relayout(w, "transposed", 32).shape == (96, 256)
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-  for tiled in (False, True):
-    got = bench.matvec(x, bench.tile(w, 32) if tiled else w, tiled=tiled, bn=32, bk=64,
+  for layout in bench.LAYOUTS:
+    got = bench.matvec(x, bench.relayout(w, layout, 32), layout=layout, bn=32, bk=64,
                        stages=2, warps=4, interpret=True)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-2, atol=0.3)
+  with pytest.raises(ValueError, match="layout 'columns'"):
+    bench.matvec(x, w, layout="columns", bn=32, bk=64, stages=2, warps=4, interpret=True)
 
 
 def test_kernel_us_sums_each_kernel_per_call(load_benchmark, monkeypatch):

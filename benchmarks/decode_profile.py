@@ -81,6 +81,9 @@ def main():
   if args.no_row_attention:
     model.ROW_ATTENTION = False
   if args.row_attention_knobs:
+    if args.no_row_attention or args.matvec == "xla" or args.batch != 1 or args.forward:
+      ap.error("--row-attention-knobs tune row_attention, which runs only in the AR step at "
+               "--batch 1 with --matvec auto|pallas and without --no-row-attention")
     from dllm_jax.kernels import decode as decode_kernels
 
     knobs = {}

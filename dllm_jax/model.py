@@ -188,7 +188,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
   cfg: ModelConfig
   spec: masks.MaskSpec
-  # A one-row step by `kernels.matvec` (`Transformer` decides): x is then the pair
+  # A one-row step by `kernels.matvec` (`Transformer` decides): x is then the triple
   # `_fused_row_layer` takes and returns, not [B, T, E].
   row_kernels: bool = False
 
@@ -258,8 +258,9 @@ ROW_ATTENTION = True
 
 def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, cache) -> bool:
   """Whether the one-row step's attention, with its RoPE and cache write, is one kernel
-  (`kernels.decode.row_attention`): the Pallas attention on, a causal or block-causal mask and
-  shapes it covers; else `_cached_attention` after XLA's RoPE and cache write."""
+  (`kernels.decode.row_attention`): the Pallas attention on, a causal or block-causal mask, and
+  shapes it covers with a cache no longer than it was measured at (`decode.ROW_MAX_SLOTS`);
+  else `_cached_attention` after XLA's RoPE and cache write."""
   if not ROW_ATTENTION or attention.resolve_impl(cfg.attention_impl) != "pallas":
     return False
   if spec.kind not in ("causal", "block_causal"):
@@ -267,17 +268,19 @@ def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, cache) -> bool:
   from dllm_jax.kernels import decode
 
   cache_len = (cache.k[0] if isinstance(cache.k, tuple) else cache.k).shape[-3]
-  return decode.row_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache_len) is None
+  return (cache_len <= decode.ROW_MAX_SLOTS and
+          decode.row_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache_len) is None)
 
 
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
                      write_mask_B):
   """`DecoderLayer` for a single row (B = T = 1) against the cache, by `kernels.matvec`: the
-  same arithmetic in four launches of its own and the attention's: five a layer where XLA runs
-  about seventeen. The attention's launch (`kernels.decode.row_attention`, where
-  `_row_attention` says) also sums the q/k/v parts, applies RoPE, writes the cache and combines
-  its splits, which took five small XLA kernels around `decode_attention` before: 7.9 us a layer
-  against 10.0 on the 1.5B at 640 cache slots (BENCHMARKS.md, session 21).
+  same arithmetic in four launches of its own and the attention's (five a layer where XLA runs
+  about seventeen) where `_row_attention` says: that launch (`kernels.decode.row_attention`)
+  also sums the q/k/v parts, applies RoPE, writes the cache and combines its splits. Elsewhere
+  five small XLA kernels do that around `decode_attention`; in one H200 call at the 1.5B shape
+  and 640 cache slots they and the attention took 10.0 us a layer, `row_attention` 8.4
+  (BENCHMARKS.md, session 21).
 
   x = (row [E], pending, counter): the residual stream is the row plus `pending`, the previous
   layer's down product as float32 partial sums [S, E] (or None), which this layer's first launch
@@ -293,8 +296,9 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   a = p["attn"]
   ws = [a[n]["kernel"].reshape(e, -1).astype(dt) for n in ("q", "k", "v")]
   biases = [a[n]["bias"].reshape(-1).astype(dt) for n in ("q", "k", "v")] if cfg.qkv_bias else None
-  # q/k/v's 64 column tiles (1.5B) fill half the GPU: split-K parts, summed by the XLA kernels
-  # that read q, k and v (RoPE, the cache write) at no launch of their own.
+  # q/k/v's 64 column tiles (1.5B) fill half the GPU: split-K parts, summed where q, k and v
+  # are read (`row_attention`, or XLA's kernels of RoPE and the cache write) at no launch of
+  # their own.
   parts, rsqrt, row = matvec.norm_matvec_partials(
       x_E, ws, norm_scale_E=p["attn_norm"]["scale"].astype(dt), add_E=pending_SE,
       eps=cfg.rms_norm_eps, interpret=interpret)
@@ -369,8 +373,8 @@ class Transformer(nn.Module):
     row_kernels = (cache is not None and math.prod(tokens_BT.shape) == 1
                    and not self.is_initializing() and _row_kernels(cfg, self.stacked))
     if row_kernels:
-      # (row, pending partial sums): `_fused_row_layer`. A scan's carry keeps one shape, so its
-      # first layer adds zeros; the unrolled loop's adds nothing.
+      # (row, pending partial sums, counter): `_fused_row_layer`. A scan's carry keeps one
+      # shape, so its first layer adds zeros; the unrolled loop's adds nothing.
       e, f, dt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.dtype)
       pending = None
       if self.stacked:

@@ -248,18 +248,18 @@ def _perturbed(cfg, key):
   return jax.tree_util.tree_map_with_path(perturb, params)
 
 
-def check_one_row_step(cfg, stacked, spec):
-  """One decode step of token 13 after a 12-token prefill, by the XLA path (cfg) and the
-  one-row kernels (cfg with matvec_impl="pallas"): their logits and caches agree. Returns the
-  kernels' step as a jaxpr string, and how many layers it spells out (the scan's body holds
-  one)."""
+def check_one_row_step(cfg, stacked, spec, slots=32):
+  """One decode step of token 13 after a 12-token prefill into a cache of `slots`, by the XLA
+  path (cfg) and the one-row kernels (cfg with matvec_impl="pallas"): their logits and caches
+  agree. Returns the kernels' step as a jaxpr string, and how many layers it spells out (the
+  scan's body holds one)."""
   params = model.with_layout(_perturbed(cfg, jax.random.key(0)),
                              "stacked" if stacked else "per_layer")
   pallas = dataclasses.replace(cfg, matvec_impl="pallas")
   tokens = jax.random.randint(jax.random.key(1), (1, 13), 0, cfg.vocab_size)
   pos = lambda s, n: masks.TokenMeta.simple(jnp.arange(s, s + n, dtype=jnp.int32)[None])
   fwd = jax.jit(model.forward, static_argnums=(1, 4))
-  cache = kvcache.init_cache(cfg, 1, 32, per_layer=not stacked)
+  cache = kvcache.init_cache(cfg, 1, slots, per_layer=not stacked)
   _, cache = fwd(params, cfg, tokens[:, :12], pos(0, 12), spec, cache)
   want, want_cache = fwd(params, cfg, tokens[:, 12:], pos(12, 1), spec, cache)
   got, got_cache = fwd(params, pallas, tokens[:, 12:], pos(12, 1), spec, cache)

@@ -67,10 +67,12 @@ def _run(pos, spec, *, h=12, kv=2, d=64, slots=128, parts=3, bias=True, splits=N
 
 CAUSAL = masks.MaskSpec("causal")
 BLOCK = masks.MaskSpec("block_causal", 32)
+BLOCK48 = masks.MaskSpec("block_causal", 48)  # blocks that do not divide the cache
 
 
 @pytest.mark.parametrize("pos,spec,shape,splits,block_k", [
     (77, CAUSAL, dict(), None, None),  # the default split (the 2 tiles of 64 in one run)
+    (200, CAUSAL, dict(slots=256), None, None),  # the default split: 2 runs of 2 tiles
     (0, CAUSAL, dict(), 2, None),  # the first slot: only the new key
     (63, CAUSAL, dict(), 2, 32),  # the last slot of a tile, several tiles a split
     (64, CAUSAL, dict(), 4, 32),  # the first slot of a tile
@@ -80,6 +82,9 @@ BLOCK = masks.MaskSpec("block_causal", 32)
     (95, BLOCK, dict(h=9, kv=3, bias=False), 1, 32),  # one split, SmolLM2's group of 3
     (50, CAUSAL, dict(h=7, kv=1, d=32, parts=1), 3, 16),  # a group of 7, one part, head_dim 32
     (90, CAUSAL, dict(h=4, kv=4, d=128, parts=5), 2, 64),  # no grouping, head_dim 128
+    (100, BLOCK48, dict(), 4, 16),  # the block runs past the cache's last slot
+    (30, BLOCK48, dict(), 3, 16),
+    (60, CAUSAL, dict(h=20, kv=1, d=32, parts=2), 2, 32),  # a group of 20: 32-row tiles
 ])
 def test_row_attention_equals_the_ops_it_replaces(pos, spec, shape, splits, block_k):
   (out, kc, vc, counter), (want_out, want_kc, want_vc) = _run(
@@ -98,6 +103,7 @@ def test_row_attention_without_the_write_sees_the_old_slot():
   (out, kc, vc, _), (want_out, want_kc, want_vc) = _run(
       70, CAUSAL, splits=2, write_mask=jnp.array([False]))
   np.testing.assert_array_equal(np.asarray(kc, np.float32), np.asarray(want_kc, np.float32))
+  np.testing.assert_array_equal(np.asarray(vc, np.float32), np.asarray(want_vc, np.float32))
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
                              rtol=1e-2, atol=8e-3)
   written, _ = _run(70, CAUSAL, splits=2)
@@ -107,8 +113,9 @@ def test_row_attention_without_the_write_sees_the_old_slot():
 def test_row_attention_with_a_float32_cache():
   (out, kc, vc, _), (want_out, want_kc, want_vc) = _run(33, CAUSAL, splits=2,
                                                         cache_dtype=jnp.float32)
-  assert kc.dtype == jnp.float32
+  assert kc.dtype == vc.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(kc), np.asarray(want_kc))
+  np.testing.assert_array_equal(np.asarray(vc), np.asarray(want_vc))
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
                              rtol=1e-2, atol=8e-3)
 
@@ -131,6 +138,22 @@ def test_row_attention_counts_on_the_counter():
   assert not np.allclose(np.asarray(good, np.float32), np.asarray(bad, np.float32))
 
 
+def test_row_attention_launches_chain_on_the_returned_counter():
+  # As the model's layers do: the second launch takes the first one's counter (and cache).
+  qp, kp, vp, rsqrt, biases, kc, vc = _inputs(12, 2, 64, 128, 3, True, jnp.bfloat16)
+  counter = jnp.zeros((2,), jnp.int32)
+  for pos in (40, 41):
+    cos, sin = (t.reshape(32) for t in model.rope_tables(jnp.full((1, 1), pos), 64, THETA))
+    want = _reference(qp, kp, vp, rsqrt, biases, kc, vc, pos, CAUSAL, jnp.bfloat16, None)
+    out, kc, vc, counter = decode.row_attention(
+        qp, kp, vp, rsqrt, cos, sin, kc, vc, counter, jnp.array([pos]), CAUSAL,
+        dtype=jnp.bfloat16, biases=biases, splits=4, block_k=16, interpret=True)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want[0], np.float32),
+                               rtol=1e-2, atol=8e-3)
+    np.testing.assert_array_equal(np.asarray(kc, np.float32), np.asarray(want[1], np.float32))
+    np.testing.assert_array_equal(counter, 0)
+
+
 def test_default_row_splits():
   assert decode.default_row_splits(12) == 6
   assert decode.default_row_splits(1) == 1
@@ -146,23 +169,40 @@ def test_default_row_splits():
     (dict(counter=jnp.zeros((3,), jnp.int32)), r"'counter': \(3,\)"),
     (dict(v_cache=jnp.zeros((128, 2, 64), jnp.float32)), "differ"),
     (dict(biases=[jnp.zeros((12, 64))] * 3), "biases"),
+    (dict(k_cache=jnp.zeros((1, 128, 2, 64), jnp.bfloat16)), r"'k_cache': \(1, 128, 2, 64\)"),
+    (dict(k_cache=jnp.zeros((128, 2, 128), jnp.bfloat16)), r"'k_cache': \(128, 2, 128\)"),
+    (dict(pos=3), r"'pos': \(\)"),
+    (dict(pos=jnp.array([3.0])), r"'pos': 'float32'"),
+    (dict(counter=jnp.zeros((2,), jnp.float32)), r"'counter': 'float32'"),
+    (dict(write_mask=jnp.array([True, False])), r"'write_mask': \(2,\)"),
+    (dict(write_mask=jnp.array([1])), r"'write_mask': 'int32'"),
+    (dict(splits=2.0), r"splits=2\.0 is not an integer"),
 ])
 def test_row_attention_names_bad_inputs(change, match):
   qp, kp, vp, rsqrt, _, kc, vc = _inputs(12, 2, 64, 128, 3, False, jnp.bfloat16)
   cos = sin = jnp.zeros((32,))
-  kw = dict(spec=CAUSAL, counter=jnp.zeros((2,), jnp.int32), v_cache=vc, splits=None,
-            block_k=16, biases=None)
+  kw = dict(spec=CAUSAL, counter=jnp.zeros((2,), jnp.int32), k_cache=kc, v_cache=vc,
+            splits=None, block_k=16, biases=None, pos=jnp.array([3]), write_mask=None)
   kw.update(change)
   with pytest.raises(ValueError, match=match):
-    decode.row_attention(qp, kp, vp, rsqrt, cos, sin, kc, kw["v_cache"], kw["counter"],
-                         jnp.array([3]), kw["spec"], dtype=jnp.bfloat16, biases=kw["biases"],
-                         splits=kw["splits"], block_k=kw["block_k"], interpret=True)
+    decode.row_attention(qp, kp, vp, rsqrt, cos, sin, kw["k_cache"], kw["v_cache"],
+                         kw["counter"], kw["pos"], kw["spec"], dtype=jnp.bfloat16,
+                         biases=kw["biases"], write_mask=kw["write_mask"], splits=kw["splits"],
+                         block_k=kw["block_k"], interpret=True)
+
+
+def test_row_attention_takes_a_numpy_integer_split():
+  (out, *_), (want, *_) = _run(50, CAUSAL, splits=np.int64(2))
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
+                             rtol=1e-2, atol=8e-3)
 
 
 def test_row_supported_names_the_shape():
   assert decode.row_supported(12, 2, 128, 768) is None
   assert "head_dim 16" in decode.row_supported(4, 2, 16, 64)
   assert "multiple of 16" in decode.row_supported(4, 2, 64, 40)
+  assert "not a multiple of 3 KV heads" in decode.row_supported(4, 3, 64, 64)
+  assert "group of 129" in decode.row_supported(129, 1, 64, 64)
 
 
 def test_row_attention_lowers_for_cuda_as_one_triton_call():
@@ -181,16 +221,22 @@ def test_row_attention_lowers_for_cuda_as_one_triton_call():
                                           (True, masks.MaskSpec("block_causal", 8))])
 def test_model_one_row_step_with_row_attention_equals_xla(stacked, spec):
   cfg = dataclasses.replace(CFG, head_dim=32, attention_impl="pallas")
-  jaxpr, layers = check_one_row_step(cfg, stacked, spec)
+  # 256 slots: 4 tiles of 64, 2 splits, so the combine and the counter's carry through the
+  # layers (or the scan) run.
+  assert decode.default_row_splits(256 // 64) == 2
+  jaxpr, layers = check_one_row_step(cfg, stacked, spec, slots=256)
   assert jaxpr.count("name=row_attention") == layers
   assert "name=decode_attention" not in jaxpr
 
 
-def test_model_row_attention_off_runs_the_decode_kernel(monkeypatch):
-  monkeypatch.setattr(model, "ROW_ATTENTION", False)
+@pytest.mark.parametrize("off,slots", [(True, 16), (False, decode.ROW_MAX_SLOTS + 64)])
+def test_model_without_row_attention_runs_the_decode_kernel(monkeypatch, off, slots):
+  # Turned off, or a cache longer than row_attention was measured at.
+  if off:
+    monkeypatch.setattr(model, "ROW_ATTENTION", False)
   cfg = dataclasses.replace(CFG, head_dim=32, attention_impl="pallas", matvec_impl="pallas")
   params = model.with_layout(model.init_params(cfg, jax.random.key(0)), "per_layer")
-  cache = kvcache.init_cache(cfg, 1, 16, per_layer=True)
+  cache = kvcache.init_cache(cfg, 1, slots, per_layer=True)
   meta = masks.TokenMeta.simple(jnp.full((1, 1), 3, jnp.int32))
   jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(
       params, cfg, jnp.ones((1, 1), jnp.int32), meta, CAUSAL, cache))

@@ -24,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -253,10 +254,11 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
   d2 = d // 2
   p = pos_ref[0]
   slots = num_kv_tiles * block_k
-  w = jnp.minimum(p, slots - 1)  # the cache write's slot (clamped, as dynamic_update_slice)
+  w = jnp.clip(p, 0, slots - 1)  # the cache write's slot (clamped, as dynamic_update_slice)
   tile_w = lax.div(w, block_k)
-  # This program writes the new k, v and sees them from registers, not from the cache: the
-  # cache holds them only once the write lands, and no other program reads slot w.
+  # This program writes the new k, v and sees them from registers, not from the cache (no
+  # other program reads slot w). It writes them after its walk over the cache, so that the
+  # interpreter, which runs a program's steps in order, reads the old slot as a GPU may.
   own = (lax.div(tile_w, tiles_per_split) == sp) & (wm_ref[0] != 0)
   rsqrt = r_ref[0]
   cos = cos_ref[...][None, :]
@@ -271,13 +273,8 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
   v_lo, v_hi = fin(vp_ref, bv_ref, g, 1, 0), fin(vp_ref, bv_ref, g, 1, 1)
   to_cache = lambda x: x.astype(cache_dtype).astype(dtype)  # as stored, then read back
 
-  @pl.when(own)
-  def _():
-    for ref, x, half in ((kc_ref, k_lo, 0), (kc_ref, k_hi, 1), (vc_ref, v_lo, 0),
-                         (vc_ref, v_hi, 1)):
-      ref[w, g, pl.ds(half * d2, d2)] = x.reshape(d2).astype(cache_dtype)
-
   qc_lo, qc_hi = q_lo.astype(dtype), q_hi.astype(dtype)
+  new_rows = ((kc_ref, k_lo, 0), (kc_ref, k_hi, 1), (vc_ref, v_lo, 0), (vc_ref, v_hi, 1))
   k_lo, k_hi = to_cache(k_lo).astype(jnp.float32), to_cache(k_hi).astype(jnp.float32)
   v_lo, v_hi = to_cache(v_lo), to_cache(v_hi)
   c = scale * _LOG2E
@@ -318,6 +315,12 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
   mid = jnp.clip(jnp.where(own, jnp.minimum(n_full, tile_w), n_full), lo, hi)
   carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
   acc_lo, acc_hi, m, l = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
+
+  @pl.when(own)
+  def _():
+    for ref, x, half in new_rows:
+      ref[w, g, pl.ds(half * d2, d2)] = x.reshape(d2).astype(cache_dtype)
+
   # A split that saw no tile (or a padding row) has l == 0: output 0, lse -inf, weight 0.
   inv = 1.0 / jnp.where(l == 0.0, 1.0, l)[:, None]
   o_lo, o_hi = acc_lo * inv, acc_hi * inv
@@ -364,6 +367,10 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
 # (H200, BENCHMARKS.md session 21). Loading each tile a step ahead did not help.
 ROW_TILES_PER_SPLIT = 2
 ROW_MAX_SPLITS = 16  # the last program reads every split's partial output
+# The longest cache `row_attention` was measured at, and where the model stops using it: past
+# it each program's walk grows (the splits stop at ROW_MAX_SPLITS) while `decode_attention`
+# splits the cache to fill the GPU.
+ROW_MAX_SLOTS = 4096
 
 
 def default_row_splits(num_kv_tiles: int) -> int:
@@ -394,11 +401,11 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
   k and v [S, K, D], 1/rms ([16], every entry the same), and `biases` (q [H, D], k and v
   [K, D], or None). This kernel finishes them as `matvec.finish_partials` does, applies RoPE
   (`cos`, `sin` [D / 2] float32 of the token's position `pos` (int [1]), `model.rope_tables`),
-  writes k and v into the caches [S', K, D] at slot `pos` (clamped to the last slot, as
-  `cache.write`; not where `write_mask` (bool [1]) is False), and attends the query over the
-  cache under `spec` (causal or block_causal) as `decode_attention` does. Before this, the
-  step ran five small XLA kernels around the attention for that work, and one more for the
-  splits' combine (BENCHMARKS.md, session 21).
+  writes k and v into the caches [S', K, D] at slot `pos` (>= 0; past the end clamped to the
+  last slot, as `cache.write`; not where `write_mask` (bool [1]) is False), and attends the
+  query over the cache under `spec` (causal or block_causal) as `decode_attention` does. Before
+  this the step ran five small XLA kernels around `decode_attention` for that work, the splits'
+  combine among them (BENCHMARKS.md, session 21).
 
   The cache is split over `splits` programs a KV head (`default_row_splits`); the last of a
   head's programs to finish combines their normalised outputs (float32) by their log-sum-exp,
@@ -408,20 +415,34 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
   """
   if spec.kind not in ("causal", "block_causal"):
     raise ValueError(f"row_attention takes a causal or block_causal spec, got {spec}")
+  ranks = {"q_parts": (q_parts_SHD, 3), "k_cache": (k_cache_SKD, 3)}
+  bad = {k: jnp.shape(a) for k, (a, r) in ranks.items() if jnp.ndim(a) != r}
+  if bad:
+    raise ValueError(f"row_attention: q parts [S, H, D] and a k cache [slots, K, D] (one "
+                     f"layer, batch 1) expected; got shapes {bad}")
   parts, h, d = q_parts_SHD.shape
   s_max, kv, _ = k_cache_SKD.shape
   why = row_supported(h, kv, d, s_max)
   if why is not None:
     raise ValueError(f"row_attention: {why}")
   expect = {"k_parts": ((parts, kv, d), k_parts_SKD), "v_parts": ((parts, kv, d), v_parts_SKD),
-            "v_cache": ((s_max, kv, d), v_cache_SKD), "cos": ((d // 2,), cos),
-            "sin": ((d // 2,), sin), "counter": ((kv,), counter_K), "pos": ((1,), pos),
-            "rsqrt": ((16,), rsqrt)}
-  bad = {k: tuple(a.shape) for k, (shape, a) in expect.items() if tuple(a.shape) != shape}
+            "k_cache": ((s_max, kv, d), k_cache_SKD), "v_cache": ((s_max, kv, d), v_cache_SKD),
+            "cos": ((d // 2,), cos), "sin": ((d // 2,), sin), "counter": ((kv,), counter_K),
+            "pos": ((1,), pos), "rsqrt": ((16,), rsqrt)}
+  if write_mask is not None:
+    expect["write_mask"] = ((1,), write_mask)
+  bad = {k: jnp.shape(a) for k, (shape, a) in expect.items() if jnp.shape(a) != shape}
   if bad:
     raise ValueError(f"row_attention: shapes {bad} do not match q parts {q_parts_SHD.shape} "
-                     f"and k cache {k_cache_SKD.shape} (expected "
-                     f"{ {k: shape for k, (shape, _) in expect.items() if k in bad} })")
+                     f"(expected {({k: expect[k][0] for k in bad})})")
+  dtypes = {"pos": (pos, jnp.integer), "counter": (counter_K, jnp.int32)}
+  if write_mask is not None:
+    dtypes["write_mask"] = (write_mask, jnp.bool_)
+  bad = {k: str(jnp.result_type(a)) for k, (a, want) in dtypes.items()
+         if not jnp.issubdtype(jnp.result_type(a), want)}
+  if bad:
+    raise ValueError(f"row_attention: dtypes {bad}; pos is an integer, the counter int32 (it "
+                     "is updated in place) and write_mask bool")
   if v_cache_SKD.dtype != k_cache_SKD.dtype:
     raise ValueError(f"row_attention: k cache {k_cache_SKD.dtype} and v cache "
                      f"{v_cache_SKD.dtype} differ")
@@ -430,8 +451,12 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
     raise ValueError(f"row_attention: block_k={block_k} must be a power of two >= 16 that "
                      f"divides the cache length {s_max}")
   num_kv_tiles = s_max // block_k
-  splits = default_row_splits(num_kv_tiles) if splits is None else splits
-  if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= num_kv_tiles:
+  if splits is None:
+    splits = default_row_splits(num_kv_tiles)
+  elif isinstance(splits, bool) or not isinstance(splits, (int, np.integer)):
+    raise ValueError(f"row_attention: splits={splits!r} is not an integer")
+  splits = int(splits)
+  if not 1 <= splits <= num_kv_tiles:
     raise ValueError(f"row_attention: splits={splits} must be 1 .. {num_kv_tiles} (the "
                      f"cache's tiles of {block_k})")
   tiles_per_split = -(-num_kv_tiles // splits)

@@ -25,7 +25,8 @@ its down 9.9 against 10.9. XLA streams gate/up in 128-column tiles through TMA (
 
 Measured not to pay (session 18), so not here: RoPE, the cache writes and the attention's split
 combine fused into these launches (level: the q/k/v and o launches grew by what the five small
-kernels had cost; session 21 put them into the attention's launch instead, which paid), and extra q/k/v programs reading gate/up into L2 (far slower). Session 20:
+kernels had cost; session 21 put them into the attention's launch instead, which paid), and
+extra q/k/v programs reading gate/up into L2 (far slower). Session 20:
 the gate/up launch reads at ~0.87 of the copy rate whether or not its programs fill one wave
 (XLA's TMA GEMM ~1.19); gate/up by XLA's GEMM inside this step cost more in the kernels around
 it than it saved, and gate and up interleaved in one weight (128-byte rows) ran slightly

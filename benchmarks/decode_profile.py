@@ -81,10 +81,15 @@ def main():
   if args.no_row_attention:
     model.ROW_ATTENTION = False
   if args.row_attention_knobs:
-    if args.no_row_attention or args.matvec == "xla" or args.batch != 1 or args.forward:
-      ap.error("--row-attention-knobs tune row_attention, which runs only in the AR step at "
-               "--batch 1 with --matvec auto|pallas and without --no-row-attention")
     from dllm_jax.kernels import decode as decode_kernels
+
+    if (args.no_row_attention or args.matvec == "xla" or args.impl == "xla" or args.batch != 1
+        or args.forward or args.layout == "stacked"
+        or args.prompt + args.new > decode_kernels.ROW_MAX_SLOTS):
+      ap.error("--row-attention-knobs tune row_attention, which runs only in the AR step at "
+               "--batch 1 with --matvec auto|pallas, --impl pallas, the per-layer layout, a "
+               f"cache of at most {decode_kernels.ROW_MAX_SLOTS} slots (--prompt + --new) and "
+               "without --no-row-attention")
 
     knobs = {}
     for item in filter(None, args.row_attention_knobs.split(",")):

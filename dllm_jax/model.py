@@ -267,9 +267,9 @@ def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, cache) -> bool:
     return False
   from dllm_jax.kernels import decode
 
-  cache_len = (cache.k[0] if isinstance(cache.k, tuple) else cache.k).shape[-3]
-  return (cache_len <= decode.ROW_MAX_SLOTS and
-          decode.row_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cache_len) is None)
+  return (cache.max_len <= decode.ROW_MAX_SLOTS and
+          decode.row_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                               cache.max_len) is None)
 
 
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
@@ -279,8 +279,8 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   about seventeen) where `_row_attention` says: that launch (`kernels.decode.row_attention`)
   also sums the q/k/v parts, applies RoPE, writes the cache and combines its splits. Elsewhere
   five small XLA kernels do that around `decode_attention`; in one H200 call at the 1.5B shape
-  and 640 cache slots they and the attention took 10.0 us a layer, `row_attention` 8.4
-  (BENCHMARKS.md, session 21).
+  and 640 cache slots they and the attention took 10.0 us a layer, `row_attention` (4 splits)
+  8.4 (BENCHMARKS.md, session 21).
 
   x = (row [E], pending, counter): the residual stream is the row plus `pending`, the previous
   layer's down product as float32 partial sums [S, E] (or None), which this layer's first launch
@@ -314,7 +314,8 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
         cache_k.reshape(cache_k.shape[1:]), cache_v.reshape(cache_v.shape[1:]), counter_K,
         meta.positions[:, 0], spec, dtype=dt,
         biases=None if biases is None else [b.reshape(n, d) for b, n in zip(biases, heads)],
-        write_mask=write_mask_B, interpret=interpret)
+        write_mask=None if write_mask_B is None else write_mask_B.astype(bool),
+        interpret=interpret)
     new_cache = (new_k.reshape(cache_k.shape), new_v.reshape(cache_v.shape))
   else:
     q, k, v = (matvec.finish_partials(pp, rsqrt, dt, b)

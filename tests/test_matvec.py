@@ -248,21 +248,22 @@ def _perturbed(cfg, key):
   return jax.tree_util.tree_map_with_path(perturb, params)
 
 
-def check_one_row_step(cfg, stacked, spec, slots=32):
-  """One decode step of token 13 after a 12-token prefill into a cache of `slots`, by the XLA
-  path (cfg) and the one-row kernels (cfg with matvec_impl="pallas"): their logits and caches
-  agree. Returns the kernels' step as a jaxpr string, and how many layers it spells out (the
-  scan's body holds one)."""
+def check_one_row_step(cfg, stacked, spec, slots=32, prefill=12):
+  """One decode step of the token after a `prefill`-token prefill into a cache of `slots`, by
+  the XLA path (cfg) and the one-row kernels (cfg with matvec_impl="pallas"): their logits and
+  caches agree. Returns the kernels' step as a jaxpr string, and how many layers it spells out
+  (the scan's body holds one)."""
   params = model.with_layout(_perturbed(cfg, jax.random.key(0)),
                              "stacked" if stacked else "per_layer")
   pallas = dataclasses.replace(cfg, matvec_impl="pallas")
-  tokens = jax.random.randint(jax.random.key(1), (1, 13), 0, cfg.vocab_size)
+  tokens = jax.random.randint(jax.random.key(1), (1, prefill + 1), 0, cfg.vocab_size)
   pos = lambda s, n: masks.TokenMeta.simple(jnp.arange(s, s + n, dtype=jnp.int32)[None])
   fwd = jax.jit(model.forward, static_argnums=(1, 4))
   cache = kvcache.init_cache(cfg, 1, slots, per_layer=not stacked)
-  _, cache = fwd(params, cfg, tokens[:, :12], pos(0, 12), spec, cache)
-  want, want_cache = fwd(params, cfg, tokens[:, 12:], pos(12, 1), spec, cache)
-  got, got_cache = fwd(params, pallas, tokens[:, 12:], pos(12, 1), spec, cache)
+  _, cache = fwd(params, cfg, tokens[:, :prefill], pos(0, prefill), spec, cache)
+  step = (tokens[:, prefill:], pos(prefill, 1), spec, cache)
+  want, want_cache = fwd(params, cfg, *step)
+  got, got_cache = fwd(params, pallas, *step)
   # bf16 steps that differ in the order of float32 sums and where 1/rms applies: about one
   # rounding apart (a dropped norm scale moved these logits by 2e-2, a dropped bias by more).
   np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
@@ -270,8 +271,7 @@ def check_one_row_step(cfg, stacked, spec, slots=32):
   for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                rtol=5e-3, atol=5e-3)
-  jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(
-      params, pallas, tokens[:, 12:], pos(12, 1), spec, cache))
+  jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(params, pallas, *step))
   return jaxpr, 1 if stacked else cfg.num_layers
 
 

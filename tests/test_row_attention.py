@@ -221,10 +221,11 @@ def test_row_attention_lowers_for_cuda_as_one_triton_call():
                                           (True, masks.MaskSpec("block_causal", 8))])
 def test_model_one_row_step_with_row_attention_equals_xla(stacked, spec):
   cfg = dataclasses.replace(CFG, head_dim=32, attention_impl="pallas")
-  # 256 slots: 4 tiles of 64, 2 splits, so the combine and the counter's carry through the
-  # layers (or the scan) run.
-  assert decode.default_row_splits(256 // 64) == 2
-  jaxpr, layers = check_one_row_step(cfg, stacked, spec, slots=256)
+  # 48 slots: 3 tiles of 16 in 2 splits (slots 0-31, 32-47), and the step's token at 40, so
+  # both splits see keys and the combine and the counter's carry through the layers (or the
+  # scan) run.
+  assert decode.default_row_splits(48 // 16) == 2
+  jaxpr, layers = check_one_row_step(cfg, stacked, spec, slots=48, prefill=40)
   assert jaxpr.count("name=row_attention") == layers
   assert "name=decode_attention" not in jaxpr
 

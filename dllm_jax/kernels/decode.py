@@ -362,7 +362,7 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
 
 
 # `row_attention`'s cache split: runs of this many tiles, at most ROW_MAX_SPLITS of them. At
-# the 1.5B's heads and a 640-slot cache (10 tiles of 64) 3-6 splits took 7.9-8.4 us a launch, 2
+# the 1.5B's heads and a 640-slot cache (10 tiles of 64) 3-6 splits took 7.9-8.5 us a launch, 2
 # splits 11.8 and 1 split 16.3; at 4096 slots 16 splits 11.2, 8 splits 13.2 and 32 splits 12.0
 # (H200, BENCHMARKS.md session 21). Loading each tile a step ahead did not help.
 ROW_TILES_PER_SPLIT = 2

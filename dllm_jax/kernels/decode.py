@@ -244,7 +244,7 @@ def _rotate(lo, hi, cos, sin, dtype):
 
 def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias, spec, group,
                 rows, d, block_k, tiles_per_split, num_kv_tiles, splits, num_parts, scale,
-                dtype, cache_dtype, interpret, skip=frozenset()):
+                dtype, cache_dtype, interpret):
   it = iter(refs)
   bq_ref, bk_ref, bv_ref = (next(it), next(it), next(it)) if has_bias else (None,) * 3
   cos_ref, sin_ref = next(it), next(it)
@@ -266,8 +266,6 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
 
   fin = lambda ref, b_ref, first, n, half, count=None: _finish_rows(
       ref, b_ref, first, n, half, d2, num_parts, rsqrt, dtype, count)
-  if "prologue" in skip:  # EXPERIMENT: constant q/k/v, no loads of the parts
-    fin = lambda ref, b_ref, first, n, half, count=None: jnp.full((n, d2), 0.01, jnp.float32) + rsqrt
   q_lo, q_hi = _rotate(fin(qp_ref, bq_ref, g * group, rows, 0, group),
                        fin(qp_ref, bq_ref, g * group, rows, 1, group), cos, sin, dtype)
   k_lo, k_hi = _rotate(fin(kp_ref, bk_ref, g, 1, 0), fin(kp_ref, bk_ref, g, 1, 1), cos, sin,
@@ -287,8 +285,6 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
   n_used = jnp.minimum(lax.div(_last_slot(spec, p) + block_k, block_k), num_kv_tiles)
   lo = sp * tiles_per_split
   hi = jnp.minimum(lo + tiles_per_split, n_used)
-  if "walk" in skip:  # EXPERIMENT
-    hi = lo
 
   def body(j, carry, masked):
     acc_lo, acc_hi, m, l = carry
@@ -320,7 +316,7 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
   carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
   acc_lo, acc_hi, m, l = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
 
-  @pl.when(own & ("write" not in skip))
+  @pl.when(own)
   def _():
     for ref, x, half in new_rows:
       ref[w, g, pl.ds(half * d2, d2)] = x.reshape(d2).astype(cache_dtype)
@@ -335,7 +331,7 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
       plgpu.store(out_ref.at[pl.ds(g * group, rows), pl.ds(half * d2, d2)],
                   x.astype(out_ref.dtype), mask=row_mask)
 
-  if splits == 1 or "combine" in skip:
+  if splits == 1:
     store_out(o_lo, o_hi)
     return
   po_ref[sp, g, :, pl.ds(0, d2)] = o_lo
@@ -352,11 +348,7 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
   @pl.when(done == splits - 1)
   def _():
     ctr_ref[pl.ds(g, 1)] = jnp.zeros((1,), jnp.int32)  # ready for the next launch
-    if "mask_combine" in skip:  # EXPERIMENT: read the group's rows only
-      rd = lambda ref: plgpu.load(ref, volatile=True, other=0.0, mask=(
-          (r < group) if len(ref.shape) == 1 else row_mask))
-    else:
-      rd = lambda ref: plgpu.load(ref, volatile=True)
+    rd = lambda ref: plgpu.load(ref, volatile=True)
     at = lambda ref, s, *idx: ref.at[(jnp.int32(s), g) + idx]
     lses = [rd(at(plse_ref, s, slice(None))) for s in range(splits)]
     top = functools.reduce(jnp.maximum, lses)
@@ -401,8 +393,7 @@ def row_supported(num_heads: int, num_kv_heads: int, head_dim: int, cache_len: i
 def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cache_SKD,
                   v_cache_SKD, counter_K, pos, spec: masks.MaskSpec, *, dtype, biases=None,
                   write_mask=None, block_k: int | None = None, splits: int | None = None,
-                  num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
-                  _skip=frozenset()):
+                  num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
   """One query token's attention at batch 1, with the work around it in the same launch.
 
   Returns (out [H, D] in `dtype`, k cache, v cache, counter). The inputs are what the one-row
@@ -503,7 +494,7 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
       _row_kernel, has_bias=biases is not None, spec=spec, group=group, rows=rows, d=d,
       block_k=block_k, tiles_per_split=tiles_per_split, num_kv_tiles=num_kv_tiles,
       splits=splits, num_parts=parts, scale=d ** -0.5, dtype=jnp.dtype(dtype),
-      cache_dtype=k_cache_SKD.dtype, interpret=interpret, skip=frozenset(_skip))
+      cache_dtype=k_cache_SKD.dtype, interpret=interpret)
   out, _, _, k_cache, v_cache, counter = pl.pallas_call(
       kernel,
       grid=(splits, kv),

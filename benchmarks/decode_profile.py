@@ -70,7 +70,8 @@ def main():
   ap.add_argument("--matvec-pair-knobs", default="",
                   help="knobs of the gate/up launch alone (silu_pair), over --matvec-knobs")
   ap.add_argument("--matvec-partial-knobs", default="",
-                  help="knobs of the o and down launches (matvec_partials), e.g. 'splits=4'")
+                  help="knobs of the o and down launches (matvec_partials, "
+                       "combined_matvec_partials), e.g. 'splits=4'")
   ap.add_argument("--no-row-attention", action="store_true",
                   help="model.ROW_ATTENTION off: the one-row step's RoPE, cache write and "
                        "split combine as XLA kernels around decode_attention (the baseline of "
@@ -117,9 +118,11 @@ def main():
       return plain(*a, silu_pair=silu_pair, **{**kw, **knobs, **(pair if silu_pair else {})})
 
     matvec.norm_matvec = tuned
-    matvec.matvec_partials = functools.partial(
-        matvec.matvec_partials,
-        **one(args.matvec_partial_knobs, "--matvec-partial-knobs", PARTIAL_KNOBS))
+    partial = one(args.matvec_partial_knobs, "--matvec-partial-knobs", PARTIAL_KNOBS)
+    matvec.matvec_partials = functools.partial(matvec.matvec_partials, **partial)
+    # (the o launch where row_attention leaves its splits for it to combine)
+    matvec.combined_matvec_partials = functools.partial(matvec.combined_matvec_partials,
+                                                        **partial)
   if args.plain_dot:
     model._matmul = jnp.dot
     args.tag = args.tag or "_plaindot"  # never overwrite the default run's JSON

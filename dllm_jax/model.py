@@ -256,7 +256,7 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
 ROW_ATTENTION = True
 
 
-def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, cache) -> bool:
+def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, max_len: int) -> bool:
   """Whether the one-row step's attention, with its RoPE and cache write, is one kernel
   (`kernels.decode.row_attention`): the Pallas attention on, a causal or block-causal mask, and
   shapes it covers with a cache no longer than it was measured at (`decode.ROW_MAX_SLOTS`);
@@ -267,9 +267,8 @@ def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, cache) -> bool:
     return False
   from dllm_jax.kernels import decode
 
-  return (cache.max_len <= decode.ROW_MAX_SLOTS and
-          decode.row_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                               cache.max_len) is None)
+  return (max_len <= decode.ROW_MAX_SLOTS and
+          decode.row_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, max_len) is None)
 
 
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
@@ -277,19 +276,19 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   """`DecoderLayer` for a single row (B = T = 1) against the cache, by `kernels.matvec`: the
   same arithmetic in four launches of its own and the attention's (five a layer where XLA runs
   about seventeen) where `_row_attention` says: that launch (`kernels.decode.row_attention`)
-  also sums the q/k/v parts, applies RoPE, writes the cache and combines its splits. Elsewhere
-  five small XLA kernels do that around `decode_attention`; in one H200 call at the 1.5B shape
-  and 640 cache slots they and the attention took 10.0 us a layer, `row_attention` (4 splits)
-  8.4 (BENCHMARKS.md, session 21).
+  also sums the q/k/v parts, applies RoPE and writes the cache, and the o launch combines its
+  splits as it loads its row (`matvec.combined_matvec_partials`). Elsewhere five small XLA
+  kernels do that around `decode_attention`; in one H200 call at the 1.5B shape and 640 cache
+  slots they and the attention took 10.0 us a layer, `row_attention` (4 splits, combining
+  its own splits) 8.4 (BENCHMARKS.md, session 21).
 
-  x = (row [E], pending, counter): the residual stream is the row plus `pending`, the previous
-  layer's down product as float32 partial sums [S, E] (or None), which this layer's first launch
-  adds (as the o product's parts are added by the MLP's launch): split-K products fill the GPU,
-  and no kernel runs only to sum them or to add the residual. `counter` is `row_attention`'s
-  (int32 [KV], zero), or None without it. Returns the same triple."""
+  x = (row [E], pending): the residual stream is the row plus `pending`, the previous layer's
+  down product as float32 partial sums [S, E] (or None), which this layer's first launch adds
+  (as the o product's parts are added by the MLP's launch): split-K products fill the GPU, and
+  no kernel runs only to sum them or to add the residual. Returns the same pair."""
   from dllm_jax.kernels import matvec  # lazily: the CPU path never needs Pallas
 
-  x_E, pending_SE, counter_K = x
+  x_E, pending_SE = x
   e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   dt = cfg.dtype
   interpret = jax.default_backend() == "cpu"
@@ -303,20 +302,25 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
       x_E, ws, norm_scale_E=p["attn_norm"]["scale"].astype(dt), add_E=pending_SE,
       eps=cfg.rms_norm_eps, interpret=interpret)
   x_E = x_E if row is None else row
-  if counter_K is not None:  # `_row_attention`: the parts' sums, RoPE and cache write in it
+  cache_k, cache_v = cache_kv  # [1, S, KV, D]
+  if _row_attention(cfg, spec, cache_k.shape[1]):
+    # The parts' sums, RoPE and the cache write in the attention's launch; its splits
+    # combined by the o launch.
     from dllm_jax.kernels import decode
 
     cos, sin = (t.reshape(d // 2) for t in rope_tables(meta.positions, d, cfg.rope_theta))
-    cache_k, cache_v = cache_kv  # [1, S, KV, D]
     heads = (h, kv, kv)
-    out, new_k, new_v, counter_K = decode.row_attention(
+    (att_parts, att_lse), new_k, new_v, _ = decode.row_attention(
         *(pp.reshape(-1, n, d) for pp, n in zip(parts, heads)), rsqrt, cos, sin,
-        cache_k.reshape(cache_k.shape[1:]), cache_v.reshape(cache_v.shape[1:]), counter_K,
+        cache_k.reshape(cache_k.shape[1:]), cache_v.reshape(cache_v.shape[1:]), None,
         meta.positions[:, 0], spec, dtype=dt,
         biases=None if biases is None else [b.reshape(n, d) for b, n in zip(biases, heads)],
-        write_mask=None if write_mask_B is None else write_mask_B.astype(bool),
+        write_mask=None if write_mask_B is None else write_mask_B.astype(bool), combine=False,
         interpret=interpret)
     new_cache = (new_k.reshape(cache_k.shape), new_v.reshape(cache_v.shape))
+    o_SE = matvec.combined_matvec_partials(att_parts, att_lse,
+                                           a["o"]["kernel"].reshape(h * d, e).astype(dt),
+                                           dtype=dt, interpret=interpret)
   else:
     q, k, v = (matvec.finish_partials(pp, rsqrt, dt, b)
                for pp, b in zip(parts, biases or (None,) * 3))
@@ -324,16 +328,16 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
     k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
     out, new_cache = _cached_attention(cfg, spec, q, k, v.reshape(1, 1, kv, d), meta, cache_kv,
                                        write_mask_B)
-  o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt),
-                                a["o"]["kernel"].reshape(h * d, e).astype(dt),
-                                interpret=interpret)
+    o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt),
+                                  a["o"]["kernel"].reshape(h * d, e).astype(dt),
+                                  interpret=interpret)
   m = p["mlp"]
   (act,), x_E = matvec.norm_matvec(
       x_E, (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)), add_E=o_SE,
       norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
       interpret=interpret)
   down_SE = matvec.matvec_partials(act, m["down"]["kernel"].astype(dt), interpret=interpret)
-  return (x_E, down_SE, counter_K), new_cache
+  return (x_E, down_SE), new_cache
 
 
 _REMAT_POLICIES = {
@@ -374,7 +378,7 @@ class Transformer(nn.Module):
     row_kernels = (cache is not None and math.prod(tokens_BT.shape) == 1
                    and not self.is_initializing() and _row_kernels(cfg, self.stacked))
     if row_kernels:
-      # (row, pending partial sums, counter): `_fused_row_layer`. A scan's carry keeps one
+      # (row, pending partial sums): `_fused_row_layer`. A scan's carry keeps one
       # shape, so its first layer adds zeros; the unrolled loop's adds nothing.
       e, f, dt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.dtype)
       pending = None
@@ -385,10 +389,7 @@ class Transformer(nn.Module):
         parts = jax.eval_shape(matvec.matvec_partials, jax.ShapeDtypeStruct((f,), dt),
                                jax.ShapeDtypeStruct((f, e), dt))
         pending = jnp.zeros(parts.shape, parts.dtype)
-      # One zeroed counter serves every layer's `row_attention` (each launch leaves it zero).
-      counter = (jnp.zeros((cfg.num_kv_heads,), jnp.int32)
-                 if _row_attention(cfg, self.spec, cache) else None)
-      x = (x.reshape(e), pending, counter)
+      x = (x.reshape(e), pending)
     if cfg.remat != "none":
       # CSE cannot merge a scan body's recompute with its forward, so the barrier that stops it
       # is only needed for the unrolled per-layer loop.
@@ -419,7 +420,7 @@ class Transformer(nn.Module):
           new_v.append(kv[1])
       new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
     if row_kernels:
-      x_E, pending, _ = x
+      x_E, pending = x
       if pending is not None:  # None: no layer ran
         x_E = x_E + pending.sum(0).astype(x_E.dtype)
       x = x_E.reshape(*tokens_BT.shape, -1)

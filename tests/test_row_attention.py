@@ -54,13 +54,14 @@ def _inputs(h, kv, d, slots, parts, bias, cache_dtype, seed=0):
 
 
 def _run(pos, spec, *, h=12, kv=2, d=64, slots=128, parts=3, bias=True, splits=None, block_k=None,
-         cache_dtype=jnp.bfloat16, write_mask=None, seed=0):
+         cache_dtype=jnp.bfloat16, write_mask=None, seed=0, combine=True):
   qp, kp, vp, rsqrt, biases, kc, vc = _inputs(h, kv, d, slots, parts, bias, cache_dtype, seed)
   cos, sin = (t.reshape(d // 2) for t in model.rope_tables(jnp.full((1, 1), pos), d, THETA))
-  got = decode.row_attention(qp, kp, vp, rsqrt, cos, sin, kc, vc, jnp.zeros((kv,), jnp.int32),
+  got = decode.row_attention(qp, kp, vp, rsqrt, cos, sin, kc, vc,
+                             jnp.zeros((kv,), jnp.int32) if combine else None,
                              jnp.array([pos]), spec, dtype=jnp.bfloat16, biases=biases,
                              write_mask=write_mask, splits=splits, block_k=block_k,
-                             interpret=True)
+                             combine=combine, interpret=True)
   want = _reference(qp, kp, vp, rsqrt, biases, kc, vc, pos, spec, jnp.bfloat16, write_mask)
   return got, want
 
@@ -154,6 +155,90 @@ def test_row_attention_launches_chain_on_the_returned_counter():
     np.testing.assert_array_equal(counter, 0)
 
 
+def _combine(parts, lse, dtype):
+  """The splits' combine of `row_attention` (float32, as its last program does it), rounded."""
+  w = jnp.exp2(lse - lse.max(0))
+  return (jnp.einsum("ah,ahd->hd", w, parts) / w.sum(0)[:, None]).astype(dtype)
+
+
+@pytest.mark.parametrize("pos,spec,shape,splits,block_k", [
+    (77, CAUSAL, dict(), None, None),
+    (200, CAUSAL, dict(slots=256), None, None),  # 2 splits of 2 tiles
+    (0, CAUSAL, dict(), 2, None),  # the second split sees no key: lse -inf, weight 0
+    (127, CAUSAL, dict(), 8, 16),
+    (95, BLOCK, dict(h=9, kv=3, bias=False), 1, 32),
+    (100, BLOCK48, dict(), 4, 16),
+    (60, CAUSAL, dict(h=20, kv=1, d=32, parts=2), 2, 32),
+])
+def test_row_attention_leaves_its_splits_for_the_o_launch(pos, spec, shape, splits, block_k):
+  # combine=False: the same cache write, and the splits' outputs and log-sum-exps that, combined,
+  # give the combining launch's output and the ops it replaces.
+  (out, kc, vc, _), (want_out, want_kc, want_vc) = _run(
+      pos, spec, splits=splits, block_k=block_k, **shape)
+  (parts, lse), kc2, vc2, none = _run(pos, spec, splits=splits, block_k=block_k,
+                                      combine=False, **shape)[0]
+  h, d = want_out.shape
+  assert none is None
+  assert parts.shape == (lse.shape[0], h, d) and parts.dtype == lse.dtype == jnp.float32
+  assert lse.shape[0] == (splits or decode.default_row_splits(kc.shape[0] // 64))
+  np.testing.assert_array_equal(np.asarray(kc2, np.float32), np.asarray(want_kc, np.float32))
+  np.testing.assert_array_equal(np.asarray(vc2, np.float32), np.asarray(want_vc, np.float32))
+  got = np.asarray(_combine(parts, lse, jnp.bfloat16), np.float32)
+  np.testing.assert_allclose(got, np.asarray(want_out, np.float32), rtol=1e-2, atol=8e-3)
+  # The same float32 arithmetic as the launch's own combine, up to the order of its sums.
+  np.testing.assert_allclose(got, np.asarray(out, np.float32), rtol=8e-3, atol=1e-6)
+
+
+def test_combined_matvec_partials_combines_the_row_it_multiplies():
+  # The o launch of the one-row step: the row is the splits' combine, head by head; a chunk
+  # of the row never spans two heads (block_k=32 below cuts 64-wide heads in two chunks).
+  for (a, h, d, n, kw) in [(5, 12, 128, 1536, {}), (3, 9, 64, 576, {}),
+                           (4, 4, 64, 64, dict(splits=2, block_k=32)), (1, 6, 32, 96, {})]:
+    ks = jax.random.split(jax.random.key(a * h), 3)
+    parts = jax.random.normal(ks[0], (a, h, d))
+    lse = jax.random.normal(ks[1], (a, h)) * 4
+    if a > 1:
+      lse = lse.at[a - 1, 1].set(-jnp.inf)  # a split that saw no key
+      parts = parts.at[a - 1, 1].set(0.0)
+    w = (jax.random.normal(ks[2], (h * d, n)) * d ** -0.5).astype(jnp.bfloat16)
+    row = _combine(parts, lse, jnp.bfloat16).reshape(h * d)
+    want = matvec.matvec_partials(row, w, interpret=True, **kw)
+    got = matvec.combined_matvec_partials(parts, lse, w, dtype=jnp.bfloat16, interpret=True,
+                                          **kw)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got.sum(0)), np.asarray(want.sum(0)), rtol=1e-2,
+                               atol=2e-2)
+    exact = np.asarray(row, np.float64) @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(np.asarray(got.sum(0)), exact, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(lse=jnp.zeros((3, 11))), r"lse \(3, 11\)"),
+    (dict(parts=jnp.zeros((3, 12, 64))), "1536 rows are not the parts' 12 heads x 64"),
+    (dict(parts=jnp.zeros((3, 16, 48)), lse=jnp.zeros((3, 16)),
+          w=jnp.zeros((768, 64), jnp.bfloat16)), "head_dim 48"),
+    (dict(block_n=8), "block_n=8 must be"),
+    (dict(w=jnp.zeros((1536, 40), jnp.bfloat16)), "columns 40"),
+    (dict(splits=5), "splits=5 does not divide"),
+])
+def test_combined_matvec_partials_names_bad_inputs(change, match):
+  kw = dict(parts=jnp.zeros((3, 12, 128)), lse=jnp.zeros((3, 12)),
+            w=jnp.zeros((1536, 64), jnp.bfloat16), splits=None, block_n=32)
+  kw.update(change)
+  with pytest.raises(ValueError, match=match):
+    matvec.combined_matvec_partials(kw["parts"], kw["lse"], kw["w"], dtype=jnp.bfloat16,
+                                    splits=kw["splits"], block_n=kw["block_n"], interpret=True)
+
+
+def test_row_attention_counter_goes_with_the_combine():
+  qp, kp, vp, rsqrt, _, kc, vc = _inputs(12, 2, 64, 128, 3, False, jnp.bfloat16)
+  cos = sin = jnp.zeros((32,))
+  for counter, combine in [(None, True), (jnp.zeros((2,), jnp.int32), False)]:
+    with pytest.raises(ValueError, match="combine=True needs the counter"):
+      decode.row_attention(qp, kp, vp, rsqrt, cos, sin, kc, vc, counter, jnp.array([3]), CAUSAL,
+                           dtype=jnp.bfloat16, combine=combine, interpret=True)
+
+
 def test_default_row_splits():
   assert decode.default_row_splits(12) == 6
   assert decode.default_row_splits(1) == 1
@@ -216,17 +301,26 @@ def test_row_attention_lowers_for_cuda_as_one_triton_call():
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
+  def uncombined(*a):  # the model's pair: the splits left for the o launch to combine
+    (p, lse), kc, vc, _ = decode.row_attention(*a[:8], None, a[9], CAUSAL, dtype=bf,
+                                               combine=False)
+    return matvec.combined_matvec_partials(p, lse, a[-1], dtype=bf), kc, vc
+  text = jax.jit(uncombined).trace(*args[:10], sd((1536, 1536), bf)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 2
+
 
 @pytest.mark.parametrize("stacked,spec", [(False, CAUSAL),
                                           (True, masks.MaskSpec("block_causal", 8))])
 def test_model_one_row_step_with_row_attention_equals_xla(stacked, spec):
   cfg = dataclasses.replace(CFG, head_dim=32, attention_impl="pallas")
   # 48 slots: 3 tiles of 16 in 2 splits (slots 0-31, 32-47), and the step's token at 40, so
-  # both splits see keys and the combine and the counter's carry through the layers (or the
-  # scan) run.
+  # both splits see keys and the o launch's combine of them runs in every layer (or the scan).
   assert decode.default_row_splits(48 // 16) == 2
   jaxpr, layers = check_one_row_step(cfg, stacked, spec, slots=48, prefill=40)
   assert jaxpr.count("name=row_attention") == layers
+  assert jaxpr.count("name=combined_matvec_partials") == layers  # o
+  assert jaxpr.count("name=matvec_partials") == layers  # down
   assert "name=decode_attention" not in jaxpr
 
 

@@ -244,12 +244,16 @@ def _rotate(lo, hi, cos, sin, dtype):
 
 def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias, spec, group,
                 rows, d, block_k, tiles_per_split, num_kv_tiles, splits, num_parts, scale,
-                dtype, cache_dtype, interpret):
+                dtype, cache_dtype, combine, interpret):
   it = iter(refs)
   bq_ref, bk_ref, bv_ref = (next(it), next(it), next(it)) if has_bias else (None,) * 3
   cos_ref, sin_ref = next(it), next(it)
-  next(it), next(it), next(it)  # the aliased inputs: read and written through the outputs
-  out_ref, po_ref, plse_ref, kc_ref, vc_ref, ctr_ref = it
+  for _ in range(3 if combine else 2):
+    next(it)  # the aliased inputs (caches, counter): read and written through the outputs
+  if combine:
+    out_ref, po_ref, plse_ref, kc_ref, vc_ref, ctr_ref = it
+  else:
+    po_ref, plse_ref, kc_ref, vc_ref = it
   sp, g = pl.program_id(0), pl.program_id(1)
   d2 = d // 2
   p = pos_ref[0]
@@ -331,6 +335,11 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
       plgpu.store(out_ref.at[pl.ds(g * group, rows), pl.ds(half * d2, d2)],
                   x.astype(out_ref.dtype), mask=row_mask)
 
+  if not combine:  # the splits' outputs [splits, H, D] and log-sum-exps [splits, H]
+    for half, x in enumerate((o_lo, o_hi)):
+      plgpu.store(po_ref.at[sp, pl.ds(g * group, rows), pl.ds(half * d2, d2)], x, mask=row_mask)
+    plgpu.store(plse_ref.at[sp, pl.ds(g * group, rows)], m + jnp.log2(l), mask=r < group)
+    return
   if splits == 1:
     store_out(o_lo, o_hi)
     return
@@ -393,10 +402,16 @@ def row_supported(num_heads: int, num_kv_heads: int, head_dim: int, cache_len: i
 def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cache_SKD,
                   v_cache_SKD, counter_K, pos, spec: masks.MaskSpec, *, dtype, biases=None,
                   write_mask=None, block_k: int | None = None, splits: int | None = None,
-                  num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+                  combine: bool = True, num_warps: int = 4, num_stages: int = 3,
+                  interpret: bool = False):
   """One query token's attention at batch 1, with the work around it in the same launch.
 
-  Returns (out [H, D] in `dtype`, k cache, v cache, counter). The inputs are what the one-row
+  Returns (out [H, D] in `dtype`, k cache, v cache, counter); with `combine=False`
+  ((parts [splits, H, D], lse [splits, H]), k cache, v cache, None): the splits' normalised
+  outputs and base-2 log-sum-exps (float32), uncombined, for the next launch to combine where
+  it loads its row (`matvec.combined_matvec_partials`, the one-row step's o product). That takes
+  the combine's serial chain (the stores, a barrier, the counter's atomic and the last
+  program's reads) out of this launch, and `counter_K` must then be None. The inputs are what the one-row
   step's q/k/v launch (`matvec.norm_matvec_partials`) leaves: float32 partial sums q [S, H, D],
   k and v [S, K, D], 1/rms ([16], every entry the same), and `biases` (q [H, D], k and v
   [K, D], or None). This kernel finishes them as `matvec.finish_partials` does, applies RoPE
@@ -415,6 +430,10 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
   """
   if spec.kind not in ("causal", "block_causal"):
     raise ValueError(f"row_attention takes a causal or block_causal spec, got {spec}")
+  if (counter_K is None) == combine:
+    raise ValueError("row_attention: combine=True needs the counter (int32 [K], zeros); "
+                     f"combine=False takes counter_K=None (got combine={combine}, counter_K "
+                     f"{'None' if counter_K is None else jnp.shape(counter_K)})")
   ranks = {"q_parts": (q_parts_SHD, 3), "k_cache": (k_cache_SKD, 3)}
   bad = {k: jnp.shape(a) for k, (a, r) in ranks.items() if jnp.ndim(a) != r}
   if bad:
@@ -427,15 +446,19 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
     raise ValueError(f"row_attention: {why}")
   expect = {"k_parts": ((parts, kv, d), k_parts_SKD), "v_parts": ((parts, kv, d), v_parts_SKD),
             "k_cache": ((s_max, kv, d), k_cache_SKD), "v_cache": ((s_max, kv, d), v_cache_SKD),
-            "cos": ((d // 2,), cos), "sin": ((d // 2,), sin), "counter": ((kv,), counter_K),
-            "pos": ((1,), pos), "rsqrt": ((16,), rsqrt)}
+            "cos": ((d // 2,), cos), "sin": ((d // 2,), sin), "pos": ((1,), pos),
+            "rsqrt": ((16,), rsqrt)}
+  if combine:
+    expect["counter"] = ((kv,), counter_K)
   if write_mask is not None:
     expect["write_mask"] = ((1,), write_mask)
   bad = {k: jnp.shape(a) for k, (shape, a) in expect.items() if jnp.shape(a) != shape}
   if bad:
     raise ValueError(f"row_attention: shapes {bad} do not match q parts {q_parts_SHD.shape} "
                      f"(expected {({k: expect[k][0] for k in bad})})")
-  dtypes = {"pos": (pos, jnp.integer), "counter": (counter_K, jnp.int32)}
+  dtypes = {"pos": (pos, jnp.integer)}
+  if combine:
+    dtypes["counter"] = (counter_K, jnp.int32)
   if write_mask is not None:
     dtypes["write_mask"] = (write_mask, jnp.bool_)
   bad = {k: str(jnp.result_type(a)) for k, (a, want) in dtypes.items()
@@ -480,30 +503,39 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
           k_parts_SKD.astype(jnp.float32), v_parts_SKD.astype(jnp.float32),
           rsqrt.astype(jnp.float32)]
   args += list(biases or [])
-  args += [cos.astype(jnp.float32), sin.astype(jnp.float32), k_cache_SKD, v_cache_SKD,
-           counter_K.astype(jnp.int32)]
-  first_alias = len(args) - 3
-  outs = [jax.ShapeDtypeStruct((h + pad, d), dtype),
-          jax.ShapeDtypeStruct((splits, kv, rows, d), jnp.float32),
-          jax.ShapeDtypeStruct((splits, kv, rows), jnp.float32),
-          jax.ShapeDtypeStruct(k_cache_SKD.shape, k_cache_SKD.dtype),
-          jax.ShapeDtypeStruct(v_cache_SKD.shape, v_cache_SKD.dtype),
-          jax.ShapeDtypeStruct((kv,), jnp.int32)]
+  args += [cos.astype(jnp.float32), sin.astype(jnp.float32), k_cache_SKD, v_cache_SKD]
+  caches = [jax.ShapeDtypeStruct(k_cache_SKD.shape, k_cache_SKD.dtype),
+            jax.ShapeDtypeStruct(v_cache_SKD.shape, v_cache_SKD.dtype)]
+  if combine:
+    args.append(counter_K.astype(jnp.int32))
+    outs = [jax.ShapeDtypeStruct((h + pad, d), dtype),
+            jax.ShapeDtypeStruct((splits, kv, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((splits, kv, rows), jnp.float32),
+            *caches, jax.ShapeDtypeStruct((kv,), jnp.int32)]
+  else:
+    outs = [jax.ShapeDtypeStruct((splits, h + pad, d), jnp.float32),
+            jax.ShapeDtypeStruct((splits, h + pad), jnp.float32), *caches]
+  aliased = 3 if combine else 2  # the caches (and the counter): last of the inputs and outputs
+  first_alias, first_out = len(args) - aliased, len(outs) - aliased
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   kernel = functools.partial(
       _row_kernel, has_bias=biases is not None, spec=spec, group=group, rows=rows, d=d,
       block_k=block_k, tiles_per_split=tiles_per_split, num_kv_tiles=num_kv_tiles,
       splits=splits, num_parts=parts, scale=d ** -0.5, dtype=jnp.dtype(dtype),
-      cache_dtype=k_cache_SKD.dtype, interpret=interpret)
-  out, _, _, k_cache, v_cache, counter = pl.pallas_call(
+      cache_dtype=k_cache_SKD.dtype, combine=combine, interpret=interpret)
+  results = pl.pallas_call(
       kernel,
       grid=(splits, kv),
       in_specs=[whole(a.shape) for a in args],
       out_specs=[whole(o.shape) for o in outs],
       out_shape=outs,
-      input_output_aliases={first_alias: 3, first_alias + 1: 4, first_alias + 2: 5},
+      input_output_aliases={first_alias + i: first_out + i for i in range(aliased)},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="row_attention",
   )(*args)
+  if not combine:
+    parts, lse, k_cache, v_cache = results
+    return (parts[:, :h], lse[:, :h]), k_cache, v_cache, None
+  out, _, _, k_cache, v_cache, counter = results
   return out[:h], k_cache, v_cache, counter

@@ -402,6 +402,81 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = 
   )(x_E, w_EN)
 
 
+def _combined_partials_kernel(p_ref, lse_ref, w_ref, o_ref, *, rows, head_dim, num_parts, bk,
+                              nk, bn, dtype):
+  # p_ref [A, E], lse_ref [A, H] (whole): the attention's splits; w_ref [rows, bn]; o_ref [bn].
+  # A chunk of the row lies in one head (bk divides head_dim), so it has one weight a split.
+  start = pl.program_id(1) * rows
+  at = lambda a: jnp.int32(a)  # (a Python int index does not discharge in the interpreter)
+
+  def load(c):
+    first = start + c * bk
+    head = lax.div(first, head_dim)
+    lses = [lse_ref[at(a), head] for a in range(num_parts)]
+    top = functools.reduce(jnp.maximum, lses)
+    ws = [jnp.exp2(x - top) for x in lses]
+    den = functools.reduce(lambda a, b: a + b, ws)
+    num = functools.reduce(lambda a, b: a + b, [
+        wt * p_ref[at(a), pl.ds(first, bk)] for a, wt in enumerate(ws)])
+    return num / den
+
+  o_ref[...] = _products(load, lambda x: x.astype(dtype), [w_ref], 0, nk, bk, bn, dtype)[0]
+
+
+def combined_matvec_partials(parts_AHD: jax.Array, lse_AH: jax.Array, w_EN: jax.Array, *,
+                             dtype, splits: Optional[int] = None, block_n: int = 32,
+                             block_k: int = 512, num_warps: int = 4, num_stages: int = 3,
+                             interpret: bool = False) -> jax.Array:
+  """`matvec_partials` of the attention output that A splits of the cache leave uncombined
+  (`decode.row_attention(..., combine=False)`): x [E = H * D] is, head by head, the splits'
+  outputs parts [A, H, D] weighted by exp2 of their base-2 log-sum-exps lse [A, H] less their
+  largest, over the weights' sum, rounded to `dtype` (what that kernel's own combine stores),
+  and the result x @ w [E, N] as float32 partial sums [S, N]. Each program combines the run of
+  the row it multiplies as it loads it, from L2 (the attention has just written the parts), so
+  no launch runs only to combine them. Knobs as `matvec_partials`; a chunk of the row (block_k)
+  is cut to lie in one head.
+  """
+  if parts_AHD.ndim != 3 or lse_AH.shape != parts_AHD.shape[:2] or w_EN.ndim != 2:
+    raise ValueError(f"combined_matvec_partials: parts [A, H, D], lse [A, H] and a weight "
+                     f"[H * D, N] expected; got parts {parts_AHD.shape}, lse {lse_AH.shape} and "
+                     f"w {w_EN.shape}")
+  num_parts, h, d = parts_AHD.shape
+  e, n = w_EN.shape
+  if e != h * d:
+    raise ValueError(f"combined_matvec_partials: the weight's {e} rows are not the parts' "
+                     f"{h} heads x {d}")
+  if d & (d - 1) or d < 16:
+    raise ValueError(f"combined_matvec_partials: head_dim {d} is not a power of two >= 16 (a "
+                     "chunk of the row lies in one head)")
+  _check_knobs("combined_matvec_partials", block_n=block_n, block_k=block_k,
+               num_warps=num_warps, num_stages=num_stages)
+  if _pow2_divisor(n, block_n) < 16:
+    raise ValueError(f"combined_matvec_partials: weight columns {n} have no power-of-two "
+                     "divisor >= 16")
+  splits, rows = _checked_splits("combined_matvec_partials", e, n, splits, block_n, block_k)
+  bk = _pow2_divisor(rows, min(block_k, d))
+  if bk < 16:
+    raise ValueError(f"combined_matvec_partials: {splits} splits of the row leave runs of "
+                     f"{rows}, with no power-of-two divisor >= 16 of head_dim {d}")
+  bn = _pow2_divisor(n, block_n)
+  kernel = functools.partial(_combined_partials_kernel, rows=rows, head_dim=d,
+                             num_parts=num_parts, bk=bk, nk=rows // bk, bn=bn,
+                             dtype=jnp.dtype(dtype))
+  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  return pl.pallas_call(
+      kernel,
+      grid=(n // bn, splits),
+      in_specs=[whole((num_parts, e)), whole((num_parts, h)),
+                pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
+      out_specs=pl.BlockSpec((None, bn), lambda j, s: (s, j)),
+      out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="combined_matvec_partials",
+  )(parts_AHD.reshape(num_parts, e).astype(jnp.float32), lse_AH.astype(jnp.float32),
+    w_EN.astype(dtype))
+
+
 def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk, bn, tiles,
                           splits, eps, dtype):
   it = iter(refs)

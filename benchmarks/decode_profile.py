@@ -70,8 +70,11 @@ def main():
   ap.add_argument("--matvec-pair-knobs", default="",
                   help="knobs of the gate/up launch alone (silu_pair), over --matvec-knobs")
   ap.add_argument("--matvec-partial-knobs", default="",
-                  help="knobs of the o and down launches (matvec_partials, "
-                       "combined_matvec_partials), e.g. 'splits=4'")
+                  help="knobs of the down launch (matvec_partials; the o launch's too "
+                       "without row_attention), e.g. 'splits=4'")
+  ap.add_argument("--o-knobs", default="",
+                  help="knobs of the o launch that combines row_attention's splits "
+                       "(combined_matvec_partials), e.g. 'block_n=64'")
   ap.add_argument("--no-row-attention", action="store_true",
                   help="model.ROW_ATTENTION off: the one-row step's RoPE, cache write and "
                        "split combine as XLA kernels around decode_attention (the baseline of "
@@ -100,7 +103,7 @@ def main():
                  "=INT")
       knobs[key] = int(value)
     decode_kernels.row_attention = functools.partial(decode_kernels.row_attention, **knobs)
-  if args.matvec_knobs or args.matvec_pair_knobs or args.matvec_partial_knobs:
+  if args.matvec_knobs or args.matvec_pair_knobs or args.matvec_partial_knobs or args.o_knobs:
     from benchmarks.matvec import KNOBS, PARTIAL_KNOBS, parse_knobs
     from dllm_jax.kernels import matvec
 
@@ -118,11 +121,11 @@ def main():
       return plain(*a, silu_pair=silu_pair, **{**kw, **knobs, **(pair if silu_pair else {})})
 
     matvec.norm_matvec = tuned
-    partial = one(args.matvec_partial_knobs, "--matvec-partial-knobs", PARTIAL_KNOBS)
-    matvec.matvec_partials = functools.partial(matvec.matvec_partials, **partial)
-    # (the o launch where row_attention leaves its splits for it to combine)
-    matvec.combined_matvec_partials = functools.partial(matvec.combined_matvec_partials,
-                                                        **partial)
+    matvec.matvec_partials = functools.partial(
+        matvec.matvec_partials,
+        **one(args.matvec_partial_knobs, "--matvec-partial-knobs", PARTIAL_KNOBS))
+    matvec.combined_matvec_partials = functools.partial(
+        matvec.combined_matvec_partials, **one(args.o_knobs, "--o-knobs", PARTIAL_KNOBS))
   if args.plain_dot:
     model._matmul = jnp.dot
     args.tag = args.tag or "_plaindot"  # never overwrite the default run's JSON

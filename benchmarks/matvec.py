@@ -8,7 +8,9 @@
 For each shape, the four launches of a one-row decode layer: `qkv` (RMSNorm, q/k/v, bias),
 `gate_up` (residual add, RMSNorm, gate/up, SiLU product) by `norm_matvec` at each `--knobs`
 setting, and `o` and `down` (split-K partial sums, `matvec_partials`, at each `--partial-knobs`
-setting; XLA's side is the model's GEMM, whose output is the summed product). Each kernel
+setting; XLA's side is the model's GEMM, whose output is the summed product; `o` times the
+plain launch on a given row, not `combined_matvec_partials`, which the model's o launch is where
+`row_attention` runs: `decode_profile.py` times that one in the step). Each kernel
 setting is first checked against XLA on one layer (`check_max_rel_err`, `check_ok`). Then each
 launch runs over 16 layers of distinct weights in one jitted chain (layer i+1's input is layer
 i's output, so nothing is fused across layers and no weight is read from L2; `o` and `down` run

@@ -7,9 +7,10 @@ Shapes are the benchmark's headline cases: training, Qwen2.5-1.5B heads (12/2, D
 diffusion 2L layout at L=2048, batch 4 (kernels block_sparse_attention_fwd/_dq/_dkv); decode,
 the same heads, an 8-token sub-block at the end of a 4096-slot cache, batch 32
 (decode_attention); row, the batch-1 one-token step's `row_attention` at position 575 of a
-640-slot cache (the decode_profile case; 7.7-8.4 us a launch on the H200 where
-decode_attention alone took 3.4: where the chain of latencies goes is the open question,
-BENCHMARKS.md session 21), its q/k/v parts in 3 splits as the q/k/v launch leaves them.
+640-slot cache (the decode_profile case), its q/k/v parts in 3 splits as the q/k/v launch leaves
+them, as the model runs it: its splits left for the o launch (`combined_matvec_partials`, also
+launched) to combine, or with `--row-combine` combining them itself (the launch profiled in
+BENCHMARKS.md session 22: 8.5 us under ncu, a chain of latencies at one warp a scheduler).
 Nothing is timed here.
 """
 
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 
 from benchmarks.attention import SHAPES  # noqa: E402
 from dllm_jax import masks  # noqa: E402
-from dllm_jax.kernels import decode, flash  # noqa: E402
+from dllm_jax.kernels import decode, flash, matvec  # noqa: E402
 
 
 def main():
@@ -34,6 +35,8 @@ def main():
   ap.add_argument("--case", choices=["train", "decode", "row"], required=True)
   ap.add_argument("--row-splits", type=int, default=0,
                   help="row case: row_attention's splits (0: its default)")
+  ap.add_argument("--row-combine", action="store_true",
+                  help="row case: row_attention combines its own splits (atomic counter)")
   ap.add_argument("--calls", type=int, default=3)
   ap.add_argument("--num-warps-dkv", type=int, default=0, help="flash.Tiles.num_warps_dkv")
   ap.add_argument("--dkv-head-split", type=int, default=flash.Tiles().dkv_head_split,
@@ -65,10 +68,18 @@ def main():
     qp, kp, vp = (jax.random.normal(k, (parts, n, d)) for k, n in
                   zip(jax.random.split(ks[0], 3), (h, kh, kh)))
     cos = sin = jnp.full((d // 2,), 0.5, jnp.float32)
-    fn = jax.jit(lambda qp, kp, vp, kc, vc: decode.row_attention(
-        qp, kp, vp, jnp.ones((16,)), cos, sin, kc, vc, jnp.zeros((kh,), jnp.int32),
-        jnp.array([pos]), masks.MaskSpec("causal"), dtype=jnp.bfloat16,
-        splits=args.row_splits or None)[0])
+    w_o = jax.random.normal(ks[3], (h * d, 1536), jnp.bfloat16)  # the 1.5B o: [H * D, E]
+
+    def row(qp, kp, vp, kc, vc):
+      counter = jnp.zeros((kh,), jnp.int32) if args.row_combine else None
+      out = decode.row_attention(
+          qp, kp, vp, jnp.ones((16,)), cos, sin, kc, vc, counter, jnp.array([pos]),
+          masks.MaskSpec("causal"), dtype=jnp.bfloat16, splits=args.row_splits or None,
+          combine=args.row_combine)[0]
+      if args.row_combine:
+        return out
+      return matvec.combined_matvec_partials(*out, w_o, dtype=jnp.bfloat16)  # the o launch
+    fn = jax.jit(row)
     call = lambda: fn(qp, kp, vp, kc, vc)
   else:
     b, s, tq = 32, 4096, 8

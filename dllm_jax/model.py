@@ -259,8 +259,9 @@ ROW_ATTENTION = True
 def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, max_len: int) -> bool:
   """Whether the one-row step's attention, with its RoPE and cache write, is one kernel
   (`kernels.decode.row_attention`): the Pallas attention on, a causal or block-causal mask, and
-  shapes it covers with a cache no longer than it was measured at (`decode.ROW_MAX_SLOTS`);
-  else `_cached_attention` after XLA's RoPE and cache write."""
+  shapes it covers with a cache no longer than it was measured at (`decode.ROW_MAX_SLOTS`),
+  with its splits combined by the o launch (`matvec.combined_matvec_partials`); else
+  `_cached_attention` after XLA's RoPE and cache write, and a plain o launch."""
   if not ROW_ATTENTION or attention.resolve_impl(cfg.attention_impl) != "pallas":
     return False
   if spec.kind not in ("causal", "block_causal"):

@@ -169,6 +169,12 @@ def _combine(parts, lse, dtype):
     (95, BLOCK, dict(h=9, kv=3, bias=False), 1, 32),
     (100, BLOCK48, dict(), 4, 16),
     (60, CAUSAL, dict(h=20, kv=1, d=32, parts=2), 2, 32),
+    (200, CAUSAL, dict(), 3, 32),  # past the cache; 4 tiles in 3 splits (2, 2, 0)
+    (5, CAUSAL, dict(), 5, 16),  # the later splits see no key
+    (50, CAUSAL, dict(h=7, kv=1, d=32, parts=1), 3, 16),
+    (90, CAUSAL, dict(h=4, kv=4, d=128, parts=5), 2, 64),
+    (70, CAUSAL, dict(write_mask=jnp.array([False])), 2, None),
+    (33, CAUSAL, dict(cache_dtype=jnp.float32), 2, None),
 ])
 def test_row_attention_leaves_its_splits_for_the_o_launch(pos, spec, shape, splits, block_k):
   # combine=False: the same cache write, and the splits' outputs and log-sum-exps that, combined,
@@ -193,10 +199,14 @@ def test_combined_matvec_partials_combines_the_row_it_multiplies():
   # The o launch of the one-row step: the row is the splits' combine, head by head; a chunk
   # of the row never spans two heads (block_k=32 below cuts 64-wide heads in two chunks).
   for (a, h, d, n, kw) in [(5, 12, 128, 1536, {}), (3, 9, 64, 576, {}),
-                           (4, 4, 64, 64, dict(splits=2, block_k=32)), (1, 6, 32, 96, {})]:
+                           (4, 4, 64, 64, dict(splits=2, block_k=32)), (1, 6, 32, 96, {}),
+                           (3, 12, 128, 1536, dict(splits=8)),  # runs start mid-head
+                           (16, 4, 128, 64, dict(splits=8))]:  # ROW_MAX_SPLITS, 64-row runs
     ks = jax.random.split(jax.random.key(a * h), 3)
     parts = jax.random.normal(ks[0], (a, h, d))
-    lse = jax.random.normal(ks[1], (a, h)) * 4
+    # Base-2 log-sum-exps far past float32's exp2 range: only the largest's subtraction keeps
+    # the weights finite.
+    lse = jax.random.normal(ks[1], (a, h)) * 4 + jnp.array([200.0, -150.0, 0.0] * 6)[:a, None]
     if a > 1:
       lse = lse.at[a - 1, 1].set(-jnp.inf)  # a split that saw no key
       parts = parts.at[a - 1, 1].set(0.0)
@@ -218,6 +228,9 @@ def test_combined_matvec_partials_combines_the_row_it_multiplies():
     (dict(parts=jnp.zeros((3, 16, 48)), lse=jnp.zeros((3, 16)),
           w=jnp.zeros((768, 64), jnp.bfloat16)), "head_dim 48"),
     (dict(block_n=8), "block_n=8 must be"),
+    (dict(parts=jnp.zeros((0, 12, 128)), lse=jnp.zeros((0, 12))), "0 splits of the attention"),
+    (dict(parts=jnp.zeros((17, 12, 128)), lse=jnp.zeros((17, 12))), "17 splits"),
+    (dict(lse=jnp.zeros((3, 12), jnp.int32)), "'lse': 'int32'"),
     (dict(w=jnp.zeros((1536, 40), jnp.bfloat16)), "columns 40"),
     (dict(splits=5), "splits=5 does not divide"),
 ])

@@ -12,9 +12,12 @@ one program covers the whole cache). Partials are stored in the output's dtype b
 vLLM's paged attention v2 does: at batch 32 float32 partials were about an eighth of the bytes
 the kernel moves, read again by the combine. Everything is in base 2, like `flash`.
 
-`row_attention` is the batch-1, one-token case of the model's one-row step (`model._row_attention`):
-the same attention with the work around it in its launch (the q/k/v parts' sums, RoPE, the cache
-write, the splits' combine), which took five small XLA kernels around `decode_attention`.
+`row_attention` is the batch-1, one-token case of the model's one-row step
+(`model._row_attention`): the same attention with the work around it in its launch (the q/k/v
+parts' sums, RoPE, the cache write), which took five small XLA kernels around
+`decode_attention`. Its splits' combine is either its own (`combine=True`: the last program of a
+KV head, found by an atomic counter) or, as the model runs it, the o launch's
+(`combine=False`, `matvec.combined_matvec_partials`).
 """
 
 from __future__ import annotations
@@ -375,7 +378,9 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
 # splits 11.8 and 1 split 16.3; at 4096 slots 16 splits 11.2, 8 splits 13.2 and 32 splits 12.0
 # (H200, BENCHMARKS.md session 21). Loading each tile a step ahead did not help.
 ROW_TILES_PER_SPLIT = 2
-ROW_MAX_SPLITS = 16  # the last program reads every split's partial output
+# The combine reads every split's partial output: the last program (combine=True), or each of
+# the o launch's programs for its run of the row (the model's path).
+ROW_MAX_SPLITS = 16
 # The longest cache `row_attention` was measured at, and where the model stops using it: past
 # it each program's walk grows (the splits stop at ROW_MAX_SPLITS) while `decode_attention`
 # splits the cache to fill the GPU.
@@ -411,8 +416,9 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
   outputs and base-2 log-sum-exps (float32), uncombined, for the next launch to combine where
   it loads its row (`matvec.combined_matvec_partials`, the one-row step's o product). That takes
   the combine's serial chain (the stores, a barrier, the counter's atomic and the last
-  program's reads) out of this launch, and `counter_K` must then be None. The inputs are what the one-row
-  step's q/k/v launch (`matvec.norm_matvec_partials`) leaves: float32 partial sums q [S, H, D],
+  program's reads) out of this launch, and `counter_K` must then be None. The inputs are what
+  the one-row step's q/k/v launch (`matvec.norm_matvec_partials`) leaves: float32 partial sums
+  q [S, H, D],
   k and v [S, K, D], 1/rms ([16], every entry the same), and `biases` (q [H, D], k and v
   [K, D], or None). This kernel finishes them as `matvec.finish_partials` does, applies RoPE
   (`cos`, `sin` [D / 2] float32 of the token's position `pos` (int [1]), `model.rope_tables`),
@@ -422,11 +428,12 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
   this the step ran five small XLA kernels around `decode_attention` for that work, the splits'
   combine among them (BENCHMARKS.md, session 21).
 
-  The cache is split over `splits` programs a KV head (`default_row_splits`); the last of a
-  head's programs to finish combines their normalised outputs (float32) by their log-sum-exp,
-  counted by `counter_K` (int32 [K], zero on entry; each launch leaves it zero again, so one
-  zeroed counter serves every layer of a step). The caches and the counter are updated in place
-  (aliased); pass arrays the caller no longer needs.
+  The cache is split over `splits` programs a KV head (`default_row_splits`). With
+  `combine=True` (the default) the last of a head's programs to finish combines their
+  normalised outputs (float32) by their log-sum-exp, counted by `counter_K` (int32 [K], zero on
+  entry; each launch leaves it zero again, so one zeroed counter serves every layer of a step).
+  The caches (and the counter) are updated in place (aliased); pass arrays the caller no longer
+  needs.
   """
   if spec.kind not in ("causal", "block_causal"):
     raise ValueError(f"row_attention takes a causal or block_causal spec, got {spec}")

@@ -13,7 +13,10 @@ a layer: the attention's norm with q/k/v (adding the previous layer's down produ
 GPU, so they split their rows (split-K) and leave float32 partial sums that whatever reads them
 adds: the next launch where it reads the row (o, down), the attention's launch with its RoPE and
 cache write (q/k/v: `decode.row_attention`, session 21; else the XLA kernels of RoPE and the
-cache write, session 19). No kernel runs just to reduce them.
+cache write, session 19). No kernel runs just to reduce them. Likewise the o launch
+(`combined_matvec_partials`) combines the attention's cache splits as it loads its row, which
+`row_attention` leaves uncombined (session 22: the step's GPU time 2.4% shorter than with the
+attention's own combine).
 
 Where it stands (H200, BENCHMARKS.md session 17): the step 7.5% faster than XLA's at the
 Qwen2.5-1.5B shape, 5.4% at SmolLM2-135M, level at 7B, with 305 kernels a step instead of 473
@@ -23,9 +26,10 @@ launch took 19.3 us a layer against XLA's GEMM's 16.8 (the kernel streams the we
 its down 9.9 against 10.9. XLA streams gate/up in 128-column tiles through TMA (session 18,
 `benchmarks/xla_gemm_config.py`), which a Triton kernel of Pallas pointer loads does not match.
 
-Measured not to pay (session 18), so not here: RoPE, the cache writes and the attention's split
-combine fused into these launches (level: the q/k/v and o launches grew by what the five small
-kernels had cost; session 21 put them into the attention's launch instead, which paid), and
+Measured not to pay (session 18), so not here: RoPE and the cache writes fused into these
+launches, with the split combine of `decode_attention`'s XLA step (level: the q/k/v and o
+launches grew by what the five small kernels had cost; session 21 put them into the
+attention's launch instead, which paid, and session 22 the combine into o's, which paid), and
 extra q/k/v programs reading gate/up into L2 (far slower). Session 20:
 the gate/up launch reads at ~0.87 of the copy rate whether or not its programs fill one wave
 (XLA's TMA GEMM ~1.19); gate/up by XLA's GEMM inside this step cost more in the kernels around
@@ -433,14 +437,25 @@ def combined_matvec_partials(parts_AHD: jax.Array, lse_AH: jax.Array, w_EN: jax.
   largest, over the weights' sum, rounded to `dtype` (what that kernel's own combine stores),
   and the result x @ w [E, N] as float32 partial sums [S, N]. Each program combines the run of
   the row it multiplies as it loads it, from L2 (the attention has just written the parts), so
-  no launch runs only to combine them. Knobs as `matvec_partials`; a chunk of the row (block_k)
-  is cut to lie in one head.
+  no launch runs only to combine them. A split that saw no key has lse -inf and weight 0 (its
+  parts must be finite, as `row_attention` stores them: zeros); a head whose every split has lse
+  -inf would be NaN, which `row_attention` never leaves (split 0 always sees slot 0). Knobs as
+  `matvec_partials`; a chunk of the row (block_k) is cut to lie in one head.
   """
   if parts_AHD.ndim != 3 or lse_AH.shape != parts_AHD.shape[:2] or w_EN.ndim != 2:
     raise ValueError(f"combined_matvec_partials: parts [A, H, D], lse [A, H] and a weight "
                      f"[H * D, N] expected; got parts {parts_AHD.shape}, lse {lse_AH.shape} and "
                      f"w {w_EN.shape}")
   num_parts, h, d = parts_AHD.shape
+  from dllm_jax.kernels.decode import ROW_MAX_SPLITS  # (decode imports this module's users)
+
+  if not 1 <= num_parts <= ROW_MAX_SPLITS:
+    raise ValueError(f"combined_matvec_partials: {num_parts} splits of the attention; 1 .. "
+                     f"{ROW_MAX_SPLITS} are combined (each program loads every split's run)")
+  bad = {k: str(a.dtype) for k, a in (("parts", parts_AHD), ("lse", lse_AH))
+         if not jnp.issubdtype(a.dtype, jnp.floating)}
+  if bad:
+    raise ValueError(f"combined_matvec_partials: float parts and lse expected, got {bad}")
   e, n = w_EN.shape
   if e != h * d:
     raise ValueError(f"combined_matvec_partials: the weight's {e} rows are not the parts' "
@@ -454,10 +469,8 @@ def combined_matvec_partials(parts_AHD: jax.Array, lse_AH: jax.Array, w_EN: jax.
     raise ValueError(f"combined_matvec_partials: weight columns {n} have no power-of-two "
                      "divisor >= 16")
   splits, rows = _checked_splits("combined_matvec_partials", e, n, splits, block_n, block_k)
+  # (>= 16: _checked_splits leaves runs with a power-of-two divisor >= 16, and d is one.)
   bk = _pow2_divisor(rows, min(block_k, d))
-  if bk < 16:
-    raise ValueError(f"combined_matvec_partials: {splits} splits of the row leave runs of "
-                     f"{rows}, with no power-of-two divisor >= 16 of head_dim {d}")
   bn = _pow2_divisor(n, block_n)
   kernel = functools.partial(_combined_partials_kernel, rows=rows, head_dim=d,
                              num_parts=num_parts, bk=bk, nk=rows // bk, bn=bn,

@@ -239,6 +239,16 @@ def _finish_rows(ref, bias_ref, first, n, half, d2, num_parts, rsqrt, dtype, cou
   return y
 
 
+def combine_weights(lses):
+  """(weights, their sum) of the splits' combine: exp2 of each split's base-2 log-sum-exp less
+  the largest. `row_attention`'s own combine and the o launch's
+  (`matvec.combined_matvec_partials`) both weigh the splits by it, so the two combine with the
+  same float32 arithmetic."""
+  top = functools.reduce(jnp.maximum, lses)
+  ws = [jnp.exp2(x - top) for x in lses]
+  return ws, functools.reduce(lambda a, b: a + b, ws)
+
+
 def _rotate(lo, hi, cos, sin, dtype):
   """`model.rope` on the two halves of head_dim (float32 in, dtype values as float32 out)."""
   rnd = lambda x: x.astype(dtype).astype(jnp.float32)
@@ -362,10 +372,8 @@ def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias,
     ctr_ref[pl.ds(g, 1)] = jnp.zeros((1,), jnp.int32)  # ready for the next launch
     rd = lambda ref: plgpu.load(ref, volatile=True)
     at = lambda ref, s, *idx: ref.at[(jnp.int32(s), g) + idx]
-    lses = [rd(at(plse_ref, s, slice(None))) for s in range(splits)]
-    top = functools.reduce(jnp.maximum, lses)
-    ws = [jnp.exp2(x - top) for x in lses]
-    den = functools.reduce(lambda a, b: a + b, ws)[:, None]
+    ws, den = combine_weights([rd(at(plse_ref, s, slice(None))) for s in range(splits)])
+    den = den[:, None]
     num_lo = functools.reduce(lambda a, b: a + b, [
         wt[:, None] * rd(at(po_ref, s, slice(None), pl.ds(0, d2))) for s, wt in enumerate(ws)])
     num_hi = functools.reduce(lambda a, b: a + b, [
@@ -418,9 +426,8 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
   the combine's serial chain (the stores, a barrier, the counter's atomic and the last
   program's reads) out of this launch, and `counter_K` must then be None. The inputs are what
   the one-row step's q/k/v launch (`matvec.norm_matvec_partials`) leaves: float32 partial sums
-  q [S, H, D],
-  k and v [S, K, D], 1/rms ([16], every entry the same), and `biases` (q [H, D], k and v
-  [K, D], or None). This kernel finishes them as `matvec.finish_partials` does, applies RoPE
+  q [S, H, D], k and v [S, K, D], 1/rms ([16], every entry the same), and `biases` (q [H, D],
+  k and v [K, D], or None). This kernel finishes them as `matvec.finish_partials` does, applies RoPE
   (`cos`, `sin` [D / 2] float32 of the token's position `pos` (int [1]), `model.rope_tables`),
   writes k and v into the caches [S', K, D] at slot `pos` (>= 0; past the end clamped to the
   last slot, as `cache.write`; not where `write_mask` (bool [1]) is False), and attends the

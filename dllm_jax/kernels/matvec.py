@@ -361,6 +361,34 @@ def _checked_splits(fn: str, e: int, n: int, splits: Optional[int], block_n: int
   return splits, e // splits
 
 
+def _split_k_plan(fn: str, e: int, n: int, splits: Optional[int], block_n: int, block_k: int,
+                  num_warps: int, num_stages: int) -> tuple[int, int, int]:
+  """(splits, rows a split, column tile) of a split-K product of a row [e] by a weight [e, n],
+  the knobs checked; errors name `fn`."""
+  _check_knobs(fn, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+  if _pow2_divisor(n, block_n) < 16:
+    raise ValueError(f"{fn}: weight columns {n} have no power-of-two divisor >= 16")
+  splits, rows = _checked_splits(fn, e, n, splits, block_n, block_k)
+  return splits, rows, _pow2_divisor(n, block_n)
+
+
+def _split_k_call(kernel, row_specs, n: int, bn: int, rows: int, splits: int, num_warps: int,
+                  num_stages: int, interpret: bool, name: str):
+  """The pallas_call of a split-K product: a program per (column tile, run of the row), the row's
+  inputs (`row_specs`) then the weight [E, n] in tiles [rows, bn], float32 partial sums
+  [splits, n] out."""
+  return pl.pallas_call(
+      kernel,
+      grid=(n // bn, splits),
+      in_specs=[*row_specs, pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
+      out_specs=pl.BlockSpec((None, bn), lambda j, s: (s, j)),
+      out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name=name,
+  )
+
+
 def _partials_kernel(x_ref, w_ref, o_ref, *, bk, nk, bn, dtype):
   # x_ref [rows]: this split's part of the row; w_ref [rows, bn]; o_ref [bn].
   load = lambda c: x_ref[pl.ds(c * bk, bk)]
@@ -384,30 +412,18 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = 
     raise ValueError(f"matvec_partials: a row [E] and a weight [E, N] expected; got x "
                      f"{x_E.shape} and w {w_EN.shape}")
   e, n = w_EN.shape
-  _check_knobs("matvec_partials", block_n=block_n, block_k=block_k, num_warps=num_warps,
-               num_stages=num_stages)
-  if _pow2_divisor(n, block_n) < 16:
-    raise ValueError(f"matvec_partials: weight columns {n} have no power-of-two divisor >= 16")
-  splits, rows = _checked_splits("matvec_partials", e, n, splits, block_n, block_k)
-  dtype = x_E.dtype
+  splits, rows, bn = _split_k_plan("matvec_partials", e, n, splits, block_n, block_k, num_warps,
+                                   num_stages)
   bk = _pow2_divisor(rows, block_k)
-  bn = _pow2_divisor(n, block_n)
-  kernel = functools.partial(_partials_kernel, bk=bk, nk=rows // bk, bn=bn, dtype=dtype)
-  return pl.pallas_call(
-      kernel,
-      grid=(n // bn, splits),
-      in_specs=[pl.BlockSpec((rows,), lambda j, s: (s,)),
-                pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
-      out_specs=pl.BlockSpec((None, bn), lambda j, s: (s, j)),
-      out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="matvec_partials",
-  )(x_E, w_EN)
+  kernel = functools.partial(_partials_kernel, bk=bk, nk=rows // bk, bn=bn, dtype=x_E.dtype)
+  return _split_k_call(kernel, [pl.BlockSpec((rows,), lambda j, s: (s,))], n, bn, rows, splits,
+                       num_warps, num_stages, interpret, "matvec_partials")(x_E, w_EN)
 
 
 def _combined_partials_kernel(p_ref, lse_ref, w_ref, o_ref, *, rows, head_dim, num_parts, bk,
                               nk, bn, dtype):
+  from dllm_jax.kernels.decode import combine_weights  # row_attention's own combine's weights
+
   # p_ref [A, E], lse_ref [A, H] (whole): the attention's splits; w_ref [rows, bn]; o_ref [bn].
   # A chunk of the row lies in one head (bk divides head_dim), so it has one weight a split.
   start = pl.program_id(1) * rows
@@ -416,10 +432,7 @@ def _combined_partials_kernel(p_ref, lse_ref, w_ref, o_ref, *, rows, head_dim, n
   def load(c):
     first = start + c * bk
     head = lax.div(first, head_dim)
-    lses = [lse_ref[at(a), head] for a in range(num_parts)]
-    top = functools.reduce(jnp.maximum, lses)
-    ws = [jnp.exp2(x - top) for x in lses]
-    den = functools.reduce(lambda a, b: a + b, ws)
+    ws, den = combine_weights([lse_ref[at(a), head] for a in range(num_parts)])
     num = functools.reduce(lambda a, b: a + b, [
         wt * p_ref[at(a), pl.ds(first, bk)] for a, wt in enumerate(ws)])
     return num / den
@@ -447,7 +460,7 @@ def combined_matvec_partials(parts_AHD: jax.Array, lse_AH: jax.Array, w_EN: jax.
                      f"[H * D, N] expected; got parts {parts_AHD.shape}, lse {lse_AH.shape} and "
                      f"w {w_EN.shape}")
   num_parts, h, d = parts_AHD.shape
-  from dllm_jax.kernels.decode import ROW_MAX_SPLITS  # (decode imports this module's users)
+  from dllm_jax.kernels.decode import ROW_MAX_SPLITS  # lazily, as sm_count
 
   if not 1 <= num_parts <= ROW_MAX_SPLITS:
     raise ValueError(f"combined_matvec_partials: {num_parts} splits of the attention; 1 .. "
@@ -463,31 +476,18 @@ def combined_matvec_partials(parts_AHD: jax.Array, lse_AH: jax.Array, w_EN: jax.
   if d & (d - 1) or d < 16:
     raise ValueError(f"combined_matvec_partials: head_dim {d} is not a power of two >= 16 (a "
                      "chunk of the row lies in one head)")
-  _check_knobs("combined_matvec_partials", block_n=block_n, block_k=block_k,
-               num_warps=num_warps, num_stages=num_stages)
-  if _pow2_divisor(n, block_n) < 16:
-    raise ValueError(f"combined_matvec_partials: weight columns {n} have no power-of-two "
-                     "divisor >= 16")
-  splits, rows = _checked_splits("combined_matvec_partials", e, n, splits, block_n, block_k)
+  splits, rows, bn = _split_k_plan("combined_matvec_partials", e, n, splits, block_n, block_k,
+                                   num_warps, num_stages)
   # (>= 16: _checked_splits leaves runs with a power-of-two divisor >= 16, and d is one.)
   bk = _pow2_divisor(rows, min(block_k, d))
-  bn = _pow2_divisor(n, block_n)
   kernel = functools.partial(_combined_partials_kernel, rows=rows, head_dim=d,
                              num_parts=num_parts, bk=bk, nk=rows // bk, bn=bn,
                              dtype=jnp.dtype(dtype))
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-  return pl.pallas_call(
-      kernel,
-      grid=(n // bn, splits),
-      in_specs=[whole((num_parts, e)), whole((num_parts, h)),
-                pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
-      out_specs=pl.BlockSpec((None, bn), lambda j, s: (s, j)),
-      out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="combined_matvec_partials",
-  )(parts_AHD.reshape(num_parts, e).astype(jnp.float32), lse_AH.astype(jnp.float32),
-    w_EN.astype(dtype))
+  return _split_k_call(kernel, [whole((num_parts, e)), whole((num_parts, h))], n, bn, rows,
+                       splits, num_warps, num_stages, interpret, "combined_matvec_partials")(
+      parts_AHD.reshape(num_parts, e).astype(jnp.float32), lse_AH.astype(jnp.float32),
+      w_EN.astype(dtype))
 
 
 def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk, bn, tiles,

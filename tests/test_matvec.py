@@ -91,6 +91,48 @@ def test_matvec_partials_sum_to_the_product(e, n, splits, block_k, dtype):
                              @ np.asarray(w[run:2 * run], np.float64), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_out_major_weights_give_the_row_major_products(dtype):
+  # The same tiles, chunks and sums on a weight stored [N, E] (a Linear's layout): every launch
+  # equals its row-major self on the transpose. Shapes with several chunks, tiles and splits.
+  x, add, scale, ws, bs = _inputs(jax.random.key(11), 192, (96, 32, 32), dtype)
+  om = [w.T for w in ws]
+  parts5 = jax.random.normal(jax.random.key(12), (5, 192))
+  # (The float32 sums inside a tile's product may be ordered differently: one bf16 step.)
+  eq = lambda a, b: np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5,
+      rtol=8e-3 if a.dtype == jnp.bfloat16 else 1e-5)
+  f = functools.partial(matvec.norm_matvec, block_n=32, block_k=64, interpret=True)
+  for kw in (dict(add_E=parts5, norm_scale_E=scale, biases_N=bs), dict(add_E=add)):
+    (g, r), (w, wr) = f(x, om, out_major=True, **kw), f(x, ws, **kw)
+    jax.tree_util.tree_map(eq, (g, r), (w, wr))
+  pair = [ws[1], ws[2]]
+  kw = dict(add_E=add, norm_scale_E=scale, silu_pair=True)
+  jax.tree_util.tree_map(eq, f(x, [w.T for w in pair], out_major=True, **kw), f(x, pair, **kw))
+  f = functools.partial(matvec.norm_matvec_partials, norm_scale_E=scale, add_E=parts5,
+                        splits=3, block_k=32, interpret=True)
+  jax.tree_util.tree_map(eq, f(x, om, out_major=True), f(x, ws))
+  f = functools.partial(matvec.matvec_partials, splits=3, block_k=32, interpret=True)
+  eq(f(x, om[0], out_major=True), f(x, ws[0]))
+  parts, lse = jax.random.normal(jax.random.key(13), (2, 3, 64)), jnp.zeros((2, 3))
+  f = functools.partial(matvec.combined_matvec_partials, dtype=dtype, splits=2, block_k=32,
+                        interpret=True)
+  eq(f(parts, lse, om[0], out_major=True), f(parts, lse, ws[0]))
+
+
+def test_out_major_weights_are_checked_as_out_major():
+  x, _, scale, (w,), _ = _inputs(jax.random.key(0), 64, (32,), jnp.float32)
+  for call in (lambda: matvec.norm_matvec(x, [w], out_major=True, interpret=True),
+               lambda: matvec.matvec_partials(x, w, out_major=True, interpret=True),
+               lambda: matvec.norm_matvec_partials(x, [w], norm_scale_E=scale, out_major=True,
+                                                   interpret=True)):
+    with pytest.raises(ValueError, match=r"\[N, E\] \(out_major\)"):
+      call()
+  with pytest.raises(ValueError, match="64 columns are not the parts' 2 heads x 16"):
+    matvec.combined_matvec_partials(jnp.zeros((1, 2, 16)), jnp.zeros((1, 2)), w.T,
+                                    dtype=jnp.float32, out_major=True, interpret=True)
+
+
 def test_default_knobs_widen_a_large_gate_up_pair(monkeypatch):
   from dllm_jax.kernels import decode as decode_kernel
 

@@ -97,9 +97,9 @@ def _round(x, dtype):
 _ROWS = 16  # rows of the tensor-core product (the row, repeated)
 
 
-def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0):
+def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0, out_major=False):
   """float32 [bn] per weight: the sum over chunks c < nk of prep(load(c)) [bk] times rows
-  row0 + c*bk .. of w[:, col:col+bn].
+  row0 + c*bk .. of w[:, col:col+bn] (of w[col:col+bn, :]'s columns for an out-major w [N, K]).
 
   The row goes through the tensor cores as 16 equal rows (their smallest M): Triton pipelines
   only loads that feed a dot, and a weight-bound product needs its loads in flight while it
@@ -116,9 +116,11 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0):
     accs, xn = carry
     nxt = load(jnp.minimum(c + 1, nk - 1))
     a = jnp.broadcast_to(xn[None, :], (_ROWS, bk))
+    rows, cols = pl.ds(row0 + c * bk, bk), pl.ds(col, bn)
     accs = tuple(
-        acc + lax.dot_general(a, w_ref[pl.ds(row0 + c * bk, bk), pl.ds(col, bn)].astype(dtype),
-                              (((1,), (0,)), ((), ())), precision=precision,
+        acc + lax.dot_general(a, (w_ref[cols, rows] if out_major else w_ref[rows, cols]
+                                  ).astype(dtype),
+                              (((1,), (int(out_major),)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32)
         for acc, w_ref in zip(accs, w_refs))
     return accs, prep(nxt)
@@ -163,7 +165,7 @@ def _scaled_row(raw, add_parts, dtype):
 
 
 def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
-            tiles, dtype):
+            tiles, dtype, out_major):
   it = iter(refs)
   x_ref = next(it)
   add_ref = next(it) if has_add else None
@@ -192,7 +194,7 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
   normed = lambda raw: _scaled_row(raw, add_parts, dtype)
 
   def matvec(refs, col):  # the products of scale * row, times 1/rms
-    ys = _products(load, normed, refs, col, nk, bk, bn, dtype)
+    ys = _products(load, normed, refs, col, nk, bk, bn, dtype, out_major=out_major)
     r = rsqrt_and_sum()
     return [_round(y if r is None else y * r, dtype) for y in ys]
 
@@ -238,12 +240,19 @@ def default_knobs(ns: Sequence[int], silu_pair: bool) -> dict:
   return {"block_n": 32, "block_k": 256, "num_stages": 3}
 
 
-def _check_row_inputs(fn: str, x_E, ws_EN, add_E, norm_scale_E) -> None:
-  """A row [E], weights [E, N], an add [E] or partial sums [S, E], a scale [E]; else a ValueError
-  naming `fn` and the shapes."""
+def _kn(w, out_major: bool) -> tuple[int, int]:
+  """(K, N): the rows the row multiplies and the output columns of a weight [K, N], or of an
+  out-major one [N, K] (a Linear's layout: each output column's weights one contiguous run)."""
+  return (w.shape[1], w.shape[0]) if out_major else tuple(w.shape)
+
+
+def _check_row_inputs(fn: str, x_E, ws_EN, add_E, norm_scale_E, out_major: bool) -> None:
+  """A row [E], weights [E, N] ([N, E] out-major), an add [E] or partial sums [S, E], a scale
+  [E]; else a ValueError naming `fn` and the shapes."""
   if (x_E.ndim != 1 or not ws_EN
-      or any(w.ndim != 2 or w.shape[0] != x_E.shape[0] for w in ws_EN)):
-    raise ValueError(f"{fn}: a row [E] and at least one weight, all weights [E, N], expected; "
+      or any(w.ndim != 2 or _kn(w, out_major)[0] != x_E.shape[0] for w in ws_EN)):
+    want = "[N, E] (out_major)" if out_major else "[E, N]"
+    raise ValueError(f"{fn}: a row [E] and at least one weight, all weights {want}, expected; "
                      f"got x {x_E.shape} and weights {[w.shape for w in ws_EN]}")
   e = x_E.shape[0]
   for name, a in (("add_E", add_E), ("norm_scale_E", norm_scale_E)):
@@ -258,10 +267,12 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
                 norm_scale_E: Optional[jax.Array] = None, eps: float = 1e-6,
                 biases_N: Optional[Sequence[jax.Array]] = None, silu_pair: bool = False,
                 block_n: Optional[int] = None, block_k: Optional[int] = None,
-                num_warps: int = 4, num_stages: Optional[int] = None, interpret: bool = False):
+                num_warps: int = 4, num_stages: Optional[int] = None, out_major: bool = False,
+                interpret: bool = False):
   """(outputs, row): `outputs[i] = norm(x + add) @ ws[i] (+ biases[i])`, in x's dtype.
 
-  x [E]; ws[i] [E, N_i]. `add_E` given: the row is x + add (rounded to x's dtype), returned as
+  x [E]; ws[i] [E, N_i], or [N_i, E] with `out_major` (each program's columns one contiguous
+  run of the weight). `add_E` given: the row is x + add (rounded to x's dtype), returned as
   `row` (the residual stream after the add); else `row` is None. `add_E` may also be float32
   partial sums [S, E] (`matvec_partials`' output): then add = their sum rounded to x's dtype,
   the product they split. `norm_scale_E` given: the row is RMS-normalised (eps `eps`), as
@@ -271,21 +282,22 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   `num_stages` are tuning knobs; those left None take `default_knobs`.
   """
   ws_EN = tuple(ws_EN)
-  _check_row_inputs("norm_matvec", x_E, ws_EN, add_E, norm_scale_E)
+  _check_row_inputs("norm_matvec", x_E, ws_EN, add_E, norm_scale_E, out_major)
   e = x_E.shape[0]
-  d = default_knobs([w.shape[1] for w in ws_EN], silu_pair)
+  ns = [_kn(w, out_major)[1] for w in ws_EN]
+  d = default_knobs(ns, silu_pair)
   block_n, block_k, num_stages = (d[k] if v is None else v for k, v in (
       ("block_n", block_n), ("block_k", block_k), ("num_stages", num_stages)))
   _check_knobs("norm_matvec", block_n=block_n, block_k=block_k, num_warps=num_warps,
                num_stages=num_stages)
-  why = supported(e, [w.shape[1] for w in ws_EN], block_n, block_k)
+  why = supported(e, ns, block_n, block_k)
   if why is not None:
     raise ValueError(f"norm_matvec: {why}")
   if silu_pair and (len(ws_EN) != 2 or ws_EN[0].shape != ws_EN[1].shape or biases_N):
     raise ValueError("norm_matvec: silu_pair takes two weights of one shape (gate, up), no bias")
-  if biases_N is not None and [b.shape for b in biases_N] != [(w.shape[1],) for w in ws_EN]:
+  if biases_N is not None and [b.shape for b in biases_N] != [(n,) for n in ns]:
     raise ValueError(f"norm_matvec: biases {[b.shape for b in biases_N]} do not match the "
-                     f"weights' columns {[w.shape[1] for w in ws_EN]}")
+                     f"weights' columns {ns}")
   dtype = x_E.dtype
   # Scale, bias and the added row enter the arithmetic in the row's dtype, as in the model.
   add_parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
@@ -294,22 +306,21 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   norm_scale_E = None if norm_scale_E is None else norm_scale_E.astype(dtype)
   biases_N = None if biases_N is None else [b.astype(dtype) for b in biases_N]
   bk = _pow2_divisor(e, block_k)
-  bn = min(_pow2_divisor(w.shape[1], block_n) for w in ws_EN)
-  tiles = tuple(w.shape[1] // bn for w in ws_EN)
+  bn = min(_pow2_divisor(n, block_n) for n in ns)
+  tiles = tuple(n // bn for n in ns)
   grid = tiles[0] if silu_pair else sum(tiles)
 
   whole = lambda a: pl.BlockSpec(a.shape, lambda j: (0,) * a.ndim)
   args = [x_E] + ([add_E] if add_E is not None else [])
   args += [norm_scale_E] if norm_scale_E is not None else []
   args += list(ws_EN) + (list(biases_N) if biases_N is not None else [])
-  outs = ([jax.ShapeDtypeStruct((ws_EN[0].shape[1],), dtype)] if silu_pair else
-          [jax.ShapeDtypeStruct((w.shape[1],), dtype) for w in ws_EN])
+  outs = [jax.ShapeDtypeStruct((n,), dtype) for n in (ns[:1] if silu_pair else ns)]
   if add_E is not None:
     outs.append(jax.ShapeDtypeStruct((e,), dtype))
   kernel = functools.partial(
       _kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
       has_norm=norm_scale_E is not None, has_bias=biases_N is not None, silu_pair=silu_pair,
-      eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype)
+      eps=eps, bk=bk, nk=e // bk, bn=bn, tiles=tiles, dtype=dtype, out_major=out_major)
   res = pl.pallas_call(
       kernel,
       grid=(grid,),
@@ -373,14 +384,16 @@ def _split_k_plan(fn: str, e: int, n: int, splits: Optional[int], block_n: int, 
 
 
 def _split_k_call(kernel, row_specs, n: int, bn: int, rows: int, splits: int, num_warps: int,
-                  num_stages: int, interpret: bool, name: str):
+                  num_stages: int, out_major: bool, interpret: bool, name: str):
   """The pallas_call of a split-K product: a program per (column tile, run of the row), the row's
-  inputs (`row_specs`) then the weight [E, n] in tiles [rows, bn], float32 partial sums
-  [splits, n] out."""
+  inputs (`row_specs`) then the weight [E, n] in tiles [rows, bn] (out-major [n, E]: [bn, rows]),
+  float32 partial sums [splits, n] out."""
+  w_spec = (pl.BlockSpec((bn, rows), lambda j, s: (j, s)) if out_major else
+            pl.BlockSpec((rows, bn), lambda j, s: (s, j)))
   return pl.pallas_call(
       kernel,
       grid=(n // bn, splits),
-      in_specs=[*row_specs, pl.BlockSpec((rows, bn), lambda j, s: (s, j))],
+      in_specs=[*row_specs, w_spec],
       out_specs=pl.BlockSpec((None, bn), lambda j, s: (s, j)),
       out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -389,16 +402,19 @@ def _split_k_call(kernel, row_specs, n: int, bn: int, rows: int, splits: int, nu
   )
 
 
-def _partials_kernel(x_ref, w_ref, o_ref, *, bk, nk, bn, dtype):
-  # x_ref [rows]: this split's part of the row; w_ref [rows, bn]; o_ref [bn].
+def _partials_kernel(x_ref, w_ref, o_ref, *, bk, nk, bn, dtype, out_major):
+  # x_ref [rows]: this split's part of the row; w_ref [rows, bn] ([bn, rows]); o_ref [bn].
   load = lambda c: x_ref[pl.ds(c * bk, bk)]
-  o_ref[...] = _products(load, lambda x: x.astype(dtype), [w_ref], 0, nk, bk, bn, dtype)[0]
+  o_ref[...] = _products(load, lambda x: x.astype(dtype), [w_ref], 0, nk, bk, bn, dtype,
+                         out_major=out_major)[0]
 
 
 def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = None,
                     block_n: int = 32, block_k: int = 512, num_warps: int = 4,
-                    num_stages: int = 3, interpret: bool = False) -> jax.Array:
-  """x [E] @ w [E, N] as float32 partial sums [S, N] over S equal runs of the row (split-K).
+                    num_stages: int = 3, out_major: bool = False,
+                    interpret: bool = False) -> jax.Array:
+  """x [E] @ w [E, N] (w [N, E] with `out_major`) as float32 partial sums [S, N] over S equal
+  runs of the row (split-K).
 
   A product whose columns alone give too few programs to stream the weights at full rate (the
   o and down projections: 48 tiles of 32 columns at Qwen2.5-1.5B's 1536, against 132 SMs)
@@ -408,23 +424,26 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = 
   must divide E into runs with a power-of-two divisor >= 16), `block_n`, `block_k`, `num_warps`
   and `num_stages` are tuning knobs, as in `norm_matvec`.
   """
-  if x_E.ndim != 1 or w_EN.ndim != 2 or w_EN.shape[0] != x_E.shape[0]:
-    raise ValueError(f"matvec_partials: a row [E] and a weight [E, N] expected; got x "
+  if x_E.ndim != 1 or w_EN.ndim != 2 or _kn(w_EN, out_major)[0] != x_E.shape[0]:
+    want = "[N, E] (out_major)" if out_major else "[E, N]"
+    raise ValueError(f"matvec_partials: a row [E] and a weight {want} expected; got x "
                      f"{x_E.shape} and w {w_EN.shape}")
-  e, n = w_EN.shape
+  e, n = _kn(w_EN, out_major)
   splits, rows, bn = _split_k_plan("matvec_partials", e, n, splits, block_n, block_k, num_warps,
                                    num_stages)
   bk = _pow2_divisor(rows, block_k)
-  kernel = functools.partial(_partials_kernel, bk=bk, nk=rows // bk, bn=bn, dtype=x_E.dtype)
+  kernel = functools.partial(_partials_kernel, bk=bk, nk=rows // bk, bn=bn, dtype=x_E.dtype,
+                             out_major=out_major)
   return _split_k_call(kernel, [pl.BlockSpec((rows,), lambda j, s: (s,))], n, bn, rows, splits,
-                       num_warps, num_stages, interpret, "matvec_partials")(x_E, w_EN)
+                       num_warps, num_stages, out_major, interpret, "matvec_partials")(x_E, w_EN)
 
 
 def _combined_partials_kernel(p_ref, lse_ref, w_ref, o_ref, *, rows, head_dim, num_parts, bk,
-                              nk, bn, dtype):
+                              nk, bn, dtype, out_major):
   from dllm_jax.kernels.decode import combine_weights  # row_attention's own combine's weights
 
-  # p_ref [A, E], lse_ref [A, H] (whole): the attention's splits; w_ref [rows, bn]; o_ref [bn].
+  # p_ref [A, E], lse_ref [A, H] (whole): the attention's splits; w_ref [rows, bn] ([bn, rows]);
+  # o_ref [bn].
   # A chunk of the row lies in one head (bk divides head_dim), so it has one weight a split.
   start = pl.program_id(1) * rows
   at = lambda a: jnp.int32(a)  # (a Python int index does not discharge in the interpreter)
@@ -437,18 +456,19 @@ def _combined_partials_kernel(p_ref, lse_ref, w_ref, o_ref, *, rows, head_dim, n
         wt * p_ref[at(a), pl.ds(first, bk)] for a, wt in enumerate(ws)])
     return num / den
 
-  o_ref[...] = _products(load, lambda x: x.astype(dtype), [w_ref], 0, nk, bk, bn, dtype)[0]
+  o_ref[...] = _products(load, lambda x: x.astype(dtype), [w_ref], 0, nk, bk, bn, dtype,
+                         out_major=out_major)[0]
 
 
 def combined_matvec_partials(parts_AHD: jax.Array, lse_AH: jax.Array, w_EN: jax.Array, *,
                              dtype, splits: Optional[int] = None, block_n: int = 32,
                              block_k: int = 512, num_warps: int = 4, num_stages: int = 3,
-                             interpret: bool = False) -> jax.Array:
+                             out_major: bool = False, interpret: bool = False) -> jax.Array:
   """`matvec_partials` of the attention output that A splits of the cache leave uncombined
   (`decode.row_attention(..., combine=False)`): x [E = H * D] is, head by head, the splits'
   outputs parts [A, H, D] weighted by exp2 of their base-2 log-sum-exps lse [A, H] less their
   largest, over the weights' sum, rounded to `dtype` (what that kernel's own combine stores),
-  and the result x @ w [E, N] as float32 partial sums [S, N]. Each program combines the run of
+  and the result x @ w [E, N] (w [N, E] with `out_major`) as float32 partial sums [S, N]. Each program combines the run of
   the row it multiplies as it loads it, from L2 (the attention has just written the parts), so
   no launch runs only to combine them. A split that saw no key has lse -inf and weight 0 (its
   parts must be finite, as `row_attention` stores them: zeros); a head whose every split has lse
@@ -457,7 +477,7 @@ def combined_matvec_partials(parts_AHD: jax.Array, lse_AH: jax.Array, w_EN: jax.
   """
   if parts_AHD.ndim != 3 or lse_AH.shape != parts_AHD.shape[:2] or w_EN.ndim != 2:
     raise ValueError(f"combined_matvec_partials: parts [A, H, D], lse [A, H] and a weight "
-                     f"[H * D, N] expected; got parts {parts_AHD.shape}, lse {lse_AH.shape} and "
+                     f"[H * D, N] ([N, H * D] out_major) expected; got parts {parts_AHD.shape}, lse {lse_AH.shape} and "
                      f"w {w_EN.shape}")
   num_parts, h, d = parts_AHD.shape
   from dllm_jax.kernels.decode import ROW_MAX_SPLITS  # lazily, as sm_count
@@ -469,10 +489,10 @@ def combined_matvec_partials(parts_AHD: jax.Array, lse_AH: jax.Array, w_EN: jax.
          if not jnp.issubdtype(a.dtype, jnp.floating)}
   if bad:
     raise ValueError(f"combined_matvec_partials: float parts and lse expected, got {bad}")
-  e, n = w_EN.shape
+  e, n = _kn(w_EN, out_major)
   if e != h * d:
-    raise ValueError(f"combined_matvec_partials: the weight's {e} rows are not the parts' "
-                     f"{h} heads x {d}")
+    raise ValueError(f"combined_matvec_partials: the weight's {e} "
+                     f"{'columns' if out_major else 'rows'} are not the parts' {h} heads x {d}")
   if d & (d - 1) or d < 16:
     raise ValueError(f"combined_matvec_partials: head_dim {d} is not a power of two >= 16 (a "
                      "chunk of the row lies in one head)")
@@ -482,16 +502,17 @@ def combined_matvec_partials(parts_AHD: jax.Array, lse_AH: jax.Array, w_EN: jax.
   bk = _pow2_divisor(rows, min(block_k, d))
   kernel = functools.partial(_combined_partials_kernel, rows=rows, head_dim=d,
                              num_parts=num_parts, bk=bk, nk=rows // bk, bn=bn,
-                             dtype=jnp.dtype(dtype))
+                             dtype=jnp.dtype(dtype), out_major=out_major)
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   return _split_k_call(kernel, [whole((num_parts, e)), whole((num_parts, h))], n, bn, rows,
-                       splits, num_warps, num_stages, interpret, "combined_matvec_partials")(
+                       splits, num_warps, num_stages, out_major, interpret,
+                       "combined_matvec_partials")(
       parts_AHD.reshape(num_parts, e).astype(jnp.float32), lse_AH.astype(jnp.float32),
       w_EN.astype(dtype))
 
 
 def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk, bn, tiles,
-                          splits, eps, dtype):
+                          splits, eps, dtype, out_major):
   it = iter(refs)
   x_ref = next(it)
   add_ref = next(it) if has_add else None
@@ -525,7 +546,7 @@ def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk,
     def _(i=i, first=first):
       col = pl.multiple_of((t - first) * bn, bn)
       y, = _products(lambda c: load(s * rows + c * bk, bk), normed, [w_refs[i]], col,
-                     rows // bk, bk, bn, dtype, row0=s * rows)
+                     rows // bk, bk, bn, dtype, row0=s * rows, out_major=out_major)
       o_refs[i][pl.ds(s, 1), pl.ds(col, bn)] = y[None]
     first += tiles[i]
 
@@ -533,7 +554,8 @@ def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk,
 def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_scale_E: jax.Array,
                          add_E: Optional[jax.Array] = None, eps: float = 1e-6,
                          splits: Optional[int] = None, block_n: int = 32, block_k: int = 512,
-                         num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+                         num_warps: int = 4, num_stages: int = 3, out_major: bool = False,
+                         interpret: bool = False):
   """(parts, rsqrt, row): `norm(x + add) @ ws[i]` as float32 partial sums over S runs of the row
   (split-K), for a product whose columns alone give too few programs (the q/k/v of a one-row
   step: 64 tiles of 32 columns at Qwen2.5-1.5B). The norm's 1/rms is one scalar, so the parts
@@ -544,29 +566,30 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
   `norm_matvec`'s (x + add, or None without `add_E`); `add_E` may be float32 partial sums
   [S', E]. One program more than the products' computes the whole row's 1/rms and stores the
   row, so no other program reads more than its run of the row. `splits` (default
-  `pick_splits`), `block_n`, `block_k`, `num_warps`, `num_stages`: as `matvec_partials`.
+  `pick_splits`), `block_n`, `block_k`, `num_warps`, `num_stages`, `out_major` (ws [N_i, E]): as
+  `matvec_partials`.
   """
   ws_EN = tuple(ws_EN)
   if norm_scale_E is None:
     raise ValueError("norm_matvec_partials: norm_scale_E is required (1/rms scales the parts)")
-  _check_row_inputs("norm_matvec_partials", x_E, ws_EN, add_E, norm_scale_E)
+  _check_row_inputs("norm_matvec_partials", x_E, ws_EN, add_E, norm_scale_E, out_major)
   e = x_E.shape[0]
+  ns = [_kn(w, out_major)[1] for w in ws_EN]
   _check_knobs("norm_matvec_partials", block_n=block_n, block_k=block_k, num_warps=num_warps,
                num_stages=num_stages)
-  why = supported(e, [w.shape[1] for w in ws_EN], block_n, block_k)
+  why = supported(e, ns, block_n, block_k)
   if why is not None:
     raise ValueError(f"norm_matvec_partials: {why}")
-  bn = min(_pow2_divisor(w.shape[1], block_n) for w in ws_EN)
-  tiles = tuple(w.shape[1] // bn for w in ws_EN)
-  splits, rows = _checked_splits("norm_matvec_partials", e, sum(w.shape[1] for w in ws_EN),
-                                 splits, bn, block_k)
+  bn = min(_pow2_divisor(n, block_n) for n in ns)
+  tiles = tuple(n // bn for n in ns)
+  splits, rows = _checked_splits("norm_matvec_partials", e, sum(ns), splits, bn, block_k)
   dtype = x_E.dtype
   add_parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
   if add_E is not None:
     add_E = add_E.astype(jnp.float32 if add_parts else dtype)
   args = [x_E] + ([add_E] if add_E is not None else []) + [norm_scale_E.astype(dtype)]
   args += list(ws_EN)
-  outs = [jax.ShapeDtypeStruct((splits, w.shape[1]), jnp.float32) for w in ws_EN]
+  outs = [jax.ShapeDtypeStruct((splits, n), jnp.float32) for n in ns]
   outs.append(jax.ShapeDtypeStruct((16,), jnp.float32))
   if add_E is not None:
     outs.append(jax.ShapeDtypeStruct((e,), dtype))
@@ -574,7 +597,7 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
   kernel = functools.partial(
       _norm_partials_kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
       e=e, bk_row=_pow2_divisor(e, block_k), rows=rows, bk=_pow2_divisor(rows, block_k), bn=bn,
-      tiles=tiles, splits=splits, eps=eps, dtype=dtype)
+      tiles=tiles, splits=splits, eps=eps, dtype=dtype, out_major=out_major)
   res = list(pl.pallas_call(
       kernel,
       grid=(sum(tiles) * splits + 1,),

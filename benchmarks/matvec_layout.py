@@ -8,7 +8,8 @@ as `kernels.matvec`) on the weight as it is and on the weight pre-tiled to [N / 
 Hugging Face stores a Linear: each program's bn output columns are bn whole rows of K, one
 contiguous run as well, in a layout XLA's GEMMs take as they are), GPU time from a profile, 16
 distinct weight sets, independent products in one jit (no L2 hits). Beside them XLA's one-row
-GEMM, and its 512-row GEMM (a prefill's) on [K, N] and on [N, K]: a layout the kernels would
+GEMM, and its GEMMs of more rows (--xla-rows: a batch-32 step, a prefill; each also as the
+backward's dx product) on [K, N] and on [N, K]: a layout the kernels would
 keep must not slow the prefill and diffusion forwards, which multiply through XLA.
 
     python benchmarks/matvec_layout.py [--n 17920] [--k 1536]
@@ -95,7 +96,13 @@ def main():
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--n", type=int, default=17920, help="weight columns (1.5B gate + up)")
   ap.add_argument("--k", type=int, default=1536, help="weight rows (the row's length)")
+  ap.add_argument("--xla-rows", default=f"1,32,{PREFILL}",
+                  help="rows of XLA's GEMMs on both layouts (1: the --matvec xla step; 32: a "
+                  "batch-32 decode step; 512: a prefill), each also as the backward's dx "
+                  "product (dy [M, N] times the weight's transpose) from 32 rows up")
+  ap.add_argument("--no-triton", action="store_true", help="XLA's GEMMs only")
   args = ap.parse_args()
+  xla_rows = [int(r) for r in args.xla_rows.split(",") if r]
   ceil = ceilings(rounds=2)
   bw = ceil["copy_GBps"] * 1e9
   res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceil, "rows": []}
@@ -104,35 +111,45 @@ def main():
   x = jax.random.normal(jax.random.key(0), (k,), jnp.bfloat16)
   ws = [(k ** -0.5 * jax.random.normal(jax.random.key(1 + i), (k, n))).astype(jnp.bfloat16)
         for i in range(SETS)]
-  xs = jax.random.normal(jax.random.key(SETS + 1), (PREFILL, k), jnp.bfloat16)
+  m_max = max(xla_rows + [1])
+  xs = jax.random.normal(jax.random.key(SETS + 1), (m_max, k), jnp.bfloat16)
+  dys = jax.random.normal(jax.random.key(SETS + 2), (m_max, n), jnp.bfloat16)
   want = jnp.dot(x.astype(jnp.float32), ws[0].astype(jnp.float32))
   nt = lambda a, w: lax.dot_general(a, w, (((1,), (1,)), ((), ())))  # a @ w.T
   # (impl, knobs, run(x, sets), layout, the rows multiplied)
   runs = [("xla", None, lambda x, ws: [model._matmul(x[None], w)[0] for w in ws], "row_major", 1),
           ("xla_transposed", None, lambda x, ws: [nt(x[None], w)[0] for w in ws], "transposed",
-           1),
-          # (The whole product is returned: a slice of it would let XLA multiply one row.)
-          ("xla_prefill", None, lambda _, ws: [jnp.dot(xs, w) for w in ws], "row_major",
-           PREFILL),
-          ("xla_prefill_transposed", None, lambda _, ws: [nt(xs, w) for w in ws],
-           "transposed", PREFILL)]
-  for bn, bk, stages, warps in SETTINGS:
+           1)]
+  for m in (r for r in xla_rows if r > 1):
+    # (The whole product is returned: a slice of it would let XLA multiply fewer rows.)
+    a, dy = xs[:m], dys[:m]
+    runs += [(f"xla_{m}", None, lambda _, ws, a=a: [jnp.dot(a, w) for w in ws], "row_major", m),
+             (f"xla_{m}_transposed", None, lambda _, ws, a=a: [nt(a, w) for w in ws],
+              "transposed", m),
+             (f"xla_dx_{m}", None, lambda _, ws, dy=dy: [nt(dy, w) for w in ws], "row_major",
+              -m),
+             (f"xla_dx_{m}_transposed", None, lambda _, ws, dy=dy: [jnp.dot(dy, w) for w in ws],
+              "transposed", -m)]
+  for bn, bk, stages, warps in ([] if args.no_triton else SETTINGS):
     kw = dict(bn=bn, bk=bk, stages=stages, warps=warps)
     for layout in LAYOUTS:
       fn = functools.partial(matvec, layout=layout, **kw)
       runs.append((layout, kw, lambda x, ws, fn=fn: [fn(x, w) for w in ws], layout, 1))
   sets_of = {}
   for impl, kw, run, layout, m in runs:
+    dx, m = m < 0, abs(m)  # (a negative count: the backward's dx product of -m rows)
     row = {"impl": impl, "knobs": kw, "K": k, "N": n, "M": m}
     f = jax.jit(run)
     try:
-      key = (layout, kw["bn"] if layout == "tiled" else None)
+      key = (layout, kw["bn"] if (kw and layout == "tiled") else None)
       if key not in sets_of:
         sets_of[key] = [jax.block_until_ready(relayout(w, layout, key[1] or 1)) for w in ws]
       sets = sets_of[key]
       got = f(x, sets)[0]
       got = (got if m == 1 else got[0]).astype(jnp.float32)
-      ref = want if m == 1 else jnp.dot(xs[0].astype(jnp.float32), ws[0].astype(jnp.float32))
+      w32 = ws[0].astype(jnp.float32)
+      ref = (want if m == 1 else jnp.dot(dys[0].astype(jnp.float32), w32.T) if dx
+             else jnp.dot(xs[0].astype(jnp.float32), w32))
       row["max_rel_err"] = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
       if row["max_rel_err"] > 2e-2:
         raise ValueError(f"wrong output: {row['max_rel_err']:.3g} of the largest value")

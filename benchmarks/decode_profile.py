@@ -75,9 +75,6 @@ def main():
   ap.add_argument("--o-knobs", default="",
                   help="knobs of the o launch that combines row_attention's splits "
                        "(combined_matvec_partials), e.g. 'block_n=64'")
-  ap.add_argument("--out-major", action="store_true",
-                  help="EXPERIMENT: the one-row launches read out-major [N, K] copies of the "
-                  "projection kernels, added beside them (the floor counts the model's bytes)")
   ap.add_argument("--no-row-attention", action="store_true",
                   help="model.ROW_ATTENTION off: the one-row step's RoPE, cache write and "
                        "split combine as XLA kernels around decode_attention (the baseline of "
@@ -143,26 +140,6 @@ def main():
   params = jax.jit(lambda r: model.with_layout(model.init_params(cfg, r), args.layout))(
       jax.random.key(0))
   pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-  if args.out_major:
-    if args.layout != "per_layer":
-      ap.error("--out-major: the per-layer layout only")
-
-    def with_om(mods):  # each projection's kernel as [N, K] beside it
-      e, out = cfg.hidden_size, {}
-      for name, mod in mods.items():
-        if isinstance(mod, dict) and "kernel" in mod:
-          k = mod["kernel"]
-          rows = k.shape[0] * (k.shape[1] if name == "o" else 1)  # o: [H, D, E]
-          mod = dict(mod, kernel_om=jax.block_until_ready(k.reshape(rows, -1).T.copy()))
-        out[name] = mod
-      return out
-
-    params = jax.tree_util.tree_map(lambda x: x, params)  # a copy of the containers
-    for name in list(params):
-      if name.startswith("layers_"):
-        layer = dict(params[name])
-        layer["attn"], layer["mlp"] = with_om(layer["attn"]), with_om(layer["mlp"])
-        params[name] = layer
   res = {"meta": run_meta(), "args": vars(args), "param_bytes": pbytes}
   if not args.no_ceilings:
     res["ceil"] = ceilings()
@@ -178,8 +155,6 @@ def main():
     compiled = fn.lower(params, prompt, lens, jax.random.key(2)).compile()
     run = lambda i: compiled(params, prompt, lens, jax.random.key(2 + i))
   out = jax.block_until_ready(run(0))  # the warm-up
-  if not args.forward:  # (to compare runs that should decode alike)
-    res["first_tokens"] = [int(t) for t in out[0][0, :16]]
   # AR: the prefill is generate's first iteration.
   steps = args.new if args.forward else int(out[2]["iterations"]) - 1
   times = []

@@ -294,19 +294,14 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   dt = cfg.dtype
   interpret = jax.default_backend() == "cpu"
   a = p["attn"]
-  # EXPERIMENT (benchmarks/decode_profile.py --out-major): out-major [N, K] copies of the
-  # kernels beside them, read by every launch with out_major=True.
-  om = "kernel_om" in a["q"]
-  wt = lambda mod, k_rows: (mod["kernel_om"] if om else mod["kernel"].reshape(k_rows, -1)
-                            ).astype(dt)
-  ws = [wt(a[n], e) for n in ("q", "k", "v")]
+  ws = [a[n]["kernel"].reshape(e, -1).astype(dt) for n in ("q", "k", "v")]
   biases = [a[n]["bias"].reshape(-1).astype(dt) for n in ("q", "k", "v")] if cfg.qkv_bias else None
   # q/k/v's 64 column tiles (1.5B) fill half the GPU: split-K parts, summed where q, k and v
   # are read (`row_attention`, or XLA's kernels of RoPE and the cache write) at no launch of
   # their own.
   parts, rsqrt, row = matvec.norm_matvec_partials(
       x_E, ws, norm_scale_E=p["attn_norm"]["scale"].astype(dt), add_E=pending_SE,
-      eps=cfg.rms_norm_eps, out_major=om, interpret=interpret)
+      eps=cfg.rms_norm_eps, interpret=interpret)
   x_E = x_E if row is None else row
   cache_k, cache_v = cache_kv  # [1, S, KV, D]
   if _row_attention(cfg, spec, cache_k.shape[1]):
@@ -324,8 +319,9 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
         write_mask=None if write_mask_B is None else write_mask_B.astype(bool), combine=False,
         interpret=interpret)
     new_cache = (new_k.reshape(cache_k.shape), new_v.reshape(cache_v.shape))
-    o_SE = matvec.combined_matvec_partials(att_parts, att_lse, wt(a["o"], h * d),
-                                           dtype=dt, out_major=om, interpret=interpret)
+    o_SE = matvec.combined_matvec_partials(att_parts, att_lse,
+                                           a["o"]["kernel"].reshape(h * d, e).astype(dt),
+                                           dtype=dt, interpret=interpret)
   else:
     q, k, v = (matvec.finish_partials(pp, rsqrt, dt, b)
                for pp, b in zip(parts, biases or (None,) * 3))
@@ -333,15 +329,15 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
     k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
     out, new_cache = _cached_attention(cfg, spec, q, k, v.reshape(1, 1, kv, d), meta, cache_kv,
                                        write_mask_B)
-    o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt), wt(a["o"], h * d),
-                                  out_major=om, interpret=interpret)
+    o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt),
+                                  a["o"]["kernel"].reshape(h * d, e).astype(dt),
+                                  interpret=interpret)
   m = p["mlp"]
   (act,), x_E = matvec.norm_matvec(
-      x_E, (wt(m["gate"], e), wt(m["up"], e)), add_E=o_SE,
+      x_E, (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)), add_E=o_SE,
       norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
-      out_major=om, interpret=interpret)
-  down_SE = matvec.matvec_partials(act, wt(m["down"], cfg.intermediate_size), out_major=om,
-                                   interpret=interpret)
+      interpret=interpret)
+  down_SE = matvec.matvec_partials(act, m["down"]["kernel"].astype(dt), interpret=interpret)
   return (x_E, down_SE), new_cache
 
 

@@ -101,7 +101,7 @@ def _safe(fn):
 
 
 def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
-             matvecs=("xla",)):
+             matvecs=("xla",), kernel_layout="in_out"):
   import jax
   import jax.numpy as jnp
 
@@ -115,17 +115,19 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
   for name in shapes:
     # The same weights for every variant, each layout made once (attention_impl is not a
     # parameter).
-    stacked = jax.jit(lambda r: model.init_params(SHAPES[name], r))(jax.random.key(0))
+    base = dataclasses.replace(SHAPES[name], kernel_layout=kernel_layout)
+    stacked = jax.jit(lambda r: model.init_params(base, r))(jax.random.key(0))
     by_layout = {"stacked": stacked}
     if "per_layer" in layouts:
       by_layout["per_layer"] = jax.jit(model.unstack_layers)(stacked)
     for impl, layout, mv in [(i, l, m) for i in impls for l in layouts for m in matvecs]:
-      cfg = dataclasses.replace(SHAPES[name], attention_impl=impl, matvec_impl=mv)
+      cfg = dataclasses.replace(base, attention_impl=impl, matvec_impl=mv)
       params = by_layout[layout]
       pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
       floor_step = pbytes / bw
       for b in batches:
         row = {"shape": name, "impl": impl, "layout": layout, "matvec": mv, "batch": b,
+               "kernel_layout": kernel_layout,
                "param_bytes": pbytes,
                "floor_tokens_per_s": b / floor_step}
         prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
@@ -305,6 +307,8 @@ def main():
   ap.add_argument("--matvecs", default="xla",
                   help="model.matvec_impl values for the jax part: xla,pallas (the one-row "
                        "projections, kernels/matvec.py)")
+  ap.add_argument("--kernel-layout", default="in_out", choices=["in_out", "out_in"],
+                  help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]")
   ap.add_argument("--peer-modes", default="eager,static")
   ap.add_argument("--plain-dot", action="store_true",
                   help="jax part: multiply a single row as one (model._matmul's baseline)")
@@ -316,6 +320,8 @@ def main():
     from dllm_jax import model
     model.ROW_ATTENTION = False
   if args.plain_dot:
+    if args.kernel_layout != "in_out":
+      ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")
     import jax.numpy as jnp
 
     from dllm_jax import model
@@ -331,7 +337,7 @@ def main():
   if args.part == "jax":
     jax_part(shapes, batches, args.impls.split(","),
              [int(b) for b in args.diffusion_batches.split(",") if b],
-             args.layouts.split(","), args.matvecs.split(","))
+             args.layouts.split(","), args.matvecs.split(","), args.kernel_layout)
   elif args.part == "peer":
     peer_part(shapes, batches, args.peer_modes.split(","))
   else:

@@ -75,6 +75,8 @@ def main():
   ap.add_argument("--o-knobs", default="",
                   help="knobs of the o launch that combines row_attention's splits "
                        "(combined_matvec_partials), e.g. 'block_n=64'")
+  ap.add_argument("--kernel-layout", default="in_out", choices=["in_out", "out_in"],
+                  help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]")
   ap.add_argument("--no-row-attention", action="store_true",
                   help="model.ROW_ATTENTION off: the one-row step's RoPE, cache write and "
                        "split combine as XLA kernels around decode_attention (the baseline of "
@@ -127,6 +129,8 @@ def main():
     matvec.combined_matvec_partials = functools.partial(
         matvec.combined_matvec_partials, **one(args.o_knobs, "--o-knobs", PARTIAL_KNOBS))
   if args.plain_dot:
+    if args.kernel_layout != "in_out":
+      ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")
     model._matmul = jnp.dot
     args.tag = args.tag or "_plaindot"  # never overwrite the default run's JSON
   if args.decode_programs:
@@ -136,7 +140,7 @@ def main():
                                                  programs=args.decode_programs)
 
   cfg = dataclasses.replace(SHAPES[args.shape], attention_impl=args.impl,
-                            matvec_impl=args.matvec)
+                            matvec_impl=args.matvec, kernel_layout=args.kernel_layout)
   params = jax.jit(lambda r: model.with_layout(model.init_params(cfg, r), args.layout))(
       jax.random.key(0))
   pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))

@@ -41,8 +41,9 @@ def _perturb(path, x):
   return x
 
 
-def check(name, attention_impl="pallas"):
-  cfg = dataclasses.replace(SHAPES[name], matvec_impl="xla", attention_impl=attention_impl)
+def check(name, attention_impl="pallas", kernel_layout="in_out"):
+  cfg = dataclasses.replace(SHAPES[name], matvec_impl="xla", attention_impl=attention_impl,
+                            kernel_layout=kernel_layout)
   params = jax.jit(lambda r: model.with_layout(
       jax.tree_util.tree_map_with_path(_perturb, model.init_params(cfg, r)), "per_layer"))(
           jax.random.key(0))
@@ -76,10 +77,13 @@ def main():
   ap.add_argument("--shapes", default="qwen2.5-1.5b,smollm2-135m")
   ap.add_argument("--attention", default="pallas", choices=["pallas", "xla"],
                   help="attention_impl of both paths")
+  ap.add_argument("--kernel-layout", default="in_out", choices=["in_out", "out_in"],
+                  help="model.kernel_layout of both paths")
   args = ap.parse_args()
   res = {"meta": run_meta(), "rows": []}
   for name in args.shapes.split(","):
-    row = {**check(name, args.attention), "attention": args.attention}
+    row = {**check(name, args.attention, args.kernel_layout), "attention": args.attention,
+           "kernel_layout": args.kernel_layout}
     print(row, flush=True)
     res["rows"].append(row)
     save_json("matvec_model_check.json", res)

@@ -52,7 +52,8 @@ def model_flops_per_row(cfg, seq_len: int, kind: str, layout: str, block: int) -
   return 3 * rows * fwd
 
 
-def run(shape, seq_len, variants, batches, remats, steps, loss_chunk=0):
+def run(shape, seq_len, variants, batches, remats, steps, loss_chunk=0,
+        kernel_layout="in_out"):
   import jax
   import numpy as np
 
@@ -60,11 +61,12 @@ def run(shape, seq_len, variants, batches, remats, steps, loss_chunk=0):
   from dllm_jax.config import TrainConfig
 
   res = {"meta": run_meta(), "ceil": ceilings(), "rows": [], "shape": shape, "seq_len": seq_len,
-         "loss_chunk": loss_chunk}
+         "loss_chunk": loss_chunk, "kernel_layout": kernel_layout}
   print("ceilings", res["ceil"], flush=True)
   save_json("train_step.json", res)
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1)
-  base = dataclasses.replace(SHAPES[shape], param_dtype="float32", dtype="bfloat16")
+  base = dataclasses.replace(SHAPES[shape], param_dtype="float32", dtype="bfloat16",
+                             kernel_layout=kernel_layout)
   rng = np.random.default_rng(0)
   for variant in variants:
     layout, impl = variant.split(":")
@@ -151,10 +153,12 @@ def main():
   ap.add_argument("--remat", default="full")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--loss-chunk", type=int, default=0, help="objective.loss_chunk (0: no chunks)")
+  ap.add_argument("--kernel-layout", default="in_out", choices=["in_out", "out_in"],
+                  help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]")
   args = ap.parse_args()
   res = run(args.shape, args.seq_len, args.variants.split(","),
             [int(b) for b in args.batches.split(",")], args.remat.split(","), args.steps,
-            args.loss_chunk)
+            args.loss_chunk, args.kernel_layout)
   report(res)
 
 

@@ -18,6 +18,9 @@ class ConfigError(ValueError):
   """A config file or override is wrong; the message says where and what to do."""
 
 
+KERNEL_LAYOUTS = ("in_out", "out_in")  # `ModelConfig.kernel_layout`
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a Qwen2 / Llama decoder-only transformer."""
@@ -49,6 +52,12 @@ class ModelConfig:
   # GPU, bf16 weights in the per-layer layout, one device, not a 7B-like MLP (level there);
   # else xla.
   matvec_impl: str = "auto"
+  # How the projection kernels are stored: "in_out" ([*in, *out], as Flax and MaxText) or
+  # "out_in" ([*out, *in], as a Hugging Face Linear), where each output's weights are one
+  # contiguous run: the one-row kernels read the 1.5B's gate/up pair at 1.05 of the copy rate
+  # that way against 0.95 (BENCHMARKS.md session 22). `model.with_kernel_layout` converts; a
+  # run's model.json records its layout.
+  kernel_layout: str = "in_out"
 
   def __post_init__(self):
     if self.architecture not in ("llama", "qwen2"):
@@ -61,6 +70,9 @@ class ModelConfig:
     if self.attention_impl not in ("auto", "xla", "pallas"):
       raise ConfigError(
           f"model.attention_impl={self.attention_impl!r}: expected 'auto', 'xla' or 'pallas'")
+    if self.kernel_layout not in KERNEL_LAYOUTS:
+      raise ConfigError(f"model.kernel_layout={self.kernel_layout!r}: expected one of "
+                        f"{KERNEL_LAYOUTS}")
     if self.matvec_impl not in ("auto", "xla", "pallas"):
       raise ConfigError(
           f"model.matvec_impl={self.matvec_impl!r}: expected 'auto', 'xla' or 'pallas'")

@@ -136,6 +136,7 @@ def _params_to_hf(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
   host = lambda x: np.asarray(x)
   if not model.is_stacked(params):
     params = model.stack_layers(params)
+  params, cfg = model.with_kernel_layout(params, cfg, "in_out")  # (HF's transposes below)
   layers = params["layers"]
   attn, mlp = layers["attn"], layers["mlp"]
   out = {"model.embed_tokens.weight": host(params["embed"]["embedding"]),
@@ -487,24 +488,28 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32") -> 
 
 
 def cast(pretrained: Pretrained, dtype: str, layout: Optional[str] = None,
-         matvec_impl: Optional[str] = None) -> Pretrained:
+         matvec_impl: Optional[str] = None, kernel_layout: Optional[str] = None) -> Pretrained:
   """The model with weights stored and computed in `dtype`: a decoder reads every weight once
   per forward, so weights in the compute dtype halve those bytes.
 
   layout: also put the params in this layout (`model.LAYOUTS`; None keeps theirs). Done here,
   where the loaded copy is dropped, so a decoder never holds the stacked and per-layer weights
-  at once. matvec_impl: also set `model.matvec_impl` (None keeps the config's).
+  at once. matvec_impl: also set `model.matvec_impl` (None keeps the config's). kernel_layout:
+  also store the projection kernels so (`ModelConfig.kernel_layout`; None keeps theirs).
   """
   import jax
   import jax.numpy as jnp
 
-  params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), pretrained.params)
+  params, cfg = pretrained.params, pretrained.config
+  if kernel_layout is not None:  # (on the host's copy where it is one: no second device copy)
+    params, cfg = model.with_kernel_layout(params, cfg, kernel_layout)
+  params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
   runtime = {"dtype": dtype, "param_dtype": dtype}
   if matvec_impl is not None:
     runtime["matvec_impl"] = matvec_impl
   return dataclasses.replace(
       pretrained, params=params if layout is None else model.with_layout(params, layout),
-      config=dataclasses.replace(pretrained.config, **runtime))
+      config=dataclasses.replace(cfg, **runtime))
 
 
 def not_diffusion_reason(pretrained: Pretrained) -> Optional[str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import warnings
 
+from dllm_jax.config import KERNEL_LAYOUTS  # (config imports no jax)
+
 # Literal here, so that building the parser imports no jax; a test checks them against
 # `decoding.MODES` and `model.LAYOUTS`.
 MODES = ("diffusion", "ar")
@@ -45,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
                       help="one-row projections of AR decoding at batch 1: pallas fuses each "
                            "layer's norms into them (GPU); auto: pallas where it pays, see "
                            "model.matvec_impl")
+  parser.add_argument("--kernel-layout", choices=KERNEL_LAYOUTS, default=None,
+                      help="store the projection kernels [*in, *out] (in_out) or [*out, *in] "
+                           "(out_in) to decode with, transposed once after loading (default: as "
+                           "saved); see model.kernel_layout")
   parser.add_argument("--force", action="store_true",
                       help="diffusion-decode a model not trained for it (warns instead of "
                            "refusing)")
@@ -97,7 +103,7 @@ def load(args, command: str):
       warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
                     stacklevel=2)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  return convert.cast(pretrained, dtype, args.layout, args.matvec)
+  return convert.cast(pretrained, dtype, args.layout, args.matvec, args.kernel_layout)
 
 
 def decode_config(args, pretrained, **sampling):

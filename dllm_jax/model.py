@@ -9,11 +9,13 @@ logical axis names (see `sharding`). Checkpoints and training use that stacked l
 (`params["layers"]`, leading axis = layer); `unstack_layers` gives the per-layer layout
 (`params["layers_0"]`, ...), one buffer per layer run by an unrolled Python loop, for decoding
 where a step is a few small kernels per layer and must not copy weights. `forward` takes either;
-`with_layout` converts.
+`with_layout` converts. Apart from that, the projection kernels are stored [*in, *out] or
+[*out, *in] (`ModelConfig.kernel_layout`); `with_kernel_layout` converts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 from dllm_jax import attention, masks
 from dllm_jax import sharding as ax
 from dllm_jax.cache import KVCache, write
+from dllm_jax import config as config_lib
 from dllm_jax.config import ModelConfig
 
 Params = Any
@@ -68,21 +71,26 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-def _matmul(x_K: jax.Array, w_KN: jax.Array) -> jax.Array:
-  """x [..., K] @ w [K, N]. A single row (a one-token decode step at batch 1) is multiplied as
-  two equal rows: XLA's GPU simplifier turns a vector-matrix dot whose operands have under 10M
-  elements (the 1.5B's q/k/v/o) into an elementwise product and a reduction, which read the
-  weights at a fraction of a GEMM's bandwidth (BENCHMARKS.md, decode profile); a two-row dot
-  stays a GEMM. Any other shape is one plain dot."""
+def _matmul(x_K: jax.Array, w_KN: jax.Array, out_major: bool = False) -> jax.Array:
+  """x [..., K] @ w [K, N] (w [N, K] with `out_major`). A single row (a one-token decode step at
+  batch 1) is multiplied as two equal rows: XLA's GPU simplifier turns a vector-matrix dot whose
+  operands have under 10M elements (the 1.5B's q/k/v/o) into an elementwise product and a
+  reduction, which read the weights at a fraction of a GEMM's bandwidth (BENCHMARKS.md, decode
+  profile); a two-row dot stays a GEMM. Any other shape is one plain dot."""
+  if out_major:
+    dot = lambda a: jax.lax.dot_general(a, w_KN, (((a.ndim - 1,), (1,)), ((), ())))
+  else:
+    dot = lambda a: jnp.dot(a, w_KN)
   lead = x_K.shape[:-1]
   if math.prod(lead) != 1:
-    return jnp.dot(x_K, w_KN)
+    return dot(x_K)
   row = x_K.reshape(1, x_K.shape[-1])
-  return jnp.dot(jnp.concatenate([row, row]), w_KN)[:1].reshape(*lead, w_KN.shape[1])
+  return dot(jnp.concatenate([row, row]))[:1].reshape(*lead, -1)
 
 
 class Projection(nn.Module):
-  """`x [..., *in] @ kernel [*in, *out] -> [..., *out]` (+ bias [*out]), kernel N-D.
+  """`x [..., *in] @ kernel [*in, *out] -> [..., *out]` (+ bias [*out]), kernel N-D; with
+  `out_major` the kernel is stored [*out, *in] (`ModelConfig.kernel_layout` "out_in").
 
   nn.DenseGeneral initialises its kernel flattened to 2-D and boxes that with the N-D logical
   names; flax re-runs the initializer during apply (its shape check), so under active logical
@@ -95,25 +103,32 @@ class Projection(nn.Module):
   """
 
   num_in: int  # how many trailing dims of x (= leading dims of the kernel) are contracted
-  kernel_shape: tuple[int, ...]
-  kernel_axes: tuple[str, ...]
+  kernel_shape: tuple[int, ...]  # [*in, *out], whatever the layout
+  kernel_axes: tuple[str, ...]  # their logical names, likewise
   bias_axes: Optional[tuple[str, ...]]  # logical names of [*out]; None: no bias
   dtype: Any
   param_dtype: Any
+  out_major: bool = False  # the kernel stored [*out, *in]
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", _init(0.02, self.kernel_axes), self.kernel_shape,
-                        self.param_dtype)
     n = self.num_in
     k_in, k_out = self.kernel_shape[:n], self.kernel_shape[n:]
+    order = (lambda t: tuple(t[n:]) + tuple(t[:n])) if self.out_major else tuple
+    kernel = self.param("kernel", _init(0.02, order(self.kernel_axes)), order(self.kernel_shape),
+                        self.param_dtype)
     if tuple(x.shape[x.ndim - n:]) != tuple(k_in):
       # The flattening below would accept any input with as many elements and scramble it.
       raise ValueError(f"{self.name}: input {x.shape} must end in the kernel's input dims "
-                       f"{tuple(k_in)} (kernel {tuple(self.kernel_shape)})")
+                       f"{tuple(k_in)} (kernel {tuple(kernel.shape)})")
     x2 = x.reshape(*x.shape[:x.ndim - n], math.prod(k_in)).astype(self.dtype)
-    w2 = kernel.reshape(math.prod(k_in), math.prod(k_out)).astype(self.dtype)
-    y = _matmul(x2, w2).reshape(*x.shape[:x.ndim - n], *k_out)
+    if self.out_major:
+      w2 = kernel.reshape(math.prod(k_out), math.prod(k_in)).astype(self.dtype)
+      y = _matmul(x2, w2, out_major=True)
+    else:
+      w2 = kernel.reshape(math.prod(k_in), math.prod(k_out)).astype(self.dtype)
+      y = _matmul(x2, w2)
+    y = y.reshape(*x.shape[:x.ndim - n], *k_out)
     if self.bias_axes is not None:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.bias_axes),
@@ -129,7 +144,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv, write_mask_B=None):
     cfg = self.cfg
-    proj = functools.partial(Projection, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    proj = functools.partial(Projection, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                             out_major=cfg.kernel_layout == "out_in")
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     bias = lambda heads: (heads, ax.HEAD_DIM) if cfg.qkv_bias else None
     q = proj(1, (e, h, d), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), bias(ax.HEADS), name="q")(x_BTE)
@@ -177,12 +193,18 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype)
-    gate = dense(cfg.intermediate_size, name="gate", kernel_init=_init(0.02, (ax.EMBED, ax.MLP)))(x)
-    up = dense(cfg.intermediate_size, name="up", kernel_init=_init(0.02, (ax.EMBED, ax.MLP)))(x)
+    e, f = cfg.hidden_size, cfg.intermediate_size
+    if cfg.kernel_layout == "out_in":
+      dense = lambda n_in, n_out, name, axes: Projection(
+          1, (n_in, n_out), axes, None, cfg.dtype, cfg.param_dtype, out_major=True, name=name)
+    else:  # (nn.Dense, as measured: no single-row special case of `_matmul`)
+      dense = lambda n_in, n_out, name, axes: nn.Dense(
+          n_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+          kernel_init=_init(0.02, axes))
+    gate = dense(e, f, "gate", (ax.EMBED, ax.MLP))(x)
+    up = dense(e, f, "up", (ax.EMBED, ax.MLP))(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, (ax.BATCH, ax.LENGTH, ax.ACT_MLP))
-    return dense(cfg.hidden_size, name="down", kernel_init=_init(0.02, (ax.MLP, ax.EMBED)))(h)
+    return dense(f, e, "down", (ax.MLP, ax.EMBED))(h)
 
 
 class DecoderLayer(nn.Module):
@@ -294,14 +316,17 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   dt = cfg.dtype
   interpret = jax.default_backend() == "cpu"
   a = p["attn"]
-  ws = [a[n]["kernel"].reshape(e, -1).astype(dt) for n in ("q", "k", "v")]
+  om = cfg.kernel_layout == "out_in"  # the kernels [N, K]: each program's columns contiguous
+  wt = lambda mod, k: (mod["kernel"].reshape(-1, k) if om else mod["kernel"].reshape(k, -1)
+                       ).astype(dt)  # [K, N] or [N, K]
+  ws = [wt(a[n], e) for n in ("q", "k", "v")]
   biases = [a[n]["bias"].reshape(-1).astype(dt) for n in ("q", "k", "v")] if cfg.qkv_bias else None
   # q/k/v's 64 column tiles (1.5B) fill half the GPU: split-K parts, summed where q, k and v
   # are read (`row_attention`, or XLA's kernels of RoPE and the cache write) at no launch of
   # their own.
   parts, rsqrt, row = matvec.norm_matvec_partials(
       x_E, ws, norm_scale_E=p["attn_norm"]["scale"].astype(dt), add_E=pending_SE,
-      eps=cfg.rms_norm_eps, interpret=interpret)
+      eps=cfg.rms_norm_eps, out_major=om, interpret=interpret)
   x_E = x_E if row is None else row
   cache_k, cache_v = cache_kv  # [1, S, KV, D]
   if _row_attention(cfg, spec, cache_k.shape[1]):
@@ -319,9 +344,8 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
         write_mask=None if write_mask_B is None else write_mask_B.astype(bool), combine=False,
         interpret=interpret)
     new_cache = (new_k.reshape(cache_k.shape), new_v.reshape(cache_v.shape))
-    o_SE = matvec.combined_matvec_partials(att_parts, att_lse,
-                                           a["o"]["kernel"].reshape(h * d, e).astype(dt),
-                                           dtype=dt, interpret=interpret)
+    o_SE = matvec.combined_matvec_partials(att_parts, att_lse, wt(a["o"], h * d), dtype=dt,
+                                           out_major=om, interpret=interpret)
   else:
     q, k, v = (matvec.finish_partials(pp, rsqrt, dt, b)
                for pp, b in zip(parts, biases or (None,) * 3))
@@ -329,15 +353,15 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
     k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
     out, new_cache = _cached_attention(cfg, spec, q, k, v.reshape(1, 1, kv, d), meta, cache_kv,
                                        write_mask_B)
-    o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt),
-                                  a["o"]["kernel"].reshape(h * d, e).astype(dt),
-                                  interpret=interpret)
+    o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt), wt(a["o"], h * d),
+                                  out_major=om, interpret=interpret)
   m = p["mlp"]
   (act,), x_E = matvec.norm_matvec(
-      x_E, (m["gate"]["kernel"].astype(dt), m["up"]["kernel"].astype(dt)), add_E=o_SE,
+      x_E, (wt(m["gate"], e), wt(m["up"], e)), add_E=o_SE,
       norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
-      interpret=interpret)
-  down_SE = matvec.matvec_partials(act, m["down"]["kernel"].astype(dt), interpret=interpret)
+      out_major=om, interpret=interpret)
+  down_SE = matvec.matvec_partials(act, wt(m["down"], cfg.intermediate_size), out_major=om,
+                                   interpret=interpret)
   return (x_E, down_SE), new_cache
 
 
@@ -499,6 +523,40 @@ def with_layout(params: Params, layout: str) -> Params:
   if (layout == "stacked") == is_stacked(params):
     return params
   return stack_layers(params) if layout == "stacked" else unstack_layers(params)
+
+
+# The projections' kernels and how many leading dims of their [*in, *out] are inputs.
+_PROJECTIONS = {("attn", "q"): 1, ("attn", "k"): 1, ("attn", "v"): 1, ("attn", "o"): 2,
+                ("mlp", "gate"): 1, ("mlp", "up"): 1, ("mlp", "down"): 1}
+
+
+def with_kernel_layout(params: Params, cfg: ModelConfig,
+                       kernel_layout: str) -> tuple[Params, ModelConfig]:
+  """(params, cfg) with the projection kernels in `kernel_layout` (`ModelConfig.kernel_layout`:
+  "in_out" [*in, *out] or "out_in" [*out, *in]), from `cfg.kernel_layout`; either param layout
+  (stacked or per-layer), jax or numpy arrays. A no-op when they are in it already; else one
+  transposed copy of each kernel (do it once, where the model is loaded)."""
+  if kernel_layout not in config_lib.KERNEL_LAYOUTS:
+    raise ValueError(f"kernel_layout={kernel_layout!r}: expected one of "
+                     f"{config_lib.KERNEL_LAYOUTS}")
+  if kernel_layout == cfg.kernel_layout:
+    return params, cfg
+  layers = {k: 1 for k in params if k == "layers"}  # name -> leading layer dims
+  layers.update({k: 0 for k in params if k.startswith("layers_")})
+  if not layers:
+    raise ValueError(f"with_kernel_layout: params hold neither 'layers' nor 'layers_0' but "
+                     f"{sorted(params)}; pass the model's params dict")
+  out = dict(params)
+  for name, lead in layers.items():
+    layer = {k: dict(v) for k, v in params[name].items()}
+    for (block, proj), n_in in _PROJECTIONS.items():
+      kernel = layer[block][proj]["kernel"]
+      n_first = n_in if cfg.kernel_layout == "in_out" else kernel.ndim - lead - n_in
+      dims = list(range(lead, kernel.ndim))
+      perm = list(range(lead)) + dims[n_first:] + dims[:n_first]
+      layer[block][proj] = dict(layer[block][proj], kernel=kernel.transpose(perm))
+    out[name] = layer
+  return out, dataclasses.replace(cfg, kernel_layout=kernel_layout)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:

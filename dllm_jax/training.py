@@ -243,7 +243,8 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
   log.info("jax.distributed: process %d of %d, coordinator %s", pid, num, address)
 
 
-_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "matvec_impl")
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "matvec_impl",
+                   "kernel_layout")
 
 
 def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
@@ -279,11 +280,13 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
   else:
     pretrained = convert.load_pretrained(source, dtype=cfg.model.param_dtype)
   pretrained = convert.add_mask_token(pretrained)
+  params, model_cfg = model.with_kernel_layout(pretrained.params, pretrained.config,
+                                               cfg.model.kernel_layout)
   model_cfg = dataclasses.replace(
-      pretrained.config, **{f: getattr(cfg.model, f) for f in _RUNTIME_FIELDS})
+      model_cfg, **{f: getattr(cfg.model, f) for f in _RUNTIME_FIELDS})
   if pretrained.tokenizer is None:
     raise ConfigError(f"init.source={source!r} carries no tokenizer; training needs one")
-  return pretrained.params, model_cfg, pretrained.tokenizer, metadata
+  return params, model_cfg, pretrained.tokenizer, metadata
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,6 +85,12 @@ def test_hf_dir_logits_match_transformers(hf_dirs, kind):
   assert (cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta) == (2, 16, 5000.0)
   tokens = _tokens()
   assert _rel_err(_ours_logits(pre, tokens), _hf_logits(m, tokens)) <= TOL
+  # Stored as HF stores a Linear ([out, in]), transposed once at load: the same logits.
+  om = convert.cast(pre, "float32", kernel_layout="out_in")
+  assert om.config.kernel_layout == "out_in" and pre.config.kernel_layout == "in_out"
+  assert om.params["layers"]["mlp"]["down"]["kernel"].shape[1:] == (cfg.hidden_size,
+                                                                    cfg.intermediate_size)
+  assert _rel_err(_ours_logits(om, tokens), _hf_logits(m, tokens)) <= TOL
 
 
 def _greedy(pre, prompts, n=32, stop=()):
@@ -399,6 +405,8 @@ def test_export_tensors_of_per_layer_params_equal_stacked():
   params = model.init_params(cfg, jax.random.key(0))
   stacked = convert._params_to_hf(params, cfg)
   per_layer = convert._params_to_hf(model.unstack_layers(params), cfg)
-  assert stacked.keys() == per_layer.keys()
+  out_in = convert._params_to_hf(*model.with_kernel_layout(params, cfg, "out_in"))
+  assert stacked.keys() == per_layer.keys() == out_in.keys()
   for name in stacked:
     np.testing.assert_array_equal(per_layer[name], stacked[name])
+    np.testing.assert_array_equal(out_in[name], stacked[name])

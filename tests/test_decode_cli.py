@@ -90,6 +90,10 @@ def test_ar_batch_one_with_fused_projections(dirs, monkeypatch):
   got = decode.main(base + ["--matvec", "pallas"])
   assert traced  # two launches a layer in the traced step
   assert got["results"][0]["text"] == want["results"][0]["text"]
+  # The kernels stored [*out, *in] after loading: the same text by both paths.
+  for matvec_impl in ("xla", "pallas"):
+    om = decode.main(base + ["--matvec", matvec_impl, "--kernel-layout", "out_in"])
+    assert om["results"][0]["text"] == want["results"][0]["text"]
 
 
 def test_diffusion_mode_refused_for_non_diffusion_checkpoint(dirs):

@@ -317,9 +317,11 @@ def check_one_row_step(cfg, stacked, spec, slots=32, prefill=12):
   return jaxpr, 1 if stacked else cfg.num_layers
 
 
-@pytest.mark.parametrize("stacked,qkv_bias", [(True, True), (False, True), (False, False)])
-def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias):
-  cfg = dataclasses.replace(CFG, qkv_bias=qkv_bias)
+@pytest.mark.parametrize("stacked,qkv_bias,kernel_layout", [
+    (True, True, "in_out"), (False, True, "in_out"), (False, False, "in_out"),
+    (False, True, "out_in"), (True, False, "out_in")])  # out_in: each launch reads [N, K]
+def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias, kernel_layout):
+  cfg = dataclasses.replace(CFG, qkv_bias=qkv_bias, kernel_layout=kernel_layout)
   jaxpr, layers = check_one_row_step(cfg, stacked, masks.MaskSpec("causal"))
   # Four kernel launches a layer.
   assert jaxpr.count("name=norm_partials") == layers  # q/k/v

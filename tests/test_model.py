@@ -9,7 +9,7 @@ import pytest
 
 from dllm_jax import cache as kvcache
 from dllm_jax import masks, model
-from dllm_jax.config import ModelConfig
+from dllm_jax.config import ConfigError, ModelConfig
 
 TINY = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
@@ -140,6 +140,54 @@ def test_per_layer_layout_gives_same_logits_and_cache(params):
     model.with_layout(params, "scan")
   with pytest.raises(ValueError, match=r"neither 'layers'.*\['params'\]"):
     model.with_layout({"params": params}, "per_layer")
+
+
+def test_kernel_layouts_compute_the_same_model(params):
+  # "out_in" stores each projection kernel [*out, *in]: the same model, its kernels transposed.
+  tokens = jax.random.randint(jax.random.key(8), (2, 6), 0, TINY.vocab_size)
+  spec, meta = masks.MaskSpec("causal"), masks.TokenMeta.simple(_positions(2, 6))
+  om, om_cfg = model.with_kernel_layout(params, TINY, "out_in")
+  assert om_cfg == dataclasses.replace(TINY, kernel_layout="out_in")
+  layer = om["layers"]
+  assert layer["attn"]["q"]["kernel"].shape == (2, 4, 8, 32)  # [L, H, D, E]
+  assert layer["attn"]["o"]["kernel"].shape == (2, 32, 4, 8)  # [L, E, H, D]
+  assert layer["mlp"]["gate"]["kernel"].shape == (2, 64, 32)  # [L, F, E]
+  assert layer["mlp"]["down"]["kernel"].shape == (2, 32, 64)  # [L, E, F]
+  np.testing.assert_array_equal(layer["attn"]["o"]["kernel"][1, :, 2, 3],
+                                params["layers"]["attn"]["o"]["kernel"][1, 2, 3, :])
+  # What the model initialises in that layout has the same tree, shapes and logical axes.
+  shapes = lambda t: jax.tree_util.tree_map(lambda x: x.shape, t)
+  assert shapes(jax.eval_shape(lambda r: model.init_params(om_cfg, r), jax.random.key(0))) == \
+      shapes(om)
+  axes = model.param_logical_axes(om_cfg)["layers"]
+  P = jax.sharding.PartitionSpec
+  assert axes["attn"]["q"]["kernel"] == P("layers", "heads", "head_dim", "embed")
+  assert axes["attn"]["o"]["kernel"] == P("layers", "embed", "heads", "head_dim")
+  assert axes["mlp"]["down"]["kernel"] == P("layers", "embed", "mlp")
+  cache = lambda: kvcache.init_cache(TINY, 2, 8)
+  want, want_cache = model.forward(params, TINY, tokens, meta, spec, cache())
+  got, got_cache = model.forward(om, om_cfg, tokens, meta, spec, cache())
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_cache.k, want_cache.k, rtol=1e-5, atol=1e-5)
+  # A one-token step (the single-row product) and the per-layer layout, converted either way.
+  step = (tokens[:1, :1], masks.TokenMeta.simple(_positions(1, 1)), spec)
+  np.testing.assert_allclose(model.forward(om, om_cfg, *step)[0],
+                             model.forward(params, TINY, *step)[0], rtol=1e-5, atol=1e-5)
+  per_layer, _ = model.with_kernel_layout(model.unstack_layers(params), TINY, "out_in")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, per_layer, model.unstack_layers(om))
+  back, back_cfg = model.with_kernel_layout(om, om_cfg, "in_out")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+  assert back_cfg == TINY
+  assert model.with_kernel_layout(params, TINY, "in_out")[0] is params
+  # Host (numpy) params convert too: the HF import and export run there.
+  host, _ = model.with_kernel_layout(jax.tree_util.tree_map(np.asarray, params), TINY, "out_in")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, host, om)
+  with pytest.raises(ValueError, match="kernel_layout='ji': expected one of"):
+    model.with_kernel_layout(params, TINY, "ji")
+  with pytest.raises(ValueError, match=r"neither 'layers' nor 'layers_0'.*params dict"):
+    model.with_kernel_layout({"params": params}, TINY, "out_in")
+  with pytest.raises(ConfigError, match="model.kernel_layout='io': expected one of"):
+    dataclasses.replace(TINY, kernel_layout="io")
 
 
 @pytest.mark.parametrize("tie", [True, False])

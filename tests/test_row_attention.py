@@ -323,10 +323,11 @@ def test_row_attention_lowers_for_cuda_as_one_triton_call():
   assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 2
 
 
-@pytest.mark.parametrize("stacked,spec", [(False, CAUSAL),
-                                          (True, masks.MaskSpec("block_causal", 8))])
-def test_model_one_row_step_with_row_attention_equals_xla(stacked, spec):
-  cfg = dataclasses.replace(CFG, head_dim=32, attention_impl="pallas")
+@pytest.mark.parametrize("stacked,spec,kernel_layout", [
+    (False, CAUSAL, "in_out"), (True, masks.MaskSpec("block_causal", 8), "in_out"),
+    (False, CAUSAL, "out_in")])  # out_in: the o launch combines into a [N, K] product
+def test_model_one_row_step_with_row_attention_equals_xla(stacked, spec, kernel_layout):
+  cfg = dataclasses.replace(CFG, head_dim=32, attention_impl="pallas", kernel_layout=kernel_layout)
   # 48 slots: 3 tiles of 16 in 2 splits (slots 0-31, 32-47), and the step's token at 40, so
   # both splits see keys and the o launch's combine of them runs in every layer (or the scan).
   assert decode.default_row_splits(48 // 16) == 2

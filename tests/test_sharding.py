@@ -42,6 +42,11 @@ def test_param_shardings_follow_the_logical_table():
   assert specs["layers"]["attn"]["o"]["kernel"] == P(None, "tensor", None, "fsdp")
   assert specs["layers"]["mlp"]["down"]["kernel"] == P(None, "tensor", "fsdp")
   assert specs["final_norm"]["scale"] == P(None)
+  # Kernels stored [*out, *in]: the same mesh axes, following their logical names.
+  om = _param_specs(dataclasses.replace(cfg, kernel_layout="out_in"), sharding.make_mesh(2, 2, 2))
+  assert om["layers"]["attn"]["q"]["kernel"] == P(None, "tensor", None, "fsdp")
+  assert om["layers"]["attn"]["o"]["kernel"] == P(None, "fsdp", "tensor", None)
+  assert om["layers"]["mlp"]["down"]["kernel"] == P(None, "fsdp", "tensor")
 
 
 def test_indivisible_dim_falls_back_to_replicated_and_is_logged(caplog):
@@ -82,11 +87,11 @@ def _batches(n, rows=8, length=32, seed=0):
   return out
 
 
-def _train(mesh, obj_cfg, train_cfg, batches, tx=None):
+def _train(mesh, obj_cfg, train_cfg, batches, tx=None, params=None, cfg=TINY):
   tx = tx or training.make_optimizer(train_cfg)
-  sh, _ = training.state_shardings(TINY, tx, mesh)
-  state = training.init_state(None, TINY, tx, seed=0, shardings=sh)
-  step = training.make_train_step(TINY, obj_cfg, train_cfg, tx, mesh, sh)
+  sh, _ = training.state_shardings(cfg, tx, mesh)
+  state = training.init_state(params, cfg, tx, seed=0, shardings=sh)
+  step = training.make_train_step(cfg, obj_cfg, train_cfg, tx, mesh, sh)
   losses = []
   for b in batches:
     state, metrics = step(state, training.shard_batch(b, train_cfg.grad_accum, mesh))
@@ -108,6 +113,24 @@ def test_sharded_training_matches_single_device():
   assert losses_1[-1] < losses_1[0]
   for a, b in zip(jax.tree_util.tree_leaves(params_1), jax.tree_util.tree_leaves(params_8)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_training_with_out_in_kernels_matches_in_out():
+  # The same model stored [*out, *in], trained on 8 devices: the same losses and (transposed)
+  # params as [*in, *out] on one.
+  obj = objective.ObjectiveConfig(kind="diffusion", block_size=8)
+  cfg = TrainConfig(steps=3, learning_rate=1e-3, warmup_ratio=0.0)
+  batches = _batches(3)
+  params = jax.tree_util.tree_map(np.asarray, model.init_params(TINY, jax.random.key(3)))
+  om, om_cfg = model.with_kernel_layout(params, TINY, "out_in")
+  single = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  losses_1, params_1, _ = _train(single, obj, cfg, batches, params=params)
+  losses_8, params_8, _ = _train(sharding.make_mesh(2, 2, 2), obj, cfg, batches, params=om,
+                                 cfg=om_cfg)
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  back, _ = model.with_kernel_layout(params_8, om_cfg, "in_out")
+  for a, b in zip(jax.tree_util.tree_leaves(params_1), jax.tree_util.tree_leaves(back)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_train_step_binds_the_activation_constraints_to_the_mesh():

@@ -270,3 +270,10 @@ def test_init_from_a_hf_directory_adds_the_mask_token_and_keeps_runtime_fields(t
   np.testing.assert_array_equal(host_params["layers"]["mlp"]["up"]["kernel"],
                                 params["layers"]["mlp"]["up"]["kernel"])
   assert metadata == {"objective": "diffusion", "block_size": 16}
+  # model.kernel_layout is a runtime field too: the loaded kernels are transposed to it.
+  cfg = _cfg(tmp_path / "run", extra=[f"init.source={tmp_path / 'hf'}",
+                                      "model.kernel_layout=out_in"])
+  om_params, om_cfg, _, _ = training.build_model(cfg)
+  assert om_cfg.kernel_layout == "out_in"
+  np.testing.assert_array_equal(om_params["layers"]["mlp"]["up"]["kernel"],
+                                params["layers"]["mlp"]["up"]["kernel"].transpose(0, 2, 1))

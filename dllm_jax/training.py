@@ -446,8 +446,6 @@ def train(cfg, *, resume: bool = False) -> dict:
   if mgr.all_steps() and not resume:
     raise ConfigError(f"{run_dir} already holds checkpoints {mgr.all_steps()}; pass --resume to "
                       "continue that run, or set train.run_dir to a new directory")
-  checkpoint.write_run_files(run_dir, json.loads(run_config.to_json(cfg)), model_cfg, metadata,
-                             tokenizer)
 
   tx = make_optimizer(cfg.train)
   shardings, shapes = state_shardings(model_cfg, tx, mesh)
@@ -461,6 +459,10 @@ def train(cfg, *, resume: bool = False) -> dict:
   if state is None:
     state = init_state(params, model_cfg, tx, cfg.train.seed, shardings)
   del params
+  # Only now: a resume whose config the checkpoints do not fit (restore_latest raises) leaves
+  # the run's config.json and model.json describing its checkpoints.
+  checkpoint.write_run_files(run_dir, json.loads(run_config.to_json(cfg)), model_cfg, metadata,
+                             tokenizer)
   start = int(jax.device_get(state.step))
   if start:
     log.info("resumed at step %d", start)

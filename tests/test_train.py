@@ -195,11 +195,15 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
   assert (run_dir / "unreadable_checkpoints" / "10" / "state").is_dir()
   assert checkpoint.load_params(run_dir)[0] == 10
 
-  # A config the checkpoints do not fit (another model width) is refused; nothing is moved.
-  with pytest.warns(RuntimeWarning), pytest.raises(checkpoint.CheckpointRestoreError,
-                                                   match="resume with the config"):
-    training.train(_cfg(run_dir, extra=["model.hidden_size=32"]), resume=True)
-  assert checkpoint.saved_steps(run_dir) == [6, 9, 10]
+  # A config the checkpoints do not fit (another model width, kernels stored [*out, *in]) is
+  # refused; nothing is moved, and the run's files still describe its checkpoints.
+  files = {f: (run_dir / f).read_bytes() for f in ("config.json", "model.json")}
+  for change in ("model.hidden_size=32", "model.kernel_layout=out_in"):
+    with pytest.warns(RuntimeWarning), pytest.raises(checkpoint.CheckpointRestoreError,
+                                                     match="resume with the config"):
+      training.train(_cfg(run_dir, extra=[change]), resume=True)
+    assert checkpoint.saved_steps(run_dir) == [6, 9, 10]
+    assert {f: (run_dir / f).read_bytes() for f in files} == files
 
   # Incomplete: files missing from the latest checkpoint.
   shutil.rmtree(ckpts / "10" / "state")

@@ -116,7 +116,9 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
     # The same weights for every variant, each layout made once (attention_impl is not a
     # parameter).
     base = dataclasses.replace(SHAPES[name], kernel_layout=kernel_layout)
-    stacked = jax.jit(lambda r: model.init_params(base, r))(jax.random.key(0))
+    # Drawn in_out and converted: both kernel layouts run the same weights.
+    stacked = jax.jit(lambda r: model.with_kernel_layout(
+        model.init_params(SHAPES[name], r), SHAPES[name], kernel_layout)[0])(jax.random.key(0))
     by_layout = {"stacked": stacked}
     if "per_layer" in layouts:
       by_layout["per_layer"] = jax.jit(model.unstack_layers)(stacked)

@@ -141,7 +141,10 @@ def main():
 
   cfg = dataclasses.replace(SHAPES[args.shape], attention_impl=args.impl,
                             matvec_impl=args.matvec, kernel_layout=args.kernel_layout)
-  params = jax.jit(lambda r: model.with_layout(model.init_params(cfg, r), args.layout))(
+  # Drawn in_out and converted, so that both kernel layouts run the same weights.
+  params = jax.jit(lambda r: model.with_layout(model.with_kernel_layout(
+      model.init_params(dataclasses.replace(cfg, kernel_layout="in_out"), r),
+      dataclasses.replace(cfg, kernel_layout="in_out"), cfg.kernel_layout)[0], args.layout))(
       jax.random.key(0))
   pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
   res = {"meta": run_meta(), "args": vars(args), "param_bytes": pbytes}
@@ -159,6 +162,8 @@ def main():
     compiled = fn.lower(params, prompt, lens, jax.random.key(2)).compile()
     run = lambda i: compiled(params, prompt, lens, jax.random.key(2 + i))
   out = jax.block_until_ready(run(0))  # the warm-up
+  if not args.forward:  # (to compare runs that should decode alike)
+    res["first_tokens"] = [int(t) for t in out[0][0, :16]]
   # AR: the prefill is generate's first iteration.
   steps = args.new if args.forward else int(out[2]["iterations"]) - 1
   times = []

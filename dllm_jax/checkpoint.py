@@ -188,6 +188,15 @@ def load_params(run_dir: str | pathlib.Path) -> tuple[int, Any]:
                           "first (python train.py --config ...) or pass a model path")
 
 
+def saved_model_config(run_dir: str | pathlib.Path) -> Optional[config_lib.ModelConfig]:
+  """The model config a run's model.json records (None when it has none)."""
+  path = pathlib.Path(run_dir) / MODEL_JSON
+  if not path.is_file():
+    return None
+  return config_lib.from_dict(config_lib.ModelConfig, json.loads(path.read_text())["model"],
+                              str(path))
+
+
 def load_model(path: str | pathlib.Path):
   """A training run directory -> its newest good params, config, tokenizer and metadata as a
   `convert.Pretrained`; any other path (or shortcut) -> `convert.load_pretrained(path)`."""
@@ -197,7 +206,7 @@ def load_model(path: str | pathlib.Path):
     return convert.load_pretrained(str(path))
   path = pathlib.Path(path)
   saved = json.loads((path / MODEL_JSON).read_text())
-  model_cfg = config_lib.from_dict(config_lib.ModelConfig, saved["model"], f"{path / MODEL_JSON}")
+  model_cfg = saved_model_config(path)
   step, params = load_params(path)
   metadata = dict(saved.get("metadata", {}), step=step, run_dir=str(path))
   return convert.Pretrained(params=params, config=model_cfg,

@@ -302,7 +302,8 @@ class InitConfig:
   `source="random"` initialises `model` from scratch with `tokenizer` ("chars": the built-in
   character tokenizer); any other source (a HF directory, a .gguf file, a shortcut such as
   "smollm2-135m-instruct", or a training run directory) is loaded with its own architecture and
-  tokenizer, and only the runtime fields of `model` (dtypes, remat, attention_impl) apply.
+  tokenizer, and only the runtime fields of `model` (dtypes, remat, attention_impl, matvec_impl,
+  kernel_layout: its kernels are transposed to that layout) apply.
   """
 
   source: str = "random"  # "" in a shipped config means: the user must set it (checked at start)

@@ -71,18 +71,20 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-def _matmul(x_K: jax.Array, w_KN: jax.Array, out_major: bool = False) -> jax.Array:
+def _matmul(x_K: jax.Array, w_KN: jax.Array, out_major: bool = False,
+            one_row_as_two: bool = True) -> jax.Array:
   """x [..., K] @ w [K, N] (w [N, K] with `out_major`). A single row (a one-token decode step at
   batch 1) is multiplied as two equal rows: XLA's GPU simplifier turns a vector-matrix dot whose
   operands have under 10M elements (the 1.5B's q/k/v/o) into an elementwise product and a
   reduction, which read the weights at a fraction of a GEMM's bandwidth (BENCHMARKS.md, decode
-  profile); a two-row dot stays a GEMM. Any other shape is one plain dot."""
+  profile); a two-row dot stays a GEMM. Any other shape (or `one_row_as_two=False`) is one
+  plain dot."""
   if out_major:
     dot = lambda a: jax.lax.dot_general(a, w_KN, (((a.ndim - 1,), (1,)), ((), ())))
   else:
     dot = lambda a: jnp.dot(a, w_KN)
   lead = x_K.shape[:-1]
-  if math.prod(lead) != 1:
+  if math.prod(lead) != 1 or not one_row_as_two:
     return dot(x_K)
   row = x_K.reshape(1, x_K.shape[-1])
   return dot(jnp.concatenate([row, row]))[:1].reshape(*lead, -1)
@@ -109,6 +111,7 @@ class Projection(nn.Module):
   dtype: Any
   param_dtype: Any
   out_major: bool = False  # the kernel stored [*out, *in]
+  one_row_as_two: bool = True  # `_matmul`'s; False multiplies one row as nn.Dense does
 
   @nn.compact
   def __call__(self, x):
@@ -124,10 +127,11 @@ class Projection(nn.Module):
     x2 = x.reshape(*x.shape[:x.ndim - n], math.prod(k_in)).astype(self.dtype)
     if self.out_major:
       w2 = kernel.reshape(math.prod(k_out), math.prod(k_in)).astype(self.dtype)
-      y = _matmul(x2, w2, out_major=True)
+      y = _matmul(x2, w2, out_major=True, one_row_as_two=self.one_row_as_two)
     else:
       w2 = kernel.reshape(math.prod(k_in), math.prod(k_out)).astype(self.dtype)
-      y = _matmul(x2, w2)
+      # (`_matmul` called as the --plain-dot benchmarks replace it: jnp.dot(x, w).)
+      y = _matmul(x2, w2) if self.one_row_as_two else jnp.dot(x2, w2)
     y = y.reshape(*x.shape[:x.ndim - n], *k_out)
     if self.bias_axes is not None:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
@@ -194,10 +198,11 @@ class MLP(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     e, f = cfg.hidden_size, cfg.intermediate_size
-    if cfg.kernel_layout == "out_in":
+    if cfg.kernel_layout == "out_in":  # (one row as one, as nn.Dense: the layouts compare alike)
       dense = lambda n_in, n_out, name, axes: Projection(
-          1, (n_in, n_out), axes, None, cfg.dtype, cfg.param_dtype, out_major=True, name=name)
-    else:  # (nn.Dense, as measured: no single-row special case of `_matmul`)
+          1, (n_in, n_out), axes, None, cfg.dtype, cfg.param_dtype, out_major=True,
+          one_row_as_two=False, name=name)
+    else:
       dense = lambda n_in, n_out, name, axes: nn.Dense(
           n_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
           kernel_init=_init(0.02, axes))
@@ -530,6 +535,35 @@ _PROJECTIONS = {("attn", "q"): 1, ("attn", "k"): 1, ("attn", "v"): 1, ("attn", "
                 ("mlp", "gate"): 1, ("mlp", "up"): 1, ("mlp", "down"): 1}
 
 
+def stored_kernel_layout(params: Params, cfg: ModelConfig) -> Optional[str]:
+  """The kernel layout the params' shapes say ("in_out" or "out_in"), read off the first
+  layer's o kernel ([H, D, E] or [E, H, D]); None when that does not tell (H == E == D)."""
+  layer = params["layers"] if "layers" in params else params.get("layers_0")
+  if layer is None:
+    raise ValueError(f"params hold neither 'layers' nor 'layers_0' but {sorted(params)}; pass "
+                     "the model's params dict")
+  shape = tuple(layer["attn"]["o"]["kernel"].shape[-3:])
+  h, d, e = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+  fits = [name for name, want in (("in_out", (h, d, e)), ("out_in", (e, h, d)))
+          if shape == want]
+  if not fits:
+    raise ValueError(f"params' o kernel ends in {shape}, neither [H, D, E] = {(h, d, e)} nor "
+                     f"[E, H, D] = {(e, h, d)}: they are not this config's model")
+  return fits[0] if len(fits) == 1 else None
+
+
+def check_kernel_layout(params: Params, cfg: ModelConfig) -> None:
+  """A ValueError when the params' kernels are stored in the other layout than
+  `cfg.kernel_layout` says (the XLA path would fail inside flax on a shape, the one-row kernels
+  would read the transposes without a word)."""
+  stored = stored_kernel_layout(params, cfg)
+  if stored is not None and stored != cfg.kernel_layout:
+    raise ValueError(f"the params' projection kernels are stored {stored} but "
+                     f"kernel_layout={cfg.kernel_layout!r}: convert them with "
+                     f"model.with_kernel_layout(params, cfg_with_{stored}, "
+                     f"{cfg.kernel_layout!r}), or give the config their layout")
+
+
 def with_kernel_layout(params: Params, cfg: ModelConfig,
                        kernel_layout: str) -> tuple[Params, ModelConfig]:
   """(params, cfg) with the projection kernels in `kernel_layout` (`ModelConfig.kernel_layout`:
@@ -539,13 +573,14 @@ def with_kernel_layout(params: Params, cfg: ModelConfig,
   if kernel_layout not in config_lib.KERNEL_LAYOUTS:
     raise ValueError(f"kernel_layout={kernel_layout!r}: expected one of "
                      f"{config_lib.KERNEL_LAYOUTS}")
-  if kernel_layout == cfg.kernel_layout:
-    return params, cfg
   layers = {k: 1 for k in params if k == "layers"}  # name -> leading layer dims
   layers.update({k: 0 for k in params if k.startswith("layers_")})
   if not layers:
     raise ValueError(f"with_kernel_layout: params hold neither 'layers' nor 'layers_0' but "
                      f"{sorted(params)}; pass the model's params dict")
+  check_kernel_layout(params, cfg)  # (converting converted params would transpose them back)
+  if kernel_layout == cfg.kernel_layout:
+    return params, cfg
   out = dict(params)
   for name, lead in layers.items():
     layer = {k: dict(v) for k, v in params[name].items()}
@@ -590,6 +625,7 @@ def forward(
     return_hidden: bool = False,
 ) -> tuple[jax.Array, Optional[KVCache]]:
   stacked = is_stacked(params)
+  check_kernel_layout(params, cfg)
   if cache is not None and cache.per_layer == stacked:
     raise ValueError(
         f"the KV cache is in the {'per-layer' if stacked else 'stacked'} layout but the params "

@@ -245,6 +245,31 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
 
 _RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "matvec_impl",
                    "kernel_layout")
+# Of those, what a resumed run may change: not kernel_layout, which shapes the saved state.
+_RESUME_FREE_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "matvec_impl")
+
+
+def check_resume(run_dir: pathlib.Path, model_cfg: ModelConfig) -> None:
+  """ConfigError, before anything is restored or written, when the run's model.json records a
+  model other than `model_cfg` in a field the saved state depends on (its shapes or layout):
+  restoring would fail on every checkpoint (each then warned about as unreadable)."""
+  from dllm_jax import checkpoint
+
+  saved = checkpoint.saved_model_config(run_dir)
+  if saved is None:
+    return
+  diff = {f.name: (getattr(saved, f.name), getattr(model_cfg, f.name))
+          for f in dataclasses.fields(ModelConfig)
+          if f.name not in _RESUME_FREE_FIELDS
+          and getattr(saved, f.name) != getattr(model_cfg, f.name)}
+  if diff:
+    said = "; ".join(f"model.{k}={old!r} there, {new!r} here" for k, (old, new) in diff.items())
+    hint = (" A run in the other kernel layout starts from this one with "
+            f"init.source={run_dir} and a new train.run_dir (its weights are converted)."
+            if "kernel_layout" in diff else "")
+    raise ConfigError(f"--resume: {run_dir} was trained as another model ({said}); resume with "
+                      f"its own config ({run_dir / 'config.json'}), or set train.run_dir to a new "
+                      f"directory.{hint}")
 
 
 def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
@@ -280,8 +305,12 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
   else:
     pretrained = convert.load_pretrained(source, dtype=cfg.model.param_dtype)
   pretrained = convert.add_mask_token(pretrained)
-  params, model_cfg = model.with_kernel_layout(pretrained.params, pretrained.config,
-                                               cfg.model.kernel_layout)
+  params = pretrained.params
+  if pretrained.config.kernel_layout != cfg.model.kernel_layout:
+    # Transposed on the host: a run directory's params arrive on one device, where a transposed
+    # copy beside them would double what that device holds.
+    params = jax.tree_util.tree_map(np.asarray, params)
+  params, model_cfg = model.with_kernel_layout(params, pretrained.config, cfg.model.kernel_layout)
   model_cfg = dataclasses.replace(
       model_cfg, **{f: getattr(cfg.model, f) for f in _RUNTIME_FIELDS})
   if pretrained.tokenizer is None:
@@ -452,6 +481,8 @@ def train(cfg, *, resume: bool = False) -> dict:
   batches = data.make_dataset(cfg.data, tokenizer, process_index=jax.process_index(),
                               process_count=jax.process_count())
   state = None
+  if resume and mgr.all_steps():
+    check_resume(run_dir, model_cfg)
   if resume:
     state = checkpoint.restore_latest(mgr, abstract_state(shardings, shapes), batches)
     if state is None:

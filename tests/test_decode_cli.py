@@ -82,7 +82,8 @@ def test_ar_batch_one_with_fused_projections(dirs, monkeypatch):
 
   traced = []
   plain = matvec.norm_matvec
-  monkeypatch.setattr(matvec, "norm_matvec", lambda *a, **k: traced.append(1) or plain(*a, **k))
+  monkeypatch.setattr(matvec, "norm_matvec",
+                      lambda *a, **k: traced.append(k.get("out_major")) or plain(*a, **k))
   base = ["--checkpoint", dirs["ar"], "--prompt", "What is 2+2?", "--mode", "ar",
           "--batch-size", "1", "--max-new-tokens", "10"]
   want = decode.main(base)
@@ -90,10 +91,14 @@ def test_ar_batch_one_with_fused_projections(dirs, monkeypatch):
   got = decode.main(base + ["--matvec", "pallas"])
   assert traced  # two launches a layer in the traced step
   assert got["results"][0]["text"] == want["results"][0]["text"]
-  # The kernels stored [*out, *in] after loading: the same text by both paths.
+  assert set(traced) == {False}
+  # The kernels stored [*out, *in] after loading: the same text by both paths, the launches
+  # reading them as such.
+  traced.clear()
   for matvec_impl in ("xla", "pallas"):
     om = decode.main(base + ["--matvec", matvec_impl, "--kernel-layout", "out_in"])
     assert om["results"][0]["text"] == want["results"][0]["text"]
+  assert set(traced) == {True}
 
 
 def test_diffusion_mode_refused_for_non_diffusion_checkpoint(dirs):

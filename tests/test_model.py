@@ -182,6 +182,18 @@ def test_kernel_layouts_compute_the_same_model(params):
   # Host (numpy) params convert too: the HF import and export run there.
   host, _ = model.with_kernel_layout(jax.tree_util.tree_map(np.asarray, params), TINY, "out_in")
   jax.tree_util.tree_map(np.testing.assert_array_equal, host, om)
+  # Params in the other layout than the config says are refused by name, not multiplied (the
+  # one-row kernels would read the transposes without a word), nor converted twice.
+  assert model.stored_kernel_layout(om, om_cfg) == "out_in"
+  assert model.stored_kernel_layout(per_layer, om_cfg) == "out_in"
+  for p, c in ((om, TINY), (params, om_cfg)):
+    with pytest.raises(ValueError, match=f"stored {model.stored_kernel_layout(p, TINY)} but "
+                                         f"kernel_layout='{c.kernel_layout}'"):
+      model.forward(p, c, *step)
+  with pytest.raises(ValueError, match="stored out_in but kernel_layout='in_out'"):
+    model.with_kernel_layout(om, TINY, "out_in")
+  with pytest.raises(ValueError, match="not this config's model"):
+    model.forward(params, dataclasses.replace(TINY, hidden_size=48), *step)
   with pytest.raises(ValueError, match="kernel_layout='ji': expected one of"):
     model.with_kernel_layout(params, TINY, "ji")
   with pytest.raises(ValueError, match=r"neither 'layers' nor 'layers_0'.*params dict"):

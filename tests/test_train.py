@@ -18,6 +18,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 
 from dllm_jax import checkpoint, run_config, training
+from dllm_jax.config import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.py"
@@ -196,14 +197,24 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
   assert checkpoint.load_params(run_dir)[0] == 10
 
   # A config the checkpoints do not fit (another model width, kernels stored [*out, *in]) is
-  # refused; nothing is moved, and the run's files still describe its checkpoints.
+  # refused by name before any restore; nothing is moved, and the run's files still describe
+  # its checkpoints.
   files = {f: (run_dir / f).read_bytes() for f in ("config.json", "model.json")}
-  for change in ("model.hidden_size=32", "model.kernel_layout=out_in"):
-    with pytest.warns(RuntimeWarning), pytest.raises(checkpoint.CheckpointRestoreError,
-                                                     match="resume with the config"):
+  for change, match in (("model.hidden_size=32", "model.hidden_size=64 there, 32 here"),
+                        ("model.kernel_layout=out_in",
+                         "model.kernel_layout='in_out' there, 'out_in' here.*init.source=")):
+    with pytest.raises(ConfigError, match=match):
       training.train(_cfg(run_dir, extra=[change]), resume=True)
     assert checkpoint.saved_steps(run_dir) == [6, 9, 10]
     assert {f: (run_dir / f).read_bytes() for f in files} == files
+  # A checkpoint that no config fits (its model.json gone, as from an older version): the
+  # restore's own refusal, which moves nothing either.
+  (run_dir / "model.json").unlink()
+  with pytest.warns(RuntimeWarning), pytest.raises(checkpoint.CheckpointRestoreError,
+                                                   match="resume with the config"):
+    training.train(_cfg(run_dir, extra=["model.hidden_size=32"]), resume=True)
+  assert checkpoint.saved_steps(run_dir) == [6, 9, 10]
+  (run_dir / "model.json").write_bytes(files["model.json"])
 
   # Incomplete: files missing from the latest checkpoint.
   shutil.rmtree(ckpts / "10" / "state")

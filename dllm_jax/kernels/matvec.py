@@ -468,16 +468,18 @@ def combined_matvec_partials(parts_AHD: jax.Array, lse_AH: jax.Array, w_EN: jax.
   (`decode.row_attention(..., combine=False)`): x [E = H * D] is, head by head, the splits'
   outputs parts [A, H, D] weighted by exp2 of their base-2 log-sum-exps lse [A, H] less their
   largest, over the weights' sum, rounded to `dtype` (what that kernel's own combine stores),
-  and the result x @ w [E, N] (w [N, E] with `out_major`) as float32 partial sums [S, N]. Each program combines the run of
-  the row it multiplies as it loads it, from L2 (the attention has just written the parts), so
-  no launch runs only to combine them. A split that saw no key has lse -inf and weight 0 (its
-  parts must be finite, as `row_attention` stores them: zeros); a head whose every split has lse
-  -inf would be NaN, which `row_attention` never leaves (split 0 always sees slot 0). Knobs as
-  `matvec_partials`; a chunk of the row (block_k) is cut to lie in one head.
+  and the result x @ w [E, N] (w [N, E] with `out_major`) as float32 partial sums [S, N].
+  Each program combines the run of the row it multiplies as it loads it, from L2 (the attention
+  has just written the parts), so no launch runs only to combine them. A split that saw no key
+  has lse -inf and weight 0 (its parts must be finite, as `row_attention` stores them: zeros); a
+  head whose every split has lse -inf would be NaN, which `row_attention` never leaves (split 0
+  always sees slot 0). Knobs as `matvec_partials`; a chunk of the row (block_k) is cut to lie
+  in one head.
   """
   if parts_AHD.ndim != 3 or lse_AH.shape != parts_AHD.shape[:2] or w_EN.ndim != 2:
     raise ValueError(f"combined_matvec_partials: parts [A, H, D], lse [A, H] and a weight "
-                     f"[H * D, N] ([N, H * D] out_major) expected; got parts {parts_AHD.shape}, lse {lse_AH.shape} and "
+                     f"[H * D, N] ([N, H * D] out_major) expected; got parts "
+                     f"{parts_AHD.shape}, lse {lse_AH.shape} and "
                      f"w {w_EN.shape}")
   num_parts, h, d = parts_AHD.shape
   from dllm_jax.kernels.decode import ROW_MAX_SPLITS  # lazily, as sm_count

@@ -51,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
 def read_prompts(path: str) -> list[list[dict]]:
   """Conversations from a JSONL file; a bad line is an error naming file:line."""
   conversations = []
-  with open(path) as f:
+  try:
+    f = open(path)
+  except OSError as e:
+    raise UsageError(f"--prompts {path}: {e.strerror or e}") from None
+  with f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -63,7 +67,12 @@ def read_prompts(path: str) -> list[list[dict]]:
       if isinstance(record, dict) and isinstance(record.get("prompt"), str):
         conversations.append([{"role": "user", "content": record["prompt"]}])
       elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-        conversations.append(record["messages"])
+        messages = record["messages"]
+        if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                   and isinstance(m.get("content"), str) for m in messages):
+          raise UsageError(f"{where}: 'messages' must be a non-empty list of objects with "
+                           "string 'role' and 'content'")
+        conversations.append(messages)
       else:
         raise UsageError(f"{where}: expected an object with a string 'prompt' or a list "
                          "'messages'")

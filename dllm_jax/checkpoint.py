@@ -193,8 +193,11 @@ def saved_model_config(run_dir: str | pathlib.Path) -> Optional[config_lib.Model
   path = pathlib.Path(run_dir) / MODEL_JSON
   if not path.is_file():
     return None
-  return config_lib.from_dict(config_lib.ModelConfig, json.loads(path.read_text())["model"],
-                              str(path))
+  saved = json.loads(path.read_text())
+  if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+    raise config_lib.ConfigError(f"{path} holds no 'model' config: not the model.json train.py "
+                                 "writes")
+  return config_lib.from_dict(config_lib.ModelConfig, saved["model"], str(path))
 
 
 def load_model(path: str | pathlib.Path):

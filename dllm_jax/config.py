@@ -62,6 +62,14 @@ class ModelConfig:
   def __post_init__(self):
     if self.architecture not in ("llama", "qwen2"):
       raise ConfigError(f"model.architecture={self.architecture!r}: expected 'llama' or 'qwen2'")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "max_position_embeddings"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"model.{name}={value!r}: a positive integer expected")
+    if self.head_dim % 2:
+      raise ConfigError(f"model.head_dim={self.head_dim}: RoPE rotates pairs of dims, so it must "
+                        "be even")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"model.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")

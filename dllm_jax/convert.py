@@ -607,6 +607,17 @@ def _hf_config(cfg: ModelConfig, metadata: dict, dtype_name: str) -> dict:
   return out
 
 
+def export_refusal(cfg: ModelConfig) -> Optional[str]:
+  """Why a model of this config has no HF export (None when it has one): checked by
+  `export_hf_dir`, and by training before its first step when it is to export at the end."""
+  if cfg.architecture == "qwen2" and not cfg.qkv_bias:
+    return "a qwen2 model without q/k/v biases has no HF class; set architecture='llama'"
+  if cfg.architecture == "llama" and cfg.qkv_bias:
+    return ("a llama model with q/k/v biases has no exact HF equivalent (attention_bias also "
+            "adds an o_proj bias); set architecture='qwen2'")
+  return None
+
+
 def export_hf_dir(pretrained: Pretrained, out_dir: str | os.PathLike,
                   overwrite: bool = False) -> pathlib.Path:
   """Writes a HF directory transformers loads as Qwen2ForCausalLM / LlamaForCausalLM.
@@ -620,12 +631,9 @@ def export_hf_dir(pretrained: Pretrained, out_dir: str | os.PathLike,
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not overwrite:
     raise CheckpointError(f"{out_dir} already exists; pass overwrite=True or choose a new path")
-  if cfg.architecture == "qwen2" and not cfg.qkv_bias:
-    raise CheckpointError("export: a qwen2 model without q/k/v biases has no HF class; set "
-                          "architecture='llama'")
-  if cfg.architecture == "llama" and cfg.qkv_bias:
-    raise CheckpointError("export: a llama model with q/k/v biases has no exact HF equivalent "
-                          "(attention_bias also adds an o_proj bias); set architecture='qwen2'")
+  why = export_refusal(cfg)
+  if why:
+    raise CheckpointError(f"export: {why}")
   check_tokenizer_matches(pretrained.tokenizer, cfg, "export")
   tensors = _params_to_hf(pretrained.params, cfg)
   dtypes = {x.dtype for x in tensors.values()}
@@ -652,9 +660,15 @@ def export_hf_dir(pretrained: Pretrained, out_dir: str | os.PathLike,
       pretrained.tokenizer.save(tmp)
     tmp.chmod(0o755)
     if out_dir.exists():
-      old = out_dir.with_name(f".{out_dir.name}.old")
-      out_dir.rename(old)
-      tmp.rename(out_dir)
+      # A fresh name for the old copy (an interrupted export may have left one), and the old
+      # copy put back if the new one cannot take its place.
+      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+      out_dir.rename(old)  # (onto the empty directory mkdtemp made)
+      try:
+        tmp.rename(out_dir)
+      except BaseException:
+        old.rename(out_dir)
+        raise
       shutil.rmtree(old)
     else:
       tmp.rename(out_dir)

@@ -291,11 +291,17 @@ class BatchIterator(Iterator[dict]):
   the sample stream, and the iterator state is just where that run ends.
   """
 
-  def __init__(self, samples: grain.DatasetIterator, cfg: DataConfig, rows: int, pad_id: int):
+  def __init__(self, samples: grain.DatasetIterator, cfg: DataConfig, rows: int, pad_id: int,
+               records_per_pass: Optional[int] = None):
     self._it = samples
     self._cfg = cfg
     self._rows = rows
     self._pad = pad_id
+    # This process's records in one pass over the source. Twice that many bad records in a row
+    # hold a whole pass (in whatever order each pass comes), so none is good, and a repeating
+    # source would spin on them for ever.
+    self._per_pass = records_per_pass
+    self._bad_run = 0
     self._pending = None  # a sample read but not yet placed
     self._pending_state = None  # the grain state from just before that sample
     self._done = False
@@ -323,7 +329,13 @@ class BatchIterator(Iterator[dict]):
           log.warning("%s: skipped: %s%s", s.where, s.detail,
                       " (further records skipped for this reason are only counted)"
                       if count == 10 else "")
+        self._bad_run += 1
+        if self._per_pass and self._bad_run >= 2 * self._per_pass:
+          raise DataError(f"no record of {self._per_pass} in data.source makes a sample "
+                          f"(skipped so far: {self.stats.skipped}); the warnings above say why, "
+                          "e.g. records longer than data.seq_len")
         continue
+      self._bad_run = 0
       return s, state
 
   def __next__(self) -> dict:
@@ -414,7 +426,9 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 
     if cfg.shuffle:
       ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
+  per_pass = len(range(process_index, len(source), process_count))
   ds = ds[process_index::process_count]
   ds = ds.map(lambda item: render(item, tokenizer, cfg))
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  return BatchIterator(iter(ds.to_iter_dataset()), cfg, cfg.batch_size // process_count, pad)
+  return BatchIterator(iter(ds.to_iter_dataset()), cfg, cfg.batch_size // process_count, pad,
+                       per_pass)

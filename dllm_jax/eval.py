@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
 import sys
@@ -78,6 +79,9 @@ def load_gsm8k(path: str | pathlib.Path, limit: Optional[int] = None) -> list[Pr
         question, answer = rec["question"], rec["answer"]
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}:{line_no}: not a GSM8K record with question/answer ({e})") from None
+      if not isinstance(question, str) or not isinstance(answer, str):
+        raise ValueError(f"{path}:{line_no}: question and answer must be strings, got "
+                         f"{type(question).__name__} and {type(answer).__name__}")
       gold = extract_answer(answer)
       if gold is None:
         raise ValueError(f"{path}:{line_no}: the answer has no final number after '####'")
@@ -218,6 +222,22 @@ def read_generations(path, indices) -> list[dict]:
   return records
 
 
+def _check_out(out: str, inputs: Sequence[str]) -> None:
+  """UsageError, before the evaluation, for an --out the generations could not be written to at
+  its end, or that is one of the command's own input files."""
+  path = pathlib.Path(out)
+  if any(path.resolve() == pathlib.Path(i).resolve() for i in inputs):
+    raise decoding_cli.UsageError(f"--out {out} is one of this command's inputs; write the "
+                                  "generations to another file")
+  if path.is_dir():
+    raise decoding_cli.UsageError(f"--out {out} is a directory; give a file path")
+  parent = path.parent
+  if not parent.is_dir():
+    raise decoding_cli.UsageError(f"--out {out}: the directory {parent} does not exist")
+  if not os.access(parent, os.W_OK):
+    raise decoding_cli.UsageError(f"--out {out}: the directory {parent} is not writable")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m dllm_jax.eval", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,6 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     decoding_cli.check(args)
     if args.limit is not None and args.limit < 1:
       raise decoding_cli.UsageError(f"--limit={args.limit}: must be >= 1")
+    if args.out:
+      _check_out(args.out, [args.data] + ([args.compare_to] if args.compare_to else []))
     try:
       problems = load_gsm8k(args.data, args.limit)
     except (ValueError, OSError) as e:  # naming file:line
@@ -250,10 +272,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   records, summary = evaluate(pretrained, problems, decode_cfg, args.batch_size, args.seed, log,
                               layout=args.layout)
   summary["checkpoint"] = args.checkpoint
-  if args.out:
-    with open(args.out, "w") as f:
+  if args.out:  # (complete or not at all: a temporary file renamed into place)
+    out = pathlib.Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w") as f:
       for r in records:
         f.write(json.dumps(r) + "\n")
+    tmp.replace(out)
   if reference is not None:
     summary["agreement_with"] = args.compare_to
     summary["agreement"] = agreement(records, reference)

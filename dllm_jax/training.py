@@ -370,9 +370,19 @@ class MetricsLog:
     if not self.enabled:
       return
     if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= start_step]
-      self.path.write_text("".join(line + "\n" for line in kept))
+      kept = []
+      for n, line in enumerate(self.path.read_text().splitlines(), 1):
+        try:
+          record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+          # A run killed mid-write leaves a partial last line: that step is trained again.
+          log.warning("%s:%d is not a JSON record (%r); dropped", self.path, n, line[:80])
+          continue
+        if isinstance(record, dict) and record.get("step", 0) <= start_step:
+          kept.append(line)
+      tmp = self.path.with_name(self.path.name + ".tmp")  # (a kill here keeps the old file)
+      tmp.write_text("".join(line + "\n" for line in kept))
+      tmp.replace(self.path)
     self._file = open(self.path, "a")
     try:
       from tensorboardX import SummaryWriter
@@ -454,6 +464,40 @@ def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Me
 # The loop
 
 
+def check_run_dir(cfg) -> None:
+  """ConfigError before anything is written when train.run_dir is the model's own source, or a
+  directory that is not a training run but holds files a run writes (config.json, model.json,
+  tokenizer/: an HF model directory, say), which the run would overwrite."""
+  from dllm_jax import checkpoint
+
+  run_dir = pathlib.Path(cfg.train.run_dir)
+  source = cfg.init.source.strip()
+  if source and source != "random" and pathlib.Path(source).resolve() == run_dir.resolve():
+    raise ConfigError(f"train.run_dir={run_dir} is init.source itself; a run writes its own "
+                      "config.json and checkpoints there: choose another train.run_dir")
+  ours = [n for n in (checkpoint.CONFIG_JSON, checkpoint.MODEL_JSON, checkpoint.TOKENIZER_DIR)
+          if (run_dir / n).exists()]
+  if ours and not checkpoint.is_run_dir(run_dir):
+    raise ConfigError(f"train.run_dir={run_dir} is not a training run but holds "
+                      f"{', '.join(ours)}, which a run would overwrite; choose an empty or new "
+                      "directory")
+
+
+def check_end_of_run(cfg, model_cfg: ModelConfig) -> None:
+  """ConfigError before the first step for what the run would only meet after its last: the
+  held-out evaluation without held-out data, an HF export the model has no class for."""
+  from dllm_jax import convert
+
+  if (cfg.train.eval_batches and not cfg.data.eval_source
+      and cfg.data.source.strip() != "synthetic"):
+    raise ConfigError(f"train.eval_batches={cfg.train.eval_batches} evaluates on "
+                      "data.eval_source, which is empty: give held-out JSONL files, or set "
+                      "train.eval_batches=0")
+  why = cfg.train.export_hf and convert.export_refusal(model_cfg)
+  if why:
+    raise ConfigError(f"train.export_hf=true: {why}, or set train.export_hf=false")
+
+
 def train(cfg, *, resume: bool = False) -> dict:
   """Trains per `cfg` (a `run_config.Config`); returns the last metrics (and eval results).
 
@@ -464,9 +508,14 @@ def train(cfg, *, resume: bool = False) -> dict:
 
   maybe_initialize_distributed(cfg.mesh)
   run_dir = pathlib.Path(cfg.train.run_dir)
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  check_run_dir(cfg)
+  try:
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  except ValueError as e:  # (sizes that do not fit the devices, named)
+    raise ConfigError(str(e)) from None
   check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)
   params, model_cfg, tokenizer, metadata = build_model(cfg)
+  check_end_of_run(cfg, model_cfg)
   log.info("mesh %s; model %s, %.1fM params", dict(mesh.shape), model_cfg.architecture,
            sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(model_cfg)))
            / 1e6)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import gguf
 import jax
@@ -395,6 +396,24 @@ def test_failed_export_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
     convert.export_hf_dir(pre, target)
   convert.export_hf_dir(pre, target, overwrite=True)
   assert os.listdir(tmp_path) == ["out"]
+  # The old copy of an interrupted overwrite, left beside it, is in no one's way.
+  (tmp_path / ".out.old" / "x").mkdir(parents=True)
+  convert.export_hf_dir(pre, target, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == [".out.old", "out"]
+  # A new copy that cannot take the old one's place leaves the old one where it was.
+  real = pathlib.Path.rename
+
+  def refuse_second(self, to):
+    if pathlib.Path(to) == target and not self.name.startswith(".out.old"):
+      raise OSError("rename refused")
+    return real(self, to)
+
+  monkeypatch.setattr(pathlib.Path, "rename", refuse_second)
+  with pytest.raises(OSError, match="rename refused"):
+    convert.export_hf_dir(pre, target, overwrite=True)
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == [".out.old", "out"]
+  assert (target / "model.safetensors").is_file()
 
 
 def test_export_tensors_of_per_layer_params_equal_stacked():

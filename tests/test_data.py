@@ -182,6 +182,17 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):
   with pytest.raises(data.DataError, match=rf"{path}:2: malformed JSON"):
     list(data.make_dataset(strict, TOK))
 
+  # A repeating source with no good record says so, instead of reading it for ever; one with a
+  # single good record among them keeps going.
+  bad_only = write_jsonl(tmp_path / "bad_only.jsonl", [lines[i] for i in (1, 4, 6, 8)])
+  forever = dataclasses.replace(cfg, source=bad_only, num_epochs=None, shuffle=True)
+  with pytest.raises(data.DataError, match="no record of 4 in data.source makes a sample"):
+    next(data.make_dataset(forever, TOK))
+  one_good = write_jsonl(tmp_path / "one_good.jsonl", [lines[i] for i in (1, 4, 0, 6, 8)])
+  it = data.make_dataset(dataclasses.replace(forever, source=one_good), TOK)
+  for _ in range(3):
+    next(it)
+
 
 def test_synthetic_tasks_and_held_out_split():
   rng = np.random.default_rng(0)

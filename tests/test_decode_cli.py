@@ -119,6 +119,12 @@ def test_bad_arguments_are_clear_errors(dirs, tmp_path):
   bad.write_text('{"prompt": "ok"}\n{"text": 3}\n')
   with pytest.raises(SystemExit, match=f"{bad}:2: expected an object"):
     decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(bad)])
+  for messages in ([], ["hi"], [{"role": "user"}]):
+    bad.write_text(json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(SystemExit, match=f"{bad}:1: 'messages' must be a non-empty list"):
+      decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(bad)])
+  with pytest.raises(SystemExit, match="--prompts .*missing.jsonl: No such file"):
+    decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(tmp_path / "missing.jsonl")])
   with pytest.raises(SystemExit, match="longer than the model's context"):
     decode.main(base[:2] + ["--prompt", "x" * 300, *FAST])
   with pytest.raises(SystemExit, match="--live needs a single --prompt"):

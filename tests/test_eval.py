@@ -198,6 +198,17 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
   other.write_text('{"index": 5, "prediction": "1"}\n')
   with pytest.raises(SystemExit, match="shares no problem index with this run's 1 problems"):
     eval_lib.main(base + ["--compare-to", str(other)])
+  # An --out the generations could not be written to at the end, or an input of the command.
+  for out, message in ((tmp_path / "nodir" / "g.jsonl", "nodir does not exist"),
+                       (data, "is one of this command's inputs"),
+                       (tmp_path, "is a directory")):
+    with pytest.raises(SystemExit, match=f"error: --out .*{message}"):
+      eval_lib.main(base + ["--out", str(out)])
+  assert data.read_text() == json.dumps({"question": "q", "answer": "#### 1"}) + "\n"
+  numeric = tmp_path / "numeric.jsonl"
+  numeric.write_text(json.dumps({"question": "q", "answer": 5}) + "\n")
+  with pytest.raises(SystemExit, match=r"numeric.jsonl:1: question and answer must be strings"):
+    eval_lib.main(["gsm8k", "--checkpoint", "x", "--data", str(numeric)])
   # A run directory whose model.json is not JSON: one error line, not a traceback.
   (tmp_path / "bad_run" / "checkpoints").mkdir(parents=True)
   (tmp_path / "bad_run" / "model.json").write_text("{not json")

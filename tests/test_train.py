@@ -142,6 +142,9 @@ def test_sigkill_then_resume_continues_the_loss_curve(reference, tmp_path):
   steps, _ = _losses(run_dir)
   assert steps == list(range(1, 8))
   assert 3 in checkpoint.saved_steps(run_dir)
+  # As if killed while writing step 8's line: a partial record, dropped on resume.
+  with open(run_dir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 8, "lo')
 
   result = training.train(_cfg(run_dir), resume=True)
   assert result["step"] == STEPS
@@ -292,3 +295,44 @@ def test_init_from_a_hf_directory_adds_the_mask_token_and_keeps_runtime_fields(t
   assert om_cfg.kernel_layout == "out_in"
   np.testing.assert_array_equal(om_params["layers"]["mlp"]["up"]["kernel"],
                                 params["layers"]["mlp"]["up"]["kernel"].transpose(0, 2, 1))
+
+
+def test_bad_run_settings_are_refused_before_anything_is_written(tmp_path):
+  # What would fail only after the last step, or write over another directory's files, is
+  # refused by name first, leaving every directory as it was.
+  from dllm_jax import convert, model, tokenizer
+  from dllm_jax.config import ModelConfig
+
+  tok = tokenizer.simple_chars()
+  hf_cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                       num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                       mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+  params = jax.tree_util.tree_map(np.asarray, model.init_params(hf_cfg, jax.random.key(0)))
+  hf = tmp_path / "hf"
+  convert.export_hf_dir(convert.Pretrained(params, hf_cfg, tok, {}), hf)
+  before = {p: p.read_bytes() for p in hf.rglob("*") if p.is_file()}
+  data = tmp_path / "train.jsonl"
+  data.write_text(json.dumps({"prompt": "1+1=", "response": "2"}) + "\n")
+  run = tmp_path / "run"
+  cases = [
+      ([f"init.source={hf}", f"train.run_dir={hf}"], "is init.source itself"),
+      ([f"train.run_dir={hf}"], "is not a training run but holds config.json, which a run would overwrite"),
+      ([f"train.run_dir={run}", f"data.source={data}", "train.eval_batches=2"],
+       "data.eval_source, which is empty"),
+      ([f"train.run_dir={run}", "model.architecture=qwen2", "train.export_hf=true"],
+       "train.export_hf=true: a qwen2 model without q/k/v biases has no HF class"),
+      ([f"train.run_dir={run}", "mesh.data=3"], "do not divide the 8 devices"),
+  ]
+  for extra, match in cases:
+    cfg = run_config.load(TINY, SHORT + ["train.steps=2", *extra])
+    with pytest.raises(ConfigError, match=match):
+      training.train(cfg)
+    assert not run.exists()
+    assert {p: p.read_bytes() for p in hf.rglob("*") if p.is_file()} == before
+  # Through train.py: a named error line, no traceback.
+  proc = subprocess.run([sys.executable, "train.py", "--config", str(TINY), "--set",
+                         f"train.run_dir={hf}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2 and "error: train.run_dir=" in proc.stderr
+  assert "Traceback" not in proc.stderr

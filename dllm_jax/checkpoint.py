@@ -107,11 +107,12 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iterato
       _warn_unreadable(mgr, step, e)
       unreadable.append(step)
   if unreadable and restored is None:
-    # Not one checkpoint fits: more likely a changed config (model, optimizer) than corruption
-    # of them all, so nothing is moved.
+    # Not one restores: with the configs compared first (training.check_resume), corruption of
+    # them all, or a state this version lays out otherwise; either way nothing is moved.
     raise CheckpointRestoreError(
         f"none of the checkpoints {sorted(unreadable)} in {mgr.directory} restores into this run's "
-        "state; resume with the config the run was started with (see config.json beside them)")
+        "state (the warnings above say why each failed); resume with the config the run was "
+        "started with (config.json beside them) and the version of dllm_jax that wrote them")
   if unreadable:
     _set_aside(mgr, unreadable)
   return restored

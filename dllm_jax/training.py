@@ -249,27 +249,68 @@ _RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "matvec_im
 _RESUME_FREE_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "matvec_impl")
 
 
-def check_resume(run_dir: pathlib.Path, model_cfg: ModelConfig) -> None:
-  """ConfigError, before anything is restored or written, when the run's model.json records a
-  model other than `model_cfg` in a field the saved state depends on (its shapes or layout):
-  restoring would fail on every checkpoint (each then warned about as unreadable)."""
-  from dllm_jax import checkpoint
+# Run settings a resumed run may change: how long it runs, what it logs and evaluates, how it
+# is laid out on the devices and checkpointed. Anything else (the data and its order, the
+# objective, the optimizer, the seed) would make the resumed steps those of another run.
+_RESUME_FREE_SETTINGS = ("train.steps", "train.log_every", "train.progress", "train.eval_batches",
+                         "train.export_hf", "train.run_dir", "train.grad_accum", "data.eval_source",
+                         "data.eval_records", "data.strict", "init.", "mesh.", "checkpoint.",
+                         "model.")  # (model.json holds the model that was trained: below)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig) -> None:
+  """ConfigError, before anything is restored or written, when this config would not continue
+  the run: its model.json records a model other than `model_cfg` in a field the saved state
+  depends on (its shapes or layout; restoring would fail on every checkpoint), or its
+  config.json other settings than these in anything but `_RESUME_FREE_SETTINGS`."""
+  from dllm_jax import checkpoint, run_config
 
   saved = checkpoint.saved_model_config(run_dir)
-  if saved is None:
-    return
-  diff = {f.name: (getattr(saved, f.name), getattr(model_cfg, f.name))
-          for f in dataclasses.fields(ModelConfig)
-          if f.name not in _RESUME_FREE_FIELDS
-          and getattr(saved, f.name) != getattr(model_cfg, f.name)}
+  diff = {} if saved is None else {
+      f"model.{f.name}": (getattr(saved, f.name), getattr(model_cfg, f.name))
+      for f in dataclasses.fields(ModelConfig)
+      if f.name not in _RESUME_FREE_FIELDS
+      and getattr(saved, f.name) != getattr(model_cfg, f.name)}
+  path = run_dir / checkpoint.CONFIG_JSON
+  if path.is_file():
+    old = _flat(json.loads(path.read_text()))
+    new = _flat(json.loads(run_config.to_json(cfg)))
+    diff.update({k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+                 if old.get(k) != new.get(k)
+                 and not any(k == f or (f.endswith(".") and k.startswith(f))
+                             for f in _RESUME_FREE_SETTINGS)})
   if diff:
-    said = "; ".join(f"model.{k}={old!r} there, {new!r} here" for k, (old, new) in diff.items())
+    said = "; ".join(f"{k}={old!r} there, {new!r} here" for k, (old, new) in diff.items())
     hint = (" A run in the other kernel layout starts from this one with "
             f"init.source={run_dir} and a new train.run_dir (its weights are converted)."
-            if "kernel_layout" in diff else "")
-    raise ConfigError(f"--resume: {run_dir} was trained as another model ({said}); resume with "
-                      f"its own config ({run_dir / 'config.json'}), or set train.run_dir to a new "
-                      f"directory.{hint}")
+            if "model.kernel_layout" in diff else
+            f" To change them, start a new run from this one's weights (init.source={run_dir} "
+            "and a new train.run_dir).")
+    raise ConfigError(f"--resume: {run_dir} was started with other settings ({said}); a "
+                      f"resumed run continues exactly as it began, so resume with its own config "
+                      f"({path}).{hint}")
+
+
+def keep_replaced_config(run_dir: pathlib.Path, cfg, step: int) -> None:
+  """On resume, the run's config.json as it was, kept as config.before_step_STEP.json when this
+  config changes something in it (what `check_resume` lets change): the run's history."""
+  from dllm_jax import checkpoint, run_config
+
+  path = run_dir / checkpoint.CONFIG_JSON
+  if jax.process_index() != 0 or not path.is_file():
+    return
+  if json.loads(path.read_text()) != json.loads(run_config.to_json(cfg)):
+    path.replace(run_dir / f"config.before_step_{step}.json")
 
 
 def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
@@ -531,7 +572,7 @@ def train(cfg, *, resume: bool = False) -> dict:
                               process_count=jax.process_count())
   state = None
   if resume and mgr.all_steps():
-    check_resume(run_dir, model_cfg)
+    check_resume(run_dir, cfg, model_cfg)
   if resume:
     state = checkpoint.restore_latest(mgr, abstract_state(shardings, shapes), batches)
     if state is None:
@@ -539,13 +580,14 @@ def train(cfg, *, resume: bool = False) -> dict:
   if state is None:
     state = init_state(params, model_cfg, tx, cfg.train.seed, shardings)
   del params
+  start = int(jax.device_get(state.step))
+  if start:
+    log.info("resumed at step %d", start)
+    keep_replaced_config(run_dir, cfg, start)
   # Only now: a resume whose config the checkpoints do not fit (restore_latest raises) leaves
   # the run's config.json and model.json describing its checkpoints.
   checkpoint.write_run_files(run_dir, json.loads(run_config.to_json(cfg)), model_cfg, metadata,
                              tokenizer)
-  start = int(jax.device_get(state.step))
-  if start:
-    log.info("resumed at step %d", start)
 
   step_fn = make_train_step(model_cfg, cfg.objective, cfg.train, tx, mesh, shardings)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len

@@ -192,8 +192,11 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
   metrics = run_dir / "metrics.jsonl"
   metrics.write_text("".join(l + "\n" for l in metrics.read_text().splitlines()[:9]))
   with pytest.warns(RuntimeWarning, match="falling back to an earlier one"):
-    result = training.train(_cfg(run_dir), resume=True)
+    # (A setting a resumed run may change; the config it replaces is kept.)
+    result = training.train(_cfg(run_dir, extra=["train.progress=false"]), resume=True)
   assert result["step"] == STEPS
+  assert json.loads((run_dir / "config.before_step_9.json").read_text())["train"]["progress"]
+  assert not json.loads((run_dir / "config.json").read_text())["train"]["progress"]
   np.testing.assert_allclose(_losses(run_dir)[1], ref_losses, rtol=1e-6)
   # The unreadable checkpoint was set aside, and step 10 saved afresh.
   assert (run_dir / "unreadable_checkpoints" / "10" / "state").is_dir()
@@ -205,25 +208,29 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
   files = {f: (run_dir / f).read_bytes() for f in ("config.json", "model.json")}
   for change, match in (("model.hidden_size=32", "model.hidden_size=64 there, 32 here"),
                         ("model.kernel_layout=out_in",
-                         "model.kernel_layout='in_out' there, 'out_in' here.*init.source=")):
+                         "model.kernel_layout='in_out' there, 'out_in' here.*init.source="),
+                        ("train.learning_rate=0.5",
+                         r"train.learning_rate=0.002 there, 0.5 here.*new run from this one"),
+                        ("data.seed=7", "data.seed=0 there, 7 here")):
     with pytest.raises(ConfigError, match=match):
       training.train(_cfg(run_dir, extra=[change]), resume=True)
     assert checkpoint.saved_steps(run_dir) == [6, 9, 10]
     assert {f: (run_dir / f).read_bytes() for f in files} == files
-  # A checkpoint that no config fits (its model.json gone, as from an older version): the
-  # restore's own refusal, which moves nothing either.
-  (run_dir / "model.json").unlink()
-  with pytest.warns(RuntimeWarning), pytest.raises(checkpoint.CheckpointRestoreError,
-                                                   match="resume with the config"):
-    training.train(_cfg(run_dir, extra=["model.hidden_size=32"]), resume=True)
-  assert checkpoint.saved_steps(run_dir) == [6, 9, 10]
-  (run_dir / "model.json").write_bytes(files["model.json"])
 
   # Incomplete: files missing from the latest checkpoint.
   shutil.rmtree(ckpts / "10" / "state")
   shutil.rmtree(ckpts / "9" / "state")
   with pytest.warns(RuntimeWarning, match="corrupt or incomplete"):
     assert checkpoint.load_params(run_dir)[0] == 6
+
+  # Not one checkpoint restores (the last good one corrupted too): refused, nothing moved.
+  for f in (ckpts / "6" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(b"garbage")
+  with pytest.warns(RuntimeWarning), pytest.raises(checkpoint.CheckpointRestoreError,
+                                                   match="none of the checkpoints"):
+    training.train(_cfg(run_dir), resume=True)
+  assert checkpoint.saved_steps(run_dir) == [6, 9, 10]
 
 
 def test_quick_start_leaves_a_model_that_load_model_reads(tmp_path):

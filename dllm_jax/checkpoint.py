@@ -96,7 +96,14 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iterato
 
   unreadable = []
   restored = None
-  for step in sorted(mgr.all_steps(), reverse=True):
+  steps = sorted(mgr.all_steps(), reverse=True)
+  complete = _complete_on_every_process(mgr, steps, data_iterator is not None)
+  for step, ok in zip(steps, complete):
+    if not ok:
+      _warn_unreadable(mgr, step, FileNotFoundError(
+          "its state, or a process's data-iterator state, is missing on some process"))
+      unreadable.append(step)
+      continue
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain_ckpt.CheckpointRestore(_IteratorState(data_iterator))
@@ -116,6 +123,28 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iterato
   if unreadable:
     _set_aside(mgr, unreadable)
   return restored
+
+
+def _complete_on_every_process(mgr: ocp.CheckpointManager, steps: list[int],
+                               with_data: bool) -> list[bool]:
+  """For each step, whether every process finds its files (the state, and its own data-iterator
+  state): agreed once, before any restore. A process whose own file is missing would otherwise
+  fall back to an older step while the others restored the newer one, and their collectives
+  would no longer match (two processes hung, or aborted in gloo). Corrupt bytes that only one
+  process reads are not caught here: orbax's restore runs collectives of its own, so one
+  process failing inside it cannot be agreed on afterwards."""
+  import numpy as np
+
+  i, n = jax.process_index(), jax.process_count()
+  directory = pathlib.Path(mgr.directory)
+  here = np.asarray([(directory / str(s) / "state").is_dir() and (
+      not with_data or (directory / str(s) / "data" / f"process_{i}-of-{n}.json").is_file())
+      for s in steps], bool)
+  if n > 1 and steps:
+    from jax.experimental import multihost_utils
+
+    here = np.all(multihost_utils.process_allgather(here), axis=0)
+  return [bool(x) for x in here]
 
 
 def _warn_unreadable(mgr: ocp.CheckpointManager, step: int, error: Exception) -> None:

@@ -7,6 +7,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import types
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -17,13 +18,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_and_checkpoint(tmp_path):
-  run_dir = tmp_path / "run"
+def _run_two(run_dir, steps, resume=False):
+  """train.py as two processes of one job; [(returncode, stdout, stderr)] of each."""
   port = _free_port()
-  sets = ["train.steps=3", f"train.run_dir={run_dir}", "checkpoint.every_steps=2",
+  sets = [f"train.steps={steps}", f"train.run_dir={run_dir}", "checkpoint.every_steps=2",
           "data.batch_size=8", "data.seq_len=48", "train.progress=false",
           "train.eval_batches=0", "mesh.data=2", "mesh.fsdp=2"]
-  cmd = [sys.executable, "train.py", "--config", "configs/tiny.py"]
+  cmd = [sys.executable, "train.py", "--config", "configs/tiny.py"] + (["--resume"] * resume)
   for s in sets:
     cmd += ["--set", s]
   procs = []
@@ -42,6 +43,14 @@ def test_two_processes_train_and_checkpoint(tmp_path):
     for p in procs:
       if p.poll() is None:
         p.kill()
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def test_two_processes_train_and_checkpoint(tmp_path):
+  run_dir = tmp_path / "run"
+  runs = _run_two(run_dir, 3)
+  procs = [types.SimpleNamespace(returncode=rc) for rc, _, _ in runs]
+  outputs = [(out, err) for _, out, err in runs]
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
     assert "step 3: loss" in out
@@ -60,3 +69,13 @@ def test_two_processes_train_and_checkpoint(tmp_path):
   steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2, 3]
   assert (run_dir / "model.json").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()
+
+  # One process's data state of the last checkpoint lost: both resume from the one before (the
+  # lost one set aside), not one from each (which hung: the processes' collectives differed).
+  (ckpts / "3" / "data" / "process_1-of-2.json").unlink()
+  runs = _run_two(run_dir, 4, resume=True)
+  for rc, out, err in runs:
+    assert rc == 0, err[-3000:]
+    assert "resumed at step 2" in err and "step 4: loss" in out
+  assert (run_dir / "unreadable_checkpoints" / "3").is_dir()
+  assert sorted(int(p.name) for p in ckpts.iterdir()) == [2, 4]

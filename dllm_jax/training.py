@@ -285,8 +285,9 @@ def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig) -> None:
   if path.is_file():
     old = _flat(json.loads(path.read_text()))
     new = _flat(json.loads(run_config.to_json(cfg)))
-    diff.update({k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
-                 if old.get(k) != new.get(k)
+    # (Settings one side lacks, from another version of this config, are not compared.)
+    diff.update({k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
+                 if old[k] != new[k]
                  and not any(k == f or (f.endswith(".") and k.startswith(f))
                              for f in _RESUME_FREE_SETTINGS)})
   if diff:

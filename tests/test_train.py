@@ -343,3 +343,20 @@ def test_bad_run_settings_are_refused_before_anything_is_written(tmp_path):
                         timeout=300)
   assert proc.returncode == 2 and "error: train.run_dir=" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_check_resume_names_what_changed_and_skips_settings_one_side_lacks(tmp_path):
+  from dllm_jax import config as config_lib
+
+  cfg = _cfg(tmp_path)
+  model_cfg = cfg.model
+  (tmp_path / "model.json").write_text(json.dumps({"model": config_lib.to_dict(model_cfg)}))
+  saved = json.loads(run_config.to_json(cfg))
+  del saved["data"]["strict"]  # as written by a version before that setting
+  saved["train"]["steps"] = 5  # free to change on resume
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  training.check_resume(tmp_path, cfg, model_cfg)
+  saved["objective"]["kind"] = "ar"
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match="objective.kind='ar' there, 'diffusion' here"):
+    training.check_resume(tmp_path, cfg, model_cfg)

@@ -37,8 +37,7 @@ def main(argv=None) -> int:
   try:
     cfg = run_config.load(args.config, args.set)
     result = training.train(cfg, resume=args.resume)
-  except (ConfigError, CheckpointError, CheckpointRestoreError, DataError, TokenizerError,
-          FileNotFoundError) as e:
+  except (ConfigError, CheckpointError, CheckpointRestoreError, DataError, TokenizerError) as e:
     # Bad input, explained in the message: no traceback.
     print(f"error: {e}", file=sys.stderr)
     return 2

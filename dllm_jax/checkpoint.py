@@ -184,9 +184,12 @@ def write_run_files(run_dir: str | pathlib.Path, run_config: dict, model_cfg: co
     return
   run_dir = pathlib.Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / CONFIG_JSON).write_text(json.dumps(run_config, indent=2))
-  (run_dir / MODEL_JSON).write_text(json.dumps(
-      {"model": config_lib.to_dict(model_cfg), "metadata": metadata}, indent=2))
+  for name, content in ((CONFIG_JSON, run_config),
+                        (MODEL_JSON, {"model": config_lib.to_dict(model_cfg),
+                                      "metadata": metadata})):
+    tmp = run_dir / f".{name}.tmp"  # (a kill mid-write leaves the previous file whole)
+    tmp.write_text(json.dumps(content, indent=2))
+    tmp.replace(run_dir / name)
   tokenizer.save(run_dir / TOKENIZER_DIR)
 
 

@@ -292,15 +292,14 @@ class BatchIterator(Iterator[dict]):
   """
 
   def __init__(self, samples: grain.DatasetIterator, cfg: DataConfig, rows: int, pad_id: int,
-               records_per_pass: Optional[int] = None):
+               bad_run_limit: Optional[int] = None):
     self._it = samples
     self._cfg = cfg
     self._rows = rows
     self._pad = pad_id
-    # This process's records in one pass over the source. Twice that many bad records in a row
-    # hold a whole pass (in whatever order each pass comes), so none is good, and a repeating
-    # source would spin on them for ever.
-    self._per_pass = records_per_pass
+    # Bad records in a row that mean no record of the source is good (`make_dataset`), where a
+    # repeating source would otherwise spin on them for ever.
+    self._bad_run_limit = bad_run_limit
     self._bad_run = 0
     self._pending = None  # a sample read but not yet placed
     self._pending_state = None  # the grain state from just before that sample
@@ -330,10 +329,10 @@ class BatchIterator(Iterator[dict]):
                       " (further records skipped for this reason are only counted)"
                       if count == 10 else "")
         self._bad_run += 1
-        if self._per_pass and self._bad_run >= 2 * self._per_pass:
-          raise DataError(f"no record of {self._per_pass} in data.source makes a sample "
-                          f"(skipped so far: {self.stats.skipped}); the warnings above say why, "
-                          "e.g. records longer than data.seq_len")
+        if self._bad_run_limit and self._bad_run >= self._bad_run_limit:
+          raise DataError(f"{self._bad_run} records of data.source in a row made no sample "
+                          f"(skipped so far: {self.stats.skipped}): most likely none does; the "
+                          "warnings above say why, e.g. records longer than data.seq_len")
         continue
       self._bad_run = 0
       return s, state
@@ -426,9 +425,13 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 
     if cfg.shuffle:
       ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
-  per_pass = len(range(process_index, len(source), process_count))
+  # One process reads the whole stream: 2N bad records in a row hold a whole pass, whatever
+  # order each pass comes in. Several take every n-th record of it, so a good record reaches a
+  # given one in a pass only by chance (about 1/n a pass when passes are reshuffled): 40n
+  # passes' worth (40N records) miss it with odds below e^-40.
+  bad_run_limit = len(source) * (2 if process_count == 1 else 40)
   ds = ds[process_index::process_count]
   ds = ds.map(lambda item: render(item, tokenizer, cfg))
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   return BatchIterator(iter(ds.to_iter_dataset()), cfg, cfg.batch_size // process_count, pad,
-                       per_pass)
+                       bad_run_limit)

@@ -272,13 +272,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   records, summary = evaluate(pretrained, problems, decode_cfg, args.batch_size, args.seed, log,
                               layout=args.layout)
   summary["checkpoint"] = args.checkpoint
-  if args.out:  # (complete or not at all: a temporary file renamed into place)
+  if args.out:
     out = pathlib.Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
+    # A new or regular file: complete or not at all, through a temporary renamed into place.
+    # Anything else (/dev/stdout, a link, a pipe) is written as it is.
+    direct = out.is_symlink() or (out.exists() and not out.is_file())
+    tmp = out if direct else out.with_name(f".{out.name}.tmp")
     with open(tmp, "w") as f:
       for r in records:
         f.write(json.dumps(r) + "\n")
-    tmp.replace(out)
+    if not direct:
+      tmp.replace(out)
   if reference is not None:
     summary["agreement_with"] = args.compare_to
     summary["agreement"] = agreement(records, reference)

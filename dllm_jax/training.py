@@ -254,7 +254,8 @@ _RESUME_FREE_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "matve
 # objective, the optimizer, the seed) would make the resumed steps those of another run.
 _RESUME_FREE_SETTINGS = ("train.steps", "train.log_every", "train.progress", "train.eval_batches",
                          "train.export_hf", "train.run_dir", "train.grad_accum", "data.eval_source",
-                         "data.eval_records", "data.strict", "init.", "mesh.", "checkpoint.",
+                         "data.eval_records", "data.strict", "objective.loss_chunk", "init.",
+                         "mesh.", "checkpoint.",
                          "model.")  # (model.json holds the model that was trained: below)
 
 
@@ -283,23 +284,33 @@ def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig) -> None:
       and getattr(saved, f.name) != getattr(model_cfg, f.name)}
   path = run_dir / checkpoint.CONFIG_JSON
   if path.is_file():
-    old = _flat(json.loads(path.read_text()))
+    try:
+      old = _flat(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"--resume: {path} is not JSON ({e}); restore it from the run's "
+                        "config.before_step_*.json or your command line") from None
     new = _flat(json.loads(run_config.to_json(cfg)))
     # (Settings one side lacks, from another version of this config, are not compared.)
     diff.update({k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
                  if old[k] != new[k]
                  and not any(k == f or (f.endswith(".") and k.startswith(f))
                              for f in _RESUME_FREE_SETTINGS)})
+  # Every process refuses together (with config.json on process 0's disk alone, the others
+  # would go on into the restore's collectives and wait for ever).
+  if _any_process(bool(diff)) and not diff:
+    raise ConfigError(f"--resume: another process found this config does not continue the run "
+                      f"in {run_dir} (its error says why)")
   if diff:
     said = "; ".join(f"{k}={old!r} there, {new!r} here" for k, (old, new) in diff.items())
     hint = (" A run in the other kernel layout starts from this one with "
             f"init.source={run_dir} and a new train.run_dir (its weights are converted)."
             if "model.kernel_layout" in diff else
             f" To change them, start a new run from this one's weights (init.source={run_dir} "
-            "and a new train.run_dir).")
+            "and a new train.run_dir); if only a path changed (the same files elsewhere), edit "
+            f"it in {path}.")
     raise ConfigError(f"--resume: {run_dir} was started with other settings ({said}); a "
-                      f"resumed run continues exactly as it began, so resume with its own config "
-                      f"({path}).{hint}")
+                      f"resumed run keeps its model, data, objective, optimizer and seed, so "
+                      f"resume with its own config ({path}).{hint}")
 
 
 def keep_replaced_config(run_dir: pathlib.Path, cfg, step: int) -> None:
@@ -311,7 +322,10 @@ def keep_replaced_config(run_dir: pathlib.Path, cfg, step: int) -> None:
   if jax.process_index() != 0 or not path.is_file():
     return
   if json.loads(path.read_text()) != json.loads(run_config.to_json(cfg)):
-    path.replace(run_dir / f"config.before_step_{step}.json")
+    kept, n = run_dir / f"config.before_step_{step}.json", 1
+    while kept.exists():  # (resumed from the same step before: keep that one too)
+      kept, n = run_dir / f"config.before_step_{step}.{n}.json", n + 1
+    path.replace(kept)
 
 
 def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
@@ -343,7 +357,10 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
     return None, model_cfg, tok, metadata
   if checkpoint.is_run_dir(source):
-    pretrained = checkpoint.load_model(source)
+    try:
+      pretrained = checkpoint.load_model(source)
+    except FileNotFoundError as e:  # (a run directory without a readable checkpoint: named)
+      raise ConfigError(f"init.source={source}: {e}") from None
   else:
     pretrained = convert.load_pretrained(source, dtype=cfg.model.param_dtype)
   pretrained = convert.add_mask_token(pretrained)

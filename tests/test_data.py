@@ -186,12 +186,20 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):
   # single good record among them keeps going.
   bad_only = write_jsonl(tmp_path / "bad_only.jsonl", [lines[i] for i in (1, 4, 6, 8)])
   forever = dataclasses.replace(cfg, source=bad_only, num_epochs=None, shuffle=True)
-  with pytest.raises(data.DataError, match="no record of 4 in data.source makes a sample"):
+  with pytest.raises(data.DataError, match="8 records of data.source in a row made no sample"):
     next(data.make_dataset(forever, TOK))
   one_good = write_jsonl(tmp_path / "one_good.jsonl", [lines[i] for i in (1, 4, 0, 6, 8)])
   it = data.make_dataset(dataclasses.replace(forever, source=one_good), TOK)
   for _ in range(3):
     next(it)
+  # Two processes: one takes every other record, so the good one reaches it only on some
+  # passes; it must keep going, not give up after twice its share.
+  few = write_jsonl(tmp_path / "few.jsonl", [lines[i] for i in (1, 0, 4)])
+  for shuffle in (False, True):
+    it = data.make_dataset(dataclasses.replace(forever, source=few, shuffle=shuffle), TOK,
+                           process_index=1, process_count=2)
+    for _ in range(5):
+      next(it)
 
 
 def test_synthetic_tasks_and_held_out_split():

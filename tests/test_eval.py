@@ -167,8 +167,11 @@ def test_main_with_fused_projections_gives_the_same_generations(tmp_path, monkey
           "--batch-size", "1", "--max-new-tokens", "8", "--dtype", "float32", "--json"]
   eval_lib.main(base + ["--out", str(tmp_path / "xla.jsonl")])
   assert not traced
-  summary = eval_lib.main(base + ["--matvec", "pallas", "--out", str(tmp_path / "pallas.jsonl"),
+  # (--out through a link: written through it, the link kept.)
+  (tmp_path / "link.jsonl").symlink_to(tmp_path / "pallas.jsonl")
+  summary = eval_lib.main(base + ["--matvec", "pallas", "--out", str(tmp_path / "link.jsonl"),
                                    "--compare-to", str(tmp_path / "xla.jsonl")])
+  assert (tmp_path / "link.jsonl").is_symlink()
   assert traced
   assert summary["agreement"] == 1.0 and summary["agreement_with"].endswith("xla.jsonl")
   gens = [[json.loads(line)["generation"] for line in open(tmp_path / f"{name}.jsonl")]

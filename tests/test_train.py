@@ -227,10 +227,13 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
   for f in (ckpts / "6" / "state").rglob("*"):
     if f.is_file() and f.parent.name == "d":
       f.write_bytes(b"garbage")
+  files = {f: (run_dir / f).read_bytes() for f in ("config.json", "model.json")}
   with pytest.warns(RuntimeWarning), pytest.raises(checkpoint.CheckpointRestoreError,
                                                    match="none of the checkpoints"):
-    training.train(_cfg(run_dir), resume=True)
+    training.train(_cfg(run_dir), resume=True)  # (train.progress differs: a free setting)
   assert checkpoint.saved_steps(run_dir) == [6, 9, 10]
+  assert {f: (run_dir / f).read_bytes() for f in files} == files  # (written after restoring)
+  assert not list(run_dir.glob("config.before_step_*.1.json"))
 
 
 def test_quick_start_leaves_a_model_that_load_model_reads(tmp_path):
@@ -352,7 +355,7 @@ def test_check_resume_names_what_changed_and_skips_settings_one_side_lacks(tmp_p
   model_cfg = cfg.model
   (tmp_path / "model.json").write_text(json.dumps({"model": config_lib.to_dict(model_cfg)}))
   saved = json.loads(run_config.to_json(cfg))
-  del saved["data"]["strict"]  # as written by a version before that setting
+  del saved["data"]["seed"]  # as if written by a version before that (fixed) setting
   saved["train"]["steps"] = 5  # free to change on resume
   (tmp_path / "config.json").write_text(json.dumps(saved))
   training.check_resume(tmp_path, cfg, model_cfg)
@@ -360,3 +363,14 @@ def test_check_resume_names_what_changed_and_skips_settings_one_side_lacks(tmp_p
   (tmp_path / "config.json").write_text(json.dumps(saved))
   with pytest.raises(ConfigError, match="objective.kind='ar' there, 'diffusion' here"):
     training.check_resume(tmp_path, cfg, model_cfg)
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(ConfigError, match="config.json is not JSON"):
+    training.check_resume(tmp_path, cfg, model_cfg)
+  # The config a resume replaces is kept, each time, under a name of its own.
+  for steps in (5, 6):
+    (tmp_path / "config.json").write_text(json.dumps(dict(saved, train=dict(saved["train"],
+                                                                            steps=steps))))
+    training.keep_replaced_config(tmp_path, cfg, 3)
+  kept = sorted(p.name for p in tmp_path.glob("config.before_step_3*.json"))
+  assert kept == ["config.before_step_3.1.json", "config.before_step_3.json"]
+  assert json.loads((tmp_path / "config.before_step_3.json").read_text())["train"]["steps"] == 5

@@ -97,6 +97,8 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iterato
   unreadable = []
   restored = None
   steps = sorted(mgr.all_steps(), reverse=True)
+  if data_iterator is not None:
+    _check_process_count(mgr, steps)
   complete = _complete_on_every_process(mgr, steps, data_iterator is not None)
   for step, ok in zip(steps, complete):
     if not ok:
@@ -123,6 +125,24 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iterato
   if unreadable:
     _set_aside(mgr, unreadable)
   return restored
+
+
+def _check_process_count(mgr: ocp.CheckpointManager, steps: list[int]) -> None:
+  """CheckpointRestoreError, naming both counts, when the checkpoints' data-iterator states were
+  written by another number of processes than this run's: each process saves where it is in its
+  own share of the data, which does not map onto another split (every checkpoint would fail to
+  restore, each warned about as corrupt)."""
+  directory = pathlib.Path(mgr.directory)
+  written = {int(p.stem.rsplit("-of-", 1)[1]) for s in steps
+             for p in (directory / str(s) / "data").glob("process_*-of-*.json")
+             if p.stem.rsplit("-of-", 1)[1].isdigit()}
+  n = jax.process_count()
+  if written and n not in written:
+    raise CheckpointRestoreError(
+        f"the checkpoints in {directory} hold the data positions of "
+        f"{' or '.join(map(str, sorted(written)))} processes, and this run has {n}: resume with "
+        "as many processes as the run was trained with, or start a new run from its weights "
+        f"(init.source={directory.parent})")
 
 
 def _complete_on_every_process(mgr: ocp.CheckpointManager, steps: list[int],

@@ -171,6 +171,20 @@ def test_refuses_to_overwrite_a_run_without_resume(reference):
     training.train(_cfg(ref_dir))
 
 
+def test_resume_with_another_process_count_is_refused_by_name(reference, tmp_path):
+  # The data positions are saved per process: as if two processes had written the checkpoints.
+  ref_dir, _ = reference
+  run_dir = tmp_path / "run"
+  shutil.copytree(ref_dir, run_dir)
+  for f in run_dir.glob("checkpoints/*/data/process_0-of-1.json"):
+    f.rename(f.with_name("process_0-of-2.json"))
+    shutil.copy(f.with_name("process_0-of-2.json"), f.with_name("process_1-of-2.json"))
+  with pytest.raises(checkpoint.CheckpointRestoreError,
+                     match="data positions of 2 processes, and this run has 1"):
+    training.train(_cfg(run_dir), resume=True)
+  assert checkpoint.saved_steps(run_dir) == [6, 9, 10]
+
+
 def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
   ref_dir, ref_losses = reference
   run_dir = tmp_path / "run"

@@ -269,11 +269,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
   return out
 
 
-def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig) -> None:
+def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig, tokenizer=None) -> None:
   """ConfigError, before anything is restored or written, when this config would not continue
   the run: its model.json records a model other than `model_cfg` in a field the saved state
-  depends on (its shapes or layout; restoring would fail on every checkpoint), or its
-  config.json other settings than these in anything but `_RESUME_FREE_SETTINGS`."""
+  depends on (its shapes or layout; restoring would fail on every checkpoint), its config.json
+  other settings than these in anything but `_RESUME_FREE_SETTINGS`, or its tokenizer/ another
+  tokenizer than `tokenizer` (init.* may change, but not what the data is tokenized with)."""
   from dllm_jax import checkpoint, run_config
 
   saved = checkpoint.saved_model_config(run_dir)
@@ -295,6 +296,15 @@ def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig) -> None:
                  if old[k] != new[k]
                  and not any(k == f or (f.endswith(".") and k.startswith(f))
                              for f in _RESUME_FREE_SETTINGS)})
+  saved_tok = run_dir / checkpoint.TOKENIZER_DIR / "tokenizer.json"
+  if tokenizer is not None and saved_tok.is_file():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+      tokenizer.save(tmp)
+      now = json.loads((pathlib.Path(tmp) / "tokenizer.json").read_text())
+    if json.loads(saved_tok.read_text()) != now:
+      diff["tokenizer"] = (f"{saved_tok.parent}", "another one (from init.*)")
   # Every process refuses together (with config.json on process 0's disk alone, the others
   # would go on into the restore's collectives and wait for ever).
   if _any_process(bool(diff)) and not diff:
@@ -590,7 +600,7 @@ def train(cfg, *, resume: bool = False) -> dict:
                               process_count=jax.process_count())
   state = None
   if resume and mgr.all_steps():
-    check_resume(run_dir, cfg, model_cfg)
+    check_resume(run_dir, cfg, model_cfg, tokenizer)
   if resume:
     state = checkpoint.restore_latest(mgr, abstract_state(shardings, shapes), batches)
     if state is None:

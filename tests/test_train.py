@@ -183,6 +183,13 @@ def test_resume_with_another_process_count_is_refused_by_name(reference, tmp_pat
                      match="data positions of 2 processes, and this run has 1"):
     training.train(_cfg(run_dir), resume=True)
   assert checkpoint.saved_steps(run_dir) == [6, 9, 10]
+  # Nor may the tokenizer change under a resumed run (here: the run's own, edited).
+  saved = run_dir / "tokenizer" / "tokenizer.json"
+  tok = json.loads(saved.read_text())
+  tok["added_tokens"] = tok["added_tokens"][:-1]
+  saved.write_text(json.dumps(tok))
+  with pytest.raises(ConfigError, match=r"tokenizer=.*tokenizer' there, 'another one"):
+    training.train(_cfg(run_dir), resume=True)
 
 
 def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):

@@ -42,6 +42,17 @@ def timeit(fn, arg_sets, reps=5, inner=4, min_region_s=0.02):
   return statistics.median(times)
 
 
+def random_params(cfg, rng):
+  """Random params of model config `cfg`, drawn in the in_out kernel layout and converted to
+  `cfg.kernel_layout`, so that runs in either layout multiply the same weights (stacked)."""
+  import dataclasses
+
+  from dllm_jax import model
+
+  base = dataclasses.replace(cfg, kernel_layout="in_out")
+  return model.with_kernel_layout(model.init_params(base, rng), base, cfg.kernel_layout)[0]
+
+
 def distinct_sets(bytes_per_set: float) -> int:
   """How many distinct input sets one timed executable cycles through: at least 4 and 1 GB (at
   most 16), so no call hits L2 and the executable's own launch cost (tens of us) is spread as it

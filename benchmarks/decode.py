@@ -32,7 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ceilings, error_text, run_meta, save_json, timeit  # noqa: E402
+from benchmarks.common import (ceilings, error_text, random_params, run_meta,  # noqa: E402
+                               save_json, timeit)
 from dllm_jax import run_config  # noqa: E402
 from dllm_jax.config import ModelConfig  # noqa: E402
 
@@ -116,9 +117,7 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
     # The same weights for every variant, each layout made once (attention_impl is not a
     # parameter).
     base = dataclasses.replace(SHAPES[name], kernel_layout=kernel_layout)
-    # Drawn in_out and converted: both kernel layouts run the same weights.
-    stacked = jax.jit(lambda r: model.with_kernel_layout(
-        model.init_params(SHAPES[name], r), SHAPES[name], kernel_layout)[0])(jax.random.key(0))
+    stacked = jax.jit(lambda r: random_params(base, r))(jax.random.key(0))
     by_layout = {"stacked": stacked}
     if "per_layer" in layouts:
       by_layout["per_layer"] = jax.jit(model.unstack_layers)(stacked)

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import ceilings, run_meta, save_json, traced_gpu_events  # noqa: E402
+from benchmarks.common import (ceilings, random_params, run_meta, save_json,  # noqa: E402
+                               traced_gpu_events)
 from benchmarks.decode import PROMPT, SHAPES, forward_loop  # noqa: E402
 from dllm_jax import decoding, model  # noqa: E402
 
@@ -141,10 +142,7 @@ def main():
 
   cfg = dataclasses.replace(SHAPES[args.shape], attention_impl=args.impl,
                             matvec_impl=args.matvec, kernel_layout=args.kernel_layout)
-  # Drawn in_out and converted, so that both kernel layouts run the same weights.
-  params = jax.jit(lambda r: model.with_layout(model.with_kernel_layout(
-      model.init_params(dataclasses.replace(cfg, kernel_layout="in_out"), r),
-      dataclasses.replace(cfg, kernel_layout="in_out"), cfg.kernel_layout)[0], args.layout))(
+  params = jax.jit(lambda r: model.with_layout(random_params(cfg, r), args.layout))(
       jax.random.key(0))
   pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
   res = {"meta": run_meta(), "args": vars(args), "param_bytes": pbytes}

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import run_meta, save_json  # noqa: E402
+from benchmarks.common import random_params, run_meta, save_json  # noqa: E402
 from benchmarks.decode import SHAPES  # noqa: E402
 from dllm_jax import cache as kvcache  # noqa: E402
 from dllm_jax import masks, model  # noqa: E402
@@ -45,8 +45,7 @@ def check(name, attention_impl="pallas", kernel_layout="in_out"):
   cfg = dataclasses.replace(SHAPES[name], matvec_impl="xla", attention_impl=attention_impl,
                             kernel_layout=kernel_layout)
   params = jax.jit(lambda r: model.with_layout(
-      jax.tree_util.tree_map_with_path(_perturb, model.with_kernel_layout(
-          model.init_params(SHAPES[name], r), SHAPES[name], kernel_layout)[0]), "per_layer"))(
+      jax.tree_util.tree_map_with_path(_perturb, random_params(cfg, r)), "per_layer"))(
           jax.random.key(0))
   spec = masks.MaskSpec("causal")
   tokens = jax.random.randint(jax.random.key(1), (1, PROMPT + 1), 0, cfg.vocab_size)

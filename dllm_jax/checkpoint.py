@@ -241,16 +241,20 @@ def load_params(run_dir: str | pathlib.Path) -> tuple[int, Any]:
                           "first (python train.py --config ...) or pass a model path")
 
 
-def saved_model_config(run_dir: str | pathlib.Path) -> Optional[config_lib.ModelConfig]:
-  """The model config a run's model.json records (None when it has none)."""
-  path = pathlib.Path(run_dir) / MODEL_JSON
-  if not path.is_file():
-    return None
+def _read_model_json(path: pathlib.Path) -> tuple[config_lib.ModelConfig, dict]:
+  """(model config, metadata) of a run's model.json at `path`."""
   saved = json.loads(path.read_text())
   if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
     raise config_lib.ConfigError(f"{path} holds no 'model' config: not the model.json train.py "
                                  "writes")
-  return config_lib.from_dict(config_lib.ModelConfig, saved["model"], str(path))
+  return (config_lib.from_dict(config_lib.ModelConfig, saved["model"], str(path)),
+          saved.get("metadata", {}))
+
+
+def saved_model_config(run_dir: str | pathlib.Path) -> Optional[config_lib.ModelConfig]:
+  """The model config a run's model.json records (None when it has none)."""
+  path = pathlib.Path(run_dir) / MODEL_JSON
+  return _read_model_json(path)[0] if path.is_file() else None
 
 
 def load_model(path: str | pathlib.Path):
@@ -261,10 +265,9 @@ def load_model(path: str | pathlib.Path):
   if not is_run_dir(path):
     return convert.load_pretrained(str(path))
   path = pathlib.Path(path)
-  saved = json.loads((path / MODEL_JSON).read_text())
-  model_cfg = saved_model_config(path)
+  model_cfg, saved_metadata = _read_model_json(path / MODEL_JSON)
   step, params = load_params(path)
-  metadata = dict(saved.get("metadata", {}), step=step, run_dir=str(path))
+  metadata = dict(saved_metadata, step=step, run_dir=str(path))
   return convert.Pretrained(params=params, config=model_cfg,
                             tokenizer=tokenizer_lib.from_hf_dir(path / TOKENIZER_DIR),
                             metadata=metadata)

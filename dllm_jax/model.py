@@ -573,14 +573,13 @@ def with_kernel_layout(params: Params, cfg: ModelConfig,
   if kernel_layout not in config_lib.KERNEL_LAYOUTS:
     raise ValueError(f"kernel_layout={kernel_layout!r}: expected one of "
                      f"{config_lib.KERNEL_LAYOUTS}")
-  layers = {k: 1 for k in params if k == "layers"}  # name -> leading layer dims
-  layers.update({k: 0 for k in params if k.startswith("layers_")})
-  if not layers:
-    raise ValueError(f"with_kernel_layout: params hold neither 'layers' nor 'layers_0' but "
-                     f"{sorted(params)}; pass the model's params dict")
-  check_kernel_layout(params, cfg)  # (converting converted params would transpose them back)
+  # (Also refuses params without layers, and converting converted params, which would
+  # transpose them back.)
+  check_kernel_layout(params, cfg)
   if kernel_layout == cfg.kernel_layout:
     return params, cfg
+  layers = {k: 1 for k in params if k == "layers"}  # name -> leading layer dims
+  layers.update({k: 0 for k in params if k.startswith("layers_")})
   out = dict(params)
   for name, lead in layers.items():
     layer = {k: dict(v) for k, v in params[name].items()}

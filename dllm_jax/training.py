@@ -246,7 +246,7 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
 _RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "matvec_impl",
                    "kernel_layout")
 # Of those, what a resumed run may change: not kernel_layout, which shapes the saved state.
-_RESUME_FREE_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "matvec_impl")
+_RESUME_FREE_FIELDS = tuple(f for f in _RUNTIME_FIELDS if f != "kernel_layout")
 
 
 # Run settings a resumed run may change: how long it runs, what it logs and evaluates, how it

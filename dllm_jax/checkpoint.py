@@ -197,6 +197,14 @@ def _set_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> None:
 # Reading a model back
 
 
+def write_text_whole(path: pathlib.Path, text: str) -> None:
+  """Writes `text` to `path` through a temporary beside it, renamed into place: a kill mid-write
+  leaves the previous file whole."""
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
 def write_run_files(run_dir: str | pathlib.Path, run_config: dict, model_cfg: config_lib.ModelConfig,
                     metadata: dict, tokenizer: Any) -> None:
   """config.json, model.json and tokenizer/ (process 0 only)."""
@@ -204,12 +212,9 @@ def write_run_files(run_dir: str | pathlib.Path, run_config: dict, model_cfg: co
     return
   run_dir = pathlib.Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  for name, content in ((CONFIG_JSON, run_config),
-                        (MODEL_JSON, {"model": config_lib.to_dict(model_cfg),
-                                      "metadata": metadata})):
-    tmp = run_dir / f".{name}.tmp"  # (a kill mid-write leaves the previous file whole)
-    tmp.write_text(json.dumps(content, indent=2))
-    tmp.replace(run_dir / name)
+  write_text_whole(run_dir / CONFIG_JSON, json.dumps(run_config, indent=2))
+  write_text_whole(run_dir / MODEL_JSON, json.dumps(
+      {"model": config_lib.to_dict(model_cfg), "metadata": metadata}, indent=2))
   tokenizer.save(run_dir / TOKENIZER_DIR)
 
 

@@ -449,9 +449,9 @@ class MetricsLog:
           continue
         if isinstance(record, dict) and record.get("step", 0) <= start_step:
           kept.append(line)
-      tmp = self.path.with_name(self.path.name + ".tmp")  # (a kill here keeps the old file)
-      tmp.write_text("".join(line + "\n" for line in kept))
-      tmp.replace(self.path)
+      from dllm_jax import checkpoint
+
+      checkpoint.write_text_whole(self.path, "".join(line + "\n" for line in kept))
     self._file = open(self.path, "a")
     try:
       from tensorboardX import SummaryWriter

@@ -273,16 +273,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                               layout=args.layout)
   summary["checkpoint"] = args.checkpoint
   if args.out:
-    out = pathlib.Path(args.out)
-    # A new or regular file: complete or not at all, through a temporary renamed into place.
-    # Anything else (/dev/stdout, a link, a pipe) is written as it is.
-    direct = out.is_symlink() or (out.exists() and not out.is_file())
-    tmp = out if direct else out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
-    if not direct:
-      tmp.replace(out)
+    from dllm_jax import checkpoint  # (loaded with the model already)
+
+    out, text = pathlib.Path(args.out), "".join(json.dumps(r) + "\n" for r in records)
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+      out.write_text(text)  # (/dev/stdout, a link, a pipe: written as they are)
+    else:
+      checkpoint.write_text_whole(out, text)  # (complete or not at all)
   if reference is not None:
     summary["agreement_with"] = args.compare_to
     summary["agreement"] = agreement(records, reference)

@@ -316,14 +316,10 @@ def main():
   ap.add_argument("--no-row-attention", action="store_true",
                   help="jax part: model.ROW_ATTENTION off (the one-row step's RoPE, cache "
                        "write and split combine as XLA kernels around decode_attention)")
-  ap.add_argument("--no-row-o", action="store_true",
-                  help="jax part: model.ROW_ATTENTION_O off (the o product in a launch of its "
-                       "own, not in row_attention's)")
   args = ap.parse_args()
-  if args.no_row_attention or args.no_row_o:
+  if args.no_row_attention:
     from dllm_jax import model
-    model.ROW_ATTENTION = not args.no_row_attention
-    model.ROW_ATTENTION_O = not args.no_row_o
+    model.ROW_ATTENTION = False
   if args.plain_dot:
     if args.kernel_layout != "in_out":
       ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")

@@ -82,17 +82,11 @@ def main():
                   help="model.ROW_ATTENTION off: the one-row step's RoPE, cache write and "
                        "split combine as XLA kernels around decode_attention (the baseline of "
                        "kernels/decode.row_attention)")
-  ap.add_argument("--no-row-o", action="store_true",
-                  help="model.ROW_ATTENTION_O off: the o product in a launch of its own "
-                       "(combined_matvec_partials), not in row_attention's")
   ap.add_argument("--row-attention-knobs", default="",
-                  help="knobs of kernels/decode.row_attention, e.g. 'splits=2,block_k=32' "
-                       "(o_splits, o_block_n, o_block_k: its o product's)")
+                  help="knobs of kernels/decode.row_attention, e.g. 'splits=2,block_k=32'")
   args = ap.parse_args()
   if args.no_row_attention:
     model.ROW_ATTENTION = False
-  if args.no_row_o:
-    model.ROW_ATTENTION_O = False
   if args.row_attention_knobs:
     from dllm_jax.kernels import decode as decode_kernels
 
@@ -107,13 +101,9 @@ def main():
     knobs = {}
     for item in filter(None, args.row_attention_knobs.split(",")):
       key, _, value = item.partition("=")
-      allowed = ("splits", "block_k", "num_warps", "num_stages", "o_splits", "o_block_n",
-                 "o_block_k")
-      if key not in allowed or not value.isdigit():
-        ap.error(f"--row-attention-knobs: {item!r} is not {'|'.join(allowed)}=INT")
-      if key.startswith("o_") and args.no_row_o:
-        ap.error(f"--row-attention-knobs: {key} tunes the o product in row_attention's "
-                 "launch, which --no-row-o takes out")
+      if key not in ("splits", "block_k", "num_warps", "num_stages") or not value.isdigit():
+        ap.error(f"--row-attention-knobs: {item!r} is not splits|block_k|num_warps|num_stages"
+                 "=INT")
       knobs[key] = int(value)
     decode_kernels.row_attention = functools.partial(decode_kernels.row_attention, **knobs)
   if args.matvec_knobs or args.matvec_pair_knobs or args.matvec_partial_knobs or args.o_knobs:

@@ -281,10 +281,6 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
 # Whether the one-row step runs `kernels.decode.row_attention` where it applies (a knob for
 # benchmarks/decode_profile.py's comparison with the kernels it replaces).
 ROW_ATTENTION = True
-# Whether that launch also runs the o product (`row_attention(..., o_weight=)`), whose
-# programs load their weights while the attention runs; else a launch of its own
-# (`matvec.combined_matvec_partials`) combines the attention's splits.
-ROW_ATTENTION_O = True
 
 
 def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, max_len: int) -> bool:
@@ -314,16 +310,13 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   slots they and the attention took 10.0 us a layer, `row_attention` (4 splits, combining
   its own splits) 8.4 (BENCHMARKS.md, session 21).
 
-  x = (row [E], pending, counter): the residual stream is the row plus `pending`, the previous
-  layer's down product as float32 partial sums [S, E] (or None), which this layer's first launch
-  adds (as the o product's parts are added by the MLP's launch): split-K products fill the GPU,
-  and no kernel runs only to sum them or to add the residual. `counter` (int32 [1], zero) is
-  what the attention's launch counts its programs on with the o product in it
-  (`ROW_ATTENTION_O`); each launch leaves it zero for the next layer's. Returns the same
-  triple."""
+  x = (row [E], pending): the residual stream is the row plus `pending`, the previous layer's
+  down product as float32 partial sums [S, E] (or None), which this layer's first launch adds
+  (as the o product's parts are added by the MLP's launch): split-K products fill the GPU, and
+  no kernel runs only to sum them or to add the residual. Returns the same pair."""
   from dllm_jax.kernels import matvec  # lazily: the CPU path never needs Pallas
 
-  x_E, pending_SE, counter = x
+  x_E, pending_SE = x
   e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   dt = cfg.dtype
   interpret = jax.default_backend() == "cpu"
@@ -348,23 +341,16 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
 
     cos, sin = (t.reshape(d // 2) for t in rope_tables(meta.positions, d, cfg.rope_theta))
     heads = (h, kv, kv)
-    attend = functools.partial(
-        decode.row_attention,
+    (att_parts, att_lse), new_k, new_v, _ = decode.row_attention(
         *(pp.reshape(-1, n, d) for pp, n in zip(parts, heads)), rsqrt, cos, sin,
-        cache_k.reshape(cache_k.shape[1:]), cache_v.reshape(cache_v.shape[1:]))
-    more = dict(
-        dtype=dt, interpret=interpret,
+        cache_k.reshape(cache_k.shape[1:]), cache_v.reshape(cache_v.shape[1:]), None,
+        meta.positions[:, 0], spec, dtype=dt,
         biases=None if biases is None else [b.reshape(n, d) for b, n in zip(biases, heads)],
-        write_mask=None if write_mask_B is None else write_mask_B.astype(bool))
-    if ROW_ATTENTION_O:
-      o_SE, new_k, new_v, counter = attend(counter, meta.positions[:, 0], spec,
-                                           o_weight=wt(a["o"], h * d), out_major=om, **more)
-    else:
-      (att_parts, att_lse), new_k, new_v, _ = attend(None, meta.positions[:, 0], spec,
-                                                     combine=False, **more)
-      o_SE = matvec.combined_matvec_partials(att_parts, att_lse, wt(a["o"], h * d), dtype=dt,
-                                             out_major=om, interpret=interpret)
+        write_mask=None if write_mask_B is None else write_mask_B.astype(bool), combine=False,
+        interpret=interpret)
     new_cache = (new_k.reshape(cache_k.shape), new_v.reshape(cache_v.shape))
+    o_SE = matvec.combined_matvec_partials(att_parts, att_lse, wt(a["o"], h * d), dtype=dt,
+                                           out_major=om, interpret=interpret)
   else:
     q, k, v = (matvec.finish_partials(pp, rsqrt, dt, b)
                for pp, b in zip(parts, biases or (None,) * 3))
@@ -381,7 +367,7 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
       out_major=om, interpret=interpret)
   down_SE = matvec.matvec_partials(act, wt(m["down"], cfg.intermediate_size), out_major=om,
                                    interpret=interpret)
-  return (x_E, down_SE, counter), new_cache
+  return (x_E, down_SE), new_cache
 
 
 _REMAT_POLICIES = {
@@ -422,7 +408,7 @@ class Transformer(nn.Module):
     row_kernels = (cache is not None and math.prod(tokens_BT.shape) == 1
                    and not self.is_initializing() and _row_kernels(cfg, self.stacked))
     if row_kernels:
-      # (row, pending partial sums, counter): `_fused_row_layer`. A scan's carry keeps one
+      # (row, pending partial sums): `_fused_row_layer`. A scan's carry keeps one
       # shape, so its first layer adds zeros; the unrolled loop's adds nothing.
       e, f, dt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.dtype)
       pending = None
@@ -433,7 +419,7 @@ class Transformer(nn.Module):
         parts = jax.eval_shape(matvec.matvec_partials, jax.ShapeDtypeStruct((f,), dt),
                                jax.ShapeDtypeStruct((f, e), dt))
         pending = jnp.zeros(parts.shape, parts.dtype)
-      x = (x.reshape(e), pending, jnp.zeros((1,), jnp.int32))
+      x = (x.reshape(e), pending)
     if cfg.remat != "none":
       # CSE cannot merge a scan body's recompute with its forward, so the barrier that stops it
       # is only needed for the unrolled per-layer loop.
@@ -464,7 +450,7 @@ class Transformer(nn.Module):
           new_v.append(kv[1])
       new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
     if row_kernels:
-      x_E, pending, _ = x
+      x_E, pending = x
       if pending is not None:  # None: no layer ran
         x_E = x_E + pending.sum(0).astype(x_E.dtype)
       x = x_E.reshape(*tokens_BT.shape, -1)

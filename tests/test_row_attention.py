@@ -252,70 +252,6 @@ def test_row_attention_counter_goes_with_the_combine():
                            dtype=jnp.bfloat16, combine=combine, interpret=True)
 
 
-def _with_o(pos, spec, *, om, splits, o_splits=None, counter=0, h=12, kv=2, d=64, slots=128,
-            n=256, bias=True):
-  """row_attention with the o product in its launch, and the two launches it replaces."""
-  qp, kp, vp, rsqrt, biases, kc, vc = _inputs(h, kv, d, slots, 3, bias, jnp.bfloat16)
-  cos, sin = (t.reshape(d // 2) for t in model.rope_tables(jnp.full((1, 1), pos), d, THETA))
-  w = (0.05 * jax.random.normal(jax.random.key(5), (h * d, n))).astype(jnp.bfloat16)
-  w = w.T if om else w
-  args = (qp, kp, vp, rsqrt, cos, sin, kc, vc)
-  kw = dict(dtype=jnp.bfloat16, biases=biases, splits=splits, interpret=True)
-  (p, lse), kc1, vc1, _ = decode.row_attention(*args, None, jnp.array([pos]), spec,
-                                               combine=False, **kw)
-  want = matvec.combined_matvec_partials(p, lse, w, dtype=jnp.bfloat16, out_major=om,
-                                         splits=o_splits, interpret=True)
-  got = decode.row_attention(*args, jnp.full((1,), counter, jnp.int32), jnp.array([pos]), spec,
-                             o_weight=w, out_major=om, o_splits=o_splits, **kw)
-  return got, (want, kc1, vc1)
-
-
-@pytest.mark.parametrize("pos,spec,om,splits,o_splits", [
-    (77, CAUSAL, False, 2, None),
-    (77, CAUSAL, True, 2, None),  # an out-major [N, H * D] weight
-    (120, BLOCK, False, 2, 2),  # a run of the row over several heads' chunks
-    (5, CAUSAL, True, 1, 3),  # one split of the cache
-])
-def test_row_attention_with_o_equals_the_o_launch(pos, spec, om, splits, o_splits):
-  # The o programs combine and multiply as `combined_matvec_partials` does, op for op: equal.
-  (o, kc, vc, counter), (want, want_kc, want_vc) = _with_o(pos, spec, om=om, splits=splits,
-                                                          o_splits=o_splits)
-  assert o.shape == want.shape and np.abs(np.asarray(want)).max() > 0.1
-  np.testing.assert_array_equal(np.asarray(o), np.asarray(want))
-  np.testing.assert_array_equal(np.asarray(kc, np.float32), np.asarray(want_kc, np.float32))
-  np.testing.assert_array_equal(np.asarray(vc, np.float32), np.asarray(want_vc, np.float32))
-  np.testing.assert_array_equal(counter, 0)  # left zero for the next layer's launch
-
-
-def test_row_attention_with_o_counts_every_program():
-  # Not zero on entry: no program sees itself last, so none resets it; each added one.
-  (o, _, _, counter), (want, _, _) = _with_o(77, CAUSAL, om=False, splits=2, o_splits=2,
-                                             counter=100)
-  attending, o_programs = 2 * 2, (256 // 32) * 2
-  np.testing.assert_array_equal(counter, 100 + attending + o_programs)
-  np.testing.assert_array_equal(np.asarray(o), np.asarray(want))
-
-
-def test_row_attention_with_o_names_bad_inputs():
-  qp, kp, vp, rsqrt, _, kc, vc = _inputs(12, 2, 64, 128, 3, False, jnp.bfloat16)
-  cos = sin = jnp.zeros((32,))
-  run = lambda counter, w, **kw: decode.row_attention(
-      qp, kp, vp, rsqrt, cos, sin, kc, vc, counter, jnp.array([3]), CAUSAL, dtype=jnp.bfloat16,
-      o_weight=w, interpret=True, **kw)
-  w = jnp.zeros((768, 64), jnp.bfloat16)
-  one = jnp.zeros((1,), jnp.int32)
-  with pytest.raises(ValueError, match="o_weight needs the counter"):
-    run(None, w)
-  with pytest.raises(ValueError, match=r"'counter': \(2,\)"):
-    run(jnp.zeros((2,), jnp.int32), w)
-  with pytest.raises(ValueError, match=r"has 64 columns, not the 12 heads x 64"):
-    run(one, w, out_major=True)
-  with pytest.raises(ValueError, match="o_weight is a matrix"):
-    run(one, jnp.zeros((768,), jnp.bfloat16))
-  with pytest.raises(ValueError, match=r"row_attention \(o\): splits=5 does not divide"):
-    run(one, w, o_splits=5)
-
-
 def test_default_row_splits():
   assert decode.default_row_splits(12) == 6
   assert decode.default_row_splits(1) == 1
@@ -386,31 +322,18 @@ def test_row_attention_lowers_for_cuda_as_one_triton_call():
       lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 2
 
-  for om in (False, True):  # the o product in the attention's launch
-    with_o = lambda *a: decode.row_attention(*a[:8], a[8][:1], a[9], CAUSAL, dtype=bf,
-                                             o_weight=a[-1], out_major=om)
-    text = jax.jit(with_o).trace(*args[:10], sd((1536, 1536), bf)).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
-
-@pytest.mark.parametrize("stacked,spec,kernel_layout,fuse_o", [
-    (False, CAUSAL, "in_out", True), (True, masks.MaskSpec("block_causal", 8), "in_out", True),
-    (False, CAUSAL, "out_in", True),  # out_in: the o product of a [N, K] weight
-    (False, CAUSAL, "in_out", False), (True, CAUSAL, "out_in", False)])  # o in a launch of its own
-def test_model_one_row_step_with_row_attention_equals_xla(monkeypatch, request, stacked, spec,
-                                                          kernel_layout, fuse_o):
-  # The flag is read while tracing: traces cached under the other setting must not serve.
-  jax.clear_caches()
-  request.addfinalizer(jax.clear_caches)
-  monkeypatch.setattr(model, "ROW_ATTENTION_O", fuse_o)
+@pytest.mark.parametrize("stacked,spec,kernel_layout", [
+    (False, CAUSAL, "in_out"), (True, masks.MaskSpec("block_causal", 8), "in_out"),
+    (False, CAUSAL, "out_in")])  # out_in: the o launch combines into a [N, K] product
+def test_model_one_row_step_with_row_attention_equals_xla(stacked, spec, kernel_layout):
   cfg = dataclasses.replace(CFG, head_dim=32, attention_impl="pallas", kernel_layout=kernel_layout)
   # 48 slots: 3 tiles of 16 in 2 splits (slots 0-31, 32-47), and the step's token at 40, so
-  # both splits see keys and the o product's combine of them runs in every layer (or the scan).
+  # both splits see keys and the o launch's combine of them runs in every layer (or the scan).
   assert decode.default_row_splits(48 // 16) == 2
   jaxpr, layers = check_one_row_step(cfg, stacked, spec, slots=48, prefill=40)
   assert jaxpr.count("name=row_attention") == layers
-  assert jaxpr.count("name=combined_matvec_partials") == (0 if fuse_o else layers)  # o
+  assert jaxpr.count("name=combined_matvec_partials") == layers  # o
   assert jaxpr.count("name=matvec_partials") == layers  # down
   assert "name=decode_attention" not in jaxpr
 

@@ -257,199 +257,128 @@ def _rotate(lo, hi, cos, sin, dtype):
 
 def _row_kernel(pos_ref, wm_ref, qp_ref, kp_ref, vp_ref, r_ref, *refs, has_bias, spec, group,
                 rows, d, block_k, tiles_per_split, num_kv_tiles, splits, num_parts, scale,
-                dtype, cache_dtype, combine, interpret, o_plan=None):
+                dtype, cache_dtype, combine, interpret):
   it = iter(refs)
   bq_ref, bk_ref, bv_ref = (next(it), next(it), next(it)) if has_bias else (None,) * 3
   cos_ref, sin_ref = next(it), next(it)
-  w_ref = next(it) if o_plan else None
-  for _ in range(3 if combine or o_plan else 2):
+  for _ in range(3 if combine else 2):
     next(it)  # the aliased inputs (caches, counter): read and written through the outputs
-  if o_plan:
-    o_ref, po_ref, plse_ref, kc_ref, vc_ref, ctr_ref = it
-  elif combine:
+  if combine:
     out_ref, po_ref, plse_ref, kc_ref, vc_ref, ctr_ref = it
   else:
     po_ref, plse_ref, kc_ref, vc_ref = it
+  sp, g = pl.program_id(0), pl.program_id(1)
+  d2 = d // 2
+  p = pos_ref[0]
+  slots = num_kv_tiles * block_k
+  w = jnp.clip(p, 0, slots - 1)  # the cache write's slot (clamped, as dynamic_update_slice)
+  tile_w = lax.div(w, block_k)
+  # This program writes the new k, v and sees them from registers, not from the cache (no
+  # other program reads slot w). It writes them after its walk over the cache, so that the
+  # interpreter, which runs a program's steps in order, reads the old slot as a GPU may.
+  own = (lax.div(tile_w, tiles_per_split) == sp) & (wm_ref[0] != 0)
+  rsqrt = r_ref[0]
+  cos = cos_ref[...][None, :]
+  sin = sin_ref[...][None, :]
 
-  def attend(sp, g):  # split sp of KV head g's walk over the cache
-    d2 = d // 2
-    p = pos_ref[0]
-    slots = num_kv_tiles * block_k
-    w = jnp.clip(p, 0, slots - 1)  # the cache write's slot (clamped, as dynamic_update_slice)
-    tile_w = lax.div(w, block_k)
-    # This program writes the new k, v and sees them from registers, not from the cache (no
-    # other program reads slot w). It writes them after its walk over the cache, so that the
-    # interpreter, which runs a program's steps in order, reads the old slot as a GPU may.
-    own = (lax.div(tile_w, tiles_per_split) == sp) & (wm_ref[0] != 0)
-    rsqrt = r_ref[0]
-    cos = cos_ref[...][None, :]
-    sin = sin_ref[...][None, :]
+  fin = lambda ref, b_ref, first, n, half, count=None: _finish_rows(
+      ref, b_ref, first, n, half, d2, num_parts, rsqrt, dtype, count)
+  q_lo, q_hi = _rotate(fin(qp_ref, bq_ref, g * group, rows, 0, group),
+                       fin(qp_ref, bq_ref, g * group, rows, 1, group), cos, sin, dtype)
+  k_lo, k_hi = _rotate(fin(kp_ref, bk_ref, g, 1, 0), fin(kp_ref, bk_ref, g, 1, 1), cos, sin,
+                       dtype)
+  v_lo, v_hi = fin(vp_ref, bv_ref, g, 1, 0), fin(vp_ref, bv_ref, g, 1, 1)
+  to_cache = lambda x: x.astype(cache_dtype).astype(dtype)  # as stored, then read back
 
-    fin = lambda ref, b_ref, first, n, half, count=None: _finish_rows(
-        ref, b_ref, first, n, half, d2, num_parts, rsqrt, dtype, count)
-    q_lo, q_hi = _rotate(fin(qp_ref, bq_ref, g * group, rows, 0, group),
-                         fin(qp_ref, bq_ref, g * group, rows, 1, group), cos, sin, dtype)
-    k_lo, k_hi = _rotate(fin(kp_ref, bk_ref, g, 1, 0), fin(kp_ref, bk_ref, g, 1, 1), cos, sin,
-                         dtype)
-    v_lo, v_hi = fin(vp_ref, bv_ref, g, 1, 0), fin(vp_ref, bv_ref, g, 1, 1)
-    to_cache = lambda x: x.astype(cache_dtype).astype(dtype)  # as stored, then read back
+  qc_lo, qc_hi = q_lo.astype(dtype), q_hi.astype(dtype)
+  new_rows = ((kc_ref, k_lo, 0), (kc_ref, k_hi, 1), (vc_ref, v_lo, 0), (vc_ref, v_hi, 1))
+  k_lo, k_hi = to_cache(k_lo).astype(jnp.float32), to_cache(k_hi).astype(jnp.float32)
+  v_lo, v_hi = to_cache(v_lo), to_cache(v_hi)
+  c = scale * _LOG2E
+  s_w = (jnp.sum(q_lo * k_lo, axis=1) + jnp.sum(q_hi * k_hi, axis=1)) * c  # [rows]
+  r = jnp.arange(rows, dtype=jnp.int32)
+  last = jnp.where(r < group, _last_slot(spec, p), -1)
+  n_full = jnp.minimum(lax.div(_last_slot(spec, p) + 1, block_k), num_kv_tiles)
+  n_used = jnp.minimum(lax.div(_last_slot(spec, p) + block_k, block_k), num_kv_tiles)
+  lo = sp * tiles_per_split
+  hi = jnp.minimum(lo + tiles_per_split, n_used)
 
-    qc_lo, qc_hi = q_lo.astype(dtype), q_hi.astype(dtype)
-    new_rows = ((kc_ref, k_lo, 0), (kc_ref, k_hi, 1), (vc_ref, v_lo, 0), (vc_ref, v_hi, 1))
-    k_lo, k_hi = to_cache(k_lo).astype(jnp.float32), to_cache(k_hi).astype(jnp.float32)
-    v_lo, v_hi = to_cache(v_lo), to_cache(v_hi)
-    c = scale * _LOG2E
-    s_w = (jnp.sum(q_lo * k_lo, axis=1) + jnp.sum(q_hi * k_hi, axis=1)) * c  # [rows]
-    r = jnp.arange(rows, dtype=jnp.int32)
-    last = jnp.where(r < group, _last_slot(spec, p), -1)
-    n_full = jnp.minimum(lax.div(_last_slot(spec, p) + 1, block_k), num_kv_tiles)
-    n_used = jnp.minimum(lax.div(_last_slot(spec, p) + block_k, block_k), num_kv_tiles)
-    lo = sp * tiles_per_split
-    hi = jnp.minimum(lo + tiles_per_split, n_used)
+  def body(j, carry, masked):
+    acc_lo, acc_hi, m, l = carry
+    first = pl.multiple_of(j * block_k, block_k)
+    ks = pl.ds(first, block_k)
+    s = (_dot(qc_lo, kc_ref[ks, g, pl.ds(0, d2)].astype(dtype), trans_b=True)
+         + _dot(qc_hi, kc_ref[ks, g, pl.ds(d2, d2)].astype(dtype), trans_b=True)) * c
+    vl = vc_ref[ks, g, pl.ds(0, d2)].astype(dtype)
+    vh = vc_ref[ks, g, pl.ds(d2, d2)].astype(dtype)
+    if masked:
+      slot = first + jnp.arange(block_k, dtype=jnp.int32)
+      new = own & (slot == w)
+      s = jnp.where(new[None, :], s_w[:, None], s)
+      s = jnp.where(slot[None, :] <= last[:, None], s, _MASKED)
+      vl = jnp.where(new[:, None], v_lo, vl)
+      vh = jnp.where(new[:, None], v_hi, vh)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    pr = jnp.exp2(s - m_new[:, None])
+    acc_lo = acc_lo * alpha[:, None] + _dot(pr.astype(dtype), vl)
+    acc_hi = acc_hi * alpha[:, None] + _dot(pr.astype(dtype), vh)
+    return acc_lo, acc_hi, m_new, l * alpha + pr.sum(axis=1)
 
-    def body(j, carry, masked):
-      acc_lo, acc_hi, m, l = carry
-      first = pl.multiple_of(j * block_k, block_k)
-      ks = pl.ds(first, block_k)
-      s = (_dot(qc_lo, kc_ref[ks, g, pl.ds(0, d2)].astype(dtype), trans_b=True)
-           + _dot(qc_hi, kc_ref[ks, g, pl.ds(d2, d2)].astype(dtype), trans_b=True)) * c
-      vl = vc_ref[ks, g, pl.ds(0, d2)].astype(dtype)
-      vh = vc_ref[ks, g, pl.ds(d2, d2)].astype(dtype)
-      if masked:
-        slot = first + jnp.arange(block_k, dtype=jnp.int32)
-        new = own & (slot == w)
-        s = jnp.where(new[None, :], s_w[:, None], s)
-        s = jnp.where(slot[None, :] <= last[:, None], s, _MASKED)
-        vl = jnp.where(new[:, None], v_lo, vl)
-        vh = jnp.where(new[:, None], v_hi, vh)
-      m_new = jnp.maximum(m, s.max(axis=1))
-      alpha = jnp.exp2(m - m_new)
-      pr = jnp.exp2(s - m_new[:, None])
-      acc_lo = acc_lo * alpha[:, None] + _dot(pr.astype(dtype), vl)
-      acc_hi = acc_hi * alpha[:, None] + _dot(pr.astype(dtype), vh)
-      return acc_lo, acc_hi, m_new, l * alpha + pr.sum(axis=1)
+  zeros = jnp.zeros((rows, d2), jnp.float32)
+  carry = (zeros, zeros, jnp.full((rows,), -jnp.inf, jnp.float32),
+           jnp.zeros((rows,), jnp.float32))
+  # Tiles before the first partial one (or the one holding slot w here) need no mask.
+  mid = jnp.clip(jnp.where(own, jnp.minimum(n_full, tile_w), n_full), lo, hi)
+  carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
+  acc_lo, acc_hi, m, l = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
 
-    zeros = jnp.zeros((rows, d2), jnp.float32)
-    carry = (zeros, zeros, jnp.full((rows,), -jnp.inf, jnp.float32),
-             jnp.zeros((rows,), jnp.float32))
-    # Tiles before the first partial one (or the one holding slot w here) need no mask.
-    mid = jnp.clip(jnp.where(own, jnp.minimum(n_full, tile_w), n_full), lo, hi)
-    carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
-    acc_lo, acc_hi, m, l = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
+  @pl.when(own)
+  def _():
+    for ref, x, half in new_rows:
+      ref[w, g, pl.ds(half * d2, d2)] = x.reshape(d2).astype(cache_dtype)
 
-    @pl.when(own)
-    def _():
-      for ref, x, half in new_rows:
-        ref[w, g, pl.ds(half * d2, d2)] = x.reshape(d2).astype(cache_dtype)
+  # A split that saw no tile (or a padding row) has l == 0: output 0, lse -inf, weight 0.
+  inv = 1.0 / jnp.where(l == 0.0, 1.0, l)[:, None]
+  o_lo, o_hi = acc_lo * inv, acc_hi * inv
+  row_mask = jnp.broadcast_to((r < group)[:, None], (rows, d2))
 
-    # A split that saw no tile (or a padding row) has l == 0: output 0, lse -inf, weight 0.
-    inv = 1.0 / jnp.where(l == 0.0, 1.0, l)[:, None]
-    o_lo, o_hi = acc_lo * inv, acc_hi * inv
-    row_mask = jnp.broadcast_to((r < group)[:, None], (rows, d2))
+  def store_out(lo_, hi_):
+    for half, x in enumerate((lo_, hi_)):
+      plgpu.store(out_ref.at[pl.ds(g * group, rows), pl.ds(half * d2, d2)],
+                  x.astype(out_ref.dtype), mask=row_mask)
 
-    def store_out(lo_, hi_):
-      for half, x in enumerate((lo_, hi_)):
-        plgpu.store(out_ref.at[pl.ds(g * group, rows), pl.ds(half * d2, d2)],
-                    x.astype(out_ref.dtype), mask=row_mask)
-
-    if not combine:  # the splits' outputs [splits, H, D] and log-sum-exps [splits, H]
-      for half, x in enumerate((o_lo, o_hi)):
-        plgpu.store(po_ref.at[sp, pl.ds(g * group, rows), pl.ds(half * d2, d2)], x, mask=row_mask)
-      plgpu.store(plse_ref.at[sp, pl.ds(g * group, rows)], m + jnp.log2(l), mask=r < group)
-      return
-    if splits == 1:
-      store_out(o_lo, o_hi)
-      return
-    po_ref[sp, g, :, pl.ds(0, d2)] = o_lo
-    po_ref[sp, g, :, pl.ds(d2, d2)] = o_hi
-    plse_ref[sp, g, :] = m + jnp.log2(l)
-    # The last of a KV head's splits to finish combines them. The barrier puts every thread's
-    # stores before the counter's add (acquire-release, issued by one thread); the last program
-    # reads the partials with volatile loads, which L1 (it may hold lines of an earlier launch)
-    # does not serve.
-    if not interpret:
-      plgpu.debug_barrier()
-    done = plgpu.atomic_add(ctr_ref, (g,), jnp.int32(1))
-
-    @pl.when(done == splits - 1)
-    def _():
-      ctr_ref[pl.ds(g, 1)] = jnp.zeros((1,), jnp.int32)  # ready for the next launch
-      rd = lambda ref: plgpu.load(ref, volatile=True)
-      at = lambda ref, s, *idx: ref.at[(jnp.int32(s), g) + idx]
-      ws, den = combine_weights([rd(at(plse_ref, s, slice(None))) for s in range(splits)])
-      den = den[:, None]
-      num_lo = functools.reduce(lambda a, b: a + b, [
-          wt[:, None] * rd(at(po_ref, s, slice(None), pl.ds(0, d2))) for s, wt in enumerate(ws)])
-      num_hi = functools.reduce(lambda a, b: a + b, [
-          wt[:, None] * rd(at(po_ref, s, slice(None), pl.ds(d2, d2))) for s, wt in enumerate(ws)])
-      store_out(num_lo / den, num_hi / den)
-
-  if not o_plan:
-    attend(pl.program_id(0), pl.program_id(1))
+  if not combine:  # the splits' outputs [splits, H, D] and log-sum-exps [splits, H]
+    for half, x in enumerate((o_lo, o_hi)):
+      plgpu.store(po_ref.at[sp, pl.ds(g * group, rows), pl.ds(half * d2, d2)], x, mask=row_mask)
+    plgpu.store(plse_ref.at[sp, pl.ds(g * group, rows)], m + jnp.log2(l), mask=r < group)
     return
-  # The o product in the same launch: the first splits x KV programs attend, then count
-  # themselves done; the rest each load their tile of the o weights, wait for that count, and
-  # multiply their run of the combined row (`_fused_o`). Programs start in id order, so the
-  # attending ones hold SMs before any waiting one can.
-  kv = kc_ref.shape[1]
-  n_att = splits * kv
-  pid = pl.program_id(0)
+  if splits == 1:
+    store_out(o_lo, o_hi)
+    return
+  po_ref[sp, g, :, pl.ds(0, d2)] = o_lo
+  po_ref[sp, g, :, pl.ds(d2, d2)] = o_hi
+  plse_ref[sp, g, :] = m + jnp.log2(l)
+  # The last of a KV head's splits to finish combines them. The barrier puts every thread's
+  # stores before the counter's add (acquire-release, issued by one thread); the last program
+  # reads the partials with volatile loads, which L1 (it may hold lines of an earlier launch)
+  # does not serve.
+  if not interpret:
+    plgpu.debug_barrier()
+  done = plgpu.atomic_add(ctr_ref, (g,), jnp.int32(1))
 
-  @pl.when(pid < n_att)
+  @pl.when(done == splits - 1)
   def _():
-    attend(lax.div(pid, kv), lax.rem(pid, kv))
-    if not interpret:
-      plgpu.debug_barrier()  # every thread's stores before the count's release
-    plgpu.atomic_add(ctr_ref, (jnp.int32(0),), jnp.int32(1))
-
-  @pl.when(pid >= n_att)
-  def _():
-    _fused_o(pid - n_att, n_att, w_ref, po_ref, plse_ref, o_ref, ctr_ref, splits=splits, d=d,
-             dtype=dtype, **o_plan)
-
-
-def _fused_o(q, n_att, w_ref, po_ref, plse_ref, o_ref, ctr_ref, *, splits, d, dtype, n_o,
-             o_splits, o_rows, bk, bn, out_major):
-  """Program q of `row_attention`'s o product (`o_weight`): the float32 partial sums
-  o_ref[s, col:col+bn] of its run of the attention's row (rows s*o_rows ..) times the weights'
-  columns col .., as `matvec.combined_matvec_partials` computes them. Its weights are loaded
-  before it waits for the n_att attending programs, so their reads overlap the attention."""
-  from dllm_jax.kernels.matvec import _ROWS  # the row repeated to the tensor cores' least M
-
-  j, s = lax.div(q, o_splits), lax.rem(q, o_splits)
-  col = pl.multiple_of(j * bn, bn)
-  row0 = pl.multiple_of(s * o_rows, bk)
-  nk = o_rows // bk
-  ws = [(w_ref[pl.ds(col, bn), pl.ds(row0 + c * bk, bk)] if out_major else
-         w_ref[pl.ds(row0 + c * bk, bk), pl.ds(col, bn)]).astype(dtype) for c in range(nk)]
-  # Wait with volatile loads (L1 does not serve them), then count this program in with an
-  # acquire-release atomic: it reads the count past the attending programs' releases, so their
-  # parts are visible to the volatile loads below.
-  peek = lambda _: jnp.max(plgpu.load(ctr_ref.at[pl.ds(0, 1)], volatile=True))
-  lax.while_loop(lambda seen: seen < n_att, peek, jnp.int32(0))
-  done = plgpu.atomic_add(ctr_ref, (jnp.int32(0),), jnp.int32(1))
-
-  @pl.when(done == n_att + n_o - 1)
-  def _():
-    ctr_ref[pl.ds(0, 1)] = jnp.zeros((1,), jnp.int32)  # ready for the next launch
-
-  precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  acc = jnp.zeros((_ROWS, bn), jnp.float32)
-  at = lambda a: jnp.int32(a)  # (a Python int index does not discharge in the interpreter)
-  for c in range(nk):  # a chunk lies in one head: one combine weight a split
-    first = row0 + c * bk
-    head = lax.div(first, d)
-    off = first - head * d
-    ws_a, den = combine_weights([plgpu.load(plse_ref.at[at(a), pl.ds(head, 1)], volatile=True)
-                                 for a in range(splits)])
-    num = functools.reduce(lambda x, y: x + y, [
-        wt * plgpu.load(po_ref.at[at(a), head, pl.ds(off, bk)], volatile=True)
-        for a, wt in enumerate(ws_a)])
-    row = jnp.broadcast_to((num / den).astype(dtype)[None, :], (_ROWS, bk))
-    acc = acc + lax.dot_general(row, ws[c], (((1,), (int(out_major),)), ((), ())),
-                                precision=precision, preferred_element_type=jnp.float32)
-  first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
-  o_ref[s, pl.ds(col, bn)] = jnp.sum(jnp.where(first_row, acc, 0.0), axis=0)
+    ctr_ref[pl.ds(g, 1)] = jnp.zeros((1,), jnp.int32)  # ready for the next launch
+    rd = lambda ref: plgpu.load(ref, volatile=True)
+    at = lambda ref, s, *idx: ref.at[(jnp.int32(s), g) + idx]
+    ws, den = combine_weights([rd(at(plse_ref, s, slice(None))) for s in range(splits)])
+    den = den[:, None]
+    num_lo = functools.reduce(lambda a, b: a + b, [
+        wt[:, None] * rd(at(po_ref, s, slice(None), pl.ds(0, d2))) for s, wt in enumerate(ws)])
+    num_hi = functools.reduce(lambda a, b: a + b, [
+        wt[:, None] * rd(at(po_ref, s, slice(None), pl.ds(d2, d2))) for s, wt in enumerate(ws)])
+    store_out(num_lo / den, num_hi / den)
 
 
 # `row_attention`'s cache split: runs of this many tiles, at most ROW_MAX_SPLITS of them. At
@@ -486,9 +415,8 @@ def row_supported(num_heads: int, num_kv_heads: int, head_dim: int, cache_len: i
 def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cache_SKD,
                   v_cache_SKD, counter_K, pos, spec: masks.MaskSpec, *, dtype, biases=None,
                   write_mask=None, block_k: int | None = None, splits: int | None = None,
-                  combine: bool = True, o_weight=None, out_major: bool = False,
-                  o_splits: int | None = None, o_block_n: int = 32, o_block_k: int = 512,
-                  num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+                  combine: bool = True, num_warps: int = 4, num_stages: int = 3,
+                  interpret: bool = False):
   """One query token's attention at batch 1, with the work around it in the same launch.
 
   Returns (out [H, D] in `dtype`, k cache, v cache, counter); with `combine=False`
@@ -507,14 +435,6 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
   this the step ran five small XLA kernels around `decode_attention` for that work, the splits'
   combine among them (BENCHMARKS.md, session 21).
 
-  With `o_weight` (w [H * D, N], [N, H * D] with `out_major`) the attention's o product runs
-  in the same launch: returns (o partial sums [S, N] float32, k cache, v cache, counter), what
-  `matvec.combined_matvec_partials` of the uncombined splits returns (`o_splits`, `o_block_n`
-  and `o_block_k` are its splits, block_n and block_k; the launch's warps and stages serve
-  both). The o programs load their weight tiles while the attention runs, then wait on
-  `counter_K` (int32 [1], zero on entry, left zero) for the attending programs. `combine`
-  is then not used.
-
   The cache is split over `splits` programs a KV head (`default_row_splits`). With
   `combine=True` (the default) the last of a head's programs to finish combines their
   normalised outputs (float32) by their log-sum-exp, counted by `counter_K` (int32 [K], zero on
@@ -524,12 +444,7 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
   """
   if spec.kind not in ("causal", "block_causal"):
     raise ValueError(f"row_attention takes a causal or block_causal spec, got {spec}")
-  fuse_o = o_weight is not None
-  if fuse_o:
-    combine = False  # the o programs combine the splits as they load the row
-    if counter_K is None:
-      raise ValueError("row_attention: o_weight needs the counter (int32 [1], zero on entry)")
-  elif (counter_K is None) == combine:
+  if (counter_K is None) == combine:
     raise ValueError("row_attention: combine=True needs the counter (int32 [K], zeros); "
                      f"combine=False takes counter_K=None (got combine={combine}, counter_K "
                      f"{'None' if counter_K is None else jnp.shape(counter_K)})")
@@ -547,8 +462,8 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
             "k_cache": ((s_max, kv, d), k_cache_SKD), "v_cache": ((s_max, kv, d), v_cache_SKD),
             "cos": ((d // 2,), cos), "sin": ((d // 2,), sin), "pos": ((1,), pos),
             "rsqrt": ((16,), rsqrt)}
-  if combine or fuse_o:
-    expect["counter"] = ((1,) if fuse_o else (kv,), counter_K)
+  if combine:
+    expect["counter"] = ((kv,), counter_K)
   if write_mask is not None:
     expect["write_mask"] = ((1,), write_mask)
   bad = {k: jnp.shape(a) for k, (shape, a) in expect.items() if jnp.shape(a) != shape}
@@ -556,7 +471,7 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
     raise ValueError(f"row_attention: shapes {bad} do not match q parts {q_parts_SHD.shape} "
                      f"(expected {({k: expect[k][0] for k in bad})})")
   dtypes = {"pos": (pos, jnp.integer)}
-  if combine or fuse_o:
+  if combine:
     dtypes["counter"] = (counter_K, jnp.int32)
   if write_mask is not None:
     dtypes["write_mask"] = (write_mask, jnp.bool_)
@@ -589,22 +504,6 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
     if shapes != [(h, d), (kv, d), (kv, d)]:
       raise ValueError(f"row_attention: biases {shapes}, expected q {(h, d)}, k and v {(kv, d)}")
     biases = [b.astype(dtype) for b in biases]
-  o_plan = None
-  if fuse_o:
-    from dllm_jax.kernels import matvec  # (lazily: matvec imports this module's helpers)
-
-    if jnp.ndim(o_weight) != 2:
-      raise ValueError(f"row_attention: o_weight is a matrix [H * D, N] ([N, H * D] out_major), "
-                       f"got shape {jnp.shape(o_weight)}")
-    e, n = o_weight.shape[::-1] if out_major else o_weight.shape
-    if e != h * d:
-      raise ValueError(f"row_attention: o_weight {o_weight.shape} has {e} "
-                       f"{'columns' if out_major else 'rows'}, not the {h} heads x {d}")
-    o_split_count, o_rows, bn = matvec._split_k_plan(
-        "row_attention (o)", e, n, o_splits, o_block_n, o_block_k, num_warps, num_stages)
-    o_plan = dict(n_o=(n // bn) * o_split_count, o_splits=o_split_count, o_rows=o_rows,
-                  bk=matvec._pow2_divisor(o_rows, min(o_block_k, d)), bn=bn,
-                  out_major=bool(out_major))
   # A group's rows are a tile of `rows` query heads, masked past the group; the last group's
   # tile reaches past the heads. A GPU never touches masked rows, but the interpreter slices the
   # whole tile out of the array, so there the q rows and the output are padded to hold it.
@@ -618,19 +517,10 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
           k_parts_SKD.astype(jnp.float32), v_parts_SKD.astype(jnp.float32),
           rsqrt.astype(jnp.float32)]
   args += list(biases or [])
-  args += [cos.astype(jnp.float32), sin.astype(jnp.float32)]
-  if fuse_o:
-    args.append(o_weight.astype(dtype))
-  args += [k_cache_SKD, v_cache_SKD]
+  args += [cos.astype(jnp.float32), sin.astype(jnp.float32), k_cache_SKD, v_cache_SKD]
   caches = [jax.ShapeDtypeStruct(k_cache_SKD.shape, k_cache_SKD.dtype),
             jax.ShapeDtypeStruct(v_cache_SKD.shape, v_cache_SKD.dtype)]
-  if fuse_o:
-    args.append(counter_K.astype(jnp.int32))
-    outs = [jax.ShapeDtypeStruct((o_plan["o_splits"], n), jnp.float32),
-            jax.ShapeDtypeStruct((splits, h + pad, d), jnp.float32),
-            jax.ShapeDtypeStruct((splits, h + pad), jnp.float32),
-            *caches, jax.ShapeDtypeStruct((1,), jnp.int32)]
-  elif combine:
+  if combine:
     args.append(counter_K.astype(jnp.int32))
     outs = [jax.ShapeDtypeStruct((h + pad, d), dtype),
             jax.ShapeDtypeStruct((splits, kv, rows, d), jnp.float32),
@@ -639,17 +529,17 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
   else:
     outs = [jax.ShapeDtypeStruct((splits, h + pad, d), jnp.float32),
             jax.ShapeDtypeStruct((splits, h + pad), jnp.float32), *caches]
-  aliased = 3 if combine or fuse_o else 2  # the caches (and the counter): last of the inputs and outputs
+  aliased = 3 if combine else 2  # the caches (and the counter): last of the inputs and outputs
   first_alias, first_out = len(args) - aliased, len(outs) - aliased
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   kernel = functools.partial(
       _row_kernel, has_bias=biases is not None, spec=spec, group=group, rows=rows, d=d,
       block_k=block_k, tiles_per_split=tiles_per_split, num_kv_tiles=num_kv_tiles,
       splits=splits, num_parts=parts, scale=d ** -0.5, dtype=jnp.dtype(dtype),
-      cache_dtype=k_cache_SKD.dtype, combine=combine, interpret=interpret, o_plan=o_plan)
+      cache_dtype=k_cache_SKD.dtype, combine=combine, interpret=interpret)
   results = pl.pallas_call(
       kernel,
-      grid=(splits * kv + o_plan["n_o"],) if fuse_o else (splits, kv),
+      grid=(splits, kv),
       in_specs=[whole(a.shape) for a in args],
       out_specs=[whole(o.shape) for o in outs],
       out_shape=outs,
@@ -658,9 +548,6 @@ def row_attention(q_parts_SHD, k_parts_SKD, v_parts_SKD, rsqrt, cos, sin, k_cach
       interpret=interpret,
       name="row_attention",
   )(*args)
-  if fuse_o:
-    o_SN, _, _, k_cache, v_cache, counter = results
-    return o_SN, k_cache, v_cache, counter
   if not combine:
     parts, lse, k_cache, v_cache = results
     return (parts[:, :h], lse[:, :h]), k_cache, v_cache, None

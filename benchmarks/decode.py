@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (ceilings, error_text, random_params, run_meta,  # noqa: E402
                                save_json, timeit)
 from dllm_jax import run_config  # noqa: E402
-from dllm_jax.config import ModelConfig  # noqa: E402
+from dllm_jax.config import DEFAULT_KERNEL_LAYOUT, KERNEL_LAYOUTS, ModelConfig  # noqa: E402
 
 PROMPT, NEW = 512, 256
 SHAPES = {
@@ -102,7 +102,7 @@ def _safe(fn):
 
 
 def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
-             matvecs=("xla",), kernel_layout="in_out"):
+             matvecs=("xla",), kernel_layout=DEFAULT_KERNEL_LAYOUT):
   import jax
   import jax.numpy as jnp
 
@@ -308,7 +308,7 @@ def main():
   ap.add_argument("--matvecs", default="xla",
                   help="model.matvec_impl values for the jax part: xla,pallas (the one-row "
                        "projections, kernels/matvec.py)")
-  ap.add_argument("--kernel-layout", default="in_out", choices=["in_out", "out_in"],
+  ap.add_argument("--kernel-layout", default=DEFAULT_KERNEL_LAYOUT, choices=KERNEL_LAYOUTS,
                   help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]")
   ap.add_argument("--peer-modes", default="eager,static")
   ap.add_argument("--plain-dot", action="store_true",

@@ -33,6 +33,7 @@ from benchmarks.common import (ceilings, random_params, run_meta, save_json,  # 
                                traced_gpu_events)
 from benchmarks.decode import PROMPT, SHAPES, forward_loop  # noqa: E402
 from dllm_jax import decoding, model  # noqa: E402
+from dllm_jax.config import DEFAULT_KERNEL_LAYOUT, KERNEL_LAYOUTS  # noqa: E402
 
 
 def _busy_ns(events):
@@ -76,7 +77,7 @@ def main():
   ap.add_argument("--o-knobs", default="",
                   help="knobs of the o launch that combines row_attention's splits "
                        "(combined_matvec_partials), e.g. 'block_n=64'")
-  ap.add_argument("--kernel-layout", default="in_out", choices=["in_out", "out_in"],
+  ap.add_argument("--kernel-layout", default=DEFAULT_KERNEL_LAYOUT, choices=KERNEL_LAYOUTS,
                   help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]")
   ap.add_argument("--no-row-attention", action="store_true",
                   help="model.ROW_ATTENTION off: the one-row step's RoPE, cache write and "

@@ -28,6 +28,7 @@ from benchmarks.common import random_params, run_meta, save_json  # noqa: E402
 from benchmarks.decode import SHAPES  # noqa: E402
 from dllm_jax import cache as kvcache  # noqa: E402
 from dllm_jax import masks, model  # noqa: E402
+from dllm_jax.config import DEFAULT_KERNEL_LAYOUT, KERNEL_LAYOUTS  # noqa: E402
 
 PROMPT = 512
 
@@ -77,7 +78,7 @@ def main():
   ap.add_argument("--shapes", default="qwen2.5-1.5b,smollm2-135m")
   ap.add_argument("--attention", default="pallas", choices=["pallas", "xla"],
                   help="attention_impl of both paths")
-  ap.add_argument("--kernel-layout", default="in_out", choices=["in_out", "out_in"],
+  ap.add_argument("--kernel-layout", default=DEFAULT_KERNEL_LAYOUT, choices=KERNEL_LAYOUTS,
                   help="model.kernel_layout of both paths")
   args = ap.parse_args()
   res = {"meta": run_meta(), "rows": []}

@@ -252,7 +252,9 @@ def _read_model_json(path: pathlib.Path) -> tuple[config_lib.ModelConfig, dict]:
   if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
     raise config_lib.ConfigError(f"{path} holds no 'model' config: not the model.json train.py "
                                  "writes")
-  return (config_lib.from_dict(config_lib.ModelConfig, saved["model"], str(path)),
+  # Runs written before kernel_layout was recorded stored their kernels in_out.
+  fields = {"kernel_layout": "in_out", **saved["model"]}
+  return (config_lib.from_dict(config_lib.ModelConfig, fields, str(path)),
           saved.get("metadata", {}))
 
 

@@ -245,7 +245,8 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
 
 _RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl", "matvec_impl",
                    "kernel_layout")
-# Of those, what a resumed run may change: not kernel_layout, which shapes the saved state.
+# Of those, what a resumed run may change: not kernel_layout, which shapes the saved state
+# (train() takes the run's own: keep_run_layout).
 _RESUME_FREE_FIELDS = tuple(f for f in _RUNTIME_FIELDS if f != "kernel_layout")
 
 
@@ -267,6 +268,23 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+def keep_run_layout(cfg, run_dir: pathlib.Path):
+  """`cfg` with model.kernel_layout set to the one the run in `run_dir` stores its kernels in
+  (its model.json; unchanged where it has none). A resumed run keeps its layout whatever the
+  config says: the layout is how the kernels are stored, not what the model computes, and the
+  checkpoints (optimizer moments too) are shaped by it. Old runs are in_out, the default before
+  session 24, so they resume as they were."""
+  from dllm_jax import checkpoint
+
+  saved = checkpoint.saved_model_config(run_dir)
+  if saved is None or saved.kernel_layout == cfg.model.kernel_layout:
+    return cfg
+  log.info("--resume: %s stores its kernels %s; continuing in that layout (the config says "
+           "model.kernel_layout=%s)", run_dir, saved.kernel_layout, cfg.model.kernel_layout)
+  return dataclasses.replace(
+      cfg, model=dataclasses.replace(cfg.model, kernel_layout=saved.kernel_layout))
 
 
 def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig, tokenizer=None) -> None:
@@ -578,6 +596,8 @@ def train(cfg, *, resume: bool = False) -> dict:
   maybe_initialize_distributed(cfg.mesh)
   run_dir = pathlib.Path(cfg.train.run_dir)
   check_run_dir(cfg)
+  if resume:
+    cfg = keep_run_layout(cfg, run_dir)
   try:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   except ValueError as e:  # (sizes that do not fit the devices, named)

@@ -91,14 +91,14 @@ def test_ar_batch_one_with_fused_projections(dirs, monkeypatch):
   got = decode.main(base + ["--matvec", "pallas"])
   assert traced  # two launches a layer in the traced step
   assert got["results"][0]["text"] == want["results"][0]["text"]
-  assert set(traced) == {False}
-  # The kernels stored [*out, *in] after loading: the same text by both paths, the launches
+  assert set(traced) == {True}  # the run's kernels are stored [*out, *in], the default
+  # The kernels stored [*in, *out] after loading: the same text by both paths, the launches
   # reading them as such.
   traced.clear()
   for matvec_impl in ("xla", "pallas"):
-    om = decode.main(base + ["--matvec", matvec_impl, "--kernel-layout", "out_in"])
-    assert om["results"][0]["text"] == want["results"][0]["text"]
-  assert set(traced) == {True}
+    io = decode.main(base + ["--matvec", matvec_impl, "--kernel-layout", "in_out"])
+    assert io["results"][0]["text"] == want["results"][0]["text"]
+  assert set(traced) == {False}
 
 
 def test_diffusion_mode_refused_for_non_diffusion_checkpoint(dirs):

@@ -11,8 +11,9 @@ from dllm_jax import cache as kvcache
 from dllm_jax import masks, model
 from dllm_jax.config import ConfigError, ModelConfig
 
+# (in_out: its tests convert from it to the default out_in and back.)
 TINY = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
+                   num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True, kernel_layout="in_out")
 
 
 def _positions(b, t, start=0):

@@ -13,8 +13,10 @@ from jax.sharding import PartitionSpec as P
 from dllm_jax import model, objective, sharding, training
 from dllm_jax.config import ConfigError, ModelConfig, TrainConfig
 
+# (in_out: its tests convert from it to the default out_in.)
 TINY = ModelConfig(vocab_size=130, hidden_size=32, intermediate_size=64, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=8, mask_token_id=129)
+                   num_heads=4, num_kv_heads=2, head_dim=8, mask_token_id=129,
+                   kernel_layout="in_out")
 
 
 def test_mesh_auto_axis_and_errors():

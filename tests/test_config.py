@@ -114,11 +114,10 @@ def test_full_size_configs_have_the_published_shapes(name, expected):
   shapes = training.abstract_params(cfg.model)  # jax.eval_shape: nothing is allocated
   assert sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)) == expected
   m = cfg.model
-  assert m.kernel_layout == "out_in"  # (the default: [*out, *in])
   assert shapes["layers"]["attn"]["q"]["kernel"].shape == (
-      m.num_layers, m.num_heads, m.head_dim, m.hidden_size)
+      m.num_layers, m.hidden_size, m.num_heads, m.head_dim)
   assert shapes["layers"]["mlp"]["down"]["kernel"].shape == (
-      m.num_layers, m.hidden_size, m.intermediate_size)
+      m.num_layers, m.intermediate_size, m.hidden_size)
   assert ("lm_head" in shapes) == (not m.tie_embeddings)
 
 

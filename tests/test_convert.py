@@ -86,15 +86,12 @@ def test_hf_dir_logits_match_transformers(hf_dirs, kind):
   assert (cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta) == (2, 16, 5000.0)
   tokens = _tokens()
   assert _rel_err(_ours_logits(pre, tokens), _hf_logits(m, tokens)) <= TOL
-  # Loaded in the default layout, as HF stores a Linear ([out, in]); stored [in, out] (Flax's
-  # layout) after a transpose: the same logits.
-  assert pre.params["layers"]["mlp"]["down"]["kernel"].shape[1:] == (cfg.hidden_size,
-                                                                     cfg.intermediate_size)
-  io = convert.cast(pre, "float32", kernel_layout="in_out")
-  assert io.config.kernel_layout == "in_out" and pre.config.kernel_layout == "out_in"
-  assert io.params["layers"]["mlp"]["down"]["kernel"].shape[1:] == (cfg.intermediate_size,
-                                                                    cfg.hidden_size)
-  assert _rel_err(_ours_logits(io, tokens), _hf_logits(m, tokens)) <= TOL
+  # Stored as HF stores a Linear ([out, in]), transposed once at load: the same logits.
+  om = convert.cast(pre, "float32", kernel_layout="out_in")
+  assert om.config.kernel_layout == "out_in" and pre.config.kernel_layout == "in_out"
+  assert om.params["layers"]["mlp"]["down"]["kernel"].shape[1:] == (cfg.hidden_size,
+                                                                    cfg.intermediate_size)
+  assert _rel_err(_ours_logits(om, tokens), _hf_logits(m, tokens)) <= TOL
 
 
 def _greedy(pre, prompts, n=32, stop=()):

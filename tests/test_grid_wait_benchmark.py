@@ -43,3 +43,14 @@ def test_each_wait_lowers_to_one_triton_kernel(bench, wait):
   with pytest.raises(ValueError, match="wait='spin': expected one of"):
     bench.fused(jnp.zeros((1, 1)), bench.source(64, 16), jnp.zeros((1,), jnp.int32),
                 producers=1, consumers=1, walk=1, wait="spin")
+
+
+def test_chain_times_the_last_launch_and_checks_every_one(bench):
+  src = bench.source(64, 16)
+  step = functools.partial(bench.fused, producers=2, consumers=3, walk=2, wait="volatile",
+                           interpret=True)
+  outs, counters = bench.chain(step, layers=3, every_counter=True)(src)
+  out, counter = bench.chain(step, layers=3)(src)
+  assert outs.shape == (3, 3, 16) and counters.shape == (3, 1) and counter.shape == (1,)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(outs[-1]))
+  np.testing.assert_array_equal(counters, 0)

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (ceilings, error_text, random_params, run_meta,  # noqa: E402
                                save_json, timeit)
 from dllm_jax import run_config  # noqa: E402
-from dllm_jax.config import DEFAULT_KERNEL_LAYOUT, KERNEL_LAYOUTS, ModelConfig  # noqa: E402
+from dllm_jax.config import KERNEL_LAYOUTS, ModelConfig  # noqa: E402
 
 PROMPT, NEW = 512, 256
 SHAPES = {
@@ -102,7 +102,9 @@ def _safe(fn):
 
 
 def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
-             matvecs=("xla",), kernel_layout=DEFAULT_KERNEL_LAYOUT):
+             matvecs=("xla",), kernel_layout="auto"):
+  """kernel_layout "auto": the AR runs in `model.decode_kernel_layout`'s (out_in where the
+  one-row kernels run), the forwards and the diffusion decoder in_out, as `decode.py` decodes."""
   import jax
   import jax.numpy as jnp
 
@@ -116,7 +118,8 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
   for name in shapes:
     # The same weights for every variant, each layout made once (attention_impl is not a
     # parameter).
-    base = dataclasses.replace(SHAPES[name], kernel_layout=kernel_layout)
+    base = dataclasses.replace(
+        SHAPES[name], kernel_layout="in_out" if kernel_layout == "auto" else kernel_layout)
     stacked = jax.jit(lambda r: random_params(base, r))(jax.random.key(0))
     by_layout = {"stacked": stacked}
     if "per_layer" in layouts:
@@ -127,14 +130,18 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
       pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
       floor_step = pbytes / bw
       for b in batches:
+        ar_layout = base.kernel_layout
+        if kernel_layout == "auto":
+          ar_layout = model.decode_kernel_layout(cfg, mode="ar", batch=b,
+                                                 stacked=layout == "stacked")
         row = {"shape": name, "impl": impl, "layout": layout, "matvec": mv, "batch": b,
-               "kernel_layout": kernel_layout,
+               "kernel_layout": base.kernel_layout, "ar_kernel_layout": ar_layout,
                "param_bytes": pbytes,
                "floor_tokens_per_s": b / floor_step}
         prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
         lens = jnp.full((b,), PROMPT, jnp.int32)
 
-        def run_generate(dcfg):
+        def run_generate(dcfg, params=params, cfg=cfg):
           fn = jax.jit(lambda p, t, l, r: decoding.generate(p, cfg, t, l, r, dcfg))
           t0 = time.perf_counter()
           compiled = fn.lower(params, prompt, lens, jax.random.key(2)).compile()
@@ -149,7 +156,11 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
           return {"s": statistics.median(times), "tokens": tokens, "nfe": nfe,
                   "iterations": int(out[2]["iterations"]), "compile_s": compile_s}
 
-        ar = _safe(lambda: run_generate(decoding.DecodeConfig(mode="ar", max_new_tokens=NEW)))
+        def run_ar():  # (in ar_layout: a transposed copy for the run where it differs)
+          p, c = model.with_kernel_layout(params, cfg, ar_layout)
+          return run_generate(decoding.DecodeConfig(mode="ar", max_new_tokens=NEW), p, c)
+
+        ar = _safe(run_ar)
         row["ar"] = ar
         if isinstance(ar, dict):
           row["ar_tokens_per_s"] = ar["tokens"] / ar["s"]
@@ -308,8 +319,10 @@ def main():
   ap.add_argument("--matvecs", default="xla",
                   help="model.matvec_impl values for the jax part: xla,pallas (the one-row "
                        "projections, kernels/matvec.py)")
-  ap.add_argument("--kernel-layout", default=DEFAULT_KERNEL_LAYOUT, choices=KERNEL_LAYOUTS,
-                  help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]")
+  ap.add_argument("--kernel-layout", default="auto", choices=("auto",) + KERNEL_LAYOUTS,
+                  help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]; "
+                       "auto: the AR runs out_in where the one-row kernels run, the rest in_out "
+                       "(model.decode_kernel_layout, as decode.py)")
   ap.add_argument("--peer-modes", default="eager,static")
   ap.add_argument("--plain-dot", action="store_true",
                   help="jax part: multiply a single row as one (model._matmul's baseline)")
@@ -321,8 +334,9 @@ def main():
     from dllm_jax import model
     model.ROW_ATTENTION = False
   if args.plain_dot:
-    if args.kernel_layout != "in_out":
+    if args.kernel_layout == "out_in":
       ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")
+    args.kernel_layout = "in_out"
     import jax.numpy as jnp
 
     from dllm_jax import model

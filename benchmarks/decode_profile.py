@@ -33,7 +33,7 @@ from benchmarks.common import (ceilings, random_params, run_meta, save_json,  # 
                                traced_gpu_events)
 from benchmarks.decode import PROMPT, SHAPES, forward_loop  # noqa: E402
 from dllm_jax import decoding, model  # noqa: E402
-from dllm_jax.config import DEFAULT_KERNEL_LAYOUT, KERNEL_LAYOUTS  # noqa: E402
+from dllm_jax.config import KERNEL_LAYOUTS  # noqa: E402
 
 
 def _busy_ns(events):
@@ -77,8 +77,10 @@ def main():
   ap.add_argument("--o-knobs", default="",
                   help="knobs of the o launch that combines row_attention's splits "
                        "(combined_matvec_partials), e.g. 'block_n=64'")
-  ap.add_argument("--kernel-layout", default=DEFAULT_KERNEL_LAYOUT, choices=KERNEL_LAYOUTS,
-                  help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]")
+  ap.add_argument("--kernel-layout", default="auto", choices=("auto",) + KERNEL_LAYOUTS,
+                  help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]; "
+                       "auto: model.decode_kernel_layout's (out_in where the one-row kernels "
+                       "run), as decode.py")
   ap.add_argument("--no-row-attention", action="store_true",
                   help="model.ROW_ATTENTION off: the one-row step's RoPE, cache write and "
                        "split combine as XLA kernels around decode_attention (the baseline of "
@@ -131,8 +133,9 @@ def main():
     matvec.combined_matvec_partials = functools.partial(
         matvec.combined_matvec_partials, **one(args.o_knobs, "--o-knobs", PARTIAL_KNOBS))
   if args.plain_dot:
-    if args.kernel_layout != "in_out":
+    if args.kernel_layout == "out_in":
       ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")
+    args.kernel_layout = "in_out"
     model._matmul = jnp.dot
     args.tag = args.tag or "_plaindot"  # never overwrite the default run's JSON
   if args.decode_programs:
@@ -142,7 +145,12 @@ def main():
                                                  programs=args.decode_programs)
 
   cfg = dataclasses.replace(SHAPES[args.shape], attention_impl=args.impl,
-                            matvec_impl=args.matvec, kernel_layout=args.kernel_layout)
+                            matvec_impl=args.matvec)
+  if args.kernel_layout == "auto":
+    args.kernel_layout = model.decode_kernel_layout(
+        cfg, mode="diffusion" if args.forward else "ar", batch=args.batch,
+        stacked=args.layout == "stacked")
+  cfg = dataclasses.replace(cfg, kernel_layout=args.kernel_layout)
   params = jax.jit(lambda r: model.with_layout(random_params(cfg, r), args.layout))(
       jax.random.key(0))
   pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))

@@ -28,7 +28,7 @@ from benchmarks.common import random_params, run_meta, save_json  # noqa: E402
 from benchmarks.decode import SHAPES  # noqa: E402
 from dllm_jax import cache as kvcache  # noqa: E402
 from dllm_jax import masks, model  # noqa: E402
-from dllm_jax.config import DEFAULT_KERNEL_LAYOUT, KERNEL_LAYOUTS  # noqa: E402
+from dllm_jax.config import KERNEL_LAYOUTS  # noqa: E402
 
 PROMPT = 512
 
@@ -42,7 +42,7 @@ def _perturb(path, x):
   return x
 
 
-def check(name, attention_impl="pallas", kernel_layout="in_out"):
+def check(name, attention_impl="pallas", kernel_layout="out_in"):
   cfg = dataclasses.replace(SHAPES[name], matvec_impl="xla", attention_impl=attention_impl,
                             kernel_layout=kernel_layout)
   params = jax.jit(lambda r: model.with_layout(
@@ -78,8 +78,9 @@ def main():
   ap.add_argument("--shapes", default="qwen2.5-1.5b,smollm2-135m")
   ap.add_argument("--attention", default="pallas", choices=["pallas", "xla"],
                   help="attention_impl of both paths")
-  ap.add_argument("--kernel-layout", default=DEFAULT_KERNEL_LAYOUT, choices=KERNEL_LAYOUTS,
-                  help="model.kernel_layout of both paths")
+  ap.add_argument("--kernel-layout", default="out_in", choices=KERNEL_LAYOUTS,
+                  help="model.kernel_layout of both paths (default: the one-row step's, "
+                       "model.decode_kernel_layout)")
   args = ap.parse_args()
   res = {"meta": run_meta(), "rows": []}
   for name in args.shapes.split(","):

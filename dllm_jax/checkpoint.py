@@ -248,7 +248,11 @@ def load_params(run_dir: str | pathlib.Path) -> tuple[int, Any]:
 
 def _read_model_json(path: pathlib.Path) -> tuple[config_lib.ModelConfig, dict]:
   """(model config, metadata) of a run's model.json at `path`."""
-  saved = json.loads(path.read_text())
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise config_lib.ConfigError(f"{path} is not JSON ({e}); it is the run's model config, "
+                                 "which train.py writes: restore it or start a new run") from None
   if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
     raise config_lib.ConfigError(f"{path} holds no 'model' config: not the model.json train.py "
                                  "writes")

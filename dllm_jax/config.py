@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 KERNEL_LAYOUTS = ("in_out", "out_in")  # `ModelConfig.kernel_layout`
-DEFAULT_KERNEL_LAYOUT = "out_in"  # (what the loaders of pretrained models give, too)
+DEFAULT_KERNEL_LAYOUT = "in_out"  # (what the loaders of pretrained models give, too)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +53,12 @@ class ModelConfig:
   # GPU, bf16 weights in the per-layer layout, one device, not a 7B-like MLP (level there);
   # else xla.
   matvec_impl: str = "auto"
-  # How the projection kernels are stored: "out_in" ([*out, *in], as a Hugging Face Linear)
-  # or "in_out" ([*in, *out], as Flax and MaxText). out_in makes each output's weights one
-  # contiguous run, which the one-row kernels read faster: the 1.5B's batch-1 AR step 3% faster
-  # on the H200, batch 32 and the train step level (BENCHMARKS.md session 24).
+  # How the projection kernels are stored: "in_out" ([*in, *out], as Flax and MaxText) or
+  # "out_in" ([*out, *in], as a Hugging Face Linear). out_in makes each output's weights one
+  # contiguous run, which the one-row kernels read faster (the 1.5B's batch-1 AR step 3.4% more
+  # tokens/s on the H200), but XLA's GEMMs of 8-32 rows read it slower (its diffusion forwards
+  # 1-3% slower); training is level (BENCHMARKS.md session 24). So in_out is stored, and the
+  # decoders convert to out_in where the one-row kernels run (`model.decode_kernel_layout`).
   # `model.with_kernel_layout` converts; a run's model.json records its layout (a file without
   # it is in_out, the layout before the field existed) and a resumed run keeps it.
   kernel_layout: str = DEFAULT_KERNEL_LAYOUT

@@ -30,7 +30,7 @@ import numpy as np
 
 from dllm_jax import model
 from dllm_jax import tokenizer as tk
-from dllm_jax.config import DEFAULT_KERNEL_LAYOUT, ModelConfig
+from dllm_jax.config import ModelConfig
 
 Params = Any
 
@@ -90,11 +90,9 @@ def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig,
-                    dtype: np.dtype) -> tuple[Params, ModelConfig]:
-  """(our param tree, cfg in its kernel layout) from `get(hf_name) -> array in HF layout`
-  (shapes already checked): built in_out, then viewed in the default kernel layout (the
-  device copy is the one copy made)."""
+def _params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig, dtype: np.dtype) -> Params:
+  """Our param tree, kernels in_out, from `get(hf_name) -> array in HF layout` (shapes already
+  checked)."""
   n, e, h, k, d = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
   def stacked(suffix, convert, shape):
@@ -130,8 +128,7 @@ def _params_from_hf(get: Callable[[str], np.ndarray], cfg: ModelConfig,
   }
   if not cfg.tie_embeddings:
     params["lm_head"] = np.ascontiguousarray(get("lm_head.weight").T).astype(dtype)
-  return model.with_kernel_layout(params, dataclasses.replace(cfg, kernel_layout="in_out"),
-                                  DEFAULT_KERNEL_LAYOUT)
+  return params
 
 
 def _params_to_hf(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -243,6 +240,7 @@ def _config_from_hf(raw: dict, where: str, dtype: str) -> tuple[ModelConfig, dic
       pad_token_id=_first_id(raw.get("pad_token_id")),
       param_dtype=dtype,
       dtype=dtype,
+      kernel_layout="in_out",  # (as _params_from_hf builds them)
   )
   metadata = dict(raw.get("dllm_jax") or {})
   mask = metadata.pop("mask_token_id", None)
@@ -323,7 +321,7 @@ def load_hf_dir(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
       raise CheckpointError(f"{config_file}: attention_bias=true with a nonzero o_proj bias is "
                             "not supported")
   files.check(expected)
-  params, cfg = _params_from_hf(files.get, cfg, np_dtype)
+  params = _params_from_hf(files.get, cfg, np_dtype)
 
   tokenizer = tk.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
   check_tokenizer_matches(tokenizer, cfg, str(path))
@@ -428,6 +426,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
       pad_token_id=_first_id(meta("tokenizer.ggml.padding_token_id")),
       param_dtype=dtype,
       dtype=dtype,
+      kernel_layout="in_out",  # (as _params_from_hf builds them)
   )
   declared = meta(f"{arch}.vocab_size")
   if declared is not None and int(declared) != vocab:
@@ -459,7 +458,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
       w = _unpermute_rope_rows(w, cfg.num_kv_heads)
     return w
 
-  params, cfg = _params_from_hf(get, cfg, np_dtype)
+  params = _params_from_hf(get, cfg, np_dtype)
   tokenizer = tk.from_gguf(reader)
   check_tokenizer_matches(tokenizer, cfg, str(path))
   return Pretrained(params=params, config=cfg, tokenizer=tokenizer, metadata={})

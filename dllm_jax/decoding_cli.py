@@ -47,10 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
                       help="one-row projections of AR decoding at batch 1: pallas fuses each "
                            "layer's norms into them (GPU); auto: pallas where it pays, see "
                            "model.matvec_impl")
-  parser.add_argument("--kernel-layout", choices=KERNEL_LAYOUTS, default=None,
+  parser.add_argument("--kernel-layout", choices=("auto",) + KERNEL_LAYOUTS, default="auto",
                       help="store the projection kernels [*in, *out] (in_out) or [*out, *in] "
-                           "(out_in) to decode with, transposed once after loading (default: as "
-                           "saved); see model.kernel_layout")
+                           "(out_in) to decode with, transposed once after loading; auto: "
+                           "out_in where AR at batch 1 runs the one-row kernels, else in_out "
+                           "(model.decode_kernel_layout)")
   parser.add_argument("--force", action="store_true",
                       help="diffusion-decode a model not trained for it (warns instead of "
                            "refusing)")
@@ -82,9 +83,11 @@ def load(args, command: str):
   """The checkpoint as a `convert.Pretrained` for decoding: with a tokenizer, a block-diffusion
   model for --mode diffusion (or --force, with a warning), cast to the dtype and in the layout
   asked for. `command` names the caller in errors."""
+  import dataclasses
+
   import jax
 
-  from dllm_jax import checkpoint, convert
+  from dllm_jax import checkpoint, convert, model
 
   try:
     pretrained = checkpoint.load_model(args.checkpoint)
@@ -103,7 +106,13 @@ def load(args, command: str):
       warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
                     stacklevel=2)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  return convert.cast(pretrained, dtype, args.layout, args.matvec, args.kernel_layout)
+  kernel_layout = args.kernel_layout
+  if kernel_layout == "auto":  # (decided on the config the decoder will run)
+    runs = dataclasses.replace(pretrained.config, dtype=dtype, param_dtype=dtype,
+                               matvec_impl=args.matvec)
+    kernel_layout = model.decode_kernel_layout(runs, mode=args.mode, batch=args.batch_size,
+                                               stacked=args.layout == "stacked")
+  return convert.cast(pretrained, dtype, args.layout, args.matvec, kernel_layout)
 
 
 def decode_config(args, pretrained, **sampling):

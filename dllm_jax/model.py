@@ -278,6 +278,16 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
   return True
 
 
+def decode_kernel_layout(cfg: ModelConfig, *, mode: str, batch: int, stacked: bool) -> str:
+  """The kernel layout to decode in (`ModelConfig.kernel_layout`): "out_in" where the steps run
+  the one-row kernels (AR at batch 1 with `matvec_impl` resolving to them), which read it
+  faster, else "in_out", which XLA's GEMMs of a block's or a batch's rows read faster (H200,
+  BENCHMARKS.md session 24: the 1.5B's batch-1 AR 3.4% more tokens/s out_in; its diffusion
+  forwards 1-3% slower). `decode.py` and `dllm_jax.eval` convert to it by default."""
+  one_row = mode == "ar" and batch == 1
+  return "out_in" if one_row and _row_kernels(cfg, stacked) else "in_out"
+
+
 # Whether the one-row step runs `kernels.decode.row_attention` where it applies (a knob for
 # benchmarks/decode_profile.py's comparison with the kernels it replaces).
 ROW_ATTENTION = True

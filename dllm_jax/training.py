@@ -30,7 +30,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from dllm_jax import model, objective, sharding
-from dllm_jax.config import ConfigError, ModelConfig, TrainConfig
+from dllm_jax.config import KERNEL_LAYOUTS, ConfigError, ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -274,17 +274,22 @@ def keep_run_layout(cfg, run_dir: pathlib.Path):
   """`cfg` with model.kernel_layout set to the one the run in `run_dir` stores its kernels in
   (its model.json; unchanged where it has none). A resumed run keeps its layout whatever the
   config says: the layout is how the kernels are stored, not what the model computes, and the
-  checkpoints (optimizer moments too) are shaped by it. Old runs are in_out, the default before
-  session 24, so they resume as they were."""
+  checkpoints (optimizer moments too) are shaped by it. Runs whose model.json predates the field
+  are in_out. On several processes, process 0's reading decides for all."""
   from dllm_jax import checkpoint
 
   saved = checkpoint.saved_model_config(run_dir)
-  if saved is None or saved.kernel_layout == cfg.model.kernel_layout:
+  layout = cfg.model.kernel_layout if saved is None else saved.kernel_layout
+  if jax.process_count() > 1:  # every process resumes in process 0's reading
+    from jax.experimental import multihost_utils
+
+    layout = KERNEL_LAYOUTS[int(multihost_utils.broadcast_one_to_all(
+        np.int32(KERNEL_LAYOUTS.index(layout))))]
+  if layout == cfg.model.kernel_layout:
     return cfg
   log.info("--resume: %s stores its kernels %s; continuing in that layout (the config says "
-           "model.kernel_layout=%s)", run_dir, saved.kernel_layout, cfg.model.kernel_layout)
-  return dataclasses.replace(
-      cfg, model=dataclasses.replace(cfg.model, kernel_layout=saved.kernel_layout))
+           "model.kernel_layout=%s)", run_dir, layout, cfg.model.kernel_layout)
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kernel_layout=layout))
 
 
 def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig, tokenizer=None) -> None:
@@ -330,6 +335,7 @@ def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig, tokenizer=N
                       f"in {run_dir} (its error says why)")
   if diff:
     said = "; ".join(f"{k}={old!r} there, {new!r} here" for k, (old, new) in diff.items())
+    # (train() resumes in the run's layout, `keep_run_layout`; a direct caller may not.)
     hint = (" A run in the other kernel layout starts from this one with "
             f"init.source={run_dir} and a new train.run_dir (its weights are converted)."
             if "model.kernel_layout" in diff else

@@ -91,7 +91,7 @@ def test_ar_batch_one_with_fused_projections(dirs, monkeypatch):
   got = decode.main(base + ["--matvec", "pallas"])
   assert traced  # two launches a layer in the traced step
   assert got["results"][0]["text"] == want["results"][0]["text"]
-  assert set(traced) == {True}  # the run's kernels are stored [*out, *in], the default
+  assert set(traced) == {True}  # --kernel-layout auto: [*out, *in] where these kernels run
   # The kernels stored [*in, *out] after loading: the same text by both paths, the launches
   # reading them as such.
   traced.clear()

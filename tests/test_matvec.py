@@ -529,3 +529,16 @@ def test_kernel_us_sums_each_kernel_per_call(load_benchmark, monkeypatch):
   assert common.product_us(per, "gemm", "layout_matvec") == 5.0  # the copy counted apart
   with pytest.raises(ValueError, match="no kernel named like"):
     common.product_us({"nvjet_sm90": 4.0}, "gemm")
+
+
+def test_decode_kernel_layout_is_out_in_only_where_the_one_row_kernels_run():
+  # out_in pays in the one-row kernels; XLA's GEMMs of a block's or a batch's rows read in_out
+  # faster (BENCHMARKS.md session 24).
+  pallas = dataclasses.replace(CFG, matvec_impl="pallas")  # (interpreted on the CPU)
+  layout = lambda cfg, **kw: model.decode_kernel_layout(
+      cfg, **{"mode": "ar", "batch": 1, "stacked": False, **kw})
+  assert layout(pallas) == "out_in"
+  assert layout(pallas, mode="diffusion") == "in_out"
+  assert layout(pallas, batch=2) == "in_out"
+  assert layout(dataclasses.replace(CFG, matvec_impl="xla")) == "in_out"
+  assert layout(dataclasses.replace(CFG, matvec_impl="auto")) == "in_out"  # (CPU: XLA)

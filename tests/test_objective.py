@@ -48,6 +48,7 @@ def random_batch(seed, batch=3, length=48, block=BLOCK):
 
 def np_forward(params, cfg, tokens, positions, allowed):
   """Logits [T, V] of one row, float64, with a dense boolean attention mask [T, T]."""
+  params, cfg = model.with_kernel_layout(params, cfg, "in_out")  # (the einsums below read it)
   p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
   lay = p["layers"]
 

@@ -217,12 +217,12 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
     # (A setting a resumed run may change; the config it replaces is kept. The kernel layout
     # is the run's whatever the config says: its checkpoints are stored so.)
     result = training.train(_cfg(run_dir, extra=["train.progress=false",
-                                                 "model.kernel_layout=in_out"]), resume=True)
+                                                 "model.kernel_layout=out_in"]), resume=True)
   assert result["step"] == STEPS
   assert json.loads((run_dir / "config.before_step_9.json").read_text())["train"]["progress"]
   assert not json.loads((run_dir / "config.json").read_text())["train"]["progress"]
   for name in ("config.json", "model.json"):
-    assert json.loads((run_dir / name).read_text())["model"]["kernel_layout"] == "out_in"
+    assert json.loads((run_dir / name).read_text())["model"]["kernel_layout"] == "in_out"
   np.testing.assert_allclose(_losses(run_dir)[1], ref_losses, rtol=1e-6)
   # The unreadable checkpoint was set aside, and step 10 saved afresh.
   assert (run_dir / "unreadable_checkpoints" / "10" / "state").is_dir()
@@ -323,10 +323,10 @@ def test_init_from_a_hf_directory_adds_the_mask_token_and_keeps_runtime_fields(t
   assert metadata == {"objective": "diffusion", "block_size": 16}
   # model.kernel_layout is a runtime field too: the loaded kernels are transposed to it.
   cfg = _cfg(tmp_path / "run", extra=[f"init.source={tmp_path / 'hf'}",
-                                      "model.kernel_layout=in_out"])
-  io_params, io_cfg, _, _ = training.build_model(cfg)
-  assert io_cfg.kernel_layout == "in_out" and ar_cfg.kernel_layout == "out_in"
-  np.testing.assert_array_equal(io_params["layers"]["mlp"]["up"]["kernel"],
+                                      "model.kernel_layout=out_in"])
+  om_params, om_cfg, _, _ = training.build_model(cfg)
+  assert om_cfg.kernel_layout == "out_in"
+  np.testing.assert_array_equal(om_params["layers"]["mlp"]["up"]["kernel"],
                                 params["layers"]["mlp"]["up"]["kernel"].transpose(0, 2, 1))
 
 
@@ -400,15 +400,20 @@ def test_check_resume_names_what_changed_and_skips_settings_one_side_lacks(tmp_p
 
 
 def test_a_run_keeps_its_kernel_layout_and_old_runs_are_in_out(tmp_path):
-  # A model.json written before kernel_layout was recorded describes in_out kernels (the
-  # default then), and resuming such a run keeps them so whatever the config now says.
+  # A model.json written before kernel_layout was recorded describes in_out kernels, and a
+  # resumed run keeps the layout its model.json records whatever the config says.
   from dllm_jax.config import ModelConfig
 
   fields = dataclasses.asdict(ModelConfig())
   del fields["kernel_layout"]
   (tmp_path / "model.json").write_text(json.dumps({"model": fields, "metadata": {}}))
   assert checkpoint.saved_model_config(tmp_path).kernel_layout == "in_out"
-  cfg = _cfg(tmp_path)
-  assert cfg.model.kernel_layout == "out_in"
+  cfg = _cfg(tmp_path, extra=["model.kernel_layout=out_in"])
   assert training.keep_run_layout(cfg, tmp_path).model.kernel_layout == "in_out"
   assert training.keep_run_layout(cfg, tmp_path / "no_run") is cfg
+  (tmp_path / "model.json").write_text(json.dumps({"model": dict(fields, kernel_layout="out_in")}))
+  assert training.keep_run_layout(_cfg(tmp_path), tmp_path).model.kernel_layout == "out_in"
+  # An unreadable model.json is a named error, not a traceback from the JSON parser.
+  (tmp_path / "model.json").write_text('{"model": {')
+  with pytest.raises(ConfigError, match="model.json is not JSON"):
+    training.keep_run_layout(cfg, tmp_path)

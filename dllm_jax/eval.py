@@ -179,6 +179,7 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
       "with_answer_marker": sum("####" in r["generation"] for r in records)
                             / max(len(records), 1),
       "batched_forward_rounds": total_iters, "batch_size": batch_size, "layout": layout,
+      "kernel_layout": pretrained.config.kernel_layout,
       "decode": dataclasses.asdict(decode_cfg),
       "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
   }

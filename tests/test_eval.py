@@ -99,6 +99,7 @@ def test_evaluate_per_layer_layout_gives_the_same_generations(tmp_path):
   (stacked, s_sum), (per_layer, p_sum) = runs["stacked"], runs["per_layer"]
   assert [r["generation"] for r in per_layer] == [r["generation"] for r in stacked]
   assert (p_sum["layout"], s_sum["layout"]) == ("per_layer", "stacked")
+  assert p_sum["kernel_layout"] == pre.config.kernel_layout  # (what the decoder ran in)
   with pytest.raises(ValueError, match="layout='scan'"):
     eval_lib.evaluate(pre, problems, cfg, batch_size=2, log=lambda *a: None, layout="scan")
 

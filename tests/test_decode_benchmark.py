@@ -1,0 +1,34 @@
+"""benchmarks/decode.py's jax part on a tiny shape (the one-row kernels interpreted): every
+measurement runs, and `--kernel-layout auto` decodes the AR rows in the layout decode.py would
+(out_in at batch 1 through the one-row kernels) and the forwards in_out."""
+
+import dataclasses
+
+import pytest
+
+from dllm_jax.config import ModelConfig
+
+
+@pytest.fixture()
+def bench(load_benchmark, monkeypatch, tmp_path):
+  mod = load_benchmark("decode")
+  monkeypatch.setenv("OUT", str(tmp_path))
+  monkeypatch.setattr(mod, "SHAPES", {"tiny": ModelConfig(
+      vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+      num_kv_heads=2, head_dim=16, param_dtype="bfloat16", dtype="bfloat16")})
+  monkeypatch.setattr(mod, "ceilings", lambda *a, **k: {"matmul_tflops": 1.0, "copy_GBps": 1.0})
+  monkeypatch.setattr(mod, "PROMPT", 16)
+  monkeypatch.setattr(mod, "NEW", 4)
+  monkeypatch.setattr(mod, "FORWARDS", 2)
+  return mod
+
+
+def test_auto_kernel_layout_per_row(bench, tmp_path):
+  res = bench.jax_part(["tiny"], [1, 2], ["xla"], [], ["per_layer"], ["pallas"], "auto")
+  rows = {r["batch"]: r for r in res["rows"]}
+  assert {b: (r["kernel_layout"], r["ar_kernel_layout"]) for b, r in rows.items()} == {
+      1: ("in_out", "out_in"), 2: ("in_out", "in_out")}
+  for r in rows.values():
+    assert isinstance(r["ar"], dict) and r["ar"]["tokens"] == 4 * r["batch"]
+    assert r["ar_tokens_per_s"] > 0 and r["sub8_forward_s"] > 0 and r["block32_forward_s"] > 0
+  assert (tmp_path / "decode_jax.json").is_file()

@@ -272,7 +272,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     conversations = None
     if args.prompts:
       conversations = read_prompts(args.prompts)
-    pretrained = decoding_cli.load(args, "decode.py")
+    # The batch the decoder runs: one conversation for --chat, --live and --prompt.
+    batch = max(1, min(args.batch_size, len(conversations))) if conversations else 1
+    pretrained = decoding_cli.load(args, "decode.py", batch=batch)
     cfg = decoding_cli.decode_config(args, pretrained, **_sampling(args))
     if args.live:
       result = live(args, pretrained, cfg, [{"role": "user", "content": args.prompt}])

@@ -130,12 +130,8 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
       pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
       floor_step = pbytes / bw
       for b in batches:
-        ar_layout = base.kernel_layout
-        if kernel_layout == "auto":
-          ar_layout = model.decode_kernel_layout(cfg, mode="ar", batch=b,
-                                                 stacked=layout == "stacked")
         row = {"shape": name, "impl": impl, "layout": layout, "matvec": mv, "batch": b,
-               "kernel_layout": base.kernel_layout, "ar_kernel_layout": ar_layout,
+               "kernel_layout": base.kernel_layout,
                "param_bytes": pbytes,
                "floor_tokens_per_s": b / floor_step}
         prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
@@ -156,7 +152,12 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
           return {"s": statistics.median(times), "tokens": tokens, "nfe": nfe,
                   "iterations": int(out[2]["iterations"]), "compile_s": compile_s}
 
-        def run_ar():  # (in ar_layout: a transposed copy for the run where it differs)
+        def run_ar():  # (a transposed copy for the run where auto picks the other layout)
+          ar_layout = base.kernel_layout
+          if kernel_layout == "auto":
+            ar_layout = model.decode_kernel_layout(cfg, mode="ar", batch=b,
+                                                   stacked=layout == "stacked")
+          row["ar_kernel_layout"] = ar_layout
           p, c = model.with_kernel_layout(params, cfg, ar_layout)
           return run_generate(decoding.DecodeConfig(mode="ar", max_new_tokens=NEW), p, c)
 
@@ -184,7 +185,8 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save_json("decode_jax.json", res)
-      del params
+      # Drop this variant's weights: the closures' defaults and cells hold them too.
+      params = run_generate = run_ar = step_time = None
     del stacked, by_layout
   return res
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -100,7 +101,7 @@ def stage_train(study, work, data_dir, steps, extra):
 
 def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, reference=None,
               jobs=1, layout="per_layer"):
-  from dllm_jax import checkpoint as ckpt, convert, decoding, eval as ev
+  from dllm_jax import checkpoint as ckpt, convert, decoding, eval as ev, model
 
   if key in study:
     old = study[key]
@@ -112,8 +113,13 @@ def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, referen
                        f"{decode_kwargs['max_new_tokens']}, layout={layout}: use another --work "
                        "(or the same settings to resume)")
     return
-  # bf16 weights and compute, as a user would decode on a GPU.
-  pre = convert.cast(ckpt.load_model(checkpoint), "bfloat16", layout)
+  # bf16 weights and compute, and the kernel layout `python -m dllm_jax.eval` would pick for
+  # this mode and batch (--kernel-layout auto), as a user would decode on a GPU.
+  loaded = ckpt.load_model(checkpoint)
+  runs = dataclasses.replace(loaded.config, dtype="bfloat16", param_dtype="bfloat16")
+  kernel_layout = model.decode_kernel_layout(runs, mode=decode_kwargs["mode"], batch=batch,
+                                             stacked=layout == "stacked")
+  pre = convert.cast(loaded, "bfloat16", layout, kernel_layout=kernel_layout)
   problems = ev.load_gsm8k(os.path.join(study["data_dir"], "test.jsonl"), limit)
   records, summary = ev.evaluate(pre, problems, decoding.DecodeConfig(**decode_kwargs), batch,
                                  log=lambda *a: None, layout=layout)

@@ -250,7 +250,7 @@ def _read_model_json(path: pathlib.Path) -> tuple[config_lib.ModelConfig, dict]:
   """(model config, metadata) of a run's model.json at `path`."""
   try:
     saved = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise config_lib.ConfigError(f"{path} is not JSON ({e}); it is the run's model config, "
                                  "which train.py writes: restore it or start a new run") from None
   if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):

@@ -79,10 +79,11 @@ def _config(args, **fields):
       use_dual_cache=not args.no_dual_cache, **fields)
 
 
-def load(args, command: str):
+def load(args, command: str, *, batch: int | None = None):
   """The checkpoint as a `convert.Pretrained` for decoding: with a tokenizer, a block-diffusion
-  model for --mode diffusion (or --force, with a warning), cast to the dtype and in the layout
-  asked for. `command` names the caller in errors."""
+  model for --mode diffusion (or --force, with a warning), cast to the dtype and in the layouts
+  asked for. `command` names the caller in errors; `batch` is the batch the decoder will run
+  (default --batch-size), which `--kernel-layout auto` decides on."""
   import dataclasses
 
   import jax
@@ -110,8 +111,12 @@ def load(args, command: str):
   if kernel_layout == "auto":  # (decided on the config the decoder will run)
     runs = dataclasses.replace(pretrained.config, dtype=dtype, param_dtype=dtype,
                                matvec_impl=args.matvec)
-    kernel_layout = model.decode_kernel_layout(runs, mode=args.mode, batch=args.batch_size,
-                                               stacked=args.layout == "stacked")
+    try:
+      kernel_layout = model.decode_kernel_layout(
+          runs, mode=args.mode, batch=args.batch_size if batch is None else batch,
+          stacked=args.layout == "stacked")
+    except ValueError as e:  # (--matvec pallas where the kernels do not run: named)
+      raise UsageError(f"--matvec {args.matvec}: {e}") from None
   return convert.cast(pretrained, dtype, args.layout, args.matvec, kernel_layout)
 
 

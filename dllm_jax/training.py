@@ -278,13 +278,27 @@ def keep_run_layout(cfg, run_dir: pathlib.Path):
   are in_out. On several processes, process 0's reading decides for all."""
   from dllm_jax import checkpoint
 
-  saved = checkpoint.saved_model_config(run_dir)
-  layout = cfg.model.kernel_layout if saved is None else saved.kernel_layout
-  if jax.process_count() > 1:  # every process resumes in process 0's reading
+  def read() -> tuple[Optional[str], Optional[str]]:  # (layout, why it could not be read)
+    try:
+      saved = checkpoint.saved_model_config(run_dir)
+    except (ConfigError, OSError) as e:
+      return None, str(e)
+    return (cfg.model.kernel_layout if saved is None else saved.kernel_layout), None
+
+  if jax.process_count() == 1:
+    layout, why = read()
+  else:
+    # Process 0 reads and every process takes its answer (or its refusal), so that one host's
+    # unreadable copy cannot leave the others waiting in a collective.
     from jax.experimental import multihost_utils
 
-    layout = KERNEL_LAYOUTS[int(multihost_utils.broadcast_one_to_all(
-        np.int32(KERNEL_LAYOUTS.index(layout))))]
+    layout, why = read() if jax.process_index() == 0 else (None, None)
+    code = -1 if layout is None else KERNEL_LAYOUTS.index(layout)
+    code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+    layout = None if code < 0 else KERNEL_LAYOUTS[code]
+    why = why or f"process 0 could not read {run_dir}'s model.json (its error says why)"
+  if layout is None:
+    raise ConfigError(f"--resume: {why}")
   if layout == cfg.model.kernel_layout:
     return cfg
   log.info("--resume: %s stores its kernels %s; continuing in that layout (the config says "

@@ -84,8 +84,9 @@ def test_ar_batch_one_with_fused_projections(dirs, monkeypatch):
   plain = matvec.norm_matvec
   monkeypatch.setattr(matvec, "norm_matvec",
                       lambda *a, **k: traced.append(k.get("out_major")) or plain(*a, **k))
+  # (No --batch-size: one --prompt decodes at batch 1, which --kernel-layout auto decides on.)
   base = ["--checkpoint", dirs["ar"], "--prompt", "What is 2+2?", "--mode", "ar",
-          "--batch-size", "1", "--max-new-tokens", "10"]
+          "--max-new-tokens", "10"]
   want = decode.main(base)
   assert not traced
   got = decode.main(base + ["--matvec", "pallas"])
@@ -99,6 +100,18 @@ def test_ar_batch_one_with_fused_projections(dirs, monkeypatch):
     io = decode.main(base + ["--matvec", matvec_impl, "--kernel-layout", "in_out"])
     assert io["results"][0]["text"] == want["results"][0]["text"]
   assert set(traced) == {False}
+
+
+def test_kernels_that_cannot_run_are_a_usage_error(dirs, monkeypatch):
+  # --kernel-layout auto asks whether the one-row kernels run; where --matvec pallas cannot, the
+  # answer is one named error line, not a traceback.
+  def refuse(*a, **k):
+    raise ValueError("model.matvec_impl='pallas' runs a Triton kernel, which has no 'tpu' "
+                     "lowering")
+  monkeypatch.setattr(model, "_row_kernels", refuse)
+  with pytest.raises(SystemExit, match="--matvec pallas: model.matvec_impl='pallas' runs"):
+    decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", "--mode", "ar", "--matvec",
+                 "pallas"])
 
 
 def test_diffusion_mode_refused_for_non_diffusion_checkpoint(dirs):

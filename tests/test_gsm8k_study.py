@@ -78,3 +78,31 @@ def test_resuming_with_other_settings_is_an_error(study_mod, tmp_path):
   # The same settings resume (nothing to do).
   study_mod._evaluate(study, tmp_path, "ar_model_ar", "unused", {"max_new_tokens": 256}, 32, None,
                       layout="stacked")
+
+
+def test_evaluate_decodes_in_the_layout_eval_would_pick(study_mod, tmp_path, monkeypatch):
+  # The batch-1 speed stage must time what `python -m dllm_jax.eval --batch-size 1` runs: the
+  # kernel layout `--kernel-layout auto` picks for the mode and batch.
+  import jax
+
+  from dllm_jax import convert, model, tokenizer
+  from dllm_jax.config import ModelConfig
+
+  tok = tokenizer.simple_chars()
+  cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  convert.export_hf_dir(convert.Pretrained(model.init_params(cfg, jax.random.key(0)), cfg, tok,
+                                           {}), tmp_path / "hf")
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "test.jsonl").write_text("".join(
+      json.dumps({"question": f"{i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(2)))
+  asked = []
+  monkeypatch.setattr(model, "decode_kernel_layout",
+                      lambda cfg, **kw: asked.append(kw) or "out_in")
+  study = {"data_dir": str(tmp_path / "data")}
+  monkeypatch.setattr(study_mod, "_save", lambda work, study: None)
+  study_mod._evaluate(study, tmp_path, "speed_ar", str(tmp_path / "hf"),
+                      dict(mode="ar", max_new_tokens=4), 1, None)
+  assert asked == [dict(mode="ar", batch=1, stacked=False)]
+  assert study["speed_ar"]["kernel_layout"] == "out_in" and study["speed_ar"]["n"] == 2

@@ -429,3 +429,24 @@ def test_export_tensors_of_per_layer_params_equal_stacked():
   for name in stacked:
     np.testing.assert_array_equal(per_layer[name], stacked[name])
     np.testing.assert_array_equal(out_in[name], stacked[name])
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_cast_to_another_kernel_layout_on_host_or_device(on_host):
+  # Host params are transposed as views before the one device copy; device params are cast
+  # first, so the transposed copy is made in the smaller dtype. Same result either way.
+  from dllm_jax.config import ModelConfig
+
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=8)
+  params = model.init_params(cfg, jax.random.key(0))
+  if on_host:
+    params = jax.tree_util.tree_map(np.asarray, params)
+  pre = convert.Pretrained(params=params, config=cfg, tokenizer=None, metadata={})
+  got = convert.cast(pre, "bfloat16", kernel_layout="out_in")
+  assert got.config.kernel_layout == "out_in" and got.config.dtype == "bfloat16"
+  want, _ = model.with_kernel_layout(params, cfg, "out_in")
+  for g, w in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(want)):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g, np.float32),
+                                  np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -116,8 +115,8 @@ def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, referen
   # bf16 weights and compute, and the kernel layout `python -m dllm_jax.eval` would pick for
   # this mode and batch (--kernel-layout auto), as a user would decode on a GPU.
   loaded = ckpt.load_model(checkpoint)
-  runs = dataclasses.replace(loaded.config, dtype="bfloat16", param_dtype="bfloat16")
-  kernel_layout = model.decode_kernel_layout(runs, mode=decode_kwargs["mode"], batch=batch,
+  kernel_layout = model.decode_kernel_layout(convert.cast_config(loaded.config, "bfloat16"),
+                                             mode=decode_kwargs["mode"], batch=batch,
                                              stacked=layout == "stacked")
   pre = convert.cast(loaded, "bfloat16", layout, kernel_layout=kernel_layout)
   problems = ev.load_gsm8k(os.path.join(study["data_dir"], "test.jsonl"), limit)

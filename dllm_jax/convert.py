@@ -490,6 +490,16 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32") -> 
       f"shortcuts: {sorted(SHORTCUTS)}")
 
 
+def cast_config(cfg: ModelConfig, dtype: str, matvec_impl: Optional[str] = None) -> ModelConfig:
+  """The config `cast` gives the model (weights and compute in `dtype`, `matvec_impl` set unless
+  None): what a decoder of the cast model runs, and so what `model.decode_kernel_layout` is
+  asked about before the cast."""
+  runtime = {"dtype": dtype, "param_dtype": dtype}
+  if matvec_impl is not None:
+    runtime["matvec_impl"] = matvec_impl
+  return dataclasses.replace(cfg, **runtime)
+
+
 def cast(pretrained: Pretrained, dtype: str, layout: Optional[str] = None,
          matvec_impl: Optional[str] = None, kernel_layout: Optional[str] = None) -> Pretrained:
   """The model with weights stored and computed in `dtype`: a decoder reads every weight once
@@ -515,12 +525,9 @@ def cast(pretrained: Pretrained, dtype: str, layout: Optional[str] = None,
     # On a device, cast first: the transposed copy is then made in `dtype` (bf16 from a
     # float32 run: 7B weights of 14 GB, not 28, beside the loaded ones).
     params, cfg = model.with_kernel_layout(cast_all(params), cfg, kernel_layout)
-  runtime = {"dtype": dtype, "param_dtype": dtype}
-  if matvec_impl is not None:
-    runtime["matvec_impl"] = matvec_impl
   return dataclasses.replace(
       pretrained, params=params if layout is None else model.with_layout(params, layout),
-      config=dataclasses.replace(cfg, **runtime))
+      config=cast_config(cfg, dtype, matvec_impl))
 
 
 def not_diffusion_reason(pretrained: Pretrained) -> Optional[str]:

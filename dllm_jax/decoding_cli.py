@@ -84,8 +84,6 @@ def load(args, command: str, *, batch: int | None = None):
   model for --mode diffusion (or --force, with a warning), cast to the dtype and in the layouts
   asked for. `command` names the caller in errors; `batch` is the batch the decoder will run
   (default --batch-size), which `--kernel-layout auto` decides on."""
-  import dataclasses
-
   import jax
 
   from dllm_jax import checkpoint, convert, model
@@ -109,8 +107,7 @@ def load(args, command: str, *, batch: int | None = None):
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   kernel_layout = args.kernel_layout
   if kernel_layout == "auto":  # (decided on the config the decoder will run)
-    runs = dataclasses.replace(pretrained.config, dtype=dtype, param_dtype=dtype,
-                               matvec_impl=args.matvec)
+    runs = convert.cast_config(pretrained.config, dtype, args.matvec)
     try:
       kernel_layout = model.decode_kernel_layout(
           runs, mode=args.mode, batch=args.batch_size if batch is None else batch,

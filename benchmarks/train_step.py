@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ceilings, error_text, run_meta, save_json  # noqa: E402
 from benchmarks.decode import SHAPES  # noqa: E402
-from dllm_jax.config import DEFAULT_KERNEL_LAYOUT, KERNEL_LAYOUTS  # noqa: E402
+from dllm_jax.config import KERNEL_LAYOUTS  # noqa: E402
 
 
 def model_flops_per_row(cfg, seq_len: int, kind: str, layout: str, block: int) -> float:
@@ -154,7 +154,7 @@ def main():
   ap.add_argument("--remat", default="full")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--loss-chunk", type=int, default=0, help="objective.loss_chunk (0: no chunks)")
-  ap.add_argument("--kernel-layout", default=DEFAULT_KERNEL_LAYOUT, choices=KERNEL_LAYOUTS,
+  ap.add_argument("--kernel-layout", default="in_out", choices=KERNEL_LAYOUTS,
                   help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]")
   args = ap.parse_args()
   res = run(args.shape, args.seq_len, args.variants.split(","),

@@ -19,7 +19,6 @@ class ConfigError(ValueError):
 
 
 KERNEL_LAYOUTS = ("in_out", "out_in")  # `ModelConfig.kernel_layout`
-DEFAULT_KERNEL_LAYOUT = "in_out"  # (what the loaders of pretrained models give, too)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +60,7 @@ class ModelConfig:
   # decoders convert to out_in where the one-row kernels run (`model.decode_kernel_layout`).
   # `model.with_kernel_layout` converts; a run's model.json records its layout (a file without
   # it is in_out, the layout before the field existed) and a resumed run keeps it.
-  kernel_layout: str = DEFAULT_KERNEL_LAYOUT
+  kernel_layout: str = "in_out"
 
   def __post_init__(self):
     if self.architecture not in ("llama", "qwen2"):

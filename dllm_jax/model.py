@@ -309,6 +309,26 @@ def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, max_len: int) -> bool
           decode.row_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, max_len) is None)
 
 
+# Whether the one-row step's MLP runs the Mosaic GPU launches (`kernels.matvec_mgpu`: TMA, rows
+# spread evenly over the SMs) where they apply, instead of `kernels.matvec`'s Triton gate/up and
+# down. Off until measured: they are exact in the CPU interpreter and lower for CUDA, but have
+# not run on a GPU (session 25). A knob for benchmarks/decode_profile.py's `--row-tma`.
+ROW_TMA = False
+
+
+def _row_tma(cfg: ModelConfig, out_major: bool, interpret: bool) -> bool:
+  """Whether the one-row step's gate/up and down run `kernels.matvec_mgpu` (`ROW_TMA`): out-major
+  weights, shapes they cover, and a Hopper GPU (or the CPU's interpreter)."""
+  if not (ROW_TMA and out_major):
+    return False
+  from dllm_jax.kernels import flash_mgpu, matvec_mgpu
+
+  e, f = cfg.hidden_size, cfg.intermediate_size
+  dt = jnp.dtype(cfg.dtype)
+  return ((interpret or flash_mgpu.on_hopper()) and matvec_mgpu.unsupported(e, f, dt) is None
+          and matvec_mgpu.unsupported(f, e, dt) is None)
+
+
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
                      write_mask_B):
   """`DecoderLayer` for a single row (B = T = 1) against the cache, by `kernels.matvec`: the
@@ -371,12 +391,35 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
     o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt), wt(a["o"], h * d),
                                   out_major=om, interpret=interpret)
   m = p["mlp"]
-  (act,), x_E = matvec.norm_matvec(
-      x_E, (wt(m["gate"], e), wt(m["up"], e)), add_E=o_SE,
-      norm_scale_E=p["mlp_norm"]["scale"].astype(dt), eps=cfg.rms_norm_eps, silu_pair=True,
-      out_major=om, interpret=interpret)
-  down_SE = matvec.matvec_partials(act, wt(m["down"], cfg.intermediate_size), out_major=om,
-                                   interpret=interpret)
+  gate_up = (wt(m["gate"], e), wt(m["up"], e))
+  mlp_scale = p["mlp_norm"]["scale"].astype(dt)
+  if _row_tma(cfg, om, interpret):
+    from dllm_jax.kernels import matvec_mgpu
+
+    act, x_E = matvec_mgpu.silu_pair(x_E, *gate_up, add_E=o_SE, norm_scale_E=mlp_scale,
+                                     eps=cfg.rms_norm_eps, interpret=interpret)
+  else:
+    (act,), x_E = matvec.norm_matvec(
+        x_E, gate_up, add_E=o_SE, norm_scale_E=mlp_scale, eps=cfg.rms_norm_eps, silu_pair=True,
+        out_major=om, interpret=interpret)
+  down_SE = _down_launch(cfg)(act, wt(m["down"], cfg.intermediate_size))
+  return (x_E, down_SE), new_cache
+
+
+def _down_launch(cfg: ModelConfig):
+  """The one-row step's down product as a function of (act [F], weight in the config's kernel
+  layout): float32 partial sums [S, E] from `kernels.matvec_mgpu` (`_row_tma`) or
+  `kernels.matvec`, as the next layer's first launch adds them. One place, so that the stacked
+  layout's carry (`Transformer`) has the parts' shape the launch makes."""
+  om = cfg.kernel_layout == "out_in"
+  interpret = jax.default_backend() == "cpu"
+  if _row_tma(cfg, om, interpret):
+    from dllm_jax.kernels import matvec_mgpu
+
+    return functools.partial(matvec_mgpu.matvec_parts, interpret=interpret)
+  from dllm_jax.kernels import matvec
+
+  return functools.partial(matvec.matvec_partials, out_major=om, interpret=interpret)
   return (x_E, down_SE), new_cache
 
 
@@ -423,11 +466,10 @@ class Transformer(nn.Module):
       e, f, dt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.dtype)
       pending = None
       if self.stacked:
-        from dllm_jax.kernels import matvec
-
         # The down launch's parts, shaped as that launch (with whatever knobs it runs) makes them.
-        parts = jax.eval_shape(matvec.matvec_partials, jax.ShapeDtypeStruct((f,), dt),
-                               jax.ShapeDtypeStruct((f, e), dt))
+        w = (e, f) if cfg.kernel_layout == "out_in" else (f, e)
+        parts = jax.eval_shape(_down_launch(cfg), jax.ShapeDtypeStruct((f,), dt),
+                               jax.ShapeDtypeStruct(w, dt))
         pending = jnp.zeros(parts.shape, parts.dtype)
       x = (x.reshape(e), pending)
     if cfg.remat != "none":

@@ -1,0 +1,414 @@
+"""The batch-1 AR step's MLP launches in Mosaic GPU (Hopper): weights streamed by TMA, rows
+spread evenly over the SMs. Opt-in (`model.ROW_TMA`); exact in the CPU interpreter and lowered
+for CUDA on the CPU, but **not yet run on a GPU** (written in session 25, which had no device).
+
+Why: the Pallas Triton gate/up launch (`matvec.norm_matvec`) reads its weights at ~0.87 of the
+copy rate and down at ~0.85, where XLA's TMA GEMM reads the same weights at ~1.2 (H200,
+BENCHMARKS.md sessions 18-20); pointer loads do not stream like TMA. Session 20 found jax's
+persistent Mosaic GPU matmul at ~1.0 of the copy rate only where every SM had one work tile:
+the 1.5B's 8960 gate/up columns in 64-row tiles are 140 tiles on 132 SMs, and the 8 SMs with
+two set the time. Hence the plan here (`row_plan`): a CTA takes a contiguous run of the
+weight's rows (output features) in units of 8, spread so that no CTA has more than one unit over
+another (the 1.5B's gate/up on 132 CTAs: 64 of 72 rows, 68 of 64).
+
+Weights out-major only ([N, K], `ModelConfig.kernel_layout="out_in"`): a CTA's step tile
+[rows, 64] is `rows` runs of 128 bytes, one TMA box into a 128-byte-swizzled slot; SLOTS of them
+in flight. The products run on the CUDA cores, not wgmma: each tile is read from shared memory
+in the wgmma register layout, multiplied by the row's 64-element chunk broadcast along its rows,
+and summed along them in float32 (one row needs no tensor cores, and this is the same code in
+the CPU interpreter, which has no transposed wgmma operand). Rows are padded to 64 for that
+layout; the padding rows read stale shared memory and are never stored.
+
+Numerics are `matvec.norm_matvec`'s and `matvec.matvec_partials`' (which follow the model's XLA
+path): the residual-added row rounded to the compute dtype, scale * row rounded, float32
+products, 1/rms applied to their sums, then each product rounded, and SiLU(gate) * up rounded
+as XLA rounds its bf16 ops; only the order of the float32 sums differs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+BK = 64  # a step's columns of the weight: one 128-byte swizzle tile of bf16
+UNIT = 8  # rows are handed out in units of a TMA box's tile height
+# Slots of weight tiles in flight per CTA. A gate/up step is two [72, 64] tiles (18 KB); down's
+# tiles are narrower (24 rows at the 1.5B), so it keeps more in flight. Unmeasured: chosen so
+# ~70 KB a CTA are in flight (bandwidth x latency of an H200, ~4 TB/s x ~2 us, over 132 SMs).
+GATE_UP_SLOTS = 4
+DOWN_SLOTS = 12
+
+
+def _plgpu():
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # absent from some CPU-only jaxlib builds
+  return plgpu
+
+
+def _interpret_params():
+  from dllm_jax.kernels.flash_mgpu import _interpret_params as params
+  return params()
+
+
+def _round(x, dtype):
+  """float32 -> dtype -> float32: what storing a `dtype` intermediate does."""
+  return x.astype(dtype).astype(jnp.float32)
+
+
+def row_plan(n: int, ctas: int) -> tuple[int, int, int]:
+  """(n_big, big, small): the first n_big of `ctas` CTAs take `big` rows of n, the others `small`,
+  handed out in units of UNIT rows so that big - small is one unit (zero when they divide)."""
+  if n % UNIT or n // UNIT < ctas or ctas < 1:
+    raise ValueError(f"row_plan: {n} rows do not split into {ctas} runs of whole {UNIT}-row "
+                     "units (rows a multiple of 8, at least one unit a CTA)")
+  units = n // UNIT
+  small = units // ctas
+  n_big = units - small * ctas
+  return n_big, (small + 1) * UNIT, small * UNIT
+
+
+def unsupported(e: int, n: int, dtype) -> str | None:
+  """Why these kernels cannot run a row of length e times weights of n rows (None when they can):
+  the row's steps and the rows' units must be whole."""
+  if e % 128:
+    return f"row length {e} is not a multiple of 128 (the row's work is spread over 128 threads)"
+  if n % UNIT:
+    return f"weight rows {n} are not a multiple of {UNIT}"
+  if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+    return f"dtype {jnp.dtype(dtype).name} is not bfloat16"
+  try:
+    _plgpu()
+  except ImportError as err:
+    return f"no Mosaic GPU in this jax ({err})"
+  return None
+
+
+def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, interpret, prologue=None):
+  """float32 [m] per weight (m = rows rounded up to 64): the sum over steps i < nk of
+  w[r0 : r0 + rows, (k0 + i) * BK :][:, :BK] times `chunk(i)` (float32 [BK], the row's chunk in
+  the wgmma column layout). Weight j's step tiles land in w_s [slots * len(w_refs) * big + pad,
+  BK] at rows (slot * len(w_refs) + j) * big (barrier bars[j][slot]), refilled `slots` steps
+  ahead; a tile is read as m rows, the rows past it belonging to the next tile or the pad. The
+  loop is unrolled `slots` times so every slot's offset is static (Mosaic GPU lowers no dynamic
+  offset into a tiled dimension). `prologue()` runs once the first slots' copies are issued (the
+  row's own work, overlapping them); returns (sums, what prologue returned)."""
+  plgpu = _plgpu()
+  wl = plgpu.Layout.WGMMA
+  m = -(-rows // 64) * 64
+  nw = len(w_refs)
+  at = lambda slot, j: (slot * nw + j) * big
+
+  def fetch(i, slot):
+    cols = pl.ds((k0 + i) * BK, BK)
+    for j, w_ref in enumerate(w_refs):
+      plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(r0, rows), cols], w_s.at[pl.ds(at(slot, j), rows)],
+                              bars[j].at[slot])
+
+  for s in range(min(slots, nk)):
+    fetch(s, s)
+  before = prologue() if prologue is not None else None
+
+  def step(i, slot, accs):
+    xb = lax.broadcast_in_dim(chunk(i), (m, BK), [1])
+    out = []
+    for j, acc in enumerate(accs):
+      plgpu.barrier_wait(bars[j].at[slot])
+      tile = w_s.at[pl.ds(at(slot, j), m)]
+      w = (tile[...] if interpret else plgpu.load(tile, (), layout=wl)).astype(jnp.float32)
+      out.append(acc + jnp.sum(w * xb, axis=1))
+    # (Mosaic puts a warpgroup barrier before a copy: every thread's reads of the slot are done.)
+    pl.when(i + slots < nk)(lambda: fetch(i + slots, slot))
+    return tuple(out)
+
+  def rounds(r, accs):
+    for s in range(slots):
+      accs = step(r * slots + s, s, accs)
+    return accs
+
+  z = jnp.zeros((m,), jnp.float32)
+  if not interpret:
+    z = plgpu.layout_cast(z, wl.reduce(1))
+  accs = lax.fori_loop(0, nk // slots, rounds, (z,) * nw)
+  for s in range(nk % slots):
+    accs = step(nk // slots * slots + s, s, accs)
+  return accs, before
+
+
+def _chunk_loader(x_s, k0, interpret):
+  """chunk(i): float32 [BK], chunk k0 + i of the row in shared memory [steps, BK], in the layout
+  `_stream` broadcasts along the tile's rows."""
+  plgpu = _plgpu()
+
+  def chunk(i):
+    ref = x_s.at[k0 + i]
+    v = ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+    return v.astype(jnp.float32)
+  return chunk
+
+
+def _row_loader(e, interpret):
+  """load(ref): a [e / BK, BK] row input from shared memory, every dtype in one strided layout
+  (Mosaic picks a vector width per dtype by default, and bf16 and float32 values then do not
+  combine)."""
+  plgpu = _plgpu()
+  vec = next(v for v in (4, 2, 1) if e % (128 * v) == 0)
+  layout = plgpu.Layout.WG_STRIDED((e // BK, BK), vec_size=vec)
+  return lambda ref: ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+
+def _rows_of(cta, n_big, big, small, run):
+  """Calls run(rows, r0) with this CTA's static row count and its first row."""
+  if n_big:
+    pl.when(cta < n_big)(lambda: run(big, cta * big))
+  if small:
+    pl.when(cta >= n_big)(lambda: run(small, n_big * big + (cta - n_big) * small))
+
+
+def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
+              add_E: Optional[jax.Array] = None, norm_scale_E: Optional[jax.Array] = None,
+              eps: float = 1e-6, ctas: Optional[int] = None, slots: int = GATE_UP_SLOTS,
+              interpret: bool = False):
+  """(act [F], row): `act = SiLU(norm(x + add) @ gate.T) * (norm(x + add) @ up.T)`, as
+  `matvec.norm_matvec(x, (gate, up), silu_pair=True, out_major=True, ...)` computes it.
+
+  x [E] bf16; gate, up [F, E] (out-major). `add_E`: an added row [E], or float32 partial sums
+  [S, E] (`matvec_partials`' or `matvec_parts`' output) whose sum rounded to bf16 is added; the
+  residual-added row is returned as `row` (None without an add). `norm_scale_E`: RMSNorm's scale
+  (eps `eps`), its 1/rms applied to the products' sums. `ctas` (default two an SM) and `slots`
+  are tuning knobs (`ctas` default: two an SM where their shared memory fits, see
+  `_default_pair_ctas`).
+  """
+  plgpu = _plgpu()
+  _check("silu_pair", x_E, (gate_FE, up_FE))
+  if gate_FE.shape != up_FE.shape:
+    raise ValueError(f"silu_pair: gate {gate_FE.shape} and up {up_FE.shape} differ")
+  e = x_E.shape[0]
+  f = gate_FE.shape[0]
+  if add_E is not None and not (add_E.shape == (e,) or (add_E.ndim == 2 and add_E.shape[1] == e
+                                                        and add_E.shape[0] >= 1)):
+    raise ValueError(f"silu_pair: add_E has shape {add_E.shape}; the row ({e},) or partial sums "
+                     f"[S, {e}] expected")
+  if norm_scale_E is not None and norm_scale_E.shape != (e,):
+    raise ValueError(f"silu_pair: norm_scale_E has shape {norm_scale_E.shape}, the row ({e},)")
+  nk = e // BK
+  dtype = x_E.dtype
+  parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
+  ctas = _ctas("silu_pair", ctas, slots,
+               lambda: _default_pair_ctas(e, f, parts, slots, _sms()))
+  n_big, big, small = row_plan(f, ctas)
+  has_add, has_norm = add_E is not None, norm_scale_E is not None
+  mpad = -(-big // 64) * 64
+
+  def kernel(*refs):
+    it = iter(refs)
+    x_ref = next(it)
+    add_ref = next(it) if has_add else None
+    scale_ref = next(it) if has_norm else None
+    g_ref, u_ref, act_ref = next(it), next(it), next(it)
+    row_ref = next(it) if has_add else None
+    x_s, add_s, sc_s, nx_s, w_s, o_s, in_bar, g_bar, u_bar = it
+    cta = lax.axis_index("cta")
+    # The row's inputs by TMA; the weights' first slots are issued at once after them.
+    plgpu.copy_gmem_to_smem(x_ref, x_s, in_bar.at[0])
+    if has_add:
+      plgpu.copy_gmem_to_smem(add_ref, add_s, in_bar.at[1])
+    if has_norm:
+      plgpu.copy_gmem_to_smem(scale_ref, sc_s, in_bar.at[2])
+
+    def run(rows, r0):
+      def prologue():
+        # The row: the residual add, and scale * row, into nx_s [nk, BK] (the products' operand);
+        # 1/rms is a scalar that multiplies the products' sums.
+        load = _row_loader(e, interpret)
+        plgpu.barrier_wait(in_bar.at[0])
+        row = load(x_s).astype(jnp.float32)
+        if has_add:
+          plgpu.barrier_wait(in_bar.at[1])
+          if parts:
+            a = load(add_s.at[0])
+            for s in range(1, parts):
+              a = a + load(add_s.at[s])
+            a = _round(a, dtype)
+          else:
+            a = load(add_s).astype(jnp.float32)
+          row = _round(row + a, dtype)
+        rsqrt = None
+        if has_norm:
+          plgpu.barrier_wait(in_bar.at[2])
+          rsqrt = lax.rsqrt(jnp.sum(row * row) / e + eps)
+          nx_s[...] = _round(load(sc_s).astype(jnp.float32) * row, dtype).astype(dtype)
+        else:
+          nx_s[...] = row.astype(dtype)
+        if has_add:
+          @pl.when(cta == 0)
+          def _():
+            x_s[...] = row.astype(dtype)  # x is read; its slot holds the row's copy out
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(x_s, row_ref)
+        return rsqrt
+
+      (g, u), rsqrt = _stream((g_ref, u_ref), w_s, (g_bar, u_bar), _chunk_loader(nx_s, 0, interpret),
+                              rows, big, r0, 0, nk, slots, interpret, prologue)
+      if rsqrt is not None:
+        g, u = g * rsqrt, u * rsqrt
+      g, u = _round(g, dtype), _round(u, dtype)
+      s_ = _round(g * _round(jax.nn.sigmoid(g), dtype), dtype)
+      o_s[pl.ds(0, s_.shape[0])] = (s_ * u).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, rows)], act_ref.at[pl.ds(r0, rows)])
+      plgpu.wait_smem_to_gmem(0)
+
+    _rows_of(cta, n_big, big, small, run)
+
+  kernel.__name__ = "silu_pair_tma"
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  args = [x_E.reshape(nk, BK)]
+  if has_add:
+    args.append(add_E.astype(jnp.float32).reshape(parts, nk, BK) if parts
+                else add_E.astype(dtype).reshape(nk, BK))
+  if has_norm:
+    args.append(norm_scale_E.astype(dtype).reshape(nk, BK))
+  outs = [jax.ShapeDtypeStruct((f,), dtype)]
+  if has_add:
+    outs.append(jax.ShapeDtypeStruct((nk, BK), dtype))
+  add_smem = ((parts, nk, BK) if parts else (nk, BK)) if has_add else (1, 8)
+  res = plgpu.kernel(
+      kernel,
+      out_type=outs,
+      scratch_types=[
+          plgpu.SMEM((nk, BK), dtype),
+          plgpu.SMEM(add_smem, jnp.float32 if parts else dtype),
+          plgpu.SMEM((nk, BK) if has_norm else (1, 8), dtype),
+          plgpu.SMEM((nk, BK), dtype),
+          plgpu.SMEM((slots * 2 * big + mpad - big, BK), dtype, **tiled),
+          plgpu.SMEM((mpad,), dtype),
+          plgpu.Barrier(num_barriers=3),
+          plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots)],
+      grid=(ctas,), grid_names=("cta",),
+      interpret=_interpret_params() if interpret else None,
+  )(*args, gate_FE, up_FE)
+  act = res[0]
+  return act, (res[1].reshape(e) if has_add else None)
+
+
+def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = None,
+                 ctas: Optional[int] = None, slots: int = DOWN_SLOTS,
+                 interpret: bool = False) -> jax.Array:
+  """x [K] @ w.T, w out-major [N, K], as float32 partial sums [splits, N] over `splits` equal runs
+  of the row (split-K), as `matvec.matvec_partials(..., out_major=True)` leaves them; the next
+  launch sums them where it reads its row (`add_E`). Each run of the row has ctas / splits CTAs,
+  which split the N rows as `row_plan` does. `splits` (default `default_splits`), `ctas` (default
+  the SMs rounded down to a multiple of `splits`, at most one a unit of 8 rows) and `slots` are
+  tuning knobs."""
+  plgpu = _plgpu()
+  _check("matvec_parts", x_K, (w_NK,))
+  k = x_K.shape[0]
+  n = w_NK.shape[0]
+  if splits is None:
+    splits = default_splits(k, n, _sms())
+  if not isinstance(splits, int) or splits < 1 or (k // BK) % splits:
+    raise ValueError(f"matvec_parts: splits={splits!r} must be a positive integer dividing the "
+                     f"row's {k // BK} steps of {BK}")
+  ctas = _ctas("matvec_parts", ctas, slots,
+               lambda: splits * min(_sms() // splits, n // UNIT), multiple=splits)
+  per = ctas // splits
+  n_big, big, small = row_plan(n, per)
+  nk = k // BK // splits
+  dtype = x_K.dtype
+  mpad = -(-big // 64) * 64
+
+  def kernel(x_ref, w_ref, o_ref, x_s, w_s, o_s, x_bar, w_bar):
+    cta = lax.axis_index("cta")
+    part = lax.div(cta, jnp.int32(per))
+    k0 = part * nk
+    plgpu.copy_gmem_to_smem(x_ref.at[part], x_s, x_bar.at[0])
+
+    def run(rows, r0):
+      (y,), _ = _stream((w_ref,), w_s, (w_bar,), _chunk_loader(x_s, 0, interpret), rows, big, r0,
+                        k0, nk, slots, interpret, lambda: plgpu.barrier_wait(x_bar.at[0]))
+      o_s[pl.ds(0, y.shape[0])] = y
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, rows)], o_ref.at[part, pl.ds(r0, rows)])
+      plgpu.wait_smem_to_gmem(0)
+
+    _rows_of(lax.rem(cta, jnp.int32(per)), n_big, big, small, run)
+
+  kernel.__name__ = "matvec_parts_tma"
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+      scratch_types=[
+          plgpu.SMEM((nk, BK), dtype),
+          plgpu.SMEM((slots * big + mpad - big, BK), dtype, **tiled),
+          plgpu.SMEM((mpad,), jnp.float32),
+          plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=slots)],
+      grid=(ctas,), grid_names=("cta",),
+      interpret=_interpret_params() if interpret else None,
+  )(x_K.reshape(splits, nk, BK), w_NK)
+
+
+def _check(fn, x, ws):
+  """A bf16 row [K] and out-major weights [N, K] these kernels cover, else a ValueError."""
+  if x.ndim != 1 or any(w.ndim != 2 or w.shape[1] != x.shape[0] for w in ws):
+    raise ValueError(f"{fn}: a row [K] and out-major weights [N, K] expected; got x {x.shape} "
+                     f"and weights {[w.shape for w in ws]}")
+  for w in ws:
+    why = unsupported(x.shape[0], w.shape[0], x.dtype)
+    if why is None and w.dtype != x.dtype:
+      why = f"weights {w.dtype} differ from the row's {x.dtype}"
+    if why is not None:
+      raise ValueError(f"{fn}: {why}")
+
+
+SMEM_BYTES = 227 * 1024  # shared memory a Hopper SM gives its CTAs
+
+
+def _pair_smem(e, parts, big, slots):
+  """Shared-memory bytes of a `silu_pair` CTA whose largest run is `big` rows (the
+  reduction scratch Mosaic adds is a few KB more)."""
+  mpad = -(-big // 64) * 64
+  row = 2 * e * 3 + (4 * parts * e if parts else 2 * e)  # x, scale, normed row; the add
+  return row + 2 * BK * (slots * 2 * big + mpad - big) + 2 * mpad
+
+
+def _default_pair_ctas(e, f, parts, slots, sms):
+  """Two CTAs an SM where two fit in its shared memory (the rows past a run, padded to 64 for
+  the register layout, are work too: 40-row runs pad less than 72-row ones), else one; never
+  more CTAs than 8-row units."""
+  for per_sm in (2, 1):
+    ctas = min(per_sm * sms, f // UNIT)
+    big = row_plan(f, ctas)[1]
+    if per_sm * (_pair_smem(e, parts, big, slots) + 8192) <= SMEM_BYTES:
+      return ctas
+  return min(sms, f // UNIT)
+
+
+def default_splits(k: int, n: int, sms: int) -> int:
+  """`matvec_parts`' split of a row of k by n weight rows: the most of 4, 2, 1 that divides the
+  row's steps and still gives each CTA 4 units (32 rows) or more (wider TMA boxes)."""
+  for s in (4, 2):
+    if (k // BK) % s == 0 and n // UNIT >= 4 * (sms // s):
+      return s
+  return 1
+
+
+def _ctas(fn, ctas, slots, default, multiple=1):
+  """The CTA count: `ctas` (checked), or `default()`."""
+  if not isinstance(slots, int) or slots < 1:
+    raise ValueError(f"{fn}: slots={slots!r} must be a positive integer")
+  if ctas is None:
+    ctas = default()
+  if not isinstance(ctas, int) or ctas < 1 or ctas % multiple:
+    raise ValueError(f"{fn}: ctas={ctas!r} must be a positive multiple of {multiple}")
+  return ctas
+
+
+def _sms():
+  from dllm_jax.kernels.decode import sm_count  # the device's SMs (a default on a CPU)
+
+  return sm_count()

@@ -1,0 +1,182 @@
+"""`kernels.matvec_mgpu` (Mosaic GPU's interpreter on CPU) against `kernels.matvec`'s Triton
+launches it would replace, lowered for CUDA at the real shapes, and the model's one-row step
+with it (`model.ROW_TMA`) against the XLA path."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dllm_jax import masks, model
+from dllm_jax.kernels import matvec, matvec_mgpu
+
+from test_matvec import CFG, check_one_row_step
+
+
+def _pair_inputs(key, e, f):
+  k = jax.random.split(key, 6)
+  x = (2 * jax.random.normal(k[0], (e,))).astype(jnp.bfloat16)
+  g = (e ** -0.5 * jax.random.normal(k[1], (f, e))).astype(jnp.bfloat16)
+  u = (e ** -0.5 * jax.random.normal(k[2], (f, e))).astype(jnp.bfloat16)
+  parts = jax.random.normal(k[3], (3, e), jnp.float32)
+  scale = (1 + 0.2 * jax.random.normal(k[4], (e,))).astype(jnp.bfloat16)
+  return x, g, u, parts, scale
+
+
+@pytest.mark.parametrize("add", [None, "parts", "row"])
+@pytest.mark.parametrize("norm", [False, True])
+def test_silu_pair_equals_the_triton_launch(add, norm):
+  # 208 rows on 3 CTAs: two runs of 72 rows and one of 64 (two row counts, padded to 128 and 64
+  # for the register layout); 4 steps through 3 slots (a refill and the unrolled remainder).
+  e, f = 256, 208
+  x, g, u, parts, scale = _pair_inputs(jax.random.key(0), e, f)
+  add_E = {"parts": parts, "row": parts[0].astype(jnp.bfloat16), None: None}[add]
+  kw = dict(add_E=add_E, norm_scale_E=scale if norm else None, eps=1e-5)
+  act, row = matvec_mgpu.silu_pair(x, g, u, ctas=3, slots=3, interpret=True, **kw)
+  (want,), want_row = matvec.norm_matvec(x, (g, u), silu_pair=True, out_major=True,
+                                         interpret=True, **kw)
+  assert act.shape == (f,) and act.dtype == jnp.bfloat16
+  # The same roundings in the same places; only the order of float32 sums differs.
+  np.testing.assert_allclose(np.asarray(act, np.float32), np.asarray(want, np.float32),
+                             rtol=1e-2, atol=1e-2)
+  assert np.mean(np.asarray(act) == np.asarray(want)) > 0.95
+  if add is None:
+    assert row is None and want_row is None
+  else:
+    np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
+
+
+@pytest.mark.parametrize("splits,ctas,slots", [(2, 4, 3), (1, 3, 2), (4, 8, 12)])
+def test_matvec_parts_equal_the_triton_partials(splits, ctas, slots):
+  k, n = 512, 96  # 8 steps of 64: a split's steps through `slots` slots, remainder unrolled
+  kx, kw = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(kx, (k,)).astype(jnp.bfloat16)
+  w = (k ** -0.5 * jax.random.normal(kw, (n, k))).astype(jnp.bfloat16)
+  got = matvec_mgpu.matvec_parts(x, w, splits=splits, ctas=ctas, slots=slots, interpret=True)
+  want = matvec.matvec_partials(x, w, splits=splits, out_major=True, interpret=True)
+  assert got.shape == (splits, n) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  full = jnp.dot(w.astype(jnp.float32), x.astype(jnp.float32))
+  np.testing.assert_allclose(got.sum(0), full, rtol=1e-4, atol=1e-4)
+
+
+def test_row_plan_spreads_rows_evenly():
+  for n, ctas in ((8960, 132), (8960, 264), (1536, 66), (18944, 132), (64, 8), (208, 3)):
+    n_big, big, small = matvec_mgpu.row_plan(n, ctas)
+    assert n_big * big + (ctas - n_big) * small == n
+    assert big % 8 == 0 and small % 8 == 0 and (big - small == 8 or n_big == 0)
+  assert matvec_mgpu.row_plan(8960, 132) == (64, 72, 64)
+  with pytest.raises(ValueError, match="row_plan"):
+    matvec_mgpu.row_plan(100, 3)  # not whole units
+  with pytest.raises(ValueError, match="row_plan"):
+    matvec_mgpu.row_plan(64, 9)  # fewer units than CTAs
+
+
+def test_defaults_fit_shared_memory_and_fill_the_sms():
+  # The 1.5B's gate/up: two CTAs an SM of 40/32-row runs (about 84 KB each); the 7B's, with
+  # 56 KB of float32 parts per CTA, one of 144/136-row runs.
+  assert matvec_mgpu._default_pair_ctas(1536, 8960, 5, 4, 132) == 264
+  assert matvec_mgpu._default_pair_ctas(3584, 18944, 5, 3, 132) == 132
+  for e, f, parts, slots in ((1536, 8960, 5, 4), (3584, 18944, 5, 3), (256, 208, 0, 4)):
+    ctas = matvec_mgpu._default_pair_ctas(e, f, parts, slots, 132)
+    big = matvec_mgpu.row_plan(f, ctas)[1]
+    assert ctas <= f // 8
+    assert matvec_mgpu._pair_smem(e, parts, big, slots) <= matvec_mgpu.SMEM_BYTES
+  assert matvec_mgpu.default_splits(8960, 1536, 132) == 4
+  assert matvec_mgpu.default_splits(512, 96, 132) == 1  # too few rows to split over
+
+
+def test_bad_inputs_are_refused():
+  x, g, u, parts, scale = _pair_inputs(jax.random.key(2), 256, 64)
+  pair = lambda **kw: matvec_mgpu.silu_pair(**{**dict(x_E=x, gate_FE=g, up_FE=u, ctas=2,
+                                                      interpret=True), **kw})
+  with pytest.raises(ValueError, match="out-major weights"):
+    pair(gate_FE=g.T)
+  with pytest.raises(ValueError, match="differ"):
+    pair(up_FE=u[:56])
+  with pytest.raises(ValueError, match="not bfloat16"):
+    pair(x_E=x.astype(jnp.float32), gate_FE=g.astype(jnp.float32), up_FE=u.astype(jnp.float32))
+  with pytest.raises(ValueError, match="multiple of 128"):
+    pair(x_E=x[:192], gate_FE=g[:, :192], up_FE=u[:, :192])
+  with pytest.raises(ValueError, match="add_E"):
+    pair(add_E=parts[:, :128])
+  with pytest.raises(ValueError, match="norm_scale_E"):
+    pair(norm_scale_E=scale[:128])
+  with pytest.raises(ValueError, match="slots"):
+    pair(slots=0)
+  with pytest.raises(ValueError, match="row_plan"):
+    pair(ctas=9)  # 64 rows are 8 units
+  w = g[:, :256]
+  with pytest.raises(ValueError, match="splits"):
+    matvec_mgpu.matvec_parts(x, w, splits=3, interpret=True)  # 4 steps
+  with pytest.raises(ValueError, match="ctas"):
+    matvec_mgpu.matvec_parts(x, w, splits=2, ctas=3, interpret=True)
+  with pytest.raises(ValueError, match="differ"):
+    matvec_mgpu.matvec_parts(x, w.astype(jnp.float32), interpret=True)
+
+
+@pytest.mark.parametrize("e,f", [(1536, 8960), (3584, 18944)])  # Qwen2.5-1.5B, 7B
+def test_gpu_bodies_lower_for_cuda(e, f):
+  # The interpreter runs neither the register layouts nor the CTA counts of a GPU; this traces
+  # and lowers both launches at the real shapes and default knobs for CUDA on the CPU (shared
+  # memory that does not fit is an error here).
+  sd = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  pair = lambda x, g, u, p, s: matvec_mgpu.silu_pair(x, g, u, add_E=p, norm_scale_E=s,
+                                                     ctas=132 if e > 2048 else 264,
+                                                     slots=3 if e > 2048 else 4)
+  down = lambda x, w: matvec_mgpu.matvec_parts(x, w, ctas=132)
+  for fn, args in ((pair, (sd((e,), bf), sd((f, e), bf), sd((f, e), bf),
+                           sd((5, e), jnp.float32), sd((e,), bf))),
+                   (down, (sd((f,), bf), sd((e, f), bf)))):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
+
+
+CFG_TMA = dataclasses.replace(CFG, hidden_size=128, intermediate_size=384, head_dim=32,
+                              kernel_layout="out_in")
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_model_one_row_step_with_tma_launches_equals_xla(monkeypatch, stacked):
+  monkeypatch.setattr(model, "ROW_TMA", True)
+  jaxpr, layers = check_one_row_step(CFG_TMA, stacked, masks.MaskSpec("causal"))
+  # The MLP's two launches are Mosaic GPU kernels; q/k/v and o stay Triton's.
+  assert jaxpr.count("name=norm_matvec") == 0
+  assert jaxpr.count("name=matvec_partials") == layers  # o only
+  assert jaxpr.count("silu_pair_tma") == layers
+  assert jaxpr.count("matvec_parts_tma") == layers
+
+
+def test_row_tma_applies_only_where_it_can(monkeypatch):
+  monkeypatch.setattr(model, "ROW_TMA", True)
+  assert model._row_tma(CFG_TMA, True, True)
+  assert not model._row_tma(CFG_TMA, False, True)  # in_out weights: the Triton launches
+  assert not model._row_tma(CFG, True, True)  # hidden 64: not a multiple of 128
+  assert not model._row_tma(CFG_TMA, True, False)  # compiled, on a CPU (not a Hopper GPU)
+  monkeypatch.setattr(model, "ROW_TMA", False)
+  assert not model._row_tma(CFG_TMA, True, True)
+
+
+def test_interpreter_finds_no_race(monkeypatch):
+  # A slot is refilled by TMA while the loop goes on: the interpreter's race detector (vector
+  # clocks over the copies, barriers and reads) must find every refill ordered after the reads.
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+
+  params = matvec_mgpu._interpret_params()
+  if not hasattr(params, "detect_races"):
+    pytest.skip("this jax's Mosaic GPU interpreter has no race detector")
+  monkeypatch.setattr(matvec_mgpu, "_interpret_params",
+                      lambda: dataclasses.replace(params, detect_races=True))
+  x, g, u, parts, scale = _pair_inputs(jax.random.key(3), 256, 208)
+  act, _ = matvec_mgpu.silu_pair(x, g, u, add_E=parts, norm_scale_E=scale, ctas=3, slots=2,
+                                 interpret=True)
+  jax.block_until_ready(act)
+  assert not ipc.get_races().races_found
+  # One slot: every step's tile lands where the previous step's was read.
+  got = matvec_mgpu.matvec_parts(x, g[:96], splits=2, ctas=4, slots=1, interpret=True)
+  jax.block_until_ready(got)
+  assert not ipc.get_races().races_found

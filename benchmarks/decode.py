@@ -331,10 +331,16 @@ def main():
   ap.add_argument("--no-row-attention", action="store_true",
                   help="jax part: model.ROW_ATTENTION off (the one-row step's RoPE, cache "
                        "write and split combine as XLA kernels around decode_attention)")
+  ap.add_argument("--row-tma", action="store_true",
+                  help="jax part: model.ROW_TMA on (the one-row step's gate/up and down by "
+                       "kernels/matvec_mgpu.py's TMA launches, out_in weights only)")
   args = ap.parse_args()
   if args.no_row_attention:
     from dllm_jax import model
     model.ROW_ATTENTION = False
+  if args.row_tma:
+    from dllm_jax import model
+    model.ROW_TMA = True
   if args.plain_dot:
     if args.kernel_layout == "out_in":
       ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")

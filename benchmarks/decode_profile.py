@@ -87,9 +87,14 @@ def main():
                        "kernels/decode.row_attention)")
   ap.add_argument("--row-attention-knobs", default="",
                   help="knobs of kernels/decode.row_attention, e.g. 'splits=2,block_k=32'")
+  ap.add_argument("--row-tma", action="store_true",
+                  help="model.ROW_TMA on: the one-row step's gate/up and down by "
+                       "kernels/matvec_mgpu.py's TMA launches (out_in weights only)")
   args = ap.parse_args()
   if args.no_row_attention:
     model.ROW_ATTENTION = False
+  if args.row_tma:
+    model.ROW_TMA = True
   if args.row_attention_knobs:
     from dllm_jax.kernels import decode as decode_kernels
 

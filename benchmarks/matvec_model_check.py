@@ -81,11 +81,15 @@ def main():
   ap.add_argument("--kernel-layout", default="out_in", choices=KERNEL_LAYOUTS,
                   help="model.kernel_layout of both paths (default: the one-row step's, "
                        "model.decode_kernel_layout)")
+  ap.add_argument("--row-tma", action="store_true",
+                  help="model.ROW_TMA on for the kernels' path: gate/up and down by "
+                       "kernels/matvec_mgpu.py's TMA launches (out_in only)")
   args = ap.parse_args()
+  model.ROW_TMA = args.row_tma
   res = {"meta": run_meta(), "rows": []}
   for name in args.shapes.split(","):
     row = {**check(name, args.attention, args.kernel_layout), "attention": args.attention,
-           "kernel_layout": args.kernel_layout}
+           "kernel_layout": args.kernel_layout, "row_tma": args.row_tma}
     print(row, flush=True)
     res["rows"].append(row)
     save_json("matvec_model_check.json", res)

@@ -3,6 +3,7 @@ launches it would replace, lowered for CUDA at the real shapes, and the model's 
 with it (`model.ROW_TMA`) against the XLA path."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -180,3 +181,35 @@ def test_interpreter_finds_no_race(monkeypatch):
   got = matvec_mgpu.matvec_parts(x, g[:96], splits=2, ctas=4, slots=1, interpret=True)
   jax.block_until_ready(got)
   assert not ipc.get_races().races_found
+
+
+def test_matvec_tma_benchmark_runs_every_row(load_benchmark, monkeypatch, tmp_path):
+  # benchmarks/matvec_tma.py end to end on a tiny shape with the kernels interpreted and the
+  # profile faked: every row is built, checked against the Triton launch and recorded.
+  import json
+  import sys
+
+  from benchmarks import decode as decode_bench
+
+  bench = load_benchmark("matvec_tma")
+  tiny = dataclasses.replace(CFG_TMA, rms_norm_eps=1e-5)
+  monkeypatch.setitem(decode_bench.SHAPES, "tiny", tiny)
+  monkeypatch.setattr(bench, "SETS", 2)
+  monkeypatch.setattr(bench, "ceilings", lambda rounds: {"copy_GBps": 1000.0})
+  monkeypatch.setattr(bench, "kernel_us", lambda run, calls: (run(), {"silu_pair_tma_x": 2.0,
+                                                                     "triton_gemm": 1.0})[1])
+  for name in ("silu_pair", "matvec_parts"):
+    monkeypatch.setattr(matvec_mgpu, name, functools.partial(getattr(matvec_mgpu, name),
+                                                             interpret=True))
+  for name in ("norm_matvec", "matvec_partials"):
+    monkeypatch.setattr(matvec, name, functools.partial(getattr(matvec, name), interpret=True))
+  monkeypatch.setenv("OUT", str(tmp_path))
+  monkeypatch.setattr(sys, "argv", ["matvec_tma.py", "--shape", "tiny", "--pair-knobs", "1,2",
+                                    "--down-knobs", "1,3", "--no-probe"])
+  bench.main()
+  rows = json.loads((tmp_path / "matvec_tma.json").read_text())["rows"]
+  assert [r["impl"] for r in rows] == ["xla_gate_up", "triton_gate_up", "tma_gate_up",
+                                       "xla_down", "triton_down", "tma_down"]
+  for r in rows:
+    assert "error" not in r, r
+    assert r["us"] == 3.0 and r["max_rel_err"] < 2e-2

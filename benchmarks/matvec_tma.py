@@ -1,0 +1,217 @@
+"""The one-row step's MLP launches on TMA (`kernels.matvec_mgpu`, #7) against the Triton launches
+they would replace and XLA's GEMM on the same out-major weights, in one run.
+
+    python benchmarks/matvec_tma.py [--shape qwen2.5-1.5b] [--pair-knobs 'PER_SM,SLOTS;...']
+        [--down-knobs 'SPLITS,SLOTS;...'] [--no-probe]
+
+Gate/up: `matvec.norm_matvec(silu_pair=True, out_major=True)` (Triton) and
+`matvec_mgpu.silu_pair` at each (CTAs an SM, slots), both with the residual add of float32 parts
+and the RMSNorm as the model runs them; XLA's GEMM of one row by gate and up as one [2F, E]
+weight (the bare product of the row: the streaming rate to reach). Down: `matvec.matvec_partials` and
+`matvec_mgpu.matvec_parts` at each (splits, slots), XLA's one-row GEMM. `--no-probe` drops the
+tensor-core probe: the same plan and ring of slots with the products as wgmma (the weight tile
+as A, the row repeated 8 times as a transposed B; GPU only, no add or norm), which tells whether
+the CUDA-core products of `matvec_mgpu` hold the stream back.
+
+Each output is checked against the Triton launch's (largest difference over 2e-2 of the largest
+value: not timed); figures are the GPU us of a call's product kernels (a profile over 16 weight
+sets: no L2 hits) and the weights' read rate as a fraction of the copy rate of the same run. JSON
+to $OUT/matvec_tma.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+
+from benchmarks.common import (ceilings, error_text, kernel_us, product_us, run_meta,  # noqa: E402
+                               save_json)
+
+SETS, ROUNDS = 16, 4
+N8 = 8  # wgmma's smallest N
+
+
+def probe(x_K, g_NK, u_NK, *, ctas=132, slots=4):
+  """SiLU(g @ x) * (u @ x) as bf16 [N, 8] (every column the product), g and u out-major [N, K]:
+  `matvec_mgpu`'s plan and ring of slots with the products on the tensor cores, the weight tile
+  as wgmma's A (M = the run's rows, padded to 64) and the row repeated 8 times (N = 8, wgmma's
+  smallest) as a transposed B. GPU only: the CPU interpreter has no transposed operand."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from dllm_jax.kernels.matvec_mgpu import BK, row_plan
+
+  n, k = g_NK.shape
+  nk = k // BK
+  n_big, big, small = row_plan(n, ctas)
+  mpad = -(-big // 64) * 64
+  dtype = g_NK.dtype
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+  def kernel(x_ref, g_ref, u_ref, o_ref, x_s, w_s, o_s, x_bar, g_bar, u_bar):
+    c = lax.axis_index("cta")
+    plgpu.copy_gmem_to_smem(x_ref, x_s, x_bar.at[0])
+
+    def run(rows, r0):
+      m = -(-rows // 64) * 64
+
+      def fetch(i, slot):
+        cols = pl.ds(i * BK, BK)
+        plgpu.copy_gmem_to_smem(g_ref.at[pl.ds(r0, rows), cols],
+                                w_s.at[slot, 0, pl.ds(0, rows)], g_bar.at[slot])
+        plgpu.copy_gmem_to_smem(u_ref.at[pl.ds(r0, rows), cols],
+                                w_s.at[slot, 1, pl.ds(0, rows)], u_bar.at[slot])
+
+      for s in range(min(slots, nk)):
+        fetch(s, s)
+      plgpu.barrier_wait(x_bar.at[0])
+
+      def scope(acc_g, acc_u):
+        @pl.loop(0, nk)
+        def _(i):
+          slot = lax.rem(i, slots)
+          b = plgpu.transpose_ref(x_s.at[:, pl.ds(i * BK, BK)], (1, 0))
+          plgpu.barrier_wait(g_bar.at[slot])
+          plgpu.wgmma(acc_g, w_s.at[slot, 0, pl.ds(0, m)], b)
+          plgpu.barrier_wait(u_bar.at[slot])
+          plgpu.wgmma(acc_u, w_s.at[slot, 1, pl.ds(0, m)], b)
+          plgpu.wgmma_wait(0)
+          pl.when(i + slots < nk)(lambda: fetch(i + slots, slot))
+
+        g, u = acc_g[...], acc_u[...]
+        o_s[pl.ds(0, m)] = ((g * jax.nn.sigmoid(g)) * u).astype(dtype)
+
+      pl.run_scoped(scope, plgpu.ACC((m, N8), jnp.float32), plgpu.ACC((m, N8), jnp.float32))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, rows)], o_ref.at[pl.ds(r0, rows)])
+      plgpu.wait_smem_to_gmem(0)
+
+    if n_big:
+      pl.when(c < n_big)(lambda: run(big, c * big))
+    if small:
+      pl.when(c >= n_big)(lambda: run(small, n_big * big + (c - n_big) * small))
+
+  kernel.__name__ = "mv_tma_wg"
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((n, N8), dtype),
+      scratch_types=[plgpu.SMEM((N8, k), dtype, **tiled),
+                     plgpu.SMEM((slots, 2, mpad, BK), dtype, **tiled),
+                     plgpu.SMEM((mpad, N8), dtype),
+                     plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=slots),
+                     plgpu.Barrier(num_barriers=slots)],
+      grid=(ctas,), grid_names=("cta",),
+  )(jnp.broadcast_to(x_K[None], (N8, k)), g_NK, u_NK)
+
+
+def reference(x_K, g_NK, u_NK):
+  """float32 SiLU(g @ x) * (u @ x)."""
+  f = lambda w: jnp.dot(w.astype(jnp.float32), x_K.astype(jnp.float32))
+  g, u = f(g_NK), f(u_NK)
+  return g * jax.nn.sigmoid(g) * u
+
+
+def _knobs(text: str, names: tuple[str, ...]) -> list[dict]:
+  """'A,B;C,D' as [{names[0]: A, names[1]: B}, ...], positive integers."""
+  out = []
+  for item in filter(None, (t.strip() for t in text.split(";"))):
+    parts = item.split(",")
+    if len(parts) != len(names) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+      raise SystemExit(f"{item!r} is not {','.join(n.upper() for n in names)} (positive integers)")
+    out.append(dict(zip(names, map(int, parts))))
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--shape", default="qwen2.5-1.5b")
+  ap.add_argument("--pair-knobs", default="2,4;2,3;2,6;1,4;1,3",
+                  help="silu_pair's (CTAs an SM, slots) settings")
+  ap.add_argument("--down-knobs", default="4,12;4,8;4,16;2,12",
+                  help="matvec_parts' (splits, slots) settings")
+  ap.add_argument("--parts", type=int, default=5, help="float32 parts of the added row")
+  ap.add_argument("--no-probe", action="store_true")
+  args = ap.parse_args()
+  pair_knobs = _knobs(args.pair_knobs, ("per_sm", "slots"))
+  down_knobs = _knobs(args.down_knobs, ("splits", "slots"))
+  from benchmarks.decode import SHAPES
+  from dllm_jax.kernels import matvec, matvec_mgpu
+  from dllm_jax.kernels.decode import sm_count
+
+  cfg = SHAPES[args.shape]
+  e, f = cfg.hidden_size, cfg.intermediate_size
+  ceil = ceilings(rounds=2)
+  bw = ceil["copy_GBps"] * 1e9
+  res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceil, "rows": []}
+  print(ceil, flush=True)
+  key = iter(jax.random.split(jax.random.key(0), 4 * SETS + 8))
+  bf = jnp.bfloat16
+  x = jax.random.normal(next(key), (e,), bf)
+  parts = 0.3 * jax.random.normal(next(key), (args.parts, e), jnp.float32)
+  scale = (1 + 0.2 * jax.random.normal(next(key), (e,))).astype(bf)
+  act = jax.random.normal(next(key), (f,), bf)
+  w = lambda shape, k: (shape[1] ** -0.5 * jax.random.normal(k, shape)).astype(bf)
+  pairs = [(w((f, e), next(key)), w((f, e), next(key))) for _ in range(SETS)]
+  downs = [w((e, f), next(key)) for _ in range(SETS)]
+  joined = [jnp.concatenate(p, 0) for p in pairs]  # [2F, E]: XLA's pair as one GEMM
+  nt = lambda a, m: lax.dot_general(a[None], m, (((1,), (1,)), ((), ())))[0]  # a @ m.T
+  sms = sm_count()
+  norm = dict(add_E=parts, norm_scale_E=scale, eps=cfg.rms_norm_eps)
+  triton_pair = lambda p: matvec.norm_matvec(x, p, silu_pair=True, out_major=True, **norm)[0][0]
+  # (name, knobs, op, run over the weight sets, output of set 0 -> comparable [N] or [S, N])
+  bare = lambda o: jax.nn.silu(o[:f].astype(jnp.float32)) * o[f:].astype(jnp.float32)
+  runs = [("xla_gate_up", {}, "gate_up", lambda: [nt(x, m) for m in joined], bare),
+          ("triton_gate_up", {}, "gate_up", lambda: [triton_pair(p) for p in pairs], None)]
+  for kn in pair_knobs:
+    kw = dict(ctas=min(kn["per_sm"] * sms, f // 8), slots=kn["slots"])
+    runs.append(("tma_gate_up", kw, "gate_up", lambda kw=kw: [
+        matvec_mgpu.silu_pair(x, *p, **norm, **kw)[0] for p in pairs], None))
+  if not args.no_probe:
+    runs.append(("probe_wg", {"ctas": sms, "slots": 4}, "gate_up", lambda: [
+        probe(x, *p, ctas=sms, slots=4) for p in pairs], lambda o: o[:, 0]))
+  runs += [("xla_down", {}, "down", lambda: [nt(act, m) for m in downs], None),
+           ("triton_down", {}, "down", lambda: [
+               matvec.matvec_partials(act, m, out_major=True) for m in downs], None)]
+  for kn in down_knobs:
+    kw = dict(splits=kn["splits"], slots=kn["slots"])
+    runs.append(("tma_down", kw, "down", lambda kw=kw: [
+        matvec_mgpu.matvec_parts(act, m, **kw) for m in downs], None))
+  want = {"gate_up": triton_pair(pairs[0]).astype(jnp.float32),
+          "down": jnp.dot(downs[0].astype(jnp.float32), act.astype(jnp.float32))}
+  names = ("gemm", "nvjet", "cutlass", "norm_matvec", "matvec_partials", "silu_pair_tma",
+           "matvec_parts_tma", "mv_tma")
+  for impl, kw, op, run, view in runs:
+    row = {"impl": impl, "op": op, "knobs": kw, "E": e, "F": f}
+    fn = jax.jit(run)
+    try:
+      got = fn()[0]
+      got = view(got) if view else got
+      if got.ndim == 2:  # split-K parts
+        got = got.sum(0)
+      # XLA's GEMM and the probe multiply the bare row (no add, no norm).
+      ref = reference(x, *pairs[0]) if impl in ("xla_gate_up", "probe_wg") else want[op]
+      got = got.astype(jnp.float32)
+      row["max_rel_err"] = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+      if row["max_rel_err"] > 2e-2:
+        raise ValueError(f"wrong output: {row['max_rel_err']:.3g} of the largest value")
+      per = kernel_us(lambda: [jax.block_until_ready(fn()) for _ in range(ROUNDS)],
+                      ROUNDS * SETS)
+      row["kernels_us"] = per
+      row["us"] = product_us(per, *names)
+      row["of_copy"] = 2 * (2 if op == "gate_up" else 1) * e * f / (row["us"] * 1e-6) / bw
+    except Exception as err:  # a setting that does not compile or fit is recorded
+      row["error"] = error_text(err)
+    print({k: v for k, v in row.items() if k != "kernels_us"}, flush=True)
+    res["rows"].append(row)
+    save_json("matvec_tma.json", res)
+
+
+if __name__ == "__main__":
+  main()

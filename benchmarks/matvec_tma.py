@@ -1,14 +1,15 @@
 """The one-row step's MLP launches on TMA (`kernels.matvec_mgpu`, #7) against the Triton launches
 they would replace and XLA's GEMM on the same out-major weights, in one run.
 
-    python benchmarks/matvec_tma.py [--shape qwen2.5-1.5b] [--pair-knobs 'PER_SM,SLOTS;...']
-        [--down-knobs 'SPLITS,SLOTS;...'] [--no-probe]
+    python benchmarks/matvec_tma.py [--shape qwen2.5-1.5b] [--pair-knobs 'PER_SM,SLOTS,DEFER;...']
+        [--down-knobs 'SPLITS,SLOTS,DEFER;...'] [--no-probe]
 
 Gate/up: `matvec.norm_matvec(silu_pair=True, out_major=True)` (Triton) and
 `matvec_mgpu.silu_pair` at each (CTAs an SM, slots), both with the residual add of float32 parts
 and the RMSNorm as the model runs them; XLA's GEMM of one row by gate and up as one [2F, E]
-weight (the bare product of the row: the streaming rate to reach). Down: `matvec.matvec_partials` and
-`matvec_mgpu.matvec_parts` at each (splits, slots), XLA's one-row GEMM. `--no-probe` drops the
+weight (the bare product of the row: the streaming rate to reach). Down:
+`matvec.matvec_partials` and `matvec_mgpu.matvec_parts` at each (splits, slots), XLA's one-row
+GEMM. A third knob of each TMA setting, DEFER (1/0), is `matvec_mgpu`'s `defer_sum`. `--no-probe` drops the
 tensor-core probe: the same plan and ring of slots with the products as wgmma (the weight tile
 as A, the row repeated 8 times as a transposed B; GPU only, no add or norm), which tells whether
 the CUDA-core products of `matvec_mgpu` hold the stream back.
@@ -118,12 +119,12 @@ def reference(x_K, g_NK, u_NK):
 
 
 def _knobs(text: str, names: tuple[str, ...]) -> list[dict]:
-  """'A,B;C,D' as [{names[0]: A, names[1]: B}, ...], positive integers."""
+  """'A,B;C,D' as [{names[0]: A, names[1]: B}, ...], non-negative integers."""
   out = []
   for item in filter(None, (t.strip() for t in text.split(";"))):
     parts = item.split(",")
-    if len(parts) != len(names) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-      raise SystemExit(f"{item!r} is not {','.join(n.upper() for n in names)} (positive integers)")
+    if len(parts) != len(names) or not all(p.strip().isdigit() for p in parts):
+      raise SystemExit(f"{item!r} is not {','.join(n.upper() for n in names)} (integers)")
     out.append(dict(zip(names, map(int, parts))))
   return out
 
@@ -132,15 +133,17 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--shape", default="qwen2.5-1.5b")
-  ap.add_argument("--pair-knobs", default="2,4;2,3;2,6;1,4;1,3",
-                  help="silu_pair's (CTAs an SM, slots) settings")
-  ap.add_argument("--down-knobs", default="4,12;4,8;4,16;2,12",
-                  help="matvec_parts' (splits, slots) settings")
+  ap.add_argument("--pair-knobs", default="2,4,1;2,4,0;2,3,1;2,6,1;1,4,1;1,3,0",
+                  help="silu_pair's (CTAs an SM, slots, defer_sum) settings")
+  ap.add_argument("--down-knobs", default="4,12,1;4,12,0;4,8,1;4,16,1;2,12,1",
+                  help="matvec_parts' (splits, slots, defer_sum) settings")
   ap.add_argument("--parts", type=int, default=5, help="float32 parts of the added row")
   ap.add_argument("--no-probe", action="store_true")
   args = ap.parse_args()
-  pair_knobs = _knobs(args.pair_knobs, ("per_sm", "slots"))
-  down_knobs = _knobs(args.down_knobs, ("splits", "slots"))
+  pair_knobs = _knobs(args.pair_knobs, ("per_sm", "slots", "defer"))
+  down_knobs = _knobs(args.down_knobs, ("splits", "slots", "defer"))
+  if any(k[n] < 1 for k in pair_knobs + down_knobs for n in k if n != "defer"):
+    ap.error("CTAs an SM, slots and splits are positive")
   from benchmarks.decode import SHAPES
   from dllm_jax.kernels import matvec, matvec_mgpu
   from dllm_jax.kernels.decode import sm_count
@@ -170,7 +173,8 @@ def main():
   runs = [("xla_gate_up", {}, "gate_up", lambda: [nt(x, m) for m in joined], bare),
           ("triton_gate_up", {}, "gate_up", lambda: [triton_pair(p) for p in pairs], None)]
   for kn in pair_knobs:
-    kw = dict(ctas=min(kn["per_sm"] * sms, f // 8), slots=kn["slots"])
+    kw = dict(ctas=min(kn["per_sm"] * sms, f // 8), slots=kn["slots"],
+              defer_sum=bool(kn["defer"]))
     runs.append(("tma_gate_up", kw, "gate_up", lambda kw=kw: [
         matvec_mgpu.silu_pair(x, *p, **norm, **kw)[0] for p in pairs], None))
   if not args.no_probe:
@@ -180,7 +184,7 @@ def main():
            ("triton_down", {}, "down", lambda: [
                matvec.matvec_partials(act, m, out_major=True) for m in downs], None)]
   for kn in down_knobs:
-    kw = dict(splits=kn["splits"], slots=kn["slots"])
+    kw = dict(splits=kn["splits"], slots=kn["slots"], defer_sum=bool(kn["defer"]))
     runs.append(("tma_down", kw, "down", lambda kw=kw: [
         matvec_mgpu.matvec_parts(act, m, **kw) for m in downs], None))
   want = {"gate_up": triton_pair(pairs[0]).astype(jnp.float32),

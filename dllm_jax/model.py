@@ -316,17 +316,19 @@ def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, max_len: int) -> bool
 ROW_TMA = False
 
 
-def _row_tma(cfg: ModelConfig, out_major: bool, interpret: bool) -> bool:
-  """Whether the one-row step's gate/up and down run `kernels.matvec_mgpu` (`ROW_TMA`): out-major
-  weights, shapes they cover, and a Hopper GPU (or the CPU's interpreter)."""
-  if not (ROW_TMA and out_major):
+def _row_tma(cfg: ModelConfig, out_major: bool, interpret: bool,
+             parts: Optional[int] = None) -> bool:
+  """Whether the one-row step's down (`parts` None), or its gate/up adding `parts` float32
+  partial sums, runs `kernels.matvec_mgpu` (`ROW_TMA`): out-major bf16 weights, shapes the
+  launch covers whose buffers fit, and a Hopper GPU (or the CPU's interpreter). Each falls back
+  to `kernels.matvec` alone: the down parts' count is free for the next launch to add."""
+  if not (ROW_TMA and out_major and cfg.dtype == "bfloat16"):
     return False
   from dllm_jax.kernels import flash_mgpu, matvec_mgpu
 
-  e, f = cfg.hidden_size, cfg.intermediate_size
-  dt = jnp.dtype(cfg.dtype)
-  return ((interpret or flash_mgpu.on_hopper()) and matvec_mgpu.unsupported(e, f, dt) is None
-          and matvec_mgpu.unsupported(f, e, dt) is None)
+  return ((interpret or flash_mgpu.on_hopper())
+          and matvec_mgpu.launch_unsupported(cfg.hidden_size, cfg.intermediate_size,
+                                             parts) is None)
 
 
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
@@ -393,7 +395,7 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   m = p["mlp"]
   gate_up = (wt(m["gate"], e), wt(m["up"], e))
   mlp_scale = p["mlp_norm"]["scale"].astype(dt)
-  if _row_tma(cfg, om, interpret):
+  if _row_tma(cfg, om, interpret, parts=o_SE.shape[0]):
     from dllm_jax.kernels import matvec_mgpu
 
     act, x_E = matvec_mgpu.silu_pair(x_E, *gate_up, add_E=o_SE, norm_scale_E=mlp_scale,

@@ -27,16 +27,18 @@ def _pair_inputs(key, e, f):
   return x, g, u, parts, scale
 
 
-@pytest.mark.parametrize("add", [None, "parts", "row"])
-@pytest.mark.parametrize("norm", [False, True])
-def test_silu_pair_equals_the_triton_launch(add, norm):
+@pytest.mark.parametrize("add,norm,defer_sum", [
+    (None, False, True), (None, True, False), ("parts", True, True), ("parts", False, False),
+    ("row", True, True), ("row", False, True)])
+def test_silu_pair_equals_the_triton_launch(add, norm, defer_sum):
   # 208 rows on 3 CTAs: two runs of 72 rows and one of 64 (two row counts, padded to 128 and 64
   # for the register layout); 4 steps through 3 slots (a refill and the unrolled remainder).
   e, f = 256, 208
   x, g, u, parts, scale = _pair_inputs(jax.random.key(0), e, f)
   add_E = {"parts": parts, "row": parts[0].astype(jnp.bfloat16), None: None}[add]
   kw = dict(add_E=add_E, norm_scale_E=scale if norm else None, eps=1e-5)
-  act, row = matvec_mgpu.silu_pair(x, g, u, ctas=3, slots=3, interpret=True, **kw)
+  act, row = matvec_mgpu.silu_pair(x, g, u, ctas=3, slots=3, defer_sum=defer_sum,
+                                   interpret=True, **kw)
   (want,), want_row = matvec.norm_matvec(x, (g, u), silu_pair=True, out_major=True,
                                          interpret=True, **kw)
   assert act.shape == (f,) and act.dtype == jnp.bfloat16
@@ -50,13 +52,15 @@ def test_silu_pair_equals_the_triton_launch(add, norm):
     np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
 
 
-@pytest.mark.parametrize("splits,ctas,slots", [(2, 4, 3), (1, 3, 2), (4, 8, 12)])
-def test_matvec_parts_equal_the_triton_partials(splits, ctas, slots):
+@pytest.mark.parametrize("splits,ctas,slots,defer_sum", [(2, 4, 3, True), (1, 3, 2, False),
+                                                         (4, 8, 12, True)])
+def test_matvec_parts_equal_the_triton_partials(splits, ctas, slots, defer_sum):
   k, n = 512, 96  # 8 steps of 64: a split's steps through `slots` slots, remainder unrolled
   kx, kw = jax.random.split(jax.random.key(1))
   x = jax.random.normal(kx, (k,)).astype(jnp.bfloat16)
   w = (k ** -0.5 * jax.random.normal(kw, (n, k))).astype(jnp.bfloat16)
-  got = matvec_mgpu.matvec_parts(x, w, splits=splits, ctas=ctas, slots=slots, interpret=True)
+  got = matvec_mgpu.matvec_parts(x, w, splits=splits, ctas=ctas, slots=slots,
+                                 defer_sum=defer_sum, interpret=True)
   want = matvec.matvec_partials(x, w, splits=splits, out_major=True, interpret=True)
   assert got.shape == (splits, n) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -77,17 +81,21 @@ def test_row_plan_spreads_rows_evenly():
 
 
 def test_defaults_fit_shared_memory_and_fill_the_sms():
-  # The 1.5B's gate/up: two CTAs an SM of 40/32-row runs (about 84 KB each); the 7B's, with
-  # 56 KB of float32 parts per CTA, one of 144/136-row runs.
-  assert matvec_mgpu._default_pair_ctas(1536, 8960, 5, 4, 132) == 264
-  assert matvec_mgpu._default_pair_ctas(3584, 18944, 5, 3, 132) == 132
-  for e, f, parts, slots in ((1536, 8960, 5, 4), (3584, 18944, 5, 3), (256, 208, 0, 4)):
-    ctas = matvec_mgpu._default_pair_ctas(e, f, parts, slots, 132)
+  # The 1.5B's gate/up: two CTAs an SM of 40/32-row runs (about 84 KB each), 4 slots; the 7B's,
+  # with 70 KB of float32 parts a CTA, one of 144/136-row runs in 3 slots (4 do not fit).
+  assert matvec_mgpu._pair_plan(1536, 8960, 5, None, None, 132) == (264, 4)
+  assert matvec_mgpu._pair_plan(3584, 18944, 5, None, None, 132) == (132, 3)
+  assert matvec_mgpu._pair_plan(256, 208, 0, None, None, 132) == (26, 4)  # one unit a CTA
+  for e, f, parts in ((1536, 8960, 5), (3584, 18944, 5), (256, 208, 0)):
+    ctas, slots = matvec_mgpu._pair_plan(e, f, parts, None, None, 132)
     big = matvec_mgpu.row_plan(f, ctas)[1]
-    assert ctas <= f // 8
     assert matvec_mgpu._pair_smem(e, parts, big, slots) <= matvec_mgpu.SMEM_BYTES
-  assert matvec_mgpu.default_splits(8960, 1536, 132) == 4
-  assert matvec_mgpu.default_splits(512, 96, 132) == 1  # too few rows to split over
+  with pytest.raises(ValueError, match="shared memory"):
+    matvec_mgpu._pair_plan(3584, 18944, 5, 132, 4, 132)  # the 7B at 4 slots: 250 KB
+  assert matvec_mgpu._parts_plan(8960, 1536, None, None, 12, 132) == (4, 132)
+  assert matvec_mgpu._parts_plan(512, 96, None, None, 12, 132) == (1, 12)  # too few to split
+  with pytest.raises(ValueError, match="shared memory"):
+    matvec_mgpu._parts_plan(8960, 1536, 1, 8, 64, 132)  # 192-row runs in 64 slots
 
 
 def test_bad_inputs_are_refused():
@@ -119,17 +127,18 @@ def test_bad_inputs_are_refused():
     matvec_mgpu.matvec_parts(x, w.astype(jnp.float32), interpret=True)
 
 
-@pytest.mark.parametrize("e,f", [(1536, 8960), (3584, 18944)])  # Qwen2.5-1.5B, 7B
-def test_gpu_bodies_lower_for_cuda(e, f):
+@pytest.mark.parametrize("e,f,defer_sum", [(1536, 8960, True), (1536, 8960, False),
+                                           (3584, 18944, True)])  # Qwen2.5-1.5B, 7B
+def test_gpu_bodies_lower_for_cuda(e, f, defer_sum):
   # The interpreter runs neither the register layouts nor the CTA counts of a GPU; this traces
   # and lowers both launches at the real shapes and default knobs for CUDA on the CPU (shared
   # memory that does not fit is an error here).
   sd = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
+  assert matvec_mgpu._sms() == 132  # the CPU's default SM count: an H100's and an H200's
   pair = lambda x, g, u, p, s: matvec_mgpu.silu_pair(x, g, u, add_E=p, norm_scale_E=s,
-                                                     ctas=132 if e > 2048 else 264,
-                                                     slots=3 if e > 2048 else 4)
-  down = lambda x, w: matvec_mgpu.matvec_parts(x, w, ctas=132)
+                                                     defer_sum=defer_sum)
+  down = lambda x, w: matvec_mgpu.matvec_parts(x, w, defer_sum=defer_sum)
   for fn, args in ((pair, (sd((e,), bf), sd((f, e), bf), sd((f, e), bf),
                            sd((5, e), jnp.float32), sd((e,), bf))),
                    (down, (sd((f,), bf), sd((e, f), bf)))):
@@ -158,6 +167,12 @@ def test_row_tma_applies_only_where_it_can(monkeypatch):
   assert not model._row_tma(CFG_TMA, False, True)  # in_out weights: the Triton launches
   assert not model._row_tma(CFG, True, True)  # hidden 64: not a multiple of 128
   assert not model._row_tma(CFG_TMA, True, False)  # compiled, on a CPU (not a Hopper GPU)
+  assert not model._row_tma(dataclasses.replace(CFG_TMA, dtype="float32"), True, True)
+  assert model._row_tma(CFG_TMA, True, True, parts=5)
+  # The 7B's gate/up with 64 float32 parts: their buffer alone is 900 KB of shared memory; the
+  # down launch still runs.
+  big = dataclasses.replace(CFG_TMA, hidden_size=3584, intermediate_size=18944)
+  assert model._row_tma(big, True, True) and not model._row_tma(big, True, True, parts=64)
   monkeypatch.setattr(model, "ROW_TMA", False)
   assert not model._row_tma(CFG_TMA, True, True)
 
@@ -204,8 +219,8 @@ def test_matvec_tma_benchmark_runs_every_row(load_benchmark, monkeypatch, tmp_pa
   for name in ("norm_matvec", "matvec_partials"):
     monkeypatch.setattr(matvec, name, functools.partial(getattr(matvec, name), interpret=True))
   monkeypatch.setenv("OUT", str(tmp_path))
-  monkeypatch.setattr(sys, "argv", ["matvec_tma.py", "--shape", "tiny", "--pair-knobs", "1,2",
-                                    "--down-knobs", "1,3", "--no-probe"])
+  monkeypatch.setattr(sys, "argv", ["matvec_tma.py", "--shape", "tiny", "--pair-knobs",
+                                    "1,2,1", "--down-knobs", "1,3,0", "--no-probe"])
   bench.main()
   rows = json.loads((tmp_path / "matvec_tma.json").read_text())["rows"]
   assert [r["impl"] for r in rows] == ["xla_gate_up", "triton_gate_up", "tma_gate_up",

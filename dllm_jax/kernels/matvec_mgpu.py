@@ -42,6 +42,10 @@ UNIT = 8  # rows are handed out in units of a TMA box's tile height
 # ~70 KB a CTA are in flight (bandwidth x latency of an H200, ~4 TB/s x ~2 us, over 132 SMs).
 GATE_UP_SLOTS = 4
 DOWN_SLOTS = 12
+# Whether the products accumulate elementwise and are summed along the rows once (`_stream`):
+# about half the instructions a step of the per-step sum (no shuffles), for 32 more float32
+# registers a thread a 64-row weight tile. Unmeasured; benchmarks/matvec_tma.py times both.
+DEFER_SUM = True
 
 
 def _plgpu():
@@ -87,15 +91,19 @@ def unsupported(e: int, n: int, dtype) -> str | None:
   return None
 
 
-def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, interpret, prologue=None):
+def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, interpret,
+            prologue=None):
   """float32 [m] per weight (m = rows rounded up to 64): the sum over steps i < nk of
   w[r0 : r0 + rows, (k0 + i) * BK :][:, :BK] times `chunk(i)` (float32 [BK], the row's chunk in
   the wgmma column layout). Weight j's step tiles land in w_s [slots * len(w_refs) * big + pad,
   BK] at rows (slot * len(w_refs) + j) * big (barrier bars[j][slot]), refilled `slots` steps
   ahead; a tile is read as m rows, the rows past it belonging to the next tile or the pad. The
   loop is unrolled `slots` times so every slot's offset is static (Mosaic GPU lowers no dynamic
-  offset into a tiled dimension). `prologue()` runs once the first slots' copies are issued (the
-  row's own work, overlapping them); returns (sums, what prologue returned)."""
+  offset into a tiled dimension). `defer_sum`: the products accumulate elementwise in a [m, BK]
+  float32 array (a multiply-add a weight element) and are summed along the rows once at the
+  end, instead of at every step (shuffles between lanes each step; fewer registers).
+  `prologue()` runs once the first slots' copies are issued (the row's own work, overlapping
+  them); returns (sums, what prologue returned)."""
   plgpu = _plgpu()
   wl = plgpu.Layout.WGMMA
   m = -(-rows // 64) * 64
@@ -119,7 +127,7 @@ def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, interpret, p
       plgpu.barrier_wait(bars[j].at[slot])
       tile = w_s.at[pl.ds(at(slot, j), m)]
       w = (tile[...] if interpret else plgpu.load(tile, (), layout=wl)).astype(jnp.float32)
-      out.append(acc + jnp.sum(w * xb, axis=1))
+      out.append(acc + w * xb if defer_sum else acc + jnp.sum(w * xb, axis=1))
     # (Mosaic puts a warpgroup barrier before a copy: every thread's reads of the slot are done.)
     pl.when(i + slots < nk)(lambda: fetch(i + slots, slot))
     return tuple(out)
@@ -129,12 +137,14 @@ def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, interpret, p
       accs = step(r * slots + s, s, accs)
     return accs
 
-  z = jnp.zeros((m,), jnp.float32)
+  z = jnp.zeros((m, BK) if defer_sum else (m,), jnp.float32)
   if not interpret:
-    z = plgpu.layout_cast(z, wl.reduce(1))
+    z = plgpu.layout_cast(z, wl if defer_sum else wl.reduce(1))
   accs = lax.fori_loop(0, nk // slots, rounds, (z,) * nw)
   for s in range(nk % slots):
     accs = step(nk // slots * slots + s, s, accs)
+  if defer_sum:
+    accs = tuple(jnp.sum(a, axis=1) for a in accs)
   return accs, before
 
 
@@ -170,17 +180,16 @@ def _rows_of(cta, n_big, big, small, run):
 
 def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
               add_E: Optional[jax.Array] = None, norm_scale_E: Optional[jax.Array] = None,
-              eps: float = 1e-6, ctas: Optional[int] = None, slots: int = GATE_UP_SLOTS,
-              interpret: bool = False):
+              eps: float = 1e-6, ctas: Optional[int] = None, slots: Optional[int] = None,
+              defer_sum: bool = DEFER_SUM, interpret: bool = False):
   """(act [F], row): `act = SiLU(norm(x + add) @ gate.T) * (norm(x + add) @ up.T)`, as
   `matvec.norm_matvec(x, (gate, up), silu_pair=True, out_major=True, ...)` computes it.
 
   x [E] bf16; gate, up [F, E] (out-major). `add_E`: an added row [E], or float32 partial sums
   [S, E] (`matvec_partials`' or `matvec_parts`' output) whose sum rounded to bf16 is added; the
   residual-added row is returned as `row` (None without an add). `norm_scale_E`: RMSNorm's scale
-  (eps `eps`), its 1/rms applied to the products' sums. `ctas` (default two an SM) and `slots`
-  are tuning knobs (`ctas` default: two an SM where their shared memory fits, see
-  `_default_pair_ctas`).
+  (eps `eps`), its 1/rms applied to the products' sums. `ctas` and `slots` (defaults:
+  `_pair_plan`) and `defer_sum` (`_stream`) are tuning knobs.
   """
   plgpu = _plgpu()
   _check("silu_pair", x_E, (gate_FE, up_FE))
@@ -197,8 +206,7 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   nk = e // BK
   dtype = x_E.dtype
   parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
-  ctas = _ctas("silu_pair", ctas, slots,
-               lambda: _default_pair_ctas(e, f, parts, slots, _sms()))
+  ctas, slots = _pair_plan(e, f, parts, ctas, slots, _sms())
   n_big, big, small = row_plan(f, ctas)
   has_add, has_norm = add_E is not None, norm_scale_E is not None
   mpad = -(-big // 64) * 64
@@ -251,8 +259,9 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
             plgpu.copy_smem_to_gmem(x_s, row_ref)
         return rsqrt
 
-      (g, u), rsqrt = _stream((g_ref, u_ref), w_s, (g_bar, u_bar), _chunk_loader(nx_s, 0, interpret),
-                              rows, big, r0, 0, nk, slots, interpret, prologue)
+      (g, u), rsqrt = _stream((g_ref, u_ref), w_s, (g_bar, u_bar),
+                              _chunk_loader(nx_s, 0, interpret), rows, big, r0, 0, nk, slots,
+                              defer_sum, interpret, prologue)
       if rsqrt is not None:
         g, u = g * rsqrt, u * rsqrt
       g, u = _round(g, dtype), _round(u, dtype)
@@ -297,24 +306,17 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
 
 def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = None,
                  ctas: Optional[int] = None, slots: int = DOWN_SLOTS,
-                 interpret: bool = False) -> jax.Array:
+                 defer_sum: bool = DEFER_SUM, interpret: bool = False) -> jax.Array:
   """x [K] @ w.T, w out-major [N, K], as float32 partial sums [splits, N] over `splits` equal runs
   of the row (split-K), as `matvec.matvec_partials(..., out_major=True)` leaves them; the next
   launch sums them where it reads its row (`add_E`). Each run of the row has ctas / splits CTAs,
-  which split the N rows as `row_plan` does. `splits` (default `default_splits`), `ctas` (default
-  the SMs rounded down to a multiple of `splits`, at most one a unit of 8 rows) and `slots` are
-  tuning knobs."""
+  which split the N rows as `row_plan` does. `splits`, `ctas` (defaults: `_parts_plan`), `slots`
+  and `defer_sum` (`_stream`) are tuning knobs."""
   plgpu = _plgpu()
   _check("matvec_parts", x_K, (w_NK,))
   k = x_K.shape[0]
   n = w_NK.shape[0]
-  if splits is None:
-    splits = default_splits(k, n, _sms())
-  if not isinstance(splits, int) or splits < 1 or (k // BK) % splits:
-    raise ValueError(f"matvec_parts: splits={splits!r} must be a positive integer dividing the "
-                     f"row's {k // BK} steps of {BK}")
-  ctas = _ctas("matvec_parts", ctas, slots,
-               lambda: splits * min(_sms() // splits, n // UNIT), multiple=splits)
+  splits, ctas = _parts_plan(k, n, splits, ctas, slots, _sms())
   per = ctas // splits
   n_big, big, small = row_plan(n, per)
   nk = k // BK // splits
@@ -328,8 +330,9 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
     plgpu.copy_gmem_to_smem(x_ref.at[part], x_s, x_bar.at[0])
 
     def run(rows, r0):
-      (y,), _ = _stream((w_ref,), w_s, (w_bar,), _chunk_loader(x_s, 0, interpret), rows, big, r0,
-                        k0, nk, slots, interpret, lambda: plgpu.barrier_wait(x_bar.at[0]))
+      (y,), _ = _stream((w_ref,), w_s, (w_bar,), _chunk_loader(x_s, 0, interpret), rows, big,
+                        r0, k0, nk, slots, defer_sum, interpret,
+                        lambda: plgpu.barrier_wait(x_bar.at[0]))
       o_s[pl.ds(0, y.shape[0])] = y
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, rows)], o_ref.at[part, pl.ds(r0, rows)])
@@ -366,26 +369,59 @@ def _check(fn, x, ws):
 
 
 SMEM_BYTES = 227 * 1024  # shared memory a Hopper SM gives its CTAs
+SMEM_SLACK = 8192  # what Mosaic adds to a CTA's buffers (reduction scratch, barriers): ~3 KB
 
 
 def _pair_smem(e, parts, big, slots):
-  """Shared-memory bytes of a `silu_pair` CTA whose largest run is `big` rows (the
-  reduction scratch Mosaic adds is a few KB more)."""
+  """Shared-memory bytes of a `silu_pair` CTA's buffers, its largest run `big` rows."""
   mpad = -(-big // 64) * 64
   row = 2 * e * 3 + (4 * parts * e if parts else 2 * e)  # x, scale, normed row; the add
   return row + 2 * BK * (slots * 2 * big + mpad - big) + 2 * mpad
 
 
-def _default_pair_ctas(e, f, parts, slots, sms):
-  """Two CTAs an SM where two fit in its shared memory (the rows past a run, padded to 64 for
-  the register layout, are work too: 40-row runs pad less than 72-row ones), else one; never
-  more CTAs than 8-row units."""
-  for per_sm in (2, 1):
-    ctas = min(per_sm * sms, f // UNIT)
-    big = row_plan(f, ctas)[1]
-    if per_sm * (_pair_smem(e, parts, big, slots) + 8192) <= SMEM_BYTES:
-      return ctas
-  return min(sms, f // UNIT)
+def _parts_smem(nk, big, slots):
+  """Shared-memory bytes of a `matvec_parts` CTA's buffers (nk steps of its run of the row)."""
+  mpad = -(-big // 64) * 64
+  return 2 * nk * BK + 2 * BK * (slots * big + mpad - big) + 4 * mpad
+
+
+def _pair_plan(e, f, parts, ctas, slots, sms):
+  """(ctas, slots) of a `silu_pair` launch, the given ones checked. Defaults: two CTAs an SM
+  where two fit in its shared memory (the rows past a run, padded to 64 for the register layout,
+  are work too: 40-row runs pad less than 72-row ones), else one; GATE_UP_SLOTS slots, fewer
+  where they do not fit (the 7B's 144-row runs take 3); never more CTAs than 8-row units."""
+  if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
+    raise ValueError(f"silu_pair: slots={slots!r} must be a positive integer")
+  if ctas is not None and (not isinstance(ctas, int) or isinstance(ctas, bool) or ctas < 1):
+    raise ValueError(f"silu_pair: ctas={ctas!r} must be a positive integer")
+  per_sms = (None,) if ctas is not None else (2, 1)
+  for per_sm in per_sms:
+    n = ctas if per_sm is None else min(per_sm * sms, f // UNIT)
+    big = row_plan(f, n)[1]
+    for s_ in ([slots] if slots is not None else range(GATE_UP_SLOTS, 1, -1)):
+      if (per_sm or 1) * (_pair_smem(e, parts, big, s_) + SMEM_SLACK) <= SMEM_BYTES:
+        return n, s_
+  raise ValueError(f"silu_pair: a CTA's shared memory does not fit in {SMEM_BYTES} bytes "
+                   f"(row {e}, {parts} parts, ctas={ctas}, slots={slots}): give fewer slots or "
+                   "more CTAs")
+
+
+def launch_unsupported(e: int, f: int, parts: Optional[int] = None) -> str | None:
+  """Why the default launches cannot run an MLP of hidden size e and f intermediate rows (None
+  when they can): `matvec_parts`' down when `parts` is None, else `silu_pair`'s gate/up with an
+  add of `parts` float32 partial sums (0: none, or a plain row)."""
+  dt = jnp.bfloat16
+  why = unsupported(e, f, dt) or unsupported(f, e, dt)
+  if why is not None:
+    return why
+  try:
+    if parts is None:
+      _parts_plan(f, e, None, None, DOWN_SLOTS, _sms())
+    else:
+      _pair_plan(e, f, parts, None, None, _sms())
+  except ValueError as err:
+    return str(err)
+  return None
 
 
 def default_splits(k: int, n: int, sms: int) -> int:
@@ -397,15 +433,28 @@ def default_splits(k: int, n: int, sms: int) -> int:
   return 1
 
 
-def _ctas(fn, ctas, slots, default, multiple=1):
-  """The CTA count: `ctas` (checked), or `default()`."""
-  if not isinstance(slots, int) or slots < 1:
-    raise ValueError(f"{fn}: slots={slots!r} must be a positive integer")
+def _parts_plan(k, n, splits, ctas, slots, sms):
+  """(splits, ctas) of a `matvec_parts` launch, the given ones checked (defaults:
+  `default_splits`; the SMs rounded down to a multiple of the splits, at most a unit of 8 rows
+  a CTA)."""
+  if splits is None:
+    splits = default_splits(k, n, sms)
+  if (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1
+      or (k // BK) % splits):
+    raise ValueError(f"matvec_parts: splits={splits!r} must be a positive integer dividing the "
+                     f"row's {k // BK} steps of {BK}")
+  if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+    raise ValueError(f"matvec_parts: slots={slots!r} must be a positive integer")
   if ctas is None:
-    ctas = default()
-  if not isinstance(ctas, int) or ctas < 1 or ctas % multiple:
-    raise ValueError(f"{fn}: ctas={ctas!r} must be a positive multiple of {multiple}")
-  return ctas
+    ctas = splits * min(sms // splits, n // UNIT)
+  if not isinstance(ctas, int) or isinstance(ctas, bool) or ctas < 1 or ctas % splits:
+    raise ValueError(f"matvec_parts: ctas={ctas!r} must be a positive multiple of splits="
+                     f"{splits}")
+  big = row_plan(n, ctas // splits)[1]
+  if _parts_smem(k // BK // splits, big, slots) + SMEM_SLACK > SMEM_BYTES:
+    raise ValueError(f"matvec_parts: a CTA's shared memory does not fit in {SMEM_BYTES} bytes "
+                     f"(slots={slots}, {big}-row runs): give fewer slots or more CTAs")
+  return splits, ctas
 
 
 def _sms():

@@ -5,19 +5,19 @@ they would replace and XLA's GEMM on the same out-major weights, in one run.
         [--down-knobs 'SPLITS,SLOTS,DEFER;...'] [--no-probe]
 
 Gate/up: `matvec.norm_matvec(silu_pair=True, out_major=True)` (Triton) and
-`matvec_mgpu.silu_pair` at each (CTAs an SM, slots), both with the residual add of float32 parts
-and the RMSNorm as the model runs them; XLA's GEMM of one row by gate and up as one [2F, E]
-weight (the bare product of the row: the streaming rate to reach). Down:
-`matvec.matvec_partials` and `matvec_mgpu.matvec_parts` at each (splits, slots), XLA's one-row
-GEMM. A third knob of each TMA setting, DEFER (1/0), is `matvec_mgpu`'s `defer_sum`. `--no-probe` drops the
-tensor-core probe: the same plan and ring of slots with the products as wgmma (the weight tile
-as A, the row repeated 8 times as a transposed B; GPU only, no add or norm), which tells whether
-the CUDA-core products of `matvec_mgpu` hold the stream back.
+`matvec_mgpu.silu_pair` at each (CTAs an SM, slots, DEFER), both with the residual add of the
+float32 parts the o launch leaves and the RMSNorm, as the model runs them; XLA's GEMM of the one
+row by gate and up as one [2F, E] weight (the bare product: the streaming rate to reach). Down:
+`matvec.matvec_partials` (its default splits) and `matvec_mgpu.matvec_parts` at each (splits,
+slots, DEFER), XLA's one-row GEMM. DEFER (1/0) is `matvec_mgpu`'s `defer_sum`. `--no-probe`
+drops the tensor-core probe: the same plan and ring of slots with the products as wgmma (the
+weight tile as A, the row repeated 8 times as a transposed B; GPU only, no add or norm), which
+tells whether the CUDA-core products of `matvec_mgpu` hold the stream back.
 
-Each output is checked against the Triton launch's (largest difference over 2e-2 of the largest
-value: not timed); figures are the GPU us of a call's product kernels (a profile over 16 weight
-sets: no L2 hits) and the weights' read rate as a fraction of the copy rate of the same run. JSON
-to $OUT/matvec_tma.json.
+Each output is checked on a fresh row against a float32 XLA reference (largest difference over
+2e-2 of the largest value: not timed); figures are the GPU us of a call's product kernels (a
+profile over 16 weight sets: no L2 hits) and the weights' read rate as a fraction of the copy
+rate of the same run. JSON to $OUT/matvec_tma.json.
 """
 
 from __future__ import annotations
@@ -137,7 +137,9 @@ def main():
                   help="silu_pair's (CTAs an SM, slots, defer_sum) settings")
   ap.add_argument("--down-knobs", default="4,12,1;4,12,0;4,8,1;4,16,1;2,12,1",
                   help="matvec_parts' (splits, slots, defer_sum) settings")
-  ap.add_argument("--parts", type=int, default=5, help="float32 parts of the added row")
+  ap.add_argument("--parts", type=int, default=0,
+                  help="float32 parts of the added row (default: what the model's o launch "
+                       "leaves, matvec.pick_splits of the attention output)")
   ap.add_argument("--no-probe", action="store_true")
   args = ap.parse_args()
   pair_knobs = _knobs(args.pair_knobs, ("per_sm", "slots", "defer"))
@@ -150,14 +152,16 @@ def main():
 
   cfg = SHAPES[args.shape]
   e, f = cfg.hidden_size, cfg.intermediate_size
+  n_parts = args.parts or matvec.pick_splits(cfg.num_heads * cfg.head_dim, e)
   ceil = ceilings(rounds=2)
   bw = ceil["copy_GBps"] * 1e9
-  res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceil, "rows": []}
+  res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceil, "parts": n_parts,
+         "rows": []}
   print(ceil, flush=True)
   key = iter(jax.random.split(jax.random.key(0), 4 * SETS + 8))
   bf = jnp.bfloat16
   x = jax.random.normal(next(key), (e,), bf)
-  parts = 0.3 * jax.random.normal(next(key), (args.parts, e), jnp.float32)
+  parts = 0.3 * jax.random.normal(next(key), (n_parts, e), jnp.float32)
   scale = (1 + 0.2 * jax.random.normal(next(key), (e,))).astype(bf)
   act = jax.random.normal(next(key), (f,), bf)
   w = lambda shape, k: (shape[1] ** -0.5 * jax.random.normal(k, shape)).astype(bf)
@@ -167,49 +171,55 @@ def main():
   nt = lambda a, m: lax.dot_general(a[None], m, (((1,), (1,)), ((), ())))[0]  # a @ m.T
   sms = sm_count()
   norm = dict(add_E=parts, norm_scale_E=scale, eps=cfg.rms_norm_eps)
-  triton_pair = lambda p: matvec.norm_matvec(x, p, silu_pair=True, out_major=True, **norm)[0][0]
-  # (name, knobs, op, run over the weight sets, output of set 0 -> comparable [N] or [S, N])
+  # (name, knobs, op, run(row) over the weight sets, output of set 0 -> [N] or parts [S, N])
   bare = lambda o: jax.nn.silu(o[:f].astype(jnp.float32)) * o[f:].astype(jnp.float32)
-  runs = [("xla_gate_up", {}, "gate_up", lambda: [nt(x, m) for m in joined], bare),
-          ("triton_gate_up", {}, "gate_up", lambda: [triton_pair(p) for p in pairs], None)]
+  runs = [("xla_gate_up", {}, "bare", lambda v: [nt(v, m) for m in joined], bare),
+          ("triton_gate_up", {}, "gate_up", lambda v: [matvec.norm_matvec(
+              v, p, silu_pair=True, out_major=True, **norm)[0][0] for p in pairs], None)]
   for kn in pair_knobs:
     kw = dict(ctas=min(kn["per_sm"] * sms, f // 8), slots=kn["slots"],
               defer_sum=bool(kn["defer"]))
-    runs.append(("tma_gate_up", kw, "gate_up", lambda kw=kw: [
-        matvec_mgpu.silu_pair(x, *p, **norm, **kw)[0] for p in pairs], None))
+    runs.append(("tma_gate_up", kw, "gate_up", lambda v, kw=kw: [
+        matvec_mgpu.silu_pair(v, *p, **norm, **kw)[0] for p in pairs], None))
   if not args.no_probe:
-    runs.append(("probe_wg", {"ctas": sms, "slots": 4}, "gate_up", lambda: [
-        probe(x, *p, ctas=sms, slots=4) for p in pairs], lambda o: o[:, 0]))
-  runs += [("xla_down", {}, "down", lambda: [nt(act, m) for m in downs], None),
-           ("triton_down", {}, "down", lambda: [
-               matvec.matvec_partials(act, m, out_major=True) for m in downs], None)]
+    runs.append(("probe_wg", {"ctas": sms, "slots": 4}, "bare", lambda v: [
+        probe(v, *p, ctas=sms, slots=4) for p in pairs], lambda o: o[:, 0]))
+  runs += [("xla_down", {}, "down", lambda v: [nt(v, m) for m in downs], None),
+           ("triton_down", {"splits": matvec.pick_splits(f, e)}, "down", lambda v: [
+               matvec.matvec_partials(v, m, out_major=True) for m in downs], None)]
   for kn in down_knobs:
     kw = dict(splits=kn["splits"], slots=kn["slots"], defer_sum=bool(kn["defer"]))
-    runs.append(("tma_down", kw, "down", lambda kw=kw: [
-        matvec_mgpu.matvec_parts(act, m, **kw) for m in downs], None))
-  want = {"gate_up": triton_pair(pairs[0]).astype(jnp.float32),
-          "down": jnp.dot(downs[0].astype(jnp.float32), act.astype(jnp.float32))}
+    runs.append(("tma_down", kw, "down", lambda v, kw=kw: [
+        matvec_mgpu.matvec_parts(v, m, **kw) for m in downs], None))
+  # Each output is checked on a row of its own against an XLA float32 reference (a kernel that
+  # left rows unwritten could otherwise pass on a buffer the previous row's kernel had filled).
+  f32 = lambda a: a.astype(jnp.float32)
+  refs = {"bare": lambda v: reference(v, *pairs[0]),
+          "gate_up": lambda v: f32(matvec.norm_matvec_reference(
+              v, [p.T for p in pairs[0]], silu_pair=True, **norm)[0][0]),
+          "down": lambda v: jnp.dot(f32(downs[0]), f32(v))}
   names = ("gemm", "nvjet", "cutlass", "norm_matvec", "matvec_partials", "silu_pair_tma",
            "matvec_parts_tma", "mv_tma")
-  for impl, kw, op, run, view in runs:
-    row = {"impl": impl, "op": op, "knobs": kw, "E": e, "F": f}
+  for i, (impl, kw, op, run, view) in enumerate(runs):
+    row = {"impl": impl, "op": "down" if op == "down" else "gate_up", "knobs": kw, "E": e,
+           "F": f}
     fn = jax.jit(run)
     try:
-      got = fn()[0]
+      v = jax.random.normal(jax.random.key(1000 + i), (f if op == "down" else e,), bf)
+      got = fn(v)[0]
       got = view(got) if view else got
       if got.ndim == 2:  # split-K parts
         got = got.sum(0)
-      # XLA's GEMM and the probe multiply the bare row (no add, no norm).
-      ref = reference(x, *pairs[0]) if impl in ("xla_gate_up", "probe_wg") else want[op]
-      got = got.astype(jnp.float32)
-      row["max_rel_err"] = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+      ref = refs[op](v)
+      row["max_rel_err"] = float(jnp.max(jnp.abs(f32(got) - ref)) / jnp.max(jnp.abs(ref)))
       if row["max_rel_err"] > 2e-2:
         raise ValueError(f"wrong output: {row['max_rel_err']:.3g} of the largest value")
-      per = kernel_us(lambda: [jax.block_until_ready(fn()) for _ in range(ROUNDS)],
+      xs = x if row["op"] == "gate_up" else act
+      per = kernel_us(lambda: [jax.block_until_ready(fn(xs)) for _ in range(ROUNDS)],
                       ROUNDS * SETS)
       row["kernels_us"] = per
       row["us"] = product_us(per, *names)
-      row["of_copy"] = 2 * (2 if op == "gate_up" else 1) * e * f / (row["us"] * 1e-6) / bw
+      row["of_copy"] = 2 * (2 if row["op"] == "gate_up" else 1) * e * f / (row["us"] * 1e-6) / bw
     except Exception as err:  # a setting that does not compile or fit is recorded
       row["error"] = error_text(err)
     print({k: v for k, v in row.items() if k != "kernels_us"}, flush=True)

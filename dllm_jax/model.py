@@ -422,7 +422,6 @@ def _down_launch(cfg: ModelConfig):
   from dllm_jax.kernels import matvec
 
   return functools.partial(matvec.matvec_partials, out_major=om, interpret=interpret)
-  return (x_E, down_SE), new_cache
 
 
 _REMAT_POLICIES = {

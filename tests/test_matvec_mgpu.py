@@ -52,10 +52,11 @@ def test_silu_pair_equals_the_triton_launch(add, norm, defer_sum):
     np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
 
 
-@pytest.mark.parametrize("splits,ctas,slots,defer_sum", [(2, 4, 3, True), (1, 3, 2, False),
-                                                         (4, 8, 12, True)])
-def test_matvec_parts_equal_the_triton_partials(splits, ctas, slots, defer_sum):
-  k, n = 512, 96  # 8 steps of 64: a split's steps through `slots` slots, remainder unrolled
+@pytest.mark.parametrize("n,splits,ctas,slots,defer_sum", [
+    (96, 2, 4, 3, True), (96, 1, 3, 2, False), (96, 4, 8, 12, None),
+    (112, 2, 6, 3, None)])  # 112 rows on 3 CTAs a split: runs of 40, 40 and 32
+def test_matvec_parts_equal_the_triton_partials(n, splits, ctas, slots, defer_sum):
+  k = 512  # 8 steps of 64: a split's steps through `slots` slots, remainder unrolled
   kx, kw = jax.random.split(jax.random.key(1))
   x = jax.random.normal(kx, (k,)).astype(jnp.bfloat16)
   w = (k ** -0.5 * jax.random.normal(kw, (n, k))).astype(jnp.bfloat16)
@@ -95,7 +96,7 @@ def test_defaults_fit_shared_memory_and_fill_the_sms():
   assert matvec_mgpu._parts_plan(8960, 1536, None, None, 12, 132) == (4, 132)
   assert matvec_mgpu._parts_plan(512, 96, None, None, 12, 132) == (1, 12)  # too few to split
   with pytest.raises(ValueError, match="shared memory"):
-    matvec_mgpu._parts_plan(8960, 1536, 1, 8, 64, 132)  # 192-row runs in 64 slots
+    matvec_mgpu._parts_plan(8960, 1536, 1, 8, 32, 132)  # 192-row runs in 32 slots
 
 
 def test_bad_inputs_are_refused():
@@ -116,6 +117,8 @@ def test_bad_inputs_are_refused():
     pair(norm_scale_E=scale[:128])
   with pytest.raises(ValueError, match="slots"):
     pair(slots=0)
+  with pytest.raises(ValueError, match="slots"):
+    pair(slots=33)  # more barriers than Mosaic GPU allocates in a group
   with pytest.raises(ValueError, match="row_plan"):
     pair(ctas=9)  # 64 rows are 8 units
   w = g[:, :256]
@@ -127,12 +130,15 @@ def test_bad_inputs_are_refused():
     matvec_mgpu.matvec_parts(x, w.astype(jnp.float32), interpret=True)
 
 
-@pytest.mark.parametrize("e,f,defer_sum", [(1536, 8960, True), (1536, 8960, False),
-                                           (3584, 18944, True)])  # Qwen2.5-1.5B, 7B
-def test_gpu_bodies_lower_for_cuda(e, f, defer_sum):
+@pytest.mark.parametrize("e,f,parts,defer_sum", [
+    (1536, 8960, 4, None), (1536, 8960, 4, False), (1536, 8960, 4, True),
+    (3584, 18944, 2, None)])  # Qwen2.5-1.5B, 7B, each with the o launch's parts
+def test_gpu_bodies_lower_for_cuda(e, f, parts, defer_sum):
   # The interpreter runs neither the register layouts nor the CTA counts of a GPU; this traces
-  # and lowers both launches at the real shapes and default knobs for CUDA on the CPU (shared
-  # memory that does not fit is an error here).
+  # and lowers both launches as the model calls them at the real shapes (default knobs, the
+  # parts the o launch leaves on 132 SMs) for CUDA on the CPU (shared memory that does not fit
+  # is an error here).
+  assert matvec.pick_splits(e, e) == parts
   sd = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
   assert matvec_mgpu._sms() == 132  # the CPU's default SM count: an H100's and an H200's
@@ -140,7 +146,7 @@ def test_gpu_bodies_lower_for_cuda(e, f, defer_sum):
                                                      defer_sum=defer_sum)
   down = lambda x, w: matvec_mgpu.matvec_parts(x, w, defer_sum=defer_sum)
   for fn, args in ((pair, (sd((e,), bf), sd((f, e), bf), sd((f, e), bf),
-                           sd((5, e), jnp.float32), sd((e,), bf))),
+                           sd((parts, e), jnp.float32), sd((e,), bf))),
                    (down, (sd((f,), bf), sd((e, f), bf)))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1

@@ -42,10 +42,13 @@ UNIT = 8  # rows are handed out in units of a TMA box's tile height
 # ~70 KB a CTA are in flight (bandwidth x latency of an H200, ~4 TB/s x ~2 us, over 132 SMs).
 GATE_UP_SLOTS = 4
 DOWN_SLOTS = 12
-# Whether the products accumulate elementwise and are summed along the rows once (`_stream`):
-# about half the instructions a step of the per-step sum (no shuffles), for 32 more float32
-# registers a thread a 64-row weight tile. Unmeasured; benchmarks/matvec_tma.py times both.
-DEFER_SUM = True
+# Up to how many padded rows the products accumulate elementwise and are summed along the rows
+# once (`_stream`'s defer_sum): about half the instructions a step of the per-step sum (no
+# shuffles between lanes), for 32 more float32 registers a thread per 64 rows and weight, which
+# a 1-CTA-an-SM run of 192 rows (the 7B's gate/up) could not hold without spilling. Unmeasured;
+# benchmarks/matvec_tma.py times both.
+DEFER_SUM_ROWS = 64
+MAX_SLOTS = 32  # Mosaic GPU allocates at most 32 barriers a group
 
 
 def _plgpu():
@@ -101,7 +104,9 @@ def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, i
   loop is unrolled `slots` times so every slot's offset is static (Mosaic GPU lowers no dynamic
   offset into a tiled dimension). `defer_sum`: the products accumulate elementwise in a [m, BK]
   float32 array (a multiply-add a weight element) and are summed along the rows once at the
-  end, instead of at every step (shuffles between lanes each step; fewer registers).
+  end, instead of at every step (shuffles between lanes each step; fewer registers); None:
+  while m <= DEFER_SUM_ROWS. The padding rows of a tile may be read while the next tile's copy
+  is landing in them: harmless, every row's sum is its own and padding rows are never stored.
   `prologue()` runs once the first slots' copies are issued (the row's own work, overlapping
   them); returns (sums, what prologue returned)."""
   plgpu = _plgpu()
@@ -109,6 +114,8 @@ def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, i
   m = -(-rows // 64) * 64
   nw = len(w_refs)
   at = lambda slot, j: (slot * nw + j) * big
+  if defer_sum is None:
+    defer_sum = m <= DEFER_SUM_ROWS
 
   def fetch(i, slot):
     cols = pl.ds((k0 + i) * BK, BK)
@@ -181,7 +188,7 @@ def _rows_of(cta, n_big, big, small, run):
 def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
               add_E: Optional[jax.Array] = None, norm_scale_E: Optional[jax.Array] = None,
               eps: float = 1e-6, ctas: Optional[int] = None, slots: Optional[int] = None,
-              defer_sum: bool = DEFER_SUM, interpret: bool = False):
+              defer_sum: Optional[bool] = None, interpret: bool = False):
   """(act [F], row): `act = SiLU(norm(x + add) @ gate.T) * (norm(x + add) @ up.T)`, as
   `matvec.norm_matvec(x, (gate, up), silu_pair=True, out_major=True, ...)` computes it.
 
@@ -306,7 +313,7 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
 
 def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = None,
                  ctas: Optional[int] = None, slots: int = DOWN_SLOTS,
-                 defer_sum: bool = DEFER_SUM, interpret: bool = False) -> jax.Array:
+                 defer_sum: Optional[bool] = None, interpret: bool = False) -> jax.Array:
   """x [K] @ w.T, w out-major [N, K], as float32 partial sums [splits, N] over `splits` equal runs
   of the row (split-K), as `matvec.matvec_partials(..., out_major=True)` leaves them; the next
   launch sums them where it reads its row (`add_E`). Each run of the row has ctas / splits CTAs,
@@ -390,8 +397,9 @@ def _pair_plan(e, f, parts, ctas, slots, sms):
   where two fit in its shared memory (the rows past a run, padded to 64 for the register layout,
   are work too: 40-row runs pad less than 72-row ones), else one; GATE_UP_SLOTS slots, fewer
   where they do not fit (the 7B's 144-row runs take 3); never more CTAs than 8-row units."""
-  if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
-    raise ValueError(f"silu_pair: slots={slots!r} must be a positive integer")
+  if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool)
+                            or not 1 <= slots <= MAX_SLOTS):
+    raise ValueError(f"silu_pair: slots={slots!r} must be an integer in 1..{MAX_SLOTS}")
   if ctas is not None and (not isinstance(ctas, int) or isinstance(ctas, bool) or ctas < 1):
     raise ValueError(f"silu_pair: ctas={ctas!r} must be a positive integer")
   per_sms = (None,) if ctas is not None else (2, 1)
@@ -443,8 +451,8 @@ def _parts_plan(k, n, splits, ctas, slots, sms):
       or (k // BK) % splits):
     raise ValueError(f"matvec_parts: splits={splits!r} must be a positive integer dividing the "
                      f"row's {k // BK} steps of {BK}")
-  if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-    raise ValueError(f"matvec_parts: slots={slots!r} must be a positive integer")
+  if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= MAX_SLOTS:
+    raise ValueError(f"matvec_parts: slots={slots!r} must be an integer in 1..{MAX_SLOTS}")
   if ctas is None:
     ctas = splits * min(sms // splits, n // UNIT)
   if not isinstance(ctas, int) or isinstance(ctas, bool) or ctas < 1 or ctas % splits:

@@ -331,16 +331,20 @@ def main():
   ap.add_argument("--no-row-attention", action="store_true",
                   help="jax part: model.ROW_ATTENTION off (the one-row step's RoPE, cache "
                        "write and split combine as XLA kernels around decode_attention)")
-  ap.add_argument("--row-tma", action="store_true",
+  ap.add_argument("--row-tma", nargs="?", const="cuda_cores", default=None,
+                  choices=("cuda_cores", "wgmma"),
                   help="jax part: model.ROW_TMA on (the one-row step's gate/up and down by "
-                       "kernels/matvec_mgpu.py's TMA launches, out_in weights only)")
+                       "kernels/matvec_mgpu.py's TMA launches, out_in weights only), their "
+                       "products on the given units (matvec_mgpu.PRODUCTS)")
   args = ap.parse_args()
   if args.no_row_attention:
     from dllm_jax import model
     model.ROW_ATTENTION = False
   if args.row_tma:
     from dllm_jax import model
+    from dllm_jax.kernels import matvec_mgpu
     model.ROW_TMA = True
+    matvec_mgpu.PRODUCTS = args.row_tma
   if args.plain_dot:
     if args.kernel_layout == "out_in":
       ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")

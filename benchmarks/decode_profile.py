@@ -87,14 +87,19 @@ def main():
                        "kernels/decode.row_attention)")
   ap.add_argument("--row-attention-knobs", default="",
                   help="knobs of kernels/decode.row_attention, e.g. 'splits=2,block_k=32'")
-  ap.add_argument("--row-tma", action="store_true",
+  ap.add_argument("--row-tma", nargs="?", const="cuda_cores", default=None,
+                  choices=("cuda_cores", "wgmma"),
                   help="model.ROW_TMA on: the one-row step's gate/up and down by "
-                       "kernels/matvec_mgpu.py's TMA launches (out_in weights only)")
+                       "kernels/matvec_mgpu.py's TMA launches (out_in weights only), their "
+                       "products on the given units (matvec_mgpu.PRODUCTS)")
   args = ap.parse_args()
   if args.no_row_attention:
     model.ROW_ATTENTION = False
   if args.row_tma:
+    from dllm_jax.kernels import matvec_mgpu
+
     model.ROW_TMA = True
+    matvec_mgpu.PRODUCTS = args.row_tma
   if args.row_attention_knobs:
     from dllm_jax.kernels import decode as decode_kernels
 

@@ -81,11 +81,17 @@ def main():
   ap.add_argument("--kernel-layout", default="out_in", choices=KERNEL_LAYOUTS,
                   help="model.kernel_layout of both paths (default: the one-row step's, "
                        "model.decode_kernel_layout)")
-  ap.add_argument("--row-tma", action="store_true",
+  ap.add_argument("--row-tma", nargs="?", const="cuda_cores", default=None,
+                  choices=("cuda_cores", "wgmma"),
                   help="model.ROW_TMA on for the kernels' path: gate/up and down by "
-                       "kernels/matvec_mgpu.py's TMA launches (out_in only)")
+                       "kernels/matvec_mgpu.py's TMA launches (out_in only), their products "
+                       "on the given units (matvec_mgpu.PRODUCTS)")
   args = ap.parse_args()
-  model.ROW_TMA = args.row_tma
+  model.ROW_TMA = args.row_tma is not None
+  if args.row_tma:
+    from dllm_jax.kernels import matvec_mgpu
+
+    matvec_mgpu.PRODUCTS = args.row_tma
   res = {"meta": run_meta(), "rows": []}
   for name in args.shapes.split(","):
     row = {**check(name, args.attention, args.kernel_layout), "attention": args.attention,

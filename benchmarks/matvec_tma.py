@@ -1,15 +1,17 @@
 """The one-row step's MLP launches on TMA (`kernels.matvec_mgpu`, #7) against the Triton launches
 they would replace and XLA's GEMM on the same out-major weights, in one run.
 
-    python benchmarks/matvec_tma.py [--shape qwen2.5-1.5b] [--pair-knobs 'PER_SM,SLOTS,DEFER;...']
-        [--down-knobs 'SPLITS,SLOTS,DEFER;...'] [--no-probe]
+    python benchmarks/matvec_tma.py [--shape qwen2.5-1.5b]
+        [--pair-knobs 'PER_SM,SLOTS,DEFER,WGMMA;...'] [--down-knobs 'SPLITS,SLOTS,DEFER,WGMMA;...']
+        [--no-probe]
 
 Gate/up: `matvec.norm_matvec(silu_pair=True, out_major=True)` (Triton) and
-`matvec_mgpu.silu_pair` at each (CTAs an SM, slots, DEFER), both with the residual add of the
+`matvec_mgpu.silu_pair` at each (CTAs an SM, slots, DEFER, WGMMA), both with the residual add of the
 float32 parts the o launch leaves and the RMSNorm, as the model runs them; XLA's GEMM of the one
 row by gate and up as one [2F, E] weight (the bare product: the streaming rate to reach). Down:
 `matvec.matvec_partials` (its default splits) and `matvec_mgpu.matvec_parts` at each (splits,
-slots, DEFER), XLA's one-row GEMM. DEFER (1/0) is `matvec_mgpu`'s `defer_sum`. `--no-probe`
+slots, DEFER, WGMMA), XLA's one-row GEMM. DEFER (1/0) is `matvec_mgpu`'s `defer_sum`, WGMMA
+(1/0) its `products` ("wgmma" or "cuda_cores"). `--no-probe`
 drops the tensor-core probe: the same plan and ring of slots with the products as wgmma (the
 weight tile as A, the row repeated 8 times as a transposed B; GPU only, no add or norm), which
 tells whether the CUDA-core products of `matvec_mgpu` hold the stream back.
@@ -37,6 +39,7 @@ from benchmarks.common import (ceilings, error_text, kernel_us, product_us, run_
                                save_json)
 
 SETS, ROUNDS = 16, 4
+PRODUCTS = ("cuda_cores", "wgmma")  # by the WGMMA knob
 N8 = 8  # wgmma's smallest N
 
 
@@ -133,18 +136,19 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--shape", default="qwen2.5-1.5b")
-  ap.add_argument("--pair-knobs", default="2,4,1;2,4,0;2,3,1;2,6,1;1,4,1;1,3,0",
-                  help="silu_pair's (CTAs an SM, slots, defer_sum) settings")
-  ap.add_argument("--down-knobs", default="4,12,1;4,12,0;4,8,1;4,16,1;2,12,1",
-                  help="matvec_parts' (splits, slots, defer_sum) settings")
+  ap.add_argument("--pair-knobs", default="2,4,1,0;2,4,0,0;2,4,0,1;2,3,1,0;2,6,1,0;1,4,1,0;"
+                  "1,4,0,1", help="silu_pair's (CTAs an SM, slots, defer_sum, wgmma) settings")
+  ap.add_argument("--down-knobs", default="4,12,1,0;4,12,0,0;4,12,0,1;4,8,1,0;4,16,1,0;2,12,1,0",
+                  help="matvec_parts' (splits, slots, defer_sum, wgmma) settings")
   ap.add_argument("--parts", type=int, default=0,
                   help="float32 parts of the added row (default: what the model's o launch "
                        "leaves, matvec.pick_splits of the attention output)")
   ap.add_argument("--no-probe", action="store_true")
   args = ap.parse_args()
-  pair_knobs = _knobs(args.pair_knobs, ("per_sm", "slots", "defer"))
-  down_knobs = _knobs(args.down_knobs, ("splits", "slots", "defer"))
-  if any(k[n] < 1 for k in pair_knobs + down_knobs for n in k if n != "defer"):
+  pair_knobs = _knobs(args.pair_knobs, ("per_sm", "slots", "defer", "wgmma"))
+  down_knobs = _knobs(args.down_knobs, ("splits", "slots", "defer", "wgmma"))
+  if any(k[n] < 1 for k in pair_knobs + down_knobs for n in ("slots", "per_sm", "splits")
+         if n in k):
     ap.error("CTAs an SM, slots and splits are positive")
   from benchmarks.decode import SHAPES
   from dllm_jax.kernels import matvec, matvec_mgpu
@@ -178,7 +182,7 @@ def main():
               v, p, silu_pair=True, out_major=True, **norm)[0][0] for p in pairs], None)]
   for kn in pair_knobs:
     kw = dict(ctas=min(kn["per_sm"] * sms, f // 8), slots=kn["slots"],
-              defer_sum=bool(kn["defer"]))
+              defer_sum=bool(kn["defer"]), products=PRODUCTS[bool(kn["wgmma"])])
     runs.append(("tma_gate_up", kw, "gate_up", lambda v, kw=kw: [
         matvec_mgpu.silu_pair(v, *p, **norm, **kw)[0] for p in pairs], None))
   if not args.no_probe:
@@ -188,7 +192,8 @@ def main():
            ("triton_down", {"splits": matvec.pick_splits(f, e)}, "down", lambda v: [
                matvec.matvec_partials(v, m, out_major=True) for m in downs], None)]
   for kn in down_knobs:
-    kw = dict(splits=kn["splits"], slots=kn["slots"], defer_sum=bool(kn["defer"]))
+    kw = dict(splits=kn["splits"], slots=kn["slots"], defer_sum=bool(kn["defer"]),
+              products=PRODUCTS[bool(kn["wgmma"])])
     runs.append(("tma_down", kw, "down", lambda v, kw=kw: [
         matvec_mgpu.matvec_parts(v, m, **kw) for m in downs], None))
   # Each output is checked on a row of its own against an XLA float32 reference (a kernel that

@@ -119,6 +119,10 @@ def test_bad_inputs_are_refused():
     pair(slots=0)
   with pytest.raises(ValueError, match="slots"):
     pair(slots=33)  # more barriers than Mosaic GPU allocates in a group
+  with pytest.raises(ValueError, match="GPU only"):
+    pair(products="wgmma")  # interpreted
+  with pytest.raises(ValueError, match="products"):
+    pair(products="tensor")
   with pytest.raises(ValueError, match="row_plan"):
     pair(ctas=9)  # 64 rows are 8 units
   w = g[:, :256]
@@ -130,10 +134,11 @@ def test_bad_inputs_are_refused():
     matvec_mgpu.matvec_parts(x, w.astype(jnp.float32), interpret=True)
 
 
-@pytest.mark.parametrize("e,f,parts,defer_sum", [
-    (1536, 8960, 4, None), (1536, 8960, 4, False), (1536, 8960, 4, True),
-    (3584, 18944, 2, None)])  # Qwen2.5-1.5B, 7B, each with the o launch's parts
-def test_gpu_bodies_lower_for_cuda(e, f, parts, defer_sum):
+@pytest.mark.parametrize("e,f,parts,defer_sum,products", [
+    (1536, 8960, 4, None, "cuda_cores"), (1536, 8960, 4, False, "cuda_cores"),
+    (1536, 8960, 4, True, "cuda_cores"), (1536, 8960, 4, None, "wgmma"),
+    (3584, 18944, 2, None, "cuda_cores"), (3584, 18944, 2, None, "wgmma")])  # 1.5B, 7B
+def test_gpu_bodies_lower_for_cuda(e, f, parts, defer_sum, products):
   # The interpreter runs neither the register layouts nor the CTA counts of a GPU; this traces
   # and lowers both launches as the model calls them at the real shapes (default knobs, the
   # parts the o launch leaves on 132 SMs) for CUDA on the CPU (shared memory that does not fit
@@ -143,8 +148,8 @@ def test_gpu_bodies_lower_for_cuda(e, f, parts, defer_sum):
   bf = jnp.bfloat16
   assert matvec_mgpu._sms() == 132  # the CPU's default SM count: an H100's and an H200's
   pair = lambda x, g, u, p, s: matvec_mgpu.silu_pair(x, g, u, add_E=p, norm_scale_E=s,
-                                                     defer_sum=defer_sum)
-  down = lambda x, w: matvec_mgpu.matvec_parts(x, w, defer_sum=defer_sum)
+                                                     defer_sum=defer_sum, products=products)
+  down = lambda x, w: matvec_mgpu.matvec_parts(x, w, defer_sum=defer_sum, products=products)
   for fn, args in ((pair, (sd((e,), bf), sd((f, e), bf), sd((f, e), bf),
                            sd((parts, e), jnp.float32), sd((e,), bf))),
                    (down, (sd((f,), bf), sd((e, f), bf)))):
@@ -226,7 +231,7 @@ def test_matvec_tma_benchmark_runs_every_row(load_benchmark, monkeypatch, tmp_pa
     monkeypatch.setattr(matvec, name, functools.partial(getattr(matvec, name), interpret=True))
   monkeypatch.setenv("OUT", str(tmp_path))
   monkeypatch.setattr(sys, "argv", ["matvec_tma.py", "--shape", "tiny", "--pair-knobs",
-                                    "1,2,1", "--down-knobs", "1,3,0", "--no-probe"])
+                                    "1,2,1,0", "--down-knobs", "1,3,0,0", "--no-probe"])
   bench.main()
   rows = json.loads((tmp_path / "matvec_tma.json").read_text())["rows"]
   assert [r["impl"] for r in rows] == ["xla_gate_up", "triton_gate_up", "tma_gate_up",

@@ -13,11 +13,13 @@ another (the 1.5B's gate/up on 132 CTAs: 64 of 72 rows, 68 of 64).
 
 Weights out-major only ([N, K], `ModelConfig.kernel_layout="out_in"`): a CTA's step tile
 [rows, 64] is `rows` runs of 128 bytes, one TMA box into a 128-byte-swizzled slot; SLOTS of them
-in flight. The products run on the CUDA cores, not wgmma: each tile is read from shared memory
-in the wgmma register layout, multiplied by the row's 64-element chunk broadcast along its rows,
-and summed along them in float32 (one row needs no tensor cores, and this is the same code in
-the CPU interpreter, which has no transposed wgmma operand). Rows are padded to 64 for that
-layout; the padding rows read stale shared memory and are never stored.
+in flight. The products run on the CUDA cores by default (`PRODUCTS`): each tile is read from
+shared memory in the wgmma register layout, multiplied by the row's 64-element chunk broadcast
+along its rows, and summed along them in float32 (one row needs no tensor cores, and this is the
+same code in the CPU interpreter, which has no register or transposed wgmma operand). Rows are
+padded to 64 for that layout; the padding rows read stale shared memory and are never stored.
+`products="wgmma"` (GPU only) has the tensor cores do them instead: the chunk repeated on 64
+rows as the register A operand, the slot's tile transposed as B.
 
 Numerics are `matvec.norm_matvec`'s and `matvec.matvec_partials`' (which follow the model's XLA
 path): the residual-added row rounded to the compute dtype, scale * row rounded, float32
@@ -49,6 +51,13 @@ DOWN_SLOTS = 12
 # benchmarks/matvec_tma.py times both.
 DEFER_SUM_ROWS = 64
 MAX_SLOTS = 32  # Mosaic GPU allocates at most 32 barriers a group
+# Where the products run (`_stream`): "cuda_cores" (multiply-adds from shared memory in the wgmma
+# register layout; the CPU interpreter's body too) or "wgmma" (the row's chunk, repeated on 64
+# rows, as the register A operand and the weight tile transposed as B: the tensor cores do 64x
+# the work, asynchronously; GPU only, since the interpreter has neither a register operand nor a
+# transposed one). Unmeasured; benchmarks/matvec_tma.py times both.
+PRODUCTS = "cuda_cores"
+PRODUCT_KINDS = ("cuda_cores", "wgmma")
 
 
 def _plgpu():
@@ -94,9 +103,10 @@ def unsupported(e: int, n: int, dtype) -> str | None:
   return None
 
 
-def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, interpret,
-            prologue=None):
-  """float32 [m] per weight (m = rows rounded up to 64): the sum over steps i < nk of
+def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, products,
+            interpret, prologue=None):
+  """float32 [m] per weight (m = rows rounded up to 64; with `products` "wgmma" [64, rows],
+  every row the same sums): the sum over steps i < nk of
   w[r0 : r0 + rows, (k0 + i) * BK :][:, :BK] times `chunk(i)` (float32 [BK], the row's chunk in
   the wgmma column layout). Weight j's step tiles land in w_s [slots * len(w_refs) * big + pad,
   BK] at rows (slot * len(w_refs) + j) * big (barrier bars[j][slot]), refilled `slots` steps
@@ -126,6 +136,8 @@ def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, i
   for s in range(min(slots, nk)):
     fetch(s, s)
   before = prologue() if prologue is not None else None
+  if products == "wgmma":
+    return _stream_wgmma(w_refs, w_s, bars, chunk, rows, at, fetch, nk, slots), before
 
   def step(i, slot, accs):
     xb = lax.broadcast_in_dim(chunk(i), (m, BK), [1])
@@ -153,6 +165,62 @@ def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, i
   if defer_sum:
     accs = tuple(jnp.sum(a, axis=1) for a in accs)
   return accs, before
+
+
+def _stream_wgmma(w_refs, w_s, bars, chunk, rows, at, fetch, nk, slots):
+  """`_stream`'s loop with the products on the tensor cores: acc [64, rows] += the row's chunk
+  repeated on 64 rows (registers, wgmma's smallest M) times the weight tile transposed ([BK,
+  rows] from the slot: N = rows, a multiple of 8). Each step's wgmmas are awaited before its
+  slot is refilled. Returns the accumulators' values."""
+  plgpu = _plgpu()
+
+  def scope(*acc_refs):
+    def step(i, slot):
+      xb = lax.broadcast_in_dim(chunk(i).astype(jnp.bfloat16), (64, BK), [1])
+      for j, acc in enumerate(acc_refs):
+        plgpu.barrier_wait(bars[j].at[slot])
+        plgpu.wgmma(acc, xb, plgpu.transpose_ref(w_s.at[pl.ds(at(slot, j), rows)], (1, 0)))
+      plgpu.wgmma_wait(0)
+      pl.when(i + slots < nk)(lambda: fetch(i + slots, slot))
+
+    def rounds(r, carry):
+      for s in range(slots):
+        step(r * slots + s, s)
+      return carry
+
+    lax.fori_loop(0, nk // slots, rounds, 0)
+    for s in range(nk % slots):
+      step(nk // slots * slots + s, s)
+    return tuple(acc[...] for acc in acc_refs)
+
+  return pl.run_scoped(scope, *(plgpu.ACC((64, rows), jnp.float32) for _ in w_refs))
+
+
+def _store_sums(y, o_s, out_ref, rows):
+  """Writes a run's results (`_stream`'s [m], or its [64, rows] whose rows are equal) to out_ref
+  [rows] in global memory, through o_s ([mpad], or [64, big] for the latter)."""
+  plgpu = _plgpu()
+  if y.ndim == 1:
+    o_s[pl.ds(0, y.shape[0])] = y
+    src = o_s.at[pl.ds(0, rows)]
+  else:
+    o_s[:, pl.ds(0, rows)] = y
+    src = o_s.at[0, pl.ds(0, rows)]
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(src, out_ref)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _products_of(fn, products, interpret):
+  """`products` resolved: None is PRODUCTS on a GPU and "cuda_cores" in the interpreter."""
+  if products is None:
+    return "cuda_cores" if interpret else PRODUCTS
+  if products not in PRODUCT_KINDS:
+    raise ValueError(f"{fn}: products={products!r}; expected one of {PRODUCT_KINDS}")
+  if products == "wgmma" and interpret:
+    raise ValueError(f"{fn}: products='wgmma' runs on a GPU only (the CPU interpreter has no "
+                     "register or transposed wgmma operand): use 'cuda_cores'")
+  return products
 
 
 def _chunk_loader(x_s, k0, interpret):
@@ -188,7 +256,8 @@ def _rows_of(cta, n_big, big, small, run):
 def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
               add_E: Optional[jax.Array] = None, norm_scale_E: Optional[jax.Array] = None,
               eps: float = 1e-6, ctas: Optional[int] = None, slots: Optional[int] = None,
-              defer_sum: Optional[bool] = None, interpret: bool = False):
+              defer_sum: Optional[bool] = None, products: Optional[str] = None,
+              interpret: bool = False):
   """(act [F], row): `act = SiLU(norm(x + add) @ gate.T) * (norm(x + add) @ up.T)`, as
   `matvec.norm_matvec(x, (gate, up), silu_pair=True, out_major=True, ...)` computes it.
 
@@ -196,7 +265,7 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   [S, E] (`matvec_partials`' or `matvec_parts`' output) whose sum rounded to bf16 is added; the
   residual-added row is returned as `row` (None without an add). `norm_scale_E`: RMSNorm's scale
   (eps `eps`), its 1/rms applied to the products' sums. `ctas` and `slots` (defaults:
-  `_pair_plan`) and `defer_sum` (`_stream`) are tuning knobs.
+  `_pair_plan`), `defer_sum` (`_stream`) and `products` (PRODUCTS) are tuning knobs.
   """
   plgpu = _plgpu()
   _check("silu_pair", x_E, (gate_FE, up_FE))
@@ -214,6 +283,7 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   dtype = x_E.dtype
   parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
   ctas, slots = _pair_plan(e, f, parts, ctas, slots, _sms())
+  products = _products_of("silu_pair", products, interpret)
   n_big, big, small = row_plan(f, ctas)
   has_add, has_norm = add_E is not None, norm_scale_E is not None
   mpad = -(-big // 64) * 64
@@ -268,15 +338,12 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
 
       (g, u), rsqrt = _stream((g_ref, u_ref), w_s, (g_bar, u_bar),
                               _chunk_loader(nx_s, 0, interpret), rows, big, r0, 0, nk, slots,
-                              defer_sum, interpret, prologue)
+                              defer_sum, products, interpret, prologue)
       if rsqrt is not None:
         g, u = g * rsqrt, u * rsqrt
       g, u = _round(g, dtype), _round(u, dtype)
       s_ = _round(g * _round(jax.nn.sigmoid(g), dtype), dtype)
-      o_s[pl.ds(0, s_.shape[0])] = (s_ * u).astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, rows)], act_ref.at[pl.ds(r0, rows)])
-      plgpu.wait_smem_to_gmem(0)
+      _store_sums((s_ * u).astype(dtype), o_s, act_ref.at[pl.ds(r0, rows)], rows)
 
     _rows_of(cta, n_big, big, small, run)
 
@@ -301,7 +368,7 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
           plgpu.SMEM((nk, BK) if has_norm else (1, 8), dtype),
           plgpu.SMEM((nk, BK), dtype),
           plgpu.SMEM((slots * 2 * big + mpad - big, BK), dtype, **tiled),
-          plgpu.SMEM((mpad,), dtype),
+          plgpu.SMEM((mpad,) if products == "cuda_cores" else (64, big), dtype),
           plgpu.Barrier(num_barriers=3),
           plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots)],
       grid=(ctas,), grid_names=("cta",),
@@ -313,17 +380,19 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
 
 def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = None,
                  ctas: Optional[int] = None, slots: int = DOWN_SLOTS,
-                 defer_sum: Optional[bool] = None, interpret: bool = False) -> jax.Array:
+                 defer_sum: Optional[bool] = None, products: Optional[str] = None,
+                 interpret: bool = False) -> jax.Array:
   """x [K] @ w.T, w out-major [N, K], as float32 partial sums [splits, N] over `splits` equal runs
   of the row (split-K), as `matvec.matvec_partials(..., out_major=True)` leaves them; the next
   launch sums them where it reads its row (`add_E`). Each run of the row has ctas / splits CTAs,
-  which split the N rows as `row_plan` does. `splits`, `ctas` (defaults: `_parts_plan`), `slots`
-  and `defer_sum` (`_stream`) are tuning knobs."""
+  which split the N rows as `row_plan` does. `splits`, `ctas` (defaults: `_parts_plan`), `slots`,
+  `defer_sum` (`_stream`) and `products` (PRODUCTS) are tuning knobs."""
   plgpu = _plgpu()
   _check("matvec_parts", x_K, (w_NK,))
   k = x_K.shape[0]
   n = w_NK.shape[0]
   splits, ctas = _parts_plan(k, n, splits, ctas, slots, _sms())
+  products = _products_of("matvec_parts", products, interpret)
   per = ctas // splits
   n_big, big, small = row_plan(n, per)
   nk = k // BK // splits
@@ -338,12 +407,9 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
 
     def run(rows, r0):
       (y,), _ = _stream((w_ref,), w_s, (w_bar,), _chunk_loader(x_s, 0, interpret), rows, big,
-                        r0, k0, nk, slots, defer_sum, interpret,
+                        r0, k0, nk, slots, defer_sum, products, interpret,
                         lambda: plgpu.barrier_wait(x_bar.at[0]))
-      o_s[pl.ds(0, y.shape[0])] = y
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, rows)], o_ref.at[part, pl.ds(r0, rows)])
-      plgpu.wait_smem_to_gmem(0)
+      _store_sums(y, o_s, o_ref.at[part, pl.ds(r0, rows)], rows)
 
     _rows_of(lax.rem(cta, jnp.int32(per)), n_big, big, small, run)
 
@@ -355,7 +421,7 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
       scratch_types=[
           plgpu.SMEM((nk, BK), dtype),
           plgpu.SMEM((slots * big + mpad - big, BK), dtype, **tiled),
-          plgpu.SMEM((mpad,), jnp.float32),
+          plgpu.SMEM((mpad,) if products == "cuda_cores" else (64, big), jnp.float32),
           plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=slots)],
       grid=(ctas,), grid_names=("cta",),
       interpret=_interpret_params() if interpret else None,

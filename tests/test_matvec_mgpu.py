@@ -93,6 +93,9 @@ def test_defaults_fit_shared_memory_and_fill_the_sms():
     assert matvec_mgpu._pair_smem(e, parts, big, slots) <= matvec_mgpu.SMEM_BYTES
   with pytest.raises(ValueError, match="shared memory"):
     matvec_mgpu._pair_plan(3584, 18944, 5, 132, 4, 132)  # the 7B at 4 slots: 250 KB
+  # The wgmma products stage a [64, run] output: the same plans still fit.
+  assert matvec_mgpu._pair_plan(1536, 8960, 4, None, None, 132, "wgmma") == (264, 4)
+  assert matvec_mgpu._parts_plan(18944, 3584, None, None, 12, 132, "wgmma") == (4, 132)
   assert matvec_mgpu._parts_plan(8960, 1536, None, None, 12, 132) == (4, 132)
   assert matvec_mgpu._parts_plan(512, 96, None, None, 12, 132) == (1, 12)  # too few to split
   with pytest.raises(ValueError, match="shared memory"):

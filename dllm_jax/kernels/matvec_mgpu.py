@@ -282,8 +282,8 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   nk = e // BK
   dtype = x_E.dtype
   parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
-  ctas, slots = _pair_plan(e, f, parts, ctas, slots, _sms())
   products = _products_of("silu_pair", products, interpret)
+  ctas, slots = _pair_plan(e, f, parts, ctas, slots, _sms(), products)
   n_big, big, small = row_plan(f, ctas)
   has_add, has_norm = add_E is not None, norm_scale_E is not None
   mpad = -(-big // 64) * 64
@@ -391,8 +391,8 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
   _check("matvec_parts", x_K, (w_NK,))
   k = x_K.shape[0]
   n = w_NK.shape[0]
-  splits, ctas = _parts_plan(k, n, splits, ctas, slots, _sms())
   products = _products_of("matvec_parts", products, interpret)
+  splits, ctas = _parts_plan(k, n, splits, ctas, slots, _sms(), products)
   per = ctas // splits
   n_big, big, small = row_plan(n, per)
   nk = k // BK // splits
@@ -445,20 +445,25 @@ SMEM_BYTES = 227 * 1024  # shared memory a Hopper SM gives its CTAs
 SMEM_SLACK = 8192  # what Mosaic adds to a CTA's buffers (reduction scratch, barriers): ~3 KB
 
 
-def _pair_smem(e, parts, big, slots):
+def _out_elems(big, products):
+  """Elements of a CTA's output staging buffer (`_store_sums`)."""
+  return -(-big // 64) * 64 if products == "cuda_cores" else 64 * big
+
+
+def _pair_smem(e, parts, big, slots, products="cuda_cores"):
   """Shared-memory bytes of a `silu_pair` CTA's buffers, its largest run `big` rows."""
   mpad = -(-big // 64) * 64
   row = 2 * e * 3 + (4 * parts * e if parts else 2 * e)  # x, scale, normed row; the add
-  return row + 2 * BK * (slots * 2 * big + mpad - big) + 2 * mpad
+  return row + 2 * BK * (slots * 2 * big + mpad - big) + 2 * _out_elems(big, products)
 
 
-def _parts_smem(nk, big, slots):
+def _parts_smem(nk, big, slots, products="cuda_cores"):
   """Shared-memory bytes of a `matvec_parts` CTA's buffers (nk steps of its run of the row)."""
   mpad = -(-big // 64) * 64
-  return 2 * nk * BK + 2 * BK * (slots * big + mpad - big) + 4 * mpad
+  return 2 * nk * BK + 2 * BK * (slots * big + mpad - big) + 4 * _out_elems(big, products)
 
 
-def _pair_plan(e, f, parts, ctas, slots, sms):
+def _pair_plan(e, f, parts, ctas, slots, sms, products="cuda_cores"):
   """(ctas, slots) of a `silu_pair` launch, the given ones checked. Defaults: two CTAs an SM
   where two fit in its shared memory (the rows past a run, padded to 64 for the register layout,
   are work too: 40-row runs pad less than 72-row ones), else one; GATE_UP_SLOTS slots, fewer
@@ -473,7 +478,7 @@ def _pair_plan(e, f, parts, ctas, slots, sms):
     n = ctas if per_sm is None else min(per_sm * sms, f // UNIT)
     big = row_plan(f, n)[1]
     for s_ in ([slots] if slots is not None else range(GATE_UP_SLOTS, 1, -1)):
-      if (per_sm or 1) * (_pair_smem(e, parts, big, s_) + SMEM_SLACK) <= SMEM_BYTES:
+      if (per_sm or 1) * (_pair_smem(e, parts, big, s_, products) + SMEM_SLACK) <= SMEM_BYTES:
         return n, s_
   raise ValueError(f"silu_pair: a CTA's shared memory does not fit in {SMEM_BYTES} bytes "
                    f"(row {e}, {parts} parts, ctas={ctas}, slots={slots}): give fewer slots or "
@@ -490,9 +495,9 @@ def launch_unsupported(e: int, f: int, parts: Optional[int] = None) -> str | Non
     return why
   try:
     if parts is None:
-      _parts_plan(f, e, None, None, DOWN_SLOTS, _sms())
+      _parts_plan(f, e, None, None, DOWN_SLOTS, _sms(), PRODUCTS)
     else:
-      _pair_plan(e, f, parts, None, None, _sms())
+      _pair_plan(e, f, parts, None, None, _sms(), PRODUCTS)
   except ValueError as err:
     return str(err)
   return None
@@ -507,7 +512,7 @@ def default_splits(k: int, n: int, sms: int) -> int:
   return 1
 
 
-def _parts_plan(k, n, splits, ctas, slots, sms):
+def _parts_plan(k, n, splits, ctas, slots, sms, products="cuda_cores"):
   """(splits, ctas) of a `matvec_parts` launch, the given ones checked (defaults:
   `default_splits`; the SMs rounded down to a multiple of the splits, at most a unit of 8 rows
   a CTA)."""
@@ -525,7 +530,7 @@ def _parts_plan(k, n, splits, ctas, slots, sms):
     raise ValueError(f"matvec_parts: ctas={ctas!r} must be a positive multiple of splits="
                      f"{splits}")
   big = row_plan(n, ctas // splits)[1]
-  if _parts_smem(k // BK // splits, big, slots) + SMEM_SLACK > SMEM_BYTES:
+  if _parts_smem(k // BK // splits, big, slots, products) + SMEM_SLACK > SMEM_BYTES:
     raise ValueError(f"matvec_parts: a CTA's shared memory does not fit in {SMEM_BYTES} bytes "
                      f"(slots={slots}, {big}-row runs): give fewer slots or more CTAs")
   return splits, ctas

@@ -242,3 +242,14 @@ def test_matvec_tma_benchmark_runs_every_row(load_benchmark, monkeypatch, tmp_pa
   for r in rows:
     assert "error" not in r, r
     assert r["us"] == 3.0 and r["max_rel_err"] < 2e-2
+
+
+def test_matvec_tma_probe_lowers_for_cuda(load_benchmark):
+  # The benchmark's tensor-core probe runs on a GPU only (a transposed operand): lowered here at
+  # the 1.5B shape so that it cannot break unseen before a device call.
+  bench = load_benchmark("matvec_tma")
+  sd = jax.ShapeDtypeStruct
+  x, w = sd((1536,), jnp.bfloat16), sd((8960, 1536), jnp.bfloat16)
+  text = jax.jit(lambda x, g, u: bench.probe(x, g, u, ctas=132, slots=4)).trace(
+      x, w, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1

@@ -342,6 +342,9 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   slots they and the attention took 10.0 us a layer, `row_attention` (4 splits, combining
   its own splits) 8.4 (BENCHMARKS.md, session 21).
 
+  With `ROW_TMA` (off by default; `_row_tma`) gate/up and down run `kernels.matvec_mgpu`'s
+  Mosaic GPU launches instead of `kernels.matvec`'s, same arithmetic.
+
   x = (row [E], pending): the residual stream is the row plus `pending`, the previous layer's
   down product as float32 partial sums [S, E] (or None), which this layer's first launch adds
   (as the o product's parts are added by the MLP's launch): split-K products fill the GPU, and

@@ -9,7 +9,7 @@ persistent Mosaic GPU matmul at ~1.0 of the copy rate only where every SM had on
 the 1.5B's 8960 gate/up columns in 64-row tiles are 140 tiles on 132 SMs, and the 8 SMs with
 two set the time. Hence the plan here (`row_plan`): a CTA takes a contiguous run of the
 weight's rows (output features) in units of 8, spread so that no CTA has more than one unit over
-another (the 1.5B's gate/up on 132 CTAs: 64 of 72 rows, 68 of 64).
+another (the 1.5B's gate/up on its default 264 CTAs, two an SM: 64 runs of 40 rows, 200 of 32).
 
 Weights out-major only ([N, K], `ModelConfig.kernel_layout="out_in"`): a CTA's step tile
 [rows, 64] is `rows` runs of 128 bytes, one TMA box into a 128-byte-swizzled slot; SLOTS of them
@@ -29,7 +29,6 @@ as XLA rounds its bf16 ops; only the order of the float32 sums differs.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import jax
@@ -39,9 +38,10 @@ from jax.experimental import pallas as pl
 
 BK = 64  # a step's columns of the weight: one 128-byte swizzle tile of bf16
 UNIT = 8  # rows are handed out in units of a TMA box's tile height
-# Slots of weight tiles in flight per CTA. A gate/up step is two [72, 64] tiles (18 KB); down's
-# tiles are narrower (24 rows at the 1.5B), so it keeps more in flight. Unmeasured: chosen so
-# ~70 KB a CTA are in flight (bandwidth x latency of an H200, ~4 TB/s x ~2 us, over 132 SMs).
+# Slots of weight tiles in flight per CTA. At the 1.5B a gate/up step is two [40, 64] tiles
+# (10 KB) on two CTAs an SM; down's is one [48, 64] tile (6 KB) on one CTA an SM, so it keeps
+# more in flight. Unmeasured: chosen so ~70-80 KB an SM are in flight (bandwidth x latency of an
+# H200, ~4 TB/s x ~2 us, over 132 SMs).
 GATE_UP_SLOTS = 4
 DOWN_SLOTS = 12
 # Up to how many padded rows the products accumulate elementwise and are summed along the rows
@@ -112,13 +112,13 @@ def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, p
   BK] at rows (slot * len(w_refs) + j) * big (barrier bars[j][slot]), refilled `slots` steps
   ahead; a tile is read as m rows, the rows past it belonging to the next tile or the pad. The
   loop is unrolled `slots` times so every slot's offset is static (Mosaic GPU lowers no dynamic
-  offset into a tiled dimension). `defer_sum`: the products accumulate elementwise in a [m, BK]
-  float32 array (a multiply-add a weight element) and are summed along the rows once at the
-  end, instead of at every step (shuffles between lanes each step; fewer registers); None:
-  while m <= DEFER_SUM_ROWS. The padding rows of a tile may be read while the next tile's copy
-  is landing in them: harmless, every row's sum is its own and padding rows are never stored.
-  `prologue()` runs once the first slots' copies are issued (the row's own work, overlapping
-  them); returns (sums, what prologue returned)."""
+  offset into a tiled dimension). `defer_sum` (CUDA-core products only): the products
+  accumulate elementwise in a [m, BK] float32 array (a multiply-add a weight element) and are
+  summed along the rows once at the end, instead of at every step (shuffles between lanes each
+  step; fewer registers); None: while m <= DEFER_SUM_ROWS. The padding rows of a tile may be
+  read while the next tile's copy is landing in them: harmless, every row's sum is its own and
+  padding rows are never stored. `prologue()` runs once the first slots' copies are issued
+  (the row's own work, overlapping them); returns (sums, what prologue returned)."""
   plgpu = _plgpu()
   wl = plgpu.Layout.WGMMA
   m = -(-rows // 64) * 64
@@ -223,13 +223,13 @@ def _products_of(fn, products, interpret):
   return products
 
 
-def _chunk_loader(x_s, k0, interpret):
-  """chunk(i): float32 [BK], chunk k0 + i of the row in shared memory [steps, BK], in the layout
-  `_stream` broadcasts along the tile's rows."""
+def _chunk_loader(x_s, interpret):
+  """chunk(i): float32 [BK], chunk i of the row (of the CTA's run of it) in shared memory
+  [steps, BK], in the layout `_stream` broadcasts along the tile's rows."""
   plgpu = _plgpu()
 
   def chunk(i):
-    ref = x_s.at[k0 + i]
+    ref = x_s.at[i]
     v = ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
     return v.astype(jnp.float32)
   return chunk
@@ -337,7 +337,7 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
         return rsqrt
 
       (g, u), rsqrt = _stream((g_ref, u_ref), w_s, (g_bar, u_bar),
-                              _chunk_loader(nx_s, 0, interpret), rows, big, r0, 0, nk, slots,
+                              _chunk_loader(nx_s, interpret), rows, big, r0, 0, nk, slots,
                               defer_sum, products, interpret, prologue)
       if rsqrt is not None:
         g, u = g * rsqrt, u * rsqrt
@@ -406,7 +406,7 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
     plgpu.copy_gmem_to_smem(x_ref.at[part], x_s, x_bar.at[0])
 
     def run(rows, r0):
-      (y,), _ = _stream((w_ref,), w_s, (w_bar,), _chunk_loader(x_s, 0, interpret), rows, big,
+      (y,), _ = _stream((w_ref,), w_s, (w_bar,), _chunk_loader(x_s, interpret), rows, big,
                         r0, k0, nk, slots, defer_sum, products, interpret,
                         lambda: plgpu.barrier_wait(x_bar.at[0]))
       _store_sums(y, o_s, o_ref.at[part, pl.ds(r0, rows)], rows)

@@ -194,10 +194,10 @@ def test_row_tma_applies_only_where_it_can(monkeypatch):
 def test_interpreter_finds_no_race(monkeypatch):
   # A slot is refilled by TMA while the loop goes on: the interpreter's race detector (vector
   # clocks over the copies, barriers and reads) must find every refill ordered after the reads.
-  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
-
+  # (Private names of jax 0.10.2's interpreter, which CI installs; another jax may move them.)
+  ipc = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
   params = matvec_mgpu._interpret_params()
-  if not hasattr(params, "detect_races"):
+  if not (hasattr(params, "detect_races") and hasattr(ipc, "get_races")):
     pytest.skip("this jax's Mosaic GPU interpreter has no race detector")
   monkeypatch.setattr(matvec_mgpu, "_interpret_params",
                       lambda: dataclasses.replace(params, detect_races=True))

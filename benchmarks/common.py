@@ -149,3 +149,25 @@ def traced_gpu_events(run):
       if line.name.startswith("Stream"):
         events += [(e.name, e.start_ns, e.start_ns + e.duration_ns) for e in evs]
   return sorted(events, key=lambda e: e[1]), dict(lines)
+
+
+def add_row_tma_argument(ap, scope: str = "") -> None:
+  """`--row-tma [cuda_cores|wgmma]` on a decode benchmark's parser (`scope` prefixes its help,
+  e.g. "jax part: "); `apply_row_tma` carries it out."""
+  from dllm_jax.kernels.matvec_mgpu import PRODUCT_KINDS
+
+  ap.add_argument("--row-tma", nargs="?", const="cuda_cores", default=None, choices=PRODUCT_KINDS,
+                  help=f"{scope}model.ROW_TMA on: the one-row step's gate/up and down by "
+                       "kernels/matvec_mgpu.py's TMA launches (out_in weights only), their "
+                       "products on the given units (matvec_mgpu.PRODUCTS)")
+
+
+def apply_row_tma(products) -> None:
+  """model.ROW_TMA on with matvec_mgpu.PRODUCTS = `products` (`--row-tma`'s value), or off
+  (None)."""
+  from dllm_jax import model
+  from dllm_jax.kernels import matvec_mgpu
+
+  model.ROW_TMA = products is not None
+  if products is not None:
+    matvec_mgpu.PRODUCTS = products

@@ -32,8 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (ceilings, error_text, random_params, run_meta,  # noqa: E402
-                               save_json, timeit)
+from benchmarks.common import (add_row_tma_argument, apply_row_tma, ceilings,  # noqa: E402
+                               error_text, random_params, run_meta, save_json, timeit)
 from dllm_jax import run_config  # noqa: E402
 from dllm_jax.config import KERNEL_LAYOUTS, ModelConfig  # noqa: E402
 
@@ -331,20 +331,12 @@ def main():
   ap.add_argument("--no-row-attention", action="store_true",
                   help="jax part: model.ROW_ATTENTION off (the one-row step's RoPE, cache "
                        "write and split combine as XLA kernels around decode_attention)")
-  ap.add_argument("--row-tma", nargs="?", const="cuda_cores", default=None,
-                  choices=("cuda_cores", "wgmma"),
-                  help="jax part: model.ROW_TMA on (the one-row step's gate/up and down by "
-                       "kernels/matvec_mgpu.py's TMA launches, out_in weights only), their "
-                       "products on the given units (matvec_mgpu.PRODUCTS)")
+  add_row_tma_argument(ap, "jax part: ")
   args = ap.parse_args()
   if args.no_row_attention:
     from dllm_jax import model
     model.ROW_ATTENTION = False
-  if args.row_tma:
-    from dllm_jax import model
-    from dllm_jax.kernels import matvec_mgpu
-    model.ROW_TMA = True
-    matvec_mgpu.PRODUCTS = args.row_tma
+  apply_row_tma(args.row_tma)
   if args.plain_dot:
     if args.kernel_layout == "out_in":
       ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")

@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import (ceilings, random_params, run_meta, save_json,  # noqa: E402
-                               traced_gpu_events)
+from benchmarks.common import (add_row_tma_argument, apply_row_tma, ceilings,  # noqa: E402
+                               random_params, run_meta, save_json, traced_gpu_events)
 from benchmarks.decode import PROMPT, SHAPES, forward_loop  # noqa: E402
 from dllm_jax import decoding, model  # noqa: E402
 from dllm_jax.config import KERNEL_LAYOUTS  # noqa: E402
@@ -87,19 +87,11 @@ def main():
                        "kernels/decode.row_attention)")
   ap.add_argument("--row-attention-knobs", default="",
                   help="knobs of kernels/decode.row_attention, e.g. 'splits=2,block_k=32'")
-  ap.add_argument("--row-tma", nargs="?", const="cuda_cores", default=None,
-                  choices=("cuda_cores", "wgmma"),
-                  help="model.ROW_TMA on: the one-row step's gate/up and down by "
-                       "kernels/matvec_mgpu.py's TMA launches (out_in weights only), their "
-                       "products on the given units (matvec_mgpu.PRODUCTS)")
+  add_row_tma_argument(ap)
   args = ap.parse_args()
   if args.no_row_attention:
     model.ROW_ATTENTION = False
-  if args.row_tma:
-    from dllm_jax.kernels import matvec_mgpu
-
-    model.ROW_TMA = True
-    matvec_mgpu.PRODUCTS = args.row_tma
+  apply_row_tma(args.row_tma)
   if args.row_attention_knobs:
     from dllm_jax.kernels import decode as decode_kernels
 

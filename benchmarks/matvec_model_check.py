@@ -24,7 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import random_params, run_meta, save_json  # noqa: E402
+from benchmarks.common import (add_row_tma_argument, apply_row_tma, random_params,  # noqa: E402
+                               run_meta, save_json)
 from benchmarks.decode import SHAPES  # noqa: E402
 from dllm_jax import cache as kvcache  # noqa: E402
 from dllm_jax import masks, model  # noqa: E402
@@ -81,17 +82,9 @@ def main():
   ap.add_argument("--kernel-layout", default="out_in", choices=KERNEL_LAYOUTS,
                   help="model.kernel_layout of both paths (default: the one-row step's, "
                        "model.decode_kernel_layout)")
-  ap.add_argument("--row-tma", nargs="?", const="cuda_cores", default=None,
-                  choices=("cuda_cores", "wgmma"),
-                  help="model.ROW_TMA on for the kernels' path: gate/up and down by "
-                       "kernels/matvec_mgpu.py's TMA launches (out_in only), their products "
-                       "on the given units (matvec_mgpu.PRODUCTS)")
+  add_row_tma_argument(ap, "the kernels' path: ")
   args = ap.parse_args()
-  model.ROW_TMA = args.row_tma is not None
-  if args.row_tma:
-    from dllm_jax.kernels import matvec_mgpu
-
-    matvec_mgpu.PRODUCTS = args.row_tma
+  apply_row_tma(args.row_tma)
   res = {"meta": run_meta(), "rows": []}
   for name in args.shapes.split(","):
     row = {**check(name, args.attention, args.kernel_layout), "attention": args.attention,

@@ -49,21 +49,20 @@ def probe(x_K, g_NK, u_NK, *, ctas=132, slots=4):
   as wgmma's A (M = the run's rows, padded to 64) and the row repeated 8 times (N = 8, wgmma's
   smallest) as a transposed B. GPU only: the CPU interpreter has no transposed operand."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
-  from dllm_jax.kernels.matvec_mgpu import BK, row_plan
+  from dllm_jax.kernels.matvec_mgpu import BK, _padded, _swizzled, row_plan
 
   n, k = g_NK.shape
   nk = k // BK
   n_big, big, small = row_plan(n, ctas)
-  mpad = -(-big // 64) * 64
+  mpad = _padded(big)
   dtype = g_NK.dtype
-  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
   def kernel(x_ref, g_ref, u_ref, o_ref, x_s, w_s, o_s, x_bar, g_bar, u_bar):
     c = lax.axis_index("cta")
     plgpu.copy_gmem_to_smem(x_ref, x_s, x_bar.at[0])
 
     def run(rows, r0):
-      m = -(-rows // 64) * 64
+      m = _padded(rows)
 
       def fetch(i, slot):
         cols = pl.ds(i * BK, BK)
@@ -105,8 +104,8 @@ def probe(x_K, g_NK, u_NK, *, ctas=132, slots=4):
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((n, N8), dtype),
-      scratch_types=[plgpu.SMEM((N8, k), dtype, **tiled),
-                     plgpu.SMEM((slots, 2, mpad, BK), dtype, **tiled),
+      scratch_types=[plgpu.SMEM((N8, k), dtype, **_swizzled()),
+                     plgpu.SMEM((slots, 2, mpad, BK), dtype, **_swizzled()),
                      plgpu.SMEM((mpad, N8), dtype),
                      plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=slots),
                      plgpu.Barrier(num_barriers=slots)],

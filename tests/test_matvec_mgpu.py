@@ -253,3 +253,23 @@ def test_matvec_tma_probe_lowers_for_cuda(load_benchmark):
   text = jax.jit(lambda x, g, u: bench.probe(x, g, u, ctas=132, slots=4)).trace(
       x, w, w).lower(lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
+
+
+def test_row_tma_flag_of_the_decode_benchmarks(monkeypatch):
+  # One --row-tma for decode.py, decode_profile.py and matvec_model_check.py.
+  import argparse
+
+  from benchmarks import common
+
+  monkeypatch.setattr(model, "ROW_TMA", False)
+  monkeypatch.setattr(matvec_mgpu, "PRODUCTS", "cuda_cores")
+  ap = argparse.ArgumentParser()
+  common.add_row_tma_argument(ap)
+  assert ap.parse_args([]).row_tma is None
+  assert ap.parse_args(["--row-tma"]).row_tma == "cuda_cores"
+  with pytest.raises(SystemExit):
+    ap.parse_args(["--row-tma", "tensor"])
+  common.apply_row_tma(ap.parse_args(["--row-tma", "wgmma"]).row_tma)
+  assert model.ROW_TMA and matvec_mgpu.PRODUCTS == "wgmma"
+  common.apply_row_tma(None)
+  assert not model.ROW_TMA

@@ -29,12 +29,17 @@ as XLA rounds its bf16 ops; only the order of the float32 sums differs.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from dllm_jax.kernels import matvec
+from dllm_jax.kernels.flash_mgpu import _interpret_params, _plgpu
+from dllm_jax.kernels.matvec import _round
 
 BK = 64  # a step's columns of the weight: one 128-byte swizzle tile of bf16
 UNIT = 8  # rows are handed out in units of a TMA box's tile height
@@ -60,19 +65,26 @@ PRODUCTS = "cuda_cores"
 PRODUCT_KINDS = ("cuda_cores", "wgmma")
 
 
-def _plgpu():
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # absent from some CPU-only jaxlib builds
-  return plgpu
+def _padded(rows: int) -> int:
+  """Rows rounded up to 64: the wgmma register layout's row blocks."""
+  return -(-rows // 64) * 64
 
 
-def _interpret_params():
-  from dllm_jax.kernels.flash_mgpu import _interpret_params as params
-  return params()
+def _ring_shape(weights: int, slots: int, big: int) -> tuple[int, int]:
+  """The weight tiles' ring in shared memory: `slots` steps of `weights` tiles of up to `big`
+  rows, and the rows a tile read as `_padded(big)` runs past the last one (`_stream`)."""
+  return slots * weights * big + _padded(big) - big, BK
 
 
-def _round(x, dtype):
-  """float32 -> dtype -> float32: what storing a `dtype` intermediate does."""
-  return x.astype(dtype).astype(jnp.float32)
+def _out_shape(big: int, products: str) -> tuple[int, ...]:
+  """A CTA's output staging (`_store_sums`): its [m] sums, or wgmma's [64, rows] accumulator."""
+  return (_padded(big),) if products == "cuda_cores" else (64, big)
+
+
+def _swizzled():
+  """The transforms of the ring: 8-row tiles of 128-byte rows, swizzled (TMA's and wgmma's)."""
+  plgpu = _plgpu()
+  return dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
 def row_plan(n: int, ctas: int) -> tuple[int, int, int]:
@@ -121,7 +133,7 @@ def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, p
   (the row's own work, overlapping them); returns (sums, what prologue returned)."""
   plgpu = _plgpu()
   wl = plgpu.Layout.WGMMA
-  m = -(-rows // 64) * 64
+  m = _padded(rows)
   nw = len(w_refs)
   at = lambda slot, j: (slot * nw + j) * big
   if defer_sum is None:
@@ -198,7 +210,7 @@ def _stream_wgmma(w_refs, w_s, bars, chunk, rows, at, fetch, nk, slots):
 
 def _store_sums(y, o_s, out_ref, rows):
   """Writes a run's results (`_stream`'s [m], or its [64, rows] whose rows are equal) to out_ref
-  [rows] in global memory, through o_s ([mpad], or [64, big] for the latter)."""
+  [rows] in global memory, through o_s (`_out_shape`)."""
   plgpu = _plgpu()
   if y.ndim == 1:
     o_s[pl.ds(0, y.shape[0])] = y
@@ -271,14 +283,10 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   _check("silu_pair", x_E, (gate_FE, up_FE))
   if gate_FE.shape != up_FE.shape:
     raise ValueError(f"silu_pair: gate {gate_FE.shape} and up {up_FE.shape} differ")
+  matvec._check_row_inputs("silu_pair", x_E, (gate_FE, up_FE), add_E, norm_scale_E,
+                           out_major=True)
   e = x_E.shape[0]
   f = gate_FE.shape[0]
-  if add_E is not None and not (add_E.shape == (e,) or (add_E.ndim == 2 and add_E.shape[1] == e
-                                                        and add_E.shape[0] >= 1)):
-    raise ValueError(f"silu_pair: add_E has shape {add_E.shape}; the row ({e},) or partial sums "
-                     f"[S, {e}] expected")
-  if norm_scale_E is not None and norm_scale_E.shape != (e,):
-    raise ValueError(f"silu_pair: norm_scale_E has shape {norm_scale_E.shape}, the row ({e},)")
   nk = e // BK
   dtype = x_E.dtype
   parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
@@ -286,7 +294,6 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   ctas, slots = _pair_plan(e, f, parts, ctas, slots, _sms(), products)
   n_big, big, small = row_plan(f, ctas)
   has_add, has_norm = add_E is not None, norm_scale_E is not None
-  mpad = -(-big // 64) * 64
 
   def kernel(*refs):
     it = iter(refs)
@@ -348,7 +355,6 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
     _rows_of(cta, n_big, big, small, run)
 
   kernel.__name__ = "silu_pair_tma"
-  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   args = [x_E.reshape(nk, BK)]
   if has_add:
     args.append(add_E.astype(jnp.float32).reshape(parts, nk, BK) if parts
@@ -367,8 +373,8 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
           plgpu.SMEM(add_smem, jnp.float32 if parts else dtype),
           plgpu.SMEM((nk, BK) if has_norm else (1, 8), dtype),
           plgpu.SMEM((nk, BK), dtype),
-          plgpu.SMEM((slots * 2 * big + mpad - big, BK), dtype, **tiled),
-          plgpu.SMEM((mpad,) if products == "cuda_cores" else (64, big), dtype),
+          plgpu.SMEM(_ring_shape(2, slots, big), dtype, **_swizzled()),
+          plgpu.SMEM(_out_shape(big, products), dtype),
           plgpu.Barrier(num_barriers=3),
           plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots)],
       grid=(ctas,), grid_names=("cta",),
@@ -397,7 +403,6 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
   n_big, big, small = row_plan(n, per)
   nk = k // BK // splits
   dtype = x_K.dtype
-  mpad = -(-big // 64) * 64
 
   def kernel(x_ref, w_ref, o_ref, x_s, w_s, o_s, x_bar, w_bar):
     cta = lax.axis_index("cta")
@@ -414,14 +419,13 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
     _rows_of(lax.rem(cta, jnp.int32(per)), n_big, big, small, run)
 
   kernel.__name__ = "matvec_parts_tma"
-  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((splits, n), jnp.float32),
       scratch_types=[
           plgpu.SMEM((nk, BK), dtype),
-          plgpu.SMEM((slots * big + mpad - big, BK), dtype, **tiled),
-          plgpu.SMEM((mpad,) if products == "cuda_cores" else (64, big), jnp.float32),
+          plgpu.SMEM(_ring_shape(1, slots, big), dtype, **_swizzled()),
+          plgpu.SMEM(_out_shape(big, products), jnp.float32),
           plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=slots)],
       grid=(ctas,), grid_names=("cta",),
       interpret=_interpret_params() if interpret else None,
@@ -445,22 +449,17 @@ SMEM_BYTES = 227 * 1024  # shared memory a Hopper SM gives its CTAs
 SMEM_SLACK = 8192  # what Mosaic adds to a CTA's buffers (reduction scratch, barriers): ~3 KB
 
 
-def _out_elems(big, products):
-  """Elements of a CTA's output staging buffer (`_store_sums`)."""
-  return -(-big // 64) * 64 if products == "cuda_cores" else 64 * big
-
-
 def _pair_smem(e, parts, big, slots, products="cuda_cores"):
   """Shared-memory bytes of a `silu_pair` CTA's buffers, its largest run `big` rows."""
-  mpad = -(-big // 64) * 64
   row = 2 * e * 3 + (4 * parts * e if parts else 2 * e)  # x, scale, normed row; the add
-  return row + 2 * BK * (slots * 2 * big + mpad - big) + 2 * _out_elems(big, products)
+  return (row + 2 * math.prod(_ring_shape(2, slots, big))
+          + 2 * math.prod(_out_shape(big, products)))
 
 
 def _parts_smem(nk, big, slots, products="cuda_cores"):
   """Shared-memory bytes of a `matvec_parts` CTA's buffers (nk steps of its run of the row)."""
-  mpad = -(-big // 64) * 64
-  return 2 * nk * BK + 2 * BK * (slots * big + mpad - big) + 4 * _out_elems(big, products)
+  return (2 * nk * BK + 2 * math.prod(_ring_shape(1, slots, big))
+          + 4 * math.prod(_out_shape(big, products)))
 
 
 def _pair_plan(e, f, parts, ctas, slots, sms, products="cuda_cores"):

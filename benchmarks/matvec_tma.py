@@ -79,7 +79,7 @@ def probe(x_K, g_NK, u_NK, *, ctas=132, slots=4):
         @pl.loop(0, nk)
         def _(i):
           slot = lax.rem(i, slots)
-          b = plgpu.transpose_ref(x_s.at[:, pl.ds(i * BK, BK)], (1, 0))
+          b = x_s.at[:, pl.ds(i * BK, BK)].transpose((1, 0))
           plgpu.barrier_wait(g_bar.at[slot])
           plgpu.wgmma(acc_g, w_s.at[slot, 0, pl.ds(0, m)], b)
           plgpu.barrier_wait(u_bar.at[slot])

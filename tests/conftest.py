@@ -21,3 +21,19 @@ def load_benchmark():
     spec.loader.exec_module(mod)
     return mod
   return load
+
+
+@pytest.fixture(scope="session")
+def lower_for_cuda():
+  """lower_for_cuda(fn, *args): the text of jit(fn) lowered for CUDA on the CPU, targeting an
+  H200: jax 0.11's Triton lowering asks the device for its compute capability and, with no GPU,
+  takes it from an abstract device (jax 0.10's lowers the same under it)."""
+  import jax
+
+  device = jax.sharding.AbstractDevice("NVIDIA H200", None, "cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+
+  def lower(fn, *args):
+    with jax.sharding.use_abstract_mesh(mesh):
+      return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  return lower

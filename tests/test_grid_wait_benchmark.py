@@ -35,10 +35,10 @@ def test_one_launch_equals_two_and_leaves_the_counter_zero(bench):
 
 
 @pytest.mark.parametrize("wait", ["atomic", "volatile", "backoff"])
-def test_each_wait_lowers_to_one_triton_kernel(bench, wait):
+def test_each_wait_lowers_to_one_triton_kernel(bench, wait, lower_for_cuda):
   f = functools.partial(bench.fused, producers=10, consumers=48, walk=8, wait=wait)
-  text = jax.jit(f).trace(jnp.zeros((1, 1), jnp.float32), bench.source(4096, 128),
-                          jnp.zeros((1,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+  text = lower_for_cuda(f, jnp.zeros((1, 1), jnp.float32), bench.source(4096, 128),
+                        jnp.zeros((1,), jnp.int32))
   assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
   with pytest.raises(ValueError, match="wait='spin': expected one of"):
     bench.fused(jnp.zeros((1, 1)), bench.source(64, 16), jnp.zeros((1,), jnp.int32),

@@ -256,7 +256,7 @@ def test_norm_matvec_refuses_bad_inputs():
     matvec.norm_matvec(x[0], ws, interpret=True)
 
 
-def test_norm_matvec_lowers_for_cuda():
+def test_norm_matvec_lowers_for_cuda(lower_for_cuda):
   # The interpreter never lowers the kernel through Triton; this does, on the CPU.
   x, add, scale, ws, bs = _inputs(jax.random.key(1), 192, (96, 32, 32), jnp.bfloat16)
   f = lambda x, a, s, ws, bs: matvec.norm_matvec(x, ws, add_E=a, norm_scale_E=s, biases_N=bs)
@@ -266,7 +266,7 @@ def test_norm_matvec_lowers_for_cuda():
   parts = jnp.zeros((5, 192), jnp.float32)  # partial sums as the add: one load per part
   for fn, args in ((f, (x, add, scale, ws, bs)), (g, (x, add, scale, [ws[1], ws[2]])),
                    (h, (x, ws)), (f, (x, parts, scale, ws, bs)), (n, (x, parts, scale, ws))):
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(fn, *args)
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
 

@@ -303,7 +303,7 @@ def test_row_supported_names_the_shape():
   assert "group of 129" in decode.row_supported(129, 1, 64, 64)
 
 
-def test_row_attention_lowers_for_cuda_as_one_triton_call():
+def test_row_attention_lowers_for_cuda_as_one_triton_call(lower_for_cuda):
   sd = jax.ShapeDtypeStruct
   f32, bf = jnp.float32, jnp.bfloat16
   fn = lambda *a: decode.row_attention(*a[:10], CAUSAL, dtype=bf, biases=list(a[10:]))
@@ -311,15 +311,14 @@ def test_row_attention_lowers_for_cuda_as_one_triton_call():
           sd((64,), f32), sd((64,), f32), sd((768, 2, 128), bf), sd((768, 2, 128), bf),
           sd((2,), jnp.int32), sd((1,), jnp.int32), sd((12, 128), bf), sd((2, 128), bf),
           sd((2, 128), bf)]
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  text = lower_for_cuda(fn, *args)
   assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
   def uncombined(*a):  # the model's pair: the splits left for the o launch to combine
     (p, lse), kc, vc, _ = decode.row_attention(*a[:8], None, a[9], CAUSAL, dtype=bf,
                                                combine=False)
     return matvec.combined_matvec_partials(p, lse, a[-1], dtype=bf), kc, vc
-  text = jax.jit(uncombined).trace(*args[:10], sd((1536, 1536), bf)).lower(
-      lowering_platforms=("cuda",)).as_text()
+  text = lower_for_cuda(uncombined, *args[:10], sd((1536, 1536), bf))
   assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 2
 
 

@@ -29,6 +29,7 @@ and each wgmma lands in a fresh accumulator. Both share the mask and softmax ari
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -118,8 +119,14 @@ def _iota(shape, dim, interpret):
 
 
 def _load(ref, layout, interpret):
-  """A shared-memory read in the register layout the wgmma results use (none in the interpreter)."""
-  return ref[...] if interpret else _plgpu().load(ref, (), layout=layout)
+  """A shared-memory read in the register layout the wgmma results use (none in the interpreter).
+  jax 0.10's `plgpu.load` takes an index (here none); jax 0.11's deprecates it."""
+  if interpret:
+    return ref[...]
+  load = _plgpu().load
+  if inspect.signature(load).parameters["idx"].default is inspect.Parameter.empty:
+    return load(ref, (), layout=layout)
+  return load(ref, layout=layout)
 
 
 def _take_turns(sched_bar):
@@ -197,7 +204,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     raise ValueError(f"padded length {tp} is not a multiple of {OUTER}")
   group = h // k.shape[2]
   bq, bk = BLOCK_Q, BLOCK_K
-  kt = k.transpose(0, 2, 3, 1)  # [B, K, D, Tp]: the interpreter has no transpose_ref
+  kt = k.transpose(0, 2, 3, 1)  # [B, K, D, Tp]: the interpreter has no transposed refs
   plan, nv = visit_list(spec, length, seg, tp // OUTER)
   dtype = q.dtype
   c = d ** -0.5 * _LOG2E
@@ -470,7 +477,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   wgmma_l = plgpu.Layout.WGMMA
   col_l = wgmma_l.reduce(0)
   lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
-  # The interpreter has no transpose_ref: there Q^T and dO^T are streamed as well.
+  # The interpreter has no transposed refs: there Q^T and dO^T are streamed as well.
   qt = q.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bq), dtype)
   dot = do.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bq), dtype)
   # Registers: the fused kernel's consumers need every one (in an earlier layout 24/240 spilled
@@ -573,7 +580,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       def ds_operand(slot, kh):  # dS [BQ, BK] of warpgroup kh's keys
         if interpret:
           return dsq_s.at[slot, kh]
-        return plgpu.transpose_ref(ds_s.at[slot, kh], (1, 0))
+        return ds_s.at[slot, kh].transpose((1, 0))
 
       def dq_products(acc_ref, slot):  # acc += dS K[:, cols] over both warpgroups' keys (GPU)
         for kh in range(2):
@@ -646,8 +653,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         dslot, prev = ds_slot(i), ds_slot(i - lag)
 
         def transposed_products(s_ref, dp_ref):
-          plgpu.wgmma(s_ref, k_s.at[w], plgpu.transpose_ref(q_s.at[slot], (1, 0)))
-          plgpu.wgmma(dp_ref, v_s.at[w], plgpu.transpose_ref(do_s.at[slot], (1, 0)))
+          plgpu.wgmma(s_ref, k_s.at[w], q_s.at[slot].transpose((1, 0)))
+          plgpu.wgmma(dp_ref, v_s.at[w], do_s.at[slot].transpose((1, 0)))
           return s_ref[...], dp_ref[...]
 
         s, dp = pl.run_scoped(transposed_products, plgpu.ACC((bk, bq), jnp.float32),

@@ -82,22 +82,28 @@ def test_row_plan_spreads_rows_evenly():
 
 
 def test_defaults_fit_shared_memory_and_fill_the_sms():
-  # The 1.5B's gate/up: two CTAs an SM of 40/32-row runs (about 84 KB each), 4 slots; the 7B's,
-  # with 70 KB of float32 parts a CTA, one of 144/136-row runs in 3 slots (4 do not fit).
+  # The 1.5B's gate/up: two CTAs an SM of 40/32-row runs (each tile given 64 rows: about 103 KB
+  # a CTA), 4 slots; the 7B's, with 70 KB of float32 parts a CTA, one of 144/136-row runs (tiles
+  # of 192 rows) in 2 slots (3 do not fit), and in 3 with the o launch's 2 parts.
   assert matvec_mgpu._pair_plan(1536, 8960, 5, None, None, 132) == (264, 4)
-  assert matvec_mgpu._pair_plan(3584, 18944, 5, None, None, 132) == (132, 3)
+  assert matvec_mgpu._pair_plan(3584, 18944, 5, None, None, 132) == (132, 2)
+  assert matvec_mgpu._pair_plan(3584, 18944, 2, None, None, 132) == (132, 3)
   assert matvec_mgpu._pair_plan(256, 208, 0, None, None, 132) == (26, 4)  # one unit a CTA
   for e, f, parts in ((1536, 8960, 5), (3584, 18944, 5), (256, 208, 0)):
     ctas, slots = matvec_mgpu._pair_plan(e, f, parts, None, None, 132)
     big = matvec_mgpu.row_plan(f, ctas)[1]
     assert matvec_mgpu._pair_smem(e, parts, big, slots) <= matvec_mgpu.SMEM_BYTES
   with pytest.raises(ValueError, match="shared memory"):
-    matvec_mgpu._pair_plan(3584, 18944, 5, 132, 4, 132)  # the 7B at 4 slots: 250 KB
-  # The wgmma products stage a [64, run] output: the same plans still fit.
+    matvec_mgpu._pair_plan(3584, 18944, 5, 132, 3, 132)  # the 7B at 3 slots: 241 KB
+  # The wgmma products stage a [64, run] output: the 1.5B's plans still fit, the 7B's down
+  # takes a slot fewer (its 112-row runs' [64, 112] float32 output is 28 KB).
   assert matvec_mgpu._pair_plan(1536, 8960, 4, None, None, 132, "wgmma") == (264, 4)
-  assert matvec_mgpu._parts_plan(18944, 3584, None, None, 12, 132, "wgmma") == (4, 132)
-  assert matvec_mgpu._parts_plan(8960, 1536, None, None, 12, 132) == (4, 132)
-  assert matvec_mgpu._parts_plan(512, 96, None, None, 12, 132) == (1, 12)  # too few to split
+  assert matvec_mgpu._parts_plan(18944, 3584, None, None, None, 132, "wgmma") == (4, 132, 11)
+  assert matvec_mgpu._parts_plan(18944, 3584, None, None, None, 132) == (4, 132, 12)
+  assert matvec_mgpu._parts_plan(8960, 1536, None, None, None, 132) == (4, 132, 12)
+  assert matvec_mgpu._parts_plan(512, 96, None, None, None, 132) == (1, 12, 12)  # too few to split
+  with pytest.raises(ValueError, match="shared memory"):
+    matvec_mgpu._parts_plan(18944, 3584, None, None, 12, 132, "wgmma")  # given slots are kept
   with pytest.raises(ValueError, match="shared memory"):
     matvec_mgpu._parts_plan(8960, 1536, 1, 8, 32, 132)  # 192-row runs in 32 slots
 
@@ -193,8 +199,12 @@ def test_row_tma_applies_only_where_it_can(monkeypatch):
 
 def test_interpreter_finds_no_race(monkeypatch):
   # A slot is refilled by TMA while the loop goes on: the interpreter's race detector (vector
-  # clocks over the copies, barriers and reads) must find every refill ordered after the reads.
-  # (Private names of jax 0.10.2's interpreter, which CI installs; another jax may move them.)
+  # clocks over the copies, barriers and reads) must find every refill ordered after the reads,
+  # and no read of a tile's padding rows overlapping another tile's copy. jax 0.11's detector
+  # also orders the generic proxy's reads before the async proxy's refill only through a proxy
+  # fence (commit_smem): without it, or with tiles packed at their own heights, it fails here.
+  # (Private names of the interpreter, in jax 0.10.2, which CI installs, and 0.11.2; another jax
+  # may move them.)
   ipc = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
   params = matvec_mgpu._interpret_params()
   if not (hasattr(params, "detect_races") and hasattr(ipc, "get_races")):

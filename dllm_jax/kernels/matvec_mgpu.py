@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from dllm_jax.kernels import matvec
-from dllm_jax.kernels.flash_mgpu import _interpret_params, _plgpu
+from dllm_jax.kernels.flash_mgpu import _interpret_params, _load, _plgpu
 from dllm_jax.kernels.matvec import _round
 
 BK = 64  # a step's columns of the weight: one 128-byte swizzle tile of bf16
@@ -70,14 +70,18 @@ def _padded(rows: int) -> int:
   return -(-rows // 64) * 64
 
 
-def _ring_shape(weights: int, slots: int, big: int) -> tuple[int, int]:
+def _ring_shape(weights: int, slots: int, big: int) -> tuple[int, int, int]:
   """The weight tiles' ring in shared memory: `slots` steps of `weights` tiles of up to `big`
-  rows, and the rows a tile read as `_padded(big)` runs past the last one (`_stream`)."""
-  return slots * weights * big + _padded(big) - big, BK
+  rows, each given `_padded(big)` rows, since a tile is read in the register layout's 64-row
+  blocks (`_stream`). The rows past a tile are never written: were they the next tile's, the
+  reads would race with its copy landing (harmless for the sums, which are per row, but a race
+  by PTX's memory model, and one that jax 0.11's interpreter reports). A tile is an index of the
+  leading dimension."""
+  return slots * weights, _padded(big), BK
 
 
 def _out_shape(big: int, products: str) -> tuple[int, ...]:
-  """A CTA's output staging (`_store_sums`): its [m] sums, or wgmma's [64, rows] accumulator."""
+  """A CTA's output staging (`_store_sums`): its [m] sums, or wgmma's [64, big] accumulator."""
   return (_padded(big),) if products == "cuda_cores" else (64, big)
 
 
@@ -117,49 +121,52 @@ def unsupported(e: int, n: int, dtype) -> str | None:
 
 def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, products,
             interpret, prologue=None):
-  """float32 [m] per weight (m = rows rounded up to 64; with `products` "wgmma" [64, rows],
+  """float32 [m] per weight (m = rows rounded up to 64; with `products` "wgmma" [64, big],
   every row the same sums): the sum over steps i < nk of
   w[r0 : r0 + rows, (k0 + i) * BK :][:, :BK] times `chunk(i)` (float32 [BK], the row's chunk in
-  the wgmma column layout). Weight j's step tiles land in w_s [slots * len(w_refs) * big + pad,
-  BK] at rows (slot * len(w_refs) + j) * big (barrier bars[j][slot]), refilled `slots` steps
-  ahead; a tile is read as m rows, the rows past it belonging to the next tile or the pad. The
-  loop is unrolled `slots` times so every slot's offset is static (Mosaic GPU lowers no dynamic
-  offset into a tiled dimension). `defer_sum` (CUDA-core products only): the products
-  accumulate elementwise in a [m, BK] float32 array (a multiply-add a weight element) and are
-  summed along the rows once at the end, instead of at every step (shuffles between lanes each
-  step; fewer registers); None: while m <= DEFER_SUM_ROWS. The padding rows of a tile may be
-  read while the next tile's copy is landing in them: harmless, every row's sum is its own and
-  padding rows are never stored. `prologue()` runs once the first slots' copies are issued
-  (the row's own work, overlapping them); returns (sums, what prologue returned)."""
+  the wgmma column layout). Weight j's step tiles land in w_s (`_ring_shape`) at index
+  slot * len(w_refs) + j (barrier bars[j][slot]), refilled `slots` steps ahead; a tile is read
+  as m rows, the rows past it never written (stale values whose sums are never stored). The
+  loop is unrolled `slots` times, so every slot index is static (written when the slots were
+  offsets into a tiled dimension, which Mosaic GPU does not lower dynamically; kept, since a
+  dynamic index is unmeasured). `defer_sum` (CUDA-core products only): the products accumulate
+  elementwise in a [m, BK] float32 array (a multiply-add a weight element) and are summed along
+  the rows once at the end, instead of at every step (shuffles between lanes each step; fewer
+  registers); None: while m <= DEFER_SUM_ROWS. `prologue()` runs once the first slots' copies
+  are issued (the row's own work, overlapping them); returns (sums, what prologue returned)."""
   plgpu = _plgpu()
   wl = plgpu.Layout.WGMMA
   m = _padded(rows)
   nw = len(w_refs)
-  at = lambda slot, j: (slot * nw + j) * big
+  at = lambda slot, j: slot * nw + j
   if defer_sum is None:
     defer_sum = m <= DEFER_SUM_ROWS
 
   def fetch(i, slot):
     cols = pl.ds((k0 + i) * BK, BK)
     for j, w_ref in enumerate(w_refs):
-      plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(r0, rows), cols], w_s.at[pl.ds(at(slot, j), rows)],
-                              bars[j].at[slot])
+      plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(r0, rows), cols],
+                              w_s.at[at(slot, j), pl.ds(0, rows)], bars[j].at[slot])
 
   for s in range(min(slots, nk)):
     fetch(s, s)
   before = prologue() if prologue is not None else None
   if products == "wgmma":
-    return _stream_wgmma(w_refs, w_s, bars, chunk, rows, at, fetch, nk, slots), before
+    return _stream_wgmma(w_refs, w_s, bars, chunk, big, at, fetch, nk, slots), before
 
   def step(i, slot, accs):
     xb = lax.broadcast_in_dim(chunk(i), (m, BK), [1])
     out = []
     for j, acc in enumerate(accs):
       plgpu.barrier_wait(bars[j].at[slot])
-      tile = w_s.at[pl.ds(at(slot, j), m)]
-      w = (tile[...] if interpret else plgpu.load(tile, (), layout=wl)).astype(jnp.float32)
+      tile = w_s.at[at(slot, j), pl.ds(0, m)]
+      w = _load(tile, wl, interpret).astype(jnp.float32)
       out.append(acc + w * xb if defer_sum else acc + jnp.sum(w * xb, axis=1))
-    # (Mosaic puts a warpgroup barrier before a copy: every thread's reads of the slot are done.)
+    # The refill is a write by the async proxy after these generic-proxy reads: without a proxy
+    # fence from every reading thread (then the warpgroup barrier Mosaic puts before a copy) the
+    # TMA may land before the reads are done (PTX's proxy memory model; jax 0.11's interpreter
+    # reports the race).
+    plgpu.commit_smem()
     pl.when(i + slots < nk)(lambda: fetch(i + slots, slot))
     return tuple(out)
 
@@ -179,10 +186,12 @@ def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, p
   return accs, before
 
 
-def _stream_wgmma(w_refs, w_s, bars, chunk, rows, at, fetch, nk, slots):
-  """`_stream`'s loop with the products on the tensor cores: acc [64, rows] += the row's chunk
+def _stream_wgmma(w_refs, w_s, bars, chunk, big, at, fetch, nk, slots):
+  """`_stream`'s loop with the products on the tensor cores: acc [64, big] += the row's chunk
   repeated on 64 rows (registers, wgmma's smallest M) times the weight tile transposed ([BK,
-  rows] from the slot: N = rows, a multiple of 8). Each step's wgmmas are awaited before its
+  big] from the slot: N = big, a multiple of 8). A run of fewer rows leaves stale columns past
+  them, never stored; one N for both runs keeps the output staging whole (jax 0.11's layout
+  inference fails on a store into a slice of it). Each step's wgmmas are awaited before its
   slot is refilled. Returns the accumulators' values."""
   plgpu = _plgpu()
 
@@ -191,7 +200,7 @@ def _stream_wgmma(w_refs, w_s, bars, chunk, rows, at, fetch, nk, slots):
       xb = lax.broadcast_in_dim(chunk(i).astype(jnp.bfloat16), (64, BK), [1])
       for j, acc in enumerate(acc_refs):
         plgpu.barrier_wait(bars[j].at[slot])
-        plgpu.wgmma(acc, xb, plgpu.transpose_ref(w_s.at[pl.ds(at(slot, j), rows)], (1, 0)))
+        plgpu.wgmma(acc, xb, w_s.at[at(slot, j), pl.ds(0, big)].transpose((1, 0)))
       plgpu.wgmma_wait(0)
       pl.when(i + slots < nk)(lambda: fetch(i + slots, slot))
 
@@ -205,21 +214,22 @@ def _stream_wgmma(w_refs, w_s, bars, chunk, rows, at, fetch, nk, slots):
       step(nk // slots * slots + s, s)
     return tuple(acc[...] for acc in acc_refs)
 
-  return pl.run_scoped(scope, *(plgpu.ACC((64, rows), jnp.float32) for _ in w_refs))
+  return pl.run_scoped(scope, *(plgpu.ACC((64, big), jnp.float32) for _ in w_refs))
 
 
-def _store_sums(y, o_s, out_ref, rows):
-  """Writes a run's results (`_stream`'s [m], or its [64, rows] whose rows are equal) to out_ref
-  [rows] in global memory, through o_s (`_out_shape`)."""
+def _store_sums(y, o_s, out_ref, i, r0, rows):
+  """Writes a run's results (`_stream`'s [m], or its [64, big] whose rows are equal) to
+  out_ref[i, r0 : r0 + rows] in global memory, through o_s (`_out_shape`). (wgmma's goes out as a
+  [1, rows] box: jax 0.11's layout inference fails on a 1-D slice of its 2-D staging.)"""
   plgpu = _plgpu()
   if y.ndim == 1:
     o_s[pl.ds(0, y.shape[0])] = y
-    src = o_s.at[pl.ds(0, rows)]
+    src, dst = o_s.at[pl.ds(0, rows)], out_ref.at[i, pl.ds(r0, rows)]
   else:
-    o_s[:, pl.ds(0, rows)] = y
-    src = o_s.at[0, pl.ds(0, rows)]
+    o_s[...] = y
+    src, dst = o_s.at[pl.ds(0, 1), pl.ds(0, rows)], out_ref.at[pl.ds(i, 1), pl.ds(r0, rows)]
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(src, out_ref)
+  plgpu.copy_smem_to_gmem(src, dst)
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -242,7 +252,7 @@ def _chunk_loader(x_s, interpret):
 
   def chunk(i):
     ref = x_s.at[i]
-    v = ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+    v = _load(ref, plgpu.Layout.WGMMA.reduce(0), interpret)
     return v.astype(jnp.float32)
   return chunk
 
@@ -254,7 +264,7 @@ def _row_loader(e, interpret):
   plgpu = _plgpu()
   vec = next(v for v in (4, 2, 1) if e % (128 * v) == 0)
   layout = plgpu.Layout.WG_STRIDED((e // BK, BK), vec_size=vec)
-  return lambda ref: ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+  return lambda ref: _load(ref, layout, interpret)
 
 
 def _rows_of(cta, n_big, big, small, run):
@@ -350,7 +360,7 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
         g, u = g * rsqrt, u * rsqrt
       g, u = _round(g, dtype), _round(u, dtype)
       s_ = _round(g * _round(jax.nn.sigmoid(g), dtype), dtype)
-      _store_sums((s_ * u).astype(dtype), o_s, act_ref.at[pl.ds(r0, rows)], rows)
+      _store_sums((s_ * u).astype(dtype), o_s, act_ref, 0, r0, rows)
 
     _rows_of(cta, n_big, big, small, run)
 
@@ -361,7 +371,7 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
                 else add_E.astype(dtype).reshape(nk, BK))
   if has_norm:
     args.append(norm_scale_E.astype(dtype).reshape(nk, BK))
-  outs = [jax.ShapeDtypeStruct((f,), dtype)]
+  outs = [jax.ShapeDtypeStruct((1, f), dtype)]
   if has_add:
     outs.append(jax.ShapeDtypeStruct((nk, BK), dtype))
   add_smem = ((parts, nk, BK) if parts else (nk, BK)) if has_add else (1, 8)
@@ -380,25 +390,25 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
       grid=(ctas,), grid_names=("cta",),
       interpret=_interpret_params() if interpret else None,
   )(*args, gate_FE, up_FE)
-  act = res[0]
+  act = res[0].reshape(f)
   return act, (res[1].reshape(e) if has_add else None)
 
 
 def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = None,
-                 ctas: Optional[int] = None, slots: int = DOWN_SLOTS,
+                 ctas: Optional[int] = None, slots: Optional[int] = None,
                  defer_sum: Optional[bool] = None, products: Optional[str] = None,
                  interpret: bool = False) -> jax.Array:
   """x [K] @ w.T, w out-major [N, K], as float32 partial sums [splits, N] over `splits` equal runs
   of the row (split-K), as `matvec.matvec_partials(..., out_major=True)` leaves them; the next
   launch sums them where it reads its row (`add_E`). Each run of the row has ctas / splits CTAs,
-  which split the N rows as `row_plan` does. `splits`, `ctas` (defaults: `_parts_plan`), `slots`,
+  which split the N rows as `row_plan` does. `splits`, `ctas`, `slots` (defaults: `_parts_plan`),
   `defer_sum` (`_stream`) and `products` (PRODUCTS) are tuning knobs."""
   plgpu = _plgpu()
   _check("matvec_parts", x_K, (w_NK,))
   k = x_K.shape[0]
   n = w_NK.shape[0]
   products = _products_of("matvec_parts", products, interpret)
-  splits, ctas = _parts_plan(k, n, splits, ctas, slots, _sms(), products)
+  splits, ctas, slots = _parts_plan(k, n, splits, ctas, slots, _sms(), products)
   per = ctas // splits
   n_big, big, small = row_plan(n, per)
   nk = k // BK // splits
@@ -414,7 +424,7 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
       (y,), _ = _stream((w_ref,), w_s, (w_bar,), _chunk_loader(x_s, interpret), rows, big,
                         r0, k0, nk, slots, defer_sum, products, interpret,
                         lambda: plgpu.barrier_wait(x_bar.at[0]))
-      _store_sums(y, o_s, o_ref.at[part, pl.ds(r0, rows)], rows)
+      _store_sums(y, o_s, o_ref, part, r0, rows)
 
     _rows_of(lax.rem(cta, jnp.int32(per)), n_big, big, small, run)
 
@@ -494,7 +504,7 @@ def launch_unsupported(e: int, f: int, parts: Optional[int] = None) -> str | Non
     return why
   try:
     if parts is None:
-      _parts_plan(f, e, None, None, DOWN_SLOTS, _sms(), PRODUCTS)
+      _parts_plan(f, e, None, None, None, _sms(), PRODUCTS)
     else:
       _pair_plan(e, f, parts, None, None, _sms(), PRODUCTS)
   except ValueError as err:
@@ -512,16 +522,17 @@ def default_splits(k: int, n: int, sms: int) -> int:
 
 
 def _parts_plan(k, n, splits, ctas, slots, sms, products="cuda_cores"):
-  """(splits, ctas) of a `matvec_parts` launch, the given ones checked (defaults:
+  """(splits, ctas, slots) of a `matvec_parts` launch, the given ones checked (defaults:
   `default_splits`; the SMs rounded down to a multiple of the splits, at most a unit of 8 rows
-  a CTA)."""
+  a CTA; DOWN_SLOTS slots, fewer where they do not fit)."""
   if splits is None:
     splits = default_splits(k, n, sms)
   if (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1
       or (k // BK) % splits):
     raise ValueError(f"matvec_parts: splits={splits!r} must be a positive integer dividing the "
                      f"row's {k // BK} steps of {BK}")
-  if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= MAX_SLOTS:
+  if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool)
+                            or not 1 <= slots <= MAX_SLOTS):
     raise ValueError(f"matvec_parts: slots={slots!r} must be an integer in 1..{MAX_SLOTS}")
   if ctas is None:
     ctas = splits * min(sms // splits, n // UNIT)
@@ -529,10 +540,11 @@ def _parts_plan(k, n, splits, ctas, slots, sms, products="cuda_cores"):
     raise ValueError(f"matvec_parts: ctas={ctas!r} must be a positive multiple of splits="
                      f"{splits}")
   big = row_plan(n, ctas // splits)[1]
-  if _parts_smem(k // BK // splits, big, slots, products) + SMEM_SLACK > SMEM_BYTES:
-    raise ValueError(f"matvec_parts: a CTA's shared memory does not fit in {SMEM_BYTES} bytes "
-                     f"(slots={slots}, {big}-row runs): give fewer slots or more CTAs")
-  return splits, ctas
+  for s_ in ([slots] if slots is not None else range(DOWN_SLOTS, 1, -1)):
+    if _parts_smem(k // BK // splits, big, s_, products) + SMEM_SLACK <= SMEM_BYTES:
+      return splits, ctas, s_
+  raise ValueError(f"matvec_parts: a CTA's shared memory does not fit in {SMEM_BYTES} bytes "
+                   f"(slots={slots}, {big}-row runs): give fewer slots or more CTAs")
 
 
 def _sms():

@@ -50,6 +50,10 @@ OUTER = 2 * BLOCK_Q
 # without turns (session 12); the forward without them ran 1.06-1.07x slower at L=2048 for both
 # head shapes and layouts (H200, BENCHMARKS.md, session 15), so it keeps them.
 FWD_TURNS = True
+# The proxy fence a consumer puts before releasing a slot it read with plain loads (`_stream`).
+# Required by PTX's memory model, added in session 26 without a GPU: False only to time what it
+# costs (benchmarks/attention.py --sections variants --variants 'fence:;bare:RELEASE_FENCE=0').
+RELEASE_FENCE = True
 
 
 def _plgpu():
@@ -149,7 +153,12 @@ def _producer_start(plan_row, plan_s, plan_bar, nv, interpret, regs=40):
 
 def _stream(n_vis, fetch, wait_free):
   """The producer's loop: visit i's tiles into slot i % SLOTS (`fetch(i, slot)`), a slot
-  refilled once both consumers released it (`wait_free(slot)`)."""
+  refilled once both consumers released it (`wait_free(slot)`). A consumer that read a slot
+  with plain loads (the generic proxy: segment ids, lse, delta; wgmma operands are read by the
+  async proxy) fences (`commit_smem`) before its release, since the refill is an async-proxy
+  write: PTX's proxy memory model orders the two only through that fence (FlashAttention's
+  Hopper backward fences before releasing its LSE stage too; in these bodies the loads' values
+  are used before the release, so no refill could overtake them in practice)."""
   @pl.loop(0, jnp.minimum(n_vis, SLOTS))
   def _(i):
     fetch(i, i)
@@ -313,6 +322,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           pl.when(i + 1 < n_vis)(lambda: plgpu.barrier_wait(k_bar.at[lax.rem(i + 1, SLOTS)]))
 
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        if masked == "segments" and RELEASE_FENCE:  # segk_s[slot] read by plain loads (`_stream`)
+          plgpu.commit_smem()
         pl.when(refill)(lambda: plgpu.barrier_arrive(v_free.at[slot]))
         return acc, m, l
 
@@ -678,6 +689,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
             plgpu.barrier_wait(do_bar.at[nxt])
 
         dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+        if not fuse_dq and RELEASE_FENCE:  # lse_s, delta_s (and segq_s) read by plain loads
+          plgpu.commit_smem()  # (`_stream`); the fused body's share_ds fenced after them already
         pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
           # Visit i - lag's dQ columns, after dV and dK: issued with them (its accumulator beside

@@ -73,8 +73,9 @@ def test_row_plan_spreads_rows_evenly():
   for n, ctas in ((8960, 132), (8960, 264), (1536, 66), (18944, 132), (64, 8), (208, 3)):
     n_big, big, small = matvec_mgpu.row_plan(n, ctas)
     assert n_big * big + (ctas - n_big) * small == n
-    assert big % 8 == 0 and small % 8 == 0 and (big - small == 8 or n_big == 0)
+    assert big % 8 == 0 and small % 8 == 0 and big - small == (8 if n_big else 0)
   assert matvec_mgpu.row_plan(8960, 132) == (64, 72, 64)
+  assert matvec_mgpu.row_plan(8960, 140) == (0, 64, 64)  # no unused bigger size to allocate
   with pytest.raises(ValueError, match="row_plan"):
     matvec_mgpu.row_plan(100, 3)  # not whole units
   with pytest.raises(ValueError, match="row_plan"):
@@ -82,8 +83,8 @@ def test_row_plan_spreads_rows_evenly():
 
 
 def test_defaults_fit_shared_memory_and_fill_the_sms():
-  # The 1.5B's gate/up: two CTAs an SM of 40/32-row runs (each tile given 64 rows: about 103 KB
-  # a CTA), 4 slots; the 7B's, with 70 KB of float32 parts a CTA, one of 144/136-row runs (tiles
+  # The 1.5B's gate/up: two CTAs an SM of 40/32-row runs (each tile given 64 rows: about 103 KiB
+  # a CTA), 4 slots; the 7B's, with 70 KiB of float32 parts a CTA, one of 144/136-row runs (tiles
   # of 192 rows) in 2 slots (3 do not fit), and in 3 with the o launch's 2 parts.
   assert matvec_mgpu._pair_plan(1536, 8960, 5, None, None, 132) == (264, 4)
   assert matvec_mgpu._pair_plan(3584, 18944, 5, None, None, 132) == (132, 2)
@@ -94,16 +95,17 @@ def test_defaults_fit_shared_memory_and_fill_the_sms():
     big = matvec_mgpu.row_plan(f, ctas)[1]
     assert matvec_mgpu._pair_smem(e, parts, big, slots) <= matvec_mgpu.SMEM_BYTES
   with pytest.raises(ValueError, match="shared memory"):
-    matvec_mgpu._pair_plan(3584, 18944, 5, 132, 3, 132)  # the 7B at 3 slots: 241 KB
-  # The wgmma products stage a [64, run] output: the 1.5B's plans still fit, the 7B's down
-  # takes a slot fewer (its 112-row runs' [64, 112] float32 output is 28 KB).
+    matvec_mgpu._pair_plan(3584, 18944, 5, 132, 3, 132)  # the 7B at 3 slots: 235 KiB
+  # The wgmma products read a tile's own rows (no padding) and stage a [64, run] output: the
+  # 1.5B's and the 7B's plans fit.
   assert matvec_mgpu._pair_plan(1536, 8960, 4, None, None, 132, "wgmma") == (264, 4)
-  assert matvec_mgpu._parts_plan(18944, 3584, None, None, None, 132, "wgmma") == (4, 132, 11)
+  assert matvec_mgpu._parts_plan(18944, 3584, None, None, None, 132, "wgmma") == (4, 132, 12)
   assert matvec_mgpu._parts_plan(18944, 3584, None, None, None, 132) == (4, 132, 12)
   assert matvec_mgpu._parts_plan(8960, 1536, None, None, None, 132) == (4, 132, 12)
   assert matvec_mgpu._parts_plan(512, 96, None, None, None, 132) == (1, 12, 12)  # too few to split
+  assert matvec_mgpu._parts_plan(8960, 1536, None, None, 20, 132)[2] == 20  # given, fits: kept
   with pytest.raises(ValueError, match="shared memory"):
-    matvec_mgpu._parts_plan(18944, 3584, None, None, 12, 132, "wgmma")  # given slots are kept
+    matvec_mgpu._parts_plan(18944, 3584, None, None, 14, 132)  # given slots are not cut
   with pytest.raises(ValueError, match="shared memory"):
     matvec_mgpu._parts_plan(8960, 1536, 1, 8, 32, 132)  # 192-row runs in 32 slots
 

@@ -128,7 +128,8 @@ def _load(ref, layout, interpret):
   if interpret:
     return ref[...]
   load = _plgpu().load
-  if inspect.signature(load).parameters["idx"].default is inspect.Parameter.empty:
+  idx = inspect.signature(load).parameters.get("idx")
+  if idx is not None and idx.default is inspect.Parameter.empty:
     return load(ref, (), layout=layout)
   return load(ref, layout=layout)
 

@@ -70,14 +70,14 @@ def _padded(rows: int) -> int:
   return -(-rows // 64) * 64
 
 
-def _ring_shape(weights: int, slots: int, big: int) -> tuple[int, int, int]:
+def _ring_shape(weights: int, slots: int, big: int, products: str) -> tuple[int, int, int]:
   """The weight tiles' ring in shared memory: `slots` steps of `weights` tiles of up to `big`
-  rows, each given `_padded(big)` rows, since a tile is read in the register layout's 64-row
-  blocks (`_stream`). The rows past a tile are never written: were they the next tile's, the
-  reads would race with its copy landing (harmless for the sums, which are per row, but a race
-  by PTX's memory model, and one that jax 0.11's interpreter reports). A tile is an index of the
-  leading dimension."""
-  return slots * weights, _padded(big), BK
+  rows, a tile an index of the leading dimension. The CUDA-core products read a tile in the
+  register layout's 64-row blocks (`_stream`), so each is given `_padded(big)` rows, never
+  written past its own: were they the next tile's, the reads would race with its copy landing
+  (harmless for the sums, which are per row, but a race by PTX's memory model, and one that
+  jax 0.11's interpreter reports). wgmma reads `big` rows."""
+  return slots * weights, _padded(big) if products == "cuda_cores" else big, BK
 
 
 def _out_shape(big: int, products: str) -> tuple[int, ...]:
@@ -100,7 +100,7 @@ def row_plan(n: int, ctas: int) -> tuple[int, int, int]:
   units = n // UNIT
   small = units // ctas
   n_big = units - small * ctas
-  return n_big, (small + 1) * UNIT, small * UNIT
+  return n_big, (small + bool(n_big)) * UNIT, small * UNIT
 
 
 def unsupported(e: int, n: int, dtype) -> str | None:
@@ -166,8 +166,10 @@ def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, p
     # fence from every reading thread (then the warpgroup barrier Mosaic puts before a copy) the
     # TMA may land before the reads are done (PTX's proxy memory model; jax 0.11's interpreter
     # reports the race).
-    plgpu.commit_smem()
-    pl.when(i + slots < nk)(lambda: fetch(i + slots, slot))
+    @pl.when(i + slots < nk)
+    def _():
+      plgpu.commit_smem()
+      fetch(i + slots, slot)
     return tuple(out)
 
   def rounds(r, accs):
@@ -383,7 +385,7 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
           plgpu.SMEM(add_smem, jnp.float32 if parts else dtype),
           plgpu.SMEM((nk, BK) if has_norm else (1, 8), dtype),
           plgpu.SMEM((nk, BK), dtype),
-          plgpu.SMEM(_ring_shape(2, slots, big), dtype, **_swizzled()),
+          plgpu.SMEM(_ring_shape(2, slots, big, products), dtype, **_swizzled()),
           plgpu.SMEM(_out_shape(big, products), dtype),
           plgpu.Barrier(num_barriers=3),
           plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots)],
@@ -434,7 +436,7 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
       out_type=jax.ShapeDtypeStruct((splits, n), jnp.float32),
       scratch_types=[
           plgpu.SMEM((nk, BK), dtype),
-          plgpu.SMEM(_ring_shape(1, slots, big), dtype, **_swizzled()),
+          plgpu.SMEM(_ring_shape(1, slots, big, products), dtype, **_swizzled()),
           plgpu.SMEM(_out_shape(big, products), jnp.float32),
           plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=slots)],
       grid=(ctas,), grid_names=("cta",),
@@ -462,13 +464,13 @@ SMEM_SLACK = 8192  # what Mosaic adds to a CTA's buffers (reduction scratch, bar
 def _pair_smem(e, parts, big, slots, products="cuda_cores"):
   """Shared-memory bytes of a `silu_pair` CTA's buffers, its largest run `big` rows."""
   row = 2 * e * 3 + (4 * parts * e if parts else 2 * e)  # x, scale, normed row; the add
-  return (row + 2 * math.prod(_ring_shape(2, slots, big))
+  return (row + 2 * math.prod(_ring_shape(2, slots, big, products))
           + 2 * math.prod(_out_shape(big, products)))
 
 
 def _parts_smem(nk, big, slots, products="cuda_cores"):
   """Shared-memory bytes of a `matvec_parts` CTA's buffers (nk steps of its run of the row)."""
-  return (2 * nk * BK + 2 * math.prod(_ring_shape(1, slots, big))
+  return (2 * nk * BK + 2 * math.prod(_ring_shape(1, slots, big, products))
           + 4 * math.prod(_out_shape(big, products)))
 
 
@@ -476,7 +478,8 @@ def _pair_plan(e, f, parts, ctas, slots, sms, products="cuda_cores"):
   """(ctas, slots) of a `silu_pair` launch, the given ones checked. Defaults: two CTAs an SM
   where two fit in its shared memory (the rows past a run, padded to 64 for the register layout,
   are work too: 40-row runs pad less than 72-row ones), else one; GATE_UP_SLOTS slots, fewer
-  where they do not fit (the 7B's 144-row runs take 3); never more CTAs than 8-row units."""
+  where they do not fit (the 7B's 144-row runs take 3 beside the o launch's 2 parts, 2 beside
+  5); never more CTAs than 8-row units."""
   if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool)
                             or not 1 <= slots <= MAX_SLOTS):
     raise ValueError(f"silu_pair: slots={slots!r} must be an integer in 1..{MAX_SLOTS}")

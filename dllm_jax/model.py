@@ -311,8 +311,9 @@ def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, max_len: int) -> bool
 
 # Whether the one-row step's MLP runs the Mosaic GPU launches (`kernels.matvec_mgpu`: TMA, rows
 # spread evenly over the SMs) where they apply, instead of `kernels.matvec`'s Triton gate/up and
-# down. Off until measured: they are exact in the CPU interpreter and lower for CUDA, but have
-# not run on a GPU (session 25). A knob for benchmarks/decode_profile.py's `--row-tma`.
+# down. Off until measured: correct on an H200 (session 26) but not yet timed. Each launch site
+# compiles for seconds there (3.7-7.9 s at the 1.5B), so the per-layer step's 2 x layers sites
+# take minutes to compile. A knob for the benchmarks' `--row-tma`.
 ROW_TMA = False
 
 

@@ -1,8 +1,8 @@
 """The batch-1 AR step's MLP launches in Mosaic GPU (Hopper): weights streamed by TMA, rows
 spread evenly over the SMs. Opt-in (`model.ROW_TMA`); exact in the CPU interpreter, free of
-races by jax 0.11's detector (which models TMA's async proxy; session 26) and lowered for CUDA on
-the CPU under jax 0.10 and 0.11, but **not yet run on a GPU** (written in session 25, which had no
-device).
+races by jax 0.11's detector (which models TMA's async proxy), lowered for CUDA on the CPU under
+jax 0.10 and 0.11, and correct on an H200 (session 26), but **not yet timed** there: the profiler
+recorded none of their events, and each launch site compiles for seconds (BENCHMARKS.md).
 
 Why: the Pallas Triton gate/up launch (`matvec.norm_matvec`) reads its weights at ~0.87 of the
 copy rate and down at ~0.85, where XLA's TMA GEMM reads the same weights at ~1.2 (H200,

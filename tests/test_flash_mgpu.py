@@ -255,7 +255,7 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({"GQA_REDUCE_ADD": True}, True),
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
 ])
-def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq):
+def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, lower_for_cuda):
   # The interpreter runs the kernels' interpret bodies only; the GPU bodies (P in registers,
   # transposed shared-memory operands, turns, reduce-adds) are traced and lowered here for CUDA,
   # so a knob's GPU path cannot break unseen between runs on a GPU. Packed 2L, GQA 6, head_dim 128.
@@ -272,7 +272,7 @@ def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq):
     o, lse = flash_mgpu.forward(q, k, v, meta.segments, spec, 128)
     return o, flash_mgpu.dkv(q, k, v, meta.segments, do, lse, delta, spec, 128, fuse_dq=fuse_dq)
 
-  lowered = jax.jit(fwd_bwd).trace(q, kv, kv, q, lse).lower(lowering_platforms=("cuda",))
+  text = lower_for_cuda(fwd_bwd, q, kv, kv, q, lse)
   # Both kernels lowered into Mosaic GPU modules (a kernel given Refs, as the fused and the
   # reduce-add ones are, keeps no name in the text).
-  assert len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text())) == 2
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 2

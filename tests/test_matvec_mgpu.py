@@ -149,7 +149,7 @@ def test_bad_inputs_are_refused():
     (1536, 8960, 4, None, "cuda_cores"), (1536, 8960, 4, False, "cuda_cores"),
     (1536, 8960, 4, True, "cuda_cores"), (1536, 8960, 4, None, "wgmma"),
     (3584, 18944, 2, None, "cuda_cores"), (3584, 18944, 2, None, "wgmma")])  # 1.5B, 7B
-def test_gpu_bodies_lower_for_cuda(e, f, parts, defer_sum, products):
+def test_gpu_bodies_lower_for_cuda(e, f, parts, defer_sum, products, lower_for_cuda):
   # The interpreter runs neither the register layouts nor the CTA counts of a GPU; this traces
   # and lowers both launches as the model calls them at the real shapes (default knobs, the
   # parts the o launch leaves on 132 SMs) for CUDA on the CPU (shared memory that does not fit
@@ -164,7 +164,7 @@ def test_gpu_bodies_lower_for_cuda(e, f, parts, defer_sum, products):
   for fn, args in ((pair, (sd((e,), bf), sd((f, e), bf), sd((f, e), bf),
                            sd((parts, e), jnp.float32), sd((e,), bf))),
                    (down, (sd((f,), bf), sd((e, f), bf)))):
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(fn, *args)
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
 
 
@@ -256,14 +256,13 @@ def test_matvec_tma_benchmark_runs_every_row(load_benchmark, monkeypatch, tmp_pa
     assert r["us"] == 3.0 and r["max_rel_err"] < 2e-2
 
 
-def test_matvec_tma_probe_lowers_for_cuda(load_benchmark):
+def test_matvec_tma_probe_lowers_for_cuda(load_benchmark, lower_for_cuda):
   # The benchmark's tensor-core probe runs on a GPU only (a transposed operand): lowered here at
   # the 1.5B shape so that it cannot break unseen before a device call.
   bench = load_benchmark("matvec_tma")
   sd = jax.ShapeDtypeStruct
   x, w = sd((1536,), jnp.bfloat16), sd((8960, 1536), jnp.bfloat16)
-  text = jax.jit(lambda x, g, u: bench.probe(x, g, u, ctas=132, slots=4)).trace(
-      x, w, w).lower(lowering_platforms=("cuda",)).as_text()
+  text = lower_for_cuda(lambda x, g, u: bench.probe(x, g, u, ctas=132, slots=4), x, w, w)
   assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
 
 

@@ -174,20 +174,27 @@ def _stream(w_refs, w_s, bars, chunk, rows, big, r0, k0, nk, slots, defer_sum, p
       fetch(i + slots, slot)
     return tuple(out)
 
-  def rounds(r, accs):
-    for s in range(slots):
-      accs = step(r * slots + s, s, accs)
-    return accs
-
   z = jnp.zeros((m, BK) if defer_sum else (m,), jnp.float32)
   if not interpret:
     z = plgpu.layout_cast(z, wl if defer_sum else wl.reduce(1))
-  accs = lax.fori_loop(0, nk // slots, rounds, (z,) * nw)
-  for s in range(nk % slots):
-    accs = step(nk // slots * slots + s, s, accs)
+  accs = _slot_loop(step, nk, slots, (z,) * nw)
   if defer_sum:
     accs = tuple(jnp.sum(a, axis=1) for a in accs)
   return accs, before
+
+
+def _slot_loop(step, nk, slots, carry):
+  """carry = step(i, slot, carry) for i < nk, slot = i % slots a Python int: the loop unrolled
+  `slots` times (`_stream`), the last nk % slots steps after it."""
+  def rounds(r, carry):
+    for s in range(slots):
+      carry = step(r * slots + s, s, carry)
+    return carry
+
+  carry = lax.fori_loop(0, nk // slots, rounds, carry)
+  for s in range(nk % slots):
+    carry = step(nk // slots * slots + s, s, carry)
+  return carry
 
 
 def _stream_wgmma(w_refs, w_s, bars, chunk, big, at, fetch, nk, slots):
@@ -200,22 +207,16 @@ def _stream_wgmma(w_refs, w_s, bars, chunk, big, at, fetch, nk, slots):
   plgpu = _plgpu()
 
   def scope(*acc_refs):
-    def step(i, slot):
+    def step(i, slot, carry):
       xb = lax.broadcast_in_dim(chunk(i).astype(jnp.bfloat16), (64, BK), [1])
       for j, acc in enumerate(acc_refs):
         plgpu.barrier_wait(bars[j].at[slot])
         plgpu.wgmma(acc, xb, w_s.at[at(slot, j), pl.ds(0, big)].transpose((1, 0)))
       plgpu.wgmma_wait(0)
       pl.when(i + slots < nk)(lambda: fetch(i + slots, slot))
-
-    def rounds(r, carry):
-      for s in range(slots):
-        step(r * slots + s, s)
       return carry
 
-    lax.fori_loop(0, nk // slots, rounds, 0)
-    for s in range(nk % slots):
-      step(nk // slots * slots + s, s)
+    _slot_loop(step, nk, slots, 0)
     return tuple(acc[...] for acc in acc_refs)
 
   return pl.run_scoped(scope, *(plgpu.ACC((64, big), jnp.float32) for _ in w_refs))

@@ -33,7 +33,13 @@ def lower_for_cuda():
   device = jax.sharding.AbstractDevice("NVIDIA H200", None, "cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
 
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
   def lower(fn, *args):
+    # The arguments on the mesh too: an argument without it and a value computed under it have
+    # different avals, so jit sites that share one lowering on a GPU would not share it here.
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
+            if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is None else a for a in args]
     with jax.sharding.use_abstract_mesh(mesh):
       return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   return lower

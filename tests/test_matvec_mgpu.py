@@ -179,8 +179,10 @@ def test_model_one_row_step_with_tma_launches_equals_xla(monkeypatch, stacked):
   # The MLP's two launches are Mosaic GPU kernels; q/k/v and o stay Triton's.
   assert jaxpr.count("name=norm_matvec") == 0
   assert jaxpr.count("name=matvec_partials") == layers  # o only
-  assert jaxpr.count("silu_pair_tma") == layers
-  assert jaxpr.count("matvec_parts_tma") == layers
+  assert len(re.findall(r"name=silu_pair\b", jaxpr)) == layers
+  assert len(re.findall(r"name=matvec_parts\b", jaxpr)) == layers
+  # One kernel each, which every layer's call shares (`matvec_mgpu._one_lowering`).
+  assert jaxpr.count("name=silu_pair_tma") == 1 and jaxpr.count("name=matvec_parts_tma") == 1
 
 
 def test_row_tma_applies_only_where_it_can(monkeypatch):
@@ -284,3 +286,23 @@ def test_row_tma_flag_of_the_decode_benchmarks(monkeypatch):
   assert model.ROW_TMA and matvec_mgpu.PRODUCTS == "wgmma"
   common.apply_row_tma(None)
   assert not model.ROW_TMA
+
+
+def test_each_launch_lowers_once_per_program(lower_for_cuda):
+  # Three layers' MLPs chained as the per-layer step chains them: one Mosaic GPU kernel each for
+  # gate/up and down (one hash), which the GPU runtime compiles once, not once a layer.
+  e, f, layers = 128, 384, 3
+  sd = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+
+  def mlps(x, parts, scale, gates, ups, downs):
+    for i in range(layers):
+      act, x = matvec_mgpu.silu_pair(x, gates[i], ups[i], add_E=parts, norm_scale_E=scale)
+      parts = matvec_mgpu.matvec_parts(act, downs[i])
+    return x, parts
+
+  splits = matvec_mgpu._parts_plan(f, e, None, None, None, matvec_mgpu._sms(), "cuda_cores")[0]
+  text = lower_for_cuda(mlps, sd((e,), bf), sd((splits, e), jnp.float32), sd((e,), bf),
+                        sd((layers, f, e), bf), sd((layers, f, e), bf), sd((layers, e, f), bf))
+  hashes = re.findall(r'kernel_hash = "((?:[^"\\]|\\.)*)"', text)
+  assert len(set(hashes)) == 2, len(hashes)

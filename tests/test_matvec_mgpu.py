@@ -239,8 +239,11 @@ def test_matvec_tma_benchmark_runs_every_row(load_benchmark, monkeypatch, tmp_pa
   monkeypatch.setitem(decode_bench.SHAPES, "tiny", tiny)
   monkeypatch.setattr(bench, "SETS", 2)
   monkeypatch.setattr(bench, "ceilings", lambda rounds: {"copy_GBps": 1000.0})
-  monkeypatch.setattr(bench, "kernel_us", lambda run, calls: (run(), {"silu_pair_tma_x": 2.0,
-                                                                     "triton_gemm": 1.0})[1])
+  profiles = iter([{"gemm": 3.0}, {"norm_matvec": 3.0}, {},  # the third as in session 26
+                   {"gemm": 3.0}, {"matvec_partials_x": 3.0}, {"matvec_parts_tma_x": 2.0,
+                                                                "triton_gemm": 1.0}])
+  monkeypatch.setattr(bench, "kernel_us", lambda run, calls: (run(), next(profiles))[1])
+  monkeypatch.setattr(bench, "timeit", lambda fn, arg_sets: (fn(*arg_sets[0]), 10e-6)[1])
   for name in ("silu_pair", "matvec_parts"):
     monkeypatch.setattr(matvec_mgpu, name, functools.partial(getattr(matvec_mgpu, name),
                                                              interpret=True))
@@ -255,7 +258,13 @@ def test_matvec_tma_benchmark_runs_every_row(load_benchmark, monkeypatch, tmp_pa
                                        "xla_down", "triton_down", "tma_down"]
   for r in rows:
     assert "error" not in r, r
-    assert r["us"] == 3.0 and r["max_rel_err"] < 2e-2
+    assert r["wall_us"] == 5.0 and r["max_rel_err"] < 2e-2  # 10 us a call of 2 sets
+    weights = 2 if r["op"] == "gate_up" else 1
+    weight_bytes = 2 * weights * tiny.hidden_size * tiny.intermediate_size
+    assert r["wall_of_copy"] == pytest.approx(weight_bytes / 5e-6 / 1e12)
+  # A profile without the launch leaves the row its wall time and says why it has no `us`.
+  assert "us" not in rows[2] and "no kernel named like" in rows[2]["profile_error"]
+  assert all(r["us"] == 3.0 for i, r in enumerate(rows) if i != 2)
 
 
 def test_matvec_tma_probe_lowers_for_cuda(load_benchmark, lower_for_cuda):

@@ -151,23 +151,40 @@ def traced_gpu_events(run):
   return sorted(events, key=lambda e: e[1]), dict(lines)
 
 
-def add_row_tma_argument(ap, scope: str = "") -> None:
-  """`--row-tma [cuda_cores|wgmma]` on a decode benchmark's parser (`scope` prefixes its help,
-  e.g. "jax part: "); `apply_row_tma` carries it out."""
+def parse_row_tma(text: str) -> dict:
+  """`--row-tma`'s value as `model.ROW_TMA`: "P" (both MLP launches' products on P) or
+  "gate_up=P,down=P" (a launch left out, or given "triton", stays `kernels.matvec`'s), P one of
+  `matvec_mgpu.PRODUCT_KINDS`."""
+  import argparse
+
   from dllm_jax.kernels.matvec_mgpu import PRODUCT_KINDS
 
-  ap.add_argument("--row-tma", nargs="?", const="cuda_cores", default=None, choices=PRODUCT_KINDS,
-                  help=f"{scope}model.ROW_TMA on: the one-row step's gate/up and down by "
+  launches = ("gate_up", "down")
+  if text in PRODUCT_KINDS:
+    return dict.fromkeys(launches, text)
+  setting = dict.fromkeys(launches)
+  for part in text.split(","):
+    launch, _, products = part.partition("=")
+    if launch not in launches or products not in (*PRODUCT_KINDS, "triton"):
+      raise argparse.ArgumentTypeError(
+          f"{part!r}: expected one of {PRODUCT_KINDS}, or LAUNCH=PRODUCTS pairs joined by commas "
+          f"with LAUNCH in {launches} and PRODUCTS in {(*PRODUCT_KINDS, 'triton')}")
+    setting[launch] = None if products == "triton" else products
+  return setting
+
+
+def add_row_tma_argument(ap, scope: str = "") -> None:
+  """`--row-tma [P | gate_up=P,down=P]` on a decode benchmark's parser (`scope` prefixes its
+  help, e.g. "jax part: "); `apply_row_tma` carries it out."""
+  ap.add_argument("--row-tma", nargs="?", const="cuda_cores", default=None, type=parse_row_tma,
+                  help=f"{scope}model.ROW_TMA: the one-row step's gate/up and down by "
                        "kernels/matvec_mgpu.py's TMA launches (out_in weights only), their "
-                       "products on the given units (matvec_mgpu.PRODUCTS)")
+                       "products on the given units (cuda_cores, the default, or wgmma); or "
+                       "per launch, e.g. gate_up=wgmma,down=triton")
 
 
-def apply_row_tma(products) -> None:
-  """model.ROW_TMA on with matvec_mgpu.PRODUCTS = `products` (`--row-tma`'s value), or off
-  (None)."""
+def apply_row_tma(setting) -> None:
+  """model.ROW_TMA = `setting` (`--row-tma`'s value), or all launches Triton's (None)."""
   from dllm_jax import model
-  from dllm_jax.kernels import matvec_mgpu
 
-  model.ROW_TMA = products is not None
-  if products is not None:
-    matvec_mgpu.PRODUCTS = products
+  model.ROW_TMA = dict(setting) if setting else {"gate_up": None, "down": None}

@@ -309,27 +309,33 @@ def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, max_len: int) -> bool
           decode.row_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, max_len) is None)
 
 
-# Whether the one-row step's MLP runs the Mosaic GPU launches (`kernels.matvec_mgpu`: TMA, rows
-# spread evenly over the SMs) where they apply, instead of `kernels.matvec`'s Triton gate/up and
-# down. Off until measured: correct on an H200 (session 26) but not yet timed. Each launch site
-# compiles for seconds there (3.7-7.9 s at the 1.5B), so the per-layer step's 2 x layers sites
-# take minutes to compile. A knob for the benchmarks' `--row-tma`.
-ROW_TMA = False
+# Which of the one-row step's MLP launches run `kernels.matvec_mgpu`'s Mosaic GPU launches (TMA,
+# rows spread evenly over the SMs) where they apply, instead of `kernels.matvec`'s Triton ones,
+# and on which units their products run: launch -> "cuda_cores" | "wgmma"
+# (`matvec_mgpu.PRODUCT_KINDS`) | None (Triton). Off until measured to pay: correct on an H200
+# (session 26). A knob for the benchmarks' `--row-tma`; read as a step is traced (set it before
+# the first trace, or `jax.clear_caches()`).
+ROW_TMA: dict[str, Optional[str]] = {"gate_up": None, "down": None}
 
 
 def _row_tma(cfg: ModelConfig, out_major: bool, interpret: bool,
-             parts: Optional[int] = None) -> bool:
-  """Whether the one-row step's down (`parts` None), or its gate/up adding `parts` float32
-  partial sums, runs `kernels.matvec_mgpu` (`ROW_TMA`): out-major bf16 weights, shapes the
-  launch covers whose buffers fit, and a Hopper GPU (or the CPU's interpreter). Each falls back
-  to `kernels.matvec` alone: the down parts' count is free for the next launch to add."""
-  if not (ROW_TMA and out_major and cfg.dtype == "bfloat16"):
-    return False
+             parts: Optional[int] = None) -> Optional[str]:
+  """The products (`ROW_TMA`'s) with which the one-row step's down (`parts` None), or its
+  gate/up adding `parts` float32 partial sums, runs `kernels.matvec_mgpu`; None where it runs
+  `kernels.matvec`: off in `ROW_TMA`, or not out-major bf16 weights, a shape the launch does not
+  cover or whose buffers do not fit, or no Hopper GPU (the CPU's interpreter runs them, with
+  the CUDA cores' products: wgmma's are GPU-only). Each launch falls back alone: the down parts'
+  count is free for the next launch to add."""
+  products = ROW_TMA["down" if parts is None else "gate_up"]
+  if not (products and out_major and cfg.dtype == "bfloat16"):
+    return None
   from dllm_jax.kernels import flash_mgpu, matvec_mgpu
 
-  return ((interpret or flash_mgpu.on_hopper())
-          and matvec_mgpu.launch_unsupported(cfg.hidden_size, cfg.intermediate_size,
-                                             parts) is None)
+  products = "cuda_cores" if interpret else products
+  if not (interpret or flash_mgpu.on_hopper()):
+    return None
+  why = matvec_mgpu.launch_unsupported(cfg.hidden_size, cfg.intermediate_size, parts, products)
+  return products if why is None else None
 
 
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
@@ -343,8 +349,8 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   slots they and the attention took 10.0 us a layer, `row_attention` (4 splits, combining
   its own splits) 8.4 (BENCHMARKS.md, session 21).
 
-  With `ROW_TMA` (off by default; `_row_tma`) gate/up and down run `kernels.matvec_mgpu`'s
-  Mosaic GPU launches instead of `kernels.matvec`'s, same arithmetic.
+  With `ROW_TMA` (off by default; `_row_tma`) gate/up or down, or both, run
+  `kernels.matvec_mgpu`'s Mosaic GPU launches instead of `kernels.matvec`'s, same arithmetic.
 
   x = (row [E], pending): the residual stream is the row plus `pending`, the previous layer's
   down product as float32 partial sums [S, E] (or None), which this layer's first launch adds
@@ -399,11 +405,13 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   m = p["mlp"]
   gate_up = (wt(m["gate"], e), wt(m["up"], e))
   mlp_scale = p["mlp_norm"]["scale"].astype(dt)
-  if _row_tma(cfg, om, interpret, parts=o_SE.shape[0]):
+  products = _row_tma(cfg, om, interpret, parts=o_SE.shape[0])
+  if products:
     from dllm_jax.kernels import matvec_mgpu
 
     act, x_E = matvec_mgpu.silu_pair(x_E, *gate_up, add_E=o_SE, norm_scale_E=mlp_scale,
-                                     eps=cfg.rms_norm_eps, interpret=interpret)
+                                     eps=cfg.rms_norm_eps, products=products,
+                                     interpret=interpret)
   else:
     (act,), x_E = matvec.norm_matvec(
         x_E, gate_up, add_E=o_SE, norm_scale_E=mlp_scale, eps=cfg.rms_norm_eps, silu_pair=True,
@@ -419,10 +427,11 @@ def _down_launch(cfg: ModelConfig):
   layout's carry (`Transformer`) has the parts' shape the launch makes."""
   om = cfg.kernel_layout == "out_in"
   interpret = jax.default_backend() == "cpu"
-  if _row_tma(cfg, om, interpret):
+  products = _row_tma(cfg, om, interpret)
+  if products:
     from dllm_jax.kernels import matvec_mgpu
 
-    return functools.partial(matvec_mgpu.matvec_parts, interpret=interpret)
+    return functools.partial(matvec_mgpu.matvec_parts, products=products, interpret=interpret)
   from dllm_jax.kernels import matvec
 
   return functools.partial(matvec.matvec_partials, out_major=om, interpret=interpret)

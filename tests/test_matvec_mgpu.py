@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dllm_jax import masks, model
-from dllm_jax.kernels import matvec, matvec_mgpu
+from dllm_jax.kernels import flash_mgpu, matvec, matvec_mgpu
 
 from test_matvec import CFG, check_one_row_step
 
@@ -172,33 +172,49 @@ CFG_TMA = dataclasses.replace(CFG, hidden_size=128, intermediate_size=384, head_
                               kernel_layout="out_in")
 
 
-@pytest.mark.parametrize("stacked", [False, True])
-def test_model_one_row_step_with_tma_launches_equals_xla(monkeypatch, stacked):
-  monkeypatch.setattr(model, "ROW_TMA", True)
+@pytest.mark.parametrize("stacked,launches", [(False, ("gate_up", "down")),
+                                               (True, ("gate_up", "down")),
+                                               (False, ("gate_up",)), (False, ("down",))])
+def test_model_one_row_step_with_tma_launches_equals_xla(monkeypatch, stacked, launches):
+  # wgmma's products stand for the GPU's choice: the interpreter runs the CUDA cores' instead.
+  monkeypatch.setattr(model, "ROW_TMA", {k: "wgmma" if k in launches else None
+                                         for k in ("gate_up", "down")})
+  jax.clear_caches()  # ROW_TMA is read as the step is traced: no other case's trace
   jaxpr, layers = check_one_row_step(CFG_TMA, stacked, masks.MaskSpec("causal"))
-  # The MLP's two launches are Mosaic GPU kernels; q/k/v and o stay Triton's.
-  assert jaxpr.count("name=norm_matvec") == 0
-  assert jaxpr.count("name=matvec_partials") == layers  # o only
-  assert len(re.findall(r"name=silu_pair\b", jaxpr)) == layers
-  assert len(re.findall(r"name=matvec_parts\b", jaxpr)) == layers
+  # The chosen MLP launches are Mosaic GPU kernels; q/k/v, o and the others stay Triton's.
+  tma_pair, tma_down = "gate_up" in launches, "down" in launches
+  assert jaxpr.count("name=norm_matvec") == (0 if tma_pair else layers)
+  assert jaxpr.count("name=matvec_partials") == layers * (1 if tma_down else 2)  # o (and down)
+  assert len(re.findall(r"name=silu_pair\b", jaxpr)) == (layers if tma_pair else 0)
+  assert len(re.findall(r"name=matvec_parts\b", jaxpr)) == (layers if tma_down else 0)
   # One kernel each, which every layer's call shares (`matvec_mgpu._one_lowering`).
-  assert jaxpr.count("name=silu_pair_tma") == 1 and jaxpr.count("name=matvec_parts_tma") == 1
+  assert jaxpr.count("name=silu_pair_tma") == tma_pair
+  assert jaxpr.count("name=matvec_parts_tma") == tma_down
 
 
 def test_row_tma_applies_only_where_it_can(monkeypatch):
-  monkeypatch.setattr(model, "ROW_TMA", True)
-  assert model._row_tma(CFG_TMA, True, True)
-  assert not model._row_tma(CFG_TMA, False, True)  # in_out weights: the Triton launches
-  assert not model._row_tma(CFG, True, True)  # hidden 64: not a multiple of 128
-  assert not model._row_tma(CFG_TMA, True, False)  # compiled, on a CPU (not a Hopper GPU)
-  assert not model._row_tma(dataclasses.replace(CFG_TMA, dtype="float32"), True, True)
-  assert model._row_tma(CFG_TMA, True, True, parts=5)
+  monkeypatch.setattr(model, "ROW_TMA", {"gate_up": "wgmma", "down": "cuda_cores"})
+  # The interpreter runs wgmma's launches with the CUDA cores' products.
+  assert model._row_tma(CFG_TMA, True, True) == "cuda_cores"
+  assert model._row_tma(CFG_TMA, True, True, parts=5) == "cuda_cores"
+  assert model._row_tma(CFG_TMA, False, True) is None  # in_out weights: the Triton launches
+  assert model._row_tma(CFG, True, True) is None  # hidden 64: not a multiple of 128
+  assert model._row_tma(CFG_TMA, True, False) is None  # compiled, on a CPU (not a Hopper GPU)
+  assert model._row_tma(dataclasses.replace(CFG_TMA, dtype="float32"), True, True) is None
+  # On a Hopper GPU each launch gets its own products.
+  monkeypatch.setattr(flash_mgpu, "on_hopper", lambda: True)
+  assert model._row_tma(CFG_TMA, True, False, parts=5) == "wgmma"
+  assert model._row_tma(CFG_TMA, True, False) == "cuda_cores"
   # The 7B's gate/up with 64 float32 parts: their buffer alone is 900 KB of shared memory; the
   # down launch still runs.
   big = dataclasses.replace(CFG_TMA, hidden_size=3584, intermediate_size=18944)
-  assert model._row_tma(big, True, True) and not model._row_tma(big, True, True, parts=64)
-  monkeypatch.setattr(model, "ROW_TMA", False)
-  assert not model._row_tma(CFG_TMA, True, True)
+  assert model._row_tma(big, True, True) and model._row_tma(big, True, True, parts=64) is None
+  # Each launch off alone.
+  monkeypatch.setattr(model, "ROW_TMA", {"gate_up": "wgmma", "down": None})
+  assert model._row_tma(CFG_TMA, True, False) is None
+  assert model._row_tma(CFG_TMA, True, False, parts=5) == "wgmma"
+  monkeypatch.setattr(model, "ROW_TMA", {"gate_up": None, "down": None})
+  assert model._row_tma(CFG_TMA, True, True, parts=5) is None
 
 
 def test_interpreter_finds_no_race(monkeypatch):
@@ -278,23 +294,27 @@ def test_matvec_tma_probe_lowers_for_cuda(load_benchmark, lower_for_cuda):
 
 
 def test_row_tma_flag_of_the_decode_benchmarks(monkeypatch):
-  # One --row-tma for decode.py, decode_profile.py and matvec_model_check.py.
+  # One --row-tma for decode.py, decode_profile.py and matvec_model_check.py: both launches on
+  # one kind of products, or each launch its own (or Triton's).
   import argparse
 
   from benchmarks import common
 
-  monkeypatch.setattr(model, "ROW_TMA", False)
-  monkeypatch.setattr(matvec_mgpu, "PRODUCTS", "cuda_cores")
+  monkeypatch.setattr(model, "ROW_TMA", {"gate_up": None, "down": None})
   ap = argparse.ArgumentParser()
   common.add_row_tma_argument(ap)
   assert ap.parse_args([]).row_tma is None
-  assert ap.parse_args(["--row-tma"]).row_tma == "cuda_cores"
-  with pytest.raises(SystemExit):
-    ap.parse_args(["--row-tma", "tensor"])
+  assert ap.parse_args(["--row-tma"]).row_tma == {"gate_up": "cuda_cores", "down": "cuda_cores"}
+  assert (ap.parse_args(["--row-tma", "gate_up=wgmma,down=triton"]).row_tma
+          == {"gate_up": "wgmma", "down": None})
+  assert ap.parse_args(["--row-tma", "down=wgmma"]).row_tma == {"gate_up": None, "down": "wgmma"}
+  for bad in ("tensor", "gate_up=tensor", "up=wgmma", "gate_up"):
+    with pytest.raises(SystemExit):
+      ap.parse_args(["--row-tma", bad])
   common.apply_row_tma(ap.parse_args(["--row-tma", "wgmma"]).row_tma)
-  assert model.ROW_TMA and matvec_mgpu.PRODUCTS == "wgmma"
+  assert model.ROW_TMA == {"gate_up": "wgmma", "down": "wgmma"}
   common.apply_row_tma(None)
-  assert not model.ROW_TMA
+  assert model.ROW_TMA == {"gate_up": None, "down": None}
 
 
 def test_each_launch_lowers_once_per_program(lower_for_cuda):

@@ -513,19 +513,22 @@ def _pair_plan(e, f, parts, ctas, slots, sms, products="cuda_cores"):
                    "more CTAs")
 
 
-def launch_unsupported(e: int, f: int, parts: Optional[int] = None) -> str | None:
+def launch_unsupported(e: int, f: int, parts: Optional[int] = None,
+                       products: Optional[str] = None) -> str | None:
   """Why the default launches cannot run an MLP of hidden size e and f intermediate rows (None
   when they can): `matvec_parts`' down when `parts` is None, else `silu_pair`'s gate/up with an
-  add of `parts` float32 partial sums (0: none, or a plain row)."""
+  add of `parts` float32 partial sums (0: none, or a plain row); products on `products`
+  (default PRODUCTS)."""
+  products = products or PRODUCTS
   dt = jnp.bfloat16
   why = unsupported(e, f, dt) or unsupported(f, e, dt)
   if why is not None:
     return why
   try:
     if parts is None:
-      _parts_plan(f, e, None, None, None, _sms(), PRODUCTS)
+      _parts_plan(f, e, None, None, None, _sms(), products)
     else:
-      _pair_plan(e, f, parts, None, None, _sms(), PRODUCTS)
+      _pair_plan(e, f, parts, None, None, _sms(), products)
   except ValueError as err:
     return str(err)
   return None

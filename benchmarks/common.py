@@ -88,9 +88,11 @@ def ceilings(rounds: int = 3, before: dict | None = None) -> dict:
 
 def run_meta() -> dict:
   dev = jax.devices()[0]
+  from dllm_jax import model
+
   return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
           "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "row_tma": dict(model.ROW_TMA)}
 
 
 def save_json(name: str, results: dict) -> None:
@@ -152,16 +154,16 @@ def traced_gpu_events(run):
 
 
 def parse_row_tma(text: str) -> dict:
-  """`--row-tma`'s value as `model.ROW_TMA`: "P" (both MLP launches' products on P) or
-  "gate_up=P,down=P" (a launch left out, or given "triton", stays `kernels.matvec`'s), P one of
-  `matvec_mgpu.PRODUCT_KINDS`."""
+  """`--row-tma`'s value as `model.ROW_TMA`: "P" (both MLP launches' products on P; "triton":
+  both `kernels.matvec`'s) or "gate_up=P,down=P" (a launch left out, or given "triton", is
+  `kernels.matvec`'s), P one of `matvec_mgpu.PRODUCT_KINDS`."""
   import argparse
 
   from dllm_jax.kernels.matvec_mgpu import PRODUCT_KINDS
 
   launches = ("gate_up", "down")
-  if text in PRODUCT_KINDS:
-    return dict.fromkeys(launches, text)
+  if text in (*PRODUCT_KINDS, "triton"):
+    return dict.fromkeys(launches, None if text == "triton" else text)
   setting = dict.fromkeys(launches)
   for part in text.split(","):
     launch, _, products = part.partition("=")
@@ -177,14 +179,16 @@ def add_row_tma_argument(ap, scope: str = "") -> None:
   """`--row-tma [P | gate_up=P,down=P]` on a decode benchmark's parser (`scope` prefixes its
   help, e.g. "jax part: "); `apply_row_tma` carries it out."""
   ap.add_argument("--row-tma", nargs="?", const="cuda_cores", default=None, type=parse_row_tma,
-                  help=f"{scope}model.ROW_TMA: the one-row step's gate/up and down by "
-                       "kernels/matvec_mgpu.py's TMA launches (out_in weights only), their "
-                       "products on the given units (cuda_cores, the default, or wgmma); or "
-                       "per launch, e.g. gate_up=wgmma,down=triton")
+                  help=f"{scope}model.ROW_TMA (default: the model's): the one-row step's "
+                       "gate/up and down by kernels/matvec_mgpu.py's TMA launches (out_in "
+                       "weights only), their products on the given units (cuda_cores, the "
+                       "flag's default, or wgmma), or both by Triton's (triton); or per launch, "
+                       "e.g. gate_up=cuda_cores,down=triton")
 
 
 def apply_row_tma(setting) -> None:
-  """model.ROW_TMA = `setting` (`--row-tma`'s value), or all launches Triton's (None)."""
+  """model.ROW_TMA = `setting` (`--row-tma`'s value); None leaves the model's default."""
   from dllm_jax import model
 
-  model.ROW_TMA = dict(setting) if setting else {"gate_up": None, "down": None}
+  if setting is not None:
+    model.ROW_TMA = dict(setting)

@@ -312,10 +312,12 @@ def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, max_len: int) -> bool
 # Which of the one-row step's MLP launches run `kernels.matvec_mgpu`'s Mosaic GPU launches (TMA,
 # rows spread evenly over the SMs) where they apply, instead of `kernels.matvec`'s Triton ones,
 # and on which units their products run: launch -> "cuda_cores" | "wgmma"
-# (`matvec_mgpu.PRODUCT_KINDS`) | None (Triton). Off until measured to pay: correct on an H200
-# (session 26). A knob for the benchmarks' `--row-tma`; read as a step is traced (set it before
-# the first trace, or `jax.clear_caches()`).
-ROW_TMA: dict[str, Optional[str]] = {"gate_up": None, "down": None}
+# (`matvec_mgpu.PRODUCT_KINDS`) | None (Triton). Gate/up on the CUDA cores, down Triton's: the
+# fastest of five settings in one H200 call at the 1.5B, batch-1 AR 782 tok/s against 751 with
+# both Triton's; down's TMA launch is slower on CUDA cores (25 us a layer against ~9.5) and no
+# faster on wgmma (BENCHMARKS.md, session 27). A knob for the benchmarks' `--row-tma`; read as a
+# step is traced (set it before the first trace, or `jax.clear_caches()`).
+ROW_TMA: dict[str, Optional[str]] = {"gate_up": "cuda_cores", "down": None}
 
 
 def _row_tma(cfg: ModelConfig, out_major: bool, interpret: bool,
@@ -349,7 +351,7 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   slots they and the attention took 10.0 us a layer, `row_attention` (4 splits, combining
   its own splits) 8.4 (BENCHMARKS.md, session 21).
 
-  With `ROW_TMA` (off by default; `_row_tma`) gate/up or down, or both, run
+  Per `ROW_TMA` (`_row_tma`; by default gate/up) gate/up or down, or both, run
   `kernels.matvec_mgpu`'s Mosaic GPU launches instead of `kernels.matvec`'s, same arithmetic.
 
   x = (row [E], pending): the residual stream is the row plus `pending`, the previous layer's

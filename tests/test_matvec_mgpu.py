@@ -313,7 +313,9 @@ def test_row_tma_flag_of_the_decode_benchmarks(monkeypatch):
       ap.parse_args(["--row-tma", bad])
   common.apply_row_tma(ap.parse_args(["--row-tma", "wgmma"]).row_tma)
   assert model.ROW_TMA == {"gate_up": "wgmma", "down": "wgmma"}
-  common.apply_row_tma(None)
+  common.apply_row_tma(None)  # no flag: the model's setting stays
+  assert model.ROW_TMA == {"gate_up": "wgmma", "down": "wgmma"}
+  common.apply_row_tma(ap.parse_args(["--row-tma", "triton"]).row_tma)
   assert model.ROW_TMA == {"gate_up": None, "down": None}
 
 

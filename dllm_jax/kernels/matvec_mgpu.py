@@ -1,8 +1,9 @@
 """The batch-1 AR step's MLP launches in Mosaic GPU (Hopper): weights streamed by TMA, rows
-spread evenly over the SMs. Opt-in (`model.ROW_TMA`); exact in the CPU interpreter, free of
-races by jax 0.11's detector (which models TMA's async proxy), lowered for CUDA on the CPU under
-jax 0.10 and 0.11, and correct on an H200 (session 26), but **not yet timed** there: the profiler
-recorded none of their events, and each launch site compiles for seconds (BENCHMARKS.md).
+spread evenly over the SMs (`model.ROW_TMA`: gate/up by default). Exact in the CPU interpreter,
+free of races by jax 0.11's detector (which models TMA's async proxy), lowered for CUDA on the
+CPU under jax 0.10 and 0.11, and correct on an H200. Timed there in the 1.5B's batch-1 step
+(session 27, BENCHMARKS.md): gate/up 15.8 us a layer against the Triton launch's 18.2; down
+25.0 us on the CUDA cores against 9.5, and no faster than Triton's on wgmma.
 
 Why: the Pallas Triton gate/up launch (`matvec.norm_matvec`) reads its weights at ~0.87 of the
 copy rate and down at ~0.85, where XLA's TMA GEMM reads the same weights at ~1.2 (H200,

@@ -164,26 +164,29 @@ def parse_row_tma(text: str) -> dict:
   launches = ("gate_up", "down")
   if text in (*PRODUCT_KINDS, "triton"):
     return dict.fromkeys(launches, None if text == "triton" else text)
-  setting = dict.fromkeys(launches)
+  setting, named = dict.fromkeys(launches), set()
   for part in text.split(","):
-    launch, _, products = part.partition("=")
-    if launch not in launches or products not in (*PRODUCT_KINDS, "triton"):
+    launch, _, products = part.strip().partition("=")
+    if launch in named or launch not in launches or products not in (*PRODUCT_KINDS, "triton"):
       raise argparse.ArgumentTypeError(
-          f"{part!r}: expected one of {PRODUCT_KINDS}, or LAUNCH=PRODUCTS pairs joined by commas "
-          f"with LAUNCH in {launches} and PRODUCTS in {(*PRODUCT_KINDS, 'triton')}")
+          f"{part!r}: expected one of {(*PRODUCT_KINDS, 'triton')}, or LAUNCH=PRODUCTS pairs "
+          f"joined by commas, each LAUNCH once, LAUNCH in {launches} and PRODUCTS in "
+          f"{(*PRODUCT_KINDS, 'triton')}")
     setting[launch] = None if products == "triton" else products
+    named.add(launch)
   return setting
 
 
 def add_row_tma_argument(ap, scope: str = "") -> None:
-  """`--row-tma [P | gate_up=P,down=P]` on a decode benchmark's parser (`scope` prefixes its
-  help, e.g. "jax part: "); `apply_row_tma` carries it out."""
-  ap.add_argument("--row-tma", nargs="?", const="cuda_cores", default=None, type=parse_row_tma,
-                  help=f"{scope}model.ROW_TMA (default: the model's): the one-row step's "
-                       "gate/up and down by kernels/matvec_mgpu.py's TMA launches (out_in "
-                       "weights only), their products on the given units (cuda_cores, the "
-                       "flag's default, or wgmma), or both by Triton's (triton); or per launch, "
-                       "e.g. gate_up=cuda_cores,down=triton")
+  """`--row-tma P | gate_up=P,down=P` on a decode benchmark's parser (`scope` prefixes its
+  help, e.g. "jax part: "); `apply_row_tma` carries it out. A value is required: a bare flag
+  meaning both launches on TMA would be the slowest setting measured (session 27)."""
+  ap.add_argument("--row-tma", default=None, type=parse_row_tma,
+                  help=f"{scope}model.ROW_TMA (default: the model's, gate_up=cuda_cores,"
+                       "down=triton): the one-row step's gate/up and down by "
+                       "kernels/matvec_mgpu.py's TMA launches (out_in weights only) with their "
+                       "products on the given units (cuda_cores or wgmma), or both by Triton's "
+                       "(triton); or per launch, e.g. gate_up=wgmma,down=triton")
 
 
 def apply_row_tma(setting) -> None:

@@ -88,7 +88,7 @@ def main():
   res = {"meta": run_meta(), "rows": []}
   for name in args.shapes.split(","):
     row = {**check(name, args.attention, args.kernel_layout), "attention": args.attention,
-           "kernel_layout": args.kernel_layout, "row_tma": args.row_tma}
+           "kernel_layout": args.kernel_layout, "row_tma": dict(model.ROW_TMA)}
     print(row, flush=True)
     res["rows"].append(row)
     save_json("matvec_model_check.json", res)

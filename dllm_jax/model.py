@@ -315,7 +315,8 @@ def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, max_len: int) -> bool
 # (`matvec_mgpu.PRODUCT_KINDS`) | None (Triton). Gate/up on the CUDA cores, down Triton's: the
 # fastest of five settings in one H200 call at the 1.5B, batch-1 AR 782 tok/s against 751 with
 # both Triton's; down's TMA launch is slower on CUDA cores (25 us a layer against ~9.5) and no
-# faster on wgmma (BENCHMARKS.md, session 27). A knob for the benchmarks' `--row-tma`; read as a
+# faster on wgmma (BENCHMARKS.md, session 27); measured at that shape only (at 7B the one-row
+# kernels run only under matvec_impl="pallas"). A knob for the benchmarks' `--row-tma`; read as a
 # step is traced (set it before the first trace, or `jax.clear_caches()`).
 ROW_TMA: dict[str, Optional[str]] = {"gate_up": "cuda_cores", "down": None}
 

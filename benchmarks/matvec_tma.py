@@ -2,16 +2,16 @@
 they would replace and XLA's GEMM on the same out-major weights, in one run.
 
     python benchmarks/matvec_tma.py [--shape qwen2.5-1.5b]
-        [--pair-knobs 'PER_SM,SLOTS,DEFER,WGMMA;...'] [--down-knobs 'SPLITS,SLOTS,DEFER,WGMMA;...']
-        [--no-probe]
+        [--pair-knobs 'PER_SM,SLOTS,DEFER,WGMMA;...']
+        [--down-knobs 'SPLITS,SLOTS,DEFER,WGMMA[,PER_SM];...'] [--no-probe]
 
 Gate/up: `matvec.norm_matvec(silu_pair=True, out_major=True)` (Triton) and
 `matvec_mgpu.silu_pair` at each (CTAs an SM, slots, DEFER, WGMMA), both with the residual add of the
 float32 parts the o launch leaves and the RMSNorm, as the model runs them; XLA's GEMM of the one
 row by gate and up as one [2F, E] weight (the bare product: the streaming rate to reach). Down:
 `matvec.matvec_partials` (its default splits) and `matvec_mgpu.matvec_parts` at each (splits,
-slots, DEFER, WGMMA), XLA's one-row GEMM. DEFER (1/0) is `matvec_mgpu`'s `defer_sum`, WGMMA
-(1/0) its `products` ("wgmma" or "cuda_cores"). `--no-probe`
+slots, DEFER, WGMMA[, CTAs an SM: 1, the launch's default]), XLA's one-row GEMM. DEFER (1/0) is
+`matvec_mgpu`'s `defer_sum`, WGMMA (1/0) its `products` ("wgmma" or "cuda_cores"). `--no-probe`
 drops the tensor-core probe: the same plan and ring of slots with the products as wgmma (the
 weight tile as A, the row repeated 8 times as a transposed B; GPU only, no add or norm), which
 tells whether the CUDA-core products of `matvec_mgpu` hold the stream back.
@@ -122,14 +122,19 @@ def reference(x_K, g_NK, u_NK):
   return g * jax.nn.sigmoid(g) * u
 
 
-def _knobs(text: str, names: tuple[str, ...]) -> list[dict]:
-  """'A,B;C,D' as [{names[0]: A, names[1]: B}, ...], non-negative integers."""
+def _knobs(text: str, names: tuple[str, ...], optional: dict | None = None) -> list[dict]:
+  """'A,B;C,D' as [{names[0]: A, names[1]: B}, ...], non-negative integers; `optional`'s
+  names (with their defaults) may follow `names` in an item."""
+  optional = optional or {}
+  every = (*names, *optional)
   out = []
   for item in filter(None, (t.strip() for t in text.split(";"))):
     parts = item.split(",")
-    if len(parts) != len(names) or not all(p.strip().isdigit() for p in parts):
-      raise SystemExit(f"{item!r} is not {','.join(n.upper() for n in names)} (integers)")
-    out.append(dict(zip(names, map(int, parts))))
+    if (not len(names) <= len(parts) <= len(every)
+        or not all(p.strip().isdigit() for p in parts)):
+      raise SystemExit(f"{item!r} is not {','.join(n.upper() for n in names)}"
+                       f"{''.join(f'[,{n.upper()}]' for n in optional)} (integers)")
+    out.append({**optional, **dict(zip(every, map(int, parts)))})
   return out
 
 
@@ -140,14 +145,15 @@ def main():
   ap.add_argument("--pair-knobs", default="2,4,1,0;2,4,0,0;2,4,0,1;2,3,1,0;2,6,1,0;1,4,1,0;"
                   "1,4,0,1", help="silu_pair's (CTAs an SM, slots, defer_sum, wgmma) settings")
   ap.add_argument("--down-knobs", default="4,12,1,0;4,12,0,0;4,12,0,1;4,8,1,0;4,16,1,0;2,12,1,0",
-                  help="matvec_parts' (splits, slots, defer_sum, wgmma) settings")
+                  help="matvec_parts' (splits, slots, defer_sum, wgmma[, CTAs an SM: 1]) "
+                       "settings")
   ap.add_argument("--parts", type=int, default=0,
                   help="float32 parts of the added row (default: what the model's o launch "
                        "leaves, matvec.pick_splits of the attention output)")
   ap.add_argument("--no-probe", action="store_true")
   args = ap.parse_args()
   pair_knobs = _knobs(args.pair_knobs, ("per_sm", "slots", "defer", "wgmma"))
-  down_knobs = _knobs(args.down_knobs, ("splits", "slots", "defer", "wgmma"))
+  down_knobs = _knobs(args.down_knobs, ("splits", "slots", "defer", "wgmma"), {"per_sm": 1})
   if any(k[n] < 1 for k in pair_knobs + down_knobs for n in ("slots", "per_sm", "splits")
          if n in k):
     ap.error("CTAs an SM, slots and splits are positive")
@@ -194,7 +200,8 @@ def main():
                matvec.matvec_partials(v, m, out_major=True) for m in downs], None)]
   for kn in down_knobs:
     kw = dict(splits=kn["splits"], slots=kn["slots"], defer_sum=bool(kn["defer"]),
-              products=PRODUCTS[bool(kn["wgmma"])])
+              products=PRODUCTS[bool(kn["wgmma"])],
+              ctas=kn["splits"] * min(kn["per_sm"] * sms // kn["splits"], e // 8))
     runs.append(("tma_down", kw, "down", lambda v, kw=kw: [
         matvec_mgpu.matvec_parts(v, m, **kw) for m in downs], None))
   # Each output is checked on a row of its own against an XLA float32 reference (a kernel that

@@ -268,7 +268,7 @@ def test_matvec_tma_benchmark_runs_every_row(load_benchmark, monkeypatch, tmp_pa
     monkeypatch.setattr(matvec, name, functools.partial(getattr(matvec, name), interpret=True))
   monkeypatch.setenv("OUT", str(tmp_path))
   monkeypatch.setattr(sys, "argv", ["matvec_tma.py", "--shape", "tiny", "--pair-knobs",
-                                    "1,2,1,0", "--down-knobs", "1,3,0,0", "--no-probe"])
+                                    "1,2,1,0", "--down-knobs", "1,3,0,0,2", "--no-probe"])
   bench.main()
   rows = json.loads((tmp_path / "matvec_tma.json").read_text())["rows"]
   assert [r["impl"] for r in rows] == ["xla_gate_up", "triton_gate_up", "tma_gate_up",
@@ -282,6 +282,13 @@ def test_matvec_tma_benchmark_runs_every_row(load_benchmark, monkeypatch, tmp_pa
   # A profile without the launch leaves the row its wall time and says why it has no `us`.
   assert "us" not in rows[2] and "no kernel named like" in rows[2]["profile_error"]
   assert all(r["us"] == 3.0 for i, r in enumerate(rows) if i != 2)
+  # Down's optional fifth knob, CTAs an SM (capped, as the launch's default, at a unit of 8 rows
+  # a CTA: 16 here).
+  assert rows[5]["knobs"]["ctas"] == 16
+  assert bench._knobs("4,12,0,1", ("a", "b", "c", "d"), {"e": 1}) == [
+      {"a": 4, "b": 12, "c": 0, "d": 1, "e": 1}]
+  with pytest.raises(SystemExit):
+    bench._knobs("4,12,0,1,2,3", ("a", "b", "c", "d"), {"e": 1})
 
 
 def test_matvec_tma_probe_lowers_for_cuda(load_benchmark, lower_for_cuda):

@@ -161,17 +161,16 @@ def parse_row_tma(text: str) -> dict:
 
   from dllm_jax.kernels.matvec_mgpu import PRODUCT_KINDS
 
-  launches = ("gate_up", "down")
-  if text in (*PRODUCT_KINDS, "triton"):
+  launches, choices = ("gate_up", "down"), (*PRODUCT_KINDS, "triton")
+  if text in choices:
     return dict.fromkeys(launches, None if text == "triton" else text)
   setting, named = dict.fromkeys(launches), set()
   for part in text.split(","):
     launch, _, products = part.strip().partition("=")
-    if launch in named or launch not in launches or products not in (*PRODUCT_KINDS, "triton"):
+    if launch in named or launch not in launches or products not in choices:
       raise argparse.ArgumentTypeError(
-          f"{part!r}: expected one of {(*PRODUCT_KINDS, 'triton')}, or LAUNCH=PRODUCTS pairs "
-          f"joined by commas, each LAUNCH once, LAUNCH in {launches} and PRODUCTS in "
-          f"{(*PRODUCT_KINDS, 'triton')}")
+          f"{part!r}: expected one of {choices}, or LAUNCH=PRODUCTS pairs joined by commas, "
+          f"each LAUNCH once, LAUNCH in {launches} and PRODUCTS in {choices}")
     setting[launch] = None if products == "triton" else products
     named.add(launch)
   return setting

@@ -201,7 +201,7 @@ def main():
   for kn in down_knobs:
     kw = dict(splits=kn["splits"], slots=kn["slots"], defer_sum=bool(kn["defer"]),
               products=PRODUCTS[bool(kn["wgmma"])],
-              ctas=kn["splits"] * min(kn["per_sm"] * sms // kn["splits"], e // 8))
+              ctas=matvec_mgpu.default_parts_ctas(e, kn["splits"], kn["per_sm"] * sms))
     runs.append(("tma_down", kw, "down", lambda v, kw=kw: [
         matvec_mgpu.matvec_parts(v, m, **kw) for m in downs], None))
   # Each output is checked on a row of its own against an XLA float32 reference (a kernel that

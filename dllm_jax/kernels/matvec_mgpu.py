@@ -536,6 +536,12 @@ def launch_unsupported(e: int, f: int, parts: Optional[int] = None,
   return None
 
 
+def default_parts_ctas(n: int, splits: int, sms: int) -> int:
+  """`matvec_parts`' CTAs for n weight rows split `splits` ways on `sms` SMs: one an SM, rounded
+  down to a multiple of the splits, and no more per split than 8-row units."""
+  return splits * min(sms // splits, n // UNIT)
+
+
 def default_splits(k: int, n: int, sms: int) -> int:
   """`matvec_parts`' split of a row of k by n weight rows: the most of 4, 2, 1 that divides the
   row's steps and still gives each CTA 4 units (32 rows) or more (wider TMA boxes)."""
@@ -559,7 +565,7 @@ def _parts_plan(k, n, splits, ctas, slots, sms, products="cuda_cores"):
                             or not 1 <= slots <= MAX_SLOTS):
     raise ValueError(f"matvec_parts: slots={slots!r} must be an integer in 1..{MAX_SLOTS}")
   if ctas is None:
-    ctas = splits * min(sms // splits, n // UNIT)
+    ctas = default_parts_ctas(n, splits, sms)
   if not isinstance(ctas, int) or isinstance(ctas, bool) or ctas < 1 or ctas % splits:
     raise ValueError(f"matvec_parts: ctas={ctas!r} must be a positive multiple of splits="
                      f"{splits}")

@@ -51,8 +51,9 @@ OUTER = 2 * BLOCK_Q
 # head shapes and layouts (H200, BENCHMARKS.md, session 15), so it keeps them.
 FWD_TURNS = True
 # The proxy fence a consumer puts before releasing a slot it read with plain loads (`_stream`).
-# Required by PTX's memory model, added in session 26 without a GPU: False only to time what it
-# costs (benchmarks/attention.py --sections variants --variants 'fence:;bare:RELEASE_FENCE=0').
+# Required by PTX's memory model, added in session 26 without a GPU. False only to time what it
+# costs (benchmarks/attention.py --sections variants --variants 'fence:;bare:RELEASE_FENCE=0'):
+# nothing measurable on an H100 (session 28), within the default's spread in every case.
 RELEASE_FENCE = True
 
 

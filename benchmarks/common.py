@@ -89,12 +89,10 @@ def ceilings(rounds: int = 3, before: dict | None = None) -> dict:
 def run_meta() -> dict:
   dev = jax.devices()[0]
   from dllm_jax import model
-  from dllm_jax.kernels import matvec_mgpu
 
   return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
           "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-          "xla_flags": os.environ.get("XLA_FLAGS", ""), "row_tma": dict(model.ROW_TMA),
-          "tma_pdl": matvec_mgpu.PDL}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "row_tma": dict(model.ROW_TMA)}
 
 
 def save_json(name: str, results: dict) -> None:
@@ -188,19 +186,11 @@ def add_row_tma_argument(ap, scope: str = "") -> None:
                        "kernels/matvec_mgpu.py's TMA launches (out_in weights only) with their "
                        "products on the given units (cuda_cores or wgmma), or both by Triton's "
                        "(triton); or per launch, e.g. gate_up=wgmma,down=triton")
-  ap.add_argument("--tma-pdl", default=None, choices=("on", "off"),
-                  help=f"{scope}matvec_mgpu.PDL (default: the launches' own): the TMA launches "
-                       "by programmatic dependent launch (weights read before the previous "
-                       "launch ends)")
 
 
-def apply_row_tma(setting, pdl=None) -> None:
-  """model.ROW_TMA = `setting` (`--row-tma`'s value) and matvec_mgpu.PDL = `pdl` ("on"/"off",
-  `--tma-pdl`'s); None leaves the default."""
+def apply_row_tma(setting) -> None:
+  """model.ROW_TMA = `setting` (`--row-tma`'s value); None leaves the model's default."""
   from dllm_jax import model
-  from dllm_jax.kernels import matvec_mgpu
 
   if setting is not None:
     model.ROW_TMA = dict(setting)
-  if pdl is not None:
-    matvec_mgpu.PDL = pdl == "on"

@@ -336,7 +336,7 @@ def main():
   if args.no_row_attention:
     from dllm_jax import model
     model.ROW_ATTENTION = False
-  apply_row_tma(args.row_tma, args.tma_pdl)
+  apply_row_tma(args.row_tma)
   if args.plain_dot:
     if args.kernel_layout == "out_in":
       ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")

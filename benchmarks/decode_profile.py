@@ -91,7 +91,7 @@ def main():
   args = ap.parse_args()
   if args.no_row_attention:
     model.ROW_ATTENTION = False
-  apply_row_tma(args.row_tma, args.tma_pdl)
+  apply_row_tma(args.row_tma)
   if args.row_attention_knobs:
     from dllm_jax.kernels import decode as decode_kernels
 

@@ -84,7 +84,7 @@ def main():
                        "model.decode_kernel_layout)")
   add_row_tma_argument(ap, "the kernels' path: ")
   args = ap.parse_args()
-  apply_row_tma(args.row_tma, args.tma_pdl)
+  apply_row_tma(args.row_tma)
   res = {"meta": run_meta(), "rows": []}
   for name in args.shapes.split(","):
     row = {**check(name, args.attention, args.kernel_layout), "attention": args.attention,

@@ -414,7 +414,7 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
 
     act, x_E = matvec_mgpu.silu_pair(x_E, *gate_up, add_E=o_SE, norm_scale_E=mlp_scale,
                                      eps=cfg.rms_norm_eps, products=products,
-                                     pdl=matvec_mgpu.PDL, interpret=interpret)
+                                     interpret=interpret)
   else:
     (act,), x_E = matvec.norm_matvec(
         x_E, gate_up, add_E=o_SE, norm_scale_E=mlp_scale, eps=cfg.rms_norm_eps, silu_pair=True,
@@ -434,8 +434,7 @@ def _down_launch(cfg: ModelConfig):
   if products:
     from dllm_jax.kernels import matvec_mgpu
 
-    return functools.partial(matvec_mgpu.matvec_parts, products=products, pdl=matvec_mgpu.PDL,
-                             interpret=interpret)
+    return functools.partial(matvec_mgpu.matvec_parts, products=products, interpret=interpret)
   from dllm_jax.kernels import matvec
 
   return functools.partial(matvec.matvec_partials, out_major=om, interpret=interpret)

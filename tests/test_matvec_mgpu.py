@@ -168,33 +168,6 @@ def test_gpu_bodies_lower_for_cuda(e, f, parts, defer_sum, products, lower_for_c
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
 
 
-def test_pdl_waits_only_on_the_gpu(lower_for_cuda):
-  # Under PDL both launches carry the grid-dependency wait and trigger (jax 0.11 then launches
-  # them with programmatic stream serialisation; 0.10 lowers the same instructions, which wait
-  # on nothing without it); without it, neither. The interpreter runs launches in order and
-  # ignores the knob: its results are the same bits.
-  sd = jax.ShapeDtypeStruct
-  bf = jnp.bfloat16
-  e, f, parts = 1536, 8960, 4
-  for pdl in (False, True):
-    pair = lambda x, g, u, p, s: matvec_mgpu.silu_pair(x, g, u, add_E=p, norm_scale_E=s, pdl=pdl)
-    down = lambda x, w: matvec_mgpu.matvec_parts(x, w, pdl=pdl)
-    for fn, args in ((pair, (sd((e,), bf), sd((f, e), bf), sd((f, e), bf),
-                             sd((parts, e), jnp.float32), sd((e,), bf))),
-                     (down, (sd((f,), bf), sd((e, f), bf)))):
-      text = lower_for_cuda(fn, *args)
-      assert ("griddepcontrol.wait" in text) == ("griddepcontrol.launch_dependents" in text) == pdl
-  x, g, u, parts_, scale = _pair_inputs(jax.random.key(4), 256, 64)
-  run = lambda pdl: (matvec_mgpu.silu_pair(x, g, u, add_E=parts_, norm_scale_E=scale, ctas=2,
-                                           pdl=pdl, interpret=True)[0],
-                     matvec_mgpu.matvec_parts(x, g, splits=2, ctas=2, pdl=pdl,
-                                              interpret=True))
-  for a, b in zip(run(False), run(True)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with pytest.raises(ValueError, match="pdl="):
-    matvec_mgpu.silu_pair(x, g, u, ctas=2, pdl="on", interpret=True)
-
-
 CFG_TMA = dataclasses.replace(CFG, hidden_size=128, intermediate_size=384, head_dim=32,
                               kernel_layout="out_in")
 
@@ -354,15 +327,6 @@ def test_row_tma_flag_of_the_decode_benchmarks(monkeypatch):
   assert model.ROW_TMA == {"gate_up": "wgmma", "down": "wgmma"}
   common.apply_row_tma(ap.parse_args(["--row-tma", "triton"]).row_tma)
   assert model.ROW_TMA == {"gate_up": None, "down": None}
-  monkeypatch.setattr(matvec_mgpu, "PDL", False)
-  common.apply_row_tma(None, ap.parse_args(["--tma-pdl", "on"]).tma_pdl)
-  assert matvec_mgpu.PDL is True and model.ROW_TMA == {"gate_up": None, "down": None}
-  common.apply_row_tma(None, ap.parse_args([]).tma_pdl)  # no flag: stays
-  assert matvec_mgpu.PDL is True
-  common.apply_row_tma(None, "off")
-  assert matvec_mgpu.PDL is False
-  with pytest.raises(SystemExit):
-    ap.parse_args(["--tma-pdl", "yes"])
 
 
 def test_each_launch_lowers_once_per_program(lower_for_cuda):

@@ -68,18 +68,6 @@ MAX_SLOTS = 32  # Mosaic GPU allocates at most 32 barriers a group
 # 1.5B's step (session 27) gate/up ran faster on the CUDA cores, down on neither beat Triton's.
 PRODUCTS = "cuda_cores"
 PRODUCT_KINDS = ("cuda_cores", "wgmma")
-# Programmatic dependent launch (Hopper; GPU only, the interpreter runs launches in order): each
-# launch lets the next be scheduled as soon as all its CTAs have started
-# (griddepcontrol.launch_dependents), and issues its first weight tiles before it waits for the
-# launches before it to finish (griddepcontrol.wait), then reads its row. Weights are never
-# written during a step, so their reads may overlap the previous launch's tail; everything
-# that launch writes is read after the wait. The launches' default; `pdl=` overrides it (the
-# model passes PDL, read as a step is traced). Off: in the 1.5B's batch-1 step on an H100
-# (session 28) gate/up under PDL ran 630 and 626 tok/s against 634 and 638 without, and with
-# down on this launch too 624. Likely why (not isolated): Pallas' Triton launches have no
-# griddepcontrol, so the o launch before gate/up never lets it start early, and under PDL the
-# row is fetched after the wait instead of with the weights.
-PDL = False
 
 
 def _padded(rows: int) -> int:
@@ -265,22 +253,6 @@ def _products_of(fn, products, interpret):
   return products
 
 
-def _pdl(pdl, interpret):
-  """Whether a launch uses programmatic dependent launch (PDL's): `pdl`, default PDL, and never in
-  the interpreter, which has no grid dependency to wait on (its launches run in order)."""
-  if pdl is not None and not isinstance(pdl, bool):
-    raise ValueError(f"pdl={pdl!r}: expected True, False or None (the default, PDL={PDL})")
-  return (PDL if pdl is None else pdl) and not interpret
-
-
-def _launch_dependents(gdc):
-  """Under PDL, lets the next launch be scheduled once all this launch's CTAs have started: its
-  CTAs then issue their weight reads while this one finishes, and wait before reading its
-  output (griddepcontrol.wait)."""
-  if gdc:
-    _plgpu().griddepcontrol_launch_dependents()
-
-
 def _chunk_loader(x_s, interpret):
   """chunk(i): float32 [BK], chunk i of the row (of the CTA's run of it) in shared memory
   [steps, BK], in the layout `_stream` broadcasts along the tile's rows."""
@@ -321,12 +293,12 @@ def _one_lowering(*static: str):
   return functools.partial(jax.jit, static_argnames=static)
 
 
-@_one_lowering("eps", "ctas", "slots", "defer_sum", "products", "pdl", "interpret")
+@_one_lowering("eps", "ctas", "slots", "defer_sum", "products", "interpret")
 def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
               add_E: Optional[jax.Array] = None, norm_scale_E: Optional[jax.Array] = None,
               eps: float = 1e-6, ctas: Optional[int] = None, slots: Optional[int] = None,
               defer_sum: Optional[bool] = None, products: Optional[str] = None,
-              pdl: Optional[bool] = None, interpret: bool = False):
+              interpret: bool = False):
   """(act [F], row): `act = SiLU(norm(x + add) @ gate.T) * (norm(x + add) @ up.T)`, as
   `matvec.norm_matvec(x, (gate, up), silu_pair=True, out_major=True, ...)` computes it.
 
@@ -334,8 +306,7 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   [S, E] (`matvec_partials`' or `matvec_parts`' output) whose sum rounded to bf16 is added; the
   residual-added row is returned as `row` (None without an add). `norm_scale_E`: RMSNorm's scale
   (eps `eps`), its 1/rms applied to the products' sums. `ctas` and `slots` (defaults:
-  `_pair_plan`), `defer_sum` (`_stream`), `products` (PRODUCTS) and `pdl` (PDL) are tuning
-  knobs.
+  `_pair_plan`), `defer_sum` (`_stream`) and `products` (PRODUCTS) are tuning knobs.
   """
   plgpu = _plgpu()
   _check("silu_pair", x_E, (gate_FE, up_FE))
@@ -352,7 +323,6 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   ctas, slots = _pair_plan(e, f, parts, ctas, slots, _sms(), products)
   n_big, big, small = row_plan(f, ctas)
   has_add, has_norm = add_E is not None, norm_scale_E is not None
-  gdc = _pdl(pdl, interpret)
 
   def kernel(*refs):
     it = iter(refs)
@@ -363,25 +333,15 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
     row_ref = next(it) if has_add else None
     x_s, add_s, sc_s, nx_s, w_s, o_s, in_bar, g_bar, u_bar = it
     cta = lax.axis_index("cta")
-
-    def row_inputs():  # by TMA
-      plgpu.copy_gmem_to_smem(x_ref, x_s, in_bar.at[0])
-      if has_add:
-        plgpu.copy_gmem_to_smem(add_ref, add_s, in_bar.at[1])
-      if has_norm:
-        plgpu.copy_gmem_to_smem(scale_ref, sc_s, in_bar.at[2])
-
-    # The row's inputs first, the weights' first slots at once after them; under PDL the
-    # weights' slots first, and the row (the previous launches' output) after the wait.
-    _launch_dependents(gdc)
-    if not gdc:
-      row_inputs()
+    # The row's inputs by TMA; the weights' first slots are issued at once after them.
+    plgpu.copy_gmem_to_smem(x_ref, x_s, in_bar.at[0])
+    if has_add:
+      plgpu.copy_gmem_to_smem(add_ref, add_s, in_bar.at[1])
+    if has_norm:
+      plgpu.copy_gmem_to_smem(scale_ref, sc_s, in_bar.at[2])
 
     def run(rows, r0):
       def prologue():
-        if gdc:
-          plgpu.griddepcontrol_wait()
-          row_inputs()
         # The row: the residual add, and scale * row, into nx_s [nk, BK] (the products' operand);
         # 1/rms is a scalar that multiplies the products' sums.
         load = _row_loader(e, interpret)
@@ -453,16 +413,16 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   return act, (res[1].reshape(e) if has_add else None)
 
 
-@_one_lowering("splits", "ctas", "slots", "defer_sum", "products", "pdl", "interpret")
+@_one_lowering("splits", "ctas", "slots", "defer_sum", "products", "interpret")
 def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = None,
                  ctas: Optional[int] = None, slots: Optional[int] = None,
                  defer_sum: Optional[bool] = None, products: Optional[str] = None,
-                 pdl: Optional[bool] = None, interpret: bool = False) -> jax.Array:
+                 interpret: bool = False) -> jax.Array:
   """x [K] @ w.T, w out-major [N, K], as float32 partial sums [splits, N] over `splits` equal runs
   of the row (split-K), as `matvec.matvec_partials(..., out_major=True)` leaves them; the next
   launch sums them where it reads its row (`add_E`). Each run of the row has ctas / splits CTAs,
   which split the N rows as `row_plan` does. `splits`, `ctas`, `slots` (defaults: `_parts_plan`),
-  `defer_sum` (`_stream`), `products` (PRODUCTS) and `pdl` (PDL) are tuning knobs."""
+  `defer_sum` (`_stream`) and `products` (PRODUCTS) are tuning knobs."""
   plgpu = _plgpu()
   _check("matvec_parts", x_K, (w_NK,))
   k = x_K.shape[0]
@@ -473,26 +433,17 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
   n_big, big, small = row_plan(n, per)
   nk = k // BK // splits
   dtype = x_K.dtype
-  gdc = _pdl(pdl, interpret)
 
   def kernel(x_ref, w_ref, o_ref, x_s, w_s, o_s, x_bar, w_bar):
     cta = lax.axis_index("cta")
     part = lax.div(cta, jnp.int32(per))
     k0 = part * nk
-    row_input = lambda: plgpu.copy_gmem_to_smem(x_ref.at[part], x_s, x_bar.at[0])
-    _launch_dependents(gdc)
-    if not gdc:  # else after the wait, as silu_pair's
-      row_input()
-
-    def prologue():
-      if gdc:
-        plgpu.griddepcontrol_wait()
-        row_input()
-      plgpu.barrier_wait(x_bar.at[0])
+    plgpu.copy_gmem_to_smem(x_ref.at[part], x_s, x_bar.at[0])
 
     def run(rows, r0):
       (y,), _ = _stream((w_ref,), w_s, (w_bar,), _chunk_loader(x_s, interpret), rows, big,
-                        r0, k0, nk, slots, defer_sum, products, interpret, prologue)
+                        r0, k0, nk, slots, defer_sum, products, interpret,
+                        lambda: plgpu.barrier_wait(x_bar.at[0]))
       _store_sums(y, o_s, o_ref, part, r0, rows)
 
     _rows_of(lax.rem(cta, jnp.int32(per)), n_big, big, small, run)

@@ -168,6 +168,81 @@ def test_gpu_bodies_lower_for_cuda(e, f, parts, defer_sum, products, lower_for_c
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
 
 
+@pytest.mark.parametrize("products", ["cuda_cores", "wgmma"])
+def test_pdl_waits_on_the_gpu_and_reorders_everywhere(products, lower_for_cuda):
+  # Under pdl both launches carry the grid-dependency trigger and wait, once each (jax 0.11 then
+  # launches them with programmatic stream serialisation; 0.10 lowers the instructions without
+  # it); without pdl neither.
+  sd = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  e, f, parts = 1536, 8960, 4
+  for pdl in (False, True):
+    pair = lambda x, g, u, p, s: matvec_mgpu.silu_pair(x, g, u, add_E=p, norm_scale_E=s,
+                                                       products=products, pdl=pdl)
+    down = lambda x, w: matvec_mgpu.matvec_parts(x, w, products=products, pdl=pdl)
+    for fn, args in ((pair, (sd((e,), bf), sd((f, e), bf), sd((f, e), bf),
+                             sd((parts, e), jnp.float32), sd((e,), bf))),
+                     (down, (sd((f,), bf), sd((e, f), bf)))):
+      text = lower_for_cuda(fn, *args)
+      for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents"):
+        assert (op in text) == pdl, (op, pdl)
+
+
+@pytest.mark.parametrize("add,norm", [("parts", True), ("row", False), (None, False)])
+def test_pdl_order_gives_the_same_bits(add, norm):
+  # The interpreter runs the reordered body (weights' first slots, then the row) without the
+  # waits: the same results as the plain order, for every kind of add.
+  x, g, u, parts, scale = _pair_inputs(jax.random.key(4), 256, 64)
+  add_E = {"parts": parts, "row": (0.5 * parts[0]).astype(jnp.bfloat16), None: None}[add]
+  run = lambda pdl: (*matvec_mgpu.silu_pair(x, g, u, add_E=add_E,
+                                            norm_scale_E=scale if norm else None, ctas=2,
+                                            pdl=pdl, interpret=True),
+                     matvec_mgpu.matvec_parts(x, g, splits=2, ctas=2, pdl=pdl, interpret=True))
+  for a, b in zip(run(False), run(True)):
+    if a is None:
+      assert b is None
+    else:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for bad in ("on", None, 1):
+    with pytest.raises(ValueError, match="silu_pair: pdl="):
+      matvec_mgpu.silu_pair(x, g, u, ctas=2, pdl=bad, interpret=True)
+    with pytest.raises(ValueError, match="matvec_parts: pdl="):
+      matvec_mgpu.matvec_parts(x, g, splits=2, ctas=2, pdl=bad, interpret=True)
+
+
+def test_pdl_chain_benchmark_chains_the_launches(load_benchmark, lower_for_cuda):
+  # benchmarks/pdl_chain.py's chain: in the interpreter, the same bits with and without pdl and
+  # equal to chaining the launches by hand; lowered for CUDA at the 1.5B's shape, one Mosaic
+  # GPU kernel each for gate/up and down however many layers (one lowering a program).
+  bench = load_benchmark("pdl_chain")
+  e, f, layers = 128, 384, 3
+  splits = matvec_mgpu._parts_plan(f, e, None, None, None, matvec_mgpu._sms(), "cuda_cores")[0]
+  x, parts, scale, gates, ups, downs = bench.inputs(jax.random.key(5), e, f, layers, splits)
+  run = lambda pdl: bench.chain(x, parts, scale, gates, ups, downs, pdl=pdl,
+                                products=("cuda_cores", "cuda_cores"), interpret=True)
+  (row0, parts0), (row1, parts1) = run(False), run(True)
+  np.testing.assert_array_equal(np.asarray(row0), np.asarray(row1))
+  np.testing.assert_array_equal(np.asarray(parts0), np.asarray(parts1))
+  r, p = x, parts
+  for g, u, w in zip(gates, ups, downs):
+    act, r = matvec_mgpu.silu_pair(r, g, u, add_E=p, norm_scale_E=scale, interpret=True)
+    p = matvec_mgpu.matvec_parts(act, w, interpret=True)
+  np.testing.assert_array_equal(np.asarray(row0), np.asarray(r))
+  assert np.isfinite(np.asarray(parts0)).all() and 0.1 < float(jnp.abs(row0).max()) < 100
+  sd = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  E, F, n = 1536, 8960, 2
+  S = matvec_mgpu._parts_plan(F, E, None, None, None, matvec_mgpu._sms(), "wgmma")[0]
+  text = lower_for_cuda(
+      lambda *a: bench.chain(*a[:3], a[3:3 + n], a[3 + n:3 + 2 * n], a[3 + 2 * n:], pdl=True,
+                             products=("cuda_cores", "wgmma")),
+      sd((E,), bf), sd((S, E), jnp.float32), sd((E,), bf),
+      *[sd((F, E), bf)] * (2 * n), *[sd((E, F), bf)] * n)
+  hashes = re.findall(r'kernel_hash = "((?:[^"\\]|\\.)*)"', text)
+  assert len(hashes) == len(set(hashes)) == 2, len(hashes)  # each launch lowered once
+  assert text.count("griddepcontrol.wait") == text.count("griddepcontrol.launch_dependents") > 0
+
+
 CFG_TMA = dataclasses.replace(CFG, hidden_size=128, intermediate_size=384, head_dim=32,
                               kernel_layout="out_in")
 
@@ -217,7 +292,8 @@ def test_row_tma_applies_only_where_it_can(monkeypatch):
   assert model._row_tma(CFG_TMA, True, True, parts=5) is None
 
 
-def test_interpreter_finds_no_race(monkeypatch):
+@pytest.mark.parametrize("pdl", [False, True])
+def test_interpreter_finds_no_race(monkeypatch, pdl):
   # A slot is refilled by TMA while the loop goes on: the interpreter's race detector (vector
   # clocks over the copies, barriers and reads) must find every refill ordered after the reads,
   # and no read of a tile's padding rows overlapping another tile's copy. jax 0.11's detector
@@ -234,11 +310,11 @@ def test_interpreter_finds_no_race(monkeypatch):
   jax.clear_caches()  # the launches are jitted: read as they are traced, not from a cached trace
   x, g, u, parts, scale = _pair_inputs(jax.random.key(3), 256, 208)
   act, _ = matvec_mgpu.silu_pair(x, g, u, add_E=parts, norm_scale_E=scale, ctas=3, slots=2,
-                                 interpret=True)
+                                 pdl=pdl, interpret=True)
   jax.block_until_ready(act)
   assert not ipc.get_races().races_found
   # One slot: every step's tile lands where the previous step's was read.
-  got = matvec_mgpu.matvec_parts(x, g[:96], splits=2, ctas=4, slots=1, interpret=True)
+  got = matvec_mgpu.matvec_parts(x, g[:96], splits=2, ctas=4, slots=1, pdl=pdl, interpret=True)
   jax.block_until_ready(got)
   assert not ipc.get_races().races_found
 

@@ -215,7 +215,7 @@ def test_pdl_chain_benchmark_chains_the_launches(load_benchmark, lower_for_cuda)
   # equal to chaining the launches by hand; lowered for CUDA at the 1.5B's shape, one Mosaic
   # GPU kernel each for gate/up and down however many layers (one lowering a program).
   bench = load_benchmark("pdl_chain")
-  e, f, layers = 128, 384, 3
+  e, f, layers = 128, 256, 2
   splits = matvec_mgpu._parts_plan(f, e, None, None, None, matvec_mgpu._sms(), "cuda_cores")[0]
   x, parts, scale, gates, ups, downs = bench.inputs(jax.random.key(5), e, f, layers, splits)
   run = lambda pdl: bench.chain(x, parts, scale, gates, ups, downs, pdl=pdl,

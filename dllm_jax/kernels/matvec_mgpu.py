@@ -260,17 +260,19 @@ def _check_pdl(fn, pdl):
   order without the waits. Safe only where no launch that may still be running writes the
   weights, which are read before the wait: the program's inputs are safe (the per-layer
   layout's bf16 weights), a cast or a slice XLA computes in the same program is not. Off by
-  default and not used by the model: in the 1.5B's batch-1 step on an H100 it gained nothing
-  (BENCHMARKS.md, session 28), with the launches around these two Triton's, which cannot
-  trigger the next early."""
+  default and not used by the model: in the 1.5B's batch-1 step on an H100 it gained nothing,
+  on gate/up alone or on gate/up and down (BENCHMARKS.md, session 28); why is not isolated
+  (the Triton launches around these cannot let the next start early; two gate/up CTAs fill an
+  SM's shared memory, so a down CTA cannot join them; the row is fetched after the wait)."""
   if not isinstance(pdl, bool):
     raise ValueError(f"{fn}: pdl={pdl!r}; expected True or False")
 
 
 def _launch_dependents(pdl, interpret):
   """Under `pdl` on the GPU, lets the next launch be scheduled once all of this one's CTAs have
-  started (griddepcontrol.launch_dependents): its CTAs then issue their weight reads while this
-  one finishes, and wait for it before reading what it wrote (`_wait_for_previous`)."""
+  started (griddepcontrol.launch_dependents): where an SM has room for them (registers, shared
+  memory), its CTAs then issue their weight reads while this one finishes, and wait for it
+  before reading what it wrote (`_wait_for_previous`)."""
   if pdl and not interpret:
     _plgpu().griddepcontrol_launch_dependents()
 
@@ -374,8 +376,9 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
       if has_norm:
         plgpu.copy_gmem_to_smem(scale_ref, sc_s, in_bar.at[2])
 
-    # The row's inputs first, the weights' first slots at once after them; under `pdl` the
-    # weights' slots first, and the row (what the previous launches wrote) after the wait.
+    # The row's inputs first (the prologue needs them before any product; their latency then
+    # overlaps the weights' first slots, issued at once after them); under `pdl` the weights'
+    # slots first, since the row (what the previous launches wrote) must wait.
     _launch_dependents(pdl, interpret)
     if not pdl:
       row_inputs()

@@ -4,6 +4,7 @@ with it (`model.ROW_TMA`) against the XLA path."""
 
 import dataclasses
 import functools
+import inspect
 import re
 
 import jax
@@ -168,27 +169,108 @@ def test_gpu_bodies_lower_for_cuda(e, f, parts, defer_sum, products, lower_for_c
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
 
 
+class _IssueLog:
+  """matvec_mgpu's plgpu with its copies into shared memory and grid-dependency instructions
+  logged in issue order while a kernel body is traced: ("copy", source shape) or the
+  instruction's name."""
+
+  def __init__(self, real):
+    self.real, self.events = real, []
+
+  def __getattr__(self, name):
+    fn = getattr(self.real, name)
+    if name == "copy_gmem_to_smem":
+      def copy(src, *args, **kw):
+        self.events.append(("copy", tuple(src.shape)))
+        return fn(src, *args, **kw)
+      return copy
+    if name in ("griddepcontrol_wait", "griddepcontrol_launch_dependents"):
+      def mark(*args, **kw):
+        self.events.append(name)
+        return fn(*args, **kw)
+      return mark
+    return fn
+
+
 @pytest.mark.parametrize("products", ["cuda_cores", "wgmma"])
-def test_pdl_waits_on_the_gpu_and_reorders_everywhere(products, lower_for_cuda):
-  # Under pdl both launches carry the grid-dependency trigger and wait, once each (jax 0.11 then
-  # launches them with programmatic stream serialisation; 0.10 lowers the instructions without
-  # it); without pdl neither.
+@pytest.mark.parametrize("launch", ["gate_up", "down"])
+def test_pdl_issues_the_weights_before_the_wait_and_the_row_after(products, launch,
+                                                                  lower_for_cuda, monkeypatch):
+  # The order in which a CTA issues its copies, per run length (`_rows_of`'s two branches, both
+  # traced), as lowered for CUDA at the 1.5B's shapes. Under pdl: the trigger; then in each
+  # branch weight tiles only, the wait, then the row's inputs (what the launches before wrote).
+  # Without: the row's inputs first and neither instruction. The interpreter cannot see this
+  # order (it runs launches in turn), so the body's issue order is checked here.
   sd = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
   e, f, parts = 1536, 8960, 4
+  nk = e // matvec_mgpu.BK
+  if launch == "gate_up":
+    fn = lambda pdl: lambda x, g, u, p, s: matvec_mgpu.silu_pair(
+        x, g, u, add_E=p, norm_scale_E=s, products=products, pdl=pdl)
+    args = (sd((e,), bf), sd((f, e), bf), sd((f, e), bf), sd((parts, e), jnp.float32),
+            sd((e,), bf))
+    row_shapes = {(nk, 64), (parts, nk, 64)}  # x and scale, the added parts
+    ctas = matvec_mgpu._pair_plan(e, f, parts, None, None, 132, products)[0]
+    n_big, big, small = matvec_mgpu.row_plan(f, ctas)
+  else:
+    fn = lambda pdl: lambda x, w: matvec_mgpu.matvec_parts(x, w, products=products, pdl=pdl)
+    args = (sd((f,), bf), sd((e, f), bf))
+    splits, ctas, _ = matvec_mgpu._parts_plan(f, e, None, None, None, 132, products)
+    row_shapes = {(f // 64 // splits, 64)}  # this CTA's run of the row
+    n_big, big, small = matvec_mgpu.row_plan(e, ctas // splits)
+  assert n_big and small and {big, small}.isdisjoint(s[0] for s in row_shapes)  # two branches
+  kinds = lambda evs: ["row" if ev[0] == "copy" and ev[1] in row_shapes else
+                       "weight" if ev[0] == "copy" else ev for ev in evs]
   for pdl in (False, True):
-    pair = lambda x, g, u, p, s: matvec_mgpu.silu_pair(x, g, u, add_E=p, norm_scale_E=s,
-                                                       products=products, pdl=pdl)
-    down = lambda x, w: matvec_mgpu.matvec_parts(x, w, products=products, pdl=pdl)
-    for fn, args in ((pair, (sd((e,), bf), sd((f, e), bf), sd((f, e), bf),
-                             sd((parts, e), jnp.float32), sd((e,), bf))),
-                     (down, (sd((f,), bf), sd((e, f), bf)))):
-      text = lower_for_cuda(fn, *args)
-      for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents"):
-        assert (op in text) == pdl, (op, pdl)
+    log = _IssueLog(matvec_mgpu._plgpu())
+    monkeypatch.setattr(matvec_mgpu, "_plgpu", lambda log=log: log)
+    jax.clear_caches()  # the launches are jitted: trace their bodies again, through the log
+    text = lower_for_cuda(fn(pdl), *args)
+    got = kinds(log.events)
+    n_rows = len(row_shapes) + (launch == "gate_up")  # x, the add, the scale
+    if not pdl:
+      assert "griddepcontrol_wait" not in got and "griddepcontrol_launch_dependents" not in got
+      assert got[:n_rows] == ["row"] * n_rows and "row" not in got[n_rows:], got[:8]
+      assert "griddepcontrol" not in text
+      continue
+    assert got[0] == "griddepcontrol_launch_dependents" and got.count(got[0]) == 1
+    waits = [i for i, k in enumerate(got) if k == "griddepcontrol_wait"]
+    assert len(waits) == 2  # one a branch
+    for b, w in enumerate(waits):
+      start = 1 if b == 0 else waits[0] + 1 + n_rows
+      before = got[start:w]
+      assert before and set(before) == {"weight"}, before  # the first slots, nothing else
+      assert got[w + 1:w + 1 + n_rows] == ["row"] * n_rows
+    assert got.count("row") == 2 * n_rows
+    assert "griddepcontrol.wait" in text and "griddepcontrol.launch_dependents" in text
+    # jax 0.11 marks such a kernel for programmatic stream serialisation as it lowers it; 0.10
+    # has no such mark (the instructions then wait on nothing).
+    mosaic_core = pytest.importorskip("jax.experimental.mosaic.gpu.core")
+    if "uses_pdl" in inspect.signature(mosaic_core._lower_as_gpu_kernel).parameters:
+      marks = []
+      real = mosaic_core._lower_as_gpu_kernel
+      monkeypatch.setattr(mosaic_core, "_lower_as_gpu_kernel",
+                          lambda *a, **k: marks.append(k.get("uses_pdl")) or real(*a, **k))
+      jax.clear_caches()
+      lower_for_cuda(fn(pdl), *args)
+      assert marks == [True]
 
 
-@pytest.mark.parametrize("add,norm", [("parts", True), ("row", False), (None, False)])
+def test_the_model_never_asks_for_pdl():
+  # PDL reads the weights before waiting for the launches before it: safe only where they are
+  # the program's inputs, which the model does not ensure (a float32 param_dtype or the stacked
+  # layout makes them XLA outputs of the same step). So no module of the package passes it.
+  import pathlib
+
+  root = pathlib.Path(model.__file__).parent
+  offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+               if p.name != "matvec_mgpu.py" and "pdl" in p.read_text()]
+  assert not offenders
+
+
+@pytest.mark.parametrize("add,norm", [("parts", True), ("parts", False), ("row", False),
+                                      (None, True), (None, False)])
 def test_pdl_order_gives_the_same_bits(add, norm):
   # The interpreter runs the reordered body (weights' first slots, then the row) without the
   # waits: the same results as the plain order, for every kind of add.

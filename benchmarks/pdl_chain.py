@@ -1,17 +1,28 @@
-"""Does programmatic dependent launch hide the boundary between two TMA launches? (#7)
+"""Can programmatic dependent launch hide the boundary between two TMA launches? (#7)
 
     python benchmarks/pdl_chain.py [--shape qwen2.5-1.5b] [--layers 28]
         [--gate-up-products cuda_cores] [--down-products wgmma]
+        [--plans 'default;PER_SM,SLOTS,DOWN_SLOTS;...'] [--rounds 2]
 
 The batch-1 step's MLPs without the rest of the layer: `--layers` chained pairs of
 `matvec_mgpu.silu_pair` (gate/up, adding the previous down's float32 parts to the row, then the
 RMSNorm) and `matvec_mgpu.matvec_parts` (down), each layer its own weights, all of them the
-program's inputs (so safe under PDL, whose launches read their weights before waiting). Timed
-with `pdl=False` and `pdl=True`, alternately, as one jitted program each: wall time a layer and
-the weights' read rate over the copy rate of the same run. Session 28 found no gain from PDL in
-the model's step, where the launches next to these are Triton's and cannot let the next start
-early; here every launch of the chain can, which is the best case for it. Both chains must give
-the same bits (the same arithmetic in another order of issue). JSON to $OUT/pdl_chain.json.
+program's inputs (so safe under PDL, whose launches read their weights before waiting). For
+each plan of the two launches, timed with `pdl=False` and `pdl=True` as one jitted program
+each, in ABBA order: wall time a layer, and the weights' read rate over the copy rate of the
+same run.
+
+Session 28 found no gain from PDL in the model's step. Unlike there, every launch of this chain
+can let the next start early. Two things still stand between this chain and an ideal overlap:
+- Shared memory. At the 1.5B two gate/up CTAs an SM (the default plan) fill it, so a down CTA
+  cannot join them; the second plan (one gate/up CTA an SM of 2 slots, down in 8) lets one of
+  each share an SM. Each plan's shared memory a CTA is recorded.
+- Order. Under PDL the row is fetched after the wait, behind the weights' first tiles; without
+  it, first. The two are measured together.
+
+Both programs must give the same bits (the same arithmetic, issued in another order): checked
+before and after the timings on every input set; a difference is an error (exit 1). JSON to
+$OUT/pdl_chain.json.
 """
 
 from __future__ import annotations
@@ -29,17 +40,20 @@ import numpy as np  # noqa: E402
 from benchmarks.common import ceilings, run_meta, save_json, timeit  # noqa: E402
 
 
-def chain(x, parts, scale, gates, ups, downs, *, pdl, products, interpret=False):
+def chain(x, parts, scale, gates, ups, downs, *, pdl, products, pair_knobs=None,
+          down_knobs=None, interpret=False):
   """The MLPs of len(gates) layers, chained as the per-layer step chains them: (row, down's
-  parts) after the last."""
+  parts) after the last. `pair_knobs`, `down_knobs`: silu_pair's and matvec_parts' knobs
+  (ctas, slots; None: their defaults)."""
   from dllm_jax.kernels import matvec_mgpu
 
   gate_up_products, down_products = products
   for g, u, w in zip(gates, ups, downs):
     act, x = matvec_mgpu.silu_pair(x, g, u, add_E=parts, norm_scale_E=scale, pdl=pdl,
-                                   products=gate_up_products, interpret=interpret)
+                                   products=gate_up_products, interpret=interpret,
+                                   **(pair_knobs or {}))
     parts = matvec_mgpu.matvec_parts(act, w, pdl=pdl, products=down_products,
-                                     interpret=interpret)
+                                     interpret=interpret, **(down_knobs or {}))
   return x, parts
 
 
@@ -56,47 +70,122 @@ def inputs(key, e, f, layers, splits):
           [0.1 * w(k[4 + 2 * layers + i], (e, f)) for i in range(layers)])
 
 
+def parse_plans(text: str) -> list[tuple[int, int, int] | None]:
+  """'PER_SM,SLOTS,DOWN_SLOTS;...' as [(gate/up CTAs an SM, gate/up slots, down slots), ...];
+  'default' is both launches' own plans, None."""
+  plans = []
+  for item in filter(None, (t.strip() for t in text.split(";"))):
+    if item == "default":
+      plans.append(None)
+      continue
+    fields = item.split(",")
+    if len(fields) != 3 or not all(v.strip().isdigit() and int(v) > 0 for v in fields):
+      raise SystemExit(f"--plans: {item!r} is not PER_SM,SLOTS,DOWN_SLOTS (positive integers) "
+                       "or 'default'")
+    plans.append(tuple(map(int, fields)))
+  if not plans:
+    raise SystemExit("--plans: no plan given")
+  return plans
+
+
+def launch_plans(e, f, products, plans, sms):
+  """Each plan (`parse_plans`) at hidden size e and f intermediate rows, as the launches will
+  run it: knobs, CTAs, slots and shared memory a CTA of each launch, and whether a down CTA
+  fits on an SM beside all the gate/up CTAs it holds (else, under PDL, down's CTAs start on an
+  SM only as gate/up's there finish); a ValueError names a plan that does not fit at all."""
+  from dllm_jax.kernels import matvec_mgpu as mm
+
+  gate_up_products, down_products = products
+  out = []
+  for plan in plans:
+    pair_knobs = down_knobs = None
+    if plan is not None:
+      pair_knobs = {"ctas": min(plan[0] * sms, f // mm.UNIT), "slots": plan[1]}
+      down_knobs = {"slots": plan[2]}
+    try:
+      splits, d_ctas, d_slots = mm._parts_plan(f, e, None, None,
+                                               (down_knobs or {}).get("slots"), sms,
+                                               down_products)
+      ctas, slots = mm._pair_plan(e, f, splits, (pair_knobs or {}).get("ctas"),
+                                  (pair_knobs or {}).get("slots"), sms, gate_up_products)
+    except ValueError as err:
+      raise ValueError(f"--plans {plan}: {err}") from None
+    pair_smem = mm._pair_smem(e, splits, mm.row_plan(f, ctas)[1], slots, gate_up_products)
+    down_smem = mm._parts_smem(f // mm.BK // splits, mm.row_plan(e, d_ctas // splits)[1],
+                               d_slots, down_products)
+    out.append({"pair_knobs": pair_knobs, "down_knobs": down_knobs, "splits": splits,
+                "pair": {"ctas": ctas, "slots": slots, "smem_bytes": pair_smem},
+                "down": {"ctas": d_ctas, "slots": d_slots, "smem_bytes": down_smem},
+                "down_fits_beside_an_sms_pair_ctas": (
+                    -(-ctas // sms) * (pair_smem + mm.SMEM_SLACK) + down_smem + mm.SMEM_SLACK
+                    <= mm.SMEM_BYTES)})
+  return out
+
+
+def same_bits(a, b) -> bool:
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
 def main():
+  from benchmarks.decode import SHAPES
+
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--shape", default="qwen2.5-1.5b")
+  ap.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
   ap.add_argument("--layers", type=int, default=28)
   ap.add_argument("--gate-up-products", default="cuda_cores", choices=("cuda_cores", "wgmma"))
   ap.add_argument("--down-products", default="wgmma", choices=("cuda_cores", "wgmma"))
-  ap.add_argument("--rounds", type=int, default=2, help="off/on pairs timed, alternately")
+  ap.add_argument("--plans", default="default;1,2,8",
+                  help="plans, each gate/up's CTAs an SM and slots and down's slots, or "
+                       "'default' (the launches' own: at the 1.5B two gate/up CTAs an SM, "
+                       "which leave no room for a down CTA beside them); the second default, "
+                       "1,2,8, lets a CTA of each share an SM")
+  ap.add_argument("--rounds", type=int, default=2, help="ABBA pairs of pdl off / on a plan")
   args = ap.parse_args()
   if args.layers < 1 or args.rounds < 1:
     ap.error("--layers and --rounds are positive")
-  from benchmarks.decode import SHAPES
   from dllm_jax.kernels import matvec_mgpu
 
   cfg = SHAPES[args.shape]
   e, f = cfg.hidden_size, cfg.intermediate_size
   products = (args.gate_up_products, args.down_products)
-  splits = matvec_mgpu._parts_plan(f, e, None, None, None, matvec_mgpu._sms(),
-                                   args.down_products)[0]
+  sms = matvec_mgpu._sms()
+  interpret = jax.default_backend() == "cpu"  # the tests' run: Mosaic GPU's interpreter
+  why = (matvec_mgpu.launch_unsupported(e, f, None, args.down_products)
+         or matvec_mgpu.launch_unsupported(e, f, 4, args.gate_up_products))
+  if why is not None:
+    ap.error(f"--shape {args.shape}: the TMA launches do not cover it: {why}")
+  try:
+    plans = launch_plans(e, f, products, parse_plans(args.plans), sms)
+  except ValueError as err:
+    ap.error(str(err))
   ceil = ceilings(rounds=2)
-  res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceil, "splits": splits,
+  res = {"meta": dict(run_meta(), argv=sys.argv[1:]), "ceil": ceil, "plans": plans,
          "rows": []}
   print(ceil, flush=True)
-  sets = [inputs(jax.random.key(i), e, f, args.layers, splits) for i in range(2)]
   layer_bytes = 2 * 3 * e * f
-  fns = {pdl: jax.jit(lambda *a, pdl=pdl: chain(*a, pdl=pdl, products=products))
-         for pdl in (False, True)}
-  outs = {pdl: fn(*sets[0]) for pdl, fn in fns.items()}
-  same = all(np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(outs[False], outs[True]))
-  res["same_bits"] = same
-  print({"same_bits": same}, flush=True)
-  for r in range(args.rounds):
-    for pdl, fn in fns.items():
-      s = timeit(fn, sets, reps=5, inner=4) / args.layers
-      row = {"pdl": pdl, "round": r, "us_a_layer": s * 1e6,
-             "read_of_copy": layer_bytes / s / (ceil["copy_GBps"] * 1e9),
-             "products": list(products), "layers": args.layers}
-      print(row, flush=True)
-      res["rows"].append(row)
-      save_json("pdl_chain.json", res)
+  for plan in plans:
+    # Each plan's own inputs: the down launch's splits set the parts' shape.
+    sets = [inputs(jax.random.key(i), e, f, args.layers, plan["splits"]) for i in range(2)]
+    fns = {pdl: jax.jit(lambda *a, pdl=pdl, plan=plan: chain(
+        *a, pdl=pdl, products=products, pair_knobs=plan["pair_knobs"],
+        down_knobs=plan["down_knobs"], interpret=interpret)) for pdl in (False, True)}
+    plan["same_bits_before"] = same_bits(fns[False](*sets[0]), fns[True](*sets[0]))
+    save_json("pdl_chain.json", res)
+    for r in range(args.rounds):
+      for pdl in ((False, True, True, False) if r % 2 == 0 else (True, False, False, True)):
+        s = timeit(fns[pdl], sets, reps=5, inner=4) / args.layers
+        row = {"plans_index": plans.index(plan), "pdl": pdl, "round": r, "us_a_layer": s * 1e6,
+               "read_of_copy": layer_bytes / s / (ceil["copy_GBps"] * 1e9),
+               "products": list(products), "layers": args.layers}
+        print(row, flush=True)
+        res["rows"].append(row)
+    plan["same_bits_after"] = all(same_bits(fns[False](*a), fns[True](*a)) for a in sets)
+    print(plan, flush=True)
+    save_json("pdl_chain.json", res)
+    if not (plan["same_bits_before"] and plan["same_bits_after"]):
+      raise SystemExit(f"plan {plans.index(plan)}: pdl on and off gave different results; the "
+                       "timings are recorded but the PDL chain is not correct")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ with it (`model.ROW_TMA`) against the XLA path."""
 import dataclasses
 import functools
 import inspect
+import json
 import re
 
 import jax
@@ -294,8 +295,7 @@ def test_pdl_order_gives_the_same_bits(add, norm):
 
 def test_pdl_chain_benchmark_chains_the_launches(load_benchmark, lower_for_cuda):
   # benchmarks/pdl_chain.py's chain: in the interpreter, the same bits with and without pdl and
-  # equal to chaining the launches by hand; lowered for CUDA at the 1.5B's shape, one Mosaic
-  # GPU kernel each for gate/up and down however many layers (one lowering a program).
+  # equal to chaining the launches by hand.
   bench = load_benchmark("pdl_chain")
   e, f, layers = 128, 256, 2
   splits = matvec_mgpu._parts_plan(f, e, None, None, None, matvec_mgpu._sms(), "cuda_cores")[0]
@@ -311,18 +311,59 @@ def test_pdl_chain_benchmark_chains_the_launches(load_benchmark, lower_for_cuda)
     p = matvec_mgpu.matvec_parts(act, w, interpret=True)
   np.testing.assert_array_equal(np.asarray(row0), np.asarray(r))
   assert np.isfinite(np.asarray(parts0)).all() and 0.1 < float(jnp.abs(row0).max()) < 100
+  # Its plans at the 1.5B: the launches' own (a down CTA does not fit beside an SM's two gate/up
+  # CTAs) and one that lets a CTA of each share an SM; lowered for CUDA with the second plan's
+  # knobs, one Mosaic GPU kernel each for gate/up and down however many layers.
+  E, F, n = 1536, 8960, 2
+  plans = bench.launch_plans(E, F, ("cuda_cores", "wgmma"),
+                             bench.parse_plans("default;1,2,8"), 132)
+  assert [p["down_fits_beside_an_sms_pair_ctas"] for p in plans] == [False, True]
+  assert plans[1]["pair"]["ctas"] == 132 and plans[1]["down"]["slots"] == 8
+  for bad in ("1,2", "0,2,8", "a,b,c", ""):
+    with pytest.raises(SystemExit, match="--plans"):
+      bench.parse_plans(bad)
+  with pytest.raises(ValueError, match="shared memory"):
+    bench.launch_plans(E, F, ("cuda_cores", "wgmma"), bench.parse_plans("1,8,8"), 132)
   sd = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
-  E, F, n = 1536, 8960, 2
-  S = matvec_mgpu._parts_plan(F, E, None, None, None, matvec_mgpu._sms(), "wgmma")[0]
+  S = plans[1]["splits"]
   text = lower_for_cuda(
       lambda *a: bench.chain(*a[:3], a[3:3 + n], a[3 + n:3 + 2 * n], a[3 + 2 * n:], pdl=True,
-                             products=("cuda_cores", "wgmma")),
+                             products=("cuda_cores", "wgmma"),
+                             pair_knobs=plans[1]["pair_knobs"],
+                             down_knobs=plans[1]["down_knobs"]),
       sd((E,), bf), sd((S, E), jnp.float32), sd((E,), bf),
       *[sd((F, E), bf)] * (2 * n), *[sd((E, F), bf)] * n)
   hashes = re.findall(r'kernel_hash = "((?:[^"\\]|\\.)*)"', text)
   assert len(hashes) == len(set(hashes)) == 2, len(hashes)  # each launch lowered once
   assert text.count("griddepcontrol.wait") == text.count("griddepcontrol.launch_dependents") > 0
+
+
+def test_pdl_chain_benchmark_runs_end_to_end(load_benchmark, monkeypatch, tmp_path):
+  # benchmarks/pdl_chain.py's main on a tiny shape, the kernels interpreted and the clock and
+  # ceilings faked: every plan checked and timed in ABBA order, the JSON written; a bad shape
+  # or plan is a one-line error.
+  import sys
+
+  from benchmarks import decode as decode_bench
+
+  bench = load_benchmark("pdl_chain")
+  monkeypatch.setitem(decode_bench.SHAPES, "tiny_tma", CFG_TMA)
+  monkeypatch.setattr(bench, "ceilings", lambda rounds: {"copy_GBps": 1000.0})
+  monkeypatch.setattr(bench, "timeit", lambda fn, sets, **kw: fn(*sets[0]) and 2e-3)
+  monkeypatch.setenv("OUT", str(tmp_path))
+  monkeypatch.setattr(sys, "argv", ["pdl_chain.py", "--shape", "tiny_tma", "--layers", "1",
+                                    "--down-products", "cuda_cores", "--plans", "default",
+                                    "--rounds", "1"])
+  bench.main()
+  out = json.loads((tmp_path / "pdl_chain.json").read_text())
+  assert [r["pdl"] for r in out["rows"]] == [False, True, True, False]  # ABBA
+  assert out["plans"][0]["same_bits_before"] and out["plans"][0]["same_bits_after"]
+  assert out["rows"][0]["us_a_layer"] == pytest.approx(2000.0)
+  for argv in (["--shape", "nope"], ["--plans", "1,2"], ["--layers", "0"]):
+    monkeypatch.setattr(sys, "argv", ["pdl_chain.py", *argv])
+    with pytest.raises(SystemExit):
+      bench.main()
 
 
 CFG_TMA = dataclasses.replace(CFG, hidden_size=128, intermediate_size=384, head_dim=32,

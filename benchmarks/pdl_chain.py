@@ -22,7 +22,8 @@ can let the next start early. Two things still stand between this chain and an i
 
 Both programs must give the same bits (the same arithmetic, issued in another order): checked
 before and after the timings on every input set; a difference is an error (exit 1). JSON to
-$OUT/pdl_chain.json.
+$OUT/pdl_chain.json. (On a CPU the kernels run in Mosaic GPU's interpreter, CUDA-core products
+only: the tests' run, not a measurement.)
 """
 
 from __future__ import annotations

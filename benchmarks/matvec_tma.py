@@ -188,7 +188,7 @@ def main():
           ("triton_gate_up", {}, "gate_up", lambda v: [matvec.norm_matvec(
               v, p, silu_pair=True, out_major=True, **norm)[0][0] for p in pairs], None)]
   for kn in pair_knobs:
-    kw = dict(ctas=min(kn["per_sm"] * sms, f // 8), slots=kn["slots"],
+    kw = dict(ctas=matvec_mgpu.default_pair_ctas(f, kn["per_sm"], sms), slots=kn["slots"],
               defer_sum=bool(kn["defer"]), products=PRODUCTS[bool(kn["wgmma"])])
     runs.append(("tma_gate_up", kw, "gate_up", lambda v, kw=kw: [
         matvec_mgpu.silu_pair(v, *p, **norm, **kw)[0] for p in pairs], None))

@@ -106,7 +106,7 @@ def launch_plans(e, f, products, plans, sms):
   for plan in plans:
     pair_knobs = down_knobs = None
     if plan is not None:
-      pair_knobs = {"ctas": min(plan[0] * sms, f // mm.UNIT), "slots": plan[1]}
+      pair_knobs = {"ctas": mm.default_pair_ctas(f, plan[0], sms), "slots": plan[1]}
       down_knobs = {"slots": plan[2]}
     try:
       splits, d_ctas, d_slots = mm._parts_plan(f, e, None, None,
@@ -157,13 +157,15 @@ def same_bits(a, b) -> bool:
 
 def main():
   from benchmarks.decode import SHAPES
+  from dllm_jax.kernels import matvec_mgpu
 
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
   ap.add_argument("--layers", type=int, default=28)
-  ap.add_argument("--gate-up-products", default="cuda_cores", choices=("cuda_cores", "wgmma"))
-  ap.add_argument("--down-products", default="wgmma", choices=("cuda_cores", "wgmma"))
+  ap.add_argument("--gate-up-products", default="cuda_cores",
+                  choices=matvec_mgpu.PRODUCT_KINDS)
+  ap.add_argument("--down-products", default="wgmma", choices=matvec_mgpu.PRODUCT_KINDS)
   ap.add_argument("--plans", default="default;1,2,12",
                   help="plans, each gate/up's CTAs an SM and slots and down's slots, or "
                        "'default' (the launches' own: at the 1.5B two gate/up CTAs an SM, "
@@ -174,7 +176,6 @@ def main():
   args = ap.parse_args()
   if args.layers < 1 or args.rounds < 1:
     ap.error("--layers and --rounds are positive")
-  from dllm_jax.kernels import matvec_mgpu
 
   cfg = SHAPES[args.shape]
   e, f = cfg.hidden_size, cfg.intermediate_size

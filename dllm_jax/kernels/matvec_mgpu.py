@@ -268,21 +268,21 @@ def _check_pdl(fn, pdl):
     raise ValueError(f"{fn}: pdl={pdl!r}; expected True or False")
 
 
-def _launch_dependents(pdl, interpret):
-  """Under `pdl` on the GPU, lets the next launch be scheduled once all of this one's CTAs have
+def _launch_dependents(interpret):
+  """Under `pdl`, on the GPU, lets the next launch be scheduled once all of this one's CTAs have
   started (griddepcontrol.launch_dependents): where an SM has room for them (registers, shared
   memory), its CTAs then issue their weight reads while this one finishes, and wait for it
   before reading what it wrote (`_wait_for_previous`)."""
-  if pdl and not interpret:
+  if not interpret:
     _plgpu().griddepcontrol_launch_dependents()
 
 
-def _wait_for_previous(pdl, interpret):
-  """Under `pdl` on the GPU, waits until the launches before this one have finished and their
+def _wait_for_previous(interpret):
+  """Under `pdl`, on the GPU, waits until the launches before this one have finished and their
   writes are visible (griddepcontrol.wait). Every CTA reaches it once (`_rows_of` gives each CTA
   one run), so a launch that waits on this one also waits, transitively, on those before it.
   The interpreter runs launches in order: nothing to wait for, but the same reordered body."""
-  if pdl and not interpret:
+  if not interpret:
     _plgpu().griddepcontrol_wait()
 
 
@@ -379,14 +379,15 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
     # The row's inputs first (the prologue needs them before any product; their latency then
     # overlaps the weights' first slots, issued at once after them); under `pdl` the weights'
     # slots first, since the row (what the previous launches wrote) must wait.
-    _launch_dependents(pdl, interpret)
-    if not pdl:
+    if pdl:
+      _launch_dependents(interpret)
+    else:
       row_inputs()
 
     def run(rows, r0):
       def prologue():
         if pdl:
-          _wait_for_previous(pdl, interpret)
+          _wait_for_previous(interpret)
           row_inputs()
         # The row: the residual add, and scale * row, into nx_s [nk, BK] (the products' operand);
         # 1/rms is a scalar that multiplies the products' sums.
@@ -490,13 +491,14 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
     def row_input():
       plgpu.copy_gmem_to_smem(x_ref.at[part], x_s, x_bar.at[0])
 
-    _launch_dependents(pdl, interpret)
-    if not pdl:  # else after the wait, as silu_pair's
+    if pdl:  # the row after the wait, as silu_pair's
+      _launch_dependents(interpret)
+    else:
       row_input()
 
     def prologue():
       if pdl:
-        _wait_for_previous(pdl, interpret)
+        _wait_for_previous(interpret)
         row_input()
       plgpu.barrier_wait(x_bar.at[0])
 
@@ -564,7 +566,7 @@ def _pair_plan(e, f, parts, ctas, slots, sms, products="cuda_cores"):
     raise ValueError(f"silu_pair: ctas={ctas!r} must be a positive integer")
   per_sms = (None,) if ctas is not None else (2, 1)
   for per_sm in per_sms:
-    n = ctas if per_sm is None else min(per_sm * sms, f // UNIT)
+    n = ctas if per_sm is None else default_pair_ctas(f, per_sm, sms)
     big = row_plan(f, n)[1]
     for s_ in ([slots] if slots is not None else range(GATE_UP_SLOTS, 1, -1)):
       if (per_sm or 1) * (_pair_smem(e, parts, big, s_, products) + SMEM_SLACK) <= SMEM_BYTES:
@@ -593,6 +595,12 @@ def launch_unsupported(e: int, f: int, parts: Optional[int] = None,
   except ValueError as err:
     return str(err)
   return None
+
+
+def default_pair_ctas(f: int, per_sm: int, sms: int) -> int:
+  """`silu_pair`'s CTAs for f weight rows at `per_sm` CTAs an SM on `sms` SMs: no more than
+  8-row units."""
+  return min(per_sm * sms, f // UNIT)
 
 
 def default_parts_ctas(n: int, splits: int, sms: int) -> int:

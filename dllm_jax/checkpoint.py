@@ -262,6 +262,16 @@ def _read_model_json(path: pathlib.Path) -> tuple[config_lib.ModelConfig, dict]:
           saved.get("metadata", {}))
 
 
+def saved_model(run_dir: str | pathlib.Path) -> tuple[config_lib.ModelConfig, Any, dict]:
+  """(model config, tokenizer, metadata) as a run saved them (model.json, tokenizer/), without
+  its weights: what a resumed run is built from before its checkpoint restores."""
+  from dllm_jax import tokenizer as tokenizer_lib
+
+  run_dir = pathlib.Path(run_dir)
+  model_cfg, metadata = _read_model_json(run_dir / MODEL_JSON)
+  return model_cfg, tokenizer_lib.from_hf_dir(run_dir / TOKENIZER_DIR), metadata
+
+
 def saved_model_config(run_dir: str | pathlib.Path) -> Optional[config_lib.ModelConfig]:
   """The model config a run's model.json records (None when it has none)."""
   path = pathlib.Path(run_dir) / MODEL_JSON

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import pathlib
 import types
 import typing
@@ -63,6 +64,7 @@ class ModelConfig:
   kernel_layout: str = "in_out"
 
   def __post_init__(self):
+    check_field_types(self, "model")
     if self.architecture not in ("llama", "qwen2"):
       raise ConfigError(f"model.architecture={self.architecture!r}: expected 'llama' or 'qwen2'")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -101,6 +103,39 @@ class ModelConfig:
 
 def _field_types(cls) -> dict[str, Any]:
   return typing.get_type_hints(cls)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+  """Whether `value` is of the field type `tp` as a config means it: an int is a float too,
+  but a bool is not a number and a string is not a bool."""
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    return any(_fits(value, a) for a in args)
+  if tp is type(None):
+    return value is None
+  if tp is bool:
+    return isinstance(value, bool)
+  if tp is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if tp is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if tp is str:
+    return isinstance(value, str)
+  if origin is tuple:
+    return isinstance(value, tuple) and (not args or all(_fits(v, args[0]) for v in value))
+  return True  # (other types are checked by their own sections)
+
+
+def check_field_types(node: Any, section: str) -> None:
+  """ConfigError naming the first field of a config section whose value is not of its declared
+  type: a config file is Python, where `shuffle="false"` would read as true. Each section calls
+  it first in its __post_init__, before its checks compare values."""
+  hints = _field_types(type(node))
+  for f in dataclasses.fields(node):
+    value, tp, key = getattr(node, f.name), hints[f.name], f"{section}.{f.name}"
+    if not _fits(value, tp):
+      want = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+      raise ConfigError(f"{key}={value!r} is a {type(value).__name__}; expected {want}")
 
 
 def _parse_value(text: str, tp: Any, key: str) -> Any:
@@ -255,6 +290,7 @@ class TrainConfig:
   export_hf: bool = False  # write the final model to RUN_DIR/hf as a HF directory
 
   def __post_init__(self):
+    check_field_types(self, "train")
     if self.steps < 1:
       raise ConfigError(f"train.steps={self.steps}: must be at least 1")
     if self.grad_accum < 1:
@@ -263,10 +299,29 @@ class TrainConfig:
       raise ConfigError(f"train.schedule={self.schedule!r}: expected 'constant' or 'cosine'")
     if not 0.0 <= self.warmup_ratio <= 1.0:
       raise ConfigError(f"train.warmup_ratio={self.warmup_ratio}: expected a value in [0, 1]")
-    if self.learning_rate <= 0:
-      raise ConfigError(f"train.learning_rate={self.learning_rate}: must be positive")
+    if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+      raise ConfigError(f"train.learning_rate={self.learning_rate}: must be a positive number")
+    if not 0.0 <= self.min_lr_ratio <= 1.0:
+      raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio}: expected a value in [0, 1] "
+                        "(the final cosine lr over the peak)")
+    if self.min_lr_ratio and self.schedule != "cosine":
+      raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} applies to the cosine schedule "
+                        f"only, and train.schedule={self.schedule!r}: set train.schedule=cosine "
+                        "or leave min_lr_ratio at 0")
+    for name in ("adam_b1", "adam_b2"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ConfigError(f"train.{name}={getattr(self, name)}: expected a value in [0, 1)")
+    for name in ("weight_decay", "adam_eps", "grad_clip"):
+      value = getattr(self, name)
+      if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"train.{name}={value}: must be a finite number >= 0"
+                          + (" (0 turns clipping off)" if name == "grad_clip" else ""))
     if self.log_every < 1:
       raise ConfigError(f"train.log_every={self.log_every}: must be at least 1")
+    if self.eval_batches < 0:
+      raise ConfigError(f"train.eval_batches={self.eval_batches}: must be >= 0 (0: no evaluation)")
+    if not self.run_dir.strip():
+      raise ConfigError("train.run_dir is empty: give the directory the run writes to")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +340,7 @@ class MeshConfig:
   process_id: int = -1
 
   def __post_init__(self):
+    check_field_types(self, "mesh")
     sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
     bad = [k for k, v in sizes.items() if v == 0 or v < -1]
     if bad:
@@ -300,6 +356,7 @@ class CheckpointConfig:
   async_save: bool = True
 
   def __post_init__(self):
+    check_field_types(self, "checkpoint")
     if self.every_steps < 1:
       raise ConfigError(f"checkpoint.every_steps={self.every_steps}: must be at least 1")
     if self.keep < 1:
@@ -319,3 +376,6 @@ class InitConfig:
 
   source: str = "random"  # "" in a shipped config means: the user must set it (checked at start)
   tokenizer: str = "chars"  # random init only
+
+  def __post_init__(self):
+    check_field_types(self, "init")

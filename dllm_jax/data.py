@@ -26,11 +26,13 @@ import json
 import logging
 import os
 import threading
+import zlib
 from typing import Any, Iterator, Optional, Sequence
 
 import grain
 import numpy as np
 
+from dllm_jax import config as config_lib
 from dllm_jax.config import ConfigError
 from dllm_jax.tokenizer import Tokenizer, TokenizerError
 
@@ -56,7 +58,7 @@ class DataConfig:
   seed: int = 0
   shuffle: bool = True
   num_epochs: Optional[int] = None  # None: repeat forever
-  max_records: int = 0  # 0: all; else only the first N records (in file order)
+  max_records: int = 0  # 0: all; else only the first N records (in file order), of each split
   strict: bool = False  # the first bad record is an error instead of being skipped
   synthetic_task: str = "reverse"  # "reverse" | "sort" | "upper"
   synthetic_size: int = 100_000  # distinct training records of the synthetic task
@@ -72,6 +74,7 @@ class DataConfig:
   loss_on_block_padding: bool = False
 
   def __post_init__(self):
+    config_lib.check_field_types(self, "data")
     if self.block_size < 1 or self.seq_len < self.block_size or self.seq_len % self.block_size:
       raise ConfigError(f"data.seq_len={self.seq_len} must be a positive multiple of "
                         f"data.block_size={self.block_size}")
@@ -85,6 +88,13 @@ class DataConfig:
                         f"{self.synthetic_max_len}: need 1 <= min <= max")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ConfigError(f"data.num_epochs={self.num_epochs}: must be positive or None")
+    if not 0 <= self.seed < 2**32:  # (grain's shuffle takes an unsigned 32-bit seed)
+      raise ConfigError(f"data.seed={self.seed}: expected 0 <= seed < 2**32")
+    if self.max_records < 0:
+      raise ConfigError(f"data.max_records={self.max_records}: must be >= 0 (0: every record)")
+    for name in ("synthetic_size", "eval_records"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"data.{name}={getattr(self, name)}: must be at least 1")
 
 
 @dataclasses.dataclass
@@ -113,21 +123,31 @@ class DataStats:
 # Record sources: random access, each item (where, record-or-text).
 
 
+def jsonl_paths(source: str, key: str = "data.source") -> list[str]:
+  """The files a source of comma-separated paths and globs names, in order; a ConfigError
+  naming `key` (the setting it came from) for a part that matches no file."""
+  paths = []
+  for part in (p.strip() for p in source.split(",")):
+    if not part:
+      continue
+    found = sorted(glob.glob(os.path.expanduser(part))) if glob.has_magic(part) else [part]
+    if not found or not all(os.path.isfile(p) for p in found):
+      where = "" if os.path.isabs(part) else f" (relative to {os.getcwd()})"
+      raise ConfigError(f"{key}: {part!r} matches no file{where}; give JSONL paths (comma-"
+                        "separated, globs allowed)"
+                        + (" or 'synthetic'" if key == "data.source" else ""))
+    paths.extend(found)
+  if not paths:
+    raise ConfigError(f"{key} is empty; give JSONL paths"
+                      + (" or 'synthetic'" if key == "data.source" else ""))
+  return paths
+
+
 class _JsonlSource:
   """Lines of JSONL files by byte offset, so nothing but an index lives in memory."""
 
-  def __init__(self, source: str, max_records: int):
-    paths = []
-    for part in (p.strip() for p in source.split(",")):
-      if not part:
-        continue
-      found = sorted(glob.glob(os.path.expanduser(part))) if glob.has_magic(part) else [part]
-      if not found or not all(os.path.isfile(p) for p in found):
-        raise ConfigError(f"data.source: {part!r} matches no file; give JSONL paths (comma-"
-                          "separated, globs allowed) or 'synthetic'")
-      paths.extend(found)
-    if not paths:
-      raise ConfigError("data.source is empty; give JSONL paths or 'synthetic'")
+  def __init__(self, source: str, max_records: int, key: str = "data.source"):
+    paths = jsonl_paths(source, key)
     self._paths = paths
     files, offsets, lengths, lines = [], [], [], []
     for f, path in enumerate(paths):
@@ -145,7 +165,7 @@ class _JsonlSource:
       if max_records and len(files) >= max_records:
         break
     if not files:
-      raise ConfigError(f"data.source: {', '.join(paths)} hold no records")
+      raise ConfigError(f"{key}: {', '.join(paths)} hold no records")
     self._file = np.asarray(files, np.int32)
     self._offset = np.asarray(offsets, np.int64)
     self._length = np.asarray(lengths, np.int64)
@@ -189,6 +209,10 @@ def synthetic_record(task: str, rng: np.random.Generator, min_len: int, max_len:
   return {"prompt": f"upper: {s}", "response": s.upper()}
 
 
+_HELD_OUT_SHARE = 16  # one prompt in 16 (by hash) is held out of synthetic training
+_HELD_OUT_TRIES = 10_000
+
+
 class _SyntheticSource:
   def __init__(self, cfg: DataConfig, size: int, salt: int):
     self._cfg, self._size, self._salt = cfg, size, salt
@@ -197,11 +221,18 @@ class _SyntheticSource:
     return self._size
 
   def __getitem__(self, i):
-    # Record i depends only on (seed, split, i): the same under any shuffling or sharding.
+    # Record i depends only on (seed, split, i): the same under any shuffling or sharding. The
+    # held-out split takes only prompts whose hash falls in its share and training never does,
+    # so no held-out prompt is ever trained on (two independent draws shared 18 of 128).
     rng = np.random.default_rng((self._cfg.seed, self._salt, int(i)))
-    rec = synthetic_record(self._cfg.synthetic_task, rng, self._cfg.synthetic_min_len,
-                           self._cfg.synthetic_max_len)
-    return f"synthetic:{i}", rec
+    for _ in range(_HELD_OUT_TRIES):
+      rec = synthetic_record(self._cfg.synthetic_task, rng, self._cfg.synthetic_min_len,
+                             self._cfg.synthetic_max_len)
+      if (zlib.crc32(rec["prompt"].encode()) % _HELD_OUT_SHARE == 0) == (self._salt == 1):
+        return f"synthetic:{i}", rec
+    raise ConfigError(f"data.synthetic_min_len={self._cfg.synthetic_min_len} and "
+                      f"synthetic_max_len={self._cfg.synthetic_max_len} give too few distinct "
+                      "strings to hold some out for evaluation; allow longer strings")
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,7 +445,7 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 
     source = (_SyntheticSource(cfg, cfg.synthetic_size, salt=0) if synthetic
               else _JsonlSource(cfg.source, cfg.max_records))
   elif cfg.eval_source:
-    source = _JsonlSource(cfg.eval_source, cfg.max_records)
+    source = _JsonlSource(cfg.eval_source, cfg.max_records, key="data.eval_source")
   elif synthetic:
     source = _SyntheticSource(cfg, cfg.eval_records, salt=1)
   else:

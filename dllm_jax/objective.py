@@ -28,6 +28,7 @@ from jax import lax
 
 from dllm_jax import masks, model
 from dllm_jax import sharding as ax
+from dllm_jax import config as config_lib
 from dllm_jax.config import ConfigError, ModelConfig
 
 Batch = Mapping[str, jax.Array]  # tokens int32, loss_mask bool, segments int32; each [batch, L]
@@ -48,6 +49,7 @@ class ObjectiveConfig:
   loss_chunk: int = 0
 
   def __post_init__(self):
+    config_lib.check_field_types(self, "objective")
     if self.kind not in KINDS:
       raise ConfigError(f"objective.kind={self.kind!r}: expected one of {KINDS}")
     if self.layout not in LAYOUTS:
@@ -79,8 +81,22 @@ def response_mask(batch: Batch) -> jax.Array:
   return jnp.asarray(batch["loss_mask"], bool) & (jnp.asarray(batch["segments"]) > 0)
 
 
+def _row_keys(rng: jax.Array, b: int) -> tuple[jax.Array, jax.Array]:
+  """(rate keys, draw keys), one of each per row, from one key or from one key per row [b]
+  (typed or raw): a row's noise then depends on its own key alone, not on the rows beside it."""
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  if rng.ndim == (0 if typed else 1):
+    rng = jax.random.split(rng, b)
+  elif rng.shape[0] != b or rng.ndim != (1 if typed else 2):
+    raise ValueError(f"noise keys of shape {rng.shape}: expected one key or one per row "
+                     f"({b} rows)")
+  pairs = jax.vmap(jax.random.split)(rng)  # [b, 2(, 2)]
+  return pairs[:, 0], pairs[:, 1]
+
+
 def noise(rng: jax.Array, batch: Batch, obj_cfg: ObjectiveConfig, mask_token_id: int):
-  """Complementary per-block masking of the response tokens.
+  """Complementary per-block masking of the response tokens. `rng` is one key, or one per row
+  (training passes each row its own, so its noise does not depend on train.grad_accum).
 
   Returns (noisy_tokens, noisy_complement_tokens, masked, masked_complement), each [B, L];
   `masked | masked_complement` is exactly the response mask and the two never overlap.
@@ -89,10 +105,10 @@ def noise(rng: jax.Array, batch: Batch, obj_cfg: ObjectiveConfig, mask_token_id:
   tokens = jnp.asarray(batch["tokens"], jnp.int32)
   resp = response_mask(batch)
   b, length = tokens.shape
-  rate_key, draw_key = jax.random.split(rng)
-  t_BN = jax.random.uniform(rate_key, (b, length // obj_cfg.block_size))
+  rate_B, draw_B = _row_keys(rng, b)
+  t_BN = jax.vmap(lambda k: jax.random.uniform(k, (length // obj_cfg.block_size,)))(rate_B)
   p_BL = jnp.repeat((1.0 - obj_cfg.eps) * t_BN + obj_cfg.eps, obj_cfg.block_size, axis=1)
-  masked = resp & (jax.random.uniform(draw_key, (b, length)) < p_BL)
+  masked = resp & (jax.vmap(lambda k: jax.random.uniform(k, (length,)))(draw_B) < p_BL)
   masked_c = resp & ~masked
   return (jnp.where(masked, mask_token_id, tokens), jnp.where(masked_c, mask_token_id, tokens),
           masked, masked_c)

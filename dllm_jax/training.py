@@ -20,7 +20,7 @@ import pathlib
 import signal
 import sys
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +159,16 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], grad_accum: int, mesh: Me
 # The step
 
 
+def _row_order(accum: int, micro: int) -> np.ndarray:
+  """[accum, micro]: where each row of `shard_batch`'s [grad_accum, micro_batch] layout sits in
+  the batch as the processes hold it (process-major, each process's rows in order), which does
+  not depend on grad_accum."""
+  procs = jax.process_count()
+  local = micro // procs  # a process's rows of one micro-batch
+  i, j = np.meshgrid(np.arange(accum), np.arange(micro), indexing="ij")
+  return (j // local) * (accum * local) + i * local + j % local
+
+
 def make_train_step(model_cfg: ModelConfig, obj_cfg: objective.ObjectiveConfig,
                     train_cfg: TrainConfig, tx: optax.GradientTransformation, mesh: Mesh,
                     shardings: TrainState, loss_fn: LossFn = objective.loss_fn):
@@ -183,18 +193,20 @@ def make_train_step(model_cfg: ModelConfig, obj_cfg: objective.ObjectiveConfig,
   def _step(state: TrainState, batch: Mapping[str, jax.Array]):
     key = jax.random.fold_in(state.rng, state.step)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    # One noise key per row of the whole batch, so a row is noised alike however the batch is
+    # split into micro-batches (train.grad_accum may change on resume).
+    accum, micro = jax.tree_util.tree_leaves(batch)[0].shape[:2]
+    row_keys = jax.random.split(key, accum * micro)[_row_order(accum, micro)]
 
     def body(carry, xs):
       grads, loss_sum, count, correct = carry
-      i, micro_batch = xs
-      g, l, c, r = micro_grads(state.params, micro_batch, jax.random.fold_in(key, i))
+      keys, micro_batch = xs
+      g, l, c, r = micro_grads(state.params, micro_batch, keys)
       return (jax.tree_util.tree_map(jnp.add, grads, g), loss_sum + l, count + c,
               correct + r), None
 
     init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-    accum = jax.tree_util.tree_leaves(batch)[0].shape[0]
-    (grads, loss_sum, count, correct), _ = jax.lax.scan(
-        body, init, (jnp.arange(accum), dict(batch)))
+    (grads, loss_sum, count, correct), _ = jax.lax.scan(body, init, (row_keys, dict(batch)))
     # d(sum of loss sums)/d params over the total count: the gradient of the mean loss.
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
@@ -376,6 +388,49 @@ def keep_replaced_config(run_dir: pathlib.Path, cfg, step: int) -> None:
     path.replace(kept)
 
 
+def run_model(cfg, run_dir: pathlib.Path, steps: Sequence[int]
+              ) -> Optional[tuple[None, ModelConfig, Any, dict]]:
+  """For a resume: (None, model config, tokenizer, metadata) as the run in `run_dir` saved them,
+  with `cfg.model`'s runtime fields, when it holds checkpoints (`steps`) and every process can
+  read its model.json and tokenizer/; else None (then `build_model` reads init.*). The weights
+  come from the checkpoint, so init.source is neither needed nor read: the model it named may be
+  gone."""
+  from dllm_jax import checkpoint
+  from dllm_jax.tokenizer import TokenizerError
+
+  saved = None
+  if steps and checkpoint.is_run_dir(run_dir):
+    try:
+      saved = checkpoint.saved_model(run_dir)
+    except (ConfigError, TokenizerError, OSError) as e:
+      log.warning("--resume: the run's model.json or tokenizer/ is unreadable (%s); building "
+                  "the model from init.* instead", e)
+  if _any_process(saved is None):  # (a process whose disk lacks the run's files: all use init.*)
+    return None
+  saved_cfg, tokenizer, metadata = saved
+  if cfg.init.source.strip() == "random":
+    # A run from scratch has its config's architecture: `check_resume` refuses another one by
+    # name (the special ids are the tokenizer's, as `build_model` sets them).
+    model_cfg = dataclasses.replace(cfg.model, **{f: getattr(saved_cfg, f) for f in (
+        "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")})
+  else:  # a pretrained model keeps its own (the config's only described it)
+    model_cfg = dataclasses.replace(
+        saved_cfg, **{f: getattr(cfg.model, f) for f in _RESUME_FREE_FIELDS})
+    _warn_unused_model_fields(cfg.model, model_cfg, f"the run's {checkpoint.MODEL_JSON}")
+  return None, model_cfg, tokenizer, metadata
+
+
+def _warn_unused_model_fields(asked: ModelConfig, used: ModelConfig, source: str) -> None:
+  """A warning naming each model.* setting the run does not use (`source` decides it: a
+  pretrained model's architecture, a tokenizer's special ids). The run's config.json records the
+  model it trains."""
+  ignored = [f"model.{f.name}={getattr(asked, f.name)!r} (used: {getattr(used, f.name)!r})"
+             for f in dataclasses.fields(ModelConfig)
+             if getattr(asked, f.name) is not None and getattr(asked, f.name) != getattr(used, f.name)]
+  if ignored:
+    log.warning("%s decides these model settings, not the config: %s", source, "; ".join(ignored))
+
+
 def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
   """(host params or None for random init, model config, tokenizer, metadata) from `cfg.init`.
 
@@ -403,6 +458,7 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
     model_cfg = dataclasses.replace(
         model_cfg, mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    _warn_unused_model_fields(cfg.model, model_cfg, f"init.tokenizer={cfg.init.tokenizer!r}")
     return None, model_cfg, tok, metadata
   if checkpoint.is_run_dir(source):
     try:
@@ -420,6 +476,7 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
   params, model_cfg = model.with_kernel_layout(params, pretrained.config, cfg.model.kernel_layout)
   model_cfg = dataclasses.replace(
       model_cfg, **{f: getattr(cfg.model, f) for f in _RUNTIME_FIELDS})
+  _warn_unused_model_fields(cfg.model, model_cfg, source)
   if pretrained.tokenizer is None:
     raise ConfigError(f"init.source={source!r} carries no tokenizer; training needs one")
   return params, model_cfg, pretrained.tokenizer, metadata
@@ -538,18 +595,21 @@ def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Me
   it = data.make_dataset(eval_data, tokenizer, process_index=jax.process_index(),
                          process_count=jax.process_count(), split="eval")
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0x5EED)
-  def eval_step(params, batch):
+  def eval_step(params, batch, i):
     with sharding.activation_constraints(mesh):
+      # Each batch its own noise: one shared key would give every batch the same rates.
       return objective.eval_masked_accuracy(params, model_cfg, cfg.objective,
-                                            {k: v[0] for k, v in batch.items()}, key)
+                                            {k: v[0] for k, v in batch.items()},
+                                            jax.random.fold_in(key, i))
 
+  repl = sharding.replicated(mesh)
   eval_fn = jax.jit(
       eval_step,
-      in_shardings=(shardings.params, sharding.batch_sharding(mesh, leading=1)),
-      out_shardings=sharding.replicated(mesh))
+      in_shardings=(shardings.params, sharding.batch_sharding(mesh, leading=1), repl),
+      out_shardings=repl)
   totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
   empty = None
-  for _ in range(cfg.train.eval_batches):
+  for i in range(cfg.train.eval_batches):
     batch = next(it, None)
     if batch is None:
       if empty is None:
@@ -558,7 +618,7 @@ def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Me
                  "loss_mask": np.zeros((rows, cfg.data.seq_len), bool),
                  "segments": np.zeros((rows, cfg.data.seq_len), np.int32)}
       batch = empty
-    out = jax.device_get(eval_fn(state.params, shard_batch(batch, 1, mesh)))
+    out = jax.device_get(eval_fn(state.params, shard_batch(batch, 1, mesh), np.int32(i)))
     for k in totals:
       totals[k] += float(out[k])
   it.close()
@@ -595,11 +655,15 @@ def check_end_of_run(cfg, model_cfg: ModelConfig) -> None:
   held-out evaluation without held-out data, an HF export the model has no class for."""
   from dllm_jax import convert
 
+  from dllm_jax import data
+
   if (cfg.train.eval_batches and not cfg.data.eval_source
       and cfg.data.source.strip() != "synthetic"):
     raise ConfigError(f"train.eval_batches={cfg.train.eval_batches} evaluates on "
                       "data.eval_source, which is empty: give held-out JSONL files, or set "
                       "train.eval_batches=0")
+  if cfg.train.eval_batches and cfg.data.eval_source:
+    data.jsonl_paths(cfg.data.eval_source, "data.eval_source")
   why = cfg.train.export_hf and convert.export_refusal(model_cfg)
   if why:
     raise ConfigError(f"train.export_hf=true: {why}, or set train.export_hf=false")
@@ -623,7 +687,10 @@ def train(cfg, *, resume: bool = False) -> dict:
   except ValueError as e:  # (sizes that do not fit the devices, named)
     raise ConfigError(str(e)) from None
   check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)
-  params, model_cfg, tokenizer, metadata = build_model(cfg)
+  # (A resume is built from its run's own files where it can.)
+  built = ((run_model(cfg, run_dir, checkpoint.saved_steps(run_dir)) if resume else None)
+           or build_model(cfg))
+  params, model_cfg, tokenizer, metadata = built
   check_end_of_run(cfg, model_cfg)
   log.info("mesh %s; model %s, %.1fM params", dict(mesh.shape), model_cfg.architecture,
            sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(model_cfg)))
@@ -645,17 +712,20 @@ def train(cfg, *, resume: bool = False) -> dict:
     state = checkpoint.restore_latest(mgr, abstract_state(shardings, shapes), batches)
     if state is None:
       log.warning("--resume: %s holds no usable checkpoint; starting from step 0", run_dir)
-  if state is None:
+  if state is None:  # (no checkpoints: a run built from its own files has some, or raised)
     state = init_state(params, model_cfg, tx, cfg.train.seed, shardings)
   del params
   start = int(jax.device_get(state.step))
+  # The config as run: its model section is the model trained (a pretrained source decides the
+  # architecture), so config.json never contradicts model.json.
+  run_cfg = dataclasses.replace(cfg, model=model_cfg)
   if start:
     log.info("resumed at step %d", start)
-    keep_replaced_config(run_dir, cfg, start)
+    keep_replaced_config(run_dir, run_cfg, start)
   # Only now: a resume whose config the checkpoints do not fit (restore_latest raises) leaves
   # the run's config.json and model.json describing its checkpoints.
-  checkpoint.write_run_files(run_dir, json.loads(run_config.to_json(cfg)), model_cfg, metadata,
-                             tokenizer)
+  checkpoint.write_run_files(run_dir, json.loads(run_config.to_json(run_cfg)), model_cfg,
+                             metadata, tokenizer)
 
   step_fn = make_train_step(model_cfg, cfg.objective, cfg.train, tx, mesh, shardings)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -669,26 +739,31 @@ def train(cfg, *, resume: bool = False) -> dict:
         signal.SIGTERM, lambda signum, frame: stop.__setitem__("signal", signum))
 
   last: dict = {}
-  step = saved = start
+  step = saved = logged = start
+  metrics = None
   try:
     while step < cfg.train.steps:
       batch = next(batches, None)
-      if batch is None:
-        log.warning("the data ran out (data.num_epochs) after step %d; stopping", step)
+      # Every process must agree to stop at the same step, or the others would wait in the next
+      # step's collectives for ever: shards of unequal size run out at different steps.
+      if _any_process(batch is None):
+        log.warning("the data ran out (data.num_epochs=%s) after step %d%s; ending the run "
+                    "there", cfg.data.num_epochs, step,
+                    "" if batch is None else " on another process")
         break
       state, metrics = step_fn(state, shard_batch(batch, cfg.train.grad_accum, mesh))
       step += 1
       if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last.update(progress.update(step, tokens_per_step, last))
-        metrics_log.write({"step": step, **last})
+        last = _log_step(step, metrics, progress, tokens_per_step, metrics_log)
+        logged = step
       if step % cfg.checkpoint.every_steps == 0 and step < cfg.train.steps:
         checkpoint.save(mgr, step, state, batches)
         saved = step
-      # Every process must agree to stop at the same step, or collectives would hang.
-      if _any_process(stop["signal"] is not None):
+      if _any_process(stop["signal"] is not None):  # (after the step: it is saved)
         log.warning("SIGTERM: saving step %d and stopping", step)
         break
+    if metrics is not None and logged != step:  # the last step is always on record
+      last = _log_step(step, metrics, progress, tokens_per_step, metrics_log)
     if step != saved or not mgr.all_steps():
       checkpoint.save(mgr, step, state, batches)
     mgr.wait_until_finished()
@@ -701,7 +776,9 @@ def train(cfg, *, resume: bool = False) -> dict:
     mgr.close()
 
   last["step"] = step
-  if stop["signal"] is None and step >= cfg.train.steps:
+  # A run ends at train.steps or where its data runs out (data.num_epochs), and is then
+  # evaluated and exported; one stopped by SIGTERM is not finished.
+  if stop["signal"] is None:
     if cfg.train.eval_batches:
       last.update(evaluate(state, model_cfg, cfg, tokenizer, mesh, shardings))
     if cfg.train.export_hf:
@@ -721,6 +798,13 @@ def _any_process(flag: bool) -> bool:
   from jax.experimental import multihost_utils
 
   return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def _log_step(step: int, metrics, progress, tokens_per_step: int, metrics_log) -> dict:
+  last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  last.update(progress.update(step, tokens_per_step, last))
+  metrics_log.write({"step": step, **last})
+  return last
 
 
 def export_hf(state: TrainState, model_cfg: ModelConfig, tokenizer, metadata: dict,

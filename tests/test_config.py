@@ -4,6 +4,7 @@ full-size configs describe the published model sizes (shapes only, nothing alloc
 import dataclasses
 import math
 import pathlib
+import textwrap
 
 import jax
 import pytest
@@ -76,10 +77,41 @@ def test_repeated_key_is_an_error():
     ("objective.block_size=8", "differs from objective.block_size|data.block_size"),
     ("train", "expected KEY=VALUE"),
     ("train=3", "is a section"),
+    # Values a run would otherwise take without a word, or fail on far from the setting.
+    ("train.min_lr_ratio=-1", r"train.min_lr_ratio=-1.0: expected a value in \[0, 1\]"),
+    ("train.schedule=constant", "min_lr_ratio=0.1 applies to the cosine schedule only"),
+    ("train.learning_rate=nan", "train.learning_rate=nan: must be a positive number"),
+    ("train.adam_b2=1.5", r"train.adam_b2=1.5: expected a value in \[0, 1\)"),
+    ("train.grad_clip=-1", "train.grad_clip=-1.0: must be a finite number >= 0"),
+    ("train.eval_batches=-3", "train.eval_batches=-3: must be >= 0"),
+    ("train.run_dir=", "train.run_dir is empty"),
+    ("data.seed=-1", r"data.seed=-1: expected 0 <= seed < 2\*\*32"),
+    ("data.max_records=-1", "data.max_records=-1: must be >= 0"),
+    ("data.synthetic_size=0", "data.synthetic_size=0: must be at least 1"),
 ])
 def test_bad_values_are_clear_errors(override, match):
   with pytest.raises(ConfigError, match=match):
     run_config.load(CONFIGS[0].parent / "tiny.py", [override])
+
+
+def test_a_config_file_value_of_the_wrong_type_is_named(tmp_path):
+  # A config file is Python: shuffle="false" would read as true, a string lr would fail inside
+  # optax. Each section checks its fields' types first.
+  for section, field, value, want in (("data", "shuffle", '"false"', "bool"),
+                                      ("train", "learning_rate", '"1e-4"', "float"),
+                                      ("train", "steps", "10.0", "int"),
+                                      ("model", "num_layers", "True", "int")):
+    bad = tmp_path / f"{field}.py"
+    cls = {"data": "DataConfig", "train": "TrainConfig", "model": "ModelConfig"}[section]
+    bad.write_text(textwrap.dedent(f"""
+        from dllm_jax.config import ModelConfig, TrainConfig
+        from dllm_jax.data import DataConfig
+        from dllm_jax.run_config import Config
+        def get_config():
+          return Config({section}={cls}({field}={value}))
+        """))
+    with pytest.raises(ConfigError, match=f"{section}.{field}=.* expected {want}"):
+      run_config.load(bad)
 
 
 def test_two_auto_mesh_axes_is_an_error():

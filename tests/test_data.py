@@ -215,6 +215,13 @@ def test_synthetic_tasks_and_held_out_split():
   assert len(held_out) == 20
   train = _prompts([next(it) for it in [data.make_dataset(cfg, TOK)] for _ in range(50)])
   assert len(set(train)) > 150 and not set(held_out) & set(train)
+  # Among two-letter strings (676) independent draws of 40 and 400 would share about half of the
+  # 40; the held-out share of the prompts is never drawn for training.
+  cfg = DataConfig(seq_len=64, block_size=16, batch_size=4, eval_records=40,
+                   synthetic_min_len=2, synthetic_max_len=2, synthetic_size=400)
+  held_out = set(_prompts(list(data.make_dataset(cfg, TOK, split="eval"))))
+  train = set(_prompts([b for b in data.make_dataset(dataclasses.replace(cfg, num_epochs=1), TOK)]))
+  assert len(held_out) > 10 and len(train) > 200 and not held_out & train
 
 
 def test_config_errors_say_what_to_do(tmp_path):

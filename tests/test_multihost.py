@@ -18,19 +18,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two(run_dir, steps, resume=False):
+def _run_two(run_dir, steps, resume=False, extra=(), devices=2):
   """train.py as two processes of one job; [(returncode, stdout, stderr)] of each."""
   port = _free_port()
   sets = [f"train.steps={steps}", f"train.run_dir={run_dir}", "checkpoint.every_steps=2",
           "data.batch_size=8", "data.seq_len=48", "train.progress=false",
-          "train.eval_batches=0", "mesh.data=2", "mesh.fsdp=2"]
+          "train.eval_batches=0", "mesh.data=2", f"mesh.fsdp={devices}", *extra]
   cmd = [sys.executable, "train.py", "--config", "configs/tiny.py"] + (["--resume"] * resume)
   for s in sets:
     cmd += ["--set", s]
   procs = []
   for pid in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                DLLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DLLM_NUM_PROCESSES="2",
                DLLM_PROCESS_ID=str(pid))
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -79,3 +79,22 @@ def test_two_processes_train_and_checkpoint(tmp_path):
     assert "resumed at step 2" in err and "step 4: loss" in out
   assert (run_dir / "unreadable_checkpoints" / "3").is_dir()
   assert sorted(int(p.name) for p in ckpts.iterdir()) == [2, 4]
+
+
+def test_processes_end_together_when_their_shards_run_out_at_different_steps(tmp_path):
+  # Nine records over two processes (five and four) with one epoch: one process's shard runs out
+  # a step before the other's. Each stopping on its own left the other in the next step's
+  # collectives for ever; they must agree to end at the same step, and end it as a finished run.
+  records = tmp_path / "nine.jsonl"
+  records.write_text("".join(json.dumps({"prompt": f"reverse: {w}", "response": w[::-1]}) + "\n"
+                             for w in ("dacedd", "dcebe", "cbae", "abcde", "edcba", "bbad",
+                                       "cadeb", "eebac", "dabc")))
+  runs = _run_two(tmp_path / "run", 1000, devices=1, extra=(
+      f"data.source={records}", "data.num_epochs=1", "checkpoint.async_save=false"))
+  finals = []
+  for rc, out, err in runs:
+    assert rc == 0, err[-3000:]
+    assert "the data ran out (data.num_epochs=1) after step" in err
+    finals += [l for l in out.splitlines() if l.startswith("step ")]
+  assert len(finals) == 2 and finals[0] == finals[1] and not finals[0].startswith("step 1000")
+  assert "loss nan" not in finals[0]  # the last step's metrics are on record

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dllm_jax import decoding_cli
-from dllm_jax.decoding_cli import UsageError
+from dllm_jax.decoding_cli import UsageError, encode
 
 MASK_GLYPH = "░"
 
@@ -83,12 +83,6 @@ def read_prompts(path: str) -> list[list[dict]]:
 
 def _sampling(args) -> dict:
   return {"temperature": args.temperature, "top_p": args.top_p}
-
-
-def encode(tokenizer, conversation, raw: bool) -> list[int]:
-  if raw or not tokenizer.chat_template:
-    return tokenizer.encode("\n".join(m["content"] for m in conversation))
-  return tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
 
 
 # --------------------------------------------------------------------------------------------

@@ -389,11 +389,21 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
                           "only plain RoPE")
 
   tensors = {t.name: t for t in reader.tensors}
-  by_hf = {}
+  if "rope_freqs.weight" in tensors:
+    # llama.cpp records Llama-3's RoPE scaling (rope_type "llama3") as this tensor of per-pair
+    # frequency factors, not as rope.scaling.type: plain RoPE would decode it wrongly.
+    raise CheckpointError(f"{path}: holds 'rope_freqs.weight', llama.cpp's form of Llama-3 RoPE "
+                          "scaling (rope_type 'llama3'), which is not supported; only plain RoPE")
+  by_hf, unknown = {}, []
   for name, t in tensors.items():
     hf = _gguf_to_hf_name(name)
-    if hf is not None:
+    if hf is None:
+      unknown.append(name)
+    else:
       by_hf[hf] = t
+  if unknown:  # (a weight the model would silently run without)
+    raise CheckpointError(f"{path}: tensors {unknown[:8]}{' ...' if len(unknown) > 8 else ''} "
+                          f"are not part of a plain {arch} model, which is all this loader reads")
   if "model.embed_tokens.weight" not in by_hf:
     raise CheckpointError(f"{path}: tensor 'token_embd.weight' is missing")
   # GGUF dims are listed innermost first, so [hidden, vocab] for the embedding.

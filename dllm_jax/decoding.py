@@ -54,6 +54,8 @@ in a boolean array, not by comparing tokens with the mask id.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 from typing import Any, Callable, Optional
 
 import jax
@@ -90,6 +92,34 @@ class DecodeConfig:
   def __post_init__(self):
     if self.mode not in MODES:
       raise DecodeError(f"DecodeConfig.mode={self.mode!r}: expected one of {MODES}")
+    for name in ("max_new_tokens", "block_size", "sub_block_size", "pad_token_id"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise DecodeError(f"DecodeConfig.{name}={value!r}: expected an integer")
+      object.__setattr__(self, name, int(value))  # (static under jit: a Python int hashes)
+    for name in ("threshold", "temperature", "top_p"):
+      value = getattr(self, name)
+      if (not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool)
+          or not math.isfinite(value)):
+        raise DecodeError(f"DecodeConfig.{name}={value!r}: expected a finite number")
+      object.__setattr__(self, name, float(value))
+    stops = self.stop_token_ids
+    stops = (stops,) if isinstance(stops, (int, np.integer)) else stops
+    try:  # (integers of any kind, a jax scalar too; not a bool, a float or a string)
+      if isinstance(stops, (str, bytes)) or any(isinstance(t, (bool, np.bool_)) for t in stops):
+        raise TypeError
+      stops = tuple(operator.index(t) for t in stops)
+    except TypeError:
+      raise DecodeError(f"DecodeConfig.stop_token_ids={self.stop_token_ids!r}: expected token "
+                        "ids (a tuple of ints)") from None
+    # Python ints: the config is a static argument of the jitted decoder, and must hash.
+    object.__setattr__(self, "stop_token_ids", stops)
+    if self.mask_token_id is not None:
+      if (not isinstance(self.mask_token_id, (int, np.integer))
+          or isinstance(self.mask_token_id, bool)):
+        raise DecodeError(f"DecodeConfig.mask_token_id={self.mask_token_id!r}: expected an "
+                          "integer or None")
+      object.__setattr__(self, "mask_token_id", int(self.mask_token_id))
     if self.max_new_tokens < 1:
       raise DecodeError(f"DecodeConfig.max_new_tokens={self.max_new_tokens}: must be >= 1")
     if self.block_size < 1 or self.sub_block_size < 1:
@@ -106,8 +136,6 @@ class DecodeConfig:
       raise DecodeError(f"DecodeConfig.temperature={self.temperature}: must be >= 0 (0 = greedy)")
     if not 0.0 < self.top_p <= 1.0:
       raise DecodeError(f"DecodeConfig.top_p={self.top_p}: must be in (0, 1]")
-    if not isinstance(self.stop_token_ids, tuple):
-      object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
 
 @struct.dataclass
@@ -154,6 +182,17 @@ def _check(model_cfg: ModelConfig, config: DecodeConfig, prompt_tokens_BP, promp
         f"prompt of {width} tokens is longer than the model's context "
         f"(max_position_embeddings={model_cfg.max_position_embeddings}); shorten the prompt or "
         "its padding")
+  # The last position a row can reach: the cache is this long (diffusion rounds it up to whole
+  # blocks), and positions past the model's context were never trained.
+  reach = width + config.max_new_tokens
+  if config.mode == "diffusion":
+    reach = _round_up(reach, config.block_size)
+  if reach > model_cfg.max_position_embeddings:
+    raise DecodeError(
+        f"a prompt {width} wide and max_new_tokens={config.max_new_tokens} reach position "
+        f"{reach}{' (whole blocks)' if config.mode == 'diffusion' else ''}, past the model's "
+        f"context (max_position_embeddings={model_cfg.max_position_embeddings}); lower "
+        "max_new_tokens or shorten the prompt")
   for t in config.stop_token_ids:
     if not 0 <= t < model_cfg.vocab_size:
       raise DecodeError(f"stop token {t} is outside the vocabulary (size {model_cfg.vocab_size})")
@@ -176,6 +215,18 @@ def _check(model_cfg: ModelConfig, config: DecodeConfig, prompt_tokens_BP, promp
       raise DecodeError(f"prompt {row} is empty (length {n}); give at least one token (e.g. BOS)")
     if n > width:
       raise DecodeError(f"prompt {row} has length {n} but prompt_tokens is only {width} wide")
+  try:
+    tokens = np.asarray(prompt_tokens_BP)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    tokens = None  # traced: an id outside the vocabulary embeds as NaN (jnp.take's fill)
+  if tokens is not None and lengths:
+    inside = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+    bad = inside & ((tokens < 0) | (tokens >= model_cfg.vocab_size))
+    if bad.any():
+      row, col = (int(i) for i in np.argwhere(bad)[0])
+      raise DecodeError(f"prompt {row} holds token id {int(tokens[row, col])} at position {col}, "
+                        f"outside the vocabulary (size {model_cfg.vocab_size}); check the "
+                        "tokenizer matches the model")
 
 
 def _mask_id(model_cfg: ModelConfig, config: DecodeConfig) -> Optional[int]:
@@ -185,6 +236,9 @@ def _mask_id(model_cfg: ModelConfig, config: DecodeConfig) -> Optional[int]:
 def _row_keys(rng: jax.Array, batch: int) -> jax.Array:
   """Typed keys [batch]: `rng` is one key (row b gets fold_in(rng, b)) or already one per row."""
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    if rng.dtype != jnp.uint32 or rng.ndim not in (1, 2):
+      raise DecodeError(f"rng must be a PRNG key (jax.random.key(seed)) or one per row, got "
+                        f"{rng.dtype} of shape {rng.shape}")
     rng = jax.random.wrap_key_data(rng)
   if rng.shape == ():
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch))
@@ -413,7 +467,9 @@ def _ar(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: DecodeConfi
   causal = masks.MaskSpec("causal")
   cache = init_cache(cfg, batch, width + n, per_layer=not model.is_stacked(params))
   # Padding after a row's prompt is forwarded too; causality hides it and each later token
-  # overwrites its slot before reading it.
+  # overwrites its slot before reading it. It is forwarded as token 0: whatever the caller put
+  # there (an id outside the vocabulary embeds as NaN, which 0-weighted attention still spreads).
+  prompt_BP = jnp.where(jnp.arange(width)[None, :] < plen[:, None], prompt_BP, 0)
   logits, cache = model.forward(params, cfg, prompt_BP.astype(jnp.int32),
                                 _meta(jnp.zeros_like(plen), width), causal, cache,
                                 head_index=(plen - 1)[:, None])

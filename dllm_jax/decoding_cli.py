@@ -98,7 +98,12 @@ def load(args, command: str, *, batch: int | None = None):
     raise UsageError(f"{args.checkpoint} has no tokenizer; {command} needs one to encode text")
   if args.mode == "diffusion":
     reason = convert.not_diffusion_reason(pretrained)
-    if reason and (pretrained.config.mask_token_id is None or not args.force):
+    if reason and pretrained.config.mask_token_id is None:
+      # (--force cannot help: there is no mask token to fill the blocks with)
+      raise UsageError(f"{args.checkpoint} is not a block-diffusion model ({reason}); decode "
+                       "it with --mode ar, or fine-tune it into one with train.py (which adds "
+                       "the mask token)")
+    if reason and not args.force:
       raise UsageError(f"{args.checkpoint} is not a block-diffusion model ({reason}); use "
                        "--mode ar, fine-tune it with train.py, or --force to decode it anyway")
     if reason:
@@ -115,6 +120,14 @@ def load(args, command: str, *, batch: int | None = None):
     except ValueError as e:  # (--matvec pallas where the kernels do not run: named)
       raise UsageError(f"--matvec {args.matvec}: {e}") from None
   return convert.cast(pretrained, dtype, args.layout, args.matvec, kernel_layout)
+
+
+def encode(tokenizer, conversation, raw: bool = False) -> list[int]:
+  """A conversation's prompt ids: through the tokenizer's chat template (ending in the
+  assistant's turn), or its messages' text joined by newlines when `raw` or without a template."""
+  if raw or not tokenizer.chat_template:
+    return tokenizer.encode("\n".join(m["content"] for m in conversation))
+  return tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
 
 
 def decode_config(args, pretrained, **sampling):

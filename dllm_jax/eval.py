@@ -28,7 +28,9 @@ import numpy as np
 
 from dllm_jax import decoding, decoding_cli, model
 
-_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+# A minus sign counts only where a number starts ("3-4 hours" holds 3 and 4, not -4), and a
+# number is not the tail of a word ("Q2") or of a decimal ("3.5" holds 3.5 alone).
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?|(?<![\w.])-?\.\d+")
 
 
 def normalize_number(text: str) -> Optional[str]:
@@ -45,9 +47,10 @@ def normalize_number(text: str) -> Optional[str]:
 
 
 def extract_answer(text: str) -> Optional[str]:
-  """The number after the last '####', else the last number in the text."""
+  """The number after the first '####' (lm-eval's strict match: a model that runs on past its
+  answer often invents a next "Question: ... #### n"), else the last number in the text."""
   if "####" in text:
-    found = normalize_number(text.rsplit("####", 1)[1])
+    found = normalize_number(text.split("####", 1)[1])
     if found is not None:
       return found
   numbers = _NUMBER.findall(text)
@@ -88,6 +91,9 @@ def load_gsm8k(path: str | pathlib.Path, limit: Optional[int] = None) -> list[Pr
       problems.append(Problem(len(problems), question, gold))
       if limit is not None and len(problems) >= limit:
         break
+  if not problems:
+    raise ValueError(f"{path} holds no GSM8K records (one JSON object with question and answer "
+                     "a line)")
   return problems
 
 
@@ -116,8 +122,9 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
   decode_cfg = dataclasses.replace(
       decode_cfg, stop_token_ids=(decoding.stop_token_ids(tok, pretrained.config)
                                   if stop_token_ids is None else stop_token_ids))
-  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p.question}],
-                                                add_generation_prompt=True)) for p in problems]
+  # (As decode.py: the question as it is where the tokenizer has no chat template.)
+  prompts = [decoding_cli.encode(tok, [{"role": "user", "content": p.question}])
+             for p in problems]
   width = max(len(p) for p in prompts)
   width = -(-width // decode_cfg.block_size) * decode_cfg.block_size
   model_cfg = pretrained.config
@@ -270,7 +277,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     raise SystemExit(f"{prog}: error: {e}") from None
   decode_cfg = decoding_cli.decode_config(args, pretrained)
   log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-  records, summary = evaluate(pretrained, problems, decode_cfg, args.batch_size, args.seed, log,
+  # (A run of fewer problems than --batch-size decodes them in one batch of their number.)
+  records, summary = evaluate(pretrained, problems, decode_cfg,
+                              min(args.batch_size, len(problems)), args.seed, log,
                               layout=args.layout)
   summary["checkpoint"] = args.checkpoint
   if args.out:

@@ -196,8 +196,9 @@ def test_export_loads_in_transformers_with_same_logits(hf_dirs, tmp_path, kind):
 
 
 def _write_gguf(path, hf_model, arch, tensor_type=gguf.GGMLQuantizationType.Q8_0,
-                override=None):
-  """Writes `hf_model` the way llama.cpp's converter does (llama Q/K rows permuted)."""
+                override=None, extra=None):
+  """Writes `hf_model` the way llama.cpp's converter does (llama Q/K rows permuted); `extra`:
+  more float32 tensors by GGUF name."""
   cfg = hf_model.config
   heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
   w = gguf.GGUFWriter(str(path), arch)
@@ -247,6 +248,8 @@ def _write_gguf(path, hf_model, arch, tensor_type=gguf.GGMLQuantizationType.Q8_0
       w.add_tensor(g, x.astype(np.int32))
     else:
       w.add_tensor(g, gguf.quants.quantize(x, ttype), raw_dtype=ttype)
+  for g, x in (extra or {}).items():
+    w.add_tensor(g, np.asarray(x, np.float32))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -362,6 +365,23 @@ def test_unsupported_gguf_tensor_type_and_architecture(hf_dirs, tmp_path):
   with pytest.raises(convert.CheckpointError, match=r"general.architecture='gemma' is not "
                      r"supported; supported: 'llama', 'qwen2'"):
     convert.load_pretrained(path)
+
+
+def test_gguf_tensors_the_model_would_run_without_are_refused(hf_dirs, tmp_path):
+  # llama.cpp writes Llama-3's RoPE scaling as a rope_freqs tensor, with no rope.scaling key:
+  # dropping it loaded a model that decoded with the wrong frequencies, without a word.
+  model = hf_dirs["llama_untied"][0]
+  half = model.config.hidden_size // model.config.num_attention_heads // 2
+  path = tmp_path / "llama3.gguf"
+  _write_gguf(path, model, "llama", extra={"rope_freqs.weight": np.ones(half)})
+  with pytest.raises(convert.CheckpointError, match=r"llama3.gguf: holds 'rope_freqs.weight', "
+                     r"llama.cpp's form of Llama-3 RoPE scaling"):
+    convert.load_gguf(path)
+  path = tmp_path / "qknorm.gguf"
+  _write_gguf(path, model, "llama", extra={"blk.0.attn_q_norm.weight": np.ones(2 * half)})
+  with pytest.raises(convert.CheckpointError, match=r"tensors \['blk.0.attn_q_norm.weight'\] are "
+                     r"not part of a plain llama model"):
+    convert.load_gguf(path)
 
 
 def test_load_pretrained_errors(tmp_path):

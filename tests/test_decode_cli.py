@@ -1,5 +1,6 @@
 """decode.py on tiny models exported to HF directories: batch, JSON, chat, live view, errors."""
 
+import dataclasses
 import io
 import json
 import os
@@ -114,12 +115,22 @@ def test_kernels_that_cannot_run_are_a_usage_error(dirs, monkeypatch):
                  "pallas"])
 
 
-def test_diffusion_mode_refused_for_non_diffusion_checkpoint(dirs):
+def test_diffusion_mode_refused_for_non_diffusion_checkpoint(dirs, monkeypatch):
   with pytest.raises(SystemExit, match="not a block-diffusion model.*objective=None.*--mode ar"):
     decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", *FAST])
   with pytest.warns(UserWarning, match="--force"):
     result = decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", "--force", *FAST])
   assert result["results"][0]["tokens"] >= 1
+  # Without a mask token (an AR model from the hub) --force cannot help, and the error does not
+  # offer it.
+  from dllm_jax import checkpoint
+  ar = convert.load_pretrained(dirs["ar"])
+  no_mask = dataclasses.replace(ar, config=dataclasses.replace(ar.config, mask_token_id=None))
+  monkeypatch.setattr(checkpoint, "load_model", lambda path: no_mask)
+  for force in ([], ["--force"]):
+    with pytest.raises(SystemExit, match="no mask token.*--mode ar") as e:
+      decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", *force, *FAST])
+    assert "--force" not in str(e.value)
 
 
 def test_bad_arguments_are_clear_errors(dirs, tmp_path):

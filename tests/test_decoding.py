@@ -346,3 +346,39 @@ def test_bad_inputs_are_clear_errors(params):
     decoding.generate(params, ar_model, prompts, lengths, jax.random.key(0), ok)
   with pytest.raises(DecodeError, match="mode"):
     DecodeConfig(mode="beam")
+  # Types a config file or a caller may get wrong, named (not a TypeError deep inside).
+  for fields, message in (({"max_new_tokens": 2.5}, "max_new_tokens=2.5: expected an integer"),
+                          ({"temperature": float("nan")}, "temperature=nan: expected a finite"),
+                          ({"stop_token_ids": ["2"]}, "stop_token_ids=.*expected token ids"),
+                          ({"stop_token_ids": None}, "stop_token_ids=None: expected token ids")):
+    with pytest.raises(DecodeError, match=message):
+      DecodeConfig(**fields)
+  # One id, or numpy/jax integers, are token ids: Python ints, so the config hashes under jit.
+  assert DecodeConfig(stop_token_ids=2).stop_token_ids == (2,)
+  assert DecodeConfig(stop_token_ids=[np.int32(2), jnp.int32(3)]).stop_token_ids == (2, 3)
+  with pytest.raises(DecodeError, match=r"rng must be a PRNG key \(jax.random.key\(seed\)\)"):
+    decoding.generate(params, CFG, prompts, lengths, 0, ok)
+  # The cache reaches past the model's context (128 positions here).
+  with pytest.raises(DecodeError, match=r"reach position 136 \(whole blocks\), past the model's "
+                     "context"):
+    decoding.generate(params, CFG, np.zeros((1, 120), np.int32), np.array([120]),
+                      jax.random.key(0), DecodeConfig(max_new_tokens=10, block_size=BS,
+                                                      sub_block_size=SBS))
+  # An id outside the vocabulary inside a prompt embeds as NaN: named instead.
+  bad = np.array(prompts)
+  bad[1, 2] = CFG.vocab_size
+  with pytest.raises(DecodeError, match=f"prompt 1 holds token id {CFG.vocab_size} at position 2"):
+    decoding.generate(params, CFG, bad, lengths, jax.random.key(0), ok)
+
+
+def test_ar_padding_past_a_prompt_is_never_read(params):
+  # Whatever fills a row past its length (even an id outside the vocabulary, which embeds as
+  # NaN and spread through the masked attention) leaves the row's tokens as they are.
+  prompts, lengths = _prompts([3, 5])
+  cfg = DecodeConfig(mode="ar", max_new_tokens=6)
+  want = decoding.generate(params, CFG, prompts, lengths, jax.random.key(0), cfg)[0]
+  for fill in (0, CFG.vocab_size, 10 * CFG.vocab_size):
+    padded = np.array(prompts)
+    padded[0, 3:] = fill
+    got = decoding.generate(params, CFG, padded, lengths, jax.random.key(0), cfg)[0]
+    np.testing.assert_array_equal(got, want)

@@ -25,6 +25,13 @@ from dllm_jax.config import ModelConfig
     ("12.0 dollars", "12"),
     ("no digits here", None),
     ("earlier 41 and 42, then #### none", "42"),
+    # A model that runs on past its answer invents the next problem: the first #### counts.
+    ("= 18.\n#### 18\n\nQuestion: Tom has 3 apples = 2\n#### 2", "18"),
+    # A minus sign starts a number only where one starts.
+    ("The trip took 3-4 hours", "4"),
+    ("#### 12.", "12"),
+    ("#### $1,234.50", "1234.5"),
+    ("Q2 is 7", "7"),
 ])
 def test_extract_answer(text, expected):
   assert eval_lib.extract_answer(text) == expected
@@ -209,6 +216,10 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
     with pytest.raises(SystemExit, match=f"error: --out .*{message}"):
       eval_lib.main(base + ["--out", str(out)])
   assert data.read_text() == json.dumps({"question": "q", "answer": "#### 1"}) + "\n"
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  with pytest.raises(SystemExit, match=r"empty.jsonl holds no GSM8K records"):
+    eval_lib.main(["gsm8k", "--checkpoint", "x", "--data", str(empty)])
   numeric = tmp_path / "numeric.jsonl"
   numeric.write_text(json.dumps({"question": "q", "answer": 5}) + "\n")
   with pytest.raises(SystemExit, match=r"numeric.jsonl:1: question and answer must be strings"):

@@ -139,21 +139,38 @@ def _strip_stop(ids: list[int], cfg) -> list[int]:
   return ids[:-1] if ids and ids[-1] in cfg.stop_token_ids else ids
 
 
-def _check_lengths(prompts, model_cfg):
+def _check_lengths(prompts, model_cfg, cfg, width):
+  """UsageError for an empty prompt, or prompts `width` wide that with --max-new-tokens would
+  reach past the model's context (generate's own DecodeError, named as the flags)."""
+  from dllm_jax import decoding
+
   for i, ids in enumerate(prompts):
     if not ids:
       raise UsageError(f"prompt {i} is empty after tokenization; give some text")
     if len(ids) > model_cfg.max_position_embeddings:
       raise UsageError(f"prompt {i} has {len(ids)} tokens, longer than the model's context "
                        f"({model_cfg.max_position_embeddings})")
+  try:
+    decoding.check_reach(model_cfg, cfg, width)
+  except decoding.DecodeError as e:
+    raise UsageError(f"{e} (--max-new-tokens)") from None
+
+
+def _width(n: int, cfg, model_cfg, steps: int = 1) -> int:
+  """The prompt width for prompts of up to `n` tokens: whole blocks, in steps of `steps` blocks
+  (a chat's growing conversation recompiles rarely) where that still fits the context."""
+  from dllm_jax import decoding
+
+  width = _round_up(n, cfg.block_size)
+  wider = _round_up(n, steps * cfg.block_size)
+  return wider if decoding.reach(cfg, wider) <= model_cfg.max_position_embeddings else width
 
 
 def run_batch(args, pretrained, cfg, conversations) -> dict:
   tok = pretrained.tokenizer
   prompts = [encode(tok, c, args.no_chat_template) for c in conversations]
-  _check_lengths(prompts, pretrained.config)
-  width = min(_round_up(max(map(len, prompts)), cfg.block_size),
-              pretrained.config.max_position_embeddings)
+  width = _width(max(map(len, prompts)), cfg, pretrained.config)
+  _check_lengths(prompts, pretrained.config, cfg, width)
   batch = max(1, min(args.batch_size, len(prompts)))
   decoder = Decoder(pretrained, cfg, args.seed)
   results = []
@@ -194,9 +211,13 @@ def chat(args, pretrained, cfg, stdin=None, out=None) -> dict:
       break
     conversation.append({"role": "user", "content": line.strip()})
     ids = encode(tok, conversation, args.no_chat_template)
-    _check_lengths([ids], pretrained.config)
-    # Widths in steps of 4 blocks so that a growing conversation recompiles rarely.
-    width = min(_round_up(len(ids), 4 * cfg.block_size), pretrained.config.max_position_embeddings)
+    width = _width(len(ids), cfg, pretrained.config, steps=4)
+    try:
+      _check_lengths([ids], pretrained.config, cfg, width)
+    except UsageError as e:  # (the conversation so far stays; this turn is not taken)
+      conversation.pop()
+      print(f"decode.py: {e}; the conversation is too long for another turn", file=out)
+      continue
     (gen, nfe), = decoder([ids], width, 1)
     reply = tok.decode(_strip_stop(gen, cfg))
     conversation.append({"role": "assistant", "content": reply})
@@ -224,7 +245,7 @@ def live(args, pretrained, cfg, conversation, out=None) -> dict:
     raise UsageError("--live shows diffusion denoising; use it with --mode diffusion")
   tok = pretrained.tokenizer
   ids = encode(tok, conversation, args.no_chat_template)
-  _check_lengths([ids], pretrained.config)
+  _check_lengths([ids], pretrained.config, cfg, len(ids))
   plen, n = len(ids), cfg.max_new_tokens
   frames = []
   tty = hasattr(out, "isatty") and out.isatty()

@@ -134,7 +134,9 @@ def check_field_types(node: Any, section: str) -> None:
   for f in dataclasses.fields(node):
     value, tp, key = getattr(node, f.name), hints[f.name], f"{section}.{f.name}"
     if not _fits(value, tp):
-      want = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+      args = [a for a in typing.get_args(tp) if a is not type(None)]
+      want = (" or ".join(getattr(a, "__name__", str(a)) for a in args) + " or None"
+              if type(None) in typing.get_args(tp) else getattr(tp, "__name__", str(tp)))
       raise ConfigError(f"{key}={value!r} is a {type(value).__name__}; expected {want}")
 
 

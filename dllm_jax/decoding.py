@@ -48,7 +48,9 @@ The authors' semantics kept (their `batch_sample`, per row):
   reference's top-p path draws every row from row 0's distribution).
 
 A token equal to the mask id in the prompt is not decoded: which positions are masked is tracked
-in a boolean array, not by comparing tokens with the mask id.
+in a boolean array, not by comparing tokens with the mask id. Nor is the mask token ever an
+output: its logit is -inf wherever a token is chosen (the reference would write it, and then
+re-decode the position, the same way again when greedy); a trained model gives it almost no mass.
 """
 
 from __future__ import annotations
@@ -106,7 +108,10 @@ class DecodeConfig:
     stops = self.stop_token_ids
     stops = (stops,) if isinstance(stops, (int, np.integer)) else stops
     try:  # (integers of any kind, a jax scalar too; not a bool, a float or a string)
-      if isinstance(stops, (str, bytes)) or any(isinstance(t, (bool, np.bool_)) for t in stops):
+      if isinstance(stops, (str, bytes)):
+        raise TypeError
+      stops = tuple(stops)  # (once: a generator is read here and only here)
+      if any(isinstance(t, (bool, np.bool_)) for t in stops):
         raise TypeError
       stops = tuple(operator.index(t) for t in stops)
     except TypeError:
@@ -182,17 +187,7 @@ def _check(model_cfg: ModelConfig, config: DecodeConfig, prompt_tokens_BP, promp
         f"prompt of {width} tokens is longer than the model's context "
         f"(max_position_embeddings={model_cfg.max_position_embeddings}); shorten the prompt or "
         "its padding")
-  # The last position a row can reach: the cache is this long (diffusion rounds it up to whole
-  # blocks), and positions past the model's context were never trained.
-  reach = width + config.max_new_tokens
-  if config.mode == "diffusion":
-    reach = _round_up(reach, config.block_size)
-  if reach > model_cfg.max_position_embeddings:
-    raise DecodeError(
-        f"a prompt {width} wide and max_new_tokens={config.max_new_tokens} reach position "
-        f"{reach}{' (whole blocks)' if config.mode == 'diffusion' else ''}, past the model's "
-        f"context (max_position_embeddings={model_cfg.max_position_embeddings}); lower "
-        "max_new_tokens or shorten the prompt")
+  check_reach(model_cfg, config, width)
   for t in config.stop_token_ids:
     if not 0 <= t < model_cfg.vocab_size:
       raise DecodeError(f"stop token {t} is outside the vocabulary (size {model_cfg.vocab_size})")
@@ -227,6 +222,25 @@ def _check(model_cfg: ModelConfig, config: DecodeConfig, prompt_tokens_BP, promp
       raise DecodeError(f"prompt {row} holds token id {int(tokens[row, col])} at position {col}, "
                         f"outside the vocabulary (size {model_cfg.vocab_size}); check the "
                         "tokenizer matches the model")
+
+
+def reach(config: DecodeConfig, width: int) -> int:
+  """How many positions a decode of prompts `width` wide holds (its cache's length): diffusion
+  rounds up to whole blocks."""
+  total = width + config.max_new_tokens
+  return _round_up(total, config.block_size) if config.mode == "diffusion" else total
+
+
+def check_reach(model_cfg: ModelConfig, config: DecodeConfig, width: int) -> None:
+  """DecodeError when prompts `width` wide and `config.max_new_tokens` reach past the model's
+  context: positions it was never trained at."""
+  total = reach(config, width)
+  if total > model_cfg.max_position_embeddings:
+    raise DecodeError(
+        f"a prompt {width} wide and max_new_tokens={config.max_new_tokens} reach position "
+        f"{total}{' (whole blocks)' if config.mode == 'diffusion' else ''}, past the model's "
+        f"context (max_position_embeddings={model_cfg.max_position_embeddings}); lower "
+        "max_new_tokens or shorten the prompt")
 
 
 def _mask_id(model_cfg: ModelConfig, config: DecodeConfig) -> Optional[int]:
@@ -278,6 +292,15 @@ def sample(logits_BTV: jax.Array, keys_B: jax.Array, temperature: float, top_p: 
 
   tokens = jax.vmap(one_row)(keys_B, probs).astype(jnp.int32)
   return tokens, jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
+
+
+def _never(logits: jax.Array, token_id: Optional[int]) -> jax.Array:
+  """`logits` [..., V] with `token_id` (the mask token) made impossible. A decoder that wrote
+  it would output it (the authors' loop would re-decode such a position, the same token again
+  when greedy); a trained model gives it almost no mass, so the other confidences stay."""
+  if token_id is None:
+    return logits
+  return logits.at[..., token_id].set(-jnp.inf)
 
 
 def _split(keys_B):
@@ -358,7 +381,7 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
       params, cfg, tokens[:, :prefill_len], _meta(jnp.zeros_like(plen), prefill_len),
       masks.MaskSpec("block_causal", bs), cache, head_index=(plen - 1)[:, None])
   ar_first = plen % bs == 0
-  first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+  first = jnp.argmax(_never(logits[:, 0], mask_id), axis=-1).astype(jnp.int32)
   tokens = tokens.at[rows, plen].set(jnp.where(ar_first, first, tokens[rows, plen]))
   masked = masked.at[rows, plen].set(masked[rows, plen] & ~ar_first)
   block_start = (plen // bs) * bs
@@ -415,7 +438,8 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
       step_logits = jnp.where(partial[:, None, None], logits_sub, step_logits)
 
     keys, sample_keys = _split(st.keys)
-    candidates, confidence = sample(step_logits, sample_keys, config.temperature, config.top_p)
+    candidates, confidence = sample(_never(step_logits, mask_id), sample_keys,
+                                    config.temperature, config.top_p)
     sub_masked = _rows_slice(blk_masked, sub_start, sbs) & step[:, None]
     confidence = jnp.where(sub_masked, confidence, -jnp.inf)
     unmask = (confidence > threshold) | jax.nn.one_hot(
@@ -431,7 +455,7 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
     # Commit: the block's KV is now written; its last output is the next block's first token.
     # A committing row is not done, so its next block lies inside the buffer.
     nxt_pos = jnp.minimum(st.block_start + bs, total - 1)
-    nxt = jnp.argmax(logits_blk[:, sbs], axis=-1).astype(jnp.int32)
+    nxt = jnp.argmax(_never(logits_blk[:, sbs], mask_id), axis=-1).astype(jnp.int32)
     tokens = tokens.at[rows, nxt_pos].set(jnp.where(commit, nxt, tokens[rows, nxt_pos]))
     masked = masked.at[rows, nxt_pos].set(masked[rows, nxt_pos] & ~commit)
     block_start = jnp.where(commit, st.block_start + bs, st.block_start)
@@ -474,7 +498,8 @@ def _ar(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: DecodeConfi
                                 _meta(jnp.zeros_like(plen), width), causal, cache,
                                 head_index=(plen - 1)[:, None])
   keys, sample_keys = _split(keys_B)
-  first, _ = sample(logits, sample_keys, config.temperature, config.top_p)
+  never = _mask_id(cfg, config)  # (a diffusion model's mask token is no answer in AR mode either)
+  first, _ = sample(_never(logits, never), sample_keys, config.temperature, config.top_p)
   out = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(first[:, 0])
   count = jnp.ones(batch, jnp.int32)
   done = ~valid | _is_stop(first[:, 0], config.stop_token_ids) | (n == 1)
@@ -486,7 +511,7 @@ def _ar(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: DecodeConfi
     logits, cache = model.forward(params, cfg, last[:, None], _meta(plen + count - 1, 1), causal,
                                   cache, cache_write_mask=active)
     keys, sample_keys = _split(keys)
-    tok, _ = sample(logits, sample_keys, config.temperature, config.top_p)
+    tok, _ = sample(_never(logits, never), sample_keys, config.temperature, config.top_p)
     tok = tok[:, 0]
     idx = jnp.minimum(count, n - 1)
     out = out.at[rows, idx].set(jnp.where(active, tok, out[rows, idx]))

@@ -29,8 +29,10 @@ import numpy as np
 from dllm_jax import decoding, decoding_cli, model
 
 # A minus sign counts only where a number starts ("3-4 hours" holds 3 and 4, not -4), and a
-# number is not the tail of a word ("Q2") or of a decimal ("3.5" holds 3.5 alone).
-_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?|(?<![\w.])-?\.\d+")
+# number is not the tail of a word ("Q2") or of a decimal ("3.5" holds 3.5 alone); words are
+# ASCII ("答案是18" holds 18), and an ellipsis is no decimal point ("is...18" holds 18).
+_NUMBER = re.compile(r"(?<![A-Za-z0-9_])(?<!\d\.)-?\d[\d,]*(?:\.\d+)?"
+                     r"|(?<![A-Za-z0-9_.])-?\.\d+")
 
 
 def normalize_number(text: str) -> Optional[str]:
@@ -128,6 +130,7 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
   width = max(len(p) for p in prompts)
   width = -(-width // decode_cfg.block_size) * decode_cfg.block_size
   model_cfg = pretrained.config
+  decoding.check_reach(model_cfg, decode_cfg, width)  # (before anything compiles)
   # The threshold is an argument, not a constant, so a sweep over thresholds compiles to the same
   # program (and hits JAX's persistent compilation cache when one is set).
   fn = jax.jit(lambda params, toks, lens, rng, th: decoding.generate(
@@ -194,7 +197,8 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
 
 
 def agreement(records: Sequence[dict], reference: Sequence[dict]) -> float:
-  """Share of problems whose predicted answer equals the reference run's for the same problem."""
+  """Share of problems whose predicted answer equals the reference run's for the same problem
+  (two runs that both end without a number agree: parallel decoding changed nothing there)."""
   ref = {r["index"]: r["prediction"] for r in reference}
   shared = [r for r in records if r["index"] in ref]
   if not shared:
@@ -272,15 +276,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     reference = None
     if args.compare_to:
       reference = read_generations(args.compare_to, {p.index for p in problems})
-    pretrained = decoding_cli.load(args, prog)
+    # (A run of fewer problems than --batch-size decodes them in one batch of their number,
+    # and --kernel-layout auto decides for that batch.)
+    batch = min(args.batch_size, len(problems))
+    pretrained = decoding_cli.load(args, prog, batch=batch)
   except decoding_cli.UsageError as e:
     raise SystemExit(f"{prog}: error: {e}") from None
   decode_cfg = decoding_cli.decode_config(args, pretrained)
   log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-  # (A run of fewer problems than --batch-size decodes them in one batch of their number.)
-  records, summary = evaluate(pretrained, problems, decode_cfg,
-                              min(args.batch_size, len(problems)), args.seed, log,
-                              layout=args.layout)
+  try:
+    records, summary = evaluate(pretrained, problems, decode_cfg, batch, args.seed, log,
+                                layout=args.layout)
+  except decoding.DecodeError as e:  # (the problems and --max-new-tokens past the context)
+    raise SystemExit(f"{prog}: error: {e} (--max-new-tokens)") from None
   summary["checkpoint"] = args.checkpoint
   if args.out:
     from dllm_jax import checkpoint  # (loaded with the model already)

@@ -137,13 +137,20 @@ def check_batch_size(batch_size: int, grad_accum: int, mesh: Mesh) -> int:
   return batch_size // grad_accum
 
 
-def shard_batch(local_batch: Mapping[str, np.ndarray], grad_accum: int, mesh: Mesh
-                ) -> dict[str, jax.Array]:
+def shard_batch(local_batch: Mapping[str, np.ndarray], grad_accum: int, mesh: Mesh,
+                row_ids: bool = True) -> dict[str, jax.Array]:
   """This process's rows [B_local, L] -> global arrays [grad_accum, B / grad_accum, L].
 
-  Each process contributes its own rows (processes read disjoint shards of the data)."""
+  Each process contributes its own rows (processes read disjoint shards of the data).
+  `row_ids`: also "row" int32 [grad_accum, B / grad_accum, 1], each row's place in the batch as
+  the processes hold it (process-major), placed as the rows are: what keys its noise, whatever
+  the micro-batches and the mesh's layout (its last axis only gives it the batch's sharding)."""
   out = {}
   sh = sharding.batch_sharding(mesh, leading=1)
+  if row_ids:
+    local = np.asarray(next(iter(local_batch.values()))).shape[0]
+    rows = jax.process_index() * local + np.arange(local, dtype=np.int32)
+    out.update(shard_batch({"row": rows[:, None]}, grad_accum, mesh, row_ids=False))
   for name, x in local_batch.items():
     x = np.asarray(x)
     if x.shape[0] % grad_accum:
@@ -157,16 +164,6 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], grad_accum: int, mesh: Me
 
 # --------------------------------------------------------------------------------------------
 # The step
-
-
-def _row_order(accum: int, micro: int) -> np.ndarray:
-  """[accum, micro]: where each row of `shard_batch`'s [grad_accum, micro_batch] layout sits in
-  the batch as the processes hold it (process-major, each process's rows in order), which does
-  not depend on grad_accum."""
-  procs = jax.process_count()
-  local = micro // procs  # a process's rows of one micro-batch
-  i, j = np.meshgrid(np.arange(accum), np.arange(micro), indexing="ij")
-  return (j // local) * (accum * local) + i * local + j % local
 
 
 def make_train_step(model_cfg: ModelConfig, obj_cfg: objective.ObjectiveConfig,
@@ -193,10 +190,13 @@ def make_train_step(model_cfg: ModelConfig, obj_cfg: objective.ObjectiveConfig,
   def _step(state: TrainState, batch: Mapping[str, jax.Array]):
     key = jax.random.fold_in(state.rng, state.step)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    # One noise key per row of the whole batch, so a row is noised alike however the batch is
-    # split into micro-batches (train.grad_accum may change on resume).
-    accum, micro = jax.tree_util.tree_leaves(batch)[0].shape[:2]
-    row_keys = jax.random.split(key, accum * micro)[_row_order(accum, micro)]
+    # Each row's noise is keyed by its place in the batch, so a row is noised alike however the
+    # batch is split into micro-batches (train.grad_accum may change on resume).
+    batch = dict(batch)
+    if "row" not in batch:
+      raise ValueError("the batch has no 'row' ids (each row's place in the batch, which keys "
+                       "its noise): build it with training.shard_batch")
+    row_keys = jax.vmap(jax.vmap(lambda r: jax.random.fold_in(key, r)))(batch.pop("row")[..., 0])
 
     def body(carry, xs):
       grads, loss_sum, count, correct = carry
@@ -206,7 +206,7 @@ def make_train_step(model_cfg: ModelConfig, obj_cfg: objective.ObjectiveConfig,
               correct + r), None
 
     init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-    (grads, loss_sum, count, correct), _ = jax.lax.scan(body, init, (row_keys, dict(batch)))
+    (grads, loss_sum, count, correct), _ = jax.lax.scan(body, init, (row_keys, batch))
     # d(sum of loss sums)/d params over the total count: the gradient of the mean loss.
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
@@ -413,20 +413,38 @@ def run_model(cfg, run_dir: pathlib.Path, steps: Sequence[int]
     # name (the special ids are the tokenizer's, as `build_model` sets them).
     model_cfg = dataclasses.replace(cfg.model, **{f: getattr(saved_cfg, f) for f in (
         "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")})
-  else:  # a pretrained model keeps its own (the config's only described it)
+    if cfg.init.tokenizer == "chars":
+      # Built as the run's start built it: a saved copy lacks the alphabet, without which
+      # characters outside it are dropped instead of refused (`check_resume` compares the two).
+      tokenizer = _chars_tokenizer()
+  else:  # a pretrained model keeps its own (the config's only described it: the first start
+    # warned about what differed)
     model_cfg = dataclasses.replace(
         saved_cfg, **{f: getattr(cfg.model, f) for f in _RESUME_FREE_FIELDS})
-    _warn_unused_model_fields(cfg.model, model_cfg, f"the run's {checkpoint.MODEL_JSON}")
   return None, model_cfg, tokenizer, metadata
+
+
+def _chars_tokenizer():
+  from dllm_jax import tokenizer as tokenizer_lib
+
+  tok = tokenizer_lib.simple_chars()
+  tokenizer_lib.add_mask_token(tok)
+  return tok
 
 
 def _warn_unused_model_fields(asked: ModelConfig, used: ModelConfig, source: str) -> None:
   """A warning naming each model.* setting the run does not use (`source` decides it: a
   pretrained model's architecture, a tokenizer's special ids). The run's config.json records the
   model it trains."""
+  def differ(a, b):  # (a float read from a file as float32 is the same setting)
+    if isinstance(a, float) and isinstance(b, (int, float)):
+      return not math.isclose(a, b, rel_tol=1e-6)
+    return a != b
+
   ignored = [f"model.{f.name}={getattr(asked, f.name)!r} (used: {getattr(used, f.name)!r})"
              for f in dataclasses.fields(ModelConfig)
-             if getattr(asked, f.name) is not None and getattr(asked, f.name) != getattr(used, f.name)]
+             if getattr(asked, f.name) is not None
+             and differ(getattr(asked, f.name), getattr(used, f.name))]
   if ignored:
     log.warning("%s decides these model settings, not the config: %s", source, "; ".join(ignored))
 
@@ -447,10 +465,10 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
   metadata = {"objective": cfg.objective.kind, "block_size": cfg.objective.block_size}
   if source == "random":
     if cfg.init.tokenizer == "chars":
-      tok = tokenizer_lib.simple_chars()
+      tok = _chars_tokenizer()
     else:
       tok = tokenizer_lib.from_hf_dir(cfg.init.tokenizer)
-    tokenizer_lib.add_mask_token(tok)
+      tokenizer_lib.add_mask_token(tok)
     model_cfg = cfg.model
     if model_cfg.vocab_size < tok.vocab_size:
       raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
@@ -467,6 +485,10 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
       raise ConfigError(f"init.source={source}: {e}") from None
   else:
     pretrained = convert.load_pretrained(source, dtype=cfg.model.param_dtype)
+  # (What the config describes is the model as loaded: the mask token may grow its vocabulary.)
+  _warn_unused_model_fields(
+      cfg.model, dataclasses.replace(pretrained.config, **{f: getattr(cfg.model, f)
+                                                           for f in _RUNTIME_FIELDS}), source)
   pretrained = convert.add_mask_token(pretrained)
   params = pretrained.params
   if pretrained.config.kernel_layout != cfg.model.kernel_layout:
@@ -476,7 +498,6 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
   params, model_cfg = model.with_kernel_layout(params, pretrained.config, cfg.model.kernel_layout)
   model_cfg = dataclasses.replace(
       model_cfg, **{f: getattr(cfg.model, f) for f in _RUNTIME_FIELDS})
-  _warn_unused_model_fields(cfg.model, model_cfg, source)
   if pretrained.tokenizer is None:
     raise ConfigError(f"init.source={source!r} carries no tokenizer; training needs one")
   return params, model_cfg, pretrained.tokenizer, metadata
@@ -618,7 +639,8 @@ def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Me
                  "loss_mask": np.zeros((rows, cfg.data.seq_len), bool),
                  "segments": np.zeros((rows, cfg.data.seq_len), np.int32)}
       batch = empty
-    out = jax.device_get(eval_fn(state.params, shard_batch(batch, 1, mesh), np.int32(i)))
+    out = jax.device_get(eval_fn(state.params, shard_batch(batch, 1, mesh, row_ids=False),
+                                 np.int32(i)))
     for k in totals:
       totals[k] += float(out[k])
   it.close()
@@ -740,7 +762,7 @@ def train(cfg, *, resume: bool = False) -> dict:
 
   last: dict = {}
   step = saved = logged = start
-  metrics = None
+  metrics, stopped = None, False
   try:
     while step < cfg.train.steps:
       batch = next(batches, None)
@@ -760,7 +782,9 @@ def train(cfg, *, resume: bool = False) -> dict:
         checkpoint.save(mgr, step, state, batches)
         saved = step
       if _any_process(stop["signal"] is not None):  # (after the step: it is saved)
-        log.warning("SIGTERM: saving step %d and stopping", step)
+        log.warning("SIGTERM%s: saving step %d and stopping",
+                    "" if stop["signal"] is not None else " on another process", step)
+        stopped = True
         break
     if metrics is not None and logged != step:  # the last step is always on record
       last = _log_step(step, metrics, progress, tokens_per_step, metrics_log)
@@ -777,8 +801,8 @@ def train(cfg, *, resume: bool = False) -> dict:
 
   last["step"] = step
   # A run ends at train.steps or where its data runs out (data.num_epochs), and is then
-  # evaluated and exported; one stopped by SIGTERM is not finished.
-  if stop["signal"] is None:
+  # evaluated and exported; one stopped by SIGTERM (on any process: all stopped) is not finished.
+  if not stopped:
     if cfg.train.eval_batches:
       last.update(evaluate(state, model_cfg, cfg, tokenizer, mesh, shardings))
     if cfg.train.export_hf:

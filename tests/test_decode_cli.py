@@ -151,6 +151,10 @@ def test_bad_arguments_are_clear_errors(dirs, tmp_path):
     decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(tmp_path / "missing.jsonl")])
   with pytest.raises(SystemExit, match="longer than the model's context"):
     decode.main(base[:2] + ["--prompt", "x" * 300, *FAST])
+  # A prompt that fits, but not with the tokens asked for after it (256 positions here).
+  with pytest.raises(SystemExit, match=r"reach position \d+ \(whole blocks\), past the model's "
+                     r"context .*\(--max-new-tokens\)"):
+    decode.main(base[:2] + ["--prompt", "x" * 150, *FAST[:-1], "120"])
   with pytest.raises(SystemExit, match="--live needs a single --prompt"):
     decode.main(["--checkpoint", dirs["diffusion"], "--chat", "--live"])
 
@@ -172,6 +176,16 @@ def test_chat_keeps_the_conversation(dirs, monkeypatch, capsys):
   assert [t["user"] for t in turns] == ["hi there", "and again"]
   assert all(1 <= t["tokens"] <= 6 for t in turns)
   assert "tokens/s" in capsys.readouterr().out
+
+
+def test_chat_refuses_a_turn_past_the_context_and_goes_on(dirs, monkeypatch, capsys):
+  # A turn whose conversation and reply would reach past the model's context (256 here) is
+  # refused by name and not taken; the chat, and the conversation before it, go on.
+  monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 250 + "\nhi\n\n"))
+  result = decode.main(["--checkpoint", dirs["diffusion"], "--chat", "--mode", "ar",
+                        "--max-new-tokens", "6"])
+  assert [t["user"] for t in result["turns"]] == ["hi"]
+  assert "the conversation is too long for another turn" in capsys.readouterr().out
 
 
 def test_command_line_subprocess(dirs):

@@ -64,6 +64,14 @@ def _forward_cached(params, tokens, start, cache):
   return np.asarray(logits), cache
 
 
+def _no_mask(logits):
+  """The mask token is never an output (the decoder's rule; the authors' loop would re-decode
+  such a position)."""
+  logits = np.array(logits, np.float32)
+  logits[..., MASK] = -np.inf
+  return logits
+
+
 def reference_decode(params, prompt, cfg: DecodeConfig):
   """The authors' decoder for one row, greedy, in plain Python.
 
@@ -88,7 +96,7 @@ def reference_decode(params, prompt, cfg: DecodeConfig):
     else:
       logits = _block_logits_uncached(params, seq, whole)
     if p % BS == 0:
-      seq.append(int(np.argmax(logits[-1])))
+      seq.append(int(np.argmax(_no_mask(logits[-1]))))
       masked.append(False)
   block_start = p // BS * BS
   block_kv = None
@@ -112,7 +120,7 @@ def reference_decode(params, prompt, cfg: DecodeConfig):
         last = logits[-1]
       else:
         last = _block_logits_uncached(params, seq, block_end)[block_end - 1]
-      seq.append(int(np.argmax(last)))
+      seq.append(int(np.argmax(_no_mask(last))))
       masked.append(False)
       block_start, block_kv = block_end, None
       continue
@@ -130,7 +138,7 @@ def reference_decode(params, prompt, cfg: DecodeConfig):
       sub_forwards += 1
       logits, block_kv = _forward_cached(params, seq[sub:sub + SBS], sub, block_kv)
       step = np.stack([logits[max(j - 1, 0)] for j in range(SBS)])
-    probs = np.asarray(jax.nn.softmax(jnp.asarray(step), axis=-1))
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(_no_mask(step)), axis=-1))
     cand = probs.argmax(-1)
     conf = np.where(masked[sub:sub + SBS], probs[np.arange(SBS), cand], -np.inf)
     unmask = conf > thr
@@ -303,7 +311,7 @@ def test_ar_equals_greedy_recompute(params):
     seq = list(prompts[row, :n])
     for _ in range(10):
       logits = ar_logits(params, CFG, jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32))
-      seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+      seq.append(int(np.argmax(_no_mask(logits[0, len(seq) - 1]))))
     np.testing.assert_array_equal(out[row], seq[n:])
   assert np.all(lens == 10) and np.all(stats["nfe"] == 10)
 
@@ -356,6 +364,7 @@ def test_bad_inputs_are_clear_errors(params):
   # One id, or numpy/jax integers, are token ids: Python ints, so the config hashes under jit.
   assert DecodeConfig(stop_token_ids=2).stop_token_ids == (2,)
   assert DecodeConfig(stop_token_ids=[np.int32(2), jnp.int32(3)]).stop_token_ids == (2, 3)
+  assert DecodeConfig(stop_token_ids=(t for t in (4, 5))).stop_token_ids == (4, 5)  # read once
   with pytest.raises(DecodeError, match=r"rng must be a PRNG key \(jax.random.key\(seed\)\)"):
     decoding.generate(params, CFG, prompts, lengths, 0, ok)
   # The cache reaches past the model's context (128 positions here).
@@ -369,6 +378,24 @@ def test_bad_inputs_are_clear_errors(params):
   bad[1, 2] = CFG.vocab_size
   with pytest.raises(DecodeError, match=f"prompt 1 holds token id {CFG.vocab_size} at position 2"):
     decoding.generate(params, CFG, bad, lengths, jax.random.key(0), ok)
+
+
+def test_the_mask_token_is_never_an_output(params):
+  # A model whose every position favours the mask token (here: its head column raised): the
+  # decoders would write it as a token (and the text would drop it without a word). Each takes
+  # the best other token instead, as the transcription does.
+  head = params["lm_head"]
+  boost = jnp.zeros(head.shape[-1]).at[MASK].set(1e4)
+  biased = {**params, "lm_head": head + boost * jnp.sign(jnp.sum(head, axis=0, keepdims=True))}
+  prompts, lengths = _prompts([3, 8])
+  for mode in ("diffusion", "ar"):
+    cfg = DecodeConfig(mode=mode, max_new_tokens=12, block_size=BS, sub_block_size=SBS)
+    out, lens, _ = _decode(biased, prompts, lengths, cfg)
+    assert np.all(lens > 0) and not np.any(out == MASK), mode
+  cfg = DecodeConfig(max_new_tokens=12, block_size=BS, sub_block_size=SBS)
+  out, lens, _ = _decode(biased, prompts, lengths, cfg)
+  ref, _, _ = reference_decode(biased, list(prompts[1, :8]), cfg)
+  np.testing.assert_array_equal(out[1, :lens[1]], ref)
 
 
 def test_ar_padding_past_a_prompt_is_never_read(params):

@@ -32,6 +32,8 @@ from dllm_jax.config import ModelConfig
     ("#### 12.", "12"),
     ("#### $1,234.50", "1234.5"),
     ("Q2 is 7", "7"),
+    ("so the answer is...18", "18"),  # (an ellipsis, no decimal point: was 0.18)
+    ("答案是18", "18"),  # (words are ASCII: was None)
 ])
 def test_extract_answer(text, expected):
   assert eval_lib.extract_answer(text) == expected

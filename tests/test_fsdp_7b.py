@@ -79,8 +79,10 @@ def _batch(cfg, mesh):
   accum = cfg.train.grad_accum
   shape = (accum, cfg.data.batch_size // accum, cfg.data.seq_len)
   sh = sharding.batch_sharding(mesh, leading=1)
-  return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for name, dtype in
-          (("tokens", jnp.int32), ("loss_mask", jnp.bool_), ("segments", jnp.int32))}
+  batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for name, dtype in
+           (("tokens", jnp.int32), ("loss_mask", jnp.bool_), ("segments", jnp.int32))}
+  # (each row's place in the batch, which keys its noise: `training.shard_batch` adds it)
+  return {**batch, "row": jax.ShapeDtypeStruct((*shape[:2], 1), jnp.int32, sharding=sh)}
 
 
 def test_batches_split_over_the_batch_axes(setup):

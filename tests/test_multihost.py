@@ -90,7 +90,8 @@ def test_processes_end_together_when_their_shards_run_out_at_different_steps(tmp
                              for w in ("dacedd", "dcebe", "cbae", "abcde", "edcba", "bbad",
                                        "cadeb", "eebac", "dabc")))
   runs = _run_two(tmp_path / "run", 1000, devices=1, extra=(
-      f"data.source={records}", "data.num_epochs=1", "checkpoint.async_save=false"))
+      f"data.source={records}", "data.num_epochs=1", "checkpoint.async_save=false",
+      "train.log_every=1000"))
   finals = []
   for rc, out, err in runs:
     assert rc == 0, err[-3000:]

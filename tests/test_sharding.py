@@ -148,6 +148,7 @@ def test_train_step_binds_the_activation_constraints_to_the_mesh():
   batch_sh = sharding.batch_sharding(mesh, leading=1)
   batch = {name: jax.ShapeDtypeStruct((2, 4, 32), dtype, sharding=batch_sh)
            for name, dtype in (("tokens", np.int32), ("loss_mask", bool), ("segments", np.int32))}
+  batch["row"] = jax.ShapeDtypeStruct((2, 4, 1), np.int32, sharding=batch_sh)
   hlo = step.lower(training.abstract_state(sh, shapes), batch).as_text()
   # 4 rows per micro-batch; the complementary-mask layout [noisy_1; noisy_2; clean] is 3 x 32.
   batch_split = '<@mesh, [{"data", "fsdp"}, {}, '

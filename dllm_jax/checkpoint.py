@@ -18,6 +18,7 @@ or incomplete is skipped with a warning and the one before it is used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import pathlib
@@ -112,7 +113,8 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iterato
     try:
       restored = mgr.restore(step, args=ocp.args.Composite(**items))["state"]
       break
-    except Exception as e:  # noqa: BLE001  (any failure means: this checkpoint is unusable)
+    except Exception as e:  # noqa: BLE001  (a failure of the files: this checkpoint is unusable)
+      _raise_if_not_the_files(e)
       _warn_unreadable(mgr, step, e)
       unreadable.append(step)
   if unreadable and restored is None:
@@ -165,6 +167,15 @@ def _complete_on_every_process(mgr: ocp.CheckpointManager, steps: list[int],
 
     here = np.all(multihost_utils.process_allgather(here), axis=0)
   return [bool(x) for x in here]
+
+
+def _raise_if_not_the_files(error: Exception) -> None:
+  """Re-raises what says nothing about a checkpoint's files: memory running out (the devices'
+  or the host's) is no corruption, and must not send a run to an older step or set aside the
+  newest one."""
+  if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error) \
+      or "Out of memory" in str(error):
+    raise error
 
 
 def _warn_unreadable(mgr: ocp.CheckpointManager, step: int, error: Exception) -> None:
@@ -230,20 +241,36 @@ def is_run_dir(path: str | pathlib.Path) -> bool:
 
 
 def load_params(run_dir: str | pathlib.Path) -> tuple[int, Any]:
-  """(step, params) of the newest good checkpoint of a run, as arrays on the first device."""
+  """(step, params) of the newest good checkpoint of a run, as arrays on the first device. Only
+  the params are read: the optimizer's moments are twice their size (a 7B run's float32 state
+  is ~91 GB, more than one GPU holds, where its params are ~30)."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with contextlib.closing(manager(run_dir, async_save=False, create=False)) as mgr:
     for step in sorted(mgr.all_steps(), reverse=True):
       try:
-        meta = mgr.item_metadata(step)["state"]
+        meta = mgr.item_metadata(step)["state"]["params"]
         target = jax.tree_util.tree_map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-        state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        return step, state["state"]["params"]
+        return step, _restore_params(pathlib.Path(mgr.directory) / str(step) / "state", target)
       except Exception as e:  # noqa: BLE001
+        _raise_if_not_the_files(e)
         _warn_unreadable(mgr, step, e)
   raise FileNotFoundError(f"{run_dir} holds no readable checkpoint under {CHECKPOINTS}/; train "
                           "first (python train.py --config ...) or pass a model path")
+
+
+def _restore_params(state_dir: pathlib.Path, target: Any) -> Any:
+  """The "params" subtree of a saved TrainState, shaped and placed as `target`, the rest left on
+  disk (orbax's partial restore; before it had one, a transform tree that names only params)."""
+  restore_args = jax.tree_util.tree_map(
+      lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
+      target)
+  fields = {f.name for f in dataclasses.fields(ocp.args.PyTreeRestore)}
+  subset = {"partial_restore": True} if "partial_restore" in fields else {"transforms": {}}
+  with contextlib.closing(ocp.PyTreeCheckpointer()) as ckptr:
+    restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": restore_args}, **subset))
+  return restored["params"]
 
 
 def _read_model_json(path: pathlib.Path) -> tuple[config_lib.ModelConfig, dict]:
@@ -283,6 +310,9 @@ def load_model(path: str | pathlib.Path):
   `convert.Pretrained`; any other path (or shortcut) -> `convert.load_pretrained(path)`."""
   from dllm_jax import convert, tokenizer as tokenizer_lib
 
+  if (pathlib.Path(path) / MODEL_JSON).is_file() and not is_run_dir(path):
+    raise FileNotFoundError(f"{path} is a training run's directory (it has {MODEL_JSON}) without "
+                            f"its {CHECKPOINTS}/; copy those too, or pass another model path")
   if not is_run_dir(path):
     return convert.load_pretrained(str(path))
   path = pathlib.Path(path)

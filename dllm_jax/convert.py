@@ -468,8 +468,11 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
       w = _unpermute_rope_rows(w, cfg.num_kv_heads)
     return w
 
+  try:  # (before the tensors are dequantized: seconds to minutes for a large file)
+    tokenizer = tk.from_gguf(reader)
+  except tk.TokenizerError as e:
+    raise CheckpointError(str(e)) from None
   params = _params_from_hf(get, cfg, np_dtype)
-  tokenizer = tk.from_gguf(reader)
   check_tokenizer_matches(tokenizer, cfg, str(path))
   return Pretrained(params=params, config=cfg, tokenizer=tokenizer, metadata={})
 
@@ -481,6 +484,10 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
 def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
   """A HF directory, a .gguf file, or a shortcut name (see `SHORTCUTS`)."""
   text = str(name_or_path)
+  if text in SHORTCUTS and os.path.exists(text):
+    raise CheckpointError(f"{text!r} is both a shortcut (the package {SHORTCUTS[text][0]}'s "
+                          f"file) and a path here; say which: ./{text} for the path, or run from "
+                          "another directory for the shortcut")
   if text in SHORTCUTS:
     package, filename = SHORTCUTS[text]
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import pathlib
 import string
 from typing import Any, Optional, Sequence
@@ -21,6 +22,8 @@ import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+log = logging.getLogger(__name__)
 
 MASK_TOKEN = "<|mask|>"
 
@@ -195,6 +198,8 @@ class Tokenizer:
       config["chat_template"] = self.chat_template
     if self.eot_token_id is not None:
       config["dllm_jax_eot_token"] = self.id_to_token(self.eot_token_id)
+    if self.alphabet is not None:  # (a character vocabulary: what it may encode, see `encode`)
+      config["dllm_jax_alphabet"] = "".join(sorted(self.alphabet))
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2,
                                                                 ensure_ascii=False))
 
@@ -308,11 +313,13 @@ def from_hf_dir(path: str | pathlib.Path) -> Tokenizer:
   if ids["mask_token"] is None:
     ids["mask_token"] = backend.token_to_id(MASK_TOKEN)
   eot = _id_of(backend, config.get("dllm_jax_eot_token"), where)
+  alphabet = config.get("dllm_jax_alphabet")
   return Tokenizer(
       backend=backend, chat_template=template, bos_token_id=ids["bos_token"],
       eos_token_id=ids["eos_token"], pad_token_id=ids["pad_token"],
       mask_token_id=ids["mask_token"], unk_token_id=ids["unk_token"],
-      eot_token_id=eot if eot is not None else _end_of_turn(backend, ids["eos_token"]))
+      eot_token_id=eot if eot is not None else _end_of_turn(backend, ids["eos_token"]),
+      alphabet=frozenset(alphabet) if isinstance(alphabet, str) else None)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -339,6 +346,8 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's pre-tokenizer names that split digits one by one before GPT-2's split.
+_DIGITS_FIRST = ("smollm", "starcoder", "refact")
 _GGUF_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"),
                     _LLAMA3_SPLIT),
@@ -382,8 +391,18 @@ def from_gguf(reader_or_path) -> Tokenizer:
   bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
                    continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
   backend = tokenizers.Tokenizer(bpe)
-  split = _GGUF_SPLITS.get(get("tokenizer.ggml.pre"))
-  if split is None:
+  pre = get("tokenizer.ggml.pre")
+  split = _GGUF_SPLITS.get(pre)
+  if pre in _DIGITS_FIRST:
+    # Every digit its own piece before GPT-2's split, as SmolLM2's own tokenizer.json does
+    # (llama.cpp's `\p{N}` first for these): "x =  1" is [x, Ġ=, ĠĠ, 1], not [.., Ġ, Ġ, 1].
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  elif split is None:
+    if pre not in (None, "default", "gpt-2", "gpt2"):
+      log.warning("%s: tokenizer.ggml.pre=%r is not one dllm_jax knows; splitting as GPT-2 does, "
+                  "which may tokenize otherwise than the model was trained", where, pre)
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   else:
     backend.pre_tokenizer = pre_tokenizers.Sequence([

@@ -196,7 +196,7 @@ def test_export_loads_in_transformers_with_same_logits(hf_dirs, tmp_path, kind):
 
 
 def _write_gguf(path, hf_model, arch, tensor_type=gguf.GGMLQuantizationType.Q8_0,
-                override=None, extra=None):
+                override=None, extra=None, tokenizer_model="gpt2"):
   """Writes `hf_model` the way llama.cpp's converter does (llama Q/K rows permuted); `extra`:
   more float32 tensors by GGUF name."""
   cfg = hf_model.config
@@ -214,7 +214,7 @@ def _write_gguf(path, hf_model, arch, tensor_type=gguf.GGMLQuantizationType.Q8_0
   w.add_vocab_size(cfg.vocab_size)
   # Byte-level vocabulary: the 256 byte symbols (row i spells byte i) and no merges.
   symbols = list(tk._bytes_to_unicode().values())
-  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_model(tokenizer_model)
   w.add_token_list(symbols)
   w.add_token_merges([])
   w.add_token_types([1] * 256)
@@ -377,6 +377,12 @@ def test_gguf_tensors_the_model_would_run_without_are_refused(hf_dirs, tmp_path)
   with pytest.raises(convert.CheckpointError, match=r"llama3.gguf: holds 'rope_freqs.weight', "
                      r"llama.cpp's form of Llama-3 RoPE scaling"):
     convert.load_gguf(path)
+  # A SentencePiece vocabulary (llama.cpp's "llama" tokenizer): refused as a checkpoint error,
+  # before any tensor is dequantized.
+  path = tmp_path / "spm.gguf"
+  _write_gguf(path, model, "llama", tokenizer_model="llama")
+  with pytest.raises(convert.CheckpointError, match="tokenizer.ggml.model='llama'; only byte-level"):
+    convert.load_gguf(path)
   path = tmp_path / "qknorm.gguf"
   _write_gguf(path, model, "llama", extra={"blk.0.attn_q_norm.weight": np.ones(2 * half)})
   with pytest.raises(convert.CheckpointError, match=r"tensors \['blk.0.attn_q_norm.weight'\] are "
@@ -391,6 +397,16 @@ def test_load_pretrained_errors(tmp_path):
     convert.load_pretrained(tmp_path)
   with pytest.raises(convert.CheckpointError, match="dtype='int8'"):
     convert.load_pretrained(tmp_path, dtype="int8")
+  # A directory named as a shortcut (a full-precision download, say): which one is meant is
+  # asked, not guessed (the packaged Q4_1 file was loaded without a word).
+  (tmp_path / "smollm2-135m-instruct").mkdir()
+  cwd = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    with pytest.raises(convert.CheckpointError, match="is both a shortcut .* and a path here"):
+      convert.load_pretrained("smollm2-135m-instruct")
+  finally:
+    os.chdir(cwd)
 
 
 def test_failed_export_leaves_nothing(hf_dirs, tmp_path, monkeypatch):

@@ -252,6 +252,41 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
   assert not list(run_dir.glob("config.before_step_*.1.json"))
 
 
+def test_load_params_reads_only_the_params_and_does_not_call_memory_corruption(reference,
+                                                                              monkeypatch):
+  # A 7B run's float32 state with its AdamW moments (~91 GB) fits no one GPU; its params do.
+  import orbax.checkpoint as ocp
+  ref_dir, _ = reference
+  real, read = ocp.PyTreeCheckpointer.restore, []
+
+  def spy(self, *args, **kwargs):
+    out = real(self, *args, **kwargs)
+    read.append(sorted(out))
+    return out
+  monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", spy)
+  step, params = checkpoint.load_params(ref_dir)
+  assert step == STEPS and read == [["params"]]
+  assert set(params) == set(training.abstract_params(checkpoint.saved_model_config(ref_dir)))
+  # Memory running out is not a corrupt checkpoint: no silent fall back to an older step.
+  def oom(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 91 GB")
+  monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", oom)
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    checkpoint.load_params(ref_dir)
+
+
+def test_a_run_directory_without_its_checkpoints_is_named(reference, tmp_path):
+  # (It was read as a HF directory: "config.json: architectures=[] ... is not supported".)
+  ref_dir, _ = reference
+  partial = tmp_path / "copied_run"
+  shutil.copytree(ref_dir, partial, ignore=shutil.ignore_patterns("checkpoints"))
+  with pytest.raises(FileNotFoundError, match="a training run's directory .* without its "
+                     "checkpoints/"):
+    checkpoint.load_model(partial)
+  with pytest.raises(ConfigError, match="without its checkpoints/"):
+    training.build_model(_cfg(tmp_path / "new", extra=[f"init.source={partial}"]))
+
+
 def test_quick_start_leaves_a_model_that_load_model_reads(tmp_path):
   run_dir = tmp_path / "tiny"
   sets = SHORT + ["train.steps=3", f"train.run_dir={run_dir}", "train.eval_batches=1",

@@ -7,6 +7,12 @@ import pytest
 # Eight fake CPU devices for the sharding tests; set before jax is first imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's CPU client runs host callbacks on a pool as large as the cores (2 in CI). The Mosaic GPU
+# interpreter runs each warpgroup of a CTA as its own execution whose barrier waits block in such
+# callbacks: with three warpgroups, two waiting ones can hold both threads while the third never
+# starts (a hang seen under jax 0.10.2 and 0.11.2, always with the race detector, once without).
+# PJRT_NPROC sizes that pool.
+os.environ.setdefault("PJRT_NPROC", "8")
 
 
 @pytest.fixture(scope="session")

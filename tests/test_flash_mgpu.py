@@ -119,12 +119,10 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
     ((masks.MaskSpec("diffusion", 16, 2), 40, 1, 3, 1, 128, [[]]), FUSED),
 ])
 def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, tiles):
-  # jax 0.11's detector orders the warpgroups' shared-memory reads and writes, the TMA copies
-  # (the async proxy) and the mbarriers by vector clocks: the forward, dk/dv and fused kernels
-  # run each case under it. (tests/test_jax011.py runs this under 0.11; 0.10's detector does not
-  # model the async proxy.)
-  if not jax.__version__.startswith("0.11"):
-    pytest.skip("jax 0.11's race detector only (tests/test_jax011.py runs it)")
+  # The interpreter's race detector orders the warpgroups' shared-memory reads and writes, the
+  # TMA copies and the mbarriers by vector clocks: the forward, dk/dv and fused kernels run each
+  # case under it, here under jax 0.10 and in tests/test_jax011.py under 0.11, whose detector
+  # also models TMA's async proxy.
   ipc = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
   params = flash_mgpu._interpret_params()
   monkeypatch.setattr(flash_mgpu, "_interpret_params",

@@ -18,7 +18,6 @@ or incomplete is skipped with a warning and the one before it is used.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import pathlib
@@ -173,9 +172,12 @@ def _raise_if_not_the_files(error: Exception) -> None:
   """Re-raises what says nothing about a checkpoint's files: memory running out (the devices'
   or the host's) is no corruption, and must not send a run to an older step or set aside the
   newest one."""
-  if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error) \
-      or "Out of memory" in str(error):
-    raise error
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:  # (orbax wraps a shard's read error in its own)
+    seen.add(id(e))
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
+      raise error
+    e = e.__cause__ or e.__context__
 
 
 def _warn_unreadable(mgr: ocp.CheckpointManager, step: int, error: Exception) -> None:
@@ -261,15 +263,13 @@ def load_params(run_dir: str | pathlib.Path) -> tuple[int, Any]:
 
 def _restore_params(state_dir: pathlib.Path, target: Any) -> Any:
   """The "params" subtree of a saved TrainState, shaped and placed as `target`, the rest left on
-  disk (orbax's partial restore; before it had one, a transform tree that names only params)."""
+  disk (orbax's partial restore, from 0.12)."""
   restore_args = jax.tree_util.tree_map(
       lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
       target)
-  fields = {f.name for f in dataclasses.fields(ocp.args.PyTreeRestore)}
-  subset = {"partial_restore": True} if "partial_restore" in fields else {"transforms": {}}
   with contextlib.closing(ocp.PyTreeCheckpointer()) as ckptr:
     restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args}, **subset))
+        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
   return restored["params"]
 
 

@@ -472,8 +472,8 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
     tokenizer = tk.from_gguf(reader)
   except tk.TokenizerError as e:
     raise CheckpointError(str(e)) from None
-  params = _params_from_hf(get, cfg, np_dtype)
   check_tokenizer_matches(tokenizer, cfg, str(path))
+  params = _params_from_hf(get, cfg, np_dtype)
   return Pretrained(params=params, config=cfg, tokenizer=tokenizer, metadata={})
 
 

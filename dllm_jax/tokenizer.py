@@ -339,15 +339,16 @@ def _bytes_to_unicode() -> dict[int, str]:
 # llama.cpp token types (gguf.TokenType)
 _CONTROL, _USER_DEFINED = 3, 4
 
-# Pre-tokenizer splits of the vocabularies whose `tokenizer.ggml.pre` names one; any other name
-# (gpt2, smollm, ...) gets GPT-2's split built into the ByteLevel pre-tokenizer. Same table as
-# transformers' GGUF builder, so both tokenize alike.
+# Pre-tokenizer splits of the vocabularies whose `tokenizer.ggml.pre` names one (the table of
+# transformers' GGUF builder); the digits-first names below split as llama.cpp does, where
+# transformers falls back to GPT-2's split; any other name gets GPT-2's (with a warning).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # llama.cpp's pre-tokenizer names that split digits one by one before GPT-2's split.
-_DIGITS_FIRST = ("smollm", "starcoder", "refact")
+_DIGITS_FIRST = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
+                 "minerva-7b")
 _GGUF_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"),
                     _LLAMA3_SPLIT),
@@ -358,9 +359,11 @@ _GGUF_SPLITS = {
 def from_gguf(reader_or_path) -> Tokenizer:
   """Builds the byte-level BPE tokenizer a GGUF file describes ("gpt2" tokenizer model).
 
-  Follows transformers' own GGUF tokenizer builder (integrations/gguf), so both encode alike:
-  byte-level pre-tokenizer with the split `tokenizer.ggml.pre` names (GPT-2's by default),
-  control tokens added whole as special tokens, user-defined ones as plain added tokens.
+  Follows transformers' own GGUF tokenizer builder (integrations/gguf): byte-level
+  pre-tokenizer with the split `tokenizer.ggml.pre` names (GPT-2's by default), control tokens
+  added whole as special tokens, user-defined ones as plain added tokens; except that the
+  digits-first vocabularies (SmolLM2's "smollm") split as llama.cpp and their own tokenizer.json
+  do, where transformers splits as GPT-2.
   """
   import gguf  # imported here: only GGUF users need it
 

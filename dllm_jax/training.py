@@ -414,8 +414,8 @@ def run_model(cfg, run_dir: pathlib.Path, steps: Sequence[int]
     model_cfg = dataclasses.replace(cfg.model, **{f: getattr(saved_cfg, f) for f in (
         "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")})
     if cfg.init.tokenizer == "chars":
-      # Built as the run's start built it: a saved copy lacks the alphabet, without which
-      # characters outside it are dropped instead of refused (`check_resume` compares the two).
+      # Built as the run's start built it: a copy saved before the alphabet was saved lacks it,
+      # and drops characters outside it instead of refusing them (`check_resume` compares them).
       tokenizer = _chars_tokenizer()
   else:  # a pretrained model keeps its own (the config's only described it: the first start
     # warned about what differed)

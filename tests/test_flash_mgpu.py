@@ -112,11 +112,15 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
     (CASES[0], flash.Tiles(forward="triton", dkv="mosaic")),
     (CASES[1], flash.Tiles(forward="triton", dkv="mosaic")),
     (CASES[2], flash.Tiles(forward="triton", dkv="mosaic")),
-    # Fused dQ at head_dim 128, 3L with GQA 3. Not the packed case: its key-tile CTAs add into
-    # the same dQ rows one grid point after another, and jax 0.11.2's detector resets every
-    # vector clock between grid points while keeping their accesses, so it reports those adds
-    # as races (each warpgroup against itself, same columns); run in sequence they are not.
+    # The forward on a diffusion layout at head_dim 128 (the models' own).
+    ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]]), MOSAIC),
+    # Fused dQ at head_dim 128: 3L with GQA 3, and packed with GQA 2 (not under jax 0.11.2: its
+    # key-tile CTAs add into the same dQ rows one grid point after another, and 0.11.2's
+    # detector resets every vector clock between grid points while keeping their accesses, so
+    # it reports those adds as races, each warpgroup against itself; in sequence they are not).
     ((masks.MaskSpec("diffusion", 16, 2), 40, 1, 3, 1, 128, [[]]), FUSED),
+    *([] if jax.__version__.startswith("0.11") else
+      [((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]]), FUSED)]),
 ])
 def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, tiles):
   # The interpreter's race detector orders the warpgroups' shared-memory reads and writes, the
@@ -128,6 +132,17 @@ def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, ti
   monkeypatch.setattr(flash_mgpu, "_interpret_params",
                       lambda: dataclasses.replace(params, detect_races=True))
   jax.clear_caches()  # (the kernels are read as they are traced)
+  # Each Mosaic kernel that starts replaces the interpreter's race state: every one this case
+  # runs is collected, so none goes unread and a case that ran none cannot pass.
+  gpu_callbacks = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks")
+  ipc.reset_gpu_interpret_mode_state()
+  states, init = [], gpu_callbacks._initialize_shared_memory
+
+  def initialize(*args, **kwargs):
+    out = init(*args, **kwargs)
+    states.append(ipc.get_races())
+    return out
+  monkeypatch.setattr(gpu_callbacks, "_initialize_shared_memory", initialize)
   spec, length, b, h, kh, d, cuts = case
   meta = masks.layout_meta(spec, _segments(b, length, cuts))
   t = meta.positions.shape[1]
@@ -141,7 +156,7 @@ def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, ti
     out, vjp = jax.vjp(f, q, k, v)
     return out, vjp(ct)
   jax.block_until_ready(jax.jit(run)())
-  assert not ipc.get_races().races_found
+  assert states and not any(r.races_found for r in states)
 
 
 @pytest.mark.parametrize("tiles", [FUSED, flash.Tiles(forward="triton", dkv="mosaic")])

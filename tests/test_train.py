@@ -273,6 +273,12 @@ def test_load_params_reads_only_the_params_and_does_not_call_memory_corruption(r
   monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", oom)
   with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
     checkpoint.load_params(ref_dir)
+  # Nor when orbax wraps it, as it wraps any error reading a shard.
+  def wrapped(*args, **kwargs):
+    raise Exception("Encountered error while reading array index") from MemoryError()
+  monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", wrapped)
+  with pytest.raises(Exception, match="Encountered error while reading"):
+    checkpoint.load_params(ref_dir)
 
 
 def test_a_run_directory_without_its_checkpoints_is_named(reference, tmp_path):

@@ -518,6 +518,12 @@ DECODE_TUNE = [  # the default (one wave) and, from benchmarks/decode_kernel.py,
 ]
 
 
+def tiles_to_time(index: int) -> flash.Tiles:
+  """TUNE[index], or without one the library's default kernels: session 28 timed TUNE[0]
+  (Triton's dk/dv) on an H100 by leaving --tiles out, and took it for the default."""
+  return TUNE[index] if index >= 0 else flash.Tiles()
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sections", default="check,ceil,tune,train,decode",
@@ -527,7 +533,9 @@ def main():
   ap.add_argument("--lengths", default="2048,1024,4096", help="training-attention lengths L")
   ap.add_argument("--packed", type=int, default=0,
                   help="also time rows packing this many samples each (pallas only)")
-  ap.add_argument("--tiles", type=int, default=-1, help="index into TUNE to use without tuning")
+  ap.add_argument("--tiles", type=int, default=-1,
+                  help="index into TUNE to use without tuning (default: flash.Tiles(), the "
+                       "library's own, TUNE[5])")
   ap.add_argument("--lean-check", type=int, default=4, help="check cases of each kind to run")
   ap.add_argument("--variants", default="",
                   help="with --sections variants: 'name:KNOB=v,...;name2:...', flash_mgpu's knobs "
@@ -552,7 +560,7 @@ def main():
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                      "argv": sys.argv}
   print(RESULTS["meta"], flush=True)
-  tiles = TUNE[args.tiles] if args.tiles >= 0 else TUNE[0]
+  tiles = tiles_to_time(args.tiles)
   if "check" in sections:  # with split dk/dv heads: the path with more to get wrong
     check(dataclasses.replace(tiles, dkv_head_split=2))
   if "ceil" in sections:

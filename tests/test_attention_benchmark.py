@@ -45,3 +45,10 @@ def test_ceilings_take_the_best_reading_and_refresh_fractions(bench, monkeypatch
   assert row["pallas_fwdbwd_frac"] == pytest.approx(350.0 / 800.0)
   assert row["pallas_bw_frac"] == pytest.approx(1600.0 / 3200.0)
   assert row["pallas_fwd_ms"] == "failed: OOM"
+
+
+def test_without_tiles_the_default_kernels_are_timed(load_benchmark):
+  from dllm_jax.kernels import flash
+  bench = load_benchmark("attention")
+  assert bench.tiles_to_time(-1) == flash.Tiles()
+  assert bench.tiles_to_time(0) == bench.TUNE[0] and bench.TUNE[0].dkv == "triton"

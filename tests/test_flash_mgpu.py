@@ -107,7 +107,13 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
     assert rel(g, w) < 1e-2, f"d{name}"
 
 
-@pytest.mark.parametrize("case,tiles", [
+_PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]]), FUSED)
+
+
+# Under jax 0.11 (tests/test_jax011.py) every case; under 0.10 (the main suite, whose time is
+# CI's budget) only the packed fused-dQ case, which 0.11's detector cannot judge (below).
+@pytest.mark.parametrize("case,tiles", [_PACKED_FUSED] if not jax.__version__.startswith("0.11")
+                         else [
     (CASES[0], MOSAIC), (CASES[1], MOSAIC), (CASES[2], MOSAIC),
     (CASES[0], flash.Tiles(forward="triton", dkv="mosaic")),
     (CASES[1], flash.Tiles(forward="triton", dkv="mosaic")),
@@ -119,14 +125,11 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
     # detector resets every vector clock between grid points while keeping their accesses, so
     # it reports those adds as races, each warpgroup against itself; in sequence they are not).
     ((masks.MaskSpec("diffusion", 16, 2), 40, 1, 3, 1, 128, [[]]), FUSED),
-    *([] if jax.__version__.startswith("0.11") else
-      [((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]]), FUSED)]),
 ])
 def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, tiles):
   # The interpreter's race detector orders the warpgroups' shared-memory reads and writes, the
-  # TMA copies and the mbarriers by vector clocks: the forward, dk/dv and fused kernels run each
-  # case under it, here under jax 0.10 and in tests/test_jax011.py under 0.11, whose detector
-  # also models TMA's async proxy.
+  # TMA copies (0.11's also the async proxy) and the mbarriers by vector clocks: the forward,
+  # dk/dv and fused kernels run each case under it.
   ipc = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
   params = flash_mgpu._interpret_params()
   monkeypatch.setattr(flash_mgpu, "_interpret_params",

@@ -478,8 +478,8 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
     _warn_unused_model_fields(cfg.model, model_cfg, f"init.tokenizer={cfg.init.tokenizer!r}")
     return None, model_cfg, tok, metadata
-  if checkpoint.is_run_dir(source) or (pathlib.Path(source) / checkpoint.MODEL_JSON).is_file():
-    try:  # (a run directory; one without its checkpoints/ is named as such)
+  if (pathlib.Path(source) / checkpoint.MODEL_JSON).is_file():
+    try:  # (a run directory; load_model names one without its checkpoints/)
       pretrained = checkpoint.load_model(source)
     except FileNotFoundError as e:  # (a run directory without a readable checkpoint: named)
       raise ConfigError(f"init.source={source}: {e}") from None

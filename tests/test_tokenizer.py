@@ -54,11 +54,16 @@ def hf_gguf_tok():
   tok = transformers.AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
   # transformers' GGUF builder splits as GPT-2 for SmolLM2's "smollm" pre-tokenizer; SmolLM2's
   # own tokenizer.json (and llama.cpp) split every digit first. The reference gets that split.
+  tok.backend_tokenizer.pre_tokenizer = _digits_first()
+  return tok
+
+
+def _digits_first():
+  """SmolLM2's own pre-tokenizer (its tokenizer.json): every digit apart, then GPT-2's split."""
   from tokenizers import pre_tokenizers
-  tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+  return pre_tokenizers.Sequence([
       pre_tokenizers.Digits(individual_digits=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-  return tok
 
 
 def test_gguf_tokenizer_encodes_like_transformers(gguf_tok, hf_gguf_tok):
@@ -237,11 +242,9 @@ def test_smollm2_gguf_splits_digits_first_as_its_own_tokenizer_does(gguf_tok):
   # SmolLM2's tokenizer.json pre-tokenizes Digits(individual) then ByteLevel (llama.cpp names it
   # "smollm" and splits \p{N} first). transformers' GGUF builder falls back to GPT-2's split,
   # which differs where two or more spaces come before a digit: code, tables, indentation.
-  from tokenizers import Tokenizer, models, pre_tokenizers
+  from tokenizers import Tokenizer, models
   ref = Tokenizer(models.BPE())
-  ref.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Digits(individual_digits=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  ref.pre_tokenizer = _digits_first()
   for text in ("x =  1", "    12 apples", "a\t\t3", " 2024",
                *(t for t in TEXTS if "<|" not in t)):  # (special tokens are split apart first)
     want = [piece for piece, _ in ref.pre_tokenizer.pre_tokenize_str(text)]

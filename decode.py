@@ -158,12 +158,14 @@ def _check_lengths(prompts, model_cfg, cfg, width):
 
 def _width(n: int, cfg, model_cfg, steps: int = 1) -> int:
   """The prompt width for prompts of up to `n` tokens: whole blocks, in steps of `steps` blocks
-  (a chat's growing conversation recompiles rarely) where that still fits the context."""
+  (a chat's growing conversation recompiles rarely), where that still fits the context; else `n`
+  itself (the padding is there for reusing compiled programs: it must not cost context)."""
   from dllm_jax import decoding
 
-  width = _round_up(n, cfg.block_size)
-  wider = _round_up(n, steps * cfg.block_size)
-  return wider if decoding.reach(cfg, wider) <= model_cfg.max_position_embeddings else width
+  for width in (_round_up(n, steps * cfg.block_size), _round_up(n, cfg.block_size)):
+    if decoding.reach(cfg, width) <= model_cfg.max_position_embeddings:
+      return width
+  return n
 
 
 def run_batch(args, pretrained, cfg, conversations) -> dict:

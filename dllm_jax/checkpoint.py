@@ -305,16 +305,17 @@ def saved_model_config(run_dir: str | pathlib.Path) -> Optional[config_lib.Model
   return _read_model_json(path)[0] if path.is_file() else None
 
 
-def load_model(path: str | pathlib.Path):
+def load_model(path: str | pathlib.Path, dtype: str = "float32"):
   """A training run directory -> its newest good params, config, tokenizer and metadata as a
-  `convert.Pretrained`; any other path (or shortcut) -> `convert.load_pretrained(path)`."""
+  `convert.Pretrained` (params as saved); any other path (or shortcut) ->
+  `convert.load_pretrained(path, dtype)`."""
   from dllm_jax import convert, tokenizer as tokenizer_lib
 
   if (pathlib.Path(path) / MODEL_JSON).is_file() and not is_run_dir(path):
     raise FileNotFoundError(f"{path} is a training run's directory (it has {MODEL_JSON}) without "
                             f"its {CHECKPOINTS}/; copy those too, or pass another model path")
   if not is_run_dir(path):
-    return convert.load_pretrained(str(path))
+    return convert.load_pretrained(str(path), dtype=dtype)
   path = pathlib.Path(path)
   model_cfg, saved_metadata = _read_model_json(path / MODEL_JSON)
   step, params = load_params(path)

@@ -43,6 +43,9 @@ class ModelConfig:
   bos_token_id: Optional[int] = None
   eos_token_id: Optional[int] = None
   pad_token_id: Optional[int] = None
+  # Ids besides eos that end a generation: the rest of a Hugging Face eos list (config.json's, or
+  # generation_config.json's, e.g. Qwen2.5-Instruct's <|endoftext|> beside <|im_end|>).
+  stop_token_ids: tuple[int, ...] = ()
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype; softmax, norms and logits stay in float32
   remat: str = "none"  # "none" | "full" | "dots": what a layer keeps for the backward pass
@@ -95,6 +98,10 @@ class ModelConfig:
     if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
       raise ConfigError(
           f"model.mask_token_id={self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
+    for i in self.stop_token_ids:
+      if not 0 <= i < self.vocab_size:
+        raise ConfigError(f"model.stop_token_ids holds {i}, outside the vocabulary (size "
+                          f"{self.vocab_size})")
 
 
 # --------------------------------------------------------------------------------------------

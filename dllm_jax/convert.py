@@ -153,6 +153,8 @@ def _params_to_hf(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     if cfg.qkv_bias:
       for name in "qkv":
         out[p + f"self_attn.{name}_proj.bias"] = host(attn[name]["bias"][i]).reshape(-1)
+      if cfg.architecture == "llama":  # (its attention_bias biases o_proj too: zeros, exactly us)
+        out[p + "self_attn.o_proj.bias"] = np.zeros(e, out[p + "self_attn.q_proj.bias"].dtype)
     out[p + "mlp.gate_proj.weight"] = host(mlp["gate"]["kernel"][i]).T
     out[p + "mlp.up_proj.weight"] = host(mlp["up"]["kernel"][i]).T
     out[p + "mlp.down_proj.weight"] = host(mlp["down"]["kernel"][i]).T
@@ -188,8 +190,18 @@ def _first_id(value) -> Optional[int]:
   return None if value is None else int(value)
 
 
-def _config_from_hf(raw: dict, where: str, dtype: str) -> tuple[ModelConfig, dict]:
-  """ModelConfig from a HF config.json dict, and our metadata (the "dllm_jax" key)."""
+def _ids(value, where: str, key: str) -> list[int]:
+  """A token id field of a HF config (an int, a list of ints or null) as a list."""
+  values = value if isinstance(value, list) else [] if value is None else [value]
+  if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    raise CheckpointError(f"{where}: {key}={value!r} is not a token id or a list of them")
+  return values
+
+
+def _config_from_hf(raw: dict, where: str, dtype: str,
+                    generation: Optional[dict] = None) -> tuple[ModelConfig, dict]:
+  """ModelConfig from a HF config.json dict (and generation_config.json's, whose eos ids stop
+  generation too, as in transformers' generate), and our metadata (the "dllm_jax" key)."""
   archs = raw.get("architectures") or []
   arch = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
   if arch is None and not archs and raw.get("model_type") in _HF_CLASS:
@@ -211,16 +223,35 @@ def _config_from_hf(raw: dict, where: str, dtype: str) -> tuple[ModelConfig, dic
   if arch == "qwen2" and raw.get("use_sliding_window"):
     raise CheckpointError(f"{where}: use_sliding_window=true is not supported; only full attention")
 
-  # transformers >= 5 writes rope_parameters; older files rope_theta + rope_scaling.
-  rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type != "default":
-    raise CheckpointError(f"{where}: rope scaling type {rope_type!r} is not supported; supported: "
-                          "plain RoPE ('default', or no rope_scaling)")
-  theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+  quant = raw.get("quantization_config")
+  if quant:
+    method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+    raise CheckpointError(f"{where}: a quantized checkpoint (quantization_config, quant_method="
+                          f"{method!r}) is not supported; load the unquantized (bf16, fp16 or "
+                          "fp32) weights")
+  # transformers >= 5 writes rope_parameters; older files rope_theta + rope_scaling. A file may
+  # hold both (a 5.x save edited by hand, as Qwen's README suggests for YaRN): each is checked.
+  ropes = [r for r in (raw.get("rope_parameters"), raw.get("rope_scaling")) if r]
+  for rope in ropes:
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+      raise CheckpointError(f"{where}: rope scaling type {rope_type!r} is not supported; "
+                            "supported: plain RoPE ('default', or no rope_scaling)")
+  theta = next((r["rope_theta"] for r in ropes if "rope_theta" in r),
+               raw.get("rope_theta", 10000.0))
 
   heads = need("num_attention_heads")
   hidden = need("hidden_size")
+  # eos: config.json's first id; every other id of either file's eos list also ends a generation.
+  eos = _ids(raw.get("eos_token_id"), where, "eos_token_id")
+  stops = [i for i in dict.fromkeys(eos[1:] + _ids(
+      (generation or {}).get("eos_token_id"),
+      str(pathlib.Path(where).with_name("generation_config.json")), "eos_token_id"))
+           if i not in eos[:1]]
+  bad = [i for i in eos + stops if not 0 <= i < need("vocab_size")]
+  if bad:
+    raise CheckpointError(f"{where}: eos_token_id {bad} outside the vocabulary of "
+                          f"{raw['vocab_size']}")
   cfg = ModelConfig(
       architecture=arch,
       vocab_size=need("vocab_size"),
@@ -236,8 +267,9 @@ def _config_from_hf(raw: dict, where: str, dtype: str) -> tuple[ModelConfig, dic
       tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
       max_position_embeddings=raw.get("max_position_embeddings") or 2048,
       bos_token_id=_first_id(raw.get("bos_token_id")),
-      eos_token_id=_first_id(raw.get("eos_token_id")),
+      eos_token_id=eos[0] if eos else None,
       pad_token_id=_first_id(raw.get("pad_token_id")),
+      stop_token_ids=tuple(stops),
       param_dtype=dtype,
       dtype=dtype,
       kernel_layout="in_out",  # (as _params_from_hf builds them)
@@ -289,10 +321,16 @@ class _SafetensorsFiles:
     for key, shape in expected.items():
       if key not in self.where:
         raise CheckpointError(f"{self.directory}: tensor {key!r} is missing from the checkpoint")
-      got = tuple(self.handles[self.where[key]].get_slice(key).get_shape())
+      tensor = self.handles[self.where[key]].get_slice(key)
+      got = tuple(tensor.get_shape())
       if got != shape:
         raise CheckpointError(f"{self.directory / self.where[key]}: tensor {key!r} has shape "
                               f"{got}, config.json implies {shape}")
+      if tensor.get_dtype() not in ("F32", "F16", "BF16"):
+        # int8 codes or float8 values would load as if they were the weights
+        raise CheckpointError(f"{self.directory / self.where[key]}: tensor {key!r} is "
+                              f"{tensor.get_dtype()}; only F32, F16 and BF16 weights are read "
+                              "(a quantized checkpoint? load its unquantized weights)")
 
   def get(self, key: str) -> np.ndarray:
     return self.handles[self.where[key]].get_tensor(key)
@@ -309,7 +347,17 @@ def load_hf_dir(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
     raw = json.loads(config_file.read_text())
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
-  cfg, metadata = _config_from_hf(raw, str(config_file), dtype)
+  generation = None
+  generation_file = path / "generation_config.json"
+  if generation_file.is_file():
+    try:
+      generation = json.loads(generation_file.read_text())
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{generation_file} is not valid JSON: {e}") from e
+    if not isinstance(generation, dict):
+      raise CheckpointError(f"{generation_file} holds a {type(generation).__name__}, not an "
+                            "object of generation settings")
+  cfg, metadata = _config_from_hf(raw, str(config_file), dtype, generation)
 
   files = _SafetensorsFiles(path)
   expected = _hf_shapes(cfg)
@@ -321,10 +369,17 @@ def load_hf_dir(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
       raise CheckpointError(f"{config_file}: attention_bias=true with a nonzero o_proj bias is "
                             "not supported")
   files.check(expected)
-  params = _params_from_hf(files.get, cfg, np_dtype)
-
-  tokenizer = tk.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
+  slow = [n for n in ("tokenizer.model", "vocab.json", "tokenizer_config.json")
+          if (path / n).is_file()]
+  # A directory with tokenizer files but no tokenizer.json: from_hf_dir says what to do (a model
+  # loaded without its tokenizer would fail later, where the cause is no longer visible). Read
+  # before the weights, which take minutes for a 7B.
+  tokenizer = tk.from_hf_dir(path) if (path / "tokenizer.json").is_file() or slow else None
   check_tokenizer_matches(tokenizer, cfg, str(path))
+  if tokenizer is not None:  # (its end of turn and eos stop anyway: an export lists them)
+    cfg = dataclasses.replace(cfg, stop_token_ids=tuple(
+        i for i in cfg.stop_token_ids if i not in (tokenizer.eot_token_id, tokenizer.eos_token_id)))
+  params = _params_from_hf(files.get, cfg, np_dtype)
   if tokenizer is not None and cfg.mask_token_id is None and tokenizer.mask_token_id is not None:
     cfg = dataclasses.replace(cfg, mask_token_id=tokenizer.mask_token_id)
   return Pretrained(params=params, config=cfg, tokenizer=tokenizer, metadata=metadata)
@@ -647,9 +702,6 @@ def export_refusal(cfg: ModelConfig) -> Optional[str]:
   `export_hf_dir`, and by training before its first step when it is to export at the end."""
   if cfg.architecture == "qwen2" and not cfg.qkv_bias:
     return "a qwen2 model without q/k/v biases has no HF class; set architecture='llama'"
-  if cfg.architecture == "llama" and cfg.qkv_bias:
-    return ("a llama model with q/k/v biases has no exact HF equivalent (attention_bias also "
-            "adds an o_proj bias); set architecture='qwen2'")
   return None
 
 
@@ -678,6 +730,9 @@ def export_hf_dir(pretrained: Pretrained, out_dir: str | os.PathLike,
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
   try:
     expected = _hf_shapes(cfg)
+    if cfg.architecture == "llama" and cfg.qkv_bias:
+      expected.update({f"model.layers.{i}.self_attn.o_proj.bias": (cfg.hidden_size,)
+                       for i in range(cfg.num_layers)})
     for name, x in tensors.items():
       if x.shape != expected[name]:
         raise CheckpointError(f"export: parameter for {name!r} has shape {x.shape}, the config "
@@ -687,12 +742,16 @@ def export_hf_dir(pretrained: Pretrained, out_dir: str | os.PathLike,
     (tmp / "config.json").write_text(json.dumps(_hf_config(cfg, pretrained.metadata, dtype_name),
                                                 indent=2))
     eos = [i for i in (cfg.eos_token_id,
-                       pretrained.tokenizer and pretrained.tokenizer.eot_token_id) if i is not None]
+                       pretrained.tokenizer and pretrained.tokenizer.eot_token_id,
+                       *cfg.stop_token_ids) if i is not None]
+    pad = next((i for i in (cfg.pad_token_id,
+                            pretrained.tokenizer and pretrained.tokenizer.pad_token_id)
+                if i is not None), None)
     generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(dict.fromkeys(eos)),
-                  "pad_token_id": cfg.pad_token_id, "do_sample": False}
+                  "pad_token_id": pad, "do_sample": False}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if pretrained.tokenizer is not None:
-      pretrained.tokenizer.save(tmp)
+      pretrained.tokenizer.save(tmp, model_max_length=cfg.max_position_embeddings)
     tmp.chmod(0o755)
     if out_dir.exists():
       # A fresh name for the old copy (an interrupted export may have left one), and the old

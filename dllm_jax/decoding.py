@@ -160,9 +160,11 @@ class DecodeState:
 
 
 def stop_token_ids(tokenizer, model_cfg: ModelConfig) -> tuple[int, ...]:
-  """The ids that end an answer: the tokenizer's end-of-turn and eos, and the model's eos."""
+  """The ids that end an answer: the tokenizer's end-of-turn and eos, the model's eos and its
+  other stop ids (the rest of a Hugging Face eos list)."""
   return tuple(sorted({i for i in (tokenizer.eot_token_id, tokenizer.eos_token_id,
-                                   model_cfg.eos_token_id) if i is not None}))
+                                   model_cfg.eos_token_id, *model_cfg.stop_token_ids)
+                       if i is not None}))
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,8 +88,11 @@ def load(args, command: str, *, batch: int | None = None):
 
   from dllm_jax import checkpoint, convert, model
 
+  dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   try:
-    pretrained = checkpoint.load_model(args.checkpoint)
+    # (loaded in the dtype it will run in: a 7B HF directory read as float32 first would take
+    # 30 GB of host memory)
+    pretrained = checkpoint.load_model(args.checkpoint, dtype=dtype)
   except (ValueError, OSError, checkpoint.CheckpointRestoreError) as e:
     # What a bad path or file raises: CheckpointError, ConfigError, TokenizerError (ValueErrors),
     # a missing or unreadable file (OSError), a checkpoint orbax cannot restore.
@@ -109,7 +112,6 @@ def load(args, command: str, *, batch: int | None = None):
     if reason:
       warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
                     stacklevel=2)
-  dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   kernel_layout = args.kernel_layout
   if kernel_layout == "auto":  # (decided on the config the decoder will run)
     runs = convert.cast_config(pretrained.config, dtype, args.matvec)
@@ -124,9 +126,11 @@ def load(args, command: str, *, batch: int | None = None):
 
 def encode(tokenizer, conversation, raw: bool = False) -> list[int]:
   """A conversation's prompt ids: through the tokenizer's chat template (ending in the
-  assistant's turn), or its messages' text joined by newlines when `raw` or without a template."""
+  assistant's turn), or its messages' text joined by newlines when `raw` or without a template
+  (with what the tokenizer adds to a plain text, e.g. Llama's BOS)."""
   if raw or not tokenizer.chat_template:
-    return tokenizer.encode("\n".join(m["content"] for m in conversation))
+    return tokenizer.encode("\n".join(m["content"] for m in conversation),
+                            add_special_tokens=True)
   return tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
 
 

@@ -21,7 +21,7 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 import tokenizers
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,13 @@ class Tokenizer:
     """Number of ids the tokenizer can produce, added tokens included."""
     return self.backend.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str) -> list[int]:
-    """Token ids of `text`; special tokens written in the text are recognised, none are added."""
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of `text`; special tokens written in the text are recognised. None are added
+    unless `add_special_tokens`: then what the tokenizer's post-processor adds to a plain text
+    (Llama's BOS), as transformers' `tokenizer(text)` does. A rendered chat template has them
+    already."""
     self._check_alphabet(text)
-    return self.backend.encode(text, add_special_tokens=False).ids
+    return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
   def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -176,9 +179,10 @@ class Tokenizer:
   # ------------------------------------------------------------------------------------------
   # Files
 
-  def save(self, directory: str | pathlib.Path) -> None:
+  def save(self, directory: str | pathlib.Path, model_max_length: int = 1 << 30) -> None:
     """Writes tokenizer.json and tokenizer_config.json (with the chat template), loadable by
-    `transformers.AutoTokenizer` and by `from_hf_dir`."""
+    `transformers.AutoTokenizer` and by `from_hf_dir`. `model_max_length`: the context of the
+    model it goes with (transformers warns past it)."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     self.backend.save(str(directory / "tokenizer.json"))
@@ -191,7 +195,7 @@ class Tokenizer:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": 1 << 30,
+        "model_max_length": model_max_length,
         **{k: v for k, v in self.special_tokens().items()},
     }
     if self.chat_template:
@@ -290,6 +294,10 @@ def from_hf_dir(path: str | pathlib.Path) -> Tokenizer:
     backend = tokenizers.Tokenizer.from_file(str(tok_file))
   except Exception as e:
     raise TokenizerError(f"{tok_file} is not a valid tokenizers file: {e}") from e
+  # A file may carry truncation or padding (to a training length); transformers turns both off
+  # for each call unless asked, and so must we: they would cut prompts and samples silently.
+  backend.no_truncation()
+  backend.no_padding()
 
   config: dict = {}
   for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
@@ -424,9 +432,17 @@ def from_gguf(reader_or_path) -> Tokenizer:
     return None if i is None else int(i)
 
   eos = special("eos_token_id")
+  bos = special("bos_token_id")
+  if get("tokenizer.ggml.add_bos_token") and bos is not None:
+    # (Llama 3's files: a plain text starts with BOS, as their tokenizer.json's post-processor
+    # makes it; `encode(text, add_special_tokens=True)` adds it)
+    bos_text = backend.id_to_token(bos)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos_text} $A", pair=f"{bos_text} $A {bos_text} $B",
+        special_tokens=[(bos_text, bos)])
   return Tokenizer(
       backend=backend, chat_template=get("tokenizer.chat_template"),
-      bos_token_id=special("bos_token_id"), eos_token_id=eos,
+      bos_token_id=bos, eos_token_id=eos,
       pad_token_id=special("padding_token_id"), unk_token_id=special("unknown_token_id"),
       mask_token_id=backend.token_to_id(MASK_TOKEN), eot_token_id=_end_of_turn(backend, eos))
 

@@ -443,7 +443,7 @@ def _warn_unused_model_fields(asked: ModelConfig, used: ModelConfig, source: str
 
   ignored = [f"model.{f.name}={getattr(asked, f.name)!r} (used: {getattr(used, f.name)!r})"
              for f in dataclasses.fields(ModelConfig)
-             if getattr(asked, f.name) is not None
+             if getattr(asked, f.name) not in (None, ())  # (not set)
              and differ(getattr(asked, f.name), getattr(used, f.name))]
   if ignored:
     log.warning("%s decides these model settings, not the config: %s", source, "; ".join(ignored))

@@ -14,7 +14,7 @@ import tokenizers
 import torch
 import transformers
 
-from dllm_jax import convert, decoding, model
+from dllm_jax import checkpoint, convert, decoding, model
 from dllm_jax import tokenizer as tk
 
 TOL = 1e-4
@@ -123,7 +123,9 @@ def test_hf_dir_greedy_generation_matches_transformers(hf_dirs, kind):
 def test_bfloat16_load(hf_dirs):
   _, d = hf_dirs["qwen2"]
   f32 = convert.load_hf_dir(d)
-  bf16 = convert.load_hf_dir(d, dtype="bfloat16")
+  # (checkpoint.load_model is decode.py's and eval's loader: a 7B read as float32 first would
+  # take twice the host memory of the bf16 it runs in)
+  bf16 = checkpoint.load_model(d, dtype="bfloat16")
   assert bf16.config.param_dtype == bf16.config.dtype == "bfloat16"
   for a, b in zip(jax.tree.leaves(f32.params), jax.tree.leaves(bf16.params)):
     assert b.dtype == ml_dtypes.bfloat16
@@ -326,6 +328,11 @@ def _edit_config(src, dst, **changes):
     (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}),
      r"rope scaling type 'linear' is not supported"),
     (dict(hidden_act="gelu"), r"hidden_act='gelu'"),
+    # rope_parameters (default) and a rope_scaling added by hand: both are read
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), r"rope scaling type 'yarn'"),
+    (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True}),
+     r"a quantized checkpoint \(quantization_config, quant_method='bitsandbytes'\)"),
+    (dict(eos_token_id="</s>"), r"eos_token_id='</s>' is not a token id"),
     (dict(intermediate_size=96), r"mlp.gate_proj.weight' has shape \(128, 64\), config.json "
      r"implies \(96, 64\)"),
 ])
@@ -333,6 +340,63 @@ def test_bad_config_json(hf_dirs, tmp_path, changes, message):
   d = _edit_config(hf_dirs["llama_untied"][1], tmp_path / "bad", **changes)
   with pytest.raises(convert.CheckpointError, match=message):
     convert.load_hf_dir(d)
+
+
+def test_quantized_tensors_and_slow_tokenizers_are_refused(hf_dirs, tmp_path):
+  # int8 codes (a bitsandbytes file whose config lost its quantization_config) would load as the
+  # weights themselves
+  import safetensors.numpy
+  d = _copy_dir(hf_dirs["llama_tied"][1], tmp_path / "int8")
+  tensors = safetensors.numpy.load_file(str(d / "model.safetensors"))
+  name = "model.layers.1.mlp.up_proj.weight"
+  tensors[name] = np.clip(tensors[name] * 300, -127, 127).astype(np.int8)
+  safetensors.numpy.save_file(tensors, str(d / "model.safetensors"))
+  with pytest.raises(convert.CheckpointError, match=f"tensor '{name}' is I8; only F32, F16 and "
+                     "BF16"):
+    convert.load_hf_dir(d)
+  # tokenizer files without tokenizer.json: said at load, not as "no tokenizer" later
+  d = _copy_dir(hf_dirs["llama_tied"][1], tmp_path / "slow")
+  (d / "vocab.json").write_text("{}")
+  with pytest.raises(tk.TokenizerError, match="tokenizer.json does not exist; dllm_jax reads "
+                     "fast tokenizers only"):
+    convert.load_hf_dir(d)
+
+
+def test_eos_lists_stop_generation_and_survive_export(hf_dirs, tmp_path):
+  # Qwen2.5-Instruct: config.json's eos is <|im_end|>, generation_config.json's [<|im_end|>,
+  # <|endoftext|>]; transformers' generate stops at either, and so must the decoders.
+  d = _edit_config(hf_dirs["llama_untied"][1], tmp_path / "eos", eos_token_id=[7, 9])
+  (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 11], "pad_token_id": 5}))
+  pre = convert.load_hf_dir(d)
+  assert pre.config.eos_token_id == 7 and pre.config.stop_token_ids == (9, 11)
+  pre.tokenizer = tk.simple_chars()  # (its end of turn and eos: 2)
+  assert decoding.stop_token_ids(pre.tokenizer, pre.config) == (2, 7, 9, 11)
+  out = convert.export_hf_dir(pre, tmp_path / "export")
+  generation = json.loads((out / "generation_config.json").read_text())
+  assert generation["eos_token_id"] == [7, 2, 9, 11] and generation["pad_token_id"] == 0
+  assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [7, 2, 9, 11]
+  back = convert.load_hf_dir(out)
+  assert (back.config.eos_token_id, back.config.stop_token_ids) == (7, (9, 11))
+  assert decoding.stop_token_ids(back.tokenizer, back.config) == (2, 7, 9, 11)
+
+
+def test_llama_with_attention_bias_exports_exactly(tmp_path):
+  # transformers' attention_bias biases o_proj too; ours has none, so it loads only zeros there,
+  # and exports zeros
+  torch.manual_seed(3)
+  m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DIMS, attention_bias=True)).eval()
+  with torch.no_grad():
+    for layer in m.model.layers:
+      for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+        proj.bias.normal_(0.0, 0.5)
+  m.save_pretrained(tmp_path / "src")
+  pre = convert.load_hf_dir(tmp_path / "src")
+  assert pre.config.architecture == "llama" and pre.config.qkv_bias
+  out = convert.export_hf_dir(pre, tmp_path / "export")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  tokens = _tokens()
+  assert _rel_err(_ours_logits(pre, tokens), _hf_logits(hf, tokens)) <= TOL
+  assert _rel_err(_hf_logits(m, tokens), _hf_logits(hf, tokens)) <= TOL
 
 
 def test_missing_tensor_and_tokenizer_too_large(hf_dirs, tmp_path):

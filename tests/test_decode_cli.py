@@ -126,7 +126,7 @@ def test_diffusion_mode_refused_for_non_diffusion_checkpoint(dirs, monkeypatch):
   from dllm_jax import checkpoint
   ar = convert.load_pretrained(dirs["ar"])
   no_mask = dataclasses.replace(ar, config=dataclasses.replace(ar.config, mask_token_id=None))
-  monkeypatch.setattr(checkpoint, "load_model", lambda path: no_mask)
+  monkeypatch.setattr(checkpoint, "load_model", lambda path, dtype="float32": no_mask)
   for force in ([], ["--force"]):
     with pytest.raises(SystemExit, match="no mask token.*--mode ar") as e:
       decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", *force, *FAST])
@@ -186,6 +186,18 @@ def test_chat_refuses_a_turn_past_the_context_and_goes_on(dirs, monkeypatch, cap
                         "--max-new-tokens", "6"])
   assert [t["user"] for t in result["turns"]] == ["hi"]
   assert "the conversation is too long for another turn" in capsys.readouterr().out
+
+
+def test_prompt_padding_never_costs_context():
+  # Prompts are padded to whole blocks so programs are reused, but not where the padding would
+  # push a request that fits (37 + 8155 = 8192) past the context.
+  from dllm_jax import decoding
+  model_cfg = ModelConfig(max_position_embeddings=256)
+  cfg = decoding.DecodeConfig(mode="ar", block_size=32, max_new_tokens=200)
+  assert decode._width(10, cfg, model_cfg) == 32
+  assert decode._width(40, cfg, model_cfg) == decode._width(40, cfg, model_cfg, steps=4) == 40
+  cfg = decoding.DecodeConfig(mode="ar", block_size=32, max_new_tokens=100)
+  assert decode._width(40, cfg, model_cfg) == 64 and decode._width(40, cfg, model_cfg, 4) == 128
 
 
 def test_command_line_subprocess(dirs):

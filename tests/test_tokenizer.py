@@ -217,6 +217,29 @@ def test_from_hf_dir_reads_special_tokens_map_and_jinja_file(tmp_path):
   assert back.apply_chat_template([{"role": "user", "content": "x"}]) == "x"
 
 
+def test_plain_text_gets_the_post_processors_bos_and_no_saved_truncation(tmp_path):
+  # A Llama tokenizer.json adds BOS through its post-processor; a file may also carry the
+  # truncation and padding it was trained with, which transformers turns off for each call.
+  from tokenizers import processors
+  tok = tk.simple_chars()
+  tok.backend.post_processor = processors.TemplateProcessing(
+      single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+  tok.backend.enable_truncation(4)
+  tok.backend.enable_padding(length=40, pad_id=0, pad_token="<|endoftext|>")
+  tok.save(tmp_path)
+  back = tk.from_hf_dir(tmp_path)
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  text = "hello world"
+  assert back.encode(text) == ref.encode(text, add_special_tokens=False) == \
+      tk.simple_chars().encode(text)
+  assert back.encode(text, add_special_tokens=True) == ref(text)["input_ids"] == \
+      [0] + back.encode(text)
+  # decode.py and eval give a prompt without a chat template what transformers would
+  from dllm_jax import decoding_cli
+  assert decoding_cli.encode(back, [{"role": "user", "content": text}], raw=True) == \
+      [0] + back.encode(text)
+
+
 def test_from_hf_dir_errors(tmp_path):
   with pytest.raises(tk.TokenizerError, match="tokenizer.json does not exist"):
     tk.from_hf_dir(tmp_path)
@@ -281,6 +304,7 @@ def test_gguf_pre_tokenizer_split_matches_transformers(tmp_path, gguf_tok):
   w.add_token_types(src["tokenizer.ggml.token_type"].contents())
   w.add_bos_token_id(1)
   w.add_eos_token_id(2)
+  w.add_add_bos_token(True)  # (as Llama 3's files: a plain text starts with BOS)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -291,5 +315,6 @@ def test_gguf_pre_tokenizer_split_matches_transformers(tmp_path, gguf_tok):
   differs = False
   for text in TEXTS + ["f(hello) [world] 1234567 x'S"]:
     assert ours.encode(text) == ref.encode(text, add_special_tokens=False), text
+    assert ours.encode(text, add_special_tokens=True) == ref.encode(text), text
     differs |= ours.encode(text) != plain.encode(text)
   assert differs  # the split really changed something

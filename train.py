@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
 
 def main(argv=None) -> int:
@@ -40,7 +42,18 @@ def main(argv=None) -> int:
   except (ConfigError, CheckpointError, CheckpointRestoreError, DataError, TokenizerError) as e:
     # Bad input, explained in the message: no traceback.
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return _leave(2)
+  except BaseException:
+    if _multi_process():
+      traceback.print_exc()
+      return _leave(1)
+    raise
+  if result.get("stopped"):
+    # Not finished: a scheduler must not take it for a finished run (128 + SIGTERM, as a shell
+    # reports a process SIGTERM ended).
+    print(f"stopped by SIGTERM at step {result['step']} (saved); continue it with --resume")
+    print(f"run directory: {cfg.train.run_dir}")
+    return _leave(143)
   line = f"step {result['step']}: loss {result.get('loss', float('nan')):.4f}"
   if "eval_accuracy" in result:
     line += (f"; held-out masked-token accuracy {result['eval_accuracy']:.3f} over "
@@ -48,6 +61,22 @@ def main(argv=None) -> int:
   print(line)
   print(f"run directory: {cfg.train.run_dir}")
   return 0
+
+
+def _multi_process() -> bool:
+  jax = sys.modules.get("jax")
+  return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _leave(code: int) -> int:
+  """`code`, returned; in a multi-process job the process ends here instead. An error seen by
+  one process only would otherwise leave it in jax.distributed's shutdown barrier, waiting for
+  peers that wait in a collective for it: gone, it lets the coordination service end them."""
+  if _multi_process():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  return code
 
 
 if __name__ == "__main__":

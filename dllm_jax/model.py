@@ -471,7 +471,16 @@ class Transformer(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, name="embed",
                      embedding_init=_init(0.02, (ax.VOCAB, ax.EMBED)))
-    x = embed(tokens_BT)
+    if cache is None and not self.is_initializing():
+      # Training: the table's embed axis is split over fsdp, and the batch over (data, fsdp);
+      # XLA cannot move a gather's output from the one to the other and replicated the whole
+      # [B, T, E] activation on every device (its "involuntary full rematerialization", forward
+      # and backward, on any mesh with data > 1 and fsdp > 1). Gathering the table's fsdp axis
+      # first, in the compute dtype, is what FSDP does for every other weight.
+      table = nn.with_logical_constraint(embed.embedding.astype(cfg.dtype), (ax.VOCAB, None))
+      x = jnp.take(table, tokens_BT, axis=0)
+    else:  # (decoding reads a few rows: a gather from the sharded table moves only those)
+      x = embed(tokens_BT)
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
 
     layer = DecoderLayer

@@ -134,6 +134,18 @@ def check_batch_size(batch_size: int, grad_accum: int, mesh: Mesh) -> int:
         f"data.batch_size={batch_size} does not split into train.grad_accum={grad_accum} "
         f"micro-batches that divide over the {shards} batch shards of the mesh (mesh.data x "
         f"mesh.fsdp); make data.batch_size a multiple of {grad_accum * shards}")
+  processes = jax.process_count()
+  if processes > 1:
+    # Each process feeds its own share of the batch: its devices must hold that share alone,
+    # not rows another process holds too (a batch replicated over the processes' devices).
+    held = {index[0].start for index in sharding.batch_sharding(mesh)
+            .addressable_devices_indices_map((shards, 1)).values()}
+    if len(held) * processes != shards:
+      raise ConfigError(
+          f"multi-host: the mesh splits the batch into {shards} shards (mesh.data x mesh.fsdp) "
+          f"and this process's devices hold {len(held)} of them, not 1/{processes} each: every "
+          f"process reads its own rows, so make mesh.data x mesh.fsdp a multiple of the "
+          f"{processes} processes, with mesh.tensor over the devices of one host")
   return batch_size // grad_accum
 
 
@@ -242,9 +254,15 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
   address = mesh_cfg.coordinator_address or os.environ.get("DLLM_COORDINATOR_ADDRESS", "")
   if not address:
     return
-  num = mesh_cfg.num_processes or int(os.environ.get("DLLM_NUM_PROCESSES", "0"))
-  pid = mesh_cfg.process_id if mesh_cfg.process_id >= 0 else int(
-      os.environ.get("DLLM_PROCESS_ID", "-1"))
+  def env_int(name, default):
+    value = os.environ.get(name, default)
+    try:
+      return int(value)
+    except ValueError:
+      raise ConfigError(f"{name}={value!r}: an integer expected") from None
+
+  num = mesh_cfg.num_processes or env_int("DLLM_NUM_PROCESSES", "0")
+  pid = mesh_cfg.process_id if mesh_cfg.process_id >= 0 else env_int("DLLM_PROCESS_ID", "-1")
   if num < 1 or not 0 <= pid < num:
     raise ConfigError(f"multi-host: coordinator {address!r} is set but num_processes={num} / "
                       f"process_id={pid} are not; set mesh.num_processes and mesh.process_id (or "
@@ -631,7 +649,7 @@ def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Me
   totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
   empty = None
   for i in range(cfg.train.eval_batches):
-    batch = next(it, None)
+    batch = _next_everywhere(it)
     if batch is None:
       if empty is None:
         rows = cfg.data.batch_size // jax.process_count()
@@ -765,7 +783,7 @@ def train(cfg, *, resume: bool = False) -> dict:
   metrics, stopped = None, False
   try:
     while step < cfg.train.steps:
-      batch = next(batches, None)
+      batch = _next_everywhere(batches)
       # Every process must agree to stop at the same step, or the others would wait in the next
       # step's collectives for ever: shards of unequal size run out at different steps.
       if _any_process(batch is None):
@@ -799,7 +817,7 @@ def train(cfg, *, resume: bool = False) -> dict:
       signal.signal(signal.SIGTERM, previous_handler)
     mgr.close()
 
-  last["step"] = step
+  last["step"], last["stopped"] = step, stopped
   # A run ends at train.steps or where its data runs out (data.num_epochs), and is then
   # evaluated and exported; one stopped by SIGTERM (on any process: all stopped) is not finished.
   if not stopped:
@@ -822,6 +840,24 @@ def _any_process(flag: bool) -> bool:
   from jax.experimental import multihost_utils
 
   return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def _next_everywhere(batches):
+  """The next batch (None where the data ran out). A failure reading it on one process (a
+  malformed record of its shard under data.strict, a file only its host lacks) is raised on
+  every process: one raising alone would leave the others in the next collective for ever."""
+  from dllm_jax.data import DataError
+
+  try:
+    batch, failure = next(batches, None), None
+  except Exception as e:  # noqa: BLE001  (re-raised below, after the others have heard of it)
+    batch, failure = None, e
+  if _any_process(failure is not None):
+    if failure is not None:
+      raise failure
+    raise DataError("reading the data failed on another process (its log says where); "
+                    "stopping here too")
+  return batch
 
 
 def _log_step(step: int, metrics, progress, tokens_per_step: int, metrics_log) -> dict:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import types
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -19,11 +21,13 @@ def _free_port() -> int:
 
 
 def _run_two(run_dir, steps, resume=False, extra=(), devices=2):
-  """train.py as two processes of one job; [(returncode, stdout, stderr)] of each."""
+  """train.py as two processes of one job; [(returncode, stdout, stderr)] of each. `extra`
+  overrides replace the defaults of the same key."""
   port = _free_port()
-  sets = [f"train.steps={steps}", f"train.run_dir={run_dir}", "checkpoint.every_steps=2",
-          "data.batch_size=8", "data.seq_len=48", "train.progress=false",
-          "train.eval_batches=0", "mesh.data=2", f"mesh.fsdp={devices}", *extra]
+  sets = {s.split("=")[0]: s for s in (
+      f"train.steps={steps}", f"train.run_dir={run_dir}", "checkpoint.every_steps=2",
+      "data.batch_size=8", "data.seq_len=48", "train.progress=false",
+      "train.eval_batches=0", "mesh.data=2", f"mesh.fsdp={devices}", *extra)}.values()
   cmd = [sys.executable, "train.py", "--config", "configs/tiny.py"] + (["--resume"] * resume)
   for s in sets:
     cmd += ["--set", s]
@@ -99,3 +103,37 @@ def test_processes_end_together_when_their_shards_run_out_at_different_steps(tmp
     finals += [l for l in out.splitlines() if l.startswith("step ")]
   assert len(finals) == 2 and finals[0] == finals[1] and not finals[0].startswith("step 1000")
   assert "loss nan" not in finals[0]  # the last step's metrics are on record
+
+
+def test_a_data_error_on_one_process_stops_both(tmp_path):
+  # A malformed record in process 1's shard under data.strict: process 1 raised alone and waited
+  # in jax.distributed's shutdown barrier, process 0 in the next collective, both for ever.
+  lines = [json.dumps({"prompt": f"reverse: {w}", "response": w[::-1]})
+           for w in ("abcde", "bcdea", "cdeab", "deabc", "eabcd", "abced")]
+  lines[3] = '{"prompt": "broken"'  # (unshuffled, odd records are process 1's)
+  records = tmp_path / "bad.jsonl"
+  records.write_text("\n".join(lines) + "\n")
+  runs = _run_two(tmp_path / "run", 6, devices=1, extra=(
+      f"data.source={records}", "data.shuffle=false", "data.strict=true"))
+  (rc0, _, err0), (rc1, _, err1) = runs
+  assert rc0 == rc1 == 2, (err0[-2000:], err1[-2000:])
+  assert "bad.jsonl:4: malformed JSON" in err1
+  assert "reading the data failed on another process" in err0
+
+
+def test_process_settings_from_the_environment_are_checked(monkeypatch):
+  from dllm_jax import config, training
+  monkeypatch.setenv("DLLM_COORDINATOR_ADDRESS", "127.0.0.1:1")
+  monkeypatch.setenv("DLLM_NUM_PROCESSES", "two")
+  with pytest.raises(config.ConfigError, match="DLLM_NUM_PROCESSES='two': an integer expected"):
+    training.maybe_initialize_distributed(config.MeshConfig())
+
+
+def test_a_mesh_that_does_not_split_the_batch_over_the_processes_is_refused(tmp_path):
+  # tensor=2 over one device of each process: both would feed the same (replicated) batch shard
+  runs = _run_two(tmp_path / "run", 2, devices=1, extra=("mesh.data=1", "mesh.fsdp=1",
+                                                                    "mesh.tensor=2"))
+  for rc, _, err in runs:
+    assert rc == 2 and "error: multi-host: the mesh splits the batch into 1 shards" in err, \
+        err[-2000:]
+  assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -159,11 +159,20 @@ def test_sigterm_saves_and_stops_then_resume_finishes(reference, tmp_path, monke
   run_dir = tmp_path / "run"
   _wrap_step(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM))
   result = training.train(_cfg(run_dir))
-  assert result["step"] == 4
+  assert result["step"] == 4 and result["stopped"]
   assert checkpoint.saved_steps(run_dir) == [3, 4]
   monkeypatch.undo()
-  training.train(_cfg(run_dir), resume=True)
+  assert not training.train(_cfg(run_dir), resume=True)["stopped"]
   np.testing.assert_allclose(_losses(run_dir)[1], ref_losses, rtol=1e-6)
+
+
+def test_train_py_exits_143_on_a_run_sigterm_stopped(monkeypatch, capsys):
+  # A run stopped early is no finished run: a job scheduler reading status 0 would not resume it.
+  sys.path.insert(0, str(REPO))
+  import train as train_py
+  monkeypatch.setattr(training, "train", lambda cfg, resume: {"step": 4, "stopped": True})
+  assert train_py.main(["--config", "configs/tiny.py"]) == 143
+  assert "stopped by SIGTERM at step 4 (saved); continue it with --resume" in capsys.readouterr().out
 
 
 def test_refuses_to_overwrite_a_run_without_resume(reference):

@@ -4,7 +4,9 @@ python train.py --config configs/qwen2.5_1.5b.py --set init.source=/models/Qwen2
     --set data.source=/data/sft.jsonl [--set objective.kind=ar]
 
 The authors' recipe: lr 2e-5 constant after 3% warmup, blocks of 32. One GPU of 80 GB holds it
-(fp32 master weights and AdamW moments, bf16 compute, full remat); more GPUs shard over data.
+(fp32 master weights and AdamW moments, bf16 compute, full remat, and the LM head's loss in chunks
+of 512 positions: without them a micro-batch's [8, 4096, 151936] logits asked for 47 GB more and
+the first step ran out of memory on an H100); more GPUs shard over data.
 """
 
 from dllm_jax.config import (CheckpointConfig, InitConfig, MeshConfig, ModelConfig,
@@ -27,7 +29,7 @@ def get_config() -> Config:
       init=InitConfig(source=""),  # required: --set init.source=/path/to/hf_dir
       data=DataConfig(source="../shared/data/gsm8k/train.jsonl", seq_len=2048,
                       block_size=BLOCK, batch_size=32),
-      objective=ObjectiveConfig(kind="diffusion", block_size=BLOCK),
+      objective=ObjectiveConfig(kind="diffusion", block_size=BLOCK, loss_chunk=512),
       train=TrainConfig(steps=5000, learning_rate=2e-5, warmup_ratio=0.03, schedule="constant",
                         grad_accum=4, run_dir="runs/qwen2.5_1.5b", export_hf=True),
       mesh=MeshConfig(data=-1),

@@ -5,7 +5,7 @@ python train.py --config configs/qwen2.5_1.5b.py --set init.source=/models/Qwen2
 
 The authors' recipe: lr 2e-5 constant after 3% warmup, blocks of 32. One GPU of 80 GB holds it
 (fp32 master weights and AdamW moments, bf16 compute, full remat, and the LM head's loss in chunks
-of 512 positions: without them a micro-batch's [8, 4096, 151936] logits asked for 47 GB more and
+of 512 positions: without them the logits of a micro-batch of 8 rows asked for 47 GB more and
 the first step ran out of memory on an H100); more GPUs shard over data.
 """
 

@@ -810,6 +810,7 @@ def train(cfg, *, resume: bool = False) -> dict:
       checkpoint.save(mgr, step, state, batches)
     mgr.wait_until_finished()
   finally:
+    _report_data(batches)
     batches.close()
     progress.close()
     metrics_log.close()
@@ -840,6 +841,21 @@ def _any_process(flag: bool) -> bool:
   from jax.experimental import multihost_utils
 
   return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def _report_data(batches) -> None:
+  """What this process's data gave the run; a warning where records were skipped beyond the
+  ten warnings a reason gets (30 of 40 records longer than data.seq_len, say)."""
+  stats = getattr(batches, "stats", None)
+  if stats is None:
+    return
+  skipped = sum(stats.skipped.values())
+  if stats.records and skipped > 0.01 * stats.records:
+    log.warning("data (process %d): %d of %d records read were skipped (%.0f%%): %s",
+                jax.process_index(), skipped, stats.records, 100 * skipped / stats.records,
+                stats.summary())
+  else:
+    log.info("data (process %d): %s", jax.process_index(), stats.summary())
 
 
 def _next_everywhere(batches):

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 import textwrap
 
 import jax
@@ -504,3 +505,15 @@ def test_a_rows_noise_does_not_depend_on_grad_accum(tmp_path):
                                 extra=["mesh.data=4", "mesh.tensor=2", f"train.grad_accum={n}"]))["loss"]
             for n in (1, 2)]
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_a_run_reports_the_records_its_data_skipped(caplog):
+  # Past ten warnings a reason, skipped records were only counted, and nothing read the counts:
+  # 90 of 120 records too long for data.seq_len went by without a word.
+  from dllm_jax import data
+  batches = types.SimpleNamespace(stats=data.DataStats(records=120, samples=30,
+                                                       skipped={"too_long": 90}))
+  with caplog.at_level("INFO"):
+    training._report_data(batches)
+  assert "90 of 120 records read were skipped (75%)" in caplog.text
+  assert "skipped too_long: 90" in caplog.text

@@ -141,6 +141,23 @@ class Projection(nn.Module):
     return y
 
 
+class _Embed(nn.Embed):
+  """nn.Embed whose lookup can gather the table's fsdp axis first (`gather_table`: training). The
+  table's embed axis is split over fsdp and the batch over (data, fsdp): XLA cannot move a
+  gather's output from the one to the other, and replicated the whole [B, T, E] activation on
+  every device (its "involuntary full rematerialization", forward and backward, on any mesh with
+  data > 1 and fsdp > 1). Gathering the table in the compute dtype first is what FSDP does for
+  every other weight."""
+
+  gather_table: bool = False
+
+  def __call__(self, inputs):
+    if not self.gather_table:
+      return super().__call__(inputs)
+    table = nn.with_logical_constraint(jnp.asarray(self.embedding, self.dtype), (ax.VOCAB, None))
+    return jnp.take(table, inputs, axis=0)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   spec: masks.MaskSpec
@@ -468,19 +485,11 @@ class Transformer(nn.Module):
                cache_write_mask: Optional[jax.Array] = None,
                return_hidden: bool = False):
     cfg = self.cfg
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, name="embed",
-                     embedding_init=_init(0.02, (ax.VOCAB, ax.EMBED)))
-    if cache is None and not self.is_initializing():
-      # Training: the table's embed axis is split over fsdp, and the batch over (data, fsdp);
-      # XLA cannot move a gather's output from the one to the other and replicated the whole
-      # [B, T, E] activation on every device (its "involuntary full rematerialization", forward
-      # and backward, on any mesh with data > 1 and fsdp > 1). Gathering the table's fsdp axis
-      # first, in the compute dtype, is what FSDP does for every other weight.
-      table = nn.with_logical_constraint(embed.embedding.astype(cfg.dtype), (ax.VOCAB, None))
-      x = jnp.take(table, tokens_BT, axis=0)
-    else:  # (decoding reads a few rows: a gather from the sharded table moves only those)
-      x = embed(tokens_BT)
+    # (decoding reads a few rows: a gather from the sharded table moves only those)
+    embed = _Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                   param_dtype=cfg.param_dtype, name="embed",
+                   embedding_init=_init(0.02, (ax.VOCAB, ax.EMBED)), gather_table=cache is None)
+    x = embed(tokens_BT)
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
 
     layer = DecoderLayer

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dllm_jax import decoding_cli
-from dllm_jax.decoding_cli import UsageError, encode
+from dllm_jax.decoding_cli import UsageError, encode, prompt_width
 
 MASK_GLYPH = "░"
 
@@ -156,22 +156,10 @@ def _check_lengths(prompts, model_cfg, cfg, width):
     raise UsageError(f"{e} (--max-new-tokens)") from None
 
 
-def _width(n: int, cfg, model_cfg, steps: int = 1) -> int:
-  """The prompt width for prompts of up to `n` tokens: whole blocks, in steps of `steps` blocks
-  (a chat's growing conversation recompiles rarely), where that still fits the context; else `n`
-  itself (the padding is there for reusing compiled programs: it must not cost context)."""
-  from dllm_jax import decoding
-
-  for width in (_round_up(n, steps * cfg.block_size), _round_up(n, cfg.block_size)):
-    if decoding.reach(cfg, width) <= model_cfg.max_position_embeddings:
-      return width
-  return n
-
-
 def run_batch(args, pretrained, cfg, conversations) -> dict:
   tok = pretrained.tokenizer
   prompts = [encode(tok, c, args.no_chat_template) for c in conversations]
-  width = _width(max(map(len, prompts)), cfg, pretrained.config)
+  width = prompt_width(max(map(len, prompts)), cfg, pretrained.config)
   _check_lengths(prompts, pretrained.config, cfg, width)
   batch = max(1, min(args.batch_size, len(prompts)))
   decoder = Decoder(pretrained, cfg, args.seed)
@@ -213,7 +201,7 @@ def chat(args, pretrained, cfg, stdin=None, out=None) -> dict:
       break
     conversation.append({"role": "user", "content": line.strip()})
     ids = encode(tok, conversation, args.no_chat_template)
-    width = _width(len(ids), cfg, pretrained.config, steps=4)
+    width = prompt_width(len(ids), cfg, pretrained.config, steps=4)
     try:
       _check_lengths([ids], pretrained.config, cfg, width)
     except UsageError as e:  # (the conversation so far stays; this turn is not taken)

@@ -369,12 +369,12 @@ def load_hf_dir(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
       raise CheckpointError(f"{config_file}: attention_bias=true with a nonzero o_proj bias is "
                             "not supported")
   files.check(expected)
-  slow = [n for n in ("tokenizer.model", "vocab.json", "tokenizer_config.json")
-          if (path / n).is_file()]
   # A directory with tokenizer files but no tokenizer.json: from_hf_dir says what to do (a model
   # loaded without its tokenizer would fail later, where the cause is no longer visible). Read
   # before the weights, which take minutes for a 7B.
-  tokenizer = tk.from_hf_dir(path) if (path / "tokenizer.json").is_file() or slow else None
+  has_tokenizer = any((path / n).is_file() for n in (
+      "tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"))
+  tokenizer = tk.from_hf_dir(path) if has_tokenizer else None
   check_tokenizer_matches(tokenizer, cfg, str(path))
   if tokenizer is not None:  # (its end of turn and eos stop anyway: an export lists them)
     cfg = dataclasses.replace(cfg, stop_token_ids=tuple(

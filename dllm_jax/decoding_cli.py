@@ -134,6 +134,19 @@ def encode(tokenizer, conversation, raw: bool = False) -> list[int]:
   return tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
 
 
+def prompt_width(n: int, cfg, model_cfg, steps: int = 1) -> int:
+  """The prompt width for prompts of up to `n` tokens: whole blocks, in steps of `steps` blocks
+  (a chat's growing conversation recompiles rarely), where that still fits the context; else `n`
+  itself (the padding is there for reusing compiled programs: it must not cost context)."""
+  from dllm_jax import decoding
+
+  for blocks in (steps, 1):
+    width = -(-n // (blocks * cfg.block_size)) * blocks * cfg.block_size
+    if decoding.reach(cfg, width) <= model_cfg.max_position_embeddings:
+      return width
+  return n
+
+
 def decode_config(args, pretrained, **sampling):
   """The `DecodeConfig` of the flags, stopping where the model's chat turn ends and padding with
   the tokenizer's (else the model's) pad token."""

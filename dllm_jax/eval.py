@@ -128,12 +128,7 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
   prompts = [decoding_cli.encode(tok, [{"role": "user", "content": p.question}])
              for p in problems]
   model_cfg = pretrained.config
-  # Whole blocks (programs reused across batches) where that fits the context; the padding must
-  # not cost context, so else the longest prompt itself.
-  width = longest = max(len(p) for p in prompts)
-  width = -(-width // decode_cfg.block_size) * decode_cfg.block_size
-  if decoding.reach(decode_cfg, width) > model_cfg.max_position_embeddings:
-    width = longest
+  width = decoding_cli.prompt_width(max(len(p) for p in prompts), decode_cfg, model_cfg)
   decoding.check_reach(model_cfg, decode_cfg, width)  # (before anything compiles)
   # The threshold is an argument, not a constant, so a sweep over thresholds compiles to the same
   # program (and hits JAX's persistent compilation cache when one is set).

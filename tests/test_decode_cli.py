@@ -191,13 +191,15 @@ def test_chat_refuses_a_turn_past_the_context_and_goes_on(dirs, monkeypatch, cap
 def test_prompt_padding_never_costs_context():
   # Prompts are padded to whole blocks so programs are reused, but not where the padding would
   # push a request that fits (37 + 8155 = 8192) past the context.
+  # (decode.py's and eval's)
   from dllm_jax import decoding
+  from dllm_jax.decoding_cli import prompt_width
   model_cfg = ModelConfig(max_position_embeddings=256)
   cfg = decoding.DecodeConfig(mode="ar", block_size=32, max_new_tokens=200)
-  assert decode._width(10, cfg, model_cfg) == 32
-  assert decode._width(40, cfg, model_cfg) == decode._width(40, cfg, model_cfg, steps=4) == 40
+  assert prompt_width(10, cfg, model_cfg) == 32
+  assert prompt_width(40, cfg, model_cfg) == prompt_width(40, cfg, model_cfg, steps=4) == 40
   cfg = decoding.DecodeConfig(mode="ar", block_size=32, max_new_tokens=100)
-  assert decode._width(40, cfg, model_cfg) == 64 and decode._width(40, cfg, model_cfg, 4) == 128
+  assert prompt_width(40, cfg, model_cfg) == 64 and prompt_width(40, cfg, model_cfg, 4) == 128
 
 
 def test_command_line_subprocess(dirs):

@@ -649,7 +649,7 @@ def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Me
   totals = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
   empty = None
   for i in range(cfg.train.eval_batches):
-    batch = _next_everywhere(it)
+    batch, _ = _next_everywhere(it)  # (a process whose share ran out scores empty batches)
     if batch is None:
       if empty is None:
         rows = cfg.data.batch_size // jax.process_count()
@@ -693,9 +693,7 @@ def check_run_dir(cfg) -> None:
 def check_end_of_run(cfg, model_cfg: ModelConfig) -> None:
   """ConfigError before the first step for what the run would only meet after its last: the
   held-out evaluation without held-out data, an HF export the model has no class for."""
-  from dllm_jax import convert
-
-  from dllm_jax import data
+  from dllm_jax import convert, data
 
   if (cfg.train.eval_batches and not cfg.data.eval_source
       and cfg.data.source.strip() != "synthetic"):
@@ -783,10 +781,10 @@ def train(cfg, *, resume: bool = False) -> dict:
   metrics, stopped = None, False
   try:
     while step < cfg.train.steps:
-      batch = _next_everywhere(batches)
+      batch, ran_out = _next_everywhere(batches)
       # Every process must agree to stop at the same step, or the others would wait in the next
       # step's collectives for ever: shards of unequal size run out at different steps.
-      if _any_process(batch is None):
+      if ran_out:
         log.warning("the data ran out (data.num_epochs=%s) after step %d%s; ending the run "
                     "there", cfg.data.num_epochs, step,
                     "" if batch is None else " on another process")
@@ -836,11 +834,16 @@ def _in_main_thread() -> bool:
 
 
 def _any_process(flag: bool) -> bool:
+  return _most_over_processes(int(flag)) > 0
+
+
+def _most_over_processes(value: int) -> int:
+  """The largest of every process's `value` (one host collective)."""
   if jax.process_count() == 1:
-    return flag
+    return value
   from jax.experimental import multihost_utils
 
-  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+  return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int32))))
 
 
 def _report_data(batches) -> None:
@@ -858,22 +861,24 @@ def _report_data(batches) -> None:
     log.info("data (process %d): %s", jax.process_index(), stats.summary())
 
 
-def _next_everywhere(batches):
-  """The next batch (None where the data ran out). A failure reading it on one process (a
-  malformed record of its shard under data.strict, a file only its host lacks) is raised on
-  every process: one raising alone would leave the others in the next collective for ever."""
+def _next_everywhere(batches) -> tuple[Optional[dict], bool]:
+  """(the next batch or None where this process's data ran out, whether it ran out on any
+  process), agreed in one collective. A failure reading it on one process (a malformed record of
+  its shard under data.strict, a file only its host lacks) is raised on every process: one
+  raising alone would leave the others in the next collective for ever."""
   from dllm_jax.data import DataError
 
   try:
     batch, failure = next(batches, None), None
   except Exception as e:  # noqa: BLE001  (re-raised below, after the others have heard of it)
     batch, failure = None, e
-  if _any_process(failure is not None):
+  worst = _most_over_processes(2 if failure is not None else int(batch is None))
+  if worst == 2:
     if failure is not None:
       raise failure
     raise DataError("reading the data failed on another process (its log says where); "
                     "stopping here too")
-  return batch
+  return batch, worst == 1
 
 
 def _log_step(step: int, metrics, progress, tokens_per_step: int, metrics_log) -> dict:

@@ -65,9 +65,10 @@ class DataConfig:
   synthetic_min_len: int = 4  # length range of the task's random strings
   synthetic_max_len: int = 12
   eval_records: int = 256  # held-out synthetic records
-  # True: the tail of a sample that ends with an assistant turn (the template's trailer and the
-  # block padding) is a response too, noised and predicted, so the model learns to fill a block
-  # after its answer as a decoder asks it to (every later position masked); False: those
+  # True: the tail of a sample that ends with an assistant turn (any template text past the
+  # assistant span, which already holds ChatML's newline, and the block padding) is a response
+  # too, noised and predicted, so the model learns to fill a block after its answer as a
+  # decoder asks it to (every later position masked); False: those
   # positions are visible pad tokens in training, which decoding never shows. Off by default:
   # on the tiny synthetic task it cut held-out answer accuracy from 0.78 to 0.2-0.25 in 400 steps
   # (the visible padding tells a tiny model the answer's length); see the issue notes.

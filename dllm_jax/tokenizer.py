@@ -133,7 +133,17 @@ class Tokenizer:
 
   def encode_chat(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
     """Ids of the rendered conversation and a loss mask: True exactly on the tokens of each
-    assistant message's content and the end-of-turn token that closes it.
+    assistant message's content, the end-of-turn token that closes it and the whitespace the
+    template renders right after that token within the same turn (ChatML's "\n" after
+    `<|im_end|>`; none after Llama 3's `<|eot_id|>`).
+
+    That is the authors' span: Fast-dLLM v2 trains through LMFlow, whose Qwen2.5 template marks
+    `{% generation %}{{ content + '<|im_end|>' + '\n' }}{% endgeneration %}` as the assistant's
+    (lmflow/utils/conversation_template/qwen.py), so the newline is noised and predicted like
+    the answer, not left visible in the block after it. The span never reaches into the next
+    message's text: it stops at the end of what the assistant message adds to the rendering.
+    Tokens are masked where their character offsets overlap the span, so a token straddling
+    either end (a byte-level piece such as "\n 6" at the start of a reply) is masked.
 
     Spans are found by rendering prefixes: the text an assistant message adds after the
     generation prompt of the conversation before it. A template that rewrites earlier turns when
@@ -166,9 +176,11 @@ class Tokenizer:
       if eot is not None:
         after = turn[offset + len(content):]
         k = after.find(eot)
-        # The end-of-turn token belongs to the turn only if nothing but whitespace precedes it.
+        # The end-of-turn token belongs to the turn only if nothing but whitespace precedes it;
+        # so does the whitespace that follows it up to the end of this turn (ChatML's "\n").
         if k >= 0 and not after[:k].strip():
-          end += k + len(eot)
+          trailer = after[k + len(eot):]
+          end += k + len(eot) + len(trailer) - len(trailer.lstrip())
       char_spans.append((start, end))
 
     self._check_alphabet(full)

@@ -52,14 +52,16 @@ def test_each_record_shape_renders_with_loss_on_assistant_tokens_only(tmp_path):
       "<|im_start|>user\n2+2<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n",
       "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n3 + 4 = 7\n#### 7<|im_end|>\n",
   ]
-  want_loss = [["hello" + END, "y!" + END], ["4" + END], ["3 + 4 = 7\n#### 7" + END]]
+  want_loss = [["hello" + END + "\n", "y!" + END + "\n"], ["4" + END + "\n"],
+               ["3 + 4 = 7\n#### 7" + END + "\n"]]
   assert len(got) == 3
   for (ids, mask), text, loss_spans in zip(got, want_text, want_loss):
     assert len(ids) % 16 == 0
     n = len(TOK.encode(text))
     assert TOK.decode(ids[:n], skip_special=False) == text
     assert (ids[n:] == TOK.pad_token_id).all() and not mask[n:].any()  # block padding
-    # The loss-bearing tokens are exactly the assistant turns, each with its end-of-turn token.
+    # The loss-bearing tokens are exactly the assistant turns, each with its end-of-turn token
+    # and the newline the template renders after it (the authors' span).
     runs, cur = [], []
     for i, m in zip(ids, mask):
       if m:

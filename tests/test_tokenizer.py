@@ -95,10 +95,11 @@ def test_chat_template_renders_like_transformers(gguf_tok, hf_gguf_tok, add_gene
 
 
 def _assistant_ids(tok, messages):
+  """A ChatML template's assistant spans: content, <|im_end|> and the newline after it."""
   out = []
   for m in messages:
     if m["role"] == "assistant":
-      out += tok.encode(m["content"]) + [tok.eot_token_id]
+      out += tok.encode(m["content"]) + [tok.eot_token_id] + tok.encode("\n")
   return out
 
 
@@ -114,7 +115,7 @@ def test_encode_chat_masks_exactly_assistant_content(which, gguf_tok):
     else:
       # A byte-level BPE token may straddle the template's newline and a reply's leading space
       # ("\n 6" is one piece once digits split first, as SmolLM2's tokenizer does): each masked
-      # run is the reply and its end-of-turn token, up to that whitespace.
+      # run is the reply, its end-of-turn token and the newline after it, up to that whitespace.
       runs, run = [], []
       for i, m in zip(ids, mask):
         if m:
@@ -123,14 +124,15 @@ def test_encode_chat_masks_exactly_assistant_content(which, gguf_tok):
           runs, run = runs + [run], []
       runs += [run] if run else []
       replies = [m["content"] for m in messages if m["role"] == "assistant"]
-      assert [tok.decode(r, skip_special=False).strip() for r in runs] == \
-          [(c + tok.id_to_token(tok.eot_token_id)).strip() for c in replies]
-  # Each assistant turn is one contiguous run that ends on the end-of-turn token.
+      assert [tok.decode(r, skip_special=False).lstrip() for r in runs] == \
+          [(c + tok.id_to_token(tok.eot_token_id) + "\n").lstrip() for c in replies]
+  # Each assistant turn is one contiguous run that ends on the newline after its end-of-turn.
   ids, mask = tok.encode_chat(CONVERSATIONS[2])
   runs = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
   assert len(runs) == 2
   ends = [i for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
-  assert all(ids[e] == tok.eot_token_id for e in ends)
+  assert all(ids[e - 1] == tok.eot_token_id and ids[e:e + 1] == tok.encode("\n") for e in ends)
+  assert ends[-1] == len(ids) - 1  # the final turn's newline too
 
 
 def test_encode_chat_with_a_trimming_llama3_style_template():
@@ -142,6 +144,45 @@ def test_encode_chat_with_a_trimming_llama3_style_template():
   ids, mask = tok.encode_chat(messages)
   assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == \
       "4, obviously.<|im_end|>6\n\nDone<|im_end|>"
+
+
+def _masked_runs(ids, mask):
+  """The maximal runs of masked ids, in order."""
+  runs, run = [], []
+  for i, m in zip(list(ids) + [None], list(mask) + [False]):
+    if m:
+      run.append(i)
+    elif run:
+      runs, run = runs + [run], []
+  return runs
+
+
+@pytest.mark.parametrize("which", ["gguf", "chars"])
+def test_encode_chat_span_is_the_authors_chatml_turn_trailer(which, gguf_tok):
+  # Fast-dLLM v2 (LMFlow's Qwen2.5 template) trains on {% generation %}content<|im_end|>\n
+  # {% endgeneration %}: the newline after <|im_end|> is the assistant's, the next turn's is not.
+  tok = gguf_tok if which == "gguf" else tk.simple_chars()
+  replies = ["Hello there.", "4, obviously.\n\nDone"]
+  messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": replies[0]}, {"role": "user", "content": "And?"},
+              {"role": "assistant", "content": replies[1]}]
+  ids, mask = tok.encode_chat(messages)
+  assert tok.apply_chat_template(messages, add_generation_prompt=False).endswith("<|im_end|>\n")
+  runs = _masked_runs(ids, mask)
+  assert [tok.decode(r, skip_special=False) for r in runs] == [c + "<|im_end|>\n" for c in replies]
+  nl = tok.encode("\n")
+  assert all(r[-2:] == [tok.eot_token_id] + nl and len(nl) == 1 for r in runs)  # "\n" is a token
+  assert mask[-1] and ids[-2:] == [tok.eot_token_id] + nl  # the final turn's newline is in
+  # A separator the template renders before the next message is that message's text, not the
+  # assistant's: the span stops at the end of what the assistant message adds.
+  tok = tk.simple_chars()
+  tok.chat_template = (
+      "{% for m in messages %}{% if not loop.first %}\n{% endif %}"
+      "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
+      "{% if add_generation_prompt %}\n<|im_start|>assistant\n{% endif %}")
+  ids, mask = tok.encode_chat(messages)
+  assert [tok.decode(r, skip_special=False) for r in _masked_runs(ids, mask)] == \
+      [c + "<|im_end|>" for c in replies]
 
 
 def test_encode_chat_refuses_template_that_rewrites_history():

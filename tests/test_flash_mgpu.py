@@ -249,6 +249,44 @@ def test_visit_list_flattens_the_narrowed_runs_full_tiles_first():
   assert not one[1].all() and one[0].all()  # the packed row exercises both cases
 
 
+@pytest.mark.parametrize("n,ctas", [(7, 3), (132 * 3 + 5, 132), (4, 4), (50, 1)])
+def test_deal_gives_every_item_once_heaviest_first_to_the_least_loaded(n, ctas):
+  weights = np.random.default_rng(n).integers(1, 20, n)
+  lists = flash_mgpu.deal(weights, ctas)
+  items = lists[lists >= 0]
+  assert sorted(items.tolist()) == list(range(n))
+  assert ((lists >= 0).sum(1) > 0).all()  # no CTA idle while another has two items (n >= ctas)
+  loads = [int(weights[row[row >= 0]].sum()) for row in lists]
+  for row in lists:
+    w = weights[row[row >= 0]]
+    assert (np.diff(w) <= 0).all()  # each CTA runs its heaviest first
+    assert (row[:(row >= 0).sum()] >= 0).all()  # padding only at the end
+  # Greedy longest-first: the most loaded CTA's last item went where the load was least then,
+  # so no CTA ends more than one item's weight below it (Graham's bound).
+  assert max(loads) - min(loads) <= weights.max()
+
+
+def test_work_table_rows_are_the_dealt_items_visit_lists():
+  spec = masks.MaskSpec("diffusion", 32, 1)
+  length = 512
+  seg = masks.layout_meta(spec, _segments(2, length, [[], [96, 224]])).segments
+  n_outer, h, ctas = seg.shape[1] // flash_mgpu.OUTER, 3, 5
+  table, v = flash_mgpu.work_table(spec, length, seg, 2, h, n_outer, ctas)
+  table = np.asarray(table)
+  plan = np.asarray(flash_mgpu.visit_list(spec, length, seg, n_outer)[0])
+  assert table.shape[0] == ctas and table.shape[-1] % 32 == 0
+  seen = set()
+  for c in range(ctas):
+    count, total = table[c, 0, v + 6], table[c, 0, v + 7]
+    assert (table[c, :, v + 6] == count).all() and count >= 1
+    for m in range(count):
+      bi, head, tile = table[c, m, v + 4], table[c, m, v + 5], table[c, m, v + 3]
+      seen.add((bi, head, tile))
+      assert (table[c, m, :v + 4] == plan[bi, tile, :v + 4]).all()
+    assert total == table[c, :count, v + 1].sum()  # the CTA's visits, all items
+  assert seen == {(b, e, t) for b in range(2) for e in range(h) for t in range(n_outer)}
+
+
 def test_mosaic_forward_refuses_what_it_cannot_run():
   spec = masks.MaskSpec("diffusion", 24, 1)  # block size not a power of two
   meta = masks.layout_meta(spec, jnp.zeros((1, 48), jnp.int32))

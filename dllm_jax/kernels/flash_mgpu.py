@@ -7,7 +7,10 @@ and tensor-core work in sequence and stayed at 0.42-0.46 of the matmul rate on t
 kernel follows jax's `attention_mgpu` (FlashAttention-3's schedule): one CTA is two consumer
 warpgroups of 64 query rows, which take turns on the tensor cores (a schedule barrier) so one's
 softmax overlaps the other's matmuls, and a producer warpgroup that streams the planned K/V tiles
-into two shared-memory slots by TMA.
+into two shared-memory slots by TMA. The forward is persistent (`PERSISTENT`): one CTA per SM
+runs a list of (batch row, head, 128-row tile) work items dealt heaviest first, its K/V stream
+running on from item to item and the next item's Q copied while the current one computes
+(1.15-1.20x faster at L=2048 than one CTA an item on the H100, BENCHMARKS.md, session 31).
 
 The plan is `flash`'s, at 128-row outer tiles: `visit_runs` narrowed by `segment_runs`, then
 flattened per (batch row, outer tile) into one list of key tiles, full ones first
@@ -55,6 +58,13 @@ FWD_TURNS = True
 # costs (benchmarks/attention.py --sections variants --variants 'fence:;bare:RELEASE_FENCE=0'):
 # nothing measurable on an H100 (session 28): fwd+bwd within 1.6% of the default, either way.
 RELEASE_FENCE = True
+# Whether the forward runs one CTA per SM, each taking a list of work items (a batch row's and
+# head's 128-row tile), instead of one CTA per item: each CTA's prologue (Q, plan, first K/V
+# latency), epilogue (O store) and the last wave's tail are paid once a CTA, not once an item
+# (session 30's lengths put them near a quarter of the forward at L=2048).
+# H100, L=2048 (session 31): forward 1.15x (1.5B 2L, 0.313 -> 0.272 ms), 1.20x (7B 2L), 1.16x
+# (1.5B 3L), 1.19x (7B 3L); fwd+bwd 1.04-1.05x.
+PERSISTENT = True
 
 
 def _plgpu():
@@ -207,8 +217,72 @@ def _softmax_step(s, m, l, c, keep):
   return p, alpha, m_new, l * alpha + p.sum(axis=1)
 
 
+def deal(weights, ctas: int) -> np.ndarray:
+  """Work items dealt to `ctas` persistent CTAs: int32 [ctas, M], each row a CTA's item indices
+  (into `weights`) in the order it runs them, -1 past its last. Longest-processing-time first:
+  items heaviest first (ties: lowest index), each to the least-loaded CTA so far (ties: lowest
+  CTA), so the heaviest start in the first round and the light ones fill the gaps at the end."""
+  import heapq
+
+  weights = np.asarray(weights)
+  order = np.argsort(-weights, kind="stable")
+  lists = [[] for _ in range(ctas)]
+  loads = [(0, c) for c in range(ctas)]
+  for item in order:
+    load, c = heapq.heappop(loads)
+    lists[c].append(item)
+    heapq.heappush(loads, (load + int(weights[item]), c))
+  out = np.full((ctas, max(map(len, lists))), -1, np.int32)
+  for c, items in enumerate(lists):
+    out[c, :len(items)] = items
+  return out
+
+
+def _forward_ctas(n_items: int, interpret: bool) -> int:
+  """How many CTAs the forward launches: one per work item unless `PERSISTENT`, else one per SM
+  (the interpreter: half the items, so that CTAs take several and more than one CTA runs)."""
+  if not PERSISTENT:
+    return n_items
+  if interpret:
+    return max(1, n_items // 2)
+  from dllm_jax.kernels import decode
+  return min(n_items, decode.sm_count())
+
+
+def work_table(spec, length, seg, b, h, n_outer, ctas):
+  """int32 [ctas, M, W]: row m of CTA c is the `visit_list` row of the m-th work item that CTA
+  runs, with the item's batch row at V + 4, its head at V + 5, the CTA's item count at V + 6 and
+  its visits (all items') at V + 7.
+  Items are (batch row, head, 128-row tile), dealt by `deal` on the layout's visit counts plus
+  one (an item's fixed cost; segment ids only shorten items, and are data). Returns (table, V)."""
+  plan, nv = visit_list(spec, length, seg, n_outer)
+  _, count, _, n_runs = flash.visit_runs(spec, length, OUTER, BLOCK_K, False, 0,
+                                         num_outer=n_outer)
+  visits = np.where(np.arange(count.shape[1]) < n_runs[:, None], count, 0).sum(1)
+  # item (tile, batch row, head), head fastest: the items of one weight run side by side in
+  # head order, so a GQA group's heads read their K/V tiles at about the same time
+  weights = np.repeat(visits + 1, b * h)
+  lists = deal(weights, ctas)
+  items = np.maximum(lists, 0)
+  tile, bi, head = items // (b * h), items // h % b, items % h
+  rows = plan[bi, tile][..., :nv + 4]
+  n_items = (lists >= 0).sum(1)
+  extra = np.stack([bi, head, np.broadcast_to(n_items[:, None], bi.shape)], -1)
+  total = jnp.where(lists >= 0, rows[..., nv + 1], 0).sum(1)  # the CTA's visits
+  total = jnp.broadcast_to(total[:, None, None], bi.shape + (1,))
+  width = -(-(nv + 8) // 32) * 32
+  pad = np.zeros(bi.shape + (width - nv - 8,), np.int32)
+  return jnp.concatenate([rows, jnp.asarray(extra, jnp.int32), total.astype(jnp.int32),
+                          jnp.asarray(pad)], -1), nv
+
+
 def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = False):
-  """(o [B, Tp, H, D], lse [B, H, Tp]) of `flash._forward`'s problem; Tp a multiple of 128."""
+  """(o [B, Tp, H, D], lse [B, H, Tp]) of `flash._forward`'s problem; Tp a multiple of 128.
+
+  A CTA runs a list of work items (`work_table`), one per SM when `PERSISTENT`: the producer
+  streams every item's K/V tiles as one sequence through the slots and copies the next item's
+  Q into the other of two Q buffers while the current one runs; the consumers stage each item's
+  O in its Q buffer and go on while the store drains."""
   plgpu = _plgpu()
   b, tp, h, d = q.shape
   if tp % OUTER:
@@ -216,7 +290,9 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
   group = h // k.shape[2]
   bq, bk = BLOCK_Q, BLOCK_K
   kt = k.transpose(0, 2, 3, 1)  # [B, K, D, Tp]: the interpreter has no transposed refs
-  plan, nv = visit_list(spec, length, seg, tp // OUTER)
+  n_outer = tp // OUTER
+  ctas = _forward_ctas(b * h * n_outer, interpret)
+  table, nv = work_table(spec, length, seg, b, h, n_outer, ctas)
   dtype = q.dtype
   c = d ** -0.5 * _LOG2E
   wgmma_l = plgpu.Layout.WGMMA
@@ -225,133 +301,185 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
 
   iota = functools.partial(_iota, (bq, bk), interpret=interpret)
 
-  def kernel(q_ref, kt_ref, v_ref, seg_ref, plan_ref, o_ref, lse_ref, q_s, kt_s, v_s, p_s,
+  def kernel(q_ref, kt_ref, v_ref, seg_ref, table_ref, o_ref, lse_ref, q_s, kt_s, v_s, p_s,
              lse_s, segq_s, segk_s, plan_s, plan_bar, q_bar, sq_bar, k_bar, v_bar, sk_bar,
-             k_free, v_free, sched_bar):
-    head, qt, bi = lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("batch")
-    kvh = lax.div(head, jnp.int32(group))
+             k_free, v_free, item_free, sched_bar):
+    cta = lax.axis_index("sm")
     wg = lax.axis_index("wg")
-
     turns = FWD_TURNS
     sched = functools.partial(_take_turns, sched_bar) if turns else lambda: None
 
+    def read_item(s):  # (batch row, head, tile, n_full, n_vis, one) of the item in plan slot s
+      return tuple(plan_s[s, nv + j] for j in (4, 5, 3, 0, 1, 2))
+
+    def copy_row(m, s):
+      plgpu.copy_gmem_to_smem(table_ref.at[cta, m], plan_s.at[s], plan_bar.at[s])
+      plgpu.barrier_wait(plan_bar.at[s])
+
     @pl.when(wg == 2)
     def _producer():
-      n_full, n_vis, one = _producer_start(plan_ref.at[bi, qt], plan_s, plan_bar, nv, interpret)
+      if not interpret:
+        plgpu.set_max_registers(40, action="decrease")
+      copy_row(0, 0)
 
-      def fetch(i, slot):
-        tile = pl.multiple_of(plan_s[i] * bk, bk)
-        plgpu.copy_gmem_to_smem(kt_ref.at[bi, kvh, :, pl.ds(tile, bk)], kt_s.at[slot],
-                                k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(tile, bk), kvh], v_s.at[slot], v_bar.at[slot])
+      def item(m, streamed):  # streamed: visits of the earlier items
+        s = lax.rem(m, 2)
 
-        @pl.when((i >= n_full) & (one == 0))  # the visits that compare segment ids
-        def _():
-          plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(tile, bk)], segk_s.at[slot],
-                                  sk_bar.at[slot])
+        @pl.when(m > 0)
+        def _():  # slot s held item m - 2: both consumers are past it and its O store
+          pl.when(m >= 2)(lambda: plgpu.barrier_wait(item_free.at[s]))
+          copy_row(m, s)
 
-      def wait_free(slot):
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
+        bi, head, tile, n_full, n_vis, one = read_item(s)
+        kvh = lax.div(head, jnp.int32(group))
+        for w in range(2):
+          rows = pl.ds(tile * OUTER + w * bq, bq)
+          # one barrier per copy: a copy's arrivals are a whole warpgroup's, so two copies on
+          # one barrier would complete it early
+          plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[s, w], q_bar.at[2 * s + w])
+          plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[s, w], sq_bar.at[2 * s + w])
 
-      _stream(n_vis, fetch, wait_free)
+        @pl.loop(0, n_vis)
+        def _(i):
+          n = streamed + i
+          slot = lax.rem(n, SLOTS)
+
+          @pl.when(n >= SLOTS)
+          def _():
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+          key = pl.multiple_of(plan_s[s, i] * bk, bk)
+          plgpu.copy_gmem_to_smem(kt_ref.at[bi, kvh, :, pl.ds(key, bk)], kt_s.at[slot],
+                                  k_bar.at[slot])
+          plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(key, bk), kvh], v_s.at[slot],
+                                  v_bar.at[slot])
+
+          @pl.when((i >= n_full) & (one == 0))  # the visits that compare segment ids
+          def _():
+            plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(key, bk)], segk_s.at[slot],
+                                    sk_bar.at[slot])
+        return streamed + n_vis
+
+      lax.fori_loop(0, plan_s[0, nv + 6], item, jnp.int32(0))
 
     @pl.when(wg < 2)
     def _consumer():
       if not interpret:
         plgpu.set_max_registers(232, action="increase")
-      base = qt * OUTER + wg * bq
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(base, bq), head], q_s.at[wg], q_bar.at[wg])
-      # one barrier per copy: a copy's arrivals are a whole warpgroup's, so two copies on one
-      # barrier would complete it early
-      plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(base, bq)], segq_s.at[wg], sq_bar.at[wg])
       plgpu.barrier_wait(plan_bar.at[0])
-      n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
-      plgpu.barrier_wait(q_bar.at[wg])
-      plgpu.barrier_wait(sq_bar.at[wg])
+      n_items, total = plan_s[0, nv + 6], plan_s[0, nv + 7]
+      if not interpret and turns:
+        pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn, for the whole CTA
 
-      def keep_of(i, slot, masked):
-        return _keep(spec, length, iota(0) + base, iota(1) + plan_s[i] * bk, masked,
-                     segq_s.at[wg], segk_s.at[slot], sk_bar.at[slot], interpret)
+      def item(m, streamed):
+        s = lax.rem(m, 2)
+        pl.when(m > 0)(lambda: plgpu.barrier_wait(plan_bar.at[s]))
+        bi, head, tile, n_full, n_vis, one = read_item(s)
 
-      def scores(slot, after=lambda: None):
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_s.at[wg], kt_s.at[slot])
-          after()
-          return acc_ref[...]
-        return pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+        # Every phase of a barrier is waited for (the interpreter checks): a release only where
+        # the producer will refill, here item m - 1's slot for item m + 1.
+        @pl.when((m > 0) & (m + 1 < n_items))
+        def _():  # item m - 1's O has left its Q buffer: the producer may refill that slot
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          plgpu.barrier_arrive(item_free.at[1 - s])
 
-      def interpret_step(i, carry, masked):
-        acc, m, l = carry
-        slot = lax.rem(i, SLOTS)
-        refill = i + SLOTS < n_vis
-        plgpu.barrier_wait(k_bar.at[slot])
-        s = scores(slot)
-        pl.when(refill)(lambda: plgpu.barrier_arrive(k_free.at[slot]))
-        p, alpha, m, l = _softmax_step(s, m, l, c, keep_of(i, slot, masked) if masked else None)
-        p_s[wg] = p.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.barrier_wait(v_bar.at[slot])
+        base = tile * OUTER + wg * bq
+        plgpu.barrier_wait(q_bar.at[2 * s + wg])
+        plgpu.barrier_wait(sq_bar.at[2 * s + wg])
 
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p_s.at[wg], v_s.at[slot])
-          return acc_ref[...]
+        def keep_of(i, slot, masked):
+          return _keep(spec, length, iota(0) + base, iota(1) + plan_s[s, i] * bk, masked,
+                       segq_s.at[s, wg], segk_s.at[slot], sk_bar.at[slot], interpret)
 
-        o = pl.run_scoped(pv, plgpu.ACC((bq, d), jnp.float32))
-        pl.when(refill)(lambda: plgpu.barrier_arrive(v_free.at[slot]))
-        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o, m, l
+        def scores(slot, after=lambda: None):
+          def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_s.at[s, wg], kt_s.at[slot])
+            after()
+            return acc_ref[...]
+          return pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
 
-      def gpu_step(i, carry, masked):
-        # jax's attention_mgpu schedule: turns on the tensor cores, P in registers, PV in
-        # place, the next K's barrier waited for while PV runs (its wait before the loop).
-        acc, m, l = carry
-        slot = lax.rem(i, SLOTS)
-        refill = i + SLOTS < n_vis
-        s = scores(slot, after=sched)
-        pl.when(refill)(lambda: plgpu.barrier_arrive(k_free.at[slot]))
-        p, alpha, m, l = _softmax_step(s, m, l, c, keep_of(i, slot, masked) if masked else None)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        p16 = p.astype(dtype)
-        acc, l, m, p16 = lax.optimization_barrier((acc, l, m, p16))
-        if turns:
-          plgpu.barrier_arrive(sched_bar)
-        plgpu.barrier_wait(v_bar.at[slot])
-        if turns:
-          plgpu.barrier_wait(sched_bar)
+        def release(bars, i):  # a K/V slot, where the producer will refill it
+          pl.when(streamed + i + SLOTS < total)(lambda: plgpu.barrier_arrive(bars.at[
+              lax.rem(streamed + i, SLOTS)]))
 
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_s.at[slot])
-          pl.when(i + 1 < n_vis)(lambda: plgpu.barrier_wait(k_bar.at[lax.rem(i + 1, SLOTS)]))
-
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        if masked == "segments" and RELEASE_FENCE:  # segk_s[slot] read by plain loads (`_stream`)
+        def interpret_step(i, carry, masked):
+          acc, m_, l = carry
+          slot = lax.rem(streamed + i, SLOTS)
+          plgpu.barrier_wait(k_bar.at[slot])
+          s_ = scores(slot)
+          release(k_free, i)
+          p, alpha, m_, l = _softmax_step(s_, m_, l, c,
+                                          keep_of(i, slot, masked) if masked else None)
+          p_s[wg] = p.astype(dtype)
           plgpu.commit_smem()
-        pl.when(refill)(lambda: plgpu.barrier_arrive(v_free.at[slot]))
-        return acc, m, l
+          plgpu.barrier_wait(v_bar.at[slot])
 
-      carry = (lc(jnp.zeros((bq, d), jnp.float32), wgmma_l),
-               lc(jnp.full((bq,), -jnp.inf, jnp.float32), row_l),
-               lc(jnp.zeros((bq,), jnp.float32), row_l))
-      step = interpret_step if interpret else gpu_step
-      if not interpret:
-        pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(k_bar.at[0]))
-        if turns:
-          pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn
-      # Full tiles, then partial ones: with the layout mask only inside one segment, else with
-      # the segment comparison too (one of the last two loops is empty).
-      mid = jnp.where(one != 0, n_vis, n_full)
-      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-      carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
-      acc, m, l = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p_s.at[wg], v_s.at[slot])
+            return acc_ref[...]
+
+          o = pl.run_scoped(pv, plgpu.ACC((bq, d), jnp.float32))
+          if masked == "segments":  # segk_s[slot] read by plain loads (`_stream`)
+            plgpu.commit_smem()
+          release(v_free, i)
+          return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o, m_, l
+
+        def gpu_step(i, carry, masked):
+          # jax's attention_mgpu schedule: turns on the tensor cores, P in registers, PV in
+          # place, the next K's barrier waited for while PV runs (its wait before the loop).
+          acc, m_, l = carry
+          slot = lax.rem(streamed + i, SLOTS)
+          s_ = scores(slot, after=sched)
+          release(k_free, i)
+          p, alpha, m_, l = _softmax_step(s_, m_, l, c,
+                                          keep_of(i, slot, masked) if masked else None)
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          p16 = p.astype(dtype)
+          acc, l, m_, p16 = lax.optimization_barrier((acc, l, m_, p16))
+          if turns:
+            plgpu.barrier_arrive(sched_bar)
+          plgpu.barrier_wait(v_bar.at[slot])
+          if turns:
+            plgpu.barrier_wait(sched_bar)
+
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_s.at[slot])
+            nxt = lax.rem(streamed + i + 1, SLOTS)
+            pl.when(i + 1 < n_vis)(lambda: plgpu.barrier_wait(k_bar.at[nxt]))
+
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+          if masked == "segments" and RELEASE_FENCE:  # segk_s[slot] read by plain loads
+            plgpu.commit_smem()
+          release(v_free, i)
+          return acc, m_, l
+
+        carry = (lc(jnp.zeros((bq, d), jnp.float32), wgmma_l),
+                 lc(jnp.full((bq,), -jnp.inf, jnp.float32), row_l),
+                 lc(jnp.zeros((bq,), jnp.float32), row_l))
+        step = interpret_step if interpret else gpu_step
+        if not interpret:
+          pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(k_bar.at[lax.rem(streamed, SLOTS)]))
+        # Full tiles, then partial ones: with the layout mask only inside one segment, else with
+        # the segment comparison too (one of the last two loops is empty).
+        mid = jnp.where(one != 0, n_vis, n_full)
+        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
+        acc, m_, l = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
+        # l == 0 only on rows with nothing to visit (padding): keep them finite, as flash does.
+        l = jnp.where(l == 0.0, jnp.ones_like(l), l)
+        # O staged in this item's Q buffer (its last QK^T has been waited for): the producer
+        # refills it two items on, after the release above in the next item
+        q_s[s, wg] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+        lse_s[s, wg] = m_ + jnp.log2(l)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_s.at[s, wg], o_ref.at[bi, pl.ds(base, bq), head])
+        plgpu.copy_smem_to_gmem(lse_s.at[s, wg], lse_ref.at[bi, head, pl.ds(base, bq)])
+        return streamed + n_vis
+
+      lax.fori_loop(0, n_items, item, jnp.int32(0))
       if not interpret and turns:
         pl.when(wg == 0)(sched)
-      # l == 0 only on rows with nothing to visit (padding): keep them finite, as flash does.
-      l = jnp.where(l == 0.0, jnp.ones_like(l), l)
-      q_s[wg] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-      lse_s[wg] = m + jnp.log2(l)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_s.at[wg], o_ref.at[bi, pl.ds(base, bq), head])
-      plgpu.copy_smem_to_gmem(lse_s.at[wg], lse_ref.at[bi, head, pl.ds(base, bq)])
       plgpu.wait_smem_to_gmem(0)
 
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
@@ -361,25 +489,27 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
       scratch_types=[
-          plgpu.SMEM((2, bq, d), dtype, **tiled), plgpu.SMEM((SLOTS, d, bk), dtype, **tiled),
+          # Q [item slot, warpgroup]: two items' (+32 KB: 192 KB of shared memory in all)
+          plgpu.SMEM((2, 2, bq, d), dtype, **tiled), plgpu.SMEM((SLOTS, d, bk), dtype, **tiled),
           plgpu.SMEM((SLOTS, bk, d), dtype, **tiled),
           # P's shared-memory copy is used in interpret mode only; on the GPU it stays in
           # registers, so it takes no space there.
           plgpu.SMEM((2, bq, bk) if interpret else (1, 8, 64), dtype, **tiled),
-          plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.int32),
-          plgpu.SMEM((SLOTS, bk), jnp.int32), plgpu.SMEM((plan.shape[-1],), jnp.int32),
-          plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=2),
-          plgpu.Barrier(num_barriers=2),
+          plgpu.SMEM((2, 2, bq), jnp.float32), plgpu.SMEM((2, 2, bq), jnp.int32),
+          plgpu.SMEM((SLOTS, bk), jnp.int32), plgpu.SMEM((2, table.shape[-1]), jnp.int32),
+          plgpu.Barrier(num_barriers=2),  # plan rows, by item slot
+          plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=4),  # Q, its ids: slot, wg
           plgpu.Barrier(num_barriers=SLOTS), plgpu.Barrier(num_barriers=SLOTS),
           plgpu.Barrier(num_barriers=SLOTS),
           plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
           plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
+          plgpu.Barrier(num_arrivals=2, num_barriers=2),  # item slots released
           plgpu.Barrier(num_arrivals=2)],
-      grid=(h, tp // OUTER, b), grid_names=("heads", "q", "batch"),
+      grid=(ctas,), grid_names=("sm",),
       num_threads=3, thread_name="wg",
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params() if interpret else None,
-  )(q, kt, v, seg, plan)
+  )(q, kt, v, seg, table)
   return o, lse
 
 

@@ -266,17 +266,14 @@ def test_deal_gives_every_item_once_heaviest_first_to_the_least_loaded(n, ctas):
   assert max(loads) - min(loads) <= weights.max()
 
 
-@pytest.mark.parametrize("transpose", [False, True])  # the forward's items, the dk/dv kernel's
-def test_work_table_rows_are_the_dealt_items_visit_lists(transpose):
+def test_work_table_rows_are_the_dealt_items_visit_lists():
   spec = masks.MaskSpec("diffusion", 32, 1)
   length = 512
   seg = masks.layout_meta(spec, _segments(2, length, [[], [96, 224]])).segments
   n_outer, h, ctas = seg.shape[1] // flash_mgpu.OUTER, 3, 5
-  tiles = dict(rows=flash_mgpu.BLOCK_QI, cols=2 * flash_mgpu.BLOCK_KV) if transpose else {}
-  plan, v = flash_mgpu.visit_list(spec, length, seg, n_outer, transpose=transpose, **tiles)
-  lists = flash_mgpu.dealt_items(spec, length, 2, h, n_outer, ctas, transpose=transpose, **tiles)
-  table = np.asarray(flash_mgpu.work_table(plan, v, lists, 2, h))
-  plan = np.asarray(plan)
+  table, v = flash_mgpu.work_table(spec, length, seg, 2, h, n_outer, ctas)
+  table = np.asarray(table)
+  plan = np.asarray(flash_mgpu.visit_list(spec, length, seg, n_outer)[0])
   assert table.shape[0] == ctas and table.shape[-1] % 32 == 0
   seen = set()
   for c in range(ctas):

@@ -53,7 +53,7 @@ OUTER = 2 * BLOCK_Q
 # without turns (session 12); the forward without them ran 1.06-1.07x slower at L=2048 for both
 # head shapes and layouts (H200, BENCHMARKS.md, session 15), so it keeps them.
 FWD_TURNS = True
-# The proxy fence a consumer puts before releasing a slot it read with plain loads (`_stream_on`).
+# The proxy fence a consumer puts before releasing a slot it read with plain loads (`_stream`).
 # Required by PTX's memory model, added in session 26 without a GPU. False only to time what it
 # costs (benchmarks/attention.py --sections variants --variants 'fence:;bare:RELEASE_FENCE=0'):
 # nothing measurable on an H100 (session 28): fwd+bwd within 1.6% of the default, either way.
@@ -65,9 +65,6 @@ RELEASE_FENCE = True
 # H100, L=2048 (session 31): forward 1.15x (1.5B 2L, 0.313 -> 0.272 ms), 1.20x (7B 2L), 1.16x
 # (1.5B 3L), 1.19x (7B 3L); fwd+bwd 1.04-1.05x.
 PERSISTENT = True
-# The same for the dk/dv kernel (unfused, without GQA_REDUCE_ADD: the others keep one CTA an
-# item in launch groups, their staging leaving no room for a second item's K and V).
-PERSISTENT_DKV = False  # not yet timed on a GPU
 
 
 def _plgpu():
@@ -155,46 +152,34 @@ def _take_turns(sched_bar):
   plgpu.barrier_wait(sched_bar)
 
 
-def _copy_row(table_ref, cta, plan_s, plan_bar, m, s):
-  """Row m of this CTA's work table into plan slot s, awaited (`work_table`)."""
+def _producer_start(plan_row, plan_s, plan_bar, nv, interpret, regs=40):
+  """The producer warpgroup's prologue: give up registers, copy this CTA's plan row into shared
+  memory (the consumers wait on the same barrier), and read its (n_full, n_vis, one)."""
   plgpu = _plgpu()
-  plgpu.copy_gmem_to_smem(table_ref.at[cta, m], plan_s.at[s], plan_bar.at[s])
-  plgpu.barrier_wait(plan_bar.at[s])
+  if not interpret:
+    plgpu.set_max_registers(regs, action="decrease")
+  plgpu.copy_gmem_to_smem(plan_row, plan_s, plan_bar.at[0])
+  plgpu.barrier_wait(plan_bar.at[0])
+  return plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
 
 
-def _read_item(plan_s, s, nv):
-  """(batch row, head, outer tile, n_full, n_vis, one) of the work item in plan slot s."""
-  return tuple(plan_s[s, nv + j] for j in (4, 5, 3, 0, 1, 2))
-
-
-def _stream_on(streamed, n_vis, fetch, wait_free):
-  """The producer's loop over one item's visits, continuing its CTA's stream: visit i is the
-  CTA's (streamed + i)-th, copied into slot (streamed + i) % SLOTS (`fetch(i, slot)`), a slot
+def _stream(n_vis, fetch, wait_free):
+  """The producer's loop: visit i's tiles into slot i % SLOTS (`fetch(i, slot)`), a slot
   refilled once both consumers released it (`wait_free(slot)`). A consumer that read a slot
   with plain loads (the generic proxy: segment ids, lse, delta; wgmma operands are read by the
   async proxy) fences (`commit_smem`) before its release, since the refill is an async-proxy
   write: PTX's proxy memory model orders the two only through that fence (FlashAttention's
   Hopper backward fences before releasing its LSE stage too; in these bodies the loads' values
   are used before the release, so no refill could overtake them in practice)."""
-  @pl.loop(0, n_vis)
+  @pl.loop(0, jnp.minimum(n_vis, SLOTS))
   def _(i):
-    n = streamed + i
-    slot = lax.rem(n, SLOTS)
-    pl.when(n >= SLOTS)(lambda: wait_free(slot))
+    fetch(i, i)
+
+  @pl.loop(SLOTS, n_vis)
+  def _(i):
+    slot = lax.rem(i, SLOTS)
+    wait_free(slot)
     fetch(i, slot)
-
-
-def _release_item(m, n_items, item_free_bar):
-  """A consumer, at item m: item m - 1's slot (its plan row, and the buffer that staged its
-  outputs) is free once those stores have read shared memory. Released only where the producer
-  will refill it, for item m + 1: every phase of a barrier must be waited for (the interpreter
-  checks)."""
-  plgpu = _plgpu()
-
-  @pl.when((m > 0) & (m + 1 < n_items))
-  def _():
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    plgpu.barrier_arrive(item_free_bar)
 
 
 def _keep(spec, length, q_idx, k_idx, masked, own_seg, streamed_seg, streamed_bar, interpret):
@@ -253,10 +238,10 @@ def deal(weights, ctas: int) -> np.ndarray:
   return out
 
 
-def _ctas(n_items: int, persistent: bool, interpret: bool) -> int:
-  """How many CTAs a kernel launches: one per work item, or when `persistent` one per SM (the
-  interpreter: half the items, so that CTAs take several and more than one CTA runs)."""
-  if not persistent:
+def _forward_ctas(n_items: int, interpret: bool) -> int:
+  """How many CTAs the forward launches: one per work item unless `PERSISTENT`, else one per SM
+  (the interpreter: half the items, so that CTAs take several and more than one CTA runs)."""
+  if not PERSISTENT:
     return n_items
   if interpret:
     return max(1, n_items // 2)
@@ -264,22 +249,20 @@ def _ctas(n_items: int, persistent: bool, interpret: bool) -> int:
   return min(n_items, decode.sm_count())
 
 
-def dealt_items(spec, length, b, h, n_outer, ctas, rows=OUTER, cols=BLOCK_K, transpose=False):
-  """int32 [ctas, M]: item ids ((tile * B + batch row) * H + head) dealt by `deal` on the
-  layout's visit counts (of `rows` x `cols` tiles, as `visit_list`) plus one, an item's fixed
-  cost; segment ids only shorten items, and are data. Head fastest: the items of one weight run
-  side by side in head order, so a GQA group's heads read their K/V at about the same time."""
-  _, count, _, n_runs = flash.visit_runs(spec, length, rows, cols, transpose, 0,
+def work_table(spec, length, seg, b, h, n_outer, ctas):
+  """int32 [ctas, M, W]: row m of CTA c is the `visit_list` row of the m-th work item that CTA
+  runs, with the item's batch row at V + 4, its head at V + 5, the CTA's item count at V + 6 and
+  its visits (all items') at V + 7.
+  Items are (batch row, head, 128-row tile), dealt by `deal` on the layout's visit counts plus
+  one (an item's fixed cost; segment ids only shorten items, and are data). Returns (table, V)."""
+  plan, nv = visit_list(spec, length, seg, n_outer)
+  _, count, _, n_runs = flash.visit_runs(spec, length, OUTER, BLOCK_K, False, 0,
                                          num_outer=n_outer)
   visits = np.where(np.arange(count.shape[1]) < n_runs[:, None], count, 0).sum(1)
-  return deal(np.repeat(visits + 1, b * h), ctas)
-
-
-def work_table(plan, nv, lists, b, h):
-  """int32 [ctas, M, W]: row m of CTA c is the `visit_list` row (`plan` [B, n_outer, >= V + 4])
-  of the m-th work item in `lists` (ids as `dealt_items`, -1 past a CTA's last), with the item's
-  batch row at V + 4, its head at V + 5, the CTA's item count at V + 6 and its visits (all its
-  items') at V + 7."""
+  # item (tile, batch row, head), head fastest: the items of one weight run side by side in
+  # head order, so a GQA group's heads read their K/V tiles at about the same time
+  weights = np.repeat(visits + 1, b * h)
+  lists = deal(weights, ctas)
   items = np.maximum(lists, 0)
   tile, bi, head = items // (b * h), items // h % b, items % h
   rows = plan[bi, tile][..., :nv + 4]
@@ -290,13 +273,13 @@ def work_table(plan, nv, lists, b, h):
   width = -(-(nv + 8) // 32) * 32
   pad = np.zeros(bi.shape + (width - nv - 8,), np.int32)
   return jnp.concatenate([rows, jnp.asarray(extra, jnp.int32), total.astype(jnp.int32),
-                          jnp.asarray(pad)], -1)
+                          jnp.asarray(pad)], -1), nv
 
 
 def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = False):
   """(o [B, Tp, H, D], lse [B, H, Tp]) of `flash._forward`'s problem; Tp a multiple of 128.
 
-  A CTA runs a list of work items (`work_table`), one CTA per SM when `PERSISTENT`: the producer
+  A CTA runs a list of work items (`work_table`), one per SM when `PERSISTENT`: the producer
   streams every item's K/V tiles as one sequence through the slots and copies the next item's
   Q into the other of two Q buffers while the current one runs; the consumers stage each item's
   O in its Q buffer and go on while the store drains."""
@@ -308,9 +291,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
   bq, bk = BLOCK_Q, BLOCK_K
   kt = k.transpose(0, 2, 3, 1)  # [B, K, D, Tp]: the interpreter has no transposed refs
   n_outer = tp // OUTER
-  ctas = _ctas(b * h * n_outer, PERSISTENT, interpret)
-  plan, nv = visit_list(spec, length, seg, n_outer)
-  table = work_table(plan, nv, dealt_items(spec, length, b, h, n_outer, ctas), b, h)
+  ctas = _forward_ctas(b * h * n_outer, interpret)
+  table, nv = work_table(spec, length, seg, b, h, n_outer, ctas)
   dtype = q.dtype
   c = d ** -0.5 * _LOG2E
   wgmma_l = plgpu.Layout.WGMMA
@@ -327,7 +309,12 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     turns = FWD_TURNS
     sched = functools.partial(_take_turns, sched_bar) if turns else lambda: None
 
-    copy_row = functools.partial(_copy_row, table_ref, cta, plan_s, plan_bar)
+    def read_item(s):  # (batch row, head, tile, n_full, n_vis, one) of the item in plan slot s
+      return tuple(plan_s[s, nv + j] for j in (4, 5, 3, 0, 1, 2))
+
+    def copy_row(m, s):
+      plgpu.copy_gmem_to_smem(table_ref.at[cta, m], plan_s.at[s], plan_bar.at[s])
+      plgpu.barrier_wait(plan_bar.at[s])
 
     @pl.when(wg == 2)
     def _producer():
@@ -343,7 +330,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           pl.when(m >= 2)(lambda: plgpu.barrier_wait(item_free.at[s]))
           copy_row(m, s)
 
-        bi, head, tile, n_full, n_vis, one = _read_item(plan_s, s, nv)
+        bi, head, tile, n_full, n_vis, one = read_item(s)
         kvh = lax.div(head, jnp.int32(group))
         for w in range(2):
           rows = pl.ds(tile * OUTER + w * bq, bq)
@@ -352,7 +339,16 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[s, w], q_bar.at[2 * s + w])
           plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[s, w], sq_bar.at[2 * s + w])
 
-        def fetch(i, slot):
+        @pl.loop(0, n_vis)
+        def _(i):
+          n = streamed + i
+          slot = lax.rem(n, SLOTS)
+
+          @pl.when(n >= SLOTS)
+          def _():
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
           key = pl.multiple_of(plan_s[s, i] * bk, bk)
           plgpu.copy_gmem_to_smem(kt_ref.at[bi, kvh, :, pl.ds(key, bk)], kt_s.at[slot],
                                   k_bar.at[slot])
@@ -363,12 +359,6 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           def _():
             plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(key, bk)], segk_s.at[slot],
                                     sk_bar.at[slot])
-
-        def wait_free(slot):
-          plgpu.barrier_wait(k_free.at[slot])
-          plgpu.barrier_wait(v_free.at[slot])
-
-        _stream_on(streamed, n_vis, fetch, wait_free)
         return streamed + n_vis
 
       lax.fori_loop(0, plan_s[0, nv + 6], item, jnp.int32(0))
@@ -385,9 +375,14 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
       def item(m, streamed):
         s = lax.rem(m, 2)
         pl.when(m > 0)(lambda: plgpu.barrier_wait(plan_bar.at[s]))
-        bi, head, tile, n_full, n_vis, one = _read_item(plan_s, s, nv)
+        bi, head, tile, n_full, n_vis, one = read_item(s)
 
-        _release_item(m, n_items, item_free.at[1 - s])  # item m - 1's O has left its Q buffer
+        # Every phase of a barrier is waited for (the interpreter checks): a release only where
+        # the producer will refill, here item m - 1's slot for item m + 1.
+        @pl.when((m > 0) & (m + 1 < n_items))
+        def _():  # item m - 1's O has left its Q buffer: the producer may refill that slot
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          plgpu.barrier_arrive(item_free.at[1 - s])
 
         base = tile * OUTER + wg * bq
         plgpu.barrier_wait(q_bar.at[2 * s + wg])
@@ -425,7 +420,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
             return acc_ref[...]
 
           o = pl.run_scoped(pv, plgpu.ACC((bq, d), jnp.float32))
-          if masked == "segments":  # segk_s[slot] read by plain loads (`_stream_on`)
+          if masked == "segments":  # segk_s[slot] read by plain loads (`_stream`)
             plgpu.commit_smem()
           release(v_free, i)
           return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o, m_, l
@@ -549,13 +544,12 @@ GQA_REDUCE_ADD = False
 
 
 def launch_place(cta, n_outer: int, pairs: int, h: int):
-  """(key tile, batch row, query head) of the dk/dv kernel's CTA `cta` (integers, any shape)
-  when it launches one CTA an item: in groups of `pairs` (batch row, head) pairs, inside a
-  group key tile major."""
-  span = n_outer * pairs
-  within = cta % span
-  bh = cta // span * pairs + within % pairs
-  return within // pairs, bh // h, bh % h
+  """(key tile, batch row, query head) of the dk/dv kernel's CTA `cta` (int32, any shape): CTAs
+  launch in groups of `pairs` (batch row, head) pairs, inside a group key tile major."""
+  span = jnp.int32(n_outer * pairs)
+  within = lax.rem(cta, span)
+  bh = lax.div(cta, span) * pairs + lax.rem(within, jnp.int32(pairs))
+  return lax.div(within, jnp.int32(pairs)), lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h))
 
 
 def fuse_dq_unsupported(head_dim: int) -> str | None:
@@ -618,6 +612,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     raise ValueError(f"padded length {tp} is not a multiple of {outer}")
   n_outer = tp // outer
   plan, nv = visit_list(spec, length, seg, n_outer, rows=bq, cols=outer, transpose=True)
+  plan = plan[:, flash.heavy_first(flash.visit_runs(spec, length, bq, outer, True, 0,
+                                                    num_outer=n_outer))]
   dtype = q.dtype
   scale = d ** -0.5
   c = scale * _LOG2E
@@ -633,68 +629,34 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
   iota = functools.partial(_iota, (bk, bq), interpret=interpret)
   load = functools.partial(_load, interpret=interpret)
+  # (batch row, head) pairs a launch group holds. Unfused, one group: every pair's heaviest key
+  # tiles first balances the tail best, and its CTAs add nothing into global memory. A divisor of
+  # b * h, so that every group is whole and `launch_place` a bijection.
+  pairs = flash.largest_divisor(b * h, FUSED_GROUP if fuse_dq else b * h)
   n_ds = DS_SLOTS if fuse_dq else 1
   reduce_add = group > 1 and GQA_REDUCE_ADD
   partials = group > 1 and not reduce_add
-  # Persistent where a second item's K and V (+64 KB) fit shared memory: not beside the fused
-  # kernel's dS and dQ staging, nor the reduce-adds' staging (both opt-in).
-  persistent = PERSISTENT_DKV and not fuse_dq and not reduce_add
-  item_slots = 2 if persistent else 1
-  n_items = n_outer * b * h
-  ctas = _ctas(n_items, persistent, interpret)
-  if persistent:
-    lists = dealt_items(spec, length, b, h, n_outer, ctas, rows=bq, cols=outer, transpose=True)
-  else:
-    # (batch row, head) pairs a launch group holds. Unfused, one group: every pair's heaviest
-    # key tiles first balances the tail best, and its CTAs add nothing into global memory. A
-    # divisor of b * h, so that every group is whole and `launch_place` a bijection.
-    pairs = flash.largest_divisor(b * h, FUSED_GROUP if fuse_dq else b * h)
-    order = flash.heavy_first(flash.visit_runs(spec, length, bq, outer, True, 0,
-                                               num_outer=n_outer))
-    j, bi, head = launch_place(np.arange(n_items), n_outer, pairs, h)
-    lists = ((order[j] * b + bi) * h + head)[:, None].astype(np.int32)
-  table = work_table(plan, nv, lists, b, h)
   lag = DQ_LAG if fuse_dq else 0
   if fuse_dq and not 1 <= lag < n_ds:
     raise ValueError(f"flash_mgpu.DQ_LAG={DQ_LAG} must be at least 1 and below "
                      f"DS_SLOTS={DS_SLOTS}")
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, table_ref, qt_ref,
-             dot_ref, dq_ref, dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s,
-             dq_s, lse_s, delta_s, segk_s, segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar,
-             do_bar, qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, item_free,
-             ds_ready, ds_free):
-    cta = lax.axis_index("cta")
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, plan_ref, qt_ref, dot_ref,
+             dq_ref, dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s, dq_s,
+             lse_s, delta_s, segk_s, segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar, do_bar,
+             qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, ds_ready, ds_free):
+    j, bi, head = launch_place(lax.axis_index("cta"), n_outer, pairs, h)
+    kvh = lax.div(head, jnp.int32(group))
     wg = lax.axis_index("wg")
-    copy_row = functools.partial(_copy_row, table_ref, cta, plan_s, plan_bar)
+    query_rows = lambda i: pl.ds(pl.multiple_of(plan_s[i] * bq, bq), bq)
 
     @pl.when(wg == 2)
     def _producer():
-      if not interpret:
-        plgpu.set_max_registers(regs[0], action="decrease")
-      copy_row(0, 0)
+      n_full, n_vis, one = _producer_start(plan_ref.at[bi, j], plan_s, plan_bar, nv, interpret,
+                                           regs=regs[0])
 
-      def item(m, streamed):  # streamed: visits of the earlier items
-        s = lax.rem(m, item_slots)
-
-        @pl.when(m > 0)
-        def _():  # slot s held item m - 2: both consumers are past it and its dK, dV stores
-          pl.when(m >= item_slots)(lambda: plgpu.barrier_wait(item_free.at[s]))
-          copy_row(m, s)
-
-        bi, head, tile, n_full, n_vis, one = _read_item(plan_s, s, nv)
-        kvh = lax.div(head, jnp.int32(group))
-        for w in range(2):
-          keys = pl.ds(tile * outer + w * bk, bk)
-          plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s.at[s, w], k_bar.at[2 * s + w])
-          plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s.at[s, w], v_bar.at[2 * s + w])
-          plgpu.copy_gmem_to_smem(seg_ref.at[bi, keys], segk_s.at[s, w], sk_bar.at[2 * s + w])
-        _stream_on(streamed, n_vis, functools.partial(fetch, s, bi, head, n_full, one),
-                   lambda slot: plgpu.barrier_wait(free.at[slot]))
-        return streamed + n_vis
-
-      def fetch(s, bi, head, n_full, one, i, slot):
-        rows = pl.ds(pl.multiple_of(plan_s[s, i] * bq, bq), bq)
+      def fetch(i, slot):
+        rows = query_rows(i)
         plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[slot], q_bar.at[slot])
         plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, head], do_s.at[slot], do_bar.at[slot])
         plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, rows], lse_s.at[slot], lse_bar.at[slot])
@@ -709,41 +671,32 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         def _():
           plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[slot], sq_bar.at[slot])
 
-      lax.fori_loop(0, plan_s[0, nv + 6], item, jnp.int32(0))
+      _stream(n_vis, fetch, lambda slot: plgpu.barrier_wait(free.at[slot]))
 
     def consumer(w):  # w: this warpgroup's index (a Python int when fused: see below)
       if not interpret:
         plgpu.set_max_registers(regs[1], action="increase")
       plgpu.barrier_wait(plan_bar.at[0])
-      n_items, total = plan_s[0, nv + 6], plan_s[0, nv + 7]
-      lax.fori_loop(0, n_items, functools.partial(consumer_item, w, n_items, total),
-                    jnp.int32(0))
-      plgpu.wait_smem_to_gmem(0)
-
-    def consumer_item(w, n_items, total, m, streamed):
-      s = lax.rem(m, item_slots)
-      pl.when(m > 0)(lambda: plgpu.barrier_wait(plan_bar.at[s]))
-      bi, head, tile, n_full, n_vis, one = _read_item(plan_s, s, nv)
-      kvh = lax.div(head, jnp.int32(group))
-      base = tile * outer + w * bk
+      n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
+      base = plan_s[nv + 3] * outer + w * bk
       keys = pl.ds(base, bk)
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s.at[w], k_bar.at[w])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s.at[w], v_bar.at[w])
+      plgpu.copy_gmem_to_smem(seg_ref.at[bi, keys], segk_s.at[w], sk_bar.at[w])
+      plgpu.barrier_wait(k_bar.at[w])
+      plgpu.barrier_wait(v_bar.at[w])
+      plgpu.barrier_wait(sk_bar.at[w])
       cols = pl.ds(w * half, half)  # this warpgroup's half of dQ's columns
-      query_rows = lambda i: pl.ds(pl.multiple_of(plan_s[s, i] * bq, bq), bq)
-      _release_item(m, n_items, item_free.at[lax.rem(m + 1, item_slots)])
-      plgpu.barrier_wait(k_bar.at[2 * s + w])
-      plgpu.barrier_wait(v_bar.at[2 * s + w])
-      plgpu.barrier_wait(sk_bar.at[2 * s + w])
-      k_w, v_w = k_s.at[s, w], v_s.at[s, w]
 
       def keep_of(i, slot, masked):
-        return _keep(spec, length, iota(1) + plan_s[s, i] * bq, iota(0) + base, masked,
-                     segk_s.at[s, w], segq_s.at[slot], sq_bar.at[slot], interpret)
+        return _keep(spec, length, iota(1) + plan_s[i] * bq, iota(0) + base, masked,
+                     segk_s.at[w], segq_s.at[slot], sq_bar.at[slot], interpret)
 
-      def grads(st, dp, i, slot, masked):  # P^T and dS^T [BK, BQ] from S^T and dP^T
+      def grads(s, dp, i, slot, masked):  # P^T and dS^T [BK, BQ] from S^T and dP^T
         plgpu.barrier_wait(lse_bar.at[slot])
         plgpu.barrier_wait(delta_bar.at[slot])
         bcast = lambda x: lax.broadcast_in_dim(x, (bk, bq), [1])
-        p = jnp.exp2(st * c - bcast(load(lse_s.at[slot], col_l)))
+        p = jnp.exp2(s * c - bcast(load(lse_s.at[slot], col_l)))
         if masked:
           p = jnp.where(keep_of(i, slot, masked), p, jnp.zeros_like(p))
         return p, p * (dp - bcast(load(delta_s.at[slot], col_l)))
@@ -774,7 +727,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
       def dq_products(acc_ref, slot):  # acc += dS K[:, cols] over both warpgroups' keys (GPU)
         for kh in range(2):
-          plgpu.wgmma(acc_ref, ds_operand(slot, kh), k_s.at[s, kh, :, cols])
+          plgpu.wgmma(acc_ref, ds_operand(slot, kh), k_s.at[kh, :, cols])
 
       def dq_columns(slot):  # [BQ, D / 2]: this warpgroup's dQ columns of the visit in `slot`
         def f(acc_ref):
@@ -809,23 +762,19 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         def _():
           prev = ds_slot(i)
           plgpu.barrier_wait(ds_ready.at[prev])
-          x = (product(ds_operand(prev, 0), k_s.at[s, 0, :, cols], (bq, half))
-               + product(ds_operand(prev, 1), k_s.at[s, 1, :, cols], (bq, half)))
+          x = (product(ds_operand(prev, 0), k_s.at[0, :, cols], (bq, half))
+               + product(ds_operand(prev, 1), k_s.at[1, :, cols], (bq, half)))
           release_ds(i)
           add_dq(i, x)
 
-      def release(i):  # visit i's slot, where the producer will refill it (`_stream_on`)
-        n = streamed + i
-        pl.when(n + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[lax.rem(n, SLOTS)]))
-
       def interpret_step(i, carry, masked):
         dk, dv = carry
-        slot = lax.rem(streamed + i, SLOTS)
+        slot = lax.rem(i, SLOTS)
         for bar in (q_bar, do_bar, qt_bar, dot_bar):
           plgpu.barrier_wait(bar.at[slot])
-        s_ = product(k_w, qt_s.at[slot], (bk, bq))
-        dp = product(v_w, dot_s.at[slot], (bk, bq))
-        p, ds = grads(s_, dp, i, slot, masked)
+        s = product(k_s.at[w], qt_s.at[slot], (bk, bq))
+        dp = product(v_s.at[w], dot_s.at[slot], (bk, bq))
+        p, ds = grads(s, dp, i, slot, masked)
         p_s[w] = p.astype(dtype)
         ds16 = ds.astype(dtype)
         dslot = ds_slot(i)
@@ -836,24 +785,24 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         plgpu.commit_smem()
         dv = dv + product(p_s.at[w], do_s.at[slot], (bk, d))
         dk = dk + product(ds_s.at[dslot, w], q_s.at[slot], (bk, d))
-        release(i)
+        pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
           interpret_dq(i - lag)
         return dk, dv
 
       def gpu_step(i, carry, masked):
         dk, dv = carry
-        slot = lax.rem(streamed + i, SLOTS)
+        slot = lax.rem(i, SLOTS)
         dslot, prev = ds_slot(i), ds_slot(i - lag)
 
         def transposed_products(s_ref, dp_ref):
-          plgpu.wgmma(s_ref, k_w, q_s.at[slot].transpose((1, 0)))
-          plgpu.wgmma(dp_ref, v_w, do_s.at[slot].transpose((1, 0)))
+          plgpu.wgmma(s_ref, k_s.at[w], q_s.at[slot].transpose((1, 0)))
+          plgpu.wgmma(dp_ref, v_s.at[w], do_s.at[slot].transpose((1, 0)))
           return s_ref[...], dp_ref[...]
 
-        s_, dp = pl.run_scoped(transposed_products, plgpu.ACC((bk, bq), jnp.float32),
-                               plgpu.ACC((bk, bq), jnp.float32))
-        p, ds = grads(s_, dp, i, slot, masked)
+        s, dp = pl.run_scoped(transposed_products, plgpu.ACC((bk, bq), jnp.float32),
+                              plgpu.ACC((bk, bq), jnp.float32))
+        p, ds = grads(s, dp, i, slot, masked)
         p16, ds16 = p.astype(dtype), ds.astype(dtype)
         if fuse_dq:
           share_ds(i, dslot, ds16)
@@ -867,14 +816,14 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
           @pl.when(i + 1 < n_vis)  # the next tile's operands, while these products run
           def _():
-            nxt = lax.rem(streamed + i + 1, SLOTS)
+            nxt = lax.rem(i + 1, SLOTS)
             plgpu.barrier_wait(q_bar.at[nxt])
             plgpu.barrier_wait(do_bar.at[nxt])
 
         dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         if not fuse_dq and RELEASE_FENCE:  # lse_s, delta_s (and segq_s) read by plain loads
-          plgpu.commit_smem()  # (`_stream_on`); the fused body's share_ds fenced after them
-        release(i)
+          plgpu.commit_smem()  # (`_stream`); the fused body's share_ds fenced after them already
+        pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
           # Visit i - lag's dQ columns, after dV and dK: issued with them (its accumulator beside
           # theirs and the register operands) it spilled more and ran 1.03x slower on the 1.5B
@@ -893,8 +842,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       if not interpret:
         @pl.when(n_vis > 0)
         def _():
-          plgpu.barrier_wait(q_bar.at[lax.rem(streamed, SLOTS)])
-          plgpu.barrier_wait(do_bar.at[lax.rem(streamed, SLOTS)])
+          plgpu.barrier_wait(q_bar.at[0])
+          plgpu.barrier_wait(do_bar.at[0])
       # Full tiles, then partial ones, as in the forward.
       mid = jnp.where(one != 0, n_vis, n_full)
       carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (zeros, zeros))
@@ -917,16 +866,16 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       elif fuse_dq:  # the other warpgroup may still read k_s[w] for its last dQ: both via v_s[w]
         for x, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          v_w[...] = x.astype(dtype)
+          v_s[w] = x.astype(dtype)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(v_w, ref.at[out])
-      else:  # staged in this item's K and V buffers, refilled two items on (`_release_item`)
-        k_w[...] = (dk * scale).astype(dtype)
-        v_w[...] = dv.astype(dtype)
+          plgpu.copy_smem_to_gmem(v_s.at[w], ref.at[out])
+      else:
+        k_s[w] = (dk * scale).astype(dtype)
+        v_s[w] = dv.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_w, dk_ref.at[out])
-        plgpu.copy_smem_to_gmem(v_w, dv_ref.at[out])
-      return streamed + n_vis
+        plgpu.copy_smem_to_gmem(k_s.at[w], dk_ref.at[out])
+        plgpu.copy_smem_to_gmem(v_s.at[w], dv_ref.at[out])
+      plgpu.wait_smem_to_gmem(0)
 
     if fuse_dq:  # one copy of the body per warpgroup, so that dQ's column slices are static
       for w in range(2):
@@ -938,9 +887,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   tiled32 = dict(transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
   small = (1, 8, 64)  # a buffer this body does not use
   scratch = [
-      # K, V [item slot, warpgroup]: two items' when persistent (+64 KB: 194 KB in all)
-      plgpu.SMEM((item_slots, 2, bk, d), dtype, **tiled),
-      plgpu.SMEM((item_slots, 2, bk, d), dtype, **tiled),
+      plgpu.SMEM((2, bk, d), dtype, **tiled), plgpu.SMEM((2, bk, d), dtype, **tiled),
       plgpu.SMEM((SLOTS, bq, d), dtype, **tiled), plgpu.SMEM((SLOTS, bq, d), dtype, **tiled),
       plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
       plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
@@ -954,17 +901,17 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.SMEM((2, bq, half) if fuse_dq or reduce_add else (1, 8, 32), jnp.float32,
                  **tiled32),
       plgpu.SMEM((SLOTS, bq), jnp.float32), plgpu.SMEM((SLOTS, bq), jnp.float32),
-      plgpu.SMEM((item_slots, 2, bk), jnp.int32), plgpu.SMEM((SLOTS, bq), jnp.int32),
-      plgpu.SMEM((item_slots, table.shape[-1]), jnp.int32),
-      plgpu.Barrier(num_barriers=item_slots),
-      *[plgpu.Barrier(num_barriers=2 * item_slots) for _ in range(3)],  # K, V, ids: slot, wg
+      plgpu.SMEM((2, bk), jnp.int32), plgpu.SMEM((SLOTS, bq), jnp.int32),
+      plgpu.SMEM((plan.shape[-1],), jnp.int32),
+      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),
       *[plgpu.Barrier(num_barriers=SLOTS) for _ in range(7)],
       plgpu.Barrier(num_barriers=2),
       plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
-      plgpu.Barrier(num_arrivals=2, num_barriers=item_slots),  # item slots released
       plgpu.Barrier(num_arrivals=2, num_barriers=n_ds),
       plgpu.Barrier(num_arrivals=2, num_barriers=n_ds)]
-  inputs = (q, k, v, do, lse, delta, seg, table, qt, dot)
+  inputs = (q, k, v, do, lse, delta, seg, plan, qt, dot)
   # reduce-add targets, aliased in and out: dQ when fused, dK and dV with `reduce_add`
   targets = (([_zeroed(q.shape)] if fuse_dq else [])
              + ([_zeroed(k.shape), _zeroed(k.shape)] if reduce_add else []))
@@ -980,7 +927,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       body,
       out_type=[] if reduce_add else [out_shape, out_shape],
       # one axis, launched in order (see the docstring and `FUSED_GROUP`)
-      mesh=plgpu.Mesh(grid=(ctas,), grid_names=("cta",), num_threads=3,
+      mesh=plgpu.Mesh(grid=(n_outer * b * h,), grid_names=("cta",), num_threads=3,
                       thread_name="wg"),
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params() if interpret else False,

@@ -10,7 +10,8 @@ softmax overlaps the other's matmuls, and a producer warpgroup that streams the 
 into two shared-memory slots by TMA. The forward is persistent (`PERSISTENT`): one CTA per SM
 runs a list of (batch row, head, 128-row tile) work items dealt heaviest first, its K/V stream
 running on from item to item and the next item's Q copied while the current one computes
-(1.15-1.20x faster at L=2048 than one CTA an item on the H100, BENCHMARKS.md, session 31).
+(BENCHMARKS.md, session 31: 1.15-1.20x the same code run one CTA an item, which is itself
+slower than session 30's kernel; against that kernel, across sessions, 1.02-1.09x).
 
 The plan is `flash`'s, at 128-row outer tiles: `visit_runs` narrowed by `segment_runs`, then
 flattened per (batch row, outer tile) into one list of key tiles, full ones first
@@ -62,8 +63,12 @@ RELEASE_FENCE = True
 # head's 128-row tile), instead of one CTA per item: each CTA's prologue (Q, plan, first K/V
 # latency), epilogue (O store) and the last wave's tail are paid once a CTA, not once an item
 # (session 30's lengths put them near a quarter of the forward at L=2048).
-# H100, L=2048 (session 31): forward 1.15x (1.5B 2L, 0.313 -> 0.272 ms), 1.20x (7B 2L), 1.16x
-# (1.5B 3L), 1.19x (7B 3L); fwd+bwd 1.04-1.05x.
+# L=2048, same run (session 31): forward 1.15-1.20x on the H100 and the H200, for all four
+# cases, against False (one CTA an item through this same code). False is not session 30's
+# kernel, which ran the same forwards in 0.286 / 0.616 / 0.444 / 0.972 ms on an H100 (session
+# 29) against False's 0.313 / 0.704 / 0.496 / 1.115 and True's 0.272 / 0.584 / 0.427 / 0.935:
+# across sessions True is 1.04-1.05x that kernel there (1.02-1.09x on the H200). Why False lost
+# ~10% is not known (the table's XLA ops, or the item loop's code; NOTES_attention.md).
 PERSISTENT = True
 
 

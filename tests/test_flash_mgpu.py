@@ -66,6 +66,14 @@ def test_mosaic_forward_and_its_gradients_equal_the_reference(spec, length, b, h
     assert rel(g, w) < 1e-2, f"d{name}"
 
 
+def test_mosaic_forward_one_cta_an_item_equals_the_reference(monkeypatch):
+  # PERSISTENT=False: a CTA per item, its body inline instead of the loop over items
+  monkeypatch.setattr(flash_mgpu, "PERSISTENT", False)
+  jax.clear_caches()  # (the kernels read the knob as they are traced)
+  test_mosaic_forward_and_its_gradients_equal_the_reference(*CASES[0])
+  jax.clear_caches()
+
+
 FUSED = flash.Tiles(forward="triton", dkv="mosaic", fuse_dq=True)
 
 
@@ -346,6 +354,7 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
 @pytest.mark.parametrize("knobs,fuse_dq", [
     ({}, False), ({}, True),  # the defaults
     ({"FWD_TURNS": False, "GQA_REDUCE_ADD": True}, False),
+    ({"PERSISTENT": False}, False),  # one CTA an item, the item's body inline
     ({"GQA_REDUCE_ADD": True}, True),
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
 ])
@@ -356,8 +365,10 @@ def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, lower_for_cuda):
   for name, value in knobs.items():
     monkeypatch.setattr(flash_mgpu, name, value)
   spec = masks.MaskSpec("diffusion", 32, 1)
-  meta = masks.layout_meta(spec, _segments(2, 128, [[32, 96], []]))  # T = 256: whole CTAs
-  b, t, h, kh, d = 2, meta.positions.shape[1], 12, 2, 128
+  # T = 256: whole CTAs; 8 rows: 192 forward items, more than an H100's SMs, so the persistent
+  # forward's loop over items is lowered (PERSISTENT=False lowers the one-item body)
+  meta = masks.layout_meta(spec, _segments(8, 128, [[32, 96], []] * 4))
+  b, t, h, kh, d = 8, meta.positions.shape[1], 12, 2, 128
   q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
   lse = jax.ShapeDtypeStruct((b, h, t), jnp.float32)

@@ -306,6 +306,15 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
 
   iota = functools.partial(_iota, (bq, bk), interpret=interpret)
 
+  def run_items(item, n_items):
+    # One item a CTA: its body inline, without the loop over items (the visit loops then sit
+    # where they did in the kernel this one replaced; see `PERSISTENT`)
+    if ctas == b * h * n_outer:
+      zero = lax.axis_index("sm") * 0  # traced: jax 0.11's Mosaic lowering takes no literal here
+      item(zero, zero)
+    else:
+      lax.fori_loop(0, n_items, item, jnp.int32(0))
+
   def kernel(q_ref, kt_ref, v_ref, seg_ref, table_ref, o_ref, lse_ref, q_s, kt_s, v_s, p_s,
              lse_s, segq_s, segk_s, plan_s, plan_bar, q_bar, sq_bar, k_bar, v_bar, sk_bar,
              k_free, v_free, item_free, sched_bar):
@@ -366,7 +375,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
                                     sk_bar.at[slot])
         return streamed + n_vis
 
-      lax.fori_loop(0, plan_s[0, nv + 6], item, jnp.int32(0))
+      run_items(item, plan_s[0, nv + 6])
 
     @pl.when(wg < 2)
     def _consumer():
@@ -482,7 +491,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         plgpu.copy_smem_to_gmem(lse_s.at[s, wg], lse_ref.at[bi, head, pl.ds(base, bq)])
         return streamed + n_vis
 
-      lax.fori_loop(0, n_items, item, jnp.int32(0))
+      run_items(item, n_items)
       if not interpret and turns:
         pl.when(wg == 0)(sched)
       plgpu.wait_smem_to_gmem(0)

@@ -171,10 +171,15 @@ def _complete_on_every_process(mgr: ocp.CheckpointManager, steps: list[int],
 def _raise_if_not_the_files(error: Exception) -> None:
   """Re-raises what says nothing about a checkpoint's files: memory running out (the devices'
   or the host's) is no corruption, and must not send a run to an older step or set aside the
-  newest one."""
+  newest one; nor is a data source that changed since the save (`data.DataChangedError`, raised
+  as itself: every checkpoint would fail the same way, each warned about as corrupt)."""
+  from dllm_jax import data
+
   seen, e = set(), error
   while e is not None and id(e) not in seen:  # (orbax wraps a shard's read error in its own)
     seen.add(id(e))
+    if isinstance(e, data.DataChangedError):
+      raise e
     if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
       raise error
     e = e.__cause__ or e.__context__

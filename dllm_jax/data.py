@@ -15,7 +15,8 @@ logged with file:line; `DataConfig.strict` turns the first into a `DataError`.
 
 The iterator's state is a small JSON-able dict (`get_state` / `set_state`): the grain iterator
 state before the first record not yet in a yielded batch, plus the counters. Restoring it replays
-exactly the batches an uninterrupted iterator would have yielded.
+exactly the batches an uninterrupted iterator would have yielded; a state saved when the source
+held another number of records (its shuffled order is then another) raises `DataChangedError`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 class DataError(ValueError):
   """A record is unusable and data.strict is set; the message names file:line and the problem."""
+
+
+class DataChangedError(DataError):
+  """A saved iterator state is a position in a source of another number of records than this
+  one: the file changed since, and its shuffled order with it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +137,8 @@ def jsonl_paths(source: str, key: str = "data.source") -> list[str]:
   for part in (p.strip() for p in source.split(",")):
     if not part:
       continue
-    found = sorted(glob.glob(os.path.expanduser(part))) if glob.has_magic(part) else [part]
+    part = os.path.expanduser(part)  # (a plain path as a glob: "~/train.jsonl" too)
+    found = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
     if not found or not all(os.path.isfile(p) for p in found):
       where = "" if os.path.isabs(part) else f" (relative to {os.getcwd()})"
       raise ConfigError(f"{key}: {part!r} matches no file{where}; give JSONL paths (comma-"
@@ -142,6 +149,9 @@ def jsonl_paths(source: str, key: str = "data.source") -> list[str]:
     raise ConfigError(f"{key} is empty; give JSONL paths"
                       + (" or 'synthetic'" if key == "data.source" else ""))
   return paths
+
+
+_BOM = b"\xef\xbb\xbf"
 
 
 class _JsonlSource:
@@ -155,7 +165,9 @@ class _JsonlSource:
       with open(path, "rb") as fh:
         pos = 0
         for n, raw in enumerate(fh, start=1):
-          if raw.strip():
+          # A line that is only a UTF-8 BOM (and whitespace) is blank too; a BOM before a record
+          # is fine as it is (json.loads of bytes decodes it as utf-8-sig).
+          if raw.removeprefix(_BOM).strip():
             files.append(f)
             offsets.append(pos)
             lengths.append(len(raw))
@@ -324,8 +336,11 @@ class BatchIterator(Iterator[dict]):
   """
 
   def __init__(self, samples: grain.DatasetIterator, cfg: DataConfig, rows: int, pad_id: int,
-               bad_run_limit: Optional[int] = None):
+               bad_run_limit: Optional[int] = None, source_records: Optional[int] = None):
     self._it = samples
+    # How many records the source holds: its shuffled order (and so what a saved position
+    # means) depends on it. Saved with the state and checked on restore.
+    self._source_records = source_records
     self._cfg = cfg
     self._rows = rows
     self._pad = pad_id
@@ -413,9 +428,18 @@ class BatchIterator(Iterator[dict]):
       stats["records"] -= 1  # it is read, and counted, again after a restore
     else:
       upstream = self._it.get_state()
-    return {"grain": upstream, "stats": stats, "done": self._done}
+    return {"grain": upstream, "stats": stats, "done": self._done,
+            "source_records": self._source_records}
 
   def set_state(self, state: dict) -> None:
+    saved = state.get("source_records")  # (None: saved before it was recorded, or unknown)
+    if None not in (saved, self._source_records) and saved != self._source_records:
+      raise DataChangedError(
+          f"the saved data position is into a source of {saved} records, and the data now "
+          f"holds {self._source_records}: a file of data.source changed since it was saved, and "
+          "with it the shuffled order, so the resumed run would see some records again and skip "
+          "others; resume with the data the run was trained on, or start a new run from its "
+          "weights (init.source=RUN_DIR and a new train.run_dir)")
     self._it.set_state(state["grain"])
     self._pending = self._pending_state = None
     self._done = bool(state.get("done", False))
@@ -466,4 +490,4 @@ def make_dataset(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int = 
   ds = ds.map(lambda item: render(item, tokenizer, cfg))
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   return BatchIterator(iter(ds.to_iter_dataset()), cfg, cfg.batch_size // process_count, pad,
-                       bad_run_limit)
+                       bad_run_limit, source_records=len(source))

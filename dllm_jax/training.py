@@ -477,6 +477,8 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
   from dllm_jax import tokenizer as tokenizer_lib
 
   source = cfg.init.source
+  if source.startswith("~"):  # ("--set init.source=~/m": no shell expands it)
+    source = str(pathlib.Path(source).expanduser())
   if not source:
     raise ConfigError("init.source is empty: this config needs a model, e.g. --set "
                       "init.source=/path/to/hf_dir (or a .gguf file, or 'random')")

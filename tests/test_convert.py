@@ -454,11 +454,20 @@ def test_gguf_tensors_the_model_would_run_without_are_refused(hf_dirs, tmp_path)
     convert.load_gguf(path)
 
 
-def test_load_pretrained_errors(tmp_path):
+def test_load_pretrained_errors(tmp_path, monkeypatch):
   with pytest.raises(convert.CheckpointError, match=r"shortcuts: \['smollm2-135m-instruct'\]"):
     convert.load_pretrained("smollm3-huge")
   with pytest.raises(convert.CheckpointError, match="config.json does not exist"):
     convert.load_pretrained(tmp_path)
+  # "~" (a --set value no shell expanded) and an upper-case .GGUF are found, not refused as
+  # "neither a HF model directory, a .gguf file, nor a known shortcut"
+  monkeypatch.setenv("HOME", str(tmp_path))
+  with pytest.raises(convert.CheckpointError, match="config.json does not exist"):
+    convert.load_pretrained("~")
+  (tmp_path / "m.GGUF").write_bytes(b"not a gguf file")
+  with pytest.raises(Exception) as e:
+    convert.load_pretrained("~/m.GGUF")
+  assert "neither a HF model directory" not in str(e.value)
   with pytest.raises(convert.CheckpointError, match="dtype='int8'"):
     convert.load_pretrained(tmp_path, dtype="int8")
   # A directory named as a shortcut (a full-precision download, say): which one is meant is

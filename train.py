@@ -54,13 +54,25 @@ def main(argv=None) -> int:
     print(f"stopped by SIGTERM at step {result['step']} (saved); continue it with --resume")
     print(f"run directory: {cfg.train.run_dir}")
     return _leave(143)
-  line = f"step {result['step']}: loss {result.get('loss', float('nan')):.4f}"
+  print(_summary_line(result, cfg.train.steps))
+  print(f"run directory: {cfg.train.run_dir}")
+  return 0
+
+
+def _summary_line(result: dict, steps: int) -> str:
+  """The line a finished run ends with: its last loss, or, where this invocation ran no step
+  (a resumed run already at train.steps), that, not a 'loss nan' that reads as a diverged run."""
+  if "loss" in result:
+    line = f"step {result['step']}: loss {result['loss']:.4f}"
+  elif result["step"] >= steps:
+    line = (f"step {result['step']}: no step to run, the run is at train.steps={steps} already "
+            "(--set train.steps=N continues it to step N)")
+  else:
+    line = f"step {result['step']}: no step ran (the data ran out)"
   if "eval_accuracy" in result:
     line += (f"; held-out masked-token accuracy {result['eval_accuracy']:.3f} over "
              f"{int(result['eval_tokens'])} tokens (eval loss {result['eval_loss']:.4f})")
-  print(line)
-  print(f"run directory: {cfg.train.run_dir}")
-  return 0
+  return line
 
 
 def _multi_process() -> bool:

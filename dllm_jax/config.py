@@ -237,6 +237,9 @@ def _apply_tree(node: Any, tree: dict, where: str) -> Any:
 def load_config_file(path: str | pathlib.Path) -> Any:
   """Runs a Python config file and returns what its `get_config()` returns."""
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise ConfigError(f"config file {path} is a directory; give a Python config file, e.g. "
+                      "configs/tiny.py")
   if not path.is_file():
     raise ConfigError(f"config file {path} does not exist")
   spec = importlib.util.spec_from_file_location(f"_dllm_config_{path.stem}", path)

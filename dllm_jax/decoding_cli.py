@@ -96,7 +96,13 @@ def load(args, command: str, *, batch: int | None = None):
   except (ValueError, OSError, checkpoint.CheckpointRestoreError) as e:
     # What a bad path or file raises: CheckpointError, ConfigError, TokenizerError (ValueErrors),
     # a missing or unreadable file (OSError), a checkpoint orbax cannot restore.
-    raise UsageError(f"--checkpoint {args.checkpoint}: {e}") from None
+    raise UsageError(f"--checkpoint {args.checkpoint}: {e}{_inside_run_hint(args.checkpoint)}"
+                     ) from None
+  mismatch = params_mismatch(pretrained.params, pretrained.config)
+  if mismatch:
+    raise UsageError(f"--checkpoint {args.checkpoint}: its weights are not the model its config "
+                     f"describes ({mismatch}); the config (a run's model.json, a HF "
+                     "config.json) and the weights come from different models")
   if pretrained.tokenizer is None:
     raise UsageError(f"{args.checkpoint} has no tokenizer; {command} needs one to encode text")
   if args.mode == "diffusion":
@@ -112,6 +118,11 @@ def load(args, command: str, *, batch: int | None = None):
     if reason:
       warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
                     stacklevel=2)
+    trained = pretrained.metadata.get("block_size")
+    if isinstance(trained, int) and trained != args.block_size:
+      warnings.warn(f"{args.checkpoint} was trained with blocks of {trained} tokens; decoding "
+                    f"with --block-size {args.block_size}, which it has not seen (pass "
+                    f"--block-size {trained} to decode it as trained)", stacklevel=2)
   kernel_layout = args.kernel_layout
   if kernel_layout == "auto":  # (decided on the config the decoder will run)
     runs = convert.cast_config(pretrained.config, dtype, args.matvec)
@@ -121,7 +132,57 @@ def load(args, command: str, *, batch: int | None = None):
           stacked=args.layout == "stacked")
     except ValueError as e:  # (--matvec pallas where the kernels do not run: named)
       raise UsageError(f"--matvec {args.matvec}: {e}") from None
-  return convert.cast(pretrained, dtype, args.layout, args.matvec, kernel_layout)
+  try:
+    return convert.cast(pretrained, dtype, args.layout, args.matvec, kernel_layout)
+  except ValueError as e:  # (what the checks above did not foresee: one line, not a traceback)
+    raise UsageError(f"--checkpoint {args.checkpoint}: {e}") from None
+
+
+def params_mismatch(params, model_cfg) -> str | None:
+  """None when `params` have the tree and shapes that `model_cfg`'s model (in its kernel
+  layout) needs; else the first difference, named by its path. A run directory whose model.json
+  is another model's than its checkpoints' would otherwise fail inside the first forward, or in
+  a layout check that blames the layout."""
+  import dataclasses
+
+  import jax
+
+  from dllm_jax import model
+
+  in_out = dataclasses.replace(model_cfg, kernel_layout="in_out")
+  want = jax.eval_shape(lambda k: model.with_kernel_layout(
+      model.init_params(in_out, k), in_out, model_cfg.kernel_layout)[0], jax.random.key(0))
+
+  def shapes(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+  want, have = shapes(want), shapes(params)
+  for key in want:
+    if key not in have:
+      return f"params{key} is missing"
+    if have[key] != want[key]:
+      return f"params{key} is {have[key]}, the config's model needs {want[key]}"
+  extra = sorted(set(have) - set(want))
+  if extra:
+    return f"params{extra[0]} is not a parameter of the config's model"
+  return None
+
+
+def _inside_run_hint(path: str) -> str:
+  """For a path inside a training run's checkpoints/ (a step directory, as MaxText's
+  load_parameters_path names one): the run directory to pass instead."""
+  import pathlib
+
+  from dllm_jax import checkpoint
+
+  p = pathlib.Path(path)
+  for run in list(p.parents)[:3]:
+    if checkpoint.is_run_dir(run) and p.resolve().is_relative_to(
+        (run / checkpoint.CHECKPOINTS).resolve()):
+      return (f"; {path} is inside the training run {run}: pass --checkpoint {run} (its newest "
+              "good checkpoint is loaded)")
+  return ""
 
 
 def encode(tokenizer, conversation, raw: bool = False) -> list[int]:

@@ -157,3 +157,9 @@ def test_pretrained_configs_require_a_source():
   cfg = run_config.load(CONFIGS[0].parent / "qwen2.5_7b.py")
   with pytest.raises(ConfigError, match="init.source is empty"):
     training.build_model(cfg)
+
+
+def test_a_config_path_that_is_a_directory_is_named_as_one(tmp_path):
+  with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory; give a Python "
+                                        "config file"):
+    run_config.load(tmp_path)

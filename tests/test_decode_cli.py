@@ -224,3 +224,63 @@ def test_the_parser_answers_without_importing_jax():
 def test_a_missing_checkpoint_is_one_error_line(tmp_path):
   with pytest.raises(SystemExit, match=r"decode.py: error: --checkpoint .*nothing: .*neither"):
     decode.main(["--checkpoint", str(tmp_path / "nothing"), "--prompt", "hi", *FAST])
+
+
+def _tiny_pretrained(metadata, **cfg_fields):
+  tok = tk.simple_chars()
+  cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64,
+                    mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id)
+  # (zeros of the right shapes: a random init takes seconds, and no forward runs here)
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                        jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0)))
+  return convert.Pretrained(params, dataclasses.replace(cfg, **cfg_fields), tok, metadata)
+
+
+def _load_args(*extra):
+  return decode._parser().parse_args(["--checkpoint", "ckpt", "--prompt", "hi",
+                                      "--layout", "stacked", *extra])
+
+
+def test_weights_of_another_model_are_one_error_line(monkeypatch):
+  # A run directory whose model.json is another model's than its checkpoints': a named error,
+  # not a traceback from a layout check deep in the load (the o kernel's shape) or from jit.
+  from dllm_jax import checkpoint, decoding_cli
+  for field, value in (("hidden_size", 64), ("num_layers", 2), ("vocab_size", 256)):
+    wrong = _tiny_pretrained({"objective": "diffusion"}, **{field: value})
+    monkeypatch.setattr(checkpoint, "load_model", lambda path, dtype="float32": wrong)
+    with pytest.raises(decoding_cli.UsageError,
+                       match=r"--checkpoint ckpt: its weights are not the model its config "
+                             r"describes \(params\[.*different models"):
+      decoding_cli.load(_load_args(), "decode.py")
+  right = _tiny_pretrained({"objective": "diffusion"})
+  assert decoding_cli.params_mismatch(right.params, right.config) is None
+  out_in, out_cfg = model.with_kernel_layout(right.params, right.config, "out_in")
+  assert decoding_cli.params_mismatch(out_in, out_cfg) is None
+
+
+def test_a_block_size_other_than_the_trained_one_is_warned(monkeypatch, recwarn):
+  from dllm_jax import checkpoint, decoding_cli
+  trained = _tiny_pretrained({"objective": "diffusion", "block_size": 16})
+  monkeypatch.setattr(checkpoint, "load_model", lambda path, dtype="float32": trained)
+  with pytest.warns(UserWarning, match="trained with blocks of 16 tokens.*--block-size 32.*"
+                                       "pass --block-size 16"):
+    decoding_cli.load(_load_args(), "decode.py")
+  recwarn.clear()
+  decoding_cli.load(_load_args("--block-size", "16"), "decode.py")
+  assert not [w for w in recwarn if "trained with blocks" in str(w.message)]
+
+
+def test_a_step_directory_of_a_run_names_the_run_to_pass(tmp_path):
+  # MaxText habit: pointing at RUN/checkpoints/STEP. The error says which directory to pass.
+  from dllm_jax import decoding_cli
+  run = tmp_path / "run"
+  (run / "checkpoints" / "400" / "state").mkdir(parents=True)
+  (run / "model.json").write_text("{}")
+  for inside in ("checkpoints", "checkpoints/400", "checkpoints/400/state"):
+    args = _load_args()
+    args.checkpoint = str(run / inside)
+    with pytest.raises(decoding_cli.UsageError,
+                       match=f"is inside the training run {run}: pass --checkpoint {run} "):
+      decoding_cli.load(args, "decode.py")

@@ -176,6 +176,24 @@ def test_train_py_exits_143_on_a_run_sigterm_stopped(monkeypatch, capsys):
   assert "stopped by SIGTERM at step 4 (saved); continue it with --resume" in capsys.readouterr().out
 
 
+def test_a_resume_with_no_step_left_says_so_instead_of_loss_nan(monkeypatch, capsys):
+  # `--resume` of a finished run trains no step: its result has no loss, which printed as
+  # "loss nan", the look of a diverged run.
+  sys.path.insert(0, str(REPO))
+  import train as train_py
+  done = {"step": 400, "stopped": False, "eval_accuracy": 0.9, "eval_tokens": 10.0,
+          "eval_loss": 0.3}
+  monkeypatch.setattr(training, "train", lambda cfg, resume: dict(done))
+  assert train_py.main(["--config", str(TINY), "--resume"]) == 0
+  out = capsys.readouterr().out
+  assert "nan" not in out
+  assert ("step 400: no step to run, the run is at train.steps=400 already (--set "
+          "train.steps=N continues it to step N); held-out masked-token accuracy 0.900") in out
+  monkeypatch.setattr(training, "train", lambda cfg, resume: dict(done, loss=0.25))
+  assert train_py.main(["--config", str(TINY), "--resume"]) == 0
+  assert "step 400: loss 0.2500; held-out" in capsys.readouterr().out
+
+
 def test_refuses_to_overwrite_a_run_without_resume(reference):
   ref_dir, _ = reference
   with pytest.raises(training.ConfigError, match="pass --resume"):

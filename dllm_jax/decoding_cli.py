@@ -16,6 +16,7 @@ from dllm_jax.config import KERNEL_LAYOUTS  # (config imports no jax)
 # `decoding.MODES` and `model.LAYOUTS`.
 MODES = ("diffusion", "ar")
 LAYOUTS = ("stacked", "per_layer")
+DEFAULT_BLOCK_SIZE = 32  # the authors' (Fast-dLLM v2's models are trained with it)
 
 
 class UsageError(ValueError):
@@ -29,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
   parser.add_argument("--mode", choices=MODES, default="diffusion")
   parser.add_argument("--threshold", type=float, default=0.9,
                       help="diffusion: unmask every token whose confidence exceeds this")
-  parser.add_argument("--block-size", type=int, default=32)
+  parser.add_argument("--block-size", type=int, default=None,
+                      help="diffusion block size (default: the one a run of ours was trained "
+                           f"with, from its model.json; else {DEFAULT_BLOCK_SIZE}, the authors')")
   parser.add_argument("--sub-block-size", type=int, default=8)
   parser.add_argument("--max-new-tokens", type=int, default=256)
   parser.add_argument("--batch-size", type=int, default=batch_size)
@@ -74,7 +77,8 @@ def _config(args, **fields):
   from dllm_jax import decoding
 
   return decoding.DecodeConfig(
-      mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+      mode=args.mode, max_new_tokens=args.max_new_tokens,
+      block_size=DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size,
       sub_block_size=args.sub_block_size, threshold=args.threshold,
       use_dual_cache=not args.no_dual_cache, **fields)
 
@@ -119,7 +123,11 @@ def load(args, command: str, *, batch: int | None = None):
       warnings.warn(f"{args.checkpoint}: {reason}; diffusion decoding it anyway (--force)",
                     stacklevel=2)
     trained = pretrained.metadata.get("block_size")
-    if isinstance(trained, int) and trained != args.block_size:
+    trained = trained if isinstance(trained, int) else None
+    if args.block_size is None and trained is not None:
+      args.block_size = trained  # (the flags were checked with the default: again with it)
+      check(args)
+    elif trained is not None and args.block_size not in (None, trained):
       warnings.warn(f"{args.checkpoint} was trained with blocks of {trained} tokens; decoding "
                     f"with --block-size {args.block_size}, which it has not seen (pass "
                     f"--block-size {trained} to decode it as trained)", stacklevel=2)

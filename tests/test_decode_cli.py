@@ -260,16 +260,28 @@ def test_weights_of_another_model_are_one_error_line(monkeypatch):
   assert decoding_cli.params_mismatch(out_in, out_cfg) is None
 
 
-def test_a_block_size_other_than_the_trained_one_is_warned(monkeypatch, recwarn):
+def test_the_trained_block_size_is_the_default_and_another_is_warned(monkeypatch, recwarn):
   from dllm_jax import checkpoint, decoding_cli
   trained = _tiny_pretrained({"objective": "diffusion", "block_size": 16})
   monkeypatch.setattr(checkpoint, "load_model", lambda path, dtype="float32": trained)
   with pytest.warns(UserWarning, match="trained with blocks of 16 tokens.*--block-size 32.*"
                                        "pass --block-size 16"):
-    decoding_cli.load(_load_args(), "decode.py")
+    decoding_cli.load(_load_args("--block-size", "32"), "decode.py")
   recwarn.clear()
   decoding_cli.load(_load_args("--block-size", "16"), "decode.py")
+  # Without --block-size the run's own is taken (the quick start's tiny run: 16), checked again
+  args = _load_args()
+  decoding_cli.load(args, "decode.py")
+  assert args.block_size == 16
   assert not [w for w in recwarn if "trained with blocks" in str(w.message)]
+  with pytest.raises(decoding_cli.UsageError, match="sub_block_size=32"):
+    decoding_cli.load(_load_args("--sub-block-size", "32"), "decode.py")
+  # A model that does not say (a HF directory): the authors' 32
+  untold = _tiny_pretrained({"objective": "diffusion"})
+  monkeypatch.setattr(checkpoint, "load_model", lambda path, dtype="float32": untold)
+  args = _load_args()
+  decoding_cli.load(args, "decode.py")
+  assert decoding_cli.decode_config(args, untold).block_size == 32
 
 
 def test_a_step_directory_of_a_run_names_the_run_to_pass(tmp_path):

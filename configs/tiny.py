@@ -25,8 +25,9 @@ def get_config() -> Config:
                       synthetic_max_len=8, seq_len=96, block_size=BLOCK, batch_size=16,
                       eval_records=128),
       objective=ObjectiveConfig(kind="diffusion", block_size=BLOCK),
-      # Measured (seed 0): 78% held-out masked-token accuracy after 400 steps (chance ~4%);
-      # lr 3e-3 reached 62%, 5e-3 28%.
+      # Measured (seed 0, CPU): 94.7% held-out masked-token accuracy after 400 steps at
+      # 1d5cf7b (chance ~4%); an earlier version of the code read 78%, and there lr 3e-3
+      # reached 62%, 5e-3 28%.
       train=TrainConfig(steps=400, learning_rate=2e-3, warmup_ratio=0.125, schedule="cosine",
                         min_lr_ratio=0.1, weight_decay=0.01, adam_b2=0.98, run_dir="runs/tiny",
                         eval_batches=8),

@@ -504,7 +504,10 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
     except FileNotFoundError as e:  # (a run directory without a readable checkpoint: named)
       raise ConfigError(f"init.source={source}: {e}") from None
   else:
-    pretrained = convert.load_pretrained(source, dtype=cfg.model.param_dtype)
+    try:
+      pretrained = convert.load_pretrained(source, dtype=cfg.model.param_dtype)
+    except convert.CheckpointError as e:  # (named by the key that gave the path)
+      raise convert.CheckpointError(f"init.source={source}: {e}") from None
   # (What the config describes is the model as loaded: the mask token may grow its vocabulary.)
   _warn_unused_model_fields(
       cfg.model, dataclasses.replace(pretrained.config, **{f: getattr(cfg.model, f)

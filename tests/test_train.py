@@ -535,3 +535,9 @@ def test_a_run_reports_the_records_its_data_skipped(caplog):
     training._report_data(batches)
   assert "90 of 120 records read were skipped (75%)" in caplog.text
   assert "skipped too_long: 90" in caplog.text
+
+
+def test_a_model_path_that_is_not_one_is_named_by_its_key(tmp_path):
+  from dllm_jax import convert
+  with pytest.raises(convert.CheckpointError, match=r"^init\.source=/nonexistent/m: .*neither"):
+    training.build_model(_cfg(tmp_path / "run", extra=["init.source=/nonexistent/m"]))

@@ -74,6 +74,30 @@ def test_mosaic_forward_one_cta_an_item_equals_the_reference(monkeypatch):
   jax.clear_caches()
 
 
+def test_mosaic_forward_with_items_that_visit_nothing_between_others():
+  # Over-padded rows (Tp = 384 for T = 100): tiles 1 and 2 visit nothing, and the one CTA runs
+  # [0, 1, 2], so an item without visits sits between two others (the shape in which the GPU
+  # body's turns once deadlocked; the interpreter runs no turns, so this checks the rest of the
+  # item slots' barriers and the zero-visit items' outputs).
+  spec = masks.MaskSpec("diffusion", 16, 1)
+  meta = masks.layout_meta(spec, _segments(1, 50, [[]]))
+  t, tp = meta.positions.shape[1], 384
+  ks = jax.random.split(jax.random.key(3), 3)
+  q, k, v = (jax.random.normal(kk, (1, tp, 1, 64), jnp.float32).astype(jnp.bfloat16)
+             for kk in ks)
+  seg = jnp.pad(meta.segments, [(0, 0), (0, tp - t)])
+  table = np.asarray(flash_mgpu.work_table(spec, 50, seg, 1, 1, 3, 1)[0])
+  v_ = flash_mgpu.visit_list(spec, 50, seg, 3)[1]
+  assert table.shape[1] == 3 and table[0, 1, v_ + 1] == table[0, 2, v_ + 1] == 0
+  o, lse = jax.jit(lambda: flash_mgpu.forward(q, k, v, seg, spec, 50, interpret=True))()
+  mask = masks.dense_mask(spec, meta, meta)
+  f32 = lambda x: x.astype(jnp.float32)
+  want = attention.xla_attention(f32(q[:, :t]), f32(k[:, :t]), f32(v[:, :t]), mask)
+  rel = float(jnp.linalg.norm(f32(o[:, :t]) - want) / jnp.linalg.norm(want))
+  assert rel < 5e-3
+  assert np.isfinite(np.asarray(o, np.float32)).all()
+
+
 FUSED = flash.Tiles(forward="triton", dkv="mosaic", fuse_dq=True)
 
 

@@ -306,14 +306,13 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
 
   iota = functools.partial(_iota, (bq, bk), interpret=interpret)
 
-  def run_items(item, n_items):
+  def run_items(item, n_items, carry):
     # One item a CTA: its body inline, without the loop over items (the visit loops then sit
     # where they did in the kernel this one replaced; see `PERSISTENT`)
     if ctas == b * h * n_outer:
       zero = lax.axis_index("sm") * 0  # traced: jax 0.11's Mosaic lowering takes no literal here
-      item(zero, zero)
-    else:
-      lax.fori_loop(0, n_items, item, jnp.int32(0))
+      return item(zero, jax.tree_util.tree_map(lambda x: x + zero, carry))
+    return lax.fori_loop(0, n_items, item, carry)
 
   def kernel(q_ref, kt_ref, v_ref, seg_ref, table_ref, o_ref, lse_ref, q_s, kt_s, v_s, p_s,
              lse_s, segq_s, segk_s, plan_s, plan_bar, q_bar, sq_bar, k_bar, v_bar, sk_bar,
@@ -341,7 +340,12 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
 
         @pl.when(m > 0)
         def _():  # slot s held item m - 2: both consumers are past it and its O store
-          pl.when(m >= 2)(lambda: plgpu.barrier_wait(item_free.at[s]))
+          @pl.when(m >= 2)
+          def _():
+            plgpu.barrier_wait(item_free.at[s])
+            # this warpgroup read plan_s[s] with plain loads two items ago; the row comes by
+            # an async-proxy write (PTX orders the two only through this fence)
+            plgpu.commit_smem()
           copy_row(m, s)
 
         bi, head, tile, n_full, n_vis, one = read_item(s)
@@ -375,7 +379,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
                                     sk_bar.at[slot])
         return streamed + n_vis
 
-      run_items(item, plan_s[0, nv + 6])
+      run_items(item, plan_s[0, nv + 6], jnp.int32(0))
 
     @pl.when(wg < 2)
     def _consumer():
@@ -383,10 +387,10 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         plgpu.set_max_registers(232, action="increase")
       plgpu.barrier_wait(plan_bar.at[0])
       n_items, total = plan_s[0, nv + 6], plan_s[0, nv + 7]
-      if not interpret and turns:
-        pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn, for the whole CTA
 
-      def item(m, streamed):
+      def item(m, carry):
+        # in_turns: whether the two warpgroups run one turn apart (the previous item had visits)
+        streamed, in_turns = carry
         s = lax.rem(m, 2)
         pl.when(m > 0)(lambda: plgpu.barrier_wait(plan_bar.at[s]))
         bi, head, tile, n_full, n_vis, one = read_item(s)
@@ -397,6 +401,15 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         def _():  # item m - 1's O has left its Q buffer: the producer may refill that slot
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           plgpu.barrier_arrive(item_free.at[1 - s])
+
+        if not interpret and turns:
+          # wg 1 runs one turn behind wg 0 through each run of items with visits: it takes the
+          # offset at the run's first item, wg 0 gives it back at an item without visits (or
+          # after the last). Held across an item without visits, the offset paired wg 1's last
+          # turn before it with wg 0's first turn after it, which waits for a plan row the
+          # producer copies only once wg 1 has released its slot: a deadlock (a review's model).
+          pl.when((wg == 1) & (n_vis > 0) & (in_turns == 0))(sched)
+          pl.when((wg == 0) & (n_vis == 0) & (in_turns != 0))(sched)
 
         base = tile * OUTER + wg * bq
         plgpu.barrier_wait(q_bar.at[2 * s + wg])
@@ -489,11 +502,11 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_s.at[s, wg], o_ref.at[bi, pl.ds(base, bq), head])
         plgpu.copy_smem_to_gmem(lse_s.at[s, wg], lse_ref.at[bi, head, pl.ds(base, bq)])
-        return streamed + n_vis
+        return streamed + n_vis, (n_vis > 0).astype(jnp.int32)
 
-      run_items(item, n_items)
+      _, in_turns = run_items(item, n_items, (jnp.int32(0), jnp.int32(0)))
       if not interpret and turns:
-        pl.when(wg == 0)(sched)
+        pl.when((wg == 0) & (in_turns != 0))(sched)
       plgpu.wait_smem_to_gmem(0)
 
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))

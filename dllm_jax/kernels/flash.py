@@ -427,12 +427,16 @@ def largest_divisor(n: int, cap: int) -> int:
   return max(c for c in range(1, min(cap, n) + 1) if n % c == 0)
 
 
+def visit_counts(plan) -> np.ndarray:
+  """int [n_outer]: how many inner tiles each outer tile of a `visit_runs` plan visits."""
+  _, count, _, n_runs = plan
+  return np.where(np.arange(count.shape[1])[None, :] < n_runs[:, None], count, 0).sum(1)
+
+
 def heavy_first(plan) -> np.ndarray:
   """Outer tiles ordered by how many inner tiles they visit, most first (ties: lowest index),
   so the longest programs start in the first wave instead of forming the tail of the last."""
-  _, count, _, n_runs = plan
-  work = np.where(np.arange(count.shape[1])[None, :] < n_runs[:, None], count, 0).sum(1)
-  return np.argsort(-work, kind="stable").astype(np.int32)
+  return np.argsort(-visit_counts(plan), kind="stable").astype(np.int32)
 
 
 def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):

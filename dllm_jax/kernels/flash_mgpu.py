@@ -168,21 +168,24 @@ def _producer_start(plan_row, plan_s, plan_bar, nv, interpret, regs=40):
   return plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
 
 
-def _stream(n_vis, fetch, wait_free):
-  """The producer's loop: visit i's tiles into slot i % SLOTS (`fetch(i, slot)`), a slot
+def _stream(n_vis, fetch, wait_free, streamed=0):
+  """The producer's loop: visit i's tiles into slot (streamed + i) % SLOTS (`fetch(i, slot)`),
+  `streamed` the visits its CTA streamed before (a persistent CTA's earlier items), a slot
   refilled once both consumers released it (`wait_free(slot)`). A consumer that read a slot
   with plain loads (the generic proxy: segment ids, lse, delta; wgmma operands are read by the
   async proxy) fences (`commit_smem`) before its release, since the refill is an async-proxy
   write: PTX's proxy memory model orders the two only through that fence (FlashAttention's
   Hopper backward fences before releasing its LSE stage too; in these bodies the loads' values
   are used before the release, so no refill could overtake them in practice)."""
-  @pl.loop(0, jnp.minimum(n_vis, SLOTS))
-  def _(i):
-    fetch(i, i)
+  fresh = jnp.clip(SLOTS - streamed, 0, n_vis)  # visits into slots never filled before
 
-  @pl.loop(SLOTS, n_vis)
+  @pl.loop(0, fresh)
   def _(i):
-    slot = lax.rem(i, SLOTS)
+    fetch(i, streamed + i)
+
+  @pl.loop(fresh, n_vis)
+  def _(i):
+    slot = lax.rem(streamed + i, SLOTS)
     wait_free(slot)
     fetch(i, slot)
 
@@ -261,9 +264,8 @@ def work_table(spec, length, seg, b, h, n_outer, ctas):
   Items are (batch row, head, 128-row tile), dealt by `deal` on the layout's visit counts plus
   one (an item's fixed cost; segment ids only shorten items, and are data). Returns (table, V)."""
   plan, nv = visit_list(spec, length, seg, n_outer)
-  _, count, _, n_runs = flash.visit_runs(spec, length, OUTER, BLOCK_K, False, 0,
-                                         num_outer=n_outer)
-  visits = np.where(np.arange(count.shape[1]) < n_runs[:, None], count, 0).sum(1)
+  visits = flash.visit_counts(flash.visit_runs(spec, length, OUTER, BLOCK_K, False, 0,
+                                              num_outer=n_outer))
   # item (tile, batch row, head), head fastest: the items of one weight run side by side in
   # head order, so a GQA group's heads read their K/V tiles at about the same time
   weights = np.repeat(visits + 1, b * h)
@@ -357,16 +359,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[s, w], q_bar.at[2 * s + w])
           plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[s, w], sq_bar.at[2 * s + w])
 
-        @pl.loop(0, n_vis)
-        def _(i):
-          n = streamed + i
-          slot = lax.rem(n, SLOTS)
-
-          @pl.when(n >= SLOTS)
-          def _():
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-
+        def fetch(i, slot):
           key = pl.multiple_of(plan_s[s, i] * bk, bk)
           plgpu.copy_gmem_to_smem(kt_ref.at[bi, kvh, :, pl.ds(key, bk)], kt_s.at[slot],
                                   k_bar.at[slot])
@@ -377,6 +370,12 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           def _():
             plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(key, bk)], segk_s.at[slot],
                                     sk_bar.at[slot])
+
+        def wait_free(slot):
+          plgpu.barrier_wait(k_free.at[slot])
+          plgpu.barrier_wait(v_free.at[slot])
+
+        _stream(n_vis, fetch, wait_free, streamed)
         return streamed + n_vis
 
       run_items(item, plan_s[0, nv + 6], jnp.int32(0))

@@ -302,6 +302,24 @@ def parse_variants(text):
   return out
 
 
+def add_baseline_forward(path):
+  """Makes `flash_mgpu.BASELINE_FORWARD` a variant knob: with it 1, the forward is the one in the
+  module at `path` (an earlier revision's flash_mgpu.py, e.g. `git show REV:dllm_jax/kernels/
+  flash_mgpu.py > old.py`), so an earlier kernel is timed in the same run as the current one."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("baseline_flash_mgpu", path)
+  old = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(old)
+  current = flash_mgpu.forward
+  flash_mgpu.BASELINE_FORWARD = 0
+
+  def forward(*args, **kw):
+    return (old.forward if flash_mgpu.BASELINE_FORWARD else current)(*args, **kw)
+
+  flash_mgpu.forward = forward
+
+
 def check_grads(impls, tiles, tag):
   """Outputs and gradients of `impls` against the float32 XLA reference on the two diffusion
   check cases (packed, GQA 6 and 7), as `check` does for the default; a variant is timed only if
@@ -541,6 +559,9 @@ def main():
                   help="with --sections variants: 'name:KNOB=v,...;name2:...', flash_mgpu's knobs "
                        "per variant (e.g. 'base:;add:GQA_REDUCE_ADD=1'); each is checked, then "
                        "timed on the four L=2048 cases with --impls (profiled too with profile)")
+  ap.add_argument("--baseline-forward", metavar="FILE",
+                  help="an earlier flash_mgpu.py whose forward the variant knob "
+                       "BASELINE_FORWARD=1 times (e.g. 'old:BASELINE_FORWARD=1')")
   ap.add_argument("--tables-from", help="print the tables of an earlier run's JSON and exit")
   ap.add_argument("--impls", default="pallas,triton,xla,cudnn",
                   help="training-attention implementations to time (also: mosaic_dkv / "
@@ -555,6 +576,8 @@ def main():
     return
   global LEAN_CHECK
   LEAN_CHECK = args.lean_check
+  if args.baseline_forward:
+    add_baseline_forward(args.baseline_forward)
   sections = args.sections.split(",")
   RESULTS["meta"] = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -74,11 +74,14 @@ def test_mosaic_forward_one_cta_an_item_equals_the_reference(monkeypatch):
   jax.clear_caches()
 
 
-def test_mosaic_forward_with_items_that_visit_nothing_between_others():
+@pytest.mark.parametrize("static_slots", [False, True])
+def test_mosaic_forward_with_items_that_visit_nothing_between_others(monkeypatch, static_slots):
   # Over-padded rows (Tp = 384 for T = 100): tiles 1 and 2 visit nothing, and the one CTA runs
   # [0, 1, 2], so an item without visits sits between two others (the shape in which the GPU
   # body's turns once deadlocked; the interpreter runs no turns, so this checks the rest of the
-  # item slots' barriers and the zero-visit items' outputs).
+  # item slots' barriers and the zero-visit items' outputs). STATIC_ITEM_SLOTS runs them as a
+  # pair and a lone third item.
+  monkeypatch.setattr(flash_mgpu, "STATIC_ITEM_SLOTS", static_slots)
   spec = masks.MaskSpec("diffusion", 16, 1)
   meta = masks.layout_meta(spec, _segments(1, 50, [[]]))
   t, tp = meta.positions.shape[1], 384
@@ -315,6 +318,9 @@ def test_work_table_rows_are_the_dealt_items_visit_lists():
       bi, head, tile = table[c, m, v + 4], table[c, m, v + 5], table[c, m, v + 3]
       seen.add((bi, head, tile))
       assert (table[c, m, :v + 4] == plan[bi, tile, :v + 4]).all()
+      # the running counts the kernel reads instead of carrying them through its item loop
+      assert table[c, m, v + 8] == table[c, :m, v + 1].sum()  # visits before this item
+      assert table[c, m, v + 9] == (m > 0 and table[c, m - 1, v + 1] > 0)
     assert total == table[c, :count, v + 1].sum()  # the CTA's visits, all items
   assert seen == {(b, e, t) for b in range(2) for e in range(h) for t in range(n_outer)}
 
@@ -379,6 +385,7 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({}, False), ({}, True),  # the defaults
     ({"FWD_TURNS": False, "GQA_REDUCE_ADD": True}, False),
     ({"PERSISTENT": False}, False),  # one CTA an item, the item's body inline
+    ({"STATIC_ITEM_SLOTS": True}, False),  # items in pairs, slot indices static
     ({"GQA_REDUCE_ADD": True}, True),
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
 ])

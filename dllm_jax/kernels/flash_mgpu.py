@@ -70,6 +70,10 @@ RELEASE_FENCE = True
 # across sessions True is 1.04-1.05x that kernel there (1.02-1.09x on the H200). Why False lost
 # ~10% is not known (the table's XLA ops, or the item loop's code; NOTES_attention.md).
 PERSISTENT = True
+# Whether the persistent forward runs its items in pairs, the first of each in plan/Q slot 0 and
+# the second in slot 1, so that every slot index in the item's body is a constant (the body is
+# traced twice), instead of one body indexing slot m mod 2.
+STATIC_ITEM_SLOTS = False
 
 
 def _plgpu():
@@ -259,8 +263,10 @@ def _forward_ctas(n_items: int, interpret: bool) -> int:
 
 def work_table(spec, length, seg, b, h, n_outer, ctas):
   """int32 [ctas, M, W]: row m of CTA c is the `visit_list` row of the m-th work item that CTA
-  runs, with the item's batch row at V + 4, its head at V + 5, the CTA's item count at V + 6 and
-  its visits (all items') at V + 7.
+  runs, with the item's batch row at V + 4, its head at V + 5, the CTA's item count at V + 6,
+  its visits (all items') at V + 7, the visits of its items before this one at V + 8 and
+  whether the item before this one had any (1) or not (0) at V + 9: the kernel reads its
+  running counts from the row instead of carrying them through its loop over items.
   Items are (batch row, head, 128-row tile), dealt by `deal` on the layout's visit counts plus
   one (an item's fixed cost; segment ids only shorten items, and are data). Returns (table, V)."""
   plan, nv = visit_list(spec, length, seg, n_outer)
@@ -275,12 +281,16 @@ def work_table(spec, length, seg, b, h, n_outer, ctas):
   rows = plan[bi, tile][..., :nv + 4]
   n_items = (lists >= 0).sum(1)
   extra = np.stack([bi, head, np.broadcast_to(n_items[:, None], bi.shape)], -1)
-  total = jnp.where(lists >= 0, rows[..., nv + 1], 0).sum(1)  # the CTA's visits
-  total = jnp.broadcast_to(total[:, None, None], bi.shape + (1,))
-  width = -(-(nv + 8) // 32) * 32
-  pad = np.zeros(bi.shape + (width - nv - 8,), np.int32)
-  return jnp.concatenate([rows, jnp.asarray(extra, jnp.int32), total.astype(jnp.int32),
-                          jnp.asarray(pad)], -1), nv
+  n_vis = jnp.where(lists >= 0, rows[..., nv + 1], 0)  # [ctas, M]
+  after = jnp.cumsum(n_vis, 1)
+  total = jnp.broadcast_to(after[:, -1:], bi.shape)  # the CTA's visits
+  before = after - n_vis
+  prev_vis = jnp.pad(n_vis[:, :-1] > 0, [(0, 0), (1, 0)])
+  counts = jnp.stack([total, before, prev_vis.astype(jnp.int32)], -1).astype(jnp.int32)
+  width = -(-(nv + 10) // 32) * 32
+  pad = np.zeros(bi.shape + (width - nv - 10,), np.int32)
+  return jnp.concatenate([rows, jnp.asarray(extra, jnp.int32), counts, jnp.asarray(pad)],
+                         -1), nv
 
 
 def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = False):
@@ -308,13 +318,31 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
 
   iota = functools.partial(_iota, (bq, bk), interpret=interpret)
 
-  def run_items(item, n_items, carry):
-    # One item a CTA: its body inline, without the loop over items (the visit loops then sit
-    # where they did in the kernel this one replaced; see `PERSISTENT`)
-    if ctas == b * h * n_outer:
-      zero = lax.axis_index("sm") * 0  # traced: jax 0.11's Mosaic lowering takes no literal here
-      return item(zero, jax.tree_util.tree_map(lambda x: x + zero, carry))
-    return lax.fori_loop(0, n_items, item, carry)
+  # One item a CTA (not PERSISTENT): the item's body inline with its item and slot indices
+  # static, so the code is that of the kernel the persistent one replaced
+  one_each = ctas == b * h * n_outer
+
+  def when(cond, body):  # pl.when, or a Python branch where `cond` is static
+    if isinstance(cond, (bool, np.bool_)):
+      if cond:
+        body()
+    else:
+      pl.when(cond)(body)
+
+  def for_items(n_items, item):
+    """item(m, s) for each of the CTA's items, s its plan/Q slot (m mod 2). STATIC_ITEM_SLOTS:
+    items in pairs, so that every slot index in the item's body is static (traced twice)."""
+    if one_each:
+      item(0, 0)
+    elif STATIC_ITEM_SLOTS:
+      @pl.loop(0, lax.div(n_items + 1, 2))
+      def _(j):
+        item(2 * j, 0)
+        pl.when(2 * j + 1 < n_items)(lambda: item(2 * j + 1, 1))
+    else:
+      @pl.loop(0, n_items)
+      def _(m):
+        item(m, lax.rem(m, 2))
 
   def kernel(q_ref, kt_ref, v_ref, seg_ref, table_ref, o_ref, lse_ref, q_s, kt_s, v_s, p_s,
              lse_s, segq_s, segk_s, plan_s, plan_bar, q_bar, sq_bar, k_bar, v_bar, sk_bar,
@@ -323,9 +351,16 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     wg = lax.axis_index("wg")
     turns = FWD_TURNS
     sched = functools.partial(_take_turns, sched_bar) if turns else lambda: None
+    def item_count():  # the CTA's items (read once its first plan row has arrived)
+      return 1 if one_each else plan_s[0, nv + 6]
 
     def read_item(s):  # (batch row, head, tile, n_full, n_vis, one) of the item in plan slot s
       return tuple(plan_s[s, nv + j] for j in (4, 5, 3, 0, 1, 2))
+
+    def counts(s, n_vis):  # (visits of the CTA's earlier items, its visits, the last had any)
+      if one_each:
+        return 0, n_vis, 0
+      return plan_s[s, nv + 8], plan_s[s, nv + 7], plan_s[s, nv + 9]
 
     def copy_row(m, s):
       plgpu.copy_gmem_to_smem(table_ref.at[cta, m], plan_s.at[s], plan_bar.at[s])
@@ -337,20 +372,19 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         plgpu.set_max_registers(40, action="decrease")
       copy_row(0, 0)
 
-      def item(m, streamed):  # streamed: visits of the earlier items
-        s = lax.rem(m, 2)
-
-        @pl.when(m > 0)
-        def _():  # slot s held item m - 2: both consumers are past it and its O store
-          @pl.when(m >= 2)
-          def _():
+      def item(m, s):
+        def refill():  # slot s held item m - 2: both consumers are past it and its O store
+          def item_freed():
             plgpu.barrier_wait(item_free.at[s])
             # this warpgroup read plan_s[s] with plain loads two items ago; the row comes by
             # an async-proxy write (PTX orders the two only through this fence)
             plgpu.commit_smem()
+          when(m >= 2, item_freed)
           copy_row(m, s)
 
+        when(m > 0, refill)
         bi, head, tile, n_full, n_vis, one = read_item(s)
+        streamed = counts(s, n_vis)[0]
         kvh = lax.div(head, jnp.int32(group))
         for w in range(2):
           rows = pl.ds(tile * OUTER + w * bq, bq)
@@ -376,32 +410,32 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           plgpu.barrier_wait(v_free.at[slot])
 
         _stream(n_vis, fetch, wait_free, streamed)
-        return streamed + n_vis
 
-      run_items(item, plan_s[0, nv + 6], jnp.int32(0))
+      for_items(item_count(), item)
 
     @pl.when(wg < 2)
     def _consumer():
       if not interpret:
         plgpu.set_max_registers(232, action="increase")
       plgpu.barrier_wait(plan_bar.at[0])
-      n_items, total = plan_s[0, nv + 6], plan_s[0, nv + 7]
+      n_items = item_count()
+      if not interpret and turns and one_each:
+        pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn
 
-      def item(m, carry):
-        # in_turns: whether the two warpgroups run one turn apart (the previous item had visits)
-        streamed, in_turns = carry
-        s = lax.rem(m, 2)
-        pl.when(m > 0)(lambda: plgpu.barrier_wait(plan_bar.at[s]))
+      def item(m, s):
+        when(m > 0, lambda: plgpu.barrier_wait(plan_bar.at[s]))
         bi, head, tile, n_full, n_vis, one = read_item(s)
+        streamed, total, in_turns = counts(s, n_vis)
 
         # Every phase of a barrier is waited for (the interpreter checks): a release only where
         # the producer will refill, here item m - 1's slot for item m + 1.
-        @pl.when((m > 0) & (m + 1 < n_items))
-        def _():  # item m - 1's O has left its Q buffer: the producer may refill that slot
+        def release_item():  # item m - 1's O has left its Q buffer: the producer may refill it
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           plgpu.barrier_arrive(item_free.at[1 - s])
 
-        if not interpret and turns:
+        when((m > 0) & (m + 1 < n_items), release_item)
+
+        if not interpret and turns and not one_each:
           # wg 1 runs one turn behind wg 0 through each run of items with visits: it takes the
           # offset at the run's first item, wg 0 gives it back at an item without visits (or
           # after the last). Held across an item without visits, the offset paired wg 1's last
@@ -485,7 +519,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
                  lc(jnp.zeros((bq,), jnp.float32), row_l))
         step = interpret_step if interpret else gpu_step
         if not interpret:
-          pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(k_bar.at[lax.rem(streamed, SLOTS)]))
+          first = streamed % SLOTS if isinstance(streamed, int) else lax.rem(streamed, SLOTS)
+          pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(k_bar.at[first]))
         # Full tiles, then partial ones: with the layout mask only inside one segment, else with
         # the segment comparison too (one of the last two loops is empty).
         mid = jnp.where(one != 0, n_vis, n_full)
@@ -501,11 +536,13 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_s.at[s, wg], o_ref.at[bi, pl.ds(base, bq), head])
         plgpu.copy_smem_to_gmem(lse_s.at[s, wg], lse_ref.at[bi, head, pl.ds(base, bq)])
-        return streamed + n_vis, (n_vis > 0).astype(jnp.int32)
 
-      _, in_turns = run_items(item, n_items, (jnp.int32(0), jnp.int32(0)))
+      for_items(n_items, item)
       if not interpret and turns:
-        pl.when((wg == 0) & (in_turns != 0))(sched)
+        if one_each:
+          pl.when(wg == 0)(sched)
+        else:  # the last item's slot was not refilled: its visit count is still there
+          pl.when((wg == 0) & (plan_s[lax.rem(n_items - 1, 2), nv + 1] > 0))(sched)
       plgpu.wait_smem_to_gmem(0)
 
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))

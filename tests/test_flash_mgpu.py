@@ -74,14 +74,11 @@ def test_mosaic_forward_one_cta_an_item_equals_the_reference(monkeypatch):
   jax.clear_caches()
 
 
-@pytest.mark.parametrize("static_slots", [False, True])
-def test_mosaic_forward_with_items_that_visit_nothing_between_others(monkeypatch, static_slots):
+def test_mosaic_forward_with_items_that_visit_nothing_between_others():
   # Over-padded rows (Tp = 384 for T = 100): tiles 1 and 2 visit nothing, and the one CTA runs
   # [0, 1, 2], so an item without visits sits between two others (the shape in which the GPU
   # body's turns once deadlocked; the interpreter runs no turns, so this checks the rest of the
-  # item slots' barriers and the zero-visit items' outputs). STATIC_ITEM_SLOTS runs them as a
-  # pair and a lone third item.
-  monkeypatch.setattr(flash_mgpu, "STATIC_ITEM_SLOTS", static_slots)
+  # item slots' barriers and the zero-visit items' outputs).
   spec = masks.MaskSpec("diffusion", 16, 1)
   meta = masks.layout_meta(spec, _segments(1, 50, [[]]))
   t, tp = meta.positions.shape[1], 384
@@ -385,7 +382,6 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({}, False), ({}, True),  # the defaults
     ({"FWD_TURNS": False, "GQA_REDUCE_ADD": True}, False),
     ({"PERSISTENT": False}, False),  # one CTA an item, the item's body inline
-    ({"STATIC_ITEM_SLOTS": True}, False),  # items in pairs, slot indices static
     ({"GQA_REDUCE_ADD": True}, True),
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
 ])

@@ -12,12 +12,19 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = os.environ.get("DLLM_JAX011_PYTHON", str(ROOT / ".venv-jax011" / "bin" / "python"))
-# The TMA launches whole (interpreter, race detector, plans, CUDA lowering), the training
-# kernels' CUDA lowering and their race detector runs, and the Triton launches lowered for an
-# H200. (conftest.py sizes XLA's callback pool, without which the detector's warpgroups starve.)
+# The TMA launches (interpreter, race detector, plans, CUDA lowering), the training kernels'
+# CUDA lowering and their race detector runs, and the Triton launches lowered for an H200.
+# (conftest.py sizes XLA's callback pool, without which the detector's warpgroups starve.)
+# Not here: the TMA launches' benchmark scripts and model steps (run by their own tests under
+# jax 0.10, and on the GPU machine's 0.11 when they run), ~115 of this test's seconds.
 TESTS = [
     "tests/test_matvec_mgpu.py",
+    "--deselect", "tests/test_matvec_mgpu.py::test_matvec_tma_benchmark_runs_every_row",
+    "--deselect", "tests/test_matvec_mgpu.py::test_pdl_chain_benchmark_runs_end_to_end",
+    "--deselect", "tests/test_matvec_mgpu.py::test_pdl_chain_benchmark_chains_the_launches",
+    "--deselect", "tests/test_matvec_mgpu.py::test_model_one_row_step_with_tma_launches_equals_xla",
     "tests/test_flash_mgpu.py::test_gpu_bodies_lower_for_cuda",
+    "tests/test_kernels.py::test_training_kernels_lower_for_cuda_as_triton_calls",
     "tests/test_flash_mgpu.py::test_interpreter_finds_no_race_in_the_training_kernels",
     "tests/test_matvec.py::test_norm_matvec_lowers_for_cuda",
     "tests/test_row_attention.py::test_row_attention_lowers_for_cuda_as_one_triton_call",

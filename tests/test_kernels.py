@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -318,3 +319,23 @@ def test_decode_in_bf16_stays_within_bf16_rounding():
   want = attention.xla_attention(f32(q), f32(kc), f32(vc), masks.dense_mask(spec, q_meta, k_meta))
   err = jnp.linalg.norm(f32(got) - want) / jnp.linalg.norm(want)
   assert err < 1e-2
+
+
+def test_training_kernels_lower_for_cuda_as_triton_calls(lower_for_cuda):
+  # The Triton forward, dq (which also writes delta for the dk/dv kernel) and dk/dv kernels of
+  # a fwd+bwd, lowered for CUDA on the CPU: the interpreter runs their bodies, not Triton's
+  # lowering of them (2L diffusion, GQA 6, head_dim 128, bf16: the benchmark's shape, shortened).
+  spec = masks.MaskSpec("diffusion", 32, 1)
+  meta = masks.layout_meta(spec, _segments(2, 128, [[64], []]))
+  b, t, h, kh, d = 2, meta.positions.shape[1], 12, 2, 128
+  tiles = flash.Tiles(forward="triton", dkv="triton")
+  sd = jax.ShapeDtypeStruct
+
+  def fwd_bwd(q, k, v, ct):
+    out, vjp = jax.vjp(lambda q, k, v: flash.block_sparse_attention(
+        q, k, v, meta.segments, spec, tiles), q, k, v)
+    return out, vjp(ct)
+
+  text = lower_for_cuda(fwd_bwd, sd((b, t, h, d), jnp.bfloat16), sd((b, t, kh, d), jnp.bfloat16),
+                        sd((b, t, kh, d), jnp.bfloat16), sd((b, t, h, d), jnp.bfloat16))
+  assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3

@@ -353,11 +353,16 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
 
 
 def _dq_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref,
-               segk_ref, do_ref, lse_ref, delta_ref, dq_ref, *, spec, length, block_q, block_k,
-               scale):
+               segk_ref, do_ref, lse_ref, o_ref, dq_ref, delta_ref, *, spec, length, block_q,
+               block_k, scale):
   qi = pl.program_id(0)
   q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
+  lse = lse_ref[...]
+  # delta_i = sum_d o_id * do_id of this program's rows, also written for the dk/dv kernel: each
+  # row is one program's, and dO is loaded here anyway (XLA's separate pass read O and dO at
+  # under half the copy rate: 39-83 us at L=2048 on an H100, BENCHMARKS.md session 32)
+  delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+  delta_ref[...] = delta
   seg_q = segq_ref[...]
   q_idx = qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
 
@@ -444,11 +449,11 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   kv_heads = k.shape[2]
   group = h // kv_heads
   scale = d ** -0.5
-  # delta_i = sum_d o_id * do_id: one cheap fused XLA pass, [B, H, Tp] like lse.
-  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   if tiles.dkv == "mosaic" and tiles.fuse_dq:
     from dllm_jax.kernels import flash_mgpu
 
+    # delta_i = sum_d o_id * do_id, [B, H, Tp] like lse (without a dq kernel to compute it)
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     return flash_mgpu.dkv(q, k, v, seg, do, lse, delta, spec, length, interpret, fuse_dq=True)
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
@@ -460,7 +465,8 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
   row_q = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
-  dq = pl.pallas_call(
+  # dq, and delta [B, H, Tp] (like lse) for the dk/dv kernel, which therefore runs after it
+  dq, delta = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                         scale=scale),
       grid=(tp // bq, b, h),
@@ -468,13 +474,14 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
                 kv_all, kv_all,
                 pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
                 pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)),
-                q_tile, row_q, row_q],
-      out_specs=q_tile,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+                q_tile, row_q, q_tile],
+      out_specs=[q_tile, row_q],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
       compiler_params=params,
       interpret=interpret,
       name="block_sparse_attention_dq",
-  )(run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, delta)
+  )(run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, o)
 
   if tiles.dkv == "mosaic":
     from dllm_jax.kernels import flash_mgpu

@@ -70,10 +70,6 @@ RELEASE_FENCE = True
 # across sessions True is 1.04-1.05x that kernel there (1.02-1.09x on the H200). Why False lost
 # ~10% is not known (the table's XLA ops, or the item loop's code; NOTES_attention.md).
 PERSISTENT = True
-# Whether the persistent forward runs its items in pairs, the first of each in plan/Q slot 0 and
-# the second in slot 1, so that every slot index in the item's body is a constant (the body is
-# traced twice), instead of one body indexing slot m mod 2.
-STATIC_ITEM_SLOTS = False
 
 
 def _plgpu():
@@ -330,15 +326,11 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
       pl.when(cond)(body)
 
   def for_items(n_items, item):
-    """item(m, s) for each of the CTA's items, s its plan/Q slot (m mod 2). STATIC_ITEM_SLOTS:
-    items in pairs, so that every slot index in the item's body is static (traced twice)."""
+    """item(m, s) for each of the CTA's items, s its plan/Q slot (m mod 2). Not in pairs with
+    static slots: that body, traced twice, spilled 552 bytes against 212 and ran the forward
+    1.23-1.25x slower (H100, BENCHMARKS.md session 32)."""
     if one_each:
       item(0, 0)
-    elif STATIC_ITEM_SLOTS:
-      @pl.loop(0, lax.div(n_items + 1, 2))
-      def _(j):
-        item(2 * j, 0)
-        pl.when(2 * j + 1 < n_items)(lambda: item(2 * j + 1, 1))
     else:
       @pl.loop(0, n_items)
       def _(m):

@@ -286,15 +286,17 @@ DECODE_KW = {}  # tuning knobs of decode.decode_attention chosen by the decode t
 
 def parse_variants(text):
   """'name:KNOB=v,KNOB=v;name2:...' -> [(name, {KNOB: int})]: `flash_mgpu`'s module constants
-  (the Mosaic kernels' experiment knobs, e.g. GQA_REDUCE_ADD, FUSED_GROUP, DS_SLOTS, DQ_LAG)."""
+  (the Mosaic kernels' experiment knobs, e.g. GQA_REDUCE_ADD, FUSED_GROUP, DS_SLOTS, DQ_LAG), or
+  `flash`'s as flash.KNOB (e.g. flash.DELTA_IN_DQ)."""
   out = []
   for part in filter(None, text.split(";")):
     name, _, knobs = part.partition(":")
     kv = {}
     for item in filter(None, knobs.split(",")):
       k, _, v = item.partition("=")
-      if not hasattr(flash_mgpu, k) or not k.isupper():
-        raise SystemExit(f"--variants {part!r}: flash_mgpu has no knob {k!r}")
+      module, attr = knob_place(k)
+      if not hasattr(module, attr) or not attr.isupper():
+        raise SystemExit(f"--variants {part!r}: {module.__name__} has no knob {attr!r}")
       if not v.lstrip("-").isdigit():
         raise SystemExit(f"--variants {part!r}: {k}={v!r} is not an integer (booleans: 0/1)")
       kv[k] = int(v)
@@ -352,14 +354,19 @@ def check_grads(impls, tiles, tag):
   return ok
 
 
+def knob_place(knob):
+  """(module, name) of a --variants knob: flash.NAME is `flash`'s, any other `flash_mgpu`'s."""
+  return (flash, knob[len("flash."):]) if knob.startswith("flash.") else (flash_mgpu, knob)
+
+
 def variant_rows(variants, tiles, impls, profile):
   """For each variant: its knobs set, jax's caches cleared, its gradients checked, then the
   four L=2048 cases timed (and profiled) with `impls`; the knobs restored after."""
   for name, knobs in variants:
-    old = {k: getattr(flash_mgpu, k) for k in knobs}
+    old = {k: getattr(*knob_place(k)) for k in knobs}
     try:
       for k, v in knobs.items():
-        setattr(flash_mgpu, k, v)
+        setattr(*knob_place(k), v)
       jax.clear_caches()
       if not check_grads(impls, tiles, name):
         print(f"variant {name}: not exact, not timed", flush=True)
@@ -376,7 +383,7 @@ def variant_rows(variants, tiles, impls, profile):
           save()
     finally:
       for k, v in old.items():
-        setattr(flash_mgpu, k, v)
+        setattr(*knob_place(k), v)
       jax.clear_caches()
 
 

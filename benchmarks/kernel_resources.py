@@ -39,10 +39,8 @@ def compile_one(knobs: dict, kernel: str, baseline: str | None):
 
   if baseline:
     bench.add_baseline_forward(baseline)
-  for k, v in knobs.items():
-    if not hasattr(flash_mgpu, k) or not k.isupper():
-      raise SystemExit(f"flash_mgpu has no knob {k!r}")
-    setattr(flash_mgpu, k, v)
+  for k, v in knobs.items():  # (checked by parse_variants in the parent)
+    setattr(*bench.knob_place(k), v)
   spec, length, b = masks.MaskSpec("diffusion", 32, 1), 2048, 4
   meta = bench.layout_segments(b, length, spec, np.random.default_rng(1), False, 1)
   q, k, v, do = bench._train_inputs(b, meta.positions.shape[1], 12, 2, 128, seed=10)

@@ -21,6 +21,24 @@ def test_parse_variants(bench):
   with pytest.raises(SystemExit, match=r"FWD_TURNS='yes' is not an integer \(booleans: 0/1\)"):
     bench.parse_variants("x:FWD_TURNS=yes")
   assert hasattr(flash_mgpu, "FWD_TURNS")
+  # flash's own knobs by prefix
+  assert bench.parse_variants("x:flash.DELTA_IN_DQ=0,PERSISTENT=1") == [
+      ("x", {"flash.DELTA_IN_DQ": 0, "PERSISTENT": 1})]
+  with pytest.raises(SystemExit, match="kernels.flash has no knob 'NOPE'"):
+    bench.parse_variants("x:flash.NOPE=0")
+
+
+def test_baseline_forward_is_a_variant_knob(bench, monkeypatch, tmp_path):
+  # --baseline-forward FILE: the knob BASELINE_FORWARD=1 runs FILE's forward in place of the
+  # current one (an earlier kernel timed in the same run), 0 the current one.
+  (tmp_path / "old.py").write_text("def forward(*args, **kw):\n  return ('old', args)\n")
+  monkeypatch.setattr(flash_mgpu, "forward", lambda *args, **kw: ("new", args))
+  monkeypatch.setattr(flash_mgpu, "BASELINE_FORWARD", 0, raising=False)
+  bench.add_baseline_forward(str(tmp_path / "old.py"))
+  assert bench.parse_variants("old:BASELINE_FORWARD=1") == [("old", {"BASELINE_FORWARD": 1})]
+  assert flash_mgpu.forward(1, 2) == ("new", (1, 2))
+  monkeypatch.setattr(flash_mgpu, "BASELINE_FORWARD", 1)
+  assert flash_mgpu.forward(1, 2) == ("old", (1, 2))
 
 
 def test_ceilings_take_the_best_reading_and_refresh_fractions(bench, monkeypatch):

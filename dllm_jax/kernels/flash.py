@@ -38,6 +38,10 @@ from dllm_jax import masks
 
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked padding rows stay NaN-free
 _LOG2E = math.log2(math.e)
+# Whether the dq kernel computes delta = sum_d o * do for the backward (True) or XLA's pass over
+# O and dO does (False; kept to time one against the other: benchmarks/attention.py --variants
+# 'xla_delta:flash.DELTA_IN_DQ=0').
+DELTA_IN_DQ = True
 
 
 def _dot(a, b, trans_a=False, trans_b=False):
@@ -354,14 +358,17 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
 
 def _dq_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref,
                segk_ref, do_ref, lse_ref, o_ref, dq_ref, delta_ref, *, spec, length, block_q,
-               block_k, scale):
+               block_k, scale, given_delta=False):
   qi = pl.program_id(0)
   q, do = q_ref[...], do_ref[...]
   lse = lse_ref[...]
-  # delta_i = sum_d o_id * do_id of this program's rows, also written for the dk/dv kernel: each
-  # row is one program's, and dO is loaded here anyway (XLA's separate pass read O and dO at
-  # under half the copy rate: 39-83 us at L=2048 on an H100, BENCHMARKS.md session 32)
-  delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+  if given_delta:  # DELTA_IN_DQ off: o_ref holds XLA's delta rows
+    delta = o_ref[...]
+  else:
+    # delta_i = sum_d o_id * do_id of this program's rows, written for the dk/dv kernel too:
+    # each row is one program's, and its dO tile is loaded here anyway (XLA's pass over O and
+    # dO took 38-95 us at L=2048 on an H100, BENCHMARKS.md session 32)
+    delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
   delta_ref[...] = delta
   seg_q = segq_ref[...]
   q_idx = qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
@@ -466,22 +473,25 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
   row_q = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
   # dq, and delta [B, H, Tp] (like lse) for the dk/dv kernel, which therefore runs after it
+  xla_delta = None if DELTA_IN_DQ else jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32),
+                                                  do.astype(jnp.float32))
   dq, delta = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
-                        scale=scale),
+                        scale=scale, given_delta=xla_delta is not None),
       grid=(tp // bq, b, h),
       in_specs=[*_batch_rows(1, run_lo, run_hi, one), whole(plan[2]), whole(plan[3]), q_tile,
                 kv_all, kv_all,
                 pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
                 pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)),
-                q_tile, row_q, q_tile],
+                q_tile, row_q, q_tile if xla_delta is None else row_q],
       out_specs=[q_tile, row_q],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
       compiler_params=params,
       interpret=interpret,
       name="block_sparse_attention_dq",
-  )(run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse, o)
+  )(run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse,
+    o if xla_delta is None else xla_delta)
 
   if tiles.dkv == "mosaic":
     from dllm_jax.kernels import flash_mgpu

@@ -366,8 +366,9 @@ def _dq_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_re
     delta = o_ref[...]
   else:
     # delta_i = sum_d o_id * do_id of this program's rows, written for the dk/dv kernel too:
-    # each row is one program's, and its dO tile is loaded here anyway (XLA's pass over O and
-    # dO took 38-95 us at L=2048 on an H100, BENCHMARKS.md session 32)
+    # each row is one program's, and its dO tile is loaded here anyway. XLA's pass over O and
+    # dO took 39-122 us at L=2048 on an H100; this kernel takes 21-52 us more (its O loads):
+    # fwd+bwd 1.02-1.04x faster (BENCHMARKS.md, session 32)
     delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
   delta_ref[...] = delta
   seg_q = segq_ref[...]

@@ -10,8 +10,8 @@ softmax overlaps the other's matmuls, and a producer warpgroup that streams the 
 into two shared-memory slots by TMA. The forward is persistent (`PERSISTENT`): one CTA per SM
 runs a list of (batch row, head, 128-row tile) work items dealt heaviest first, its K/V stream
 running on from item to item and the next item's Q copied while the current one computes
-(BENCHMARKS.md, session 31: 1.15-1.20x the same code run one CTA an item, which is itself
-slower than session 30's kernel; against that kernel, across sessions, 1.02-1.09x).
+(BENCHMARKS.md, session 32: its GPU time 1.01-1.05x faster than session 30's kernel, which ran
+one CTA an item, in the same run on an H100).
 
 The plan is `flash`'s, at 128-row outer tiles: `visit_runs` narrowed by `segment_runs`, then
 flattened per (batch row, outer tile) into one list of key tiles, full ones first
@@ -61,14 +61,13 @@ FWD_TURNS = True
 RELEASE_FENCE = True
 # Whether the forward runs one CTA per SM, each taking a list of work items (a batch row's and
 # head's 128-row tile), instead of one CTA per item: each CTA's prologue (Q, plan, first K/V
-# latency), epilogue (O store) and the last wave's tail are paid once a CTA, not once an item
-# (session 30's lengths put them near a quarter of the forward at L=2048).
-# L=2048, same run (session 31): forward 1.15-1.20x on the H100 and the H200, for all four
-# cases, against False (one CTA an item through this same code). False is not session 30's
-# kernel, which ran the same forwards in 0.286 / 0.616 / 0.444 / 0.972 ms on an H100 (session
-# 29) against False's 0.313 / 0.704 / 0.496 / 1.115 and True's 0.272 / 0.584 / 0.427 / 0.935:
-# across sessions True is 1.04-1.05x that kernel there (1.02-1.09x on the H200). Why False lost
-# ~10% is not known (the table's XLA ops, or the item loop's code; NOTES_attention.md).
+# latency), epilogue (O store) and the last wave's tail are paid once a CTA, not once an item.
+# Measured (H100, L=2048, same run, BENCHMARKS.md session 32): the forward kernel's GPU time
+# 249.5 / 548.9 / 402.0 / 887.5 us against 261.7 / 576.4 / 407.7 / 917.1 for session 30's
+# kernel (1.5B 2L, 7B 2L, 1.5B 3L, 7B 3L): 1.01-1.05x, less than session 30's estimate of the
+# per-CTA costs (a quarter of the forward) promised. False runs one CTA an item through this
+# code with static indices (no item loop): 262.2 / 589.7 us, level with session 30's kernel
+# (session 31's 1.09-1.15x loss was that mode's loop over one item, since removed).
 PERSISTENT = True
 
 

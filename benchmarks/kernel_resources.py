@@ -66,13 +66,12 @@ def main():
   if args.child is not None:
     compile_one(json.loads(args.child), args.kernel, args.baseline_forward)
     return
-  from benchmarks.attention import parse_variants
+  from benchmarks import attention as bench
 
   if args.baseline_forward:  # the knob exists only once the module is loaded
-    from benchmarks import attention as bench
     bench.add_baseline_forward(args.baseline_forward)
   results = {}
-  for name, knobs in parse_variants(args.variants):
+  for name, knobs in bench.parse_variants(args.variants):
     cmd = [sys.executable, os.path.abspath(__file__), "--kernel", args.kernel,
            "--child", json.dumps(knobs)]
     if args.baseline_forward:

@@ -452,6 +452,12 @@ def heavy_first(plan) -> np.ndarray:
   return np.argsort(-visit_counts(plan), kind="stable").astype(np.int32)
 
 
+def _xla_delta(o, do):
+  """delta_i = sum_d o_id * do_id as one XLA pass, [B, H, Tp] like lse (where no dq kernel
+  computes it, or DELTA_IN_DQ is off)."""
+  return jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+
+
 def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   b, tp, h, d = q.shape
   kv_heads = k.shape[2]
@@ -460,9 +466,8 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   if tiles.dkv == "mosaic" and tiles.fuse_dq:
     from dllm_jax.kernels import flash_mgpu
 
-    # delta_i = sum_d o_id * do_id, [B, H, Tp] like lse (without a dq kernel to compute it)
-    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-    return flash_mgpu.dkv(q, k, v, seg, do, lse, delta, spec, length, interpret, fuse_dq=True)
+    return flash_mgpu.dkv(q, k, v, seg, do, lse, _xla_delta(o, do), spec, length, interpret,
+                          fuse_dq=True)
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
                                  num_stages=tiles.num_stages_bwd)
@@ -474,8 +479,7 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
   row_q = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
   # dq, and delta [B, H, Tp] (like lse) for the dk/dv kernel, which therefore runs after it
-  xla_delta = None if DELTA_IN_DQ else jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32),
-                                                  do.astype(jnp.float32))
+  xla_delta = None if DELTA_IN_DQ else _xla_delta(o, do)
   dq, delta = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                         scale=scale, given_delta=xla_delta is not None),

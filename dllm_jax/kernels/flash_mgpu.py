@@ -342,6 +342,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     wg = lax.axis_index("wg")
     turns = FWD_TURNS
     sched = functools.partial(_take_turns, sched_bar) if turns else lambda: None
+
     def item_count():  # the CTA's items (read once its first plan row has arrived)
       return 1 if one_each else plan_s[0, nv + 6]
 

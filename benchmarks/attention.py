@@ -285,15 +285,22 @@ DECODE_KW = {}  # tuning knobs of decode.decode_attention chosen by the decode t
 
 
 def parse_variants(text):
-  """'name:KNOB=v,KNOB=v;name2:...' -> [(name, {KNOB: int})]: `flash_mgpu`'s module constants
-  (the Mosaic kernels' experiment knobs, e.g. GQA_REDUCE_ADD, FUSED_GROUP, DS_SLOTS, DQ_LAG), or
-  `flash`'s as flash.KNOB (e.g. flash.DELTA_IN_DQ)."""
+  """'name:KNOB=v,KNOB=v;name2:...' -> [(name, {KNOB: value})]: `flash_mgpu`'s module constants
+  (the Mosaic kernels' experiment knobs, e.g. GQA_REDUCE_ADD, FUSED_GROUP, DKV_HEADS), `flash`'s
+  as flash.KNOB (e.g. flash.DELTA_IN_DQ), both integers, or a field of the timed `flash.Tiles`
+  as tiles.FIELD (e.g. tiles.dq=mosaic; a string, or an integer)."""
   out = []
+  fields = {f.name for f in dataclasses.fields(flash.Tiles)}
   for part in filter(None, text.split(";")):
     name, _, knobs = part.partition(":")
     kv = {}
     for item in filter(None, knobs.split(",")):
       k, _, v = item.partition("=")
+      if k.startswith("tiles."):
+        if k[len("tiles."):] not in fields:
+          raise SystemExit(f"--variants {part!r}: flash.Tiles has no field {k[6:]!r}")
+        kv[k] = int(v) if v.lstrip("-").isdigit() else v
+        continue
       module, attr = knob_place(k)
       if not hasattr(module, attr) or not attr.isupper():
         raise SystemExit(f"--variants {part!r}: {module.__name__} has no knob {attr!r}")
@@ -362,7 +369,11 @@ def knob_place(knob):
 def variant_rows(variants, tiles, impls, profile):
   """For each variant: its knobs set, jax's caches cleared, its gradients checked, then the
   four L=2048 cases timed (and profiled) with `impls`; the knobs restored after."""
+  base_tiles = tiles
   for name, knobs in variants:
+    tiles = dataclasses.replace(base_tiles, **{k[len("tiles."):]: v for k, v in knobs.items()
+                                               if k.startswith("tiles.")})
+    knobs = {k: v for k, v in knobs.items() if not k.startswith("tiles.")}
     old = {k: getattr(*knob_place(k)) for k in knobs}
     try:
       for k, v in knobs.items():
@@ -376,6 +387,7 @@ def variant_rows(variants, tiles, impls, profile):
           spec = masks.MaskSpec("diffusion", 32, nn_)
           row = train_row(shape, spec, 2048, tiles, impls=impls, record="variants")
           row["variant"] = name
+          row["tiles"] = str(tiles)
           if profile:
             for impl in impls:
               profile_row(shape, spec, 2048, tiles, impl)

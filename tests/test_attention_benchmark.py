@@ -26,6 +26,29 @@ def test_parse_variants(bench):
       ("x", {"flash.DELTA_IN_DQ": 0, "PERSISTENT": 1})]
   with pytest.raises(SystemExit, match="kernels.flash has no knob 'NOPE'"):
     bench.parse_variants("x:flash.NOPE=0")
+  # the timed Tiles' fields by prefix, strings allowed
+  assert bench.parse_variants("x:tiles.dq=mosaic,tiles.block_q=128,DKV_HEADS=7") == [
+      ("x", {"tiles.dq": "mosaic", "tiles.block_q": 128, "DKV_HEADS": 7})]
+  with pytest.raises(SystemExit, match="flash.Tiles has no field 'nope'"):
+    bench.parse_variants("x:tiles.nope=1")
+
+
+def test_variant_rows_time_each_variant_with_its_tiles_and_knobs(bench, monkeypatch):
+  # A variant's tiles.FIELD knobs replace the timed Tiles' fields for that variant only; its
+  # module knobs are set while it runs and restored after.
+  seen = []
+  monkeypatch.setattr(bench, "check_grads", lambda impls, tiles, tag: True)
+  monkeypatch.setattr(bench, "save", lambda: None)
+
+  def row(shape, spec, length, tiles, impls, record):
+    seen.append((tiles.dq, flash_mgpu.DKV_HEADS))
+    return {}
+  monkeypatch.setattr(bench, "train_row", row)
+  before = flash_mgpu.DKV_HEADS
+  bench.variant_rows(bench.parse_variants("a:tiles.dq=mosaic,DKV_HEADS=7;b:"),
+                     bench.flash.Tiles(), ("pallas",), profile=False)
+  assert seen == [("mosaic", 7)] * 4 + [("triton", before)] * 4
+  assert flash_mgpu.DKV_HEADS == before
 
 
 def test_baseline_forward_is_a_variant_knob(bench, monkeypatch, tmp_path):

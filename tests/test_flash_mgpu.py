@@ -131,12 +131,50 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
   assert "block_sparse_attention_dkv_mgpu" in jaxpr
   assert re.search(r"block_sparse_attention_dkv(?!_mgpu)", jaxpr) is None
   assert ("block_sparse_attention_dq" in jaxpr) == (not tiles.fuse_dq)
+  assert ("block_sparse_attention_dq_mgpu" in jaxpr) == (tiles.dq == "mosaic")
   got = jax.jit(lambda: grads(ours, q, k, v))()
   want = grads(ref, f32(q), f32(k), f32(v))
   rel = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(b)))
   for name, g, w in zip("qkv", got, want):
     assert g.dtype == jnp.bfloat16
     assert rel(g, w) < 1e-2, f"d{name}"
+
+
+@pytest.mark.parametrize("case,heads", [
+    (CASES[0], 2),  # packed, GQA 2: a CTA walks the whole group, no partials
+    # packed, GQA 6, head_dim 128: CTAs of 3 heads, 2 partials a KV head
+    ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 6, 1, 128, [[32, 64]]), 3),
+    (CASES[1], 3),  # 3L, GQA 3
+    (CASES[2], 1),  # causal, no GQA, head_dim 128
+])
+def test_mosaic_dq_and_dkv_ctas_of_several_heads_equal_the_reference(monkeypatch, case, heads):
+  # The Mosaic dq kernel (delta from O staged in a K slot) beside dk/dv CTAs that walk `heads`
+  # query heads of a group in turn; the head count the dk/dv kernel took is recorded, so the
+  # grouped path is the one checked.
+  monkeypatch.setattr(flash_mgpu, "DKV_HEADS", heads)
+  taken, chooser = [], flash_mgpu.dkv_heads
+  monkeypatch.setattr(flash_mgpu, "dkv_heads", lambda *a, **kw: taken.append(chooser(*a, **kw))
+                      or taken[-1])
+  test_mosaic_dkv_gradients_equal_the_reference(
+      *case, flash.Tiles(forward="triton", dkv="mosaic", dq="mosaic"))
+  assert taken and set(taken) == {heads}
+
+
+def test_dkv_heads_groups_heads_while_the_heaviest_cta_fits_one_sms_share(monkeypatch):
+  monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 0)
+  for nn_ in (1, 2):  # the benchmark's cases on an H100's 132 SMs: 3 of the 1.5B's 6, 7B's 7
+    spec = masks.MaskSpec("diffusion", 32, nn_)
+    for length, b in ((1024, 8), (2048, 4), (4096, 2)):
+      n_outer = spec.num_streams * length // 128
+      assert flash_mgpu.dkv_heads(spec, length, n_outer, b, 12, 6, sms=132) == 3
+      assert flash_mgpu.dkv_heads(spec, length, n_outer, b, 28, 7, sms=132) == 7
+  # A small problem: its heaviest key tile alone outlasts an SM's share, one head a CTA.
+  assert flash_mgpu.dkv_heads(masks.MaskSpec("diffusion", 32, 1), 128, 2, 1, 12, 6, sms=132) == 1
+  monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 4)  # set: the largest divisor not above it
+  assert flash_mgpu.dkv_heads(masks.MaskSpec("diffusion", 32, 1), 128, 2, 1, 12, 6) == 3
+  monkeypatch.setattr(flash_mgpu, "DKV_HEADS", -1)
+  with pytest.raises(ValueError, match="DKV_HEADS=-1: must be 0"):
+    flash_mgpu.dkv_heads(masks.MaskSpec("diffusion", 32, 1), 128, 2, 1, 12, 6)
 
 
 _PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]]), FUSED)
@@ -382,6 +420,8 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({}, False), ({}, True),  # the defaults
     ({"FWD_TURNS": False, "GQA_REDUCE_ADD": True}, False),
     ({"PERSISTENT": False}, False),  # one CTA an item, the item's body inline
+    ({"DKV_HEADS": 3}, False),  # dk/dv CTAs that walk 3 heads: 2 partials a KV head
+    ({"DKV_HEADS": 6}, False),  # ... the whole group: no partials
     ({"GQA_REDUCE_ADD": True}, True),
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
 ])
@@ -402,9 +442,11 @@ def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, lower_for_cuda):
 
   def fwd_bwd(q, k, v, do, delta):
     o, lse = flash_mgpu.forward(q, k, v, meta.segments, spec, 128)
-    return o, flash_mgpu.dkv(q, k, v, meta.segments, do, lse, delta, spec, 128, fuse_dq=fuse_dq)
+    dq = flash_mgpu.dq(q, k, v, meta.segments, o, do, lse, spec, 128)
+    return o, dq, flash_mgpu.dkv(q, k, v, meta.segments, do, lse, delta, spec, 128,
+                                 fuse_dq=fuse_dq)
 
   text = lower_for_cuda(fwd_bwd, q, kv, kv, q, lse)
-  # Both kernels lowered into Mosaic GPU modules (a kernel given Refs, as the fused and the
+  # The three kernels lowered into Mosaic GPU modules (a kernel given Refs, as the fused and the
   # reduce-add ones are, keeps no name in the text).
-  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 2
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3

@@ -92,15 +92,19 @@ class Tiles:
   # 1123 us (1.5B 2L) and 2470 vs 2483 (7B 2L; BENCHMARKS.md, session 13). Opt-in: not faster in
   # one run, and it holds a float32 dQ ([B, T, H, D]) through the backward.
   fuse_dq: bool = False
+  # Which dq kernel runs (it also computes delta for the dk/dv kernel): "triton" (below),
+  # "mosaic" (`flash_mgpu.dq`: the forward's tiling, TMA + wgmma; sm_90 only), or "auto": as
+  # `dkv`. Unused with `fuse_dq`.
+  dq: str = "triton"
 
   def __post_init__(self):
     options = ("auto", "triton", "mosaic")
-    for name in ("forward", "dkv"):
+    for name in ("forward", "dkv", "dq"):
       if getattr(self, name) not in options:
         raise ValueError(f"Tiles.{name}={getattr(self, name)!r}: expected one of {options}")
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
-      if f.name in ("forward", "dkv"):
+      if f.name in ("forward", "dkv", "dq"):
         continue
       if f.name == "fuse_dq":
         if v and self.dkv != "mosaic":
@@ -459,30 +463,38 @@ def _xla_delta(o, do):
 
 
 def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
-  b, tp, h, d = q.shape
-  kv_heads = k.shape[2]
-  group = h // kv_heads
-  scale = d ** -0.5
   if tiles.dkv == "mosaic" and tiles.fuse_dq:
     from dllm_jax.kernels import flash_mgpu
 
     return flash_mgpu.dkv(q, k, v, seg, do, lse, _xla_delta(o, do), spec, length, interpret,
                           fuse_dq=True)
+  # dq, and delta [B, H, Tp] (like lse) for the dk/dv kernel, which therefore runs after it
+  if tiles.dq == "mosaic":
+    from dllm_jax.kernels import flash_mgpu
+
+    dq, delta = flash_mgpu.dq(q, k, v, seg, o, do, lse, spec, length, interpret)
+  else:
+    xla_delta = None if DELTA_IN_DQ else _xla_delta(o, do)
+    dq, delta = _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles, interpret, xla_delta)
+  return _dkv(q, k, v, seg, do, lse, delta, dq, spec, length, tiles, interpret)
+
+
+def _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles: Tiles, interpret, xla_delta):
+  """(dq, delta) by the Triton dq kernel (`xla_delta`: XLA's delta, given instead of O)."""
+  b, tp, h, d = q.shape
+  group = h // k.shape[2]
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
                                  num_stages=tiles.num_stages_bwd)
-
   bq, bk = tiles.block_q_dq, tiles.block_k_dq
   plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=tp // bq)
   run_lo, run_hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
   q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
   row_q = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
-  # dq, and delta [B, H, Tp] (like lse) for the dk/dv kernel, which therefore runs after it
-  xla_delta = None if DELTA_IN_DQ else _xla_delta(o, do)
-  dq, delta = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
-                        scale=scale, given_delta=xla_delta is not None),
+                        scale=d ** -0.5, given_delta=xla_delta is not None),
       grid=(tp // bq, b, h),
       in_specs=[*_batch_rows(1, run_lo, run_hi, one), whole(plan[2]), whole(plan[3]), q_tile,
                 kv_all, kv_all,
@@ -498,6 +510,14 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   )(run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse,
     o if xla_delta is None else xla_delta)
 
+
+def _dkv(q, k, v, seg, do, lse, delta, dq, spec, length, tiles: Tiles, interpret):
+  """(dq, dk, dv): dk and dv by the dk/dv kernel `tiles.dkv`, beside the given dq."""
+  b, tp, h, d = q.shape
+  kv_heads = k.shape[2]
+  group = h // kv_heads
+  scale = d ** -0.5
+  whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   if tiles.dkv == "mosaic":
     from dllm_jax.kernels import flash_mgpu
 
@@ -583,7 +603,7 @@ def _require_mosaic(field: str, spec: masks.MaskSpec, q, interpret: bool, instea
 
 
 def _kernel_choice(field: str, choice: str, spec: masks.MaskSpec, q, interpret: bool) -> str:
-  """`Tiles.<field>` ("forward" or "dkv") resolved for this problem: "auto" picks the Mosaic
+  """`Tiles.<field>` ("forward", "dkv" or "dq") resolved for this problem: "auto" picks the Mosaic
   GPU kernel on sm_90 when it covers the problem; an explicit "mosaic" it cannot run is an
   error, not a fallback."""
   if choice == "triton":
@@ -596,7 +616,8 @@ def _kernel_choice(field: str, choice: str, spec: masks.MaskSpec, q, interpret: 
   why = flash_mgpu.unsupported(spec, q.shape[-1], q.dtype)
   # The Mosaic dk/dv kernel has been run on a GPU for the diffusion layouts at head_dim 128
   # only (the benchmark's cases); the causal mask (AR-SFT) keeps Triton's until it is too.
-  measured = field == "forward" or (q.shape[-1] == 128 and spec.kind == "diffusion")
+  measured = field == "forward" or (field == "dkv" and q.shape[-1] == 128
+                                    and spec.kind == "diffusion")
   ok = why is None and measured and not interpret and flash_mgpu.on_hopper()
   return "mosaic" if ok else "triton"
 
@@ -616,10 +637,10 @@ def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.Mask
   length = t // spec.num_streams
   tiles = dataclasses.replace(
       tiles, **{f: _kernel_choice(f, getattr(tiles, f), spec, q_BTHD, interpret)
-                for f in ("forward", "dkv")})
+                for f in ("forward", "dkv", "dq")})
   lcm = max(tiles.block_q, tiles.block_k, tiles.block_q_dq, tiles.block_k_dq,
             tiles.block_q_dkv, tiles.block_k_dkv)  # all powers of two: the max is their lcm
-  if tiles.forward == "mosaic" or tiles.dkv == "mosaic":
+  if "mosaic" in (tiles.forward, tiles.dkv, tiles.dq):
     from dllm_jax.kernels import flash_mgpu
 
     why = flash_mgpu.fuse_dq_unsupported(d) if tiles.fuse_dq else None

@@ -596,15 +596,46 @@ DQ_LAG = 1
 # L=2048, 2L: +26 us in it, +18 us in all, fwd+bwd 1.01x the time; 7B 3L +90 / +49 us): False
 # (H200, BENCHMARKS.md, session 15). Exact either way.
 GQA_REDUCE_ADD = False
+# Query heads of one KV head's group that an unfused dk/dv CTA walks in turn, adding their shares
+# of dK and dV in its accumulators (the largest divisor of the group not above it; 0:
+# `dkv_heads` picks). Each head more
+# a CTA saves a CTA's prologue (K, V, segment ids, plan, the first tiles' latency) and one bf16
+# partial of dK and dV that XLA would write, read and sum; fewer, longer CTAs balance worse.
+DKV_HEADS = 0
 
 
 def launch_place(cta, n_outer: int, pairs: int, h: int):
-  """(key tile, batch row, query head) of the dk/dv kernel's CTA `cta` (int32, any shape): CTAs
-  launch in groups of `pairs` (batch row, head) pairs, inside a group key tile major."""
+  """(key tile, batch row, head) of the dk/dv kernel's CTA `cta` (int32, any shape), `h` heads
+  a batch row (query heads, or units of `dkv_heads` of them): CTAs launch in groups of `pairs`
+  (batch row, head) pairs, inside a group key tile major."""
   span = jnp.int32(n_outer * pairs)
   within = lax.rem(cta, span)
   bh = lax.div(cta, span) * pairs + lax.rem(within, jnp.int32(pairs))
   return lax.div(within, jnp.int32(pairs)), lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h))
+
+
+def _sm_count() -> int:
+  """Streaming multiprocessors of the default device (an H100's 132 where it does not say, as on
+  the CPU, where the interpreter runs)."""
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+def dkv_heads(spec: masks.MaskSpec, length: int, n_outer: int, b: int, h: int, group: int,
+              sms: int | None = None) -> int:
+  """Query heads an unfused dk/dv CTA walks (`DKV_HEADS`, else the choice below): the most, among
+  the group's divisors, whose heaviest CTA (the most-visited key tile's visits times the heads)
+  is no longer than one SM's share of all visits. Launched heaviest first, the CTAs then end
+  within about one CTA of each other, as one-head CTAs do (a greedy schedule of the 2L and 3L
+  plans at L=2048: 1.00-1.01x the mean per SM for 3 heads of the 1.5B's 6 and 7 of the 7B's 7,
+  1.8x for all 6 of the 1.5B's, whose heaviest key tile alone is 1.8x the share)."""
+  if DKV_HEADS < 0:
+    raise ValueError(f"flash_mgpu.DKV_HEADS={DKV_HEADS}: must be 0 (chosen) or a head count")
+  if DKV_HEADS:
+    return flash.largest_divisor(group, DKV_HEADS)
+  w = flash.visit_counts(flash.visit_runs(spec, length, BLOCK_QI, 2 * BLOCK_KV, True, 0,
+                                          num_outer=n_outer))
+  share = b * h * int(w.sum()) / (sms or _sm_count())
+  return max(c for c in range(1, group + 1) if group % c == 0 and (c == 1 or c * w.max() <= share))
 
 
 def fuse_dq_unsupported(head_dim: int) -> str | None:
@@ -627,18 +658,19 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   unless `fuse_dq`.
 
   One CTA holds 128 keys of one KV head (two consumer warpgroups of 64, K and V resident in
-  shared memory) and walks the query tiles of one query head that see them; the producer streams
-  Q, dO, lse and delta per visit. A visit is S^T = K Q^T and dP^T = V dO^T issued together, P^T
+  shared memory) and walks the query tiles that see them, of one query head or, unfused, of
+  `dkv_heads` heads of its group in turn; the producer streams Q, dO, lse and delta per visit. A visit is S^T = K Q^T and dP^T = V dO^T issued together, P^T
   and dS^T in registers, then dV += P^T dO and dK += dS^T Q issued together. Unlike the forward,
   the two warpgroups do not take turns on the tensor cores: with the forward's schedule barrier
   this kernel ran 1.12-1.16x slower on the H200 unfused, 1.00-1.12x fused (BENCHMARKS.md,
   session 12). Key tiles start heaviest first: the plan's rows are reordered (each carries its
   tile's index).
 
-  One query head per CTA: a CTA is a whole SM here, and its work per key tile varies ~60x, so
-  the smallest CTAs balance best (BENCHMARKS.md, session 10). With GQA each CTA adds its query
-  head's share into its KV head's dK and dV: float32 TMA reduce-adds with `GQA_REDUCE_ADD`, else
-  a bf16 partial ([group, B, Tp, K, D]) summed here in float32. The grid is one axis of
+  A CTA is a whole SM here and its work per key tile varies ~60x, so small CTAs balance best
+  (BENCHMARKS.md, session 10); `dkv_heads` groups heads only as far as the heaviest CTA stays
+  within one SM's share. With GQA each CTA adds its heads' share into its KV head's dK and dV:
+  float32 TMA reduce-adds with `GQA_REDUCE_ADD`, else a bf16 partial ([group / heads a CTA, B,
+  Tp, K, D]) summed here in float32; none when one CTA walks the whole group. The grid is one axis of
   CTAs in launch order: groups of (batch row, head) pairs, in each the key tiles heaviest first,
   then the group's pairs; unfused, one group holds every pair; fused, `FUSED_GROUP` (see there).
 
@@ -687,10 +719,15 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   # (batch row, head) pairs a launch group holds. Unfused, one group: every pair's heaviest key
   # tiles first balances the tail best, and its CTAs add nothing into global memory. A divisor of
   # b * h, so that every group is whole and `launch_place` a bijection.
-  pairs = flash.largest_divisor(b * h, FUSED_GROUP if fuse_dq else b * h)
+  # Query heads a CTA walks (one when fused: its dQ adds trail the visits), the CTAs' (batch
+  # row, head unit) pairs of `hpc` heads each, and the partials of one KV head's dK and dV.
+  hpc = 1 if fuse_dq else dkv_heads(spec, length, n_outer, b, h, group)
+  units = h // hpc
+  chunks = group // hpc
+  pairs = flash.largest_divisor(b * units, FUSED_GROUP if fuse_dq else b * units)
   n_ds = DS_SLOTS if fuse_dq else 1
-  reduce_add = group > 1 and GQA_REDUCE_ADD
-  partials = group > 1 and not reduce_add
+  reduce_add = chunks > 1 and GQA_REDUCE_ADD
+  partials = chunks > 1 and not reduce_add
   lag = DQ_LAG if fuse_dq else 0
   if fuse_dq and not 1 <= lag < n_ds:
     raise ValueError(f"flash_mgpu.DQ_LAG={DQ_LAG} must be at least 1 and below "
@@ -700,17 +737,26 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
              dq_ref, dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s, dq_s,
              lse_s, delta_s, segk_s, segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar, do_bar,
              qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, ds_ready, ds_free):
-    j, bi, head = launch_place(lax.axis_index("cta"), n_outer, pairs, h)
-    kvh = lax.div(head, jnp.int32(group))
+    j, bi, unit = launch_place(lax.axis_index("cta"), n_outer, pairs, units)
+    head0 = unit * hpc  # the first of the CTA's query heads
+    kvh = lax.div(head0, jnp.int32(group))
     wg = lax.axis_index("wg")
     query_rows = lambda i: pl.ds(pl.multiple_of(plan_s[i] * bq, bq), bq)
+
+    def for_heads(body, carry=None):  # body(hh[, carry]) for the CTA's heads in turn
+      if hpc == 1:  # static: one head's code as before heads were grouped
+        return body(0) if carry is None else body(0, carry)
+      if carry is None:
+        return pl.loop(0, hpc)(body)
+      return lax.fori_loop(0, hpc, body, carry)
 
     @pl.when(wg == 2)
     def _producer():
       n_full, n_vis, one = _producer_start(plan_ref.at[bi, j], plan_s, plan_bar, nv, interpret,
                                            regs=regs[0])
 
-      def fetch(i, slot):
+      def fetch(hh, i, slot):  # query head head0 + hh's visit i
+        head = head0 + hh
         rows = query_rows(i)
         plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[slot], q_bar.at[slot])
         plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, head], do_s.at[slot], do_bar.at[slot])
@@ -726,13 +772,17 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         def _():
           plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[slot], sq_bar.at[slot])
 
-      _stream(n_vis, fetch, lambda slot: plgpu.barrier_wait(free.at[slot]))
+      # Each head's visits in turn, as one stream through the slots.
+      for_heads(lambda hh: _stream(n_vis, functools.partial(fetch, hh),
+                                   lambda slot: plgpu.barrier_wait(free.at[slot]),
+                                   streamed=hh * n_vis))
 
     def consumer(w):  # w: this warpgroup's index (a Python int when fused: see below)
       if not interpret:
         plgpu.set_max_registers(regs[1], action="increase")
       plgpu.barrier_wait(plan_bar.at[0])
       n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
+      total = n_vis * hpc  # the CTA's visits over its heads
       base = plan_s[nv + 3] * outer + w * bk
       keys = pl.ds(base, bk)
       plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s.at[w], k_bar.at[w])
@@ -792,7 +842,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
       def add_dq(i, x):
         """dQ[rows of visit i, this warpgroup's columns] += x, by a TMA reduce-add."""
-        add_f32(dq_ref.at[bi, query_rows(i), head, cols], x)
+        add_f32(dq_ref.at[bi, query_rows(i), head0, cols], x)  # fused: one head
 
       def add_f32(target, x):
         """target += x ([64, D / 2] float32), staged through this warpgroup's `dq_s`."""
@@ -822,9 +872,11 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           release_ds(i)
           add_dq(i, x)
 
-      def interpret_step(i, carry, masked):
+      # The steps' `off`: the visits of the CTA's earlier heads, so that slots and barrier phases
+      # run on through its heads as one stream (the producer's `streamed`).
+      def interpret_step(i, carry, masked, off):
         dk, dv = carry
-        slot = lax.rem(i, SLOTS)
+        slot = lax.rem(off + i, SLOTS)
         for bar in (q_bar, do_bar, qt_bar, dot_bar):
           plgpu.barrier_wait(bar.at[slot])
         s = product(k_s.at[w], qt_s.at[slot], (bk, bq))
@@ -840,14 +892,14 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         plgpu.commit_smem()
         dv = dv + product(p_s.at[w], do_s.at[slot], (bk, d))
         dk = dk + product(ds_s.at[dslot, w], q_s.at[slot], (bk, d))
-        pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
+        pl.when(off + i + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
           interpret_dq(i - lag)
         return dk, dv
 
-      def gpu_step(i, carry, masked):
+      def gpu_step(i, carry, masked, off):
         dk, dv = carry
-        slot = lax.rem(i, SLOTS)
+        slot = lax.rem(off + i, SLOTS)
         dslot, prev = ds_slot(i), ds_slot(i - lag)
 
         def transposed_products(s_ref, dp_ref):
@@ -869,16 +921,16 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.wgmma(dv_ref, p16, do_s.at[slot])
           plgpu.wgmma(dk_ref, ds16, q_s.at[slot])
 
-          @pl.when(i + 1 < n_vis)  # the next tile's operands, while these products run
+          @pl.when(off + i + 1 < total)  # the next tile's operands, while these products run
           def _():
-            nxt = lax.rem(i + 1, SLOTS)
+            nxt = lax.rem(off + i + 1, SLOTS)
             plgpu.barrier_wait(q_bar.at[nxt])
             plgpu.barrier_wait(do_bar.at[nxt])
 
         dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         if not fuse_dq and RELEASE_FENCE:  # lse_s, delta_s (and segq_s) read by plain loads
           plgpu.commit_smem()  # (`_stream`); the fused body's share_ds fenced after them already
-        pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
+        pl.when(off + i + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
           # Visit i - lag's dQ columns, after dV and dK: issued with them (its accumulator beside
           # theirs and the register operands) it spilled more and ran 1.03x slower on the 1.5B
@@ -895,15 +947,20 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       step = interpret_step if interpret else gpu_step
       zeros = lc(jnp.zeros((bk, d), jnp.float32), wgmma_l)
       if not interpret:
-        @pl.when(n_vis > 0)
+        @pl.when(total > 0)
         def _():
           plgpu.barrier_wait(q_bar.at[0])
           plgpu.barrier_wait(do_bar.at[0])
-      # Full tiles, then partial ones, as in the forward.
+      # Per head, full tiles, then partial ones, as in the forward.
       mid = jnp.where(one != 0, n_vis, n_full)
-      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (zeros, zeros))
-      carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
-      dk, dv = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
+
+      def head_visits(hh, carry):
+        kw = dict(off=hh * n_vis)
+        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False, **kw), carry)
+        carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout", **kw), carry)
+        return lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments", **kw), carry)
+
+      dk, dv = for_heads(head_visits, (zeros, zeros))
       for back in range(lag, 0, -1) if fuse_dq else ():  # the last `lag` visits' dQ columns
         last = n_vis - back
         if interpret:
@@ -913,7 +970,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           pl.when(last >= 0)(lambda: plgpu.barrier_wait(ds_ready.at[slot]))
           x = dq_columns(slot)
           pl.when(last >= 0)(functools.partial(add_dq, last, x))
-      out = (lax.rem(head, jnp.int32(group)), bi, keys, kvh) if partials else (bi, keys, kvh)
+      out = (lax.rem(unit, jnp.int32(chunks)), bi, keys, kvh) if partials else (bi, keys, kvh)
       if reduce_add:  # by halves of the columns: `dq_s` holds [64, D / 2] float32 a warpgroup
         for x, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
           for c0 in range(0, d, half):
@@ -970,7 +1027,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   # reduce-add targets, aliased in and out: dQ when fused, dK and dV with `reduce_add`
   targets = (([_zeroed(q.shape)] if fuse_dq else [])
              + ([_zeroed(k.shape), _zeroed(k.shape)] if reduce_add else []))
-  out_shape = jax.ShapeDtypeStruct(((group,) if partials else ()) + k.shape, dtype)
+  out_shape = jax.ShapeDtypeStruct(((chunks,) if partials else ()) + k.shape, dtype)
 
   def body(*refs):
     ins, rest = refs[:len(inputs)], refs[len(inputs):]
@@ -982,7 +1039,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       body,
       out_type=[] if reduce_add else [out_shape, out_shape],
       # one axis, launched in order (see the docstring and `FUSED_GROUP`)
-      mesh=plgpu.Mesh(grid=(n_outer * b * h,), grid_names=("cta",), num_threads=3,
+      mesh=plgpu.Mesh(grid=(n_outer * b * units,), grid_names=("cta",), num_threads=3,
                       thread_name="wg"),
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params() if interpret else False,
@@ -997,6 +1054,216 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     dk = dk.astype(jnp.float32).sum(0).astype(k.dtype)
     dv = dv.astype(jnp.float32).sum(0).astype(v.dtype)
   return dq, dk, dv
+
+
+def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: bool = False):
+  """(dq [B, Tp, H, D], delta [B, H, Tp]) of `flash._backward`'s problem: what its Triton dq
+  kernel computes (delta = sum_d o * do, for the dk/dv kernel), on the forward's tiling.
+
+  One CTA holds 128 query rows of one head (two consumer warpgroups of 64; Q, dO, lse and delta
+  resident) and walks the key tiles they see, heaviest query tiles first; the producer streams
+  K and V per visit. A visit is S = Q K^T and dP = dO V^T issued together (K^T and V^T as
+  transposed views of the streamed tiles), P and dS in registers, then dQ += dS K while the next
+  tile's barriers are awaited. Like the dk/dv kernel (and unlike the forward), no turns.
+
+  delta needs each row's O, read once: the producer copies the CTA's 128 O rows into K slot 1
+  before that slot's first tile (visit 1), and streams visit 1 only once both consumers have
+  read them (`o_free`); visit 0's products hide the wait, and no 32 KB O buffer is needed
+  beside Q, dO and two K/V slots (224 KB of the 227). Returns dq in the inputs' dtype."""
+  plgpu = _plgpu()
+  b, tp, h, d = q.shape
+  if tp % OUTER:
+    raise ValueError(f"padded length {tp} is not a multiple of {OUTER}")
+  if SLOTS < 2:
+    raise ValueError(f"flash_mgpu.SLOTS={SLOTS}: the dq kernel stages O in slot 1")
+  group = h // k.shape[2]
+  bq, bk = BLOCK_Q, BLOCK_K
+  n_outer = tp // OUTER
+  plan, nv = visit_list(spec, length, seg, n_outer)
+  plan = plan[:, flash.heavy_first(flash.visit_runs(spec, length, OUTER, bk, False, 0,
+                                                    num_outer=n_outer))]
+  dtype = q.dtype
+  scale = d ** -0.5
+  c = scale * _LOG2E
+  wgmma_l = plgpu.Layout.WGMMA
+  row_l = wgmma_l.reduce(1)
+  lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
+  # The interpreter has no transposed refs: there K^T and V^T are streamed as well.
+  kt = k.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bk), dtype)
+  vt = v.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bk), dtype)
+  iota = functools.partial(_iota, (bq, bk), interpret=interpret)
+  load = functools.partial(_load, interpret=interpret)
+
+  def kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, seg_ref, plan_ref, kt_ref, vt_ref,
+             dq_ref, delta_ref, q_s, do_s, k_s, v_s, kt_s, vt_s, ds_s, lse_s, delta_s, segq_s,
+             segk_s, plan_s, plan_bar, q_bar, do_bar, lse_bar, sq_bar, o_bar, o_free, k_bar,
+             v_bar, kt_bar, vt_bar, sk_bar, free):
+    j, bi, head = launch_place(lax.axis_index("cta"), n_outer, b * h, h)
+    kvh = lax.div(head, jnp.int32(group))
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 2)
+    def _producer():
+      n_full, n_vis, one = _producer_start(plan_ref.at[bi, j], plan_s, plan_bar, nv, interpret)
+      rows = pl.ds(pl.multiple_of(plan_s[nv + 3] * OUTER, OUTER), OUTER)
+      plgpu.copy_gmem_to_smem(o_ref.at[bi, rows, head], k_s.at[1], o_bar.at[0])
+
+      def fetch(i, slot):
+        keys = pl.ds(pl.multiple_of(plan_s[i] * bk, bk), bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s.at[slot], v_bar.at[slot])
+        if interpret:
+          plgpu.copy_gmem_to_smem(kt_ref.at[bi, kvh, :, keys], kt_s.at[slot], kt_bar.at[slot])
+          plgpu.copy_gmem_to_smem(vt_ref.at[bi, kvh, :, keys], vt_s.at[slot], vt_bar.at[slot])
+
+        @pl.when((i >= n_full) & (one == 0))  # the visits that compare segment ids
+        def _():
+          plgpu.copy_gmem_to_smem(seg_ref.at[bi, keys], segk_s.at[slot], sk_bar.at[slot])
+
+      pl.when(n_vis > 0)(lambda: fetch(0, 0))
+      plgpu.barrier_wait(o_free.at[0])  # O read: slot 1 may take its first tile
+      _stream(jnp.maximum(n_vis - 1, 0), lambda i, slot: fetch(i + 1, slot),
+              lambda slot: plgpu.barrier_wait(free.at[slot]), streamed=1)
+
+    def delta_of(w):  # warpgroup w's rows of O (staged in K slot 1) times dO, summed per row
+      plgpu.barrier_wait(o_bar.at[0])
+      plgpu.barrier_wait(do_bar.at[w])
+      o_rows = load(k_s.at[1, pl.ds(w * bq, bq)], wgmma_l).astype(jnp.float32)
+      delta = (o_rows * load(do_s.at[w], wgmma_l).astype(jnp.float32)).sum(axis=1)
+      plgpu.commit_smem()  # plain loads of slot 1 before its refill by TMA (`_stream`)
+      plgpu.barrier_arrive(o_free.at[0])
+      delta_s[w] = delta
+
+    @pl.when(wg < 2)
+    def _consumer():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+      plgpu.barrier_wait(plan_bar.at[0])
+      n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
+      base = plan_s[nv + 3] * OUTER + wg * bq
+      rows = pl.ds(base, bq)
+      # one barrier per copy: a copy's arrivals are a whole warpgroup's
+      plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, head], do_s.at[wg], do_bar.at[wg])
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[wg], q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, rows], lse_s.at[wg], lse_bar.at[wg])
+      plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[wg], sq_bar.at[wg])
+      # Static row slices of slot 1 (a warpgroup's index is traced): one branch a warpgroup.
+      for w in range(2):
+        pl.when(wg == w)(functools.partial(delta_of, w))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(delta_s.at[wg], delta_ref.at[bi, head, rows])
+      plgpu.barrier_wait(lse_bar.at[wg])
+      plgpu.barrier_wait(q_bar.at[wg])
+      plgpu.barrier_wait(sq_bar.at[wg])
+      bcast = lambda x: lax.broadcast_in_dim(x, (bq, bk), [0])
+      lse_rows = bcast(load(lse_s.at[wg], row_l))
+      delta_rows = bcast(load(delta_s.at[wg], row_l))
+
+      def keep_of(i, slot, masked):
+        return _keep(spec, length, iota(0) + base, iota(1) + plan_s[i] * bk, masked,
+                     segq_s.at[wg], segk_s.at[slot], sk_bar.at[slot], interpret)
+
+      def grads(s, dp, i, slot, masked):  # dS [BQ, BK] from S and dP
+        p = jnp.exp2(s * c - lse_rows)
+        if masked:
+          p = jnp.where(keep_of(i, slot, masked), p, jnp.zeros_like(p))
+        return p * (dp - delta_rows)
+
+      def product(a, b_ref, shape):
+        def f(acc_ref):
+          plgpu.wgmma(acc_ref, a, b_ref)
+          return acc_ref[...]
+        return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
+
+      def release(i, slot, masked):
+        if masked == "segments" and RELEASE_FENCE:  # segk_s[slot] read by plain loads
+          plgpu.commit_smem()
+        pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
+
+      def interpret_step(i, acc, masked):
+        slot = lax.rem(i, SLOTS)
+        for bar in (k_bar, v_bar, kt_bar, vt_bar):
+          plgpu.barrier_wait(bar.at[slot])
+        s = product(q_s.at[wg], kt_s.at[slot], (bq, bk))
+        dp = product(do_s.at[wg], vt_s.at[slot], (bq, bk))
+        ds_s[wg] = grads(s, dp, i, slot, masked).astype(dtype)
+        plgpu.commit_smem()
+        acc = acc + product(ds_s.at[wg], k_s.at[slot], (bq, d))
+        release(i, slot, masked)
+        return acc
+
+      def gpu_step(i, acc, masked):
+        slot = lax.rem(i, SLOTS)
+
+        def products(s_ref, dp_ref):
+          plgpu.wgmma(s_ref, q_s.at[wg], k_s.at[slot].transpose((1, 0)))
+          plgpu.wgmma(dp_ref, do_s.at[wg], v_s.at[slot].transpose((1, 0)))
+          return s_ref[...], dp_ref[...]
+
+        s, dp = pl.run_scoped(products, plgpu.ACC((bq, bk), jnp.float32),
+                              plgpu.ACC((bq, bk), jnp.float32))
+        ds16 = grads(s, dp, i, slot, masked).astype(dtype)
+        acc, ds16 = lax.optimization_barrier((acc, ds16))
+
+        def accumulate(acc_ref):
+          plgpu.wgmma(acc_ref, ds16, k_s.at[slot])
+
+          @pl.when(i + 1 < n_vis)  # the next tile's operands, while this product runs
+          def _():
+            nxt = lax.rem(i + 1, SLOTS)
+            plgpu.barrier_wait(k_bar.at[nxt])
+            plgpu.barrier_wait(v_bar.at[nxt])
+
+        acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
+        release(i, slot, masked)
+        return acc
+
+      step = interpret_step if interpret else gpu_step
+      if not interpret:
+        @pl.when(n_vis > 0)
+        def _():
+          plgpu.barrier_wait(k_bar.at[0])
+          plgpu.barrier_wait(v_bar.at[0])
+      # Full tiles, then partial ones, as in the forward.
+      mid = jnp.where(one != 0, n_vis, n_full)
+      acc = lc(jnp.zeros((bq, d), jnp.float32), wgmma_l)
+      acc = lax.fori_loop(0, n_full, functools.partial(step, masked=False), acc)
+      acc = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), acc)
+      acc = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), acc)
+      q_s[wg] = (acc * scale).astype(dtype)  # dQ staged in Q's buffer (its last read is done)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_s.at[wg], dq_ref.at[bi, rows, head])
+      plgpu.wait_smem_to_gmem(0)
+
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  small = (1, 8, 64)  # a buffer this body does not use
+  kernel.__name__ = "block_sparse_attention_dq_mgpu"  # Mosaic GPU names the kernel after it
+  dq_, delta = plgpu.kernel(
+      kernel,
+      out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
+      scratch_types=[
+          plgpu.SMEM((2, bq, d), dtype, **tiled), plgpu.SMEM((2, bq, d), dtype, **tiled),
+          plgpu.SMEM((SLOTS, bk, d), dtype, **tiled), plgpu.SMEM((SLOTS, bk, d), dtype, **tiled),
+          plgpu.SMEM((SLOTS, d, bk) if interpret else small, dtype, **tiled),
+          plgpu.SMEM((SLOTS, d, bk) if interpret else small, dtype, **tiled),
+          # dS in shared memory for the interpreter's wgmma; on the GPU it stays in registers
+          plgpu.SMEM((2, bq, bk) if interpret else small, dtype, **tiled),
+          plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
+          plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((SLOTS, bk), jnp.int32),
+          plgpu.SMEM((plan.shape[-1],), jnp.int32),
+          plgpu.Barrier(num_barriers=1),  # plan row
+          *[plgpu.Barrier(num_barriers=2) for _ in range(4)],  # Q, dO, lse, ids: by warpgroup
+          plgpu.Barrier(num_barriers=1),  # O in slot 1
+          plgpu.Barrier(num_arrivals=2, num_barriers=1),  # O read by both
+          *[plgpu.Barrier(num_barriers=SLOTS) for _ in range(5)],  # K, V, K^T, V^T, key ids
+          plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS)],  # slot released by both
+      grid=(n_outer * b * h,), grid_names=("cta",),
+      num_threads=3, thread_name="wg",
+      compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params() if interpret else None,
+  )(q, k, v, o, do, lse, seg, plan, kt, vt)
+  return dq_, delta
 
 
 def _interpret_params():

@@ -422,6 +422,7 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({"PERSISTENT": False}, False),  # one CTA an item, the item's body inline
     ({"DKV_HEADS": 3}, False),  # dk/dv CTAs that walk 3 heads: 2 partials a KV head
     ({"DKV_HEADS": 6}, False),  # ... the whole group: no partials
+    ({"DQ_TURNS": True}, False),  # the dq kernel's warpgroups taking turns
     ({"GQA_REDUCE_ADD": True}, True),
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
 ])

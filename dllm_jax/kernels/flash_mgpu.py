@@ -602,6 +602,9 @@ GQA_REDUCE_ADD = False
 # a CTA saves a CTA's prologue (K, V, segment ids, plan, the first tiles' latency) and one bf16
 # partial of dK and dV that XLA would write, read and sum; fewer, longer CTAs balance worse.
 DKV_HEADS = 0
+# Whether the dq kernel's two consumer warpgroups take turns on the tensor cores (the forward's
+# schedule barrier: one's dS arithmetic overlaps the other's products).
+DQ_TURNS = False
 
 
 def launch_place(cta, n_outer: int, pairs: int, h: int):
@@ -1097,10 +1100,12 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
   def kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, seg_ref, plan_ref, kt_ref, vt_ref,
              dq_ref, delta_ref, q_s, do_s, k_s, v_s, kt_s, vt_s, ds_s, lse_s, delta_s, segq_s,
              segk_s, plan_s, plan_bar, q_bar, do_bar, lse_bar, sq_bar, o_bar, o_free, k_bar,
-             v_bar, kt_bar, vt_bar, sk_bar, free):
+             v_bar, kt_bar, vt_bar, sk_bar, free, sched_bar):
     j, bi, head = launch_place(lax.axis_index("cta"), n_outer, b * h, h)
     kvh = lax.div(head, jnp.int32(group))
     wg = lax.axis_index("wg")
+    turns = DQ_TURNS and not interpret
+    sched = functools.partial(_take_turns, sched_bar) if turns else lambda: None
 
     @pl.when(wg == 2)
     def _producer():
@@ -1198,12 +1203,16 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
         def products(s_ref, dp_ref):
           plgpu.wgmma(s_ref, q_s.at[wg], k_s.at[slot].transpose((1, 0)))
           plgpu.wgmma(dp_ref, do_s.at[wg], v_s.at[slot].transpose((1, 0)))
+          sched()
           return s_ref[...], dp_ref[...]
 
         s, dp = pl.run_scoped(products, plgpu.ACC((bq, bk), jnp.float32),
                               plgpu.ACC((bq, bk), jnp.float32))
         ds16 = grads(s, dp, i, slot, masked).astype(dtype)
         acc, ds16 = lax.optimization_barrier((acc, ds16))
+        if turns:
+          plgpu.barrier_arrive(sched_bar)
+          plgpu.barrier_wait(sched_bar)
 
         def accumulate(acc_ref):
           plgpu.wgmma(acc_ref, ds16, k_s.at[slot])
@@ -1224,12 +1233,16 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
         def _():
           plgpu.barrier_wait(k_bar.at[0])
           plgpu.barrier_wait(v_bar.at[0])
+      if turns:
+        pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn
       # Full tiles, then partial ones, as in the forward.
       mid = jnp.where(one != 0, n_vis, n_full)
       acc = lc(jnp.zeros((bq, d), jnp.float32), wgmma_l)
       acc = lax.fori_loop(0, n_full, functools.partial(step, masked=False), acc)
       acc = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), acc)
       acc = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), acc)
+      if turns:
+        pl.when(wg == 0)(sched)
       q_s[wg] = (acc * scale).astype(dtype)  # dQ staged in Q's buffer (its last read is done)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_s.at[wg], dq_ref.at[bi, rows, head])
@@ -1257,7 +1270,8 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
           plgpu.Barrier(num_barriers=1),  # O in slot 1
           plgpu.Barrier(num_arrivals=2, num_barriers=1),  # O read by both
           *[plgpu.Barrier(num_barriers=SLOTS) for _ in range(5)],  # K, V, K^T, V^T, key ids
-          plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS)],  # slot released by both
+          plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),  # slot released by both
+          plgpu.Barrier(num_arrivals=2)],  # turns (DQ_TURNS)
       grid=(n_outer * b * h,), grid_names=("cta",),
       num_threads=3, thread_name="wg",
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),

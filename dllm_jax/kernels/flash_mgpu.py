@@ -301,7 +301,9 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     raise ValueError(f"padded length {tp} is not a multiple of {OUTER}")
   group = h // k.shape[2]
   bq, bk = BLOCK_Q, BLOCK_K
-  kt = k.transpose(0, 2, 3, 1)  # [B, K, D, Tp]: the interpreter has no transposed refs
+  # The interpreter has no transposed refs: there K^T ([B, K, D, Tp]) is streamed; on the GPU,
+  # K's own tiles, read transposed by the wgmma (XLA's transpose cost 8-16 us, session 33).
+  kt = k.transpose(0, 2, 3, 1) if interpret else k
   n_outer = tp // OUTER
   ctas = _forward_ctas(b * h * n_outer, interpret)
   table, nv = work_table(spec, length, seg, b, h, n_outer, ctas)
@@ -387,8 +389,9 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
 
         def fetch(i, slot):
           key = pl.multiple_of(plan_s[s, i] * bk, bk)
-          plgpu.copy_gmem_to_smem(kt_ref.at[bi, kvh, :, pl.ds(key, bk)], kt_s.at[slot],
-                                  k_bar.at[slot])
+          keys = pl.ds(key, bk)
+          plgpu.copy_gmem_to_smem(kt_ref.at[bi, kvh, :, keys] if interpret
+                                  else kt_ref.at[bi, keys, kvh], kt_s.at[slot], k_bar.at[slot])
           plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(key, bk), kvh], v_s.at[slot],
                                   v_bar.at[slot])
 
@@ -446,7 +449,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
 
         def scores(slot, after=lambda: None):
           def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_s.at[s, wg], kt_s.at[slot])
+            plgpu.wgmma(acc_ref, q_s.at[s, wg],
+                        kt_s.at[slot] if interpret else kt_s.at[slot].transpose((1, 0)))
             after()
             return acc_ref[...]
           return pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
@@ -545,7 +549,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
       scratch_types=[
           # Q [item slot, warpgroup]: two items' (+32 KB: 192 KB of shared memory in all)
-          plgpu.SMEM((2, 2, bq, d), dtype, **tiled), plgpu.SMEM((SLOTS, d, bk), dtype, **tiled),
+          plgpu.SMEM((2, 2, bq, d), dtype, **tiled),
+          plgpu.SMEM((SLOTS, d, bk) if interpret else (SLOTS, bk, d), dtype, **tiled),  # K^T, K
           plgpu.SMEM((SLOTS, bk, d), dtype, **tiled),
           # P's shared-memory copy is used in interpret mode only; on the GPU it stays in
           # registers, so it takes no space there.

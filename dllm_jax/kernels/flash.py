@@ -93,8 +93,10 @@ class Tiles:
   # one run, and it holds a float32 dQ ([B, T, H, D]) through the backward.
   fuse_dq: bool = False
   # Which dq kernel runs (it also computes delta for the dk/dv kernel): "triton" (below),
-  # "mosaic" (`flash_mgpu.dq`: the forward's tiling, TMA + wgmma; sm_90 only), or "auto": as
-  # `dkv`. Unused with `fuse_dq`.
+  # "mosaic" (`flash_mgpu.dq`: the forward's tiling, TMA + wgmma; sm_90 only), or "auto" (Triton's:
+  # the Mosaic kernel has not beaten it where timed). Its GPU time against Triton's (H100, L=2048,
+  # same run, BENCHMARKS.md session 33): 367 vs 384 us (1.5B heads 2L), 852 vs 837 (7B 2L), 612
+  # vs 575 (1.5B 3L), 1405 vs 1276 (7B 3L). Unused with `fuse_dq`.
   dq: str = "triton"
 
   def __post_init__(self):
@@ -615,7 +617,8 @@ def _kernel_choice(field: str, choice: str, spec: masks.MaskSpec, q, interpret: 
 
   why = flash_mgpu.unsupported(spec, q.shape[-1], q.dtype)
   # The Mosaic dk/dv kernel has been run on a GPU for the diffusion layouts at head_dim 128
-  # only (the benchmark's cases); the causal mask (AR-SFT) keeps Triton's until it is too.
+  # only (the benchmark's cases); the causal mask (AR-SFT) keeps Triton's until it is too. The
+  # Mosaic dq kernel was slower than Triton's on three of the four cases it was timed on.
   measured = field == "forward" or (field == "dkv" and q.shape[-1] == 128
                                     and spec.kind == "diffusion")
   ok = why is None and measured and not interpret and flash_mgpu.on_hopper()

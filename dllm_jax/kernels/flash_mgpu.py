@@ -1,4 +1,4 @@
-"""The block-sparse training forward, and a dk/dv kernel, in Mosaic GPU (Hopper): TMA + wgmma.
+"""The block-sparse training forward, and dk/dv and dq kernels, in Mosaic GPU (Hopper): TMA + wgmma.
 
 Same contract as `flash._forward` (padded q [B, Tp, H, D], k/v [B, Tp, K, D], seg [B, Tp];
 returns o and the base-2 log-sum-exp [B, H, Tp]), so `flash`'s Triton backward runs on its
@@ -19,9 +19,11 @@ flattened per (batch row, outer tile) into one list of key tiles, full ones firs
 consumers apply the layout mask and the segment comparison on the partial tiles only. An outer
 tile whose visits are not all inside one segment counts every visit as partial.
 
-`dkv` is the forward's tiling transposed, without its turns (128 keys a CTA, the query tiles
-streamed; see its docstring); the dq kernel stays `flash`'s Triton one unless `dkv` accumulates
-dQ itself (`fuse_dq`: FlashAttention-3's TMA reduce-adds).
+`dkv` is the forward's tiling transposed, without its turns (128 keys a CTA, the query tiles of
+one or several heads of a GQA group streamed: `DKV_HEADS`; see its docstring). `dq` is the
+forward's tiling without its online softmax (opt-in, `flash.Tiles.dq`: slower than `flash`'s
+Triton dq kernel on three of the four cases timed), and `dkv` can accumulate dQ itself
+(`fuse_dq`: FlashAttention-3's TMA reduce-adds).
 
 Two bodies, one schedule of copies and barriers: on the GPU, P stays in registers and PV
 accumulates in place (`run_state`); in interpret mode (CPU tests) jax 0.10.2's Mosaic GPU
@@ -603,12 +605,17 @@ DQ_LAG = 1
 GQA_REDUCE_ADD = False
 # Query heads of one KV head's group that an unfused dk/dv CTA walks in turn, adding their shares
 # of dK and dV in its accumulators (the largest divisor of the group not above it; 0:
-# `dkv_heads` picks). Each head more
-# a CTA saves a CTA's prologue (K, V, segment ids, plan, the first tiles' latency) and one bf16
-# partial of dK and dV that XLA would write, read and sum; fewer, longer CTAs balance worse.
+# `dkv_heads` picks). Each head more a CTA saves a CTA's prologue (K, V, segment ids, plan, the
+# first tiles' latency) and one bf16 partial of dK and dV that XLA would write, read and sum;
+# fewer, longer CTAs balance worse. Measured (H100, L=2048, same run, BENCHMARKS.md session 33):
+# the choice (3 of the 1.5B heads' 6, all 7 of the 7B's) against one head a CTA, the dk/dv kernel
+# plus XLA's partial sum 465 -> 424 us (1.5B 2L), 1113 -> 940 (7B 2L), 752 -> 718 (1.5B 3L),
+# 1785 -> 1541 (7B 3L). All 6 of the 1.5B's heads (its heaviest key tile then 1.8x an SM's
+# share): fwd+bwd 1.18x slower than 3.
 DKV_HEADS = 0
 # Whether the dq kernel's two consumer warpgroups take turns on the tensor cores (the forward's
-# schedule barrier: one's dS arithmetic overlaps the other's products).
+# schedule barrier: one's dS arithmetic overlaps the other's products). Its GPU time 1.04-1.08x
+# longer than without (H100, session 33): off.
 DQ_TURNS = False
 
 

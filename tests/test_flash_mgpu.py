@@ -177,6 +177,7 @@ def test_dkv_heads_groups_heads_while_the_heaviest_cta_fits_one_sms_share(monkey
     flash_mgpu.dkv_heads(masks.MaskSpec("diffusion", 32, 1), 128, 2, 1, 12, 6)
 
 
+DQ_HEADS = flash.Tiles(forward="triton", dkv="mosaic", dq="mosaic")
 _PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]]), FUSED)
 
 
@@ -195,12 +196,17 @@ _PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 6
     # detector resets every vector clock between grid points while keeping their accesses, so
     # it reports those adds as races, each warpgroup against itself; in sequence they are not).
     ((masks.MaskSpec("diffusion", 16, 2), 40, 1, 3, 1, 128, [[]]), FUSED),
+    # The Mosaic dq kernel (O staged in a K slot, read by plain loads, then refilled by TMA)
+    # beside dk/dv CTAs that walk a whole group's heads: packed GQA 2, and 3L with GQA 3.
+    (CASES[0], DQ_HEADS), (CASES[1], DQ_HEADS),
 ])
 def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, tiles):
   # The interpreter's race detector orders the warpgroups' shared-memory reads and writes, the
   # TMA copies (0.11's also the async proxy) and the mbarriers by vector clocks: the forward,
   # dk/dv and fused kernels run each case under it.
   ipc = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
+  if tiles is DQ_HEADS:
+    monkeypatch.setattr(flash_mgpu, "DKV_HEADS", case[3])  # a dk/dv CTA a whole group
   params = flash_mgpu._interpret_params()
   monkeypatch.setattr(flash_mgpu, "_interpret_params",
                       lambda: dataclasses.replace(params, detect_races=True))

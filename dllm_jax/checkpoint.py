@@ -172,7 +172,8 @@ def _raise_if_not_the_files(error: Exception) -> None:
   """Re-raises what says nothing about a checkpoint's files: memory running out (the devices'
   or the host's) is no corruption, and must not send a run to an older step or set aside the
   newest one; nor is a data source that changed since the save (`data.DataChangedError`, raised
-  as itself: every checkpoint would fail the same way, each warned about as corrupt)."""
+  as itself: every checkpoint would fail the same way, each warned about as corrupt), nor a file
+  this process may not read (a `CheckpointRestoreError` naming it: its checkpoint is intact)."""
   from dllm_jax import data
 
   seen, e = set(), error
@@ -180,6 +181,11 @@ def _raise_if_not_the_files(error: Exception) -> None:
     seen.add(id(e))
     if isinstance(e, data.DataChangedError):
       raise e
+    if isinstance(e, PermissionError):
+      raise CheckpointRestoreError(
+          f"a checkpoint file cannot be read ({e}); a permission says nothing of the "
+          "checkpoint, so none was skipped or set aside: give this process read access to the "
+          "run's checkpoints/ and start again") from error
     if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
       raise error
     e = e.__cause__ or e.__context__

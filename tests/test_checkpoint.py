@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from dllm_jax import checkpoint, data
@@ -131,6 +132,28 @@ def test_a_changed_data_source_is_refused_not_taken_for_corruption(tmp_path):
   _write_records(src, 12)
   with pytest.raises(data.DataChangedError, match="source of 11 records, and the data now "
                                                   "holds 12"):
+    _restore(run_dir, src)
+  assert checkpoint.saved_steps(run_dir) == [2, 4, 6]
+  assert not (run_dir / "unreadable_checkpoints").exists()
+
+
+def test_an_unreadable_file_is_named_not_taken_for_corruption(tmp_path, monkeypatch):
+  # A file this process may not read (a permission, as orbax wraps a shard's read error): the
+  # checkpoint is intact, so no older step is restored in its place and nothing is set aside.
+  # Only the newest is unreadable: the older ones would restore.
+  run_dir, src, _ = _run(tmp_path)
+  real = ocp.CheckpointManager.restore
+
+  def denied(self, step, *args, **kwargs):
+    if step != 6:
+      return real(self, step, *args, **kwargs)
+    path = run_dir / "checkpoints" / str(step) / "state"
+    raise Exception("Encountered error while reading array index") from PermissionError(
+        13, "Permission denied", str(path))
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
+  with pytest.raises(checkpoint.CheckpointRestoreError,
+                     match=r"cannot be read \(\[Errno 13\] Permission denied: .*/6/state'\); .*"
+                           "give this process read access"):
     _restore(run_dir, src)
   assert checkpoint.saved_steps(run_dir) == [2, 4, 6]
   assert not (run_dir / "unreadable_checkpoints").exists()

@@ -180,6 +180,37 @@ def profile_row(name, spec, length, tiles, impl="pallas", reps=5):
   save()
 
 
+def dq_row(name, spec, length, tiles):
+  """The dq kernels alone (each also computes delta): Triton's and Mosaic GPU's on the same
+  residuals, timed in one process, so a change to either is judged without the rest of the
+  backward (the `dq` section)."""
+  h, kh, d = SHAPES[name]
+  b = max(1, 8192 // length)
+  meta = layout_segments(b, length, spec, np.random.default_rng(1), False, 1)
+  seg = meta.segments
+  sets = []
+  for i in range(2):
+    q, k, v, do = _train_inputs(b, meta.positions.shape[1], h, kh, d, seed=20 + i)
+    o, lse = jax.jit(lambda q, k, v: flash._forward(q, k, v, seg, spec, length, tiles, False))(
+        q, k, v)
+    sets.append((q, k, v, o, do, lse))
+  kernels = {
+      "triton": lambda q, k, v, o, do, lse: flash._triton_dq(q, k, v, seg, o, do, lse, spec,
+                                                             length, tiles, False, None),
+      "mosaic": lambda q, k, v, o, do, lse: flash_mgpu.dq(q, k, v, seg, o, do, lse, spec,
+                                                          length)}
+  row = {"shape": name, "layout": f"{spec.kind}x{spec.num_streams}", "L": length, "B": b}
+  for impl, fn in kernels.items():
+    t = safe(lambda: timeit(jax.jit(fn), sets, reps=5, inner=4))
+    row[f"{impl}_us"] = t * 1e6 if isinstance(t, float) else t
+  if all(isinstance(row.get(f"{i}_us"), float) for i in kernels):
+    row["mosaic_vs_triton"] = row["triton_us"] / row["mosaic_us"]
+  RESULTS.setdefault("dq", []).append(row)
+  print(row, flush=True)
+  save()
+  return row
+
+
 def _train_inputs(b, t, h, kh, d, seed):
   """Random bf16 (q, k, v, cotangent) of a training-attention case."""
   ks = jax.random.split(jax.random.key(seed), 4)
@@ -564,7 +595,8 @@ def tiles_to_time(index: int) -> flash.Tiles:
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sections", default="check,ceil,tune,train,decode",
-                  help="also: profile (GPU time per kernel of fwd+bwd at L=2048), sweep, "
+                  help="also: profile (GPU time per kernel of fwd+bwd at L=2048), dq (the two dq "
+                       "kernels alone at L=2048), sweep, "
                        "sweep8 (SWEEP's or SWEEP_S8's tiles on two cases; give ceil with them)")
   ap.add_argument("--quick", action="store_true", help="L=2048 2L and decode S=4096 only")
   ap.add_argument("--lengths", default="2048,1024,4096", help="training-attention lengths L")
@@ -656,6 +688,10 @@ def main():
         for impl in args.impls.split(","):
           if impl not in ("xla", "cudnn"):
             profile_row(name, masks.MaskSpec("diffusion", 32, nn_), 2048, tiles, impl)
+  if "dq" in sections:
+    for nn_ in (2, 1):  # 3L first: where session 33 found the Mosaic kernel furthest behind
+      for name in SHAPES:
+        dq_row(name, masks.MaskSpec("diffusion", 32, nn_), 2048, tiles)
   if "decode" in sections:
     for name, lens in (("qwen2.5-1.5b", (4096,) if args.quick else (512, 1024, 2048, 4096, 8192)),
                        ("qwen2.5-7b", (4096,))):

@@ -629,12 +629,6 @@ def launch_place(cta, n_outer: int, pairs: int, h: int):
   return lax.div(within, jnp.int32(pairs)), lax.div(bh, jnp.int32(h)), lax.rem(bh, jnp.int32(h))
 
 
-def _sm_count() -> int:
-  """Streaming multiprocessors of the default device (an H100's 132 where it does not say, as on
-  the CPU, where the interpreter runs)."""
-  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
-
-
 def dkv_heads(spec: masks.MaskSpec, length: int, n_outer: int, b: int, h: int, group: int,
               sms: int | None = None) -> int:
   """Query heads an unfused dk/dv CTA walks (`DKV_HEADS`, else the choice below): the most, among
@@ -649,7 +643,10 @@ def dkv_heads(spec: masks.MaskSpec, length: int, n_outer: int, b: int, h: int, g
     return flash.largest_divisor(group, DKV_HEADS)
   w = flash.visit_counts(flash.visit_runs(spec, length, BLOCK_QI, 2 * BLOCK_KV, True, 0,
                                           num_outer=n_outer))
-  share = b * h * int(w.sum()) / (sms or _sm_count())
+  if not sms:
+    from dllm_jax.kernels import decode
+    sms = decode.sm_count()
+  share = b * h * int(w.sum()) / sms
   return max(c for c in range(1, group + 1) if group % c == 0 and (c == 1 or c * w.max() <= share))
 
 
@@ -1172,19 +1169,21 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
       plgpu.barrier_wait(lse_bar.at[wg])
       plgpu.barrier_wait(q_bar.at[wg])
       plgpu.barrier_wait(sq_bar.at[wg])
+      # The rows' lse and delta stay [BQ] vectors across the loop and are broadcast per visit: a
+      # [BQ, BK] broadcast held across it is 64 registers a thread (see `_keep`).
       bcast = lambda x: lax.broadcast_in_dim(x, (bq, bk), [0])
-      lse_rows = bcast(load(lse_s.at[wg], row_l))
-      delta_rows = bcast(load(delta_s.at[wg], row_l))
+      lse_rows = load(lse_s.at[wg], row_l)
+      delta_rows = load(delta_s.at[wg], row_l)
 
       def keep_of(i, slot, masked):
         return _keep(spec, length, iota(0) + base, iota(1) + plan_s[i] * bk, masked,
                      segq_s.at[wg], segk_s.at[slot], sk_bar.at[slot], interpret)
 
       def grads(s, dp, i, slot, masked):  # dS [BQ, BK] from S and dP
-        p = jnp.exp2(s * c - lse_rows)
+        p = jnp.exp2(s * c - bcast(lse_rows))
         if masked:
           p = jnp.where(keep_of(i, slot, masked), p, jnp.zeros_like(p))
-        return p * (dp - delta_rows)
+        return p * (dp - bcast(delta_rows))
 
       def product(a, b_ref, shape):
         def f(acc_ref):

@@ -319,18 +319,16 @@ def parse_variants(text):
   """'name:KNOB=v,KNOB=v;name2:...' -> [(name, {KNOB: value})]: `flash_mgpu`'s module constants
   (the Mosaic kernels' experiment knobs, e.g. GQA_REDUCE_ADD, FUSED_GROUP, DKV_HEADS), `flash`'s
   as flash.KNOB (e.g. flash.DELTA_IN_DQ), both integers, or a field of the timed `flash.Tiles`
-  as tiles.FIELD (e.g. tiles.dq=mosaic; a string, or an integer)."""
+  as tiles.FIELD (e.g. tiles.dq=mosaic; typed as the field is, `tiles_value`), the variant's
+  Tiles checked as `flash.Tiles` checks them."""
   out = []
-  fields = {f.name for f in dataclasses.fields(flash.Tiles)}
   for part in filter(None, text.split(";")):
     name, _, knobs = part.partition(":")
     kv = {}
     for item in filter(None, knobs.split(",")):
       k, _, v = item.partition("=")
       if k.startswith("tiles."):
-        if k[len("tiles."):] not in fields:
-          raise SystemExit(f"--variants {part!r}: flash.Tiles has no field {k[6:]!r}")
-        kv[k] = int(v) if v.lstrip("-").isdigit() else v
+        kv[k] = tiles_value(part, k[len("tiles."):], v)
         continue
       module, attr = knob_place(k)
       if not hasattr(module, attr) or not attr.isupper():
@@ -338,8 +336,32 @@ def parse_variants(text):
       if not v.lstrip("-").isdigit():
         raise SystemExit(f"--variants {part!r}: {k}={v!r} is not an integer (booleans: 0/1)")
       kv[k] = int(v)
+    fields = {k[len("tiles."):]: v for k, v in kv.items() if k.startswith("tiles.")}
+    try:  # Tiles' own checks, before any GPU time is spent on the variant
+      flash.Tiles(**fields)
+    except ValueError as e:
+      raise SystemExit(f"--variants {part!r}: {e}") from None
     out.append((name, kv))
   return out
+
+
+def tiles_value(part, field, text):
+  """A `tiles.FIELD=text` knob's value, typed as the `flash.Tiles` field is (booleans as 0/1 or
+  true/false), so that 'fuse_dq=False' is not the truthy string 'False'."""
+  types = {f.name: f.type for f in dataclasses.fields(flash.Tiles)}
+  if field not in types:
+    raise SystemExit(f"--variants {part!r}: flash.Tiles has no field {field!r}")
+  kind = types[field] if isinstance(types[field], str) else types[field].__name__
+  if kind == "bool":
+    if text.lower() not in ("0", "1", "true", "false"):
+      raise SystemExit(f"--variants {part!r}: tiles.{field}={text!r} is not a boolean "
+                       "(0/1, true/false)")
+    return text.lower() in ("1", "true")
+  if kind == "int":
+    if not text.lstrip("-").isdigit():
+      raise SystemExit(f"--variants {part!r}: tiles.{field}={text!r} is not an integer")
+    return int(text)
+  return text
 
 
 def add_baseline_forward(path):

@@ -31,6 +31,18 @@ def test_parse_variants(bench):
       ("x", {"tiles.dq": "mosaic", "tiles.block_q": 128, "DKV_HEADS": 7})]
   with pytest.raises(SystemExit, match="flash.Tiles has no field 'nope'"):
     bench.parse_variants("x:tiles.nope=1")
+  # typed as the field is: a boolean 'False' is False, not a truthy string
+  assert bench.parse_variants("x:tiles.fuse_dq=False;y:tiles.dkv=mosaic,tiles.fuse_dq=1") == [
+      ("x", {"tiles.fuse_dq": False}), ("y", {"tiles.dkv": "mosaic", "tiles.fuse_dq": True})]
+  with pytest.raises(SystemExit, match="tiles.fuse_dq='maybe' is not a boolean"):
+    bench.parse_variants("x:tiles.fuse_dq=maybe")
+  with pytest.raises(SystemExit, match="tiles.block_q='abc' is not an integer"):
+    bench.parse_variants("x:tiles.block_q=abc")
+  # Tiles' own checks run before any GPU time is spent
+  with pytest.raises(SystemExit, match=r"Tiles.dq='cuda': expected one of"):
+    bench.parse_variants("x:tiles.dq=cuda")
+  with pytest.raises(SystemExit, match="fuse_dq=True needs dkv='mosaic'"):
+    bench.parse_variants("x:tiles.dkv=triton,tiles.fuse_dq=1")
 
 
 def test_variant_rows_time_each_variant_with_its_tiles_and_knobs(bench, monkeypatch):

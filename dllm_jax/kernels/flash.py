@@ -38,9 +38,9 @@ from dllm_jax import masks
 
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked padding rows stay NaN-free
 _LOG2E = math.log2(math.e)
-# Whether the dq kernel computes delta = sum_d o * do for the backward (True) or XLA's pass over
-# O and dO does (False; kept to time one against the other: benchmarks/attention.py --variants
-# 'xla_delta:flash.DELTA_IN_DQ=0').
+# Whether the Triton dq kernel computes delta = sum_d o * do for the backward (True) or XLA's pass
+# over O and dO does (False; kept to time one against the other: benchmarks/attention.py
+# --variants 'xla_delta:flash.DELTA_IN_DQ=0'). The Mosaic dq kernel (Tiles.dq) always computes it.
 DELTA_IN_DQ = True
 
 
@@ -77,13 +77,15 @@ class Tiles:
   max_run: int = 0  # longest run of consecutive tiles one inner loop visits (0: no limit)
   # Which forward kernel runs: "mosaic" (`flash_mgpu`, warp-specialised wgmma; 1.10-1.23x the
   # Triton forward on the H200, BENCHMARKS.md session 9), "triton" (below), or "auto": mosaic on
-  # an sm_90 GPU for the problems it covers, else triton. The backward is Triton's unless `dkv`.
+  # an sm_90 GPU for the problems it covers, else triton. The backward is Triton's unless `dkv`
+  # or `dq`.
   forward: str = "auto"
-  # Which dk/dv kernel runs: "triton" (below), "mosaic" (`flash_mgpu.dkv`, TMA + wgmma, one
-  # query head per CTA; sm_90 only), or "auto": as `forward`, but only where the Mosaic kernel
-  # was timed (diffusion layouts, head_dim 128). Since session 12 (its warpgroups no longer take
-  # turns on the tensor cores) it makes fwd+bwd 1.02-1.05x faster there on the H200, 0.98x for
-  # the 7B heads' 3L layout (BENCHMARKS.md, session 12). `dkv_head_split`: Triton's only.
+  # Which dk/dv kernel runs: "triton" (below), "mosaic" (`flash_mgpu.dkv`, TMA + wgmma, one or
+  # several query heads of a group per CTA: `flash_mgpu.DKV_HEADS`; sm_90 only), or "auto": as
+  # `forward`, but only where the Mosaic kernel was timed (diffusion layouts, head_dim 128).
+  # Since session 12 (its warpgroups no longer take turns on the tensor cores) it makes fwd+bwd
+  # 1.02-1.05x faster there on the H200, 0.98x for the 7B heads' 3L layout (BENCHMARKS.md,
+  # session 12). `dkv_head_split`: Triton's only.
   dkv: str = "auto"
   # With dkv="mosaic" and head_dim 128: the dk/dv kernel also accumulates dQ (FlashAttention-3's
   # TMA reduce-adds into float32) and no dq kernel runs. Exact; on the H200, since its CTAs are
@@ -96,7 +98,8 @@ class Tiles:
   # "mosaic" (`flash_mgpu.dq`: the forward's tiling, TMA + wgmma; sm_90 only), or "auto" (Triton's:
   # the Mosaic kernel has not beaten it where timed). Its GPU time against Triton's (H100, L=2048,
   # same run, BENCHMARKS.md session 33): 367 vs 384 us (1.5B heads 2L), 852 vs 837 (7B 2L), 612
-  # vs 575 (1.5B 3L), 1405 vs 1276 (7B 3L). Unused with `fuse_dq`.
+  # vs 575 (1.5B 3L), 1405 vs 1276 (7B 3L); timed before df15422 (its lse and delta broadcast per
+  # visit instead of held across the loop), untimed since. Unused with `fuse_dq`.
   dq: str = "triton"
 
   def __post_init__(self):

@@ -671,8 +671,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
   One CTA holds 128 keys of one KV head (two consumer warpgroups of 64, K and V resident in
   shared memory) and walks the query tiles that see them, of one query head or, unfused, of
-  `dkv_heads` heads of its group in turn; the producer streams Q, dO, lse and delta per visit. A visit is S^T = K Q^T and dP^T = V dO^T issued together, P^T
-  and dS^T in registers, then dV += P^T dO and dK += dS^T Q issued together. Unlike the forward,
+  `dkv_heads` heads of its group in turn; the producer streams Q, dO, lse and delta per visit.
+  A visit is S^T = K Q^T and dP^T = V dO^T issued together, P^T and dS^T in registers, then
+  dV += P^T dO and dK += dS^T Q issued together. Unlike the forward,
   the two warpgroups do not take turns on the tensor cores: with the forward's schedule barrier
   this kernel ran 1.12-1.16x slower on the H200 unfused, 1.00-1.12x fused (BENCHMARKS.md,
   session 12). Key tiles start heaviest first: the plan's rows are reordered (each carries its
@@ -682,9 +683,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   (BENCHMARKS.md, session 10); `dkv_heads` groups heads only as far as the heaviest CTA stays
   within one SM's share. With GQA each CTA adds its heads' share into its KV head's dK and dV:
   float32 TMA reduce-adds with `GQA_REDUCE_ADD`, else a bf16 partial ([group / heads a CTA, B,
-  Tp, K, D]) summed here in float32; none when one CTA walks the whole group. The grid is one axis of
-  CTAs in launch order: groups of (batch row, head) pairs, in each the key tiles heaviest first,
-  then the group's pairs; unfused, one group holds every pair; fused, `FUSED_GROUP` (see there).
+  Tp, K, D]) summed here in float32; none when one CTA walks the whole group. The grid is one
+  axis of CTAs in launch order: groups of (batch row, head unit) pairs, in each the key tiles
+  heaviest first, then the group's pairs; unfused, one group holds every pair; fused,
+  `FUSED_GROUP` (see there).
 
   `fuse_dq` (FlashAttention-3's backward; head_dim 128): each warpgroup also stores its dS^T
   tile to shared memory, and after the next visit's dV and dK products computes one half of the
@@ -728,14 +730,14 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
   iota = functools.partial(_iota, (bk, bq), interpret=interpret)
   load = functools.partial(_load, interpret=interpret)
-  # (batch row, head) pairs a launch group holds. Unfused, one group: every pair's heaviest key
-  # tiles first balances the tail best, and its CTAs add nothing into global memory. A divisor of
-  # b * h, so that every group is whole and `launch_place` a bijection.
   # Query heads a CTA walks (one when fused: its dQ adds trail the visits), the CTAs' (batch
   # row, head unit) pairs of `hpc` heads each, and the partials of one KV head's dK and dV.
   hpc = 1 if fuse_dq else dkv_heads(spec, length, n_outer, b, h, group)
   units = h // hpc
   chunks = group // hpc
+  # (batch row, head unit) pairs a launch group holds. Unfused, one group: every pair's heaviest
+  # key tiles first balances the tail best, and its CTAs add nothing into global memory. A
+  # divisor of b * units, so that every group is whole and `launch_place` a bijection.
   pairs = flash.largest_divisor(b * units, FUSED_GROUP if fuse_dq else b * units)
   n_ds = DS_SLOTS if fuse_dq else 1
   reduce_add = chunks > 1 and GQA_REDUCE_ADD
@@ -756,7 +758,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     query_rows = lambda i: pl.ds(pl.multiple_of(plan_s[i] * bq, bq), bq)
 
     def for_heads(body, carry=None):  # body(hh[, carry]) for the CTA's heads in turn
-      if hpc == 1:  # static: one head's code as before heads were grouped
+      if hpc == 1:  # no loop over heads (the steps' offset is then a traced 0)
         return body(0) if carry is None else body(0, carry)
       if carry is None:
         return pl.loop(0, hpc)(body)
@@ -1057,7 +1059,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       interpret=_interpret_params() if interpret else False,
       name="block_sparse_attention_dkv_mgpu",  # as the forward's: profiles tell them apart
   )(*inputs, *targets)
-  dq = (targets[0][...] * scale).astype(dtype) if fuse_dq else None
+  dq_out = (targets[0][...] * scale).astype(dtype) if fuse_dq else None
   if reduce_add:
     dk, dv = (t[...].astype(dtype) for t in targets[-2:])
   else:
@@ -1065,7 +1067,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   if partials:
     dk = dk.astype(jnp.float32).sum(0).astype(k.dtype)
     dv = dv.astype(jnp.float32).sum(0).astype(v.dtype)
-  return dq, dk, dv
+  return dq_out, dk, dv
 
 
 def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: bool = False):
@@ -1076,18 +1078,21 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
   resident) and walks the key tiles they see, heaviest query tiles first; the producer streams
   K and V per visit. A visit is S = Q K^T and dP = dO V^T issued together (K^T and V^T as
   transposed views of the streamed tiles), P and dS in registers, then dQ += dS K while the next
-  tile's barriers are awaited. Like the dk/dv kernel (and unlike the forward), no turns.
+  tile's barriers are awaited. Like the dk/dv kernel (and unlike the forward), no turns by
+  default (`DQ_TURNS`: slower).
 
   delta needs each row's O, read once: the producer copies the CTA's 128 O rows into K slot 1
   before that slot's first tile (visit 1), and streams visit 1 only once both consumers have
   read them (`o_free`); visit 0's products hide the wait, and no 32 KB O buffer is needed
-  beside Q, dO and two K/V slots (224 KB of the 227). Returns dq in the inputs' dtype."""
+  beside Q, dO and two K/V slots (192 KB; with one, 224 KB of the 227). Returns dq in the
+  inputs' dtype."""
   plgpu = _plgpu()
   b, tp, h, d = q.shape
   if tp % OUTER:
     raise ValueError(f"padded length {tp} is not a multiple of {OUTER}")
-  if SLOTS < 2:
-    raise ValueError(f"flash_mgpu.SLOTS={SLOTS}: the dq kernel stages O in slot 1")
+  if SLOTS < 2 or BLOCK_K != OUTER:
+    raise ValueError(f"flash_mgpu.SLOTS={SLOTS}, BLOCK_K={BLOCK_K}: the dq kernel stages a CTA's "
+                     f"{OUTER} O rows in K slot 1, which needs two slots of {OUTER} keys")
   group = h // k.shape[2]
   bq, bk = BLOCK_Q, BLOCK_K
   n_outer = tp // OUTER

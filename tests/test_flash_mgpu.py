@@ -168,6 +168,28 @@ def test_mosaic_dq_and_dkv_ctas_of_several_heads_equal_the_reference(monkeypatch
   assert taken and set(taken) == {heads}
 
 
+def test_mosaic_dq_beside_the_triton_dkv_kernel_equals_the_reference():
+  # The Mosaic dq kernel's delta feeding Triton's dk/dv kernel (packed, GQA 2).
+  spec, length, b, h, kh, d, cuts = CASES[0]
+  meta = masks.layout_meta(spec, _segments(b, length, cuts))
+  t = meta.positions.shape[1]
+  ks = jax.random.split(jax.random.key(5), 4)
+  q, ct = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(jnp.bfloat16) for kk in ks[::3])
+  k, v = (jax.random.normal(kk, (b, t, kh, d), jnp.float32).astype(jnp.bfloat16) for kk in ks[1:3])
+  tiles = flash.Tiles(forward="triton", dkv="triton", dq="mosaic")
+  ours = lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles,
+                                                      interpret=True)
+  ref = lambda q, k, v: attention.xla_attention(q, k, v, masks.dense_mask(spec, meta, meta))
+  grads = lambda f, *a: jax.vjp(f, *a)[1](ct.astype(a[0].dtype))
+  jaxpr = str(jax.make_jaxpr(lambda: grads(ours, q, k, v))())
+  assert "block_sparse_attention_dq_mgpu" in jaxpr and "dkv_mgpu" not in jaxpr
+  f32 = lambda x: x.astype(jnp.float32)
+  got = jax.jit(lambda: grads(ours, q, k, v))()
+  want = grads(ref, f32(q), f32(k), f32(v))
+  for name, g, w in zip("qkv", got, want):
+    assert float(jnp.linalg.norm(f32(g) - w) / jnp.linalg.norm(w)) < 1e-2, f"d{name}"
+
+
 def test_dkv_heads_groups_heads_while_the_heaviest_cta_fits_one_sms_share(monkeypatch):
   monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 0)
   for nn_ in (1, 2):  # the benchmark's cases on an H100's 132 SMs: 3 of the 1.5B's 6, 7B's 7

@@ -132,6 +132,23 @@ def visit_list(spec, length, seg_BT, num_outer, rows=OUTER, cols=BLOCK_K, transp
   return packed.astype(jnp.int32), v
 
 
+def heavy_first_list(spec, length, seg_BT, num_outer, rows, cols, transpose):
+  """`visit_list`'s plan with its outer tiles reordered heaviest first (each row carries its
+  tile's index), for kernels that launch one CTA an outer tile in that order. Returns (plan, V)."""
+  plan, nv = visit_list(spec, length, seg_BT, num_outer, rows=rows, cols=cols,
+                        transpose=transpose)
+  order = flash.heavy_first(flash.visit_runs(spec, length, rows, cols, transpose, 0,
+                                             num_outer=num_outer))
+  return plan[:, order], nv
+
+
+def _streamed_transposes(interpret, d, cols, *xs):
+  """The interpreter has no transposed refs, so a kernel streams X^T ([B, heads, D, Tp]) there;
+  on the GPU a tiny placeholder stands in (the transposed view of X's own tile is used)."""
+  return tuple(x.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, cols), x.dtype)
+               for x in xs)
+
+
 def _iota(shape, dim, interpret):
   if interpret:
     return lax.broadcasted_iota(jnp.int32, shape, dim)
@@ -712,18 +729,14 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   if tp % outer:
     raise ValueError(f"padded length {tp} is not a multiple of {outer}")
   n_outer = tp // outer
-  plan, nv = visit_list(spec, length, seg, n_outer, rows=bq, cols=outer, transpose=True)
-  plan = plan[:, flash.heavy_first(flash.visit_runs(spec, length, bq, outer, True, 0,
-                                                    num_outer=n_outer))]
+  plan, nv = heavy_first_list(spec, length, seg, n_outer, bq, outer, transpose=True)
   dtype = q.dtype
   scale = d ** -0.5
   c = scale * _LOG2E
   wgmma_l = plgpu.Layout.WGMMA
   col_l = wgmma_l.reduce(0)
   lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
-  # The interpreter has no transposed refs: there Q^T and dO^T are streamed as well.
-  qt = q.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bq), dtype)
-  dot = do.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bq), dtype)
+  qt, dot = _streamed_transposes(interpret, d, bq, q, do)  # Q^T, dO^T in the interpreter
   # Registers: the fused kernel's consumers need every one (in an earlier layout 24/240 spilled
   # 660 bytes against 820 at 40/232 and ran 10% faster); the unfused one gains nothing (session 11).
   regs = (24, 240) if fuse_dq else (40, 232)
@@ -1096,18 +1109,14 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
   group = h // k.shape[2]
   bq, bk = BLOCK_Q, BLOCK_K
   n_outer = tp // OUTER
-  plan, nv = visit_list(spec, length, seg, n_outer)
-  plan = plan[:, flash.heavy_first(flash.visit_runs(spec, length, OUTER, bk, False, 0,
-                                                    num_outer=n_outer))]
+  plan, nv = heavy_first_list(spec, length, seg, n_outer, OUTER, bk, transpose=False)
   dtype = q.dtype
   scale = d ** -0.5
   c = scale * _LOG2E
   wgmma_l = plgpu.Layout.WGMMA
   row_l = wgmma_l.reduce(1)
   lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
-  # The interpreter has no transposed refs: there K^T and V^T are streamed as well.
-  kt = k.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bk), dtype)
-  vt = v.transpose(0, 2, 3, 1) if interpret else jnp.zeros((1, 1, d, bk), dtype)
+  kt, vt = _streamed_transposes(interpret, d, bk, k, v)  # K^T, V^T in the interpreter
   iota = functools.partial(_iota, (bq, bk), interpret=interpret)
   load = functools.partial(_load, interpret=interpret)
 

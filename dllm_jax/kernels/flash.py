@@ -44,6 +44,11 @@ _LOG2E = math.log2(math.e)
 DELTA_IN_DQ = True
 
 
+def _whole(a):
+  """A BlockSpec that hands every program all of `a` (the host plans and their run bounds)."""
+  return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+
+
 def _dot(a, b, trans_a=False, trans_b=False):
   """2-D matmul with float32 accumulation (what Pallas' GPU dot does; kept local across jax versions)."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
@@ -333,7 +338,6 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
   nq = tp // bq
   plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=nq)
   run_lo, run_hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
-  whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   rev = lambda i: nq - 1 - i
   kernel = functools.partial(_fwd_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                              scale=d ** -0.5, num_q_tiles=nq)
@@ -341,7 +345,7 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
       kernel,
       grid=(nq, b, h),
       in_specs=[
-          *_batch_rows(1, run_lo, run_hi, one), whole(plan[2]), whole(plan[3]),
+          *_batch_rows(1, run_lo, run_hi, one), _whole(plan[2]), _whole(plan[3]),
           pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
           pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
           pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
@@ -488,7 +492,6 @@ def _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles: Tiles, interpret, 
   """(dq, delta) by the Triton dq kernel (`xla_delta`: XLA's delta, given instead of O)."""
   b, tp, h, d = q.shape
   group = h // k.shape[2]
-  whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
                                  num_stages=tiles.num_stages_bwd)
   bq, bk = tiles.block_q_dq, tiles.block_k_dq
@@ -501,7 +504,7 @@ def _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles: Tiles, interpret, 
       functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                         scale=d ** -0.5, given_delta=xla_delta is not None),
       grid=(tp // bq, b, h),
-      in_specs=[*_batch_rows(1, run_lo, run_hi, one), whole(plan[2]), whole(plan[3]), q_tile,
+      in_specs=[*_batch_rows(1, run_lo, run_hi, one), _whole(plan[2]), _whole(plan[3]), q_tile,
                 kv_all, kv_all,
                 pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
                 pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)),
@@ -522,7 +525,6 @@ def _dkv(q, k, v, seg, do, lse, delta, dq, spec, length, tiles: Tiles, interpret
   kv_heads = k.shape[2]
   group = h // kv_heads
   scale = d ** -0.5
-  whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   if tiles.dkv == "mosaic":
     from dllm_jax.kernels import flash_mgpu
 
@@ -555,8 +557,8 @@ def _dkv(q, k, v, seg, do, lse, delta, dq, spec, length, tiles: Tiles, interpret
       functools.partial(_dkv_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
                         scale=scale, heads=hp),
       grid=(b, kv_heads * split, tp // bk),
-      in_specs=[whole(order), *_batch_rows(0, run_lo, run_hi, one),
-                whole(plan[2]), whole(plan[3]), q_heads, kv_row, kv_row, seg_row, seg_row,
+      in_specs=[_whole(order), *_batch_rows(0, run_lo, run_hi, one),
+                _whole(plan[2]), _whole(plan[3]), q_heads, kv_row, kv_row, seg_row, seg_row,
                 q_heads, rows_heads, rows_heads],
       out_specs=[out_spec, out_spec],
       out_shape=out_shape,

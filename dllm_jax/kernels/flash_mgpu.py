@@ -149,6 +149,16 @@ def _streamed_transposes(interpret, d, cols, *xs):
                for x in xs)
 
 
+def _visit_loops(step, n_full, n_vis, one, carry):
+  """A consumer's visits in plan order: the full tiles (no mask), then the partial ones, with the
+  layout mask only when every visit lies inside one segment (`one`), else with the segment
+  comparison too (one of the last two loops is empty). `step(i, carry, masked)`."""
+  mid = jnp.where(one != 0, n_vis, n_full)
+  carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+  carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
+  return lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
+
+
 def _iota(shape, dim, interpret):
   if interpret:
     return lax.broadcasted_iota(jnp.int32, shape, dim)
@@ -536,12 +546,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         if not interpret:
           first = streamed % SLOTS if isinstance(streamed, int) else lax.rem(streamed, SLOTS)
           pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(k_bar.at[first]))
-        # Full tiles, then partial ones: with the layout mask only inside one segment, else with
-        # the segment comparison too (one of the last two loops is empty).
-        mid = jnp.where(one != 0, n_vis, n_full)
-        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
-        acc, m_, l = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
+        acc, m_, l = _visit_loops(step, n_full, n_vis, one, carry)
         # l == 0 only on rows with nothing to visit (padding): keep them finite, as flash does.
         l = jnp.where(l == 0.0, jnp.ones_like(l), l)
         # O staged in this item's Q buffer (its last QK^T has been waited for): the producer
@@ -978,16 +983,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         def _():
           plgpu.barrier_wait(q_bar.at[0])
           plgpu.barrier_wait(do_bar.at[0])
-      # Per head, full tiles, then partial ones, as in the forward.
-      mid = jnp.where(one != 0, n_vis, n_full)
-
-      def head_visits(hh, carry):
-        kw = dict(off=hh * n_vis)
-        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False, **kw), carry)
-        carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout", **kw), carry)
-        return lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments", **kw), carry)
-
-      dk, dv = for_heads(head_visits, (zeros, zeros))
+      dk, dv = for_heads(lambda hh, carry: _visit_loops(
+          functools.partial(step, off=hh * n_vis), n_full, n_vis, one, carry), (zeros, zeros))
       for back in range(lag, 0, -1) if fuse_dq else ():  # the last `lag` visits' dQ columns
         last = n_vis - back
         if interpret:
@@ -1260,12 +1257,7 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
           plgpu.barrier_wait(v_bar.at[0])
       if turns:
         pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn
-      # Full tiles, then partial ones, as in the forward.
-      mid = jnp.where(one != 0, n_vis, n_full)
-      acc = lc(jnp.zeros((bq, d), jnp.float32), wgmma_l)
-      acc = lax.fori_loop(0, n_full, functools.partial(step, masked=False), acc)
-      acc = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), acc)
-      acc = lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), acc)
+      acc = _visit_loops(step, n_full, n_vis, one, lc(jnp.zeros((bq, d), jnp.float32), wgmma_l))
       if turns:
         pl.when(wg == 0)(sched)
       q_s[wg] = (acc * scale).astype(dtype)  # dQ staged in Q's buffer (its last read is done)

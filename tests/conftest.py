@@ -16,6 +16,28 @@ if int(os.environ.get("PJRT_NPROC") or 0) < 8:
   os.environ["PJRT_NPROC"] = "8"
 
 
+# A test that runs past this many seconds fails instead of hanging the suite: a kernel whose
+# barriers deadlock under the interpreter blocks in a host callback forever, where no exception
+# can reach it. pytest-timeout's thread method dumps every thread's stack and ends the process
+# (under xdist, the worker: reported as that test's failure). 600 s is ~2.3x the slowest test
+# (jax 0.11's kernel checks, ~260 s on the 2-core CI machine). DLLM_TEST_TIMEOUT_S overrides it.
+TEST_TIMEOUT_S = float(os.environ.get("DLLM_TEST_TIMEOUT_S") or 600)
+
+
+def pytest_configure(config):
+  if not config.pluginmanager.hasplugin("timeout"):
+    raise pytest.UsageError(
+        "tests/conftest.py: the pytest-timeout plugin is missing, so a deadlocked kernel test "
+        "would hang the suite instead of failing; install the test dependencies with "
+        "`python3 -m pip install -r requirements-dev.txt`")
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if item.get_closest_marker("timeout") is None:
+      item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S, method="thread"))
+
+
 @pytest.fixture(scope="session")
 def load_benchmark():
   """load_benchmark("matvec"): benchmarks/matvec.py as a fresh module (the benchmarks are

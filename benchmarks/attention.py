@@ -13,6 +13,7 @@ after every row when $OUT is set, so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -180,10 +181,11 @@ def profile_row(name, spec, length, tiles, impl="pallas", reps=5):
   save()
 
 
-def dq_row(name, spec, length, tiles):
+def dq_row(name, spec, length, tiles, impls=("triton", "mosaic"), tag=None, like=None):
   """The dq kernels alone (each also computes delta): Triton's and Mosaic GPU's on the same
   residuals, timed in one process, so a change to either is judged without the rest of the
-  backward (the `dq` section)."""
+  backward (the `dq` section). `like`: an earlier row of the same case whose Triton dq this
+  one's must equal (a `--dq-variants` variant against the first)."""
   h, kh, d = SHAPES[name]
   b = max(1, 8192 // length)
   meta = layout_segments(b, length, spec, np.random.default_rng(1), False, 1)
@@ -200,14 +202,27 @@ def dq_row(name, spec, length, tiles):
       "mosaic": lambda q, k, v, o, do, lse: flash_mgpu.dq(q, k, v, seg, o, do, lse, spec,
                                                           length)}
   row = {"shape": name, "layout": f"{spec.kind}x{spec.num_streams}", "L": length, "B": b}
-  for impl, fn in kernels.items():
-    t = safe(lambda: timeit(jax.jit(fn), sets, reps=5, inner=4))
+  if tag is not None:
+    row.update(variant=tag, tiles=str(tiles))
+  dq0 = None
+  for impl in impls:
+    fn = jax.jit(kernels[impl])
+    if impl == "triton":
+      dq0 = safe(lambda: fn(*sets[0])[0])
+      if like is not None and "dq0" in like and not isinstance(dq0, str):
+        row["err_vs_first"] = rel_err(dq0, like["dq0"])
+        if row["err_vs_first"] > 1e-2:
+          row["triton_us"] = "dq differs from the first variant's: not timed"
+          continue
+    t = safe(lambda: timeit(fn, sets, reps=5, inner=4))
     row[f"{impl}_us"] = t * 1e6 if isinstance(t, float) else t
-  if all(isinstance(row.get(f"{i}_us"), float) for i in kernels):
+  if all(isinstance(row.get(f"{i}_us"), float) for i in ("triton", "mosaic")):
     row["mosaic_vs_triton"] = row["triton_us"] / row["mosaic_us"]
   RESULTS.setdefault("dq", []).append(row)
   print(row, flush=True)
   save()
+  if dq0 is not None and not isinstance(dq0, str):
+    return {**row, "dq0": dq0}
   return row
 
 
@@ -419,37 +434,60 @@ def knob_place(knob):
   return (flash, knob[len("flash."):]) if knob.startswith("flash.") else (flash_mgpu, knob)
 
 
+@contextlib.contextmanager
+def variant_knobs(knobs, base_tiles):
+  """Sets a variant's module knobs (jax's caches cleared) and yields its Tiles (the base with the
+  variant's tiles.FIELD values); the knobs are restored after."""
+  tiles = dataclasses.replace(base_tiles, **{k[len("tiles."):]: v for k, v in knobs.items()
+                                             if k.startswith("tiles.")})
+  knobs = {k: v for k, v in knobs.items() if not k.startswith("tiles.")}
+  old = {k: getattr(*knob_place(k)) for k in knobs}
+  try:
+    for k, v in knobs.items():
+      setattr(*knob_place(k), v)
+    jax.clear_caches()
+    yield tiles
+  finally:
+    for k, v in old.items():
+      setattr(*knob_place(k), v)
+    jax.clear_caches()
+
+
 def variant_rows(variants, tiles, impls, profile):
-  """For each variant: its knobs set, jax's caches cleared, its gradients checked, then the
-  four L=2048 cases timed (and profiled) with `impls`; the knobs restored after."""
-  base_tiles = tiles
+  """For each variant: its knobs set, its gradients checked, then the four L=2048 cases timed
+  (and profiled) with `impls`."""
   for name, knobs in variants:
-    tiles = dataclasses.replace(base_tiles, **{k[len("tiles."):]: v for k, v in knobs.items()
-                                               if k.startswith("tiles.")})
-    knobs = {k: v for k, v in knobs.items() if not k.startswith("tiles.")}
-    old = {k: getattr(*knob_place(k)) for k in knobs}
-    try:
-      for k, v in knobs.items():
-        setattr(*knob_place(k), v)
-      jax.clear_caches()
-      if not check_grads(impls, tiles, name):
+    with variant_knobs(knobs, tiles) as v_tiles:
+      if not check_grads(impls, v_tiles, name):
         print(f"variant {name}: not exact, not timed", flush=True)
         continue
       for nn_ in (1, 2):
         for shape in SHAPES:
           spec = masks.MaskSpec("diffusion", 32, nn_)
-          row = train_row(shape, spec, 2048, tiles, impls=impls, record="variants")
+          row = train_row(shape, spec, 2048, v_tiles, impls=impls, record="variants")
           row["variant"] = name
-          row["tiles"] = str(tiles)
+          row["tiles"] = str(v_tiles)
           if profile:
             for impl in impls:
-              profile_row(shape, spec, 2048, tiles, impl)
+              profile_row(shape, spec, 2048, v_tiles, impl)
               RESULTS["profile"][-1]["variant"] = name
           save()
-    finally:
-      for k, v in old.items():
-        setattr(*knob_place(k), v)
-      jax.clear_caches()
+
+
+def dq_variant_rows(variants, tiles):
+  """The `dq` section under --dq-variants: Triton's dq kernel alone under each variant's knobs on
+  the four L=2048 cases (3L first), Mosaic's beside the first; a variant's dq must equal the
+  first's on the same inputs before it is timed."""
+  first = {}
+  for i, (name, knobs) in enumerate(variants):
+    with variant_knobs(knobs, tiles) as v_tiles:
+      for nn_ in (2, 1):
+        for shape in SHAPES:
+          spec = masks.MaskSpec("diffusion", 32, nn_)
+          row = dq_row(shape, spec, 2048, v_tiles, ("triton", "mosaic") if i == 0 else ("triton",),
+                       tag=name, like=first.get((shape, nn_)))
+          if i == 0:
+            first[(shape, nn_)] = row
 
 
 def decode_row(name, s, b, tq=8, kw=None, record="decode"):
@@ -632,6 +670,10 @@ def main():
                   help="with --sections variants: 'name:KNOB=v,...;name2:...', flash_mgpu's knobs "
                        "per variant (e.g. 'base:;add:GQA_REDUCE_ADD=1'); each is checked, then "
                        "timed on the four L=2048 cases with --impls (profiled too with profile)")
+  ap.add_argument("--dq-variants", default="",
+                  help="with --sections dq: variants as --variants takes them (e.g. "
+                       "'base:;w8:tiles.block_q_dq=128,tiles.num_warps_bwd=8'), each timing "
+                       "Triton's dq kernel alone on the four L=2048 cases, Mosaic's beside the first")
   ap.add_argument("--baseline-forward", metavar="FILE",
                   help="an earlier flash_mgpu.py whose forward the variant knob "
                        "BASELINE_FORWARD=1 times (e.g. 'old:BASELINE_FORWARD=1')")
@@ -710,7 +752,9 @@ def main():
         for impl in args.impls.split(","):
           if impl not in ("xla", "cudnn"):
             profile_row(name, masks.MaskSpec("diffusion", 32, nn_), 2048, tiles, impl)
-  if "dq" in sections:
+  if "dq" in sections and args.dq_variants:
+    dq_variant_rows(parse_variants(args.dq_variants), tiles)
+  elif "dq" in sections:
     for nn_ in (2, 1):  # 3L first: where session 33 found the Mosaic kernel furthest behind
       for name in SHAPES:
         dq_row(name, masks.MaskSpec("diffusion", 32, nn_), 2048, tiles)

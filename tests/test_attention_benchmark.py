@@ -63,6 +63,26 @@ def test_variant_rows_time_each_variant_with_its_tiles_and_knobs(bench, monkeypa
   assert flash_mgpu.DKV_HEADS == before
 
 
+def test_dq_variants_time_triton_dq_per_variant_against_the_first(bench, monkeypatch):
+  # --sections dq --dq-variants: Triton's dq under each variant's knobs and tiles, Mosaic's only
+  # beside the first, and every later variant's row compared with the first's of the same case.
+  seen = []
+
+  def row(shape, spec, length, tiles, impls, tag, like):
+    seen.append((tag, spec.num_streams, tiles.num_warps_bwd, bench.flash.DELTA_IN_DQ, impls,
+                 None if like is None else like["tag"]))
+    return {"tag": tag}
+  monkeypatch.setattr(bench, "dq_row", row)
+  before = bench.flash.DELTA_IN_DQ
+  bench.dq_variant_rows(bench.parse_variants("a:;b:flash.DELTA_IN_DQ=0,tiles.num_warps_bwd=8"),
+                        bench.flash.Tiles())
+  assert [s[:2] for s in seen] == [("a", 3), ("a", 3), ("a", 2), ("a", 2)] + [
+      ("b", 3), ("b", 3), ("b", 2), ("b", 2)]  # 3L first
+  assert {s[2:] for s in seen[:4]} == {(4, before, ("triton", "mosaic"), None)}
+  assert {s[2:] for s in seen[4:]} == {(8, 0, ("triton",), "a")}
+  assert bench.flash.DELTA_IN_DQ == before
+
+
 def test_baseline_forward_is_a_variant_knob(bench, monkeypatch, tmp_path):
   # --baseline-forward FILE: the knob BASELINE_FORWARD=1 runs FILE's forward in place of the
   # current one (an earlier kernel timed in the same run), 0 the current one.

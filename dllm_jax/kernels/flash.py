@@ -103,8 +103,8 @@ class Tiles:
   # "mosaic" (`flash_mgpu.dq`: the forward's tiling, TMA + wgmma; sm_90 only), or "auto" (Triton's:
   # the Mosaic kernel has not beaten it where timed). Its GPU time against Triton's (H100, L=2048,
   # same run, BENCHMARKS.md session 33): 367 vs 384 us (1.5B heads 2L), 852 vs 837 (7B 2L), 612
-  # vs 575 (1.5B 3L), 1405 vs 1276 (7B 3L); timed before df15422 (its lse and delta broadcast per
-  # visit instead of held across the loop), untimed since. Unused with `fuse_dq`.
+  # vs 575 (1.5B 3L), 1405 vs 1276 (7B 3L); since df15422 (lse and delta broadcast per visit)
+  # 368 / 845 / 608 / 1402 against 384 / 833 / 570 / 1263 (session 34). Unused with `fuse_dq`.
   dq: str = "triton"
 
   def __post_init__(self):

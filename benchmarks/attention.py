@@ -260,9 +260,10 @@ def ceilings():
 def _train_fns(spec, meta, tiles):
   mask_fn = lambda: masks.dense_mask(spec, meta, meta)
 
-  def ours(**changes):  # our kernels, with `tiles` changed by `changes`
-    chosen = dataclasses.replace(tiles, **changes)
-    return lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, chosen)
+  def ours(**changes):  # our kernels, with `tiles` changed by `changes` (checked when run, so
+    # that a variant's Tiles that one of these changes would contradict fails only that impl)
+    return lambda q, k, v: flash.block_sparse_attention(
+        q, k, v, meta.segments, spec, dataclasses.replace(tiles, **changes))
 
   def xla(q, k, v):
     return attention.xla_attention(q, k, v, mask_fn())
@@ -272,7 +273,7 @@ def _train_fns(spec, meta, tiles):
                                         implementation="cudnn")
 
   return {"pallas": ours(), "xla": xla, "cudnn": cudnn,
-          "triton": ours(forward="triton", dkv="triton"),  # every kernel through Pallas' Triton
+          "triton": ours(forward="triton", dkv="triton", dq="triton"),  # every kernel Triton's
           # the dk/dv kernel named: Mosaic's (the default's choice on sm_90 for the diffusion
           # layouts at head_dim 128) or Triton's (the default's choice before session 12)
           "mosaic_dkv": ours(dkv="mosaic"), "triton_dkv": ours(dkv="triton"),

@@ -125,3 +125,18 @@ def test_without_tiles_the_default_kernels_are_timed(load_benchmark):
   bench = load_benchmark("attention")
   assert bench.tiles_to_time(-1) == flash.Tiles()
   assert bench.tiles_to_time(0) == bench.TUNE[0] and bench.TUNE[0].dkv == "triton"
+
+
+def test_train_fns_build_for_every_tiles_variant(bench):
+  # A variant's Tiles (here dq="ds", which needs the Mosaic dk/dv kernel) must not break the
+  # other impls' construction: each impl's Tiles is checked when it runs (a session's GPU call
+  # was lost to the "triton" impl's Tiles being built eagerly).
+  from dllm_jax import masks
+  spec = masks.MaskSpec("diffusion", 32, 1)
+  meta = masks.layout_meta(spec, bench.jnp.zeros((1, 64), bench.jnp.int32))
+  fns = bench._train_fns(spec, meta, bench.flash.Tiles(dkv="mosaic", dq="ds"))
+  assert {"pallas", "xla", "triton", "mosaic_dkv", "triton_dkv", "mosaic_fused"} <= set(fns)
+  q = bench.jnp.ones((1, 128, 2, 64), bench.jnp.float32)
+  k = bench.jnp.ones((1, 128, 1, 64), bench.jnp.float32)
+  # every kernel Triton's, dq included: traced (its Tiles built and checked), not run on the CPU
+  assert bench.jax.eval_shape(fns["triton"], q, k, k).shape == q.shape

@@ -105,13 +105,25 @@ class Tiles:
   # same run, BENCHMARKS.md session 33): 367 vs 384 us (1.5B heads 2L), 852 vs 837 (7B 2L), 612
   # vs 575 (1.5B 3L), 1405 vs 1276 (7B 3L); since df15422 (lse and delta broadcast per visit)
   # 368 / 845 / 608 / 1402 against 384 / 833 / 570 / 1263 (session 34). Unused with `fuse_dq`.
+  # "ds" (needs dkv="mosaic"): the dk/dv kernel stores each visited tile's dS (bf16, [B, H, P, 64,
+  # 64]: 2 bytes an allowed pair, 0.43 GB for the 1.5B heads' 2L case at L=2048, batch 4, 1.5 GB
+  # for the 7B's 3L) and a Triton kernel forms dQ = dS K from it, one product a tile where the dq
+  # kernels recompute S and dP (three); delta comes from XLA's pass, since the dk/dv kernel runs
+  # first. Fwd+bwd 1.021 / 1.008 / 1.008 / 1.003x the default's speed (1.5B 2L, 7B 2L, 1.5B 3L,
+  # 7B 3L; H100, L=2048, same run, BENCHMARKS.md session 34): dS K takes 231-767 us where the
+  # dq kernel took 383-1271, but the stores cost the dk/dv kernel 22-24% and XLA's delta 39-122
+  # us. Opt-in: that little for the memory.
   dq: str = "triton"
 
   def __post_init__(self):
     options = ("auto", "triton", "mosaic")
     for name in ("forward", "dkv", "dq"):
-      if getattr(self, name) not in options:
-        raise ValueError(f"Tiles.{name}={getattr(self, name)!r}: expected one of {options}")
+      allowed = options + (("ds",) if name == "dq" else ())
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"Tiles.{name}={getattr(self, name)!r}: expected one of {allowed}")
+    if self.dq == "ds" and (self.dkv != "mosaic" or self.fuse_dq):
+      raise ValueError(f"Tiles.dq='ds' needs dkv='mosaic' and fuse_dq=False (dkv={self.dkv!r}, "
+                       f"fuse_dq={self.fuse_dq}): the Mosaic GPU dk/dv kernel stores dS")
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
       if f.name in ("forward", "dkv", "dq"):
@@ -477,6 +489,12 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
 
     return flash_mgpu.dkv(q, k, v, seg, do, lse, _xla_delta(o, do), spec, length, interpret,
                           fuse_dq=True)
+  if tiles.dq == "ds":  # the dk/dv kernel first (it stores dS), then dQ = dS K
+    from dllm_jax.kernels import flash_mgpu
+
+    ds, dk, dv = flash_mgpu.dkv(q, k, v, seg, do, lse, _xla_delta(o, do), spec, length, interpret,
+                                store_ds=True)
+    return _dq_from_ds(ds, k, seg, spec, length, q.shape, q.dtype, tiles, interpret), dk, dv
   # dq, and delta [B, H, Tp] (like lse) for the dk/dv kernel, which therefore runs after it
   if tiles.dq == "mosaic":
     from dllm_jax.kernels import flash_mgpu
@@ -517,6 +535,58 @@ def _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles: Tiles, interpret, 
       name="block_sparse_attention_dq",
   )(run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse,
     o if xla_delta is None else xla_delta)
+
+
+def _ds_k_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, pairs_ref, ids_ref, k_ref, ds_ref,
+                 dq_ref, *, block, scale):
+  qi = pl.program_id(0)
+
+  def body(start, dq, masked, compare_segments):
+    kt = start // block
+    k = k_ref[pl.ds(start, block), :]
+    x = _dot(ds_ref[pairs_ref[qi, kt]], k, trans_a=True)  # dS^T tile [keys, rows]: dS K
+    if compare_segments:
+      # The dk/dv kernel visited (and wrote) only the tiles whose segment-id ranges meet its
+      # rows'; a tile inside this run's span that does not is unwritten and holds no pair.
+      meets = (ids_ref[0, kt] <= ids_ref[1, qi]) & (ids_ref[0, qi] <= ids_ref[1, kt])
+      x = jnp.where(meets, x, 0.0)
+    return dq + x
+
+  plan = (lo_ref, hi_ref, nfull_ref, nruns_ref)
+  dq = _by_segments(one_ref[qi], lambda cmp: _visit(
+      plan, qi, block, functools.partial(body, compare_segments=cmp),
+      jnp.zeros(dq_ref.shape, jnp.float32)))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dq_from_ds(ds, k, seg, spec, length, q_shape, dtype, tiles: Tiles, interpret):
+  """dQ = dS K (Triton; `Tiles.dq="ds"`) from the dS^T tiles `flash_mgpu.dkv(store_ds=True)`
+  stored (ds [B, H, P, T, T], T its 64-row tiles), on the same layout's T x T plan narrowed by
+  segment ids: memory-bound on reading dS, where a dq kernel recomputes S and dP."""
+  from dllm_jax.kernels import flash_mgpu
+
+  b, tp, h, d = q_shape
+  group = h // k.shape[2]
+  t = ds.shape[-1]
+  pairs, _ = flash_mgpu.ds_pairs(spec, length, tp, t)
+  plan = visit_runs(spec, length, t, t, False, tiles.max_run, num_outer=tp // t)
+  run_lo, run_hi, one = segment_runs(plan, seg, t, t, transpose=False)
+  tiled = seg.reshape(b, tp // t, t)
+  ids = jnp.stack([tiled.min(-1), tiled.max(-1)], 1)  # [B, 2, Tp / T]: each tile's id range
+  return pl.pallas_call(
+      functools.partial(_ds_k_kernel, block=t, scale=k.shape[-1] ** -0.5),
+      grid=(tp // t, b, h),
+      in_specs=[*_batch_rows(1, run_lo, run_hi, one), _whole(plan[2]), _whole(plan[3]),
+                _whole(pairs), pl.BlockSpec((None, 2, tp // t), lambda i, bi, hi: (bi, 0, 0)),
+                pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+                pl.BlockSpec((None, None) + ds.shape[2:], lambda i, bi, hi: (bi, hi, 0, 0, 0))],
+      out_specs=pl.BlockSpec((None, t, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+      out_shape=jax.ShapeDtypeStruct(q_shape, dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
+                                           num_stages=tiles.num_stages_bwd),
+      interpret=interpret,
+      name="block_sparse_attention_ds_k",
+  )(run_lo, run_hi, one, plan[2], plan[3], pairs, ids, k, ds)
 
 
 def _dkv(q, k, v, seg, do, lse, delta, dq, spec, length, tiles: Tiles, interpret):
@@ -595,7 +665,8 @@ def _attention_bwd(spec, length, tiles, interpret, res, do):
 _attention_padded.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _require_mosaic(field: str, spec: masks.MaskSpec, q, interpret: bool, instead: str):
+def _require_mosaic(field: str, spec: masks.MaskSpec, q, interpret: bool, instead: str,
+                    choice: str = "mosaic"):
   """An explicit `Tiles.<field>="mosaic"` this problem or device cannot run is an error naming
   why (not a fallback, nor a failure inside Pallas or the Mosaic compiler)."""
   from dllm_jax.kernels import flash_mgpu
@@ -606,7 +677,7 @@ def _require_mosaic(field: str, spec: masks.MaskSpec, q, interpret: bool, instea
     why = (f"it needs an sm_90 GPU (H100/H200), and the device is {dev.platform} "
            f"{getattr(dev, 'device_kind', '')}".rstrip())
   if why is not None:
-    raise ValueError(f"Tiles.{field}='mosaic' cannot run this problem: {why}; use {instead}")
+    raise ValueError(f"Tiles.{field}={choice!r} cannot run this problem: {why}; use {instead}")
 
 
 def _kernel_choice(field: str, choice: str, spec: masks.MaskSpec, q, interpret: bool) -> str:
@@ -615,8 +686,8 @@ def _kernel_choice(field: str, choice: str, spec: masks.MaskSpec, q, interpret: 
   error, not a fallback."""
   if choice == "triton":
     return choice
-  if choice == "mosaic":
-    _require_mosaic(field, spec, q, interpret, f"{field}='triton' or 'auto'")
+  if choice in ("mosaic", "ds"):  # "ds": the Mosaic dk/dv kernel stores dS (Tiles.dq)
+    _require_mosaic(field, spec, q, interpret, f"{field}='triton' or 'auto'", choice)
     return choice
   from dllm_jax.kernels import flash_mgpu
 

@@ -185,14 +185,33 @@ def _take_turns(sched_bar):
   plgpu.barrier_wait(sched_bar)
 
 
+# A TMA copy moves at most 256 elements along a dimension: a plan row wider than this (a key
+# tile seen by many query tiles, or `dkv(store_ds=True)`'s slot columns) is copied in pieces.
+PLAN_COPY_MAX = 256
+
+
+def plan_pieces(width: int) -> list[tuple[int, int]]:
+  """(start, size) of the copies of a `width`-wide plan row, one barrier each."""
+  return [(c, min(PLAN_COPY_MAX, width - c)) for c in range(0, width, PLAN_COPY_MAX)]
+
+
+def _wait_plan(plan_bar, width):
+  for c in range(len(plan_pieces(width))):
+    _plgpu().barrier_wait(plan_bar.at[c])
+
+
 def _producer_start(plan_row, plan_s, plan_bar, nv, interpret, regs=40):
   """The producer warpgroup's prologue: give up registers, copy this CTA's plan row into shared
-  memory (the consumers wait on the same barrier), and read its (n_full, n_vis, one)."""
+  memory (in `plan_pieces`, whose barriers the consumers wait on too: `_wait_plan`), and read
+  its (n_full, n_vis, one)."""
   plgpu = _plgpu()
   if not interpret:
     plgpu.set_max_registers(regs, action="decrease")
-  plgpu.copy_gmem_to_smem(plan_row, plan_s, plan_bar.at[0])
-  plgpu.barrier_wait(plan_bar.at[0])
+  width = plan_s.shape[0]
+  for c, (start, size) in enumerate(plan_pieces(width)):
+    piece = pl.ds(start, size)
+    plgpu.copy_gmem_to_smem(plan_row.at[piece], plan_s.at[piece], plan_bar.at[c])
+  _wait_plan(plan_bar, width)
   return plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
 
 
@@ -680,6 +699,19 @@ def fuse_dq_unsupported(head_dim: int) -> str | None:
   return None
 
 
+def ds_pairs(spec: masks.MaskSpec, length: int, tp: int, tile: int = BLOCK_QI):
+  """int32 [tp // tile, tp // tile]: where `dkv(store_ds=True)` stores the dS tile of each (query
+  tile, key tile) the layout does not leave empty, -1 for the rest; and how many there are (P,
+  at least 1). Query-tile major, keys ascending: a query tile's tiles lie together."""
+  tmap = masks.tile_map(spec, length, tile, tile) != masks.TILE_EMPTY
+  n = tp // tile
+  pairs = np.full((n, n), -1, np.int32)
+  used = np.zeros((n, n), bool)
+  used[:tmap.shape[0], :tmap.shape[1]] = tmap
+  pairs[used] = np.arange(int(used.sum()), dtype=np.int32)
+  return pairs, max(1, int(used.sum()))
+
+
 def _zeroed(shape):
   """A zeroed float32 global-memory Ref for a kernel's reduce-adds. Passed to `pl.kernel` it is
   aliased in and out (`plgpu.kernel` takes no Refs, nor input_output_aliases in jax 0.10)."""
@@ -687,9 +719,11 @@ def _zeroed(shape):
 
 
 def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpret: bool = False,
-        fuse_dq: bool = False):
+        fuse_dq: bool = False, store_ds: bool = False):
   """(dq, dk, dv) of `flash._backward`'s problem, the forward's tiling transposed; dq is None
-  unless `fuse_dq`.
+  unless `fuse_dq`. With `store_ds`, (ds, dk, dv) instead: ds [B, H, P, 64, 64] holds every
+  visited tile's dS^T (keys x query rows, unscaled) at `ds_pairs`' index, for `flash`'s dS K
+  kernel (`Tiles.dq="ds"`); tiles no visit reached are left unwritten.
 
   One CTA holds 128 keys of one KV head (two consumer warpgroups of 64, K and V resident in
   shared memory) and walks the query tiles that see them, of one query head or, unfused, of
@@ -720,12 +754,17 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   tile, which spilled registers and ran 1.24x the two kernels it replaces (H200, BENCHMARKS.md,
   session 11). Opt-in: with its CTAs launched in groups (`FUSED_GROUP`) level with this kernel
   unfused plus the Triton dq kernel for both shapes (sessions 13 and 14).
+  `store_ds`: each warpgroup also stages its visit's dS^T in shared memory, once the last store
+  from there has read it, and stores it by TMA while its dV and dK products run.
   Returns dq [B, Tp, H, D], dk, dv [B, Tp, K, D] in the inputs' dtype.
   """
   plgpu = _plgpu()
   b, tp, h, d = q.shape
   group = h // k.shape[2]
   bk, bq = BLOCK_KV, BLOCK_QI
+  if store_ds and (fuse_dq or bk != bq):
+    raise ValueError(f"dkv(store_ds=True) needs fuse_dq=False and square dS tiles "
+                     f"(BLOCK_KV={bk}, BLOCK_QI={bq})")
   outer = 2 * bk
   half = d // 2
   why = fuse_dq_unsupported(d) if fuse_dq else None
@@ -735,6 +774,16 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     raise ValueError(f"padded length {tp} is not a multiple of {outer}")
   n_outer = tp // outer
   plan, nv = heavy_first_list(spec, length, seg, n_outer, bq, outer, transpose=True)
+  if store_ds:
+    # Each row's visits' dS slots for warpgroup w at columns nv + 4 + w * nv + i (padding to
+    # whole 128-byte rows again): query tile plan[i], key tile 2 * (the row's tile) + w.
+    pair_table, n_pairs = ds_pairs(spec, length, tp, bq)
+    key_tiles = 2 * plan[..., nv + 3, None] + jnp.arange(2)  # [B, n_outer, 2]
+    slots = jnp.asarray(pair_table)[plan[..., None, :nv], key_tiles[..., None]]
+    slots = slots.reshape(*plan.shape[:2], 2 * nv)
+    width = -(-(nv + 4 + 2 * nv) // 32) * 32
+    plan = jnp.concatenate([plan[..., :nv + 4], slots, jnp.zeros(
+        plan.shape[:2] + (width - 3 * nv - 4,), jnp.int32)], -1)
   dtype = q.dtype
   scale = d ** -0.5
   c = scale * _LOG2E
@@ -766,7 +815,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
                      f"DS_SLOTS={DS_SLOTS}")
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, plan_ref, qt_ref, dot_ref,
-             dq_ref, dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s, dq_s,
+             dq_ref, dk_ref, dv_ref, ds_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s, dq_s,
              lse_s, delta_s, segk_s, segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar, do_bar,
              qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, ds_ready, ds_free):
     j, bi, unit = launch_place(lax.axis_index("cta"), n_outer, pairs, units)
@@ -812,7 +861,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     def consumer(w):  # w: this warpgroup's index (a Python int when fused: see below)
       if not interpret:
         plgpu.set_max_registers(regs[1], action="increase")
-      plgpu.barrier_wait(plan_bar.at[0])
+      _wait_plan(plan_bar, plan_s.shape[0])
       n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
       total = n_vis * hpc  # the CTA's visits over its heads
       base = plan_s[nv + 3] * outer + w * bk
@@ -891,6 +940,19 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(dq_s.at[w], target, reduction_op="add")
 
+      def put_ds(i, hh, ds16):
+        """Visit i's dS^T (head head0 + hh) to its slot of ds_ref by TMA, staged in ds_s[0, w]
+        once the last store from there has read it (no slot: a 64-key half the layout leaves
+        empty for these query rows)."""
+        pair = plan_s[nv + 4 + w * nv + i]
+
+        @pl.when(pair >= 0)
+        def _():
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          ds_s[0, w] = ds16
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(ds_s.at[0, w], ds_ref.at[bi, head0 + hh, pair])
+
       def release_ds(i):  # visit i's dS^T read: its slot may take visit i + n_ds's
         pl.when(i + n_ds < n_vis)(lambda: plgpu.barrier_arrive(ds_free.at[ds_slot(i)]))
 
@@ -906,7 +968,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
       # The steps' `off`: the visits of the CTA's earlier heads, so that slots and barrier phases
       # run on through its heads as one stream (the producer's `streamed`).
-      def interpret_step(i, carry, masked, off):
+      def interpret_step(i, carry, masked, off, hh):
         dk, dv = carry
         slot = lax.rem(off + i, SLOTS)
         for bar in (q_bar, do_bar, qt_bar, dot_bar):
@@ -920,16 +982,22 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         if fuse_dq:
           share_ds(i, dslot, ds16)
         else:
+          if store_ds:  # the last visit's store has read ds_s (as `put_ds` on the GPU)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           ds_s[0, w] = ds16
         plgpu.commit_smem()
         dv = dv + product(p_s.at[w], do_s.at[slot], (bk, d))
         dk = dk + product(ds_s.at[dslot, w], q_s.at[slot], (bk, d))
+        if store_ds:
+          pair = plan_s[nv + 4 + w * nv + i]
+          pl.when(pair >= 0)(lambda: plgpu.copy_smem_to_gmem(
+              ds_s.at[0, w], ds_ref.at[bi, head0 + hh, pair]))
         pl.when(off + i + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
           interpret_dq(i - lag)
         return dk, dv
 
-      def gpu_step(i, carry, masked, off):
+      def gpu_step(i, carry, masked, off, hh):
         dk, dv = carry
         slot = lax.rem(off + i, SLOTS)
         dslot, prev = ds_slot(i), ds_slot(i - lag)
@@ -952,6 +1020,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           dv_ref, dk_ref = refs
           plgpu.wgmma(dv_ref, p16, do_s.at[slot])
           plgpu.wgmma(dk_ref, ds16, q_s.at[slot])
+          if store_ds:  # while the products run (they read ds16's registers, as this does)
+            put_ds(i, hh, ds16)
 
           @pl.when(off + i + 1 < total)  # the next tile's operands, while these products run
           def _():
@@ -984,7 +1054,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.barrier_wait(q_bar.at[0])
           plgpu.barrier_wait(do_bar.at[0])
       dk, dv = for_heads(lambda hh, carry: _visit_loops(
-          functools.partial(step, off=hh * n_vis), n_full, n_vis, one, carry), (zeros, zeros))
+          functools.partial(step, off=hh * n_vis, hh=hh), n_full, n_vis, one, carry),
+          (zeros, zeros))
       for back in range(lag, 0, -1) if fuse_dq else ():  # the last `lag` visits' dQ columns
         last = n_vis - back
         if interpret:
@@ -1029,9 +1100,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
       plgpu.SMEM((2, bk, bq) if interpret else small, dtype, **tiled),
       # dS^T tiles: [slot, warpgroup] when fused (both warpgroups read both), else the
-      # interpreter's staging copy
-      plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret else (1,) + small,
-                 dtype, **tiled),
+      # staging copy of the interpreter's product and of `store_ds`' stores
+      plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret or store_ds
+                 else (1,) + small, dtype, **tiled),
       plgpu.SMEM((n_ds, 2, bq, bk) if interpret and fuse_dq else (1,) + small, dtype, **tiled),
       # float32 staging of the reduce-adds (dQ's, dK's and dV's), one [64, D / 2] a warpgroup
       plgpu.SMEM((2, bq, half) if fuse_dq or reduce_add else (1, 8, 32), jnp.float32,
@@ -1039,7 +1110,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.SMEM((SLOTS, bq), jnp.float32), plgpu.SMEM((SLOTS, bq), jnp.float32),
       plgpu.SMEM((2, bk), jnp.int32), plgpu.SMEM((SLOTS, bq), jnp.int32),
       plgpu.SMEM((plan.shape[-1],), jnp.int32),
-      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_barriers=len(plan_pieces(plan.shape[-1]))),  # plan row, by piece
       plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
       plgpu.Barrier(num_barriers=2),
       *[plgpu.Barrier(num_barriers=SLOTS) for _ in range(7)],
@@ -1049,31 +1120,46 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.Barrier(num_arrivals=2, num_barriers=n_ds)]
   inputs = (q, k, v, do, lse, delta, seg, plan, qt, dot)
   # reduce-add targets, aliased in and out: dQ when fused, dK and dV with `reduce_add`
-  targets = (([_zeroed(q.shape)] if fuse_dq else [])
-             + ([_zeroed(k.shape), _zeroed(k.shape)] if reduce_add else []))
-  out_shape = jax.ShapeDtypeStruct(((chunks,) if partials else ()) + k.shape, dtype)
+  # Refs aliased in and out, then outputs, by name: the reduce-add targets (dQ when fused, dK
+  # and dV with `reduce_add`), and in the interpreter the stored dS, filled with NaN first so
+  # that a tile the kernel never wrote and dS K reads anyway poisons dQ in the tests (on the GPU
+  # an output, unwritten tiles hold whatever the memory held).
+  targets = {}
+  if fuse_dq:
+    targets["dq"] = _zeroed(q.shape)
+  if reduce_add:
+    targets["dk"], targets["dv"] = _zeroed(k.shape), _zeroed(k.shape)
+  ds_type = jax.ShapeDtypeStruct((b, h, n_pairs, bk, bq), dtype) if store_ds else None
+  if store_ds and interpret:
+    targets["ds"] = jax.new_ref(jnp.full(ds_type.shape, jnp.nan, dtype),
+                                memory_space=plgpu.GMEM)
+  out_type = {} if reduce_add else {
+      "dk": jax.ShapeDtypeStruct(((chunks,) if partials else ()) + k.shape, dtype)}
+  if not reduce_add:
+    out_type["dv"] = out_type["dk"]
+  if store_ds and not interpret:
+    out_type["ds"] = ds_type
 
   def body(*refs):
-    ins, rest = refs[:len(inputs)], refs[len(inputs):]
-    if not fuse_dq:
-      rest = (None,) + rest
-    pl.run_scoped(functools.partial(kernel, *ins, *rest), *scratch, collective_axes="wg")
+    ins = refs[:len(inputs)]
+    named = dict(zip(list(targets) + list(out_type), refs[len(inputs):]))
+    pl.run_scoped(functools.partial(kernel, *ins, *(named.get(n) for n in ("dq", "dk", "dv",
+                                                                           "ds"))),
+                  *scratch, collective_axes="wg")
 
   outs = pl.kernel(
       body,
-      out_type=[] if reduce_add else [out_shape, out_shape],
+      out_type=list(out_type.values()),
       # one axis, launched in order (see the docstring and `FUSED_GROUP`)
       mesh=plgpu.Mesh(grid=(n_outer * b * units,), grid_names=("cta",), num_threads=3,
                       thread_name="wg"),
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params() if interpret else False,
       name="block_sparse_attention_dkv_mgpu",  # as the forward's: profiles tell them apart
-  )(*inputs, *targets)
-  dq_out = (targets[0][...] * scale).astype(dtype) if fuse_dq else None
-  if reduce_add:
-    dk, dv = (t[...].astype(dtype) for t in targets[-2:])
-  else:
-    dk, dv = outs
+  )(*inputs, *targets.values())
+  got = {**{n: t[...] for n, t in targets.items()}, **dict(zip(out_type, outs or ()))}
+  dq_out = (got["dq"] * scale).astype(dtype) if fuse_dq else got.get("ds")
+  dk, dv = (got[n].astype(dtype) for n in ("dk", "dv"))
   if partials:
     dk = dk.astype(jnp.float32).sum(0).astype(k.dtype)
     dv = dv.astype(jnp.float32).sum(0).astype(v.dtype)
@@ -1163,7 +1249,7 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
     def _consumer():
       if not interpret:
         plgpu.set_max_registers(232, action="increase")
-      plgpu.barrier_wait(plan_bar.at[0])
+      _wait_plan(plan_bar, plan_s.shape[0])
       n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
       base = plan_s[nv + 3] * OUTER + wg * bq
       rows = pl.ds(base, bq)
@@ -1282,7 +1368,7 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
           plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
           plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((SLOTS, bk), jnp.int32),
           plgpu.SMEM((plan.shape[-1],), jnp.int32),
-          plgpu.Barrier(num_barriers=1),  # plan row
+          plgpu.Barrier(num_barriers=len(plan_pieces(plan.shape[-1]))),  # plan row, by piece
           *[plgpu.Barrier(num_barriers=2) for _ in range(4)],  # Q, dO, lse, ids: by warpgroup
           plgpu.Barrier(num_barriers=1),  # O in slot 1
           plgpu.Barrier(num_arrivals=2, num_barriers=1),  # O read by both

@@ -199,6 +199,15 @@ def test_dq_from_stored_ds_equals_the_reference(monkeypatch, case, heads):
   test_mosaic_dkv_gradients_equal_the_reference(*case, DS)
 
 
+def test_dq_from_stored_ds_beside_reduce_adds(monkeypatch):
+  # dS stored (aliased in the interpreter, NaN-filled) beside dK and dV reduce-added into zeroed
+  # float32 targets: the dk/dv kernel's aliased refs bound by name in both modes at once.
+  monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 1)
+  monkeypatch.setattr(flash_mgpu, "GQA_REDUCE_ADD", True)
+  test_mosaic_dkv_gradients_equal_the_reference(
+      masks.MaskSpec("diffusion", 32, 1), 200, 1, 2, 1, 64, [[64]], DS)
+
+
 def test_stored_ds_path_lowers_for_cuda(monkeypatch, lower_for_cuda):
   # The GPU body of dkv(store_ds=True) (dS^T staged from registers, stored by TMA while the dV and
   # dK products run) and Triton's dS K kernel, lowered for CUDA: packed 2L, GQA 6, head_dim 128,

@@ -674,7 +674,8 @@ def main():
   ap.add_argument("--dq-variants", default="",
                   help="with --sections dq: variants as --variants takes them (e.g. "
                        "'base:;w8:tiles.block_q_dq=128,tiles.num_warps_bwd=8'), each timing "
-                       "Triton's dq kernel alone on the four L=2048 cases, Mosaic's beside the first")
+                       "Triton's dq kernel alone on the four L=2048 cases, Mosaic's beside the "
+                       "first")
   ap.add_argument("--baseline-forward", metavar="FILE",
                   help="an earlier flash_mgpu.py whose forward the variant knob "
                        "BASELINE_FORWARD=1 times (e.g. 'old:BASELINE_FORWARD=1')")

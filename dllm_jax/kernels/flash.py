@@ -106,13 +106,14 @@ class Tiles:
   # vs 575 (1.5B 3L), 1405 vs 1276 (7B 3L); since df15422 (lse and delta broadcast per visit)
   # 368 / 845 / 608 / 1402 against 384 / 833 / 570 / 1263 (session 34). Unused with `fuse_dq`.
   # "ds" (needs dkv="mosaic"): the dk/dv kernel stores each visited tile's dS (bf16, [B, H, P, 64,
-  # 64]: 2 bytes an element of every non-empty 64 x 64 tile, ~1.05x the allowed pairs; 0.43 GB for
-  # the 1.5B heads' 2L case at L=2048, batch 4, 1.5 GB for the 7B's 3L) and a Triton kernel forms dQ = dS K from it, one product a tile where the dq
-  # kernels recompute S and dP (three); delta comes from XLA's pass, since the dk/dv kernel runs
-  # first. Fwd+bwd 1.021 / 1.008 / 1.008 / 1.003x the default's speed (1.5B 2L, 7B 2L, 1.5B 3L,
-  # 7B 3L; H100, L=2048, same run, BENCHMARKS.md session 34): dS K takes 231-767 us where the
-  # dq kernel took 383-1271, but the stores cost the dk/dv kernel 22-24% and XLA's delta 39-122
-  # us. Opt-in: that little for the memory.
+  # 64]: 2 bytes an element of every non-empty 64 x 64 tile, ~1.05x the allowed pairs; 0.43 GB
+  # for the 1.5B heads' 2L case at L=2048, batch 4, 1.5 GB for the 7B's 3L) and a Triton kernel
+  # forms dQ = dS K from it, one product a tile where the dq kernels recompute S and dP (three);
+  # delta comes from XLA's pass, since the dk/dv kernel runs first. Fwd+bwd 1.021 / 1.008 /
+  # 1.008 / 1.003x the default's speed (1.5B 2L, 7B 2L, 1.5B 3L, 7B 3L; H100, L=2048, same run,
+  # BENCHMARKS.md session 34): dS K takes 231-767 us where the dq kernel took 383-1271, but the
+  # stores cost the dk/dv kernel 22-26% and XLA's delta 39-122 us. Opt-in: that little for the
+  # memory.
   dq: str = "triton"
 
   def __post_init__(self):

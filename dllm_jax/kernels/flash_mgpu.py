@@ -815,9 +815,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
                      f"DS_SLOTS={DS_SLOTS}")
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, plan_ref, qt_ref, dot_ref,
-             dq_ref, dk_ref, dv_ref, ds_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s, dq_s,
-             lse_s, delta_s, segk_s, segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar, do_bar,
-             qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, ds_ready, ds_free):
+             dq_ref, dk_ref, dv_ref, ds_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s,
+             dq_s, lse_s, delta_s, segk_s, segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar,
+             do_bar, qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, ds_ready,
+             ds_free):
     j, bi, unit = launch_place(lax.axis_index("cta"), n_outer, pairs, units)
     head0 = unit * hpc  # the first of the CTA's query heads
     kvh = lax.div(head0, jnp.int32(group))

@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import traceback
 
 
@@ -80,13 +81,34 @@ def _multi_process() -> bool:
   return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
 
 
+# How long a leaving process waits for its peers to leave too (an error every process raises,
+# e.g. a config one), before it goes alone (an error only it saw; its peers may wait for it in
+# a collective they will never finish).
+LEAVE_TOGETHER_S = 10.0
+
+
 def _leave(code: int) -> int:
   """`code`, returned; in a multi-process job the process ends here instead. An error seen by
   one process only would otherwise leave it in jax.distributed's shutdown barrier, waiting for
-  peers that wait in a collective for it: gone, it lets the coordination service end them."""
+  peers that wait in a collective for it: gone, it lets the coordination service end them.
+
+  Where every process raised the error, they meet first, and process 0, which hosts the
+  coordination service, leaves last: a peer still on its way out when the service went away was
+  ended by its client (SIGABRT and a stack trace in place of its error message; seen under
+  load in tests/test_multihost.py)."""
   if _multi_process():
     sys.stdout.flush()
     sys.stderr.flush()
+    import jax
+    from jax._src import distributed
+
+    try:
+      distributed.global_state.client.wait_at_barrier("dllm_jax_leave",
+                                                      int(LEAVE_TOGETHER_S * 1000))
+      if jax.process_index() == 0:
+        time.sleep(1.0)  # the others' os._exit follows their barrier at once
+    except Exception:  # noqa: BLE001  (a peer that did not come: leave alone)
+      pass
     os._exit(code)
   return code
 

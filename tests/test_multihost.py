@@ -20,9 +20,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two(run_dir, steps, resume=False, extra=(), devices=2):
+def _run_two(run_dir, steps, resume=False, extra=(), devices=2, env_extra=None):
   """train.py as two processes of one job; [(returncode, stdout, stderr)] of each. `extra`
-  overrides replace the defaults of the same key."""
+  overrides replace the defaults of the same key; `env_extra` adds to both's environment."""
   port = _free_port()
   sets = {s.split("=")[0]: s for s in (
       f"train.steps={steps}", f"train.run_dir={run_dir}", "checkpoint.every_steps=2",
@@ -36,7 +36,7 @@ def _run_two(run_dir, steps, resume=False, extra=(), devices=2):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                DLLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DLLM_NUM_PROCESSES="2",
-               DLLM_PROCESS_ID=str(pid))
+               DLLM_PROCESS_ID=str(pid), **(env_extra or {}))
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
   outputs = []
@@ -137,3 +137,26 @@ def test_a_mesh_that_does_not_split_the_batch_over_the_processes_is_refused(tmp_
     assert rc == 2 and "error: multi-host: the mesh splits the batch into 1 shards" in err, \
         err[-2000:]
   assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_an_error_every_process_raises_ends_each_with_its_message_when_one_is_late(tmp_path):
+  # The same refusal, with process 1 reaching it 3 s after process 0 (a sitecustomize delays its
+  # check): process 0 hosts the coordination service, and leaving first it had process 1 ended
+  # by its client (SIGABRT, a stack trace, no message), as a loaded CI machine once did.
+  hook = tmp_path / "hook"
+  hook.mkdir()
+  (hook / "sitecustomize.py").write_text(
+      "import os, time\n"
+      "if os.environ.get('DLLM_PROCESS_ID') == '1':\n"
+      "  from dllm_jax import training\n"
+      "  check = training.check_batch_size\n"
+      "  def late(*args, **kwargs):\n"
+      "    time.sleep(3.0)\n"
+      "    return check(*args, **kwargs)\n"
+      "  training.check_batch_size = late\n")
+  runs = _run_two(tmp_path / "run", 2, devices=1,
+                  extra=("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=2"),
+                  env_extra={"PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])})
+  for rc, _, err in runs:
+    assert rc == 2 and "error: multi-host: the mesh splits the batch into 1 shards" in err, \
+        err[-2000:]

@@ -178,8 +178,8 @@ DS = flash.Tiles(forward="triton", dkv="mosaic", dq="ds")
     # packed, GQA 2 (CTAs of the whole group): tiles inside a narrowed run whose segment ids do
     # not meet the rows' (never written by the dk/dv kernel) must be skipped by dS K
     ((masks.MaskSpec("diffusion", 32, 1), 200, 1, 2, 1, 64, [[64]]), 2),
-    # packed, GQA 6, head_dim 128, CTAs of 3 heads (2 partials a KV head), two rows
-    ((masks.MaskSpec("diffusion", 32, 1), 100, 2, 6, 1, 128, [[32, 64], []]), 3),
+    # packed, GQA 6, head_dim 128, CTAs of 3 heads (2 partials a KV head)
+    ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 6, 1, 128, [[32, 64]]), 3),
     # 3L, GQA 3, one head a CTA; and causal head_dim 128 (odd length: padded tiles)
     ((masks.MaskSpec("diffusion", 16, 2), 64, 1, 3, 1, 64, [[]]), 1),
     (CASES[2], 1),
@@ -205,7 +205,7 @@ def test_dq_from_stored_ds_beside_reduce_adds(monkeypatch):
   monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 1)
   monkeypatch.setattr(flash_mgpu, "GQA_REDUCE_ADD", True)
   test_mosaic_dkv_gradients_equal_the_reference(
-      masks.MaskSpec("diffusion", 32, 1), 200, 1, 2, 1, 64, [[64]], DS)
+      masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 64, [[32]], DS)
 
 
 def test_stored_ds_path_lowers_for_cuda(monkeypatch, lower_for_cuda):

@@ -184,6 +184,13 @@ def visit_runs(spec: masks.MaskSpec, length: int, block_rows: int, block_cols: i
   return first, count, n_full, n_runs
 
 
+def tile_id_range(segments_BT, tile: int):
+  """(min, max) int32 [B, Tp // tile] each: the segment ids each `tile`-token tile holds."""
+  b, tp = segments_BT.shape
+  s = segments_BT.reshape(b, tp // tile, tile)
+  return s.min(-1), s.max(-1)
+
+
 def segment_runs(plan, segments_BT, rows: int, cols: int, transpose: bool):
   """The static plan narrowed by this batch's segment ids (XLA, before the kernels run).
 
@@ -199,12 +206,7 @@ def segment_runs(plan, segments_BT, rows: int, cols: int, transpose: bool):
   so the kernel needs no segment comparison there.
   """
   first, count, _, n_runs = plan
-  b, tp = segments_BT.shape
-
-  def id_range(tile):  # [B, Tp // tile] each
-    s = segments_BT.reshape(b, tp // tile, tile)
-    return s.min(-1), s.max(-1)
-
+  id_range = functools.partial(tile_id_range, segments_BT)
   (olo, ohi), (ilo, ihi) = ((id_range(cols), id_range(rows)) if transpose
                             else (id_range(rows), id_range(cols)))
   n_outer, width = first.shape
@@ -572,8 +574,7 @@ def _dq_from_ds(ds, k, seg, spec, length, q_shape, dtype, tiles: Tiles, interpre
   pairs, _ = flash_mgpu.ds_pairs(spec, length, tp, t)
   plan = visit_runs(spec, length, t, t, False, tiles.max_run, num_outer=tp // t)
   run_lo, run_hi, one = segment_runs(plan, seg, t, t, transpose=False)
-  tiled = seg.reshape(b, tp // t, t)
-  ids = jnp.stack([tiled.min(-1), tiled.max(-1)], 1)  # [B, 2, Tp / T]: each tile's id range
+  ids = jnp.stack(tile_id_range(seg, t), 1)  # [B, 2, Tp / T]: each tile's id range
   return pl.pallas_call(
       functools.partial(_ds_k_kernel, block=t, scale=k.shape[-1] ** -0.5),
       grid=(tp // t, b, h),

@@ -99,6 +99,12 @@ def on_hopper() -> bool:
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
+def _whole_rows(columns: int) -> int:
+  """`columns` int32 rounded up to whole 128-byte rows (32 columns): what TMA copies of plan
+  rows move."""
+  return -(-columns // 32) * 32
+
+
 def visit_list(spec, length, seg_BT, num_outer, rows=OUTER, cols=BLOCK_K, transpose=False):
   """int32 [B, num_outer, W]: per batch row and outer tile (`rows` query rows, or `cols` keys
   when `transpose`), the inner tiles to visit (full first) in columns 0..V-1, then n_full at V,
@@ -125,7 +131,7 @@ def visit_list(spec, length, seg_BT, num_outer, rows=OUTER, cols=BLOCK_K, transp
   n_full = jnp.where(one != 0, n_full, 0)
   n_vis = valid.sum(-1)
   index = jnp.broadcast_to(jnp.arange(num_outer, dtype=jnp.int32), (b, num_outer))
-  wp = -(-(v + 4) // 32) * 32
+  wp = _whole_rows(v + 4)
   extra = jnp.zeros((b, num_outer, wp - v - 4), jnp.int32)
   packed = jnp.concatenate([listed, n_full[..., None], n_vis[..., None], one[..., None],
                             index[..., None], extra], -1)
@@ -330,7 +336,7 @@ def work_table(spec, length, seg, b, h, n_outer, ctas):
   before = after - n_vis
   prev_vis = jnp.pad(n_vis[:, :-1] > 0, [(0, 0), (1, 0)])
   counts = jnp.stack([total, before, prev_vis.astype(jnp.int32)], -1).astype(jnp.int32)
-  width = -(-(nv + 10) // 32) * 32
+  width = _whole_rows(nv + 10)
   pad = np.zeros(bi.shape + (width - nv - 10,), np.int32)
   return jnp.concatenate([rows, jnp.asarray(extra, jnp.int32), counts, jnp.asarray(pad)],
                          -1), nv
@@ -781,7 +787,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     key_tiles = 2 * plan[..., nv + 3, None] + jnp.arange(2)  # [B, n_outer, 2]
     slots = jnp.asarray(pair_table)[plan[..., None, :nv], key_tiles[..., None]]
     slots = slots.reshape(*plan.shape[:2], 2 * nv)
-    width = -(-(nv + 4 + 2 * nv) // 32) * 32
+    width = _whole_rows(3 * nv + 4)
     plan = jnp.concatenate([plan[..., :nv + 4], slots, jnp.zeros(
         plan.shape[:2] + (width - 3 * nv - 4,), jnp.int32)], -1)
   dtype = q.dtype
@@ -941,11 +947,13 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(dq_s.at[w], target, reduction_op="add")
 
+      def stored_at(i):  # visit i's slot of ds_ref for this warpgroup (-1: a 64-key half the
+        return plan_s[nv + 4 + w * nv + i]  # layout leaves empty for these query rows)
+
       def put_ds(i, hh, ds16):
         """Visit i's dS^T (head head0 + hh) to its slot of ds_ref by TMA, staged in ds_s[0, w]
-        once the last store from there has read it (no slot: a 64-key half the layout leaves
-        empty for these query rows)."""
-        pair = plan_s[nv + 4 + w * nv + i]
+        once the last store from there has read it."""
+        pair = stored_at(i)
 
         @pl.when(pair >= 0)
         def _():
@@ -990,7 +998,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         dv = dv + product(p_s.at[w], do_s.at[slot], (bk, d))
         dk = dk + product(ds_s.at[dslot, w], q_s.at[slot], (bk, d))
         if store_ds:
-          pair = plan_s[nv + 4 + w * nv + i]
+          pair = stored_at(i)
           pl.when(pair >= 0)(lambda: plgpu.copy_smem_to_gmem(
               ds_s.at[0, w], ds_ref.at[bi, head0 + hh, pair]))
         pl.when(off + i + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
@@ -1120,7 +1128,6 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.Barrier(num_arrivals=2, num_barriers=n_ds),
       plgpu.Barrier(num_arrivals=2, num_barriers=n_ds)]
   inputs = (q, k, v, do, lse, delta, seg, plan, qt, dot)
-  # reduce-add targets, aliased in and out: dQ when fused, dK and dV with `reduce_add`
   # Refs aliased in and out, then outputs, by name: the reduce-add targets (dQ when fused, dK
   # and dV with `reduce_add`), and in the interpreter the stored dS, filled with NaN first so
   # that a tile the kernel never wrote and dS K reads anyway poisons dQ in the tests (on the GPU

@@ -454,16 +454,25 @@ def variant_knobs(knobs, base_tiles):
     jax.clear_caches()
 
 
-def variant_rows(variants, tiles, impls, profile):
-  """For each variant: its knobs set, its gradients checked, then the four L=2048 cases timed
-  (and profiled) with `impls`."""
+def variant_shapes(text):
+  """--variant-shapes 'qwen2.5-1.5b,...' -> the SHAPES keys it names (all when empty)."""
+  names = tuple(filter(None, text.split(","))) or tuple(SHAPES)
+  unknown = [n for n in names if n not in SHAPES]
+  if unknown:
+    raise SystemExit(f"--variant-shapes: unknown {unknown}; expected some of {list(SHAPES)}")
+  return names
+
+
+def variant_rows(variants, tiles, impls, profile, shapes=tuple(SHAPES)):
+  """For each variant: its knobs set, its gradients checked, then the L=2048 cases of `shapes`
+  (both layouts) timed (and profiled) with `impls`."""
   for name, knobs in variants:
     with variant_knobs(knobs, tiles) as v_tiles:
       if not check_grads(impls, v_tiles, name):
         print(f"variant {name}: not exact, not timed", flush=True)
         continue
       for nn_ in (1, 2):
-        for shape in SHAPES:
+        for shape in shapes:
           spec = masks.MaskSpec("diffusion", 32, nn_)
           row = train_row(shape, spec, 2048, v_tiles, impls=impls, record="variants")
           row["variant"] = name
@@ -671,6 +680,8 @@ def main():
                   help="with --sections variants: 'name:KNOB=v,...;name2:...', flash_mgpu's knobs "
                        "per variant (e.g. 'base:;add:GQA_REDUCE_ADD=1'); each is checked, then "
                        "timed on the four L=2048 cases with --impls (profiled too with profile)")
+  ap.add_argument("--variant-shapes", default="",
+                  help="the variants section's head shapes, e.g. qwen2.5-1.5b (default: all)")
   ap.add_argument("--dq-variants", default="",
                   help="with --sections dq: variants as --variants takes them (e.g. "
                        "'base:;w8:tiles.block_q_dq=128,tiles.num_warps_bwd=8'), each timing "
@@ -747,7 +758,7 @@ def main():
                       impls=("pallas",), samples=args.packed)
   if "variants" in sections:
     variant_rows(parse_variants(args.variants), tiles, tuple(args.impls.split(",")),
-                 profile="profile" in sections)
+                 profile="profile" in sections, shapes=variant_shapes(args.variant_shapes))
   if "profile" in sections and "variants" not in sections:
     for nn_ in (1, 2):
       for name in SHAPES:

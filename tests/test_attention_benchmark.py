@@ -61,6 +61,13 @@ def test_variant_rows_time_each_variant_with_its_tiles_and_knobs(bench, monkeypa
                      bench.flash.Tiles(), ("pallas",), profile=False)
   assert seen == [("mosaic", 7)] * 4 + [("triton", before)] * 4
   assert flash_mgpu.DKV_HEADS == before
+  # --variant-shapes: one head shape, both layouts
+  seen.clear()
+  bench.variant_rows(bench.parse_variants("a:"), bench.flash.Tiles(), ("pallas",), profile=False,
+                     shapes=bench.variant_shapes("qwen2.5-1.5b"))
+  assert len(seen) == 2
+  with pytest.raises(SystemExit, match="--variant-shapes: unknown"):
+    bench.variant_shapes("qwen2.5-3b")
 
 
 def test_dq_variants_time_triton_dq_per_variant_against_the_first(bench, monkeypatch):

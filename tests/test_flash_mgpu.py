@@ -216,8 +216,9 @@ def test_dq_from_stored_ds_other_rows_and_stages(monkeypatch, rows, stages):
 
 
 def test_delta_pass_equals_xla(monkeypatch):
-  # The backward's delta where the dk/dv kernel runs first: a Triton pass (rows a program: the
-  # largest power of two <= DELTA_ROWS dividing Tp; 48 -> 16), against XLA's einsum.
+  # The backward's delta where the dk/dv kernel runs first: a Triton pass over [B * Tp * H, D]
+  # rows (a program: the largest power of two <= DELTA_ROWS dividing them; 2 * 48 * 3 -> 32),
+  # against XLA's einsum.
   ks = jax.random.split(jax.random.key(3), 2)
   o, do = (jax.random.normal(kk, (2, 48, 3, 64), jnp.float32).astype(jnp.bfloat16) for kk in ks)
   got = flash._delta(o, do, interpret=True)

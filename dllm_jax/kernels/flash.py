@@ -493,7 +493,7 @@ def _xla_delta(o, do):
 # Where no dq kernel computes delta (Tiles.dq="ds", fuse_dq): a Triton pass over O and dO (True)
 # or XLA's (False: `--variants 'xla:flash.DELTA_KERNEL=0'`).
 DELTA_KERNEL = True
-DELTA_ROWS = 128  # rows of one head a program of the delta pass reduces
+DELTA_ROWS = 128  # (token, head) rows of D a program of the delta pass reduces
 
 
 def _delta_kernel(o_ref, do_ref, delta_ref):
@@ -502,23 +502,27 @@ def _delta_kernel(o_ref, do_ref, delta_ref):
 
 def _delta(o, do, interpret):
   """delta [B, H, Tp] float32 = sum_d o * do, as lse is laid out, for a dk/dv kernel that runs
-  before any dq kernel. XLA's einsum took 39-122 us at L=2048 on an H100 (BENCHMARKS.md,
-  session 34) for 50-175 MB of O and dO."""
+  before any dq kernel. O and dO are read as [B * Tp * H, D], each program a contiguous block of
+  rows (per head, [rows, D] blocks are 256-byte pieces strided by H * D: a first version read
+  so ran at XLA's rate, 1.2 TB/s); the [B, Tp, H] result is transposed by XLA (0.4% of the
+  bytes). XLA's einsum took 39-122 us at L=2048 on an H100 (BENCHMARKS.md, session 34)."""
   if not DELTA_KERNEL:
     return _xla_delta(o, do)
   b, tp, h, d = o.shape
-  rows = largest_divisor_tile(tp, DELTA_ROWS, 16)
-  tile = pl.BlockSpec((None, rows, None, d), lambda i, bi, hi: (bi, i, hi, 0))
-  return pl.pallas_call(
+  n = b * tp * h
+  rows = largest_divisor_tile(n, DELTA_ROWS, 1)
+  flat = lambda x: x.reshape(n, d)
+  delta = pl.pallas_call(
       _delta_kernel,
-      grid=(tp // rows, b, h),
-      in_specs=[tile, tile],
-      out_specs=pl.BlockSpec((None, None, rows), lambda i, bi, hi: (bi, hi, i)),
-      out_shape=jax.ShapeDtypeStruct((b, h, tp), jnp.float32),
+      grid=(n // rows,),
+      in_specs=[pl.BlockSpec((rows, d), lambda i: (i, 0))] * 2,
+      out_specs=pl.BlockSpec((rows,), lambda i: (i,)),
+      out_shape=jax.ShapeDtypeStruct((n,), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
       name="block_sparse_attention_delta",
-  )(o, do)
+  )(flat(o), flat(do))
+  return delta.reshape(b, tp, h).transpose(0, 2, 1)
 
 
 def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
@@ -586,15 +590,19 @@ def _ds_k_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, pairs_ref, ids_r
     for r, dq in enumerate(dqs):
       rt = qi * sub + r
       pair = pairs_ref[rt, kt]
-      # A tile the layout leaves empty for these rows has no slot (-1); and with segment ids, the
-      # dk/dv kernel visited (and wrote) only the tiles whose id ranges meet its rows': one
-      # inside this run's span that does not is unwritten and holds no pair. Such a tile is
-      # zeroed before the product (it may hold NaN), which keeps the add inside the MMA.
-      ok = pair >= 0
+      x = _dot(ds_ref[jnp.maximum(pair, 0)], k, trans_a=True)  # dS^T tile [keys, rows]: dS K
+      # On a partial tile of `sub` rows, one 64-row tile may have no slot (-1: the layout leaves
+      # it empty; on a full one only a tile of padding rows can, whose dQ rows are cut off after
+      # the kernel, so no select is paid there); and with segment ids, the dk/dv kernel visited (and wrote) only the tiles
+      # whose id ranges meet its rows': one inside this run's span that does not is unwritten and
+      # holds no pair. Either may hold NaN, so the product is dropped, not the tile zeroed: a
+      # select on the loaded tile keeps Triton from feeding it to the MMA straight from its
+      # pipelined copy (its dS K ran 1.25x slower so, H100, BENCHMARKS.md session 35).
+      ok = (pair >= 0) if masked and sub > 1 else None
       if compare_segments:
-        ok &= (ids_ref[0, kt] <= ids_ref[1, rt]) & (ids_ref[0, rt] <= ids_ref[1, kt])
-      ds_t = ds_ref[jnp.maximum(pair, 0)]  # dS^T tile [keys, rows]
-      out.append(dq + _dot(jnp.where(ok, ds_t, jnp.zeros_like(ds_t)), k, trans_a=True))
+        meets = (ids_ref[0, kt] <= ids_ref[1, rt]) & (ids_ref[0, rt] <= ids_ref[1, kt])
+        ok = meets if ok is None else ok & meets
+      out.append(dq + (x if ok is None else jnp.where(ok, x, 0.0)))
     return tuple(out)
 
   plan = (lo_ref, hi_ref, nfull_ref, nruns_ref)

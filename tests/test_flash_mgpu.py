@@ -248,13 +248,14 @@ def test_dq_from_stored_ds_beside_reduce_adds(monkeypatch):
       masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 64, [[32]], DS)
 
 
-@pytest.mark.parametrize("stages", [1, 2])
-def test_stored_ds_path_lowers_for_cuda(monkeypatch, lower_for_cuda, stages):
+@pytest.mark.parametrize("stages,smem", [(1, False), (2, False), (1, True), (2, True)])
+def test_stored_ds_path_lowers_for_cuda(monkeypatch, lower_for_cuda, stages, smem):
   # The GPU body of dkv(store_ds=True) (dS^T staged from registers in one or two buffers, stored
-  # by TMA while the dV and dK products run), Triton's delta pass and dS K kernel, lowered for
+  # by TMA while the dV and dK products run; or staged first and read there by dK's product), Triton's delta pass and dS K kernel, lowered for
   # CUDA: packed 2L, GQA 6, head_dim 128, CTAs of 3 heads.
   monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 3)
   monkeypatch.setattr(flash_mgpu, "DS_STAGES", stages)
+  monkeypatch.setattr(flash_mgpu, "DS_SMEM", smem)  # dK's product reads the staged copy
   spec = masks.MaskSpec("diffusion", 32, 1)
   meta = masks.layout_meta(spec, _segments(2, 128, [[32, 96], []]))
   b, t, h, kh, d = 2, meta.positions.shape[1], 12, 2, 128
@@ -596,6 +597,7 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({"DQ_TURNS": True}, False),  # the dq kernel's warpgroups taking turns
     ({"GQA_REDUCE_ADD": True}, True),
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
+    ({"DKV_REGS": 240, "P_SMEM": True, "DS_SMEM": True}, False),  # both operands from shared
 ])
 def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, lower_for_cuda):
   # The interpreter runs the kernels' interpret bodies only; the GPU bodies (P in registers,

@@ -664,6 +664,16 @@ DKV_HEADS = 0
 # stores. With one, each visit's write first waits for the last visit's store to have read it;
 # with two, a visit's write waits only for the store before last (one store stays in flight).
 DS_STAGES = 1
+# The unfused dk/dv kernel's register split and where its dV and dK products read their A
+# operands (P^T, dS^T). ptxas spills 320 bytes a thread at the default (dK, dV: 128 float32
+# registers; S^T, dP^T: 64; P^T, dS^T: 32), 428 with `store_ds`; Nsight Compute on the H100
+# puts a third of the warps' stall cycles on local-memory loads (BENCHMARKS.md, session 35).
+# DKV_REGS: the consumers' registers (232: producer 40; 240: producer 24). P_SMEM / DS_SMEM: P^T
+# / dS^T written to shared memory and read there by the product (registers freed once written;
+# with `store_ds` dS^T's staging buffer is that copy).
+DKV_REGS = 232
+P_SMEM = False
+DS_SMEM = False
 # Whether the dq kernel's two consumer warpgroups take turns on the tensor cores (the forward's
 # schedule barrier: one's dS arithmetic overlaps the other's products). Its GPU time 1.04-1.08x
 # longer than without (H100, session 33): off.
@@ -805,7 +815,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   qt, dot = _streamed_transposes(interpret, d, bq, q, do)  # Q^T, dO^T in the interpreter
   # Registers: the fused kernel's consumers need every one (in an earlier layout 24/240 spilled
   # 660 bytes against 820 at 40/232 and ran 10% faster); the unfused one gains nothing (session 11).
-  regs = (24, 240) if fuse_dq else (40, 232)
+  if DKV_REGS not in (232, 240):
+    raise ValueError(f"flash_mgpu.DKV_REGS={DKV_REGS}: must be 232 or 240")
+  regs = (24, 240) if fuse_dq or DKV_REGS == 240 else (40, 232)
+  ds_smem = DS_SMEM and not fuse_dq
 
   iota = functools.partial(_iota, (bk, bq), interpret=interpret)
   load = functools.partial(_load, interpret=interpret)
@@ -1046,13 +1059,31 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         if fuse_dq:
           share_ds(i, dslot, ds16)
           pl.when(i >= lag)(lambda: plgpu.barrier_wait(ds_ready.at[prev]))
-        dk, dv, p16, ds16 = lax.optimization_barrier((dk, dv, p16, ds16))
+        p_smem = P_SMEM and not fuse_dq
+        if p_smem:  # (the last visit's dV product has read p_s: its accumulator was waited for)
+          p_s[w] = p16
+        if ds_smem:  # dS^T staged before its product; with store_ds, stored from there
+          stage = stage_of(i, off) if store_ds else 0
+          if store_ds:
+            wait_stage(i)
+          ds_s[stage, w] = ds16
+        if p_smem or ds_smem:
+          plgpu.commit_smem()  # generic-proxy writes before the products' async-proxy reads
+        # the products' A operands in registers, kept by the barrier (or their shared copies)
+        held = [x for x, shared in ((p16, p_smem), (ds16, ds_smem)) if not shared]
+        dk, dv, *held = lax.optimization_barrier((dk, dv, *held))
+        p_r = None if p_smem else held.pop(0)
+        ds_r = None if ds_smem else held.pop(0)
 
-        def accumulate(refs):
+        def accumulate(refs):  # (shared-memory views made here: closed over, 0.11 rejects them)
           dv_ref, dk_ref = refs
-          plgpu.wgmma(dv_ref, p16, do_s.at[slot])
-          plgpu.wgmma(dk_ref, ds16, q_s.at[slot])
-          if store_ds:  # while the products run (they read ds16's registers, as this does)
+          plgpu.wgmma(dv_ref, p_s.at[w] if p_smem else p_r, do_s.at[slot])
+          plgpu.wgmma(dk_ref, ds_s.at[stage, w] if ds_smem else ds_r, q_s.at[slot])
+          if store_ds and ds_smem:  # from the operand's copy, read by both at once
+            pair = stored_at(i)
+            pl.when(pair >= 0)(lambda: plgpu.copy_smem_to_gmem(
+                ds_s.at[stage, w], ds_ref.at[bi, head0 + hh, pair]))
+          elif store_ds:  # while the products run (they read ds16's registers, as this does)
             put_ds(i, off, hh, ds16)
 
           @pl.when(off + i + 1 < total)  # the next tile's operands, while these products run
@@ -1130,11 +1161,12 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.SMEM((SLOTS, bq, d), dtype, **tiled), plgpu.SMEM((SLOTS, bq, d), dtype, **tiled),
       plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
       plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
-      plgpu.SMEM((2, bk, bq) if interpret else small, dtype, **tiled),
+      plgpu.SMEM((2, bk, bq) if interpret or (P_SMEM and not fuse_dq) else small, dtype,
+                 **tiled),
       # dS^T tiles: [slot, warpgroup] when fused (both warpgroups read both), else the
-      # staging copy of the interpreter's product and of `store_ds`' stores
+      # staging copy of the interpreter's product, of DS_SMEM's and of `store_ds`' stores
       plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (DS_STAGES, 2, bk, bq) if store_ds
-                 else (1, 2, bk, bq) if interpret else (1,) + small, dtype, **tiled),
+                 else (1, 2, bk, bq) if interpret or ds_smem else (1,) + small, dtype, **tiled),
       plgpu.SMEM((n_ds, 2, bq, bk) if interpret and fuse_dq else (1,) + small, dtype, **tiled),
       # float32 staging of the reduce-adds (dQ's, dK's and dV's), one [64, D / 2] a warpgroup
       plgpu.SMEM((2, bq, half) if fuse_dq or reduce_add else (1, 8, 32), jnp.float32,

@@ -137,8 +137,6 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
   triton_dq = re.search(r"block_sparse_attention_dq(?!_mgpu)", jaxpr) is not None
   assert triton_dq == (tiles.dq not in ("mosaic", "ds") and not tiles.fuse_dq)
   assert ("block_sparse_attention_ds_k" in jaxpr) == (tiles.dq == "ds")
-  # delta from its own pass where no dq kernel runs before the dk/dv kernel
-  assert ("block_sparse_attention_delta" in jaxpr) == (tiles.dq == "ds" or tiles.fuse_dq)
   got = jax.jit(lambda: grads(ours, q, k, v))()
   want = grads(ref, f32(q), f32(k), f32(v))
   rel = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(b)))
@@ -201,35 +199,14 @@ def test_dq_from_stored_ds_equals_the_reference(monkeypatch, case, heads):
   test_mosaic_dkv_gradients_equal_the_reference(*case, DS)
 
 
-@pytest.mark.parametrize("rows,stages", [(64, 2), (256, 1)])
-def test_dq_from_stored_ds_other_rows_and_stages(monkeypatch, rows, stages):
-  # dS K programs of one 64-row dS tile and of four (the default two), each K tile read once for
-  # all; the dk/dv kernel's dS staged in two buffers a warpgroup (one store left in flight). The
-  # unsorted-ids case: tiles no dk/dv CTA wrote lie inside the narrowed runs (T = 768 rows: 256
-  # divides it).
+def test_dq_from_stored_ds_with_two_staging_buffers(monkeypatch):
+  # The dk/dv kernel's dS staged in two buffers a warpgroup (one store left in flight), on the
+  # unsorted-ids case: tiles no dk/dv CTA wrote lie inside dS K's narrowed runs.
   monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 2)
-  monkeypatch.setattr(flash_mgpu, "DS_STAGES", stages)
+  monkeypatch.setattr(flash_mgpu, "DS_STAGES", 2)
   test_mosaic_dkv_gradients_equal_the_reference(
       masks.MaskSpec("diffusion", 32, 1), 384, 1, 2, 1, 64,
-      np.repeat(np.array([[3, 2, 2, 1, 1, 0, 0, 0, 0, 3, 2, 3]]), 32, axis=1),
-      dataclasses.replace(DS, block_q_ds=rows))
-
-
-def test_delta_pass_equals_xla(monkeypatch):
-  # The backward's delta where the dk/dv kernel runs first: a Triton pass over [B * Tp * H, D]
-  # rows (a program: the largest power of two <= DELTA_ROWS dividing them; 2 * 48 * 3 -> 32),
-  # against XLA's einsum.
-  ks = jax.random.split(jax.random.key(3), 2)
-  o, do = (jax.random.normal(kk, (2, 48, 3, 64), jnp.float32).astype(jnp.bfloat16) for kk in ks)
-  got = flash._delta(o, do, interpret=True)
-  want = flash._xla_delta(o, do)
-  assert got.shape == (2, 3, 48) and got.dtype == jnp.float32
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  assert "block_sparse_attention_delta" in str(jax.make_jaxpr(
-      lambda: flash._delta(o, do, interpret=True))())
-  monkeypatch.setattr(flash, "DELTA_KERNEL", False)
-  assert "block_sparse_attention_delta" not in str(jax.make_jaxpr(
-      lambda: flash._delta(o, do, interpret=True))())
+      np.repeat(np.array([[3, 2, 2, 1, 1, 0, 0, 0, 0, 3, 2, 3]]), 32, axis=1), DS)
 
 
 def test_dkv_refuses_other_ds_stages(monkeypatch):
@@ -251,8 +228,8 @@ def test_dq_from_stored_ds_beside_reduce_adds(monkeypatch):
 @pytest.mark.parametrize("stages,smem", [(1, False), (2, False), (1, True), (2, True)])
 def test_stored_ds_path_lowers_for_cuda(monkeypatch, lower_for_cuda, stages, smem):
   # The GPU body of dkv(store_ds=True) (dS^T staged from registers in one or two buffers, stored
-  # by TMA while the dV and dK products run; or staged first and read there by dK's product), Triton's delta pass and dS K kernel, lowered for
-  # CUDA: packed 2L, GQA 6, head_dim 128, CTAs of 3 heads.
+  # by TMA while the dV and dK products run; or staged first and read there by dK's product)
+  # and Triton's dS K kernel, lowered for CUDA: packed 2L, GQA 6, head_dim 128, CTAs of 3 heads.
   monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 3)
   monkeypatch.setattr(flash_mgpu, "DS_STAGES", stages)
   monkeypatch.setattr(flash_mgpu, "DS_SMEM", smem)  # dK's product reads the staged copy
@@ -263,14 +240,13 @@ def test_stored_ds_path_lowers_for_cuda(monkeypatch, lower_for_cuda, stages, sme
   kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
   lse = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
 
-  def bwd(q, k, v, do, lse, o):
-    delta = flash._delta(o, do, False)
+  def bwd(q, k, v, do, lse, delta):
     ds, dk, dv = flash_mgpu.dkv(q, k, v, meta.segments, do, lse, delta, spec, 128, store_ds=True)
     return flash._dq_from_ds(ds, k, meta.segments, spec, 128, q.shape, q.dtype, DS, False), dk, dv
 
-  text = lower_for_cuda(bwd, q, kv, kv, q, lse, q)
+  text = lower_for_cuda(bwd, q, kv, kv, q, lse, lse)
   assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
-  assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 2
+  assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
 
 def test_ds_pairs_index_every_nonempty_tile_once():
@@ -333,7 +309,7 @@ def test_dkv_heads_groups_heads_while_the_heaviest_cta_fits_one_sms_share(monkey
 
 
 DQ_HEADS = flash.Tiles(forward="triton", dkv="mosaic", dq="mosaic")
-DS_TWO_STAGES = dataclasses.replace(DS, block_q_ds=64)  # run with flash_mgpu.DS_STAGES = 2
+DS_TWO_STAGES = dataclasses.replace(DS)  # (another object) run with flash_mgpu.DS_STAGES = 2
 _PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]]), FUSED)
 
 

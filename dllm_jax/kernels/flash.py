@@ -115,10 +115,6 @@ class Tiles:
   # stores cost the dk/dv kernel 22-26% and XLA's delta 39-122 us. Opt-in: that little for the
   # memory.
   dq: str = "triton"
-  # dq="ds": query rows a program of the dS K kernel takes (several 64-row dS tiles against each
-  # K tile it reads), and its warps.
-  block_q_ds: int = 128
-  num_warps_ds: int = 4
 
   def __post_init__(self):
     options = ("auto", "triton", "mosaic")
@@ -490,52 +486,17 @@ def _xla_delta(o, do):
   return jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
 
 
-# Where no dq kernel computes delta (Tiles.dq="ds", fuse_dq): a Triton pass over O and dO (True)
-# or XLA's (False: `--variants 'xla:flash.DELTA_KERNEL=0'`).
-DELTA_KERNEL = True
-DELTA_ROWS = 128  # (token, head) rows of D a program of the delta pass reduces
-
-
-def _delta_kernel(o_ref, do_ref, delta_ref):
-  delta_ref[...] = jnp.sum(o_ref[...].astype(jnp.float32) * do_ref[...].astype(jnp.float32), 1)
-
-
-def _delta(o, do, interpret):
-  """delta [B, H, Tp] float32 = sum_d o * do, as lse is laid out, for a dk/dv kernel that runs
-  before any dq kernel. O and dO are read as [B * Tp * H, D], each program a contiguous block of
-  rows (per head, [rows, D] blocks are 256-byte pieces strided by H * D: a first version read
-  so ran at XLA's rate, 1.2 TB/s); the [B, Tp, H] result is transposed by XLA (0.4% of the
-  bytes). XLA's einsum took 39-122 us at L=2048 on an H100 (BENCHMARKS.md, session 34)."""
-  if not DELTA_KERNEL:
-    return _xla_delta(o, do)
-  b, tp, h, d = o.shape
-  n = b * tp * h
-  rows = largest_divisor_tile(n, DELTA_ROWS, 1)
-  flat = lambda x: x.reshape(n, d)
-  delta = pl.pallas_call(
-      _delta_kernel,
-      grid=(n // rows,),
-      in_specs=[pl.BlockSpec((rows, d), lambda i: (i, 0))] * 2,
-      out_specs=pl.BlockSpec((rows,), lambda i: (i,)),
-      out_shape=jax.ShapeDtypeStruct((n,), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-      interpret=interpret,
-      name="block_sparse_attention_delta",
-  )(flat(o), flat(do))
-  return delta.reshape(b, tp, h).transpose(0, 2, 1)
-
-
 def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
   if tiles.dkv == "mosaic" and tiles.fuse_dq:
     from dllm_jax.kernels import flash_mgpu
 
-    return flash_mgpu.dkv(q, k, v, seg, do, lse, _delta(o, do, interpret), spec, length,
-                          interpret, fuse_dq=True)
+    return flash_mgpu.dkv(q, k, v, seg, do, lse, _xla_delta(o, do), spec, length, interpret,
+                          fuse_dq=True)
   if tiles.dq == "ds":  # the dk/dv kernel first (it stores dS), then dQ = dS K
     from dllm_jax.kernels import flash_mgpu
 
-    ds, dk, dv = flash_mgpu.dkv(q, k, v, seg, do, lse, _delta(o, do, interpret), spec, length,
-                                interpret, store_ds=True)
+    ds, dk, dv = flash_mgpu.dkv(q, k, v, seg, do, lse, _xla_delta(o, do), spec, length, interpret,
+                                store_ds=True)
     return _dq_from_ds(ds, k, seg, spec, length, q.shape, q.dtype, tiles, interpret), dk, dv
   # dq, and delta [B, H, Tp] (like lse) for the dk/dv kernel, which therefore runs after it
   if tiles.dq == "mosaic":
@@ -580,78 +541,54 @@ def _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles: Tiles, interpret, 
 
 
 def _ds_k_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, pairs_ref, ids_ref, k_ref, ds_ref,
-                 dq_ref, *, tile, sub, scale):
-  qi = pl.program_id(0)  # this program's `sub` query tiles of `tile` rows: qi * sub + r
+                 dq_ref, *, block, scale):
+  qi = pl.program_id(0)
 
-  def body(start, dqs, masked, compare_segments):
-    kt = start // tile
-    k = k_ref[pl.ds(start, tile), :]  # read once for all `sub` tiles of rows
-    out = []
-    for r, dq in enumerate(dqs):
-      rt = qi * sub + r
-      pair = pairs_ref[rt, kt]
-      x = _dot(ds_ref[jnp.maximum(pair, 0)], k, trans_a=True)  # dS^T tile [keys, rows]: dS K
-      # On a partial tile of `sub` rows, one 64-row tile may have no slot (-1: the layout leaves
-      # it empty; on a full one only a tile of padding rows can, whose dQ rows are cut off after
-      # the kernel, so no select is paid there); and with segment ids, the dk/dv kernel visited (and wrote) only the tiles
-      # whose id ranges meet its rows': one inside this run's span that does not is unwritten and
-      # holds no pair. Either may hold NaN, so the product is dropped, not the tile zeroed: a
-      # select on the loaded tile keeps Triton from feeding it to the MMA straight from its
-      # pipelined copy (its dS K ran 1.25x slower so, H100, BENCHMARKS.md session 35).
-      ok = (pair >= 0) if masked and sub > 1 else None
-      if compare_segments:
-        meets = (ids_ref[0, kt] <= ids_ref[1, rt]) & (ids_ref[0, rt] <= ids_ref[1, kt])
-        ok = meets if ok is None else ok & meets
-      out.append(dq + (x if ok is None else jnp.where(ok, x, 0.0)))
-    return tuple(out)
+  def body(start, dq, masked, compare_segments):
+    kt = start // block
+    k = k_ref[pl.ds(start, block), :]
+    x = _dot(ds_ref[pairs_ref[qi, kt]], k, trans_a=True)  # dS^T tile [keys, rows]: dS K
+    if compare_segments:
+      # The dk/dv kernel visited (and wrote) only the tiles whose segment-id ranges meet its
+      # rows'; a tile inside this run's span that does not is unwritten and holds no pair.
+      meets = (ids_ref[0, kt] <= ids_ref[1, qi]) & (ids_ref[0, qi] <= ids_ref[1, kt])
+      x = jnp.where(meets, x, 0.0)
+    return dq + x
 
   plan = (lo_ref, hi_ref, nfull_ref, nruns_ref)
-  zeros = tuple(jnp.zeros((tile, dq_ref.shape[-1]), jnp.float32) for _ in range(sub))
-  dqs = _by_segments(one_ref[qi], lambda cmp: _visit(
-      plan, qi, tile, functools.partial(body, compare_segments=cmp), zeros))
-  for r, dq in enumerate(dqs):
-    dq_ref[pl.ds(r * tile, tile), :] = (dq * scale).astype(dq_ref.dtype)
+  dq = _by_segments(one_ref[qi], lambda cmp: _visit(
+      plan, qi, block, functools.partial(body, compare_segments=cmp),
+      jnp.zeros(dq_ref.shape, jnp.float32)))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dq_from_ds(ds, k, seg, spec, length, q_shape, dtype, tiles: Tiles, interpret):
   """dQ = dS K (Triton; `Tiles.dq="ds"`) from the dS^T tiles `flash_mgpu.dkv(store_ds=True)`
-  stored (ds [B, H, P, T, T], T its 64-row tiles), on the same layout's plan of
-  `tiles.block_q_ds`-row programs (several T-row tiles, each K tile read once for all of them)
-  by T-key tiles, narrowed by segment ids: memory-bound on reading dS and K, where a dq kernel
-  recomputes S and dP."""
+  stored (ds [B, H, P, T, T], T its 64-row tiles), on the same layout's T x T plan narrowed by
+  segment ids: memory-bound on reading dS, where a dq kernel recomputes S and dP."""
   from dllm_jax.kernels import flash_mgpu
 
   b, tp, h, d = q_shape
   group = h // k.shape[2]
   t = ds.shape[-1]
-  rows = largest_divisor_tile(tp, max(t, tiles.block_q_ds), t)
   pairs, _ = flash_mgpu.ds_pairs(spec, length, tp, t)
-  plan = visit_runs(spec, length, rows, t, False, tiles.max_run, num_outer=tp // rows)
-  run_lo, run_hi, one = segment_runs(plan, seg, rows, t, transpose=False)
+  plan = visit_runs(spec, length, t, t, False, tiles.max_run, num_outer=tp // t)
+  run_lo, run_hi, one = segment_runs(plan, seg, t, t, transpose=False)
   ids = jnp.stack(tile_id_range(seg, t), 1)  # [B, 2, Tp / T]: each tile's id range
   return pl.pallas_call(
-      functools.partial(_ds_k_kernel, tile=t, sub=rows // t, scale=k.shape[-1] ** -0.5),
-      grid=(tp // rows, b, h),
+      functools.partial(_ds_k_kernel, block=t, scale=k.shape[-1] ** -0.5),
+      grid=(tp // t, b, h),
       in_specs=[*_batch_rows(1, run_lo, run_hi, one), _whole(plan[2]), _whole(plan[3]),
                 _whole(pairs), pl.BlockSpec((None, 2, tp // t), lambda i, bi, hi: (bi, 0, 0)),
                 pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
                 pl.BlockSpec((None, None) + ds.shape[2:], lambda i, bi, hi: (bi, hi, 0, 0, 0))],
-      out_specs=pl.BlockSpec((None, rows, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+      out_specs=pl.BlockSpec((None, t, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
       out_shape=jax.ShapeDtypeStruct(q_shape, dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps_ds,
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
                                            num_stages=tiles.num_stages_bwd),
       interpret=interpret,
       name="block_sparse_attention_ds_k",
   )(run_lo, run_hi, one, plan[2], plan[3], pairs, ids, k, ds)
-
-
-def largest_divisor_tile(n: int, cap: int, floor: int) -> int:
-  """The largest power-of-two multiple of `floor` not above `cap` that divides n (n a multiple
-  of `floor`): a tile size that a padded length admits."""
-  size = floor
-  while size * 2 <= cap and n % (size * 2) == 0:
-    size *= 2
-  return size
 
 
 def _dkv(q, k, v, seg, do, lse, delta, dq, spec, length, tiles: Tiles, interpret):

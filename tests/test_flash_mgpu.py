@@ -199,23 +199,6 @@ def test_dq_from_stored_ds_equals_the_reference(monkeypatch, case, heads):
   test_mosaic_dkv_gradients_equal_the_reference(*case, DS)
 
 
-def test_dq_from_stored_ds_with_two_staging_buffers(monkeypatch):
-  # The dk/dv kernel's dS staged in two buffers a warpgroup (one store left in flight), on the
-  # unsorted-ids case: tiles no dk/dv CTA wrote lie inside dS K's narrowed runs.
-  monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 2)
-  monkeypatch.setattr(flash_mgpu, "DS_STAGES", 2)
-  test_mosaic_dkv_gradients_equal_the_reference(
-      masks.MaskSpec("diffusion", 32, 1), 384, 1, 2, 1, 64,
-      np.repeat(np.array([[3, 2, 2, 1, 1, 0, 0, 0, 0, 3, 2, 3]]), 32, axis=1), DS)
-
-
-def test_dkv_refuses_other_ds_stages(monkeypatch):
-  monkeypatch.setattr(flash_mgpu, "DS_STAGES", 3)
-  with pytest.raises(ValueError, match="DS_STAGES=3: must be 1 or 2"):
-    test_mosaic_dkv_gradients_equal_the_reference(
-        masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 64, [[32]], DS)
-
-
 def test_dq_from_stored_ds_beside_reduce_adds(monkeypatch):
   # dS stored (aliased in the interpreter, NaN-filled) beside dK and dV reduce-added into zeroed
   # float32 targets: the dk/dv kernel's aliased refs bound by name in both modes at once.
@@ -225,14 +208,13 @@ def test_dq_from_stored_ds_beside_reduce_adds(monkeypatch):
       masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 64, [[32]], DS)
 
 
-@pytest.mark.parametrize("stages,smem", [(1, False), (2, False), (1, True), (2, True)])
-def test_stored_ds_path_lowers_for_cuda(monkeypatch, lower_for_cuda, stages, smem):
-  # The GPU body of dkv(store_ds=True) (dS^T staged from registers in one or two buffers, stored
-  # by TMA while the dV and dK products run; or staged first and read there by dK's product)
-  # and Triton's dS K kernel, lowered for CUDA: packed 2L, GQA 6, head_dim 128, CTAs of 3 heads.
+@pytest.mark.parametrize("smem", [False, True])
+def test_stored_ds_path_lowers_for_cuda(monkeypatch, lower_for_cuda, smem):
+  # The GPU body of dkv(store_ds=True) (dS^T staged from registers, stored by TMA while the dV
+  # and dK products run; with DS_SMEM staged first and read there by dK's product) and Triton's
+  # dS K kernel, lowered for CUDA: packed 2L, GQA 6, head_dim 128, CTAs of 3 heads.
   monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 3)
-  monkeypatch.setattr(flash_mgpu, "DS_STAGES", stages)
-  monkeypatch.setattr(flash_mgpu, "DS_SMEM", smem)  # dK's product reads the staged copy
+  monkeypatch.setattr(flash_mgpu, "DS_SMEM", smem)
   spec = masks.MaskSpec("diffusion", 32, 1)
   meta = masks.layout_meta(spec, _segments(2, 128, [[32, 96], []]))
   b, t, h, kh, d = 2, meta.positions.shape[1], 12, 2, 128
@@ -309,7 +291,6 @@ def test_dkv_heads_groups_heads_while_the_heaviest_cta_fits_one_sms_share(monkey
 
 
 DQ_HEADS = flash.Tiles(forward="triton", dkv="mosaic", dq="mosaic")
-DS_TWO_STAGES = dataclasses.replace(DS)  # (another object) run with flash_mgpu.DS_STAGES = 2
 _PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]]), FUSED)
 
 
@@ -333,9 +314,9 @@ _PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 6
     # dk/dv CTAs of 2 and 3 visits a head: slots that run on from head to head unaligned).
     (CASES[0], DQ_HEADS),
     ((masks.MaskSpec("diffusion", 16, 2), 64, 1, 3, 1, 64, [[]]), DQ_HEADS),
-    # The dk/dv kernel storing dS (its TMA stores read the staging buffers the warpgroups
-    # rewrite): one staging buffer a warpgroup, and two (one store left in flight).
-    (CASES[0], DS), (CASES[0], DS_TWO_STAGES),
+    # The dk/dv kernel storing dS (its TMA stores read the staging buffer the warpgroups
+    # rewrite each visit).
+    (CASES[0], DS),
 ])
 def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, tiles):
   # The interpreter's race detector orders the warpgroups' shared-memory reads and writes, the
@@ -344,8 +325,6 @@ def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, ti
   ipc = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
   if tiles is DQ_HEADS:
     monkeypatch.setattr(flash_mgpu, "DKV_HEADS", case[3])  # a dk/dv CTA a whole group
-  if tiles is DS_TWO_STAGES:
-    monkeypatch.setattr(flash_mgpu, "DS_STAGES", 2)
   params = flash_mgpu._interpret_params()
   monkeypatch.setattr(flash_mgpu, "_interpret_params",
                       lambda: dataclasses.replace(params, detect_races=True))
@@ -413,6 +392,13 @@ def test_mosaic_dkv_gqa_reduce_adds(monkeypatch, case, tiles):
   h, kh, d = case[3:6]
   want = {(kh, d)} | ({(h, d)} if tiles.fuse_dq else set())  # dK and dV's heads (and dQ's)
   assert {m[2:] for m in made} == want, made
+
+
+def test_dkv_refuses_a_register_split_it_does_not_have(monkeypatch):
+  monkeypatch.setattr(flash_mgpu, "DKV_REGS", 256)
+  with pytest.raises(ValueError, match="DKV_REGS=256: must be 232 or 240"):
+    test_mosaic_dkv_gradients_equal_the_reference(*CASES[0], flash.Tiles(forward="triton",
+                                                                        dkv="mosaic"))
 
 
 def test_fused_dkv_refuses_a_lag_its_slots_cannot_hold(monkeypatch):

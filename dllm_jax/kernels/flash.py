@@ -113,7 +113,9 @@ class Tiles:
   # 1.008 / 1.003x the default's speed (1.5B 2L, 7B 2L, 1.5B 3L, 7B 3L; H100, L=2048, same run,
   # BENCHMARKS.md session 34): dS K takes 231-767 us where the dq kernel took 383-1271, but the
   # stores cost the dk/dv kernel 22-26% and XLA's delta 39-122 us. Opt-in: that little for the
-  # memory.
+  # memory. Session 35: dS K over 128-row programs, a Triton delta pass and two dS staging
+  # buffers gained nothing (reverted); the stores cost the dk/dv kernel mostly more register
+  # spills (Nsight Compute), which `flash_mgpu.DS_SMEM` may remove (untimed).
   dq: str = "triton"
 
   def __post_init__(self):

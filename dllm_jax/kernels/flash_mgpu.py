@@ -660,10 +660,6 @@ GQA_REDUCE_ADD = False
 # 1785 -> 1541 (7B 3L). All 6 of the 1.5B's heads (its heaviest key tile then 1.8x an SM's
 # share): fwd+bwd 1.18x slower than 3.
 DKV_HEADS = 0
-# dkv(store_ds=True): shared-memory buffers a warpgroup stages its dS^T tiles in for their TMA
-# stores. With one, each visit's write first waits for the last visit's store to have read it;
-# with two, a visit's write waits only for the store before last (one store stays in flight).
-DS_STAGES = 1
 # The unfused dk/dv kernel's register split and where its dV and dK products read their A
 # operands (P^T, dS^T). ptxas spills 320 bytes a thread at the default (dK, dV: 128 float32
 # registers; S^T, dP^T: 64; P^T, dS^T: 32), 428 with `store_ds`; Nsight Compute on the H100
@@ -785,8 +781,6 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   if store_ds and (fuse_dq or bk != bq):
     raise ValueError(f"dkv(store_ds=True) needs fuse_dq=False and square dS tiles "
                      f"(BLOCK_KV={bk}, BLOCK_QI={bq})")
-  if store_ds and DS_STAGES not in (1, 2):
-    raise ValueError(f"flash_mgpu.DS_STAGES={DS_STAGES}: must be 1 or 2")
   outer = 2 * bk
   half = d // 2
   why = fuse_dq_unsupported(d) if fuse_dq else None
@@ -969,33 +963,18 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       def stored_at(i):  # visit i's slot of ds_ref for this warpgroup (-1: a 64-key half the
         return plan_s[nv + 4 + w * nv + i]  # layout leaves empty for these query rows)
 
-      def stage_of(i, off):  # the staging buffer of the CTA's visit off + i
-        return lax.rem(off + i, DS_STAGES) if DS_STAGES > 1 else 0
-
-      def wait_stage(i):
-        """Until the last store from visit i's staging buffer has read it. With two, the store
-        in flight from the visit before is the other buffer's, unless that visit stored nothing
-        (the previous visit is the same head's, or the last of the previous head's: every head
-        has the same slot columns)."""
-        if DS_STAGES == 1:
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          return
-        prev_stored = stored_at(lax.rem(i + n_vis - 1, n_vis)) >= 0
-        pl.when(prev_stored)(lambda: plgpu.wait_smem_to_gmem(1, wait_read_only=True))
-        pl.when(~prev_stored)(lambda: plgpu.wait_smem_to_gmem(0, wait_read_only=True))
-
-      def put_ds(i, off, hh, ds16):
-        """Visit i's dS^T (head head0 + hh) to its slot of ds_ref by TMA, staged in its buffer of
-        ds_s once the last store from there has read it."""
+      def put_ds(i, hh, ds16):
+        """Visit i's dS^T (head head0 + hh) to its slot of ds_ref by TMA, staged in ds_s[0, w]
+        once the last store from there has read it. (A second buffer, one store left in flight,
+        made it 1.12x slower on the H100: BENCHMARKS.md, session 35.)"""
         pair = stored_at(i)
-        stage = stage_of(i, off)
 
         @pl.when(pair >= 0)
         def _():
-          wait_stage(i)
-          ds_s[stage, w] = ds16
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          ds_s[0, w] = ds16
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(ds_s.at[stage, w], ds_ref.at[bi, head0 + hh, pair])
+          plgpu.copy_smem_to_gmem(ds_s.at[0, w], ds_ref.at[bi, head0 + hh, pair])
 
       def release_ds(i):  # visit i's dS^T read: its slot may take visit i + n_ds's
         pl.when(i + n_ds < n_vis)(lambda: plgpu.barrier_arrive(ds_free.at[ds_slot(i)]))
@@ -1026,17 +1005,16 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         if fuse_dq:
           share_ds(i, dslot, ds16)
         else:
-          dslot = stage_of(i, off) if store_ds else 0
-          if store_ds:  # the last store from this buffer has read it (as `put_ds` on the GPU)
-            wait_stage(i)
-          ds_s[dslot, w] = ds16
+          if store_ds:  # the last visit's store has read ds_s (as `put_ds` on the GPU)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          ds_s[0, w] = ds16
         plgpu.commit_smem()
         dv = dv + product(p_s.at[w], do_s.at[slot], (bk, d))
         dk = dk + product(ds_s.at[dslot, w], q_s.at[slot], (bk, d))
         if store_ds:
           pair = stored_at(i)
           pl.when(pair >= 0)(lambda: plgpu.copy_smem_to_gmem(
-              ds_s.at[dslot, w], ds_ref.at[bi, head0 + hh, pair]))
+              ds_s.at[0, w], ds_ref.at[bi, head0 + hh, pair]))
         pl.when(off + i + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
           interpret_dq(i - lag)
@@ -1063,10 +1041,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         if p_smem:  # (the last visit's dV product has read p_s: its accumulator was waited for)
           p_s[w] = p16
         if ds_smem:  # dS^T staged before its product; with store_ds, stored from there
-          stage = stage_of(i, off) if store_ds else 0
-          if store_ds:
-            wait_stage(i)
-          ds_s[stage, w] = ds16
+          if store_ds:  # the last store from there has read it
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          ds_s[0, w] = ds16
         if p_smem or ds_smem:
           plgpu.commit_smem()  # generic-proxy writes before the products' async-proxy reads
         # the products' A operands in registers, kept by the barrier (or their shared copies)
@@ -1078,13 +1055,13 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         def accumulate(refs):  # (shared-memory views made here: closed over, 0.11 rejects them)
           dv_ref, dk_ref = refs
           plgpu.wgmma(dv_ref, p_s.at[w] if p_smem else p_r, do_s.at[slot])
-          plgpu.wgmma(dk_ref, ds_s.at[stage, w] if ds_smem else ds_r, q_s.at[slot])
+          plgpu.wgmma(dk_ref, ds_s.at[0, w] if ds_smem else ds_r, q_s.at[slot])
           if store_ds and ds_smem:  # from the operand's copy, read by both at once
             pair = stored_at(i)
             pl.when(pair >= 0)(lambda: plgpu.copy_smem_to_gmem(
-                ds_s.at[stage, w], ds_ref.at[bi, head0 + hh, pair]))
+                ds_s.at[0, w], ds_ref.at[bi, head0 + hh, pair]))
           elif store_ds:  # while the products run (they read ds16's registers, as this does)
-            put_ds(i, off, hh, ds16)
+            put_ds(i, hh, ds16)
 
           @pl.when(off + i + 1 < total)  # the next tile's operands, while these products run
           def _():
@@ -1165,8 +1142,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
                  **tiled),
       # dS^T tiles: [slot, warpgroup] when fused (both warpgroups read both), else the
       # staging copy of the interpreter's product, of DS_SMEM's and of `store_ds`' stores
-      plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (DS_STAGES, 2, bk, bq) if store_ds
-                 else (1, 2, bk, bq) if interpret or ds_smem else (1,) + small, dtype, **tiled),
+      plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret or store_ds
+                 or ds_smem else (1,) + small, dtype, **tiled),
       plgpu.SMEM((n_ds, 2, bq, bk) if interpret and fuse_dq else (1,) + small, dtype, **tiled),
       # float32 staging of the reduce-adds (dQ's, dK's and dV's), one [64, D / 2] a warpgroup
       plgpu.SMEM((2, bq, half) if fuse_dq or reduce_add else (1, 8, 32), jnp.float32,

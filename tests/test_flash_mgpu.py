@@ -76,6 +76,17 @@ def test_mosaic_forward_one_cta_an_item_equals_the_reference(monkeypatch):
   jax.clear_caches()
 
 
+def test_mosaic_forward_copies_work_table_rows_in_pieces(monkeypatch):
+  # A work-table row wider than one TMA copy's limit (256 elements on the GPU; here 16, so the
+  # 32-wide rows of this case come in two pieces, each with its own barrier per item slot).
+  monkeypatch.setattr(flash_mgpu, "PLAN_COPY_MAX", 16)
+  spec, length, b, h, kh, d, cuts = CASES[0]
+  seg = masks.layout_meta(spec, _segments(b, length, cuts)).segments  # T = 200, Tp = 256
+  table = flash_mgpu.work_table(spec, length, jnp.pad(seg, [(0, 0), (0, 56)]), b, h, 2, 1)[0]
+  assert len(flash_mgpu.plan_pieces(table.shape[-1])) == 2
+  test_mosaic_forward_and_its_gradients_equal_the_reference(*CASES[0])
+
+
 def test_mosaic_forward_with_items_that_visit_nothing_between_others():
   # Over-padded rows (Tp = 384 for T = 100): tiles 1 and 2 visit nothing, and the one CTA runs
   # [0, 1, 2], so an item without visits sits between two others (the shape in which the GPU

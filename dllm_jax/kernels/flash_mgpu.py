@@ -192,7 +192,8 @@ def _take_turns(sched_bar):
 
 
 # A TMA copy moves at most 256 elements along a dimension: a plan row wider than this (a key
-# tile seen by many query tiles, or `dkv(store_ds=True)`'s slot columns) is copied in pieces.
+# tile seen by many query tiles, `dkv(store_ds=True)`'s slot columns, a long layout's forward
+# work-table row) is copied in pieces.
 PLAN_COPY_MAX = 256
 
 
@@ -361,6 +362,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
   n_outer = tp // OUTER
   ctas = _forward_ctas(b * h * n_outer, interpret)
   table, nv = work_table(spec, length, seg, b, h, n_outer, ctas)
+  pieces = plan_pieces(table.shape[-1])  # (its rows pass PLAN_COPY_MAX from L ~ 31k)
+  n_pieces = len(pieces)
   dtype = q.dtype
   c = d ** -0.5 * _LOG2E
   wgmma_l = plgpu.Layout.WGMMA
@@ -410,9 +413,16 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         return 0, n_vis, 0
       return plan_s[s, nv + 8], plan_s[s, nv + 7], plan_s[s, nv + 9]
 
+    def wait_row(s):  # item slot s's plan row, all its pieces
+      for c in range(n_pieces):
+        plgpu.barrier_wait(plan_bar.at[s * n_pieces + c])
+
     def copy_row(m, s):
-      plgpu.copy_gmem_to_smem(table_ref.at[cta, m], plan_s.at[s], plan_bar.at[s])
-      plgpu.barrier_wait(plan_bar.at[s])
+      for c, (start, size) in enumerate(pieces):
+        piece = pl.ds(start, size)
+        plgpu.copy_gmem_to_smem(table_ref.at[cta, m, piece], plan_s.at[s, piece],
+                                plan_bar.at[s * n_pieces + c])
+      wait_row(s)
 
     @pl.when(wg == 2)
     def _producer():
@@ -466,13 +476,13 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     def _consumer():
       if not interpret:
         plgpu.set_max_registers(232, action="increase")
-      plgpu.barrier_wait(plan_bar.at[0])
+      wait_row(0)
       n_items = item_count()
       if not interpret and turns and one_each:
         pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn
 
       def item(m, s):
-        when(m > 0, lambda: plgpu.barrier_wait(plan_bar.at[s]))
+        when(m > 0, lambda: wait_row(s))
         bi, head, tile, n_full, n_vis, one = read_item(s)
         streamed, total, in_turns = counts(s, n_vis)
 
@@ -606,7 +616,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           plgpu.SMEM((2, bq, bk) if interpret else (1, 8, 64), dtype, **tiled),
           plgpu.SMEM((2, 2, bq), jnp.float32), plgpu.SMEM((2, 2, bq), jnp.int32),
           plgpu.SMEM((SLOTS, bk), jnp.int32), plgpu.SMEM((2, table.shape[-1]), jnp.int32),
-          plgpu.Barrier(num_barriers=2),  # plan rows, by item slot
+          plgpu.Barrier(num_barriers=2 * n_pieces),  # plan rows, by item slot and piece
           plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=4),  # Q, its ids: slot, wg
           plgpu.Barrier(num_barriers=SLOTS), plgpu.Barrier(num_barriers=SLOTS),
           plgpu.Barrier(num_barriers=SLOTS),
@@ -715,6 +725,7 @@ def fuse_dq_unsupported(head_dim: int) -> str | None:
   return None
 
 
+@functools.lru_cache(maxsize=64)  # the dk/dv kernel and dS K both ask, each trace
 def ds_pairs(spec: masks.MaskSpec, length: int, tp: int, tile: int = BLOCK_QI):
   """int32 [tp // tile, tp // tile]: where `dkv(store_ds=True)` stores the dS tile of each (query
   tile, key tile) the layout does not leave empty, -1 for the rest; and how many there are (P,
@@ -725,6 +736,7 @@ def ds_pairs(spec: masks.MaskSpec, length: int, tp: int, tile: int = BLOCK_QI):
   used = np.zeros((n, n), bool)
   used[:tmap.shape[0], :tmap.shape[1]] = tmap
   pairs[used] = np.arange(int(used.sum()), dtype=np.int32)
+  pairs.flags.writeable = False  # shared by every caller (cached)
   return pairs, max(1, int(used.sum()))
 
 

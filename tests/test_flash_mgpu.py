@@ -571,6 +571,7 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({"GQA_REDUCE_ADD": True}, True),
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
     ({"DKV_REGS": 240, "P_SMEM": True, "DS_SMEM": True}, False),  # both operands from shared
+    ({"SDP_SERIAL": True}, False),  # the dk/dv kernel's S^T, then dP^T beside P^T's arithmetic
 ])
 def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, lower_for_cuda):
   # The interpreter runs the kernels' interpret bodies only; the GPU bodies (P in registers,

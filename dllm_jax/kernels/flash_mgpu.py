@@ -680,6 +680,10 @@ DKV_HEADS = 0
 DKV_REGS = 232
 P_SMEM = False
 DS_SMEM = False
+# SDP_SERIAL: S^T's product first, then dP^T's issued and P^T computed while it runs, so S^T
+# and dP^T are never both held in float32 beside lse's and delta's broadcasts (the consumer's
+# register peak; untimed).
+SDP_SERIAL = False
 # Whether the dq kernel's two consumer warpgroups take turns on the tensor cores (the forward's
 # schedule barrier: one's dS arithmetic overlaps the other's products). Its GPU time 1.04-1.08x
 # longer than without (H100, session 33): off.
@@ -910,14 +914,22 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         return _keep(spec, length, iota(1) + plan_s[i] * bq, iota(0) + base, masked,
                      segk_s.at[w], segq_s.at[slot], sq_bar.at[slot], interpret)
 
-      def grads(s, dp, i, slot, masked):  # P^T and dS^T [BK, BQ] from S^T and dP^T
+      bcast = lambda x: lax.broadcast_in_dim(x, (bk, bq), [1])
+
+      def probs(s, i, slot, masked):  # P^T [BK, BQ] from S^T
         plgpu.barrier_wait(lse_bar.at[slot])
-        plgpu.barrier_wait(delta_bar.at[slot])
-        bcast = lambda x: lax.broadcast_in_dim(x, (bk, bq), [1])
         p = jnp.exp2(s * c - bcast(load(lse_s.at[slot], col_l)))
         if masked:
           p = jnp.where(keep_of(i, slot, masked), p, jnp.zeros_like(p))
-        return p, p * (dp - bcast(load(delta_s.at[slot], col_l)))
+        return p
+
+      def dscores(p, dp, slot):  # dS^T [BK, BQ] from P^T and dP^T
+        plgpu.barrier_wait(delta_bar.at[slot])
+        return p * (dp - bcast(load(delta_s.at[slot], col_l)))
+
+      def grads(s, dp, i, slot, masked):  # P^T and dS^T [BK, BQ] from S^T and dP^T
+        p = probs(s, i, slot, masked)
+        return p, dscores(p, dp, slot)
 
       def product(a, b_ref, shape):
         def f(acc_ref):
@@ -1042,9 +1054,22 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.wgmma(dp_ref, v_s.at[w], do_s.at[slot].transpose((1, 0)))
           return s_ref[...], dp_ref[...]
 
-        s, dp = pl.run_scoped(transposed_products, plgpu.ACC((bk, bq), jnp.float32),
-                              plgpu.ACC((bk, bq), jnp.float32))
-        p, ds = grads(s, dp, i, slot, masked)
+        if SDP_SERIAL:
+          def s_product(s_ref):
+            plgpu.wgmma(s_ref, k_s.at[w], q_s.at[slot].transpose((1, 0)))
+            return s_ref[...]
+
+          def dp_product(dp_ref):  # issued, then P^T computed while it runs
+            plgpu.wgmma(dp_ref, v_s.at[w], do_s.at[slot].transpose((1, 0)))
+            return probs(s, i, slot, masked), dp_ref[...]
+
+          s = pl.run_scoped(s_product, plgpu.ACC((bk, bq), jnp.float32))
+          p, dp = pl.run_scoped(dp_product, plgpu.ACC((bk, bq), jnp.float32))
+          ds = dscores(p, dp, slot)
+        else:
+          s, dp = pl.run_scoped(transposed_products, plgpu.ACC((bk, bq), jnp.float32),
+                                plgpu.ACC((bk, bq), jnp.float32))
+          p, ds = grads(s, dp, i, slot, masked)
         p16, ds16 = p.astype(dtype), ds.astype(dtype)
         if fuse_dq:
           share_ds(i, dslot, ds16)

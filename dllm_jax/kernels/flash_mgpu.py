@@ -202,9 +202,17 @@ def plan_pieces(width: int) -> list[tuple[int, int]]:
   return [(c, min(PLAN_COPY_MAX, width - c)) for c in range(0, width, PLAN_COPY_MAX)]
 
 
-def _wait_plan(plan_bar, width):
+def _copy_plan(row, dst, bar_at):
+  """Copies a plan row (`row` in global memory) into `dst` ([W] in shared memory) in
+  `plan_pieces`, piece c arriving on barrier `bar_at(c)`; `_wait_plan` waits for them all."""
+  for c, (start, size) in enumerate(plan_pieces(dst.shape[-1])):
+    piece = pl.ds(start, size)
+    _plgpu().copy_gmem_to_smem(row.at[piece], dst.at[piece], bar_at(c))
+
+
+def _wait_plan(bar_at, width):
   for c in range(len(plan_pieces(width))):
-    _plgpu().barrier_wait(plan_bar.at[c])
+    _plgpu().barrier_wait(bar_at(c))
 
 
 def _producer_start(plan_row, plan_s, plan_bar, nv, interpret, regs=40):
@@ -214,11 +222,9 @@ def _producer_start(plan_row, plan_s, plan_bar, nv, interpret, regs=40):
   plgpu = _plgpu()
   if not interpret:
     plgpu.set_max_registers(regs, action="decrease")
-  width = plan_s.shape[0]
-  for c, (start, size) in enumerate(plan_pieces(width)):
-    piece = pl.ds(start, size)
-    plgpu.copy_gmem_to_smem(plan_row.at[piece], plan_s.at[piece], plan_bar.at[c])
-  _wait_plan(plan_bar, width)
+  bar_at = lambda c: plan_bar.at[c]
+  _copy_plan(plan_row, plan_s, bar_at)
+  _wait_plan(bar_at, plan_s.shape[0])
   return plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
 
 
@@ -362,8 +368,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
   n_outer = tp // OUTER
   ctas = _forward_ctas(b * h * n_outer, interpret)
   table, nv = work_table(spec, length, seg, b, h, n_outer, ctas)
-  pieces = plan_pieces(table.shape[-1])  # (its rows pass PLAN_COPY_MAX from L ~ 31k)
-  n_pieces = len(pieces)
+  n_pieces = len(plan_pieces(table.shape[-1]))  # (its rows pass PLAN_COPY_MAX from L ~ 31k)
   dtype = q.dtype
   c = d ** -0.5 * _LOG2E
   wgmma_l = plgpu.Layout.WGMMA
@@ -413,15 +418,14 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         return 0, n_vis, 0
       return plan_s[s, nv + 8], plan_s[s, nv + 7], plan_s[s, nv + 9]
 
-    def wait_row(s):  # item slot s's plan row, all its pieces
-      for c in range(n_pieces):
-        plgpu.barrier_wait(plan_bar.at[s * n_pieces + c])
+    def row_bar(s):  # the barriers of item slot s's plan row, by piece
+      return lambda c: plan_bar.at[s * n_pieces + c]
+
+    def wait_row(s):
+      _wait_plan(row_bar(s), plan_s.shape[-1])
 
     def copy_row(m, s):
-      for c, (start, size) in enumerate(pieces):
-        piece = pl.ds(start, size)
-        plgpu.copy_gmem_to_smem(table_ref.at[cta, m, piece], plan_s.at[s, piece],
-                                plan_bar.at[s * n_pieces + c])
+      _copy_plan(table_ref.at[cta, m], plan_s.at[s], row_bar(s))
       wait_row(s)
 
     @pl.when(wg == 2)
@@ -828,7 +832,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   if DKV_REGS not in (232, 240):
     raise ValueError(f"flash_mgpu.DKV_REGS={DKV_REGS}: must be 232 or 240")
   regs = (24, 240) if fuse_dq or DKV_REGS == 240 else (40, 232)
-  ds_smem = DS_SMEM and not fuse_dq
+  p_smem, ds_smem = P_SMEM and not fuse_dq, DS_SMEM and not fuse_dq
 
   iota = functools.partial(_iota, (bk, bq), interpret=interpret)
   load = functools.partial(_load, interpret=interpret)
@@ -897,7 +901,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     def consumer(w):  # w: this warpgroup's index (a Python int when fused: see below)
       if not interpret:
         plgpu.set_max_registers(regs[1], action="increase")
-      _wait_plan(plan_bar, plan_s.shape[0])
+      _wait_plan(lambda c: plan_bar.at[c], plan_s.shape[0])
       n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
       total = n_vis * hpc  # the CTA's visits over its heads
       base = plan_s[nv + 3] * outer + w * bk
@@ -987,10 +991,17 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       def stored_at(i):  # visit i's slot of ds_ref for this warpgroup (-1: a 64-key half the
         return plan_s[nv + 4 + w * nv + i]  # layout leaves empty for these query rows)
 
+      def store_staged(i, hh, pair=None):
+        """Visit i's dS^T (head head0 + hh), staged in ds_s[0, w], to its slot of ds_ref by TMA
+        (none where the visit has no slot)."""
+        pair = stored_at(i) if pair is None else pair
+        pl.when(pair >= 0)(lambda: plgpu.copy_smem_to_gmem(
+            ds_s.at[0, w], ds_ref.at[bi, head0 + hh, pair]))
+
       def put_ds(i, hh, ds16):
-        """Visit i's dS^T (head head0 + hh) to its slot of ds_ref by TMA, staged in ds_s[0, w]
-        once the last store from there has read it. (A second buffer, one store left in flight,
-        made it 1.12x slower on the H100: BENCHMARKS.md, session 35.)"""
+        """Visit i's dS^T to ds_s[0, w] once the last store from there has read it, then to its
+        slot. (A second buffer, one store left in flight, made it 1.12x slower on the H100:
+        BENCHMARKS.md, session 35.)"""
         pair = stored_at(i)
 
         @pl.when(pair >= 0)
@@ -998,7 +1009,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           ds_s[0, w] = ds16
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(ds_s.at[0, w], ds_ref.at[bi, head0 + hh, pair])
+          store_staged(i, hh, pair)
 
       def release_ds(i):  # visit i's dS^T read: its slot may take visit i + n_ds's
         pl.when(i + n_ds < n_vis)(lambda: plgpu.barrier_arrive(ds_free.at[ds_slot(i)]))
@@ -1036,9 +1047,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         dv = dv + product(p_s.at[w], do_s.at[slot], (bk, d))
         dk = dk + product(ds_s.at[dslot, w], q_s.at[slot], (bk, d))
         if store_ds:
-          pair = stored_at(i)
-          pl.when(pair >= 0)(lambda: plgpu.copy_smem_to_gmem(
-              ds_s.at[0, w], ds_ref.at[bi, head0 + hh, pair]))
+          store_staged(i, hh)
         pl.when(off + i + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
         if fuse_dq:
           interpret_dq(i - lag)
@@ -1049,18 +1058,22 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         slot = lax.rem(off + i, SLOTS)
         dslot, prev = ds_slot(i), ds_slot(i - lag)
 
+        issue_s = lambda s_ref: plgpu.wgmma(s_ref, k_s.at[w], q_s.at[slot].transpose((1, 0)))
+        issue_dp = lambda dp_ref: plgpu.wgmma(dp_ref, v_s.at[w],
+                                              do_s.at[slot].transpose((1, 0)))
+
         def transposed_products(s_ref, dp_ref):
-          plgpu.wgmma(s_ref, k_s.at[w], q_s.at[slot].transpose((1, 0)))
-          plgpu.wgmma(dp_ref, v_s.at[w], do_s.at[slot].transpose((1, 0)))
+          issue_s(s_ref)
+          issue_dp(dp_ref)
           return s_ref[...], dp_ref[...]
 
         if SDP_SERIAL:
           def s_product(s_ref):
-            plgpu.wgmma(s_ref, k_s.at[w], q_s.at[slot].transpose((1, 0)))
+            issue_s(s_ref)
             return s_ref[...]
 
           def dp_product(dp_ref):  # issued, then P^T computed while it runs
-            plgpu.wgmma(dp_ref, v_s.at[w], do_s.at[slot].transpose((1, 0)))
+            issue_dp(dp_ref)
             return probs(s, i, slot, masked), dp_ref[...]
 
           s = pl.run_scoped(s_product, plgpu.ACC((bk, bq), jnp.float32))
@@ -1074,7 +1087,6 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         if fuse_dq:
           share_ds(i, dslot, ds16)
           pl.when(i >= lag)(lambda: plgpu.barrier_wait(ds_ready.at[prev]))
-        p_smem = P_SMEM and not fuse_dq
         if p_smem:  # (the last visit's dV product has read p_s: its accumulator was waited for)
           p_s[w] = p16
         if ds_smem:  # dS^T staged before its product; with store_ds, stored from there
@@ -1094,9 +1106,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.wgmma(dv_ref, p_s.at[w] if p_smem else p_r, do_s.at[slot])
           plgpu.wgmma(dk_ref, ds_s.at[0, w] if ds_smem else ds_r, q_s.at[slot])
           if store_ds and ds_smem:  # from the operand's copy, read by both at once
-            pair = stored_at(i)
-            pl.when(pair >= 0)(lambda: plgpu.copy_smem_to_gmem(
-                ds_s.at[0, w], ds_ref.at[bi, head0 + hh, pair]))
+            store_staged(i, hh)
           elif store_ds:  # while the products run (they read ds16's registers, as this does)
             put_ds(i, hh, ds16)
 
@@ -1175,8 +1185,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.SMEM((SLOTS, bq, d), dtype, **tiled), plgpu.SMEM((SLOTS, bq, d), dtype, **tiled),
       plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
       plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
-      plgpu.SMEM((2, bk, bq) if interpret or (P_SMEM and not fuse_dq) else small, dtype,
-                 **tiled),
+      plgpu.SMEM((2, bk, bq) if interpret or p_smem else small, dtype, **tiled),
       # dS^T tiles: [slot, warpgroup] when fused (both warpgroups read both), else the
       # staging copy of the interpreter's product, of DS_SMEM's and of `store_ds`' stores
       plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret or store_ds
@@ -1326,7 +1335,7 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
     def _consumer():
       if not interpret:
         plgpu.set_max_registers(232, action="increase")
-      _wait_plan(plan_bar, plan_s.shape[0])
+      _wait_plan(lambda c: plan_bar.at[c], plan_s.shape[0])
       n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
       base = plan_s[nv + 3] * OUTER + wg * bq
       rows = pl.ds(base, bq)

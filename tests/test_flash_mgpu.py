@@ -219,13 +219,11 @@ def test_dq_from_stored_ds_beside_reduce_adds(monkeypatch):
       masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 64, [[32]], DS)
 
 
-@pytest.mark.parametrize("smem", [False, True])
-def test_stored_ds_path_lowers_for_cuda(monkeypatch, lower_for_cuda, smem):
+def test_stored_ds_path_lowers_for_cuda(monkeypatch, lower_for_cuda):
   # The GPU body of dkv(store_ds=True) (dS^T staged from registers, stored by TMA while the dV
-  # and dK products run; with DS_SMEM staged first and read there by dK's product) and Triton's
-  # dS K kernel, lowered for CUDA: packed 2L, GQA 6, head_dim 128, CTAs of 3 heads.
+  # and dK products run) and Triton's dS K kernel, lowered for CUDA: packed 2L, GQA 6, head_dim
+  # 128, CTAs of 3 heads.
   monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 3)
-  monkeypatch.setattr(flash_mgpu, "DS_SMEM", smem)
   spec = masks.MaskSpec("diffusion", 32, 1)
   meta = masks.layout_meta(spec, _segments(2, 128, [[32, 96], []]))
   b, t, h, kh, d = 2, meta.positions.shape[1], 12, 2, 128
@@ -570,8 +568,7 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({"DQ_TURNS": True}, False),  # the dq kernel's warpgroups taking turns
     ({"GQA_REDUCE_ADD": True}, True),
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
-    ({"DKV_REGS": 240, "P_SMEM": True, "DS_SMEM": True}, False),  # both operands from shared
-    ({"SDP_SERIAL": True}, False),  # the dk/dv kernel's S^T, then dP^T beside P^T's arithmetic
+    ({"DKV_REGS": 232}, False),  # the dk/dv kernel's other register split (producer 40)
 ])
 def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, lower_for_cuda):
   # The interpreter runs the kernels' interpret bodies only; the GPU bodies (P in registers,

@@ -115,7 +115,8 @@ class Tiles:
   # stores cost the dk/dv kernel 22-26% and XLA's delta 39-122 us. Opt-in: that little for the
   # memory. Session 35: dS K over 128-row programs, a Triton delta pass and two dS staging
   # buffers gained nothing (reverted); the stores cost the dk/dv kernel mostly more register
-  # spills (Nsight Compute), which `flash_mgpu.DS_SMEM` may remove (untimed).
+  # spills (Nsight Compute). Session 36: staging dS^T in shared memory for dK's product as well
+  # as the store spilled more and was no faster (fwd+bwd 1.104 against 1.084 ms, 1.5B 2L).
   dq: str = "triton"
 
   def __post_init__(self):

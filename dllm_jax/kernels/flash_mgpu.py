@@ -674,20 +674,16 @@ GQA_REDUCE_ADD = False
 # 1785 -> 1541 (7B 3L). All 6 of the 1.5B's heads (its heaviest key tile then 1.8x an SM's
 # share): fwd+bwd 1.18x slower than 3.
 DKV_HEADS = 0
-# The unfused dk/dv kernel's register split and where its dV and dK products read their A
-# operands (P^T, dS^T). ptxas spills 320 bytes a thread at the default (dK, dV: 128 float32
-# registers; S^T, dP^T: 64; P^T, dS^T: 32), 428 with `store_ds`; Nsight Compute on the H100
-# puts a third of the warps' stall cycles on local-memory loads (BENCHMARKS.md, session 35).
-# DKV_REGS: the consumers' registers (232: producer 40; 240: producer 24). P_SMEM / DS_SMEM: P^T
-# / dS^T written to shared memory and read there by the product (registers freed once written;
-# with `store_ds` dS^T's staging buffer is that copy).
-DKV_REGS = 232
-P_SMEM = False
-DS_SMEM = False
-# SDP_SERIAL: S^T's product first, then dP^T's issued and P^T computed while it runs, so S^T
-# and dP^T are never both held in float32 beside lse's and delta's broadcasts (the consumer's
-# register peak; untimed).
-SDP_SERIAL = False
+# The unfused dk/dv kernel's register split (consumers 232 with a producer of 40, or 240 with
+# 24). ptxas spills 324 bytes a consumer thread at 232 and 272 at 240; Nsight Compute put a third
+# of the warps' stall cycles on those spills' loads (H100, session 35). At 240 the kernel's GPU
+# time is level or lower in every case (H100, L=2048, two readings each, same run: 1.5B heads 2L
+# 421 / 421 us against 423 / 421, 7B 2L 967 / 967 against 968 / 966, 1.5B 3L 701 / 707 against
+# 709 / 708, 7B 3L 1570 / 1573 against 1600 / 1595; BENCHMARKS.md session 36); fwd+bwd moves
+# within its run-to-run spread. Session 35's other levers against the spills, timed in session 36
+# and removed: P^T or dS^T written to shared memory for their products (more spills, 448-484
+# bytes; the kernel 1.09-1.19x slower) and S^T's product before dP^T's (the same spills and time).
+DKV_REGS = 240
 # Whether the dq kernel's two consumer warpgroups take turns on the tensor cores (the forward's
 # schedule barrier: one's dS arithmetic overlaps the other's products). Its GPU time 1.04-1.08x
 # longer than without (H100, session 33): off.
@@ -828,11 +824,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
   qt, dot = _streamed_transposes(interpret, d, bq, q, do)  # Q^T, dO^T in the interpreter
   # Registers: the fused kernel's consumers need every one (in an earlier layout 24/240 spilled
-  # 660 bytes against 820 at 40/232 and ran 10% faster); the unfused one gains nothing (session 11).
+  # 660 bytes against 820 at 40/232 and ran 10% faster); the unfused one's: `DKV_REGS`.
   if DKV_REGS not in (232, 240):
     raise ValueError(f"flash_mgpu.DKV_REGS={DKV_REGS}: must be 232 or 240")
   regs = (24, 240) if fuse_dq or DKV_REGS == 240 else (40, 232)
-  p_smem, ds_smem = P_SMEM and not fuse_dq, DS_SMEM and not fuse_dq
 
   iota = functools.partial(_iota, (bk, bq), interpret=interpret)
   load = functools.partial(_load, interpret=interpret)
@@ -920,20 +915,13 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
       bcast = lambda x: lax.broadcast_in_dim(x, (bk, bq), [1])
 
-      def probs(s, i, slot, masked):  # P^T [BK, BQ] from S^T
+      def grads(s, dp, i, slot, masked):  # P^T and dS^T [BK, BQ] from S^T and dP^T
         plgpu.barrier_wait(lse_bar.at[slot])
         p = jnp.exp2(s * c - bcast(load(lse_s.at[slot], col_l)))
         if masked:
           p = jnp.where(keep_of(i, slot, masked), p, jnp.zeros_like(p))
-        return p
-
-      def dscores(p, dp, slot):  # dS^T [BK, BQ] from P^T and dP^T
         plgpu.barrier_wait(delta_bar.at[slot])
-        return p * (dp - bcast(load(delta_s.at[slot], col_l)))
-
-      def grads(s, dp, i, slot, masked):  # P^T and dS^T [BK, BQ] from S^T and dP^T
-        p = probs(s, i, slot, masked)
-        return p, dscores(p, dp, slot)
+        return p, p * (dp - bcast(load(delta_s.at[slot], col_l)))
 
       def product(a, b_ref, shape):
         def f(acc_ref):
@@ -1058,56 +1046,26 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         slot = lax.rem(off + i, SLOTS)
         dslot, prev = ds_slot(i), ds_slot(i - lag)
 
-        issue_s = lambda s_ref: plgpu.wgmma(s_ref, k_s.at[w], q_s.at[slot].transpose((1, 0)))
-        issue_dp = lambda dp_ref: plgpu.wgmma(dp_ref, v_s.at[w],
-                                              do_s.at[slot].transpose((1, 0)))
-
         def transposed_products(s_ref, dp_ref):
-          issue_s(s_ref)
-          issue_dp(dp_ref)
+          plgpu.wgmma(s_ref, k_s.at[w], q_s.at[slot].transpose((1, 0)))
+          plgpu.wgmma(dp_ref, v_s.at[w], do_s.at[slot].transpose((1, 0)))
           return s_ref[...], dp_ref[...]
 
-        if SDP_SERIAL:
-          def s_product(s_ref):
-            issue_s(s_ref)
-            return s_ref[...]
-
-          def dp_product(dp_ref):  # issued, then P^T computed while it runs
-            issue_dp(dp_ref)
-            return probs(s, i, slot, masked), dp_ref[...]
-
-          s = pl.run_scoped(s_product, plgpu.ACC((bk, bq), jnp.float32))
-          p, dp = pl.run_scoped(dp_product, plgpu.ACC((bk, bq), jnp.float32))
-          ds = dscores(p, dp, slot)
-        else:
-          s, dp = pl.run_scoped(transposed_products, plgpu.ACC((bk, bq), jnp.float32),
-                                plgpu.ACC((bk, bq), jnp.float32))
-          p, ds = grads(s, dp, i, slot, masked)
+        s, dp = pl.run_scoped(transposed_products, plgpu.ACC((bk, bq), jnp.float32),
+                              plgpu.ACC((bk, bq), jnp.float32))
+        p, ds = grads(s, dp, i, slot, masked)
         p16, ds16 = p.astype(dtype), ds.astype(dtype)
         if fuse_dq:
           share_ds(i, dslot, ds16)
           pl.when(i >= lag)(lambda: plgpu.barrier_wait(ds_ready.at[prev]))
-        if p_smem:  # (the last visit's dV product has read p_s: its accumulator was waited for)
-          p_s[w] = p16
-        if ds_smem:  # dS^T staged before its product; with store_ds, stored from there
-          if store_ds:  # the last store from there has read it
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          ds_s[0, w] = ds16
-        if p_smem or ds_smem:
-          plgpu.commit_smem()  # generic-proxy writes before the products' async-proxy reads
-        # the products' A operands in registers, kept by the barrier (or their shared copies)
-        held = [x for x, shared in ((p16, p_smem), (ds16, ds_smem)) if not shared]
-        dk, dv, *held = lax.optimization_barrier((dk, dv, *held))
-        p_r = None if p_smem else held.pop(0)
-        ds_r = None if ds_smem else held.pop(0)
+        # the products' A operands in registers, kept there by the barrier
+        dk, dv, p16, ds16 = lax.optimization_barrier((dk, dv, p16, ds16))
 
         def accumulate(refs):  # (shared-memory views made here: closed over, 0.11 rejects them)
           dv_ref, dk_ref = refs
-          plgpu.wgmma(dv_ref, p_s.at[w] if p_smem else p_r, do_s.at[slot])
-          plgpu.wgmma(dk_ref, ds_s.at[0, w] if ds_smem else ds_r, q_s.at[slot])
-          if store_ds and ds_smem:  # from the operand's copy, read by both at once
-            store_staged(i, hh)
-          elif store_ds:  # while the products run (they read ds16's registers, as this does)
+          plgpu.wgmma(dv_ref, p16, do_s.at[slot])
+          plgpu.wgmma(dk_ref, ds16, q_s.at[slot])
+          if store_ds:  # while the products run (they read ds16's registers, as this does)
             put_ds(i, hh, ds16)
 
           @pl.when(off + i + 1 < total)  # the next tile's operands, while these products run
@@ -1185,11 +1143,11 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.SMEM((SLOTS, bq, d), dtype, **tiled), plgpu.SMEM((SLOTS, bq, d), dtype, **tiled),
       plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
       plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
-      plgpu.SMEM((2, bk, bq) if interpret or p_smem else small, dtype, **tiled),
+      plgpu.SMEM((2, bk, bq) if interpret else small, dtype, **tiled),
       # dS^T tiles: [slot, warpgroup] when fused (both warpgroups read both), else the
-      # staging copy of the interpreter's product, of DS_SMEM's and of `store_ds`' stores
+      # staging copy of the interpreter's product and of `store_ds`' stores
       plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret or store_ds
-                 or ds_smem else (1,) + small, dtype, **tiled),
+                 else (1,) + small, dtype, **tiled),
       plgpu.SMEM((n_ds, 2, bq, bk) if interpret and fuse_dq else (1,) + small, dtype, **tiled),
       # float32 staging of the reduce-adds (dQ's, dK's and dV's), one [64, D / 2] a warpgroup
       plgpu.SMEM((2, bq, half) if fuse_dq or reduce_add else (1, 8, 32), jnp.float32,

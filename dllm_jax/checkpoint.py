@@ -261,15 +261,31 @@ def load_params(run_dir: str | pathlib.Path) -> tuple[int, Any]:
   with contextlib.closing(manager(run_dir, async_save=False, create=False)) as mgr:
     for step in sorted(mgr.all_steps(), reverse=True):
       try:
-        meta = mgr.item_metadata(step)["state"]["params"]
         target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            _saved_params_shapes(mgr, step, run_dir))
         return step, _restore_params(pathlib.Path(mgr.directory) / str(step) / "state", target)
       except Exception as e:  # noqa: BLE001
         _raise_if_not_the_files(e)
         _warn_unreadable(mgr, step, e)
   raise FileNotFoundError(f"{run_dir} holds no readable checkpoint under {CHECKPOINTS}/; train "
                           "first (python train.py --config ...) or pass a model path")
+
+
+def _saved_params_shapes(mgr: ocp.CheckpointManager, step: int, run_dir) -> Any:
+  """The params' shapes and dtypes in checkpoint `step`: orbax's record of the saved tree, or,
+  where that file (state/_METADATA) is gone, the tree the run's model.json describes, which is
+  how a resume restores the same checkpoint (by the state it builds from the config)."""
+  meta = mgr.item_metadata(step).get("state")
+  if meta is not None:
+    return meta["params"]
+  model_cfg = saved_model_config(run_dir)
+  if model_cfg is None:
+    raise FileNotFoundError(f"checkpoint {step} has no record of its tree (state/_METADATA) and "
+                            f"{run_dir} no {MODEL_JSON} to rebuild it from")
+  from dllm_jax import model
+
+  return jax.eval_shape(lambda key: model.init_params(model_cfg, key), jax.random.key(0))
 
 
 def _restore_params(state_dir: pathlib.Path, target: Any) -> Any:

@@ -309,6 +309,22 @@ def test_load_params_reads_only_the_params_and_does_not_call_memory_corruption(r
     checkpoint.load_params(ref_dir)
 
 
+def test_a_checkpoint_without_its_metadata_file_loads_as_it_resumes(reference, tmp_path):
+  # orbax's state/_METADATA (the saved tree's structure) gone: a resume restores the checkpoint
+  # by the run's config anyway, so reading its params must too, not skip to an older step.
+  ref_dir, _ = reference
+  run_dir = tmp_path / "run"
+  shutil.copytree(ref_dir, run_dir)
+  (run_dir / "checkpoints" / str(STEPS) / "state" / "_METADATA").unlink()
+  step, params = checkpoint.load_params(run_dir)
+  assert step == STEPS
+  _, want = checkpoint.load_params(ref_dir)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(want)
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_a_run_directory_without_its_checkpoints_is_named(reference, tmp_path):
   # (It was read as a HF directory: "config.json: architectures=[] ... is not supported".)
   ref_dir, _ = reference

@@ -48,34 +48,47 @@ def _parser() -> argparse.ArgumentParser:
 # Inputs
 
 
+ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates render (a typo is named)
+
+
 def read_prompts(path: str) -> list[list[dict]]:
-  """Conversations from a JSONL file; a bad line is an error naming file:line."""
+  """Conversations from a JSONL file: each line {"prompt": str} or {"messages": [{"role",
+  "content"}, ...]}; a bad line is an error naming file:line."""
   conversations = []
   try:
-    f = open(path)
+    with open(path, "rb") as f:
+      lines = f.read().splitlines()
   except OSError as e:
     raise UsageError(f"--prompts {path}: {e.strerror or e}") from None
-  with f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
-      if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-        conversations.append([{"role": "user", "content": record["prompt"]}])
-      elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-        messages = record["messages"]
-        if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                   and isinstance(m.get("content"), str) for m in messages):
-          raise UsageError(f"{where}: 'messages' must be a non-empty list of objects with "
-                           "string 'role' and 'content'")
-        conversations.append(messages)
-      else:
-        raise UsageError(f"{where}: expected an object with a string 'prompt' or a list "
-                         "'messages'")
+  for number, line in enumerate(lines, 1):
+    where = f"{path}:{number}"
+    try:
+      line = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise UsageError(f"{where}: not UTF-8 text ({e})") from None
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+    if isinstance(record, dict) and "prompt" in record and "messages" in record:
+      raise UsageError(f"{where}: both 'prompt' and 'messages'; give one")
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+      conversations.append([{"role": "user", "content": record["prompt"]}])
+    elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+      messages = record["messages"]
+      if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                 and isinstance(m.get("content"), str) for m in messages):
+        raise UsageError(f"{where}: 'messages' must be a non-empty list of objects with "
+                         "string 'role' and 'content'")
+      roles = [m["role"] for m in messages if m["role"] not in ROLES]
+      if roles:
+        raise UsageError(f"{where}: role {roles[0]!r} is not one of {ROLES}")
+      conversations.append(messages)
+    else:
+      raise UsageError(f"{where}: expected an object with a string 'prompt' or a list "
+                       "'messages'")
   if not conversations:
     raise UsageError(f"{path} holds no prompts")
   return conversations
@@ -153,7 +166,7 @@ def _check_lengths(prompts, model_cfg, cfg, width):
   try:
     decoding.check_reach(model_cfg, cfg, width)
   except decoding.DecodeError as e:
-    raise UsageError(f"{e} (--max-new-tokens)") from None
+    raise UsageError(decoding_cli.as_flags(str(e))) from None
 
 
 def run_batch(args, pretrained, cfg, conversations) -> dict:
@@ -282,7 +295,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     pretrained = decoding_cli.load(args, "decode.py", batch=batch)
     cfg = decoding_cli.decode_config(args, pretrained, **_sampling(args))
     if args.live:
-      result = live(args, pretrained, cfg, [{"role": "user", "content": args.prompt}])
+      # (with --json, stdout holds the one JSON document: the frames and text go to stderr)
+      result = live(args, pretrained, cfg, [{"role": "user", "content": args.prompt}],
+                    out=sys.stderr if args.json else None)
     elif args.chat:
       result = chat(args, pretrained, cfg, out=sys.stderr if args.json else None)
     else:

@@ -557,9 +557,13 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32") -> 
     return load_hf_dir(path, dtype)
   if path.is_file() and path.suffix.lower() == ".gguf":
     return load_gguf(path, dtype)
-  raise CheckpointError(
-      f"{text!r} is neither a HF model directory, a .gguf file, nor a known shortcut; "
-      f"shortcuts: {sorted(SHORTCUTS)}")
+  # (the paths the command lines take; a training run's directory is read before this, by
+  # checkpoint.load_model)
+  kinds = "a training run's directory, a HF model directory, a .gguf file or a known shortcut"
+  if not path.exists():
+    raise CheckpointError(f"{text!r} does not exist; give {kinds}; shortcuts: "
+                          f"{sorted(SHORTCUTS)}")
+  raise CheckpointError(f"{text!r} is none of {kinds}; shortcuts: {sorted(SHORTCUTS)}")
 
 
 def cast_config(cfg: ModelConfig, dtype: str, matvec_impl: Optional[str] = None) -> ModelConfig:

@@ -131,9 +131,10 @@ class DecodeConfig:
       raise DecodeError(f"DecodeConfig.block_size={self.block_size}, sub_block_size="
                         f"{self.sub_block_size}: both must be >= 1")
     if self.block_size % self.sub_block_size:
+      divisors = [d for d in range(1, self.block_size + 1) if self.block_size % d == 0]
       raise DecodeError(
           f"DecodeConfig.sub_block_size={self.sub_block_size} does not divide block_size="
-          f"{self.block_size}; pick a divisor (e.g. 8 for blocks of 32)")
+          f"{self.block_size}; pick a divisor of it: {divisors}")
     if not 0.0 < self.threshold <= 1.0:
       raise DecodeError(f"DecodeConfig.threshold={self.threshold}: must be in (0, 1] "
                         "(1.0 unmasks one token per step)")
@@ -184,6 +185,9 @@ def _check(model_cfg: ModelConfig, config: DecodeConfig, prompt_tokens_BP, promp
   if prompt_lengths_B.shape != (batch,):
     raise DecodeError(f"prompt_lengths must be [batch]={batch}, got shape "
                       f"{prompt_lengths_B.shape}")
+  for name, x in (("prompt_tokens", prompt_tokens_BP), ("prompt_lengths", prompt_lengths_B)):
+    if not jnp.issubdtype(x.dtype, jnp.integer):  # (a float would be truncated, a bool read as 1)
+      raise DecodeError(f"{name} must hold integers (token ids, lengths), got {x.dtype}")
   if width > model_cfg.max_position_embeddings:
     raise DecodeError(
         f"prompt of {width} tokens is longer than the model's context "
@@ -193,16 +197,16 @@ def _check(model_cfg: ModelConfig, config: DecodeConfig, prompt_tokens_BP, promp
   for t in config.stop_token_ids:
     if not 0 <= t < model_cfg.vocab_size:
       raise DecodeError(f"stop token {t} is outside the vocabulary (size {model_cfg.vocab_size})")
-  if config.mode == "diffusion":
-    mask_id = _mask_id(model_cfg, config)
-    if mask_id is None:
-      raise DecodeError(
-          "diffusion decoding needs a mask token, and neither DecodeConfig.mask_token_id nor the "
-          "model config's mask_token_id is set: this model was not diffusion-trained; use "
-          "mode='ar' or fine-tune it first")
-    if not 0 <= mask_id < model_cfg.vocab_size:
-      raise DecodeError(f"mask token {mask_id} is outside the vocabulary "
-                        f"(size {model_cfg.vocab_size})")
+  mask_id = _mask_id(model_cfg, config)
+  if mask_id is None and config.mode == "diffusion":
+    raise DecodeError(
+        "diffusion decoding needs a mask token, and neither DecodeConfig.mask_token_id nor the "
+        "model config's mask_token_id is set: this model was not diffusion-trained; use "
+        "mode='ar' or fine-tune it first")
+  if mask_id is not None and not 0 <= mask_id < model_cfg.vocab_size:
+    # (AR mode too: it never emits the mask token, and a negative id would ban another)
+    raise DecodeError(f"mask token {mask_id} is outside the vocabulary "
+                      f"(size {model_cfg.vocab_size})")
   try:
     lengths = np.asarray(prompt_lengths_B).tolist()
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -236,13 +240,23 @@ def reach(config: DecodeConfig, width: int) -> int:
 def check_reach(model_cfg: ModelConfig, config: DecodeConfig, width: int) -> None:
   """DecodeError when prompts `width` wide and `config.max_new_tokens` reach past the model's
   context: positions it was never trained at."""
-  total = reach(config, width)
-  if total > model_cfg.max_position_embeddings:
-    raise DecodeError(
-        f"a prompt {width} wide and max_new_tokens={config.max_new_tokens} reach position "
-        f"{total}{' (whole blocks)' if config.mode == 'diffusion' else ''}, past the model's "
-        f"context (max_position_embeddings={model_cfg.max_position_embeddings}); lower "
-        "max_new_tokens or shorten the prompt")
+  total, context = reach(config, width), model_cfg.max_position_embeddings
+  if total <= context:
+    return
+  diffusion = config.mode == "diffusion"
+  # New tokens that fit: a diffusion cache holds whole blocks, so the context's last partial
+  # block is out of reach too.
+  room = (context // config.block_size * config.block_size if diffusion else context) - width
+  smaller_blocks = diffusion and room < context - width
+  if room >= 1:
+    fix = (f"lower max_new_tokens to {room} or less"
+           + (", use a smaller block_size" if smaller_blocks else "") + " or shorten the prompt")
+  else:
+    fix = ("use a smaller block_size or " if smaller_blocks else "") + "shorten the prompt"
+  blocks = f" (whole blocks of block_size={config.block_size})" if diffusion else ""
+  raise DecodeError(
+      f"a prompt {width} wide and max_new_tokens={config.max_new_tokens} reach position "
+      f"{total}{blocks}, past the model's context (max_position_embeddings={context}); {fix}")
 
 
 def _mask_id(model_cfg: ModelConfig, config: DecodeConfig) -> Optional[int]:
@@ -252,10 +266,14 @@ def _mask_id(model_cfg: ModelConfig, config: DecodeConfig) -> Optional[int]:
 def _row_keys(rng: jax.Array, batch: int) -> jax.Array:
   """Typed keys [batch]: `rng` is one key (row b gets fold_in(rng, b)) or already one per row."""
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    why = f"rng must be a PRNG key (jax.random.key(seed)) or one per row, got {rng.dtype} of " \
+          f"shape {rng.shape}"
     if rng.dtype != jnp.uint32 or rng.ndim not in (1, 2):
-      raise DecodeError(f"rng must be a PRNG key (jax.random.key(seed)) or one per row, got "
-                        f"{rng.dtype} of shape {rng.shape}")
-    rng = jax.random.wrap_key_data(rng)
+      raise DecodeError(why)
+    try:
+      rng = jax.random.wrap_key_data(rng)
+    except TypeError:  # (raw key data of another width than the default generator's)
+      raise DecodeError(why) from None
   if rng.shape == ():
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch))
   if rng.shape == (batch,):
@@ -563,7 +581,7 @@ def generate(
   """
   prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
   prompt_lengths_B = jnp.asarray(prompt_lengths_B)
-  _check(model_cfg, config, prompt_tokens_BP, prompt_lengths_B)
+  _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold)
   keys = _row_keys(jnp.asarray(rng), prompt_tokens_BP.shape[0])
   if config.mode == "ar":
     out, lengths, nfe, iterations = _ar(params, model_cfg, prompt_tokens_BP, prompt_lengths_B,
@@ -571,18 +589,6 @@ def generate(
   else:
     if threshold is None:
       threshold = config.threshold
-    else:
-      if jnp.ndim(threshold) != 0:
-        # A [B] threshold would broadcast against [B, sub_block] confidences along the wrong axis.
-        raise DecodeError(f"generate(threshold=...): must be a scalar, got shape "
-                          f"{jnp.shape(threshold)}")
-      try:
-        value = float(threshold)
-      except jax.errors.ConcretizationTypeError:  # traced: checked by whoever made it
-        value = None
-      if value is not None and not 0.0 < value <= 1.0:
-        raise DecodeError(f"generate(threshold={value}): must be in (0, 1] (1.0 unmasks one "
-                          "token per step)")
     out, lengths, nfe, iterations = _diffusion(params, model_cfg, prompt_tokens_BP,
                                                prompt_lengths_B, keys, config, on_step,
                                                jnp.asarray(threshold, jnp.float32))
@@ -599,4 +605,40 @@ def generate(
   return out, lengths, stats
 
 
-generate_jit = jax.jit(generate, static_argnames=("model_cfg", "config", "on_step"))
+def _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold):
+  """`generate`'s checks of its arguments; values an outer jit traces are not checked (see
+  `generate`)."""
+  _check(model_cfg, config, prompt_tokens_BP, prompt_lengths_B)
+  if config.mode == "ar" and (on_step is not None or threshold is not None):
+    raise DecodeError("generate(on_step=..., threshold=...) are for diffusion decoding; mode='ar' "
+                      "unmasks nothing: leave them None")
+  if threshold is None:
+    return
+  if jnp.ndim(threshold) != 0:
+    # A [B] threshold would broadcast against [B, sub_block] confidences along the wrong axis.
+    raise DecodeError(f"generate(threshold=...): must be a scalar, got shape "
+                      f"{jnp.shape(threshold)}")
+  try:
+    value = float(threshold)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return  # traced: checked by whoever made it
+  if not 0.0 < value <= 1.0:  # (NaN too)
+    raise DecodeError(f"generate(threshold={value}): must be in (0, 1] (1.0 unmasks one token "
+                      "per step)")
+
+
+_generate_compiled = jax.jit(generate, static_argnames=("model_cfg", "config", "on_step"))
+
+
+def generate_jit(params: Params, model_cfg: ModelConfig, prompt_tokens_BP, prompt_lengths_B,
+                 rng, config: DecodeConfig, on_step: Optional[Callable] = None, threshold=None):
+  """`generate`, compiled once per (model_cfg, config, on_step) and input shapes. Its arguments
+  are checked here first, values included (prompt lengths, token ids, `threshold`), as
+  `generate` checks them: inside the compiled function they are traced and could not be (a bad
+  length or token id would decode garbage). Called under an outer jit, only shapes are checked;
+  the threshold stays traced, so one compiled decoder serves a sweep of thresholds."""
+  prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
+  prompt_lengths_B = jnp.asarray(prompt_lengths_B)
+  _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold)
+  return _generate_compiled(params, model_cfg, prompt_tokens_BP, prompt_lengths_B, rng, config,
+                            on_step=on_step, threshold=threshold)

@@ -8,6 +8,7 @@ Building the parser imports no jax, so `--help` and a flag outside its choices a
 from __future__ import annotations
 
 import argparse
+import re
 import warnings
 
 from dllm_jax.config import KERNEL_LAYOUTS  # (config imports no jax)
@@ -60,6 +61,21 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
                            "refusing)")
 
 
+# DecodeConfig's fields that are this command line's flags, named as the flags in its errors.
+_FLAG_FIELDS = ("max_new_tokens", "sub_block_size", "block_size", "threshold", "temperature",
+                "top_p", "mode")
+
+
+def as_flags(message: str) -> str:
+  """A decoding error's text with DecodeConfig's field names written as the flags that set
+  them ('DecodeConfig.max_new_tokens=0' -> '--max-new-tokens=0')."""
+  message = re.sub(r"DecodeConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-")
+                   if m.group(1) in _FLAG_FIELDS else m.group(0), message)
+  # (the plain names that are not also English words)
+  return re.sub(r"\b(max_new_tokens|sub_block_size|block_size|top_p)\b",
+                lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def check(args, **sampling) -> None:
   """UsageError for a shared flag's bad value, before any checkpoint is read. `sampling`: the
   command's own `DecodeConfig` fields (temperature, top_p), checked with the rest."""
@@ -67,10 +83,12 @@ def check(args, **sampling) -> None:
 
   if args.batch_size < 1:
     raise UsageError(f"--batch-size={args.batch_size}: must be >= 1")
+  if not -2**63 <= args.seed < 2**63:  # (jax.random.key takes a 64-bit integer)
+    raise UsageError(f"--seed={args.seed}: must fit in 64 bits (|seed| < 2**63)")
   try:
     _config(args, **sampling)
   except decoding.DecodeError as e:
-    raise UsageError(str(e)) from None
+    raise UsageError(as_flags(str(e))) from None
 
 
 def _config(args, **fields):

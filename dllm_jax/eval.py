@@ -72,27 +72,37 @@ class Problem:
 
 def load_gsm8k(path: str | pathlib.Path, limit: Optional[int] = None) -> list[Problem]:
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise FileNotFoundError(f"GSM8K file {path} is a directory; pass --data PATH/test.jsonl")
   if not path.is_file():
     raise FileNotFoundError(f"GSM8K file {path} does not exist; pass --data PATH/test.jsonl")
   problems = []
-  with path.open() as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-        question, answer = rec["question"], rec["answer"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}:{line_no}: not a GSM8K record with question/answer ({e})") from None
-      if not isinstance(question, str) or not isinstance(answer, str):
-        raise ValueError(f"{path}:{line_no}: question and answer must be strings, got "
-                         f"{type(question).__name__} and {type(answer).__name__}")
-      gold = extract_answer(answer)
-      if gold is None:
-        raise ValueError(f"{path}:{line_no}: the answer has no final number after '####'")
-      problems.append(Problem(len(problems), question, gold))
-      if limit is not None and len(problems) >= limit:
-        break
+  for line_no, line in enumerate(path.read_bytes().splitlines(), 1):
+    try:
+      line = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e})") from None
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+      question, answer = rec["question"], rec["answer"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{path}:{line_no}: not a GSM8K record with question/answer ({e})") from None
+    if not isinstance(question, str) or not isinstance(answer, str):
+      raise ValueError(f"{path}:{line_no}: question and answer must be strings, got "
+                       f"{type(question).__name__} and {type(answer).__name__}")
+    # The gold answer is the number after '####' and nothing else: `extract_answer`'s fallback
+    # to the text's last number is for generations, and in a reference answer it would take a
+    # number from the working (e.g. "48/2 = 24") as the answer.
+    _, marker, final = answer.partition("####")
+    gold = normalize_number(final) if marker else None
+    if gold is None:
+      raise ValueError(f"{path}:{line_no}: the answer has no final number after '####' (GSM8K's "
+                       "answers end in '#### N')")
+    problems.append(Problem(len(problems), question, gold))
+    if limit is not None and len(problems) >= limit:
+      break
   if not problems:
     raise ValueError(f"{path} holds no GSM8K records (one JSON object with question and answer "
                      "a line)")
@@ -132,8 +142,9 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
   decoding.check_reach(model_cfg, decode_cfg, width)  # (before anything compiles)
   # The threshold is an argument, not a constant, so a sweep over thresholds compiles to the same
   # program (and hits JAX's persistent compilation cache when one is set).
+  diffusion = decode_cfg.mode == "diffusion"
   fn = jax.jit(lambda params, toks, lens, rng, th: decoding.generate(
-      params, model_cfg, toks, lens, rng, decode_cfg, threshold=th))
+      params, model_cfg, toks, lens, rng, decode_cfg, threshold=th if diffusion else None))
   threshold = jnp.float32(decode_cfg.threshold)
 
   def batch_arrays(start):
@@ -205,16 +216,21 @@ def agreement(records: Sequence[dict], reference: Sequence[dict]) -> float:
   return sum(r["prediction"] == ref[r["index"]] for r in shared) / len(shared)
 
 
-def read_generations(path, indices) -> list[dict]:
+def read_generations(path, problems: Sequence[Problem]) -> list[dict]:
   """Another run's generations JSONL (`--out`), checked before a run compares with it: every
-  line an object with an "index" and a "prediction", some index among `indices`; else a
-  UsageError naming the file (and line)."""
+  line an object with an integer "index" and a "prediction" (a string, or null for no number),
+  some index among `problems`', and, where a record keeps its "question" (`--out` does), the
+  same question as this run's problem of that index; else a UsageError naming the file (and
+  line)."""
   where = f"--compare-to {path}"
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       lines = list(enumerate(f, 1))
   except OSError as e:
     raise decoding_cli.UsageError(f"{where}: {e}") from None
+  except UnicodeDecodeError as e:
+    raise decoding_cli.UsageError(f"{where}: not UTF-8 text ({e})") from None
+  questions = {p.index: p.question for p in problems}
   records = []
   for number, line in lines:
     if not line.strip():
@@ -226,10 +242,21 @@ def read_generations(path, indices) -> list[dict]:
     if not isinstance(record, dict) or "index" not in record or "prediction" not in record:
       raise decoding_cli.UsageError(f"{where}:{number}: expected an object with 'index' and "
                                     "'prediction' (a generations file written by --out)")
+    index, prediction = record["index"], record["prediction"]
+    if not isinstance(index, int) or isinstance(index, bool):
+      raise decoding_cli.UsageError(f"{where}:{number}: 'index' must be an integer, got "
+                                    f"{index!r}")
+    if prediction is not None and not isinstance(prediction, str):
+      raise decoding_cli.UsageError(f"{where}:{number}: 'prediction' must be a string or null, "
+                                    f"got {prediction!r}")
+    if index in questions and record.get("question", questions[index]) != questions[index]:
+      raise decoding_cli.UsageError(
+          f"{where}:{number}: problem {index} there is another question than this run's: "
+          "compare generations of the same --data file")
     records.append(record)
-  if not any(r["index"] in indices for r in records):
+  if not any(r["index"] in questions for r in records):
     raise decoding_cli.UsageError(f"{where}: shares no problem index with this run's "
-                                  f"{len(indices)} problems")
+                                  f"{len(questions)} problems")
   return records
 
 
@@ -274,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       raise decoding_cli.UsageError(str(e)) from None
     reference = None
     if args.compare_to:
-      reference = read_generations(args.compare_to, {p.index for p in problems})
+      reference = read_generations(args.compare_to, problems)
     # (A run of fewer problems than --batch-size decodes them in one batch of their number,
     # and --kernel-layout auto decides for that batch.)
     batch = min(args.batch_size, len(problems))
@@ -287,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     records, summary = evaluate(pretrained, problems, decode_cfg, batch, args.seed, log,
                                 layout=args.layout)
   except decoding.DecodeError as e:  # (the problems and --max-new-tokens past the context)
-    raise SystemExit(f"{prog}: error: {e} (--max-new-tokens)") from None
+    raise SystemExit(f"{prog}: error: {decoding_cli.as_flags(str(e))}") from None
   summary["checkpoint"] = args.checkpoint
   if args.out:
     from dllm_jax import checkpoint  # (loaded with the model already)

@@ -455,19 +455,24 @@ def test_gguf_tensors_the_model_would_run_without_are_refused(hf_dirs, tmp_path)
 
 
 def test_load_pretrained_errors(tmp_path, monkeypatch):
-  with pytest.raises(convert.CheckpointError, match=r"shortcuts: \['smollm2-135m-instruct'\]"):
+  with pytest.raises(convert.CheckpointError, match=r"'smollm3-huge' does not exist; .*shortcuts: "
+                                                  r"\['smollm2-135m-instruct'\]"):
     convert.load_pretrained("smollm3-huge")
+  (tmp_path / "weights.bin").write_bytes(b"")
+  with pytest.raises(convert.CheckpointError, match=r"weights.bin' is none of a training run's "
+                                                  r"directory, a HF model directory, a .gguf file"):
+    convert.load_pretrained(tmp_path / "weights.bin")
   with pytest.raises(convert.CheckpointError, match="config.json does not exist"):
     convert.load_pretrained(tmp_path)
   # "~" (a --set value no shell expanded) and an upper-case .GGUF are found, not refused as
-  # "neither a HF model directory, a .gguf file, nor a known shortcut"
+  # "none of a training run's directory, a HF model directory, a .gguf file or a known shortcut"
   monkeypatch.setenv("HOME", str(tmp_path))
   with pytest.raises(convert.CheckpointError, match="config.json does not exist"):
     convert.load_pretrained("~")
   (tmp_path / "m.GGUF").write_bytes(b"not a gguf file")
   with pytest.raises(Exception) as e:
     convert.load_pretrained("~/m.GGUF")
-  assert "neither a HF model directory" not in str(e.value)
+  assert "is none of" not in str(e.value)
   with pytest.raises(convert.CheckpointError, match="dtype='int8'"):
     convert.load_pretrained(tmp_path, dtype="int8")
   # A directory named as a shortcut (a full-precision download, say): which one is meant is

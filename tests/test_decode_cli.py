@@ -137,7 +137,7 @@ def test_bad_arguments_are_clear_errors(dirs, tmp_path):
   base = ["--checkpoint", dirs["diffusion"], "--prompt", "hi"]
   with pytest.raises(SystemExit, match=r"threshold=1.5: must be in \(0, 1\]"):
     decode.main(base + ["--threshold", "1.5"])
-  with pytest.raises(SystemExit, match="sub_block_size=5 does not divide block_size=32"):
+  with pytest.raises(SystemExit, match=r"--sub-block-size=5 does not divide --block-size=32; pick a divisor of it: \[1, 2, 4, 8, 16, 32\]"):
     decode.main(base + ["--sub-block-size", "5"])
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "ok"}\n{"text": 3}\n')
@@ -147,14 +147,29 @@ def test_bad_arguments_are_clear_errors(dirs, tmp_path):
     bad.write_text(json.dumps({"messages": messages}) + "\n")
     with pytest.raises(SystemExit, match=f"{bad}:1: 'messages' must be a non-empty list"):
       decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(bad)])
+  for line, message in (('{"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}',
+                         "both 'prompt' and 'messages'; give one"),
+                        ('{"messages": [{"role": "usr", "content": "x"}]}',
+                         "role 'usr' is not one of")):
+    bad.write_text(line + "\n")
+    with pytest.raises(SystemExit, match=f"{bad}:1: {message}"):
+      decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(bad)])
+  bad.write_bytes(b'{"prompt": "ok"}\n\xff\n')
+  with pytest.raises(SystemExit, match=f"{bad}:2: not UTF-8 text"):
+    decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(bad)])
   with pytest.raises(SystemExit, match="--prompts .*missing.jsonl: No such file"):
     decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(tmp_path / "missing.jsonl")])
   with pytest.raises(SystemExit, match="longer than the model's context"):
     decode.main(base[:2] + ["--prompt", "x" * 300, *FAST])
   # A prompt that fits, but not with the tokens asked for after it (256 positions here).
-  with pytest.raises(SystemExit, match=r"reach position \d+ \(whole blocks\), past the model's "
-                     r"context .*\(--max-new-tokens\)"):
+  with pytest.raises(SystemExit, match=r"reach position \d+ \(whole blocks of --block-size=\d+\), "
+                     r"past the model's context .*; lower --max-new-tokens to \d+ or less"):
     decode.main(base[:2] + ["--prompt", "x" * 150, *FAST[:-1], "120"])
+  # The blocks, not the tokens asked for, reach past it: the flag to change is named.
+  with pytest.raises(SystemExit, match=r"reach position 512 \(whole blocks of --block-size=512\)"
+                     r".*; use a smaller --block-size or shorten the prompt"):
+    decode.main(base[:2] + ["--prompt", "hi", "--block-size", "512", "--sub-block-size", "8",
+                            "--max-new-tokens", "8"])
   with pytest.raises(SystemExit, match="--live needs a single --prompt"):
     decode.main(["--checkpoint", dirs["diffusion"], "--chat", "--live"])
 
@@ -166,6 +181,14 @@ def test_live_view_fills_masks_in(dirs, capsys):
   assert glyphs[0] > 0 and glyphs[-1] == 0  # starts masked, ends decoded
   assert len(frames) >= 3  # the prefill's state, then one frame per step or commit
   assert result["text"] in capsys.readouterr().out
+
+
+def test_live_view_with_json_prints_one_json_document(dirs, capsys):
+  # The frames (and the text) go to stderr: stdout is what --json promises.
+  decode.main(["--checkpoint", dirs["diffusion"], "--prompt", "hello", "--live", "--json", *FAST])
+  captured = capsys.readouterr()
+  result = json.loads(captured.out)
+  assert result["text"] and decode.MASK_GLYPH in captured.err
 
 
 def test_chat_keeps_the_conversation(dirs, monkeypatch, capsys):
@@ -222,7 +245,8 @@ def test_the_parser_answers_without_importing_jax():
 
 
 def test_a_missing_checkpoint_is_one_error_line(tmp_path):
-  with pytest.raises(SystemExit, match=r"decode.py: error: --checkpoint .*nothing: .*neither"):
+  with pytest.raises(SystemExit,
+                     match=r"decode.py: error: --checkpoint .*nothing: .*does not exist; give"):
     decode.main(["--checkpoint", str(tmp_path / "nothing"), "--prompt", "hi", *FAST])
 
 
@@ -274,7 +298,7 @@ def test_the_trained_block_size_is_the_default_and_another_is_warned(monkeypatch
   decoding_cli.load(args, "decode.py")
   assert args.block_size == 16
   assert not [w for w in recwarn if "trained with blocks" in str(w.message)]
-  with pytest.raises(decoding_cli.UsageError, match="sub_block_size=32"):
+  with pytest.raises(decoding_cli.UsageError, match="--sub-block-size=32"):
     decoding_cli.load(_load_args("--sub-block-size", "32"), "decode.py")
   # A model that does not say (a HF directory): the authors' 32
   untold = _tiny_pretrained({"objective": "diffusion"})

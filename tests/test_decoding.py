@@ -368,8 +368,9 @@ def test_bad_inputs_are_clear_errors(params):
   with pytest.raises(DecodeError, match=r"rng must be a PRNG key \(jax.random.key\(seed\)\)"):
     decoding.generate(params, CFG, prompts, lengths, 0, ok)
   # The cache reaches past the model's context (128 positions here).
-  with pytest.raises(DecodeError, match=r"reach position 136 \(whole blocks\), past the model's "
-                     "context"):
+  with pytest.raises(DecodeError, match=r"reach position 136 \(whole blocks of block_size=8\), "
+                     r"past the model's context \(max_position_embeddings=128\); lower "
+                     r"max_new_tokens to 8 or less or shorten the prompt"):
     decoding.generate(params, CFG, np.zeros((1, 120), np.int32), np.array([120]),
                       jax.random.key(0), DecodeConfig(max_new_tokens=10, block_size=BS,
                                                       sub_block_size=SBS))
@@ -378,6 +379,30 @@ def test_bad_inputs_are_clear_errors(params):
   bad[1, 2] = CFG.vocab_size
   with pytest.raises(DecodeError, match=f"prompt 1 holds token id {CFG.vocab_size} at position 2"):
     decoding.generate(params, CFG, bad, lengths, jax.random.key(0), ok)
+  # generate_jit checks the values it is given before they are traced (inside the compiled
+  # decoder they could not be: a bad length or id decoded garbage, a threshold of 5 ran).
+  key = jax.random.key(0)
+  for args, message in (((prompts, np.array([3, 0]), key, ok), "prompt 1 is empty"),
+                        ((prompts, np.array([3, 9]), key, ok), "prompt 1 has length 9"),
+                        ((bad, lengths, key, ok), "prompt 1 holds token id"),
+                        ((prompts.astype(np.float32), lengths, key, ok),
+                         "prompt_tokens must hold integers"),
+                        ((prompts, np.array([True, True]), key, ok),
+                         "prompt_lengths must hold integers"),
+                        ((prompts, lengths, jnp.zeros(3, jnp.uint32), ok), "rng must be a PRNG")):
+    with pytest.raises(DecodeError, match=message):
+      decoding.generate_jit(params, CFG, *args)
+  with pytest.raises(DecodeError, match=r"generate\(threshold=5.0\): must be in \(0, 1\]"):
+    decoding.generate_jit(params, CFG, prompts, lengths, key, ok, threshold=5.0)
+  # AR mode: the mask token is checked as in diffusion mode (a negative id would ban another
+  # token), and the diffusion-only arguments are refused rather than ignored.
+  ar = DecodeConfig(mode="ar", max_new_tokens=4)
+  with pytest.raises(DecodeError, match="mask token -1 is outside the vocabulary"):
+    decoding.generate(params, CFG, prompts, lengths, key,
+                      DecodeConfig(mode="ar", max_new_tokens=4, mask_token_id=-1))
+  for kw in ({"threshold": 0.5}, {"on_step": print}):
+    with pytest.raises(DecodeError, match="are for diffusion decoding; mode='ar'"):
+      decoding.generate(params, CFG, prompts, lengths, key, ar, **kw)
 
 
 def test_the_mask_token_is_never_an_output(params):

@@ -52,6 +52,15 @@ def test_load_gsm8k_reports_file_and_line(tmp_path):
   with pytest.raises(ValueError, match=r"bad.jsonl:2"):
     eval_lib.load_gsm8k(path)
   assert len(eval_lib.load_gsm8k(path, limit=1)) == 1
+  # The gold answer is the number after '####' only: a reference answer without one is refused,
+  # not read for the last number of its working ("48/2 = 24").
+  for answer in ("She sold 48/2 = 24 clips in May.", "3 apples\n#### n/a"):
+    path.write_text(json.dumps({"question": "q", "answer": answer}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: the answer has no final number after"):
+      eval_lib.load_gsm8k(path)
+  path.write_bytes(json.dumps({"question": "q", "answer": "#### 3"}).encode() + b"\n\xff\n")
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text"):
+    eval_lib.load_gsm8k(path)
 
 
 def _tiny_pretrained():
@@ -195,13 +204,16 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
   data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
   base = ["gsm8k", "--checkpoint", str(tmp_path / "missing"), "--data", str(data)]
   for extra, message in ((["--threshold", "1.5"], r"threshold=1.5: must be in \(0, 1\]"),
-                         (["--sub-block-size", "5"], "sub_block_size=5 does not divide"),
+                         (["--sub-block-size", "5"], "--sub-block-size=5 does not divide"),
                          (["--batch-size", "0"], "--batch-size=0: must be >= 1"),
-                         (["--limit", "0"], "--limit=0: must be >= 1")):
+                         (["--limit", "0"], "--limit=0: must be >= 1"),
+                         (["--seed", str(10**23)], r"--seed=\d+: must fit in 64 bits")):
     with pytest.raises(SystemExit, match=r"python -m dllm_jax.eval: error: .*" + message):
       eval_lib.main(base + extra)
   with pytest.raises(SystemExit, match="nope.jsonl does not exist"):
     eval_lib.main(["gsm8k", "--checkpoint", "x", "--data", str(tmp_path / "nope.jsonl")])
+  with pytest.raises(SystemExit, match="is a directory; pass --data"):
+    eval_lib.main(["gsm8k", "--checkpoint", "x", "--data", str(tmp_path)])
   other = tmp_path / "other.jsonl"
   with pytest.raises(SystemExit, match="--compare-to .*other.jsonl: .*No such file"):
     eval_lib.main(base + ["--compare-to", str(other)])
@@ -210,6 +222,16 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
     eval_lib.main(base + ["--compare-to", str(other)])
   other.write_text('{"index": 5, "prediction": "1"}\n')
   with pytest.raises(SystemExit, match="shares no problem index with this run's 1 problems"):
+    eval_lib.main(base + ["--compare-to", str(other)])
+  for line, message in (('{"index": [0], "prediction": "1"}', "'index' must be an integer"),
+                        ('{"index": 0, "prediction": 1}', "'prediction' must be a string or null"),
+                        ('{"index": 0, "prediction": "1", "question": "other q"}',
+                         "problem 0 there is another question than this run's")):
+    other.write_text(line + "\n")
+    with pytest.raises(SystemExit, match=r"other.jsonl:1: " + message):
+      eval_lib.main(base + ["--compare-to", str(other)])
+  other.write_bytes(b"\xff\xfe\n")
+  with pytest.raises(SystemExit, match="other.jsonl: not UTF-8 text"):
     eval_lib.main(base + ["--compare-to", str(other)])
   # An --out the generations could not be written to at the end, or an input of the command.
   for out, message in ((tmp_path / "nodir" / "g.jsonl", "nodir does not exist"),
@@ -232,7 +254,8 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
   with pytest.raises(SystemExit, match=r"error: --checkpoint .*bad_run: "):
     eval_lib.main(["gsm8k", "--checkpoint", str(tmp_path / "bad_run"), "--data", str(data)])
   with pytest.raises(SystemExit,
-                     match=r"error: --checkpoint .*missing: .*is neither a HF model directory"):
+                     match=r"error: --checkpoint .*missing: .*does not exist; give a training run's "
+                           r"directory, a HF model directory"):
     eval_lib.main(base)
 
 

@@ -75,6 +75,10 @@ class ModelConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"model.{name}={value!r}: a positive integer expected")
+    for name in ("rope_theta", "rms_norm_eps"):  # (a NaN or a negative trains to NaN)
+      value = getattr(self, name)
+      if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"model.{name}={value!r}: a finite positive number expected")
     if self.head_dim % 2:
       raise ConfigError(f"model.head_dim={self.head_dim}: RoPE rotates pairs of dims, so it must "
                         "be even")
@@ -164,9 +168,12 @@ def _parse_value(text: str, tp: Any, key: str) -> Any:
     raise ConfigError(f"--set {key}={text}: expected a boolean (true/false)")
   if tp is int:
     try:
-      return int(text)
+      value = int(text)
     except ValueError:
       raise ConfigError(f"--set {key}={text}: expected an integer") from None
+    if not -2**63 <= value < 2**63:  # (seeds, sizes and counts all become 64-bit integers)
+      raise ConfigError(f"--set {key}={text}: out of range (a 64-bit integer)")
+    return value
   if tp is float:
     try:
       return float(text)
@@ -212,7 +219,10 @@ def _apply_tree(node: Any, tree: dict, where: str) -> Any:
   for head, sub in tree.items():
     full = f"{where}{head}"
     if head not in names:
-      example = next(iter(sub.values()))[1] if isinstance(sub, dict) else sub[1]
+      example = sub
+      while isinstance(example, dict):  # (any leaf below: each holds its whole --set key)
+        example = next(iter(example.values()))
+      example = example[1]
       raise ConfigError(
           f"--set {example}: unknown key {head!r} in {type(node).__name__}; valid keys: "
           + ", ".join(names))
@@ -242,12 +252,31 @@ def load_config_file(path: str | pathlib.Path) -> Any:
                       "configs/tiny.py")
   if not path.is_file():
     raise ConfigError(f"config file {path} does not exist")
+  if path.suffix != ".py":
+    raise ConfigError(f"config file {path} is not a Python file; give a .py config that defines "
+                      "get_config(), e.g. configs/tiny.py")
   spec = importlib.util.spec_from_file_location(f"_dllm_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {path} defines no get_config() function")
-  return module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+      raise ConfigError(f"config file {path} defines no get_config() function")
+    return module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001  (the file's own error, named with its line)
+    raise ConfigError(f"config file {path}: {type(e).__name__}: {e}{_line_in(e, path)}") from e
+
+
+def _line_in(error: BaseException, path: pathlib.Path) -> str:
+  """' (line N)': where in the config file `error` was raised (the innermost frame there)."""
+  if isinstance(error, SyntaxError):
+    return ""  # (its message names the line already)
+  import traceback
+
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+           if pathlib.Path(f.filename).resolve() == path.resolve()]
+  return f" (line {lines[-1]})" if lines else ""
 
 
 def to_dict(cfg: Any) -> dict:
@@ -359,6 +388,10 @@ class MeshConfig:
       raise ConfigError(f"mesh.{bad[0]}={sizes[bad[0]]}: expected a positive size or -1 (auto)")
     if sum(v == -1 for v in sizes.values()) > 1:
       raise ConfigError(f"mesh sizes {sizes}: at most one axis may be -1 (auto)")
+    if self.num_processes < 0 or self.process_id < -1:
+      raise ConfigError(f"mesh.num_processes={self.num_processes}, mesh.process_id="
+                        f"{self.process_id}: expected num_processes >= 0 (0: from the "
+                        "environment) and process_id >= -1 (-1: from the environment)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -253,6 +254,12 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
 
   address = mesh_cfg.coordinator_address or os.environ.get("DLLM_COORDINATOR_ADDRESS", "")
   if not address:
+    if mesh_cfg.num_processes > 1 or mesh_cfg.process_id > 0:
+      # (each host would train alone as process 0, all of them into one run directory)
+      raise ConfigError(f"mesh.num_processes={mesh_cfg.num_processes} / mesh.process_id="
+                        f"{mesh_cfg.process_id} ask for several processes, but no coordinator "
+                        "is set: set mesh.coordinator_address=HOST:PORT of process 0 (or "
+                        "DLLM_COORDINATOR_ADDRESS)")
     return
   def env_int(name, default):
     value = os.environ.get(name, default)
@@ -676,15 +683,33 @@ def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Me
 # The loop
 
 
+def run_dir_of(cfg) -> pathlib.Path:
+  """train.run_dir as a path, "~" expanded (no shell expands a --set value: a directory named
+  "~" would appear here); ConfigError when it, or the directory it would be made in, is a file
+  or cannot be written."""
+  run_dir = pathlib.Path(cfg.train.run_dir).expanduser()
+  for p in (run_dir, *run_dir.parents):  # the nearest part that exists
+    if p.exists():
+      if not p.is_dir():
+        raise ConfigError(f"train.run_dir={cfg.train.run_dir}: {p} is a file, not a directory; "
+                          "choose a directory for the run")
+      if p != run_dir and not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.run_dir={cfg.train.run_dir}: it cannot be made in {p} (not "
+                          "writable); choose a directory you can write to")
+      break
+  return run_dir
+
+
 def check_run_dir(cfg) -> None:
   """ConfigError before anything is written when train.run_dir is the model's own source, or a
   directory that is not a training run but holds files a run writes (config.json, model.json,
   tokenizer/: an HF model directory, say), which the run would overwrite."""
   from dllm_jax import checkpoint
 
-  run_dir = pathlib.Path(cfg.train.run_dir)
+  run_dir = run_dir_of(cfg)
   source = cfg.init.source.strip()
-  if source and source != "random" and pathlib.Path(source).resolve() == run_dir.resolve():
+  if (source and source != "random"
+      and pathlib.Path(source).expanduser().resolve() == run_dir.resolve()):
     raise ConfigError(f"train.run_dir={run_dir} is init.source itself; a run writes its own "
                       "config.json and checkpoints there: choose another train.run_dir")
   ours = [n for n in (checkpoint.CONFIG_JSON, checkpoint.MODEL_JSON, checkpoint.TOKENIZER_DIR)
@@ -721,7 +746,7 @@ def train(cfg, *, resume: bool = False) -> dict:
   from dllm_jax import checkpoint, data, run_config
 
   maybe_initialize_distributed(cfg.mesh)
-  run_dir = pathlib.Path(cfg.train.run_dir)
+  run_dir = run_dir_of(cfg)
   check_run_dir(cfg)
   if resume:
     cfg = keep_run_layout(cfg, run_dir)

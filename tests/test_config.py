@@ -88,6 +88,14 @@ def test_repeated_key_is_an_error():
     ("data.seed=-1", r"data.seed=-1: expected 0 <= seed < 2\*\*32"),
     ("data.max_records=-1", "data.max_records=-1: must be >= 0"),
     ("data.synthetic_size=0", "data.synthetic_size=0: must be at least 1"),
+    ("train.seed=99999999999999999999999", "out of range \\(a 64-bit integer\\)"),
+    ("mesh.num_processes=-5", "mesh.num_processes=-5, mesh.process_id=-1: expected"),
+    ("mesh.process_id=-7", "mesh.process_id=-7: expected"),
+    ("model.rope_theta=-5", "model.rope_theta=-5.0: a finite positive number expected"),
+    ("model.rms_norm_eps=nan", "model.rms_norm_eps=nan: a finite positive number expected"),
+    # An unknown head three keys deep is named like one two deep (was a KeyError).
+    ("foo.bar.baz=1", "--set foo.bar.baz: unknown key 'foo' in Config; valid keys"),
+    ("model.foo.bar=1", "--set model.foo.bar: unknown key 'foo' in ModelConfig"),
 ])
 def test_bad_values_are_clear_errors(override, match):
   with pytest.raises(ConfigError, match=match):
@@ -126,6 +134,24 @@ def test_config_file_must_return_a_run_config(tmp_path):
     run_config.load(bad)
   with pytest.raises(ConfigError, match="does not exist"):
     run_config.load(tmp_path / "missing.py")
+
+
+def test_a_config_file_that_fails_is_one_error_naming_it(tmp_path):
+  # Its own error (a field name's typo, a syntax error, an exception) with the file and line,
+  # not a traceback; a file that is not Python is named as such.
+  for text, match in (("from dllm_jax.config import TrainConfig\ndef get_config():\n"
+                       "  return TrainConfig(stpes=5)\n",
+                       r"bad.py: TypeError: .*unexpected keyword argument 'stpes' \(line 3\)"),
+                      ("def get_config(:\n", r"bad.py: SyntaxError: "),
+                      ("get_config = 5\n", "defines no get_config\\(\\) function")):
+    bad = tmp_path / "bad.py"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+      run_config.load(bad)
+  other = tmp_path / "conf.json"
+  other.write_text("{}")
+  with pytest.raises(ConfigError, match="conf.json is not a Python file"):
+    run_config.load(other)
 
 
 def test_saved_config_with_unknown_key_is_rejected():

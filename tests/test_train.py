@@ -553,7 +553,26 @@ def test_a_run_reports_the_records_its_data_skipped(caplog):
   assert "skipped too_long: 90" in caplog.text
 
 
+def test_several_processes_without_a_coordinator_are_refused(tmp_path, monkeypatch):
+  monkeypatch.delenv("DLLM_COORDINATOR_ADDRESS", raising=False)
+  with pytest.raises(ConfigError, match=r"mesh.num_processes=2 / mesh.process_id=1 ask for "
+                                        "several processes, but no coordinator is set"):
+    training.train(_cfg(tmp_path / "run", extra=["mesh.num_processes=2", "mesh.process_id=1"]))
+  assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_expands_home_and_refuses_a_file(tmp_path, monkeypatch):
+  # No shell expands a --set value: "~/run" was a directory named "~" in the working directory.
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert training.run_dir_of(_cfg("~/run")) == tmp_path / "run"
+  (tmp_path / "afile").write_text("")
+  for where in ("afile", "afile/sub"):
+    with pytest.raises(ConfigError, match=r"afile is a file, not a directory"):
+      training.train(_cfg(tmp_path / where))
+
+
 def test_a_model_path_that_is_not_one_is_named_by_its_key(tmp_path):
   from dllm_jax import convert
-  with pytest.raises(convert.CheckpointError, match=r"^init\.source=/nonexistent/m: .*neither"):
+  with pytest.raises(convert.CheckpointError,
+                     match=r"^init\.source=/nonexistent/m: .*does not exist"):
     training.build_model(_cfg(tmp_path / "run", extra=["init.source=/nonexistent/m"]))

@@ -21,12 +21,16 @@ import traceback
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", required=True, help="a Python config file, e.g. configs/tiny.py")
+  parser.add_argument("--config", required=True, action="append",
+                      help="a Python config file, e.g. configs/tiny.py")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override one config field, e.g. --set train.steps=100 (repeatable)")
   parser.add_argument("--resume", action="store_true",
                       help="continue from the newest good checkpoint in train.run_dir")
   args = parser.parse_args(argv)
+  if len(args.config) > 1:  # (argparse keeps the last; a --set given twice is an error too)
+    parser.error(f"--config given {len(args.config)} times ({', '.join(args.config)}); give one")
+  args.config = args.config[0]
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every file it writes
 

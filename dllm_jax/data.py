@@ -178,7 +178,8 @@ class _JsonlSource:
       if max_records and len(files) >= max_records:
         break
     if not files:
-      raise ConfigError(f"{key}: {', '.join(paths)} hold no records")
+      verb = "holds" if len(paths) == 1 else "hold"
+      raise ConfigError(f"{key}: {', '.join(paths)} {verb} no records")
     self._file = np.asarray(files, np.int32)
     self._offset = np.asarray(offsets, np.int64)
     self._length = np.asarray(lengths, np.int64)

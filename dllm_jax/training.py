@@ -490,11 +490,17 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
     raise ConfigError("init.source is empty: this config needs a model, e.g. --set "
                       "init.source=/path/to/hf_dir (or a .gguf file, or 'random')")
   metadata = {"objective": cfg.objective.kind, "block_size": cfg.objective.block_size}
+  if source != "random" and cfg.init.tokenizer != "chars":
+    raise ConfigError(f"init.tokenizer={cfg.init.tokenizer!r} is for init.source=random; "
+                      f"init.source={source} brings its own tokenizer: leave init.tokenizer out")
   if source == "random":
     if cfg.init.tokenizer == "chars":
       tok = _chars_tokenizer()
     else:
-      tok = tokenizer_lib.from_hf_dir(cfg.init.tokenizer)
+      try:
+        tok = tokenizer_lib.from_hf_dir(cfg.init.tokenizer)
+      except tokenizer_lib.TokenizerError as e:  # (named by the key that gave the path)
+        raise tokenizer_lib.TokenizerError(f"init.tokenizer={cfg.init.tokenizer!r}: {e}") from None
       tokenizer_lib.add_mask_token(tok)
     model_cfg = cfg.model
     if model_cfg.vocab_size < tok.vocab_size:
@@ -720,13 +726,45 @@ def check_run_dir(cfg) -> None:
                       "directory")
 
 
+def check_context(cfg, model_cfg: ModelConfig) -> None:
+  """ConfigError when the training rows are longer than the model's context: both halves of a
+  row take positions 0..seq_len-1, past the positions the model has (and the decoders refuse)."""
+  if cfg.data.seq_len > model_cfg.max_position_embeddings:
+    raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
+                      f"(max_position_embeddings={model_cfg.max_position_embeddings}); lower "
+                      "data.seq_len, or raise model.max_position_embeddings for a random init")
+
+
+def check_held_out(cfg, tokenizer) -> None:
+  """ConfigError before the first step when the held-out split makes no sample on any process
+  (no record, or every one malformed or longer than data.seq_len): the evaluation after the
+  last step would report an accuracy over 0 tokens. Reads one batch a process (a collective: on
+  every process), which also meets a file that cannot be read, or a bad record under
+  data.strict, here instead of after the run."""
+  if not cfg.train.eval_batches:
+    return
+  from dllm_jax import data
+
+  held_out = dataclasses.replace(cfg.data, loss_on_block_padding=False)  # (as `evaluate`)
+  batches = data.make_dataset(held_out, tokenizer, process_index=jax.process_index(),
+                              process_count=jax.process_count(), split="eval")
+  batch, _ = _next_everywhere(batches)
+  if not _most_over_processes(int(batch is not None)):
+    where = (f"data.eval_source={cfg.data.eval_source}" if cfg.data.eval_source
+             else f"the held-out synthetic records (data.eval_records={cfg.data.eval_records})")
+    raise ConfigError(f"{where} made no held-out sample (every record malformed, or longer "
+                      f"than data.seq_len={cfg.data.seq_len}); train.eval_batches="
+                      f"{cfg.train.eval_batches} would score 0 tokens: fix the held-out data or "
+                      "set train.eval_batches=0")
+
+
 def check_end_of_run(cfg, model_cfg: ModelConfig) -> None:
   """ConfigError before the first step for what the run would only meet after its last: the
   held-out evaluation without held-out data, an HF export the model has no class for."""
   from dllm_jax import convert, data
 
   if (cfg.train.eval_batches and not cfg.data.eval_source
-      and cfg.data.source.strip() != "synthetic"):
+      and cfg.data.source.strip() not in ("synthetic", "")):  # (an empty source: data says so)
     raise ConfigError(f"train.eval_batches={cfg.train.eval_batches} evaluates on "
                       "data.eval_source, which is empty: give held-out JSONL files, or set "
                       "train.eval_batches=0")
@@ -759,7 +797,9 @@ def train(cfg, *, resume: bool = False) -> dict:
   built = ((run_model(cfg, run_dir, checkpoint.saved_steps(run_dir)) if resume else None)
            or build_model(cfg))
   params, model_cfg, tokenizer, metadata = built
+  check_context(cfg, model_cfg)
   check_end_of_run(cfg, model_cfg)
+  check_held_out(cfg, tokenizer)
   log.info("mesh %s; model %s, %.1fM params", dict(mesh.shape), model_cfg.architecture,
            sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(model_cfg)))
            / 1e6)

@@ -270,7 +270,7 @@ def test_bom_crlf_and_blank_lines_are_read_as_text_editors_write_them(tmp_path):
   # A file that is only a BOM and blank lines holds no records.
   empty = tmp_path / "empty.jsonl"
   empty.write_bytes(b"\xef\xbb\xbf\n\n")
-  with pytest.raises(ConfigError, match="hold no records"):
+  with pytest.raises(ConfigError, match="empty.jsonl holds no records"):
     data.make_dataset(dataclasses.replace(cfg, source=str(empty)), tok)
 
 

@@ -561,6 +561,40 @@ def test_several_processes_without_a_coordinator_are_refused(tmp_path, monkeypat
   assert not (tmp_path / "run").exists()
 
 
+def test_settings_a_run_would_ignore_or_misread_are_refused_first(tmp_path, capsys):
+  # Each before a step, by the key to change: rows past the model's context, a tokenizer for a
+  # source that brings its own, an empty data source (was reported as a held-out data problem),
+  # and a second --config (argparse kept the last one without a word).
+  run = str(tmp_path / "run")
+  for extra, match in ((["model.max_position_embeddings=32"],  # (SHORT's rows: 48)
+                        r"data.seq_len=48 is longer than the model's context "
+                        r"\(max_position_embeddings=32\)"),
+                       ([f"init.source={tmp_path}", "init.tokenizer=/x"],
+                        "init.tokenizer='/x' is for init.source=random"),
+                       (["data.source="], "data.source is empty")):
+    with pytest.raises(Exception, match=match):
+      training.train(_cfg(run, extra=extra))
+  assert not list(tmp_path.glob("run/checkpoints/*"))  # (no step trained, none saved)
+  sys.path.insert(0, str(REPO))
+  import train as train_py
+  with pytest.raises(SystemExit):
+    train_py.main(["--config", str(TINY), "--config", str(TINY)])
+  assert "--config given 2 times" in capsys.readouterr().err
+
+
+def test_held_out_data_that_makes_no_sample_is_refused_before_training(tmp_path):
+  # Every held-out record longer than the rows: the run trained to its end, then reported an
+  # accuracy over 0 tokens with status 0.
+  long = tmp_path / "long.jsonl"
+  long.write_text("".join(json.dumps({"prompt": "x" * 300, "response": "y" * 300}) + "\n"
+                          for _ in range(3)))
+  with pytest.raises(ConfigError, match=r"data.eval_source=.*long.jsonl made no held-out sample"):
+    training.train(run_config.load(TINY, SHORT + [f"train.run_dir={tmp_path / 'run'}",
+                                                  "train.eval_batches=2",
+                                                  f"data.eval_source={long}"]))
+  assert not list(tmp_path.glob("run/checkpoints/*"))
+
+
 def test_run_dir_expands_home_and_refuses_a_file(tmp_path, monkeypatch):
   # No shell expands a --set value: "~/run" was a directory named "~" in the working directory.
   monkeypatch.setenv("HOME", str(tmp_path))

@@ -18,6 +18,8 @@ from dllm_jax.config import KERNEL_LAYOUTS  # (config imports no jax)
 MODES = ("diffusion", "ar")
 LAYOUTS = ("stacked", "per_layer")
 DEFAULT_BLOCK_SIZE = 32  # the authors' (Fast-dLLM v2's models are trained with it)
+DEFAULT_SUB_BLOCK = 8  # the authors' sub-block
+DEFAULT_THRESHOLD = 0.9  # the authors' confidence threshold
 
 
 class UsageError(ValueError):
@@ -29,12 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
   parser.add_argument("--checkpoint", required=True,
                       help="training run dir, HF dir, .gguf file or smollm2-135m-instruct")
   parser.add_argument("--mode", choices=MODES, default="diffusion")
-  parser.add_argument("--threshold", type=float, default=0.9,
-                      help="diffusion: unmask every token whose confidence exceeds this")
+  parser.add_argument("--threshold", type=float, default=None,
+                      help="diffusion: unmask every token whose confidence exceeds this "
+                           f"(default {DEFAULT_THRESHOLD})")
   parser.add_argument("--block-size", type=int, default=None,
                       help="diffusion block size (default: the one a run of ours was trained "
                            f"with, from its model.json; else {DEFAULT_BLOCK_SIZE}, the authors')")
-  parser.add_argument("--sub-block-size", type=int, default=8)
+  parser.add_argument("--sub-block-size", type=int, default=None,
+                      help=f"diffusion: tokens decoded in parallel (default {DEFAULT_SUB_BLOCK})")
   parser.add_argument("--max-new-tokens", type=int, default=256)
   parser.add_argument("--batch-size", type=int, default=batch_size)
   parser.add_argument("--no-dual-cache", action="store_true",
@@ -83,6 +87,12 @@ def check(args, **sampling) -> None:
 
   if args.batch_size < 1:
     raise UsageError(f"--batch-size={args.batch_size}: must be >= 1")
+  unused = [flag for flag, given in (("--threshold", args.threshold is not None),
+                                     ("--sub-block-size", args.sub_block_size is not None),
+                                     ("--no-dual-cache", args.no_dual_cache)) if given]
+  if args.mode == "ar" and unused:
+    warnings.warn(f"{', '.join(unused)} set the diffusion decoder; --mode ar decodes one token a "
+                  "step and ignores them", stacklevel=2)
   if not -2**63 <= args.seed < 2**63:  # (jax.random.key takes a 64-bit integer)
     raise UsageError(f"--seed={args.seed}: must fit in 64 bits (|seed| < 2**63)")
   try:
@@ -97,7 +107,8 @@ def _config(args, **fields):
   return decoding.DecodeConfig(
       mode=args.mode, max_new_tokens=args.max_new_tokens,
       block_size=DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size,
-      sub_block_size=args.sub_block_size, threshold=args.threshold,
+      sub_block_size=DEFAULT_SUB_BLOCK if args.sub_block_size is None else args.sub_block_size,
+      threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
       use_dual_cache=not args.no_dual_cache, **fields)
 
 

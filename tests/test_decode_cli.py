@@ -183,6 +183,14 @@ def test_live_view_fills_masks_in(dirs, capsys):
   assert result["text"] in capsys.readouterr().out
 
 
+def test_diffusion_flags_with_ar_mode_are_named_as_ignored(dirs):
+  with pytest.warns(UserWarning, match=r"--threshold, --sub-block-size, --no-dual-cache set the "
+                                       "diffusion decoder; --mode ar .* ignores them"):
+    decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", "--mode", "ar",
+                 "--max-new-tokens", "4", "--threshold", "0.3", "--sub-block-size", "2",
+                 "--no-dual-cache"])
+
+
 def test_live_view_with_json_prints_one_json_document(dirs, capsys):
   # The frames (and the text) go to stderr: stdout is what --json promises.
   decode.main(["--checkpoint", dirs["diffusion"], "--prompt", "hello", "--live", "--json", *FAST])

@@ -229,6 +229,8 @@ _HELD_OUT_TRIES = 10_000
 
 class _SyntheticSource:
   def __init__(self, cfg: DataConfig, size: int, salt: int):
+    # (data.max_records limits each split, synthetic ones too: it was read for JSONL only)
+    size = min(size, cfg.max_records) if cfg.max_records else size
     self._cfg, self._size, self._salt = cfg, size, salt
 
   def __len__(self):

@@ -224,6 +224,10 @@ def test_synthetic_tasks_and_held_out_split():
   held_out = set(_prompts(list(data.make_dataset(cfg, TOK, split="eval"))))
   train = set(_prompts([b for b in data.make_dataset(dataclasses.replace(cfg, num_epochs=1), TOK)]))
   assert len(held_out) > 10 and len(train) > 200 and not held_out & train
+  # data.max_records limits the synthetic splits as it does JSONL ones (it was ignored there).
+  few = dataclasses.replace(cfg, max_records=5, num_epochs=1)
+  assert len(_prompts(list(data.make_dataset(few, TOK, split="eval")))) == 5
+  assert len(_prompts(list(data.make_dataset(few, TOK)))) == 5
 
 
 def test_config_errors_say_what_to_do(tmp_path):

@@ -207,6 +207,9 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
       node = node.setdefault(part, {})
       if not isinstance(node, dict):
         raise ConfigError(f"--set {key}: {part!r} is set as a value elsewhere on the command line")
+    if isinstance(node.get(path[-1]), dict):  # (a section, some of whose fields are set)
+      raise ConfigError(f"--set {key}: {key!r} is a section, and its fields are set elsewhere on "
+                        "the command line; set one of its fields")
     if path[-1] in node:
       raise ConfigError(f"--set {key} is given twice; give each key once")
     node[path[-1]] = (text, key)

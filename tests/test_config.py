@@ -67,6 +67,9 @@ def test_unknown_key_lists_the_valid_ones():
 def test_repeated_key_is_an_error():
   with pytest.raises(ConfigError, match="given twice"):
     run_config.load(CONFIGS[0].parent / "tiny.py", ["train.steps=3", "train.steps=4"])
+  # A section given a value after one of its fields is named as a section, as in the other order.
+  with pytest.raises(ConfigError, match="'train' is a section"):
+    run_config.load(CONFIGS[0].parent / "tiny.py", ["train.steps=3", "train=5"])
 
 
 @pytest.mark.parametrize("override, match", [

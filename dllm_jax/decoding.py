@@ -207,19 +207,21 @@ def _check(model_cfg: ModelConfig, config: DecodeConfig, prompt_tokens_BP, promp
     # (AR mode too: it never emits the mask token, and a negative id would ban another)
     raise DecodeError(f"mask token {mask_id} is outside the vocabulary "
                       f"(size {model_cfg.vocab_size})")
-  try:
-    lengths = np.asarray(prompt_lengths_B).tolist()
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    lengths = []  # traced under an outer jit: rows with a bad length decode nothing
+  def on_host(x):  # None where the values are not this process's to read
+    if isinstance(x, jax.core.Tracer):
+      return None  # traced under an outer jit: rows with a bad length decode nothing
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return None  # (sharded over hosts: each host sees only its rows)
+    return np.asarray(x)
+
+  lengths = on_host(prompt_lengths_B)
+  lengths = [] if lengths is None else lengths.tolist()
   for row, n in enumerate(lengths):
     if n < 1:
       raise DecodeError(f"prompt {row} is empty (length {n}); give at least one token (e.g. BOS)")
     if n > width:
       raise DecodeError(f"prompt {row} has length {n} but prompt_tokens is only {width} wide")
-  try:
-    tokens = np.asarray(prompt_tokens_BP)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    tokens = None  # traced: an id outside the vocabulary embeds as NaN (jnp.take's fill)
+  tokens = on_host(prompt_tokens_BP)  # (traced: an id outside the vocabulary embeds as NaN)
   if tokens is not None and lengths:
     inside = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
     bad = inside & ((tokens < 0) | (tokens >= model_cfg.vocab_size))

@@ -137,7 +137,8 @@ def test_bad_arguments_are_clear_errors(dirs, tmp_path):
   base = ["--checkpoint", dirs["diffusion"], "--prompt", "hi"]
   with pytest.raises(SystemExit, match=r"threshold=1.5: must be in \(0, 1\]"):
     decode.main(base + ["--threshold", "1.5"])
-  with pytest.raises(SystemExit, match=r"--sub-block-size=5 does not divide --block-size=32; pick a divisor of it: \[1, 2, 4, 8, 16, 32\]"):
+  with pytest.raises(SystemExit, match=r"--sub-block-size=5 does not divide --block-size=32; "
+                                       r"pick a divisor of it: \[1, 2, 4, 8, 16, 32\]"):
     decode.main(base + ["--sub-block-size", "5"])
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "ok"}\n{"text": 3}\n')

@@ -254,8 +254,8 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
   with pytest.raises(SystemExit, match=r"error: --checkpoint .*bad_run: "):
     eval_lib.main(["gsm8k", "--checkpoint", str(tmp_path / "bad_run"), "--data", str(data)])
   with pytest.raises(SystemExit,
-                     match=r"error: --checkpoint .*missing: .*does not exist; give a training run's "
-                           r"directory, a HF model directory"):
+                     match=r"error: --checkpoint .*missing: .*does not exist; give a "
+                           r"training run's directory, a HF model directory"):
     eval_lib.main(base)
 
 

@@ -149,6 +149,9 @@ def check_field_types(node: Any, section: str) -> None:
       want = (" or ".join(getattr(a, "__name__", str(a)) for a in args) + " or None"
               if type(None) in typing.get_args(tp) else getattr(tp, "__name__", str(tp)))
       raise ConfigError(f"{key}={value!r} is a {type(value).__name__}; expected {want}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+      # (seeds, sizes and counts all become 64-bit integers: one past it overflowed mid-run)
+      raise ConfigError(f"{key}={value}: out of range (a 64-bit integer)")
 
 
 def _parse_value(text: str, tp: Any, key: str) -> Any:
@@ -171,9 +174,7 @@ def _parse_value(text: str, tp: Any, key: str) -> Any:
       value = int(text)
     except ValueError:
       raise ConfigError(f"--set {key}={text}: expected an integer") from None
-    if not -2**63 <= value < 2**63:  # (seeds, sizes and counts all become 64-bit integers)
-      raise ConfigError(f"--set {key}={text}: out of range (a 64-bit integer)")
-    return value
+    return value  # (its range is checked with the section's fields: check_field_types)
   if tp is float:
     try:
       return float(text)

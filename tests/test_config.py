@@ -123,6 +123,19 @@ def test_a_config_file_value_of_the_wrong_type_is_named(tmp_path):
         """))
     with pytest.raises(ConfigError, match=f"{section}.{field}=.* expected {want}"):
       run_config.load(bad)
+  # An integer past 64 bits, from a file as from --set (it overflowed in the middle of a run).
+  for section, field in (("data", "synthetic_size"), ("train", "seed")):
+    bad = tmp_path / f"{field}_range.py"
+    cls = {"data": "DataConfig", "train": "TrainConfig"}[section]
+    bad.write_text(textwrap.dedent(f"""
+        from dllm_jax.config import TrainConfig
+        from dllm_jax.data import DataConfig
+        from dllm_jax.run_config import Config
+        def get_config():
+          return Config({section}={cls}({field}=10**20))
+        """))
+    with pytest.raises(ConfigError, match=f"{section}.{field}=10{{20}}: out of range"):
+      run_config.load(bad)
 
 
 def test_two_auto_mesh_axes_is_an_error():

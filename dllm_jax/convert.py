@@ -358,6 +358,9 @@ def load_hf_dir(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
       raise CheckpointError(f"{generation_file} holds a {type(generation).__name__}, not an "
                             "object of generation settings")
   cfg, metadata = _config_from_hf(raw, str(config_file), dtype, generation)
+  settings = generation_settings(generation or {})
+  if settings:  # (carried through training into an export's generation_config.json)
+    metadata["generation"] = settings
 
   files = _SafetensorsFiles(path)
   expected = _hf_shapes(cfg)
@@ -667,6 +670,18 @@ def _grow_vocab(params: Params, cfg: ModelConfig, rows: int) -> Params:
   return params
 
 
+# generation_config.json's keys that the model config holds (token ids) or transformers writes
+# about itself; the rest (do_sample, temperature, top_p, top_k, repetition_penalty, ...) are the
+# model's own sampling defaults.
+_GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version",
+                   "_from_model_config")
+
+
+def generation_settings(generation: dict) -> dict:
+  """The sampling defaults of a generation_config.json dict (what an export writes back)."""
+  return {k: v for k, v in generation.items() if k not in _GENERATION_IDS}
+
+
 def _hf_config(cfg: ModelConfig, metadata: dict, dtype_name: str) -> dict:
   out = {
       "architectures": [_HF_CLASS[cfg.architecture]],
@@ -692,7 +707,8 @@ def _hf_config(cfg: ModelConfig, metadata: dict, dtype_name: str) -> dict:
       "torch_dtype": dtype_name,
       "attention_dropout": 0.0,
       "use_cache": True,
-      "dllm_jax": {**metadata, "mask_token_id": cfg.mask_token_id},
+      "dllm_jax": {**{k: v for k, v in metadata.items() if k != "generation"},
+                   "mask_token_id": cfg.mask_token_id},  # (generation: its own file)
   }
   if cfg.architecture == "llama":
     out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
@@ -751,8 +767,11 @@ def export_hf_dir(pretrained: Pretrained, out_dir: str | os.PathLike,
     pad = next((i for i in (cfg.pad_token_id,
                             pretrained.tokenizer and pretrained.tokenizer.pad_token_id)
                 if i is not None), None)
-    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(dict.fromkeys(eos)),
-                  "pad_token_id": pad, "do_sample": False}
+    # The source model's sampling defaults where it had some (metadata "generation": Qwen2.5-
+    # Instruct samples at temperature 0.7, say), else greedy, as our decoders default to.
+    generation = {"do_sample": False, **pretrained.metadata.get("generation", {}),
+                  "bos_token_id": cfg.bos_token_id, "eos_token_id": list(dict.fromkeys(eos)),
+                  "pad_token_id": pad}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if pretrained.tokenizer is not None:
       pretrained.tokenizer.save(tmp, model_max_length=cfg.max_position_embeddings)

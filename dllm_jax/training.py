@@ -536,6 +536,8 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
       model_cfg, **{f: getattr(cfg.model, f) for f in _RUNTIME_FIELDS})
   if pretrained.tokenizer is None:
     raise ConfigError(f"init.source={source!r} carries no tokenizer; training needs one")
+  if pretrained.metadata.get("generation"):  # (the source's sampling defaults, for an export)
+    metadata["generation"] = pretrained.metadata["generation"]
   return params, model_cfg, pretrained.tokenizer, metadata
 
 

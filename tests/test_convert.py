@@ -186,7 +186,8 @@ def test_export_loads_in_transformers_with_same_logits(hf_dirs, tmp_path, kind):
 
   back = convert.load_hf_dir(out)
   assert back.config == pre.config
-  assert back.metadata == {"objective": "diffusion", "block_size": 32}
+  assert back.metadata == {"objective": "diffusion", "block_size": 32,
+                           "generation": {"do_sample": False}}  # (greedy, as exported)
   assert back.tokenizer.mask_token_id == pre.config.mask_token_id
   assert jax.tree.structure(back.params) == jax.tree.structure(pre.params)
   for a, b in zip(jax.tree.leaves(pre.params), jax.tree.leaves(back.params)):
@@ -366,14 +367,21 @@ def test_eos_lists_stop_generation_and_survive_export(hf_dirs, tmp_path):
   # Qwen2.5-Instruct: config.json's eos is <|im_end|>, generation_config.json's [<|im_end|>,
   # <|endoftext|>]; transformers' generate stops at either, and so must the decoders.
   d = _edit_config(hf_dirs["llama_untied"][1], tmp_path / "eos", eos_token_id=[7, 9])
-  (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 11], "pad_token_id": 5}))
+  sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05}
+  (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 11], "pad_token_id": 5,
+                                                        "transformers_version": "4.0", **sampling}))
   pre = convert.load_hf_dir(d)
+  assert pre.metadata["generation"] == sampling  # (the ids are the config's; the version theirs)
   assert pre.config.eos_token_id == 7 and pre.config.stop_token_ids == (9, 11)
   pre.tokenizer = tk.simple_chars()  # (its end of turn and eos: 2)
   assert decoding.stop_token_ids(pre.tokenizer, pre.config) == (2, 7, 9, 11)
   out = convert.export_hf_dir(pre, tmp_path / "export")
   generation = json.loads((out / "generation_config.json").read_text())
   assert generation["eos_token_id"] == [7, 2, 9, 11] and generation["pad_token_id"] == 0
+  # The source's sampling defaults are written back (they were replaced by do_sample=false), and
+  # kept out of config.json's own metadata.
+  assert {k: generation[k] for k in sampling} == sampling
+  assert "generation" not in json.loads((out / "config.json").read_text())["dllm_jax"]
   assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [7, 2, 9, 11]
   back = convert.load_hf_dir(out)
   assert (back.config.eos_token_id, back.config.stop_token_ids) == (7, (9, 11))

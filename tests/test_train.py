@@ -388,6 +388,10 @@ def test_init_from_a_hf_directory_adds_the_mask_token_and_keeps_runtime_fields(t
                        pad_token_id=tok.pad_token_id)
   params = jax.tree_util.tree_map(np.asarray, model.init_params(ar_cfg, jax.random.key(1)))
   convert.export_hf_dir(convert.Pretrained(params, ar_cfg, tok, {}), tmp_path / "hf")
+  # Its sampling defaults, as Qwen2.5-Instruct's generation_config.json has some.
+  gen_file = tmp_path / "hf" / "generation_config.json"
+  sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.8}
+  gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), **sampling}))
 
   cfg = _cfg(tmp_path / "run", extra=[f"init.source={tmp_path / 'hf'}", "model.remat=full",
                                       "model.dtype=bfloat16"])
@@ -398,7 +402,8 @@ def test_init_from_a_hf_directory_adds_the_mask_token_and_keeps_runtime_fields(t
   assert host_params["embed"]["embedding"].shape == (model_cfg.vocab_size, 32)
   np.testing.assert_array_equal(host_params["layers"]["mlp"]["up"]["kernel"],
                                 params["layers"]["mlp"]["up"]["kernel"])
-  assert metadata == {"objective": "diffusion", "block_size": 16}
+  # (the source's sampling defaults travel with the run, for its export)
+  assert metadata == {"objective": "diffusion", "block_size": 16, "generation": sampling}
   # model.kernel_layout is a runtime field too: the loaded kernels are transposed to it.
   cfg = _cfg(tmp_path / "run", extra=[f"init.source={tmp_path / 'hf'}",
                                       "model.kernel_layout=out_in"])

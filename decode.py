@@ -57,21 +57,10 @@ def read_prompts(path: str) -> list[list[dict]]:
   conversations = []
   try:
     with open(path, "rb") as f:
-      lines = f.read().splitlines()
+      data = f.read()
   except OSError as e:
     raise UsageError(f"--prompts {path}: {e.strerror or e}") from None
-  for number, line in enumerate(lines, 1):
-    where = f"{path}:{number}"
-    try:
-      line = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise UsageError(f"{where}: not UTF-8 text ({e})") from None
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+  for where, record in decoding_cli.jsonl_values(data, path):
     if isinstance(record, dict) and "prompt" in record and "messages" in record:
       raise UsageError(f"{where}: both 'prompt' and 'messages'; give one")
     if isinstance(record, dict) and isinstance(record.get("prompt"), str):

@@ -8,8 +8,10 @@ Building the parser imports no jax, so `--help` and a flag outside its choices a
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import warnings
+from typing import Any, Iterator
 
 from dllm_jax.config import KERNEL_LAYOUTS  # (config imports no jax)
 
@@ -24,6 +26,24 @@ DEFAULT_THRESHOLD = 0.9  # the authors' confidence threshold
 
 class UsageError(ValueError):
   """A bad command line, prompts file or checkpoint for the chosen mode."""
+
+
+def jsonl_values(data: bytes, name: str) -> Iterator[tuple[str, Any]]:
+  """(where, value) of each non-blank line of a JSONL file's bytes, `where` being 'name:line';
+  a UsageError naming the line for one that is not UTF-8 or not JSON. Lazy: a caller that stops
+  early never reads the lines after."""
+  for number, raw in enumerate(data.splitlines(), 1):
+    where = f"{name}:{number}"
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise UsageError(f"{where}: not UTF-8 text ({e})") from None
+    if not line.strip():
+      continue
+    try:
+      yield where, json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:

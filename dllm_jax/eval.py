@@ -77,20 +77,13 @@ def load_gsm8k(path: str | pathlib.Path, limit: Optional[int] = None) -> list[Pr
   if not path.is_file():
     raise FileNotFoundError(f"GSM8K file {path} does not exist; pass --data PATH/test.jsonl")
   problems = []
-  for line_no, line in enumerate(path.read_bytes().splitlines(), 1):
+  for where, rec in decoding_cli.jsonl_values(path.read_bytes(), str(path)):
     try:
-      line = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e})") from None
-    if not line.strip():
-      continue
-    try:
-      rec = json.loads(line)
       question, answer = rec["question"], rec["answer"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise ValueError(f"{path}:{line_no}: not a GSM8K record with question/answer ({e})") from None
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"{where}: not a GSM8K record with question/answer ({e})") from None
     if not isinstance(question, str) or not isinstance(answer, str):
-      raise ValueError(f"{path}:{line_no}: question and answer must be strings, got "
+      raise ValueError(f"{where}: question and answer must be strings, got "
                        f"{type(question).__name__} and {type(answer).__name__}")
     # The gold answer is the number after '####' and nothing else: `extract_answer`'s fallback
     # to the text's last number is for generations, and in a reference answer it would take a
@@ -98,7 +91,7 @@ def load_gsm8k(path: str | pathlib.Path, limit: Optional[int] = None) -> list[Pr
     _, marker, final = answer.partition("####")
     gold = normalize_number(final) if marker else None
     if gold is None:
-      raise ValueError(f"{path}:{line_no}: the answer has no final number after '####' (GSM8K's "
+      raise ValueError(f"{where}: the answer has no final number after '####' (GSM8K's "
                        "answers end in '#### N')")
     problems.append(Problem(len(problems), question, gold))
     if limit is not None and len(problems) >= limit:
@@ -224,34 +217,26 @@ def read_generations(path, problems: Sequence[Problem]) -> list[dict]:
   line)."""
   where = f"--compare-to {path}"
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = list(enumerate(f, 1))
+    with open(path, "rb") as f:
+      data = f.read()
   except OSError as e:
     raise decoding_cli.UsageError(f"{where}: {e}") from None
-  except UnicodeDecodeError as e:
-    raise decoding_cli.UsageError(f"{where}: not UTF-8 text ({e})") from None
   questions = {p.index: p.question for p in problems}
   records = []
-  for number, line in lines:
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise decoding_cli.UsageError(f"{where}:{number}: not valid JSON ({e.msg})") from None
+  for at, record in decoding_cli.jsonl_values(data, where):
     if not isinstance(record, dict) or "index" not in record or "prediction" not in record:
-      raise decoding_cli.UsageError(f"{where}:{number}: expected an object with 'index' and "
+      raise decoding_cli.UsageError(f"{at}: expected an object with 'index' and "
                                     "'prediction' (a generations file written by --out)")
     index, prediction = record["index"], record["prediction"]
     if not isinstance(index, int) or isinstance(index, bool):
-      raise decoding_cli.UsageError(f"{where}:{number}: 'index' must be an integer, got "
+      raise decoding_cli.UsageError(f"{at}: 'index' must be an integer, got "
                                     f"{index!r}")
     if prediction is not None and not isinstance(prediction, str):
-      raise decoding_cli.UsageError(f"{where}:{number}: 'prediction' must be a string or null, "
+      raise decoding_cli.UsageError(f"{at}: 'prediction' must be a string or null, "
                                     f"got {prediction!r}")
     if index in questions and record.get("question", questions[index]) != questions[index]:
       raise decoding_cli.UsageError(
-          f"{where}:{number}: problem {index} there is another question than this run's: "
+          f"{at}: problem {index} there is another question than this run's: "
           "compare generations of the same --data file")
     records.append(record)
   if not any(r["index"] in questions for r in records):

@@ -231,7 +231,7 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
     with pytest.raises(SystemExit, match=r"other.jsonl:1: " + message):
       eval_lib.main(base + ["--compare-to", str(other)])
   other.write_bytes(b"\xff\xfe\n")
-  with pytest.raises(SystemExit, match="other.jsonl: not UTF-8 text"):
+  with pytest.raises(SystemExit, match="other.jsonl:1: not UTF-8 text"):
     eval_lib.main(base + ["--compare-to", str(other)])
   # An --out the generations could not be written to at the end, or an input of the command.
   for out, message in ((tmp_path / "nodir" / "g.jsonl", "nodir does not exist"),

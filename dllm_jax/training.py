@@ -641,18 +641,23 @@ class MetricsLog:
 # Evaluation
 
 
+def held_out_batches(cfg, tokenizer):
+  """This process's batches of the held-out split, as `evaluate` scores them: on the answers'
+  own tokens only (the padding after an answer is easy to predict and would flatter the
+  accuracy)."""
+  from dllm_jax import data
+
+  held_out = dataclasses.replace(cfg.data, loss_on_block_padding=False)
+  return data.make_dataset(held_out, tokenizer, process_index=jax.process_index(),
+                           process_count=jax.process_count(), split="eval")
+
+
 def evaluate(state: TrainState, model_cfg: ModelConfig, cfg, tokenizer, mesh: Mesh,
              shardings: TrainState) -> dict:
   """Held-out masked-token accuracy (next-token accuracy for AR) over `train.eval_batches`
   batches of the eval split; every process runs the same number of steps (empty batches once
   its share is exhausted) so collectives stay matched."""
-  from dllm_jax import data
-
-  # Scored on the answers' own tokens only: the padding after an answer is easy to predict and
-  # would flatter the accuracy.
-  eval_data = dataclasses.replace(cfg.data, loss_on_block_padding=False)
-  it = data.make_dataset(eval_data, tokenizer, process_index=jax.process_index(),
-                         process_count=jax.process_count(), split="eval")
+  it = held_out_batches(cfg, tokenizer)
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0x5EED)
   def eval_step(params, batch, i):
     with sharding.activation_constraints(mesh):
@@ -745,12 +750,7 @@ def check_held_out(cfg, tokenizer) -> None:
   data.strict, here instead of after the run."""
   if not cfg.train.eval_batches:
     return
-  from dllm_jax import data
-
-  held_out = dataclasses.replace(cfg.data, loss_on_block_padding=False)  # (as `evaluate`)
-  batches = data.make_dataset(held_out, tokenizer, process_index=jax.process_index(),
-                              process_count=jax.process_count(), split="eval")
-  batch, _ = _next_everywhere(batches)
+  batch, _ = _next_everywhere(held_out_batches(cfg, tokenizer))
   if not _most_over_processes(int(batch is not None)):
     where = (f"data.eval_source={cfg.data.eval_source}" if cfg.data.eval_source
              else f"the held-out synthetic records (data.eval_records={cfg.data.eval_records})")

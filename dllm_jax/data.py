@@ -307,6 +307,11 @@ def render(item, tokenizer: Tokenizer, cfg: DataConfig):
     return _Bad(where, "untokenizable", f"cannot render through the chat template: {e}")
   if not any(mask):
     return _Bad(where, "empty_response", "no assistant token after rendering")
+  if tokenizer.mask_token_id is not None and tokenizer.mask_token_id in ids:
+    # The text spells the mask token: a visible copy would then look masked to the model, and
+    # a response token equal to it would train the model to predict the mask.
+    return _Bad(where, "mask_token", f"the text holds the mask token (id "
+                f"{tokenizer.mask_token_id}), which only the noise may place")
   n = len(ids)
   padded = -(-n // cfg.block_size) * cfg.block_size
   if padded > cfg.seq_len:

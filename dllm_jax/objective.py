@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from dllm_jax import masks, model
@@ -56,8 +57,9 @@ class ObjectiveConfig:
       raise ConfigError(f"objective.layout={self.layout!r}: expected one of {LAYOUTS}")
     if self.block_size < 1:
       raise ConfigError(f"objective.block_size={self.block_size}: must be a positive integer")
-    if not 0.0 <= self.eps <= 1.0:
-      raise ConfigError(f"objective.eps={self.eps}: must lie in [0, 1]")
+    if not 0.0 <= self.eps < 1.0:
+      raise ConfigError(f"objective.eps={self.eps}: must lie in [0, 1) (at 1 every response "
+                        "token is masked in one copy and none in its complement)")
     if self.loss_chunk < 0:
       raise ConfigError(f"objective.loss_chunk={self.loss_chunk}: must be >= 0 (0: no chunks)")
 
@@ -74,6 +76,35 @@ def _check_batch(batch: Batch, block_size: int) -> None:
     raise ValueError(
         f"batch tokens have shape {shape}: expected [batch, L] with L a multiple of the block "
         f"size {block_size} (set data.seq_len to a multiple of objective.block_size)")
+  seg = batch["segments"]
+  if not isinstance(seg, jax.core.Tracer) and not (isinstance(seg, jax.Array)
+                                                   and not seg.is_fully_addressable):
+    check_segments(np.asarray(seg), block_size)  # (where this process can read the values)
+
+
+def check_segments(segments_BL: np.ndarray, block_size: int) -> None:
+  """Packed samples as the masks and kernels take them, else a ValueError: each run of equal
+  segment ids starts on a block boundary (blocks are counted from a sample's first token, and
+  the Pallas kernels tile by blocks of the row), and no id > 0 names two runs of a row (tokens
+  of one id attend each other wherever they are; positions restart at each run). `data`'s
+  packing makes such rows; a caller's own batch is checked here where its values are concrete
+  (under jit they are not)."""
+  seg = np.asarray(segments_BL)
+  starts = np.ones(seg.shape, bool)
+  starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+  rows, cols = np.nonzero(starts & (np.arange(seg.shape[1]) % block_size != 0))
+  if rows.size:
+    r, c = int(rows[0]), int(cols[0])
+    raise ValueError(f"batch['segments'] row {r}: a sample (segment id {int(seg[r, c])}) starts "
+                     f"at position {c}, not on a block boundary (a multiple of {block_size}); "
+                     "pad each sample to whole blocks, as data's packing does")
+  for r in range(seg.shape[0]):
+    ids = seg[r][starts[r]]
+    ids = ids[ids > 0]
+    if np.unique(ids).size != ids.size:
+      dup = next(int(i) for i in ids if (ids == i).sum() > 1)
+      raise ValueError(f"batch['segments'] row {r}: segment id {dup} names two separate runs "
+                       "of tokens, which would attend each other; give each sample its own id")
 
 
 def response_mask(batch: Batch) -> jax.Array:

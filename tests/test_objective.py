@@ -156,10 +156,31 @@ def test_noise_masks_only_response_tokens_and_complements_exactly():
   np.testing.assert_array_equal(m | mc, resp)
   np.testing.assert_array_equal(noisy, np.where(m, CFG.mask_token_id, batch["tokens"]))
   np.testing.assert_array_equal(noisy_c, np.where(mc, CFG.mask_token_id, batch["tokens"]))
-  # eps = 1 masks every response token in the first copy.
-  _, _, m1, mc1 = objective.noise(jax.random.key(3), batch, dataclasses.replace(obj, eps=1.0), 5)
+  # eps near 1 masks every response token in the first copy; eps = 1 (the complement empty
+  # always) is refused.
+  near = dataclasses.replace(obj, eps=1 - 1e-7)
+  _, _, m1, mc1 = objective.noise(jax.random.key(3), batch, near, 5)
   np.testing.assert_array_equal(np.asarray(m1), resp)
   assert not np.asarray(mc1).any()
+  with pytest.raises(ConfigError, match=r"objective.eps=1.0: must lie in \[0, 1\)"):
+    dataclasses.replace(obj, eps=1.0)
+
+
+@pytest.mark.parametrize("segments,why", [
+    ([1] * 5 + [2] * 11, r"row 1: a sample \(segment id 2\) starts at position 5"),
+    ([1] * 8 + [0] * 3 + [2] * 5, r"\(segment id 2\) starts at position 11"),
+    ([1] * 8 + [2] * 4 + [0] * 4, r"\(segment id 0\) starts at position 12"),
+    ([1] * 8 + [2] * 8 + [1] * 8 + [0] * 8, "segment id 1 names two separate runs")])
+def test_packed_segments_must_start_on_blocks_and_name_one_run(segments, why):
+  # Blocks of 8. data's packing never makes these rows; a caller's own batch is checked.
+  seg = np.array([[1] * len(segments), segments], np.int32)
+  batch = {"tokens": np.zeros(seg.shape, np.int32), "loss_mask": seg > 0, "segments": seg}
+  with pytest.raises(ValueError, match=why):
+    objective.noise(jax.random.key(0), batch, ObjectiveConfig(block_size=8), 5)
+  ok = np.array([[1] * 8 + [2] * 8, [1] * 8 + [0] * 8], np.int32)  # aligned runs pass
+  objective.noise(jax.random.key(0), {"tokens": np.zeros(ok.shape, np.int32),
+                                      "loss_mask": ok > 0, "segments": ok},
+                  ObjectiveConfig(block_size=8), 5)
 
 
 def test_noise_rate_is_drawn_per_block():

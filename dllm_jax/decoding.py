@@ -140,8 +140,14 @@ class DecodeConfig:
                         "(1.0 unmasks one token per step)")
     if self.temperature < 0:
       raise DecodeError(f"DecodeConfig.temperature={self.temperature}: must be >= 0 (0 = greedy)")
+    if 0 < self.temperature < np.finfo(np.float32).tiny:  # (flushed to 0 on the device: NaN)
+      raise DecodeError(f"DecodeConfig.temperature={self.temperature}: below float32's smallest "
+                        "normal number; use 0 for greedy decoding")
     if not 0.0 < self.top_p <= 1.0:
       raise DecodeError(f"DecodeConfig.top_p={self.top_p}: must be in (0, 1]")
+    if not -2 ** 31 <= self.pad_token_id < 2 ** 31:  # (outside the vocabulary is allowed:
+      raise DecodeError(f"DecodeConfig.pad_token_id={self.pad_token_id}: must fit in int32 "
+                        "(the output's dtype)")  # -1 marks the padding as no token)
 
 
 @struct.dataclass
@@ -207,6 +213,14 @@ def _check(model_cfg: ModelConfig, config: DecodeConfig, prompt_tokens_BP, promp
     # (AR mode too: it never emits the mask token, and a negative id would ban another)
     raise DecodeError(f"mask token {mask_id} is outside the vocabulary "
                       f"(size {model_cfg.vocab_size})")
+  if (config.mask_token_id is not None and model_cfg.mask_token_id is not None
+      and config.mask_token_id != model_cfg.mask_token_id):
+    raise DecodeError(f"DecodeConfig.mask_token_id={config.mask_token_id} differs from the "
+                      f"model's mask token {model_cfg.mask_token_id}, the one it was trained "
+                      "to fill: leave DecodeConfig.mask_token_id None")
+  if mask_id is not None and mask_id in config.stop_token_ids:
+    raise DecodeError(f"stop token {mask_id} is the mask token, which the decoder never "
+                      "outputs: a stop on it could never fire; remove it from stop_token_ids")
   def on_host(x):  # None where the values are not this process's to read
     if isinstance(x, jax.core.Tracer):
       return None  # traced under an outer jit: rows with a bad length decode nothing
@@ -298,7 +312,9 @@ def sample(logits_BTV: jax.Array, keys_B: jax.Array, temperature: float, top_p: 
     probs = jax.nn.softmax(logits, axis=-1)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return tokens, jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
-  probs = jax.nn.softmax(logits / temperature, axis=-1)
+  # The largest logit subtracted before the division: a tiny temperature then sends the others
+  # to -inf, where logits / temperature overflowed to inf and the softmax gave NaN under jit.
+  probs = jax.nn.softmax((logits - logits.max(axis=-1, keepdims=True)) / temperature, axis=-1)
   if top_p < 1.0:
     order = jnp.argsort(-probs, axis=-1)
     cumulative = jnp.cumsum(jnp.take_along_axis(probs, order, axis=-1), axis=-1)
@@ -616,6 +632,10 @@ def _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, 
                       "unmasks nothing: leave them None")
   if threshold is None:
     return
+  if isinstance(threshold, (bool, np.bool_)) or (hasattr(threshold, "dtype")
+                                                 and threshold.dtype == bool):
+    raise DecodeError(f"generate(threshold={threshold!r}): expected a number in (0, 1], not a "
+                      "bool")
   if jnp.ndim(threshold) != 0:
     # A [B] threshold would broadcast against [B, sub_block] confidences along the wrong axis.
     raise DecodeError(f"generate(threshold=...): must be a scalar, got shape "

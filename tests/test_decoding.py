@@ -403,6 +403,32 @@ def test_bad_inputs_are_clear_errors(params):
   for kw in ({"threshold": 0.5}, {"on_step": print}):
     with pytest.raises(DecodeError, match="are for diffusion decoding; mode='ar'"):
       decoding.generate(params, CFG, prompts, lengths, key, ar, **kw)
+  # A mask id other than the model's, a stop on the mask token (never output), a bool
+  # threshold, a padding id past int32 (review of session 37).
+  with pytest.raises(DecodeError, match="mask_token_id=5 differs from the model's mask token 127"):
+    decoding.generate(params, CFG, prompts, lengths, key, DecodeConfig(
+        max_new_tokens=4, block_size=BS, sub_block_size=SBS, mask_token_id=5))
+  with pytest.raises(DecodeError, match="stop token 127 is the mask token"):
+    decoding.generate(params, CFG, prompts, lengths, key, DecodeConfig(
+        max_new_tokens=4, block_size=BS, sub_block_size=SBS, stop_token_ids=(3, MASK)))
+  for thr in (True, np.bool_(True)):
+    with pytest.raises(DecodeError, match="not a bool"):
+      decoding.generate(params, CFG, prompts, lengths, key, ok, threshold=thr)
+  with pytest.raises(DecodeError, match="pad_token_id=4294967296: must fit in int32"):
+    DecodeConfig(pad_token_id=2 ** 32)
+  assert DecodeConfig(pad_token_id=-1).pad_token_id == -1  # a sentinel outside the vocabulary
+
+
+def test_a_tiny_temperature_samples_the_argmax_under_jit():
+  # logits / 1e-20 overflowed to inf and the jitted softmax gave NaN confidences (and token 0).
+  logits = jnp.asarray([[[1.0, 3.0, 2.0, -1.0]], [[0.5, -2.0, 0.25, 0.0]]])
+  keys = jax.random.split(jax.random.key(0), 2)
+  for t in (1e-9, 1e-20, 1e-37):
+    tok, conf = jax.jit(lambda l, k: decoding.sample(l, k, t, 1.0))(logits, keys)
+    np.testing.assert_array_equal(tok[:, 0], [1, 0])
+    np.testing.assert_array_equal(conf[:, 0], [1.0, 1.0])
+  with pytest.raises(DecodeError, match="temperature=1e-40: below float32's smallest normal"):
+    DecodeConfig(temperature=1e-40)  # (a device flushes it to 0)
 
 
 def test_the_mask_token_is_never_an_output(params):

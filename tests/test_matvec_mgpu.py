@@ -548,3 +548,71 @@ def test_each_launch_lowers_once_per_program(lower_for_cuda):
                         sd((layers, f, e), bf), sd((layers, f, e), bf), sd((layers, e, f), bf))
   hashes = re.findall(r'kernel_hash = "((?:[^"\\]|\\.)*)"', text)
   assert len(hashes) == len(set(hashes)) == 2, len(hashes)  # lowered once each
+
+
+@pytest.mark.parametrize("extent,size,starts", [
+    (8960, 768, [0, 256, 512]), (1536, 1536, [0, 256, 512, 768, 1024, 1280]),
+    (1536, 700, [0, 256, 512]), (8960, 8960, None), (576, 576, [0, 256, 320]), (64, 64, [0])])
+def test_prefetch_boxes_cover_the_columns_inside_the_array(extent, size, starts):
+  got = matvec_mgpu.prefetch_starts(extent, size)
+  if starts is not None:
+    assert got == starts
+  box = min(matvec_mgpu.PREFETCH_BOX, extent)
+  covered = np.zeros(extent, bool)
+  for s in got:
+    assert 0 <= s and s + box <= extent
+    covered[s:s + box] = True
+  assert covered[:size].all() and len(got) == -(-size // box)
+
+
+@pytest.mark.parametrize("e,f,cols", [(1536, 8960, 768), (3584, 18944, 1024), (576, 1536, 576)])
+def test_l2_prefetch_lowers_for_cuda(e, f, cols, lower_for_cuda):
+  # One launch of (rows / 256) x (cols / 256) CTAs issuing TMA prefetches to L2 (no shared
+  # memory, nothing waited for); its token is what the next launch takes.
+  sd = jax.ShapeDtypeStruct
+  fn = lambda a, g, u: matvec_mgpu.l2_prefetch(a, (g, u), cols=cols)
+  text = lower_for_cuda(fn, sd((4, e), jnp.float32), sd((f, e), jnp.bfloat16),
+                        sd((f, e), jnp.bfloat16))
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
+  assert "cp.async.bulk.prefetch.tensor.2d.L2.global" in text
+  assert re.search(r"-> tensor<8xi32>", text)
+
+
+def test_l2_prefetch_refuses_bad_inputs():
+  g = jnp.zeros((512, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match="cols=0 must be an integer in 1..256"):
+    matvec_mgpu.l2_prefetch(g, (g,), cols=0)
+  with pytest.raises(ValueError, match="one shape"):
+    matvec_mgpu.l2_prefetch(g, (g, g[:256]), cols=64)
+  # The interpreter's token is made without a launch (jax 0.10's has no prefetch).
+  token = matvec_mgpu.l2_prefetch(g, (g,), cols=64, interpret=True)
+  assert token.shape == (8,) and token.dtype == jnp.int32
+
+
+def test_norm_matvec_partials_after_a_token_computes_the_same():
+  # The token orders the launches; the q/k/v launch takes it and reads nothing of it.
+  x = jax.random.normal(jax.random.key(0), (256,)).astype(jnp.bfloat16)
+  ws = [(0.06 * jax.random.normal(jax.random.key(i), (256, n))).astype(jnp.bfloat16)
+        for i, n in ((1, 64), (2, 32))]
+  scale = jnp.ones((256,), jnp.bfloat16)
+  f = functools.partial(matvec.norm_matvec_partials, x, ws, norm_scale_E=scale, block_k=64,
+                        interpret=True)
+  token = jnp.full(matvec_mgpu.prefetch_token().shape, 7, jnp.int32)
+  for a, b in zip(jax.tree_util.tree_leaves(f()), jax.tree_util.tree_leaves(f(after=token))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prefetch_cols_follow_the_knob_where_gate_up_runs_its_tma_launch(monkeypatch):
+  cfg = dataclasses.replace(CFG, hidden_size=1536, intermediate_size=8960)
+  monkeypatch.setattr(model, "_row_tma", lambda *a, **k: "cuda_cores")
+  assert model._prefetch_cols(cfg, True, False) == 0  # off by default
+  for share, cols in ((0.5, 768), (0.3, 448), (0.01, 64), (1.0, 1536)):
+    monkeypatch.setattr(model, "ROW_L2_PREFETCH", share)
+    assert model._prefetch_cols(cfg, True, False) == cols
+  assert model._prefetch_cols(cfg, True, True) == 0  # the interpreter: no prefetch
+  monkeypatch.setattr(model, "ROW_L2_PREFETCH", 1.5)
+  with pytest.raises(ValueError, match="ROW_L2_PREFETCH=1.5"):
+    model._prefetch_cols(cfg, True, False)
+  monkeypatch.setattr(model, "ROW_L2_PREFETCH", 0.5)
+  monkeypatch.setattr(model, "_row_tma", lambda *a, **k: None)  # gate/up on Triton's launch
+  assert model._prefetch_cols(cfg, True, False) == 0

@@ -648,3 +648,64 @@ def _sms():
   from dllm_jax.kernels.decode import sm_count  # the device's SMs (a default on a CPU)
 
   return sm_count()
+
+
+PREFETCH_BOX = 256  # a TMA box's most elements along a dimension
+
+
+def prefetch_starts(extent: int, size: int) -> list[int]:
+  """Starts of the PREFETCH_BOX-long boxes that cover [0, size) of a dimension `extent` long;
+  the last one ends at min(size, extent) rounded up to a whole box inside the extent, so no box
+  reaches past the array (it may overlap the one before)."""
+  box = min(PREFETCH_BOX, extent)
+  end = min(size, extent)
+  return [min(s, extent - box) for s in range(0, end, box)]
+
+
+def prefetch_token() -> jax.ShapeDtypeStruct:
+  """The shape of `l2_prefetch`'s token."""
+  return jax.ShapeDtypeStruct((8,), jnp.int32)
+
+
+@_one_lowering("cols", "interpret")
+def l2_prefetch(after: jax.Array, ws_NK, *, cols: int, interpret: bool = False) -> jax.Array:
+  """Starts TMA prefetches of each weight's first `cols` columns ([N, K] out-major weights: the
+  columns every CTA of `silu_pair` streams first) into L2 and returns at once: its CTAs exit as
+  soon as their prefetches are issued, which run on behind the launches that follow. Returns a
+  token ([8] int32, never written) that the launch meant to run after this one takes as an
+  input it ignores (`matvec.norm_matvec_partials(after=)`); `after` (any array, not read) is
+  what this launch must wait for, so that XLA puts it between the two and not earlier.
+
+  Why (#7): in the batch-1 AR step the q/k/v, attention and o launches are latency-bound and
+  leave the memory mostly idle for ~15 us a layer on an H100, while gate/up, right after them,
+  is bound by its 55 MB of weights (1.5B). An earlier try read those rows through a Triton
+  launch's products (session 18: under 1.2 TB/s, no gain); a TMA prefetch costs its launch only.
+  The CPU interpreter of jax 0.10 has no prefetch: there the token is made without a launch
+  (prefetches change no value)."""
+  plgpu = _plgpu()
+  ws_NK = tuple(ws_NK)
+  if not ws_NK or any(w.ndim != 2 or w.shape != ws_NK[0].shape for w in ws_NK):
+    raise ValueError(f"l2_prefetch: weights [N, K] of one shape expected; got "
+                     f"{[w.shape for w in ws_NK]}")
+  n, k = ws_NK[0].shape
+  if not isinstance(cols, int) or isinstance(cols, bool) or not 0 < cols <= k:
+    raise ValueError(f"l2_prefetch: cols={cols!r} must be an integer in 1..{k}")
+  if interpret:
+    return jnp.zeros(prefetch_token().shape, prefetch_token().dtype)
+  rows, starts = prefetch_starts(n, n), prefetch_starts(k, cols)
+  rb, cb = min(PREFETCH_BOX, n), min(PREFETCH_BOX, k)
+
+  def kernel(*refs):  # one box of each weight a CTA
+    *w_refs, _after, _token = refs
+    cta = lax.axis_index("cta")
+    r = lax.div(cta, jnp.int32(len(starts)))
+    c = lax.rem(cta, jnp.int32(len(starts)))
+    r0 = jnp.minimum(r * rb, n - rb)
+    c0 = jnp.minimum(c * cb, k - cb) if len(starts) > 1 else 0
+    for w_ref in w_refs:
+      plgpu.async_prefetch(w_ref.at[pl.ds(r0, rb), pl.ds(c0, cb)])
+
+  kernel.__name__ = "l2_prefetch_tma"
+  return plgpu.kernel(
+      kernel, out_type=prefetch_token(), grid=(len(rows) * len(starts),), grid_names=("cta",),
+  )(*ws_NK, after)

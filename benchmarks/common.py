@@ -92,8 +92,7 @@ def run_meta() -> dict:
 
   return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
           "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-          "xla_flags": os.environ.get("XLA_FLAGS", ""), "row_tma": dict(model.ROW_TMA),
-          "row_l2_prefetch": model.ROW_L2_PREFETCH}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "row_tma": dict(model.ROW_TMA)}
 
 
 def save_json(name: str, results: dict) -> None:
@@ -187,33 +186,6 @@ def add_row_tma_argument(ap, scope: str = "") -> None:
                        "kernels/matvec_mgpu.py's TMA launches (out_in weights only) with their "
                        "products on the given units (cuda_cores or wgmma), or both by Triton's "
                        "(triton); or per launch, e.g. gate_up=wgmma,down=triton")
-
-
-def add_row_prefetch_argument(ap, scope: str = "") -> None:
-  """`--row-prefetch FRAC` on a decode benchmark's parser; `apply_row_prefetch` carries it out."""
-  def frac(text):
-    import argparse
-
-    try:
-      value = float(text)
-    except ValueError:
-      value = -1.0
-    if not 0 <= value <= 1:
-      raise argparse.ArgumentTypeError(f"{text!r}: expected a share of columns in [0, 1]")
-    return value
-
-  ap.add_argument("--row-prefetch", default=None, type=frac,
-                  help=f"{scope}model.ROW_L2_PREFETCH (default: the model's): the share of "
-                       "gate/up's columns the batch-1 AR step prefetches into L2 before each "
-                       "layer's q/k/v launch (0: none)")
-
-
-def apply_row_prefetch(value) -> None:
-  """model.ROW_L2_PREFETCH = `value` (`--row-prefetch`'s); None leaves the model's default."""
-  from dllm_jax import model
-
-  if value is not None:
-    model.ROW_L2_PREFETCH = value
 
 
 def apply_row_tma(setting) -> None:

@@ -32,8 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (add_row_prefetch_argument, add_row_tma_argument,  # noqa: E402
-                               apply_row_prefetch, apply_row_tma, ceilings,
+from benchmarks.common import (add_row_tma_argument, apply_row_tma, ceilings,  # noqa: E402
                                error_text, random_params, run_meta, save_json, timeit)
 from dllm_jax import run_config  # noqa: E402
 from dllm_jax.config import KERNEL_LAYOUTS, ModelConfig  # noqa: E402
@@ -333,13 +332,11 @@ def main():
                   help="jax part: model.ROW_ATTENTION off (the one-row step's RoPE, cache "
                        "write and split combine as XLA kernels around decode_attention)")
   add_row_tma_argument(ap, "jax part: ")
-  add_row_prefetch_argument(ap, "jax part: ")
   args = ap.parse_args()
   if args.no_row_attention:
     from dllm_jax import model
     model.ROW_ATTENTION = False
   apply_row_tma(args.row_tma)
-  apply_row_prefetch(args.row_prefetch)
   if args.plain_dot:
     if args.kernel_layout == "out_in":
       ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")

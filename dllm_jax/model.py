@@ -337,24 +337,6 @@ def _row_attention(cfg: ModelConfig, spec: masks.MaskSpec, max_len: int) -> bool
 # step is traced (set it before the first trace, or `jax.clear_caches()`).
 ROW_TMA: dict[str, Optional[str]] = {"gate_up": "cuda_cores", "down": None}
 
-# The share of gate/up's columns (those its CTAs stream first) that the one-row step prefetches
-# into L2 by TMA before each layer's q/k/v launch, while the latency-bound q/k/v, attention and
-# o launches leave the memory idle (`kernels.matvec_mgpu.l2_prefetch`); 0: none. Only where
-# gate/up runs its TMA launch on a GPU. A knob for the benchmarks' `--row-prefetch`, read as a
-# step is traced.
-ROW_L2_PREFETCH = 0.0
-
-
-def _prefetch_cols(cfg: ModelConfig, out_major: bool, interpret: bool) -> int:
-  """Columns of gate/up the one-row step prefetches into L2 (`ROW_L2_PREFETCH`), in whole
-  64-column steps of the gate/up launch; 0 where it prefetches none."""
-  if not ROW_L2_PREFETCH or interpret or _row_tma(cfg, out_major, interpret, parts=0) is None:
-    return 0
-  if not 0 < ROW_L2_PREFETCH <= 1:
-    raise ValueError(f"model.ROW_L2_PREFETCH={ROW_L2_PREFETCH!r} must be in (0, 1]")
-  e = cfg.hidden_size
-  return min(e, max(64, round(e * ROW_L2_PREFETCH / 64) * 64))
-
 
 def _row_tma(cfg: ModelConfig, out_major: bool, interpret: bool,
              parts: Optional[int] = None) -> Optional[str]:
@@ -406,21 +388,12 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
                        ).astype(dt)  # [K, N] or [N, K]
   ws = [wt(a[n], e) for n in ("q", "k", "v")]
   biases = [a[n]["bias"].reshape(-1).astype(dt) for n in ("q", "k", "v")] if cfg.qkv_bias else None
-  m = p["mlp"]
-  gate_up = (wt(m["gate"], e), wt(m["up"], e))
-  cols = _prefetch_cols(cfg, om, interpret)
-  token = None
-  if cols:  # gate/up's first columns into L2 behind the next three launches
-    from dllm_jax.kernels import matvec_mgpu
-
-    token = matvec_mgpu.l2_prefetch(x_E if pending_SE is None else pending_SE, gate_up,
-                                    cols=cols)
   # q/k/v's 64 column tiles (1.5B) fill half the GPU: split-K parts, summed where q, k and v
   # are read (`row_attention`, or XLA's kernels of RoPE and the cache write) at no launch of
   # their own.
   parts, rsqrt, row = matvec.norm_matvec_partials(
       x_E, ws, norm_scale_E=p["attn_norm"]["scale"].astype(dt), add_E=pending_SE,
-      eps=cfg.rms_norm_eps, out_major=om, after=token, interpret=interpret)
+      eps=cfg.rms_norm_eps, out_major=om, interpret=interpret)
   x_E = x_E if row is None else row
   cache_k, cache_v = cache_kv  # [1, S, KV, D]
   if _row_attention(cfg, spec, cache_k.shape[1]):
@@ -449,6 +422,8 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
                                        write_mask_B)
     o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt), wt(a["o"], h * d),
                                   out_major=om, interpret=interpret)
+  m = p["mlp"]
+  gate_up = (wt(m["gate"], e), wt(m["up"], e))
   mlp_scale = p["mlp_norm"]["scale"].astype(dt)
   products = _row_tma(cfg, om, interpret, parts=o_SE.shape[0])
   if products:

@@ -514,14 +514,12 @@ def combined_matvec_partials(parts_AHD: jax.Array, lse_AH: jax.Array, w_EN: jax.
 
 
 def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk, bn, tiles,
-                          splits, eps, dtype, out_major, has_after):
+                          splits, eps, dtype, out_major):
   it = iter(refs)
   x_ref = next(it)
   add_ref = next(it) if has_add else None
   scale_ref = next(it)
   w_refs = [next(it) for _ in range(num_w)]
-  if has_after:
-    next(it)  # the token of a launch to run after (`after`): not read
   o_refs = [next(it) for _ in range(num_w)]
   r_ref = next(it)
   sum_ref = next(it) if has_add else None
@@ -559,7 +557,7 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
                          add_E: Optional[jax.Array] = None, eps: float = 1e-6,
                          splits: Optional[int] = None, block_n: int = 32, block_k: int = 512,
                          num_warps: int = 4, num_stages: int = 3, out_major: bool = False,
-                         after: Optional[jax.Array] = None, interpret: bool = False):
+                         interpret: bool = False):
   """(parts, rsqrt, row): `norm(x + add) @ ws[i]` as float32 partial sums over S runs of the row
   (split-K), for a product whose columns alone give too few programs (the q/k/v of a one-row
   step: 64 tiles of 32 columns at Qwen2.5-1.5B). The norm's 1/rms is one scalar, so the parts
@@ -571,8 +569,7 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
   [S', E]. One program more than the products' computes the whole row's 1/rms and stores the
   row, so no other program reads more than its run of the row. `splits` (default
   `pick_splits`), `block_n`, `block_k`, `num_warps`, `num_stages`, `out_major` (ws [N_i, E]): as
-  `matvec_partials`. `after`: an array this launch takes as an input and does not read, so that
-  XLA runs the launch that made it first (`matvec_mgpu.l2_prefetch`'s token).
+  `matvec_partials`.
   """
   ws_EN = tuple(ws_EN)
   if norm_scale_E is None:
@@ -594,8 +591,6 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
     add_E = add_E.astype(jnp.float32 if add_parts else dtype)
   args = [x_E] + ([add_E] if add_E is not None else []) + [norm_scale_E.astype(dtype)]
   args += list(ws_EN)
-  if after is not None:
-    args.append(after)
   outs = [jax.ShapeDtypeStruct((splits, n), jnp.float32) for n in ns]
   outs.append(jax.ShapeDtypeStruct((16,), jnp.float32))
   if add_E is not None:
@@ -604,8 +599,7 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
   kernel = functools.partial(
       _norm_partials_kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
       e=e, bk_row=_pow2_divisor(e, block_k), rows=rows, bk=_pow2_divisor(rows, block_k), bn=bn,
-      tiles=tiles, splits=splits, eps=eps, dtype=dtype, out_major=out_major,
-      has_after=after is not None)
+      tiles=tiles, splits=splits, eps=eps, dtype=dtype, out_major=out_major)
   res = list(pl.pallas_call(
       kernel,
       grid=(sum(tiles) * splits + 1,),

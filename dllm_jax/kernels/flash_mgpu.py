@@ -684,6 +684,11 @@ DKV_HEADS = 0
 # and removed: P^T or dS^T written to shared memory for their products (more spills, 448-484
 # bytes; the kernel 1.09-1.19x slower) and S^T's product before dP^T's (the same spills and time).
 DKV_REGS = 240
+# Whether a dk/dv consumer warpgroup skips the products of a visit whose 64-key half the layout
+# leaves empty for the visit's 64 query rows (it still waits the visit's barriers and frees its
+# slot): on the 3L layout such halves are ~6% of the visited pairs (NOTES_attention.md, session
+# 36). A knob until timed.
+SKIP_EMPTY_HALVES = False
 # Whether the dq kernel's two consumer warpgroups take turns on the tensor cores (the forward's
 # schedule barrier: one's dS arithmetic overlaps the other's products). Its GPU time 1.04-1.08x
 # longer than without (H100, session 33): off.
@@ -806,9 +811,11 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     raise ValueError(f"padded length {tp} is not a multiple of {outer}")
   n_outer = tp // outer
   plan, nv = heavy_first_list(spec, length, seg, n_outer, bq, outer, transpose=True)
-  if store_ds:
+  skip_halves = SKIP_EMPTY_HALVES and not fuse_dq and not store_ds
+  if store_ds or skip_halves:
     # Each row's visits' dS slots for warpgroup w at columns nv + 4 + w * nv + i (padding to
-    # whole 128-byte rows again): query tile plan[i], key tile 2 * (the row's tile) + w.
+    # whole 128-byte rows again): query tile plan[i], key tile 2 * (the row's tile) + w; -1
+    # where the layout leaves that 64 x 64 tile empty (what `skip_halves` reads).
     pair_table, n_pairs = ds_pairs(spec, length, tp, bq)
     key_tiles = 2 * plan[..., nv + 3, None] + jnp.arange(2)  # [B, n_outer, 2]
     slots = jnp.asarray(pair_table)[plan[..., None, :nv], key_tiles[..., None]]
@@ -1041,6 +1048,28 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           interpret_dq(i - lag)
         return dk, dv
 
+      def pass_step(i, carry, masked, off, hh):
+        """Visit i with this warpgroup's half empty by the layout (`skip_halves`): no products,
+        but the same barrier waits as a visit's (each wait flips the phase it tracks) and the
+        slot's release."""
+        slot = lax.rem(off + i, SLOTS)
+        if interpret:
+          for bar in (q_bar, do_bar, qt_bar, dot_bar):
+            plgpu.barrier_wait(bar.at[slot])
+        plgpu.barrier_wait(lse_bar.at[slot])
+        plgpu.barrier_wait(delta_bar.at[slot])
+        if masked == "segments":
+          plgpu.barrier_wait(sq_bar.at[slot])
+        if not interpret:
+          @pl.when(off + i + 1 < total)  # the next visit's operands, as `gpu_step` waits them
+          def _():
+            nxt = lax.rem(off + i + 1, SLOTS)
+            plgpu.barrier_wait(q_bar.at[nxt])
+            plgpu.barrier_wait(do_bar.at[nxt])
+
+        pl.when(off + i + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
+        return carry
+
       def gpu_step(i, carry, masked, off, hh):
         dk, dv = carry
         slot = lax.rem(off + i, SLOTS)
@@ -1092,6 +1121,13 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         return dk, dv
 
       step = interpret_step if interpret else gpu_step
+      if skip_halves:
+        full_step = step
+
+        def step(i, carry, masked, off, hh):
+          return lax.cond(stored_at(i) >= 0,
+                          lambda c: full_step(i, c, masked=masked, off=off, hh=hh),
+                          lambda c: pass_step(i, c, masked=masked, off=off, hh=hh), carry)
       zeros = lc(jnp.zeros((bk, d), jnp.float32), wgmma_l)
       if not interpret:
         @pl.when(total > 0)

@@ -156,15 +156,14 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
     assert rel(g, w) < 1e-2, f"d{name}"
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[1]])
-def test_mosaic_dkv_skipping_empty_halves_equals_the_reference(monkeypatch, case):
-  # SKIP_EMPTY_HALVES: a warpgroup whose 64 keys the layout hides from a visit's 64 query rows
-  # only waits the visit's barriers and frees its slot (packed GQA 2 with segment comparisons;
-  # 3L, GQA 3, where the diagonal tiles have such halves).
-  monkeypatch.setattr(flash_mgpu, "SKIP_EMPTY_HALVES", True)
+def test_mosaic_dkv_without_skipping_empty_halves_equals_the_reference(monkeypatch):
+  # By default (SKIP_EMPTY_HALVES) a warpgroup whose 64 keys the layout hides from a visit's 64
+  # query rows only waits the visit's barriers and frees its slot: 4 of this case's 16 halves
+  # (packed, GQA 2), which the other tests run. Off, every visit's products run.
+  monkeypatch.setattr(flash_mgpu, "SKIP_EMPTY_HALVES", False)
   jax.clear_caches()
-  test_mosaic_dkv_gradients_equal_the_reference(*case, flash.Tiles(forward="triton",
-                                                                   dkv="mosaic"))
+  test_mosaic_dkv_gradients_equal_the_reference(*CASES[0], flash.Tiles(forward="triton",
+                                                                       dkv="mosaic"))
 
 
 # Visit counts matter here: with an even count a head, a dk/dv CTA's slots would line up even
@@ -311,7 +310,6 @@ def test_dkv_heads_groups_heads_while_the_heaviest_cta_fits_one_sms_share(monkey
 
 
 DQ_HEADS = flash.Tiles(forward="triton", dkv="mosaic", dq="mosaic")
-SKIP_HALVES = flash.Tiles(forward="triton", dkv="mosaic")  # (run with SKIP_EMPTY_HALVES)
 _PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]]), FUSED)
 
 
@@ -338,8 +336,6 @@ _PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 6
     # The dk/dv kernel storing dS (its TMA stores read the staging buffer the warpgroups
     # rewrite each visit).
     (CASES[0], DS),
-    # dk/dv warpgroups that pass over visits their keys cannot see (4 of 16 halves here).
-    (CASES[0], SKIP_HALVES),
 ])
 def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, tiles):
   # The interpreter's race detector orders the warpgroups' shared-memory reads and writes, the
@@ -348,8 +344,6 @@ def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, ti
   ipc = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
   if tiles is DQ_HEADS:
     monkeypatch.setattr(flash_mgpu, "DKV_HEADS", case[3])  # a dk/dv CTA a whole group
-  if tiles is SKIP_HALVES:
-    monkeypatch.setattr(flash_mgpu, "SKIP_EMPTY_HALVES", True)
   params = flash_mgpu._interpret_params()
   monkeypatch.setattr(flash_mgpu, "_interpret_params",
                       lambda: dataclasses.replace(params, detect_races=True))
@@ -585,7 +579,7 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({"GQA_REDUCE_ADD": True}, True),
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
     ({"DKV_REGS": 232}, False),  # the dk/dv kernel's other register split (producer 40)
-    ({"SKIP_EMPTY_HALVES": True}, False),  # a visit's products under a branch per warpgroup
+    ({"SKIP_EMPTY_HALVES": False}, False),  # every visit's products, no branch per warpgroup
 ])
 def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, lower_for_cuda):
   # The interpreter runs the kernels' interpret bodies only; the GPU bodies (P in registers,

@@ -686,9 +686,9 @@ DKV_HEADS = 0
 DKV_REGS = 240
 # Whether a dk/dv consumer warpgroup skips the products of a visit whose 64-key half the layout
 # leaves empty for the visit's 64 query rows (it still waits the visit's barriers and frees its
-# slot): on the 3L layout such halves are ~6% of the visited pairs (NOTES_attention.md, session
-# 36). A knob until timed.
-SKIP_EMPTY_HALVES = False
+# slot). On an H100 the kernel's GPU time fell 0.6-6.5% over the four L=2048 cases, the 7B heads'
+# most (BENCHMARKS.md, session 37).
+SKIP_EMPTY_HALVES = True
 # Whether the dq kernel's two consumer warpgroups take turns on the tensor cores (the forward's
 # schedule barrier: one's dS arithmetic overlaps the other's products). Its GPU time 1.04-1.08x
 # longer than without (H100, session 33): off.

@@ -145,9 +145,10 @@ class DecodeConfig:
                         "normal number; use 0 for greedy decoding")
     if not 0.0 < self.top_p <= 1.0:
       raise DecodeError(f"DecodeConfig.top_p={self.top_p}: must be in (0, 1]")
-    if not -2 ** 31 <= self.pad_token_id < 2 ** 31:  # (outside the vocabulary is allowed:
+    # (An id outside the vocabulary is allowed: -1 can mark padding as no token.)
+    if not -2 ** 31 <= self.pad_token_id < 2 ** 31:
       raise DecodeError(f"DecodeConfig.pad_token_id={self.pad_token_id}: must fit in int32 "
-                        "(the output's dtype)")  # -1 marks the padding as no token)
+                        "(the output's dtype)")
 
 
 @struct.dataclass

@@ -115,7 +115,8 @@ FUSED = flash.Tiles(forward="triton", dkv="mosaic", fuse_dq=True)
 
 
 @pytest.mark.parametrize("spec,length,b,h,kh,d,cuts,tiles", [
-    # Packed samples with GQA 2 (the segment comparison, per-head partials) and 3L with GQA 3.
+    # Packed samples with GQA 2 (the segment comparison, per-head partials; 4 of its 16 visit
+    # halves empty, which their warpgroups pass over) and 3L with GQA 3.
     (*CASES[0], flash.Tiles(forward="triton", dkv="mosaic")),
     (*CASES[1], flash.Tiles(forward="triton", dkv="mosaic")),
     # The AR objective's causal mask at head_dim 128 (dkv="auto" keeps Triton's there until this
@@ -154,16 +155,6 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
   for name, g, w in zip("qkv", got, want):
     assert g.dtype == jnp.bfloat16
     assert rel(g, w) < 1e-2, f"d{name}"
-
-
-def test_mosaic_dkv_without_skipping_empty_halves_equals_the_reference(monkeypatch):
-  # By default (SKIP_EMPTY_HALVES) a warpgroup whose 64 keys the layout hides from a visit's 64
-  # query rows only waits the visit's barriers and frees its slot: 4 of this case's 16 halves
-  # (packed, GQA 2), which the other tests run. Off, every visit's products run.
-  monkeypatch.setattr(flash_mgpu, "SKIP_EMPTY_HALVES", False)
-  jax.clear_caches()
-  test_mosaic_dkv_gradients_equal_the_reference(*CASES[0], flash.Tiles(forward="triton",
-                                                                       dkv="mosaic"))
 
 
 # Visit counts matter here: with an even count a head, a dk/dv CTA's slots would line up even
@@ -579,7 +570,6 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({"GQA_REDUCE_ADD": True}, True),
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True),
     ({"DKV_REGS": 232}, False),  # the dk/dv kernel's other register split (producer 40)
-    ({"SKIP_EMPTY_HALVES": False}, False),  # every visit's products, no branch per warpgroup
 ])
 def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, lower_for_cuda):
   # The interpreter runs the kernels' interpret bodies only; the GPU bodies (P in registers,

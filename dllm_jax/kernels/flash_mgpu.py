@@ -684,11 +684,6 @@ DKV_HEADS = 0
 # and removed: P^T or dS^T written to shared memory for their products (more spills, 448-484
 # bytes; the kernel 1.09-1.19x slower) and S^T's product before dP^T's (the same spills and time).
 DKV_REGS = 240
-# Whether a dk/dv consumer warpgroup skips the products of a visit whose 64-key half the layout
-# leaves empty for the visit's 64 query rows (it still waits the visit's barriers and frees its
-# slot). On an H100 the kernel's GPU time fell 0.6-6.5% over the four L=2048 cases, the 7B heads'
-# most (BENCHMARKS.md, session 37).
-SKIP_EMPTY_HALVES = True
 # Whether the dq kernel's two consumer warpgroups take turns on the tensor cores (the forward's
 # schedule barrier: one's dS arithmetic overlaps the other's products). Its GPU time 1.04-1.08x
 # longer than without (H100, session 33): off.
@@ -811,7 +806,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     raise ValueError(f"padded length {tp} is not a multiple of {outer}")
   n_outer = tp // outer
   plan, nv = heavy_first_list(spec, length, seg, n_outer, bq, outer, transpose=True)
-  skip_halves = SKIP_EMPTY_HALVES and not fuse_dq and not store_ds
+  # Unfused, a consumer warpgroup skips the products of a visit whose 64-key half the layout
+  # leaves empty for the visit's 64 query rows (`pass_step`): on an H100 the kernel's GPU time
+  # 0.6-6.5% lower over the four L=2048 cases, the 7B heads' most (BENCHMARKS.md, session 37).
+  skip_halves = not fuse_dq and not store_ds
   if store_ds or skip_halves:
     # Each row's visits' dS slots for warpgroup w at columns nv + 4 + w * nv + i (padding to
     # whole 128-byte rows again): query tile plan[i], key tile 2 * (the row's tile) + w; -1

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dllm_jax import masks, model
+from dllm_jax import masks, model, sharding
 from dllm_jax.cache import KVCache, init_cache
 from dllm_jax.config import ModelConfig
 
@@ -222,21 +222,15 @@ def _check(model_cfg: ModelConfig, config: DecodeConfig, prompt_tokens_BP, promp
   if mask_id is not None and mask_id in config.stop_token_ids:
     raise DecodeError(f"stop token {mask_id} is the mask token, which the decoder never "
                       "outputs: a stop on it could never fire; remove it from stop_token_ids")
-  def on_host(x):  # None where the values are not this process's to read
-    if isinstance(x, jax.core.Tracer):
-      return None  # traced under an outer jit: rows with a bad length decode nothing
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return None  # (sharded over hosts: each host sees only its rows)
-    return np.asarray(x)
-
-  lengths = on_host(prompt_lengths_B)
+  # Values traced under an outer jit are not checked: rows with a bad length decode nothing.
+  lengths = sharding.readable_values(prompt_lengths_B)
   lengths = [] if lengths is None else lengths.tolist()
   for row, n in enumerate(lengths):
     if n < 1:
       raise DecodeError(f"prompt {row} is empty (length {n}); give at least one token (e.g. BOS)")
     if n > width:
       raise DecodeError(f"prompt {row} has length {n} but prompt_tokens is only {width} wide")
-  tokens = on_host(prompt_tokens_BP)  # (traced: an id outside the vocabulary embeds as NaN)
+  tokens = sharding.readable_values(prompt_tokens_BP)  # (traced: an id outside the vocabulary embeds as NaN)
   if tokens is not None and lengths:
     inside = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
     bad = inside & ((tokens < 0) | (tokens >= model_cfg.vocab_size))
@@ -633,8 +627,7 @@ def _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, 
                       "unmasks nothing: leave them None")
   if threshold is None:
     return
-  if isinstance(threshold, (bool, np.bool_)) or (hasattr(threshold, "dtype")
-                                                 and threshold.dtype == bool):
+  if isinstance(threshold, bool) or getattr(threshold, "dtype", None) == bool:  # (np.bool_ too)
     raise DecodeError(f"generate(threshold={threshold!r}): expected a number in (0, 1], not a "
                       "bool")
   if jnp.ndim(threshold) != 0:

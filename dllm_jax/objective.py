@@ -76,10 +76,9 @@ def _check_batch(batch: Batch, block_size: int) -> None:
     raise ValueError(
         f"batch tokens have shape {shape}: expected [batch, L] with L a multiple of the block "
         f"size {block_size} (set data.seq_len to a multiple of objective.block_size)")
-  seg = batch["segments"]
-  if not isinstance(seg, jax.core.Tracer) and not (isinstance(seg, jax.Array)
-                                                   and not seg.is_fully_addressable):
-    check_segments(np.asarray(seg), block_size)  # (where this process can read the values)
+  seg = ax.readable_values(batch["segments"])
+  if seg is not None:  # (values are checked where this process can read them)
+    check_segments(seg, block_size)
 
 
 def check_segments(segments_BL: np.ndarray, block_size: int) -> None:
@@ -133,6 +132,11 @@ def noise(rng: jax.Array, batch: Batch, obj_cfg: ObjectiveConfig, mask_token_id:
   `masked | masked_complement` is exactly the response mask and the two never overlap.
   """
   _check_batch(batch, obj_cfg.block_size)
+  return _noise(rng, batch, obj_cfg, mask_token_id)
+
+
+def _noise(rng, batch, obj_cfg, mask_token_id):
+  """`noise` of a batch already checked (`loss_fn` checks it once)."""
   tokens = jnp.asarray(batch["tokens"], jnp.int32)
   resp = response_mask(batch)
   b, length = tokens.shape
@@ -227,7 +231,7 @@ def _diffusion_loss(params, model_cfg, obj_cfg, batch, rng):
                       "the vocabulary (model.add_mask_token) or set model.mask_token_id")
   tokens = jnp.asarray(batch["tokens"], jnp.int32)
   segments = jnp.asarray(batch["segments"], jnp.int32)
-  noisy, noisy_c, masked, masked_c = noise(rng, batch, obj_cfg, model_cfg.mask_token_id)
+  noisy, noisy_c, masked, masked_c = _noise(rng, batch, obj_cfg, model_cfg.mask_token_id)
   hidden = _diffusion_forward(params, model_cfg, obj_cfg, noisy, noisy_c, tokens, segments,
                               return_hidden=True)  # [B, 2L, E]: one head matmul for both copies
   (targets_1, counted_1), (targets_2, counted_2) = (

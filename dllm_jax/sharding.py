@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,17 @@ def shardings_for(logical_specs: Any, shapes: Any, mesh: Mesh) -> Any:
       for (path, spec), s in zip(leaves, shape_leaves)
   ]
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def readable_values(x) -> Optional[np.ndarray]:
+  """`x`'s values as numpy where this process can read them all, else None: traced under an
+  outer jit, or a global array sharded over hosts (each host holds only its shards). For input
+  checks that can look at values only where they are concrete."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  return np.asarray(x)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1046,6 +1046,15 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           interpret_dq(i - lag)
         return dk, dv
 
+      def wait_next_operands(v):
+        """On the GPU, the Q and dO copies of the CTA's visit v + 1 (the interpreter's steps wait
+        their own at their start)."""
+        @pl.when(v + 1 < total)
+        def _():
+          nxt = lax.rem(v + 1, SLOTS)
+          plgpu.barrier_wait(q_bar.at[nxt])
+          plgpu.barrier_wait(do_bar.at[nxt])
+
       def pass_step(i, carry, masked, off, hh):
         """Visit i with this warpgroup's half empty by the layout (`skip_halves`): no products,
         but the same barrier waits as a visit's (each wait flips the phase it tracks) and the
@@ -1059,12 +1068,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         if masked == "segments":
           plgpu.barrier_wait(sq_bar.at[slot])
         if not interpret:
-          @pl.when(off + i + 1 < total)  # the next visit's operands, as `gpu_step` waits them
-          def _():
-            nxt = lax.rem(off + i + 1, SLOTS)
-            plgpu.barrier_wait(q_bar.at[nxt])
-            plgpu.barrier_wait(do_bar.at[nxt])
-
+          wait_next_operands(off + i)  # (as `gpu_step` waits them)
         pl.when(off + i + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
         return carry
 
@@ -1095,11 +1099,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           if store_ds:  # while the products run (they read ds16's registers, as this does)
             put_ds(i, hh, ds16)
 
-          @pl.when(off + i + 1 < total)  # the next tile's operands, while these products run
-          def _():
-            nxt = lax.rem(off + i + 1, SLOTS)
-            plgpu.barrier_wait(q_bar.at[nxt])
-            plgpu.barrier_wait(do_bar.at[nxt])
+          wait_next_operands(off + i)  # while these products run
 
         dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         if not fuse_dq and RELEASE_FENCE:  # lse_s, delta_s (and segq_s) read by plain loads

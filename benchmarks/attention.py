@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import ceilings as common_ceilings  # noqa: E402
-from benchmarks.common import distinct_sets, kernel_us, timeit  # noqa: E402
+from benchmarks.common import distinct_sets, kernel_us, timeit, traced_gpu_events  # noqa: E402
 from dllm_jax import attention, masks
 from dllm_jax.kernels import decode, flash, flash_mgpu
 
@@ -175,10 +175,39 @@ def profile_row(name, spec, length, tiles, impl="pallas", reps=5):
   per = kernel_us(run, reps, 80)
   row = {"impl": impl, "shape": name, "layout": f"{spec.kind}x{spec.num_streams}", "L": length,
          "B": b, "kernels_us": dict(sorted(per.items(), key=lambda kv: -kv[1])),
-         "total_us": sum(per.values())}
+         "total_us": sum(per.values()), **idle_row(g, args, reps)}
   RESULTS.setdefault("profile", []).append(row)
   print(json.dumps(row, indent=1), flush=True)
   save()
+
+
+def idle_row(g, args, calls):
+  """Where the GPU idles between the kernels of `calls` calls of `g` issued back to back (as the
+  wall-time figures issue them): span_us, the first kernel's start to the last one's end, and
+  busy_us, the kernels' own time, each a call; idle_before_us, the idle time a call before each
+  kernel (the gap from the previous kernel's end), the largest first."""
+  jax.block_until_ready(g(*args))
+
+  def run():
+    out = None
+    for _ in range(calls):
+      out = g(*args)
+    jax.block_until_ready(out)
+
+  return idle_from_events(traced_gpu_events(run)[0], calls)
+
+
+def idle_from_events(events, calls):
+  """`idle_row`'s figures from (name, start_ns, end_ns) kernels sorted by start."""
+  if not events:
+    raise ValueError("the profile holds no GPU kernel: nothing to measure idle time between")
+  idle, last_end = {}, events[0][2]
+  for name, start, end in events[1:]:
+    idle[name[:80]] = idle.get(name[:80], 0.0) + max(0, start - last_end) / 1e3 / calls
+    last_end = max(last_end, end)
+  return {"span_us": (last_end - events[0][1]) / 1e3 / calls,
+          "busy_us": sum(e - s for _, s, e in events) / 1e3 / calls,
+          "idle_before_us": dict(sorted(idle.items(), key=lambda kv: -kv[1]))}
 
 
 def dq_row(name, spec, length, tiles, impls=("triton", "mosaic"), tag=None, like=None):

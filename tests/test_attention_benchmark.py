@@ -147,3 +147,15 @@ def test_train_fns_build_for_every_tiles_variant(bench):
   k = bench.jnp.ones((1, 128, 1, 64), bench.jnp.float32)
   # every kernel Triton's, dq included: traced (its Tiles built and checked), not run on the CPU
   assert bench.jax.eval_shape(fns["triton"], q, k, k).shape == q.shape
+
+
+def test_idle_time_is_the_gaps_between_kernels_a_call(bench):
+  # two calls of [a 0-10, b 13-20] then [a 30-40, b 41-50] (ns), issued back to back: b waits
+  # 3 + 1 ns, a waits 10 ns (between the calls)
+  events = [("a", 0, 10), ("b", 13, 20), ("a", 30, 40), ("b", 41, 50)]
+  row = bench.idle_from_events(events, calls=2)
+  assert row["span_us"] == 50 / 1e3 / 2 and row["busy_us"] == 36 / 1e3 / 2
+  assert row["idle_before_us"] == {"a": 10 / 1e3 / 2, "b": 4 / 1e3 / 2}
+  with pytest.raises(ValueError, match="no GPU kernel"):
+    bench.idle_from_events([], calls=1)
+

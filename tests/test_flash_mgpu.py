@@ -335,6 +335,10 @@ def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, ti
   ipc = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
   if tiles is DQ_HEADS:
     monkeypatch.setattr(flash_mgpu, "DKV_HEADS", case[3])  # a dk/dv CTA a whole group
+  # Two CTAs a KV head write partials here, not PAIR_ADD's adds: the interpreter's add reads back
+  # a target an earlier grid point wrote, which 0.11.2's detector reports as a race for the
+  # reason given above for fused dQ. The GPU bodies differ only by the stores' reduction op.
+  monkeypatch.setattr(flash_mgpu, "PAIR_ADD", False)
   params = flash_mgpu._interpret_params()
   monkeypatch.setattr(flash_mgpu, "_interpret_params",
                       lambda: dataclasses.replace(params, detect_races=True))
@@ -397,11 +401,43 @@ def test_mosaic_dkv_gqa_reduce_adds(monkeypatch, case, tiles):
   monkeypatch.setattr(flash_mgpu, "GQA_REDUCE_ADD", True)
   made = []
   zeroed = flash_mgpu._zeroed
-  monkeypatch.setattr(flash_mgpu, "_zeroed", lambda shape: made.append(shape) or zeroed(shape))
+  monkeypatch.setattr(flash_mgpu, "_zeroed",
+                      lambda shape, *a: made.append(shape) or zeroed(shape, *a))
   test_mosaic_dkv_gradients_equal_the_reference(*case, tiles)
   h, kh, d = case[3:6]
   want = {(kh, d)} | ({(h, d)} if tiles.fuse_dq else set())  # dK and dV's heads (and dQ's)
   assert {m[2:] for m in made} == want, made
+
+
+def test_two_partials_added_in_the_kernel_equal_xla_sum_of_them(monkeypatch):
+  # PAIR_ADD: where two CTAs share a KV head (here GQA 2, one head a CTA), each adds its bf16
+  # share into zeroed bf16 dK and dV; the result is the bits of the two partials summed by XLA
+  # in float32 (0 + a is a; a + b rounds once either way).
+  monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 1)
+  spec, length, b, h, kh, d, cuts = CASES[0]
+  meta = masks.layout_meta(spec, _segments(b, length, cuts))
+  t = meta.positions.shape[1]
+  ks = jax.random.split(jax.random.key(5), 4)
+  q, do = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in ks[::3])
+  k, v = (jax.random.normal(kk, (b, t, kh, d), jnp.bfloat16) for kk in ks[1:3])
+  tiles = flash.Tiles(forward="triton", dkv="mosaic")
+  grads = lambda: jax.jit(lambda q, k, v: jax.vjp(
+      lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles,
+                                                   interpret=True), q, k, v)[1](do))(q, k, v)
+  made = []
+  zeroed = flash_mgpu._zeroed
+  monkeypatch.setattr(flash_mgpu, "_zeroed",
+                      lambda shape, *a: made.append((shape, *a)) or zeroed(shape, *a))
+  monkeypatch.setattr(flash_mgpu, "PAIR_ADD", False)
+  summed = grads()
+  assert not made
+  monkeypatch.setattr(flash_mgpu, "PAIR_ADD", True)
+  added = grads()
+  # dK's and dV's bf16 targets ([B, Tp, K, D], Tp padded): the path taken
+  assert [(m[0][2:], m[1]) for m in made] == [((kh, d), jnp.bfloat16)] * 2, made
+  for name, x, y in zip("qkv", added, summed):
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                                  err_msg=f"d{name}")
 
 
 def test_dkv_refuses_a_register_split_it_does_not_have(monkeypatch):
@@ -564,7 +600,8 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({}, False), ({}, True),  # the defaults
     ({"FWD_TURNS": False, "GQA_REDUCE_ADD": True}, False),
     ({"PERSISTENT": False}, False),  # one CTA an item, the item's body inline
-    ({"DKV_HEADS": 3}, False),  # dk/dv CTAs that walk 3 heads: 2 partials a KV head
+    ({"DKV_HEADS": 3}, False),  # dk/dv CTAs that walk 3 heads: 2 a KV head, bf16 adds
+    ({"DKV_HEADS": 2}, False),  # ... 2 heads: 3 partials a KV head, summed by XLA
     ({"DKV_HEADS": 6}, False),  # ... the whole group: no partials
     ({"DQ_TURNS": True}, False),  # the dq kernel's warpgroups taking turns
     ({"GQA_REDUCE_ADD": True}, True),

@@ -664,6 +664,15 @@ DQ_LAG = 1
 # L=2048, 2L: +26 us in it, +18 us in all, fwd+bwd 1.01x the time; 7B 3L +90 / +49 us): False
 # (H200, BENCHMARKS.md, session 15). Exact either way.
 GQA_REDUCE_ADD = False
+# Where exactly two CTAs share a KV head's dK and dV (the 1.5B heads: 3 of the group's 6 heads a
+# CTA), each adds its bf16 share into a zeroed bf16 dK and dV by a TMA reduce-add instead of
+# writing a partial that XLA sums (17-27 us at L=2048 for the 1.5B heads, session 37's
+# profile). Exact for two: 0 + a is a, and a + b rounds once, as XLA's float32 sum then bf16
+# does, in either order; more partials than two would round in the order the CTAs end, so those
+# stay partials. On an H100 (L=2048, two readings each, BENCHMARKS.md session 38) the 1.5B heads'
+# fwd+bwd GPU time 1.5-3.0% lower (2L) and 1.6-1.9% (3L), the dk/dv kernel itself 8-15 us faster;
+# the partials' 33.5 MB (2L) not allocated. False: the partials (the tests compare the two).
+PAIR_ADD = True
 # Query heads of one KV head's group that an unfused dk/dv CTA walks in turn, adding their shares
 # of dK and dV in its accumulators (the largest divisor of the group not above it; 0:
 # `dkv_heads` picks). Each head more a CTA saves a CTA's prologue (K, V, segment ids, plan, the
@@ -744,10 +753,10 @@ def ds_pairs(spec: masks.MaskSpec, length: int, tp: int, tile: int = BLOCK_QI):
   return pairs, max(1, int(used.sum()))
 
 
-def _zeroed(shape):
-  """A zeroed float32 global-memory Ref for a kernel's reduce-adds. Passed to `pl.kernel` it is
-  aliased in and out (`plgpu.kernel` takes no Refs, nor input_output_aliases in jax 0.10)."""
-  return jax.new_ref(jnp.zeros(shape, jnp.float32), memory_space=_plgpu().GMEM)
+def _zeroed(shape, dtype=jnp.float32):
+  """A zeroed global-memory Ref for a kernel's reduce-adds. Passed to `pl.kernel` it is aliased
+  in and out (`plgpu.kernel` takes no Refs, nor input_output_aliases in jax 0.10)."""
+  return jax.new_ref(jnp.zeros(shape, dtype), memory_space=_plgpu().GMEM)
 
 
 def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpret: bool = False,
@@ -770,8 +779,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   A CTA is a whole SM here and its work per key tile varies ~60x, so small CTAs balance best
   (BENCHMARKS.md, session 10); `dkv_heads` groups heads only as far as the heaviest CTA stays
   within one SM's share. With GQA each CTA adds its heads' share into its KV head's dK and dV:
-  float32 TMA reduce-adds with `GQA_REDUCE_ADD`, else a bf16 partial ([group / heads a CTA, B,
-  Tp, K, D]) summed here in float32; none when one CTA walks the whole group. The grid is one
+  float32 TMA reduce-adds with `GQA_REDUCE_ADD`; bf16 ones into bf16 targets where two CTAs
+  share a KV head (`PAIR_ADD`); else a bf16 partial ([group / heads a CTA, B, Tp, K, D]) summed
+  here in float32; none when one CTA walks the whole group. The grid is one
   axis of CTAs in launch order: groups of (batch row, head unit) pairs, in each the key tiles
   heaviest first, then the group's pairs; unfused, one group holds every pair; fused,
   `FUSED_GROUP` (see there).
@@ -847,7 +857,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   pairs = flash.largest_divisor(b * units, FUSED_GROUP if fuse_dq else b * units)
   n_ds = DS_SLOTS if fuse_dq else 1
   reduce_add = chunks > 1 and GQA_REDUCE_ADD
-  partials = chunks > 1 and not reduce_add
+  pair_add = chunks == 2 and not reduce_add and PAIR_ADD
+  partials = chunks > 1 and not reduce_add and not pair_add
   lag = DQ_LAG if fuse_dq else 0
   if fuse_dq and not 1 <= lag < n_ds:
     raise ValueError(f"flash_mgpu.DQ_LAG={DQ_LAG} must be at least 1 and below "
@@ -1155,12 +1166,22 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           v_s[w] = x.astype(dtype)
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(v_s.at[w], ref.at[out])
-      else:
+      elif pair_add and interpret:  # no reduction_op there: read, add, write back (grid
+        for x, ref, x_s in ((dk * scale, dk_ref, k_s), (dv, dv_ref, v_s)):  # points run in turn)
+          plgpu.copy_gmem_to_smem(ref.at[out], x_s.at[w], add_bar.at[w])
+          plgpu.barrier_wait(add_bar.at[w])
+          x_s[w] = (x_s[w].astype(jnp.float32) + x.astype(dtype).astype(jnp.float32)
+                    ).astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(x_s.at[w], ref.at[out])
+          plgpu.wait_smem_to_gmem(0)
+      else:  # a partial, the whole group's dK and dV, or (pair_add) a bf16 share added in
         k_s[w] = (dk * scale).astype(dtype)
         v_s[w] = dv.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_s.at[w], dk_ref.at[out])
-        plgpu.copy_smem_to_gmem(v_s.at[w], dv_ref.at[out])
+        op = "add" if pair_add else None
+        plgpu.copy_smem_to_gmem(k_s.at[w], dk_ref.at[out], reduction_op=op)
+        plgpu.copy_smem_to_gmem(v_s.at[w], dv_ref.at[out], reduction_op=op)
       plgpu.wait_smem_to_gmem(0)
 
     if fuse_dq:  # one copy of the body per warpgroup, so that dQ's column slices are static
@@ -1199,21 +1220,22 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.Barrier(num_arrivals=2, num_barriers=n_ds)]
   inputs = (q, k, v, do, lse, delta, seg, plan, qt, dot)
   # Refs aliased in and out, then outputs, by name: the reduce-add targets (dQ when fused, dK
-  # and dV with `reduce_add`), and in the interpreter the stored dS, filled with NaN first so
+  # and dV with `reduce_add` or `pair_add`), and in the interpreter the stored dS, filled with NaN first so
   # that a tile the kernel never wrote and dS K reads anyway poisons dQ in the tests (on the GPU
   # an output, unwritten tiles hold whatever the memory held).
   targets = {}
   if fuse_dq:
     targets["dq"] = _zeroed(q.shape)
-  if reduce_add:
-    targets["dk"], targets["dv"] = _zeroed(k.shape), _zeroed(k.shape)
+  if reduce_add or pair_add:
+    targets["dk"], targets["dv"] = (_zeroed(k.shape, dtype if pair_add else jnp.float32)
+                                    for _ in range(2))
   ds_type = jax.ShapeDtypeStruct((b, h, n_pairs, bk, bq), dtype) if store_ds else None
   if store_ds and interpret:
     targets["ds"] = jax.new_ref(jnp.full(ds_type.shape, jnp.nan, dtype),
                                 memory_space=plgpu.GMEM)
-  out_type = {} if reduce_add else {
+  out_type = {} if "dk" in targets else {
       "dk": jax.ShapeDtypeStruct(((chunks,) if partials else ()) + k.shape, dtype)}
-  if not reduce_add:
+  if "dk" not in targets:
     out_type["dv"] = out_type["dk"]
   if store_ds and not interpret:
     out_type["ds"] = ds_type

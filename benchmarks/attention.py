@@ -210,11 +210,10 @@ def idle_from_events(events, calls):
           "idle_before_us": dict(sorted(idle.items(), key=lambda kv: -kv[1]))}
 
 
-def dq_row(name, spec, length, tiles, impls=("triton", "mosaic"), tag=None, like=None):
-  """The dq kernels alone (each also computes delta): Triton's and Mosaic GPU's on the same
-  residuals, timed in one process, so a change to either is judged without the rest of the
-  backward (the `dq` section). `like`: an earlier row of the same case whose Triton dq this
-  one's must equal (a `--dq-variants` variant against the first)."""
+def dq_row(name, spec, length, tiles, tag=None, like=None):
+  """Triton's dq kernel alone (it also computes delta) on the forward's residuals, so a change
+  to it is judged without the rest of the backward (the `dq` section). `like`: an earlier row of
+  the same case whose dq this one's must equal (a `--dq-variants` variant against the first)."""
   h, kh, d = SHAPES[name]
   b = max(1, 8192 // length)
   meta = layout_segments(b, length, spec, np.random.default_rng(1), False, 1)
@@ -225,32 +224,23 @@ def dq_row(name, spec, length, tiles, impls=("triton", "mosaic"), tag=None, like
     o, lse = jax.jit(lambda q, k, v: flash._forward(q, k, v, seg, spec, length, tiles, False))(
         q, k, v)
     sets.append((q, k, v, o, do, lse))
-  kernels = {
-      "triton": lambda q, k, v, o, do, lse: flash._triton_dq(q, k, v, seg, o, do, lse, spec,
-                                                             length, tiles, False, None),
-      "mosaic": lambda q, k, v, o, do, lse: flash_mgpu.dq(q, k, v, seg, o, do, lse, spec,
-                                                          length)}
+  fn = jax.jit(lambda q, k, v, o, do, lse: flash._triton_dq(q, k, v, seg, o, do, lse, spec,
+                                                            length, tiles, False, None))
   row = {"shape": name, "layout": f"{spec.kind}x{spec.num_streams}", "L": length, "B": b}
   if tag is not None:
     row.update(variant=tag, tiles=str(tiles))
-  dq0 = None
-  for impl in impls:
-    fn = jax.jit(kernels[impl])
-    if impl == "triton":
-      dq0 = safe(lambda: fn(*sets[0])[0])
-      if like is not None and "dq0" in like and not isinstance(dq0, str):
-        row["err_vs_first"] = rel_err(dq0, like["dq0"])
-        if row["err_vs_first"] > 1e-2:
-          row["triton_us"] = "dq differs from the first variant's: not timed"
-          continue
+  dq0 = safe(lambda: fn(*sets[0])[0])
+  if like is not None and "dq0" in like and not isinstance(dq0, str):
+    row["err_vs_first"] = rel_err(dq0, like["dq0"])
+  if row.get("err_vs_first", 0.0) > 1e-2:
+    row["triton_us"] = "dq differs from the first variant's: not timed"
+  else:
     t = safe(lambda: timeit(fn, sets, reps=5, inner=4))
-    row[f"{impl}_us"] = t * 1e6 if isinstance(t, float) else t
-  if all(isinstance(row.get(f"{i}_us"), float) for i in ("triton", "mosaic")):
-    row["mosaic_vs_triton"] = row["triton_us"] / row["mosaic_us"]
+    row["triton_us"] = t * 1e6 if isinstance(t, float) else t
   RESULTS.setdefault("dq", []).append(row)
   print(row, flush=True)
   save()
-  if dq0 is not None and not isinstance(dq0, str):
+  if not isinstance(dq0, str):
     return {**row, "dq0": dq0}
   return row
 
@@ -362,9 +352,9 @@ DECODE_KW = {}  # tuning knobs of decode.decode_attention chosen by the decode t
 
 def parse_variants(text):
   """'name:KNOB=v,KNOB=v;name2:...' -> [(name, {KNOB: value})]: `flash_mgpu`'s module constants
-  (the Mosaic kernels' experiment knobs, e.g. GQA_REDUCE_ADD, FUSED_GROUP, DKV_HEADS), `flash`'s
+  (the Mosaic kernels' experiment knobs, e.g. PAIR_ADD, FUSED_GROUP, DKV_HEADS), `flash`'s
   as flash.KNOB (e.g. flash.DELTA_IN_DQ), both integers, or a field of the timed `flash.Tiles`
-  as tiles.FIELD (e.g. tiles.dq=mosaic; typed as the field is, `tiles_value`), the variant's
+  as tiles.FIELD (e.g. tiles.forward=triton; typed as the field is, `tiles_value`), the variant's
   Tiles checked as `flash.Tiles` checks them."""
   out = []
   for part in filter(None, text.split(";")):
@@ -515,16 +505,15 @@ def variant_rows(variants, tiles, impls, profile, shapes=tuple(SHAPES)):
 
 def dq_variant_rows(variants, tiles):
   """The `dq` section under --dq-variants: Triton's dq kernel alone under each variant's knobs on
-  the four L=2048 cases (3L first), Mosaic's beside the first; a variant's dq must equal the
-  first's on the same inputs before it is timed."""
+  the four L=2048 cases (3L first); a variant's dq must equal the first's on the same inputs
+  before it is timed."""
   first = {}
   for i, (name, knobs) in enumerate(variants):
     with variant_knobs(knobs, tiles) as v_tiles:
       for nn_ in (2, 1):
         for shape in SHAPES:
           spec = masks.MaskSpec("diffusion", 32, nn_)
-          row = dq_row(shape, spec, 2048, v_tiles, ("triton", "mosaic") if i == 0 else ("triton",),
-                       tag=name, like=first.get((shape, nn_)))
+          row = dq_row(shape, spec, 2048, v_tiles, tag=name, like=first.get((shape, nn_)))
           if i == 0:
             first[(shape, nn_)] = row
 
@@ -694,8 +683,8 @@ def tiles_to_time(index: int) -> flash.Tiles:
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sections", default="check,ceil,tune,train,decode",
-                  help="also: profile (GPU time per kernel of fwd+bwd at L=2048), dq (the two dq "
-                       "kernels alone at L=2048), sweep, "
+                  help="also: profile (GPU time per kernel of fwd+bwd at L=2048), dq (Triton's dq "
+                       "kernel alone at L=2048), sweep, "
                        "sweep8 (SWEEP's or SWEEP_S8's tiles on two cases; give ceil with them)")
   ap.add_argument("--quick", action="store_true", help="L=2048 2L and decode S=4096 only")
   ap.add_argument("--lengths", default="2048,1024,4096", help="training-attention lengths L")
@@ -707,15 +696,14 @@ def main():
   ap.add_argument("--lean-check", type=int, default=4, help="check cases of each kind to run")
   ap.add_argument("--variants", default="",
                   help="with --sections variants: 'name:KNOB=v,...;name2:...', flash_mgpu's knobs "
-                       "per variant (e.g. 'base:;add:GQA_REDUCE_ADD=1'); each is checked, then "
+                       "per variant (e.g. 'base:;sum:PAIR_ADD=0'); each is checked, then "
                        "timed on the four L=2048 cases with --impls (profiled too with profile)")
   ap.add_argument("--variant-shapes", default="",
                   help="the variants section's head shapes, e.g. qwen2.5-1.5b (default: all)")
   ap.add_argument("--dq-variants", default="",
                   help="with --sections dq: variants as --variants takes them (e.g. "
                        "'base:;w8:tiles.block_q_dq=128,tiles.num_warps_bwd=8'), each timing "
-                       "Triton's dq kernel alone on the four L=2048 cases, Mosaic's beside the "
-                       "first")
+                       "Triton's dq kernel alone on the four L=2048 cases")
   ap.add_argument("--baseline-forward", metavar="FILE",
                   help="an earlier flash_mgpu.py whose forward the variant knob "
                        "BASELINE_FORWARD=1 times (e.g. 'old:BASELINE_FORWARD=1')")

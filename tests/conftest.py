@@ -32,10 +32,17 @@ def pytest_configure(config):
         "`python3 -m pip install -r requirements-dev.txt`")
 
 
+# Run first: tests/test_jax011.py is one test of ~4-7 minutes (a whole pytest run under jax 0.11).
+# Collected in file order it starts mid-suite, and if it is handed out late, one worker runs it
+# alone at the end while the other idles.
+FIRST = ("tests/test_jax011.py",)
+
+
 def pytest_collection_modifyitems(config, items):
   for item in items:
     if item.get_closest_marker("timeout") is None:
       item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S, method="thread"))
+  items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the rest keep order
 
 
 @pytest.fixture(scope="session")

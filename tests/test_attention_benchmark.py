@@ -12,8 +12,8 @@ def bench(load_benchmark):
 
 
 def test_parse_variants(bench):
-  assert bench.parse_variants("base:;add:GQA_REDUCE_ADD=1,FUSED_GROUP=8") == [
-      ("base", {}), ("add", {"GQA_REDUCE_ADD": 1, "FUSED_GROUP": 8})]
+  assert bench.parse_variants("base:;sum:PAIR_ADD=0,FUSED_GROUP=8") == [
+      ("base", {}), ("sum", {"PAIR_ADD": 0, "FUSED_GROUP": 8})]
   with pytest.raises(SystemExit, match="flash_mgpu has no knob 'NO_SUCH'"):
     bench.parse_variants("x:NO_SUCH=1")
   with pytest.raises(SystemExit, match="flash_mgpu has no knob 'dkv'"):  # a function, not a knob
@@ -27,8 +27,8 @@ def test_parse_variants(bench):
   with pytest.raises(SystemExit, match="kernels.flash has no knob 'NOPE'"):
     bench.parse_variants("x:flash.NOPE=0")
   # the timed Tiles' fields by prefix, strings allowed
-  assert bench.parse_variants("x:tiles.dq=mosaic,tiles.block_q=128,DKV_HEADS=7") == [
-      ("x", {"tiles.dq": "mosaic", "tiles.block_q": 128, "DKV_HEADS": 7})]
+  assert bench.parse_variants("x:tiles.forward=triton,tiles.block_q=128,DKV_HEADS=7") == [
+      ("x", {"tiles.forward": "triton", "tiles.block_q": 128, "DKV_HEADS": 7})]
   with pytest.raises(SystemExit, match="flash.Tiles has no field 'nope'"):
     bench.parse_variants("x:tiles.nope=1")
   # typed as the field is: a boolean 'False' is False, not a truthy string
@@ -53,13 +53,13 @@ def test_variant_rows_time_each_variant_with_its_tiles_and_knobs(bench, monkeypa
   monkeypatch.setattr(bench, "save", lambda: None)
 
   def row(shape, spec, length, tiles, impls, record):
-    seen.append((tiles.dq, flash_mgpu.DKV_HEADS))
+    seen.append((tiles.forward, flash_mgpu.DKV_HEADS))
     return {}
   monkeypatch.setattr(bench, "train_row", row)
   before = flash_mgpu.DKV_HEADS
-  bench.variant_rows(bench.parse_variants("a:tiles.dq=mosaic,DKV_HEADS=7;b:"),
+  bench.variant_rows(bench.parse_variants("a:tiles.forward=triton,DKV_HEADS=7;b:"),
                      bench.flash.Tiles(), ("pallas",), profile=False)
-  assert seen == [("mosaic", 7)] * 4 + [("triton", before)] * 4
+  assert seen == [("triton", 7)] * 4 + [("auto", before)] * 4
   assert flash_mgpu.DKV_HEADS == before
   # --variant-shapes: one head shape, both layouts
   seen.clear()
@@ -71,12 +71,12 @@ def test_variant_rows_time_each_variant_with_its_tiles_and_knobs(bench, monkeypa
 
 
 def test_dq_variants_time_triton_dq_per_variant_against_the_first(bench, monkeypatch):
-  # --sections dq --dq-variants: Triton's dq under each variant's knobs and tiles, Mosaic's only
-  # beside the first, and every later variant's row compared with the first's of the same case.
+  # --sections dq --dq-variants: Triton's dq under each variant's knobs and tiles, and every later
+  # variant's row compared with the first's of the same case.
   seen = []
 
-  def row(shape, spec, length, tiles, impls, tag, like):
-    seen.append((tag, spec.num_streams, tiles.num_warps_bwd, bench.flash.DELTA_IN_DQ, impls,
+  def row(shape, spec, length, tiles, tag, like):
+    seen.append((tag, spec.num_streams, tiles.num_warps_bwd, bench.flash.DELTA_IN_DQ,
                  None if like is None else like["tag"]))
     return {"tag": tag}
   monkeypatch.setattr(bench, "dq_row", row)
@@ -85,8 +85,8 @@ def test_dq_variants_time_triton_dq_per_variant_against_the_first(bench, monkeyp
                         bench.flash.Tiles())
   assert [s[:2] for s in seen] == [("a", 3), ("a", 3), ("a", 2), ("a", 2)] + [
       ("b", 3), ("b", 3), ("b", 2), ("b", 2)]  # 3L first
-  assert {s[2:] for s in seen[:4]} == {(4, before, ("triton", "mosaic"), None)}
-  assert {s[2:] for s in seen[4:]} == {(8, 0, ("triton",), "a")}
+  assert {s[2:] for s in seen[:4]} == {(4, before, None)}
+  assert {s[2:] for s in seen[4:]} == {(8, 0, "a")}
   assert bench.flash.DELTA_IN_DQ == before
 
 

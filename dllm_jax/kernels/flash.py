@@ -99,12 +99,10 @@ class Tiles:
   # 1123 us (1.5B 2L) and 2470 vs 2483 (7B 2L; BENCHMARKS.md, session 13). Opt-in: not faster in
   # one run, and it holds a float32 dQ ([B, T, H, D]) through the backward.
   fuse_dq: bool = False
-  # Which dq kernel runs (it also computes delta for the dk/dv kernel): "triton" (below),
-  # "mosaic" (`flash_mgpu.dq`: the forward's tiling, TMA + wgmma; sm_90 only), or "auto" (Triton's:
-  # the Mosaic kernel has not beaten it where timed). Its GPU time against Triton's (H100, L=2048,
-  # same run, BENCHMARKS.md session 33): 367 vs 384 us (1.5B heads 2L), 852 vs 837 (7B 2L), 612
-  # vs 575 (1.5B 3L), 1405 vs 1276 (7B 3L); since df15422 (lse and delta broadcast per visit)
-  # 368 / 845 / 608 / 1402 against 384 / 833 / 570 / 1263 (session 34). Unused with `fuse_dq`.
+  # Which dq kernel runs (it also computes delta for the dk/dv kernel): "triton" (below; "auto"
+  # is the same). Unused with `fuse_dq`. A Mosaic GPU dq kernel on the forward's tiling (sessions
+  # 33-34) took 1.01-1.11x Triton's GPU time on three of the four L=2048 cases on an H100 (0.96x
+  # on the 1.5B heads' 2L, level in wall time) and was removed in session 38 (BENCHMARKS.md).
   # "ds" (needs dkv="mosaic"): the dk/dv kernel stores each visited tile's dS (bf16, [B, H, P, 64,
   # 64]: 2 bytes an element of every non-empty 64 x 64 tile, ~1.05x the allowed pairs; 0.43 GB
   # for the 1.5B heads' 2L case at L=2048, batch 4, 1.5 GB for the 7B's 3L) and a Triton kernel
@@ -120,9 +118,8 @@ class Tiles:
   dq: str = "triton"
 
   def __post_init__(self):
-    options = ("auto", "triton", "mosaic")
     for name in ("forward", "dkv", "dq"):
-      allowed = options + (("ds",) if name == "dq" else ())
+      allowed = ("auto", "triton") + (("ds",) if name == "dq" else ("mosaic",))
       if getattr(self, name) not in allowed:
         raise ValueError(f"Tiles.{name}={getattr(self, name)!r}: expected one of {allowed}")
     if self.dq == "ds" and (self.dkv != "mosaic" or self.fuse_dq):
@@ -502,13 +499,8 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
                                 store_ds=True)
     return _dq_from_ds(ds, k, seg, spec, length, q.shape, q.dtype, tiles, interpret), dk, dv
   # dq, and delta [B, H, Tp] (like lse) for the dk/dv kernel, which therefore runs after it
-  if tiles.dq == "mosaic":
-    from dllm_jax.kernels import flash_mgpu
-
-    dq, delta = flash_mgpu.dq(q, k, v, seg, o, do, lse, spec, length, interpret)
-  else:
-    xla_delta = None if DELTA_IN_DQ else _xla_delta(o, do)
-    dq, delta = _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles, interpret, xla_delta)
+  xla_delta = None if DELTA_IN_DQ else _xla_delta(o, do)
+  dq, delta = _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles, interpret, xla_delta)
   return _dkv(q, k, v, seg, do, lse, delta, dq, spec, length, tiles, interpret)
 
 

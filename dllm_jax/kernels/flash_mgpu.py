@@ -1,4 +1,4 @@
-"""The block-sparse training forward, and dk/dv and dq kernels, in Mosaic GPU (Hopper): TMA + wgmma.
+"""The block-sparse training forward and dk/dv kernels in Mosaic GPU (Hopper): TMA + wgmma.
 
 Same contract as `flash._forward` (padded q [B, Tp, H, D], k/v [B, Tp, K, D], seg [B, Tp];
 returns o and the base-2 log-sum-exp [B, H, Tp]), so `flash`'s Triton backward runs on its
@@ -20,10 +20,9 @@ consumers apply the layout mask and the segment comparison on the partial tiles 
 tile whose visits are not all inside one segment counts every visit as partial.
 
 `dkv` is the forward's tiling transposed, without its turns (128 keys a CTA, the query tiles of
-one or several heads of a GQA group streamed: `DKV_HEADS`; see its docstring). `dq` is the
-forward's tiling without its online softmax (opt-in, `flash.Tiles.dq`: slower than `flash`'s
-Triton dq kernel on three of the four cases timed), and `dkv` can accumulate dQ itself
-(`fuse_dq`: FlashAttention-3's TMA reduce-adds).
+one or several heads of a GQA group streamed: `DKV_HEADS`; see its docstring); dQ comes from
+`flash`'s Triton dq kernel, or `dkv` accumulates it itself (`fuse_dq`: FlashAttention-3's TMA
+reduce-adds).
 
 Two bodies, one schedule of copies and barriers: on the GPU, P stays in registers and PV
 accumulates in place (`run_state`); in interpret mode (CPU tests) jax 0.10.2's Mosaic GPU
@@ -657,19 +656,14 @@ FUSED_GROUP = 16
 # not fit (BENCHMARKS.md, session 14).
 DS_SLOTS = 2
 DQ_LAG = 1
-# With GQA, how a dk/dv CTA's share of its KV head's dK and dV (one query head's) reaches memory:
-# float32 TMA reduce-adds into a zeroed [B, Tp, K, D], converted after the kernel (True; what
-# FlashAttention-3 does for GQA), or bf16 per-head partials [group, B, Tp, K, D] that XLA sums in
-# float32 (False). The reduce-adds remove XLA's 32-100 us sum but cost the kernel more (1.5B heads,
-# L=2048, 2L: +26 us in it, +18 us in all, fwd+bwd 1.01x the time; 7B 3L +90 / +49 us): False
-# (H200, BENCHMARKS.md, session 15). Exact either way.
-GQA_REDUCE_ADD = False
 # Where exactly two CTAs share a KV head's dK and dV (the 1.5B heads: 3 of the group's 6 heads a
 # CTA), each adds its bf16 share into a zeroed bf16 dK and dV by a TMA reduce-add instead of
 # writing a partial that XLA sums (17-27 us at L=2048 for the 1.5B heads, session 37's
 # profile). Exact for two: 0 + a is a, and a + b rounds once, as XLA's float32 sum then bf16
 # does, in either order; more partials than two would round in the order the CTAs end, so those
-# stay partials. On an H100 (L=2048, two readings each, BENCHMARKS.md session 38) the 1.5B heads'
+# stay partials. (FlashAttention-3's float32 reduce-adds of every head's share, converted after
+# the kernel, cost the kernel more than XLA's sum saved: fwd+bwd 1.01x the time, H200, session 15;
+# removed in session 38.) On an H100 (L=2048, two readings each, BENCHMARKS.md session 38) the 1.5B heads'
 # fwd+bwd GPU time 1.5-3.0% lower (2L) and 1.6-1.9% (3L), the dk/dv kernel itself 8-15 us faster;
 # the partials' 33.5 MB (2L) not allocated. False: the partials (the tests compare the two).
 PAIR_ADD = True
@@ -693,10 +687,6 @@ DKV_HEADS = 0
 # and removed: P^T or dS^T written to shared memory for their products (more spills, 448-484
 # bytes; the kernel 1.09-1.19x slower) and S^T's product before dP^T's (the same spills and time).
 DKV_REGS = 240
-# Whether the dq kernel's two consumer warpgroups take turns on the tensor cores (the forward's
-# schedule barrier: one's dS arithmetic overlaps the other's products). Its GPU time 1.04-1.08x
-# longer than without (H100, session 33): off.
-DQ_TURNS = False
 
 
 def launch_place(cta, n_outer: int, pairs: int, h: int):
@@ -779,9 +769,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   A CTA is a whole SM here and its work per key tile varies ~60x, so small CTAs balance best
   (BENCHMARKS.md, session 10); `dkv_heads` groups heads only as far as the heaviest CTA stays
   within one SM's share. With GQA each CTA adds its heads' share into its KV head's dK and dV:
-  float32 TMA reduce-adds with `GQA_REDUCE_ADD`; bf16 ones into bf16 targets where two CTAs
-  share a KV head (`PAIR_ADD`); else a bf16 partial ([group / heads a CTA, B, Tp, K, D]) summed
-  here in float32; none when one CTA walks the whole group. The grid is one
+  bf16 TMA reduce-adds into bf16 targets where two CTAs share a KV head (`PAIR_ADD`), else a
+  bf16 partial ([group / heads a CTA, B, Tp, K, D]) summed here in float32; none when one CTA
+  walks the whole group. The grid is one
   axis of CTAs in launch order: groups of (batch row, head unit) pairs, in each the key tiles
   heaviest first, then the group's pairs; unfused, one group holds every pair; fused,
   `FUSED_GROUP` (see there).
@@ -856,9 +846,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   # divisor of b * units, so that every group is whole and `launch_place` a bijection.
   pairs = flash.largest_divisor(b * units, FUSED_GROUP if fuse_dq else b * units)
   n_ds = DS_SLOTS if fuse_dq else 1
-  reduce_add = chunks > 1 and GQA_REDUCE_ADD
-  pair_add = chunks == 2 and not reduce_add and PAIR_ADD
-  partials = chunks > 1 and not reduce_add and not pair_add
+  pair_add = chunks == 2 and PAIR_ADD
+  partials = chunks > 1 and not pair_add
   lag = DQ_LAG if fuse_dq else 0
   if fuse_dq and not 1 <= lag < n_ds:
     raise ValueError(f"flash_mgpu.DQ_LAG={DQ_LAG} must be at least 1 and below "
@@ -1156,32 +1145,24 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           x = dq_columns(slot)
           pl.when(last >= 0)(functools.partial(add_dq, last, x))
       out = (lax.rem(unit, jnp.int32(chunks)), bi, keys, kvh) if partials else (bi, keys, kvh)
-      if reduce_add:  # by halves of the columns: `dq_s` holds [64, D / 2] float32 a warpgroup
-        for x, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
-          for c0 in range(0, d, half):
-            add_f32(ref.at[out + (pl.ds(c0, half),)], x[:, c0:c0 + half])
-      elif fuse_dq:  # the other warpgroup may still read k_s[w] for its last dQ: both via v_s[w]
-        for x, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
+
+      def store(x, target, x_s):
+        """target = x ([64, D] bf16), or += with `pair_add`, staged through x_s[w]."""
+        if fuse_dq:  # x_s is v_s for both: the last store from it must have read it
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          v_s[w] = x.astype(dtype)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(v_s.at[w], ref.at[out])
-      elif pair_add and interpret:  # no reduction_op there: read, add, write back (grid
-        for x, ref, x_s in ((dk * scale, dk_ref, k_s), (dv, dv_ref, v_s)):  # points run in turn)
-          plgpu.copy_gmem_to_smem(ref.at[out], x_s.at[w], add_bar.at[w])
+        if pair_add and interpret:  # no reduction_op there: read, add, write back (grid points
+          plgpu.copy_gmem_to_smem(target, x_s.at[w], add_bar.at[w])  # run in turn)
           plgpu.barrier_wait(add_bar.at[w])
-          x_s[w] = (x_s[w].astype(jnp.float32) + x.astype(dtype).astype(jnp.float32)
-                    ).astype(dtype)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(x_s.at[w], ref.at[out])
-          plgpu.wait_smem_to_gmem(0)
-      else:  # a partial, the whole group's dK and dV, or (pair_add) a bf16 share added in
-        k_s[w] = (dk * scale).astype(dtype)
-        v_s[w] = dv.astype(dtype)
+          x_s[w] = (x_s[w].astype(jnp.float32) + x.astype(jnp.float32)).astype(dtype)
+        else:
+          x_s[w] = x
         plgpu.commit_smem()
-        op = "add" if pair_add else None
-        plgpu.copy_smem_to_gmem(k_s.at[w], dk_ref.at[out], reduction_op=op)
-        plgpu.copy_smem_to_gmem(v_s.at[w], dv_ref.at[out], reduction_op=op)
+        plgpu.copy_smem_to_gmem(x_s.at[w], target,
+                                reduction_op="add" if pair_add and not interpret else None)
+
+      # Fused, the other warpgroup may still read k_s[w] for its last dQ: dK goes through v_s[w].
+      for x, ref, x_s in ((dk * scale, dk_ref, v_s if fuse_dq else k_s), (dv, dv_ref, v_s)):
+        store(x.astype(dtype), ref.at[out], x_s)
       plgpu.wait_smem_to_gmem(0)
 
     if fuse_dq:  # one copy of the body per warpgroup, so that dQ's column slices are static
@@ -1204,8 +1185,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret or store_ds
                  else (1,) + small, dtype, **tiled),
       plgpu.SMEM((n_ds, 2, bq, bk) if interpret and fuse_dq else (1,) + small, dtype, **tiled),
-      # float32 staging of the reduce-adds (dQ's, dK's and dV's), one [64, D / 2] a warpgroup
-      plgpu.SMEM((2, bq, half) if fuse_dq or reduce_add else (1, 8, 32), jnp.float32,
+      # float32 staging of dQ's reduce-adds (fused), one [64, D / 2] a warpgroup
+      plgpu.SMEM((2, bq, half) if fuse_dq else (1, 8, 32), jnp.float32,
                  **tiled32),
       plgpu.SMEM((SLOTS, bq), jnp.float32), plgpu.SMEM((SLOTS, bq), jnp.float32),
       plgpu.SMEM((2, bk), jnp.int32), plgpu.SMEM((SLOTS, bq), jnp.int32),
@@ -1220,15 +1201,14 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.Barrier(num_arrivals=2, num_barriers=n_ds)]
   inputs = (q, k, v, do, lse, delta, seg, plan, qt, dot)
   # Refs aliased in and out, then outputs, by name: the reduce-add targets (dQ when fused, dK
-  # and dV with `reduce_add` or `pair_add`), and in the interpreter the stored dS, filled with NaN first so
+  # and dV with `pair_add`), and in the interpreter the stored dS, filled with NaN first so
   # that a tile the kernel never wrote and dS K reads anyway poisons dQ in the tests (on the GPU
   # an output, unwritten tiles hold whatever the memory held).
   targets = {}
   if fuse_dq:
     targets["dq"] = _zeroed(q.shape)
-  if reduce_add or pair_add:
-    targets["dk"], targets["dv"] = (_zeroed(k.shape, dtype if pair_add else jnp.float32)
-                                    for _ in range(2))
+  if pair_add:
+    targets["dk"], targets["dv"] = _zeroed(k.shape, dtype), _zeroed(k.shape, dtype)
   ds_type = jax.ShapeDtypeStruct((b, h, n_pairs, bk, bq), dtype) if store_ds else None
   if store_ds and interpret:
     targets["ds"] = jax.new_ref(jnp.full(ds_type.shape, jnp.nan, dtype),
@@ -1264,223 +1244,6 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     dk = dk.astype(jnp.float32).sum(0).astype(k.dtype)
     dv = dv.astype(jnp.float32).sum(0).astype(v.dtype)
   return dq_out, dk, dv
-
-
-def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: bool = False):
-  """(dq [B, Tp, H, D], delta [B, H, Tp]) of `flash._backward`'s problem: what its Triton dq
-  kernel computes (delta = sum_d o * do, for the dk/dv kernel), on the forward's tiling.
-
-  One CTA holds 128 query rows of one head (two consumer warpgroups of 64; Q, dO, lse and delta
-  resident) and walks the key tiles they see, heaviest query tiles first; the producer streams
-  K and V per visit. A visit is S = Q K^T and dP = dO V^T issued together (K^T and V^T as
-  transposed views of the streamed tiles), P and dS in registers, then dQ += dS K while the next
-  tile's barriers are awaited. Like the dk/dv kernel (and unlike the forward), no turns by
-  default (`DQ_TURNS`: slower).
-
-  delta needs each row's O, read once: the producer copies the CTA's 128 O rows into K slot 1
-  before that slot's first tile (visit 1), and streams visit 1 only once both consumers have
-  read them (`o_free`); visit 0's products hide the wait, and no 32 KB O buffer is needed
-  beside Q, dO and two K/V slots (192 KB; with one, 224 KB of the 227). Returns dq in the
-  inputs' dtype."""
-  plgpu = _plgpu()
-  b, tp, h, d = q.shape
-  if tp % OUTER:
-    raise ValueError(f"padded length {tp} is not a multiple of {OUTER}")
-  if SLOTS < 2 or BLOCK_K != OUTER:
-    raise ValueError(f"flash_mgpu.SLOTS={SLOTS}, BLOCK_K={BLOCK_K}: the dq kernel stages a CTA's "
-                     f"{OUTER} O rows in K slot 1, which needs two slots of {OUTER} keys")
-  group = h // k.shape[2]
-  bq, bk = BLOCK_Q, BLOCK_K
-  n_outer = tp // OUTER
-  plan, nv = heavy_first_list(spec, length, seg, n_outer, OUTER, bk, transpose=False)
-  dtype = q.dtype
-  scale = d ** -0.5
-  c = scale * _LOG2E
-  wgmma_l = plgpu.Layout.WGMMA
-  row_l = wgmma_l.reduce(1)
-  lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
-  kt, vt = _streamed_transposes(interpret, d, bk, k, v)  # K^T, V^T in the interpreter
-  iota = functools.partial(_iota, (bq, bk), interpret=interpret)
-  load = functools.partial(_load, interpret=interpret)
-
-  def kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, seg_ref, plan_ref, kt_ref, vt_ref,
-             dq_ref, delta_ref, q_s, do_s, k_s, v_s, kt_s, vt_s, ds_s, lse_s, delta_s, segq_s,
-             segk_s, plan_s, plan_bar, q_bar, do_bar, lse_bar, sq_bar, o_bar, o_free, k_bar,
-             v_bar, kt_bar, vt_bar, sk_bar, free, sched_bar):
-    j, bi, head = launch_place(lax.axis_index("cta"), n_outer, b * h, h)
-    kvh = lax.div(head, jnp.int32(group))
-    wg = lax.axis_index("wg")
-    turns = DQ_TURNS and not interpret
-    sched = functools.partial(_take_turns, sched_bar) if turns else lambda: None
-
-    @pl.when(wg == 2)
-    def _producer():
-      n_full, n_vis, one = _producer_start(plan_ref.at[bi, j], plan_s, plan_bar, nv, interpret)
-      rows = pl.ds(pl.multiple_of(plan_s[nv + 3] * OUTER, OUTER), OUTER)
-      plgpu.copy_gmem_to_smem(o_ref.at[bi, rows, head], k_s.at[1], o_bar.at[0])
-
-      def fetch(i, slot):
-        keys = pl.ds(pl.multiple_of(plan_s[i] * bk, bk), bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s.at[slot], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s.at[slot], v_bar.at[slot])
-        if interpret:
-          plgpu.copy_gmem_to_smem(kt_ref.at[bi, kvh, :, keys], kt_s.at[slot], kt_bar.at[slot])
-          plgpu.copy_gmem_to_smem(vt_ref.at[bi, kvh, :, keys], vt_s.at[slot], vt_bar.at[slot])
-
-        @pl.when((i >= n_full) & (one == 0))  # the visits that compare segment ids
-        def _():
-          plgpu.copy_gmem_to_smem(seg_ref.at[bi, keys], segk_s.at[slot], sk_bar.at[slot])
-
-      pl.when(n_vis > 0)(lambda: fetch(0, 0))
-      plgpu.barrier_wait(o_free.at[0])  # O read: slot 1 may take its first tile
-      _stream(jnp.maximum(n_vis - 1, 0), lambda i, slot: fetch(i + 1, slot),
-              lambda slot: plgpu.barrier_wait(free.at[slot]), streamed=1)
-
-    def delta_of(w):  # warpgroup w's rows of O (staged in K slot 1) times dO, summed per row
-      plgpu.barrier_wait(o_bar.at[0])
-      plgpu.barrier_wait(do_bar.at[w])
-      o_rows = load(k_s.at[1, pl.ds(w * bq, bq)], wgmma_l).astype(jnp.float32)
-      delta = (o_rows * load(do_s.at[w], wgmma_l).astype(jnp.float32)).sum(axis=1)
-      plgpu.commit_smem()  # plain loads of slot 1 before its refill by TMA (`_stream`)
-      plgpu.barrier_arrive(o_free.at[0])
-      delta_s[w] = delta
-
-    @pl.when(wg < 2)
-    def _consumer():
-      if not interpret:
-        plgpu.set_max_registers(232, action="increase")
-      _wait_plan(lambda c: plan_bar.at[c], plan_s.shape[0])
-      n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
-      base = plan_s[nv + 3] * OUTER + wg * bq
-      rows = pl.ds(base, bq)
-      # one barrier per copy: a copy's arrivals are a whole warpgroup's
-      plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, head], do_s.at[wg], do_bar.at[wg])
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[wg], q_bar.at[wg])
-      plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, rows], lse_s.at[wg], lse_bar.at[wg])
-      plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[wg], sq_bar.at[wg])
-      # Static row slices of slot 1 (a warpgroup's index is traced): one branch a warpgroup.
-      for w in range(2):
-        pl.when(wg == w)(functools.partial(delta_of, w))
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(delta_s.at[wg], delta_ref.at[bi, head, rows])
-      plgpu.barrier_wait(lse_bar.at[wg])
-      plgpu.barrier_wait(q_bar.at[wg])
-      plgpu.barrier_wait(sq_bar.at[wg])
-      # The rows' lse and delta stay [BQ] vectors across the loop and are broadcast per visit: a
-      # [BQ, BK] broadcast held across it is 64 registers a thread (see `_keep`).
-      bcast = lambda x: lax.broadcast_in_dim(x, (bq, bk), [0])
-      lse_rows = load(lse_s.at[wg], row_l)
-      delta_rows = load(delta_s.at[wg], row_l)
-
-      def keep_of(i, slot, masked):
-        return _keep(spec, length, iota(0) + base, iota(1) + plan_s[i] * bk, masked,
-                     segq_s.at[wg], segk_s.at[slot], sk_bar.at[slot], interpret)
-
-      def grads(s, dp, i, slot, masked):  # dS [BQ, BK] from S and dP
-        p = jnp.exp2(s * c - bcast(lse_rows))
-        if masked:
-          p = jnp.where(keep_of(i, slot, masked), p, jnp.zeros_like(p))
-        return p * (dp - bcast(delta_rows))
-
-      def product(a, b_ref, shape):
-        def f(acc_ref):
-          plgpu.wgmma(acc_ref, a, b_ref)
-          return acc_ref[...]
-        return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
-
-      def release(i, slot, masked):
-        if masked == "segments" and RELEASE_FENCE:  # segk_s[slot] read by plain loads
-          plgpu.commit_smem()
-        pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
-
-      def interpret_step(i, acc, masked):
-        slot = lax.rem(i, SLOTS)
-        for bar in (k_bar, v_bar, kt_bar, vt_bar):
-          plgpu.barrier_wait(bar.at[slot])
-        s = product(q_s.at[wg], kt_s.at[slot], (bq, bk))
-        dp = product(do_s.at[wg], vt_s.at[slot], (bq, bk))
-        ds_s[wg] = grads(s, dp, i, slot, masked).astype(dtype)
-        plgpu.commit_smem()
-        acc = acc + product(ds_s.at[wg], k_s.at[slot], (bq, d))
-        release(i, slot, masked)
-        return acc
-
-      def gpu_step(i, acc, masked):
-        slot = lax.rem(i, SLOTS)
-
-        def products(s_ref, dp_ref):
-          plgpu.wgmma(s_ref, q_s.at[wg], k_s.at[slot].transpose((1, 0)))
-          plgpu.wgmma(dp_ref, do_s.at[wg], v_s.at[slot].transpose((1, 0)))
-          sched()
-          return s_ref[...], dp_ref[...]
-
-        s, dp = pl.run_scoped(products, plgpu.ACC((bq, bk), jnp.float32),
-                              plgpu.ACC((bq, bk), jnp.float32))
-        ds16 = grads(s, dp, i, slot, masked).astype(dtype)
-        acc, ds16 = lax.optimization_barrier((acc, ds16))
-        if turns:
-          plgpu.barrier_arrive(sched_bar)
-          plgpu.barrier_wait(sched_bar)
-
-        def accumulate(acc_ref):
-          plgpu.wgmma(acc_ref, ds16, k_s.at[slot])
-
-          @pl.when(i + 1 < n_vis)  # the next tile's operands, while this product runs
-          def _():
-            nxt = lax.rem(i + 1, SLOTS)
-            plgpu.barrier_wait(k_bar.at[nxt])
-            plgpu.barrier_wait(v_bar.at[nxt])
-
-        acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
-        release(i, slot, masked)
-        return acc
-
-      step = interpret_step if interpret else gpu_step
-      if not interpret:
-        @pl.when(n_vis > 0)
-        def _():
-          plgpu.barrier_wait(k_bar.at[0])
-          plgpu.barrier_wait(v_bar.at[0])
-      if turns:
-        pl.when(wg == 1)(sched)  # offsets the two warpgroups by one turn
-      acc = _visit_loops(step, n_full, n_vis, one, lc(jnp.zeros((bq, d), jnp.float32), wgmma_l))
-      if turns:
-        pl.when(wg == 0)(sched)
-      q_s[wg] = (acc * scale).astype(dtype)  # dQ staged in Q's buffer (its last read is done)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_s.at[wg], dq_ref.at[bi, rows, head])
-      plgpu.wait_smem_to_gmem(0)
-
-  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-  small = (1, 8, 64)  # a buffer this body does not use
-  kernel.__name__ = "block_sparse_attention_dq_mgpu"  # Mosaic GPU names the kernel after it
-  dq_, delta = plgpu.kernel(
-      kernel,
-      out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
-                jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
-      scratch_types=[
-          plgpu.SMEM((2, bq, d), dtype, **tiled), plgpu.SMEM((2, bq, d), dtype, **tiled),
-          plgpu.SMEM((SLOTS, bk, d), dtype, **tiled), plgpu.SMEM((SLOTS, bk, d), dtype, **tiled),
-          plgpu.SMEM((SLOTS, d, bk) if interpret else small, dtype, **tiled),
-          plgpu.SMEM((SLOTS, d, bk) if interpret else small, dtype, **tiled),
-          # dS in shared memory for the interpreter's wgmma; on the GPU it stays in registers
-          plgpu.SMEM((2, bq, bk) if interpret else small, dtype, **tiled),
-          plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
-          plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((SLOTS, bk), jnp.int32),
-          plgpu.SMEM((plan.shape[-1],), jnp.int32),
-          plgpu.Barrier(num_barriers=len(plan_pieces(plan.shape[-1]))),  # plan row, by piece
-          *[plgpu.Barrier(num_barriers=2) for _ in range(4)],  # Q, dO, lse, ids: by warpgroup
-          plgpu.Barrier(num_barriers=1),  # O in slot 1
-          plgpu.Barrier(num_arrivals=2, num_barriers=1),  # O read by both
-          *[plgpu.Barrier(num_barriers=SLOTS) for _ in range(5)],  # K, V, K^T, V^T, key ids
-          plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),  # slot released by both
-          plgpu.Barrier(num_arrivals=2)],  # turns (DQ_TURNS)
-      grid=(n_outer * b * h,), grid_names=("cta",),
-      num_threads=3, thread_name="wg",
-      compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params() if interpret else None,
-  )(q, k, v, o, do, lse, seg, plan, kt, vt)
-  return dq_, delta
 
 
 def _interpret_params():

@@ -198,7 +198,9 @@ def idle_row(g, args, calls):
 
 
 def idle_from_events(events, calls):
-  """`idle_row`'s figures from (name, start_ns, end_ns) kernels sorted by start."""
+  """`idle_row`'s figures from (name, start_ns, end_ns) events sorted by start (kernels, and any
+  copies and memsets on the GPU's streams; busy_us adds events of different streams that
+  overlap, so it can pass span_us where streams run side by side)."""
   if not events:
     raise ValueError("the profile holds no GPU kernel: nothing to measure idle time between")
   idle, last_end = {}, events[0][2]

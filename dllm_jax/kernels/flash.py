@@ -40,7 +40,7 @@ _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked padding
 _LOG2E = math.log2(math.e)
 # Whether the Triton dq kernel computes delta = sum_d o * do for the backward (True) or XLA's pass
 # over O and dO does (False; kept to time one against the other: benchmarks/attention.py
-# --variants 'xla_delta:flash.DELTA_IN_DQ=0'). The Mosaic dq kernel (Tiles.dq) always computes it.
+# --variants 'xla_delta:flash.DELTA_IN_DQ=0').
 DELTA_IN_DQ = True
 
 
@@ -106,7 +106,7 @@ class Tiles:
   # "ds" (needs dkv="mosaic"): the dk/dv kernel stores each visited tile's dS (bf16, [B, H, P, 64,
   # 64]: 2 bytes an element of every non-empty 64 x 64 tile, ~1.05x the allowed pairs; 0.43 GB
   # for the 1.5B heads' 2L case at L=2048, batch 4, 1.5 GB for the 7B's 3L) and a Triton kernel
-  # forms dQ = dS K from it, one product a tile where the dq kernels recompute S and dP (three);
+  # forms dQ = dS K from it, one product a tile where the dq kernel recomputes S and dP (three);
   # delta comes from XLA's pass, since the dk/dv kernel runs first. Fwd+bwd 1.021 / 1.008 /
   # 1.008 / 1.003x the default's speed (1.5B 2L, 7B 2L, 1.5B 3L, 7B 3L; H100, L=2048, same run,
   # BENCHMARKS.md session 34): dS K takes 231-767 us where the dq kernel took 383-1271, but the
@@ -690,8 +690,8 @@ def _kernel_choice(field: str, choice: str, spec: masks.MaskSpec, q, interpret: 
 
   why = flash_mgpu.unsupported(spec, q.shape[-1], q.dtype)
   # The Mosaic dk/dv kernel has been run on a GPU for the diffusion layouts at head_dim 128
-  # only (the benchmark's cases); the causal mask (AR-SFT) keeps Triton's until it is too. The
-  # Mosaic dq kernel was slower than Triton's on three of the four cases it was timed on.
+  # only (the benchmark's cases); the causal mask (AR-SFT) keeps Triton's until it is too. dQ
+  # has Triton's kernel only ("auto" resolves to it).
   measured = field == "forward" or (field == "dkv" and q.shape[-1] == 128
                                     and spec.kind == "diffusion")
   ok = why is None and measured and not interpret and flash_mgpu.on_hopper()

@@ -1017,6 +1017,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           release_ds(i)
           add_dq(i, x)
 
+      def release(v, slot):
+        """Frees `slot` after the CTA's visit v, unless no later visit will refill it."""
+        pl.when(v + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
+
       # The steps' `off`: the visits of the CTA's earlier heads, so that slots and barrier phases
       # run on through its heads as one stream (the producer's `streamed`).
       def interpret_step(i, carry, masked, off, hh):
@@ -1041,7 +1045,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         dk = dk + product(ds_s.at[dslot, w], q_s.at[slot], (bk, d))
         if store_ds:
           store_staged(i, hh)
-        pl.when(off + i + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
+        release(off + i, slot)
         if fuse_dq:
           interpret_dq(i - lag)
         return dk, dv
@@ -1069,7 +1073,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.barrier_wait(sq_bar.at[slot])
         if not interpret:
           wait_next_operands(off + i)  # (as `gpu_step` waits them)
-        pl.when(off + i + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
+        release(off + i, slot)
         return carry
 
       def gpu_step(i, carry, masked, off, hh):
@@ -1104,7 +1108,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         if not fuse_dq and RELEASE_FENCE:  # lse_s, delta_s (and segq_s) read by plain loads
           plgpu.commit_smem()  # (`_stream`); the fused body's share_ds fenced after them already
-        pl.when(off + i + SLOTS < total)(lambda: plgpu.barrier_arrive(free.at[slot]))
+        release(off + i, slot)
         if fuse_dq:
           # Visit i - lag's dQ columns, after dV and dK: issued with them (its accumulator beside
           # theirs and the register operands) it spilled more and ran 1.03x slower on the 1.5B

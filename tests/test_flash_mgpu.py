@@ -340,7 +340,7 @@ def test_mosaic_dkv_launch_order_covers_every_cta():
   # groups of FUSED_GROUP pairs go through the same `launch_place`, whose unit test below
   # covers several groups (session 38 dropped this test's fused case, 70 s of CI's time).
   test_mosaic_dkv_gradients_equal_the_reference(
-      masks.MaskSpec("diffusion", 32, 1), 100, 2, 2, 1, 128, [[32, 64], []],
+      masks.MaskSpec("diffusion", 32, 1), 100, 2, 2, 1, 64, [[32, 64], []],
       flash.Tiles(forward="triton", dkv="mosaic"))
 
 
@@ -357,32 +357,35 @@ def test_fused_dkv_with_other_ds_slots_and_lags(monkeypatch, slots, lag):
 def test_two_partials_added_in_the_kernel_equal_xla_sum_of_them(monkeypatch):
   # PAIR_ADD: where two CTAs share a KV head (here GQA 2, one head a CTA), each adds its bf16
   # share into zeroed bf16 dK and dV; the result is the bits of the two partials summed by XLA
-  # in float32 (0 + a is a; a + b rounds once either way).
+  # in float32 (0 + a is a; a + b rounds once either way). The dk/dv kernel alone, on lse and
+  # delta of the right shape (their values only need to be finite for a comparison of bits).
   monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 1)
   spec, length, b, h, kh, d, cuts = CASES[0]
-  meta = masks.layout_meta(spec, _segments(b, length, cuts))
-  t = meta.positions.shape[1]
-  ks = jax.random.split(jax.random.key(5), 4)
-  q, do = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in ks[::3])
-  k, v = (jax.random.normal(kk, (b, t, kh, d), jnp.bfloat16) for kk in ks[1:3])
-  tiles = flash.Tiles(forward="triton", dkv="mosaic")
-  grads = lambda: jax.jit(lambda q, k, v: jax.vjp(
-      lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles,
-                                                   interpret=True), q, k, v)[1](do))(q, k, v)
+  seg = masks.layout_meta(spec, _segments(b, length, cuts)).segments
+  tp = -(-seg.shape[1] // 128) * 128  # whole 128-key CTAs, as flash pads
+  seg = jnp.pad(seg, [(0, 0), (0, tp - seg.shape[1])])
+  ks = jax.random.split(jax.random.key(5), 6)
+  q, do = (jax.random.normal(kk, (b, tp, h, d), jnp.bfloat16) for kk in ks[:2])
+  k, v = (jax.random.normal(kk, (b, tp, kh, d), jnp.bfloat16) for kk in ks[2:4])
+  lse = 4.0 + jax.random.uniform(ks[4], (b, h, tp), jnp.float32)
+  delta = jax.random.normal(ks[5], (b, h, tp), jnp.float32)
   made = []
   zeroed = flash_mgpu._zeroed
   monkeypatch.setattr(flash_mgpu, "_zeroed",
                       lambda shape, *a: made.append((shape, *a)) or zeroed(shape, *a))
-  monkeypatch.setattr(flash_mgpu, "PAIR_ADD", False)
-  summed = grads()
-  assert not made
-  monkeypatch.setattr(flash_mgpu, "PAIR_ADD", True)
-  added = grads()
-  # dK's and dV's bf16 targets ([B, Tp, K, D], Tp padded): the path taken
-  assert [(m[0][2:], m[1]) for m in made] == [((kh, d), jnp.bfloat16)] * 2, made
-  for name, x, y in zip("qkv", added, summed):
-    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32),
-                                  err_msg=f"d{name}")
+
+  def dk_dv(pair):
+    monkeypatch.setattr(flash_mgpu, "PAIR_ADD", pair)
+    return jax.jit(lambda *a: flash_mgpu.dkv(*a, spec, length, interpret=True)[1:])(
+        q, k, v, seg, do, lse, delta)
+  summed = dk_dv(False)
+  assert not made  # the partials' path: no zeroed targets
+  added = dk_dv(True)
+  assert made == [((b, tp, kh, d), jnp.bfloat16)] * 2  # dK's and dV's: the path taken
+  for name, x, y in zip("kv", added, summed):
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    assert np.isfinite(y).all() and np.abs(y).max() > 0
+    np.testing.assert_array_equal(x, y, err_msg=f"d{name}")
 
 
 def test_dkv_refuses_a_register_split_it_does_not_have(monkeypatch):

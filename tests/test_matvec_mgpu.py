@@ -372,9 +372,11 @@ CFG_TMA = dataclasses.replace(CFG, hidden_size=128, intermediate_size=384, head_
                               kernel_layout="out_in")
 
 
+# (down alone, which no default takes, was dropped in session 38 for CI's time: both launches
+# on TMA run its launch beside the Triton ones' neighbours already.)
 @pytest.mark.parametrize("stacked,launches", [(False, ("gate_up", "down")),
                                                (True, ("gate_up", "down")),
-                                               (False, ("gate_up",)), (False, ("down",))])
+                                               (False, ("gate_up",))])
 def test_model_one_row_step_with_tma_launches_equals_xla(monkeypatch, stacked, launches):
   # wgmma's products stand for the GPU's choice: the interpreter runs the CUDA cores' instead.
   monkeypatch.setattr(model, "ROW_TMA", {k: "wgmma" if k in launches else None

@@ -162,8 +162,8 @@ def check(tiles):
 
 
 def pair_add_bits(tiles):
-  """`flash_mgpu.PAIR_ADD`'s exactness on the device: dK and dV of the first check case (GQA 6,
-  CTAs of 3 heads: two a KV head) with the two shares added by bf16 TMA reduce-adds, against
+  """`flash_mgpu.PAIR_ADD`'s exactness on the device: the gradients of the first check case
+  (GQA 6, CTAs of 3 heads: two a KV head) with the two shares added by bf16 TMA reduce-adds, against
   the same with bf16 partials summed by XLA in float32. The adds' rounding is the hardware's
   here (the CPU test checks the interpreter's); any differing element fails the check."""
   spec, meta, q, k, v, ct = _check_inputs(CHECK_CASES[0], np.random.default_rng(0), 0)
@@ -206,8 +206,8 @@ def idle_row(g, args, calls):
   """Where the GPU idles between the kernels of `calls` calls of `g` issued back to back (as the
   wall-time figures issue them): span_us, the first kernel's start to the last one's end, and
   busy_us, the kernels' own time, each a call; idle_before_us, the idle time a call before each
-  kernel (the gap from the previous kernel's end), the largest first."""
-  jax.block_until_ready(g(*args))
+  kernel (the gap from the previous kernel's end), the largest first. `g` has run already
+  (`profile_row`'s warm-up), so no compile lands in the trace."""
 
   def run():
     out = None

@@ -966,22 +966,24 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
       def add_dq(i, x):
         """dQ[rows of visit i, this warpgroup's columns] += x, by a TMA reduce-add."""
-        add_f32(dq_ref.at[bi, query_rows(i), head0, cols], x)  # fused: one head
+        put(dq_ref.at[bi, query_rows(i), head0, cols], x, dq_s, add=True, reused=True)
 
-      def add_f32(target, x):
-        """target += x ([64, D / 2] float32), staged through this warpgroup's `dq_s`."""
-        if interpret:  # no reduction_op there: read, add, write back (grid points run in turn)
-          plgpu.copy_gmem_to_smem(target, dq_s.at[w], add_bar.at[w])
+      def put(target, x, x_s, add, reused):
+        """target = x, or target += x with `add` (a TMA reduce-add), staged through x_s[w] (x's
+        dtype); `reused`: a store from x_s[w] may still be reading it (the previous add's)."""
+        if reused:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        if add and interpret:  # no reduction_op there: read, add, write back (grid points run
+          plgpu.copy_gmem_to_smem(target, x_s.at[w], add_bar.at[w])  # in turn)
           plgpu.barrier_wait(add_bar.at[w])
-          dq_s[w] = dq_s[w] + x
+          x_s[w] = (x_s[w].astype(jnp.float32) + x.astype(jnp.float32)).astype(x.dtype)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(dq_s.at[w], target)
+          plgpu.copy_smem_to_gmem(x_s.at[w], target)
           plgpu.wait_smem_to_gmem(0)
         else:
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous add has read dq_s
-          dq_s[w] = x
+          x_s[w] = x
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(dq_s.at[w], target, reduction_op="add")
+          plgpu.copy_smem_to_gmem(x_s.at[w], target, reduction_op="add" if add else None)
 
       def stored_at(i):  # visit i's slot of ds_ref for this warpgroup (-1: a 64-key half the
         return plan_s[nv + 4 + w * nv + i]  # layout leaves empty for these query rows)
@@ -1151,24 +1153,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           x = dq_columns(slot)
           pl.when(last >= 0)(functools.partial(add_dq, last, x))
       out = (lax.rem(unit, jnp.int32(chunks)), bi, keys, kvh) if partials else (bi, keys, kvh)
-
-      def store(x, target, x_s):
-        """target = x ([64, D] bf16), or += with `pair_add`, staged through x_s[w]."""
-        if fuse_dq:  # x_s is v_s for both: the last store from it must have read it
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        if pair_add and interpret:  # no reduction_op there: read, add, write back (grid points
-          plgpu.copy_gmem_to_smem(target, x_s.at[w], add_bar.at[w])  # run in turn)
-          plgpu.barrier_wait(add_bar.at[w])
-          x_s[w] = (x_s[w].astype(jnp.float32) + x.astype(jnp.float32)).astype(dtype)
-        else:
-          x_s[w] = x
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(x_s.at[w], target,
-                                reduction_op="add" if pair_add and not interpret else None)
-
-      # Fused, the other warpgroup may still read k_s[w] for its last dQ: dK goes through v_s[w].
+      # Fused, the other warpgroup may still read k_s[w] for its last dQ: dK goes through v_s[w]
+      # too, each store once the last one from there has read it.
       for x, ref, x_s in ((dk * scale, dk_ref, v_s if fuse_dq else k_s), (dv, dv_ref, v_s)):
-        store(x.astype(dtype), ref.at[out], x_s)
+        put(ref.at[out], x.astype(dtype), x_s, add=pair_add, reused=fuse_dq)
       plgpu.wait_smem_to_gmem(0)
 
     if fuse_dq:  # one copy of the body per warpgroup, so that dQ's column slices are static

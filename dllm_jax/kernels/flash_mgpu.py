@@ -1207,10 +1207,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   if store_ds and interpret:
     targets["ds"] = jax.new_ref(jnp.full(ds_type.shape, jnp.nan, dtype),
                                 memory_space=plgpu.GMEM)
-  out_type = {} if "dk" in targets else {
-      "dk": jax.ShapeDtypeStruct(((chunks,) if partials else ()) + k.shape, dtype)}
-  if "dk" not in targets:
-    out_type["dv"] = out_type["dk"]
+  out_type = {}
+  if "dk" not in targets:  # written, not added into: outputs (with partials, one a chunk)
+    out_type["dk"] = out_type["dv"] = jax.ShapeDtypeStruct(
+        ((chunks,) if partials else ()) + k.shape, dtype)
   if store_ds and not interpret:
     out_type["ds"] = ds_type
 

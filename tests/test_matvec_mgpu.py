@@ -4,7 +4,6 @@ with it (`model.ROW_TMA`) against the XLA path."""
 
 import dataclasses
 import functools
-import json
 import re
 
 import jax
@@ -169,205 +168,6 @@ def test_gpu_bodies_lower_for_cuda(e, f, parts, defer_sum, products, lower_for_c
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
 
 
-class _IssueLog:
-  """matvec_mgpu's plgpu with its copies into shared memory and grid-dependency instructions
-  logged in issue order while a kernel body is traced: ("copy", source shape) or the
-  instruction's name."""
-
-  def __init__(self, real):
-    self.real, self.events = real, []
-
-  def __getattr__(self, name):
-    fn = getattr(self.real, name)
-    if name == "copy_gmem_to_smem":
-      def copy(src, *args, **kw):
-        self.events.append(("copy", tuple(src.shape)))
-        return fn(src, *args, **kw)
-      return copy
-    if name in ("griddepcontrol_wait", "griddepcontrol_launch_dependents"):
-      def mark(*args, **kw):
-        self.events.append(name)
-        return fn(*args, **kw)
-      return mark
-    return fn
-
-
-@pytest.mark.parametrize("products", ["cuda_cores", "wgmma"])
-@pytest.mark.parametrize("launch", ["gate_up", "down"])
-def test_pdl_issues_the_weights_before_the_wait_and_the_row_after(products, launch,
-                                                                  lower_for_cuda, monkeypatch,
-                                                                  load_benchmark):
-  # The order in which a CTA issues its copies, per run length (`_rows_of`'s two branches, both
-  # traced), as lowered for CUDA at the 1.5B's shapes. Under pdl: the trigger; then in each
-  # branch weight tiles only, the wait, then the row's inputs (what the launches before wrote).
-  # Without: the row's inputs first and neither instruction. The interpreter cannot see this
-  # order (it runs launches in turn), so the body's issue order is checked here.
-  bench = load_benchmark("pdl_chain")
-  sd = jax.ShapeDtypeStruct
-  bf = jnp.bfloat16
-  e, f, parts = 1536, 8960, 4
-  nk = e // matvec_mgpu.BK
-  if launch == "gate_up":
-    fn = lambda pdl: lambda x, g, u, p, s: matvec_mgpu.silu_pair(
-        x, g, u, add_E=p, norm_scale_E=s, products=products, pdl=pdl)
-    args = (sd((e,), bf), sd((f, e), bf), sd((f, e), bf), sd((parts, e), jnp.float32),
-            sd((e,), bf))
-    row_shapes = {(nk, 64), (parts, nk, 64)}  # x and scale, the added parts
-    ctas = matvec_mgpu._pair_plan(e, f, parts, None, None, 132, products)[0]
-    n_big, big, small = matvec_mgpu.row_plan(f, ctas)
-  else:
-    fn = lambda pdl: lambda x, w: matvec_mgpu.matvec_parts(x, w, products=products, pdl=pdl)
-    args = (sd((f,), bf), sd((e, f), bf))
-    splits, ctas, _ = matvec_mgpu._parts_plan(f, e, None, None, None, 132, products)
-    row_shapes = {(f // 64 // splits, 64)}  # this CTA's run of the row
-    n_big, big, small = matvec_mgpu.row_plan(e, ctas // splits)
-  assert n_big and small and {big, small}.isdisjoint(s[0] for s in row_shapes)  # two branches
-  kinds = lambda evs: ["row" if ev[0] == "copy" and ev[1] in row_shapes else
-                       "weight" if ev[0] == "copy" else ev for ev in evs]
-  for pdl in (False, True):
-    log = _IssueLog(matvec_mgpu._plgpu())
-    monkeypatch.setattr(matvec_mgpu, "_plgpu", lambda log=log: log)
-    jax.clear_caches()  # the launches are jitted: trace their bodies again, through the log
-    text = lower_for_cuda(fn(pdl), *args)
-    got = kinds(log.events)
-    n_rows = len(row_shapes) + (launch == "gate_up")  # x, the add, the scale
-    # jax 0.11 marks a kernel that waits for programmatic stream serialisation as it lowers it
-    # (benchmarks/pdl_chain.py records the same mark); 0.10 has no such mark.
-    with bench.pdl_marks() as marks:
-      jax.clear_caches()
-      lower_for_cuda(fn(pdl), *args)
-    assert marks == ([pdl] if jax.__version_info__ >= (0, 11) else [None]), marks
-    if not pdl:
-      assert "griddepcontrol_wait" not in got and "griddepcontrol_launch_dependents" not in got
-      assert got[:n_rows] == ["row"] * n_rows and "row" not in got[n_rows:], got[:8]
-      assert "griddepcontrol" not in text
-      continue
-    assert got[0] == "griddepcontrol_launch_dependents" and got.count(got[0]) == 1
-    waits = [i for i, k in enumerate(got) if k == "griddepcontrol_wait"]
-    assert len(waits) == 2  # one a branch
-    for b, w in enumerate(waits):
-      start = 1 if b == 0 else waits[0] + 1 + n_rows
-      before = got[start:w]
-      assert before and set(before) == {"weight"}, before  # the first slots, nothing else
-      assert got[w + 1:w + 1 + n_rows] == ["row"] * n_rows
-    assert got.count("row") == 2 * n_rows
-    assert "griddepcontrol.wait" in text and "griddepcontrol.launch_dependents" in text
-
-
-def test_the_model_never_asks_for_pdl():
-  # PDL reads the weights before waiting for the launches before it: safe only where they are
-  # the program's inputs, which the model does not ensure (a float32 param_dtype or the stacked
-  # layout makes them XLA outputs of the same step). So no module of the package passes it.
-  import pathlib
-
-  root = pathlib.Path(model.__file__).parent
-  offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
-               if p.name != "matvec_mgpu.py" and "pdl" in p.read_text()]
-  assert not offenders
-
-
-@pytest.mark.parametrize("add,norm", [("parts", True), ("parts", False), ("row", False),
-                                      (None, True), (None, False)])
-def test_pdl_order_gives_the_same_bits(add, norm):
-  # The interpreter runs the reordered body (weights' first slots, then the row) without the
-  # waits: the same results as the plain order, for every kind of add.
-  x, g, u, parts, scale = _pair_inputs(jax.random.key(4), 256, 64)
-  add_E = {"parts": parts, "row": (0.5 * parts[0]).astype(jnp.bfloat16), None: None}[add]
-  run = lambda pdl: (*matvec_mgpu.silu_pair(x, g, u, add_E=add_E,
-                                            norm_scale_E=scale if norm else None, ctas=2,
-                                            pdl=pdl, interpret=True),
-                     matvec_mgpu.matvec_parts(x, g, splits=2, ctas=2, pdl=pdl, interpret=True))
-  for a, b in zip(run(False), run(True)):
-    if a is None:
-      assert b is None
-    else:
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  for bad in ("on", None, 1):
-    with pytest.raises(ValueError, match="silu_pair: pdl="):
-      matvec_mgpu.silu_pair(x, g, u, ctas=2, pdl=bad, interpret=True)
-    with pytest.raises(ValueError, match="matvec_parts: pdl="):
-      matvec_mgpu.matvec_parts(x, g, splits=2, ctas=2, pdl=bad, interpret=True)
-
-
-def test_pdl_chain_benchmark_chains_the_launches(load_benchmark, lower_for_cuda):
-  # benchmarks/pdl_chain.py's chain: in the interpreter, the same bits with and without pdl and
-  # equal to chaining the launches by hand.
-  bench = load_benchmark("pdl_chain")
-  e, f, layers = 128, 256, 2
-  splits = matvec_mgpu._parts_plan(f, e, None, None, None, matvec_mgpu._sms(), "cuda_cores")[0]
-  x, parts, scale, gates, ups, downs = bench.inputs(jax.random.key(5), e, f, layers, splits)
-  run = lambda pdl: bench.chain(x, parts, scale, gates, ups, downs, pdl=pdl,
-                                products=("cuda_cores", "cuda_cores"), interpret=True)
-  (row0, parts0), (row1, parts1) = run(False), run(True)
-  np.testing.assert_array_equal(np.asarray(row0), np.asarray(row1))
-  np.testing.assert_array_equal(np.asarray(parts0), np.asarray(parts1))
-  r, p = x, parts
-  for g, u, w in zip(gates, ups, downs):
-    act, r = matvec_mgpu.silu_pair(r, g, u, add_E=p, norm_scale_E=scale, interpret=True)
-    p = matvec_mgpu.matvec_parts(act, w, interpret=True)
-  np.testing.assert_array_equal(np.asarray(row0), np.asarray(r))
-  assert np.isfinite(np.asarray(parts0)).all() and 0.1 < float(jnp.abs(row0).max()) < 100
-  # Its plans at the 1.5B: the launches' own (a down CTA does not fit beside an SM's two gate/up
-  # CTAs) and one that lets a CTA of each share an SM; lowered for CUDA with the second plan's
-  # knobs, one Mosaic GPU kernel each for gate/up and down however many layers.
-  E, F, n = 1536, 8960, 2
-  plans = bench.launch_plans(E, F, ("cuda_cores", "wgmma"),
-                             bench.parse_plans("default;1,2,12"), 132)
-  assert [p["down_fits_beside_an_sms_pair_ctas"] for p in plans] == [False, True]
-  assert plans[1]["pair"]["ctas"] == 132 and plans[1]["down"]["slots"] == 12
-  for bad in ("1,2", "0,2,8", "a,b,c", ""):
-    with pytest.raises(SystemExit, match="--plans"):
-      bench.parse_plans(bad)
-  with pytest.raises(ValueError, match="shared memory"):
-    bench.launch_plans(E, F, ("cuda_cores", "wgmma"), bench.parse_plans("1,8,8"), 132)
-  sd = jax.ShapeDtypeStruct
-  bf = jnp.bfloat16
-  S = plans[1]["splits"]
-  text = lower_for_cuda(
-      lambda *a: bench.chain(*a[:3], a[3:3 + n], a[3 + n:3 + 2 * n], a[3 + 2 * n:], pdl=True,
-                             products=("cuda_cores", "wgmma"),
-                             pair_knobs=plans[1]["pair_knobs"],
-                             down_knobs=plans[1]["down_knobs"]),
-      sd((E,), bf), sd((S, E), jnp.float32), sd((E,), bf),
-      *[sd((F, E), bf)] * (2 * n), *[sd((E, F), bf)] * n)
-  hashes = re.findall(r'kernel_hash = "((?:[^"\\]|\\.)*)"', text)
-  assert len(hashes) == len(set(hashes)) == 2, len(hashes)  # each launch lowered once
-  assert text.count("griddepcontrol.wait") == text.count("griddepcontrol.launch_dependents") > 0
-
-
-def test_pdl_chain_benchmark_runs_end_to_end(load_benchmark, monkeypatch, tmp_path, capsys):
-  # benchmarks/pdl_chain.py's main on a tiny shape, the kernels interpreted and the clock and
-  # ceilings faked: every plan checked and timed in ABBA order, the JSON written; a bad shape
-  # or plan is a one-line error.
-  import sys
-
-  from benchmarks import decode as decode_bench
-
-  bench = load_benchmark("pdl_chain")
-  monkeypatch.setitem(decode_bench.SHAPES, "tiny_tma", CFG_TMA)
-  monkeypatch.setattr(bench, "ceilings", lambda rounds: {"copy_GBps": 1000.0})
-  monkeypatch.setattr(bench, "timeit", lambda fn, sets, **kw: fn(*sets[0]) and 2e-3)
-  monkeypatch.setenv("OUT", str(tmp_path))
-  monkeypatch.setattr(sys, "argv", ["pdl_chain.py", "--shape", "tiny_tma", "--layers", "1",
-                                    "--down-products", "cuda_cores", "--plans", "default",
-                                    "--rounds", "1"])
-  bench.main()
-  out = json.loads((tmp_path / "pdl_chain.json").read_text())
-  assert [r["pdl"] for r in out["rows"]] == [False, True, True, False]  # ABBA
-  assert out["plans"][0]["same_bits_before"] and out["plans"][0]["same_bits_after"]
-  assert out["plans"][0]["uses_pdl_marks"] == []  # the interpreter lowers no Mosaic GPU kernel
-  assert out["rows"][0]["us_a_layer"] == pytest.approx(2000.0)
-  cores = ["--gate-up-products", "cuda_cores", "--down-products", "cuda_cores"]
-  for argv, why in ((["--shape", "nope"], "invalid choice"), (["--plans", "1,2"], "PER_SM"),
-                    (["--layers", "0"], "positive"), (["--plans", "1,20,12"], "shared memory"),
-                    (["--down-products", "wgmma"], "no wgmma")):
-    argv = argv + cores if "--down-products" not in argv else argv
-    monkeypatch.setattr(sys, "argv", ["pdl_chain.py", *argv])
-    with pytest.raises(SystemExit) as exit_:
-      bench.main()
-    assert why in str(exit_.value) + capsys.readouterr().err, argv
-
-
 CFG_TMA = dataclasses.replace(CFG, hidden_size=128, intermediate_size=384, head_dim=32,
                               kernel_layout="out_in")
 
@@ -419,8 +219,7 @@ def test_row_tma_applies_only_where_it_can(monkeypatch):
   assert model._row_tma(CFG_TMA, True, True, parts=5) is None
 
 
-@pytest.mark.parametrize("pdl", [False, True])
-def test_interpreter_finds_no_race(monkeypatch, pdl):
+def test_interpreter_finds_no_race(monkeypatch):
   # A slot is refilled by TMA while the loop goes on: the interpreter's race detector (vector
   # clocks over the copies, barriers and reads) must find every refill ordered after the reads,
   # and no read of a tile's padding rows overlapping another tile's copy. jax 0.11's detector
@@ -437,11 +236,11 @@ def test_interpreter_finds_no_race(monkeypatch, pdl):
   jax.clear_caches()  # the launches are jitted: read as they are traced, not from a cached trace
   x, g, u, parts, scale = _pair_inputs(jax.random.key(3), 256, 208)
   act, _ = matvec_mgpu.silu_pair(x, g, u, add_E=parts, norm_scale_E=scale, ctas=3, slots=2,
-                                 pdl=pdl, interpret=True)
+                                 interpret=True)
   jax.block_until_ready(act)
   assert not ipc.get_races().races_found
   # One slot: every step's tile lands where the previous step's was read.
-  got = matvec_mgpu.matvec_parts(x, g[:96], splits=2, ctas=4, slots=1, pdl=pdl, interpret=True)
+  got = matvec_mgpu.matvec_parts(x, g[:96], splits=2, ctas=4, slots=1, interpret=True)
   jax.block_until_ready(got)
   assert not ipc.get_races().races_found
 

@@ -253,39 +253,6 @@ def _products_of(fn, products, interpret):
   return products
 
 
-def _check_pdl(fn, pdl):
-  """`pdl` (Hopper's programmatic dependent launch, GPU only): the launch lets the next be
-  scheduled once all its CTAs have started, issues its first weight tiles, then waits for the
-  launches before it to finish, and only then reads its row; the interpreter runs the same
-  order without the waits. Safe only where no launch that may still be running writes the
-  weights, which are read before the wait: the program's inputs are safe (the per-layer
-  layout's bf16 weights), a cast or a slice XLA computes in the same program is not. Off by
-  default and not used by the model: in the 1.5B's batch-1 step on an H100 it gained nothing,
-  on gate/up alone or on gate/up and down (BENCHMARKS.md, session 28); why is not isolated
-  (the Triton launches around these cannot let the next start early; two gate/up CTAs fill an
-  SM's shared memory, so a down CTA cannot join them; the row is fetched after the wait)."""
-  if not isinstance(pdl, bool):
-    raise ValueError(f"{fn}: pdl={pdl!r}; expected True or False")
-
-
-def _launch_dependents(interpret):
-  """Under `pdl`, on the GPU, lets the next launch be scheduled once all of this one's CTAs have
-  started (griddepcontrol.launch_dependents): where an SM has room for them (registers, shared
-  memory), its CTAs then issue their weight reads while this one finishes, and wait for it
-  before reading what it wrote (`_wait_for_previous`)."""
-  if not interpret:
-    _plgpu().griddepcontrol_launch_dependents()
-
-
-def _wait_for_previous(interpret):
-  """Under `pdl`, on the GPU, waits until the launches before this one have finished and their
-  writes are visible (griddepcontrol.wait). Every CTA reaches it once (`_rows_of` gives each CTA
-  one run), so a launch that waits on this one also waits, transitively, on those before it.
-  The interpreter runs launches in order: nothing to wait for, but the same reordered body."""
-  if not interpret:
-    _plgpu().griddepcontrol_wait()
-
-
 def _chunk_loader(x_s, interpret):
   """chunk(i): float32 [BK], chunk i of the row (of the CTA's run of it) in shared memory
   [steps, BK], in the layout `_stream` broadcasts along the tile's rows."""
@@ -326,12 +293,12 @@ def _one_lowering(*static: str):
   return functools.partial(jax.jit, static_argnames=static)
 
 
-@_one_lowering("eps", "ctas", "slots", "defer_sum", "products", "pdl", "interpret")
+@_one_lowering("eps", "ctas", "slots", "defer_sum", "products", "interpret")
 def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
               add_E: Optional[jax.Array] = None, norm_scale_E: Optional[jax.Array] = None,
               eps: float = 1e-6, ctas: Optional[int] = None, slots: Optional[int] = None,
               defer_sum: Optional[bool] = None, products: Optional[str] = None,
-              pdl: bool = False, interpret: bool = False):
+              interpret: bool = False):
   """(act [F], row): `act = SiLU(norm(x + add) @ gate.T) * (norm(x + add) @ up.T)`, as
   `matvec.norm_matvec(x, (gate, up), silu_pair=True, out_major=True, ...)` computes it.
 
@@ -339,8 +306,7 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   [S, E] (`matvec_partials`' or `matvec_parts`' output) whose sum rounded to bf16 is added; the
   residual-added row is returned as `row` (None without an add). `norm_scale_E`: RMSNorm's scale
   (eps `eps`), its 1/rms applied to the products' sums. `ctas` and `slots` (defaults:
-  `_pair_plan`), `defer_sum` (`_stream`) and `products` (PRODUCTS) are tuning knobs; `pdl`:
-  programmatic dependent launch (`_check_pdl`).
+  `_pair_plan`), `defer_sum` (`_stream`) and `products` (PRODUCTS) are tuning knobs.
   """
   plgpu = _plgpu()
   _check("silu_pair", x_E, (gate_FE, up_FE))
@@ -357,7 +323,6 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   ctas, slots = _pair_plan(e, f, parts, ctas, slots, _sms(), products)
   n_big, big, small = row_plan(f, ctas)
   has_add, has_norm = add_E is not None, norm_scale_E is not None
-  _check_pdl("silu_pair", pdl)
 
   def kernel(*refs):
     it = iter(refs)
@@ -369,26 +334,19 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
     x_s, add_s, sc_s, nx_s, w_s, o_s, in_bar, g_bar, u_bar = it
     cta = lax.axis_index("cta")
 
-    def row_inputs():  # by TMA
-      plgpu.copy_gmem_to_smem(x_ref, x_s, in_bar.at[0])
-      if has_add:
-        plgpu.copy_gmem_to_smem(add_ref, add_s, in_bar.at[1])
-      if has_norm:
-        plgpu.copy_gmem_to_smem(scale_ref, sc_s, in_bar.at[2])
-
-    # The row's inputs first (the prologue needs them before any product; their latency then
-    # overlaps the weights' first slots, issued at once after them); under `pdl` the weights'
-    # slots first, since the row (what the previous launches wrote) must wait.
-    if pdl:
-      _launch_dependents(interpret)
-    else:
-      row_inputs()
+    # The row's inputs by TMA, first: the prologue needs them before any product, and their
+    # latency then overlaps the weights' first slots, issued at once after them. (Hopper's
+    # programmatic dependent launch, which would issue the weights' slots before waiting for the
+    # launches that write the row, gained nothing in the 1.5B's step: BENCHMARKS.md, sessions
+    # 28-29; removed in session 39.)
+    plgpu.copy_gmem_to_smem(x_ref, x_s, in_bar.at[0])
+    if has_add:
+      plgpu.copy_gmem_to_smem(add_ref, add_s, in_bar.at[1])
+    if has_norm:
+      plgpu.copy_gmem_to_smem(scale_ref, sc_s, in_bar.at[2])
 
     def run(rows, r0):
       def prologue():
-        if pdl:
-          _wait_for_previous(interpret)
-          row_inputs()
         # The row: the residual add, and scale * row, into nx_s [nk, BK] (the products' operand);
         # 1/rms is a scalar that multiplies the products' sums.
         load = _row_loader(e, interpret)
@@ -460,17 +418,16 @@ def silu_pair(x_E: jax.Array, gate_FE: jax.Array, up_FE: jax.Array, *,
   return act, (res[1].reshape(e) if has_add else None)
 
 
-@_one_lowering("splits", "ctas", "slots", "defer_sum", "products", "pdl", "interpret")
+@_one_lowering("splits", "ctas", "slots", "defer_sum", "products", "interpret")
 def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = None,
                  ctas: Optional[int] = None, slots: Optional[int] = None,
                  defer_sum: Optional[bool] = None, products: Optional[str] = None,
-                 pdl: bool = False, interpret: bool = False) -> jax.Array:
+                 interpret: bool = False) -> jax.Array:
   """x [K] @ w.T, w out-major [N, K], as float32 partial sums [splits, N] over `splits` equal runs
   of the row (split-K), as `matvec.matvec_partials(..., out_major=True)` leaves them; the next
   launch sums them where it reads its row (`add_E`). Each run of the row has ctas / splits CTAs,
   which split the N rows as `row_plan` does. `splits`, `ctas`, `slots` (defaults: `_parts_plan`),
-  `defer_sum` (`_stream`) and `products` (PRODUCTS) are tuning knobs; `pdl`: programmatic
-  dependent launch (`_check_pdl`)."""
+  `defer_sum` (`_stream`) and `products` (PRODUCTS) are tuning knobs."""
   plgpu = _plgpu()
   _check("matvec_parts", x_K, (w_NK,))
   k = x_K.shape[0]
@@ -481,25 +438,15 @@ def matvec_parts(x_K: jax.Array, w_NK: jax.Array, *, splits: Optional[int] = Non
   n_big, big, small = row_plan(n, per)
   nk = k // BK // splits
   dtype = x_K.dtype
-  _check_pdl("matvec_parts", pdl)
 
   def kernel(x_ref, w_ref, o_ref, x_s, w_s, o_s, x_bar, w_bar):
     cta = lax.axis_index("cta")
     part = lax.div(cta, jnp.int32(per))
     k0 = part * nk
 
-    def row_input():
-      plgpu.copy_gmem_to_smem(x_ref.at[part], x_s, x_bar.at[0])
-
-    if pdl:  # the row after the wait, as silu_pair's
-      _launch_dependents(interpret)
-    else:
-      row_input()
+    plgpu.copy_gmem_to_smem(x_ref.at[part], x_s, x_bar.at[0])  # first, as silu_pair's row
 
     def prologue():
-      if pdl:
-        _wait_for_previous(interpret)
-        row_input()
       plgpu.barrier_wait(x_bar.at[0])
 
     def run(rows, r0):

@@ -315,10 +315,11 @@ def _train_fns(spec, meta, tiles):
                                         implementation="cudnn")
 
   return {"pallas": ours(), "xla": xla, "cudnn": cudnn,
-          "triton": ours(forward="triton", dkv="triton", dq="triton"),  # every kernel Triton's
+          # every kernel Triton's
+          "triton": ours(forward="triton", dkv="triton", dq="triton", fuse_dq=False),
           # the dk/dv kernel named: Mosaic's (the default's choice on sm_90 for the diffusion
           # layouts at head_dim 128) or Triton's (the default's choice before session 12)
-          "mosaic_dkv": ours(dkv="mosaic"), "triton_dkv": ours(dkv="triton"),
+          "mosaic_dkv": ours(dkv="mosaic"), "triton_dkv": ours(dkv="triton", fuse_dq=False),
           # the Mosaic GPU dk/dv kernel accumulating dQ too (no dq kernel)
           "mosaic_fused": ours(dkv="mosaic", fuse_dq=True)}
 
@@ -526,15 +527,15 @@ def variant_rows(variants, tiles, impls, profile, shapes=tuple(SHAPES)):
           save()
 
 
-def dq_variant_rows(variants, tiles):
+def dq_variant_rows(variants, tiles, shapes=tuple(SHAPES)):
   """The `dq` section under --dq-variants: Triton's dq kernel alone under each variant's knobs on
-  the four L=2048 cases (3L first); a variant's dq must equal the first's on the same inputs
-  before it is timed."""
+  the L=2048 cases of `shapes` (3L first); a variant's dq must equal the first's on the same
+  inputs before it is timed."""
   first = {}
   for i, (name, knobs) in enumerate(variants):
     with variant_knobs(knobs, tiles) as v_tiles:
       for nn_ in (2, 1):
-        for shape in SHAPES:
+        for shape in shapes:
           spec = masks.MaskSpec("diffusion", 32, nn_)
           row = dq_row(shape, spec, 2048, v_tiles, tag=name, like=first.get((shape, nn_)))
           if i == 0:
@@ -725,7 +726,7 @@ def main():
                        "per variant (e.g. 'base:;sum:PAIR_ADD=0'); each is checked, then "
                        "timed on the four L=2048 cases with --impls (profiled too with profile)")
   ap.add_argument("--variant-shapes", default="",
-                  help="the variants section's head shapes, e.g. qwen2.5-1.5b (default: all)")
+                  help="the variants and dq sections' head shapes, e.g. qwen2.5-1.5b (default: all)")
   ap.add_argument("--dq-variants", default="",
                   help="with --sections dq: variants as --variants takes them (e.g. "
                        "'base:;w8:tiles.block_q_dq=128,tiles.num_warps_bwd=8'), each timing "
@@ -809,7 +810,7 @@ def main():
           if impl not in ("xla", "cudnn"):
             profile_row(name, masks.MaskSpec("diffusion", 32, nn_), 2048, tiles, impl)
   if "dq" in sections and args.dq_variants:
-    dq_variant_rows(parse_variants(args.dq_variants), tiles)
+    dq_variant_rows(parse_variants(args.dq_variants), tiles, variant_shapes(args.variant_shapes))
   elif "dq" in sections:
     for nn_ in (2, 1):  # 3L first: where session 33 found the Mosaic kernel furthest behind
       for name in SHAPES:

@@ -2,7 +2,7 @@
 `flash_mgpu` variant (on a GPU: ptxas runs when Mosaic GPU compiles a kernel for the device).
 
     python benchmarks/kernel_resources.py --variants 'p1:;p0:PERSISTENT=0' \
-        [--baseline-forward old_flash_mgpu.py] [--kernel forward|dkv|dkv_ds]
+        [--baseline-forward old_flash_mgpu.py] [--kernel forward|dkv]
 
 Why: a change around the forward's visit loops (a loop over items, dynamic slot indices) can
 change how ptxas allocates the consumers' registers, which a timing shows only as a slower
@@ -49,9 +49,8 @@ def compile_one(knobs: dict, kernel: str, baseline: str | None):
     out = jax.jit(lambda q, k, v: flash_mgpu.forward(q, k, v, seg, spec, length))(q, k, v)
   else:
     lse = jnp.zeros((b, 12, q.shape[1]), jnp.float32)
-    store_ds = kernel == "dkv_ds"  # the dk/dv kernel that stores dS (Tiles.dq="ds")
-    out = jax.jit(lambda q, k, v, do: flash_mgpu.dkv(q, k, v, seg, do, lse, lse, spec, length,
-                                                     store_ds=store_ds))(q, k, v, do)
+    out = jax.jit(lambda q, k, v, do: flash_mgpu.dkv(q, k, v, seg, do, lse, lse, spec,
+                                                     length))(q, k, v, do)
   jax.block_until_ready(out)
 
 
@@ -61,7 +60,7 @@ def main():
                   help="'name:KNOB=v,...;name2:...' as attention.py --variants takes them")
   ap.add_argument("--baseline-forward", metavar="FILE",
                   help="an earlier flash_mgpu.py (knob BASELINE_FORWARD=1 compiles its forward)")
-  ap.add_argument("--kernel", default="forward", choices=("forward", "dkv", "dkv_ds"))
+  ap.add_argument("--kernel", default="forward", choices=("forward", "dkv"))
   ap.add_argument("--child", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.child is not None:

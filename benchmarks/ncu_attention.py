@@ -43,8 +43,6 @@ def main():
                   help="flash.Tiles.dkv_head_split (1: the unsplit kernel of the ncu table)")
   ap.add_argument("--dkv", default="triton", choices=["triton", "mosaic", "auto"],
                   help="flash.Tiles.dkv (triton: the kernel the two knobs above tune)")
-  ap.add_argument("--dq", default="triton", choices=["triton", "mosaic", "ds"],
-                  help="flash.Tiles.dq (ds: the Mosaic dk/dv kernel stores dS; needs --dkv mosaic)")
   ap.add_argument("--knobs", default="",
                   help="module knobs as attention.py --variants takes them: 'KNOB=v,flash.X=v'")
   args = ap.parse_args()
@@ -65,7 +63,7 @@ def main():
     v = jax.random.normal(ks[2], (b, t, kh, d), jnp.bfloat16)
     ct = jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16)
     tiles = flash.Tiles(num_warps_dkv=args.num_warps_dkv, dkv_head_split=args.dkv_head_split,
-                        dkv=args.dkv, dq=args.dq)
+                        dkv=args.dkv)
     attn = lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles)
     fn = jax.jit(jax.grad(lambda q, k, v: (attn(q, k, v) * ct).astype(jnp.float32).sum(),
                           (0, 1, 2)))

@@ -135,13 +135,13 @@ def test_without_tiles_the_default_kernels_are_timed(load_benchmark):
 
 
 def test_train_fns_build_for_every_tiles_variant(bench):
-  # A variant's Tiles (here dq="ds", which needs the Mosaic dk/dv kernel) must not break the
+  # A variant's Tiles (here fuse_dq, which needs the Mosaic dk/dv kernel) must not break the
   # other impls' construction: each impl's Tiles is checked when it runs (a session's GPU call
   # was lost to the "triton" impl's Tiles being built eagerly).
   from dllm_jax import masks
   spec = masks.MaskSpec("diffusion", 32, 1)
   meta = masks.layout_meta(spec, bench.jnp.zeros((1, 64), bench.jnp.int32))
-  fns = bench._train_fns(spec, meta, bench.flash.Tiles(dkv="mosaic", dq="ds"))
+  fns = bench._train_fns(spec, meta, bench.flash.Tiles(dkv="mosaic", fuse_dq=True))
   assert {"pallas", "xla", "triton", "mosaic_dkv", "triton_dkv", "mosaic_fused"} <= set(fns)
   q = bench.jnp.ones((1, 128, 2, 64), bench.jnp.float32)
   k = bench.jnp.ones((1, 128, 1, 64), bench.jnp.float32)

@@ -145,8 +145,7 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
   # The Mosaic dk/dv kernel ran, not Triton's; beside Triton's dq kernel unless dQ is fused.
   assert "block_sparse_attention_dkv_mgpu" in jaxpr
   assert re.search(r"block_sparse_attention_dkv(?!_mgpu)", jaxpr) is None
-  assert ("block_sparse_attention_dq" in jaxpr) == (not tiles.fuse_dq and tiles.dq != "ds")
-  assert ("block_sparse_attention_ds_k" in jaxpr) == (tiles.dq == "ds")
+  assert ("block_sparse_attention_dq" in jaxpr) == (not tiles.fuse_dq)
   got = jax.jit(lambda: grads(ours, q, k, v))()
   want = grads(ref, f32(q), f32(k), f32(v))
   rel = lambda a, b: float(jnp.linalg.norm(f32(a) - f32(b)) / jnp.linalg.norm(f32(b)))
@@ -179,56 +178,10 @@ def test_dkv_ctas_of_several_heads_equal_the_reference(monkeypatch, case, heads)
   assert taken and set(taken) == {heads}
 
 
-DS = flash.Tiles(forward="triton", dkv="mosaic", dq="ds")
-
-
-# (An opt-in path: three cases, to keep CI's time. Session 38 dropped a GQA 2 case of narrowed
-# runs, which the unsorted case below covers more strictly, and a causal one.)
-@pytest.mark.parametrize("case,heads", [
-    # packed, GQA 6, head_dim 128, CTAs of 3 heads (2 a KV head, their dK and dV added in bf16)
-    ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 6, 1, 128, [[32, 64]]), 3),
-    # 3L, GQA 3, one head a CTA (3 partials a KV head, summed by XLA)
-    ((masks.MaskSpec("diffusion", 16, 2), 64, 1, 3, 1, 64, [[]]), 1),
-    # Unsorted ids (a search's find): query tiles 5 and 11 (ids 0 and 3) have key tiles 8 and 9
-    # (ids 0 and 3 in turn, 64 keys each) inside their narrowed runs though neither meets them,
-    # and no dk/dv CTA visits those pairs: dS K must skip what was never written (NaN in the
-    # interpreter)
-    ((masks.MaskSpec("diffusion", 32, 1), 384, 1, 2, 1, 64,
-      np.repeat(np.array([[3, 2, 2, 1, 1, 0, 0, 0, 0, 3, 2, 3]]), 32, axis=1)), 2),
-])
-def test_dq_from_stored_ds_equals_the_reference(monkeypatch, case, heads):
-  # Tiles.dq="ds": the Mosaic dk/dv kernel stores every visited tile's dS^T and a Triton kernel
-  # forms dQ = dS K from them (no dq kernel). Plan rows copied in pieces of 32 (on the GPU, 256:
-  # the 1.5B heads' 3L rows at L=2048 are 320 wide with the slot columns).
-  monkeypatch.setattr(flash_mgpu, "DKV_HEADS", heads)
-  monkeypatch.setattr(flash_mgpu, "PLAN_COPY_MAX", 32)
-  test_mosaic_dkv_gradients_equal_the_reference(*case, DS)
-
-
-def test_stored_ds_path_lowers_for_cuda(monkeypatch, lower_for_cuda):
-  # The GPU body of dkv(store_ds=True) (dS^T staged from registers, stored by TMA while the dV
-  # and dK products run) and Triton's dS K kernel, lowered for CUDA: packed 2L, GQA 6, head_dim
-  # 128, CTAs of 3 heads.
-  monkeypatch.setattr(flash_mgpu, "DKV_HEADS", 3)
-  spec = masks.MaskSpec("diffusion", 32, 1)
-  meta = masks.layout_meta(spec, _segments(2, 128, [[32, 96], []]))
-  b, t, h, kh, d = 2, meta.positions.shape[1], 12, 2, 128
-  q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((b, t, kh, d), jnp.bfloat16)
-  lse = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
-
-  def bwd(q, k, v, do, lse, delta):
-    ds, dk, dv = flash_mgpu.dkv(q, k, v, meta.segments, do, lse, delta, spec, 128, store_ds=True)
-    return flash._dq_from_ds(ds, k, meta.segments, spec, 128, q.shape, q.dtype, DS, False), dk, dv
-
-  text = lower_for_cuda(bwd, q, kv, kv, q, lse, lse)
-  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
-  assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
-
-
-def test_ds_pairs_index_every_nonempty_tile_once():
+def test_nonempty_tiles_index_every_nonempty_tile_once():
+  # (dkv reads the sign: which 64-key halves a visit passes over)
   spec = masks.MaskSpec("diffusion", 16, 1)
-  pairs, n = flash_mgpu.ds_pairs(spec, 100, 256, 64)  # T = 200 rows padded to 256: 4 x 4 tiles
+  pairs, n = flash_mgpu.nonempty_tiles(spec, 100, 256, 64)  # T = 200 rows padded to 256: 4 x 4 tiles
   tmap = masks.tile_map(spec, 100, 64, 64) != masks.TILE_EMPTY
   assert pairs.shape == (4, 4) and n == tmap.sum()
   assert sorted(pairs[pairs >= 0].tolist()) == list(range(n))
@@ -237,11 +190,9 @@ def test_ds_pairs_index_every_nonempty_tile_once():
   assert (pairs[3] == -1).all() or tmap.shape[0] == 4
 
 
-def test_dq_from_ds_needs_the_mosaic_dkv_kernel():
-  with pytest.raises(ValueError, match="Tiles.dq='ds' needs dkv='mosaic'"):
+def test_dq_has_triton_kernel_only():
+  with pytest.raises(ValueError, match="expected one of"):
     flash.Tiles(dq="ds")
-  with pytest.raises(ValueError, match="fuse_dq=False"):
-    flash.Tiles(dkv="mosaic", fuse_dq=True, dq="ds")
   with pytest.raises(ValueError, match="expected one of"):
     flash.Tiles(dkv="ds")
 

@@ -102,29 +102,16 @@ class Tiles:
   # Which dq kernel runs (it also computes delta for the dk/dv kernel): "triton" (below; "auto"
   # is the same). Unused with `fuse_dq`. A Mosaic GPU dq kernel on the forward's tiling (sessions
   # 33-34) took 1.01-1.11x Triton's GPU time on three of the four L=2048 cases on an H100 (0.96x
-  # on the 1.5B heads' 2L, level in wall time) and was removed in session 38 (BENCHMARKS.md).
-  # "ds" (needs dkv="mosaic"): the dk/dv kernel stores each visited tile's dS (bf16, [B, H, P, 64,
-  # 64]: 2 bytes an element of every non-empty 64 x 64 tile, ~1.05x the allowed pairs; 0.43 GB
-  # for the 1.5B heads' 2L case at L=2048, batch 4, 1.5 GB for the 7B's 3L) and a Triton kernel
-  # forms dQ = dS K from it, one product a tile where the dq kernel recomputes S and dP (three);
-  # delta comes from XLA's pass, since the dk/dv kernel runs first. Fwd+bwd 1.021 / 1.008 /
-  # 1.008 / 1.003x the default's speed (1.5B 2L, 7B 2L, 1.5B 3L, 7B 3L; H100, L=2048, same run,
-  # BENCHMARKS.md session 34): dS K takes 231-767 us where the dq kernel took 383-1271, but the
-  # stores cost the dk/dv kernel 22-26% and XLA's delta 39-122 us. Opt-in: that little for the
-  # memory. Session 35: dS K over 128-row programs, a Triton delta pass and two dS staging
-  # buffers gained nothing (reverted); the stores cost the dk/dv kernel mostly more register
-  # spills (Nsight Compute). Session 36: staging dS^T in shared memory for dK's product as well
-  # as the store spilled more and was no faster (fwd+bwd 1.104 against 1.084 ms, 1.5B 2L).
+  # on the 1.5B heads' 2L, level in wall time) and was removed in session 38; dQ = dS K from a dS
+  # the dk/dv kernel stored (sessions 34-36: fwd+bwd 1.003-1.03x faster for 0.4-1.5 GB of dS)
+  # was removed in session 39 (BENCHMARKS.md).
   dq: str = "triton"
 
   def __post_init__(self):
     for name in ("forward", "dkv", "dq"):
-      allowed = ("auto", "triton") + (("ds",) if name == "dq" else ("mosaic",))
+      allowed = ("auto", "triton") + (() if name == "dq" else ("mosaic",))
       if getattr(self, name) not in allowed:
         raise ValueError(f"Tiles.{name}={getattr(self, name)!r}: expected one of {allowed}")
-    if self.dq == "ds" and (self.dkv != "mosaic" or self.fuse_dq):
-      raise ValueError(f"Tiles.dq='ds' needs dkv='mosaic' and fuse_dq=False (dkv={self.dkv!r}, "
-                       f"fuse_dq={self.fuse_dq}): the Mosaic GPU dk/dv kernel stores dS")
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
       if f.name in ("forward", "dkv", "dq"):
@@ -492,12 +479,6 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
 
     return flash_mgpu.dkv(q, k, v, seg, do, lse, _xla_delta(o, do), spec, length, interpret,
                           fuse_dq=True)
-  if tiles.dq == "ds":  # the dk/dv kernel first (it stores dS), then dQ = dS K
-    from dllm_jax.kernels import flash_mgpu
-
-    ds, dk, dv = flash_mgpu.dkv(q, k, v, seg, do, lse, _xla_delta(o, do), spec, length, interpret,
-                                store_ds=True)
-    return _dq_from_ds(ds, k, seg, spec, length, q.shape, q.dtype, tiles, interpret), dk, dv
   # dq, and delta [B, H, Tp] (like lse) for the dk/dv kernel, which therefore runs after it
   xla_delta = None if DELTA_IN_DQ else _xla_delta(o, do)
   dq, delta = _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles, interpret, xla_delta)
@@ -533,57 +514,6 @@ def _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles: Tiles, interpret, 
       name="block_sparse_attention_dq",
   )(run_lo, run_hi, one, plan[2], plan[3], q, k, v, seg, seg, do, lse,
     o if xla_delta is None else xla_delta)
-
-
-def _ds_k_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, pairs_ref, ids_ref, k_ref, ds_ref,
-                 dq_ref, *, block, scale):
-  qi = pl.program_id(0)
-
-  def body(start, dq, masked, compare_segments):
-    kt = start // block
-    k = k_ref[pl.ds(start, block), :]
-    x = _dot(ds_ref[pairs_ref[qi, kt]], k, trans_a=True)  # dS^T tile [keys, rows]: dS K
-    if compare_segments:
-      # The dk/dv kernel visited (and wrote) only the tiles whose segment-id ranges meet its
-      # rows'; a tile inside this run's span that does not is unwritten and holds no pair.
-      meets = (ids_ref[0, kt] <= ids_ref[1, qi]) & (ids_ref[0, qi] <= ids_ref[1, kt])
-      x = jnp.where(meets, x, 0.0)
-    return dq + x
-
-  plan = (lo_ref, hi_ref, nfull_ref, nruns_ref)
-  dq = _by_segments(one_ref[qi], lambda cmp: _visit(
-      plan, qi, block, functools.partial(body, compare_segments=cmp),
-      jnp.zeros(dq_ref.shape, jnp.float32)))
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
-
-
-def _dq_from_ds(ds, k, seg, spec, length, q_shape, dtype, tiles: Tiles, interpret):
-  """dQ = dS K (Triton; `Tiles.dq="ds"`) from the dS^T tiles `flash_mgpu.dkv(store_ds=True)`
-  stored (ds [B, H, P, T, T], T its 64-row tiles), on the same layout's T x T plan narrowed by
-  segment ids: memory-bound on reading dS, where a dq kernel recomputes S and dP."""
-  from dllm_jax.kernels import flash_mgpu
-
-  b, tp, h, d = q_shape
-  group = h // k.shape[2]
-  t = ds.shape[-1]
-  pairs, _ = flash_mgpu.ds_pairs(spec, length, tp, t)
-  plan = visit_runs(spec, length, t, t, False, tiles.max_run, num_outer=tp // t)
-  run_lo, run_hi, one = segment_runs(plan, seg, t, t, transpose=False)
-  ids = jnp.stack(tile_id_range(seg, t), 1)  # [B, 2, Tp / T]: each tile's id range
-  return pl.pallas_call(
-      functools.partial(_ds_k_kernel, block=t, scale=k.shape[-1] ** -0.5),
-      grid=(tp // t, b, h),
-      in_specs=[*_batch_rows(1, run_lo, run_hi, one), _whole(plan[2]), _whole(plan[3]),
-                _whole(pairs), pl.BlockSpec((None, 2, tp // t), lambda i, bi, hi: (bi, 0, 0)),
-                pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-                pl.BlockSpec((None, None) + ds.shape[2:], lambda i, bi, hi: (bi, hi, 0, 0, 0))],
-      out_specs=pl.BlockSpec((None, t, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-      out_shape=jax.ShapeDtypeStruct(q_shape, dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
-                                           num_stages=tiles.num_stages_bwd),
-      interpret=interpret,
-      name="block_sparse_attention_ds_k",
-  )(run_lo, run_hi, one, plan[2], plan[3], pairs, ids, k, ds)
 
 
 def _dkv(q, k, v, seg, do, lse, delta, dq, spec, length, tiles: Tiles, interpret):
@@ -683,7 +613,7 @@ def _kernel_choice(field: str, choice: str, spec: masks.MaskSpec, q, interpret: 
   error, not a fallback."""
   if choice == "triton":
     return choice
-  if choice in ("mosaic", "ds"):  # "ds": the Mosaic dk/dv kernel stores dS (Tiles.dq)
+  if choice == "mosaic":
     _require_mosaic(field, spec, q, interpret, f"{field}='triton' or 'auto'", choice)
     return choice
   from dllm_jax.kernels import flash_mgpu

@@ -191,7 +191,7 @@ def _take_turns(sched_bar):
 
 
 # A TMA copy moves at most 256 elements along a dimension: a plan row wider than this (a key
-# tile seen by many query tiles, `dkv(store_ds=True)`'s slot columns, a long layout's forward
+# tile seen by many query tiles, `dkv`'s columns of visited halves, a long layout's forward
 # work-table row) is copied in pieces.
 PLAN_COPY_MAX = 256
 
@@ -730,11 +730,11 @@ def fuse_dq_unsupported(head_dim: int) -> str | None:
   return None
 
 
-@functools.lru_cache(maxsize=64)  # the dk/dv kernel and dS K both ask, each trace
-def ds_pairs(spec: masks.MaskSpec, length: int, tp: int, tile: int = BLOCK_QI):
-  """int32 [tp // tile, tp // tile]: where `dkv(store_ds=True)` stores the dS tile of each (query
-  tile, key tile) the layout does not leave empty, -1 for the rest; and how many there are (P,
-  at least 1). Query-tile major, keys ascending: a query tile's tiles lie together."""
+@functools.lru_cache(maxsize=64)
+def nonempty_tiles(spec: masks.MaskSpec, length: int, tp: int, tile: int = BLOCK_QI):
+  """int32 [tp // tile, tp // tile]: an index for each (query tile, key tile) the layout does not
+  leave empty, -1 for the rest; and how many there are (P, at least 1). Query-tile major, keys
+  ascending. `dkv` reads only the sign: -1 is a 64-key half a visit passes over."""
   tmap = masks.tile_map(spec, length, tile, tile) != masks.TILE_EMPTY
   n = tp // tile
   pairs = np.full((n, n), -1, np.int32)
@@ -752,11 +752,9 @@ def _zeroed(shape, dtype=jnp.float32):
 
 
 def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpret: bool = False,
-        fuse_dq: bool = False, store_ds: bool = False):
+        fuse_dq: bool = False):
   """(dq, dk, dv) of `flash._backward`'s problem, the forward's tiling transposed; dq is None
-  unless `fuse_dq`. With `store_ds`, (ds, dk, dv) instead: ds [B, H, P, 64, 64] holds every
-  visited tile's dS^T (keys x query rows, unscaled) at `ds_pairs`' index, for `flash`'s dS K
-  kernel (`Tiles.dq="ds"`); tiles no visit reached are left unwritten.
+  unless `fuse_dq`.
 
   One CTA holds 128 keys of one KV head (two consumer warpgroups of 64, K and V resident in
   shared memory) and walks the query tiles that see them, of one query head or, unfused, of
@@ -788,17 +786,14 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   tile, which spilled registers and ran 1.24x the two kernels it replaces (H200, BENCHMARKS.md,
   session 11). Opt-in: with its CTAs launched in groups (`FUSED_GROUP`) level with this kernel
   unfused plus the Triton dq kernel for both shapes (sessions 13 and 14).
-  `store_ds`: each warpgroup also stages its visit's dS^T in shared memory, once the last store
-  from there has read it, and stores it by TMA while its dV and dK products run.
+  (Storing every visit's dS^T for a dS K kernel in place of the dq kernel, sessions 34-36, made
+  fwd+bwd 1.003-1.03x faster for 0.4-1.5 GB of dS: removed in session 39, BENCHMARKS.md.)
   Returns dq [B, Tp, H, D], dk, dv [B, Tp, K, D] in the inputs' dtype.
   """
   plgpu = _plgpu()
   b, tp, h, d = q.shape
   group = h // k.shape[2]
   bk, bq = BLOCK_KV, BLOCK_QI
-  if store_ds and (fuse_dq or bk != bq):
-    raise ValueError(f"dkv(store_ds=True) needs fuse_dq=False and square dS tiles "
-                     f"(BLOCK_KV={bk}, BLOCK_QI={bq})")
   outer = 2 * bk
   half = d // 2
   why = fuse_dq_unsupported(d) if fuse_dq else None
@@ -811,12 +806,12 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   # Unfused, a consumer warpgroup skips the products of a visit whose 64-key half the layout
   # leaves empty for the visit's 64 query rows (`pass_step`): on an H100 the kernel's GPU time
   # 0.6-6.5% lower over the four L=2048 cases, the 7B heads' most (BENCHMARKS.md, session 37).
-  skip_halves = not fuse_dq and not store_ds
-  if store_ds or skip_halves:
-    # Each row's visits' dS slots for warpgroup w at columns nv + 4 + w * nv + i (padding to
+  skip_halves = not fuse_dq
+  if skip_halves:
+    # Each row's visits' tile index for warpgroup w at columns nv + 4 + w * nv + i (padding to
     # whole 128-byte rows again): query tile plan[i], key tile 2 * (the row's tile) + w; -1
-    # where the layout leaves that 64 x 64 tile empty (what `skip_halves` reads).
-    pair_table, n_pairs = ds_pairs(spec, length, tp, bq)
+    # where the layout leaves that 64 x 64 tile empty.
+    pair_table, _ = nonempty_tiles(spec, length, tp, bq)
     key_tiles = 2 * plan[..., nv + 3, None] + jnp.arange(2)  # [B, n_outer, 2]
     slots = jnp.asarray(pair_table)[plan[..., None, :nv], key_tiles[..., None]]
     slots = slots.reshape(*plan.shape[:2], 2 * nv)
@@ -856,7 +851,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
                      f"DS_SLOTS={DS_SLOTS}")
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, plan_ref, qt_ref, dot_ref,
-             dq_ref, dk_ref, dv_ref, ds_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s,
+             dq_ref, dk_ref, dv_ref, k_s, v_s, q_s, do_s, qt_s, dot_s, p_s, ds_s, dsq_s,
              dq_s, lse_s, delta_s, segk_s, segq_s, plan_s, plan_bar, k_bar, v_bar, sk_bar, q_bar,
              do_bar, qt_bar, dot_bar, lse_bar, delta_bar, sq_bar, add_bar, free, ds_ready,
              ds_free):
@@ -985,28 +980,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(x_s.at[w], target, reduction_op="add" if add else None)
 
-      def stored_at(i):  # visit i's slot of ds_ref for this warpgroup (-1: a 64-key half the
-        return plan_s[nv + 4 + w * nv + i]  # layout leaves empty for these query rows)
-
-      def store_staged(i, hh, pair=None):
-        """Visit i's dS^T (head head0 + hh), staged in ds_s[0, w], to its slot of ds_ref by TMA
-        (none where the visit has no slot)."""
-        pair = stored_at(i) if pair is None else pair
-        pl.when(pair >= 0)(lambda: plgpu.copy_smem_to_gmem(
-            ds_s.at[0, w], ds_ref.at[bi, head0 + hh, pair]))
-
-      def put_ds(i, hh, ds16):
-        """Visit i's dS^T to ds_s[0, w] once the last store from there has read it, then to its
-        slot. (A second buffer, one store left in flight, made it 1.12x slower on the H100:
-        BENCHMARKS.md, session 35.)"""
-        pair = stored_at(i)
-
-        @pl.when(pair >= 0)
-        def _():
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          ds_s[0, w] = ds16
-          plgpu.commit_smem()
-          store_staged(i, hh, pair)
+      def seen(i):  # whether the layout lets visit i's query rows see this warpgroup's keys
+        return plan_s[nv + 4 + w * nv + i] >= 0
 
       def release_ds(i):  # visit i's dS^T read: its slot may take visit i + n_ds's
         pl.when(i + n_ds < n_vis)(lambda: plgpu.barrier_arrive(ds_free.at[ds_slot(i)]))
@@ -1027,7 +1002,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
 
       # The steps' `off`: the visits of the CTA's earlier heads, so that slots and barrier phases
       # run on through its heads as one stream (the producer's `streamed`).
-      def interpret_step(i, carry, masked, off, hh):
+      def interpret_step(i, carry, masked, off):
         dk, dv = carry
         slot = lax.rem(off + i, SLOTS)
         for bar in (q_bar, do_bar, qt_bar, dot_bar):
@@ -1041,14 +1016,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         if fuse_dq:
           share_ds(i, dslot, ds16)
         else:
-          if store_ds:  # the last visit's store has read ds_s (as `put_ds` on the GPU)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           ds_s[0, w] = ds16
         plgpu.commit_smem()
         dv = dv + product(p_s.at[w], do_s.at[slot], (bk, d))
         dk = dk + product(ds_s.at[dslot, w], q_s.at[slot], (bk, d))
-        if store_ds:
-          store_staged(i, hh)
         release(off + i, slot)
         if fuse_dq:
           interpret_dq(i - lag)
@@ -1063,7 +1034,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.barrier_wait(q_bar.at[nxt])
           plgpu.barrier_wait(do_bar.at[nxt])
 
-      def pass_step(i, carry, masked, off, hh):
+      def pass_step(i, carry, masked, off):
         """Visit i with this warpgroup's half empty by the layout (`skip_halves`): no products,
         but the same barrier waits as a visit's (each wait flips the phase it tracks) and the
         slot's release."""
@@ -1080,7 +1051,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         release(off + i, slot)
         return carry
 
-      def gpu_step(i, carry, masked, off, hh):
+      def gpu_step(i, carry, masked, off):
         dk, dv = carry
         slot = lax.rem(off + i, SLOTS)
         dslot, prev = ds_slot(i), ds_slot(i - lag)
@@ -1104,9 +1075,6 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           dv_ref, dk_ref = refs
           plgpu.wgmma(dv_ref, p16, do_s.at[slot])
           plgpu.wgmma(dk_ref, ds16, q_s.at[slot])
-          if store_ds:  # while the products run (they read ds16's registers, as this does)
-            put_ds(i, hh, ds16)
-
           wait_next_operands(off + i)  # while these products run
 
         dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
@@ -1130,10 +1098,9 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       if skip_halves:
         full_step = step
 
-        def step(i, carry, masked, off, hh):
-          return lax.cond(stored_at(i) >= 0,
-                          lambda c: full_step(i, c, masked=masked, off=off, hh=hh),
-                          lambda c: pass_step(i, c, masked=masked, off=off, hh=hh), carry)
+        def step(i, carry, masked, off):
+          return lax.cond(seen(i), lambda c: full_step(i, c, masked=masked, off=off),
+                          lambda c: pass_step(i, c, masked=masked, off=off), carry)
       zeros = lc(jnp.zeros((bk, d), jnp.float32), wgmma_l)
       if not interpret:
         @pl.when(total > 0)
@@ -1141,7 +1108,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
           plgpu.barrier_wait(q_bar.at[0])
           plgpu.barrier_wait(do_bar.at[0])
       dk, dv = for_heads(lambda hh, carry: _visit_loops(
-          functools.partial(step, off=hh * n_vis, hh=hh), n_full, n_vis, one, carry),
+          functools.partial(step, off=hh * n_vis), n_full, n_vis, one, carry),
           (zeros, zeros))
       for back in range(lag, 0, -1) if fuse_dq else ():  # the last `lag` visits' dQ columns
         last = n_vis - back
@@ -1175,8 +1142,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.SMEM((SLOTS, d, bq) if interpret else small, dtype, **tiled),
       plgpu.SMEM((2, bk, bq) if interpret else small, dtype, **tiled),
       # dS^T tiles: [slot, warpgroup] when fused (both warpgroups read both), else the
-      # staging copy of the interpreter's product and of `store_ds`' stores
-      plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret or store_ds
+      # staging copy of the interpreter's product
+      plgpu.SMEM((n_ds, 2, bk, bq) if fuse_dq else (1, 2, bk, bq) if interpret
                  else (1,) + small, dtype, **tiled),
       plgpu.SMEM((n_ds, 2, bq, bk) if interpret and fuse_dq else (1,) + small, dtype, **tiled),
       # float32 staging of dQ's reduce-adds (fused), one [64, D / 2] a warpgroup
@@ -1195,30 +1162,21 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       plgpu.Barrier(num_arrivals=2, num_barriers=n_ds)]
   inputs = (q, k, v, do, lse, delta, seg, plan, qt, dot)
   # Refs aliased in and out, then outputs, by name: the reduce-add targets (dQ when fused, dK
-  # and dV with `pair_add`), and in the interpreter the stored dS, filled with NaN first so
-  # that a tile the kernel never wrote and dS K reads anyway poisons dQ in the tests (on the GPU
-  # an output, unwritten tiles hold whatever the memory held).
+  # and dV with `pair_add`).
   targets = {}
   if fuse_dq:
     targets["dq"] = _zeroed(q.shape)
   if pair_add:
     targets["dk"], targets["dv"] = _zeroed(k.shape, dtype), _zeroed(k.shape, dtype)
-  ds_type = jax.ShapeDtypeStruct((b, h, n_pairs, bk, bq), dtype) if store_ds else None
-  if store_ds and interpret:
-    targets["ds"] = jax.new_ref(jnp.full(ds_type.shape, jnp.nan, dtype),
-                                memory_space=plgpu.GMEM)
   out_type = {}
   if "dk" not in targets:  # written, not added into: outputs (with partials, one a chunk)
     out_type["dk"] = out_type["dv"] = jax.ShapeDtypeStruct(
         ((chunks,) if partials else ()) + k.shape, dtype)
-  if store_ds and not interpret:
-    out_type["ds"] = ds_type
 
   def body(*refs):
     ins = refs[:len(inputs)]
     named = dict(zip(list(targets) + list(out_type), refs[len(inputs):]))
-    pl.run_scoped(functools.partial(kernel, *ins, *(named.get(n) for n in ("dq", "dk", "dv",
-                                                                           "ds"))),
+    pl.run_scoped(functools.partial(kernel, *ins, *(named.get(n) for n in ("dq", "dk", "dv"))),
                   *scratch, collective_axes="wg")
 
   outs = pl.kernel(
@@ -1232,7 +1190,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       name="block_sparse_attention_dkv_mgpu",  # as the forward's: profiles tell them apart
   )(*inputs, *targets.values())
   got = {**{n: t[...] for n, t in targets.items()}, **dict(zip(out_type, outs or ()))}
-  dq_out = (got["dq"] * scale).astype(dtype) if fuse_dq else got.get("ds")
+  dq_out = (got["dq"] * scale).astype(dtype) if fuse_dq else None
   dk, dv = (got[n].astype(dtype) for n in ("dk", "dv"))
   if partials:
     dk = dk.astype(jnp.float32).sum(0).astype(k.dtype)

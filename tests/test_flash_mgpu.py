@@ -237,9 +237,6 @@ _PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 6
     # and 3 visits a head: slots that run on from head to head unaligned).
     (CASES[0], GROUPS),
     ((masks.MaskSpec("diffusion", 16, 2), 64, 1, 3, 1, 64, [[]]), GROUPS),
-    # The dk/dv kernel storing dS (its TMA stores read the staging buffer the warpgroups
-    # rewrite each visit).
-    (CASES[0], DS),
 ])
 def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, tiles):
   # The interpreter's race detector orders the warpgroups' shared-memory reads and writes, the

@@ -812,8 +812,8 @@ def main():
   if "dq" in sections and args.dq_variants:
     dq_variant_rows(parse_variants(args.dq_variants), tiles, variant_shapes(args.variant_shapes))
   elif "dq" in sections:
-    for nn_ in (2, 1):  # 3L first: where session 33 found the Mosaic kernel furthest behind
-      for name in SHAPES:
+    for nn_ in (2, 1):  # 3L first
+      for name in variant_shapes(args.variant_shapes):
         dq_row(name, masks.MaskSpec("diffusion", 32, nn_), 2048, tiles)
   if "decode" in sections:
     for name, lens in (("qwen2.5-1.5b", (4096,) if args.quick else (512, 1024, 2048, 4096, 8192)),

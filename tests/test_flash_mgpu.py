@@ -166,16 +166,27 @@ def test_mosaic_dkv_gradients_equal_the_reference(spec, length, b, h, kh, d, cut
     # 3L, GQA 3: dk/dv CTAs of 2 and 3 visits a head
     ((masks.MaskSpec("diffusion", 16, 2), 64, 1, 3, 1, 64, [[]]), 3),
     (CASES[2], 1),  # causal, no GQA, head_dim 128
+    # Unsorted ids (a search's find): key tiles whose narrowed runs hold query tiles whose ids
+    # do not meet theirs (query tiles 5 and 11, ids 0 and 3, against key tiles 8 and 9), which
+    # the kernel must visit with the segment comparison
+    ((masks.MaskSpec("diffusion", 32, 1), 384, 1, 2, 1, 64,
+      np.repeat(np.array([[3, 2, 2, 1, 1, 0, 0, 0, 0, 3, 2, 3]]), 32, axis=1)), 2),
 ])
 def test_dkv_ctas_of_several_heads_equal_the_reference(monkeypatch, case, heads):
   # dk/dv CTAs that walk `heads` query heads of a group in turn; the head count the dk/dv kernel
-  # took is recorded, so the grouped path is the one checked.
+  # took is recorded, so the grouped path is the one checked. Plan rows are copied in pieces of
+  # 16 (on the GPU, 256: the 1.5B heads' 3L rows at L=2048 are 320 wide with the columns of
+  # visited halves), so every case's rows (32 wide and more) take the multi-piece path.
+  monkeypatch.setattr(flash_mgpu, "PLAN_COPY_MAX", 16)
+  widths, pieces = [], flash_mgpu.plan_pieces
+  monkeypatch.setattr(flash_mgpu, "plan_pieces", lambda w: widths.append(w) or pieces(w))
   monkeypatch.setattr(flash_mgpu, "DKV_HEADS", heads)
   taken, chooser = [], flash_mgpu.dkv_heads
   monkeypatch.setattr(flash_mgpu, "dkv_heads", lambda *a, **kw: taken.append(chooser(*a, **kw))
                       or taken[-1])
   test_mosaic_dkv_gradients_equal_the_reference(*case, flash.Tiles(forward="triton", dkv="mosaic"))
   assert taken and set(taken) == {heads}
+  assert widths and min(widths) > 16
 
 
 def test_nonempty_tiles_index_every_nonempty_tile_once():

@@ -15,8 +15,8 @@ PYTHON = os.environ.get("DLLM_JAX011_PYTHON", str(ROOT / ".venv-jax011" / "bin" 
 # The TMA launches (interpreter, race detector, plans, CUDA lowering), the training kernels'
 # CUDA lowering and their race detector runs, and the Triton launches lowered for an H200.
 # (conftest.py sizes XLA's callback pool, without which the detector's warpgroups starve.)
-# Not here: the TMA launches' benchmark scripts and model steps (run by their own tests under
-# jax 0.10, and on the GPU machine's 0.11 when they run), ~115 of this test's seconds.
+# Not here: the TMA launches' benchmark script and model steps (run by their own tests under
+# jax 0.10, and on the GPU machine's 0.11 when they run).
 TESTS = [
     "tests/test_matvec_mgpu.py",
     "--deselect", "tests/test_matvec_mgpu.py::test_matvec_tma_benchmark_runs_every_row",

@@ -9,8 +9,8 @@ each run to the tiles whose ids can meet the outer tile's (`segment_runs`), so a
 after others never visits their keys, and an outer tile whose visits all lie inside one segment
 skips the in-kernel segment comparison.
 
-Grouped-query attention: the forward and dq kernels run per query head and read their KV head in
-place, so repeated K/V are never materialised; the dk/dv kernel runs per KV head and loops over
+Grouped-query attention: the forward and dq kernels run per query head (the dq kernel optionally
+`Tiles.dq_heads` heads of a group a program) and read their KV head in place, so repeated K/V are never materialised; the dk/dv kernel runs per KV head and loops over
 the heads of its group, split over `Tiles.dkv_head_split` programs whose float32 dK/dV partials
 (one per program, [split, B, T, K, D]; never one per query head unless split equals the group)
 are summed afterwards. `flash_mgpu` holds Mosaic GPU (Hopper) versions of the forward and of
@@ -82,8 +82,7 @@ class Tiles:
   max_run: int = 0  # longest run of consecutive tiles one inner loop visits (0: no limit)
   # Which forward kernel runs: "mosaic" (`flash_mgpu`, warp-specialised wgmma; 1.10-1.23x the
   # Triton forward on the H200, BENCHMARKS.md session 9), "triton" (below), or "auto": mosaic on
-  # an sm_90 GPU for the problems it covers, else triton. The backward is Triton's unless `dkv`
-  # or `dq`.
+  # an sm_90 GPU for the problems it covers, else triton. The backward is Triton's unless `dkv`.
   forward: str = "auto"
   # Which dk/dv kernel runs: "triton" (below), "mosaic" (`flash_mgpu.dkv`, TMA + wgmma, one or
   # several query heads of a group per CTA: `flash_mgpu.DKV_HEADS`; sm_90 only), or "auto": as
@@ -106,8 +105,9 @@ class Tiles:
   # the dk/dv kernel stored (sessions 34-36: fwd+bwd 1.003-1.03x faster for 0.4-1.5 GB of dS)
   # was removed in session 39 (BENCHMARKS.md).
   dq: str = "triton"
-  # Query heads of one KV head's group per Triton dq program (a divisor of the group size): each
-  # K/V tile it loads then serves dq_heads x block_q_dq rows, not block_q_dq. Opt-in: untimed.
+  # Query heads of one KV head's group per Triton dq program (the largest divisor of the group
+  # size not above it, as dkv_head_split): each K/V tile it loads then serves that many x
+  # block_q_dq rows. Opt-in: untimed (BENCHMARKS.md, session 39).
   dq_heads: int = 1
 
   def __post_init__(self):
@@ -511,10 +511,7 @@ def _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles: Tiles, interpret, 
   """(dq, delta) by the Triton dq kernel (`xla_delta`: XLA's delta, given instead of O)."""
   b, tp, h, d = q.shape
   group = h // k.shape[2]
-  hp = tiles.dq_heads
-  if group % hp:
-    raise ValueError(f"Tiles.dq_heads={hp} does not divide the {group} query heads of a KV "
-                     f"head's group ({h} query heads, {k.shape[2]} KV heads): pick a divisor")
+  hp = largest_divisor(group, tiles.dq_heads)  # (a group of 7, the 7B's, takes 1 or 7)
   params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
                                  num_stages=tiles.num_stages_bwd)
   bq, bk = tiles.block_q_dq, tiles.block_k_dq
@@ -673,7 +670,7 @@ def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.Mask
                 for f in ("forward", "dkv", "dq")})
   lcm = max(tiles.block_q, tiles.block_k, tiles.block_q_dq, tiles.block_k_dq,
             tiles.block_q_dkv, tiles.block_k_dkv)  # all powers of two: the max is their lcm
-  if "mosaic" in (tiles.forward, tiles.dkv, tiles.dq):
+  if "mosaic" in (tiles.forward, tiles.dkv):
     from dllm_jax.kernels import flash_mgpu
 
     why = flash_mgpu.fuse_dq_unsupported(d) if tiles.fuse_dq else None

@@ -726,7 +726,8 @@ def main():
                        "per variant (e.g. 'base:;sum:PAIR_ADD=0'); each is checked, then "
                        "timed on the four L=2048 cases with --impls (profiled too with profile)")
   ap.add_argument("--variant-shapes", default="",
-                  help="the variants and dq sections' head shapes, e.g. qwen2.5-1.5b (default: all)")
+                  help="the variants and dq sections' head shapes, e.g. qwen2.5-1.5b "
+                       "(default: all)")
   ap.add_argument("--dq-variants", default="",
                   help="with --sections dq: variants as --variants takes them (e.g. "
                        "'base:;w8:tiles.block_q_dq=128,tiles.num_warps_bwd=8'), each timing "
@@ -748,6 +749,7 @@ def main():
     return
   global LEAN_CHECK
   LEAN_CHECK = args.lean_check
+  shapes = variant_shapes(args.variant_shapes)  # (a bad name fails here, before any section)
   if args.baseline_forward:
     add_baseline_forward(args.baseline_forward)
   sections = args.sections.split(",")
@@ -802,7 +804,7 @@ def main():
                       impls=("pallas",), samples=args.packed)
   if "variants" in sections:
     variant_rows(parse_variants(args.variants), tiles, tuple(args.impls.split(",")),
-                 profile="profile" in sections, shapes=variant_shapes(args.variant_shapes))
+                 profile="profile" in sections, shapes=shapes)
   if "profile" in sections and "variants" not in sections:
     for nn_ in (1, 2):
       for name in SHAPES:
@@ -810,10 +812,10 @@ def main():
           if impl not in ("xla", "cudnn"):
             profile_row(name, masks.MaskSpec("diffusion", 32, nn_), 2048, tiles, impl)
   if "dq" in sections and args.dq_variants:
-    dq_variant_rows(parse_variants(args.dq_variants), tiles, variant_shapes(args.variant_shapes))
+    dq_variant_rows(parse_variants(args.dq_variants), tiles, shapes)
   elif "dq" in sections:
     for nn_ in (2, 1):  # 3L first
-      for name in variant_shapes(args.variant_shapes):
+      for name in shapes:
         dq_row(name, masks.MaskSpec("diffusion", 32, nn_), 2048, tiles)
   if "decode" in sections:
     for name, lens in (("qwen2.5-1.5b", (4096,) if args.quick else (512, 1024, 2048, 4096, 8192)),

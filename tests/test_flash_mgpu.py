@@ -192,7 +192,8 @@ def test_dkv_ctas_of_several_heads_equal_the_reference(monkeypatch, case, heads)
 def test_nonempty_tiles_index_every_nonempty_tile_once():
   # (dkv reads the sign: which 64-key halves a visit passes over)
   spec = masks.MaskSpec("diffusion", 16, 1)
-  pairs, n = flash_mgpu.nonempty_tiles(spec, 100, 256, 64)  # T = 200 rows padded to 256: 4 x 4 tiles
+  # T = 200 rows padded to 256: 4 x 4 tiles
+  pairs, n = flash_mgpu.nonempty_tiles(spec, 100, 256, 64)
   tmap = masks.tile_map(spec, 100, 64, 64) != masks.TILE_EMPTY
   assert pairs.shape == (4, 4) and n == tmap.sum()
   assert sorted(pairs[pairs >= 0].tolist()) == list(range(n))

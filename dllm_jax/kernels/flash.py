@@ -10,10 +10,11 @@ after others never visits their keys, and an outer tile whose visits all lie ins
 skips the in-kernel segment comparison.
 
 Grouped-query attention: the forward and dq kernels run per query head (the dq kernel optionally
-`Tiles.dq_heads` heads of a group a program) and read their KV head in place, so repeated K/V are never materialised; the dk/dv kernel runs per KV head and loops over
-the heads of its group, split over `Tiles.dkv_head_split` programs whose float32 dK/dV partials
-(one per program, [split, B, T, K, D]; never one per query head unless split equals the group)
-are summed afterwards. `flash_mgpu` holds Mosaic GPU (Hopper) versions of the forward and of
+`Tiles.dq_heads` heads of a group a program) and read their KV head in place, so repeated K/V
+are never materialised; the dk/dv kernel runs per KV head and loops over the heads of its group,
+split over `Tiles.dkv_head_split` programs whose float32 dK/dV partials (one per program,
+[split, B, T, K, D]; never one per query head unless split equals the group) are summed
+afterwards. `flash_mgpu` holds Mosaic GPU (Hopper) versions of the forward and of
 the dk/dv kernel (both the default there, `Tiles.forward` / `Tiles.dkv`; the dk/dv kernel can
 also accumulate dQ: `Tiles.fuse_dq`), on the same plans.
 
@@ -378,28 +379,25 @@ def _dq_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_re
                segk_ref, do_ref, lse_ref, o_ref, dq_ref, delta_ref, *, spec, length, block_q,
                block_k, scale, heads, given_delta=False):
   # `heads` query heads of one KV head's group per program (Tiles.dq_heads): each K/V tile then
-  # feeds heads x block_q rows. With one, the refs hold that head alone (its axis squeezed).
+  # feeds heads x block_q rows. Head j's index into a [rows, heads, D] tile and a [heads, rows]
+  # row block; with one head the refs hold it alone (its axis squeezed).
+  tile_at = lambda j: ... if heads == 1 else (slice(None), j, slice(None))
+  row_at = lambda j: ... if heads == 1 else (j, slice(None))
   qi = pl.program_id(0)
-  of = (lambda ref: ref[...]) if heads == 1 else None
-  head_of = [of or (lambda ref, j=j: ref[:, j, :]) for j in range(heads)]
-  row_of = [of or (lambda ref, j=j: ref[j, :]) for j in range(heads)]
-  q = [f(q_ref) for f in head_of]
-  do = [f(do_ref) for f in head_of]
-  lse = [f(lse_ref) for f in row_of]
+  q = [q_ref[tile_at(j)] for j in range(heads)]
+  do = [do_ref[tile_at(j)] for j in range(heads)]
+  lse = [lse_ref[row_at(j)] for j in range(heads)]
   if given_delta:  # DELTA_IN_DQ off: o_ref holds XLA's delta rows
-    delta = [f(o_ref) for f in row_of]
+    delta = [o_ref[row_at(j)] for j in range(heads)]
   else:
     # delta_i = sum_d o_id * do_id of this program's rows, written for the dk/dv kernel too:
     # each row is one program's, and its dO tile is loaded here anyway. XLA's pass over O and
     # dO took 39-122 us at L=2048 on an H100; this kernel takes 21-52 us more (its O loads):
     # fwd+bwd 1.02-1.04x faster (BENCHMARKS.md, session 32)
-    delta = [jnp.sum(f(o_ref).astype(jnp.float32) * d_.astype(jnp.float32), axis=1)
-             for f, d_ in zip(head_of, do)]
+    delta = [jnp.sum(o_ref[tile_at(j)].astype(jnp.float32) * do[j].astype(jnp.float32), axis=1)
+             for j in range(heads)]
   for j in range(heads):
-    if heads == 1:
-      delta_ref[...] = delta[j]
-    else:
-      delta_ref[j, :] = delta[j]
+    delta_ref[row_at(j)] = delta[j]
   seg_q = segq_ref[...]
   q_idx = qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
 
@@ -426,10 +424,7 @@ def _dq_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_re
       plan, qi, block_k, functools.partial(body, compare_segments=cmp),
       tuple(jnp.zeros(q[0].shape, jnp.float32) for _ in range(heads))))
   for j in range(heads):
-    if heads == 1:
-      dq_ref[...] = (dq[j] * scale).astype(dq_ref.dtype)
-    else:
-      dq_ref[:, j, :] = (dq[j] * scale).astype(dq_ref.dtype)
+    dq_ref[tile_at(j)] = (dq[j] * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(order_ref, lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref,

@@ -807,10 +807,10 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   # leaves empty for the visit's 64 query rows (`pass_step`): on an H100 the kernel's GPU time
   # 0.6-6.5% lower over the four L=2048 cases, the 7B heads' most (BENCHMARKS.md, session 37).
   skip_halves = not fuse_dq
-  if skip_halves and bk != bq:  # (the table below is of bq x bq tiles, key tiles 2 a row)
-    raise ValueError(f"dkv: passing over empty halves needs square tiles (BLOCK_KV={bk}, "
-                     f"BLOCK_QI={bq})")
   if skip_halves:
+    if bk != bq:  # (the table below is of bq x bq tiles, key tiles 2 a row)
+      raise ValueError(f"dkv: passing over empty halves needs square tiles (BLOCK_KV={bk}, "
+                       f"BLOCK_QI={bq})")
     # Each row's visits' tile index for warpgroup w at columns nv + 4 + w * nv + i (padding to
     # whole 128-byte rows again): query tile plan[i], key tile 2 * (the row's tile) + w; -1
     # where the layout leaves that 64 x 64 tile empty.

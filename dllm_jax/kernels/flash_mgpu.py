@@ -732,17 +732,15 @@ def fuse_dq_unsupported(head_dim: int) -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def nonempty_tiles(spec: masks.MaskSpec, length: int, tp: int, tile: int = BLOCK_QI):
-  """int32 [tp // tile, tp // tile]: an index for each (query tile, key tile) the layout does not
-  leave empty, -1 for the rest; and how many there are (P, at least 1). Query-tile major, keys
-  ascending. `dkv` reads only the sign: -1 is a 64-key half a visit passes over."""
+  """int32 [tp // tile, tp // tile]: 0 for each (query tile, key tile) the layout does not leave
+  empty, -1 for the rest (int32, as it is stored in the dk/dv plan rows: -1 is a 64-key half a
+  visit passes over)."""
   tmap = masks.tile_map(spec, length, tile, tile) != masks.TILE_EMPTY
   n = tp // tile
-  pairs = np.full((n, n), -1, np.int32)
-  used = np.zeros((n, n), bool)
-  used[:tmap.shape[0], :tmap.shape[1]] = tmap
-  pairs[used] = np.arange(int(used.sum()), dtype=np.int32)
-  pairs.flags.writeable = False  # shared by every caller (cached)
-  return pairs, max(1, int(used.sum()))
+  table = np.full((n, n), -1, np.int32)
+  table[:tmap.shape[0], :tmap.shape[1]][tmap] = 0
+  table.flags.writeable = False  # shared by every caller (cached)
+  return table
 
 
 def _zeroed(shape, dtype=jnp.float32):
@@ -814,7 +812,7 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     # Each row's visits' tile index for warpgroup w at columns nv + 4 + w * nv + i (padding to
     # whole 128-byte rows again): query tile plan[i], key tile 2 * (the row's tile) + w; -1
     # where the layout leaves that 64 x 64 tile empty.
-    pair_table, _ = nonempty_tiles(spec, length, tp, bq)
+    pair_table = nonempty_tiles(spec, length, tp, bq)
     key_tiles = 2 * plan[..., nv + 3, None] + jnp.arange(2)  # [B, n_outer, 2]
     slots = jnp.asarray(pair_table)[plan[..., None, :nv], key_tiles[..., None]]
     slots = slots.reshape(*plan.shape[:2], 2 * nv)

@@ -361,9 +361,9 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     raise ValueError(f"padded length {tp} is not a multiple of {OUTER}")
   group = h // k.shape[2]
   bq, bk = BLOCK_Q, BLOCK_K
-  # The interpreter has no transposed refs: there K^T ([B, K, D, Tp]) is streamed; on the GPU,
-  # K's own tiles, read transposed by the wgmma (XLA's transpose cost 8-16 us, session 33).
-  kt = k.transpose(0, 2, 3, 1) if interpret else k
+  # k_in, k_ref, k_s: K^T ([B, K, D, Tp]) in the interpreter, which has no transposed refs; on
+  # the GPU K itself, its tiles read transposed by the wgmma (XLA's transpose: 8-16 us, session 33).
+  k_in = k.transpose(0, 2, 3, 1) if interpret else k
   n_outer = tp // OUTER
   ctas = _forward_ctas(b * h * n_outer, interpret)
   table, nv = work_table(spec, length, seg, b, h, n_outer, ctas)
@@ -398,7 +398,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
       def _(m):
         item(m, lax.rem(m, 2))
 
-  def kernel(q_ref, kt_ref, v_ref, seg_ref, table_ref, o_ref, lse_ref, q_s, kt_s, v_s, p_s,
+  def kernel(q_ref, k_ref, v_ref, seg_ref, table_ref, o_ref, lse_ref, q_s, k_s, v_s, p_s,
              lse_s, segq_s, segk_s, plan_s, plan_bar, q_bar, sq_bar, k_bar, v_bar, sk_bar,
              k_free, v_free, item_free, sched_bar):
     cta = lax.axis_index("sm")
@@ -457,8 +457,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         def fetch(i, slot):
           key = pl.multiple_of(plan_s[s, i] * bk, bk)
           keys = pl.ds(key, bk)
-          plgpu.copy_gmem_to_smem(kt_ref.at[bi, kvh, :, keys] if interpret
-                                  else kt_ref.at[bi, keys, kvh], kt_s.at[slot], k_bar.at[slot])
+          plgpu.copy_gmem_to_smem(k_ref.at[bi, kvh, :, keys] if interpret
+                                  else k_ref.at[bi, keys, kvh], k_s.at[slot], k_bar.at[slot])
           plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(key, bk), kvh], v_s.at[slot],
                                   v_bar.at[slot])
 
@@ -517,7 +517,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         def scores(slot, after=lambda: None):
           def qk(acc_ref):
             plgpu.wgmma(acc_ref, q_s.at[s, wg],
-                        kt_s.at[slot] if interpret else kt_s.at[slot].transpose((1, 0)))
+                        k_s.at[slot] if interpret else k_s.at[slot].transpose((1, 0)))
             after()
             return acc_ref[...]
           return pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
@@ -631,7 +631,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
       num_threads=3, thread_name="wg",
       compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params() if interpret else None,
-  )(q, kt, v, seg, table)
+  )(q, k_in, v, seg, table)
   return o, lse
 
 
@@ -663,9 +663,9 @@ DQ_LAG = 1
 # does, in either order; more partials than two would round in the order the CTAs end, so those
 # stay partials. (FlashAttention-3's float32 reduce-adds of every head's share, converted after
 # the kernel, cost the kernel more than XLA's sum saved: fwd+bwd 1.01x the time, H200, session 15;
-# removed in session 38.) On an H100 (L=2048, two readings each, BENCHMARKS.md session 38) the 1.5B heads'
-# fwd+bwd GPU time 1.5-3.0% lower (2L) and 1.6-1.9% (3L), the dk/dv kernel itself 8-15 us faster;
-# the partials' 33.5 MB (2L) not allocated. False: the partials (the tests compare the two:
+# removed in session 38.) On an H100 (L=2048, two readings each, BENCHMARKS.md session 38) the
+# 1.5B heads' fwd+bwd GPU time 1.5-3.0% lower (2L) and 1.6-1.9% (3L), the dk/dv kernel itself
+# 8-15 us faster; the partials' 33.5 MB (2L) not allocated. False: the partials (the tests compare the two:
 # equal bits in the interpreter; on the GPU checked to the benchmark's tolerance, its bit check
 # `attention.py`'s `pair_add_bits` not yet run).
 PAIR_ADD = True

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dllm_jax import decoding_cli
-from dllm_jax.decoding_cli import UsageError, encode, prompt_width
+from dllm_jax.decoding_cli import UsageError, encode_at, prompt_width
 
 MASK_GLYPH = "░"
 
@@ -51,10 +51,10 @@ def _parser() -> argparse.ArgumentParser:
 ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates render (a typo is named)
 
 
-def read_prompts(path: str) -> list[list[dict]]:
-  """Conversations from a JSONL file: each line {"prompt": str} or {"messages": [{"role",
-  "content"}, ...]}; a bad line is an error naming file:line."""
-  conversations = []
+def read_prompts(path: str) -> tuple[list[list[dict]], list[str]]:
+  """Conversations from a JSONL file, and the file:line of each: each line {"prompt": str} or
+  {"messages": [{"role", "content"}, ...]}; a bad line is an error naming file:line."""
+  conversations, wheres = [], []
   try:
     with open(path, "rb") as f:
       data = f.read()
@@ -65,6 +65,7 @@ def read_prompts(path: str) -> list[list[dict]]:
       raise UsageError(f"{where}: both 'prompt' and 'messages'; give one")
     if isinstance(record, dict) and isinstance(record.get("prompt"), str):
       conversations.append([{"role": "user", "content": record["prompt"]}])
+      wheres.append(where)
     elif isinstance(record, dict) and isinstance(record.get("messages"), list):
       messages = record["messages"]
       if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
@@ -75,12 +76,13 @@ def read_prompts(path: str) -> list[list[dict]]:
       if roles:
         raise UsageError(f"{where}: role {roles[0]!r} is not one of {ROLES}")
       conversations.append(messages)
+      wheres.append(where)
     else:
       raise UsageError(f"{where}: expected an object with a string 'prompt' or a list "
                        "'messages'")
   if not conversations:
     raise UsageError(f"{path} holds no prompts")
-  return conversations
+  return conversations, wheres
 
 
 def _sampling(args) -> dict:
@@ -141,28 +143,31 @@ def _strip_stop(ids: list[int], cfg) -> list[int]:
   return ids[:-1] if ids and ids[-1] in cfg.stop_token_ids else ids
 
 
-def _check_lengths(prompts, model_cfg, cfg, width):
+def _check_lengths(prompts, model_cfg, cfg, width, wheres):
   """UsageError for an empty prompt, or prompts `width` wide that with --max-new-tokens would
-  reach past the model's context (generate's own DecodeError, named as the flags)."""
+  reach past the model's context (generate's own DecodeError, named as the flags); `wheres`
+  names each prompt."""
   from dllm_jax import decoding
 
-  for i, ids in enumerate(prompts):
+  for ids, where in zip(prompts, wheres):
     if not ids:
-      raise UsageError(f"prompt {i} is empty after tokenization; give some text")
+      raise UsageError(f"{where}: the prompt is empty after tokenization; give some text")
     if len(ids) > model_cfg.max_position_embeddings:
-      raise UsageError(f"prompt {i} has {len(ids)} tokens, longer than the model's context "
-                       f"({model_cfg.max_position_embeddings})")
+      raise UsageError(f"{where}: the prompt has {len(ids)} tokens, longer than the model's "
+                       f"context ({model_cfg.max_position_embeddings})")
   try:
     decoding.check_reach(model_cfg, cfg, width)
   except decoding.DecodeError as e:
     raise UsageError(decoding_cli.as_flags(str(e))) from None
 
 
-def run_batch(args, pretrained, cfg, conversations) -> dict:
+def run_batch(args, pretrained, cfg, conversations, wheres=None) -> dict:
+  """Decodes the conversations in batches; `wheres` names each in errors (default: --prompt)."""
   tok = pretrained.tokenizer
-  prompts = [encode(tok, c, args.no_chat_template) for c in conversations]
+  wheres = wheres or ["--prompt"] * len(conversations)
+  prompts = [encode_at(tok, c, w, args.no_chat_template) for c, w in zip(conversations, wheres)]
   width = prompt_width(max(map(len, prompts)), cfg, pretrained.config)
-  _check_lengths(prompts, pretrained.config, cfg, width)
+  _check_lengths(prompts, pretrained.config, cfg, width, wheres)
   batch = max(1, min(args.batch_size, len(prompts)))
   decoder = Decoder(pretrained, cfg, args.seed)
   results = []
@@ -202,11 +207,16 @@ def chat(args, pretrained, cfg, stdin=None, out=None) -> dict:
     if not line.strip():
       break
     conversation.append({"role": "user", "content": line.strip()})
-    ids = encode(tok, conversation, args.no_chat_template)
+    try:
+      ids = encode_at(tok, conversation, "this turn", args.no_chat_template)
+    except UsageError as e:  # (the conversation so far stays; this turn is not taken)
+      conversation.pop()
+      print(f"decode.py: {e}; type it again without them", file=out)
+      continue
     width = prompt_width(len(ids), cfg, pretrained.config, steps=4)
     try:
-      _check_lengths([ids], pretrained.config, cfg, width)
-    except UsageError as e:  # (the conversation so far stays; this turn is not taken)
+      _check_lengths([ids], pretrained.config, cfg, width, ["this turn"])
+    except UsageError as e:
       conversation.pop()
       print(f"decode.py: {e}; the conversation is too long for another turn", file=out)
       continue
@@ -236,8 +246,8 @@ def live(args, pretrained, cfg, conversation, out=None) -> dict:
   if cfg.mode != "diffusion":
     raise UsageError("--live shows diffusion denoising; use it with --mode diffusion")
   tok = pretrained.tokenizer
-  ids = encode(tok, conversation, args.no_chat_template)
-  _check_lengths([ids], pretrained.config, cfg, len(ids))
+  ids = encode_at(tok, conversation, "--prompt", args.no_chat_template)
+  _check_lengths([ids], pretrained.config, cfg, len(ids), ["--prompt"])
   plen, n = len(ids), cfg.max_new_tokens
   frames = []
   tty = hasattr(out, "isatty") and out.isatty()
@@ -276,9 +286,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.live and not args.prompt:
       raise UsageError("--live needs a single --prompt")
     decoding_cli.check(args, **_sampling(args))
-    conversations = None
+    conversations = wheres = None
     if args.prompts:
-      conversations = read_prompts(args.prompts)
+      conversations, wheres = read_prompts(args.prompts)
     # The batch the decoder runs: one conversation for --chat, --live and --prompt.
     batch = max(1, min(args.batch_size, len(conversations))) if conversations else 1
     pretrained = decoding_cli.load(args, "decode.py", batch=batch)
@@ -291,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       result = chat(args, pretrained, cfg, out=sys.stderr if args.json else None)
     else:
       conversations = conversations or [[{"role": "user", "content": args.prompt}]]
-      result = run_batch(args, pretrained, cfg, conversations)
+      result = run_batch(args, pretrained, cfg, conversations, wheres)
   except UsageError as e:
     raise SystemExit(f"decode.py: error: {e}") from None
   if args.json:

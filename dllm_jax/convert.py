@@ -342,7 +342,10 @@ def load_hf_dir(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
   path = pathlib.Path(path)
   config_file = path / "config.json"
   if not config_file.is_file():
-    raise CheckpointError(f"{config_file} does not exist; expected a HF model directory")
+    raise CheckpointError(
+        f"{config_file} does not exist: {path} is not a HF model directory (config.json, "
+        "safetensors, tokenizer files); give one, a training run's directory (model.json, "
+        "checkpoints/), a .gguf file or smollm2-135m-instruct")
   try:
     raw = json.loads(config_file.read_text())
   except json.JSONDecodeError as e:

@@ -108,28 +108,42 @@ def check(args, **sampling) -> None:
   if args.batch_size < 1:
     raise UsageError(f"--batch-size={args.batch_size}: must be >= 1")
   unused = [flag for flag, given in (("--threshold", args.threshold is not None),
+                                     ("--block-size", args.block_size is not None),
                                      ("--sub-block-size", args.sub_block_size is not None),
                                      ("--no-dual-cache", args.no_dual_cache)) if given]
   if args.mode == "ar" and unused:
     warnings.warn(f"{', '.join(unused)} set the diffusion decoder; --mode ar decodes one token a "
                   "step and ignores them", stacklevel=2)
+  if sampling.get("temperature") == 0 and sampling.get("top_p", 1.0) != 1.0:
+    warnings.warn(f"--top-p {sampling['top_p']} shapes sampling; --temperature 0 decodes "
+                  "greedily and ignores it (give a --temperature above 0 to sample)",
+                  stacklevel=2)
   if not -2**63 <= args.seed < 2**63:  # (jax.random.key takes a 64-bit integer)
     raise UsageError(f"--seed={args.seed}: must fit in 64 bits (|seed| < 2**63)")
   try:
-    _config(args, **sampling)
+    _config(args, provisional=True, **sampling)
   except decoding.DecodeError as e:
     raise UsageError(as_flags(str(e))) from None
 
 
-def _config(args, **fields):
+def _config(args, provisional: bool = False, **fields):
+  """The flags' `DecodeConfig`. --mode ar reads none of the diffusion flags (warned in `check`):
+  the defaults stand in for them, so a value only diffusion would refuse is not an error.
+  `provisional` (`check`, before `load` has read the block size a run was trained with): with
+  no --block-size, the sub-block size stands in for it, its divisibility checked once `load`
+  knows the size."""
   from dllm_jax import decoding
 
+  ar = args.mode == "ar"
+  sub_block = DEFAULT_SUB_BLOCK if ar or args.sub_block_size is None else args.sub_block_size
+  block = DEFAULT_BLOCK_SIZE if ar or args.block_size is None else args.block_size
+  if provisional and not ar and args.block_size is None and sub_block >= 1:
+    block = sub_block
   return decoding.DecodeConfig(
-      mode=args.mode, max_new_tokens=args.max_new_tokens,
-      block_size=DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size,
-      sub_block_size=DEFAULT_SUB_BLOCK if args.sub_block_size is None else args.sub_block_size,
-      threshold=DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
-      use_dual_cache=not args.no_dual_cache, **fields)
+      mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=block,
+      sub_block_size=sub_block,
+      threshold=DEFAULT_THRESHOLD if ar or args.threshold is None else args.threshold,
+      use_dual_cache=ar or not args.no_dual_cache, **fields)
 
 
 def load(args, command: str, *, batch: int | None = None):
@@ -173,10 +187,15 @@ def load(args, command: str, *, batch: int | None = None):
                     stacklevel=2)
     trained = pretrained.metadata.get("block_size")
     trained = trained if isinstance(trained, int) else None
-    if args.block_size is None and trained is not None:
-      args.block_size = trained  # (the flags were checked with the default: again with it)
-      check(args)
-    elif trained is not None and args.block_size not in (None, trained):
+    if args.block_size is None:  # (decided now: the flags again with it)
+      args.block_size = DEFAULT_BLOCK_SIZE if trained is None else trained
+      try:
+        check(args)
+      except UsageError as e:
+        raise UsageError(f"{e} ({args.checkpoint} " + (
+            f"was trained with blocks of {trained} tokens)" if trained is not None else
+            f"records no block size: the default, {DEFAULT_BLOCK_SIZE})")) from None
+    elif trained is not None and args.block_size != trained:
       warnings.warn(f"{args.checkpoint} was trained with blocks of {trained} tokens; decoding "
                     f"with --block-size {args.block_size}, which it has not seen (pass "
                     f"--block-size {trained} to decode it as trained)", stacklevel=2)
@@ -250,6 +269,16 @@ def encode(tokenizer, conversation, raw: bool = False) -> list[int]:
     return tokenizer.encode("\n".join(m["content"] for m in conversation),
                             add_special_tokens=True)
   return tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
+
+
+def encode_at(tokenizer, conversation, where: str, raw: bool = False) -> list[int]:
+  """`encode`, a text the tokenizer cannot encode named by `where` it came from (UsageError)."""
+  from dllm_jax import tokenizer as tokenizer_lib
+
+  try:
+    return encode(tokenizer, conversation, raw)
+  except tokenizer_lib.TokenizerError as e:
+    raise UsageError(f"{where}: {e}") from None
 
 
 def prompt_width(n: int, cfg, model_cfg, steps: int = 1) -> int:

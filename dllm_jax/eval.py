@@ -68,6 +68,7 @@ class Problem:
   index: int
   question: str
   gold: str
+  where: str = ""  # file:line it was read from (named in errors)
 
 
 def load_gsm8k(path: str | pathlib.Path, limit: Optional[int] = None) -> list[Problem]:
@@ -93,13 +94,17 @@ def load_gsm8k(path: str | pathlib.Path, limit: Optional[int] = None) -> list[Pr
     if gold is None:
       raise ValueError(f"{where}: the answer has no final number after '####' (GSM8K's "
                        "answers end in '#### N')")
-    problems.append(Problem(len(problems), question, gold))
+    problems.append(Problem(len(problems), question, gold, where))
     if limit is not None and len(problems) >= limit:
       break
   if not problems:
     raise ValueError(f"{path} holds no GSM8K records (one JSON object with question and answer "
                      "a line)")
   return problems
+
+
+def _name(problem: Problem) -> str:
+  return f"problem {problem.index}" + (f" ({problem.where})" if problem.where else "")
 
 
 def accuracy_with_se(correct: Sequence[bool]) -> tuple[float, float]:
@@ -128,11 +133,17 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
       decode_cfg, stop_token_ids=(decoding.stop_token_ids(tok, pretrained.config)
                                   if stop_token_ids is None else stop_token_ids))
   # (As decode.py: the question as it is where the tokenizer has no chat template.)
-  prompts = [decoding_cli.encode(tok, [{"role": "user", "content": p.question}])
+  prompts = [decoding_cli.encode_at(tok, [{"role": "user", "content": p.question}], _name(p))
              for p in problems]
   model_cfg = pretrained.config
-  width = decoding_cli.prompt_width(max(len(p) for p in prompts), decode_cfg, model_cfg)
-  decoding.check_reach(model_cfg, decode_cfg, width)  # (before anything compiles)
+  widest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+  width = decoding_cli.prompt_width(len(prompts[widest]), decode_cfg, model_cfg)
+  try:
+    decoding.check_reach(model_cfg, decode_cfg, width)  # (before anything compiles)
+  except decoding.DecodeError as e:  # (which problem: a data set's prompt cannot be shortened)
+    raise decoding.DecodeError(
+        f"{e} (the widest prompt: {_name(problems[widest])}, {len(prompts[widest])} tokens; "
+        "--limit evaluates the problems before it)") from None
   # The threshold is an argument, not a constant, so a sweep over thresholds compiles to the same
   # program (and hits JAX's persistent compilation cache when one is set).
   diffusion = decode_cfg.mode == "diffusion"
@@ -300,6 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                 layout=args.layout)
   except decoding.DecodeError as e:  # (the problems and --max-new-tokens past the context)
     raise SystemExit(f"{prog}: error: {decoding_cli.as_flags(str(e))}") from None
+  except decoding_cli.UsageError as e:  # (a problem's text the tokenizer cannot encode)
+    raise SystemExit(f"{prog}: error: {e}") from None
   summary["checkpoint"] = args.checkpoint
   if args.out:
     from dllm_jax import checkpoint  # (loaded with the model already)

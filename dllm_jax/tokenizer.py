@@ -99,8 +99,9 @@ class Tokenizer:
     bad = sorted(set(rest) - self.alphabet)
     if bad:
       raise TokenizerError(
-          f"the character tokenizer cannot encode {bad!r}: it knows printable ASCII only; "
-          "pass those characters in simple_chars(extra_chars=...) or use a real tokenizer")
+          f"the character tokenizer cannot encode {bad!r}: it knows printable ASCII only "
+          "(a model trained with it never saw them); remove them from the text, or train with "
+          "simple_chars(extra_chars=...) or a real tokenizer")
 
   # ------------------------------------------------------------------------------------------
   # Chat

@@ -190,6 +190,40 @@ def test_diffusion_flags_with_ar_mode_are_named_as_ignored(dirs):
     decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", "--mode", "ar",
                  "--max-new-tokens", "4", "--threshold", "0.3", "--sub-block-size", "2",
                  "--no-dual-cache"])
+  # Ignored, so not refused: a block size the sub-block size does not divide, or one that only
+  # diffusion's whole blocks would take past the context.
+  for block in ("7", "512"):
+    with pytest.warns(UserWarning, match=r"--block-size, --sub-block-size set the diffusion "
+                                         "decoder; --mode ar"):
+      result = decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", "--mode", "ar",
+                            "--max-new-tokens", "4", "--block-size", block,
+                            "--sub-block-size", "2"])
+    assert 1 <= result["results"][0]["tokens"] <= 4
+
+
+def test_top_p_without_sampling_is_named_as_ignored(dirs):
+  with pytest.warns(UserWarning, match=r"--top-p 0.5 shapes sampling; --temperature 0 decodes "
+                                       "greedily and ignores it"):
+    decode.main(["--checkpoint", dirs["ar"], "--prompt", "hi", "--mode", "ar",
+                 "--max-new-tokens", "2", "--top-p", "0.5"])
+
+
+def test_text_the_tokenizer_cannot_encode_is_named_where_it_came_from(dirs, tmp_path,
+                                                                      monkeypatch, capsys):
+  # (these models' character tokenizer knows printable ASCII only)
+  with pytest.raises(SystemExit, match=r"decode.py: error: --prompt: the character tokenizer "
+                                       r"cannot encode \['\xe9'\].*remove them from the text"):
+    decode.main(["--checkpoint", dirs["diffusion"], "--prompt", "h\xe9llo", *FAST])
+  path = tmp_path / "p.jsonl"
+  path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "caf\xe9"}) + "\n")
+  with pytest.raises(SystemExit, match=rf"{path}:2: the character tokenizer cannot encode"):
+    decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(path), *FAST])
+  # In a chat the turn is refused by name and the chat goes on.
+  monkeypatch.setattr(sys, "stdin", io.StringIO("caf\xe9\nhi\n\n"))
+  result = decode.main(["--checkpoint", dirs["diffusion"], "--chat", "--mode", "ar",
+                        "--max-new-tokens", "4"])
+  assert [t["user"] for t in result["turns"]] == ["hi"]
+  assert "this turn: the character tokenizer cannot encode" in capsys.readouterr().out
 
 
 def test_live_view_with_json_prints_one_json_document(dirs, capsys):
@@ -307,8 +341,16 @@ def test_the_trained_block_size_is_the_default_and_another_is_warned(monkeypatch
   decoding_cli.load(args, "decode.py")
   assert args.block_size == 16
   assert not [w for w in recwarn if "trained with blocks" in str(w.message)]
-  with pytest.raises(decoding_cli.UsageError, match="--sub-block-size=32"):
-    decoding_cli.load(_load_args("--sub-block-size", "32"), "decode.py")
+  # A sub-block size is checked against the size the run was trained with, not the default:
+  # nothing to refuse before the load, then the run's 16 named (it was 32 and advised 32).
+  for sub, divisors in (("32", r"\[1, 2, 4, 8, 16\]"), ("5", r"\[1, 2, 4, 8, 16\]")):
+    args = _load_args("--sub-block-size", sub)
+    decoding_cli.check(args)
+    with pytest.raises(decoding_cli.UsageError,
+                       match=rf"--sub-block-size={sub} does not divide --block-size=16; pick a "
+                             rf"divisor of it: {divisors} \(ckpt was trained with blocks of 16 "
+                             r"tokens\)"):
+      decoding_cli.load(args, "decode.py")
   # A model that does not say (a HF directory): the authors' 32
   untold = _tiny_pretrained({"objective": "diffusion"})
   monkeypatch.setattr(checkpoint, "load_model", lambda path, dtype="float32": untold)

@@ -137,6 +137,27 @@ print(json.dumps(counts))
 """
 
 
+def test_problems_the_model_cannot_take_are_named_by_file_and_line(tmp_path):
+  # A problem whose text the tokenizer cannot encode, or whose prompt reaches past the context:
+  # an error naming it (a data set's prompt cannot be shortened from the command line), before
+  # anything compiles; the library raises, main turns it into one line.
+  data = tmp_path / "test.jsonl"
+  rows = [{"question": "What is 1 + 1?", "answer": "#### 2"},
+          {"question": "Tom\u2019s 3 apples?", "answer": "#### 3"}]
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  pre = _tiny_pretrained()
+  cfg = decoding.DecodeConfig(max_new_tokens=16, block_size=8, sub_block_size=4)
+  with pytest.raises(ValueError, match=rf"problem 1 \({data}:2\): the character tokenizer "
+                                       r"cannot encode \['\u2019'\]"):
+    eval_lib.evaluate(pre, eval_lib.load_gsm8k(data), cfg, batch_size=2, log=lambda *a: None)
+  rows[1]["question"] = "x" * 600  # (512 positions)
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  with pytest.raises(decoding.DecodeError, match=rf"past the model's context .* \(the widest "
+                     rf"prompt: problem 1 \({data}:2\), \d+ tokens; --limit evaluates the "
+                     r"problems before it\)"):
+    eval_lib.evaluate(pre, eval_lib.load_gsm8k(data), cfg, batch_size=2, log=lambda *a: None)
+
+
 def test_a_threshold_sweep_compiles_once_with_a_persistent_cache(tmp_path):
   # The threshold is an argument of the compiled decoder, so the second threshold finds every
   # program in JAX's persistent cache (what the GSM8K study relies on to save device time). A
@@ -204,7 +225,8 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
   data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
   base = ["gsm8k", "--checkpoint", str(tmp_path / "missing"), "--data", str(data)]
   for extra, message in ((["--threshold", "1.5"], r"threshold=1.5: must be in \(0, 1\]"),
-                         (["--sub-block-size", "5"], "--sub-block-size=5 does not divide"),
+                         (["--sub-block-size", "5", "--block-size", "32"],
+                          "--sub-block-size=5 does not divide"),
                          (["--batch-size", "0"], "--batch-size=0: must be >= 1"),
                          (["--limit", "0"], "--limit=0: must be >= 1"),
                          (["--seed", str(10**23)], r"--seed=\d+: must fit in 64 bits")):

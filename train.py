@@ -33,6 +33,9 @@ def main(argv=None) -> int:
   args.config = args.config[0]
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every file it writes
+  # (jax reports at INFO each platform plugin it tried and did not find: libtpu on every GPU or
+  # CPU run)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
   from dllm_jax import run_config, training
   from dllm_jax.checkpoint import CheckpointRestoreError

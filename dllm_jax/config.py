@@ -243,9 +243,16 @@ def _apply_tree(node: Any, tree: dict, where: str) -> Any:
     changes[head] = _parse_value(text, _field_types(type(node))[head], key)
   try:
     return dataclasses.replace(node, **changes)
-  except ConfigError as e:
-    keys = ", ".join(f"{where}{k}" for k in changes)
-    raise ConfigError(f"--set {keys}: {e}") from None
+  except ConfigError as e:  # (named by the overrides given under this node, not its sections)
+    raise ConfigError(f"--set {', '.join(_leaves(tree))}: {e}") from None
+
+
+def _leaves(tree: dict) -> list[str]:
+  """The "key=value" overrides under a node of `apply_overrides`' tree, as they were given."""
+  out = []
+  for sub in tree.values():
+    out += _leaves(sub) if isinstance(sub, dict) else [f"{sub[1]}={sub[0]}"]
+  return out
 
 
 def load_config_file(path: str | pathlib.Path) -> Any:

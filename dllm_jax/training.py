@@ -546,10 +546,13 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
 
 
 class Progress:
-  """A one-line stderr progress bar: step, loss, tokens/s, ETA."""
+  """A one-line stderr progress bar: step, loss, tokens/s, ETA; redrawn in place on a terminal,
+  a line per update where stderr is a file or pipe (a log would otherwise hold one line of
+  carriage returns, with the next log record glued to its end)."""
 
   def __init__(self, total: int, start: int, enabled: bool):
     self.total, self.start, self.enabled = total, start, enabled
+    self.tty = enabled and sys.stderr.isatty()
     self.t0 = time.perf_counter()
     self._timed_from = None  # the first step is mostly compilation: rates start after it
 
@@ -567,15 +570,15 @@ class Progress:
       width = 24
       filled = int(width * step / self.total)
       eta_text = "?" if eta is None else f"{int(eta) // 60}:{int(eta) % 60:02d}"
-      sys.stderr.write(
-          f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
-          f"loss {metrics['loss']:.4f} acc {metrics['accuracy']:.3f} "
-          f"{stats['tokens_per_s']:,.0f} tok/s ETA {eta_text}   ")
+      line = (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
+              f"loss {metrics['loss']:.4f} acc {metrics['accuracy']:.3f} "
+              f"{stats['tokens_per_s']:,.0f} tok/s ETA {eta_text}")
+      sys.stderr.write(f"\r{line}   " if self.tty else f"{line}\n")
       sys.stderr.flush()
     return stats
 
   def close(self):
-    if self.enabled:
+    if self.tty:
       sys.stderr.write("\n")
       sys.stderr.flush()
 

@@ -50,6 +50,10 @@ def test_fields_that_must_agree_across_sections_change_together():
   assert cfg.data.block_size == cfg.objective.block_size == 8
   with pytest.raises(ConfigError, match="differs from objective.block_size"):
     run_config.load(tiny, ["data.block_size=8"])
+  # Named by the overrides given, not by the sections they are in ("--set train, objective").
+  with pytest.raises(ConfigError, match=r"^--set train.steps=5, objective.block_size=8: "
+                                        "data.block_size=16 differs"):
+    run_config.load(tiny, ["train.steps=5", "objective.block_size=8"])
 
 
 def test_unknown_key_lists_the_valid_ones():

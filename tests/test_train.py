@@ -348,6 +348,10 @@ def test_quick_start_leaves_a_model_that_load_model_reads(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "held-out masked-token accuracy" in proc.stdout
   assert "tok/s" in proc.stderr and "ETA" in proc.stderr  # the progress bar
+  # Into a pipe: whole lines, none glued to a log record; jax's search for a TPU not logged.
+  bars = [line for line in proc.stderr.splitlines() if "ETA" in line]
+  assert "\r" not in proc.stderr and all(b.startswith("[") and "INFO" not in b for b in bars)
+  assert "Unable to initialize backend" not in proc.stderr
 
   model = checkpoint.load_model(run_dir)
   cfg = run_config.from_json((run_dir / "config.json").read_text())

@@ -295,32 +295,8 @@ def test_dkv_tiles_are_visited_heaviest_first():
   assert work[order[0]] > work[order[-1]]  # the layout is uneven, so the order is not trivial
 
 
-@pytest.mark.parametrize("xla_delta", [False, True])
-def test_dq_programs_of_several_heads_give_the_same_bits(xla_delta):
-  # Tiles.dq_heads: a dq program walks several query heads of a KV head's group over one K/V
-  # tile load each visit; every head's arithmetic is the one-head program's, so dq and delta
-  # are the same bits (GQA 6 with two KV heads: 2, 3 and 6 heads a program, and 4, which takes
-  # the largest divisor of the group not above it, 3; segment cuts; given delta or not).
-  spec = masks.MaskSpec("diffusion", 8, 1)
-  meta = masks.layout_meta(spec, _segments(2, 29, [[16], []]))
-  t = meta.positions.shape[1]
-  tp = -(-t // 16) * 16
-  q, k, v, do = _qkv(jax.random.key(9), 2, tp, 12, 2, 16, jnp.float32)
-  base = dataclasses.replace(SMALL, block_q_dq=16, block_k_dq=16)
-  seg = jnp.pad(meta.segments, ((0, 0), (0, tp - t)))  # as block_sparse_attention pads
-  o, lse = flash._forward(q, k, v, seg, spec, 29, base, True)
-  delta = flash._xla_delta(o, do) if xla_delta else None
-  run = lambda n: jax.jit(lambda: flash._triton_dq(
-      q, k, v, seg, o, do, lse, spec, 29, dataclasses.replace(base, dq_heads=n), True, delta))()
-  want = run(1)
-  for n in (2, 3, 4, 6):
-    for g, w in zip(run(n), want):
-      np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"dq_heads={n}")
-
-
 @pytest.mark.parametrize("field,value", [("num_warps_dkv", 3), ("num_warps", 0),
-                                         ("dkv_head_split", 0), ("dq_heads", 0),
-                                         ("block_q", 48)])
+                                         ("dkv_head_split", 0), ("block_q", 48)])
 def test_tiles_refuse_bad_settings(field, value):
   with pytest.raises(ValueError, match=field):
     flash.Tiles(**{field: value})
@@ -352,16 +328,14 @@ def test_training_kernels_lower_for_cuda_as_triton_calls(lower_for_cuda):
   spec = masks.MaskSpec("diffusion", 32, 1)
   meta = masks.layout_meta(spec, _segments(2, 128, [[64], []]))
   b, t, h, kh, d = 2, meta.positions.shape[1], 12, 2, 128
+  tiles = flash.Tiles(forward="triton", dkv="triton")
   sd = jax.ShapeDtypeStruct
-  # and the dq kernel over 3 heads a program (Tiles.dq_heads) at 8 warps
-  for tiles in (flash.Tiles(forward="triton", dkv="triton"),
-                flash.Tiles(forward="triton", dkv="triton", dq_heads=3, num_warps_bwd=8)):
-    def fwd_bwd(q, k, v, ct, tiles=tiles):
-      out, vjp = jax.vjp(lambda q, k, v: flash.block_sparse_attention(
-          q, k, v, meta.segments, spec, tiles), q, k, v)
-      return out, vjp(ct)
 
-    text = lower_for_cuda(fwd_bwd, sd((b, t, h, d), jnp.bfloat16),
-                          sd((b, t, kh, d), jnp.bfloat16), sd((b, t, kh, d), jnp.bfloat16),
-                          sd((b, t, h, d), jnp.bfloat16))
-    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
+  def fwd_bwd(q, k, v, ct):
+    out, vjp = jax.vjp(lambda q, k, v: flash.block_sparse_attention(
+        q, k, v, meta.segments, spec, tiles), q, k, v)
+    return out, vjp(ct)
+
+  text = lower_for_cuda(fwd_bwd, sd((b, t, h, d), jnp.bfloat16), sd((b, t, kh, d), jnp.bfloat16),
+                        sd((b, t, kh, d), jnp.bfloat16), sd((b, t, h, d), jnp.bfloat16))
+  assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3

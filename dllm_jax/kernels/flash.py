@@ -9,12 +9,11 @@ each run to the tiles whose ids can meet the outer tile's (`segment_runs`), so a
 after others never visits their keys, and an outer tile whose visits all lie inside one segment
 skips the in-kernel segment comparison.
 
-Grouped-query attention: the forward and dq kernels run per query head (the dq kernel optionally
-`Tiles.dq_heads` heads of a group a program) and read their KV head in place, so repeated K/V
-are never materialised; the dk/dv kernel runs per KV head and loops over the heads of its group,
-split over `Tiles.dkv_head_split` programs whose float32 dK/dV partials (one per program,
-[split, B, T, K, D]; never one per query head unless split equals the group) are summed
-afterwards. `flash_mgpu` holds Mosaic GPU (Hopper) versions of the forward and of
+Grouped-query attention: the forward and dq kernels run per query head and read their KV head in
+place, so repeated K/V are never materialised; the dk/dv kernel runs per KV head and loops over
+the heads of its group, split over `Tiles.dkv_head_split` programs whose float32 dK/dV partials
+(one per program, [split, B, T, K, D]; never one per query head unless split equals the group)
+are summed afterwards. `flash_mgpu` holds Mosaic GPU (Hopper) versions of the forward and of
 the dk/dv kernel (both the default there, `Tiles.forward` / `Tiles.dkv`; the dk/dv kernel can
 also accumulate dQ: `Tiles.fuse_dq`), on the same plans.
 
@@ -104,12 +103,9 @@ class Tiles:
   # 33-34) took 1.01-1.11x Triton's GPU time on three of the four L=2048 cases on an H100 (0.96x
   # on the 1.5B heads' 2L, level in wall time) and was removed in session 38; dQ = dS K from a dS
   # the dk/dv kernel stored (sessions 34-36: fwd+bwd 1.003-1.03x faster for 0.4-1.5 GB of dS)
-  # was removed in session 39 (BENCHMARKS.md).
+  # was removed in session 39; programs over two heads of a group sharing each K/V tile load
+  # (8 warps) took 1.9-2.1x this kernel's time on an H100, removed in session 40 (BENCHMARKS.md).
   dq: str = "triton"
-  # Query heads of one KV head's group per Triton dq program (the largest divisor of the group
-  # size not above it, as dkv_head_split): each K/V tile it loads then serves that many x
-  # block_q_dq rows. Opt-in: untimed (BENCHMARKS.md, session 39).
-  dq_heads: int = 1
 
   def __post_init__(self):
     for name in ("forward", "dkv", "dq"):
@@ -127,8 +123,8 @@ class Tiles:
         continue
       if f.name.startswith("block_") and (v < 16 or v & (v - 1)):
         raise ValueError(f"Tiles.{f.name}={v}: must be a power of two >= 16")
-      if f.name in ("dkv_head_split", "dq_heads") and v < 1:
-        raise ValueError(f"Tiles.{f.name}={v}: must be >= 1")
+      if f.name == "dkv_head_split" and v < 1:
+        raise ValueError(f"Tiles.dkv_head_split={v}: must be >= 1")
       zero_ok = f.name == "num_warps_dkv"  # 0: num_warps_bwd
       if f.name.startswith("num_warps") and v not in (1, 2, 4, 8, 16) and not (zero_ok and v == 0):
         raise ValueError(f"Tiles.{f.name}={v}: must be a power of two <= 16"
@@ -377,54 +373,41 @@ def _forward(q, k, v, seg, spec, length, tiles: Tiles, interpret):
 
 def _dq_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref, segq_ref,
                segk_ref, do_ref, lse_ref, o_ref, dq_ref, delta_ref, *, spec, length, block_q,
-               block_k, scale, heads, given_delta=False):
-  # `heads` query heads of one KV head's group per program (Tiles.dq_heads): each K/V tile then
-  # feeds heads x block_q rows. Head j's index into a [rows, heads, D] tile and a [heads, rows]
-  # row block; with one head the refs hold it alone (its axis squeezed).
-  tile_at = lambda j: ... if heads == 1 else (slice(None), j, slice(None))
-  row_at = lambda j: ... if heads == 1 else (j, slice(None))
+               block_k, scale, given_delta=False):
   qi = pl.program_id(0)
-  q = [q_ref[tile_at(j)] for j in range(heads)]
-  do = [do_ref[tile_at(j)] for j in range(heads)]
-  lse = [lse_ref[row_at(j)] for j in range(heads)]
+  q, do = q_ref[...], do_ref[...]
+  lse = lse_ref[...]
   if given_delta:  # DELTA_IN_DQ off: o_ref holds XLA's delta rows
-    delta = [o_ref[row_at(j)] for j in range(heads)]
+    delta = o_ref[...]
   else:
     # delta_i = sum_d o_id * do_id of this program's rows, written for the dk/dv kernel too:
     # each row is one program's, and its dO tile is loaded here anyway. XLA's pass over O and
     # dO took 39-122 us at L=2048 on an H100; this kernel takes 21-52 us more (its O loads):
     # fwd+bwd 1.02-1.04x faster (BENCHMARKS.md, session 32)
-    delta = [jnp.sum(o_ref[tile_at(j)].astype(jnp.float32) * do[j].astype(jnp.float32), axis=1)
-             for j in range(heads)]
-  for j in range(heads):
-    delta_ref[row_at(j)] = delta[j]
+    delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+  delta_ref[...] = delta
   seg_q = segq_ref[...]
   q_idx = qi * block_q + jnp.arange(block_q, dtype=jnp.int32)
 
   def body(start, dq, masked, compare_segments):
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
-    out = []
-    for j in range(heads):
-      s = _dot(q[j], k, trans_b=True) * (scale * _LOG2E)
-      if j == 0:  # one mask for the heads (traced after the first S, as with one head)
-        k_idx = lambda: start + jnp.arange(block_k, dtype=jnp.int32)
-        keep = _keep(compare_segments, masked, seg_q, segk_ref[pl.ds(start, block_k)],
-                     lambda: _layout_allowed(spec, length, q_idx[:, None], k_idx()[None, :]))
-      p = jnp.exp2(s - lse[j][:, None])
-      if keep is not None:
-        p = jnp.where(keep, p, 0.0)
-      dp = _dot(do[j], v, trans_b=True)
-      ds = p * (dp - delta[j][:, None])
-      out.append(dq[j] + _dot(ds.astype(k.dtype), k))
-    return tuple(out)
+    s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
+    k_idx = lambda: start + jnp.arange(block_k, dtype=jnp.int32)
+    keep = _keep(compare_segments, masked, seg_q, segk_ref[pl.ds(start, block_k)],
+                 lambda: _layout_allowed(spec, length, q_idx[:, None], k_idx()[None, :]))
+    p = jnp.exp2(s - lse[:, None])
+    if keep is not None:
+      p = jnp.where(keep, p, 0.0)
+    dp = _dot(do, v, trans_b=True)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
 
   plan = (lo_ref, hi_ref, nfull_ref, nruns_ref)
   dq = _by_segments(one_ref[qi], lambda cmp: _visit(
       plan, qi, block_k, functools.partial(body, compare_segments=cmp),
-      tuple(jnp.zeros(q[0].shape, jnp.float32) for _ in range(heads))))
-  for j in range(heads):
-    dq_ref[tile_at(j)] = (dq[j] * scale).astype(dq_ref.dtype)
+      jnp.zeros(q.shape, jnp.float32)))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(order_ref, lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_ref,
@@ -506,20 +489,18 @@ def _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles: Tiles, interpret, 
   """(dq, delta) by the Triton dq kernel (`xla_delta`: XLA's delta, given instead of O)."""
   b, tp, h, d = q.shape
   group = h // k.shape[2]
-  hp = largest_divisor(group, tiles.dq_heads)  # (a group of 7, the 7B's, takes 1 or 7)
   params = plgpu.CompilerParams(num_warps=tiles.num_warps_bwd,
                                  num_stages=tiles.num_stages_bwd)
   bq, bk = tiles.block_q_dq, tiles.block_k_dq
   plan = visit_runs(spec, length, bq, bk, False, tiles.max_run, num_outer=tp // bq)
   run_lo, run_hi, one = segment_runs(plan, seg, bq, bk, transpose=False)
-  one_head = None if hp == 1 else hp  # a squeezed head axis with one head a program
-  q_tile = pl.BlockSpec((None, bq, one_head, d), lambda i, bi, hi: (bi, i, hi, 0))
-  kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi * hp // group, 0))
-  row_q = pl.BlockSpec((None, one_head, bq), lambda i, bi, hi: (bi, hi, i))
+  q_tile = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+  kv_all = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0))
+  row_q = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
   return pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, length=length, block_q=bq, block_k=bk,
-                        scale=d ** -0.5, heads=hp, given_delta=xla_delta is not None),
-      grid=(tp // bq, b, h // hp),
+                        scale=d ** -0.5, given_delta=xla_delta is not None),
+      grid=(tp // bq, b, h),
       in_specs=[*_batch_rows(1, run_lo, run_hi, one), _whole(plan[2]), _whole(plan[3]), q_tile,
                 kv_all, kv_all,
                 pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),

@@ -666,8 +666,8 @@ DQ_LAG = 1
 # removed in session 38.) On an H100 (L=2048, two readings each, BENCHMARKS.md session 38) the
 # 1.5B heads' fwd+bwd GPU time 1.5-3.0% lower (2L) and 1.6-1.9% (3L), the dk/dv kernel itself
 # 8-15 us faster; the partials' 33.5 MB (2L) not allocated. False: the partials (the tests
-# compare the two: equal bits in the interpreter; on the GPU checked to the benchmark's
-# tolerance, its bit check `attention.py`'s `pair_add_bits` not yet run).
+# compare the two: equal bits in the interpreter; on an H100 too, `attention.py`'s
+# `pair_add_bits`: dQ, dK and dV with no element differing, session 40).
 PAIR_ADD = True
 # Query heads of one KV head's group that an unfused dk/dv CTA walks in turn, adding their shares
 # of dK and dV in its accumulators (the largest divisor of the group not above it; 0:

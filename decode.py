@@ -211,7 +211,7 @@ def chat(args, pretrained, cfg, stdin=None, out=None) -> dict:
       ids = encode_at(tok, conversation, "this turn", args.no_chat_template)
     except UsageError as e:  # (the conversation so far stays; this turn is not taken)
       conversation.pop()
-      print(f"decode.py: {e}; type it again without them", file=out)
+      print(f"decode.py: {e}; this turn is not taken", file=out)
       continue
     width = prompt_width(len(ids), cfg, pretrained.config, steps=4)
     try:

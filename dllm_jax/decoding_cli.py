@@ -101,8 +101,11 @@ def as_flags(message: str) -> str:
 
 
 def check(args, **sampling) -> None:
-  """UsageError for a shared flag's bad value, before any checkpoint is read. `sampling`: the
-  command's own `DecodeConfig` fields (temperature, top_p), checked with the rest."""
+  """UsageError for a shared flag's bad value, before the checkpoint's weights are read.
+  `sampling`: the command's own `DecodeConfig` fields (temperature, top_p), checked with the
+  rest. Without --block-size, the sub-block size is checked against the size the checkpoint
+  records (`recorded_block_size`: a run's model.json, an export's config.json), else the
+  default."""
   from dllm_jax import decoding
 
   if args.batch_size < 1:
@@ -114,31 +117,54 @@ def check(args, **sampling) -> None:
   if args.mode == "ar" and unused:
     warnings.warn(f"{', '.join(unused)} set the diffusion decoder; --mode ar decodes one token a "
                   "step and ignores them", stacklevel=2)
+  if not -2**63 <= args.seed < 2**63:  # (jax.random.key takes a 64-bit integer)
+    raise UsageError(f"--seed={args.seed}: must fit in 64 bits (|seed| < 2**63)")
+  recorded = None
+  if args.mode == "diffusion" and args.block_size is None:
+    recorded = recorded_block_size(args.checkpoint)
+  try:
+    _config(args, recorded, **sampling)
+  except decoding.DecodeError as e:
+    message = as_flags(str(e))
+    if args.mode == "diffusion" and args.block_size is None and "--block-size" in message:
+      message += f" ({args.checkpoint} " + (
+          f"was trained with blocks of {recorded} tokens)" if recorded is not None else
+          f"records no block size: the default, {DEFAULT_BLOCK_SIZE})")
+    raise UsageError(message) from None
   if sampling.get("temperature") == 0 and sampling.get("top_p", 1.0) != 1.0:
     warnings.warn(f"--top-p {sampling['top_p']} shapes sampling; --temperature 0 decodes "
                   "greedily and ignores it (give a --temperature above 0 to sample)",
                   stacklevel=2)
-  if not -2**63 <= args.seed < 2**63:  # (jax.random.key takes a 64-bit integer)
-    raise UsageError(f"--seed={args.seed}: must fit in 64 bits (|seed| < 2**63)")
-  try:
-    _config(args, provisional=True, **sampling)
-  except decoding.DecodeError as e:
-    raise UsageError(as_flags(str(e))) from None
 
 
-def _config(args, provisional: bool = False, **fields):
-  """The flags' `DecodeConfig`. --mode ar reads none of the diffusion flags (warned in `check`):
-  the defaults stand in for them, so a value only diffusion would refuse is not an error.
-  `provisional` (`check`, before `load` has read the block size a run was trained with): with
-  no --block-size, the sub-block size stands in for it, its divisibility checked once `load`
-  knows the size."""
+def recorded_block_size(checkpoint: str) -> int | None:
+  """The block size a checkpoint of ours was trained with, from its small JSON file (a run's
+  model.json, an export's config.json), without loading it; None where it records none or the
+  file cannot be read (the load then says why)."""
+  import pathlib
+
+  path = pathlib.Path(checkpoint).expanduser()
+  for name, read in (("model.json", lambda raw: raw.get("metadata", {})),
+                     ("config.json", lambda raw: raw.get("dllm_jax") or {})):
+    try:
+      raw = json.loads((path / name).read_text())
+      size = read(raw).get("block_size") if isinstance(raw, dict) else None
+    except (OSError, ValueError, AttributeError):
+      continue
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+  return None
+
+
+def _config(args, block_size: int | None = None, **fields):
+  """The flags' `DecodeConfig`; `block_size` stands in for an absent --block-size (else the
+  default). --mode ar reads none of the diffusion flags (warned in `check`): the defaults stand
+  in for them, so a value only diffusion would refuse is not an error."""
   from dllm_jax import decoding
 
   ar = args.mode == "ar"
   sub_block = DEFAULT_SUB_BLOCK if ar or args.sub_block_size is None else args.sub_block_size
-  block = DEFAULT_BLOCK_SIZE if ar or args.block_size is None else args.block_size
-  if provisional and not ar and args.block_size is None and sub_block >= 1:
-    block = sub_block
+  block = args.block_size if not ar and args.block_size is not None else (
+      block_size if not ar and block_size is not None else DEFAULT_BLOCK_SIZE)
   return decoding.DecodeConfig(
       mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=block,
       sub_block_size=sub_block,
@@ -187,14 +213,14 @@ def load(args, command: str, *, batch: int | None = None):
                     stacklevel=2)
     trained = pretrained.metadata.get("block_size")
     trained = trained if isinstance(trained, int) else None
-    if args.block_size is None:  # (decided now: the flags again with it)
-      args.block_size = DEFAULT_BLOCK_SIZE if trained is None else trained
+    if args.block_size is None and trained is not None:
+      # (`check` read it from the checkpoint's JSON before the load: again with what was loaded)
+      args.block_size = trained
       try:
         check(args)
       except UsageError as e:
-        raise UsageError(f"{e} ({args.checkpoint} " + (
-            f"was trained with blocks of {trained} tokens)" if trained is not None else
-            f"records no block size: the default, {DEFAULT_BLOCK_SIZE})")) from None
+        raise UsageError(f"{e} ({args.checkpoint} was trained with blocks of {trained} tokens)"
+                         ) from None
     elif trained is not None and args.block_size != trained:
       warnings.warn(f"{args.checkpoint} was trained with blocks of {trained} tokens; decoding "
                     f"with --block-size {args.block_size}, which it has not seen (pass "

@@ -140,10 +140,10 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
   width = decoding_cli.prompt_width(len(prompts[widest]), decode_cfg, model_cfg)
   try:
     decoding.check_reach(model_cfg, decode_cfg, width)  # (before anything compiles)
-  except decoding.DecodeError as e:  # (which problem: a data set's prompt cannot be shortened)
+  except decoding.DecodeError as e:  # (which problem: in a data set, the prompt is not at hand)
     raise decoding.DecodeError(
-        f"{e} (the widest prompt: {_name(problems[widest])}, {len(prompts[widest])} tokens; "
-        "--limit evaluates the problems before it)") from None
+        f"{e} (the widest prompt: {_name(problems[widest])}, {len(prompts[widest])} tokens)"
+        ) from None
   # The threshold is an argument, not a constant, so a sweep over thresholds compiles to the same
   # program (and hits JAX's persistent compilation cache when one is set).
   diffusion = decode_cfg.mode == "diffusion"

@@ -548,7 +548,7 @@ def build_model(cfg) -> tuple[Optional[Params], ModelConfig, Any, dict]:
 class Progress:
   """A one-line stderr progress bar: step, loss, tokens/s, ETA; redrawn in place on a terminal,
   a line per update where stderr is a file or pipe (a log would otherwise hold one line of
-  carriage returns, with the next log record glued to its end)."""
+  carriage returns, with the next log record glued to its end), and so in a notebook too."""
 
   def __init__(self, total: int, start: int, enabled: bool):
     self.total, self.start, self.enabled = total, start, enabled

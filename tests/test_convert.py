@@ -572,3 +572,11 @@ def test_cast_to_another_kernel_layout_on_host_or_device(on_host):
     assert g.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(g, np.float32),
                                   np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))
+
+
+def test_a_directory_that_holds_no_model_names_what_checkpoints_are_taken(tmp_path):
+  with pytest.raises(convert.CheckpointError,
+                     match=r"config.json does not exist: .* is not a HF model directory .*; give "
+                           r"one, a training run's directory \(model.json, checkpoints/\), a "
+                           r"\.gguf file or smollm2-135m-instruct"):
+    convert.load_hf_dir(tmp_path)

@@ -138,7 +138,8 @@ def test_bad_arguments_are_clear_errors(dirs, tmp_path):
   with pytest.raises(SystemExit, match=r"threshold=1.5: must be in \(0, 1\]"):
     decode.main(base + ["--threshold", "1.5"])
   with pytest.raises(SystemExit, match=r"--sub-block-size=5 does not divide --block-size=32; "
-                                       r"pick a divisor of it: \[1, 2, 4, 8, 16, 32\]"):
+                                       r"pick a divisor of it: \[1, 2, 4, 8, 16, 32\] \(.* "
+                                       r"records no block size: the default, 32\)"):
     decode.main(base + ["--sub-block-size", "5"])
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "ok"}\n{"text": 3}\n')
@@ -327,7 +328,8 @@ def test_weights_of_another_model_are_one_error_line(monkeypatch):
   assert decoding_cli.params_mismatch(out_in, out_cfg) is None
 
 
-def test_the_trained_block_size_is_the_default_and_another_is_warned(monkeypatch, recwarn):
+def test_the_trained_block_size_is_the_default_and_another_is_warned(monkeypatch, recwarn,
+                                                                      tmp_path):
   from dllm_jax import checkpoint, decoding_cli
   trained = _tiny_pretrained({"objective": "diffusion", "block_size": 16})
   monkeypatch.setattr(checkpoint, "load_model", lambda path, dtype="float32": trained)
@@ -342,15 +344,21 @@ def test_the_trained_block_size_is_the_default_and_another_is_warned(monkeypatch
   assert args.block_size == 16
   assert not [w for w in recwarn if "trained with blocks" in str(w.message)]
   # A sub-block size is checked against the size the run was trained with, not the default:
-  # nothing to refuse before the load, then the run's 16 named (it was 32 and advised 32).
-  for sub, divisors in (("32", r"\[1, 2, 4, 8, 16\]"), ("5", r"\[1, 2, 4, 8, 16\]")):
+  # before the load where the run's model.json says it, and again with what was loaded.
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "model.json").write_text(json.dumps({"model": {}, "metadata": {"block_size": 16}}))
+  assert decoding_cli.recorded_block_size(str(run)) == 16
+  assert decoding_cli.recorded_block_size(str(tmp_path / "nothing")) is None
+  for sub in ("32", "5"):
+    message = (rf"--sub-block-size={sub} does not divide --block-size=16; pick a divisor of it: "
+               r"\[1, 2, 4, 8, 16\] \(.* was trained with blocks of 16 tokens\)")
     args = _load_args("--sub-block-size", sub)
-    decoding_cli.check(args)
-    with pytest.raises(decoding_cli.UsageError,
-                       match=rf"--sub-block-size={sub} does not divide --block-size=16; pick a "
-                             rf"divisor of it: {divisors} \(ckpt was trained with blocks of 16 "
-                             r"tokens\)"):
-      decoding_cli.load(args, "decode.py")
+    args.checkpoint = str(run)
+    with pytest.raises(decoding_cli.UsageError, match=message):
+      decoding_cli.check(args)
+    with pytest.raises(decoding_cli.UsageError, match=message):  # (the model.json unread)
+      decoding_cli.load(_load_args("--sub-block-size", sub), "decode.py")
   # A model that does not say (a HF directory): the authors' 32
   untold = _tiny_pretrained({"objective": "diffusion"})
   monkeypatch.setattr(checkpoint, "load_model", lambda path, dtype="float32": untold)

@@ -809,15 +809,15 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
     if bk != bq:  # (the table below is of bq x bq tiles, key tiles 2 a row)
       raise ValueError(f"dkv: passing over empty halves needs square tiles (BLOCK_KV={bk}, "
                        f"BLOCK_QI={bq})")
-    # Each row's visits' tile index for warpgroup w at columns nv + 4 + w * nv + i (padding to
-    # whole 128-byte rows again): query tile plan[i], key tile 2 * (the row's tile) + w; -1
-    # where the layout leaves that 64 x 64 tile empty.
-    pair_table = nonempty_tiles(spec, length, tp, bq)
+    # Each row's marks for warpgroup w's visit i at columns nv + 4 + w * nv + i (padding to
+    # whole 128-byte rows again), of query tile plan[i] and key tile 2 * (the row's tile) + w:
+    # 0 where that 64 x 64 tile holds an allowed pair, -1 where the warpgroup passes over it.
+    table = nonempty_tiles(spec, length, tp, bq)
     key_tiles = 2 * plan[..., nv + 3, None] + jnp.arange(2)  # [B, n_outer, 2]
-    slots = jnp.asarray(pair_table)[plan[..., None, :nv], key_tiles[..., None]]
-    slots = slots.reshape(*plan.shape[:2], 2 * nv)
+    marks = jnp.asarray(table)[plan[..., None, :nv], key_tiles[..., None]]
+    marks = marks.reshape(*plan.shape[:2], 2 * nv)
     width = _whole_rows(3 * nv + 4)
-    plan = jnp.concatenate([plan[..., :nv + 4], slots, jnp.zeros(
+    plan = jnp.concatenate([plan[..., :nv + 4], marks, jnp.zeros(
         plan.shape[:2] + (width - 3 * nv - 4,), jnp.int32)], -1)
   dtype = q.dtype
   scale = d ** -0.5

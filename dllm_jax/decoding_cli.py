@@ -100,12 +100,12 @@ def as_flags(message: str) -> str:
                 lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
-def check(args, **sampling) -> None:
+def check(args, recorded: int | None = None, **sampling) -> None:
   """UsageError for a shared flag's bad value, before the checkpoint's weights are read.
   `sampling`: the command's own `DecodeConfig` fields (temperature, top_p), checked with the
-  rest. Without --block-size, the sub-block size is checked against the size the checkpoint
-  records (`recorded_block_size`: a run's model.json, an export's config.json), else the
-  default."""
+  rest. Without --block-size, the sub-block size is checked against `recorded`, the size the
+  loaded checkpoint was trained with (`load`), else the size its JSON records
+  (`recorded_block_size`: a run's model.json, an export's config.json), else the default."""
   from dllm_jax import decoding
 
   if args.batch_size < 1:
@@ -119,14 +119,14 @@ def check(args, **sampling) -> None:
                   "step and ignores them", stacklevel=2)
   if not -2**63 <= args.seed < 2**63:  # (jax.random.key takes a 64-bit integer)
     raise UsageError(f"--seed={args.seed}: must fit in 64 bits (|seed| < 2**63)")
-  recorded = None
-  if args.mode == "diffusion" and args.block_size is None:
+  from_checkpoint = args.mode == "diffusion" and args.block_size is None
+  if from_checkpoint and recorded is None:
     recorded = recorded_block_size(args.checkpoint)
   try:
     _config(args, recorded, **sampling)
   except decoding.DecodeError as e:
     message = as_flags(str(e))
-    if args.mode == "diffusion" and args.block_size is None and "--block-size" in message:
+    if from_checkpoint and "--block-size" in message:
       message += f" ({args.checkpoint} " + (
           f"was trained with blocks of {recorded} tokens)" if recorded is not None else
           f"records no block size: the default, {DEFAULT_BLOCK_SIZE})")
@@ -214,13 +214,8 @@ def load(args, command: str, *, batch: int | None = None):
     trained = pretrained.metadata.get("block_size")
     trained = trained if isinstance(trained, int) else None
     if args.block_size is None and trained is not None:
-      # (`check` read it from the checkpoint's JSON before the load: again with what was loaded)
+      check(args, trained)  # (`check` read it from the checkpoint's JSON: again as loaded)
       args.block_size = trained
-      try:
-        check(args)
-      except UsageError as e:
-        raise UsageError(f"{e} ({args.checkpoint} was trained with blocks of {trained} tokens)"
-                         ) from None
     elif trained is not None and args.block_size != trained:
       warnings.warn(f"{args.checkpoint} was trained with blocks of {trained} tokens; decoding "
                     f"with --block-size {args.block_size}, which it has not seen (pass "

@@ -23,7 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-KEEP = re.compile(r"registers|spill|stack frame|Compiling entry|Function properties|error",
+KEEP = re.compile(r"registers|spill|stack frame|Compiling entry|Function properties|error|"
+                  r"wgmma|serializ|warning",
                   re.IGNORECASE)
 
 

@@ -355,6 +355,33 @@ def test_dkv_refuses_a_register_split_it_does_not_have(monkeypatch):
                                                                         dkv="mosaic"))
 
 
+@pytest.mark.parametrize("n_full,n_vis,one", [(3, 5, 1), (0, 4, 1), (0, 4, 0), (2, 6, 0),
+                                               (1, 1, 1), (0, 1, 0), (0, 0, 1), (4, 4, 1)])
+def test_overlapped_visit_loops_visit_each_tile_once_in_order(n_full, n_vis, one):
+  # FWD_OVERLAP's loops (GPU body only, so not run by the interpreter): visit 0 by `first`, each
+  # later visit by `step`, in order, each in the mask class `_visit_loops` gives it.
+  def record(kind):
+    def body(i, log, masked):
+      code = {False: 0, "layout": 1, "segments": 2}[masked] + (10 if kind == "first" else 0)
+      return log.at[i].set(code)
+    return body
+
+  n_full, n_vis, one = (jnp.int32(x) for x in (n_full, n_vis, one))
+  plain = flash_mgpu._visit_loops(record("step"), n_full, n_vis, one, jnp.full(8, -1))
+  overlapped = flash_mgpu._visit_loops_overlapped(record("first"), record("step"), n_full,
+                                                  n_vis, one, jnp.full(8, -1))
+  want = np.asarray(plain) + np.where(np.arange(8) == 0, 10, 0) * (np.asarray(plain) >= 0)
+  np.testing.assert_array_equal(np.asarray(overlapped), want)
+
+
+def test_mosaic_forward_refuses_knobs_out_of_range(monkeypatch):
+  monkeypatch.setattr(flash_mgpu, "FWD_OVERLAP", 3)
+  q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"FWD_OVERLAP=3 \(0, 1 or 2\)"):
+    flash_mgpu.forward(q, q[:, :, :1], q[:, :, :1], jnp.zeros((1, 128), jnp.int32),
+                       masks.MaskSpec("diffusion", 32, 1), 64, interpret=True)
+
+
 def test_fused_dkv_refuses_a_lag_its_slots_cannot_hold(monkeypatch):
   monkeypatch.setattr(flash_mgpu, "DQ_LAG", 2)
   with pytest.raises(ValueError, match="DQ_LAG=2 must be at least 1 and below DS_SLOTS=2"):
@@ -514,6 +541,8 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({"DKV_HEADS": 6}, False, 2),  # ... the whole group: no partials
     ({"DS_SLOTS": 3, "DQ_LAG": 2}, True, 2),
     ({"DKV_REGS": 232}, False, 2),  # the dk/dv kernel's other register split (producer 40)
+    ({"FWD_OVERLAP": 1, "FWD_REGS": 240}, False, 2),  # the forward's intra-warpgroup overlap
+    ({"FWD_OVERLAP": 2, "PERSISTENT": False}, False, 2),
 ])
 def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, kh, lower_for_cuda):
   # The interpreter runs the kernels' interpret bodies only; the GPU bodies (P in registers,

@@ -70,6 +70,23 @@ RELEASE_FENCE = True
 # code with static indices (no item loop): 262.2 / 589.7 us, level with session 30's kernel
 # (session 31's 1.09-1.15x loss was that mode's loop over one item, since removed).
 PERSISTENT = True
+# FlashAttention-3's intra-warpgroup overlap in the forward (GPU body only): visit i issues its
+# S_i = Q K_i^T and the previous visit's O += P_{i-1} V_{i-1} together, computes S_i's softmax
+# while the PV product runs, then rescales O once PV has landed; the last visit's PV runs after
+# the loops. 0: off (one product at a time, as jax's attention_mgpu); 1: on, one meeting of the
+# two consumer warpgroups a visit (after the products are issued); 2: on, a second meeting after
+# the softmax, so the two warpgroups' softmaxes alternate. Why: Nsight Compute put the default's
+# tensor pipe at 49% of its cycles with 0.56 eligible warps a scheduler (H100, session 41). Its
+# first version ran 1.4-1.5x slower (forward GPU time, 1.5B heads, L=2048, session 41): ptxas
+# serialized every wgmma (C7513) because P_i was converted into the loop-carried PV operand while
+# P_{i-1} V_{i-1} still read it. P_i is now converted after that product lands; this version was
+# lowered on the CPU, not yet compiled by ptxas or timed. Opt-in until it is.
+FWD_OVERLAP = 0
+# The forward's consumer registers a thread: 232 (producer 40) or 240 (producer 24). ptxas spills
+# 212 bytes a consumer thread at 232 (session 41). 240: forward GPU time 1.4% / 1.3% lower (1.5B
+# heads, L=2048, 2L / 3L; H100, one reading each, BENCHMARKS.md session 41); one reading does not
+# set a default.
+FWD_REGS = 232
 
 
 def _plgpu():
@@ -162,6 +179,17 @@ def _visit_loops(step, n_full, n_vis, one, carry):
   carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
   carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
   return lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
+
+
+def _visit_loops_overlapped(first, step, n_full, n_vis, one, carry):
+  """`_visit_loops` where visit 0 runs `first` and the others `step` (`FWD_OVERLAP`): in each
+  class of visits, `first` over the class's share of [0, 1), then `step` over the rest."""
+  mid = jnp.where(one != 0, n_vis, n_full)
+  for lo, hi, masked in ((0, n_full, False), (n_full, mid, "layout"), (mid, n_vis, "segments")):
+    split = jnp.maximum(lo, jnp.minimum(hi, 1))
+    carry = lax.fori_loop(lo, split, functools.partial(first, masked=masked), carry)
+    carry = lax.fori_loop(split, hi, functools.partial(step, masked=masked), carry)
+  return carry
 
 
 def _iota(shape, dim, interpret):
@@ -359,6 +387,9 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
   b, tp, h, d = q.shape
   if tp % OUTER:
     raise ValueError(f"padded length {tp} is not a multiple of {OUTER}")
+  if FWD_REGS not in (232, 240) or FWD_OVERLAP not in (0, 1, 2):
+    raise ValueError(f"flash_mgpu.FWD_REGS={FWD_REGS} (232 or 240), FWD_OVERLAP={FWD_OVERLAP} "
+                     "(0, 1 or 2): one is out of range")
   group = h // k.shape[2]
   bq, bk = BLOCK_Q, BLOCK_K
   # k_in, k_ref, k_s: K^T ([B, K, D, Tp]) in the interpreter, which has no transposed refs; on
@@ -405,6 +436,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     wg = lax.axis_index("wg")
     turns = FWD_TURNS
     sched = functools.partial(_take_turns, sched_bar) if turns else lambda: None
+    overlap = FWD_OVERLAP and not interpret
 
     def item_count():  # the CTA's items (read once its first plan row has arrived)
       return 1 if one_each else plan_s[0, nv + 6]
@@ -430,7 +462,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     @pl.when(wg == 2)
     def _producer():
       if not interpret:
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(24 if FWD_REGS == 240 else 40, action="decrease")
       copy_row(0, 0)
 
       def item(m, s):
@@ -459,6 +491,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           keys = pl.ds(key, bk)
           plgpu.copy_gmem_to_smem(k_ref.at[bi, kvh, :, keys] if interpret
                                   else k_ref.at[bi, keys, kvh], k_s.at[slot], k_bar.at[slot])
+          if overlap:  # V's slot is freed a visit after K's (see wait_free)
+            when(streamed + i >= SLOTS, lambda: plgpu.barrier_wait(v_free.at[slot]))
           plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(key, bk), kvh], v_s.at[slot],
                                   v_bar.at[slot])
 
@@ -469,7 +503,12 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
 
         def wait_free(slot):
           plgpu.barrier_wait(k_free.at[slot])
-          plgpu.barrier_wait(v_free.at[slot])
+          # Under FWD_OVERLAP a consumer frees V_j only at the end of visit j + 1 (P_j V_j runs
+          # there), after it has waited for K_{j+2}, which goes into V_j's slot: K's copy
+          # waiting for that slot's V too would deadlock. So V is awaited in `fetch`, after
+          # K's copy.
+          if not overlap:
+            plgpu.barrier_wait(v_free.at[slot])
 
         _stream(n_vis, fetch, wait_free, streamed)
 
@@ -478,7 +517,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
     @pl.when(wg < 2)
     def _consumer():
       if not interpret:
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(FWD_REGS, action="increase")
       wait_row(0)
       n_items = item_count()
       if not interpret and turns and one_each:
@@ -577,6 +616,71 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           release(v_free, i)
           return acc, m_, l
 
+        # FWD_OVERLAP: a visit's softmax runs while the previous visit's PV product does. The
+        # carry holds P of the visit before (bf16, the PV product's register operand).
+        slot_of = lambda i: lax.rem(streamed + i, SLOTS)
+        meet_after_softmax = (lambda: sched()) if FWD_OVERLAP == 2 else (lambda: None)
+
+        def softmax_of(i, s_, m_, l, masked):  # (P in float32, alpha, m, l)
+          slot = slot_of(i)
+          release(k_free, i)
+          p, alpha, m_, l = _softmax_step(s_, m_, l, c,
+                                          keep_of(i, slot, masked) if masked else None)
+          if masked == "segments" and RELEASE_FENCE:  # segk_s[slot] read by plain loads
+            plgpu.commit_smem()
+          return p, alpha, m_, l
+
+        def next_k(i):  # the next visit's K, waited for while this visit's products run
+          pl.when(i + 1 < n_vis)(lambda: plgpu.barrier_wait(k_bar.at[slot_of(i + 1)]))
+
+        def overlap_first(i, carry, masked):  # visit 0: S_0 and its softmax, no PV yet
+          acc, m_, l, _ = carry
+          s_ = scores(slot_of(i), after=sched)
+          p, _, m_, l = softmax_of(i, s_, m_, l, masked)
+          next_k(i)
+          meet_after_softmax()
+          return acc, m_, l, p.astype(dtype)
+
+        def overlap_step(i, carry, masked):  # visit i >= 1: S_i and P_{i-1} V_{i-1} at once
+          acc, m_, l, p_prev = carry
+          prev = slot_of(i - 1)
+          plgpu.barrier_wait(v_bar.at[prev])
+
+          def products(refs):
+            o_ref, s_ref, soft_ref = refs
+            plgpu.wgmma(s_ref, q_s.at[s, wg], k_s.at[slot_of(i)].transpose((1, 0)))
+            plgpu.wgmma(o_ref, p_prev, v_s.at[prev])
+            sched()
+            s_ = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_i landed, PV may run on
+            # the barrier keeps the softmax ahead of run_state's closing wait for PV
+            soft = lax.optimization_barrier(softmax_of(i, s_, m_, l, masked))
+            for ref, value in zip(soft_ref, soft):
+              ref[...] = value
+            next_k(i)
+            meet_after_softmax()
+
+          zeros = lc(jnp.zeros((bq, bk), jnp.float32), wgmma_l)
+          soft0 = (zeros, m_, m_, l)  # placeholders of (P_i, alpha, m, l)'s types and layouts
+          acc, _, (p, alpha, m_, l) = pl.run_state(products)(
+              (plgpu.ACC.init(acc), plgpu.ACC.init(zeros), soft0))
+          release(v_free, i - 1)
+          # P_i becomes the next PV's bf16 operand only now, with P_{i-1} V_{i-1} done: written
+          # while that product ran, its registers (the loop's carry) made ptxas serialize every
+          # wgmma of the kernel (C7513; session 41, H100: the forward 1.4-1.5x slower).
+          return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_, l, p.astype(dtype)
+
+        def overlap_last(i, carry):  # the last visit's PV
+          acc, m_, l, p_last = carry
+          slot = slot_of(i)
+          plgpu.barrier_wait(v_bar.at[slot])
+
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p_last, v_s.at[slot])
+
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+          release(v_free, i)
+          return acc, m_, l, p_last
+
         carry = (lc(jnp.zeros((bq, d), jnp.float32), wgmma_l),
                  lc(jnp.full((bq,), -jnp.inf, jnp.float32), row_l),
                  lc(jnp.zeros((bq,), jnp.float32), row_l))
@@ -584,7 +688,13 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         if not interpret:
           first = streamed % SLOTS if isinstance(streamed, int) else lax.rem(streamed, SLOTS)
           pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(k_bar.at[first]))
-        acc, m_, l = _visit_loops(step, n_full, n_vis, one, carry)
+        if overlap:
+          carry += (lc(jnp.zeros((bq, bk), jnp.float32), wgmma_l).astype(dtype),)
+          carry = _visit_loops_overlapped(overlap_first, overlap_step, n_full, n_vis, one,
+                                          carry)
+          acc, m_, l, _ = lax.fori_loop(jnp.maximum(n_vis - 1, 0), n_vis, overlap_last, carry)
+        else:
+          acc, m_, l = _visit_loops(step, n_full, n_vis, one, carry)
         # l == 0 only on rows with nothing to visit (padding): keep them finite, as flash does.
         l = jnp.where(l == 0.0, jnp.ones_like(l), l)
         # O staged in this item's Q buffer (its last QK^T has been waited for): the producer

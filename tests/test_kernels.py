@@ -120,6 +120,24 @@ def test_block_sparse_forward_and_grads_equal_reference(spec, length, b, h, kh, 
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
 
 
+def test_dq_with_dp_issued_first_has_the_same_bits(monkeypatch):
+  # flash.DQ_DP_FIRST only moves dP's product ahead of the softmax; dQ must not change by a bit.
+  spec, length, b, h, kh, d, cuts, tiles = TRAIN_CASES[8]  # packed: every masked class
+  meta = masks.layout_meta(spec, _segments(b, length, cuts))
+  q, k, v, ct = _qkv(jax.random.key(3), b, meta.positions.shape[1], h, kh, d, jnp.bfloat16)
+
+  def dq():
+    f = lambda q: flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles,
+                                               interpret=True)
+    return jax.jit(lambda: jax.vjp(f, q)[1](ct.astype(jnp.bfloat16))[0])()
+
+  before = np.asarray(dq(), np.float32)
+  monkeypatch.setattr(flash, "DQ_DP_FIRST", True)
+  after = np.asarray(dq(), np.float32)
+  assert np.isfinite(before).all() and np.abs(before).max() > 0
+  np.testing.assert_array_equal(after, before)
+
+
 def test_block_sparse_with_unsorted_segment_ids_equals_reference():
   # Ids need not increase along a row (a sample's id may come back after another's): the span
   # segment_runs keeps then holds tiles of another segment, which must still be masked.

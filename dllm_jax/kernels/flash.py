@@ -42,6 +42,13 @@ _LOG2E = math.log2(math.e)
 # over O and dO does (False; kept to time one against the other: benchmarks/attention.py
 # --variants 'xla_delta:flash.DELTA_IN_DQ=0').
 DELTA_IN_DQ = True
+# Whether the Triton dq kernel's body issues dP = dO V^T right after S = Q K^T, before the
+# softmax between them (True), or after it (False: the order since session 3). Same products, so
+# the same bits; whether Triton then overlaps the two wgmmas is what a timing would show. Nsight
+# Compute (H100, session 41) found this kernel latency-bound: 2 warps a scheduler, 0.41 of them
+# eligible, tensor pipe 45%. Untimed: `benchmarks/attention.py --sections dq --dq-variants
+# 'base:;dp:flash.DQ_DP_FIRST=1'`.
+DQ_DP_FIRST = False
 
 
 def _whole(a):
@@ -393,13 +400,15 @@ def _dq_kernel(lo_ref, hi_ref, one_ref, nfull_ref, nruns_ref, q_ref, k_ref, v_re
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
     s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
+    dp = _dot(do, v, trans_b=True) if DQ_DP_FIRST else None
     k_idx = lambda: start + jnp.arange(block_k, dtype=jnp.int32)
     keep = _keep(compare_segments, masked, seg_q, segk_ref[pl.ds(start, block_k)],
                  lambda: _layout_allowed(spec, length, q_idx[:, None], k_idx()[None, :]))
     p = jnp.exp2(s - lse[:, None])
     if keep is not None:
       p = jnp.where(keep, p, 0.0)
-    dp = _dot(do, v, trans_b=True)
+    if dp is None:
+      dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 

@@ -1,8 +1,9 @@
 """The Mosaic GPU training kernels (`kernels.flash_mgpu`) in jax's Mosaic GPU interpreter.
 
 The interpreter runs each kernel's interpret body (P, dS through shared memory; Q^T, dO^T
-streamed); the GPU bodies share their plans, copies, barriers and arithmetic and are checked on
-the device against the float32 reference (benchmarks/attention.py --sections check).
+streamed); the GPU bodies share their plans, copies, barriers and arithmetic (the forward's
+opt-in FWD_OVERLAP aside: its own schedule, lowered here only) and are checked on the device
+against the float32 reference (benchmarks/attention.py --sections check).
 """
 
 import dataclasses
@@ -374,10 +375,12 @@ def test_overlapped_visit_loops_visit_each_tile_once_in_order(n_full, n_vis, one
   np.testing.assert_array_equal(np.asarray(overlapped), want)
 
 
-def test_mosaic_forward_refuses_knobs_out_of_range(monkeypatch):
-  monkeypatch.setattr(flash_mgpu, "FWD_OVERLAP", 3)
+@pytest.mark.parametrize("knob,value,message", [("FWD_OVERLAP", 3, "must be 0, 1 or 2"),
+                                                ("FWD_REGS", 256, "must be 232 or 240")])
+def test_mosaic_forward_refuses_knobs_out_of_range(monkeypatch, knob, value, message):
+  monkeypatch.setattr(flash_mgpu, knob, value)
   q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
-  with pytest.raises(ValueError, match=r"FWD_OVERLAP=3 \(0, 1 or 2\)"):
+  with pytest.raises(ValueError, match=f"flash_mgpu.{knob}={value}: {message}"):
     flash_mgpu.forward(q, q[:, :, :1], q[:, :, :1], jnp.zeros((1, 128), jnp.int32),
                        masks.MaskSpec("diffusion", 32, 1), 64, interpret=True)
 
@@ -543,6 +546,7 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({"DKV_REGS": 232}, False, 2),  # the dk/dv kernel's other register split (producer 40)
     ({"FWD_OVERLAP": 1, "FWD_REGS": 240}, False, 2),  # the forward's intra-warpgroup overlap
     ({"FWD_OVERLAP": 2, "PERSISTENT": False}, False, 2),
+    ({"FWD_OVERLAP": 1, "FWD_TURNS": False}, False, 2),
 ])
 def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, kh, lower_for_cuda):
   # The interpreter runs the kernels' interpret bodies only; the GPU bodies (P in registers,

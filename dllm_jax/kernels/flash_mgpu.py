@@ -28,7 +28,9 @@ Two bodies, one schedule of copies and barriers: on the GPU, P stays in register
 accumulates in place (`run_state`); in interpret mode (CPU tests) jax 0.10.2's Mosaic GPU
 interpreter has neither a register wgmma operand nor `run_state`, so P goes through shared memory
 and each wgmma lands in a fresh accumulator. Both share the mask and softmax arithmetic
-(`_softmax_step`). Layout casts and layouts of loads apply on the GPU only (no CPU rules).
+(`_softmax_step`). Layout casts and layouts of loads apply on the GPU only (no CPU rules). The
+forward's opt-in `FWD_OVERLAP` is a GPU body with its own schedule (V freed a visit late), which
+the interpreter does not run.
 """
 
 from __future__ import annotations
@@ -80,7 +82,10 @@ PERSISTENT = True
 # first version ran 1.4-1.5x slower (forward GPU time, 1.5B heads, L=2048, session 41): ptxas
 # serialized every wgmma (C7513) because P_i was converted into the loop-carried PV operand while
 # P_{i-1} V_{i-1} still read it. P_i is now converted after that product lands; this version was
-# lowered on the CPU, not yet compiled by ptxas or timed. Opt-in until it is.
+# lowered on the CPU, not yet compiled by ptxas or timed. Opt-in until it is. The interpreter
+# runs the default schedule whatever this is (no register operands there), so CPU tests do not
+# cover this one's barrier order; a review's model of it (every interleaving of up to three
+# items, both values, turns on and off) found no deadlock and no slot read after its refill.
 FWD_OVERLAP = 0
 # The forward's consumer registers a thread: 232 (producer 40) or 240 (producer 24). ptxas spills
 # 212 bytes a consumer thread at 232 (session 41). 240: forward GPU time 1.4% / 1.3% lower (1.5B
@@ -258,7 +263,8 @@ def _producer_start(plan_row, plan_s, plan_bar, nv, interpret, regs=40):
 def _stream(n_vis, fetch, wait_free, streamed=0):
   """The producer's loop: visit i's tiles into slot (streamed + i) % SLOTS (`fetch(i, slot)`),
   `streamed` the visits its CTA streamed before (a persistent CTA's earlier items), a slot
-  refilled once both consumers released it (`wait_free(slot)`). A consumer that read a slot
+  refilled once both consumers released it (`wait_free(slot)`; under the forward's
+  `FWD_OVERLAP` it waits for K's release only, `fetch` for V's). A consumer that read a slot
   with plain loads (the generic proxy: segment ids, lse, delta; wgmma operands are read by the
   async proxy) fences (`commit_smem`) before its release, since the refill is an async-proxy
   write: PTX's proxy memory model orders the two only through that fence (FlashAttention's
@@ -387,9 +393,10 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
   b, tp, h, d = q.shape
   if tp % OUTER:
     raise ValueError(f"padded length {tp} is not a multiple of {OUTER}")
-  if FWD_REGS not in (232, 240) or FWD_OVERLAP not in (0, 1, 2):
-    raise ValueError(f"flash_mgpu.FWD_REGS={FWD_REGS} (232 or 240), FWD_OVERLAP={FWD_OVERLAP} "
-                     "(0, 1 or 2): one is out of range")
+  if FWD_REGS not in (232, 240):
+    raise ValueError(f"flash_mgpu.FWD_REGS={FWD_REGS}: must be 232 or 240")
+  if FWD_OVERLAP not in (0, 1, 2):
+    raise ValueError(f"flash_mgpu.FWD_OVERLAP={FWD_OVERLAP}: must be 0, 1 or 2")
   group = h // k.shape[2]
   bq, bk = BLOCK_Q, BLOCK_K
   # k_in, k_ref, k_s: K^T ([B, K, D, Tp]) in the interpreter, which has no transposed refs; on
@@ -528,8 +535,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         bi, head, tile, n_full, n_vis, one = read_item(s)
         streamed, total, in_turns = counts(s, n_vis)
 
-        # Every phase of a barrier is waited for (the interpreter checks): a release only where
-        # the producer will refill, here item m - 1's slot for item m + 1.
+        # Every phase of a barrier is waited for (the interpreter checks, FWD_OVERLAP aside): a
+        # release only where the producer will refill, here item m - 1's slot for item m + 1.
         def release_item():  # item m - 1's O has left its Q buffer: the producer may refill it
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           plgpu.barrier_arrive(item_free.at[1 - s])
@@ -644,11 +651,11 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         def overlap_step(i, carry, masked):  # visit i >= 1: S_i and P_{i-1} V_{i-1} at once
           acc, m_, l, p_prev = carry
           prev = slot_of(i - 1)
-          plgpu.barrier_wait(v_bar.at[prev])
 
           def products(refs):
             o_ref, s_ref, soft_ref = refs
             plgpu.wgmma(s_ref, q_s.at[s, wg], k_s.at[slot_of(i)].transpose((1, 0)))
+            plgpu.barrier_wait(v_bar.at[prev])  # S_i runs meanwhile
             plgpu.wgmma(o_ref, p_prev, v_s.at[prev])
             sched()
             s_ = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_i landed, PV may run on

@@ -84,8 +84,9 @@ PERSISTENT = True
 # P_{i-1} V_{i-1} still read it. P_i is now converted after that product lands; this version was
 # lowered on the CPU, not yet compiled by ptxas or timed. Opt-in until it is. The interpreter
 # runs the default schedule whatever this is (no register operands there), so CPU tests do not
-# cover this one's barrier order; a review's model of it (every interleaving of up to three
-# items, both values, turns on and off) found no deadlock and no slot read after its refill.
+# cover this one's barrier order; session 41's review modelled it by hand (every interleaving of
+# up to three items, both values, turns on and off; the model is not kept) and found no deadlock
+# and no slot read after its refill.
 FWD_OVERLAP = 0
 # The forward's consumer registers a thread: 232 (producer 40) or 240 (producer 24). ptxas spills
 # 212 bytes a consumer thread at 232 (session 41). 240: forward GPU time 1.4% / 1.3% lower (1.5B

@@ -303,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       conversations = conversations or [[{"role": "user", "content": args.prompt}]]
       result = run_batch(args, pretrained, cfg, conversations, wheres)
   except UsageError as e:
-    raise SystemExit(f"decode.py: error: {e}") from None
+    raise decoding_cli.usage_exit("decode.py", str(e)) from None
   if args.json:
     print(json.dumps({k: v for k, v in result.items() if k != "frames"}))
   elif "results" in result:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import warnings
 from typing import Any, Iterator
 
@@ -26,6 +27,26 @@ DEFAULT_THRESHOLD = 0.9  # the authors' confidence threshold
 
 class UsageError(ValueError):
   """A bad command line, prompts file or checkpoint for the chosen mode."""
+
+
+class UsageExit(SystemExit):
+  """Ends a command on bad input with exit status 2, as argparse's own usage errors and train.py's
+  bad-input errors do (a SystemExit given a message would exit 1). `str()` is the message."""
+
+  def __init__(self, message: str):
+    super().__init__(2)
+    self.message = message
+
+  def __str__(self):
+    return self.message
+
+
+def usage_exit(prog: str, message: str) -> UsageExit:
+  """The exit for `prog: error: message`, the line written to stderr first (a SystemExit with an
+  integer status prints nothing itself)."""
+  line = f"{prog}: error: {message}"
+  print(line, file=sys.stderr)
+  return UsageExit(line)
 
 
 def jsonl_values(data: bytes, name: str) -> Iterator[tuple[str, Any]]:

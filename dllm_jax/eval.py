@@ -303,16 +303,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     batch = min(args.batch_size, len(problems))
     pretrained = decoding_cli.load(args, prog, batch=batch)
   except decoding_cli.UsageError as e:
-    raise SystemExit(f"{prog}: error: {e}") from None
+    raise decoding_cli.usage_exit(prog, str(e)) from None
   decode_cfg = decoding_cli.decode_config(args, pretrained)
   log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
   try:
     records, summary = evaluate(pretrained, problems, decode_cfg, batch, args.seed, log,
                                 layout=args.layout)
   except decoding.DecodeError as e:  # (the problems and --max-new-tokens past the context)
-    raise SystemExit(f"{prog}: error: {decoding_cli.as_flags(str(e))}") from None
+    raise decoding_cli.usage_exit(prog, decoding_cli.as_flags(str(e))) from None
   except decoding_cli.UsageError as e:  # (a problem's text the tokenizer cannot encode)
-    raise SystemExit(f"{prog}: error: {e}") from None
+    raise decoding_cli.usage_exit(prog, str(e)) from None
   summary["checkpoint"] = args.checkpoint
   if args.out:
     from dllm_jax import checkpoint  # (loaded with the model already)

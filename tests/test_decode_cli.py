@@ -288,10 +288,13 @@ def test_the_parser_answers_without_importing_jax():
   subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def test_a_missing_checkpoint_is_one_error_line(tmp_path):
-  with pytest.raises(SystemExit,
-                     match=r"decode.py: error: --checkpoint .*nothing: .*does not exist; give"):
+def test_a_missing_checkpoint_is_one_error_line(tmp_path, capsys):
+  message = r"decode.py: error: --checkpoint .*nothing: .*does not exist; give"
+  with pytest.raises(SystemExit, match=message) as e:
     decode.main(["--checkpoint", str(tmp_path / "nothing"), "--prompt", "hi", *FAST])
+  # Bad input exits 2, as argparse's usage errors and train.py's do; the line is on stderr.
+  assert e.value.code == 2
+  assert capsys.readouterr().err.strip() == str(e.value)
 
 
 def _tiny_pretrained(metadata, **cfg_fields):

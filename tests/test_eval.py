@@ -228,8 +228,9 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
                          (["--batch-size", "0"], "--batch-size=0: must be >= 1"),
                          (["--limit", "0"], "--limit=0: must be >= 1"),
                          (["--seed", str(10**23)], r"--seed=\d+: must fit in 64 bits")):
-    with pytest.raises(SystemExit, match=r"python -m dllm_jax.eval: error: .*" + message):
+    with pytest.raises(SystemExit, match=r"python -m dllm_jax.eval: error: .*" + message) as e:
       eval_lib.main(base + extra)
+    assert e.value.code == 2  # bad input, as argparse's usage errors
   with pytest.raises(SystemExit, match="nope.jsonl does not exist"):
     eval_lib.main(["gsm8k", "--checkpoint", "x", "--data", str(tmp_path / "nope.jsonl")])
   with pytest.raises(SystemExit, match="is a directory; pass --data"):

@@ -547,6 +547,7 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
     ({"FWD_OVERLAP": 1, "FWD_REGS": 240}, False, 2),  # the forward's intra-warpgroup overlap
     ({"FWD_OVERLAP": 2, "PERSISTENT": False}, False, 2),
     ({"FWD_OVERLAP": 1, "FWD_TURNS": False}, False, 2),
+    ({"FWD_OVERLAP": 2, "OVERLAP_K_AHEAD": False}, False, 2),  # each visit's K, then its V
 ])
 def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, kh, lower_for_cuda):
   # The interpreter runs the kernels' interpret bodies only; the GPU bodies (P in registers,

@@ -88,6 +88,12 @@ PERSISTENT = True
 # up to three items, both values, turns on and off; the model is not kept) and found no deadlock
 # and no slot read after its refill.
 FWD_OVERLAP = 0
+# Under FWD_OVERLAP, whether the producer copies K a visit ahead of V (K_0, K_1, V_0, K_2, V_1,
+# ...; True) or each visit's K then V. In the latter, K_{j+1} queues behind V_j's wait for its
+# slot, which both consumers free only at the end of visit j - 1 (a review's latency point,
+# session 41). The same hand model as above (every interleaving of up to three items) finds no
+# deadlock or stale read in either order. Untimed.
+OVERLAP_K_AHEAD = True
 # The forward's consumer registers a thread: 232 (producer 40) or 240 (producer 24). ptxas spills
 # 212 bytes a consumer thread at 232 (session 41). 240: forward GPU time 1.4% / 1.3% lower (1.5B
 # heads, L=2048, 2L / 3L; H100, one reading each, BENCHMARKS.md session 41); one reading does not
@@ -494,31 +500,50 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[s, w], q_bar.at[2 * s + w])
           plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[s, w], sq_bar.at[2 * s + w])
 
-        def fetch(i, slot):
-          key = pl.multiple_of(plan_s[s, i] * bk, bk)
-          keys = pl.ds(key, bk)
+        def fetch_k(i, slot):
+          keys = pl.ds(pl.multiple_of(plan_s[s, i] * bk, bk), bk)
           plgpu.copy_gmem_to_smem(k_ref.at[bi, kvh, :, keys] if interpret
                                   else k_ref.at[bi, keys, kvh], k_s.at[slot], k_bar.at[slot])
+
+        def fetch_v(i, slot):  # V and, where the visit compares them, the keys' segment ids
+          keys = pl.ds(pl.multiple_of(plan_s[s, i] * bk, bk), bk)
           if overlap:  # V's slot is freed a visit after K's (see wait_free)
             when(streamed + i >= SLOTS, lambda: plgpu.barrier_wait(v_free.at[slot]))
-          plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(key, bk), kvh], v_s.at[slot],
-                                  v_bar.at[slot])
+          plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s.at[slot], v_bar.at[slot])
 
           @pl.when((i >= n_full) & (one == 0))  # the visits that compare segment ids
           def _():
-            plgpu.copy_gmem_to_smem(seg_ref.at[bi, pl.ds(key, bk)], segk_s.at[slot],
-                                    sk_bar.at[slot])
+            plgpu.copy_gmem_to_smem(seg_ref.at[bi, keys], segk_s.at[slot], sk_bar.at[slot])
+
+        def fetch(i, slot):
+          fetch_k(i, slot)
+          fetch_v(i, slot)
 
         def wait_free(slot):
           plgpu.barrier_wait(k_free.at[slot])
           # Under FWD_OVERLAP a consumer frees V_j only at the end of visit j + 1 (P_j V_j runs
           # there), after it has waited for K_{j+2}, which goes into V_j's slot: K's copy
-          # waiting for that slot's V too would deadlock. So V is awaited in `fetch`, after
+          # waiting for that slot's V too would deadlock. So V is awaited in `fetch_v`, after
           # K's copy.
           if not overlap:
             plgpu.barrier_wait(v_free.at[slot])
 
-        _stream(n_vis, fetch, wait_free, streamed)
+        if overlap and OVERLAP_K_AHEAD:
+          # K_0, K_1, V_0, K_2, V_1, ...: K_{j+1} does not queue behind V_j's wait for its slot,
+          # which the warpgroup a turn behind frees late
+          fresh = jnp.clip(SLOTS - streamed, 0, n_vis)  # visits into slots never filled before
+
+          @pl.loop(0, n_vis + 1)
+          def _(j):
+            @pl.when(j < n_vis)
+            def _():
+              slot = lax.rem(streamed + j, SLOTS)
+              pl.when(j >= fresh)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+              fetch_k(j, slot)
+
+            pl.when(j >= 1)(lambda: fetch_v(j - 1, lax.rem(streamed + j - 1, SLOTS)))
+        else:
+          _stream(n_vis, fetch, wait_free, streamed)
 
       for_items(item_count(), item)
 

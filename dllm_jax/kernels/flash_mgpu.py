@@ -84,15 +84,15 @@ PERSISTENT = True
 # P_{i-1} V_{i-1} still read it. P_i is now converted after that product lands; this version was
 # lowered on the CPU, not yet compiled by ptxas or timed. Opt-in until it is. The interpreter
 # runs the default schedule whatever this is (no register operands there), so CPU tests do not
-# cover this one's barrier order; session 41's review modelled it by hand (every interleaving of
-# up to three items, both values, turns on and off; the model is not kept) and found no deadlock
-# and no slot read after its refill.
+# cover this one's barrier order. `benchmarks/forward_protocol_model.py` models it by hand
+# (every interleaving of up to three items, both values, turns on and off; edit it with this
+# code): no deadlock and no slot read after its refill (session 41).
 FWD_OVERLAP = 0
 # Under FWD_OVERLAP, whether the producer copies K a visit ahead of V (K_0, K_1, V_0, K_2, V_1,
 # ...; True) or each visit's K then V. In the latter, K_{j+1} queues behind V_j's wait for its
 # slot, which both consumers free only at the end of visit j - 1 (a review's latency point,
-# session 41). The same hand model as above (every interleaving of up to three items) finds no
-# deadlock or stale read in either order. Untimed.
+# session 41). The protocol model above finds no deadlock or stale read in either order.
+# Untimed.
 OVERLAP_K_AHEAD = True
 # The forward's consumer registers a thread: 232 (producer 40) or 240 (producer 24). ptxas spills
 # 212 bytes a consumer thread at 232 (session 41). 240: forward GPU time 1.4% / 1.3% lower (1.5B

@@ -159,3 +159,23 @@ def test_idle_time_is_the_gaps_between_kernels_a_call(bench):
   with pytest.raises(ValueError, match="no GPU kernel"):
     bench.idle_from_events([], calls=1)
 
+
+
+def test_forward_protocol_model_finds_every_schedule_safe_and_a_planted_deadlock(load_benchmark):
+  # benchmarks/forward_protocol_model.py (a hand model of flash_mgpu.forward's barriers) must keep
+  # running, find the schedules safe, and still see a deadlock: the producer waiting for V's slot
+  # before K's copy under FWD_OVERLAP.
+  model = load_benchmark("forward_protocol_model")
+  plans = [[(1, 2, 1), (0, 3, 0)], [(0, 3, 0), (0, 0, 1), (0, 1, 0)]]
+  for spec in plans:
+    for overlap, meetings in ((0, 2), (1, 1), (1, 2), (2, 1), (2, 2)):
+      for turns in (True, False):
+        result = model.explore(model.items_of(spec), overlap, meetings, turns, False)
+        assert result[0] == "ok", (spec, overlap, meetings, turns, result)
+  producer = model.producer
+
+  def waits_for_v_first(items, overlap):  # the default's wait order under overlap
+    for op in producer(items, 0):
+      yield op
+  model.producer = waits_for_v_first
+  assert model.explore(model.items_of([(0, 3, 0)]), 1, 1, True, False)[0] == "deadlock"

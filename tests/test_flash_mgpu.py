@@ -369,8 +369,8 @@ def test_overlapped_visit_loops_visit_each_tile_once_in_order(n_full, n_vis, one
 
   n_full, n_vis, one = (jnp.int32(x) for x in (n_full, n_vis, one))
   plain = flash_mgpu._visit_loops(record("step"), n_full, n_vis, one, jnp.full(8, -1))
-  overlapped = flash_mgpu._visit_loops_overlapped(record("first"), record("step"), n_full,
-                                                  n_vis, one, jnp.full(8, -1))
+  overlapped = flash_mgpu._visit_loops(record("step"), n_full, n_vis, one, jnp.full(8, -1),
+                                      first=record("first"))
   want = np.asarray(plain) + np.where(np.arange(8) == 0, 10, 0) * (np.asarray(plain) >= 0)
   np.testing.assert_array_equal(np.asarray(overlapped), want)
 

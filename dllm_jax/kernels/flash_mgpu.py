@@ -183,24 +183,18 @@ def _streamed_transposes(interpret, d, cols, *xs):
                for x in xs)
 
 
-def _visit_loops(step, n_full, n_vis, one, carry):
+def _visit_loops(step, n_full, n_vis, one, carry, first=None):
   """A consumer's visits in plan order: the full tiles (no mask), then the partial ones, with the
   layout mask only when every visit lies inside one segment (`one`), else with the segment
-  comparison too (one of the last two loops is empty). `step(i, carry, masked)`."""
-  mid = jnp.where(one != 0, n_vis, n_full)
-  carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-  carry = lax.fori_loop(n_full, mid, functools.partial(step, masked="layout"), carry)
-  return lax.fori_loop(mid, n_vis, functools.partial(step, masked="segments"), carry)
-
-
-def _visit_loops_overlapped(first, step, n_full, n_vis, one, carry):
-  """`_visit_loops` where visit 0 runs `first` and the others `step` (`FWD_OVERLAP`): in each
-  class of visits, `first` over the class's share of [0, 1), then `step` over the rest."""
+  comparison too (one of the last two loops is empty). `step(i, carry, masked)`; with `first`
+  (`FWD_OVERLAP`), visit 0 runs `first(0, carry, masked)` instead, in its class's loop."""
   mid = jnp.where(one != 0, n_vis, n_full)
   for lo, hi, masked in ((0, n_full, False), (n_full, mid, "layout"), (mid, n_vis, "segments")):
-    split = jnp.maximum(lo, jnp.minimum(hi, 1))
-    carry = lax.fori_loop(lo, split, functools.partial(first, masked=masked), carry)
-    carry = lax.fori_loop(split, hi, functools.partial(step, masked=masked), carry)
+    if first is not None:  # the class's share of [0, 1)
+      split = jnp.maximum(lo, jnp.minimum(hi, 1))
+      carry = lax.fori_loop(lo, split, functools.partial(first, masked=masked), carry)
+      lo = split
+    carry = lax.fori_loop(lo, hi, functools.partial(step, masked=masked), carry)
   return carry
 
 
@@ -500,13 +494,16 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[s, w], q_bar.at[2 * s + w])
           plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[s, w], sq_bar.at[2 * s + w])
 
+        def keys_of(i):  # visit i's key tile
+          return pl.ds(pl.multiple_of(plan_s[s, i] * bk, bk), bk)
+
         def fetch_k(i, slot):
-          keys = pl.ds(pl.multiple_of(plan_s[s, i] * bk, bk), bk)
+          keys = keys_of(i)
           plgpu.copy_gmem_to_smem(k_ref.at[bi, kvh, :, keys] if interpret
                                   else k_ref.at[bi, keys, kvh], k_s.at[slot], k_bar.at[slot])
 
         def fetch_v(i, slot):  # V and, where the visit compares them, the keys' segment ids
-          keys = pl.ds(pl.multiple_of(plan_s[s, i] * bk, bk), bk)
+          keys = keys_of(i)
           if overlap:  # V's slot is freed a visit after K's (see wait_free)
             when(streamed + i >= SLOTS, lambda: plgpu.barrier_wait(v_free.at[slot]))
           plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s.at[slot], v_bar.at[slot])
@@ -652,7 +649,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         # FWD_OVERLAP: a visit's softmax runs while the previous visit's PV product does. The
         # carry holds P of the visit before (bf16, the PV product's register operand).
         slot_of = lambda i: lax.rem(streamed + i, SLOTS)
-        meet_after_softmax = (lambda: sched()) if FWD_OVERLAP == 2 else (lambda: None)
+        meet_after_softmax = sched if FWD_OVERLAP == 2 else (lambda: None)
 
         def softmax_of(i, s_, m_, l, masked):  # (P in float32, alpha, m, l)
           slot = slot_of(i)
@@ -723,8 +720,7 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
           pl.when(n_vis > 0)(lambda: plgpu.barrier_wait(k_bar.at[first]))
         if overlap:
           carry += (lc(jnp.zeros((bq, bk), jnp.float32), wgmma_l).astype(dtype),)
-          carry = _visit_loops_overlapped(overlap_first, overlap_step, n_full, n_vis, one,
-                                          carry)
+          carry = _visit_loops(overlap_step, n_full, n_vis, one, carry, first=overlap_first)
           acc, m_, l, _ = lax.fori_loop(jnp.maximum(n_vis - 1, 0), n_vis, overlap_last, carry)
         else:
           acc, m_, l = _visit_loops(step, n_full, n_vis, one, carry)

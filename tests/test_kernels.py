@@ -53,6 +53,33 @@ def test_tile_map_equals_dense_classification(spec, length, bq, bk):
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("spec", [
+    masks.MaskSpec("causal"),
+    masks.MaskSpec("block_causal", 8),
+    masks.MaskSpec("diffusion", 1, 1),
+    masks.MaskSpec("diffusion", 8, 1),
+    masks.MaskSpec("diffusion", 4, 2),
+    masks.MaskSpec("diffusion", 32, 3),
+])
+@pytest.mark.parametrize("length", [1, 13, 32, 37, 64])
+@pytest.mark.parametrize("vector_div", [True, False])
+def test_key_bounds_are_the_layout_mask(spec, length, vector_div):
+  # A partial tile's mask compares each key with its query's intervals (flash.key_bounds): every
+  # (query, key) pair of the layout must get masks.allowed's answer, no key at a padding index
+  # may be seen (a padding query's answer is free), and PAIRWISE_MASK's per-pair arithmetic, the
+  # timing baseline, must agree on the layout.
+  pos, stream = masks.layout(spec, length)
+  t = pos.size
+  want = masks.allowed(spec, pos[:, None], stream[:, None], 0, pos[None, :], stream[None, :], 0)
+  q = jnp.arange(t + 40, dtype=jnp.int32)[:, None]  # 40 padding indices past the layout
+  k = jnp.arange(t + 40, dtype=jnp.int32)[None, :]
+  got = np.asarray(flash._layout_allowed(spec, length, q, k, vector_div))
+  np.testing.assert_array_equal(got[:t, :t], want)
+  assert not got[:, t:].any()
+  pairwise = np.asarray(flash._pairwise_allowed(spec, length, q, k, vector_div))
+  np.testing.assert_array_equal(pairwise[:t], got[:t])
+
+
 def test_tile_map_skips_most_of_a_long_diffusion_layout():
   # 2L at L=2048, tiles 128 x 64: 16 noisy then 16 clean query tiles, 32 + 32 key tiles. Query
   # tile i (blocks 4i..4i+3) has 2i full clean key tiles whether noisy or clean; its diagonal is

@@ -49,6 +49,10 @@ DELTA_IN_DQ = True
 # eligible, tensor pipe 45%. Untimed: `benchmarks/attention.py --sections dq --dq-variants
 # 'base:;dp:flash.DQ_DP_FIRST=1'`.
 DQ_DP_FIRST = False
+# Whether a partial tile's layout mask is computed per (query, key) pair from both indices'
+# streams and blocks (True: sessions 1-41, ~20 integer ops a score on the GPU), or by comparing
+# each key with its query's intervals (`key_bounds`, False). Same masks; kept to time the two.
+PAIRWISE_MASK = False
 
 
 def _whole(a):
@@ -249,13 +253,65 @@ def _keep(compare_segments, masked, seg_q, seg_k, allowed):
   return keep
 
 
+def key_bounds(spec: masks.MaskSpec, length: int, q_idx, vector_div: bool = True):
+  """The keys layout index `q_idx` may attend (segments aside), as half-open intervals
+  ((lo, hi), ...) of layout indices, lo None for 0: a causal or block-causal row sees a prefix, a
+  noisy diffusion row its own noisy block and the clean blocks before it, a clean row the clean
+  blocks up to its own. Keys at padding indices (>= num_streams * length) are in none.
+
+  Computed per query row, so that a partial tile's mask is a few compares a score
+  (`keys_in`) rather than the stream and block arithmetic of every (query, key) pair, which on
+  the GPU ran ~20 integer ops a score. `vector_div=False` avoids integer division, which
+  Mosaic GPU does not lower for vectors: streams by comparisons, blocks by shifts (the block
+  size must then be a power of two).
+  """
+  total = spec.num_streams * length
+  b = spec.block_size
+
+  def block_start(pos):
+    if vector_div:
+      return lax.div(pos, jnp.int32(b)) * b
+    shift = b.bit_length() - 1
+    return lax.shift_left(lax.shift_right_logical(pos, shift), shift)
+
+  if spec.kind == "causal":
+    return ((None, jnp.minimum(q_idx + 1, total)),)
+  if spec.kind == "block_causal":
+    return ((None, jnp.minimum(block_start(q_idx) + b, total)),)
+  n = spec.num_noisy
+  part = jnp.zeros_like(q_idx)  # the query's stream part: noisy copies 0..n-1, clean (and pad) n
+  for j in range(1, n + 1):
+    part = part + (q_idx >= j * length).astype(q_idx.dtype)
+  first = part * length  # the part's first index (the clean part's: n * length)
+  start = block_start(q_idx - first)  # the query's block, as a position
+  own_end = jnp.minimum(start + b, length)  # (a padding query's block ends at the part's end)
+  # A noisy query sees its own noisy block and the clean blocks before position `start`; a clean
+  # one the clean part up to its own block's end (then `earlier` is empty).
+  earlier = jnp.where(part < n, start, jnp.zeros_like(start))
+  clean = n * length
+  return ((first + earlier, first + own_end), (clean, clean + earlier))
+
+
+def keys_in(k_idx, bounds):
+  """bool: whether key index `k_idx` lies in one of `key_bounds`' intervals (broadcasting)."""
+  ok = None
+  for lo, hi in bounds:
+    inside = k_idx < hi if lo is None else (k_idx >= lo) & (k_idx < hi)
+    ok = inside if ok is None else ok | inside
+  return ok
+
+
 def _layout_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx, vector_div: bool = True):
   """`masks.allowed` for layout indices (segments aside); padding indices are never allowed.
+  q_idx and k_idx broadcast against each other (the Triton kernels pass [BQ, 1] and [1, BK])."""
+  if PAIRWISE_MASK:
+    return _pairwise_allowed(spec, length, q_idx, k_idx, vector_div)
+  return keys_in(k_idx, key_bounds(spec, length, q_idx, vector_div))
 
-  q_idx and k_idx broadcast against each other (the Triton kernels pass [BQ, 1] and [1, BK]).
-  `vector_div=False` avoids integer division, which Mosaic GPU does not lower for vectors:
-  streams by comparisons, blocks by a shift (the block size must then be a power of two).
-  """
+
+def _pairwise_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx, vector_div: bool = True):
+  """`_layout_allowed` as sessions 1-41 computed it: streams and blocks of every (query, key)
+  pair. Kept for `PAIRWISE_MASK`, the timing baseline of `key_bounds`."""
   total = spec.num_streams * length
 
   def pos_stream(idx):

@@ -199,10 +199,14 @@ def _visit_loops(step, n_full, n_vis, one, carry, first=None):
 
 
 def _iota(shape, dim, interpret):
+  """int32 [shape[dim]]: 0, 1, ... along dimension `dim` of a [shape] tile, in the register
+  layout that broadcasts along the tile's other dimension (the wgmma results' row or column
+  layout on the GPU)."""
   if interpret:
-    return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return jnp.arange(shape[dim], dtype=jnp.int32)
   plgpu = _plgpu()
-  return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+  layout = plgpu.Layout.WGMMA.reduce(1 - dim)
+  return plgpu.broadcasted_iota(jnp.int32, (shape[dim],), 0, layout=layout)
 
 
 def _load(ref, layout, interpret):
@@ -284,18 +288,28 @@ def _stream(n_vis, fetch, wait_free, streamed=0):
     fetch(i, slot)
 
 
-def _keep(spec, length, q_idx, k_idx, masked, own_seg, streamed_seg, streamed_bar, interpret):
-  """bool [rows, cols] of a partial tile: the layout mask at (q_idx, k_idx), and when `masked`
-  is "segments" the segment comparison of this warpgroup's resident tile (rows, ids in
-  `own_seg`) with the streamed one (cols, `streamed_seg`, its copy awaited on `streamed_bar`).
-  The ids are loaded and broadcast per visit: a [rows, cols] copy of the resident ids held
-  across the loop is 64 registers a thread, which made the forward 23% slower."""
+def _keep(spec, length, shape, q_dim, q_idx, k_idx, masked, own_seg, streamed_seg, streamed_bar,
+          interpret):
+  """bool [shape] of a partial tile whose dimension `q_dim` runs over queries (layout indices
+  `q_idx`, a vector along it) and the other over keys (`k_idx`): the layout mask, and when `masked`
+  is "segments" the segment comparison of this warpgroup's resident tile (ids in `own_seg`, along
+  dimension 0) with the streamed one (`streamed_seg`, along 1, its copy awaited on
+  `streamed_bar`). The layout mask compares each key with its query's key intervals
+  (`flash.key_bounds`, computed on the vector of queries: a few ops a score). The ids are loaded
+  and broadcast per visit: a [rows, cols] copy of the resident ids held across the loop is 64
+  registers a thread, which made the forward 23% slower."""
   plgpu = _plgpu()
-  ok = flash._layout_allowed(spec, length, q_idx, k_idx, vector_div=False)
+  along = lambda x, dim: x if isinstance(x, int) else lax.broadcast_in_dim(x, shape, [dim])
+  keys = along(k_idx, 1 - q_dim)
+  if flash.PAIRWISE_MASK:  # the timing baseline: per-pair arithmetic on [shape] indices
+    ok = flash._pairwise_allowed(spec, length, along(q_idx, q_dim), keys, vector_div=False)
+  else:
+    bounds = flash.key_bounds(spec, length, q_idx, vector_div=False)
+    ok = flash.keys_in(keys, [(None if lo is None else along(lo, q_dim), along(hi, q_dim))
+                              for lo, hi in bounds])
   if masked == "segments":
     plgpu.barrier_wait(streamed_bar)
     layout = plgpu.Layout.WGMMA
-    shape = q_idx.shape
     own = lax.broadcast_in_dim(_load(own_seg, layout.reduce(1), interpret), shape, [0])
     streamed = lax.broadcast_in_dim(_load(streamed_seg, layout.reduce(0), interpret), shape, [1])
     ok = ok & (own == streamed)
@@ -580,8 +594,8 @@ def forward(q, k, v, seg, spec: masks.MaskSpec, length: int, interpret: bool = F
         plgpu.barrier_wait(sq_bar.at[2 * s + wg])
 
         def keep_of(i, slot, masked):
-          return _keep(spec, length, iota(0) + base, iota(1) + plan_s[s, i] * bk, masked,
-                       segq_s.at[s, wg], segk_s.at[slot], sk_bar.at[slot], interpret)
+          return _keep(spec, length, (bq, bk), 0, iota(0) + base, iota(1) + plan_s[s, i] * bk,
+                       masked, segq_s.at[s, wg], segk_s.at[slot], sk_bar.at[slot], interpret)
 
         def scores(slot, after=lambda: None):
           def qk(acc_ref):
@@ -1052,8 +1066,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
       cols = pl.ds(w * half, half)  # this warpgroup's half of dQ's columns
 
       def keep_of(i, slot, masked):
-        return _keep(spec, length, iota(1) + plan_s[i] * bq, iota(0) + base, masked,
-                     segk_s.at[w], segq_s.at[slot], sq_bar.at[slot], interpret)
+        return _keep(spec, length, (bk, bq), 1, iota(1) + plan_s[i] * bq, iota(0) + base,
+                     masked, segk_s.at[w], segq_s.at[slot], sq_bar.at[slot], interpret)
 
       bcast = lambda x: lax.broadcast_in_dim(x, (bk, bq), [1])
 

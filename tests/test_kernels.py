@@ -64,20 +64,22 @@ def test_tile_map_equals_dense_classification(spec, length, bq, bk):
 @pytest.mark.parametrize("length", [1, 13, 32, 37, 64])
 @pytest.mark.parametrize("vector_div", [True, False])
 def test_key_bounds_are_the_layout_mask(spec, length, vector_div):
-  # A partial tile's mask compares each key with its query's intervals (flash.key_bounds): every
-  # (query, key) pair of the layout must get masks.allowed's answer, no key at a padding index
-  # may be seen (a padding query's answer is free), and PAIRWISE_MASK's per-pair arithmetic, the
-  # timing baseline, must agree on the layout.
+  # Both forms of a partial tile's layout mask: the Mosaic kernels' key intervals
+  # (flash.key_bounds) and the Triton kernels' per-pair arithmetic (_layout_allowed). Every
+  # (query, key) pair of the layout must get masks.allowed's answer, and no key at a padding index
+  # may be seen (a padding query's answer is free).
   pos, stream = masks.layout(spec, length)
   t = pos.size
   want = masks.allowed(spec, pos[:, None], stream[:, None], 0, pos[None, :], stream[None, :], 0)
-  q = jnp.arange(t + 40, dtype=jnp.int32)[:, None]  # 40 padding indices past the layout
-  k = jnp.arange(t + 40, dtype=jnp.int32)[None, :]
-  got = np.asarray(flash._layout_allowed(spec, length, q, k, vector_div))
-  np.testing.assert_array_equal(got[:t, :t], want)
-  assert not got[:, t:].any()
-  pairwise = np.asarray(flash._pairwise_allowed(spec, length, q, k, vector_div))
-  np.testing.assert_array_equal(pairwise[:t], got[:t])
+  q = jnp.arange(t + 40, dtype=jnp.int32)  # 40 padding indices past the layout
+  k = q[None, :]
+  bounds = flash.key_bounds(spec, length, q, vector_div)
+  by_bounds = flash.keys_in(k, [(lo if lo is None or isinstance(lo, int) else lo[:, None],
+                                 hi[:, None]) for lo, hi in bounds])
+  pairwise = flash._layout_allowed(spec, length, q[:, None], k, vector_div)
+  for got in (np.asarray(by_bounds), np.asarray(pairwise)):
+    np.testing.assert_array_equal(got[:t, :t], want)
+    assert not got[:, t:].any()
 
 
 def test_tile_map_skips_most_of_a_long_diffusion_layout():

@@ -49,10 +49,6 @@ DELTA_IN_DQ = True
 # eligible, tensor pipe 45%. Untimed: `benchmarks/attention.py --sections dq --dq-variants
 # 'base:;dp:flash.DQ_DP_FIRST=1'`.
 DQ_DP_FIRST = False
-# Whether a partial tile's layout mask is computed per (query, key) pair from both indices'
-# streams and blocks (True: sessions 1-41, ~20 integer ops a score on the GPU), or by comparing
-# each key with its query's intervals (`key_bounds`, False). Same masks; kept to time the two.
-PAIRWISE_MASK = False
 
 
 def _whole(a):
@@ -257,13 +253,16 @@ def key_bounds(spec: masks.MaskSpec, length: int, q_idx, vector_div: bool = True
   """The keys layout index `q_idx` may attend (segments aside), as half-open intervals
   ((lo, hi), ...) of layout indices, lo None for 0: a causal or block-causal row sees a prefix, a
   noisy diffusion row its own noisy block and the clean blocks before it, a clean row the clean
-  blocks up to its own. Keys at padding indices (>= num_streams * length) are in none.
+  blocks up to its own. Keys at padding indices (>= num_streams * length) are in none; a padding
+  query's intervals are of no consequence (its output row is dropped).
 
-  Computed per query row, so that a partial tile's mask is a few compares a score
-  (`keys_in`) rather than the stream and block arithmetic of every (query, key) pair, which on
-  the GPU ran ~20 integer ops a score. `vector_div=False` avoids integer division, which
-  Mosaic GPU does not lower for vectors: streams by comparisons, blocks by shifts (the block
-  size must then be a power of two).
+  The Mosaic GPU kernels' mask (`flash_mgpu._keep`): computed on the vector of a tile's queries,
+  so that each score costs a few compares (`keys_in`). `_layout_allowed`'s per-pair stream and
+  block arithmetic on their [rows, cols] tiles made the forward 1.13-1.16x slower (session 42,
+  H100). The Triton kernels keep `_layout_allowed`, whose row and column parts Triton computes on
+  [BQ, 1] and [1, BK] vectors: their dq kernel ran 2% slower with these intervals.
+  `vector_div=False` avoids integer division, which Mosaic GPU does not lower for vectors
+  (blocks by shifts: the block size must then be a power of two).
   """
   total = spec.num_streams * length
   b = spec.block_size
@@ -303,15 +302,11 @@ def keys_in(k_idx, bounds):
 
 def _layout_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx, vector_div: bool = True):
   """`masks.allowed` for layout indices (segments aside); padding indices are never allowed.
-  q_idx and k_idx broadcast against each other (the Triton kernels pass [BQ, 1] and [1, BK])."""
-  if PAIRWISE_MASK:
-    return _pairwise_allowed(spec, length, q_idx, k_idx, vector_div)
-  return keys_in(k_idx, key_bounds(spec, length, q_idx, vector_div))
 
-
-def _pairwise_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx, vector_div: bool = True):
-  """`_layout_allowed` as sessions 1-41 computed it: streams and blocks of every (query, key)
-  pair. Kept for `PAIRWISE_MASK`, the timing baseline of `key_bounds`."""
+  q_idx and k_idx broadcast against each other (the Triton kernels pass [BQ, 1] and [1, BK]).
+  `vector_div=False` avoids integer division, which Mosaic GPU does not lower for vectors:
+  streams by comparisons, blocks by a shift (the block size must then be a power of two).
+  """
   total = spec.num_streams * length
 
   def pos_stream(idx):

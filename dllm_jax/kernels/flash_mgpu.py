@@ -301,12 +301,9 @@ def _keep(spec, length, shape, q_dim, q_idx, k_idx, masked, own_seg, streamed_se
   plgpu = _plgpu()
   along = lambda x, dim: x if isinstance(x, int) else lax.broadcast_in_dim(x, shape, [dim])
   keys = along(k_idx, 1 - q_dim)
-  if flash.PAIRWISE_MASK:  # the timing baseline: per-pair arithmetic on [shape] indices
-    ok = flash._pairwise_allowed(spec, length, along(q_idx, q_dim), keys, vector_div=False)
-  else:
-    bounds = flash.key_bounds(spec, length, q_idx, vector_div=False)
-    ok = flash.keys_in(keys, [(None if lo is None else along(lo, q_dim), along(hi, q_dim))
-                              for lo, hi in bounds])
+  bounds = flash.key_bounds(spec, length, q_idx, vector_div=False)
+  ok = flash.keys_in(keys, [(None if lo is None else along(lo, q_dim), along(hi, q_dim))
+                            for lo, hi in bounds])
   if masked == "segments":
     plgpu.barrier_wait(streamed_bar)
     layout = plgpu.Layout.WGMMA

@@ -44,10 +44,9 @@ _LOG2E = math.log2(math.e)
 DELTA_IN_DQ = True
 # Whether the Triton dq kernel's body issues dP = dO V^T right after S = Q K^T, before the
 # softmax between them (True), or after it (False: the order since session 3). Same products, so
-# the same bits; whether Triton then overlaps the two wgmmas is what a timing would show. Nsight
-# Compute (H100, session 41) found this kernel latency-bound: 2 warps a scheduler, 0.41 of them
-# eligible, tensor pipe 45%. Untimed: `benchmarks/attention.py --sections dq --dq-variants
-# 'base:;dp:flash.DQ_DP_FIRST=1'`.
+# the same bits. Nsight Compute (H100, session 41) found this kernel latency-bound: 2 warps a
+# scheduler, 0.41 of them eligible, tensor pipe 45%. Timed (session 42, H100, dq alone, 1.5B
+# heads, L=2048): 0.96x the time on 2L, 1.03x on 3L; off.
 DQ_DP_FIRST = False
 
 

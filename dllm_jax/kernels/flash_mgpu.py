@@ -81,8 +81,10 @@ PERSISTENT = True
 # tensor pipe at 49% of its cycles with 0.56 eligible warps a scheduler (H100, session 41). Its
 # first version ran 1.4-1.5x slower (forward GPU time, 1.5B heads, L=2048, session 41): ptxas
 # serialized every wgmma (C7513) because P_i was converted into the loop-carried PV operand while
-# P_{i-1} V_{i-1} still read it. P_i is now converted after that product lands; this version was
-# lowered on the CPU, not yet compiled by ptxas or timed. Opt-in until it is. The interpreter
+# P_{i-1} V_{i-1} still read it. P_i is now converted after that product lands: ptxas no longer
+# serializes (session 42), and with the partial tiles' masks from key intervals nothing spills,
+# but the forward still runs 1.04-1.05x slower than the default (H100, session 42), so it stays
+# opt-in. Untried: the S accumulator kept out of run_state's carried state. The interpreter
 # runs the default schedule whatever this is (no register operands there), so CPU tests do not
 # cover this one's barrier order. `benchmarks/forward_protocol_model.py` models it by hand
 # (every interleaving of up to three items, both values, turns on and off; edit it with this
@@ -91,13 +93,13 @@ FWD_OVERLAP = 0
 # Under FWD_OVERLAP, whether the producer copies K a visit ahead of V (K_0, K_1, V_0, K_2, V_1,
 # ...; True) or each visit's K then V. In the latter, K_{j+1} queues behind V_j's wait for its
 # slot, which both consumers free only at the end of visit j - 1 (a review's latency point,
-# session 41). The protocol model above finds no deadlock or stale read in either order.
-# Untimed.
+# session 41). The protocol model above finds no deadlock or stale read in either order. The
+# overlap's timings (session 42) are with K ahead; K then V's was cut off by a call's time limit.
 OVERLAP_K_AHEAD = True
-# The forward's consumer registers a thread: 232 (producer 40) or 240 (producer 24). ptxas spills
-# 212 bytes a consumer thread at 232 (session 41). 240: forward GPU time 1.4% / 1.3% lower (1.5B
-# heads, L=2048, 2L / 3L; H100, one reading each, BENCHMARKS.md session 41); one reading does not
-# set a default.
+# The forward's consumer registers a thread: 232 (producer 40) or 240 (producer 24). With the 2D
+# mask iotas ptxas spilled 212 bytes a consumer thread at 232, and 240 took 1.3-1.4% less GPU
+# time (session 41, one reading); since the masks use key intervals nothing spills at 232, and
+# 240 ran 1.02x slower (session 42, H100, 1.5B heads, L=2048).
 FWD_REGS = 232
 
 

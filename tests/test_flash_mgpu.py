@@ -203,11 +203,34 @@ def test_nonempty_tiles_mark_the_tiles_the_layout_leaves_empty():
   assert not tmap.all()  # (the layout leaves some tiles empty: the comparison is not vacuous)
 
 
-def test_dq_has_triton_kernel_only():
+def test_dq_kernels_are_triton_or_mosaic():
   with pytest.raises(ValueError, match="expected one of"):
     flash.Tiles(dq="ds")
   with pytest.raises(ValueError, match="expected one of"):
     flash.Tiles(dkv="ds")
+
+
+def test_mosaic_dq_beside_the_triton_dkv_kernel_equals_the_reference():
+  # The Mosaic dq kernel's dQ, and its delta feeding Triton's dk/dv kernel (packed, GQA 2, every
+  # visit class: full tiles, the layout mask, the segment comparison).
+  spec, length, b, h, kh, d, cuts = CASES[0]
+  meta = masks.layout_meta(spec, _segments(b, length, cuts))
+  t = meta.positions.shape[1]
+  ks = jax.random.split(jax.random.key(5), 4)
+  q, ct = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(jnp.bfloat16) for kk in ks[::3])
+  k, v = (jax.random.normal(kk, (b, t, kh, d), jnp.float32).astype(jnp.bfloat16) for kk in ks[1:3])
+  tiles = flash.Tiles(forward="triton", dkv="triton", dq="mosaic")
+  ours = lambda q, k, v: flash.block_sparse_attention(q, k, v, meta.segments, spec, tiles,
+                                                      interpret=True)
+  ref = lambda q, k, v: attention.xla_attention(q, k, v, masks.dense_mask(spec, meta, meta))
+  grads = lambda f, *a: jax.vjp(f, *a)[1](ct.astype(a[0].dtype))
+  jaxpr = str(jax.make_jaxpr(lambda: grads(ours, q, k, v))())
+  assert "block_sparse_attention_dq_mgpu" in jaxpr and "dkv_mgpu" not in jaxpr
+  f32 = lambda x: x.astype(jnp.float32)
+  got = jax.jit(lambda: grads(ours, q, k, v))()
+  want = grads(ref, f32(q), f32(k), f32(v))
+  for name, g, w in zip("qkv", got, want):
+    assert float(jnp.linalg.norm(f32(g) - w) / jnp.linalg.norm(w)) < 1e-2, f"d{name}"
 
 
 def test_dkv_heads_groups_heads_while_the_heaviest_cta_fits_one_sms_share(monkeypatch):
@@ -567,9 +590,11 @@ def test_gpu_bodies_lower_for_cuda(monkeypatch, knobs, fuse_dq, kh, lower_for_cu
 
   def fwd_bwd(q, k, v, do, delta):
     o, lse = flash_mgpu.forward(q, k, v, meta.segments, spec, 128)
-    return o, flash_mgpu.dkv(q, k, v, meta.segments, do, lse, delta, spec, 128, fuse_dq=fuse_dq)
+    dq = flash_mgpu.dq(q, k, v, meta.segments, o, do, lse, spec, 128)
+    return o, dq, flash_mgpu.dkv(q, k, v, meta.segments, do, lse, delta, spec, 128,
+                                 fuse_dq=fuse_dq)
 
   text = lower_for_cuda(fwd_bwd, q, kv, kv, q, lse)
-  # The two kernels lowered into Mosaic GPU modules (a kernel given Refs, as the fused and the
+  # The three kernels lowered into Mosaic GPU modules (a kernel given Refs, as the fused and the
   # reduce-add ones are, keeps no name in the text).
-  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 2
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3

@@ -105,17 +105,19 @@ class Tiles:
   # one run, and it holds a float32 dQ ([B, T, H, D]) through the backward.
   fuse_dq: bool = False
   # Which dq kernel runs (it also computes delta for the dk/dv kernel): "triton" (below; "auto"
-  # is the same). Unused with `fuse_dq`. A Mosaic GPU dq kernel on the forward's tiling (sessions
-  # 33-34) took 1.01-1.11x Triton's GPU time on three of the four L=2048 cases on an H100 (0.96x
-  # on the 1.5B heads' 2L, level in wall time) and was removed in session 38; dQ = dS K from a dS
-  # the dk/dv kernel stored (sessions 34-36: fwd+bwd 1.003-1.03x faster for 0.4-1.5 GB of dS)
-  # was removed in session 39; programs over two heads of a group sharing each K/V tile load
-  # (8 warps) took 1.9-2.1x this kernel's time on an H100, removed in session 40 (BENCHMARKS.md).
+  # is the same) or "mosaic" (`flash_mgpu.dq`: the forward's tiling, TMA + wgmma; sm_90 only).
+  # Unused with `fuse_dq`. The Mosaic kernel took 1.01-1.11x Triton's GPU time on three of the
+  # four L=2048 cases on an H100 (0.96x on the 1.5B heads' 2L; sessions 33-34) and was removed in
+  # session 38; it is back since session 42, whose partial-tile masks from key intervals made the
+  # Mosaic forward 1.17-1.27x faster, to be timed against Triton's again. dQ = dS K from a dS the
+  # dk/dv kernel stored (sessions 34-36: fwd+bwd 1.003-1.03x faster for 0.4-1.5 GB of dS) was
+  # removed in session 39; programs over two heads of a group sharing each K/V tile load (8
+  # warps) took 1.9-2.1x this kernel's time on an H100, removed in session 40 (BENCHMARKS.md).
   dq: str = "triton"
 
   def __post_init__(self):
     for name in ("forward", "dkv", "dq"):
-      allowed = ("auto", "triton") + (() if name == "dq" else ("mosaic",))
+      allowed = ("auto", "triton", "mosaic")
       if getattr(self, name) not in allowed:
         raise ValueError(f"Tiles.{name}={getattr(self, name)!r}: expected one of {allowed}")
     for f in dataclasses.fields(self):
@@ -539,8 +541,13 @@ def _backward(q, k, v, seg, o, lse, do, spec, length, tiles: Tiles, interpret):
     return flash_mgpu.dkv(q, k, v, seg, do, lse, _xla_delta(o, do), spec, length, interpret,
                           fuse_dq=True)
   # dq, and delta [B, H, Tp] (like lse) for the dk/dv kernel, which therefore runs after it
-  xla_delta = None if DELTA_IN_DQ else _xla_delta(o, do)
-  dq, delta = _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles, interpret, xla_delta)
+  if tiles.dq == "mosaic":
+    from dllm_jax.kernels import flash_mgpu
+
+    dq, delta = flash_mgpu.dq(q, k, v, seg, o, do, lse, spec, length, interpret)
+  else:
+    xla_delta = None if DELTA_IN_DQ else _xla_delta(o, do)
+    dq, delta = _triton_dq(q, k, v, seg, o, do, lse, spec, length, tiles, interpret, xla_delta)
   return _dkv(q, k, v, seg, do, lse, delta, dq, spec, length, tiles, interpret)
 
 
@@ -705,7 +712,7 @@ def block_sparse_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.Mask
                 for f in ("forward", "dkv", "dq")})
   lcm = max(tiles.block_q, tiles.block_k, tiles.block_q_dq, tiles.block_k_dq,
             tiles.block_q_dkv, tiles.block_k_dkv)  # all powers of two: the max is their lcm
-  if "mosaic" in (tiles.forward, tiles.dkv):
+  if "mosaic" in (tiles.forward, tiles.dkv, tiles.dq):
     from dllm_jax.kernels import flash_mgpu
 
     why = flash_mgpu.fuse_dq_unsupported(d) if tiles.fuse_dq else None

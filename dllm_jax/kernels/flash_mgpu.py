@@ -1351,6 +1351,212 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
   return dq_out, dk, dv
 
 
+def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: bool = False):
+  """(dq [B, Tp, H, D], delta [B, H, Tp]) of `flash._backward`'s problem: what its Triton dq
+  kernel computes (delta = sum_d o * do, for the dk/dv kernel), on the forward's tiling.
+
+  One CTA holds 128 query rows of one head (two consumer warpgroups of 64; Q, dO, lse and delta
+  resident) and walks the key tiles they see, heaviest query tiles first; the producer streams
+  K and V per visit. A visit is S = Q K^T and dP = dO V^T issued together (K^T and V^T as
+  transposed views of the streamed tiles), P and dS in registers, then dQ += dS K while the next
+  tile's barriers are awaited. Like the dk/dv kernel (and unlike the forward), no turns (taking
+  them made it 1.04-1.08x slower, session 33).
+
+  delta needs each row's O, read once: the producer copies the CTA's 128 O rows into K slot 1
+  before that slot's first tile (visit 1), and streams visit 1 only once both consumers have
+  read them (`o_free`); visit 0's products hide the wait, and no 32 KB O buffer is needed
+  beside Q, dO and two K/V slots (192 KB; with one, 224 KB of the 227). Returns dq in the
+  inputs' dtype."""
+  plgpu = _plgpu()
+  b, tp, h, d = q.shape
+  if tp % OUTER:
+    raise ValueError(f"padded length {tp} is not a multiple of {OUTER}")
+  if SLOTS < 2 or BLOCK_K != OUTER:
+    raise ValueError(f"flash_mgpu.SLOTS={SLOTS}, BLOCK_K={BLOCK_K}: the dq kernel stages a CTA's "
+                     f"{OUTER} O rows in K slot 1, which needs two slots of {OUTER} keys")
+  group = h // k.shape[2]
+  bq, bk = BLOCK_Q, BLOCK_K
+  n_outer = tp // OUTER
+  plan, nv = heavy_first_list(spec, length, seg, n_outer, OUTER, bk, transpose=False)
+  dtype = q.dtype
+  scale = d ** -0.5
+  c = scale * _LOG2E
+  wgmma_l = plgpu.Layout.WGMMA
+  row_l = wgmma_l.reduce(1)
+  lc = (lambda x, layout: x) if interpret else plgpu.layout_cast
+  kt, vt = _streamed_transposes(interpret, d, bk, k, v)  # K^T, V^T in the interpreter
+  iota = functools.partial(_iota, (bq, bk), interpret=interpret)
+  load = functools.partial(_load, interpret=interpret)
+
+  def kernel(q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, seg_ref, plan_ref, kt_ref, vt_ref,
+             dq_ref, delta_ref, q_s, do_s, k_s, v_s, kt_s, vt_s, ds_s, lse_s, delta_s, segq_s,
+             segk_s, plan_s, plan_bar, q_bar, do_bar, lse_bar, sq_bar, o_bar, o_free, k_bar,
+             v_bar, kt_bar, vt_bar, sk_bar, free):
+    j, bi, head = launch_place(lax.axis_index("cta"), n_outer, b * h, h)
+    kvh = lax.div(head, jnp.int32(group))
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 2)
+    def _producer():
+      n_full, n_vis, one = _producer_start(plan_ref.at[bi, j], plan_s, plan_bar, nv, interpret)
+      rows = pl.ds(pl.multiple_of(plan_s[nv + 3] * OUTER, OUTER), OUTER)
+      plgpu.copy_gmem_to_smem(o_ref.at[bi, rows, head], k_s.at[1], o_bar.at[0])
+
+      def fetch(i, slot):
+        keys = pl.ds(pl.multiple_of(plan_s[i] * bk, bk), bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kvh], k_s.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kvh], v_s.at[slot], v_bar.at[slot])
+        if interpret:
+          plgpu.copy_gmem_to_smem(kt_ref.at[bi, kvh, :, keys], kt_s.at[slot], kt_bar.at[slot])
+          plgpu.copy_gmem_to_smem(vt_ref.at[bi, kvh, :, keys], vt_s.at[slot], vt_bar.at[slot])
+
+        @pl.when((i >= n_full) & (one == 0))  # the visits that compare segment ids
+        def _():
+          plgpu.copy_gmem_to_smem(seg_ref.at[bi, keys], segk_s.at[slot], sk_bar.at[slot])
+
+      pl.when(n_vis > 0)(lambda: fetch(0, 0))
+      plgpu.barrier_wait(o_free.at[0])  # O read: slot 1 may take its first tile
+      _stream(jnp.maximum(n_vis - 1, 0), lambda i, slot: fetch(i + 1, slot),
+              lambda slot: plgpu.barrier_wait(free.at[slot]), streamed=1)
+
+    def delta_of(w):  # warpgroup w's rows of O (staged in K slot 1) times dO, summed per row
+      plgpu.barrier_wait(o_bar.at[0])
+      plgpu.barrier_wait(do_bar.at[w])
+      o_rows = load(k_s.at[1, pl.ds(w * bq, bq)], wgmma_l).astype(jnp.float32)
+      delta = (o_rows * load(do_s.at[w], wgmma_l).astype(jnp.float32)).sum(axis=1)
+      plgpu.commit_smem()  # plain loads of slot 1 before its refill by TMA (`_stream`)
+      plgpu.barrier_arrive(o_free.at[0])
+      delta_s[w] = delta
+
+    @pl.when(wg < 2)
+    def _consumer():
+      if not interpret:
+        plgpu.set_max_registers(232, action="increase")
+      _wait_plan(lambda c: plan_bar.at[c], plan_s.shape[0])
+      n_full, n_vis, one = plan_s[nv], plan_s[nv + 1], plan_s[nv + 2]
+      base = plan_s[nv + 3] * OUTER + wg * bq
+      rows = pl.ds(base, bq)
+      # one barrier per copy: a copy's arrivals are a whole warpgroup's
+      plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, head], do_s.at[wg], do_bar.at[wg])
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_s.at[wg], q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, rows], lse_s.at[wg], lse_bar.at[wg])
+      plgpu.copy_gmem_to_smem(seg_ref.at[bi, rows], segq_s.at[wg], sq_bar.at[wg])
+      # Static row slices of slot 1 (a warpgroup's index is traced): one branch a warpgroup.
+      for w in range(2):
+        pl.when(wg == w)(functools.partial(delta_of, w))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(delta_s.at[wg], delta_ref.at[bi, head, rows])
+      plgpu.barrier_wait(lse_bar.at[wg])
+      plgpu.barrier_wait(q_bar.at[wg])
+      plgpu.barrier_wait(sq_bar.at[wg])
+      # The rows' lse and delta stay [BQ] vectors across the loop and are broadcast per visit: a
+      # [BQ, BK] broadcast held across it is 64 registers a thread (see `_keep`).
+      bcast = lambda x: lax.broadcast_in_dim(x, (bq, bk), [0])
+      lse_rows = load(lse_s.at[wg], row_l)
+      delta_rows = load(delta_s.at[wg], row_l)
+
+      def keep_of(i, slot, masked):
+        return _keep(spec, length, (bq, bk), 0, iota(0) + base, iota(1) + plan_s[i] * bk,
+                     masked, segq_s.at[wg], segk_s.at[slot], sk_bar.at[slot], interpret)
+
+      def grads(s, dp, i, slot, masked):  # dS [BQ, BK] from S and dP
+        p = jnp.exp2(s * c - bcast(lse_rows))
+        if masked:
+          p = jnp.where(keep_of(i, slot, masked), p, jnp.zeros_like(p))
+        return p * (dp - bcast(delta_rows))
+
+      def product(a, b_ref, shape):
+        def f(acc_ref):
+          plgpu.wgmma(acc_ref, a, b_ref)
+          return acc_ref[...]
+        return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
+
+      def release(i, slot, masked):
+        if masked == "segments" and RELEASE_FENCE:  # segk_s[slot] read by plain loads
+          plgpu.commit_smem()
+        pl.when(i + SLOTS < n_vis)(lambda: plgpu.barrier_arrive(free.at[slot]))
+
+      def interpret_step(i, acc, masked):
+        slot = lax.rem(i, SLOTS)
+        for bar in (k_bar, v_bar, kt_bar, vt_bar):
+          plgpu.barrier_wait(bar.at[slot])
+        s = product(q_s.at[wg], kt_s.at[slot], (bq, bk))
+        dp = product(do_s.at[wg], vt_s.at[slot], (bq, bk))
+        ds_s[wg] = grads(s, dp, i, slot, masked).astype(dtype)
+        plgpu.commit_smem()
+        acc = acc + product(ds_s.at[wg], k_s.at[slot], (bq, d))
+        release(i, slot, masked)
+        return acc
+
+      def gpu_step(i, acc, masked):
+        slot = lax.rem(i, SLOTS)
+
+        def products(s_ref, dp_ref):
+          plgpu.wgmma(s_ref, q_s.at[wg], k_s.at[slot].transpose((1, 0)))
+          plgpu.wgmma(dp_ref, do_s.at[wg], v_s.at[slot].transpose((1, 0)))
+          return s_ref[...], dp_ref[...]
+
+        s, dp = pl.run_scoped(products, plgpu.ACC((bq, bk), jnp.float32),
+                              plgpu.ACC((bq, bk), jnp.float32))
+        ds16 = grads(s, dp, i, slot, masked).astype(dtype)
+        acc, ds16 = lax.optimization_barrier((acc, ds16))
+
+        def accumulate(acc_ref):
+          plgpu.wgmma(acc_ref, ds16, k_s.at[slot])
+
+          @pl.when(i + 1 < n_vis)  # the next tile's operands, while this product runs
+          def _():
+            nxt = lax.rem(i + 1, SLOTS)
+            plgpu.barrier_wait(k_bar.at[nxt])
+            plgpu.barrier_wait(v_bar.at[nxt])
+
+        acc = pl.run_state(accumulate)(plgpu.ACC.init(acc))
+        release(i, slot, masked)
+        return acc
+
+      step = interpret_step if interpret else gpu_step
+      if not interpret:
+        @pl.when(n_vis > 0)
+        def _():
+          plgpu.barrier_wait(k_bar.at[0])
+          plgpu.barrier_wait(v_bar.at[0])
+      acc = _visit_loops(step, n_full, n_vis, one, lc(jnp.zeros((bq, d), jnp.float32), wgmma_l))
+      q_s[wg] = (acc * scale).astype(dtype)  # dQ staged in Q's buffer (its last read is done)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_s.at[wg], dq_ref.at[bi, rows, head])
+      plgpu.wait_smem_to_gmem(0)
+
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  small = (1, 8, 64)  # a buffer this body does not use
+  kernel.__name__ = "block_sparse_attention_dq_mgpu"  # Mosaic GPU names the kernel after it
+  dq_, delta = plgpu.kernel(
+      kernel,
+      out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
+      scratch_types=[
+          plgpu.SMEM((2, bq, d), dtype, **tiled), plgpu.SMEM((2, bq, d), dtype, **tiled),
+          plgpu.SMEM((SLOTS, bk, d), dtype, **tiled), plgpu.SMEM((SLOTS, bk, d), dtype, **tiled),
+          plgpu.SMEM((SLOTS, d, bk) if interpret else small, dtype, **tiled),
+          plgpu.SMEM((SLOTS, d, bk) if interpret else small, dtype, **tiled),
+          # dS in shared memory for the interpreter's wgmma; on the GPU it stays in registers
+          plgpu.SMEM((2, bq, bk) if interpret else small, dtype, **tiled),
+          plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
+          plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((SLOTS, bk), jnp.int32),
+          plgpu.SMEM((plan.shape[-1],), jnp.int32),
+          plgpu.Barrier(num_barriers=len(plan_pieces(plan.shape[-1]))),  # plan row, by piece
+          *[plgpu.Barrier(num_barriers=2) for _ in range(4)],  # Q, dO, lse, ids: by warpgroup
+          plgpu.Barrier(num_barriers=1),  # O in slot 1
+          plgpu.Barrier(num_arrivals=2, num_barriers=1),  # O read by both
+          *[plgpu.Barrier(num_barriers=SLOTS) for _ in range(5)],  # K, V, K^T, V^T, key ids
+          plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS)],  # slot released by both
+      grid=(n_outer * b * h,), grid_names=("cta",),
+      num_threads=3, thread_name="wg",
+      compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params() if interpret else None,
+  )(q, k, v, o, do, lse, seg, plan, kt, vt)
+  return dq_, delta
+
+
 def _interpret_params():
   plgpu = _plgpu()
   if hasattr(plgpu, "InterpretParams"):  # public from jax 0.11

@@ -264,6 +264,11 @@ _PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 6
     (CASES[2], flash.Tiles(forward="triton", dkv="mosaic")),
     # The forward on a diffusion layout at head_dim 128 (the models' own).
     ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 64]]), MOSAIC),
+    # The dq kernel (O staged in a K slot for delta, then the slot refilled): packed GQA 2, and
+    # 3L with GQA 3 beside the Mosaic dk/dv kernel.
+    (CASES[0], flash.Tiles(forward="triton", dkv="triton", dq="mosaic")),
+    ((masks.MaskSpec("diffusion", 16, 2), 64, 1, 3, 1, 64, [[]]),
+     flash.Tiles(forward="triton", dkv="mosaic", dq="mosaic")),
     # Fused dQ at head_dim 128: 3L with GQA 3, and packed with GQA 2 (not under jax 0.11.2: its
     # key-tile CTAs add into the same dQ rows one grid point after another, and 0.11.2's
     # detector resets every vector clock between grid points while keeping their accesses, so
@@ -277,7 +282,7 @@ _PACKED_FUSED = ((masks.MaskSpec("diffusion", 32, 1), 100, 1, 2, 1, 128, [[32, 6
 def test_interpreter_finds_no_race_in_the_training_kernels(monkeypatch, case, tiles):
   # The interpreter's race detector orders the warpgroups' shared-memory reads and writes, the
   # TMA copies (0.11's also the async proxy) and the mbarriers by vector clocks: the forward,
-  # dk/dv and fused kernels run each case under it.
+  # dk/dv, dq and fused kernels run each case under it.
   ipc = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
   if tiles is GROUPS:
     monkeypatch.setattr(flash_mgpu, "DKV_HEADS", case[3])  # a dk/dv CTA a whole group
@@ -531,17 +536,17 @@ def test_auto_kernels_are_triton_off_hopper():
   spec = masks.MaskSpec("diffusion", 32, 1)
   for d in (64, 128):
     q = jnp.zeros((1, 64, 2, d), jnp.bfloat16)
-    for field in ("forward", "dkv"):
+    for field in ("forward", "dkv", "dq"):
       assert flash._kernel_choice(field, "auto", spec, q, interpret=True) == "triton"
       assert flash._kernel_choice(field, "auto", spec, q, interpret=False) == "triton"
       assert flash._kernel_choice(field, "mosaic", spec, q, interpret=True) == "mosaic"
       assert flash._kernel_choice(field, "triton", spec, q, interpret=True) == "triton"
-  assert flash.Tiles().dkv == "auto" and flash.Tiles().forward == "auto"
+  assert flash.Tiles().dkv == flash.Tiles().forward == flash.Tiles().dq == "auto"
 
 
 def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
-  # As if on an sm_90 GPU: the forward wherever it covers the problem; the dk/dv kernel only
-  # where it was run on one (diffusion layouts, head_dim 128).
+  # As if on an sm_90 GPU: the forward wherever it covers the problem; the dk/dv and dq kernels
+  # only where they were run on one (diffusion layouts, head_dim 128).
   monkeypatch.setattr(flash_mgpu, "on_hopper", lambda: True)
   diffusion, causal = masks.MaskSpec("diffusion", 32, 1), masks.MaskSpec("causal")
   q64, q128 = (jnp.zeros((1, 64, 2, d), jnp.bfloat16) for d in (64, 128))
@@ -552,9 +557,9 @@ def test_auto_on_hopper_picks_mosaic_where_it_was_run(monkeypatch):
   assert choice("forward", diffusion, q64) == "mosaic"
   assert choice("forward", causal, q128) == "mosaic"
   assert choice("dkv", masks.MaskSpec("diffusion", 24, 1), q128) == "triton"  # not covered
-  # dQ: Triton's kernel is the only one (auto picks it everywhere).
-  assert choice("dq", diffusion, q128) == "triton"
-  assert choice("dq", causal, q64) == "triton"
+  assert choice("dq", diffusion, q128) == "mosaic"
+  assert choice("dq", diffusion, q64) == "triton"
+  assert choice("dq", causal, q128) == "triton"
 
 
 @pytest.mark.parametrize("knobs,fuse_dq,kh", [

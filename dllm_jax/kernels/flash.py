@@ -104,16 +104,16 @@ class Tiles:
   # 1123 us (1.5B 2L) and 2470 vs 2483 (7B 2L; BENCHMARKS.md, session 13). Opt-in: not faster in
   # one run, and it holds a float32 dQ ([B, T, H, D]) through the backward.
   fuse_dq: bool = False
-  # Which dq kernel runs (it also computes delta for the dk/dv kernel): "triton" (below; "auto"
-  # is the same) or "mosaic" (`flash_mgpu.dq`: the forward's tiling, TMA + wgmma; sm_90 only).
-  # Unused with `fuse_dq`. The Mosaic kernel took 1.01-1.11x Triton's GPU time on three of the
-  # four L=2048 cases on an H100 (0.96x on the 1.5B heads' 2L; sessions 33-34) and was removed in
-  # session 38; it is back since session 42, whose partial-tile masks from key intervals made the
-  # Mosaic forward 1.17-1.27x faster, to be timed against Triton's again. dQ = dS K from a dS the
-  # dk/dv kernel stored (sessions 34-36: fwd+bwd 1.003-1.03x faster for 0.4-1.5 GB of dS) was
-  # removed in session 39; programs over two heads of a group sharing each K/V tile load (8
-  # warps) took 1.9-2.1x this kernel's time on an H100, removed in session 40 (BENCHMARKS.md).
-  dq: str = "triton"
+  # Which dq kernel runs (it also computes delta for the dk/dv kernel): "triton" (below),
+  # "mosaic" (`flash_mgpu.dq`: the forward's tiling, TMA + wgmma; sm_90 only), or "auto": mosaic on
+  # sm_90 where it has been run there (diffusion layouts, head_dim 128), else triton. Unused with
+  # `fuse_dq`. The Mosaic kernel took 1.01-1.11x Triton's GPU time on three of the four L=2048
+  # cases (sessions 33-34) and was removed in session 38; with session 42's partial-tile masks from
+  # key intervals it takes 0.76-0.78x (288 against 378 us at the 1.5B heads' 2L, 978 against 1263
+  # at the 7B's 3L; H100, same run, BENCHMARKS.md session 42), so "auto" picks it since then. dQ =
+  # dS K from a dS the dk/dv kernel stored (sessions 34-36) was removed in session 39; Triton
+  # programs over two heads of a group (1.9-2.1x slower) in session 40.
+  dq: str = "auto"
 
   def __post_init__(self):
     for name in ("forward", "dkv", "dq"):
@@ -685,10 +685,9 @@ def _kernel_choice(field: str, choice: str, spec: masks.MaskSpec, q, interpret: 
   from dllm_jax.kernels import flash_mgpu
 
   why = flash_mgpu.unsupported(spec, q.shape[-1], q.dtype)
-  # The Mosaic dk/dv kernel has been run on a GPU for the diffusion layouts at head_dim 128
-  # only (the benchmark's cases); the causal mask (AR-SFT) keeps Triton's until it is too. dQ
-  # has Triton's kernel only ("auto" resolves to it).
-  measured = field == "forward" or (field == "dkv" and q.shape[-1] == 128
+  # The Mosaic dk/dv and dq kernels have been run on a GPU for the diffusion layouts at head_dim
+  # 128 only (the benchmark's cases); the causal mask (AR-SFT) keeps Triton's until they are too.
+  measured = field == "forward" or (field in ("dkv", "dq") and q.shape[-1] == 128
                                     and spec.kind == "diffusion")
   ok = why is None and measured and not interpret and flash_mgpu.on_hopper()
   return "mosaic" if ok else "triton"

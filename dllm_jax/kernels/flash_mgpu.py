@@ -20,9 +20,9 @@ consumers apply the layout mask and the segment comparison on the partial tiles 
 tile whose visits are not all inside one segment counts every visit as partial.
 
 `dkv` is the forward's tiling transposed, without its turns (128 keys a CTA, the query tiles of
-one or several heads of a GQA group streamed: `DKV_HEADS`; see its docstring); dQ comes from
-`flash`'s Triton dq kernel, or `dkv` accumulates it itself (`fuse_dq`: FlashAttention-3's TMA
-reduce-adds).
+one or several heads of a GQA group streamed: `DKV_HEADS`; see its docstring). `dq` is the
+forward's tiling, one CTA a tile, no turns (it also computes delta for `dkv`); or `dkv`
+accumulates dQ itself (`fuse_dq`: FlashAttention-3's TMA reduce-adds).
 
 Two bodies, one schedule of copies and barriers: on the GPU, P stays in registers and PV
 accumulates in place (`run_state`); in interpret mode (CPU tests) jax 0.10.2's Mosaic GPU

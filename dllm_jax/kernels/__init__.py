@@ -11,10 +11,11 @@ Which kernel runs is decided by the caller's static `contract`, never guessed fr
 
 Anything else, or a shape a kernel does not cover, falls back to the XLA reference with a
 one-time log line naming the reason. Kernels lower through Pallas' Triton backend (GPU), except
-the training forward and dk/dv kernels on an sm_90 GPU, which are Mosaic GPU's (`flash_mgpu`,
-`Tiles.forward`, `Tiles.dkv`; the dk/dv kernel for the diffusion layouts at head_dim 128); on
-a TPU the XLA path runs (these kernels use GPU-only features: dynamic loop bounds and gathers of
-tiles by a host-computed index list).
+the training forward, dq and dk/dv kernels on an sm_90 GPU, which are Mosaic GPU's (`flash_mgpu`,
+`Tiles.forward`, `Tiles.dq`, `Tiles.dkv`; dq and dk/dv for the diffusion layouts at head_dim 128).
+On a TPU the layout contract runs jax's splash attention under the layout's mask (`splash`,
+Mosaic TPU; tested in interpret mode only, never run on a TPU) and the cache contract the XLA
+path (the decode kernel is Triton's).
 
 A Pallas kernel is a custom call XLA cannot partition: on a device mesh it would gather its
 inputs onto every device. So when a mesh is set for the trace (the train and eval steps trace
@@ -54,7 +55,10 @@ def _fallback_once(reason: str) -> None:
 def _why_not(q, k, spec: masks.MaskSpec, contract, interpret: bool) -> str | None:
   if contract not in CONTRACTS:
     return f"no static contract given (contract={contract!r}; kernels know {CONTRACTS})"
-  if not interpret and jax.default_backend() != "gpu":
+  if jax.default_backend() == "tpu":
+    if contract == "cache":
+      return "no Pallas decode kernel for a TPU (the decode kernel is Triton's, GPU-only)"
+  elif not interpret and jax.default_backend() != "gpu":
     return f"no Pallas kernel for backend {jax.default_backend()!r} (Triton kernels are GPU-only)"
   d = q.shape[-1]
   if d < 16 or d & (d - 1):
@@ -147,6 +151,10 @@ def attend(q_BTHD, k_BSKD, v_BSKD, spec: masks.MaskSpec, q_meta: masks.TokenMeta
 
 
 def _layout_kernel(q, k, v, segments_BT, *, spec, tiles, interpret):
+  if jax.default_backend() == "tpu":  # (imported here: splash pulls in Pallas' TPU modules)
+    from dllm_jax.kernels import splash
+
+    return splash.layout_attention(q, k, v, segments_BT, spec, interpret=interpret)
   return block_sparse_attention(q, k, v, segments_BT, spec, tiles, interpret=interpret)
 
 

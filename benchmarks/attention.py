@@ -234,9 +234,11 @@ def idle_from_events(events, calls):
 
 
 def dq_row(name, spec, length, tiles, tag=None, like=None):
-  """Triton's dq kernel alone (it also computes delta) on the forward's residuals, so a change
-  to it is judged without the rest of the backward (the `dq` section). `like`: an earlier row of
-  the same case whose dq this one's must equal (a `--dq-variants` variant against the first)."""
+  """The dq kernels alone (each also computes delta): Triton's and Mosaic GPU's (`flash_mgpu.dq`,
+  "auto"'s choice on sm_90 since session 42) on the forward's residuals, timed in one process, so
+  a change to either is judged without the rest of the backward (the `dq` section). `like`: an
+  earlier row of the same case whose kernels' dq this one's must equal (a `--dq-variants`
+  variant against the first)."""
   h, kh, d = SHAPES[name]
   b = max(1, 8192 // length)
   meta = layout_segments(b, length, spec, np.random.default_rng(1), False, 1)
@@ -247,25 +249,33 @@ def dq_row(name, spec, length, tiles, tag=None, like=None):
     o, lse = jax.jit(lambda q, k, v: flash._forward(q, k, v, seg, spec, length, tiles, False))(
         q, k, v)
     sets.append((q, k, v, o, do, lse))
-  fn = jax.jit(lambda q, k, v, o, do, lse: flash._triton_dq(q, k, v, seg, o, do, lse, spec,
-                                                            length, tiles, False, None))
+  kernels = {
+      "triton": lambda q, k, v, o, do, lse: flash._triton_dq(q, k, v, seg, o, do, lse, spec,
+                                                             length, tiles, False, None),
+      "mosaic": lambda q, k, v, o, do, lse: flash_mgpu.dq(q, k, v, seg, o, do, lse, spec,
+                                                          length)}
   row = {"shape": name, "layout": f"{spec.kind}x{spec.num_streams}", "L": length, "B": b}
   if tag is not None:
     row.update(variant=tag, tiles=str(tiles))
-  dq0 = safe(lambda: fn(*sets[0])[0])
-  if like is not None and "dq0" in like and not isinstance(dq0, str):
-    row["err_vs_first"] = rel_err(dq0, like["dq0"])
-  if row.get("err_vs_first", 0.0) > 1e-2:
-    row["triton_us"] = "dq differs from the first variant's: not timed"
-  else:
-    t = safe(lambda: timeit(fn, sets, reps=5, inner=4))
-    row["triton_us"] = t * 1e6 if isinstance(t, float) else t
+  firsts = {}
+  for impl, kernel in kernels.items():
+    fn = jax.jit(kernel)
+    dq0 = safe(lambda: fn(*sets[0])[0])
+    if not isinstance(dq0, str):
+      firsts[f"{impl}_dq0"] = dq0
+      if like is not None and f"{impl}_dq0" in like:
+        row[f"{impl}_err_vs_first"] = rel_err(dq0, like[f"{impl}_dq0"])
+    if row.get(f"{impl}_err_vs_first", 0.0) > 1e-2:
+      row[f"{impl}_us"] = "dq differs from the first variant's: not timed"
+    else:
+      t = safe(lambda: timeit(fn, sets, reps=5, inner=4))
+      row[f"{impl}_us"] = t * 1e6 if isinstance(t, float) else t
+  if all(isinstance(row.get(f"{i}_us"), float) for i in kernels):
+    row["mosaic_vs_triton"] = row["triton_us"] / row["mosaic_us"]
   RESULTS.setdefault("dq", []).append(row)
   print(row, flush=True)
   save()
-  if not isinstance(dq0, str):
-    return {**row, "dq0": dq0}
-  return row
+  return {**row, **firsts}
 
 
 def _train_inputs(b, t, h, kh, d, seed):
@@ -528,9 +538,9 @@ def variant_rows(variants, tiles, impls, profile, shapes=tuple(SHAPES)):
 
 
 def dq_variant_rows(variants, tiles, shapes=tuple(SHAPES)):
-  """The `dq` section under --dq-variants: Triton's dq kernel alone under each variant's knobs on
-  the L=2048 cases of `shapes` (3L first); a variant's dq must equal the first's on the same
-  inputs before it is timed."""
+  """The `dq` section under --dq-variants: the dq kernels alone (`dq_row`) under each variant's
+  knobs on the L=2048 cases of `shapes` (3L first); a variant's dq must equal the first's on the
+  same inputs before it is timed."""
   first = {}
   for i, (name, knobs) in enumerate(variants):
     with variant_knobs(knobs, tiles) as v_tiles:
@@ -710,8 +720,8 @@ def tiles_to_time(index: int) -> flash.Tiles:
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sections", default="check,ceil,tune,train,decode",
-                  help="also: profile (GPU time per kernel of fwd+bwd at L=2048), dq (Triton's dq "
-                       "kernel alone at L=2048), sweep, "
+                  help="also: profile (GPU time per kernel of fwd+bwd at L=2048), dq (the Triton "
+                       "and Mosaic dq kernels alone at L=2048), sweep, "
                        "sweep8 (SWEEP's or SWEEP_S8's tiles on two cases; give ceil with them)")
   ap.add_argument("--quick", action="store_true", help="L=2048 2L and decode S=4096 only")
   ap.add_argument("--lengths", default="2048,1024,4096", help="training-attention lengths L")
@@ -731,7 +741,7 @@ def main():
   ap.add_argument("--dq-variants", default="",
                   help="with --sections dq: variants as --variants takes them (e.g. "
                        "'base:;w8:tiles.block_q_dq=128,tiles.num_warps_bwd=8'), each timing "
-                       "Triton's dq kernel alone on the four L=2048 cases")
+                       "the two dq kernels alone on the four L=2048 cases")
   ap.add_argument("--baseline-forward", metavar="FILE",
                   help="an earlier flash_mgpu.py whose forward the variant knob "
                        "BASELINE_FORWARD=1 times (e.g. 'old:BASELINE_FORWARD=1')")

@@ -1,8 +1,10 @@
 """benchmarks/attention.py's bookkeeping: variant specs are checked before a GPU call is spent on
 them, and every fraction is taken against the best ceiling reading of the run."""
 
+import jax.numpy as jnp
 import pytest
 
+from dllm_jax import masks
 from dllm_jax.kernels import flash_mgpu
 
 
@@ -71,8 +73,8 @@ def test_variant_rows_time_each_variant_with_its_tiles_and_knobs(bench, monkeypa
 
 
 def test_dq_variants_time_triton_dq_per_variant_against_the_first(bench, monkeypatch):
-  # --sections dq --dq-variants: Triton's dq under each variant's knobs and tiles, and every later
-  # variant's row compared with the first's of the same case.
+  # --sections dq --dq-variants: the dq kernels under each variant's knobs and tiles, and every
+  # later variant's row compared with the first's of the same case.
   seen = []
 
   def row(shape, spec, length, tiles, tag, like):
@@ -88,6 +90,28 @@ def test_dq_variants_time_triton_dq_per_variant_against_the_first(bench, monkeyp
   assert {s[2:] for s in seen[:4]} == {(4, before, None)}
   assert {s[2:] for s in seen[4:]} == {(8, 0, "a")}
   assert bench.flash.DELTA_IN_DQ == before
+
+
+def test_dq_row_times_both_dq_kernels_and_checks_each_against_the_first(bench, monkeypatch):
+  # The dq section times Triton's and the Mosaic dq kernel on the same residuals; a later
+  # variant's kernel whose dq differs from the first variant's is reported, not timed.
+  shift = {"mosaic": 0.0}
+  monkeypatch.setattr(bench.flash, "_forward", lambda q, *a: (q, jnp.zeros(q.shape[:3])))
+  monkeypatch.setattr(bench.flash, "_triton_dq", lambda q, *a: (q, None))
+  monkeypatch.setattr(bench.flash_mgpu, "dq", lambda q, *a: (q + shift["mosaic"], None))
+  monkeypatch.setattr(bench, "timeit", lambda fn, sets, **kw: 2e-4 if "x" in shift else 1e-4)
+  monkeypatch.setattr(bench, "save", lambda: None)
+  monkeypatch.setitem(bench.SHAPES, "tiny", (2, 1, 16))
+  spec = masks.MaskSpec("diffusion", 32, 1)
+  first = bench.dq_row("tiny", spec, 64, bench.flash.Tiles(), tag="a")
+  assert first["triton_us"] == first["mosaic_us"] == pytest.approx(100.0)
+  assert first["mosaic_vs_triton"] == pytest.approx(1.0)
+  shift.update(mosaic=1.0, x=True)  # the second variant's Mosaic dq differs
+  second = bench.dq_row("tiny", spec, 64, bench.flash.Tiles(), tag="b", like=first)
+  assert second["triton_err_vs_first"] == 0.0 and second["triton_us"] == pytest.approx(200.0)
+  assert second["mosaic_err_vs_first"] > 1e-2
+  assert second["mosaic_us"] == "dq differs from the first variant's: not timed"
+  assert "mosaic_vs_triton" not in second
 
 
 def test_baseline_forward_is_a_variant_knob(bench, monkeypatch, tmp_path):

@@ -58,6 +58,11 @@ def _why_not(q, k, spec: masks.MaskSpec, contract, interpret: bool) -> str | Non
   if jax.default_backend() == "tpu":
     if contract == "cache":
       return "no Pallas decode kernel for a TPU (the decode kernel is Triton's, GPU-only)"
+    from dllm_jax.kernels import splash
+
+    why = splash.supported(spec)
+    if why is not None:
+      return f"no splash attention for this layout on a TPU: {why}"
   elif not interpret and jax.default_backend() != "gpu":
     return f"no Pallas kernel for backend {jax.default_backend()!r} (Triton kernels are GPU-only)"
   d = q.shape[-1]

@@ -13,9 +13,10 @@ Grouped-query attention: the forward and dq kernels run per query head and read 
 place, so repeated K/V are never materialised; the dk/dv kernel runs per KV head and loops over
 the heads of its group, split over `Tiles.dkv_head_split` programs whose float32 dK/dV partials
 (one per program, [split, B, T, K, D]; never one per query head unless split equals the group)
-are summed afterwards. `flash_mgpu` holds Mosaic GPU (Hopper) versions of the forward and of
-the dk/dv kernel (both the default there, `Tiles.forward` / `Tiles.dkv`; the dk/dv kernel can
-also accumulate dQ: `Tiles.fuse_dq`), on the same plans.
+are summed afterwards. `flash_mgpu` holds Mosaic GPU (Hopper) versions of the forward, dq and
+dk/dv kernels (the default there, `Tiles.forward` / `Tiles.dq` / `Tiles.dkv`, dq and dk/dv for
+the diffusion layouts at head_dim 128; the dk/dv kernel can also accumulate dQ:
+`Tiles.fuse_dq`), on the same plans. On a TPU, `splash` runs jax's splash attention instead.
 
 Softmax runs in base 2 (scores pre-multiplied by log2 e) with float32 statistics and
 accumulators; the saved log-sum-exp is in that base too.
@@ -40,7 +41,8 @@ _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked padding
 _LOG2E = math.log2(math.e)
 # Whether the Triton dq kernel computes delta = sum_d o * do for the backward (True) or XLA's pass
 # over O and dO does (False; kept to time one against the other: benchmarks/attention.py
-# --variants 'xla_delta:flash.DELTA_IN_DQ=0').
+# --variants 'xla_delta:flash.DELTA_IN_DQ=0,tiles.dq=triton'). The Mosaic dq kernel, "auto"'s
+# choice on sm_90 for the diffusion layouts at head_dim 128, always computes delta itself.
 DELTA_IN_DQ = True
 # Whether the Triton dq kernel's body issues dP = dO V^T right after S = Q K^T, before the
 # softmax between them (True), or after it (False: the order since session 3). Same products, so
@@ -305,7 +307,7 @@ def _layout_allowed(spec: masks.MaskSpec, length: int, q_idx, k_idx, vector_div:
   """`masks.allowed` for layout indices (segments aside); padding indices are never allowed.
 
   q_idx and k_idx broadcast against each other (the Triton kernels pass [BQ, 1] and [1, BK]).
-  `vector_div=False` avoids integer division, which Mosaic GPU does not lower for vectors:
+  `vector_div=False` avoids integer division of vectors (splash's in-kernel mask on a TPU):
   streams by comparisons, blocks by a shift (the block size must then be a power of two).
   """
   total = spec.num_streams * length

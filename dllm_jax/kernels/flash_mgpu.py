@@ -1,4 +1,4 @@
-"""The block-sparse training forward and dk/dv kernels in Mosaic GPU (Hopper): TMA + wgmma.
+"""The block-sparse training forward, dq and dk/dv kernels in Mosaic GPU (Hopper): TMA + wgmma.
 
 Same contract as `flash._forward` (padded q [B, Tp, H, D], k/v [B, Tp, K, D], seg [B, Tp];
 returns o and the base-2 log-sum-exp [B, H, Tp]), so `flash`'s Triton backward runs on its

@@ -32,17 +32,24 @@ TILE = 128  # splash's default tiles (BlockSizes.get_default); the sequence is p
 
 class LayoutMask(mask_lib._ComputableMask):
   """The layout mask of `spec` at `length` tokens a stream over `padded` indices (keys past the
-  layout's num_streams * length are never seen), as a function of index arrays: evaluated on the
-  host to class the tiles, and in the kernel on a partial tile's indices."""
+  layout's num_streams * length are never seen), as a function of index arrays: evaluated in numpy
+  on the host to class the tiles (at trace time, inside jit too), and in the kernel on a partial
+  tile's indices (`flash._layout_allowed`, by comparisons and shifts: the block size must be a
+  power of two, `supported`)."""
 
   def __init__(self, spec: masks.MaskSpec, length: int, padded: int):
     self.spec, self.length = spec, length
-    # Mosaic lowers shifts; a block size that is not a power of two takes integer division.
-    vector_div = spec.block_size & (spec.block_size - 1) != 0
+    pos, stream = masks.layout(spec, length)
+    total = pos.size
 
     def allowed(q_ids, kv_ids):
-      ok = flash._layout_allowed(spec, length, q_ids, kv_ids, vector_div=vector_div)
-      return np.asarray(ok) if isinstance(q_ids, np.ndarray) else ok
+      if isinstance(q_ids, np.ndarray):  # the host's tile classes
+        # A padding query stands in as the layout's last one (it sees every clean key, as in the
+        # kernel); its row is dropped, and with a zero cotangent it adds nothing to dK or dV.
+        q, k = np.minimum(q_ids, total - 1), np.minimum(kv_ids, total - 1)
+        ok = masks.allowed(spec, pos[q], stream[q], 0, pos[k], stream[k], 0)
+        return ok & (kv_ids < total)
+      return flash._layout_allowed(spec, length, q_ids, kv_ids, vector_div=False)
 
     super().__init__(shape=(padded, padded), mask_function=allowed)
 
@@ -52,6 +59,15 @@ class LayoutMask(mask_lib._ComputableMask):
 
   def __hash__(self):
     return hash((LayoutMask, self.spec, self.length, self.shape))
+
+
+def supported(spec: masks.MaskSpec) -> str | None:
+  """Why splash cannot run this layout (None if it can): the in-kernel mask finds a position's
+  block by a shift, since integer division of vectors has not been seen to lower on Mosaic TPU."""
+  b = spec.block_size
+  if b & (b - 1):
+    return f"block size {b} is not a power of two (the TPU kernel's mask shifts)"
+  return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,14 +89,19 @@ def layout_attention(q_BTHD, k_BTKD, v_BTKD, segments_BT, spec: masks.MaskSpec,
   if t % spec.num_streams or h % kv_heads:
     raise ValueError(f"splash layout attention needs T % num_streams == 0 and H % K == 0, got "
                      f"T={t}, spec={spec}, H={h}, K={kv_heads}")
+  why = supported(spec)
+  if why is not None:
+    raise ValueError(f"splash layout attention cannot run spec={spec}: {why}")
   length, group = t // spec.num_streams, h // kv_heads
   padded = -(-t // TILE) * TILE
-  # Padding tokens join segment 0, as in `flash`: the layout mask hides them as keys, and as
-  # queries (rows dropped below) they see real keys, so no row is empty and no NaN reaches a
-  # gradient.
+  # Padding tokens join segment 0, as in `flash`: the layout mask hides them as keys. As queries
+  # (rows dropped below) they may see no key where no sample has id 0; splash's mask value is
+  # finite, so such a row stays finite, and its zero cotangent adds nothing to the gradients.
   pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - t)] + [(0, 0)] * (x.ndim - 2))
   seg = pad(jnp.asarray(segments_BT, jnp.int32))
-  # Splash takes queries pre-scaled, heads leading: q [B, K, G, Tp, D], k/v [B, K, Tp, D].
+  # Splash takes queries pre-scaled (no scale argument: one more rounding of q in its dtype than
+  # the GPU kernels, which scale the float32 scores), heads leading: q [B, K, G, Tp, D], k/v
+  # [B, K, Tp, D].
   q = (pad(q_BTHD).astype(jnp.float32) * d ** -0.5).astype(q_BTHD.dtype)
   q = q.reshape(b, padded, kv_heads, group, d).transpose(0, 2, 3, 1, 4)
   k, v = (pad(x).transpose(0, 2, 1, 3) for x in (k_BTKD, v_BTKD))

@@ -73,7 +73,7 @@ def test_key_bounds_are_the_layout_mask(spec, length, vector_div):
   want = masks.allowed(spec, pos[:, None], stream[:, None], 0, pos[None, :], stream[None, :], 0)
   q = jnp.arange(t + 40, dtype=jnp.int32)  # 40 padding indices past the layout
   k = q[None, :]
-  bounds = flash.key_bounds(spec, length, q, vector_div)
+  bounds = flash.key_bounds(spec, length, q)
   by_bounds = flash.keys_in(k, [(lo if lo is None or isinstance(lo, int) else lo[:, None],
                                  hi[:, None]) for lo, hi in bounds])
   pairwise = flash._layout_allowed(spec, length, q[:, None], k, vector_div)

@@ -252,7 +252,7 @@ def _keep(compare_segments, masked, seg_q, seg_k, allowed):
   return keep
 
 
-def key_bounds(spec: masks.MaskSpec, length: int, q_idx, vector_div: bool = True):
+def key_bounds(spec: masks.MaskSpec, length: int, q_idx):
   """The keys layout index `q_idx` may attend (segments aside), as half-open intervals
   ((lo, hi), ...) of layout indices, lo None for 0: a causal or block-causal row sees a prefix, a
   noisy diffusion row its own noisy block and the clean blocks before it, a clean row the clean
@@ -263,18 +263,14 @@ def key_bounds(spec: masks.MaskSpec, length: int, q_idx, vector_div: bool = True
   so that each score costs a few compares (`keys_in`). `_layout_allowed`'s per-pair stream and
   block arithmetic on their [rows, cols] tiles made the forward 1.13-1.16x slower (session 42,
   H100). The Triton kernels keep `_layout_allowed`, whose row and column parts Triton computes on
-  [BQ, 1] and [1, BK] vectors: their dq kernel ran 2% slower with these intervals.
-  `vector_div=False` avoids integer division, which Mosaic GPU does not lower for vectors
-  (blocks by shifts: the block size must then be a power of two).
+  [BQ, 1] and [1, BK] vectors: their dq kernel ran 2% slower with these intervals. Blocks by
+  shifts, since Mosaic GPU does not lower integer division of vectors: the block size must be a
+  power of two (`flash_mgpu.unsupported`).
   """
   total = spec.num_streams * length
   b = spec.block_size
-
-  def block_start(pos):
-    if vector_div:
-      return lax.div(pos, jnp.int32(b)) * b
-    shift = b.bit_length() - 1
-    return lax.shift_left(lax.shift_right_logical(pos, shift), shift)
+  shift = b.bit_length() - 1
+  block_start = lambda pos: lax.shift_left(lax.shift_right_logical(pos, shift), shift)
 
   if spec.kind == "causal":
     return ((None, jnp.minimum(q_idx + 1, total)),)

@@ -303,7 +303,7 @@ def _keep(spec, length, shape, q_dim, q_idx, k_idx, masked, own_seg, streamed_se
   plgpu = _plgpu()
   along = lambda x, dim: x if isinstance(x, int) else lax.broadcast_in_dim(x, shape, [dim])
   keys = along(k_idx, 1 - q_dim)
-  bounds = flash.key_bounds(spec, length, q_idx, vector_div=False)
+  bounds = flash.key_bounds(spec, length, q_idx)
   ok = flash.keys_in(keys, [(None if lo is None else along(lo, q_dim), along(hi, q_dim))
                             for lo, hi in bounds])
   if masked == "segments":

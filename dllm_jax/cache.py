@@ -55,33 +55,39 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None,
 
 
 def write(layer_kv: jax.Array, new_kv: jax.Array, start: jax.Array,
-          row_mask: jax.Array | None = None) -> jax.Array:
+          mask: jax.Array | None = None) -> jax.Array:
   """Writes new_kv [B, T, K, D] into layer_kv [B, S, K, D] at slots start[b] .. start[b]+T-1.
 
   The caller keeps start + T <= S: `dynamic_update_slice` clamps an out-of-range start, which
-  would overwrite valid slots. Rows where `row_mask` [B] is False keep their slots unchanged
-  (a batched decoder whose rows are in different phases forwards all rows but commits some).
+  would overwrite valid slots. Where `mask` is False the slots keep what they hold: a mask [B]
+  leaves whole rows unchanged (a batched decoder whose rows are in different phases forwards
+  all rows but commits some), a mask [B, T] single tokens (its rows at a sub-block step write
+  only their sub-block's slots of a forwarded block).
   """
   def one_row(row, new, s, keep_new):  # row [S, K, D] or, for a batch of one, [1, S, K, D]
     new = new.astype(row.dtype)
     index = (0,) * (row.ndim - 3) + (s, 0, 0)
     if keep_new is not None:
+      keep_new = keep_new.reshape(keep_new.shape + (1, 1))  # [T, 1, 1] or [1, 1]
       new = jnp.where(keep_new, new, jax.lax.dynamic_slice(row, index, new.shape))
     return jax.lax.dynamic_update_slice(row, new, index)
 
-  b = layer_kv.shape[0]
+  b, t = layer_kv.shape[0], new_kv.shape[1]
   rows = {"new_kv": new_kv.shape[:1], "start": jnp.shape(start),
-          "row_mask": None if row_mask is None else jnp.shape(row_mask)}
+          "mask": None if mask is None else jnp.shape(mask)[:1]}
   if any(v is not None and v != (b,) for v in rows.values()):
-    raise ValueError(f"cache write: the cache has {b} rows; new_kv, start and row_mask need one "
+    raise ValueError(f"cache write: the cache has {b} rows; new_kv, start and mask need one "
                      f"each, got leading shapes {rows}")
+  if mask is not None and jnp.shape(mask) not in ((b,), (b, t)):
+    raise ValueError(f"cache write: the mask is per row [{b}] or per token [{b}, {t}], got "
+                     f"shape {jnp.shape(mask)}")
   start = jnp.asarray(start).astype(jnp.int32)
   if b == 1:
     # vmap would make this a scatter, which XLA's GPU pipeline turns back into an update of the
     # slice plus a select that keeps the old slots if the window were out of bounds: one more
     # kernel per K and per V write in a batch-1 decode step (BENCHMARKS.md, decode profile).
     # A plain dynamic_update_slice clamps instead, as each row of the vmapped path does.
-    return one_row(layer_kv, new_kv, start[0], None if row_mask is None else row_mask[0])
-  if row_mask is None:
+    return one_row(layer_kv, new_kv, start[0], None if mask is None else mask[0])
+  if mask is None:
     return jax.vmap(lambda r, n, s: one_row(r, n, s, None))(layer_kv, new_kv, start)
-  return jax.vmap(one_row)(layer_kv, new_kv, start, row_mask)
+  return jax.vmap(one_row)(layer_kv, new_kv, start, mask)

@@ -27,6 +27,11 @@ Committing a block is a full-block forward of its final tokens: its KV lands in 
 which now count as block-level cache. Without DualCache every step is a full-block forward,
 which is the authors' `use_block_cache=False` path.
 
+A round runs one forward for all rows: the full-block one where any row commits or needs it, in
+which a row at a sub-block step writes only its sub-block's slots (a per-token cache write mask),
+so that its sub-block's queries read the same keys a sub-block forward would; else the
+sub-block one.
+
 The authors' semantics kept (their `batch_sample`, per row):
 * the prompt's whole blocks are prefilled; if the prompt ends on a block boundary the first new
   token is the argmax of the prefill's last position (also when the prompt is exactly one block
@@ -446,29 +451,41 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
     partial = step & ~full
     whole = commit | full
 
-    # Full-block forward: logits of the sub-block's shifted positions and of the block's last.
+    # One forward a round. Where any row commits or needs its block forwarded whole, the round
+    # forwards every row's block; a row at a sub-block step then writes only its sub-block's
+    # slots, so its sub-block's queries meet the cached block KV that the sub-block forward of
+    # the DualCache would meet (its other positions are computed and never read). Else the
+    # round forwards the sub-blocks alone. (Running both forwards in a mixed round cost a batch
+    # of 32 1.10-1.20x the rounds without the DualCache, BENCHMARKS.md session 43.)
+    # Logits: the sub-block's shifted positions and the block's last.
     shifted = jnp.maximum(sub_start[:, None] + sub_offsets[None, :] - 1, 0)
     head_block = jnp.concatenate([shifted, jnp.full((batch, 1), bs - 1, jnp.int32)], axis=1)
+    in_sub = ((jnp.arange(bs)[None, :] >= sub_start[:, None])
+              & (jnp.arange(bs)[None, :] < (sub_start + sbs)[:, None]))
+    write_tokens = whole[:, None] | (partial[:, None] & in_sub)  # [B, bs]
 
     def block_fwd(cache):
       return model.forward(params, cfg, blk, _meta(st.block_start, bs), spec, cache,
-                           head_index=head_block, cache_write_mask=whole)
+                           head_index=head_block, cache_write_mask=write_tokens)
 
-    def skip(num):
-      return lambda cache: (jnp.zeros((batch, num, cfg.vocab_size), jnp.float32), cache)
-
-    logits_blk, cache = jax.lax.cond(whole.any(), block_fwd, skip(sbs + 1), st.cache)
-    step_logits = logits_blk[:, :sbs]
     if config.use_dual_cache:
       sub_tokens = _rows_slice(blk, sub_start, sbs)
+      # A sub-block forward runs only where the sub-block's first token is decoded, so the
+      # first position's own output (index 0) stands in for the shifted one; it is never read.
       head_sub = jnp.broadcast_to(jnp.maximum(sub_offsets - 1, 0), (batch, sbs))
 
       def sub_fwd(cache):
-        return model.forward(params, cfg, sub_tokens, _meta(st.block_start + sub_start, sbs),
-                             spec, cache, head_index=head_sub, cache_write_mask=partial)
+        logits, cache = model.forward(params, cfg, sub_tokens,
+                                      _meta(st.block_start + sub_start, sbs), spec, cache,
+                                      head_index=head_sub, cache_write_mask=partial)
+        # (no row commits in such a round: the block's last position is not needed)
+        return jnp.pad(logits, ((0, 0), (0, 1), (0, 0))), cache
+    else:
+      def sub_fwd(cache):  # never taken: without the DualCache every step forwards its block
+        return jnp.zeros((batch, sbs + 1, cfg.vocab_size), jnp.float32), cache
 
-      logits_sub, cache = jax.lax.cond(partial.any(), sub_fwd, skip(sbs), cache)
-      step_logits = jnp.where(partial[:, None, None], logits_sub, step_logits)
+    logits_blk, cache = jax.lax.cond(whole.any(), block_fwd, sub_fwd, st.cache)
+    step_logits = logits_blk[:, :sbs]
 
     keys, sample_keys = _split(st.keys)
     candidates, confidence = sample(_never(step_logits, mask_id), sample_keys,

@@ -83,9 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
   parser.add_argument("--max-new-tokens", type=int, default=256)
   parser.add_argument("--batch-size", type=int, default=batch_size)
   parser.add_argument("--no-dual-cache", action="store_true",
-                      help="forward the whole block every step (faster a round at large "
-                      "batches, where rows at different steps make a DualCache round run both "
-                      "forwards; BENCHMARKS.md session 43)")
+                      help="forward the whole block every step (the authors' "
+                      "use_block_cache=False)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                       help="compute and weight dtype (default: bfloat16 on GPU/TPU, float32 on "

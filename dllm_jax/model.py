@@ -163,7 +163,7 @@ class Attention(nn.Module):
   spec: masks.MaskSpec
 
   @nn.compact
-  def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv, write_mask_B=None):
+  def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv, write_mask=None):
     cfg = self.cfg
     proj = functools.partial(Projection, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                              out_major=cfg.kernel_layout == "out_in")
@@ -184,21 +184,21 @@ class Attention(nn.Module):
                              contract="layout")
       new_cache = None
     else:
-      out, new_cache = _cached_attention(cfg, self.spec, q, k, v, meta, cache_kv, write_mask_B)
+      out, new_cache = _cached_attention(cfg, self.spec, q, k, v, meta, cache_kv, write_mask)
 
     y = proj(2, (h, d, e), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), None, name="o")(out)
     return y, new_cache
 
 
 def _cached_attention(cfg: ModelConfig, spec: masks.MaskSpec, q, k, v, meta: masks.TokenMeta,
-                      cache_kv, write_mask_B):
+                      cache_kv, write_mask):
   """Writes k, v [B, T, KV, D] into the cache at the rows' positions and attends q over it:
   (out [B, T, H, D], new (k, v) cache). Cached tokens are clean tokens of one sequence whose
   slot index is their position."""
   cache_k, cache_v = cache_kv
   start = meta.positions[:, 0]
-  cache_k = write(cache_k, k, start, write_mask_B)
-  cache_v = write(cache_v, v, start, write_mask_B)
+  cache_k = write(cache_k, k, start, write_mask)
+  cache_v = write(cache_v, v, start, write_mask)
   batch, max_len = cache_k.shape[:2]
   k_meta = masks.TokenMeta.simple(
       jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len)))
@@ -237,14 +237,14 @@ class DecoderLayer(nn.Module):
   row_kernels: bool = False
 
   @nn.compact
-  def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv, write_mask_B=None):
+  def __call__(self, x_BTE, meta: masks.TokenMeta, cache_kv, write_mask=None):
     cfg = self.cfg
     if self.row_kernels:
       return _fused_row_layer(self.variables["params"], cfg, self.spec, x_BTE, meta, cache_kv,
-                              write_mask_B)
+                              write_mask)
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
     h, new_cache = Attention(cfg, self.spec, name="attn")(norm(name="attn_norm")(x_BTE), meta,
-                                                         cache_kv, write_mask_B)
+                                                         cache_kv, write_mask)
     x = x_BTE + h
     x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
@@ -359,7 +359,7 @@ def _row_tma(cfg: ModelConfig, out_major: bool, interpret: bool,
 
 
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
-                     write_mask_B):
+                     write_mask):
   """`DecoderLayer` for a single row (B = T = 1) against the cache, by `kernels.matvec`: the
   same arithmetic in four launches of its own and the attention's (five a layer where XLA runs
   about seventeen) where `_row_attention` says: that launch (`kernels.decode.row_attention`)
@@ -408,8 +408,9 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
         cache_k.reshape(cache_k.shape[1:]), cache_v.reshape(cache_v.shape[1:]), None,
         meta.positions[:, 0], spec, dtype=dt,
         biases=None if biases is None else [b.reshape(n, d) for b, n in zip(biases, heads)],
-        write_mask=None if write_mask_B is None else write_mask_B.astype(bool), combine=False,
-        interpret=interpret)
+        # (one row of one token: a row mask [1] or a token mask [1, 1] say the same)
+        write_mask=None if write_mask is None else write_mask.reshape(1).astype(bool),
+        combine=False, interpret=interpret)
     new_cache = (new_k.reshape(cache_k.shape), new_v.reshape(cache_v.shape))
     o_SE = matvec.combined_matvec_partials(att_parts, att_lse, wt(a["o"], h * d), dtype=dt,
                                            out_major=om, interpret=interpret)
@@ -419,7 +420,7 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
     q = rope(q.reshape(1, 1, h, d), meta.positions, cfg.rope_theta)
     k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
     out, new_cache = _cached_attention(cfg, spec, q, k, v.reshape(1, 1, kv, d), meta, cache_kv,
-                                       write_mask_B)
+                                       write_mask)
     o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt), wt(a["o"], h * d),
                                   out_major=om, interpret=interpret)
   m = p["mlp"]
@@ -469,8 +470,8 @@ class Transformer(nn.Module):
   `head_slice=(start, end)` computes logits only for tokens start..end-1 (the noisy part of a
   diffusion layout), which saves the largest matmul of the model on tokens whose logits are unused.
   `head_index` (int [B, K]) does the same for K per-row token indices chosen at run time (a
-  decoder needs a few positions of each row). `cache_write_mask` (bool [B]): rows where it is
-  False leave the cache unchanged. `return_hidden` returns the final-normed hidden states
+  decoder needs a few positions of each row). `cache_write_mask` (bool [B], or [B, T] per
+  token): rows, or tokens, where it is False leave their cache slots unchanged. `return_hidden` returns the final-normed hidden states
   [B, T', E] instead of logits (a loss that applies `head_matrix` in chunks).
   """
 

@@ -301,6 +301,43 @@ def test_one_compiled_program_without_host_transfers(params):
   assert int(lens2[1]) == 0 and np.all(np.asarray(out2[1]) == cfg.pad_token_id)
 
 
+def _sub_jaxprs(eqn):
+  for value in eqn.params.values():
+    for v in value if isinstance(value, (list, tuple)) else (value,):
+      if isinstance(v, jax.extend.core.ClosedJaxpr):
+        yield v.jaxpr
+      elif isinstance(v, jax.extend.core.Jaxpr):
+        yield v
+
+
+def _eqns(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs inside it."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in _sub_jaxprs(eqn):
+      yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("dual", [True, False])
+def test_a_round_runs_one_forward(params, dual):
+  """Rows at different steps share a round's one forward: the block forward where any row
+  needs it (rows at a sub-block step write only their sub-block's slots), else the sub-block
+  forward. Running both in a mixed round cost a batch of 32 1.10-1.20x the rounds without the
+  DualCache (BENCHMARKS.md session 43); that the tokens stay each row's own is
+  test_each_row_gets_what_it_gets_alone's and the transcription test's."""
+  prompts, lengths = _prompts([3, 13])
+  cfg = DecodeConfig(max_new_tokens=16, block_size=BS, sub_block_size=SBS, threshold=0.5,
+                     use_dual_cache=dual)
+  jaxpr = jax.make_jaxpr(lambda p, t, n: decoding.generate(p, CFG, t, n, jax.random.key(0), cfg))(
+      params, jnp.asarray(prompts), jnp.asarray(lengths)).jaxpr
+  (loop,) = [e for e in _eqns(jaxpr) if e.primitive.name == "while"]
+  body = loop.params["body_jaxpr"].jaxpr
+  forwards = [e for e in body.eqns if e.primitive.name == "cond"
+              and any(x.primitive.name == "dot_general" for s in _sub_jaxprs(e) for x in _eqns(s))]
+  assert len(forwards) == 1
+  assert not any(e.primitive.name == "dot_general" for e in body.eqns)  # none outside it
+
+
 def test_ar_equals_greedy_recompute(params):
   prompts, lengths = _prompts([3, 7, 12], seed=9)
   cfg = DecodeConfig(mode="ar", max_new_tokens=10)

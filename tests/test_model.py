@@ -261,22 +261,26 @@ def test_single_row_matmul_is_a_two_row_dot():
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("mask_rows", [None, "even", "odd"])
+@pytest.mark.parametrize("mask_rows", [None, "even", "odd", "tokens"])
 def test_cache_write_puts_each_row_at_its_own_offset(batch, mask_rows):
   # A batch of one takes a plain dynamic_update_slice (no scatter, BENCHMARKS.md decode profile);
-  # both paths must write the same slots and leave masked rows alone. Row 0 writes the last
-  # three slots.
+  # both paths must write the same slots and leave masked rows, or masked tokens, alone. Row 0
+  # writes the last three slots.
   rng = np.random.default_rng(batch)
   layer = jnp.asarray(rng.normal(size=(batch, 16, 2, 4)), jnp.float32)
   new = jnp.asarray(rng.normal(size=(batch, 3, 2, 4)), jnp.float32)
   start = jnp.asarray([13] + list(rng.integers(0, 14, size=batch - 1)), jnp.int32)
-  mask = None if mask_rows is None else jnp.asarray(
-      [(i % 2 == 0) == (mask_rows == "even") for i in range(batch)])
+  if mask_rows == "tokens":  # the decoder's rows at a sub-block step: some tokens of a row
+    mask = jnp.asarray([[True, False, True], [False, False, False], [False, True, True]][:batch])
+  else:
+    mask = None if mask_rows is None else jnp.asarray(
+        [(i % 2 == 0) == (mask_rows == "even") for i in range(batch)])
   out = jax.jit(kvcache.write)(layer, new, start, mask)
   want = np.array(layer)
   for i in range(batch):
-    if mask is None or bool(mask[i]):
-      want[i, int(start[i]):int(start[i]) + 3] = new[i]
+    for t in range(3):
+      if mask is None or bool(mask[i] if mask.ndim == 1 else mask[i, t]):
+        want[i, int(start[i]) + t] = new[i, t]
   np.testing.assert_array_equal(out, want)
   jaxpr = str(jax.make_jaxpr(kvcache.write)(layer, new, start, mask))
   assert ("scatter" in jaxpr) == (batch > 1)
@@ -289,6 +293,8 @@ def test_cache_write_refuses_rows_that_do_not_match_the_cache():
     kvcache.write(layer, new, jnp.array([3, 5, 0]))
   with pytest.raises(ValueError, match="cache has 1 rows"):
     kvcache.write(layer, new, jnp.array([3]), jnp.array([False, True]))
+  with pytest.raises(ValueError, match=r"per row \[1\] or per token \[1, 2\], got shape \(1, 3\)"):
+    kvcache.write(layer, new, jnp.array([3]), jnp.array([[False, True, True]]))
 
 
 def test_projection_refuses_an_input_of_the_wrong_trailing_shape():

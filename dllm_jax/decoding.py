@@ -4,7 +4,8 @@
 decode on device: the block, sub-block and step loops of the authors' decoder are folded into one
 `lax.while_loop` in which every unfinished row takes exactly one action per iteration (a
 denoising step, or the commit of its finished block), so rows of different prompt lengths sit at
-different blocks and still get exactly the tokens they would get alone.
+different blocks and still get the tokens they would get alone (up to floating-point rounding:
+the products' shapes depend on the batch and on the round; see `generate`).
 
 How the single KV buffer maps onto the authors' two caches
 -----------------------------------------------------------
@@ -472,14 +473,15 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
       sub_tokens = _rows_slice(blk, sub_start, sbs)
       # A sub-block forward runs only where the sub-block's first token is decoded, so the
       # first position's own output (index 0) stands in for the shifted one; it is never read.
-      head_sub = jnp.broadcast_to(jnp.maximum(sub_offsets - 1, 0), (batch, sbs))
+      # No row commits in such a round: the ninth row, in the place of the block's last
+      # position, is never read either (it keeps the branches' shapes equal without a copy).
+      head_sub = jnp.broadcast_to(
+          jnp.concatenate([jnp.maximum(sub_offsets - 1, 0), jnp.array([sbs - 1], jnp.int32)]),
+          (batch, sbs + 1))
 
       def sub_fwd(cache):
-        logits, cache = model.forward(params, cfg, sub_tokens,
-                                      _meta(st.block_start + sub_start, sbs), spec, cache,
-                                      head_index=head_sub, cache_write_mask=partial)
-        # (no row commits in such a round: the block's last position is not needed)
-        return jnp.pad(logits, ((0, 0), (0, 1), (0, 0))), cache
+        return model.forward(params, cfg, sub_tokens, _meta(st.block_start + sub_start, sbs),
+                             spec, cache, head_index=head_sub, cache_write_mask=partial)
     else:
       def sub_fwd(cache):  # never taken: without the DualCache every step forwards its block
         return jnp.zeros((batch, sbs + 1, cfg.vocab_size), jnp.float32), cache
@@ -596,13 +598,20 @@ def generate(
   BENCHMARKS.md). Convert once, outside the function you jit.
 
   prompt_tokens_BP: int [B, P], row b's prompt in its first prompt_lengths_B[b] entries (the rest
-  is ignored). rng: one PRNG key, or one per row (a row then gets exactly what it gets alone with
-  its key). Returns tokens int32 [B, max_new_tokens] (entries past a row's length are
+  is ignored). rng: one PRNG key, or one per row (a row then gets what it gets alone with its
+  key). Returns tokens int32 [B, max_new_tokens] (entries past a row's length are
   `config.pad_token_id`), lengths int32 [B] (up to and including the stop token) and stats:
   `nfe` [B] forward passes that included the row (prefill and commits included), `tokens_per_nfe`
   [B], their totals `total_nfe`, `total_tokens_per_nfe`, and `iterations`, the number of batched
-  forward rounds, prefill included (a diffusion round runs two forwards when some rows need a
-  whole-block forward and others a sub-block one). Traceable: jit it with model_cfg, config and on_step static (`generate_jit`).
+  forward rounds, prefill included (one forward each). Traceable: jit it with model_cfg, config
+  and on_step static (`generate_jit`).
+
+  Each row gets the tokens it would get alone, up to floating-point rounding, which can only
+  matter at a near-tie between two tokens: the products' shapes, and with them the order of
+  their sums, depend on the batch size (XLA's GEMMs, the decode kernel's split over the cache),
+  and a row at a DualCache sub-block step is computed inside the round's block forward when
+  another row needs one (the same keys and values as its own sub-block forward, 32 query rows
+  instead of 8).
   `on_step(tokens_BL, masked_BL, done_B)` (diffusion only) is called from the device with the
   state after the prefill and after every step; it is for visualisation, leave it None otherwise.
   `threshold` (diffusion only): a scalar, possibly traced, used in place of `config.threshold`,

@@ -471,8 +471,9 @@ class Transformer(nn.Module):
   diffusion layout), which saves the largest matmul of the model on tokens whose logits are unused.
   `head_index` (int [B, K]) does the same for K per-row token indices chosen at run time (a
   decoder needs a few positions of each row). `cache_write_mask` (bool [B], or [B, T] per
-  token): rows, or tokens, where it is False leave their cache slots unchanged. `return_hidden` returns the final-normed hidden states
-  [B, T', E] instead of logits (a loss that applies `head_matrix` in chunks).
+  token): rows, or tokens, where it is False leave their cache slots unchanged.
+  `return_hidden` returns the final-normed hidden states [B, T', E] instead of logits (a loss
+  that applies `head_matrix` in chunks).
   """
 
   cfg: ModelConfig

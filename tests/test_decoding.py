@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 
 from dllm_jax import decoding, masks, model
@@ -328,9 +329,14 @@ def test_a_round_runs_one_forward(params, dual):
   prompts, lengths = _prompts([3, 13])
   cfg = DecodeConfig(max_new_tokens=16, block_size=BS, sub_block_size=SBS, threshold=0.5,
                      use_dual_cache=dual)
-  jaxpr = jax.make_jaxpr(lambda p, t, n: decoding.generate(p, CFG, t, n, jax.random.key(0), cfg))(
-      params, jnp.asarray(prompts), jnp.asarray(lengths)).jaxpr
-  (loop,) = [e for e in _eqns(jaxpr) if e.primitive.name == "while"]
+  decode = lambda p, t, n: decoding.generate(p, CFG, t, n, jax.random.key(0), cfg)
+  jaxpr = jax.make_jaxpr(decode)(params, jnp.asarray(prompts), jnp.asarray(lengths)).jaxpr
+  # The decoder's loop is the outermost while (kernels may hold loops of their own).
+  level = [jaxpr]
+  while not any(e.primitive.name == "while" for j in level for e in j.eqns):
+    level = [sub for j in level for e in j.eqns for sub in _sub_jaxprs(e)]
+    assert level, "no while loop in the decoder"
+  loop = next(e for j in level for e in j.eqns if e.primitive.name == "while")
   body = loop.params["body_jaxpr"].jaxpr
   forwards = [e for e in body.eqns if e.primitive.name == "cond"
               and any(x.primitive.name == "dot_general" for s in _sub_jaxprs(e) for x in _eqns(s))]

@@ -223,6 +223,16 @@ def _load(ref, layout, interpret):
   return load(ref, layout=layout)
 
 
+def _product(a, b_ref, shape):
+  """float32 [shape]: a @ b_ref by one wgmma into a fresh accumulator, read back to registers."""
+  plgpu = _plgpu()
+
+  def f(acc_ref):
+    plgpu.wgmma(acc_ref, a, b_ref)
+    return acc_ref[...]
+  return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
+
+
 def _take_turns(sched_bar):
   """The other consumer warpgroup's turn on the tensor cores (jax's schedule barrier)."""
   plgpu = _plgpu()
@@ -1078,12 +1088,6 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         plgpu.barrier_wait(delta_bar.at[slot])
         return p, p * (dp - bcast(load(delta_s.at[slot], col_l)))
 
-      def product(a, b_ref, shape):
-        def f(acc_ref):
-          plgpu.wgmma(acc_ref, a, b_ref)
-          return acc_ref[...]
-        return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
-
       def ds_slot(v):  # the dS^T slot of visit v (v >= -n_ds: the lagged visits before 0)
         return lax.rem(v + n_ds, n_ds)
 
@@ -1144,8 +1148,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         def _():
           prev = ds_slot(i)
           plgpu.barrier_wait(ds_ready.at[prev])
-          x = (product(ds_operand(prev, 0), k_s.at[0, :, cols], (bq, half))
-               + product(ds_operand(prev, 1), k_s.at[1, :, cols], (bq, half)))
+          x = (_product(ds_operand(prev, 0), k_s.at[0, :, cols], (bq, half))
+               + _product(ds_operand(prev, 1), k_s.at[1, :, cols], (bq, half)))
           release_ds(i)
           add_dq(i, x)
 
@@ -1160,8 +1164,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         slot = lax.rem(off + i, SLOTS)
         for bar in (q_bar, do_bar, qt_bar, dot_bar):
           plgpu.barrier_wait(bar.at[slot])
-        s = product(k_s.at[w], qt_s.at[slot], (bk, bq))
-        dp = product(v_s.at[w], dot_s.at[slot], (bk, bq))
+        s = _product(k_s.at[w], qt_s.at[slot], (bk, bq))
+        dp = _product(v_s.at[w], dot_s.at[slot], (bk, bq))
         p, ds = grads(s, dp, i, slot, masked)
         p_s[w] = p.astype(dtype)
         ds16 = ds.astype(dtype)
@@ -1171,8 +1175,8 @@ def dkv(q, k, v, seg, do, lse, delta, spec: masks.MaskSpec, length: int, interpr
         else:
           ds_s[0, w] = ds16
         plgpu.commit_smem()
-        dv = dv + product(p_s.at[w], do_s.at[slot], (bk, d))
-        dk = dk + product(ds_s.at[dslot, w], q_s.at[slot], (bk, d))
+        dv = dv + _product(p_s.at[w], do_s.at[slot], (bk, d))
+        dk = dk + _product(ds_s.at[dslot, w], q_s.at[slot], (bk, d))
         release(off + i, slot)
         if fuse_dq:
           interpret_dq(i - lag)
@@ -1465,12 +1469,6 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
           p = jnp.where(keep_of(i, slot, masked), p, jnp.zeros_like(p))
         return p * (dp - bcast(delta_rows))
 
-      def product(a, b_ref, shape):
-        def f(acc_ref):
-          plgpu.wgmma(acc_ref, a, b_ref)
-          return acc_ref[...]
-        return pl.run_scoped(f, plgpu.ACC(shape, jnp.float32))
-
       def release(i, slot, masked):
         if masked == "segments" and RELEASE_FENCE:  # segk_s[slot] read by plain loads
           plgpu.commit_smem()
@@ -1480,11 +1478,11 @@ def dq(q, k, v, seg, o, do, lse, spec: masks.MaskSpec, length: int, interpret: b
         slot = lax.rem(i, SLOTS)
         for bar in (k_bar, v_bar, kt_bar, vt_bar):
           plgpu.barrier_wait(bar.at[slot])
-        s = product(q_s.at[wg], kt_s.at[slot], (bq, bk))
-        dp = product(do_s.at[wg], vt_s.at[slot], (bq, bk))
+        s = _product(q_s.at[wg], kt_s.at[slot], (bq, bk))
+        dp = _product(do_s.at[wg], vt_s.at[slot], (bq, bk))
         ds_s[wg] = grads(s, dp, i, slot, masked).astype(dtype)
         plgpu.commit_smem()
-        acc = acc + product(ds_s.at[wg], k_s.at[slot], (bq, d))
+        acc = acc + _product(ds_s.at[wg], k_s.at[slot], (bq, d))
         release(i, slot, masked)
         return acc
 

@@ -217,6 +217,79 @@ def test_norm_matvec_partials_finish_to_the_reference(add, splits):
   np.testing.assert_allclose(rsqrt, 1 / np.sqrt(np.mean(r * r) + 1e-5), rtol=1e-5)
 
 
+def _rows(key, m, real, e, dtype):
+  """m rows [m, e], the last m - real of them zeros (the padding the model adds)."""
+  x = (2 * jax.random.normal(key, (m, e))).astype(dtype)
+  return jnp.where(jnp.arange(m)[:, None] < real, x, 0).astype(dtype)
+
+
+@pytest.mark.parametrize("m,real", [(16, 8), (32, 32)])  # a sub-block at batch 1; a block
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_every_launch_takes_rows(m, real, dtype):
+  # Each row as the one-row launches' row alone would be (the reference per row), each with
+  # its own 1/rms; zero rows stay zero in every output, so padding never leaks into a layer.
+  e = 192
+  _, _, scale, ws, bs = _inputs(jax.random.key(m + real), e, (96, 32, 32), dtype)
+  x = _rows(jax.random.key(1), m, real, e, dtype)
+  add = _rows(jax.random.key(2), m, real, e, dtype)
+  parts_in = _rows(jax.random.key(3), m, real, e, jnp.float32)[None] * jnp.arange(1, 4)[:, None,
+                                                                                         None]
+  for add_E in (add, parts_in):
+    kw = dict(add_E=add_E, norm_scale_E=scale, eps=1e-5)
+    got, row = matvec.norm_matvec(x, ws, biases_N=bs, block_k=64, interpret=True, **kw)
+    want, want_row = matvec.norm_matvec_reference(x, ws, biases_N=bs, **kw)
+    assert [g.shape for g in got] == [(m, n) for n in (96, 32, 32)] and row.shape == (m, e)
+    for g, w in zip(got, want):
+      _close(g, w, dtype)
+    np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
+    # One row alone through the one-row launch: the same numbers as its row of the rows launch.
+    one_kw = dict(add_E=add_E[..., 2, :], norm_scale_E=scale, eps=1e-5)
+    one, _ = matvec.norm_matvec(x[2], ws, biases_N=bs, block_k=64, interpret=True, **one_kw)
+    for g, o in zip(got, one):
+      _close(g[2], o, dtype)
+
+    parts, rsqrt, prow = matvec.norm_matvec_partials(x, ws, splits=3, block_k=32,
+                                                     interpret=True, **kw)
+    assert [p.shape for p in parts] == [(3, m, n) for n in (96, 32, 32)]
+    assert rsqrt.shape == (m,)
+    for p, b, w in zip(parts, bs, want):
+      _close(matvec.finish_partials(p, rsqrt, dtype, b), w, dtype)
+    np.testing.assert_array_equal(np.asarray(prow, np.float32), np.asarray(want_row, np.float32))
+
+  (act,), _ = matvec.norm_matvec(x, ws[1:], add_E=parts_in, norm_scale_E=scale, silu_pair=True,
+                                 interpret=True)
+  (want_act,), _ = matvec.norm_matvec_reference(x, ws[1:], add_E=parts_in, norm_scale_E=scale,
+                                                silu_pair=True)
+  assert act.shape == (m, 32)
+  _close(act, want_act, dtype)
+  assert not np.any(np.asarray(act[real:], np.float32))
+
+  w_out = ws[0].T  # [96, 192]: o/down-like, many rows in
+  h = _rows(jax.random.key(4), m, real, 96, dtype)
+  out = matvec.matvec_partials(h, w_out, splits=3, block_k=32, interpret=True)
+  assert out.shape == (3, m, e) and out.dtype == jnp.float32
+  want = np.asarray(h, np.float64) @ np.asarray(w_out, np.float64)
+  np.testing.assert_allclose(np.asarray(out, np.float64).sum(0), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[1], np.asarray(h[:, 32:64], np.float64)
+                             @ np.asarray(w_out[32:64], np.float64), rtol=1e-5, atol=1e-5)
+  assert not np.any(np.asarray(out[:, real:]))
+
+
+def test_rows_are_checked():
+  assert [matvec.padded_rows(n) for n in (1, 8, 16, 17, 32)] == [16, 16, 16, 32, 32]
+  with pytest.raises(ValueError, match="the kernels take 1..32"):
+    matvec.padded_rows(33)
+  _, _, scale, ws, _ = _inputs(jax.random.key(0), 64, (32,), jnp.bfloat16)
+  for m in (8, 24, 64):
+    with pytest.raises(ValueError, match=f"got M={m} \\(pad them"):
+      matvec.norm_matvec(jnp.zeros((m, 64), jnp.bfloat16), ws, interpret=True)
+  with pytest.raises(ValueError, match="got M=8"):
+    matvec.matvec_partials(jnp.zeros((8, 64), jnp.bfloat16), ws[0], interpret=True)
+  x = jnp.zeros((16, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"add_E has shape \(64,\); expected x's \(16, 64\)"):
+    matvec.norm_matvec_partials(x, ws, norm_scale_E=scale, add_E=x[0], interpret=True)
+
+
 def test_norm_matvec_partials_refuses_bad_inputs():
   x, _, scale, ws, _ = _inputs(jax.random.key(0), 64, (32, 32), jnp.bfloat16)
   f = functools.partial(matvec.norm_matvec_partials, interpret=True)
@@ -246,7 +319,7 @@ def test_norm_matvec_refuses_bad_inputs():
     matvec.norm_matvec(x, ws[:1], silu_pair=True, interpret=True)
   with pytest.raises(ValueError, match="biases"):
     matvec.norm_matvec(x, ws, biases_N=bs[:1], interpret=True)
-  with pytest.raises(ValueError, match=r"add_E has shape \(32,\), the row \(64,\)"):
+  with pytest.raises(ValueError, match=r"add_E has shape \(32,\); expected x's \(64,\)"):
     matvec.norm_matvec(x, ws, add_E=x[:32], interpret=True)
   with pytest.raises(ValueError, match="norm_scale_E has shape"):
     matvec.norm_matvec(x, ws, norm_scale_E=x[None], interpret=True)
@@ -264,8 +337,12 @@ def test_norm_matvec_lowers_for_cuda(lower_for_cuda):
   h = lambda x, ws: matvec.matvec_partials(x, ws[0], splits=3)
   n = lambda x, a, s, ws: matvec.norm_matvec_partials(x, ws, norm_scale_E=s, add_E=a, splits=3)
   parts = jnp.zeros((5, 192), jnp.float32)  # partial sums as the add: one load per part
+  r = jnp.zeros((16, 192), jnp.bfloat16)  # rows, with their parts
+  rparts = jnp.zeros((5, 16, 192), jnp.float32)
   for fn, args in ((f, (x, add, scale, ws, bs)), (g, (x, add, scale, [ws[1], ws[2]])),
-                   (h, (x, ws)), (f, (x, parts, scale, ws, bs)), (n, (x, parts, scale, ws))):
+                   (h, (x, ws)), (f, (x, parts, scale, ws, bs)), (n, (x, parts, scale, ws)),
+                   (f, (r, rparts, scale, ws, bs)), (g, (r, rparts, scale, [ws[1], ws[2]])),
+                   (h, (r, ws)), (n, (r, rparts, scale, ws))):
     text = lower_for_cuda(fn, *args)
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 

@@ -188,6 +188,26 @@ def add_row_tma_argument(ap, scope: str = "") -> None:
                        "(triton); or per launch, e.g. gate_up=wgmma,down=triton")
 
 
+def add_kernel_rows_argument(ap, scope: str = "") -> None:
+  """`--kernel-rows N` on a decode benchmark's parser: `model.KERNEL_ROWS` (`apply_kernel_rows`)."""
+  ap.add_argument("--kernel-rows", type=int, default=None,
+                  help=f"{scope}model.KERNEL_ROWS (default: the model's): forwards against the "
+                       "cache of at most N rows (batch x tokens) run the one-row step's "
+                       "launches (kernels/matvec.py) where matvec_impl resolves to them; 1: "
+                       "the one-row step alone")
+
+
+def apply_kernel_rows(n) -> None:
+  """model.KERNEL_ROWS = n (`--kernel-rows`' value); None leaves the model's default."""
+  from dllm_jax import model
+  from dllm_jax.kernels import matvec
+
+  if n is not None:
+    if not 1 <= n <= matvec.MAX_ROWS:
+      raise SystemExit(f"--kernel-rows {n}: expected 1..{matvec.MAX_ROWS}")
+    model.KERNEL_ROWS = n
+
+
 def apply_row_tma(setting) -> None:
   """model.ROW_TMA = `setting` (`--row-tma`'s value); None leaves the model's default."""
   from dllm_jax import model

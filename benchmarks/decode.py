@@ -32,7 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (add_row_tma_argument, apply_row_tma, ceilings,  # noqa: E402
+from benchmarks.common import (add_kernel_rows_argument, add_row_tma_argument,  # noqa: E402
+                               apply_kernel_rows, apply_row_tma, ceilings,
                                error_text, random_params, run_meta, save_json, timeit)
 from dllm_jax import run_config  # noqa: E402
 from dllm_jax.config import KERNEL_LAYOUTS, ModelConfig  # noqa: E402
@@ -332,7 +333,9 @@ def main():
                   help="jax part: model.ROW_ATTENTION off (the one-row step's RoPE, cache "
                        "write and split combine as XLA kernels around decode_attention)")
   add_row_tma_argument(ap, "jax part: ")
+  add_kernel_rows_argument(ap, "jax part: ")
   args = ap.parse_args()
+  apply_kernel_rows(args.kernel_rows)
   if args.no_row_attention:
     from dllm_jax import model
     model.ROW_ATTENTION = False

@@ -406,6 +406,94 @@ def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias, kernel_la
   assert jaxpr.count("name=matvec_partials") == 2 * layers  # o, down
 
 
+def check_rows_forward(cfg, stacked, t, batch=1, slots=64, prefill=12):
+  """One cached forward of t tokens a row at `batch` rows after a prefill, by the XLA path and by
+  the kernels' rows (`model.KERNEL_ROWS` set by the caller): logits and caches agree. Returns
+  the kernels' forward as a jaxpr string."""
+  params = model.with_layout(_perturbed(cfg, jax.random.key(0)),
+                             "stacked" if stacked else "per_layer")
+  pallas = dataclasses.replace(cfg, matvec_impl="pallas")
+  spec = masks.MaskSpec("block_causal", block_size=8)
+  tokens = jax.random.randint(jax.random.key(1), (batch, prefill + t), 0, cfg.vocab_size)
+  pos = lambda s, n: masks.TokenMeta.simple(
+      jnp.broadcast_to(jnp.arange(s, s + n, dtype=jnp.int32), (batch, n)))
+  fwd = jax.jit(model.forward, static_argnums=(1, 4))
+  cache = kvcache.init_cache(cfg, batch, slots, per_layer=not stacked)
+  _, cache = fwd(params, cfg, tokens[:, :prefill], pos(0, prefill), spec, cache)
+  # Rows whose cache must stay as it was (a row mask), as the diffusion decoder passes them.
+  write = jnp.arange(batch) != 1
+  step = (tokens[:, prefill:], pos(prefill, t), spec, cache)
+  want, want_cache = model.forward(params, cfg, *step, cache_write_mask=write)
+  got, got_cache = model.forward(params, pallas, *step, cache_write_mask=write)
+  np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
+  assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.9999
+  for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=5e-3, atol=5e-3)
+  return str(jax.make_jaxpr(
+      lambda p, *a: model.forward(p, pallas, *a, cache_write_mask=write),
+      static_argnums=(3,))(params, step[0], step[1], spec, cache))
+
+
+@pytest.mark.parametrize("stacked,t,batch,kernel_layout", [
+    (False, 8, 1, "out_in"),  # a sub-block at batch 1: 8 rows padded to 16
+    (False, 32, 1, "in_out"),  # a block: 32 rows
+    (True, 8, 1, "in_out"),  # the scan's carry holds the rows' parts
+    (False, 3, 4, "out_in"),  # 4 rows of 3 tokens, one row's cache kept (its write mask)
+])
+def test_model_rows_forward_with_kernels_equals_xla(monkeypatch, stacked, t, batch,
+                                                    kernel_layout):
+  monkeypatch.setattr(model, "KERNEL_ROWS", 32)
+  cfg = dataclasses.replace(CFG, kernel_layout=kernel_layout)
+  jaxpr = check_rows_forward(cfg, stacked, t, batch)
+  layers = 1 if stacked else cfg.num_layers
+  assert jaxpr.count("name=norm_partials") == layers  # q/k/v
+  assert jaxpr.count("name=norm_matvec") == layers  # gate/up
+  assert jaxpr.count("name=matvec_partials") == 2 * layers  # o, down
+
+
+def test_kernel_rows_bounds_the_forwards_that_run_the_kernels(monkeypatch):
+  params = model.with_layout(_perturbed(CFG, jax.random.key(0)), "per_layer")
+  pallas = dataclasses.replace(CFG, matvec_impl="pallas")
+  spec = masks.MaskSpec("causal")
+
+  def launches(t):
+    meta = masks.TokenMeta.simple(jnp.arange(t, dtype=jnp.int32)[None])
+    cache = kvcache.init_cache(CFG, 1, 40, per_layer=True)
+    return str(jax.make_jaxpr(lambda p: model.forward(p, pallas, jnp.ones((1, t), jnp.int32),
+                                                      meta, spec, cache))(params)).count(
+        "name=norm_matvec")
+  assert [launches(t) for t in (1, 8, 32)] == [2, 0, 0]  # the default: one row only
+  monkeypatch.setattr(model, "KERNEL_ROWS", 16)
+  assert [launches(t) for t in (1, 8, 16, 17)] == [2, 2, 2, 0]
+  layout = lambda **kw: model.decode_kernel_layout(pallas, stacked=False, **kw)
+  assert layout(mode="diffusion", batch=1) == "in_out"  # a block's 32 rows: XLA
+  monkeypatch.setattr(model, "KERNEL_ROWS", 32)
+  assert layout(mode="diffusion", batch=1) == "out_in"
+  assert (layout(mode="ar", batch=32), layout(mode="ar", batch=33)) == ("out_in", "in_out")
+  assert layout(mode="diffusion", batch=2) == "in_out"
+
+
+def test_diffusion_decoding_with_kernel_rows_matches_xla(monkeypatch):
+  # The batch-1 decoder's block and sub-block forwards through the kernels' rows: the tokens of
+  # the XLA path (a random model's near ties may flip late ones).
+  cfg = dataclasses.replace(CFG, mask_token_id=CFG.vocab_size - 1)
+  params = model.with_layout(model.init_params(cfg, jax.random.key(2)), "per_layer")
+  prompt = jax.random.randint(jax.random.key(3), (1, 8), 0, cfg.vocab_size - 1)
+  dcfg = decoding.DecodeConfig(max_new_tokens=16, block_size=8, sub_block_size=4,
+                               threshold=0.5)
+  run = lambda c: decoding.generate(params, c, prompt, jnp.asarray([8]), jax.random.key(4), dcfg)
+  want = run(cfg)
+  monkeypatch.setattr(model, "KERNEL_ROWS", 32)
+  pallas = dataclasses.replace(cfg, matvec_impl="pallas")
+  got = run(pallas)
+  jaxpr = str(jax.make_jaxpr(lambda p: decoding.generate(p, pallas, prompt, jnp.asarray([8]),
+                                                         jax.random.key(4), dcfg))(params))
+  assert "name=norm_matvec" in jaxpr
+  agree = np.cumprod(np.asarray(got[0]) == np.asarray(want[0]), axis=-1).sum()
+  assert agree >= 12, (got[0], want[0])
+
+
 def test_stacked_carry_takes_the_down_launch_shape(monkeypatch):
   # The scan's zeros are shaped as the down launch makes its parts, knobs and all.
   monkeypatch.setattr(matvec, "matvec_partials",

@@ -154,7 +154,7 @@ def main():
   if args.kernel_layout == "auto":
     args.kernel_layout = model.decode_kernel_layout(
         cfg, mode="diffusion" if args.forward else "ar", batch=args.batch,
-        stacked=args.layout == "stacked")
+        stacked=args.layout == "stacked", block_size=max(args.forward, 1))
   cfg = dataclasses.replace(cfg, kernel_layout=args.kernel_layout)
   params = jax.jit(lambda r: model.with_layout(random_params(cfg, r), args.layout))(
       jax.random.key(0))

@@ -295,23 +295,37 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
   return True
 
 
-def decode_kernel_layout(cfg: ModelConfig, *, mode: str, batch: int, stacked: bool) -> str:
-  """The kernel layout to decode in (`ModelConfig.kernel_layout`): "out_in" where the steps run
-  the one-row kernels (AR with batch rows, or diffusion with batch x 32 block rows, at most
-  `KERNEL_ROWS`, with `matvec_impl` resolving to them), which read it faster, else "in_out",
-  which XLA's GEMMs of a block's or a batch's rows read faster (H200, BENCHMARKS.md session
-  24: the 1.5B's batch-1 AR 3.4% more tokens/s out_in; its diffusion forwards 1-3% slower).
-  `decode.py` and `dllm_jax.eval` convert to it by default."""
-  rows = batch * (1 if mode == "ar" else 32)
-  kernels = rows == 1 or rows <= KERNEL_ROWS
-  return "out_in" if kernels and _row_kernels(cfg, stacked) else "in_out"
+def decode_kernel_layout(cfg: ModelConfig, *, mode: str, batch: int, stacked: bool,
+                         block_size: int = 32) -> str:
+  """The kernel layout to decode in (`ModelConfig.kernel_layout`): "out_in" where every step
+  after the prefill runs the one-row kernels (AR with batch rows, or diffusion with batch x
+  block_size rows in its largest forward, at most `KERNEL_ROWS`, with `matvec_impl` resolving
+  to them), which read it faster, else "in_out", which XLA's GEMMs of a block's or a batch's
+  rows read faster (H200, BENCHMARKS.md session 24: the 1.5B's batch-1 AR 3.4% more tokens/s
+  out_in; its diffusion forwards 1-3% slower). `decode.py` and `dllm_jax.eval` convert to it
+  by default."""
+  rows = batch * (1 if mode == "ar" else block_size)
+  return "out_in" if _runs_kernels(rows) and _row_kernels(cfg, stacked) else "in_out"
 
 
 # The most rows (batch x tokens) of a forward against the cache that run the one-row step's
 # launches (`_fused_row_layer`, rows padded to `matvec.padded_rows`) where `_row_kernels` says;
-# 1: the one-row step alone. A knob for the benchmarks' `--kernel-rows`; read as a forward is
-# traced (set it before the first trace, or `jax.clear_caches()`).
+# 1: the one-row step alone. At most `kernels.matvec.MAX_ROWS`. A knob for the benchmarks'
+# `--kernel-rows`; read as a forward is traced (set it before the first trace, or
+# `jax.clear_caches()`).
 KERNEL_ROWS = 1
+
+
+def _runs_kernels(rows: int) -> bool:
+  """Whether a cached forward of `rows` rows may run the one-row step's launches
+  (`KERNEL_ROWS`, checked here)."""
+  from dllm_jax.kernels.matvec import MAX_ROWS  # (pure Python: no Pallas call is traced)
+
+  if isinstance(KERNEL_ROWS, bool) or not isinstance(KERNEL_ROWS, int) or not (
+      1 <= KERNEL_ROWS <= MAX_ROWS):
+    raise ValueError(f"model.KERNEL_ROWS={KERNEL_ROWS!r}: expected an integer in 1..{MAX_ROWS} "
+                     "(the rows the kernels take)")
+  return rows <= KERNEL_ROWS or rows == 1
 
 
 # Whether the one-row step runs `kernels.decode.row_attention` where it applies (a knob for
@@ -514,7 +528,7 @@ class Transformer(nn.Module):
 
     layer = DecoderLayer
     n_rows = math.prod(tokens_BT.shape)
-    row_kernels = (cache is not None and (n_rows == 1 or n_rows <= KERNEL_ROWS)
+    row_kernels = (cache is not None and _runs_kernels(n_rows)
                    and not self.is_initializing() and _row_kernels(cfg, self.stacked))
     if row_kernels:
       # (row or rows, pending partial sums): `_fused_row_layer`. A scan's carry keeps one

@@ -406,7 +406,7 @@ def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias, kernel_la
   assert jaxpr.count("name=matvec_partials") == 2 * layers  # o, down
 
 
-def check_rows_forward(cfg, stacked, t, batch=1, slots=64, prefill=12):
+def check_rows_forward(cfg, stacked, t, batch=1, slots=64, prefill=12, per_token=False):
   """One cached forward of t tokens a row at `batch` rows after a prefill, by the XLA path and by
   the kernels' rows (`model.KERNEL_ROWS` set by the caller): logits and caches agree. Returns
   the kernels' forward as a jaxpr string."""
@@ -420,32 +420,42 @@ def check_rows_forward(cfg, stacked, t, batch=1, slots=64, prefill=12):
   fwd = jax.jit(model.forward, static_argnums=(1, 4))
   cache = kvcache.init_cache(cfg, batch, slots, per_layer=not stacked)
   _, cache = fwd(params, cfg, tokens[:, :prefill], pos(0, prefill), spec, cache)
-  # Rows whose cache must stay as it was (a row mask), as the diffusion decoder passes them.
+  # Rows whose cache must stay as it was (a row mask), as the diffusion decoder passes them;
+  # or, with `per_token`, a token mask [B, T], rows starting at different positions, and the
+  # logits of a few tokens a row (`head_index`), as its rounds do.
   write = jnp.arange(batch) != 1
   step = (tokens[:, prefill:], pos(prefill, t), spec, cache)
-  want, want_cache = model.forward(params, cfg, *step, cache_write_mask=write)
-  got, got_cache = model.forward(params, pallas, *step, cache_write_mask=write)
+  extra = {}
+  if per_token:
+    write = (jnp.arange(t)[None] + jnp.arange(batch)[:, None]) % 3 != 0
+    starts = prefill - jnp.arange(batch, dtype=jnp.int32) * 2
+    step = (tokens[:, prefill:], masks.TokenMeta.simple(
+        starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None]), spec, cache)
+    extra = {"head_index": (jnp.arange(batch * 3).reshape(batch, 3) * 5) % t}
+  want, want_cache = model.forward(params, cfg, *step, cache_write_mask=write, **extra)
+  got, got_cache = model.forward(params, pallas, *step, cache_write_mask=write, **extra)
   np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
   assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.9999
   for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                rtol=5e-3, atol=5e-3)
   return str(jax.make_jaxpr(
-      lambda p, *a: model.forward(p, pallas, *a, cache_write_mask=write),
+      lambda p, *a: model.forward(p, pallas, *a, cache_write_mask=write, **extra),
       static_argnums=(3,))(params, step[0], step[1], spec, cache))
 
 
-@pytest.mark.parametrize("stacked,t,batch,kernel_layout", [
-    (False, 8, 1, "out_in"),  # a sub-block at batch 1: 8 rows padded to 16
-    (False, 32, 1, "in_out"),  # a block: 32 rows
-    (True, 8, 1, "in_out"),  # the scan's carry holds the rows' parts
-    (False, 3, 4, "out_in"),  # 4 rows of 3 tokens, one row's cache kept (its write mask)
+@pytest.mark.parametrize("stacked,t,batch,kernel_layout,per_token", [
+    (False, 8, 1, "out_in", False),  # a sub-block at batch 1: 8 rows padded to 16
+    (False, 32, 1, "in_out", False),  # a block: 32 rows
+    (True, 8, 1, "in_out", False),  # the scan's carry holds the rows' parts
+    (False, 3, 4, "out_in", False),  # 4 rows of 3 tokens, one row's cache kept (its write mask)
+    (True, 8, 2, "out_in", True),  # a token mask, rows at different positions, head_index
 ])
 def test_model_rows_forward_with_kernels_equals_xla(monkeypatch, stacked, t, batch,
-                                                    kernel_layout):
+                                                    kernel_layout, per_token):
   monkeypatch.setattr(model, "KERNEL_ROWS", 32)
   cfg = dataclasses.replace(CFG, kernel_layout=kernel_layout)
-  jaxpr = check_rows_forward(cfg, stacked, t, batch)
+  jaxpr = check_rows_forward(cfg, stacked, t, batch, per_token=per_token)
   layers = 1 if stacked else cfg.num_layers
   assert jaxpr.count("name=norm_partials") == layers  # q/k/v
   assert jaxpr.count("name=norm_matvec") == layers  # gate/up
@@ -466,12 +476,19 @@ def test_kernel_rows_bounds_the_forwards_that_run_the_kernels(monkeypatch):
   assert [launches(t) for t in (1, 8, 32)] == [2, 0, 0]  # the default: one row only
   monkeypatch.setattr(model, "KERNEL_ROWS", 16)
   assert [launches(t) for t in (1, 8, 16, 17)] == [2, 2, 2, 0]
+  # out_in where every forward after the prefill runs the kernels: a diffusion block's rows.
   layout = lambda **kw: model.decode_kernel_layout(pallas, stacked=False, **kw)
   assert layout(mode="diffusion", batch=1) == "in_out"  # a block's 32 rows: XLA
+  assert layout(mode="diffusion", batch=1, block_size=16) == "out_in"
   monkeypatch.setattr(model, "KERNEL_ROWS", 32)
   assert layout(mode="diffusion", batch=1) == "out_in"
+  assert layout(mode="diffusion", batch=1, block_size=64) == "in_out"
   assert (layout(mode="ar", batch=32), layout(mode="ar", batch=33)) == ("out_in", "in_out")
   assert layout(mode="diffusion", batch=2) == "in_out"
+  for bad in (64, 0, True, 8.0):  # beyond the rows the kernels take: named, not a shape error
+    monkeypatch.setattr(model, "KERNEL_ROWS", bad)
+    with pytest.raises(ValueError, match=r"model.KERNEL_ROWS=.*expected an integer in 1..32"):
+      launches(8)
 
 
 def test_diffusion_decoding_with_kernel_rows_matches_xla(monkeypatch):

@@ -193,6 +193,8 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
   row = lambda raw: _residual_row(raw, add_parts, dtype)
 
   def rsqrt_and_sum():  # the norm's 1/rms (None without a norm); program 0 stores the row
+    if many:
+      return rows_rsqrt_and_sum()
     raws = [load(c) for c in range(nk)]  # read again: by now from the cache
     if has_add:
       @pl.when(j == 0)
@@ -200,9 +202,19 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
         for c, raw in enumerate(raws):
           sum_ref[at(c * bk, bk)] = row(raw).astype(sum_ref.dtype)
     if has_norm:
-      r = lax.rsqrt(sum(jnp.sum(x * x, axis=-1) for x in map(row, raws)) / e + eps)
-      return r[:, None] if many else r
+      return lax.rsqrt(sum(jnp.sum(x * x) for x in map(row, raws)) / e + eps)
     return None
+
+  def rows_rsqrt_and_sum():  # the same for rows, a chunk at a time: all of them would not fit
+    def body(c, ss):  # in registers ([M, E] float32, and an add's parts each)
+      x = row(load(c))
+      if has_add:
+        @pl.when(j == 0)
+        def _():
+          sum_ref[at(c * bk, bk)] = x.astype(sum_ref.dtype)
+      return ss + jnp.sum(x * x, axis=-1)
+    ss = lax.fori_loop(0, nk, body, jnp.zeros((x_ref.shape[0],), jnp.float32))
+    return lax.rsqrt(ss / e + eps)[:, None] if has_norm else None
 
   normed = lambda raw: _scaled_row(raw, add_parts, dtype)
 
@@ -588,12 +600,21 @@ def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk,
 
   @pl.when(p == work)  # one program more than the products': the whole row's 1/rms (and row)
   def _():
+    if many:  # a chunk at a time: the rows [M, E] in float32 would not fit in registers
+      def body(c, ss):
+        x = row(load(c * bk_row, bk_row))
+        if has_add:
+          sum_ref[at(c * bk_row, bk_row)] = x.astype(sum_ref.dtype)
+        return ss + jnp.sum(x * x, axis=-1)
+      ss = lax.fori_loop(0, e // bk_row, body, jnp.zeros((x_ref.shape[0],), jnp.float32))
+      r_ref[...] = lax.rsqrt(ss / e + eps)
+      return
     xs = [row(load(c * bk_row, bk_row)) for c in range(e // bk_row)]
     if has_add:
       for c, x in enumerate(xs):
         sum_ref[at(c * bk_row, bk_row)] = x.astype(sum_ref.dtype)
-    r = lax.rsqrt(sum(jnp.sum(x * x, axis=-1) for x in xs) / e + eps)
-    r_ref[...] = r if many else jnp.full(r_ref.shape, r, jnp.float32)
+    r = lax.rsqrt(sum(jnp.sum(x * x) for x in xs) / e + eps)
+    r_ref[...] = jnp.full(r_ref.shape, r, jnp.float32)
 
   s = p % splits  # this program's run of the row
   t = p // splits  # its column tile, over the weights' tiles in order

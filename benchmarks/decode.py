@@ -32,8 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (add_kernel_rows_argument, add_row_tma_argument,  # noqa: E402
-                               apply_kernel_rows, apply_row_tma, ceilings,
+from benchmarks.common import (add_row_tma_argument, apply_kernel_rows,  # noqa: E402
+                               apply_row_tma, ceilings,
                                error_text, random_params, run_meta, save_json, timeit)
 from dllm_jax import run_config  # noqa: E402
 from dllm_jax.config import KERNEL_LAYOUTS, ModelConfig  # noqa: E402
@@ -103,9 +103,11 @@ def _safe(fn):
 
 
 def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
-             matvecs=("xla",), kernel_layout="auto"):
-  """kernel_layout "auto": the AR runs in `model.decode_kernel_layout`'s (out_in where the
-  one-row kernels run), the forwards and the diffusion decoder in_out, as `decode.py` decodes."""
+             matvecs=("xla",), kernel_layout="auto", kernel_rows=(None,)):
+  """kernel_layout "auto": the AR, and the forwards with the diffusion decoder, each run in
+  `model.decode_kernel_layout`'s for their mode (out_in where the one-row kernels run), as
+  `decode.py` decodes. kernel_rows: the `model.KERNEL_ROWS` of each variant (None: the
+  model's), so that the one-row kernels on a forward's rows are timed against XLA in one run."""
   import jax
   import jax.numpy as jnp
 
@@ -125,14 +127,17 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
     by_layout = {"stacked": stacked}
     if "per_layer" in layouts:
       by_layout["per_layer"] = jax.jit(model.unstack_layers)(stacked)
-    for impl, layout, mv in [(i, l, m) for i in impls for l in layouts for m in matvecs]:
+    default_rows = model.KERNEL_ROWS
+    for impl, layout, mv, kr in [(i, l, m, k) for i in impls for l in layouts for m in matvecs
+                                 for k in kernel_rows]:
+      model.KERNEL_ROWS = default_rows if kr is None else kr
       cfg = dataclasses.replace(base, attention_impl=impl, matvec_impl=mv)
       params = by_layout[layout]
       pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
       floor_step = pbytes / bw
       for b in batches:
         row = {"shape": name, "impl": impl, "layout": layout, "matvec": mv, "batch": b,
-               "kernel_layout": base.kernel_layout,
+               "kernel_rows": model.KERNEL_ROWS, "kernel_layout": base.kernel_layout,
                "param_bytes": pbytes,
                "floor_tokens_per_s": b / floor_step}
         prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
@@ -168,10 +173,19 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
           row["ar_tokens_per_s"] = ar["tokens"] / ar["s"]
           row["ar_vs_floor"] = row["floor_tokens_per_s"] / row["ar_tokens_per_s"]
 
+        # The forwards and the diffusion decoder in their mode's layout (a transposed copy
+        # where auto picks the other one).
+        diff_layout = base.kernel_layout
+        if kernel_layout == "auto":
+          diff_layout = model.decode_kernel_layout(cfg, mode="diffusion", batch=b,
+                                                   stacked=layout == "stacked")
+        row["diffusion_kernel_layout"] = diff_layout
+        dp, dc = model.with_kernel_layout(params, cfg, diff_layout)
+
         # One forward of a 32-token block / an 8-token sub-block against a 512-token cache,
         # in a loop of FORWARDS.
         def step_time(t_len, offset):
-          run = forward_loop(cfg, params, b, t_len, offset, FORWARDS, layout != "stacked")
+          run = forward_loop(dc, dp, b, t_len, offset, FORWARDS, layout != "stacked")
           return timeit(run, [(0,), (1,)], reps=5, inner=1) / FORWARDS
 
         row["block32_forward_s"] = _safe(lambda: step_time(32, PROMPT))
@@ -179,15 +193,18 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
         for dual in ((True, False) if b in diffusion_batches else ()):
           key = "diffusion_dual" if dual else "diffusion_nodual"
           d = _safe(lambda: run_generate(decoding.DecodeConfig(
-              mode="diffusion", max_new_tokens=NEW, threshold=1.0, use_dual_cache=dual)))
+              mode="diffusion", max_new_tokens=NEW, threshold=1.0, use_dual_cache=dual),
+              dp, dc))
           row[key] = d
           if isinstance(d, dict):
             row[key + "_s_per_forward_round"] = d["s"] / d["iterations"]
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save_json("decode_jax.json", res)
+        dp = dc = None  # (a transposed copy: not held into the next batch)
       # Drop this variant's weights: the closures' defaults and cells hold them too.
       params = run_generate = run_ar = step_time = None
+    model.KERNEL_ROWS = default_rows
     del stacked, by_layout
   return res
 
@@ -278,10 +295,10 @@ def report(out_dir):
            f"{ours['ceil']['copy_GBps']:.0f} GB/s, bf16 matmul {ours['ceil']['matmul_tflops']:.0f} "
            f"TFLOP/s; XLA_FLAGS={m.get('xla_flags', '')!r}; peer: {peer.get('meta', {})}",
            "",
-           "| shape | attn | layers | matvec | batch | AR tok/s | floor tok/s | floor/AR | peer eager tok/s | "
-           "peer static tok/s | ours/peer static | block32 fwd ms | sub8 fwd ms | peer block32 "
-           "fwd ms | diff. s/round dual | diff. s/round no-dual |",
-           "|" + "---|" * 16]
+           "| shape | attn | layers | matvec | kernel rows | batch | AR tok/s | floor tok/s | "
+           "floor/AR | peer eager tok/s | peer static tok/s | ours/peer static | block32 fwd ms "
+           "| sub8 fwd ms | peer block32 fwd ms | diff. s/round dual | diff. s/round no-dual |",
+           "|" + "---|" * 17]
 
   def f(x, scale=1.0, d=1):
     return f"{x * scale:.{d}f}" if isinstance(x, (int, float)) else "n/a"
@@ -294,7 +311,7 @@ def report(out_dir):
     ratio = ours_tps / static["tokens_per_s"] if ours_tps and static else None
     lines.append(
         f"| {r['shape']} | {r['impl']} | {r.get('layout', 'stacked')} | "
-        f"{r.get('matvec', 'xla')} | {r['batch']} | "
+        f"{r.get('matvec', 'xla')} | {r.get('kernel_rows', 1)} | {r['batch']} | "
         f"{f(ours_tps)} | "
         f"{f(r['floor_tokens_per_s'])} | {f(r.get('ar_vs_floor'), d=2)} | "
         f"{f(eager.get('tokens_per_s'))} | {f(static.get('tokens_per_s'))} | {f(ratio, d=2)} | "
@@ -333,9 +350,16 @@ def main():
                   help="jax part: model.ROW_ATTENTION off (the one-row step's RoPE, cache "
                        "write and split combine as XLA kernels around decode_attention)")
   add_row_tma_argument(ap, "jax part: ")
-  add_kernel_rows_argument(ap, "jax part: ")
+  ap.add_argument("--kernel-rows", default="",
+                  help="jax part: model.KERNEL_ROWS values, one variant each, e.g. 1,32 "
+                       "(default: the model's): forwards against the cache of at most N rows "
+                       "(batch x tokens) run the one-row step's launches (kernels/matvec.py) "
+                       "where matvec_impl resolves to them; 1: the one-row step alone")
   args = ap.parse_args()
-  apply_kernel_rows(args.kernel_rows)
+  kernel_rows = [int(k) for k in args.kernel_rows.split(",") if k] or [None]
+  for k in kernel_rows:
+    if k is not None:
+      apply_kernel_rows(k)  # (checks it)
   if args.no_row_attention:
     from dllm_jax import model
     model.ROW_ATTENTION = False
@@ -359,7 +383,7 @@ def main():
   if args.part == "jax":
     jax_part(shapes, batches, args.impls.split(","),
              [int(b) for b in args.diffusion_batches.split(",") if b],
-             args.layouts.split(","), args.matvecs.split(","), args.kernel_layout)
+             args.layouts.split(","), args.matvecs.split(","), args.kernel_layout, kernel_rows)
   elif args.part == "peer":
     peer_part(shapes, batches, args.peer_modes.split(","))
   else:

@@ -158,14 +158,19 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
           return {"s": statistics.median(times), "tokens": tokens, "nfe": nfe,
                   "iterations": int(out[2]["iterations"]), "compile_s": compile_s}
 
-        def run_ar():  # (a transposed copy for the run where auto picks the other layout)
-          ar_layout = base.kernel_layout
+        def in_layout(mode):
+          """(params, cfg) in the layout `mode` decodes in (row[mode + "_kernel_layout"]): a
+          transposed copy where auto picks the other one."""
+          chosen = base.kernel_layout
           if kernel_layout == "auto":
-            ar_layout = model.decode_kernel_layout(cfg, mode="ar", batch=b,
-                                                   stacked=layout == "stacked")
-          row["ar_kernel_layout"] = ar_layout
-          p, c = model.with_kernel_layout(params, cfg, ar_layout)
-          return run_generate(decoding.DecodeConfig(mode="ar", max_new_tokens=NEW), p, c)
+            chosen = model.decode_kernel_layout(cfg, mode=mode, batch=b,
+                                                stacked=layout == "stacked")
+          row[f"{mode}_kernel_layout"] = chosen
+          return model.with_kernel_layout(params, cfg, chosen)
+
+        def run_ar():
+          return run_generate(decoding.DecodeConfig(mode="ar", max_new_tokens=NEW),
+                              *in_layout("ar"))
 
         ar = _safe(run_ar)
         row["ar"] = ar
@@ -173,14 +178,7 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
           row["ar_tokens_per_s"] = ar["tokens"] / ar["s"]
           row["ar_vs_floor"] = row["floor_tokens_per_s"] / row["ar_tokens_per_s"]
 
-        # The forwards and the diffusion decoder in their mode's layout (a transposed copy
-        # where auto picks the other one).
-        diff_layout = base.kernel_layout
-        if kernel_layout == "auto":
-          diff_layout = model.decode_kernel_layout(cfg, mode="diffusion", batch=b,
-                                                   stacked=layout == "stacked")
-        row["diffusion_kernel_layout"] = diff_layout
-        dp, dc = model.with_kernel_layout(params, cfg, diff_layout)
+        dp, dc = in_layout("diffusion")  # the forwards' and the diffusion decoder's
 
         # One forward of a 32-token block / an 8-token sub-block against a 512-token cache,
         # in a loop of FORWARDS.
@@ -203,7 +201,7 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
         save_json("decode_jax.json", res)
         dp = dc = None  # (a transposed copy: not held into the next batch)
       # Drop this variant's weights: the closures' defaults and cells hold them too.
-      params = run_generate = run_ar = step_time = None
+      params = run_generate = run_ar = step_time = in_layout = None
     model.KERNEL_ROWS = default_rows
     del stacked, by_layout
   return res

@@ -383,14 +383,14 @@ def _row_tma(cfg: ModelConfig, out_major: bool, interpret: bool,
 
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
                      write_mask):
-  """`DecoderLayer` for a single row (B = T = 1) against the cache, by `kernels.matvec`: the
-  same arithmetic in four launches of its own and the attention's (five a layer where XLA runs
-  about seventeen) where `_row_attention` says (one row only): that launch
+  """`DecoderLayer` for a single row (B = T = 1), or a few (below), against the cache, by
+  `kernels.matvec`: the same arithmetic in four launches of its own and the attention's (five a
+  layer where XLA runs about seventeen) where `_row_attention` says (one row only): that launch
   (`kernels.decode.row_attention`) also sums the q/k/v parts, applies RoPE and writes the cache,
-  and the o launch combines its splits as it loads its row (`matvec.combined_matvec_partials`). Elsewhere five small XLA
-  kernels do that around `decode_attention`; in one H200 call at the 1.5B shape and 640 cache
-  slots they and the attention took 10.0 us a layer, `row_attention` (4 splits, combining
-  its own splits) 8.4 (BENCHMARKS.md, session 21).
+  and the o launch combines its splits as it loads its row (`matvec.combined_matvec_partials`).
+  Elsewhere five small XLA kernels do that around `decode_attention`; in one H200 call at the
+  1.5B shape and 640 cache slots they and the attention took 10.0 us a layer, `row_attention`
+  (4 splits, combining its own splits) 8.4 (BENCHMARKS.md, session 21).
 
   Per `ROW_TMA` (`_row_tma`; by default gate/up) gate/up or down, or both, run
   `kernels.matvec_mgpu`'s Mosaic GPU launches instead of `kernels.matvec`'s, same arithmetic.
@@ -425,7 +425,7 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
       x_E, ws, norm_scale_E=p["attn_norm"]["scale"].astype(dt), add_E=pending_SE,
       eps=cfg.rms_norm_eps, out_major=om, interpret=interpret)
   x_E = x_E if row is None else row
-  cache_k, cache_v = cache_kv  # [1, S, KV, D]
+  cache_k, cache_v = cache_kv  # [B, S, KV, D]
   if not many and _row_attention(cfg, spec, cache_k.shape[1]):
     # The parts' sums, RoPE and the cache write in the attention's launch; its splits
     # combined by the o launch.

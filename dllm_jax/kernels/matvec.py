@@ -18,6 +18,12 @@ cache write, session 19). No kernel runs just to reduce them. Likewise the o lau
 `row_attention` leaves uncombined (session 22: the step's GPU time 2.4% shorter than with the
 attention's own combine).
 
+Every launch but that one also takes a few rows [M, E] (M 16 or 32, zero rows padding the real
+ones), each row normalised alone: a batch-1 diffusion block or sub-block forward
+(`model.KERNEL_ROWS`, off by default: not yet timed on a GPU, BENCHMARKS.md session 44). The one
+row already goes through the tensor cores as 16 equal rows, so up to 16 distinct rows should
+cost about what it does.
+
 Where it stands (H200, BENCHMARKS.md session 17): the step 7.5% faster than XLA's at the
 Qwen2.5-1.5B shape, 5.4% at SmolLM2-135M, level at 7B, with 305 kernels a step instead of 473
 (1.5B); the step's logits correlated 0.9998 with XLA's at the 1.5B and 135M shapes (largest

@@ -32,8 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (add_row_tma_argument, apply_kernel_rows,  # noqa: E402
-                               apply_row_tma, ceilings,
+from benchmarks.common import (add_row_tma_argument, apply_row_tma, ceilings,  # noqa: E402
                                error_text, random_params, run_meta, save_json, timeit)
 from dllm_jax import run_config  # noqa: E402
 from dllm_jax.config import KERNEL_LAYOUTS, ModelConfig  # noqa: E402
@@ -103,11 +102,15 @@ def _safe(fn):
 
 
 def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
-             matvecs=("xla",), kernel_layout="auto", kernel_rows=(None,)):
+             matvecs=("xla",), kernel_layout="auto", kernel_rows=(None,),
+             measure=("ar", "forwards")):
   """kernel_layout "auto": the AR, and the forwards with the diffusion decoder, each run in
   `model.decode_kernel_layout`'s for their mode (out_in where the one-row kernels run), as
   `decode.py` decodes. kernel_rows: the `model.KERNEL_ROWS` of each variant (None: the
-  model's), so that the one-row kernels on a forward's rows are timed against XLA in one run."""
+  model's), so that the one-row kernels on a forward's rows are timed against XLA in one run.
+  measure: which of the AR decoder and the block / sub-block forwards each row times (the
+  diffusion decoder runs at `diffusion_batches`); each compiles programs of its own, which a
+  short device call may not have time for."""
   import jax
   import jax.numpy as jnp
 
@@ -172,11 +175,12 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
           return run_generate(decoding.DecodeConfig(mode="ar", max_new_tokens=NEW),
                               *in_layout("ar"))
 
-        ar = _safe(run_ar)
-        row["ar"] = ar
-        if isinstance(ar, dict):
-          row["ar_tokens_per_s"] = ar["tokens"] / ar["s"]
-          row["ar_vs_floor"] = row["floor_tokens_per_s"] / row["ar_tokens_per_s"]
+        if "ar" in measure:
+          ar = _safe(run_ar)
+          row["ar"] = ar
+          if isinstance(ar, dict):
+            row["ar_tokens_per_s"] = ar["tokens"] / ar["s"]
+            row["ar_vs_floor"] = row["floor_tokens_per_s"] / row["ar_tokens_per_s"]
 
         dp, dc = in_layout("diffusion")  # the forwards' and the diffusion decoder's
 
@@ -186,8 +190,9 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
           run = forward_loop(dc, dp, b, t_len, offset, FORWARDS, layout != "stacked")
           return timeit(run, [(0,), (1,)], reps=5, inner=1) / FORWARDS
 
-        row["block32_forward_s"] = _safe(lambda: step_time(32, PROMPT))
-        row["sub8_forward_s"] = _safe(lambda: step_time(8, PROMPT + 8))
+        if "forwards" in measure:
+          row["block32_forward_s"] = _safe(lambda: step_time(32, PROMPT))
+          row["sub8_forward_s"] = _safe(lambda: step_time(8, PROMPT + 8))
         for dual in ((True, False) if b in diffusion_batches else ()):
           key = "diffusion_dual" if dual else "diffusion_nodual"
           d = _safe(lambda: run_generate(decoding.DecodeConfig(
@@ -313,7 +318,7 @@ def report(out_dir):
         f"{f(ours_tps)} | "
         f"{f(r['floor_tokens_per_s'])} | {f(r.get('ar_vs_floor'), d=2)} | "
         f"{f(eager.get('tokens_per_s'))} | {f(static.get('tokens_per_s'))} | {f(ratio, d=2)} | "
-        f"{f(r['block32_forward_s'], 1e3, 2)} | {f(r['sub8_forward_s'], 1e3, 2)} | "
+        f"{f(r.get('block32_forward_s'), 1e3, 2)} | {f(r.get('sub8_forward_s'), 1e3, 2)} | "
         f"{f(p.get('block32_forward_s'), 1e3, 2)} | "
         f"{f(r.get('diffusion_dual_s_per_forward_round'), 1e3, 2)} | "
         f"{f(r.get('diffusion_nodual_s_per_forward_round'), 1e3, 2)} |")
@@ -353,11 +358,24 @@ def main():
                        "(default: the model's): forwards against the cache of at most N rows "
                        "(batch x tokens) run the one-row step's launches (kernels/matvec.py) "
                        "where matvec_impl resolves to them; 1: the one-row step alone")
+  ap.add_argument("--measure", default="ar,forwards",
+                  help="jax part: what each row times, of ar (the AR decoder) and forwards "
+                       "(one block and one sub-block forward in a loop); the diffusion decoder "
+                       "runs at --diffusion-batches (empty: none). Each compiles its own "
+                       "programs: leave out what a short device call does not need")
   args = ap.parse_args()
-  kernel_rows = [int(k) for k in args.kernel_rows.split(",") if k] or [None]
-  for k in kernel_rows:
-    if k is not None:
-      apply_kernel_rows(k)  # (checks it)
+  measure = [m for m in args.measure.split(",") if m]
+  if set(measure) - {"ar", "forwards"}:
+    ap.error(f"--measure: unknown {sorted(set(measure) - {'ar', 'forwards'})}; known: ar, "
+             "forwards")
+  try:
+    kernel_rows = [int(k) for k in args.kernel_rows.split(",") if k] or [None]
+  except ValueError:
+    ap.error(f"--kernel-rows {args.kernel_rows!r}: integers joined by commas expected, e.g. 1,32")
+  from dllm_jax.kernels.matvec import MAX_ROWS
+
+  if any(k is not None and not 1 <= k <= MAX_ROWS for k in kernel_rows):
+    ap.error(f"--kernel-rows {args.kernel_rows}: each expected in 1..{MAX_ROWS}")
   if args.no_row_attention:
     from dllm_jax import model
     model.ROW_ATTENTION = False
@@ -381,7 +399,8 @@ def main():
   if args.part == "jax":
     jax_part(shapes, batches, args.impls.split(","),
              [int(b) for b in args.diffusion_batches.split(",") if b],
-             args.layouts.split(","), args.matvecs.split(","), args.kernel_layout, kernel_rows)
+             args.layouts.split(","), args.matvecs.split(","), args.kernel_layout, kernel_rows,
+             measure)
   elif args.part == "peer":
     peer_part(shapes, batches, args.peer_modes.split(","))
   else:

@@ -277,6 +277,12 @@ def test_every_launch_takes_rows(m, real, dtype):
 
 def test_rows_are_checked():
   assert [matvec.padded_rows(n) for n in (1, 8, 16, 17, 32)] == [16, 16, 16, 32, 32]
+  # Rows' chunks shrink with the rows and the parts they load, one row's never.
+  chunk = lambda m, e, parts, block_k=256: matvec._chunk(
+      block_k, jnp.zeros((m, e) if m else (e,)), parts)
+  assert chunk(None, 576, 9) == 256  # one row (SmolLM2's o parts)
+  assert (chunk(16, 576, 9), chunk(32, 1536, 4, 512), chunk(32, 1536, 0, 512)) == (32, 64, 256)
+  assert chunk(32, 576, 30) == 16  # never below the tensor cores' K
   with pytest.raises(ValueError, match="the kernels take 1..32"):
     matvec.padded_rows(33)
   _, _, scale, ws, _ = _inputs(jax.random.key(0), 64, (32,), jnp.bfloat16)

@@ -315,6 +315,22 @@ def padded_rows(n: int) -> int:
   return max(_ROWS, 1 << (n - 1).bit_length())
 
 
+# Rows' chunks: at most this many float32 elements of the row and its add's parts a chunk, so
+# that a program's live chunk (and the next one, loaded ahead) stays in registers. One row's
+# chunks are far below it at every block_k.
+ROWS_CHUNK_ELEMENTS = 8192
+
+
+def _chunk(block_k: int, x, add_parts: int) -> int:
+  """block_k for x's chunks: as given for one row; for rows [M, E] at most ROWS_CHUNK_ELEMENTS
+  over M times the arrays each chunk loads (x, or the add's parts), a power of two >= 16
+  (not yet tuned on a GPU)."""
+  if x.ndim == 1:
+    return block_k
+  most = max(16, ROWS_CHUNK_ELEMENTS // (x.shape[0] * max(1, add_parts)))
+  return min(block_k, 1 << (most.bit_length() - 1))
+
+
 def _add_parts(x, add) -> int:
   """How many float32 partial sums `add` holds (0: a plain add of x's shape, or none)."""
   return 0 if add is None or add.ndim == x.ndim else add.shape[0]
@@ -365,7 +381,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
     add_E = add_E.astype(jnp.float32 if add_parts else dtype)
   norm_scale_E = None if norm_scale_E is None else norm_scale_E.astype(dtype)
   biases_N = None if biases_N is None else [b.astype(dtype) for b in biases_N]
-  bk = _pow2_divisor(e, block_k)
+  bk = _pow2_divisor(e, _chunk(block_k, x_E, add_parts))
   bn = min(_pow2_divisor(n, block_n) for n in ns)
   tiles = tuple(n // bn for n in ns)
   grid = tiles[0] if silu_pair else sum(tiles)
@@ -499,7 +515,7 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = 
   e, n = _kn(w_EN, out_major)
   splits, rows, bn = _split_k_plan("matvec_partials", e, n, splits, block_n, block_k, num_warps,
                                    num_stages)
-  bk = _pow2_divisor(rows, block_k)
+  bk = _pow2_divisor(rows, _chunk(block_k, x_E, 0))
   kernel = functools.partial(_partials_kernel, bk=bk, nk=rows // bk, bn=bn, dtype=x_E.dtype,
                              out_major=out_major)
   if x_E.ndim == 2:
@@ -684,7 +700,8 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
   whole = lambda shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
   kernel = functools.partial(
       _norm_partials_kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
-      e=e, bk_row=_pow2_divisor(e, block_k), rows=rows, bk=_pow2_divisor(rows, block_k), bn=bn,
+      e=e, bk_row=_pow2_divisor(e, _chunk(block_k, x_E, add_parts)),
+      rows=rows, bk=_pow2_divisor(rows, _chunk(block_k, x_E, add_parts)), bn=bn,
       tiles=tiles, splits=splits, eps=eps, dtype=dtype, out_major=out_major)
   res = list(pl.pallas_call(
       kernel,

@@ -81,6 +81,11 @@ def write(layer_kv: jax.Array, new_kv: jax.Array, start: jax.Array,
   if mask is not None and jnp.shape(mask) not in ((b,), (b, t)):
     raise ValueError(f"cache write: the mask is per row [{b}] or per token [{b}, {t}], got "
                      f"shape {jnp.shape(mask)}")
+  if mask is not None and jnp.result_type(mask) != jnp.bool_:
+    # (jnp.where would take any nonzero entry as True: a mask of weights or indices would
+    # write silently)
+    raise ValueError(f"cache write: the mask must be bool (True: write the slot), got "
+                     f"{jnp.result_type(mask)}; compare it first, e.g. mask > 0")
   start = jnp.asarray(start).astype(jnp.int32)
   if b == 1:
     # vmap would make this a scatter, which XLA's GPU pipeline turns back into an update of the

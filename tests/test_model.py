@@ -295,6 +295,9 @@ def test_cache_write_refuses_rows_that_do_not_match_the_cache():
     kvcache.write(layer, new, jnp.array([3]), jnp.array([False, True]))
   with pytest.raises(ValueError, match=r"per row \[1\] or per token \[1, 2\], got shape \(1, 3\)"):
     kvcache.write(layer, new, jnp.array([3]), jnp.array([[False, True, True]]))
+  # An integer mask would be taken as "nonzero: write": refused, with the way out.
+  with pytest.raises(ValueError, match="mask must be bool .* got int32; compare it first"):
+    kvcache.write(layer, new, jnp.array([3]), jnp.array([[0, 2]], jnp.int32))
 
 
 def test_projection_refuses_an_input_of_the_wrong_trailing_shape():

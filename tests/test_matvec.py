@@ -453,9 +453,9 @@ def check_rows_forward(cfg, stacked, t, batch=1, slots=64, prefill=12, per_token
 @pytest.mark.parametrize("stacked,t,batch,kernel_layout,per_token", [
     (False, 8, 1, "out_in", False),  # a sub-block at batch 1: 8 rows padded to 16
     (False, 32, 1, "in_out", False),  # a block: 32 rows
-    (True, 8, 1, "in_out", False),  # the scan's carry holds the rows' parts
     (False, 3, 4, "out_in", False),  # 4 rows of 3 tokens, one row's cache kept (its write mask)
-    (True, 8, 2, "out_in", True),  # a token mask, rows at different positions, head_index
+    (True, 8, 2, "out_in", True),  # the scan's carry holds the rows' parts; a token mask,
+    # rows at different positions, head_index
 ])
 def test_model_rows_forward_with_kernels_equals_xla(monkeypatch, stacked, t, batch,
                                                     kernel_layout, per_token):

@@ -325,7 +325,7 @@ def _runs_kernels(rows: int) -> bool:
       1 <= KERNEL_ROWS <= MAX_ROWS):
     raise ValueError(f"model.KERNEL_ROWS={KERNEL_ROWS!r}: expected an integer in 1..{MAX_ROWS} "
                      "(the rows the kernels take)")
-  return rows <= KERNEL_ROWS or rows == 1
+  return rows <= KERNEL_ROWS
 
 
 # Whether the one-row step runs `kernels.decode.row_attention` where it applies (a knob for

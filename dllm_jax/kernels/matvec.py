@@ -180,6 +180,18 @@ def _scaled_row(raw, add_parts, dtype):
   return x.astype(dtype)
 
 
+def _rows_sum_of_squares(row_chunk, n, m, store=None):
+  """Rows' sums of squares [m] float32 over chunks c < n of row_chunk(c) [m, size], a chunk at
+  a time: every chunk of rows [M, E] in float32 (and an add's parts each) would not fit in a
+  program's registers, as one row's do. store(c, x): also stores each chunk."""
+  def body(c, ss):
+    x = row_chunk(c)
+    if store is not None:
+      store(c, x)
+    return ss + jnp.sum(x * x, axis=-1)
+  return lax.fori_loop(0, n, body, jnp.zeros((m,), jnp.float32))
+
+
 def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
             tiles, dtype, out_major):
   it = iter(refs)
@@ -211,15 +223,13 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
       return lax.rsqrt(sum(jnp.sum(x * x) for x in map(row, raws)) / e + eps)
     return None
 
-  def rows_rsqrt_and_sum():  # the same for rows, a chunk at a time: all of them would not fit
-    def body(c, ss):  # in registers ([M, E] float32, and an add's parts each)
-      x = row(load(c))
-      if has_add:
-        @pl.when(j == 0)
-        def _():
-          sum_ref[at(c * bk, bk)] = x.astype(sum_ref.dtype)
-      return ss + jnp.sum(x * x, axis=-1)
-    ss = lax.fori_loop(0, nk, body, jnp.zeros((x_ref.shape[0],), jnp.float32))
+  def rows_rsqrt_and_sum():  # the same for rows
+    def store(c, x):
+      @pl.when(j == 0)
+      def _():
+        sum_ref[at(c * bk, bk)] = x.astype(sum_ref.dtype)
+    ss = _rows_sum_of_squares(lambda c: row(load(c)), nk, x_ref.shape[0],
+                              store if has_add else None)
     return lax.rsqrt(ss / e + eps)[:, None] if has_norm else None
 
   normed = lambda raw: _scaled_row(raw, add_parts, dtype)
@@ -622,13 +632,11 @@ def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk,
 
   @pl.when(p == work)  # one program more than the products': the whole row's 1/rms (and row)
   def _():
-    if many:  # a chunk at a time: the rows [M, E] in float32 would not fit in registers
-      def body(c, ss):
-        x = row(load(c * bk_row, bk_row))
-        if has_add:
-          sum_ref[at(c * bk_row, bk_row)] = x.astype(sum_ref.dtype)
-        return ss + jnp.sum(x * x, axis=-1)
-      ss = lax.fori_loop(0, e // bk_row, body, jnp.zeros((x_ref.shape[0],), jnp.float32))
+    if many:
+      def store(c, x):
+        sum_ref[at(c * bk_row, bk_row)] = x.astype(sum_ref.dtype)
+      ss = _rows_sum_of_squares(lambda c: row(load(c * bk_row, bk_row)), e // bk_row,
+                                x_ref.shape[0], store if has_add else None)
       r_ref[...] = lax.rsqrt(ss / e + eps)
       return
     xs = [row(load(c * bk_row, bk_row)) for c in range(e // bk_row)]
@@ -698,10 +706,10 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
   if add_E is not None:
     outs.append(jax.ShapeDtypeStruct(x_E.shape, dtype))
   whole = lambda shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
+  chunk = _chunk(block_k, x_E, add_parts)
   kernel = functools.partial(
       _norm_partials_kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
-      e=e, bk_row=_pow2_divisor(e, _chunk(block_k, x_E, add_parts)),
-      rows=rows, bk=_pow2_divisor(rows, _chunk(block_k, x_E, add_parts)), bn=bn,
+      e=e, bk_row=_pow2_divisor(e, chunk), rows=rows, bk=_pow2_divisor(rows, chunk), bn=bn,
       tiles=tiles, splits=splits, eps=eps, dtype=dtype, out_major=out_major)
   res = list(pl.pallas_call(
       kernel,

@@ -32,8 +32,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (add_row_tma_argument, apply_row_tma, ceilings,  # noqa: E402
-                               error_text, random_params, run_meta, save_json, timeit)
+from benchmarks.common import (add_kernel_rows_argument, add_row_tma_argument,  # noqa: E402
+                               apply_row_tma, ceilings, error_text, random_params, run_meta,
+                               save_json, timeit)
 from dllm_jax import run_config  # noqa: E402
 from dllm_jax.config import KERNEL_LAYOUTS, ModelConfig  # noqa: E402
 
@@ -182,7 +183,9 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
             row["ar_tokens_per_s"] = ar["tokens"] / ar["s"]
             row["ar_vs_floor"] = row["floor_tokens_per_s"] / row["ar_tokens_per_s"]
 
-        dp, dc = in_layout("diffusion")  # the forwards' and the diffusion decoder's
+        # The forwards' and the diffusion decoder's (a copy of the weights only where used).
+        timed = "forwards" in measure or b in diffusion_batches
+        dp, dc = in_layout("diffusion") if timed else (None, None)
 
         # One forward of a 32-token block / an 8-token sub-block against a 512-token cache,
         # in a loop of FORWARDS.
@@ -353,11 +356,7 @@ def main():
                   help="jax part: model.ROW_ATTENTION off (the one-row step's RoPE, cache "
                        "write and split combine as XLA kernels around decode_attention)")
   add_row_tma_argument(ap, "jax part: ")
-  ap.add_argument("--kernel-rows", default="",
-                  help="jax part: model.KERNEL_ROWS values, one variant each, e.g. 1,32 "
-                       "(default: the model's): forwards against the cache of at most N rows "
-                       "(batch x tokens) run the one-row step's launches (kernels/matvec.py) "
-                       "where matvec_impl resolves to them; 1: the one-row step alone")
+  add_kernel_rows_argument(ap, "jax part: ", many=True)
   ap.add_argument("--measure", default="ar,forwards",
                   help="jax part: what each row times, of ar (the AR decoder) and forwards "
                        "(one block and one sub-block forward in a loop); the diffusion decoder "
@@ -368,14 +367,7 @@ def main():
   if set(measure) - {"ar", "forwards"}:
     ap.error(f"--measure: unknown {sorted(set(measure) - {'ar', 'forwards'})}; known: ar, "
              "forwards")
-  try:
-    kernel_rows = [int(k) for k in args.kernel_rows.split(",") if k] or [None]
-  except ValueError:
-    ap.error(f"--kernel-rows {args.kernel_rows!r}: integers joined by commas expected, e.g. 1,32")
-  from dllm_jax.kernels.matvec import MAX_ROWS
-
-  if any(k is not None and not 1 <= k <= MAX_ROWS for k in kernel_rows):
-    ap.error(f"--kernel-rows {args.kernel_rows}: each expected in 1..{MAX_ROWS}")
+  kernel_rows = args.kernel_rows or [None]
   if args.no_row_attention:
     from dllm_jax import model
     model.ROW_ATTENTION = False

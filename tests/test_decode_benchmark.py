@@ -51,3 +51,13 @@ def test_kernel_rows_variants(bench, tmp_path):
   assert model.KERNEL_ROWS == 1  # (restored)
   text = bench.report(str(tmp_path))
   assert "| tiny | xla | per_layer | pallas | 32 | 1 |" in text
+
+
+def test_kernel_rows_flag_is_checked(load_benchmark):
+  import argparse
+
+  common = load_benchmark("common")
+  assert common.parse_kernel_rows("1,32") == [1, 32]
+  for bad in ("a", "1,64", "0", ""):
+    with pytest.raises(argparse.ArgumentTypeError, match="integers in 1..32"):
+      common.parse_kernel_rows(bad)

@@ -373,6 +373,24 @@ def _perturbed(cfg, key):
   return jax.tree_util.tree_map_with_path(perturb, params)
 
 
+def _assert_kernels_match(got, got_cache, want, want_cache):
+  """The kernels' logits and cache against the XLA path's. bf16 forwards that differ in the
+  order of float32 sums and where 1/rms applies: about one rounding apart (a dropped norm scale
+  moved these logits by 2e-2, a dropped bias by more)."""
+  np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
+  assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.9999
+  for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=5e-3, atol=5e-3)
+
+
+def _assert_four_launches(jaxpr, layers):
+  """Four kernel launches a layer."""
+  assert jaxpr.count("name=norm_partials") == layers  # q/k/v
+  assert jaxpr.count("name=norm_matvec") == layers  # gate/up
+  assert jaxpr.count("name=matvec_partials") == 2 * layers  # o, down
+
+
 def check_one_row_step(cfg, stacked, spec, slots=32, prefill=12):
   """One decode step of the token after a `prefill`-token prefill into a cache of `slots`, by
   the XLA path (cfg) and the one-row kernels (cfg with matvec_impl="pallas"): their logits and
@@ -389,13 +407,7 @@ def check_one_row_step(cfg, stacked, spec, slots=32, prefill=12):
   step = (tokens[:, prefill:], pos(prefill, 1), spec, cache)
   want, want_cache = fwd(params, cfg, *step)
   got, got_cache = fwd(params, pallas, *step)
-  # bf16 steps that differ in the order of float32 sums and where 1/rms applies: about one
-  # rounding apart (a dropped norm scale moved these logits by 2e-2, a dropped bias by more).
-  np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
-  assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.9999
-  for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
-                               rtol=5e-3, atol=5e-3)
+  _assert_kernels_match(got, got_cache, want, want_cache)
   jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(params, pallas, *step))
   return jaxpr, 1 if stacked else cfg.num_layers
 
@@ -405,11 +417,7 @@ def check_one_row_step(cfg, stacked, spec, slots=32, prefill=12):
     (False, True, "out_in"), (True, False, "out_in")])  # out_in: each launch reads [N, K]
 def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias, kernel_layout):
   cfg = dataclasses.replace(CFG, qkv_bias=qkv_bias, kernel_layout=kernel_layout)
-  jaxpr, layers = check_one_row_step(cfg, stacked, masks.MaskSpec("causal"))
-  # Four kernel launches a layer.
-  assert jaxpr.count("name=norm_partials") == layers  # q/k/v
-  assert jaxpr.count("name=norm_matvec") == layers  # gate/up
-  assert jaxpr.count("name=matvec_partials") == 2 * layers  # o, down
+  _assert_four_launches(*check_one_row_step(cfg, stacked, masks.MaskSpec("causal")))
 
 
 def check_rows_forward(cfg, stacked, t, batch=1, slots=64, prefill=12, per_token=False):
@@ -440,11 +448,7 @@ def check_rows_forward(cfg, stacked, t, batch=1, slots=64, prefill=12, per_token
     extra = {"head_index": (jnp.arange(batch * 3).reshape(batch, 3) * 5) % t}
   want, want_cache = model.forward(params, cfg, *step, cache_write_mask=write, **extra)
   got, got_cache = model.forward(params, pallas, *step, cache_write_mask=write, **extra)
-  np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
-  assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.9999
-  for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
-                               rtol=5e-3, atol=5e-3)
+  _assert_kernels_match(got, got_cache, want, want_cache)
   return str(jax.make_jaxpr(
       lambda p, *a: model.forward(p, pallas, *a, cache_write_mask=write, **extra),
       static_argnums=(3,))(params, step[0], step[1], spec, cache))
@@ -461,11 +465,8 @@ def test_model_rows_forward_with_kernels_equals_xla(monkeypatch, stacked, t, bat
                                                     kernel_layout, per_token):
   monkeypatch.setattr(model, "KERNEL_ROWS", 32)
   cfg = dataclasses.replace(CFG, kernel_layout=kernel_layout)
-  jaxpr = check_rows_forward(cfg, stacked, t, batch, per_token=per_token)
-  layers = 1 if stacked else cfg.num_layers
-  assert jaxpr.count("name=norm_partials") == layers  # q/k/v
-  assert jaxpr.count("name=norm_matvec") == layers  # gate/up
-  assert jaxpr.count("name=matvec_partials") == 2 * layers  # o, down
+  _assert_four_launches(check_rows_forward(cfg, stacked, t, batch, per_token=per_token),
+                        1 if stacked else cfg.num_layers)
 
 
 def test_kernel_rows_bounds_the_forwards_that_run_the_kernels(monkeypatch):

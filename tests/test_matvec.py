@@ -624,7 +624,17 @@ def test_benchmark_knob_specs(load_benchmark):
   w = bench._weights(CFG, jax.random.key(0))
   row = lambda op: jax.random.normal(jax.random.key(1), (bench._row_len(CFG, op),), jnp.bfloat16)
   for op in ("qkv", "gate_up", "o", "down"):
-    assert bench.check(op, {}, CFG, row(op), w)["check_ok"]
+    assert bench.check(op, {}, CFG, row(op), w, w)["check_ok"]
+  # --rows, on out-major weights (XLA's side on the [K, N] ones); each chain runs on the rows.
+  w_out = {k: v if k in ("scale", "bias") else [[a.T for a in ws] for ws in v]
+           for k, v in w.items()}
+  rows = lambda op: jax.random.normal(jax.random.key(1), (16, bench._row_len(CFG, op)),
+                                      jnp.bfloat16)
+  for op in ("qkv", "gate_up", "o", "down"):
+    assert bench.check(op, {"out_major": 1}, CFG, rows(op), w_out, w)["check_ok"], op
+    x = [rows(op)] if op in ("o", "down") else rows(op)
+    out = bench._chain(op, "pallas", {"out_major": 1}, CFG)(x, x, w_out)
+    assert all(jnp.isfinite(a.astype(jnp.float32)).all() for a in jax.tree.leaves(out))
   def broken(*a, **k):
     outs, row = matvec.norm_matvec(*a, **k)
     return tuple(1.1 * y for y in outs), row
@@ -633,7 +643,7 @@ def test_benchmark_knob_specs(load_benchmark):
       norm_matvec=broken, norm_matvec_reference=matvec.norm_matvec_reference,
       matvec_partials=lambda *a, **k: 1.1 * matvec.matvec_partials(*a, **k))
   for op in ("qkv", "down"):
-    result = bench.check(op, {}, CFG, row(op), w)
+    result = bench.check(op, {}, CFG, row(op), w, w)
     assert not result["check_ok"] and result["check_max_rel_err"] > 0.05
 
 

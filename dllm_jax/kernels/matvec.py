@@ -104,7 +104,7 @@ _ROWS = 16  # rows of the tensor-core product: its smallest M (the one row, repe
 MAX_ROWS = 32  # rows [M, E] the kernels take at most: M a power of two, _ROWS .. MAX_ROWS
 
 
-def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0, out_major=False):
+def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0, out_major=False, fold=None):
   """float32 [bn] per weight ([M, bn] for rows [M, E]): the sum over chunks c < nk of
   prep(load(c)) ([bk], or [M, bk]) times rows row0 + c*bk .. of w[:, col:col+bn] (of
   w[col:col+bn, :]'s columns for an out-major w [N, K]).
@@ -117,15 +117,23 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0, out_major=Fals
   loaded (`load`) before this chunk's products and prepared (`prep`) after them, so its latency
   hides behind them instead of standing in front of every chunk (loading each chunk in the
   iteration that multiplies it made the 1.5B step's gate/up launch 2.2x slower, session 19).
+
+  fold = (init, step): prep returns (operand, extra) and step(c, acc, extra) folds chunk c's
+  extra into acc, once a chunk, in the same pass (rows' norms: a second pass over the rows
+  would read them all again); returns (products, acc).
   """
   precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  first = prep(load(0))
-  many = first.ndim == 2
-  m = first.shape[0] if many else _ROWS
+  init, step = fold if fold is not None else (None, None)
+  split = (lambda v: v) if fold is not None else (lambda v: (v, None))
+  first = split(prep(load(0)))
+  many = first[0].ndim == 2
+  m = first[0].shape[0] if many else _ROWS
 
   def body(c, carry):
-    accs, xn = carry
+    accs, (xn, extra), folded = carry
     nxt = load(jnp.minimum(c + 1, nk - 1))
+    if step is not None:
+      folded = step(c, folded, extra)
     a = xn if many else jnp.broadcast_to(xn[None, :], (_ROWS, bk))
     rows, cols = pl.ds(row0 + c * bk, bk), pl.ds(col, bn)
     accs = tuple(
@@ -134,14 +142,16 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0, out_major=Fals
                               (((1,), (int(out_major),)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32)
         for acc, w_ref in zip(accs, w_refs))
-    return accs, prep(nxt)
+    return accs, split(prep(nxt)), folded
 
   zeros = tuple(jnp.zeros((m, bn), jnp.float32) for _ in w_refs)
-  accs, _ = lax.fori_loop(0, nk, body, (zeros, first))
+  accs, _, folded = lax.fori_loop(0, nk, body, (zeros, first, init))
   if many:
-    return list(accs)
-  first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
-  return [jnp.sum(jnp.where(first_row, acc, 0.0), axis=0) for acc in accs]
+    ys = list(accs)
+  else:
+    first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
+    ys = [jnp.sum(jnp.where(first_row, a, 0.0), axis=0) for a in accs]
+  return ys if fold is None else (ys, folded)
 
 
 def _row_inputs(x_ref, add_ref, scale_ref, add_parts, start, size):
@@ -174,9 +184,13 @@ def _scaled_row(raw, add_parts, dtype):
   row alone without a scale). 1/rms is one scalar, so it multiplies the products' float32 sums
   instead, and the weights' loads wait for no reduction over the row (the q/k/v launch 6.61 ->
   6.22 us at the 1.5B, BENCHMARKS.md session 19)."""
-  x = _residual_row(raw, add_parts, dtype)
-  if raw[2] is not None:
-    x = _round(raw[2].astype(jnp.float32) * x, dtype)
+  return _scaled(_residual_row(raw, add_parts, dtype), raw[2], dtype)
+
+
+def _scaled(x, scale, dtype):
+  """scale * x rounded to dtype (x alone without a scale), x the float32 residual row."""
+  if scale is not None:
+    x = _round(scale.astype(jnp.float32) * x, dtype)
   return x.astype(dtype)
 
 
@@ -211,8 +225,6 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
   row = lambda raw: _residual_row(raw, add_parts, dtype)
 
   def rsqrt_and_sum():  # the norm's 1/rms (None without a norm); program 0 stores the row
-    if many:
-      return rows_rsqrt_and_sum()
     raws = [load(c) for c in range(nk)]  # read again: by now from the cache
     if has_add:
       @pl.when(j == 0)
@@ -223,20 +235,34 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
       return lax.rsqrt(sum(jnp.sum(x * x) for x in map(row, raws)) / e + eps)
     return None
 
-  def rows_rsqrt_and_sum():  # the same for rows
-    def store(c, x):
-      @pl.when(j == 0)
-      def _():
-        sum_ref[at(c * bk, bk)] = x.astype(sum_ref.dtype)
-    ss = _rows_sum_of_squares(lambda c: row(load(c)), nk, x_ref.shape[0],
-                              store if has_add else None)
-    return lax.rsqrt(ss / e + eps)[:, None] if has_norm else None
-
   normed = lambda raw: _scaled_row(raw, add_parts, dtype)
 
   def matvec(refs, col):  # the products of scale * row, times 1/rms
+    if many:
+      return rows_matvec(refs, col)
     ys = _products(load, normed, refs, col, nk, bk, bn, dtype, out_major=out_major)
     r = rsqrt_and_sum()
+    return [_round(y if r is None else y * r, dtype) for y in ys]
+
+  def rows_matvec(refs, col):
+    # Rows' norms in the products' pass: every program reads all the rows (and every part of
+    # their add), M times one row's bytes, so a second pass over them (the one row's, whose
+    # chunks stay in registers) would double the launch's reads (session 45: 26.6 us a layer
+    # for the 135M's gate/up with two passes over nine parts).
+    def prep(raw):
+      x = row(raw)  # [M, bk] float32, the residual stream
+      return _scaled(x, raw[2], dtype), x
+
+    def step(c, ss, x):
+      if has_add:
+        @pl.when(j == 0)
+        def _():
+          sum_ref[at(c * bk, bk)] = x.astype(sum_ref.dtype)
+      return ss + jnp.sum(x * x, axis=-1)
+
+    ys, ss = _products(load, prep, refs, col, nk, bk, bn, dtype, out_major=out_major,
+                       fold=(jnp.zeros((x_ref.shape[0],), jnp.float32), step))
+    r = lax.rsqrt(ss / e + eps)[:, None] if has_norm else None
     return [_round(y if r is None else y * r, dtype) for y in ys]
 
   if silu_pair:
@@ -513,9 +539,12 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = 
   o and down projections: 48 tiles of 32 columns at Qwen2.5-1.5B's 1536, against 132 SMs)
   splits the row; the next kernel sums the parts where it reads them (`norm_matvec`'s `add_E`),
   so no kernel runs just to reduce them. Their sum rounded to x's dtype is the product, as XLA's
-  GEMM rounds it; the order of the float32 sums differs. `splits` (default `pick_splits`; it
-  must divide E into runs with a power-of-two divisor >= 16), `block_n`, `block_k`, `num_warps`
-  and `num_stages` are tuning knobs, as in `norm_matvec`.
+  GEMM rounds it; the order of the float32 sums differs. `splits` (default `pick_splits`, 1 for
+  rows; it must divide E into runs with a power-of-two divisor >= 16), `block_n`, `block_k`,
+  `num_warps` and `num_stages` are tuning knobs, as in `norm_matvec`. Rows default to one split
+  because every program of the launch that adds the parts reads all of them, for every row:
+  S x M x N float32 a program, where one row's S x N is a few kilobytes (session 45: nine parts
+  of 16 rows made the 135M's gate/up launch 26.6 us a layer).
   """
   if x_E.ndim not in (1, 2) or w_EN.ndim != 2 or _kn(w_EN, out_major)[0] != x_E.shape[-1]:
     want = "[N, E] (out_major)" if out_major else "[E, N]"
@@ -523,6 +552,8 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = 
                      f"expected; got x {x_E.shape} and w {w_EN.shape}")
   check_rows("matvec_partials", x_E)
   e, n = _kn(w_EN, out_major)
+  if splits is None and x_E.ndim == 2:
+    splits = 1
   splits, rows, bn = _split_k_plan("matvec_partials", e, n, splits, block_n, block_k, num_warps,
                                    num_stages)
   bk = _pow2_divisor(rows, _chunk(block_k, x_E, 0))

@@ -188,45 +188,6 @@ def add_row_tma_argument(ap, scope: str = "") -> None:
                        "(triton); or per launch, e.g. gate_up=wgmma,down=triton")
 
 
-def parse_kernel_rows(text: str) -> list:
-  """`--kernel-rows`' value: `model.KERNEL_ROWS` values joined by commas, each in
-  1..`matvec.MAX_ROWS`."""
-  import argparse
-
-  from dllm_jax.kernels.matvec import MAX_ROWS
-
-  try:
-    values = [int(k) for k in text.split(",") if k]
-  except ValueError:
-    values = []
-  if not values or any(not 1 <= k <= MAX_ROWS for k in values):
-    raise argparse.ArgumentTypeError(
-        f"{text!r}: integers in 1..{MAX_ROWS} joined by commas expected, e.g. 1,32")
-  return values
-
-
-def add_kernel_rows_argument(ap, scope: str = "", many: bool = False) -> None:
-  """`--kernel-rows N` on a decode benchmark's parser (`many`: N,N,..., one variant each):
-  `model.KERNEL_ROWS` (`apply_kernel_rows`); default None, the model's."""
-  ap.add_argument("--kernel-rows", type=parse_kernel_rows, default=None,
-                  help=f"{scope}model.KERNEL_ROWS"
-                       + (" values, one variant each, e.g. 1,32" if many else "")
-                       + " (default: the model's): forwards against the cache of at most N rows "
-                       "(batch x tokens) run the one-row step's launches (kernels/matvec.py) "
-                       "where matvec_impl resolves to them; 1: the one-row step alone")
-
-
-def apply_kernel_rows(values) -> None:
-  """model.KERNEL_ROWS = the one value of `--kernel-rows` (without `many`); None leaves the
-  model's default."""
-  from dllm_jax import model
-
-  if values is not None:
-    if len(values) != 1:
-      raise SystemExit(f"--kernel-rows {values}: one value expected")
-    model.KERNEL_ROWS = values[0]
-
-
 def apply_row_tma(setting) -> None:
   """model.ROW_TMA = `setting` (`--row-tma`'s value); None leaves the model's default."""
   from dllm_jax import model

@@ -32,9 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (add_kernel_rows_argument, add_row_tma_argument,  # noqa: E402
-                               apply_row_tma, ceilings, error_text, random_params, run_meta,
-                               save_json, timeit)
+from benchmarks.common import (add_row_tma_argument, apply_row_tma, ceilings,  # noqa: E402
+                               error_text, random_params, run_meta, save_json, timeit)
 from dllm_jax import run_config  # noqa: E402
 from dllm_jax.config import KERNEL_LAYOUTS, ModelConfig  # noqa: E402
 
@@ -103,13 +102,10 @@ def _safe(fn):
 
 
 def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
-             matvecs=("xla",), kernel_layout="auto", kernel_rows=(None,),
-             measure=("ar", "forwards")):
+             matvecs=("xla",), kernel_layout="auto", measure=("ar", "forwards")):
   """kernel_layout "auto": the AR, and the forwards with the diffusion decoder, each run in
   `model.decode_kernel_layout`'s for their mode (out_in where the one-row kernels run), as
-  `decode.py` decodes. kernel_rows: the `model.KERNEL_ROWS` of each variant (None: the
-  model's), so that the one-row kernels on a forward's rows are timed against XLA in one run.
-  measure: which of the AR decoder and the block / sub-block forwards each row times (the
+  `decode.py` decodes. measure: which of the AR decoder and the block / sub-block forwards each row times (the
   diffusion decoder runs at `diffusion_batches`); each compiles programs of its own, which a
   short device call may not have time for."""
   import jax
@@ -131,17 +127,14 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
     by_layout = {"stacked": stacked}
     if "per_layer" in layouts:
       by_layout["per_layer"] = jax.jit(model.unstack_layers)(stacked)
-    default_rows = model.KERNEL_ROWS
-    for impl, layout, mv, kr in [(i, l, m, k) for i in impls for l in layouts for m in matvecs
-                                 for k in kernel_rows]:
-      model.KERNEL_ROWS = default_rows if kr is None else kr
+    for impl, layout, mv in [(i, l, m) for i in impls for l in layouts for m in matvecs]:
       cfg = dataclasses.replace(base, attention_impl=impl, matvec_impl=mv)
       params = by_layout[layout]
       pbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
       floor_step = pbytes / bw
       for b in batches:
         row = {"shape": name, "impl": impl, "layout": layout, "matvec": mv, "batch": b,
-               "kernel_rows": model.KERNEL_ROWS, "kernel_layout": base.kernel_layout,
+               "kernel_layout": base.kernel_layout,
                "param_bytes": pbytes,
                "floor_tokens_per_s": b / floor_step}
         prompt = jax.random.randint(jax.random.key(1), (b, PROMPT), 0, 32000)
@@ -210,7 +203,6 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
         dp = dc = None  # (a transposed copy: not held into the next batch)
       # Drop this variant's weights: the closures' defaults and cells hold them too.
       params = run_generate = run_ar = step_time = in_layout = None
-    model.KERNEL_ROWS = default_rows
     del stacked, by_layout
   return res
 
@@ -301,10 +293,10 @@ def report(out_dir):
            f"{ours['ceil']['copy_GBps']:.0f} GB/s, bf16 matmul {ours['ceil']['matmul_tflops']:.0f} "
            f"TFLOP/s; XLA_FLAGS={m.get('xla_flags', '')!r}; peer: {peer.get('meta', {})}",
            "",
-           "| shape | attn | layers | matvec | kernel rows | batch | AR tok/s | floor tok/s | "
-           "floor/AR | peer eager tok/s | peer static tok/s | ours/peer static | block32 fwd ms "
-           "| sub8 fwd ms | peer block32 fwd ms | diff. s/round dual | diff. s/round no-dual |",
-           "|" + "---|" * 17]
+           "| shape | attn | layers | matvec | batch | AR tok/s | floor tok/s | floor/AR | "
+           "peer eager tok/s | peer static tok/s | ours/peer static | block32 fwd ms | sub8 fwd "
+           "ms | peer block32 fwd ms | diff. s/round dual | diff. s/round no-dual |",
+           "|" + "---|" * 16]
 
   def f(x, scale=1.0, d=1):
     return f"{x * scale:.{d}f}" if isinstance(x, (int, float)) else "n/a"
@@ -317,7 +309,7 @@ def report(out_dir):
     ratio = ours_tps / static["tokens_per_s"] if ours_tps and static else None
     lines.append(
         f"| {r['shape']} | {r['impl']} | {r.get('layout', 'stacked')} | "
-        f"{r.get('matvec', 'xla')} | {r.get('kernel_rows', 1)} | {r['batch']} | "
+        f"{r.get('matvec', 'xla')} | {r['batch']} | "
         f"{f(ours_tps)} | "
         f"{f(r['floor_tokens_per_s'])} | {f(r.get('ar_vs_floor'), d=2)} | "
         f"{f(eager.get('tokens_per_s'))} | {f(static.get('tokens_per_s'))} | {f(ratio, d=2)} | "
@@ -356,7 +348,6 @@ def main():
                   help="jax part: model.ROW_ATTENTION off (the one-row step's RoPE, cache "
                        "write and split combine as XLA kernels around decode_attention)")
   add_row_tma_argument(ap, "jax part: ")
-  add_kernel_rows_argument(ap, "jax part: ", many=True)
   ap.add_argument("--measure", default="ar,forwards",
                   help="jax part: what each row times, of ar (the AR decoder) and forwards "
                        "(one block and one sub-block forward in a loop); the diffusion decoder "
@@ -367,7 +358,6 @@ def main():
   if set(measure) - {"ar", "forwards"}:
     ap.error(f"--measure: unknown {sorted(set(measure) - {'ar', 'forwards'})}; known: ar, "
              "forwards")
-  kernel_rows = args.kernel_rows or [None]
   if args.no_row_attention:
     from dllm_jax import model
     model.ROW_ATTENTION = False
@@ -391,8 +381,7 @@ def main():
   if args.part == "jax":
     jax_part(shapes, batches, args.impls.split(","),
              [int(b) for b in args.diffusion_batches.split(",") if b],
-             args.layouts.split(","), args.matvecs.split(","), args.kernel_layout, kernel_rows,
-             measure)
+             args.layouts.split(","), args.matvecs.split(","), args.kernel_layout, measure)
   elif args.part == "peer":
     peer_part(shapes, batches, args.peer_modes.split(","))
   else:

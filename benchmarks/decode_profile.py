@@ -29,8 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import (add_kernel_rows_argument, add_row_tma_argument,  # noqa: E402
-                               apply_kernel_rows, apply_row_tma, ceilings,
+from benchmarks.common import (add_row_tma_argument, apply_row_tma, ceilings,  # noqa: E402
                                random_params, run_meta, save_json, traced_gpu_events)
 from benchmarks.decode import PROMPT, SHAPES, forward_loop  # noqa: E402
 from dllm_jax import decoding, model  # noqa: E402
@@ -89,12 +88,10 @@ def main():
   ap.add_argument("--row-attention-knobs", default="",
                   help="knobs of kernels/decode.row_attention, e.g. 'splits=2,block_k=32'")
   add_row_tma_argument(ap)
-  add_kernel_rows_argument(ap)
   args = ap.parse_args()
   if args.no_row_attention:
     model.ROW_ATTENTION = False
   apply_row_tma(args.row_tma)
-  apply_kernel_rows(args.kernel_rows)
   if args.row_attention_knobs:
     from dllm_jax.kernels import decode as decode_kernels
 
@@ -154,7 +151,7 @@ def main():
   if args.kernel_layout == "auto":
     args.kernel_layout = model.decode_kernel_layout(
         cfg, mode="diffusion" if args.forward else "ar", batch=args.batch,
-        stacked=args.layout == "stacked", block_size=max(args.forward, 1))
+        stacked=args.layout == "stacked")
   cfg = dataclasses.replace(cfg, kernel_layout=args.kernel_layout)
   params = jax.jit(lambda r: model.with_layout(random_params(cfg, r), args.layout))(
       jax.random.key(0))

@@ -117,8 +117,7 @@ def _evaluate(study, work, key, checkpoint, decode_kwargs, batch, limit, referen
   loaded = ckpt.load_model(checkpoint)
   kernel_layout = model.decode_kernel_layout(convert.cast_config(loaded.config, "bfloat16"),
                                              mode=decode_kwargs["mode"], batch=batch,
-                                             stacked=layout == "stacked",
-                                             block_size=decode_kwargs.get("block_size", 32))
+                                             stacked=layout == "stacked")
   pre = convert.cast(loaded, "bfloat16", layout, kernel_layout=kernel_layout)
   problems = ev.load_gsm8k(os.path.join(study["data_dir"], "test.jsonl"), limit)
   records, summary = ev.evaluate(pre, problems, decoding.DecodeConfig(**decode_kwargs), batch,

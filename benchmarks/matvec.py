@@ -3,7 +3,7 @@
     python benchmarks/matvec.py [--shapes qwen2.5-1.5b,qwen2.5-7b,smollm2-135m]
         [--ops qkv,gate_up,o,down]
         [--knobs 'block_n=64,block_k=128,num_warps=4,num_stages=1;...']
-        [--partial-knobs 'splits=4,block_n=64;...'] [--rows M]
+        [--partial-knobs 'splits=4,block_n=64;...']
 
 For each shape, the four launches of a one-row decode layer: `qkv` (RMSNorm, q/k/v, bias),
 `gate_up` (residual add, RMSNorm, gate/up, SiLU product) by `norm_matvec` at each `--knobs`
@@ -21,10 +21,6 @@ the same GEMM at these sizes) and as the kernel with each knob setting. Measured
 layer (`common.timeit` over the chain), and from a profile the GPU us per layer of every kernel,
 beside the weight-read floor per layer at the copy bandwidth of the same run. The gate/up chain slices the SiLU product to the row length for the
 next layer's residual, in both variants; its copy shows in the kernel list.
-`--rows M` (16 or 32): the launches on rows [M, E] instead of one row, as a batch-1 diffusion
-forward runs them (`model.KERNEL_ROWS`): gate/up adds the previous product as one float32 part
-[1, M, E], as the model's rows do; XLA's side is its GEMM of M rows. The knob `out_major=1`
-runs the kernel on weights [N, K] (the decoders' "out_in" layout), a copy made before timing.
 JSON to $OUT/matvec.json.
 """
 
@@ -73,8 +69,7 @@ def _row_len(cfg, op):
 
 
 def _chain(op, impl, knobs, cfg):
-  """A jitted function (x, add, weights) running `op` over LAYERS layers by `impl` (x one row
-  [E] or rows [M, E]; weights [N, K] with the knob out_major)."""
+  """A jitted function (x, add, weights) running `op` over LAYERS layers by `impl`."""
   eps = cfg.rms_norm_eps
   fn = _op(impl, knobs, op)
 
@@ -89,17 +84,10 @@ def _chain(op, impl, knobs, cfg):
       else:
         (h,), x = fn(x, [a[i] for a in w["gate_up"]], add_E=add, norm_scale_E=w["scale"][i],
                      eps=eps, silu_pair=True)
-        add = _next_add(h, x)
+        add = h[:x.shape[0]]
     return x, add
 
   return jax.jit(run)
-
-
-def _next_add(h, x):
-  """The next layer's add from the SiLU product h: its first E columns; for rows one float32
-  part [1, M, E], what the model's o launch leaves for rows."""
-  add = h[..., :x.shape[-1]]
-  return add[None].astype(jnp.float32) if x.ndim == 2 else add
 
 
 def _op(impl, knobs, op="qkv"):
@@ -114,35 +102,34 @@ def _op(impl, knobs, op="qkv"):
   return functools.partial(matvec.norm_matvec, interpret=interpret, **knobs)
 
 
-def check(op, knobs, cfg, x, w, w_xla):
+def check(op, knobs, cfg, x, w):
   """Layer 0's outputs by the kernel against XLA's: the largest difference over the largest
   value, per output (bf16 outputs whose float32 sums differ only in order: ~1e-2 at most)."""
   if op in ("o", "down"):
     got = jax.jit(_op("pallas", knobs, op))(x, w[op][0][0]).sum(0).astype(x.dtype)
-    want = jax.jit(_op("xla", {}, op))(x, w_xla[op][0][0])
+    want = jax.jit(_op("xla", {}, op))(x, w[op][0][0])
     pairs = [(got, want)]
   else:
-    pairs = _pairs(op, knobs, cfg, x, w, w_xla)
+    pairs = _pairs(op, knobs, cfg, x, w)
   rel = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32)))
                / max(float(jnp.max(jnp.abs(r.astype(jnp.float32)))), 1e-30)) for g, r in pairs]
   return {"check_max_rel_err": max(rel), "check_ok": max(rel) <= 2e-2}
 
 
-def _pairs(op, knobs, cfg, x, w, w_xla):
+def _pairs(op, knobs, cfg, x, w):
   kw = dict(eps=cfg.rms_norm_eps, norm_scale_E=w["scale"][0])
   if op == "qkv":
     kw["biases_N"] = [b[0] for b in w["bias"]]
   else:
-    kw.update(add_E=_next_add(x[::-1], x), silu_pair=True)
-  (got, got_row), (want, want_row) = (
-      jax.jit(lambda x, ws: _op(i, k)(x, ws, **kw))(x, [a[0] for a in ws_of[op]])
-      for i, k, ws_of in (("pallas", knobs, w), ("xla", {}, w_xla)))
+    kw.update(add_E=x[::-1], silu_pair=True)
+  ws = [a[0] for a in w[op]]
+  (got, got_row), (want, want_row) = (jax.jit(lambda x, ws: _op(i, k)(x, ws, **kw))(x, ws)
+                                      for i, k in (("pallas", knobs), ("xla", {})))
   return list(zip(got, want)) + ([(got_row, want_row)] if want_row is not None else [])
 
 
-KNOBS = ("block_n", "block_k", "num_warps", "num_stages", "out_major")  # norm_matvec
-PARTIAL_KNOBS = ("block_n", "block_k", "num_warps", "num_stages", "splits",
-                 "out_major")  # matvec_partials
+KNOBS = ("block_n", "block_k", "num_warps", "num_stages")  # norm_matvec
+PARTIAL_KNOBS = ("block_n", "block_k", "num_warps", "num_stages", "splits")  # matvec_partials
 
 
 def parse_knobs(text, flag="--knobs", allowed=KNOBS):
@@ -177,11 +164,7 @@ def main():
   ap.add_argument("--ops", default="qkv,gate_up,o,down")
   ap.add_argument("--partial-knobs", default="default",
                   help="';'-separated knob settings of matvec_partials (o and down), with splits")
-  ap.add_argument("--rows", type=int, default=None,
-                  help="rows [M, E] a launch (16 or 32: matvec.check_rows) instead of one row")
   args = ap.parse_args()
-  if args.rows is not None and args.rows not in (16, 32):
-    ap.error(f"--rows {args.rows}: the kernels take 16 or 32 rows (matvec.check_rows)")
   ops = args.ops.split(",")
   if set(ops) - {"qkv", "gate_up", "o", "down"}:
     ap.error(f"--ops: {args.ops!r}; expected a subset of qkv,gate_up,o,down")
@@ -193,31 +176,22 @@ def main():
   print("ceilings", res["ceil"], flush=True)
   for name in args.shapes.split(","):
     cfg = SHAPES[name]
-    w_in = _weights(cfg, jax.random.key(0))
-    w_out = None  # the out-major copy, made where a knob setting asks for it
+    w = _weights(cfg, jax.random.key(0))
     for op in ops:
-      m = () if args.rows is None else (args.rows,)
-      rows = [jax.random.normal(jax.random.key(1 + i), m + (_row_len(cfg, op),), jnp.bfloat16)
+      rows = [jax.random.normal(jax.random.key(1 + i), (_row_len(cfg, op),), jnp.bfloat16)
               for i in range(LAYERS if op in ("o", "down") else 1)]
       x = rows if op in ("o", "down") else rows[0]
-      wbytes = sum(a[0].nbytes for a in w_in[op])
+      wbytes = sum(a[0].nbytes for a in w[op])
       knobs_of_op = knob_sets["partial" if op in ("o", "down") else "norm"]
       for impl, knobs in [("xla", {})] + [("pallas", k) for k in knobs_of_op]:
-        row = {"shape": name, "op": op, "impl": impl, "knobs": knobs, "rows": args.rows or 1,
+        row = {"shape": name, "op": op, "impl": impl, "knobs": knobs,
                "floor_us": wbytes / bw * 1e6}
-        w = w_in
-        if knobs.get("out_major"):
-          if w_out is None:
-            w_out = {k: v if k in ("scale", "bias") else [[a.T for a in ws] for ws in v]
-                     for k, v in w_in.items()}
-          w = w_out
         try:
           if impl == "pallas":  # the kernel's numbers on this device, before its speed
-            row.update(check(op, knobs, cfg, rows[0], w, w_in))
+            row.update(check(op, knobs, cfg, rows[0], w))
           fn = _chain(op, impl, knobs, cfg)
-          add = x if op in ("o", "down") else _next_add(x, x)  # (o and down take none)
-          row["wall_us"] = timeit(fn, [(x, add, w)], reps=5, inner=20) / LAYERS * 1e6
-          events, _ = traced_gpu_events(lambda: jax.block_until_ready(fn(x, add, w)))
+          row["wall_us"] = timeit(fn, [(x, x, w)], reps=5, inner=20) / LAYERS * 1e6
+          events, _ = traced_gpu_events(lambda: jax.block_until_ready(fn(x, x, w)))
           per = collections.defaultdict(float)
           for n, s, e in events:
             per[n[:80]] += (e - s) / 1e3 / LAYERS

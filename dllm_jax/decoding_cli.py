@@ -201,7 +201,7 @@ def load(args, command: str, *, batch: int | None = None):
   (default --batch-size), which `--kernel-layout auto` decides on."""
   import jax
 
-  from dllm_jax import checkpoint, convert, decoding, model
+  from dllm_jax import checkpoint, convert, model
 
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   try:
@@ -248,8 +248,7 @@ def load(args, command: str, *, batch: int | None = None):
     try:
       kernel_layout = model.decode_kernel_layout(
           runs, mode=args.mode, batch=args.batch_size if batch is None else batch,
-          stacked=args.layout == "stacked",
-          block_size=args.block_size or decoding.DecodeConfig().block_size)
+          stacked=args.layout == "stacked")
     except ValueError as e:  # (--matvec pallas where the kernels do not run: named)
       raise UsageError(f"--matvec {args.matvec}: {e}") from None
   try:

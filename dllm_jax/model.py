@@ -295,37 +295,14 @@ def _row_kernels(cfg: ModelConfig, stacked: bool) -> bool:
   return True
 
 
-def decode_kernel_layout(cfg: ModelConfig, *, mode: str, batch: int, stacked: bool,
-                         block_size: int = 32) -> str:
-  """The kernel layout to decode in (`ModelConfig.kernel_layout`): "out_in" where every step
-  after the prefill runs the one-row kernels (AR with batch rows, or diffusion with batch x
-  block_size rows in its largest forward, at most `KERNEL_ROWS`, with `matvec_impl` resolving
-  to them), which read it faster, else "in_out", which XLA's GEMMs of a block's or a batch's
-  rows read faster (H200, BENCHMARKS.md session 24: the 1.5B's batch-1 AR 3.4% more tokens/s
-  out_in; its diffusion forwards 1-3% slower). `decode.py` and `dllm_jax.eval` convert to it
-  by default."""
-  rows = batch * (1 if mode == "ar" else block_size)
-  return "out_in" if _runs_kernels(rows) and _row_kernels(cfg, stacked) else "in_out"
-
-
-# The most rows (batch x tokens) of a forward against the cache that run the one-row step's
-# launches (`_fused_row_layer`, rows padded to `matvec.padded_rows`) where `_row_kernels` says;
-# 1: the one-row step alone. At most `kernels.matvec.MAX_ROWS`. A knob for the benchmarks'
-# `--kernel-rows`; read as a forward is traced (set it before the first trace, or
-# `jax.clear_caches()`).
-KERNEL_ROWS = 1
-
-
-def _runs_kernels(rows: int) -> bool:
-  """Whether a cached forward of `rows` rows may run the one-row step's launches
-  (`KERNEL_ROWS`, checked here)."""
-  from dllm_jax.kernels.matvec import MAX_ROWS  # (pure Python: no Pallas call is traced)
-
-  if isinstance(KERNEL_ROWS, bool) or not isinstance(KERNEL_ROWS, int) or not (
-      1 <= KERNEL_ROWS <= MAX_ROWS):
-    raise ValueError(f"model.KERNEL_ROWS={KERNEL_ROWS!r}: expected an integer in 1..{MAX_ROWS} "
-                     "(the rows the kernels take)")
-  return rows <= KERNEL_ROWS
+def decode_kernel_layout(cfg: ModelConfig, *, mode: str, batch: int, stacked: bool) -> str:
+  """The kernel layout to decode in (`ModelConfig.kernel_layout`): "out_in" where the steps run
+  the one-row kernels (AR at batch 1 with `matvec_impl` resolving to them), which read it
+  faster, else "in_out", which XLA's GEMMs of a block's or a batch's rows read faster (H200,
+  BENCHMARKS.md session 24: the 1.5B's batch-1 AR 3.4% more tokens/s out_in; its diffusion
+  forwards 1-3% slower). `decode.py` and `dllm_jax.eval` convert to it by default."""
+  one_row = mode == "ar" and batch == 1
+  return "out_in" if one_row and _row_kernels(cfg, stacked) else "in_out"
 
 
 # Whether the one-row step runs `kernels.decode.row_attention` where it applies (a knob for
@@ -383,14 +360,14 @@ def _row_tma(cfg: ModelConfig, out_major: bool, interpret: bool,
 
 def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta, cache_kv,
                      write_mask):
-  """`DecoderLayer` for a single row (B = T = 1), or a few (below), against the cache, by
-  `kernels.matvec`: the same arithmetic in four launches of its own and the attention's (five a
-  layer where XLA runs about seventeen) where `_row_attention` says (one row only): that launch
-  (`kernels.decode.row_attention`) also sums the q/k/v parts, applies RoPE and writes the cache,
-  and the o launch combines its splits as it loads its row (`matvec.combined_matvec_partials`).
-  Elsewhere five small XLA kernels do that around `decode_attention`; in one H200 call at the
-  1.5B shape and 640 cache slots they and the attention took 10.0 us a layer, `row_attention`
-  (4 splits, combining its own splits) 8.4 (BENCHMARKS.md, session 21).
+  """`DecoderLayer` for a single row (B = T = 1) against the cache, by `kernels.matvec`: the
+  same arithmetic in four launches of its own and the attention's (five a layer where XLA runs
+  about seventeen) where `_row_attention` says: that launch (`kernels.decode.row_attention`)
+  also sums the q/k/v parts, applies RoPE and writes the cache, and the o launch combines its
+  splits as it loads its row (`matvec.combined_matvec_partials`). Elsewhere five small XLA
+  kernels do that around `decode_attention`; in one H200 call at the 1.5B shape and 640 cache
+  slots they and the attention took 10.0 us a layer, `row_attention` (4 splits, combining
+  its own splits) 8.4 (BENCHMARKS.md, session 21).
 
   Per `ROW_TMA` (`_row_tma`; by default gate/up) gate/up or down, or both, run
   `kernels.matvec_mgpu`'s Mosaic GPU launches instead of `kernels.matvec`'s, same arithmetic.
@@ -398,17 +375,10 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   x = (row [E], pending): the residual stream is the row plus `pending`, the previous layer's
   down product as float32 partial sums [S, E] (or None), which this layer's first launch adds
   (as the o product's parts are added by the MLP's launch): split-K products fill the GPU, and
-  no kernel runs only to sum them or to add the residual. Returns the same pair.
-
-  Or rows [M, E] and parts [S, M, E] (`KERNEL_ROWS`): the B x T tokens of meta.positions [B, T]
-  in order, then zero rows up to M (`matvec.padded_rows`). Each launch multiplies the rows as
-  the one row's (up to 16 rows cost its tensor cores what one does), and the attention runs on
-  the real rows as the XLA path's does, after RoPE and the cache write."""
+  no kernel runs only to sum them or to add the residual. Returns the same pair."""
   from dllm_jax.kernels import matvec  # lazily: the CPU path never needs Pallas
 
   x_E, pending_SE = x
-  many = x_E.ndim == 2  # rows [M, E]
-  bt = meta.positions.shape  # (B, T): the real rows, B * T of them
   e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   dt = cfg.dtype
   interpret = jax.default_backend() == "cpu"
@@ -425,8 +395,8 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
       x_E, ws, norm_scale_E=p["attn_norm"]["scale"].astype(dt), add_E=pending_SE,
       eps=cfg.rms_norm_eps, out_major=om, interpret=interpret)
   x_E = x_E if row is None else row
-  cache_k, cache_v = cache_kv  # [B, S, KV, D]
-  if not many and _row_attention(cfg, spec, cache_k.shape[1]):
+  cache_k, cache_v = cache_kv  # [1, S, KV, D]
+  if _row_attention(cfg, spec, cache_k.shape[1]):
     # The parts' sums, RoPE and the cache write in the attention's launch; its splits
     # combined by the o launch.
     from dllm_jax.kernels import decode
@@ -447,17 +417,16 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
   else:
     q, k, v = (matvec.finish_partials(pp, rsqrt, dt, b)
                for pp, b in zip(parts, biases or (None,) * 3))
-    real = lambda y, n: (y[:math.prod(bt)] if many else y).reshape(*bt, n, d)
-    q = rope(real(q, h), meta.positions, cfg.rope_theta)
-    k = rope(real(k, kv), meta.positions, cfg.rope_theta)
-    out, new_cache = _cached_attention(cfg, spec, q, k, real(v, kv), meta, cache_kv, write_mask)
-    out = out.reshape(-1, h * d).astype(dt)  # [B * T, H * D]
-    out = jnp.pad(out, ((0, x_E.shape[0] - out.shape[0]), (0, 0))) if many else out[0]
-    o_SE = matvec.matvec_partials(out, wt(a["o"], h * d), out_major=om, interpret=interpret)
+    q = rope(q.reshape(1, 1, h, d), meta.positions, cfg.rope_theta)
+    k = rope(k.reshape(1, 1, kv, d), meta.positions, cfg.rope_theta)
+    out, new_cache = _cached_attention(cfg, spec, q, k, v.reshape(1, 1, kv, d), meta, cache_kv,
+                                       write_mask)
+    o_SE = matvec.matvec_partials(out.reshape(h * d).astype(dt), wt(a["o"], h * d),
+                                  out_major=om, interpret=interpret)
   m = p["mlp"]
   gate_up = (wt(m["gate"], e), wt(m["up"], e))
   mlp_scale = p["mlp_norm"]["scale"].astype(dt)
-  products = None if many else _row_tma(cfg, om, interpret, parts=o_SE.shape[0])
+  products = _row_tma(cfg, om, interpret, parts=o_SE.shape[0])
   if products:
     from dllm_jax.kernels import matvec_mgpu
 
@@ -468,19 +437,18 @@ def _fused_row_layer(p: Params, cfg: ModelConfig, spec: masks.MaskSpec, x, meta,
     (act,), x_E = matvec.norm_matvec(
         x_E, gate_up, add_E=o_SE, norm_scale_E=mlp_scale, eps=cfg.rms_norm_eps, silu_pair=True,
         out_major=om, interpret=interpret)
-  down_SE = _down_launch(cfg, many)(act, wt(m["down"], cfg.intermediate_size))
+  down_SE = _down_launch(cfg)(act, wt(m["down"], cfg.intermediate_size))
   return (x_E, down_SE), new_cache
 
 
-def _down_launch(cfg: ModelConfig, many: bool = False):
+def _down_launch(cfg: ModelConfig):
   """The one-row step's down product as a function of (act [F], weight in the config's kernel
   layout): float32 partial sums [S, E] from `kernels.matvec_mgpu` (`_row_tma`) or
-  `kernels.matvec`, as the next layer's first launch adds them; `many`: of rows act [M, F],
-  parts [S, M, E], by `kernels.matvec`. One place, so that the stacked layout's carry
-  (`Transformer`) has the parts' shape the launch makes."""
+  `kernels.matvec`, as the next layer's first launch adds them. One place, so that the stacked
+  layout's carry (`Transformer`) has the parts' shape the launch makes."""
   om = cfg.kernel_layout == "out_in"
   interpret = jax.default_backend() == "cpu"
-  products = None if many else _row_tma(cfg, om, interpret)
+  products = _row_tma(cfg, om, interpret)
   if products:
     from dllm_jax.kernels import matvec_mgpu
 
@@ -527,26 +495,20 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.ACT_EMBED))
 
     layer = DecoderLayer
-    n_rows = math.prod(tokens_BT.shape)
-    row_kernels = (cache is not None and _runs_kernels(n_rows)
+    row_kernels = (cache is not None and math.prod(tokens_BT.shape) == 1
                    and not self.is_initializing() and _row_kernels(cfg, self.stacked))
     if row_kernels:
-      # (row or rows, pending partial sums): `_fused_row_layer`. A scan's carry keeps one
+      # (row, pending partial sums): `_fused_row_layer`. A scan's carry keeps one
       # shape, so its first layer adds zeros; the unrolled loop's adds nothing.
-      from dllm_jax.kernels import matvec
-
       e, f, dt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.dtype)
-      rows = () if n_rows == 1 else (matvec.padded_rows(n_rows),)
       pending = None
       if self.stacked:
         # The down launch's parts, shaped as that launch (with whatever knobs it runs) makes them.
         w = (e, f) if cfg.kernel_layout == "out_in" else (f, e)
-        parts = jax.eval_shape(_down_launch(cfg, bool(rows)),
-                               jax.ShapeDtypeStruct(rows + (f,), dt), jax.ShapeDtypeStruct(w, dt))
+        parts = jax.eval_shape(_down_launch(cfg), jax.ShapeDtypeStruct((f,), dt),
+                               jax.ShapeDtypeStruct(w, dt))
         pending = jnp.zeros(parts.shape, parts.dtype)
-      x = x.reshape(n_rows, e)
-      # Rows padded with zeros, which every launch keeps zero; the attention sees only real rows.
-      x = (jnp.pad(x, ((0, rows[0] - n_rows), (0, 0))) if rows else x[0], pending)
+      x = (x.reshape(e), pending)
     if cfg.remat != "none":
       # CSE cannot merge a scan body's recompute with its forward, so the barrier that stops it
       # is only needed for the unrolled per-layer loop.
@@ -580,7 +542,7 @@ class Transformer(nn.Module):
       x_E, pending = x
       if pending is not None:  # None: no layer ran
         x_E = x_E + pending.sum(0).astype(x_E.dtype)
-      x = (x_E[:n_rows] if x_E.ndim == 2 else x_E).reshape(*tokens_BT.shape, -1)
+      x = x_E.reshape(*tokens_BT.shape, -1)
 
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
     if head_slice is not None:

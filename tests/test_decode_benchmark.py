@@ -1,7 +1,7 @@
 """benchmarks/decode.py's jax part on a tiny shape (the one-row kernels interpreted): every
 measurement runs, and `--kernel-layout auto` decodes the AR rows in the layout decode.py would
-(out_in at batch 1 through the one-row kernels) and the forwards in_out, or out_in where a
-variant's `--kernel-rows` runs them through the kernels too."""
+(out_in at batch 1 through the one-row kernels) and the forwards in_out; `--measure` leaves
+out what it does not name."""
 
 import dataclasses
 
@@ -35,29 +35,13 @@ def test_auto_kernel_layout_per_row(bench, tmp_path):
   assert (tmp_path / "decode_jax.json").is_file()
 
 
-def test_kernel_rows_variants(bench, tmp_path):
-  from dllm_jax import model
-
-  # (the AR decoder left out: --measure forwards)
-  # (no diffusion decoder: test_matvec decodes on the kernels' rows)
+def test_measure_leaves_out_what_it_does_not_name(bench, tmp_path):
+  # (--measure forwards: no AR decoder compiled; the forwards in their mode's layout)
   res = bench.jax_part(["tiny"], [1], ["xla"], [], ["per_layer"], ["pallas"], "auto",
-                       [1, 32], ["forwards"])
-  rows = {r["kernel_rows"]: r for r in res["rows"]}
-  assert {k: r["diffusion_kernel_layout"] for k, r in rows.items()} == {1: "in_out",
-                                                                        32: "out_in"}
-  for r in rows.values():
-    assert "ar" not in r and "ar_kernel_layout" not in r
-    assert r["sub8_forward_s"] > 0 and r["block32_forward_s"] > 0
-  assert model.KERNEL_ROWS == 1  # (restored)
+                       ["forwards"])
+  row, = res["rows"]
+  assert "ar" not in row and "ar_kernel_layout" not in row
+  assert row["diffusion_kernel_layout"] == "in_out"
+  assert row["sub8_forward_s"] > 0 and row["block32_forward_s"] > 0
   text = bench.report(str(tmp_path))
-  assert "| tiny | xla | per_layer | pallas | 32 | 1 |" in text
-
-
-def test_kernel_rows_flag_is_checked(load_benchmark):
-  import argparse
-
-  common = load_benchmark("common")
-  assert common.parse_kernel_rows("1,32") == [1, 32]
-  for bad in ("a", "1,64", "0", ""):
-    with pytest.raises(argparse.ArgumentTypeError, match="integers in 1..32"):
-      common.parse_kernel_rows(bad)
+  assert "| tiny | xla | per_layer | pallas | 1 | n/a |" in text

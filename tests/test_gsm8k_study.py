@@ -104,5 +104,5 @@ def test_evaluate_decodes_in_the_layout_eval_would_pick(study_mod, tmp_path, mon
   monkeypatch.setattr(study_mod, "_save", lambda work, study: None)
   study_mod._evaluate(study, tmp_path, "speed_ar", str(tmp_path / "hf"),
                       dict(mode="ar", max_new_tokens=4), 1, None)
-  assert asked == [dict(mode="ar", batch=1, stacked=False, block_size=32)]
+  assert asked == [dict(mode="ar", batch=1, stacked=False)]
   assert study["speed_ar"]["kernel_layout"] == "out_in" and study["speed_ar"]["n"] == 2

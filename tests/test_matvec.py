@@ -217,85 +217,6 @@ def test_norm_matvec_partials_finish_to_the_reference(add, splits):
   np.testing.assert_allclose(rsqrt, 1 / np.sqrt(np.mean(r * r) + 1e-5), rtol=1e-5)
 
 
-def _rows(key, m, real, e, dtype):
-  """m rows [m, e], the last m - real of them zeros (the padding the model adds)."""
-  x = (2 * jax.random.normal(key, (m, e))).astype(dtype)
-  return jnp.where(jnp.arange(m)[:, None] < real, x, 0).astype(dtype)
-
-
-@pytest.mark.parametrize("m,real", [(16, 8), (32, 32)])  # a sub-block at batch 1; a block
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_every_launch_takes_rows(m, real, dtype):
-  # Each row as the one-row launches' row alone would be (the reference per row), each with
-  # its own 1/rms; zero rows stay zero in every output, so padding never leaks into a layer.
-  e = 192
-  _, _, scale, ws, bs = _inputs(jax.random.key(m + real), e, (96, 32, 32), dtype)
-  x = _rows(jax.random.key(1), m, real, e, dtype)
-  add = _rows(jax.random.key(2), m, real, e, dtype)
-  parts_in = _rows(jax.random.key(3), m, real, e, jnp.float32)[None] * jnp.arange(1, 4)[:, None,
-                                                                                         None]
-  for add_E in (add, parts_in):
-    kw = dict(add_E=add_E, norm_scale_E=scale, eps=1e-5)
-    got, row = matvec.norm_matvec(x, ws, biases_N=bs, block_k=64, interpret=True, **kw)
-    want, want_row = matvec.norm_matvec_reference(x, ws, biases_N=bs, **kw)
-    assert [g.shape for g in got] == [(m, n) for n in (96, 32, 32)] and row.shape == (m, e)
-    for g, w in zip(got, want):
-      _close(g, w, dtype)
-    np.testing.assert_array_equal(np.asarray(row, np.float32), np.asarray(want_row, np.float32))
-    # One row alone through the one-row launch: the same numbers as its row of the rows launch.
-    one_kw = dict(add_E=add_E[..., 2, :], norm_scale_E=scale, eps=1e-5)
-    one, _ = matvec.norm_matvec(x[2], ws, biases_N=bs, block_k=64, interpret=True, **one_kw)
-    for g, o in zip(got, one):
-      _close(g[2], o, dtype)
-
-    parts, rsqrt, prow = matvec.norm_matvec_partials(x, ws, splits=3, block_k=32,
-                                                     interpret=True, **kw)
-    assert [p.shape for p in parts] == [(3, m, n) for n in (96, 32, 32)]
-    assert rsqrt.shape == (m,)
-    for p, b, w in zip(parts, bs, want):
-      _close(matvec.finish_partials(p, rsqrt, dtype, b), w, dtype)
-    np.testing.assert_array_equal(np.asarray(prow, np.float32), np.asarray(want_row, np.float32))
-
-  (act,), _ = matvec.norm_matvec(x, ws[1:], add_E=parts_in, norm_scale_E=scale, silu_pair=True,
-                                 interpret=True)
-  (want_act,), _ = matvec.norm_matvec_reference(x, ws[1:], add_E=parts_in, norm_scale_E=scale,
-                                                silu_pair=True)
-  assert act.shape == (m, 32)
-  _close(act, want_act, dtype)
-  assert not np.any(np.asarray(act[real:], np.float32))
-
-  w_out = ws[0].T  # [96, 192]: o/down-like, many rows in
-  h = _rows(jax.random.key(4), m, real, 96, dtype)
-  out = matvec.matvec_partials(h, w_out, splits=3, block_k=32, interpret=True)
-  assert out.shape == (3, m, e) and out.dtype == jnp.float32
-  want = np.asarray(h, np.float64) @ np.asarray(w_out, np.float64)
-  np.testing.assert_allclose(np.asarray(out, np.float64).sum(0), want, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out[1], np.asarray(h[:, 32:64], np.float64)
-                             @ np.asarray(w_out[32:64], np.float64), rtol=1e-5, atol=1e-5)
-  assert not np.any(np.asarray(out[:, real:]))
-
-
-def test_rows_are_checked():
-  assert [matvec.padded_rows(n) for n in (1, 8, 16, 17, 32)] == [16, 16, 16, 32, 32]
-  # Rows' chunks shrink with the rows and the parts they load, one row's never.
-  chunk = lambda m, e, parts, block_k=256: matvec._chunk(
-      block_k, jnp.zeros((m, e) if m else (e,)), parts)
-  assert chunk(None, 576, 9) == 256  # one row (SmolLM2's o parts)
-  assert (chunk(16, 576, 9), chunk(32, 1536, 4, 512), chunk(32, 1536, 0, 512)) == (32, 64, 256)
-  assert chunk(32, 576, 30) == 16  # never below the tensor cores' K
-  with pytest.raises(ValueError, match="the kernels take 1..32"):
-    matvec.padded_rows(33)
-  _, _, scale, ws, _ = _inputs(jax.random.key(0), 64, (32,), jnp.bfloat16)
-  for m in (8, 24, 64):
-    with pytest.raises(ValueError, match=f"got M={m} \\(pad them"):
-      matvec.norm_matvec(jnp.zeros((m, 64), jnp.bfloat16), ws, interpret=True)
-  with pytest.raises(ValueError, match="got M=8"):
-    matvec.matvec_partials(jnp.zeros((8, 64), jnp.bfloat16), ws[0], interpret=True)
-  x = jnp.zeros((16, 64), jnp.bfloat16)
-  with pytest.raises(ValueError, match=r"add_E has shape \(64,\); expected x's \(16, 64\)"):
-    matvec.norm_matvec_partials(x, ws, norm_scale_E=scale, add_E=x[0], interpret=True)
-
-
 def test_norm_matvec_partials_refuses_bad_inputs():
   x, _, scale, ws, _ = _inputs(jax.random.key(0), 64, (32, 32), jnp.bfloat16)
   f = functools.partial(matvec.norm_matvec_partials, interpret=True)
@@ -325,7 +246,7 @@ def test_norm_matvec_refuses_bad_inputs():
     matvec.norm_matvec(x, ws[:1], silu_pair=True, interpret=True)
   with pytest.raises(ValueError, match="biases"):
     matvec.norm_matvec(x, ws, biases_N=bs[:1], interpret=True)
-  with pytest.raises(ValueError, match=r"add_E has shape \(32,\); expected x's \(64,\)"):
+  with pytest.raises(ValueError, match=r"add_E has shape \(32,\), the row \(64,\)"):
     matvec.norm_matvec(x, ws, add_E=x[:32], interpret=True)
   with pytest.raises(ValueError, match="norm_scale_E has shape"):
     matvec.norm_matvec(x, ws, norm_scale_E=x[None], interpret=True)
@@ -343,12 +264,8 @@ def test_norm_matvec_lowers_for_cuda(lower_for_cuda):
   h = lambda x, ws: matvec.matvec_partials(x, ws[0], splits=3)
   n = lambda x, a, s, ws: matvec.norm_matvec_partials(x, ws, norm_scale_E=s, add_E=a, splits=3)
   parts = jnp.zeros((5, 192), jnp.float32)  # partial sums as the add: one load per part
-  r = jnp.zeros((16, 192), jnp.bfloat16)  # rows, with their parts
-  rparts = jnp.zeros((5, 16, 192), jnp.float32)
   for fn, args in ((f, (x, add, scale, ws, bs)), (g, (x, add, scale, [ws[1], ws[2]])),
-                   (h, (x, ws)), (f, (x, parts, scale, ws, bs)), (n, (x, parts, scale, ws)),
-                   (f, (r, rparts, scale, ws, bs)), (g, (r, rparts, scale, [ws[1], ws[2]])),
-                   (h, (r, ws)), (n, (r, rparts, scale, ws))):
+                   (h, (x, ws)), (f, (x, parts, scale, ws, bs)), (n, (x, parts, scale, ws))):
     text = lower_for_cuda(fn, *args)
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 1
 
@@ -373,24 +290,6 @@ def _perturbed(cfg, key):
   return jax.tree_util.tree_map_with_path(perturb, params)
 
 
-def _assert_kernels_match(got, got_cache, want, want_cache):
-  """The kernels' logits and cache against the XLA path's. bf16 forwards that differ in the
-  order of float32 sums and where 1/rms applies: about one rounding apart (a dropped norm scale
-  moved these logits by 2e-2, a dropped bias by more)."""
-  np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
-  assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.9999
-  for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
-                               rtol=5e-3, atol=5e-3)
-
-
-def _assert_four_launches(jaxpr, layers):
-  """Four kernel launches a layer."""
-  assert jaxpr.count("name=norm_partials") == layers  # q/k/v
-  assert jaxpr.count("name=norm_matvec") == layers  # gate/up
-  assert jaxpr.count("name=matvec_partials") == 2 * layers  # o, down
-
-
 def check_one_row_step(cfg, stacked, spec, slots=32, prefill=12):
   """One decode step of the token after a `prefill`-token prefill into a cache of `slots`, by
   the XLA path (cfg) and the one-row kernels (cfg with matvec_impl="pallas"): their logits and
@@ -407,7 +306,13 @@ def check_one_row_step(cfg, stacked, spec, slots=32, prefill=12):
   step = (tokens[:, prefill:], pos(prefill, 1), spec, cache)
   want, want_cache = fwd(params, cfg, *step)
   got, got_cache = fwd(params, pallas, *step)
-  _assert_kernels_match(got, got_cache, want, want_cache)
+  # bf16 steps that differ in the order of float32 sums and where 1/rms applies: about one
+  # rounding apart (a dropped norm scale moved these logits by 2e-2, a dropped bias by more).
+  np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
+  assert np.corrcoef(np.ravel(got), np.ravel(want))[0, 1] > 0.9999
+  for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=5e-3, atol=5e-3)
   jaxpr = str(jax.make_jaxpr(model.forward, static_argnums=(1, 4))(params, pallas, *step))
   return jaxpr, 1 if stacked else cfg.num_layers
 
@@ -417,85 +322,11 @@ def check_one_row_step(cfg, stacked, spec, slots=32, prefill=12):
     (False, True, "out_in"), (True, False, "out_in")])  # out_in: each launch reads [N, K]
 def test_model_one_row_step_with_kernels_equals_xla(stacked, qkv_bias, kernel_layout):
   cfg = dataclasses.replace(CFG, qkv_bias=qkv_bias, kernel_layout=kernel_layout)
-  _assert_four_launches(*check_one_row_step(cfg, stacked, masks.MaskSpec("causal")))
-
-
-def check_rows_forward(cfg, stacked, t, batch=1, slots=64, prefill=12, per_token=False):
-  """One cached forward of t tokens a row at `batch` rows after a prefill, by the XLA path and by
-  the kernels' rows (`model.KERNEL_ROWS` set by the caller): logits and caches agree. Returns
-  the kernels' forward as a jaxpr string."""
-  params = model.with_layout(_perturbed(cfg, jax.random.key(0)),
-                             "stacked" if stacked else "per_layer")
-  pallas = dataclasses.replace(cfg, matvec_impl="pallas")
-  spec = masks.MaskSpec("block_causal", block_size=8)
-  tokens = jax.random.randint(jax.random.key(1), (batch, prefill + t), 0, cfg.vocab_size)
-  pos = lambda s, n: masks.TokenMeta.simple(
-      jnp.broadcast_to(jnp.arange(s, s + n, dtype=jnp.int32), (batch, n)))
-  fwd = jax.jit(model.forward, static_argnums=(1, 4))
-  cache = kvcache.init_cache(cfg, batch, slots, per_layer=not stacked)
-  _, cache = fwd(params, cfg, tokens[:, :prefill], pos(0, prefill), spec, cache)
-  # Rows whose cache must stay as it was (a row mask), as the diffusion decoder passes them;
-  # or, with `per_token`, a token mask [B, T], rows starting at different positions, and the
-  # logits of a few tokens a row (`head_index`), as its rounds do.
-  write = jnp.arange(batch) != 1
-  step = (tokens[:, prefill:], pos(prefill, t), spec, cache)
-  extra = {}
-  if per_token:
-    write = (jnp.arange(t)[None] + jnp.arange(batch)[:, None]) % 3 != 0
-    starts = prefill - jnp.arange(batch, dtype=jnp.int32) * 2
-    step = (tokens[:, prefill:], masks.TokenMeta.simple(
-        starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None]), spec, cache)
-    extra = {"head_index": (jnp.arange(batch * 3).reshape(batch, 3) * 5) % t}
-  want, want_cache = model.forward(params, cfg, *step, cache_write_mask=write, **extra)
-  got, got_cache = model.forward(params, pallas, *step, cache_write_mask=write, **extra)
-  _assert_kernels_match(got, got_cache, want, want_cache)
-  return str(jax.make_jaxpr(
-      lambda p, *a: model.forward(p, pallas, *a, cache_write_mask=write, **extra),
-      static_argnums=(3,))(params, step[0], step[1], spec, cache))
-
-
-@pytest.mark.parametrize("stacked,t,batch,kernel_layout,per_token", [
-    (False, 8, 1, "out_in", False),  # a sub-block at batch 1: 8 rows padded to 16
-    (False, 32, 1, "in_out", False),  # a block: 32 rows
-    (False, 3, 4, "out_in", False),  # 4 rows of 3 tokens, one row's cache kept (its write mask)
-    (True, 8, 2, "out_in", True),  # the scan's carry holds the rows' parts; a token mask,
-    # rows at different positions, head_index
-])
-def test_model_rows_forward_with_kernels_equals_xla(monkeypatch, stacked, t, batch,
-                                                    kernel_layout, per_token):
-  monkeypatch.setattr(model, "KERNEL_ROWS", 32)
-  cfg = dataclasses.replace(CFG, kernel_layout=kernel_layout)
-  _assert_four_launches(check_rows_forward(cfg, stacked, t, batch, per_token=per_token),
-                        1 if stacked else cfg.num_layers)
-
-
-def test_kernel_rows_bounds_the_forwards_that_run_the_kernels(monkeypatch):
-  params = model.with_layout(_perturbed(CFG, jax.random.key(0)), "per_layer")
-  pallas = dataclasses.replace(CFG, matvec_impl="pallas")
-  spec = masks.MaskSpec("causal")
-
-  def launches(t):
-    meta = masks.TokenMeta.simple(jnp.arange(t, dtype=jnp.int32)[None])
-    cache = kvcache.init_cache(CFG, 1, 40, per_layer=True)
-    return str(jax.make_jaxpr(lambda p: model.forward(p, pallas, jnp.ones((1, t), jnp.int32),
-                                                      meta, spec, cache))(params)).count(
-        "name=norm_matvec")
-  assert [launches(t) for t in (1, 8, 32)] == [2, 0, 0]  # the default: one row only
-  monkeypatch.setattr(model, "KERNEL_ROWS", 16)
-  assert [launches(t) for t in (1, 8, 16, 17)] == [2, 2, 2, 0]
-  # out_in where every forward after the prefill runs the kernels: a diffusion block's rows.
-  layout = lambda **kw: model.decode_kernel_layout(pallas, stacked=False, **kw)
-  assert layout(mode="diffusion", batch=1) == "in_out"  # a block's 32 rows: XLA
-  assert layout(mode="diffusion", batch=1, block_size=16) == "out_in"
-  monkeypatch.setattr(model, "KERNEL_ROWS", 32)
-  assert layout(mode="diffusion", batch=1) == "out_in"
-  assert layout(mode="diffusion", batch=1, block_size=64) == "in_out"
-  assert (layout(mode="ar", batch=32), layout(mode="ar", batch=33)) == ("out_in", "in_out")
-  assert layout(mode="diffusion", batch=2) == "in_out"
-  for bad in (64, 0, True, 8.0):  # beyond the rows the kernels take: named, not a shape error
-    monkeypatch.setattr(model, "KERNEL_ROWS", bad)
-    with pytest.raises(ValueError, match=r"model.KERNEL_ROWS=.*expected an integer in 1..32"):
-      launches(8)
+  jaxpr, layers = check_one_row_step(cfg, stacked, masks.MaskSpec("causal"))
+  # Four kernel launches a layer.
+  assert jaxpr.count("name=norm_partials") == layers  # q/k/v
+  assert jaxpr.count("name=norm_matvec") == layers  # gate/up
+  assert jaxpr.count("name=matvec_partials") == 2 * layers  # o, down
 
 
 def test_stacked_carry_takes_the_down_launch_shape(monkeypatch):
@@ -513,27 +344,21 @@ def test_stacked_carry_takes_the_down_launch_shape(monkeypatch):
   np.testing.assert_allclose(got, want, rtol=5e-3, atol=5e-3)
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion"])
-def test_generation_with_kernels_matches_xla(monkeypatch, mode):
-  # AR: the one-row step. Diffusion at batch 1: its block and sub-block forwards on the kernels'
-  # rows (`KERNEL_ROWS`).
-  cfg = dataclasses.replace(CFG, mask_token_id=CFG.vocab_size - 1)
-  params = model.with_layout(model.init_params(cfg, jax.random.key(2)), "per_layer")
-  prompt = jax.random.randint(jax.random.key(3), (1, 8), 0, cfg.vocab_size - 1)
-  dcfg = (decoding.DecodeConfig(mode="ar", max_new_tokens=12) if mode == "ar" else
-          decoding.DecodeConfig(max_new_tokens=16, block_size=8, sub_block_size=4,
-                                threshold=0.5))
-  run = lambda c: decoding.generate(params, c, prompt, jnp.asarray([8]), jax.random.key(4), dcfg)
-  want = run(cfg)
-  monkeypatch.setattr(model, "KERNEL_ROWS", 1 if mode == "ar" else 32)
-  pallas = dataclasses.replace(cfg, matvec_impl="pallas")
+def test_ar_generation_with_kernels_matches_xla():
+  params = model.with_layout(model.init_params(CFG, jax.random.key(2)), "per_layer")
+  prompt = jax.random.randint(jax.random.key(3), (1, 8), 0, CFG.vocab_size)
+  dcfg = decoding.DecodeConfig(mode="ar", max_new_tokens=12)
+  run = lambda cfg: decoding.generate(params, cfg, prompt, jnp.asarray([8]), jax.random.key(4),
+                                      dcfg)
+  pallas = dataclasses.replace(CFG, matvec_impl="pallas")
+  want = run(CFG)
   got = run(pallas)
   jaxpr = str(jax.make_jaxpr(lambda p: decoding.generate(p, pallas, prompt, jnp.asarray([8]),
                                                          jax.random.key(4), dcfg))(params))
   assert "name=norm_matvec" in jaxpr
-  # Greedy tokens of a random model can flip on a near tie; all but late ones must agree.
+  # Greedy tokens of a random model can flip on a near tie; all but a late one must agree.
   agree = np.cumprod(np.asarray(got[0]) == np.asarray(want[0]), axis=-1).sum()
-  assert agree >= (8 if mode == "ar" else 12), (got[0], want[0])
+  assert agree >= 8, (got[0], want[0])
 
 
 def test_matvec_impl_is_validated():
@@ -624,17 +449,7 @@ def test_benchmark_knob_specs(load_benchmark):
   w = bench._weights(CFG, jax.random.key(0))
   row = lambda op: jax.random.normal(jax.random.key(1), (bench._row_len(CFG, op),), jnp.bfloat16)
   for op in ("qkv", "gate_up", "o", "down"):
-    assert bench.check(op, {}, CFG, row(op), w, w)["check_ok"]
-  # --rows, on out-major weights (XLA's side on the [K, N] ones); each chain runs on the rows.
-  w_out = {k: v if k in ("scale", "bias") else [[a.T for a in ws] for ws in v]
-           for k, v in w.items()}
-  rows = lambda op: jax.random.normal(jax.random.key(1), (16, bench._row_len(CFG, op)),
-                                      jnp.bfloat16)
-  for op in ("qkv", "gate_up", "o", "down"):
-    assert bench.check(op, {"out_major": 1}, CFG, rows(op), w_out, w)["check_ok"], op
-    x = [rows(op)] if op in ("o", "down") else rows(op)
-    out = bench._chain(op, "pallas", {"out_major": 1}, CFG)(x, x, w_out)
-    assert all(jnp.isfinite(a.astype(jnp.float32)).all() for a in jax.tree.leaves(out))
+    assert bench.check(op, {}, CFG, row(op), w)["check_ok"]
   def broken(*a, **k):
     outs, row = matvec.norm_matvec(*a, **k)
     return tuple(1.1 * y for y in outs), row
@@ -643,7 +458,7 @@ def test_benchmark_knob_specs(load_benchmark):
       norm_matvec=broken, norm_matvec_reference=matvec.norm_matvec_reference,
       matvec_partials=lambda *a, **k: 1.1 * matvec.matvec_partials(*a, **k))
   for op in ("qkv", "down"):
-    result = bench.check(op, {}, CFG, row(op), w, w)
+    result = bench.check(op, {}, CFG, row(op), w)
     assert not result["check_ok"] and result["check_max_rel_err"] > 0.05
 
 

@@ -18,12 +18,6 @@ cache write, session 19). No kernel runs just to reduce them. Likewise the o lau
 `row_attention` leaves uncombined (session 22: the step's GPU time 2.4% shorter than with the
 attention's own combine).
 
-Every launch but that one also takes a few rows [M, E] (M 16 or 32, zero rows padding the real
-ones), each row normalised alone: a batch-1 diffusion block or sub-block forward
-(`model.KERNEL_ROWS`, off by default: not yet timed on a GPU, BENCHMARKS.md session 44). The one
-row already goes through the tensor cores as 16 equal rows, so up to 16 distinct rows should
-cost about what it does.
-
 Where it stands (H200, BENCHMARKS.md session 17): the step 7.5% faster than XLA's at the
 Qwen2.5-1.5B shape, 5.4% at SmolLM2-135M, level at 7B, with 305 kernels a step instead of 473
 (1.5B); the step's logits correlated 0.9998 with XLA's at the 1.5B and 135M shapes (largest
@@ -100,41 +94,28 @@ def _round(x, dtype):
   return x.astype(dtype).astype(jnp.float32)
 
 
-_ROWS = 16  # rows of the tensor-core product: its smallest M (the one row, repeated)
-MAX_ROWS = 32  # rows [M, E] the kernels take at most: M a power of two, _ROWS .. MAX_ROWS
+_ROWS = 16  # rows of the tensor-core product (the row, repeated)
 
 
-def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0, out_major=False, fold=None):
-  """float32 [bn] per weight ([M, bn] for rows [M, E]): the sum over chunks c < nk of
-  prep(load(c)) ([bk], or [M, bk]) times rows row0 + c*bk .. of w[:, col:col+bn] (of
-  w[col:col+bn, :]'s columns for an out-major w [N, K]).
+def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0, out_major=False):
+  """float32 [bn] per weight: the sum over chunks c < nk of prep(load(c)) [bk] times rows
+  row0 + c*bk .. of w[:, col:col+bn] (of w[col:col+bn, :]'s columns for an out-major w [N, K]).
 
-  One row goes through the tensor cores as 16 equal rows (their smallest M): Triton pipelines
+  The row goes through the tensor cores as 16 equal rows (their smallest M): Triton pipelines
   only loads that feed a dot, and a weight-bound product needs its loads in flight while it
   multiplies (an elementwise multiply-add reached half the bandwidth of XLA's GEMM on the
-  H200, BENCHMARKS.md). Row 0 of the result is the product. Rows [M, E] go through as they
-  are: up to 16 of them cost the tensor cores what one does. The next chunk of the row is
+  H200, BENCHMARKS.md). Row 0 of the result is the product. The next chunk of the row is
   loaded (`load`) before this chunk's products and prepared (`prep`) after them, so its latency
   hides behind them instead of standing in front of every chunk (loading each chunk in the
   iteration that multiplies it made the 1.5B step's gate/up launch 2.2x slower, session 19).
-
-  fold = (init, step): prep returns (operand, extra) and step(c, acc, extra) folds chunk c's
-  extra into acc, once a chunk, in the same pass (rows' norms: a second pass over the rows
-  would read them all again); returns (products, acc).
   """
+  first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
   precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  init, step = fold if fold is not None else (None, None)
-  split = (lambda v: v) if fold is not None else (lambda v: (v, None))
-  first = split(prep(load(0)))
-  many = first[0].ndim == 2
-  m = first[0].shape[0] if many else _ROWS
 
   def body(c, carry):
-    accs, (xn, extra), folded = carry
+    accs, xn = carry
     nxt = load(jnp.minimum(c + 1, nk - 1))
-    if step is not None:
-      folded = step(c, folded, extra)
-    a = xn if many else jnp.broadcast_to(xn[None, :], (_ROWS, bk))
+    a = jnp.broadcast_to(xn[None, :], (_ROWS, bk))
     rows, cols = pl.ds(row0 + c * bk, bk), pl.ds(col, bn)
     accs = tuple(
         acc + lax.dot_general(a, (w_ref[cols, rows] if out_major else w_ref[rows, cols]
@@ -142,29 +123,22 @@ def _products(load, prep, w_refs, col, nk, bk, bn, dtype, row0=0, out_major=Fals
                               (((1,), (int(out_major),)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32)
         for acc, w_ref in zip(accs, w_refs))
-    return accs, split(prep(nxt)), folded
+    return accs, prep(nxt)
 
-  zeros = tuple(jnp.zeros((m, bn), jnp.float32) for _ in w_refs)
-  accs, _, folded = lax.fori_loop(0, nk, body, (zeros, first, init))
-  if many:
-    ys = list(accs)
-  else:
-    first_row = lax.broadcasted_iota(jnp.int32, (_ROWS, bn), 0) == 0
-    ys = [jnp.sum(jnp.where(first_row, a, 0.0), axis=0) for a in accs]
-  return ys if fold is None else (ys, folded)
+  zeros = tuple(jnp.zeros((_ROWS, bn), jnp.float32) for _ in w_refs)
+  accs, _ = lax.fori_loop(0, nk, body, (zeros, prep(load(0))))
+  return [jnp.sum(jnp.where(first_row, acc, 0.0), axis=0) for acc in accs]
 
 
 def _row_inputs(x_ref, add_ref, scale_ref, add_parts, start, size):
   """The raw inputs of the row at start .. start + size: x; the add (None, [size], or for float32
   partial sums [S, E] a list of S loads of [size], Triton tiles being powers of two); the norm's
-  scale (or None). For rows x [M, E] (add [M, E] or parts [S, M, E]; the scale is one [E]):
-  x and the adds as [M, size]."""
+  scale (or None)."""
   sl = pl.ds(start, size)
-  at = (slice(None), sl) if len(x_ref.shape) == 2 else (sl,)
   add = None
   if add_ref is not None:
-    add = [add_ref[(i,) + at] for i in range(add_parts)] if add_parts else add_ref[at]
-  return x_ref[at], add, None if scale_ref is None else scale_ref[sl]
+    add = [add_ref[i, sl] for i in range(add_parts)] if add_parts else add_ref[sl]
+  return x_ref[sl], add, None if scale_ref is None else scale_ref[sl]
 
 
 def _residual_row(raw, add_parts, dtype):
@@ -184,26 +158,10 @@ def _scaled_row(raw, add_parts, dtype):
   row alone without a scale). 1/rms is one scalar, so it multiplies the products' float32 sums
   instead, and the weights' loads wait for no reduction over the row (the q/k/v launch 6.61 ->
   6.22 us at the 1.5B, BENCHMARKS.md session 19)."""
-  return _scaled(_residual_row(raw, add_parts, dtype), raw[2], dtype)
-
-
-def _scaled(x, scale, dtype):
-  """scale * x rounded to dtype (x alone without a scale), x the float32 residual row."""
-  if scale is not None:
-    x = _round(scale.astype(jnp.float32) * x, dtype)
+  x = _residual_row(raw, add_parts, dtype)
+  if raw[2] is not None:
+    x = _round(raw[2].astype(jnp.float32) * x, dtype)
   return x.astype(dtype)
-
-
-def _rows_sum_of_squares(row_chunk, n, m, store=None):
-  """Rows' sums of squares [m] float32 over chunks c < n of row_chunk(c) [m, size], a chunk at
-  a time: every chunk of rows [M, E] in float32 (and an add's parts each) would not fit in a
-  program's registers, as one row's do. store(c, x): also stores each chunk."""
-  def body(c, ss):
-    x = row_chunk(c)
-    if store is not None:
-      store(c, x)
-    return ss + jnp.sum(x * x, axis=-1)
-  return lax.fori_loop(0, n, body, jnp.zeros((m,), jnp.float32))
 
 
 def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps, bk, nk, bn,
@@ -218,8 +176,6 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
   sum_ref = next(it) if has_add else None
   e = bk * nk
   j = pl.program_id(0)
-  many = len(x_ref.shape) == 2  # rows [M, E]: each row its own 1/rms
-  at = lambda start, size: (slice(None), pl.ds(start, size)) if many else pl.ds(start, size)
 
   load = lambda c: _row_inputs(x_ref, add_ref, scale_ref, add_parts, c * bk, bk)  # chunk c
   row = lambda raw: _residual_row(raw, add_parts, dtype)
@@ -230,7 +186,7 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
       @pl.when(j == 0)
       def _():
         for c, raw in enumerate(raws):
-          sum_ref[at(c * bk, bk)] = row(raw).astype(sum_ref.dtype)
+          sum_ref[pl.ds(c * bk, bk)] = row(raw).astype(sum_ref.dtype)
     if has_norm:
       return lax.rsqrt(sum(jnp.sum(x * x) for x in map(row, raws)) / e + eps)
     return None
@@ -238,38 +194,15 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
   normed = lambda raw: _scaled_row(raw, add_parts, dtype)
 
   def matvec(refs, col):  # the products of scale * row, times 1/rms
-    if many:
-      return rows_matvec(refs, col)
     ys = _products(load, normed, refs, col, nk, bk, bn, dtype, out_major=out_major)
     r = rsqrt_and_sum()
-    return [_round(y if r is None else y * r, dtype) for y in ys]
-
-  def rows_matvec(refs, col):
-    # Rows' norms in the products' pass: every program reads all the rows (and every part of
-    # their add), M times one row's bytes, so a second pass over them (the one row's, whose
-    # chunks stay in registers) would double the launch's reads (session 45: 26.6 us a layer
-    # for the 135M's gate/up with two passes over nine parts).
-    def prep(raw):
-      x = row(raw)  # [M, bk] float32, the residual stream
-      return _scaled(x, raw[2], dtype), x
-
-    def step(c, ss, x):
-      if has_add:
-        @pl.when(j == 0)
-        def _():
-          sum_ref[at(c * bk, bk)] = x.astype(sum_ref.dtype)
-      return ss + jnp.sum(x * x, axis=-1)
-
-    ys, ss = _products(load, prep, refs, col, nk, bk, bn, dtype, out_major=out_major,
-                       fold=(jnp.zeros((x_ref.shape[0],), jnp.float32), step))
-    r = lax.rsqrt(ss / e + eps)[:, None] if has_norm else None
     return [_round(y if r is None else y * r, dtype) for y in ys]
 
   if silu_pair:
     col = pl.multiple_of(j * bn, bn)
     g, u = matvec(w_refs, col)
     s = _round(g * _round(jax.nn.sigmoid(g), dtype), dtype)
-    o_refs[0][at(col, bn)] = (s * u).astype(o_refs[0].dtype)
+    o_refs[0][pl.ds(col, bn)] = (s * u).astype(o_refs[0].dtype)
     return
 
   first = 0
@@ -280,7 +213,7 @@ def _kernel(*refs, num_w, has_add, add_parts, has_norm, has_bias, silu_pair, eps
       y, = matvec(w_refs[i:i + 1], col)
       if has_bias:
         y = _round(y + b_refs[i][pl.ds(col, bn)].astype(jnp.float32), dtype)
-      o_refs[i][at(col, bn)] = y.astype(o_refs[i].dtype)
+      o_refs[i][pl.ds(col, bn)] = y.astype(o_refs[i].dtype)
     first += tiles[i]
 
 
@@ -314,62 +247,19 @@ def _kn(w, out_major: bool) -> tuple[int, int]:
 
 
 def _check_row_inputs(fn: str, x_E, ws_EN, add_E, norm_scale_E, out_major: bool) -> None:
-  """A row [E] or rows [M, E] (`check_rows`), weights [E, N] ([N, E] out-major), an add of x's
-  shape or partial sums [S, *x.shape], a scale [E]; else a ValueError naming `fn` and the
-  shapes."""
-  if (x_E.ndim not in (1, 2) or not ws_EN
-      or any(w.ndim != 2 or _kn(w, out_major)[0] != x_E.shape[-1] for w in ws_EN)):
+  """A row [E], weights [E, N] ([N, E] out-major), an add [E] or partial sums [S, E], a scale
+  [E]; else a ValueError naming `fn` and the shapes."""
+  if (x_E.ndim != 1 or not ws_EN
+      or any(w.ndim != 2 or _kn(w, out_major)[0] != x_E.shape[0] for w in ws_EN)):
     want = "[N, E] (out_major)" if out_major else "[E, N]"
-    raise ValueError(f"{fn}: a row [E] or rows [M, E] and at least one weight, all weights "
-                     f"{want}, expected; got x {x_E.shape} and weights "
-                     f"{[w.shape for w in ws_EN]}")
-  check_rows(fn, x_E)
-  e = x_E.shape[-1]
-  if norm_scale_E is not None and norm_scale_E.shape != (e,):
-    raise ValueError(f"{fn}: norm_scale_E has shape {norm_scale_E.shape}, expected ({e},)")
-  if add_E is not None and not (add_E.shape == x_E.shape or (
-      add_E.ndim == x_E.ndim + 1 and add_E.shape[1:] == x_E.shape and add_E.shape[0] >= 1)):
-    raise ValueError(f"{fn}: add_E has shape {add_E.shape}; expected x's {x_E.shape} or "
-                     f"partial sums [S, {', '.join(map(str, x_E.shape))}]")
-
-
-def check_rows(fn: str, x) -> None:
-  """Rows [M, E] must number a power of two from 16 (the tensor cores' smallest M) to MAX_ROWS:
-  the caller pads its rows with zeros (`padded_rows`), which stay zeros through every kernel
-  here."""
-  if x.ndim == 2:
-    m = x.shape[0]
-    if m < _ROWS or m > MAX_ROWS or m & (m - 1):
-      raise ValueError(f"{fn}: rows [M, E] with M a power of two in {_ROWS}..{MAX_ROWS} "
-                       f"expected, got M={m} (pad them with zero rows: padded_rows)")
-
-
-def padded_rows(n: int) -> int:
-  """The rows [M, E] that n real rows are padded to: the least power of two >= max(n, 16)."""
-  if not 1 <= n <= MAX_ROWS:
-    raise ValueError(f"padded_rows: {n} rows; the kernels take 1..{MAX_ROWS}")
-  return max(_ROWS, 1 << (n - 1).bit_length())
-
-
-# Rows' chunks: at most this many float32 elements of the row and its add's parts a chunk, so
-# that a program's live chunk (and the next one, loaded ahead) stays in registers. One row's
-# chunks are far below it at every block_k.
-ROWS_CHUNK_ELEMENTS = 8192
-
-
-def _chunk(block_k: int, x, add_parts: int) -> int:
-  """block_k for x's chunks: as given for one row; for rows [M, E] at most ROWS_CHUNK_ELEMENTS
-  over M times the arrays each chunk loads (x, or the add's parts), a power of two >= 16
-  (not yet tuned on a GPU)."""
-  if x.ndim == 1:
-    return block_k
-  most = max(16, ROWS_CHUNK_ELEMENTS // (x.shape[0] * max(1, add_parts)))
-  return min(block_k, 1 << (most.bit_length() - 1))
-
-
-def _add_parts(x, add) -> int:
-  """How many float32 partial sums `add` holds (0: a plain add of x's shape, or none)."""
-  return 0 if add is None or add.ndim == x.ndim else add.shape[0]
+    raise ValueError(f"{fn}: a row [E] and at least one weight, all weights {want}, expected; "
+                     f"got x {x_E.shape} and weights {[w.shape for w in ws_EN]}")
+  e = x_E.shape[0]
+  for name, a in (("add_E", add_E), ("norm_scale_E", norm_scale_E)):
+    if a is not None and a.shape != (e,) and not (name == "add_E" and a.ndim == 2
+                                                   and a.shape[1] == e and a.shape[0] >= 1):
+      raise ValueError(f"{fn}: {name} has shape {a.shape}, the row ({e},)"
+                       + (f" or partial sums [S, {e}]" if name == "add_E" else ""))
 
 
 def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
@@ -385,9 +275,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   run of the weight). `add_E` given: the row is x + add (rounded to x's dtype), returned as
   `row` (the residual stream after the add); else `row` is None. `add_E` may also be float32
   partial sums [S, E] (`matvec_partials`' output): then add = their sum rounded to x's dtype,
-  the product they split. x may also be rows [M, E] (`check_rows`; a sub-block's tokens at
-  batch 1), each normalised alone: the add is then [M, E] or [S, M, E], the outputs [M, N_i]
-  and the row [M, E]. `norm_scale_E` given: the row is RMS-normalised (eps `eps`), as
+  the product they split. `norm_scale_E` given: the row is RMS-normalised (eps `eps`), as
   `model.RMSNorm`, its 1/rms applied to the products. `silu_pair`: ws = (gate, up) and the one
   output is SiLU(row @ gate) * (row @ up). `block_n` / `block_k` (columns per program, rows
   per chunk; the largest powers of two up to them that divide the shapes), `num_warps` and
@@ -395,7 +283,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   """
   ws_EN = tuple(ws_EN)
   _check_row_inputs("norm_matvec", x_E, ws_EN, add_E, norm_scale_E, out_major)
-  e = x_E.shape[-1]
+  e = x_E.shape[0]
   ns = [_kn(w, out_major)[1] for w in ws_EN]
   d = default_knobs(ns, silu_pair)
   block_n, block_k, num_stages = (d[k] if v is None else v for k, v in (
@@ -412,12 +300,12 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
                      f"weights' columns {ns}")
   dtype = x_E.dtype
   # Scale, bias and the added row enter the arithmetic in the row's dtype, as in the model.
-  add_parts = _add_parts(x_E, add_E)
+  add_parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
   if add_E is not None:
     add_E = add_E.astype(jnp.float32 if add_parts else dtype)
   norm_scale_E = None if norm_scale_E is None else norm_scale_E.astype(dtype)
   biases_N = None if biases_N is None else [b.astype(dtype) for b in biases_N]
-  bk = _pow2_divisor(e, _chunk(block_k, x_E, add_parts))
+  bk = _pow2_divisor(e, block_k)
   bn = min(_pow2_divisor(n, block_n) for n in ns)
   tiles = tuple(n // bn for n in ns)
   grid = tiles[0] if silu_pair else sum(tiles)
@@ -426,10 +314,9 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
   args = [x_E] + ([add_E] if add_E is not None else [])
   args += [norm_scale_E] if norm_scale_E is not None else []
   args += list(ws_EN) + (list(biases_N) if biases_N is not None else [])
-  outs = [jax.ShapeDtypeStruct(x_E.shape[:-1] + (n,), dtype)
-          for n in (ns[:1] if silu_pair else ns)]
+  outs = [jax.ShapeDtypeStruct((n,), dtype) for n in (ns[:1] if silu_pair else ns)]
   if add_E is not None:
-    outs.append(jax.ShapeDtypeStruct(x_E.shape, dtype))
+    outs.append(jax.ShapeDtypeStruct((e,), dtype))
   kernel = functools.partial(
       _kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
       has_norm=norm_scale_E is not None, has_bias=biases_N is not None, silu_pair=silu_pair,
@@ -438,7 +325,7 @@ def norm_matvec(x_E: jax.Array, ws_EN: Sequence[jax.Array], *,
       kernel,
       grid=(grid,),
       in_specs=[whole(a) for a in args],
-      out_specs=[whole(o) for o in outs],
+      out_specs=[pl.BlockSpec(o.shape, lambda j: (0,)) for o in outs],
       out_shape=outs,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
@@ -497,22 +384,18 @@ def _split_k_plan(fn: str, e: int, n: int, splits: Optional[int], block_n: int, 
 
 
 def _split_k_call(kernel, row_specs, n: int, bn: int, rows: int, splits: int, num_warps: int,
-                  num_stages: int, out_major: bool, interpret: bool, name: str,
-                  m: Optional[int] = None):
+                  num_stages: int, out_major: bool, interpret: bool, name: str):
   """The pallas_call of a split-K product: a program per (column tile, run of the row), the row's
   inputs (`row_specs`) then the weight [E, n] in tiles [rows, bn] (out-major [n, E]: [bn, rows]),
-  float32 partial sums [splits, n] out ([splits, m, n] for m rows)."""
+  float32 partial sums [splits, n] out."""
   w_spec = (pl.BlockSpec((bn, rows), lambda j, s: (j, s)) if out_major else
             pl.BlockSpec((rows, bn), lambda j, s: (s, j)))
-  out_spec, out_shape = pl.BlockSpec((None, bn), lambda j, s: (s, j)), (splits, n)
-  if m is not None:
-    out_spec, out_shape = pl.BlockSpec((None, m, bn), lambda j, s: (s, 0, j)), (splits, m, n)
   return pl.pallas_call(
       kernel,
       grid=(n // bn, splits),
       in_specs=[*row_specs, w_spec],
-      out_specs=out_spec,
-      out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
+      out_specs=pl.BlockSpec((None, bn), lambda j, s: (s, j)),
+      out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=name,
@@ -520,10 +403,8 @@ def _split_k_call(kernel, row_specs, n: int, bn: int, rows: int, splits: int, nu
 
 
 def _partials_kernel(x_ref, w_ref, o_ref, *, bk, nk, bn, dtype, out_major):
-  # x_ref [rows] ([M, rows]): this split's part of the row(s); w_ref [rows, bn] ([bn, rows]);
-  # o_ref [bn] ([M, bn]).
-  many = len(x_ref.shape) == 2
-  load = lambda c: x_ref[(slice(None), pl.ds(c * bk, bk)) if many else pl.ds(c * bk, bk)]
+  # x_ref [rows]: this split's part of the row; w_ref [rows, bn] ([bn, rows]); o_ref [bn].
+  load = lambda c: x_ref[pl.ds(c * bk, bk)]
   o_ref[...] = _products(load, lambda x: x.astype(dtype), [w_ref], 0, nk, bk, bn, dtype,
                          out_major=out_major)[0]
 
@@ -533,39 +414,28 @@ def matvec_partials(x_E: jax.Array, w_EN: jax.Array, *, splits: Optional[int] = 
                     num_stages: int = 3, out_major: bool = False,
                     interpret: bool = False) -> jax.Array:
   """x [E] @ w [E, N] (w [N, E] with `out_major`) as float32 partial sums [S, N] over S equal
-  runs of the row (split-K); rows x [M, E] (`check_rows`) give [S, M, N].
+  runs of the row (split-K).
 
   A product whose columns alone give too few programs to stream the weights at full rate (the
   o and down projections: 48 tiles of 32 columns at Qwen2.5-1.5B's 1536, against 132 SMs)
   splits the row; the next kernel sums the parts where it reads them (`norm_matvec`'s `add_E`),
   so no kernel runs just to reduce them. Their sum rounded to x's dtype is the product, as XLA's
-  GEMM rounds it; the order of the float32 sums differs. `splits` (default `pick_splits`, 1 for
-  rows; it must divide E into runs with a power-of-two divisor >= 16), `block_n`, `block_k`,
-  `num_warps` and `num_stages` are tuning knobs, as in `norm_matvec`. Rows default to one split
-  because every program of the launch that adds the parts reads all of them, for every row:
-  S x M x N float32 a program, where one row's S x N is a few kilobytes (session 45: nine parts
-  of 16 rows made the 135M's gate/up launch 26.6 us a layer).
+  GEMM rounds it; the order of the float32 sums differs. `splits` (default `pick_splits`; it
+  must divide E into runs with a power-of-two divisor >= 16), `block_n`, `block_k`, `num_warps`
+  and `num_stages` are tuning knobs, as in `norm_matvec`.
   """
-  if x_E.ndim not in (1, 2) or w_EN.ndim != 2 or _kn(w_EN, out_major)[0] != x_E.shape[-1]:
+  if x_E.ndim != 1 or w_EN.ndim != 2 or _kn(w_EN, out_major)[0] != x_E.shape[0]:
     want = "[N, E] (out_major)" if out_major else "[E, N]"
-    raise ValueError(f"matvec_partials: a row [E] or rows [M, E] and a weight {want} "
-                     f"expected; got x {x_E.shape} and w {w_EN.shape}")
-  check_rows("matvec_partials", x_E)
+    raise ValueError(f"matvec_partials: a row [E] and a weight {want} expected; got x "
+                     f"{x_E.shape} and w {w_EN.shape}")
   e, n = _kn(w_EN, out_major)
-  if splits is None and x_E.ndim == 2:
-    splits = 1
   splits, rows, bn = _split_k_plan("matvec_partials", e, n, splits, block_n, block_k, num_warps,
                                    num_stages)
-  bk = _pow2_divisor(rows, _chunk(block_k, x_E, 0))
+  bk = _pow2_divisor(rows, block_k)
   kernel = functools.partial(_partials_kernel, bk=bk, nk=rows // bk, bn=bn, dtype=x_E.dtype,
                              out_major=out_major)
-  if x_E.ndim == 2:
-    m = x_E.shape[0]
-    row_spec, out_rows = pl.BlockSpec((m, rows), lambda j, s: (0, s)), m
-  else:
-    row_spec, out_rows = pl.BlockSpec((rows,), lambda j, s: (s,)), None
-  return _split_k_call(kernel, [row_spec], n, bn, rows, splits, num_warps, num_stages, out_major,
-                       interpret, "matvec_partials", m=out_rows)(x_E, w_EN)
+  return _split_k_call(kernel, [pl.BlockSpec((rows,), lambda j, s: (s,))], n, bn, rows, splits,
+                       num_warps, num_stages, out_major, interpret, "matvec_partials")(x_E, w_EN)
 
 
 def _combined_partials_kernel(p_ref, lse_ref, w_ref, o_ref, *, rows, head_dim, num_parts, bk,
@@ -655,25 +525,16 @@ def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk,
   sum_ref = next(it) if has_add else None
   p = pl.program_id(0)
   work = sum(tiles) * splits
-  many = len(x_ref.shape) == 2  # rows [M, E]: a 1/rms each
-  at = lambda start, size: (slice(None), pl.ds(start, size)) if many else pl.ds(start, size)
 
   load = lambda start, size: _row_inputs(x_ref, add_ref, scale_ref, add_parts, start, size)
   row = lambda raw: _residual_row(raw, add_parts, dtype)
 
   @pl.when(p == work)  # one program more than the products': the whole row's 1/rms (and row)
   def _():
-    if many:
-      def store(c, x):
-        sum_ref[at(c * bk_row, bk_row)] = x.astype(sum_ref.dtype)
-      ss = _rows_sum_of_squares(lambda c: row(load(c * bk_row, bk_row)), e // bk_row,
-                                x_ref.shape[0], store if has_add else None)
-      r_ref[...] = lax.rsqrt(ss / e + eps)
-      return
     xs = [row(load(c * bk_row, bk_row)) for c in range(e // bk_row)]
     if has_add:
       for c, x in enumerate(xs):
-        sum_ref[at(c * bk_row, bk_row)] = x.astype(sum_ref.dtype)
+        sum_ref[pl.ds(c * bk_row, bk_row)] = x.astype(sum_ref.dtype)
     r = lax.rsqrt(sum(jnp.sum(x * x) for x in xs) / e + eps)
     r_ref[...] = jnp.full(r_ref.shape, r, jnp.float32)
 
@@ -688,7 +549,7 @@ def _norm_partials_kernel(*refs, num_w, has_add, add_parts, e, bk_row, rows, bk,
       col = pl.multiple_of((t - first) * bn, bn)
       y, = _products(lambda c: load(s * rows + c * bk, bk), normed, [w_refs[i]], col,
                      rows // bk, bk, bn, dtype, row0=s * rows, out_major=out_major)
-      o_refs[i][(pl.ds(s, 1),) + ((slice(None),) if many else ()) + (pl.ds(col, bn),)] = y[None]
+      o_refs[i][pl.ds(s, 1), pl.ds(col, bn)] = y[None]
     first += tiles[i]
 
 
@@ -706,9 +567,7 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
   (`model._fused_row_layer`). `row`: as
   `norm_matvec`'s (x + add, or None without `add_E`); `add_E` may be float32 partial sums
   [S', E]. One program more than the products' computes the whole row's 1/rms and stores the
-  row, so no other program reads more than its run of the row. Rows x [M, E] (`check_rows`)
-  give parts [S, M, N_i], rsqrt [M] (each row's 1/rms) and row [M, E]; the add is then [M, E]
-  or [S', M, E]. `splits` (default
+  row, so no other program reads more than its run of the row. `splits` (default
   `pick_splits`), `block_n`, `block_k`, `num_warps`, `num_stages`, `out_major` (ws [N_i, E]): as
   `matvec_partials`.
   """
@@ -716,7 +575,7 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
   if norm_scale_E is None:
     raise ValueError("norm_matvec_partials: norm_scale_E is required (1/rms scales the parts)")
   _check_row_inputs("norm_matvec_partials", x_E, ws_EN, add_E, norm_scale_E, out_major)
-  e = x_E.shape[-1]
+  e = x_E.shape[0]
   ns = [_kn(w, out_major)[1] for w in ws_EN]
   _check_knobs("norm_matvec_partials", block_n=block_n, block_k=block_k, num_warps=num_warps,
                num_stages=num_stages)
@@ -727,20 +586,19 @@ def norm_matvec_partials(x_E: jax.Array, ws_EN: Sequence[jax.Array], *, norm_sca
   tiles = tuple(n // bn for n in ns)
   splits, rows = _checked_splits("norm_matvec_partials", e, sum(ns), splits, bn, block_k)
   dtype = x_E.dtype
-  add_parts = _add_parts(x_E, add_E)
+  add_parts = 0 if add_E is None or add_E.ndim == 1 else add_E.shape[0]
   if add_E is not None:
     add_E = add_E.astype(jnp.float32 if add_parts else dtype)
   args = [x_E] + ([add_E] if add_E is not None else []) + [norm_scale_E.astype(dtype)]
   args += list(ws_EN)
-  outs = [jax.ShapeDtypeStruct((splits,) + x_E.shape[:-1] + (n,), jnp.float32) for n in ns]
-  outs.append(jax.ShapeDtypeStruct(x_E.shape[:-1] if x_E.ndim == 2 else (_ROWS,), jnp.float32))
+  outs = [jax.ShapeDtypeStruct((splits, n), jnp.float32) for n in ns]
+  outs.append(jax.ShapeDtypeStruct((16,), jnp.float32))
   if add_E is not None:
-    outs.append(jax.ShapeDtypeStruct(x_E.shape, dtype))
+    outs.append(jax.ShapeDtypeStruct((e,), dtype))
   whole = lambda shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
-  chunk = _chunk(block_k, x_E, add_parts)
   kernel = functools.partial(
       _norm_partials_kernel, num_w=len(ws_EN), has_add=add_E is not None, add_parts=add_parts,
-      e=e, bk_row=_pow2_divisor(e, chunk), rows=rows, bk=_pow2_divisor(rows, chunk), bn=bn,
+      e=e, bk_row=_pow2_divisor(e, block_k), rows=rows, bk=_pow2_divisor(rows, block_k), bn=bn,
       tiles=tiles, splits=splits, eps=eps, dtype=dtype, out_major=out_major)
   res = list(pl.pallas_call(
       kernel,
@@ -761,10 +619,8 @@ def finish_partials(parts_SN: jax.Array, rsqrt: jax.Array, dtype,
                     bias_N: Optional[jax.Array] = None) -> jax.Array:
   """`norm_matvec_partials`' output i from its parts: their sum times 1/rms, rounded to `dtype`,
   plus the bias (rounded as XLA rounds a bf16 add). The parts are added one by one, so XLA fuses
-  the sum into whatever reads the result (a reduction would be a kernel of its own). Parts of
-  rows [S, M, N] take each row's 1/rms (rsqrt [M])."""
-  r = rsqrt[:, None] if parts_SN.ndim == 3 else rsqrt[0]
-  y = functools.reduce(lambda a, b: a + b, list(parts_SN)) * r
+  the sum into whatever reads the result (a reduction would be a kernel of its own)."""
+  y = functools.reduce(lambda a, b: a + b, list(parts_SN)) * rsqrt[0]
   y = y.astype(dtype)
   return y if bias_N is None else y + bias_N.astype(dtype)
 
@@ -772,20 +628,18 @@ def finish_partials(parts_SN: jax.Array, rsqrt: jax.Array, dtype,
 def norm_matvec_reference(x_E, ws_EN, *, add_E=None, norm_scale_E=None, eps=1e-6,
                           biases_N=None, silu_pair=False, dot=None):
   """`norm_matvec` in plain XLA, written as the model writes it; `dot(x [1, E], w [E, N])` is
-  the product (default a plain dot; the model's `_matmul` for what the model runs). x may be
-  rows [M, E], as in `norm_matvec`."""
+  the product (default a plain dot; the model's `_matmul` for what the model runs)."""
   dot = dot or (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   dtype = x_E.dtype
-  if add_E is not None and add_E.ndim > x_E.ndim:  # partial sums: the product they split
+  if add_E is not None and add_E.ndim == 2:  # partial sums: the product they split
     add_E = add_E.astype(jnp.float32).sum(0).astype(dtype)
   x = x_E if add_E is None else x_E + add_E
   h = x
   if norm_scale_E is not None:
     x32 = x.astype(jnp.float32)
-    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32) + eps)
     h = norm_scale_E.astype(dtype) * y.astype(dtype)
-  h2 = h.reshape(-1, h.shape[-1])
-  ys = [dot(h2, w.astype(dtype)).astype(dtype).reshape(*h.shape[:-1], -1) for w in ws_EN]
+  ys = [dot(h[None], w.astype(dtype)).astype(dtype)[0] for w in ws_EN]
   if silu_pair:
     ys = [jax.nn.silu(ys[0]) * ys[1]]
   elif biases_N is not None:

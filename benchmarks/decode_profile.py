@@ -60,6 +60,10 @@ def main():
                   help="T > 0: profile one forward of T tokens (a diffusion block or sub-block, "
                        "block-causal, blocks of 32) against the cache after the prompt, run "
                        "--new times, instead of AR generate; per step = per forward")
+  ap.add_argument("--diffusion", choices=["dual", "nodual"], default=None,
+                  help="profile diffusion generate (threshold 1.0: a token a round, --new "
+                       "rounds), with or without the DualCache, instead of AR; per step = per "
+                       "round")
   ap.add_argument("--tag", default="", help="suffix of the JSON file name (one per XLA_FLAGS)")
   ap.add_argument("--no-ceilings", action="store_true")
   ap.add_argument("--decode-programs", type=int, default=0,
@@ -89,6 +93,8 @@ def main():
                   help="knobs of kernels/decode.row_attention, e.g. 'splits=2,block_k=32'")
   add_row_tma_argument(ap)
   args = ap.parse_args()
+  if args.forward and args.diffusion:
+    ap.error("--forward and --diffusion each profile a loop of their own: give one")
   if args.no_row_attention:
     model.ROW_ATTENTION = False
   apply_row_tma(args.row_tma)
@@ -150,7 +156,7 @@ def main():
                             matvec_impl=args.matvec)
   if args.kernel_layout == "auto":
     args.kernel_layout = model.decode_kernel_layout(
-        cfg, mode="diffusion" if args.forward else "ar", batch=args.batch,
+        cfg, mode="diffusion" if args.forward or args.diffusion else "ar", batch=args.batch,
         stacked=args.layout == "stacked")
   cfg = dataclasses.replace(cfg, kernel_layout=args.kernel_layout)
   params = jax.jit(lambda r: model.with_layout(random_params(cfg, r), args.layout))(
@@ -167,13 +173,16 @@ def main():
     prompt = jax.random.randint(jax.random.key(1), (b, args.prompt), 0, 32000)
     lens = jnp.full((b,), args.prompt, jnp.int32)
     dcfg = decoding.DecodeConfig(mode="ar", max_new_tokens=args.new)
+    if args.diffusion:
+      dcfg = decoding.DecodeConfig(mode="diffusion", max_new_tokens=args.new, threshold=1.0,
+                                   use_dual_cache=args.diffusion == "dual")
     fn = jax.jit(lambda p, t, l, r: decoding.generate(p, cfg, t, l, r, dcfg))
     compiled = fn.lower(params, prompt, lens, jax.random.key(2)).compile()
     run = lambda i: compiled(params, prompt, lens, jax.random.key(2 + i))
   out = jax.block_until_ready(run(0))  # the warm-up
   if not args.forward:  # (to compare runs that should decode alike)
     res["first_tokens"] = [int(t) for t in out[0][0, :16]]
-  # AR: the prefill is generate's first iteration.
+  # AR and diffusion: the prefill is generate's first iteration.
   steps = args.new if args.forward else int(out[2]["iterations"]) - 1
   times = []
   for i in range(5):

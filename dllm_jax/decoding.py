@@ -464,11 +464,21 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
     in_sub = ((jnp.arange(bs)[None, :] >= sub_start[:, None])
               & (jnp.arange(bs)[None, :] < (sub_start + sbs)[:, None]))
     write_tokens = whole[:, None] | (partial[:, None] & in_sub)  # [B, bs]
+    any_whole = whole.any()
 
     def block_fwd(cache):
       return model.forward(params, cfg, blk, _meta(st.block_start, bs), spec, cache,
                            head_index=head_block, cache_write_mask=write_tokens)
 
+    def no_block(cache):
+      return jnp.zeros((batch, sbs + 1, cfg.vocab_size), jnp.float32), cache
+
+    # Each forward in a cond of its own whose other branch passes the cache through: one cond
+    # choosing between the two forwards, each writing the cache, made XLA copy every layer's
+    # K and V cache after it, every round (60 copies a round at the 135M, ~0.08 ms: a DualCache
+    # round 0.976 ms against 0.928 without it at batch 1; BENCHMARKS.md session 45). The two
+    # predicates exclude each other, so a round still runs one forward.
+    logits_blk, cache = jax.lax.cond(any_whole, block_fwd, no_block, st.cache)
     if config.use_dual_cache:
       sub_tokens = _rows_slice(blk, sub_start, sbs)
       # A sub-block forward runs only where the sub-block's first token is decoded, so the
@@ -479,14 +489,12 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
           jnp.concatenate([jnp.maximum(sub_offsets - 1, 0), jnp.array([sbs - 1], jnp.int32)]),
           (batch, sbs + 1))
 
-      def sub_fwd(cache):
+      def sub_fwd(carry):
         return model.forward(params, cfg, sub_tokens, _meta(st.block_start + sub_start, sbs),
-                             spec, cache, head_index=head_sub, cache_write_mask=partial)
-    else:
-      def sub_fwd(cache):  # never taken: without the DualCache every step forwards its block
-        return jnp.zeros((batch, sbs + 1, cfg.vocab_size), jnp.float32), cache
+                             spec, carry[1], head_index=head_sub, cache_write_mask=partial)
 
-    logits_blk, cache = jax.lax.cond(whole.any(), block_fwd, sub_fwd, st.cache)
+      # (~any_whole: every active row is at a sub-block step)
+      logits_blk, cache = jax.lax.cond(~any_whole, sub_fwd, lambda c: c, (logits_blk, cache))
     step_logits = logits_blk[:, :sbs]
 
     keys, sample_keys = _split(st.keys)

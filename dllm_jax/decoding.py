@@ -474,10 +474,11 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
       return jnp.zeros((batch, sbs + 1, cfg.vocab_size), jnp.float32), cache
 
     # Each forward in a cond of its own whose other branch passes the cache through: one cond
-    # choosing between the two forwards, each writing the cache, made XLA copy every layer's
-    # K and V cache after it, every round (60 copies a round at the 135M, ~0.08 ms: a DualCache
-    # round 0.976 ms against 0.928 without it at batch 1; BENCHMARKS.md session 45). The two
-    # predicates exclude each other, so a round still runs one forward.
+    # choosing between the two forwards, each writing the cache, made XLA's GPU program copy
+    # buffers every round (60 copies a round at the 135M, one a layer inside the forward and
+    # about thirty after it, ~0.08 ms: a DualCache round 0.976 ms against 0.928 without it at
+    # batch 1; BENCHMARKS.md session 45). The two predicates exclude each other, so a round
+    # still runs one forward.
     logits_blk, cache = jax.lax.cond(any_whole, block_fwd, no_block, st.cache)
     if config.use_dual_cache:
       sub_tokens = _rows_slice(blk, sub_start, sbs)

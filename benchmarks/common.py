@@ -153,6 +153,24 @@ def traced_gpu_events(run):
   return sorted(events, key=lambda e: e[1]), dict(lines)
 
 
+def hlo_kernel_ops(hlo_text: str) -> dict:
+  """{kernel name as a GPU trace names it: what it computes} from a compiled program's HLO text
+  (`compiled.as_text()`): every fusion and custom call, by the op_name of the jax operation it
+  came from (its last 120 characters) and its output shape, so that a profile's
+  `loop_transpose_fusion_29` reads as the layer's attention combine. The trace writes the
+  HLO's `.` as `_`."""
+  import re
+
+  pat = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) (?:fusion|custom-call)\((.*)$")
+  ops = {}
+  for line in hlo_text.splitlines():
+    m = pat.match(line)
+    if m:
+      op = re.search(r'op_name="([^"]*)"', m.group(3))
+      ops[m.group(1).replace(".", "_")] = f"{(op.group(1) if op else '')[-120:]} {m.group(2)}"
+  return ops
+
+
 def parse_row_tma(text: str) -> dict:
   """`--row-tma`'s value as `model.ROW_TMA`: "P" (both MLP launches' products on P; "triton":
   both `kernels.matvec`'s) or "gate_up=P,down=P" (a launch left out, or given "triton", is

@@ -67,6 +67,7 @@ def forward_loop(cfg, params, batch, t_len, offset, n, per_layer):
   """run(i): n forwards of t_len tokens at positions offset.. (block-causal, blocks of 32: a
   diffusion block or sub-block) against a fresh cache of PROMPT + 32 slots, in one jitted loop,
   each forward's tokens the previous one's argmax, as the diffusion decoder calls the model.
+  Compiled here; run.hlo_text() is the compiled program's HLO (`common.hlo_kernel_ops`).
 
   One loop, not one jitted call a forward: a call of its own also pays the host's dispatch of
   every parameter, which the decoder's loop never does (session 18: a 1.5B sub-block forward
@@ -91,7 +92,10 @@ def forward_loop(cfg, params, batch, t_len, offset, n, per_layer):
       logits, c = model.forward(p, cfg, toks, meta, spec, c)
       return jnp.argmax(logits, -1).astype(toks.dtype), c
     return jax.lax.fori_loop(0, n, body, (toks, c))[0]
-  return lambda i: loop(params, (toks + i) % 32000)
+  compiled = loop.lower(params, toks).compile()
+  run = lambda i: compiled(params, (toks + i) % 32000)
+  run.hlo_text = compiled.as_text
+  return run
 
 
 def _safe(fn):

@@ -7,7 +7,8 @@ runs it once under `jax.profiler.trace` and reads the trace back (`jax.profiler.
 every kernel and copy on the GPU's streams between the first and the last of the run. Per step
 (the whole call, the 512-token prefill included, over its steps): the wall time, how many
 kernels, how long the GPU was busy (union of their intervals; the traced span also holds the
-profiler's own stalls), and the kernels that take the most time; and about one step's kernel
+profiler's own stalls), and the kernels that take the most time, each with the jax op it came
+from (the compiled HLO's op_name, `common.hlo_kernel_ops`); and about one step's kernel
 sequence. A step whose busy time is far below its wall time is paced by the host
 launching kernels, not by the GPU; run it under different `XLA_FLAGS` (command buffers) to see
 what they change. JSON to $OUT/decode_profile[_TAG].json.
@@ -30,7 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import (add_row_tma_argument, apply_row_tma, ceilings,  # noqa: E402
-                               random_params, run_meta, save_json, traced_gpu_events)
+                               hlo_kernel_ops, random_params, run_meta, save_json,
+                               traced_gpu_events)
 from benchmarks.decode import PROMPT, SHAPES, forward_loop  # noqa: E402
 from dllm_jax import decoding, model  # noqa: E402
 from dllm_jax.config import KERNEL_LAYOUTS  # noqa: E402
@@ -179,6 +181,7 @@ def main():
     fn = jax.jit(lambda p, t, l, r: decoding.generate(p, cfg, t, l, r, dcfg))
     compiled = fn.lower(params, prompt, lens, jax.random.key(2)).compile()
     run = lambda i: compiled(params, prompt, lens, jax.random.key(2 + i))
+    run.hlo_text = compiled.as_text
   out = jax.block_until_ready(run(0))  # the warm-up
   if not args.forward:  # (to compare runs that should decode alike)
     res["first_tokens"] = [int(t) for t in out[0][0, :16]]
@@ -198,6 +201,7 @@ def main():
     save_json(f"decode_profile{args.tag}.json", res)
     print(res)
     return
+  ops = hlo_kernel_ops(run.hlo_text())  # what each kernel computes, by its jax op
   span = events[-1][2] - events[0][1]
   busy = _busy_ns(events)
   per_name = collections.defaultdict(lambda: [0, 0.0])
@@ -221,7 +225,8 @@ def main():
       "gap_us_quantiles": [g / 1e3 for g in statistics.quantiles(gaps, n=10)] if len(gaps) > 10
                           else None,
       "top_kernels": [{"name": n[:160], "count_per_step": c / steps,
-                       "us_per_step": t / steps / 1e3, "us_each": t / c / 1e3}
+                       "us_per_step": t / steps / 1e3, "us_each": t / c / 1e3,
+                       "op": ops.get(n, "")}
                       for n, (c, t) in top],
       "one_step": [{"name": n[:100], "us": (e - s) / 1e3,
                     "gap_before_us": (s - window[i - 1][2]) / 1e3 if i else None}
@@ -232,7 +237,8 @@ def main():
           "gpu_busy_ms_per_step", "gpu_idle_ms_per_step", "events_per_step", "gap_us_quantiles")
   print({k: res[k] for k in keys})
   for t in res["top_kernels"][:15]:
-    print(f"  {t['us_per_step']:8.1f} us/step  {t['count_per_step']:6.1f}x  {t['name'][:90]}")
+    print(f"  {t['us_per_step']:8.1f} us/step  {t['count_per_step']:6.1f}x  {t['name'][:40]}  "
+          f"{t['op'][-90:]}")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,25 @@ def test_measure_leaves_out_what_it_does_not_name(bench, tmp_path):
   assert row["sub8_forward_s"] > 0 and row["block32_forward_s"] > 0
   text = bench.report(str(tmp_path))
   assert "| tiny | xla | per_layer | pallas | 1 | n/a |" in text
+
+
+def test_profile_kernels_are_named_by_their_ops(bench, load_benchmark):
+  # decode_profile.py's top kernels carry the jax op each came from (the compiled HLO's
+  # op_name), named as a GPU trace names them ('.' written '_').
+  common = load_benchmark("common")
+  line = ('  %loop_transpose_fusion.29 = bf16[1,8,3,3,64]{4,3,2,1,0} fusion(%p), kind=kLoop, '
+          'calls=%fused_transpose.29, metadata={op_name="jit(loop)/layers_3/attn/transpose" '
+          'source_file="model.py" source_line=3}')
+  assert common.hlo_kernel_ops(line + "\n  %add.1 = f32[] add(%a, %b)") == {
+      "loop_transpose_fusion_29": "jit(loop)/layers_3/attn/transpose bf16[1,8,3,3,64]{4,3,2,1,0}"}
+  # The forward loop's compiled program: its kernels come from the model's layers.
+  import jax
+
+  from dllm_jax import model
+
+  cfg = bench.SHAPES["tiny"]
+  params = model.with_layout(model.init_params(cfg, jax.random.key(0)), "per_layer")
+  run = bench.forward_loop(cfg, params, 1, 8, bench.PROMPT + 8, 2, True)
+  ops = common.hlo_kernel_ops(run.hlo_text())
+  assert any("Transformer/layers_1" in op for op in ops.values()), ops
+  assert run(0).shape == (1, 8)

@@ -465,13 +465,25 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
               & (jnp.arange(bs)[None, :] < (sub_start + sbs)[:, None]))
     write_tokens = whole[:, None] | (partial[:, None] & in_sub)  # [B, bs]
     any_whole = whole.any()
+    keys, sample_keys = _split(st.keys)
+
+    def read(out):
+      """A forward's (logits [B, sbs + 1, V], cache) as what the round reads of it: the
+      sub-block's candidates and confidences [B, sbs] and the next block's first token [B],
+      sampled inside the forward's branch so that a skipped branch fills only these."""
+      logits, cache = out
+      candidates, confidence = sample(_never(logits[:, :sbs], mask_id), sample_keys,
+                                      config.temperature, config.top_p)
+      nxt = jnp.argmax(_never(logits[:, sbs], mask_id), axis=-1).astype(jnp.int32)
+      return (candidates, confidence, nxt), cache
 
     def block_fwd(cache):
-      return model.forward(params, cfg, blk, _meta(st.block_start, bs), spec, cache,
-                           head_index=head_block, cache_write_mask=write_tokens)
+      return read(model.forward(params, cfg, blk, _meta(st.block_start, bs), spec, cache,
+                                head_index=head_block, cache_write_mask=write_tokens))
 
     def no_block(cache):
-      return jnp.zeros((batch, sbs + 1, cfg.vocab_size), jnp.float32), cache
+      return (jnp.zeros((batch, sbs), jnp.int32), jnp.zeros((batch, sbs), jnp.float32),
+              jnp.zeros((batch,), jnp.int32)), cache
 
     # Each forward in a cond of its own whose other branch passes the cache through: one cond
     # choosing between the two forwards, each writing the cache, made XLA's GPU program copy
@@ -479,7 +491,7 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
     # about thirty after it, ~0.08 ms: a DualCache round 0.976 ms against 0.928 without it at
     # batch 1; BENCHMARKS.md session 45). The two predicates exclude each other, so a round
     # still runs one forward.
-    logits_blk, cache = jax.lax.cond(any_whole, block_fwd, no_block, st.cache)
+    read_out, cache = jax.lax.cond(any_whole, block_fwd, no_block, st.cache)
     if config.use_dual_cache:
       sub_tokens = _rows_slice(blk, sub_start, sbs)
       # A sub-block forward runs only where the sub-block's first token is decoded, so the
@@ -491,16 +503,13 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
           (batch, sbs + 1))
 
       def sub_fwd(carry):
-        return model.forward(params, cfg, sub_tokens, _meta(st.block_start + sub_start, sbs),
-                             spec, carry[1], head_index=head_sub, cache_write_mask=partial)
+        return read(model.forward(params, cfg, sub_tokens,
+                                  _meta(st.block_start + sub_start, sbs), spec, carry[1],
+                                  head_index=head_sub, cache_write_mask=partial))
 
       # (~any_whole: every active row is at a sub-block step)
-      logits_blk, cache = jax.lax.cond(~any_whole, sub_fwd, lambda c: c, (logits_blk, cache))
-    step_logits = logits_blk[:, :sbs]
-
-    keys, sample_keys = _split(st.keys)
-    candidates, confidence = sample(_never(step_logits, mask_id), sample_keys,
-                                    config.temperature, config.top_p)
+      read_out, cache = jax.lax.cond(~any_whole, sub_fwd, lambda c: c, (read_out, cache))
+    candidates, confidence, nxt = read_out
     sub_masked = _rows_slice(blk_masked, sub_start, sbs) & step[:, None]
     confidence = jnp.where(sub_masked, confidence, -jnp.inf)
     unmask = (confidence > threshold) | jax.nn.one_hot(
@@ -516,7 +525,6 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
     # Commit: the block's KV is now written; its last output is the next block's first token.
     # A committing row is not done, so its next block lies inside the buffer.
     nxt_pos = jnp.minimum(st.block_start + bs, total - 1)
-    nxt = jnp.argmax(_never(logits_blk[:, sbs], mask_id), axis=-1).astype(jnp.int32)
     tokens = tokens.at[rows, nxt_pos].set(jnp.where(commit, nxt, tokens[rows, nxt_pos]))
     masked = masked.at[rows, nxt_pos].set(masked[rows, nxt_pos] & ~commit)
     block_start = jnp.where(commit, st.block_start + bs, st.block_start)

@@ -109,9 +109,9 @@ def jax_part(shapes, batches, impls, diffusion_batches, layouts=("stacked",),
              matvecs=("xla",), kernel_layout="auto", measure=("ar", "forwards")):
   """kernel_layout "auto": the AR, and the forwards with the diffusion decoder, each run in
   `model.decode_kernel_layout`'s for their mode (out_in where the one-row kernels run), as
-  `decode.py` decodes. measure: which of the AR decoder and the block / sub-block forwards each row times (the
-  diffusion decoder runs at `diffusion_batches`); each compiles programs of its own, which a
-  short device call may not have time for."""
+  `decode.py` decodes. measure: which of the AR decoder and the block / sub-block forwards
+  each row times (the diffusion decoder runs at `diffusion_batches`); each compiles programs of
+  its own, which a short device call may not have time for."""
   import jax
   import jax.numpy as jnp
 
@@ -359,9 +359,9 @@ def main():
                        "programs: leave out what a short device call does not need")
   args = ap.parse_args()
   measure = [m for m in args.measure.split(",") if m]
-  if set(measure) - {"ar", "forwards"}:
-    ap.error(f"--measure: unknown {sorted(set(measure) - {'ar', 'forwards'})}; known: ar, "
-             "forwards")
+  unknown = set(measure) - {"ar", "forwards"}
+  if unknown:
+    ap.error(f"--measure: unknown {sorted(unknown)}; known: ar, forwards")
   if args.no_row_attention:
     from dllm_jax import model
     model.ROW_ATTENTION = False

@@ -16,7 +16,7 @@ def bench(load_benchmark, monkeypatch, tmp_path):
   monkeypatch.setenv("OUT", str(tmp_path))
   monkeypatch.setattr(mod, "SHAPES", {"tiny": ModelConfig(
       vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-      num_kv_heads=2, head_dim=16, param_dtype="bfloat16", dtype="bfloat16", mask_token_id=255)})
+      num_kv_heads=2, head_dim=16, param_dtype="bfloat16", dtype="bfloat16")})
   monkeypatch.setattr(mod, "ceilings", lambda *a, **k: {"matmul_tflops": 1.0, "copy_GBps": 1.0})
   monkeypatch.setattr(mod, "PROMPT", 16)
   monkeypatch.setattr(mod, "NEW", 4)

@@ -7,6 +7,13 @@ import pytest
 # Eight fake CPU devices for the sharding tests; set before jax is first imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compile without LLVM's optimizations: most of the suite's time is XLA compiling small test
+# programs (one interpreted kernel test: 96 compiles, 11 of its 18 s), each run once or a few
+# times, so faster compiles outweigh slower code (a sample of 23 tests: 151 s -> 108 s). The
+# programs compute the same values; the subprocesses the tests start (train.py, the jax 0.11
+# run) inherit it. DLLM_TEST_OPTIMIZE=1 compiles as users do.
+if os.environ.get("DLLM_TEST_OPTIMIZE") != "1":
+  os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # XLA's CPU client runs host callbacks on a pool as large as the cores (2 in CI). The Mosaic GPU
 # interpreter runs each warpgroup of a CTA as its own execution whose barrier waits block in such
 # callbacks: with three warpgroups, two waiting ones can hold both threads while the third never
@@ -19,8 +26,8 @@ if int(os.environ.get("PJRT_NPROC") or 0) < 8:
 # A test that runs past this many seconds fails instead of hanging the suite: a kernel whose
 # barriers deadlock under the interpreter blocks in a host callback forever, where no exception
 # can reach it. pytest-timeout's thread method dumps every thread's stack and ends the process
-# (under xdist, the worker: reported as that test's failure). 600 s is ~2.3x the slowest test
-# (jax 0.11's kernel checks, ~260 s on the 2-core CI machine). DLLM_TEST_TIMEOUT_S overrides it.
+# (under xdist, the worker: reported as that test's failure). 600 s is ~3x the slowest test
+# (jax 0.11's kernel checks, ~175 s on a 2-core machine). DLLM_TEST_TIMEOUT_S overrides it.
 TEST_TIMEOUT_S = float(os.environ.get("DLLM_TEST_TIMEOUT_S") or 600)
 
 

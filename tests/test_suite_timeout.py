@@ -1,5 +1,6 @@
-"""The suite's guard against hangs (tests/conftest.py): a test blocked for good, as a kernel whose
-barriers deadlock under the interpreter is, fails with its stack instead of stalling CI."""
+"""The suite's own settings (tests/conftest.py): its guard against hangs (a test blocked for good, as
+a kernel whose barriers deadlock under the interpreter is, fails with its stack instead of stalling
+CI), and its compiles without LLVM's optimizations."""
 
 import os
 import pathlib
@@ -32,3 +33,10 @@ def test_a_blocked_test_fails_instead_of_hanging(tmp_path):
   out = done.stdout + done.stderr
   assert done.returncode != 0, out
   assert "Timeout" in out and "test_blocked" in out, out
+
+
+def test_the_suite_compiles_without_llvm_optimizations():
+  # (tests/conftest.py: the suite's time is mostly compiling; DLLM_TEST_OPTIMIZE=1 turns it off)
+  import jax
+  on = jax.config.values["jax_disable_most_optimizations"]
+  assert on == (os.environ.get("DLLM_TEST_OPTIMIZE") != "1")

@@ -206,6 +206,40 @@ def add_row_tma_argument(ap, scope: str = "") -> None:
                        "(triton); or per launch, e.g. gate_up=wgmma,down=triton")
 
 
+def add_decode_model_arguments(ap, scope: str = "") -> None:
+  """The model switches of the decode benchmarks (decode.py, decode_profile.py): --kernel-layout,
+  --plain-dot, --no-row-attention and --row-tma (`scope` prefixes their help, e.g. "jax part:
+  "); `apply_decode_model_arguments` carries them out."""
+  from dllm_jax.config import KERNEL_LAYOUTS
+
+  ap.add_argument("--kernel-layout", default="auto", choices=("auto",) + KERNEL_LAYOUTS,
+                  help=f"{scope}model.kernel_layout: the projection kernels [*in, *out] or "
+                       "[*out, *in]; auto: each mode and batch in model.decode_kernel_layout's "
+                       "(out_in where the one-row kernels run), as decode.py")
+  ap.add_argument("--plain-dot", action="store_true",
+                  help=f"{scope}multiply a single row as one (model._matmul's baseline)")
+  ap.add_argument("--no-row-attention", action="store_true",
+                  help=f"{scope}model.ROW_ATTENTION off: the one-row step's RoPE, cache write "
+                       "and split combine as XLA kernels around decode_attention (the baseline "
+                       "of kernels/decode.row_attention)")
+  add_row_tma_argument(ap, scope)
+
+
+def apply_decode_model_arguments(ap, args) -> None:
+  """Sets the model's switches from `add_decode_model_arguments`' flags; --plain-dot pins
+  args.kernel_layout to in_out (its jnp.dot multiplies [K, N] weights)."""
+  from dllm_jax import model
+
+  if args.no_row_attention:
+    model.ROW_ATTENTION = False
+  apply_row_tma(args.row_tma)
+  if args.plain_dot:
+    if args.kernel_layout == "out_in":
+      ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")
+    args.kernel_layout = "in_out"
+    model._matmul = jnp.dot
+
+
 def apply_row_tma(setting) -> None:
   """model.ROW_TMA = `setting` (`--row-tma`'s value); None leaves the model's default."""
   from dllm_jax import model

@@ -32,10 +32,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (add_row_tma_argument, apply_row_tma, ceilings,  # noqa: E402
-                               error_text, random_params, run_meta, save_json, timeit)
+from benchmarks.common import (add_decode_model_arguments, apply_decode_model_arguments,  # noqa: E402
+                               ceilings, error_text, random_params, run_meta, save_json, timeit)
 from dllm_jax import run_config  # noqa: E402
-from dllm_jax.config import KERNEL_LAYOUTS, ModelConfig  # noqa: E402
+from dllm_jax.config import ModelConfig  # noqa: E402
 
 PROMPT, NEW = 512, 256
 SHAPES = {
@@ -341,17 +341,8 @@ def main():
   ap.add_argument("--matvecs", default="xla",
                   help="model.matvec_impl values for the jax part: xla,pallas (the one-row "
                        "projections, kernels/matvec.py)")
-  ap.add_argument("--kernel-layout", default="auto", choices=("auto",) + KERNEL_LAYOUTS,
-                  help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]; "
-                       "auto: the AR runs out_in where the one-row kernels run, the rest in_out "
-                       "(model.decode_kernel_layout, as decode.py)")
   ap.add_argument("--peer-modes", default="eager,static")
-  ap.add_argument("--plain-dot", action="store_true",
-                  help="jax part: multiply a single row as one (model._matmul's baseline)")
-  ap.add_argument("--no-row-attention", action="store_true",
-                  help="jax part: model.ROW_ATTENTION off (the one-row step's RoPE, cache "
-                       "write and split combine as XLA kernels around decode_attention)")
-  add_row_tma_argument(ap, "jax part: ")
+  add_decode_model_arguments(ap, "jax part: ")
   ap.add_argument("--measure", default="ar,forwards",
                   help="jax part: what each row times, of ar (the AR decoder) and forwards "
                        "(one block and one sub-block forward in a loop); the diffusion decoder "
@@ -362,18 +353,7 @@ def main():
   unknown = set(measure) - {"ar", "forwards"}
   if unknown:
     ap.error(f"--measure: unknown {sorted(unknown)}; known: ar, forwards")
-  if args.no_row_attention:
-    from dllm_jax import model
-    model.ROW_ATTENTION = False
-  apply_row_tma(args.row_tma)
-  if args.plain_dot:
-    if args.kernel_layout == "out_in":
-      ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")
-    args.kernel_layout = "in_out"
-    import jax.numpy as jnp
-
-    from dllm_jax import model
-    model._matmul = jnp.dot
+  apply_decode_model_arguments(ap, args)
   shapes = [s for s in args.shapes.split(",") if s]
   unknown = set(shapes) - set(SHAPES)
   if unknown:

@@ -30,12 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import (add_row_tma_argument, apply_row_tma, ceilings,  # noqa: E402
-                               hlo_kernel_ops, random_params, run_meta, save_json,
+from benchmarks.common import (add_decode_model_arguments, apply_decode_model_arguments,  # noqa: E402
+                               ceilings, hlo_kernel_ops, random_params, run_meta, save_json,
                                traced_gpu_events)
 from benchmarks.decode import PROMPT, SHAPES, forward_loop  # noqa: E402
 from dllm_jax import decoding, model  # noqa: E402
-from dllm_jax.config import KERNEL_LAYOUTS  # noqa: E402
 
 
 def _busy_ns(events):
@@ -70,8 +69,6 @@ def main():
   ap.add_argument("--no-ceilings", action="store_true")
   ap.add_argument("--decode-programs", type=int, default=0,
                   help="the decode kernel's `programs` knob (0: its default)")
-  ap.add_argument("--plain-dot", action="store_true",
-                  help="multiply a single row as one (model._matmul's baseline)")
   ap.add_argument("--matvec-knobs", default="",
                   help="knobs of kernels/matvec.norm_matvec for both of a layer's launches, "
                        "e.g. 'block_k=256,num_stages=4'")
@@ -83,23 +80,13 @@ def main():
   ap.add_argument("--o-knobs", default="",
                   help="knobs of the o launch that combines row_attention's splits "
                        "(combined_matvec_partials), e.g. 'block_n=64'")
-  ap.add_argument("--kernel-layout", default="auto", choices=("auto",) + KERNEL_LAYOUTS,
-                  help="model.kernel_layout: the projection kernels [*in, *out] or [*out, *in]; "
-                       "auto: model.decode_kernel_layout's (out_in where the one-row kernels "
-                       "run), as decode.py")
-  ap.add_argument("--no-row-attention", action="store_true",
-                  help="model.ROW_ATTENTION off: the one-row step's RoPE, cache write and "
-                       "split combine as XLA kernels around decode_attention (the baseline of "
-                       "kernels/decode.row_attention)")
   ap.add_argument("--row-attention-knobs", default="",
                   help="knobs of kernels/decode.row_attention, e.g. 'splits=2,block_k=32'")
-  add_row_tma_argument(ap)
+  add_decode_model_arguments(ap)
   args = ap.parse_args()
   if args.forward and args.diffusion:
     ap.error("--forward and --diffusion each profile a loop of their own: give one")
-  if args.no_row_attention:
-    model.ROW_ATTENTION = False
-  apply_row_tma(args.row_tma)
+  apply_decode_model_arguments(ap, args)
   if args.row_attention_knobs:
     from dllm_jax.kernels import decode as decode_kernels
 
@@ -143,10 +130,6 @@ def main():
     matvec.combined_matvec_partials = functools.partial(
         matvec.combined_matvec_partials, **one(args.o_knobs, "--o-knobs", PARTIAL_KNOBS))
   if args.plain_dot:
-    if args.kernel_layout == "out_in":
-      ap.error("--plain-dot multiplies [K, N] weights: --kernel-layout in_out only")
-    args.kernel_layout = "in_out"
-    model._matmul = jnp.dot
     args.tag = args.tag or "_plaindot"  # never overwrite the default run's JSON
   if args.decode_programs:
     from dllm_jax import kernels

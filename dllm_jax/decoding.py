@@ -47,9 +47,10 @@ The authors' semantics kept (their `batch_sample`, per row):
   (the reference takes it for the whole batch with `.any()`);
 * a full block is committed by one forward; the argmax at its last position is the next block's
   first token (greedy, as in the reference, also when sampling);
-* a row stops once a stop token is decoded with no mask before it, or when the block holding its
-  `max_new_tokens`-th token is fully decoded (blocks are decoded whole, as in the reference, so the
-  first N tokens do not depend on N);
+* a row stops once a stop token is decoded with no mask before it, or once its first
+  `max_new_tokens` tokens are all decoded. The reference decodes the rest of that block too;
+  those rounds change no token before it, so the first N tokens still do not depend on N, and a
+  limit early in a block does not cost the block's remaining rounds;
 * sampling (temperature, top-p) draws every row from its own distribution with its own key (the
   reference's top-p path draws every row from row 0's distribution).
 
@@ -378,9 +379,9 @@ def _is_stop(tokens, stop_token_ids):
 # Diffusion decoding
 
 
-def _status(st_tokens, st_masked, block_start, plen, config):
+def _status(st_tokens, st_masked, plen, config):
   """(done, length) per row from the decoded tokens; see the stopping rules in the docstring."""
-  n, bs = config.max_new_tokens, config.block_size
+  n = config.max_new_tokens
   pos = jnp.arange(st_tokens.shape[1], dtype=jnp.int32)[None, :]
   generated = (pos >= plen[:, None]) & (pos < (plen + n)[:, None])
   stop_at = jnp.where(generated & ~st_masked & _is_stop(st_tokens, config.stop_token_ids),
@@ -388,10 +389,7 @@ def _status(st_tokens, st_masked, block_start, plen, config):
   first_stop = jnp.min(stop_at, axis=1)
   masked_before = jnp.any(st_masked & (pos >= plen[:, None]) & (pos < first_stop[:, None]), axis=1)
   stopped = (first_stop < st_tokens.shape[1]) & ~masked_before
-  block_end = block_start + bs
-  in_block = (pos >= block_start[:, None]) & (pos < block_end[:, None])
-  block_decoded = ~jnp.any(st_masked & in_block, axis=1)
-  at_limit = block_decoded & (block_end >= plen + n)
+  at_limit = ~jnp.any(st_masked & generated, axis=1)
   length = jnp.where(stopped, first_stop - plen + 1, n)
   return stopped | at_limit, length.astype(jnp.int32)
 
@@ -425,7 +423,7 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
   masked = masked.at[rows, plen].set(masked[rows, plen] & ~ar_first)
   block_start = (plen // bs) * bs
 
-  done, length = _status(tokens, masked, block_start, plen, config)
+  done, length = _status(tokens, masked, plen, config)
   state = DecodeState(
       tokens=tokens, masked=masked, cache=cache, block_start=block_start,
       has_block_kv=jnp.zeros(batch, bool), done=done | ~valid,
@@ -530,7 +528,7 @@ def _diffusion(params, cfg: ModelConfig, prompt_BP, plen_B, keys_B, config: Deco
     block_start = jnp.where(commit, st.block_start + bs, st.block_start)
     has_block_kv = jnp.where(commit, False, st.has_block_kv | full)
 
-    done, length = _status(tokens, masked, block_start, plen, config)
+    done, length = _status(tokens, masked, plen, config)
     new = DecodeState(
         tokens=tokens, masked=masked, cache=cache, block_start=block_start,
         has_block_kv=has_block_kv, done=st.done | done,

@@ -110,7 +110,7 @@ def reference_decode(params, prompt, cfg: DecodeConfig):
                        if not masked[i] and seq[i] in stop), None)
     if first_stop is not None and not any(masked[p:first_stop]):
       return seq[p:first_stop + 1], nfe, sub_forwards
-    if not any(masked[block_start:block_end]) and block_end >= p + n:
+    if len(seq) >= p + n and not any(masked[p:p + n]):  # (not the rest of the block)
       return seq[p:p + n], nfe, sub_forwards
     if not any(masked[block_start:block_end]):  # commit
       nfe += 1
@@ -190,13 +190,34 @@ def test_per_layer_params_decode_the_same_tokens(params, mode, dual):
 
 
 def test_fewer_new_tokens_give_a_prefix(params):
-  """Blocks are decoded whole, so the first N tokens do not depend on max_new_tokens."""
+  """A row stops once its first N tokens are decoded, on the trajectory a longer limit takes, so
+  they do not depend on max_new_tokens."""
   prompts, lengths = _prompts(LENGTHS)
   kw = dict(block_size=BS, sub_block_size=SBS, threshold=0.5)
   long, _, _ = _decode(params, prompts, lengths, DecodeConfig(max_new_tokens=21, **kw))
   short, lens, _ = _decode(params, prompts, lengths, DecodeConfig(max_new_tokens=13, **kw))
   assert np.all(lens == 13)
   np.testing.assert_array_equal(short, long[:, :13])
+
+
+@pytest.mark.parametrize("dual", [False, True])
+def test_a_limit_early_in_a_block_ends_the_row_there(params, dual):
+  # Threshold 1: one token a round. A prompt of two whole blocks takes its first token from the
+  # prefill (a forward). 4 tokens fill its first sub-block: 3 rounds, not the 7 that finish the
+  # block; 12 take the block's 7 rounds, its commit (the 9th token) and the next block's first
+  # sub-block (3 rounds). A prompt 3 slots into a block: 1 token is 1 round (its sub-block's
+  # last slot), not 5. A limit inside a sub-block may wait for slots past it (the most confident
+  # goes first): the transcription says how many.
+  prompts, lengths = _prompts([2 * BS, 2 * BS + 3], seed=4)
+  for row, n, want in [(0, 4, 1 + 3), (0, 12, 1 + 7 + 1 + 3), (0, 1, 1), (1, 1, 1 + 1),
+                       (0, 3, None), (1, 3, None)]:
+    cfg = DecodeConfig(max_new_tokens=n, block_size=BS, sub_block_size=SBS, threshold=1.0,
+                       use_dual_cache=dual)
+    out, lens, stats = _decode(params, prompts[row:row + 1], lengths[row:row + 1], cfg)
+    ref, ref_nfe, _ = reference_decode(params, list(prompts[row, :lengths[row]]), cfg)
+    np.testing.assert_array_equal(out[0], ref)
+    assert lens[0] == n and stats["nfe"][0] == ref_nfe, (row, n, stats["nfe"][0], ref_nfe)
+    assert want is None or ref_nfe == want, (row, n, ref_nfe, want)
 
 
 def test_stop_token_and_rows_finish_independently(params):

@@ -122,7 +122,11 @@ class DataStats:
     bad = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
     total = self.tokens + self.padding
     fill = self.tokens / total if total else 0.0
-    return (f"{self.records} records, {self.samples} packed, skipped {bad}; "
+    # A record read but not yet placed waits for the next batch (a run that stops at
+    # train.steps leaves one): neither packed nor skipped.
+    waiting = self.records - self.samples - sum(self.skipped.values())
+    wait = f", {waiting} read for the next batch" if waiting else ""
+    return (f"{self.records} records, {self.samples} packed{wait}, skipped {bad}; "
             f"{self.loss_tokens} loss tokens, rows {fill:.0%} filled")
 
 

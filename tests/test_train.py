@@ -619,3 +619,12 @@ def test_a_model_path_that_is_not_one_is_named_by_its_key(tmp_path):
   with pytest.raises(convert.CheckpointError,
                      match=r"^init\.source=/nonexistent/m: .*does not exist"):
     training.build_model(_cfg(tmp_path / "run", extra=["init.source=/nonexistent/m"]))
+
+
+def test_the_data_summary_accounts_for_every_record_read():
+  # A run that stops at train.steps has read the record that opens the next batch: it was
+  # reported as neither packed nor skipped ("12801 records, 12800 packed, skipped none").
+  from dllm_jax import data
+  text = data.DataStats(records=12801, samples=12799, skipped={"too_long": 1}).summary()
+  assert "12801 records, 12799 packed, 1 read for the next batch, skipped too_long: 1" in text
+  assert "next batch" not in data.DataStats(records=5, samples=5).summary()

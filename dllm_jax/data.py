@@ -145,6 +145,10 @@ def jsonl_paths(source: str, key: str = "data.source") -> list[str]:
     found = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
     if not found or not all(os.path.isfile(p) for p in found):
       where = "" if os.path.isabs(part) else f" (relative to {os.getcwd()})"
+      folder = next((p for p in found if os.path.isdir(p)), None)
+      if folder is not None:
+        raise ConfigError(f"{key}: {folder!r} is a directory{where}; give the JSONL files in it, "
+                          f"e.g. {os.path.join(folder, '*.jsonl')!r}")
       raise ConfigError(f"{key}: {part!r} matches no file{where}; give JSONL paths (comma-"
                         "separated, globs allowed)"
                         + (" or 'synthetic'" if key == "data.source" else ""))

@@ -768,8 +768,10 @@ def check_end_of_run(cfg, model_cfg: ModelConfig) -> None:
   held-out evaluation without held-out data, an HF export the model has no class for."""
   from dllm_jax import convert, data
 
-  if (cfg.train.eval_batches and not cfg.data.eval_source
-      and cfg.data.source.strip() not in ("synthetic", "")):  # (an empty source: data says so)
+  jsonl = cfg.data.source.strip() not in ("synthetic", "")  # (an empty source: data says so)
+  if jsonl:  # (before what its held-out data would be: a mistyped path is the likelier mistake)
+    data.jsonl_paths(cfg.data.source)
+  if cfg.train.eval_batches and not cfg.data.eval_source and jsonl:
     raise ConfigError(f"train.eval_batches={cfg.train.eval_batches} evaluates on "
                       "data.eval_source, which is empty: give held-out JSONL files, or set "
                       "train.eval_batches=0")

@@ -572,17 +572,24 @@ def test_several_processes_without_a_coordinator_are_refused(tmp_path, monkeypat
 
 def test_settings_a_run_would_ignore_or_misread_are_refused_first(tmp_path, capsys):
   # Each before a step, by the key to change: rows past the model's context, a tokenizer for a
-  # source that brings its own, an empty data source (was reported as a held-out data problem),
-  # and a second --config (argparse kept the last one without a word).
+  # source that brings its own, an empty, missing or directory data source (the first two were
+  # reported as a held-out data problem), and a second --config (argparse kept the last one without a word).
   run = str(tmp_path / "run")
   for extra, match in ((["model.max_position_embeddings=32"],  # (SHORT's rows: 48)
                         r"data.seq_len=48 is longer than the model's context "
                         r"\(max_position_embeddings=32\)"),
                        ([f"init.source={tmp_path}", "init.tokenizer=/x"],
                         "init.tokenizer='/x' is for init.source=random"),
-                       (["data.source="], "data.source is empty")):
+                       (["data.source="], "data.source is empty"),
+                       ([f"data.source={tmp_path}"],
+                        rf"data.source: '{tmp_path}' is a directory; give the JSONL files in "
+                        rf"it, e.g. '{tmp_path}/\*.jsonl'")):
     with pytest.raises(Exception, match=match):
       training.train(_cfg(run, extra=extra))
+  # A mistyped path with held-out evaluation on: was reported as the held-out data missing.
+  with pytest.raises(ConfigError, match=r"data.source: '.*nope.jsonl' matches no file"):
+    training.train(run_config.load(TINY, SHORT + [f"train.run_dir={run}", "train.eval_batches=2",
+                                                  f"data.source={tmp_path / 'nope.jsonl'}"]))
   assert not list(tmp_path.glob("run/checkpoints/*"))  # (no step trained, none saved)
   sys.path.insert(0, str(REPO))
   import train as train_py

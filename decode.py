@@ -198,6 +198,15 @@ def chat(args, pretrained, cfg, stdin=None, out=None) -> dict:
   """Multi-turn chat: each line typed is a user turn; an empty line or EOF ends it."""
   stdin, out = stdin or sys.stdin, out or sys.stdout
   tok = pretrained.tokenizer
+  # --max-new-tokens past what even a one-word first message leaves room for is a flag error,
+  # not a turn to retype.
+  probe = encode_at(tok, [{"role": "user", "content": "hi"}], "a one-word message",
+                    args.no_chat_template)
+  try:
+    _check_lengths([probe], pretrained.config, cfg,
+                   prompt_width(len(probe), cfg, pretrained.config, steps=4), ["--chat"])
+  except UsageError as e:
+    raise UsageError(f"--chat: no turn would fit, not even a one-word message: {e}") from None
   decoder = Decoder(pretrained, cfg, args.seed)
   conversation, turns = [], []
   print("chat: type a message, an empty line to quit", file=out)
@@ -218,7 +227,9 @@ def chat(args, pretrained, cfg, stdin=None, out=None) -> dict:
       _check_lengths([ids], pretrained.config, cfg, width, ["this turn"])
     except UsageError as e:
       conversation.pop()
-      print(f"decode.py: {e}; the conversation is too long for another turn", file=out)
+      print(f"decode.py: {e}; " + ("the conversation is too long for another turn" if turns
+                                   else "this message is not taken: type a shorter one"),
+            file=out)
       continue
     (gen, nfe), = decoder([ids], width, 1)
     reply = tok.decode(_strip_stop(gen, cfg))

@@ -248,11 +248,24 @@ def test_chat_keeps_the_conversation(dirs, monkeypatch, capsys):
 def test_chat_refuses_a_turn_past_the_context_and_goes_on(dirs, monkeypatch, capsys):
   # A turn whose conversation and reply would reach past the model's context (256 here) is
   # refused by name and not taken; the chat, and the conversation before it, go on.
-  monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 250 + "\nhi\n\n"))
+  monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 250 + "\nhi\n" + "y" * 230 + "\n\n"))
   result = decode.main(["--checkpoint", dirs["diffusion"], "--chat", "--mode", "ar",
                         "--max-new-tokens", "6"])
   assert [t["user"] for t in result["turns"]] == ["hi"]
-  assert "the conversation is too long for another turn" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  first, later = out.split("this message is not taken: type a shorter one")
+  assert "too long for another turn" not in first and "too long for another turn" in later
+
+
+def test_chat_refuses_a_reply_length_no_message_leaves_room_for(dirs, monkeypatch, capsys):
+  # --max-new-tokens 256 of the model's 256 positions: every turn was refused as "too long for
+  # another turn", and the chat exited 0.
+  monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n\n"))
+  with pytest.raises(SystemExit) as e:
+    decode.main(["--checkpoint", dirs["diffusion"], "--chat", "--max-new-tokens", "256"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "a one-word message" in err and "--max-new-tokens" in err
 
 
 def test_prompt_padding_never_costs_context():

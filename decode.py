@@ -329,4 +329,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
+  decoding_cli.cli_warnings("decode.py")
   main()

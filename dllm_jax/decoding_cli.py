@@ -41,6 +41,13 @@ class UsageExit(SystemExit):
     return self.message
 
 
+def cli_warnings(prog: str) -> None:
+  """Warnings printed as `prog: warning: message`, like the errors' lines, where Python's default
+  prints the file and line that raised them and that line's source (for a command-line user,
+  noise around the message)."""
+  warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"
+
+
 def usage_exit(prog: str, message: str) -> UsageExit:
   """The exit for `prog: error: message`, the line written to stderr first (a SystemExit with an
   integer status prints nothing itself)."""

@@ -337,4 +337,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
+  decoding_cli.cli_warnings("python -m dllm_jax.eval")
   main()

@@ -286,12 +286,15 @@ def test_command_line_subprocess(dirs):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   proc = subprocess.run(
       [sys.executable, str(ROOT / "decode.py"), "--checkpoint", dirs["ar"], "--prompt", "hi",
-       "--mode", "ar", "--max-new-tokens", "5", "--json"],
+       "--mode", "ar", "--max-new-tokens", "5", "--json", "--threshold", "0.5"],
       capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr
   out = json.loads(proc.stdout)
   assert out["summary"]["mode"] == "ar" and 1 <= out["results"][0]["tokens"] <= 5
   assert out["summary"]["tokens_per_forward"] == pytest.approx(1.0)
+  # A warning is one line in the errors' form, not Python's file, line and source.
+  assert "decode.py: warning: --threshold set the diffusion decoder" in proc.stderr
+  assert "UserWarning" not in proc.stderr
 
 
 def test_the_parser_answers_without_importing_jax():

@@ -272,8 +272,11 @@ def _check_out(out: str, inputs: Sequence[str]) -> None:
     raise decoding_cli.UsageError(f"--out {out}: the directory {parent} is not writable")
 
 
+PROG = "python -m dllm_jax.eval"  # (its errors' and warnings' prefix)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m dllm_jax.eval", description=__doc__,
+  parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("task", choices=["gsm8k"])
   decoding_cli.add_arguments(parser, batch_size=32)
@@ -337,5 +340,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-  decoding_cli.cli_warnings("python -m dllm_jax.eval")
+  decoding_cli.cli_warnings(PROG)
   main()

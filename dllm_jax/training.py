@@ -768,10 +768,8 @@ def check_end_of_run(cfg, model_cfg: ModelConfig) -> None:
   held-out evaluation without held-out data, an HF export the model has no class for."""
   from dllm_jax import convert, data
 
-  jsonl = cfg.data.source.strip() not in ("synthetic", "")  # (an empty source: data says so)
-  if jsonl:  # (before what its held-out data would be: a mistyped path is the likelier mistake)
-    data.jsonl_paths(cfg.data.source)
-  if cfg.train.eval_batches and not cfg.data.eval_source and jsonl:
+  if (cfg.train.eval_batches and not cfg.data.eval_source
+      and cfg.data.source.strip() not in ("synthetic", "")):  # (an empty source: data says so)
     raise ConfigError(f"train.eval_batches={cfg.train.eval_batches} evaluates on "
                       "data.eval_source, which is empty: give held-out JSONL files, or set "
                       "train.eval_batches=0")
@@ -800,6 +798,10 @@ def train(cfg, *, resume: bool = False) -> dict:
   except ValueError as e:  # (sizes that do not fit the devices, named)
     raise ConfigError(str(e)) from None
   check_batch_size(cfg.data.batch_size, cfg.train.grad_accum, mesh)
+  # A data.source that names no file, by that key, before the model loads (minutes for a 7B) and
+  # before the held-out checks, which would report it as held-out data missing.
+  if cfg.data.source.strip() not in ("synthetic", ""):  # (an empty source: make_dataset says so)
+    data.jsonl_paths(cfg.data.source)
   # (A resume is built from its run's own files where it can.)
   built = ((run_model(cfg, run_dir, checkpoint.saved_steps(run_dir)) if resume else None)
            or build_model(cfg))

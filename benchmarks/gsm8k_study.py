@@ -17,10 +17,11 @@ a study can be spread over several calls on one machine):
   diffeval  diffusion model at thresholds 1.0 .. 0.7 and sub-blocks 4, 8, 16, 32; whole test set,
             batch 32; agreement with the same sub-block size's threshold-1.0 answers
   (`eval` means areval,diffeval.)
---jobs N runs zeroshot, areval and diffeval as up to N processes sharing the GPU (one per
-sub-block size): a 135M model's decode step is launch-bound, so they overlap well. Their
-batch-32 tokens/s are then shared-GPU figures, marked so in study.json (`concurrent_jobs`: how
-many jobs could share the GPU at most; fewer did once the shorter jobs ended).
+--jobs N runs the two fine-tunes side by side, and zeroshot, areval and diffeval as up to N
+processes sharing the GPU (one per sub-block size): a 135M model's decode step is launch-bound,
+so they overlap well. Their wall times and batch-32 tokens/s are then shared-GPU figures, marked
+so in study.json (`concurrent_jobs`: how many jobs could share the GPU at most; fewer did once
+the shorter jobs ended).
 Evaluations decode with the per-layer parameter layout (--layout) and share a JAX persistent
 compilation cache (--compile-cache, default WORK/jax_cache): the threshold is an argument of the
 compiled decoder, so each sub-block size should compile once per batch size (shown on CPU by
@@ -76,10 +77,10 @@ def _save(work: pathlib.Path, study: dict) -> None:
       pathlib.Path(os.environ["OUT"], "study.json").write_text(text)
 
 
-def stage_train(study, work, data_dir, steps, extra):
+def stage_train(study, work, data_dir, steps, extra, kinds=("ar", "diffusion")):
   from dllm_jax import run_config, training
 
-  for kind in ("ar", "diffusion"):
+  for kind in kinds:
     key = f"train_{kind}"
     if key in study:
       if study[key].get("step") != steps:
@@ -93,7 +94,8 @@ def stage_train(study, work, data_dir, steps, extra):
     t0 = time.perf_counter()
     result = training.train(cfg)
     study[key] = dict({k: v for k, v in result.items() if isinstance(v, (int, float, str))},
-                      wall_s=time.perf_counter() - t0, overrides=overrides)
+                      wall_s=time.perf_counter() - t0, overrides=overrides,
+                      concurrent_jobs=int(os.environ.get("DLLM_STUDY_JOBS", "1")))
     print(key, study[key], flush=True)
     _save(work, study)
 
@@ -162,6 +164,8 @@ def main():
                        "the thresholds of one sub-block size then compile once")
   ap.add_argument("--jobs", type=int, default=1,
                   help="concurrent processes for zeroshot/areval/diffeval (see above)")
+  ap.add_argument("--train-kinds", default="ar,diffusion",
+                  help="the fine-tunes the train stage runs (with --jobs 2, side by side)")
   ap.add_argument("--set", action="append", default=[], help="extra training overrides")
   ap.add_argument("--report", help="study.json to turn into markdown and plots")
   args = ap.parse_args()
@@ -188,8 +192,21 @@ def main():
   n = args.max_new_tokens
   thresholds = [float(t) for t in args.thresholds.split(",")]
   sub_blocks = [int(b) for b in args.sub_blocks.split(",")]
-  if "train" in stages:
-    stage_train(study, work, args.data_dir, args.steps, [f"init.source={args.base}", *args.set])
+  train_kinds = args.train_kinds.split(",")
+  if set(train_kinds) - {"ar", "diffusion"}:
+    ap.error(f"--train-kinds: unknown {sorted(set(train_kinds) - {'ar', 'diffusion'})}; choose "
+             "from ['ar', 'diffusion']")
+  if "train" in stages and args.jobs > 1 and len(train_kinds) > 1:
+    # One child a fine-tune: a 135M model's train step leaves the GPU room for the other's.
+    common = [sys.executable, os.path.abspath(__file__), "--data-dir", args.data_dir, "--work",
+              str(work), "--base", args.base, "--steps", str(args.steps), "--stages", "train",
+              "--jobs", "1", "--compile-cache", cache_dir]
+    common += [x for kv in args.set for x in ("--set", kv)]
+    _run_children([common + ["--train-kinds", k] for k in train_kinds], args.jobs, work, "train")
+    study = _load(work / "study.json")
+  elif "train" in stages:
+    stage_train(study, work, args.data_dir, args.steps, [f"init.source={args.base}", *args.set],
+                train_kinds)
   needs = {"ar": ("speed", "areval"), "diffusion": ("speed", "diffeval")}
   for kind, users in needs.items():
     if set(users) & set(stages) and not (work / kind).is_dir():
@@ -217,23 +234,7 @@ def main():
       children.append(common + ["--stages", ",".join(ar_stages)])
     if "diffeval" in evals:
       children += [common + ["--stages", "diffeval", "--sub-blocks", str(b)] for b in sub_blocks]
-    # Children allocate as they go: JAX's default would have each (and this process, which keeps
-    # its pool from the stages above) reserve most of the GPU.
-    env = dict(os.environ, DLLM_STUDY_JOBS=str(min(args.jobs, len(children))),
-               XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    started = []
-    for i, cmd in enumerate(children):
-      while sum(p.poll() is None for p, _ in started) >= args.jobs:
-        time.sleep(1)
-      log_path = work / f"job{i}.log"
-      print("[study] starting", " ".join(cmd[2:]), "->", log_path, flush=True)
-      with open(log_path, "w") as log:
-        started.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT),
-                        log_path))
-    failed = [(p, log) for p, log in started if p.wait()]
-    if failed:
-      raise SystemExit(f"{len(failed)} evaluation job(s) failed: " + "; ".join(
-          f"exit {p.returncode}, see {log}" for p, log in failed))
+    _run_children(children, args.jobs, work, "eval")
     study = _load(work / "study.json")
   else:
     jobs = int(os.environ.get("DLLM_STUDY_JOBS", "1"))
@@ -251,6 +252,28 @@ def main():
                     32, args.limit, reference=f"diff_t1.0_s{sub}", jobs=jobs,
                     layout=args.layout)
   _save(work, study)
+
+
+def _run_children(children: list[list[str]], jobs: int, work: pathlib.Path, what: str) -> None:
+  """Runs `children` (command lines) as up to `jobs` processes at a time, each logging to
+  WORK/<what><i>.log; exits naming the logs of those that failed."""
+  # Children allocate as they go: JAX's default would have each (and this process, which keeps
+  # its pool from the stages before) reserve most of the GPU.
+  env = dict(os.environ, DLLM_STUDY_JOBS=str(min(jobs, len(children))),
+             XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  started = []
+  for i, cmd in enumerate(children):
+    while sum(p.poll() is None for p, _ in started) >= jobs:
+      time.sleep(1)
+    log_path = work / f"{what}{i}.log"
+    print("[study] starting", " ".join(cmd[2:]), "->", log_path, flush=True)
+    with open(log_path, "w") as log:
+      started.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT),
+                      log_path))
+  failed = [(p, log) for p, log in started if p.wait()]
+  if failed:
+    raise SystemExit(f"{len(failed)} {what} job(s) failed: " + "; ".join(
+        f"exit {p.returncode}, see {log}" for p, log in failed))
 
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
@@ -316,8 +339,9 @@ def report(study: dict, plot_dir: pathlib.Path = DOCS) -> str:
     t = study.get(f"train_{kind}")
     if t:
       what = "next-token" if kind == "ar" else "masked-token"
-      lines.append(f"\n{kind} fine-tune: {t['step']} steps in {t['wall_s']:.0f} s, final train "
-                   f"loss {t['loss']:.3f}, held-out {what} accuracy {t['eval_accuracy']:.3f} "
+      shared = "† (both fine-tunes shared the GPU)" if t.get("concurrent_jobs", 1) > 1 else ""
+      lines.append(f"\n{kind} fine-tune: {t['step']} steps in {t['wall_s']:.0f} s{shared}, "
+                   f"final train loss {t['loss']:.3f}, held-out {what} accuracy {t['eval_accuracy']:.3f} "
                    f"(GSM8K test, {t['eval_tokens']:.0f} tokens)")
   text = "\n".join(lines)
   print(text)

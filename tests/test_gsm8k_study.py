@@ -106,3 +106,37 @@ def test_evaluate_decodes_in_the_layout_eval_would_pick(study_mod, tmp_path, mon
                       dict(mode="ar", max_new_tokens=4), 1, None)
   assert asked == [dict(mode="ar", batch=1, stacked=False)]
   assert study["speed_ar"]["kernel_layout"] == "out_in" and study["speed_ar"]["n"] == 2
+
+
+def test_unknown_train_kind_is_an_error(study_mod, tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(sys, "argv", ["gsm8k_study.py", "--data-dir", str(tmp_path), "--work",
+                                    str(tmp_path / "w"), "--stages", "train",
+                                    "--train-kinds", "ar,difusion"])
+  with pytest.raises(SystemExit):
+    study_mod.main()
+  assert "--train-kinds: unknown ['difusion']" in capsys.readouterr().err
+
+
+def test_side_by_side_fine_tunes_get_one_child_each(study_mod, tmp_path, monkeypatch):
+  # --jobs 2 trains each kind in a child of its own, passing --set through; the parent trains
+  # nothing itself and reads back what the children saved.
+  launched = []
+
+  def fake_run_children(children, jobs, work, what):
+    launched.extend(children)
+    for cmd in children:
+      kind = cmd[cmd.index("--train-kinds") + 1]
+      study_mod._save(work, {f"train_{kind}": {"step": 3, "concurrent_jobs": jobs}})
+
+  monkeypatch.setattr(study_mod, "_run_children", fake_run_children)
+  monkeypatch.setattr(study_mod, "stage_train", lambda *a, **k: pytest.fail("parent trained"))
+  monkeypatch.setattr(sys, "argv", ["gsm8k_study.py", "--data-dir", str(tmp_path), "--work",
+                                    str(tmp_path / "w"), "--stages", "train", "--steps", "3",
+                                    "--jobs", "2", "--set", "train.learning_rate=2e-4"])
+  study_mod.main()
+  assert [c[c.index("--train-kinds") + 1] for c in launched] == ["ar", "diffusion"]
+  for cmd in launched:
+    assert cmd[cmd.index("--set") + 1] == "train.learning_rate=2e-4"
+    assert cmd[cmd.index("--stages") + 1] == "train" and cmd[cmd.index("--jobs") + 1] == "1"
+  saved = json.loads((tmp_path / "w" / "study.json").read_text())
+  assert saved["train_ar"]["concurrent_jobs"] == 2 and saved["train_diffusion"]["step"] == 3

@@ -311,3 +311,33 @@ def test_a_saved_position_into_a_changed_source_is_refused(tmp_path):
   restored = data.make_dataset(cfg, TOK)
   restored.set_state(old)
   assert _prompts(restored) == rest and len(rest) == 5
+
+
+def test_block_padding_is_a_response_only_after_a_closing_answer(tmp_path):
+  # A conversation that ends with a user turn asks nothing of the block after it: with
+  # loss_on_block_padding its loss tokens stay exactly the assistant span, padding visible.
+  recs = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                        {"role": "user", "content": "bye"}]}]
+  cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", recs), seq_len=64, block_size=16,
+                   batch_size=1, shuffle=False, num_epochs=1, loss_on_block_padding=True)
+  (ids, mask), = samples_of(next(data.make_dataset(cfg, TOK)))
+  text = ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+          "<|im_start|>user\nbye<|im_end|>\n")
+  n = len(TOK.encode(text))
+  assert n % 16 and len(ids) == -(-n // 16) * 16  # (there is block padding to speak of)
+  start = len(TOK.encode(text[:text.index("yo")]))
+  end = len(TOK.encode(text[:text.index("<|im_start|>user\nbye")]))
+  np.testing.assert_array_equal(mask, (np.arange(len(ids)) >= start) & (np.arange(len(ids)) < end))
+
+
+def test_a_sample_takes_the_fewest_whole_blocks_that_hold_it():
+  # Padding to blocks adds under one block: a sample of exactly k blocks' tokens takes k blocks,
+  # not k + 1 (a whole block of padding that a diffusion step would see or, with
+  # loss_on_block_padding, predict).
+  cfg = DataConfig(seq_len=256, block_size=16)
+  lengths = []
+  for k in range(1, 40):
+    s = data.render(("x", {"prompt": "p" * k, "response": "r"}), TOK, cfg)
+    assert len(s["ids"]) == -(-s["n"] // 16) * 16, (s["n"], len(s["ids"]))
+    lengths.append(s["n"])
+  assert any(n % 16 == 0 for n in lengths)  # the case a floor-plus-one rounding gets wrong

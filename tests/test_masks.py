@@ -108,3 +108,42 @@ def test_layout_meta_of_the_3l_layout():
   np.testing.assert_array_equal(np.asarray(meta.positions), [[0, 1, 0, 1] * 3])
   np.testing.assert_array_equal(np.asarray(meta.streams), [[1] * 4 + [2] * 4 + [0] * 4])
   np.testing.assert_array_equal(np.asarray(meta.segments), [[1, 1, 2, 2] * 3])
+
+
+def brute_force_mask(kind, num_noisy, block, segments):
+  """The layout's mask written index by index from the method's rules, for samples of any number
+  of blocks (the hand-written matrices above hold at most two blocks a sample, which cannot tell
+  'every earlier block' from 'the block just before')."""
+  length = len(segments)
+  parts = num_noisy + 1 if kind == "diffusion" else 1
+  start = [0] * length  # first index of each token's run of equal segment ids
+  for i in range(1, length):
+    start[i] = start[i - 1] if segments[i] == segments[i - 1] else i
+  want = np.zeros((parts * length, parts * length), bool)
+  for q in range(parts * length):
+    for k in range(parts * length):
+      qi, ki = q % length, k % length
+      if segments[qi] != segments[ki]:
+        continue
+      # Stream s > 0 is noisy copy s (parts 0..num_noisy-1); the last part is the clean copy.
+      qs = q // length + 1 if q // length < parts - 1 else 0
+      ks = k // length + 1 if k // length < parts - 1 else 0
+      qb, kb = (qi - start[qi]) // block, (ki - start[ki]) // block  # blocks of its sample
+      if qs == 0:
+        want[q, k] = ks == 0 and kb <= qb  # clean: block-causal over the clean copy
+      else:  # noisy: its own noisy block of its own copy, every clean block strictly before
+        want[q, k] = (ks == qs and kb == qb) or (ks == 0 and kb < qb)
+  return want
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kind,num_noisy", [("block_causal", 1), ("diffusion", 1),
+                                            ("diffusion", 2)])
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_masks_of_samples_of_many_blocks_equal_the_rules(packed, kind, num_noisy, block):
+  # Samples of 4, 1 and 3 blocks, then 2 blocks of row padding: a query of a sample's fourth
+  # block must see all three clean blocks before it, not only the nearest one.
+  runs = [(1, 4), (2, 1), (3, 3), (0, 2)]
+  segments = [s for s, n in runs for _ in range(n * block)]
+  got = build(masks.MaskSpec(kind, block, num_noisy=num_noisy), segments, packed)
+  np.testing.assert_array_equal(got, brute_force_mask(kind, num_noisy, block, segments))

@@ -379,3 +379,56 @@ def test_chunked_loss_does_not_hold_all_logits(kind):
   whole, chunked = temp_bytes(0), temp_bytes(16)
   assert whole > logits_bytes  # the float32 logits of every loss position are held at once
   assert whole - chunked > 0.6 * logits_bytes, (whole, chunked, logits_bytes)
+
+
+def test_noise_rate_runs_affinely_from_eps_to_one():
+  """p = (1 - eps) t + eps with t ~ U(0, 1) is uniform on [eps, 1]. At the default eps = 1e-3 a
+  rate t + eps or max(t, eps) is indistinguishable from it; at eps = 0.5 the masked fraction of
+  a full-response block has mean 0.75 (t + eps: 0.875, max(t, eps): 0.625)."""
+  b, length, block, eps = 512, 128, 32, 0.5
+  batch = {"tokens": np.zeros((b, length), np.int32), "loss_mask": np.ones((b, length), bool),
+           "segments": np.ones((b, length), np.int32)}
+  obj = ObjectiveConfig(block_size=block, eps=eps)
+  _, _, m, _ = objective.noise(jax.random.key(0), batch, obj, 1)
+  frac = np.asarray(m).reshape(b, length // block, block).mean(-1)
+  mean = (1 + eps) / 2  # E[p]
+  # Var(frac) = Var(p) + E[p (1 - p)] / B, with E[p^2] = (1 + eps + eps^2) / 3.
+  var = (1 - eps) ** 2 / 12 + (mean - (1 + eps + eps * eps) / 3) / block
+  assert abs(frac.mean() - mean) < 0.02, frac.mean()
+  assert abs(frac.var() - var) < 0.004, (frac.var(), var)
+
+
+def test_every_position_of_a_block_is_masked_alike():
+  """Given its block's rate, each response token is masked independently of where it sits: over
+  many rows every position is masked about E[p] of the time. (Drawing the rates and the per-token
+  draws from one key would tie some tokens' draws to their block's rate.)"""
+  b, length = 1024, 128
+  batch = {"tokens": np.zeros((b, length), np.int32), "loss_mask": np.ones((b, length), bool),
+           "segments": np.ones((b, length), np.int32)}
+  obj = ObjectiveConfig()
+  _, _, m, _ = objective.noise(jax.random.key(0), batch, obj, 1)
+  per_position = np.asarray(m).mean(0)  # [length]; standard error about 0.016 each
+  mean = (1 + obj.eps) / 2
+  assert np.abs(per_position - mean).max() < 0.1, np.abs(per_position - mean).argmax()
+
+
+def test_loss_counts_each_response_token_once_within_its_sample(params):
+  """Each response token is masked in exactly one copy, so the count over both copies is the
+  number of response tokens whose left neighbour is in the same sample, whatever the noise. A
+  caller's batch may flag padding (segment 0) or a sample's first token as loss tokens: padding
+  is never noised or predicted, and a sample's first token is not predicted from the sample
+  before it (data's rows never hold either case, which hid both)."""
+  length = 48
+  segments = np.array([[1] * 16 + [2] * 24 + [0] * 8, [1] * 8 + [2] * 32 + [0] * 8], np.int32)
+  loss_mask = np.ones((2, length), bool)  # every token flagged, padding too
+  loss_mask[1, 8:12] = False  # a prompt of sample 2 in row 1
+  batch = {"tokens": random_batch(3, batch=2, length=length)["tokens"], "loss_mask": loss_mask,
+           "segments": segments}
+  resp = loss_mask & (segments > 0)
+  want = int((resp[:, 1:] & (segments[:, 1:] == segments[:, :-1])).sum())
+  obj = ObjectiveConfig(block_size=BLOCK)
+  _, _, m, mc = objective.noise(jax.random.key(4), batch, obj, CFG.mask_token_id)
+  np.testing.assert_array_equal(np.asarray(m) | np.asarray(mc), resp)
+  _, count, _ = objective.loss_fn(params, CFG, obj, batch, jax.random.key(4))
+  # Row 0: tokens 1..15 and 17..39; row 1: tokens 1..7 and 12..39 (after the prompt).
+  assert int(count) == want == 15 + 23 + 7 + 28

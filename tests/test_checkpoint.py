@@ -157,3 +157,13 @@ def test_an_unreadable_file_is_named_not_taken_for_corruption(tmp_path, monkeypa
     _restore(run_dir, src)
   assert checkpoint.saved_steps(run_dir) == [2, 4, 6]
   assert not (run_dir / "unreadable_checkpoints").exists()
+
+
+def test_load_params_reads_the_newest_params_in_their_saved_dtypes(tmp_path):
+  # decode.py and eval read a run's weights through load_params: the newest step, each array in
+  # the dtype it was trained in. The training tests' runs are all float32, so a bf16 param read
+  # back as float32 (twice its memory, and not the model trained) passed them.
+  run_dir, _, _ = _run(tmp_path)
+  step, params = checkpoint.load_params(run_dir)
+  assert step == 6
+  _assert_bit_exact(params, _state(6)["params"])

@@ -43,12 +43,34 @@ def test_param_shardings_follow_the_logical_table():
   assert specs["layers"]["attn"]["q"]["kernel"] == P(None, "fsdp", "tensor", None)
   assert specs["layers"]["attn"]["o"]["kernel"] == P(None, "tensor", None, "fsdp")
   assert specs["layers"]["mlp"]["down"]["kernel"] == P(None, "tensor", "fsdp")
+  # (k and v have their own logical axis, kv_heads: its rule mapped to None, replicating them
+  # on every tensor device, passed while only q was checked.)
+  for name in ("k", "v"):
+    assert specs["layers"]["attn"][name]["kernel"] == P(None, "fsdp", "tensor", None)
+  for name in ("gate", "up"):
+    assert specs["layers"]["mlp"][name]["kernel"] == P(None, "fsdp", "tensor")
   assert specs["final_norm"]["scale"] == P(None)
+  for name in ("attn_norm", "mlp_norm"):
+    assert specs["layers"][name]["scale"] == P(None, None)
   # Kernels stored [*out, *in]: the same mesh axes, following their logical names.
   om = _param_specs(dataclasses.replace(cfg, kernel_layout="out_in"), sharding.make_mesh(2, 2, 2))
   assert om["layers"]["attn"]["q"]["kernel"] == P(None, "tensor", None, "fsdp")
   assert om["layers"]["attn"]["o"]["kernel"] == P(None, "fsdp", "tensor", None)
   assert om["layers"]["mlp"]["down"]["kernel"] == P(None, "fsdp", "tensor")
+
+
+def test_every_logical_axis_of_the_params_has_a_rule():
+  # flax maps a logical name the rules lack to None: a parameter axis named outside the table (a
+  # typo, a rule dropped) would be replicated on every device without a word. Dropping the
+  # head_dim rule, say, changes nothing today only because that rule is None.
+  named = {name for name, _ in sharding.PARAM_RULES}
+  qwen2 = dataclasses.replace(TINY, architecture="qwen2", qkv_bias=True)
+  for cfg in (TINY, qwen2, dataclasses.replace(TINY, tie_embeddings=True)):
+    for layout in ("in_out", "out_in"):
+      specs = model.param_logical_axes(dataclasses.replace(cfg, kernel_layout=layout))
+      used = {a for spec in jax.tree_util.tree_leaves(
+          specs, is_leaf=lambda x: isinstance(x, P)) for a in spec if a is not None}
+      assert used and used <= named, (cfg.architecture, layout, used - named)
 
 
 def test_indivisible_dim_falls_back_to_replicated_and_is_logged(caplog):
@@ -182,3 +204,33 @@ def test_grad_accumulation_is_count_weighted():
   assert losses_1[-1] < losses_1[0]
   for a, b in zip(jax.tree_util.tree_leaves(params_1), jax.tree_util.tree_leaves(params_2)):
     np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_each_step_draws_its_own_noise_and_the_first_applies_lr_0():
+  # Step s draws its noise from fold_in(the run's base key, s), which a resumed run replays
+  # without a saved RNG stream. A key that ignored the step (every step masking alike) passed
+  # every test: the resume tests compare runs that share it. Same params, batch and base key
+  # here, so only the noise tells the losses apart.
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  obj = objective.ObjectiveConfig(kind="diffusion", block_size=8)
+  cfg = TrainConfig(steps=4, learning_rate=1e-3, warmup_ratio=0.5)
+  tx = training.make_optimizer(cfg)
+  sh, _ = training.state_shardings(TINY, tx, mesh)
+  step_fn = training.make_train_step(TINY, obj, cfg, tx, mesh, sh)
+  batch = training.shard_batch(_batches(1)[0], 1, mesh)
+  start = jax.device_get(training.init_state(None, TINY, tx, seed=0, shardings=sh))
+
+  def run(step, rng=start.rng):
+    # (a fresh copy each time: the step donates its state)
+    state, metrics = step_fn(jax.device_put(start.replace(step=np.int32(step), rng=rng), sh),
+                             batch)
+    return float(metrics["loss"]), jax.device_get(state.params)
+
+  loss, after = run(0)
+  assert run(0)[0] == loss  # (deterministic: the differences below are the noise's)
+  assert run(1)[0] != loss
+  assert run(0, rng=np.asarray([0, 1], np.uint32))[0] != loss
+  # The warmup starts at lr 0 (as HF's): the first update leaves every param as it was. (An
+  # optimizer whose schedule ran a step ahead of its updates passed: nothing read the lr applied.)
+  for a, b in zip(jax.tree_util.tree_leaves(start.params), jax.tree_util.tree_leaves(after)):
+    np.testing.assert_array_equal(b, a)

@@ -1,11 +1,13 @@
 """The training loop end to end: the quick start, exact resume after SIGKILL, save on SIGTERM,
 and falling back from a corrupt or partial latest checkpoint."""
 
+import contextlib
 import dataclasses
 import gc
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -15,11 +17,12 @@ import textwrap
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 
-from dllm_jax import checkpoint, run_config, training
+from dllm_jax import checkpoint, run_config, sharding, training
 from dllm_jax.config import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -90,6 +93,35 @@ def reference(tmp_path_factory):
   return run_dir, losses
 
 
+def _saved(run_dir, step):
+  """(TrainState as host arrays, data position) of checkpoint `step` of a run made by `_cfg`."""
+  cfg = _cfg(run_dir)
+  tx = training.make_optimizer(cfg.train)
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  sh, shapes = training.state_shardings(checkpoint.saved_model_config(run_dir), tx, mesh)
+  target = ocp.args.StandardRestore(training.abstract_state(sh, shapes))
+  with contextlib.closing(checkpoint.manager(run_dir, async_save=False, create=False)) as mgr:
+    state = mgr.restore(step, args=ocp.args.Composite(state=target))["state"]
+  position = pathlib.Path(run_dir, "checkpoints", str(step), "data", "process_0-of-1.json")
+  return jax.device_get(state), json.loads(position.read_text())
+
+
+def _assert_ends_as(run_dir, ref_dir, step=STEPS):
+  """The run's checkpoint `step` is the reference's, bit for bit: the step counter, params,
+  every optimizer moment and count (the schedule's position), the base key, and where the data
+  iterator stands. Bit for bit, not to a tolerance: on CPU the resumed run compiles the same
+  programs and feeds them the same values. The losses alone passed a resume that restored the
+  AdamW second moments through bfloat16 (within their rtol=1e-6), and they never see the last
+  update or the data position after it."""
+  (got, got_position), (want, want_position) = _saved(run_dir, step), _saved(ref_dir, step)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  paths = jax.tree_util.tree_flatten_with_path(want)[0]
+  for (path, w), g in zip(paths, jax.tree_util.tree_leaves(got)):
+    same = g.dtype == w.dtype and np.asarray(g).tobytes() == np.asarray(w).tobytes()
+    assert same, f"{jax.tree_util.keystr(path)} differs from the uninterrupted run's"
+  assert got_position == want_position
+
+
 def _wrap_step(monkeypatch, at_call, action):
   """Makes the loop's step function run `action()` right after its `at_call`-th call."""
   real = training.make_train_step
@@ -153,10 +185,11 @@ def test_sigkill_then_resume_continues_the_loss_curve(reference, tmp_path):
   steps, losses = _losses(run_dir)
   assert steps == list(range(1, STEPS + 1))  # the lost steps were logged once, not twice
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  _assert_ends_as(run_dir, ref_dir)  # (steps 7 and 8 trained twice, the data replayed too)
 
 
 def test_sigterm_saves_and_stops_then_resume_finishes(reference, tmp_path, monkeypatch):
-  _, ref_losses = reference
+  ref_dir, ref_losses = reference
   run_dir = tmp_path / "run"
   _wrap_step(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM))
   result = training.train(_cfg(run_dir))
@@ -165,6 +198,7 @@ def test_sigterm_saves_and_stops_then_resume_finishes(reference, tmp_path, monke
   monkeypatch.undo()
   assert not training.train(_cfg(run_dir), resume=True)["stopped"]
   np.testing.assert_allclose(_losses(run_dir)[1], ref_losses, rtol=1e-6)
+  _assert_ends_as(run_dir, ref_dir)
 
 
 def test_train_py_exits_143_on_a_run_sigterm_stopped(monkeypatch, capsys):
@@ -198,6 +232,78 @@ def test_refuses_to_overwrite_a_run_without_resume(reference):
   ref_dir, _ = reference
   with pytest.raises(training.ConfigError, match="pass --resume"):
     training.train(_cfg(ref_dir))
+
+
+def test_each_checkpoint_holds_its_step_and_the_data_position_after_its_batches(reference):
+  # A checkpoint of step k must hold state.step k, optimizer counts k (the schedule's position)
+  # and the data iterator just past its k-th batch. A resume compares against a run with the
+  # same mistake, so a loop that drew one batch more before ending (the final checkpoint a batch
+  # late: extending the run with a larger train.steps would skip it) passed every resume test.
+  from dllm_jax import data
+  ref_dir, _ = reference
+  cfg = _cfg(ref_dir)
+  _, tokenizer, _ = checkpoint.saved_model(ref_dir)
+  it = data.make_dataset(cfg.data, tokenizer)
+  drawn = 0
+  for step in checkpoint.saved_steps(ref_dir):
+    state, position = _saved(ref_dir, step)
+    for _ in range(step - drawn):
+      next(it)
+    drawn = step
+    assert position == json.loads(json.dumps(it.get_state())), step
+    assert int(state.step) == step
+    counts = [int(x) for x in jax.tree_util.tree_leaves(state.opt_state)
+              if np.issubdtype(x.dtype, np.integer)]
+    assert counts and set(counts) == {step}, counts
+  it.close()
+
+
+def test_the_logged_lr_is_the_schedules_at_the_step_it_updates(reference):
+  # Step k (1-based in metrics.jsonl) applies the schedule at k - 1 (AdamW's count before the
+  # update: the first step's lr is 0, as HF's warmup). A log one step ahead passed.
+  ref_dir, _ = reference
+  schedule = training.lr_schedule(_cfg(ref_dir).train)
+  records = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+  np.testing.assert_allclose([r["lr"] for r in records],
+                             [float(schedule(r["step"] - 1)) for r in records], rtol=1e-6)
+  assert records[0]["lr"] == 0.0
+
+
+def test_lr_schedule_warms_up_from_zero_then_holds_or_decays_to_its_floor():
+  # The schedule is rebuilt from the config on every start, so its shape is all there is: the
+  # decay must end at train.steps (optax counts the warmup into decay_steps; giving it
+  # steps - warmup reached the floor early and passed, as no test read the schedule).
+  from dllm_jax.config import TrainConfig
+  cosine = training.lr_schedule(TrainConfig(steps=100, learning_rate=1e-3, warmup_ratio=0.1,
+                                            schedule="cosine", min_lr_ratio=0.1))
+  for step, lr in ((0, 0.0), (5, 5e-4), (10, 1e-3), (55, 5.5e-4), (100, 1e-4), (150, 1e-4)):
+    np.testing.assert_allclose(float(cosine(step)), lr, rtol=1e-5, atol=1e-12, err_msg=step)
+  constant = training.lr_schedule(TrainConfig(steps=100, learning_rate=1e-3, warmup_ratio=0.1))
+  for step, lr in ((0, 0.0), (5, 5e-4), (10, 1e-3), (99, 1e-3)):
+    np.testing.assert_allclose(float(constant(step)), lr, rtol=1e-5, atol=1e-12, err_msg=step)
+
+
+def test_held_out_batches_each_draw_their_own_noise(tmp_path, monkeypatch):
+  # One key for every held-out batch gives each the same draw of masking rates and positions;
+  # the evaluation's result is printed, never compared, so that passed.
+  from dllm_jax import objective
+  cfg = run_config.load(TINY, SHORT + ["train.eval_batches=3"])
+  _, model_cfg, tokenizer, _ = training.build_model(cfg)
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  tx = training.make_optimizer(cfg.train)
+  sh, _ = training.state_shardings(model_cfg, tx, mesh)
+  state = training.init_state(None, model_cfg, tx, cfg.train.seed, sh)
+  real, keys = objective.eval_masked_accuracy, []
+
+  def spy(params, model_cfg, obj_cfg, batch, rng):
+    jax.debug.callback(lambda k: keys.append(np.asarray(k).tobytes()), rng)
+    return real(params, model_cfg, obj_cfg, batch, rng)
+  monkeypatch.setattr(objective, "eval_masked_accuracy", spy)
+  first = training.evaluate(state, model_cfg, cfg, tokenizer, mesh, sh)
+  assert len(keys) == 3 and len(set(keys)) == 3
+  # (and the same keys each time: evaluations of a run's checkpoints share their noise)
+  assert training.evaluate(state, model_cfg, cfg, tokenizer, mesh, sh) == first
+  assert keys[3:] == keys[:3]
 
 
 def test_resume_with_another_process_count_is_refused_by_name(reference, tmp_path):
@@ -245,6 +351,7 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(reference, tmp_path):
   for name in ("config.json", "model.json"):
     assert json.loads((run_dir / name).read_text())["model"]["kernel_layout"] == "in_out"
   np.testing.assert_allclose(_losses(run_dir)[1], ref_losses, rtol=1e-6)
+  _assert_ends_as(run_dir, ref_dir)
   # The unreadable checkpoint was set aside, and step 10 saved afresh.
   assert (run_dir / "unreadable_checkpoints" / "10" / "state").is_dir()
   assert checkpoint.load_params(run_dir)[0] == 10
@@ -501,6 +608,44 @@ def test_check_resume_names_what_changed_and_skips_settings_one_side_lacks(tmp_p
   kept = sorted(p.name for p in tmp_path.glob("config.before_step_3*.json"))
   assert kept == ["config.before_step_3.1.json", "config.before_step_3.json"]
   assert json.loads((tmp_path / "config.before_step_3.json").read_text())["train"]["steps"] == 5
+
+
+def test_a_resume_refuses_a_change_to_every_setting_that_shapes_its_steps(tmp_path):
+  # A resumed run may change how long it runs, what it logs and evaluates, how it is laid out
+  # and checkpointed and where its model came from; anything else (the data and its order, the
+  # objective, the optimizer, the seed) makes its steps another run's. Only three settings were
+  # tried above, so train.weight_decay added to the free ones passed. Each setting is changed
+  # in turn in the saved config.json: those not listed here must be refused by name.
+  free = {"train.steps", "train.log_every", "train.progress", "train.eval_batches",
+          "train.export_hf", "train.run_dir", "train.grad_accum", "data.eval_source",
+          "data.eval_records", "data.strict", "objective.loss_chunk"}
+  free_sections = ("init", "mesh", "checkpoint", "model")  # (model.json is compared instead)
+  cfg = _cfg(tmp_path)
+  saved = json.loads(run_config.to_json(cfg))
+
+  def other(value):
+    if isinstance(value, bool):
+      return not value
+    if isinstance(value, (int, float)):
+      return value + 1
+    return 1 if value is None else f"{value}x"
+
+  tried = 0
+  for section, fields in saved.items():
+    for name, value in fields.items():
+      key = f"{section}.{name}"
+      if isinstance(value, (dict, list)):
+        assert section in free_sections, key  # (a nested setting: other() cannot change it)
+        continue
+      (tmp_path / "config.json").write_text(json.dumps(
+          {**saved, section: {**fields, name: other(value)}}))
+      if key in free or section in free_sections:
+        training.check_resume(tmp_path, cfg, cfg.model)
+      else:
+        with pytest.raises(ConfigError, match=f"{re.escape(key)}="):
+          training.check_resume(tmp_path, cfg, cfg.model)
+        tried += 1
+  assert tried >= 25  # (every data, objective and optimizer setting, not a handful)
 
 
 def test_a_run_keeps_its_kernel_layout_and_old_runs_are_in_out(tmp_path):

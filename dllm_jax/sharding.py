@@ -123,12 +123,29 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) ->
   return PartitionSpec(*dims)
 
 
+def _check_named(logical_specs: Any) -> None:
+  """Refuses a logical axis name the table lacks: flax would map it to None, replicating that
+  dim on every device without a word (a typo in a layer's axis names, or a rule dropped)."""
+  known = {name for name, _ in logical_rules()}
+  leaves = jax.tree_util.tree_flatten_with_path(
+      logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+  for path, spec in leaves:
+    for axes in spec if isinstance(spec, PartitionSpec) else ():
+      for name in axes if isinstance(axes, tuple) else (axes,):
+        if name is not None and name not in known:
+          raise ValueError(
+              f"sharding: {jax.tree_util.keystr(path)} names the logical axis {name!r}, which "
+              f"the table in dllm_jax/sharding.py does not map (it has {sorted(known)}); name "
+              "one of those, or add a rule for it there (None to replicate it)")
+
+
 def shardings_for(logical_specs: Any, shapes: Any, mesh: Mesh) -> Any:
   """NamedShardings for a pytree given its logical PartitionSpecs and its shapes.
 
   `logical_specs` is a pytree of PartitionSpecs of logical names (e.g. `model.param_logical_axes`)
   and `shapes` a matching pytree of arrays or ShapeDtypeStructs.
   """
+  _check_named(logical_specs)
   mesh_specs = nn.logical_to_mesh(logical_specs, logical_rules())
   leaves, treedef = jax.tree_util.tree_flatten_with_path(
       mesh_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))

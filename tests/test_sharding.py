@@ -73,6 +73,18 @@ def test_every_logical_axis_of_the_params_has_a_rule():
       assert used and used <= named, (cfg.architecture, layout, used - named)
 
 
+def test_a_logical_axis_outside_the_table_is_an_error_naming_it():
+  # flax alone would replicate the misspelled axis on every device and say nothing.
+  specs = {"w": P("embd", sharding.MLP), "b": P(sharding.MLP)}
+  shapes = {"w": jax.ShapeDtypeStruct((8, 16), np.float32),
+            "b": jax.ShapeDtypeStruct((16,), np.float32)}
+  with pytest.raises(ValueError, match=r"\['w'\] names the logical axis 'embd'"):
+    sharding.shardings_for(specs, shapes, sharding.make_mesh(2, 2, 2))
+  ok = sharding.shardings_for(dict(specs, w=P(sharding.EMBED, sharding.MLP)), shapes,
+                              sharding.make_mesh(2, 2, 2))
+  assert ok["w"].spec == P("fsdp", "tensor")
+
+
 def test_indivisible_dim_falls_back_to_replicated_and_is_logged(caplog):
   cfg = dataclasses.replace(TINY, vocab_size=131, mask_token_id=130)  # 130 tokens + a mask
   with caplog.at_level(logging.INFO, logger="dllm_jax.sharding"):

@@ -26,7 +26,7 @@ FAST = ["--block-size", "8", "--sub-block-size", "4", "--threshold", "0.5",
         "--max-new-tokens", "12"]
 
 
-def _export(path, objective):
+def _export(path, objective, edit=None):
   tok = tk.simple_chars()
   cfg = ModelConfig(architecture="qwen2", qkv_bias=True, vocab_size=128, hidden_size=32,
                     intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -34,6 +34,7 @@ def _export(path, objective):
                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
   params = model.init_params(cfg, jax.random.key(0))
   params = jax.tree.map(lambda x: x * 3.0 if x.ndim >= 2 else x, params)
+  params = edit(params, tok) if edit else params
   metadata = {"objective": objective} if objective else {}
   convert.export_hf_dir(convert.Pretrained(params, cfg, tok, metadata), path)
   return str(path)
@@ -74,6 +75,52 @@ def test_prompts_file_batched_json_equals_generate(dirs, tmp_path, capsys):
     gen = np.asarray(out)[0, :int(n[0])].tolist()
     assert r["tokens"] == len(gen) and r["nfe"] == int(stats["nfe"][0])
     assert r["text"] == tok.decode(gen[:-1] if gen[-1] == tok.eot_token_id else gen)
+
+
+def _generate_alone(pre, text, cfg):
+  """generate()'s answer and nfe for one prompt under the model's chat template."""
+  ids = pre.tokenizer.encode(pre.tokenizer.apply_chat_template([{"role": "user",
+                                                                  "content": text}]))
+  row = np.zeros((1, -(-len(ids) // 8) * 8), np.int32)  # whole blocks, as decode.py pads
+  row[0, :len(ids)] = ids
+  out, n, stats = decoding.generate_jit(pre.params, pre.config, jnp.asarray(row),
+                                        jnp.asarray([len(ids)]), jax.random.key(0), cfg)
+  return np.asarray(out)[0, :int(n[0])].tolist(), int(stats["nfe"][0])
+
+
+def test_no_dual_cache_flag_decodes_without_the_dual_cache(dirs):
+  # The DualCache reuses the block's stale KV outside the sub-block, so it may decode other
+  # tokens than recomputing the block every step; --no-dual-cache must give the latter. The
+  # prompt and length are ones where the two differ.
+  flags = ["--block-size", "8", "--sub-block-size", "4", "--threshold", "0.5",
+           "--max-new-tokens", "24"]
+  pre = convert.load_pretrained(dirs["diffusion"])
+  tok = pre.tokenizer
+  cfg = decoding.DecodeConfig(max_new_tokens=24, block_size=8, sub_block_size=4, threshold=0.5,
+                              stop_token_ids=(tok.eot_token_id,), pad_token_id=tok.pad_token_id)
+  answers = {dual: _generate_alone(pre, "x", dataclasses.replace(cfg, use_dual_cache=dual))
+             for dual in (True, False)}
+  assert answers[True][0] != answers[False][0]  # the case that tells the two apart
+  for dual, extra in ((True, []), (False, ["--no-dual-cache"])):
+    result = decode.main(["--checkpoint", dirs["diffusion"], "--prompt", "x", "--json",
+                          *flags, *extra])["results"][0]
+    gen, nfe = answers[dual]
+    assert (result["tokens"], result["nfe"]) == (len(gen), nfe), dual
+    assert result["text"] == tok.decode(gen[:-1] if gen[-1] == tok.eot_token_id else gen)
+
+
+def test_answers_end_at_the_models_stop_token(tmp_path):
+  # A model that puts all its mass on the end-of-turn token (a large constant direction in
+  # every embedding, read by the head's eot column): the answer ends at its first token, in
+  # both modes, because decode.py stops on the tokenizer's and model's stop ids.
+  def eot_everywhere(params, tok):
+    params = dict(params, embed={"embedding": params["embed"]["embedding"].at[:, 0].add(1e3)})
+    return dict(params, lm_head=params["lm_head"].at[0, tok.eot_token_id].add(1e3))
+
+  path = _export(tmp_path / "eot", "diffusion", eot_everywhere)
+  for mode, flags in (("diffusion", FAST), ("ar", FAST[-2:])):  # (AR: no diffusion flags)
+    result = decode.main(["--checkpoint", path, "--prompt", "hi", "--mode", mode, *flags])
+    assert result["results"][0]["tokens"] == 1 and result["results"][0]["text"] == "", mode
 
 
 def test_ar_batch_one_with_fused_projections(dirs, monkeypatch):

@@ -72,14 +72,15 @@ def _no_mask(logits):
   return logits
 
 
-def reference_decode(params, prompt, cfg: DecodeConfig):
+def reference_decode(params, prompt, cfg: DecodeConfig, order=None):
   """The authors' decoder for one row, greedy, in plain Python.
 
   use_dual_cache=False: every step recomputes the prompt and all generated context from scratch.
   use_dual_cache=True: the authors' two buffers -- a block-level cache of committed blocks and a
   separate copy holding the current block's KV, refreshed by a full-block forward when a
   sub-block starts masked, and updated in place by sub-block forwards otherwise.
-  Returns (generated tokens, number of forward passes, number of sub-block forwards).
+  Returns (generated tokens, number of forward passes, number of sub-block forwards). `order`,
+  a list, gets (step, index in the answer) for every token as it is decoded.
   """
   n, thr = cfg.max_new_tokens, cfg.threshold
   stop = set(cfg.stop_token_ids)
@@ -146,6 +147,8 @@ def reference_decode(params, prompt, cfg: DecodeConfig):
     for i in range(SBS):
       if unmask[i] and masked[sub + i]:
         seq[sub + i], masked[sub + i] = int(cand[i]), False
+        if order is not None:
+          order.append((nfe, sub + i - p))
 
 
 def _decode(params, prompts, lengths, cfg, rng=None):
@@ -234,6 +237,110 @@ def test_stop_token_and_rows_finish_independently(params):
     assert np.all(out_s[row, lens_s[row]:] == cfg.pad_token_id)
   assert lens_s[1] <= 6 and out_s[1, lens_s[1] - 1] == stop
   assert lens_s.max() > lens_s[1]  # another row ran on after row 1 finished
+
+
+def test_a_stop_token_in_the_prompt_does_not_end_the_answer(params):
+  # Only generated tokens stop a row: the prompt's own tokens (here: a stop id at its start and
+  # one at its end) are context.
+  prompts, lengths = _prompts([5, 11], seed=3)
+  cfg = DecodeConfig(max_new_tokens=12, block_size=BS, sub_block_size=SBS, threshold=0.5,
+                     stop_token_ids=(int(prompts[0, 0]), int(prompts[1, 10])))
+  out, lens, stats = _decode(params, prompts, lengths, cfg)
+  for row, n in enumerate([5, 11]):
+    ref, ref_nfe, _ = reference_decode(params, list(prompts[row, :n]), cfg)
+    assert lens[row] == len(ref) and stats["nfe"][row] == ref_nfe
+    np.testing.assert_array_equal(out[row, :lens[row]], ref)
+
+
+def test_a_stop_decoded_before_a_masked_position_waits_for_it(params):
+  # At threshold 1 the most confident position goes first, not the leftmost. A stop token
+  # unmasked while a position before it is still masked ends the row only once that position
+  # is decoded too (the answer is everything up to the stop), as the transcription decides.
+  prompts, lengths = _prompts([5], seed=3)
+  cfg = DecodeConfig(max_new_tokens=16, block_size=BS, sub_block_size=SBS, threshold=1.0)
+  order = []
+  ref, _, _ = reference_decode(params, list(prompts[0, :5]), cfg, order)
+  when = {i: step for step, i in order}
+  # A token decoded at step s at index j while an index before j was still masked, and that
+  # occurs nowhere before j: with it as the stop, the answer ends at j.
+  j = next(j for j in sorted(when) if j < len(ref) and ref[j] not in ref[:j]
+           and any(when.get(i, 0) > when[j] for i in range(j)))
+  cfg = DecodeConfig(**{**cfg.__dict__, "stop_token_ids": (ref[j],)})
+  out, lens, stats = _decode(params, prompts, lengths, cfg)
+  ref_stop, ref_nfe, _ = reference_decode(params, list(prompts[0, :5]), cfg)
+  assert ref_stop == ref[:j + 1]
+  assert lens[0] == j + 1 and stats["nfe"][0] == ref_nfe
+  np.testing.assert_array_equal(out[0, :j + 1], ref_stop)
+
+
+def test_a_stop_past_max_new_tokens_does_not_count(params):
+  # A threshold this low decodes a whole sub-block in one step, so the token right after the
+  # limit is decoded in the same step as the limit's last one. As the stop id it must not
+  # count: the row ends at the limit, its length max_new_tokens, never past it.
+  prompts, lengths = _prompts([BS], seed=0)  # ends on a block: token 0 from the prefill
+  free = DecodeConfig(max_new_tokens=12, block_size=BS, sub_block_size=SBS, threshold=1e-6)
+  ref, _, _ = reference_decode(params, list(prompts[0]), free)
+  n = 2  # tokens 1 and 2 share token 0's sub-block, decoded in one step
+  assert ref[n] not in ref[:n]
+  cfg = DecodeConfig(**{**free.__dict__, "max_new_tokens": n, "stop_token_ids": (ref[n],)})
+  out, lens, stats = _decode(params, prompts, lengths, cfg)
+  ref_n, ref_nfe, _ = reference_decode(params, list(prompts[0]), cfg)
+  assert ref_n == ref[:n] and lens[0] == n and stats["nfe"][0] == ref_nfe
+  np.testing.assert_array_equal(out[0], ref[:n])
+
+
+def test_saturated_confidences_at_threshold_one_unmask_one_token_a_step(params):
+  # Threshold 1.0 means one token a step: the rule is "exceeds", and no probability exceeds 1.
+  # A head scaled up this far puts float32 probabilities of exactly 1.0 on most positions,
+  # where ">=" would unmask the whole sub-block at once.
+  sharp = {**params, "lm_head": params["lm_head"] * 100.0}
+  prompts, lengths = _prompts([3, 8])
+  cfg = DecodeConfig(max_new_tokens=12, block_size=BS, sub_block_size=SBS, threshold=1.0)
+  logits = _block_logits_uncached(sharp, list(prompts[0, :3]) + [MASK] * (BS - 3), BS)
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(_no_mask(logits)), axis=-1)).max(-1)
+  assert np.sum(probs == 1.0) >= 2  # the case that tells > from >=
+  out, lens, stats = _decode(sharp, prompts, lengths, cfg)
+  for row, n in enumerate([3, 8]):
+    ref, ref_nfe, _ = reference_decode(sharp, list(prompts[row, :n]), cfg)
+    np.testing.assert_array_equal(out[row], ref)
+    # One token per forward: each step unmasks one, a commit or the prefill gives one.
+    assert stats["nfe"][row] == ref_nfe == 12
+
+
+def test_next_blocks_first_token_is_greedy_when_sampling(params):
+  # With temperature > 0 the steps sample, but a block's first token is the argmax of the
+  # previous block's last position (the reference's rule), here recomputed from scratch over the
+  # final tokens (committed blocks' KV is a forward of their final tokens).
+  lengths = [3, 8, 13, 16]
+  prompts, lens_in = _prompts(lengths, seed=1)
+  cfg = DecodeConfig(max_new_tokens=20, block_size=BS, sub_block_size=SBS, threshold=0.7,
+                     temperature=1.5)
+  out, lens, _ = _decode(params, prompts, lens_in, cfg)
+  checked = 0
+  for row, n in enumerate(lengths):
+    seq = list(prompts[row, :n]) + out[row, :lens[row]].tolist()
+    for end in range(-(-n // BS) * BS, len(seq), BS):  # every block start in the answer
+      logits = _block_logits_uncached(params, seq, end)[end - 1]
+      assert seq[end] == int(np.argmax(_no_mask(logits))), (row, end)
+      checked += 1
+  assert checked >= 8
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_sampling_draws_fresh_tokens_every_step_and_row(params, mode):
+  # A model with uniform distributions (a zero head): each sampled token is a fresh uniform
+  # draw, so an answer holds many distinct tokens and rows differ, their first tokens too (AR
+  # samples its first token from the prefill). Reusing one key across steps would repeat the
+  # same draw at each sub-block slot (at most SBS distinct tokens, plus the greedy block
+  # starts); a greedy first token would be the same in every row.
+  uniform = {**params, "lm_head": jnp.zeros_like(params["lm_head"])}
+  prompts = np.tile(_prompts([3])[0], (6, 1))  # one prompt: only the keys tell rows apart
+  cfg = DecodeConfig(mode=mode, max_new_tokens=24, block_size=BS, sub_block_size=SBS,
+                     temperature=1.0)
+  out, lens, _ = _decode(uniform, prompts, np.full(6, 3, np.int32), cfg)
+  assert np.all(lens == 24) and not np.any(out == MASK)
+  assert min(len(set(row.tolist())) for row in out) >= 3 * SBS, out
+  assert len(set(out[:, 0].tolist())) > 1 and len({tuple(r) for r in out.tolist()}) == 6
 
 
 @pytest.mark.parametrize("mode", ["diffusion", "ar"])
@@ -350,19 +457,44 @@ def test_a_round_runs_one_forward(params, dual, monkeypatch):
   assert BS in rounds and (SBS in rounds) == dual, sorted(set(rounds))
 
 
+_ar_logits = jax.jit(model.ar_forward, static_argnums=1)
+
+
+def _greedy_recompute(params, prompt, n, width):
+  """n greedy tokens after `prompt`, each from a causal forward of the whole sequence so far
+  (padded to `width`: causal, so the padding after it does not change its logits)."""
+  seq = list(prompt)
+  for _ in range(n):
+    logits = _ar_logits(params, CFG, jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32))
+    seq.append(int(np.argmax(_no_mask(logits[0, len(seq) - 1]))))
+  return seq[len(prompt):]
+
+
 def test_ar_equals_greedy_recompute(params):
   prompts, lengths = _prompts([3, 7, 12], seed=9)
   cfg = DecodeConfig(mode="ar", max_new_tokens=10)
   out, lens, stats = _decode(params, prompts, lengths, cfg)
-  ar_logits = jax.jit(model.ar_forward, static_argnums=1)
-  width = 12 + 10  # causal: padding after the sequence does not change its logits
   for row, n in enumerate([3, 7, 12]):
-    seq = list(prompts[row, :n])
-    for _ in range(10):
-      logits = ar_logits(params, CFG, jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32))
-      seq.append(int(np.argmax(_no_mask(logits[0, len(seq) - 1]))))
-    np.testing.assert_array_equal(out[row], seq[n:])
+    np.testing.assert_array_equal(out[row], _greedy_recompute(params, prompts[row, :n], 10, 22))
   assert np.all(lens == 10) and np.all(stats["nfe"] == 10)
+
+
+def test_ar_stop_tokens_end_rows_where_greedy_recompute_meets_one(params):
+  # A stop as a row's very first token (decided after the prefill) and one later (inside the
+  # step loop) each end their row there, stop included; the other rows run on.
+  lengths = [3, 7, 12]
+  prompts, lens_in = _prompts(lengths, seed=9)
+  refs = [_greedy_recompute(params, prompts[r, :n], 10, 22) for r, n in enumerate(lengths)]
+  later = next(t for i, t in enumerate(refs[1]) if i >= 3 and t not in refs[1][:i])
+  stops = (refs[0][0], later)
+  want = [next((i + 1 for i, t in enumerate(ref) if t in stops), 10) for ref in refs]
+  assert want[0] == 1 and 1 < want[1] < 10, want  # both places are exercised
+  cfg = DecodeConfig(mode="ar", max_new_tokens=10, stop_token_ids=stops)
+  out, lens, stats = _decode(params, prompts, lens_in, cfg)
+  np.testing.assert_array_equal(lens, want)
+  for row, ref in enumerate(refs):
+    np.testing.assert_array_equal(out[row, :want[row]], ref[:want[row]])
+    assert np.all(out[row, want[row]:] == cfg.pad_token_id)
 
 
 def test_sampler_per_row_and_top_p():
@@ -381,6 +513,17 @@ def test_sampler_per_row_and_top_p():
   tok, conf = decoding.sample(logits, keys, 0.0, 1.0)
   np.testing.assert_array_equal(tok[:, 0], [0, 3])
   np.testing.assert_allclose(conf[:, 0], [0.5, 0.5], rtol=1e-5)
+
+
+def test_top_p_keeps_the_token_whose_preceding_mass_is_exactly_top_p():
+  # The authors' rule (Dream's top_p_logits): drop a token when the mass before it exceeds
+  # top_p. Two tokens of 1/2 each (exact in float32) and top_p = 0.5: the second one's preceding
+  # mass is 0.5, not above it, so both stay and the chosen one's confidence is 1/2, not 1.
+  logits = jnp.asarray([[[0.0, 0.0, -jnp.inf, -jnp.inf]]])
+  keys = jax.random.split(jax.random.key(3), (64, 1))
+  tok, conf = jax.jit(jax.vmap(lambda k: decoding.sample(logits, k, 1.0, 0.5)))(keys)
+  np.testing.assert_array_equal(np.asarray(conf), 0.5)
+  assert set(np.unique(np.asarray(tok)).tolist()) == {0, 1}
 
 
 def test_bad_inputs_are_clear_errors(params):

@@ -433,6 +433,22 @@ def test_the_trained_block_size_is_the_default_and_another_is_warned(monkeypatch
   assert decoding_cli.decode_config(args, untold).block_size == 32
 
 
+def test_every_decoding_flag_reaches_the_decoder_config():
+  # The CLI's tiny model decodes one token a forward at any threshold, so no decode test can
+  # tell a --threshold that never reached the decoder (a mutation review found it unguarded).
+  from dllm_jax import decoding_cli
+  pre = _tiny_pretrained({"objective": "diffusion", "block_size": 16})
+  cfg = decoding_cli.decode_config(
+      _load_args("--threshold", "0.7", "--sub-block-size", "4", "--block-size", "16",
+                 "--no-dual-cache", "--max-new-tokens", "24"), pre)
+  assert (cfg.mode, cfg.threshold, cfg.sub_block_size, cfg.block_size, cfg.use_dual_cache,
+          cfg.max_new_tokens) == ("diffusion", 0.7, 4, 16, False, 24)
+  default = decoding_cli.decode_config(_load_args(), pre)
+  assert (default.threshold, default.sub_block_size, default.use_dual_cache) == (
+      decoding_cli.DEFAULT_THRESHOLD, decoding_cli.DEFAULT_SUB_BLOCK, True)
+  assert default.threshold != 0.7 and default.sub_block_size != 4
+
+
 def test_a_step_directory_of_a_run_names_the_run_to_pass(tmp_path):
   # MaxText habit: pointing at RUN/checkpoints/STEP. The error says which directory to pass.
   from dllm_jax import decoding_cli

@@ -44,6 +44,27 @@ def test_overrides_reach_nested_fields_with_types():
   assert cfg.init.source == "/some/dir"
 
 
+def test_override_text_is_read_by_the_field_type():
+  tiny = CONFIGS[0].parent / "tiny.py"
+  # Every spelling of a boolean, in any case, both ways (a "false" read as true would keep
+  # data.shuffle on); None in any case for an Optional field.
+  for text, want in (("false", False), ("False", False), ("0", False), ("no", False),
+                     ("OFF", False), ("true", True), ("TRUE", True), ("1", True),
+                     ("yes", True), ("on", True)):
+    assert run_config.load(tiny, [f"data.shuffle={text}"]).data.shuffle is want, text
+  for text in ("none", "None", "NULL"):
+    assert run_config.load(tiny, [f"data.num_epochs={text}"]).data.num_epochs is None, text
+  # Only the first "=" ends the key (a value may hold one, e.g. a path); spaces around a key,
+  # as a quoted shell argument may carry, are not part of it.
+  assert run_config.load(tiny, ["init.source=/data/a=b"]).init.source == "/data/a=b"
+  assert run_config.load(tiny, [" train.steps =12"]).train.steps == 12
+  # A tuple is comma-separated, its items of the element type; empty items are dropped.
+  for text, want in (("", ()), ("5", (5,)), ("5, 7,", (5, 7))):
+    assert run_config.load(tiny, [f"model.stop_token_ids={text}"]).model.stop_token_ids == want
+  # The largest 64-bit seed is a seed; one past it is refused (test_bad_values_are_clear_errors).
+  assert run_config.load(tiny, [f"train.seed={2**63 - 1}"]).train.seed == 2**63 - 1
+
+
 def test_fields_that_must_agree_across_sections_change_together():
   tiny = CONFIGS[0].parent / "tiny.py"
   cfg = run_config.load(tiny, ["data.block_size=8", "objective.block_size=8"])
@@ -103,6 +124,16 @@ def test_repeated_key_is_an_error():
     # An unknown head three keys deep is named like one two deep (was a KeyError).
     ("foo.bar.baz=1", "--set foo.bar.baz: unknown key 'foo' in Config; valid keys"),
     ("model.foo.bar=1", "--set model.foo.bar: unknown key 'foo' in ModelConfig"),
+    # A field is not a section to set keys under (unchecked, dataclasses raises a TypeError).
+    ("train.steps.x=1", "--set train.steps.x: train.steps is not a config section"),
+    # An integer field takes no fraction (2.5 steps truncated to 2 would pass without a word).
+    ("train.steps=2.5", "--set train.steps=2.5: expected an integer"),
+    ("data.shuffle=maybe", "--set data.shuffle=maybe: expected a boolean"),
+    ("train.seed=9223372036854775808", "train.seed=9223372036854775808: out of range"),
+    ("train.log_every=0", "train.log_every=0: must be at least 1"),
+    ("train.warmup_ratio=1.5", r"train.warmup_ratio=1.5: expected a value in \[0, 1\]"),
+    ("data.num_epochs=0", "data.num_epochs=0: must be positive or None"),
+    ("data.seed=4294967296", r"data.seed=4294967296: expected 0 <= seed < 2\*\*32"),
 ])
 def test_bad_values_are_clear_errors(override, match):
   with pytest.raises(ConfigError, match=match):
@@ -115,7 +146,12 @@ def test_a_config_file_value_of_the_wrong_type_is_named(tmp_path):
   for section, field, value, want in (("data", "shuffle", '"false"', "bool"),
                                       ("train", "learning_rate", '"1e-4"', "float"),
                                       ("train", "steps", "10.0", "int"),
-                                      ("model", "num_layers", "True", "int")):
+                                      ("model", "num_layers", "True", "int"),
+                                      # (a bool is not a number, an int not a bool, and a
+                                      # tuple's items are of its element type)
+                                      ("train", "learning_rate", "True", "float"),
+                                      ("data", "shuffle", "1", "bool"),
+                                      ("model", "stop_token_ids", "(2.5,)", "tuple")):
     bad = tmp_path / f"{field}.py"
     cls = {"data": "DataConfig", "train": "TrainConfig", "model": "ModelConfig"}[section]
     bad.write_text(textwrap.dedent(f"""
@@ -151,6 +187,11 @@ def test_config_file_must_return_a_run_config(tmp_path):
   bad = tmp_path / "bad.py"
   bad.write_text("def get_config():\n  return {'train': {}}\n")
   with pytest.raises(ConfigError, match="must return dllm_jax.run_config.Config"):
+    run_config.load(bad)
+  # A section of the wrong class is named too: it would fail far from the file, mid-run.
+  bad.write_text("from dllm_jax.data import DataConfig\nfrom dllm_jax.run_config import Config\n"
+                 "def get_config():\n  return Config(train=DataConfig())\n")
+  with pytest.raises(ConfigError, match="config.train is a DataConfig; expected a TrainConfig"):
     run_config.load(bad)
   with pytest.raises(ConfigError, match="does not exist"):
     run_config.load(tmp_path / "missing.py")

@@ -341,3 +341,114 @@ def test_a_sample_takes_the_fewest_whole_blocks_that_hold_it():
     assert len(s["ids"]) == -(-s["n"] // 16) * 16, (s["n"], len(s["ids"]))
     lengths.append(s["n"])
   assert any(n % 16 == 0 for n in lengths)  # the case a floor-plus-one rounding gets wrong
+
+
+def rendered_prompts(recs, cfg):
+  """The prompt text of each record as rendered alone: a statement of which records a stream
+  should hold that depends on no shuffling, sharding or packing."""
+  out = []
+  for r in recs:
+    s = data.render(("x", r), TOK, cfg)
+    out.append(TOK.decode(s["ids"][:s["loss_mask"].argmax()]))
+  return out
+
+
+def test_each_epoch_is_one_full_pass_in_a_new_order(tmp_path):
+  # num_epochs passes, each reading every record once and each reshuffled: one fixed order
+  # every pass would show the model the same sequence of batches again. One row per batch
+  # (batch_size=1, one sample a row) keeps the stream's order in the batches.
+  recs = qa_records(20)
+  cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", recs), seq_len=64, block_size=16,
+                   batch_size=1, seed=2, num_epochs=3)
+  it = data.make_dataset(cfg, TOK)
+  stream = _prompts(it)
+  assert len(stream) == 60 and it.stats.records == 60
+  passes = [stream[i * 20:(i + 1) * 20] for i in range(3)]
+  for p in passes:
+    assert sorted(p) == sorted(rendered_prompts(recs, cfg))
+  assert len({tuple(p) for p in passes}) == 3
+
+
+def test_process_p_of_three_reads_every_third_record_from_p(tmp_path):
+  # 50 records over 3 processes (50 % 3 = 2 left over): process p reads records p, p + 3, ...
+  # of the stream one process reads, so none is read twice and none, the remainder included,
+  # is skipped. (Two processes of an even count could not tell a wrong index or a dropped
+  # remainder from the rule.) One row a process keeps each stream's order.
+  recs = qa_records(50)
+  cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", recs), seq_len=64, block_size=16,
+                   batch_size=3, seed=1, num_epochs=1)
+  whole = _prompts(data.make_dataset(dataclasses.replace(cfg, batch_size=1), TOK))
+  assert sorted(whole) == sorted(rendered_prompts(recs, cfg))
+  for p in range(3):
+    assert _prompts(data.make_dataset(cfg, TOK, process_index=p, process_count=3)) == whole[p::3]
+  with pytest.raises(ValueError, match=r"process_index=3 outside 0\.\.2"):
+    data.make_dataset(cfg, TOK, process_index=3, process_count=3)
+
+
+def test_held_out_jsonl_is_read_once_in_file_order(tmp_path):
+  # Evaluation scores the first train.eval_batches batches of data.eval_source: shuffled by
+  # the training seed, or repeated, it would score another subset each run; and it must be
+  # the held-out file, not data.source.
+  held = [{"prompt": f"held {i}", "response": f"out {i}"} for i in range(12)]
+  cfg = DataConfig(source=write_jsonl(tmp_path / "train.jsonl", qa_records(30)),
+                   eval_source=write_jsonl(tmp_path / "eval.jsonl", held), seq_len=64,
+                   block_size=16, batch_size=1, seed=3)  # (shuffled, repeated for ever)
+  assert cfg.shuffle and cfg.num_epochs is None
+  assert _prompts(data.make_dataset(cfg, TOK, split="eval")) == rendered_prompts(held, cfg)
+
+
+def test_files_and_globs_are_read_in_order_and_max_records_counts_across_them(tmp_path):
+  # data.source is files and globs, read in the order given (a glob's matches sorted);
+  # data.max_records keeps the first N records of that whole sequence, whichever file they
+  # are in.
+  recs = qa_records(9)
+  (tmp_path / "d").mkdir()
+  first = write_jsonl(tmp_path / "first.jsonl", recs[:2])
+  write_jsonl(tmp_path / "d" / "c.jsonl", recs[5:])
+  write_jsonl(tmp_path / "d" / "b.jsonl", recs[2:5])
+  cfg = DataConfig(source=f"{first}, {tmp_path / 'd' / '*.jsonl'}", seq_len=64, block_size=16,
+                   batch_size=1, shuffle=False, num_epochs=1)
+  want = rendered_prompts(recs, cfg)
+  for n in (0, 1, 2, 3, 4, 6, 9, 20):
+    got = _prompts(data.make_dataset(dataclasses.replace(cfg, max_records=n), TOK))
+    assert got == (want[:n] if n else want), n
+
+
+def test_stats_count_the_tokens_the_batches_hold(tmp_path):
+  # What a run reports of its data: sample tokens and loss tokens as the batches hold them,
+  # and the share of row positions that are sample tokens (tokens / (tokens + padding)).
+  recs = qa_records(12)
+  cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", recs), seq_len=96, block_size=16,
+                   batch_size=2, shuffle=False, num_epochs=1)
+  it = data.make_dataset(cfg, TOK)
+  batches = list(it)
+  rendered = [data.render(("x", r), TOK, cfg) for r in recs]
+  assert it.stats.tokens == sum(s["n"] for s in rendered)
+  assert it.stats.loss_tokens == sum(int(b["loss_mask"].sum()) for b in batches) == sum(
+      int(s["loss_mask"].sum()) for s in rendered)
+  total = len(batches) * 2 * 96
+  assert it.stats.tokens + it.stats.padding == total
+  assert f"rows {round(100 * it.stats.tokens / total)}% filled" in it.stats.summary()
+  assert it.stats.tokens < total  # (so a fill of 100% would be wrong)
+  assert "rows 75% filled" in data.DataStats(records=1, samples=1, tokens=30,
+                                             padding=10).summary()
+
+
+def test_a_state_restored_into_a_used_iterator_rewinds_it(tmp_path):
+  # set_state puts an iterator back where the state was taken even after it has read on: the
+  # sample it had read ahead (the one that opened its next batch) belongs to the later position
+  # and must not be placed first.
+  cfg = DataConfig(source=write_jsonl(tmp_path / "a.jsonl", qa_records(30)), seq_len=64,
+                   block_size=16, batch_size=2, seed=5)
+  it = data.make_dataset(cfg, TOK)
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  want = [next(it) for _ in range(4)]
+  stats = dataclasses.replace(it.stats, skipped=dict(it.stats.skipped))
+  it.set_state(state)
+  for w in want:
+    got = next(it)
+    for k in w:
+      np.testing.assert_array_equal(got[k], w[k])
+  assert it.stats == stats

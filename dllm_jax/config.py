@@ -137,6 +137,14 @@ def _fits(value: Any, tp: Any) -> bool:
   return True  # (other types are checked by their own sections)
 
 
+def _type_name(tp: Any) -> str:
+  """`int`, or `tuple[int, ...]` for a generic: a tuple of strings for a tuple of ints must not
+  read as 'is a tuple; expected tuple'."""
+  if typing.get_origin(tp) is not None:
+    return str(tp).replace("typing.", "")
+  return getattr(tp, "__name__", str(tp))
+
+
 def check_field_types(node: Any, section: str) -> None:
   """ConfigError naming the first field of a config section whose value is not of its declared
   type: a config file is Python, where `shuffle="false"` would read as true. Each section calls
@@ -146,8 +154,8 @@ def check_field_types(node: Any, section: str) -> None:
     value, tp, key = getattr(node, f.name), hints[f.name], f"{section}.{f.name}"
     if not _fits(value, tp):
       args = [a for a in typing.get_args(tp) if a is not type(None)]
-      want = (" or ".join(getattr(a, "__name__", str(a)) for a in args) + " or None"
-              if type(None) in typing.get_args(tp) else getattr(tp, "__name__", str(tp)))
+      want = (" or ".join(_type_name(a) for a in args) + " or None"
+              if type(None) in typing.get_args(tp) else _type_name(tp))
       raise ConfigError(f"{key}={value!r} is a {type(value).__name__}; expected {want}")
     if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
       # (seeds, sizes and counts all become 64-bit integers: one past it overflowed mid-run)

@@ -151,7 +151,8 @@ def test_a_config_file_value_of_the_wrong_type_is_named(tmp_path):
                                       # tuple's items are of its element type)
                                       ("train", "learning_rate", "True", "float"),
                                       ("data", "shuffle", "1", "bool"),
-                                      ("model", "stop_token_ids", "(2.5,)", "tuple")):
+                                      ("model", "stop_token_ids", "(2.5,)",
+                                       r"tuple\[int, \.\.\.\]$")):
     bad = tmp_path / f"{field}.py"
     cls = {"data": "DataConfig", "train": "TrainConfig", "model": "ModelConfig"}[section]
     bad.write_text(textwrap.dedent(f"""

@@ -388,6 +388,39 @@ def test_eos_lists_stop_generation_and_survive_export(hf_dirs, tmp_path):
   assert decoding.stop_token_ids(back.tokenizer, back.config) == (2, 7, 9, 11)
 
 
+def test_every_eos_id_of_config_json_stops_generation(hf_dirs, tmp_path):
+  # Llama-3.1-Instruct's config.json lists eos [<|end_of_text|>, <|eom_id|>, <|eot_id|>]: the
+  # first is the model's eos, each other one stops a generation as well, as it does in
+  # transformers' generate, with or without a generation_config.json.
+  d = _edit_config(hf_dirs["llama_untied"][1], tmp_path / "eos", eos_token_id=[7, 8, 9])
+  (d / "generation_config.json").unlink()  # (save_pretrained's, which lists eos 2)
+  pre = convert.load_hf_dir(d)
+  assert pre.config.eos_token_id == 7 and pre.config.stop_token_ids == (8, 9)
+  (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [12, 7]}))
+  assert convert.load_hf_dir(d).config.stop_token_ids == (8, 9, 12)
+
+
+def test_hf_config_norm_eps_and_head_dim_are_read_and_exported(tmp_path):
+  # Llama's (and SmolLM2's) rms_norm_eps is 1e-5, not our default 1e-6, and head_dim may differ
+  # from hidden_size / num_attention_heads (here 8, not 16): both are read from config.json,
+  # give transformers' logits, and are written back by the export.
+  torch.manual_seed(4)
+  dims = dict(DIMS, rms_norm_eps=1e-5, head_dim=8)
+  m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dims)).eval()
+  m.save_pretrained(tmp_path / "src")
+  pre = convert.load_hf_dir(tmp_path / "src")
+  assert (pre.config.rms_norm_eps, pre.config.head_dim) == (1e-5, 8)
+  tokens = _tokens()
+  assert _rel_err(_ours_logits(pre, tokens), _hf_logits(m, tokens)) <= TOL
+  out = convert.export_hf_dir(pre, tmp_path / "export")
+  raw = json.loads((out / "config.json").read_text())
+  assert (raw["rms_norm_eps"], raw["head_dim"]) == (1e-5, 8)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  assert (hf.config.rms_norm_eps, hf.config.head_dim) == (1e-5, 8)
+  assert _rel_err(_hf_logits(m, tokens), _hf_logits(hf, tokens)) <= TOL
+  assert convert.load_hf_dir(out).config == pre.config
+
+
 def test_llama_with_attention_bias_exports_exactly(tmp_path):
   # transformers' attention_bias biases o_proj too; ours has none, so it loads only zeros there,
   # and exports zeros

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,10 @@ from dllm_jax.config import ModelConfig
     ("Q2 is 7", "7"),
     ("so the answer is...18", "18"),  # (an ellipsis, no decimal point: was 0.18)
     ("答案是18", "18"),  # (words are ASCII: was None)
+    # A word's tail is no number ("m2"), nor are the digits after a decimal point ("B2.5" is a
+    # word's tail, and its "5" the tail of a decimal): the last number here is 18, then 12.
+    ("The area is 18 m2", "18"),
+    ("12 eggs go in box B2.5", "12"),
 ])
 def test_extract_answer(text, expected):
   assert eval_lib.extract_answer(text) == expected
@@ -44,6 +49,17 @@ def test_accuracy_with_standard_error():
   assert acc == 0.75
   np.testing.assert_allclose(se, np.sqrt(0.75 * 0.25 / 4))
   assert eval_lib.accuracy_with_se([]) == (0.0, 0.0)
+
+
+def test_agreement_matches_problems_by_index_not_by_position():
+  # A reference run written in another order and without problem 0: answers are compared per
+  # problem index, over the problems both runs hold (1 and 3 agree, 2 does not; 0 is not shared).
+  records = [{"index": i, "prediction": p} for i, p in enumerate(["1", "2", None, "4"])]
+  reference = [{"index": 3, "prediction": "4"}, {"index": 2, "prediction": "3"},
+               {"index": 1, "prediction": "2"}]
+  assert eval_lib.agreement(records, reference) == 2 / 3
+  # Both without a number is agreement.
+  assert eval_lib.agreement(records, [{"index": 2, "prediction": None}]) == 1.0
 
 
 def test_load_gsm8k_reports_file_and_line(tmp_path):
@@ -120,6 +136,77 @@ def test_evaluate_per_layer_layout_gives_the_same_generations(tmp_path):
   assert p_sum["kernel_layout"] == pre.config.kernel_layout  # (what the decoder ran in)
   with pytest.raises(ValueError, match="layout='scan'"):
     eval_lib.evaluate(pre, problems, cfg, batch_size=2, log=lambda *a: None, layout="scan")
+
+
+def test_evaluate_records_and_summary_follow_each_rows_generation(tmp_path, monkeypatch):
+  # A stand-in decoder whose every row "answers" with its own prompt (the question, as there is
+  # no chat template), cut at max_new_tokens and padded past its length as decoding.generate
+  # pads, at one forward per token plus the prefill. Every record and summary number then
+  # follows from the questions alone. The pad is the digit 9, so a generation read past its
+  # length changes the answer; the 5 problems in batches of 2 leave a padded last batch.
+  qa = [("#### 7", "7"),  # right
+        ("I think 41", "41"),  # right (the last number); problem 0's gold would be wrong
+        ("3 + 4 = #### 7 really it is", "8"),  # wrong; cut at the token limit after "r"
+        ("no idea", "5"),  # no number
+        ("#### 5", "5")]  # right
+  data = tmp_path / "test.jsonl"
+  data.write_text("".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n"
+                          for q, a in qa))
+  problems = eval_lib.load_gsm8k(data)
+  pre = _tiny_pretrained()
+  pre.tokenizer.chat_template = None
+  limit = 16
+
+  def echo(params, model_cfg, toks, lens, rng, cfg, threshold=None):
+    lengths = jnp.minimum(lens, cfg.max_new_tokens)
+    first = jnp.pad(toks, ((0, 0), (0, cfg.max_new_tokens)))[:, :cfg.max_new_tokens]
+    out = jnp.where(jnp.arange(cfg.max_new_tokens)[None] < lengths[:, None], first,
+                    cfg.pad_token_id)
+    nfe = lengths + 1
+    return out, lengths, {"nfe": nfe, "iterations": jnp.max(nfe)}
+
+  monkeypatch.setattr(decoding, "generate", echo)
+  # A fake clock: each reading one second on, compiling 1000 s. Generation is timed apart from
+  # the compile, so tokens/s is the generated tokens over a few seconds, not over 1000.
+  now = [0.0]
+
+  def perf_counter():
+    now[0] += 1.0
+    return now[0]
+
+  compile_ = jax.stages.Lowered.compile
+
+  def slow_compile(self, *args, **kwargs):
+    now[0] += 1000.0
+    return compile_(self, *args, **kwargs)
+
+  monkeypatch.setattr(eval_lib, "time", types.SimpleNamespace(perf_counter=perf_counter))
+  monkeypatch.setattr(jax.stages.Lowered, "compile", slow_compile)
+  pad = pre.tokenizer.token_to_id("9")
+  cfg = decoding.DecodeConfig(max_new_tokens=limit, block_size=8, sub_block_size=4,
+                              pad_token_id=pad)
+  records, summary = eval_lib.evaluate(pre, problems, cfg, batch_size=2, log=lambda *a: None,
+                                       stop_token_ids=())
+  tokens = [min(len(q), limit) for q, _ in qa]
+  assert [r["index"] for r in records] == list(range(5))
+  assert [r["question"] for r in records] == [q for q, _ in qa]
+  assert [r["generation"] for r in records] == [q[:limit] for q, _ in qa]
+  assert [r["prediction"] for r in records] == ["7", "41", "7", None, "5"]
+  assert [r["gold"] for r in records] == [a for _, a in qa]
+  assert [r["correct"] for r in records] == [True, True, False, False, True]
+  assert [r["tokens"] for r in records] == tokens
+  assert [r["nfe"] for r in records] == [t + 1 for t in tokens]
+  assert summary["n"] == 5 and summary["accuracy"] == pytest.approx(3 / 5)
+  assert summary["stderr"] == pytest.approx(np.sqrt(0.6 * 0.4 / 5))
+  assert summary["generated_tokens"] == sum(tokens) == 45
+  # Tokens per forward: every row's tokens over every row's forwards (not the batched rounds).
+  assert summary["tokens_per_forward"] == pytest.approx(45 / 50)
+  assert summary["forwards_per_token"] == pytest.approx(50 / 45)
+  assert summary["batched_forward_rounds"] == 11 + 17 + 7
+  assert summary["at_token_limit"] == pytest.approx(1 / 5)
+  assert summary["with_answer_marker"] == pytest.approx(3 / 5)
+  assert summary["compile_s"] >= 1000 > summary["run_s"] > 0
+  assert summary["tokens_per_s"] == pytest.approx(45 / summary["run_s"])
 
 
 _SWEEP = """

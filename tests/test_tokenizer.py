@@ -359,3 +359,72 @@ def test_gguf_pre_tokenizer_split_matches_transformers(tmp_path, gguf_tok):
     assert ours.encode(text, add_special_tokens=True) == ref.encode(text), text
     differs |= ours.encode(text) != plain.encode(text)
   assert differs  # the split really changed something
+
+
+def test_gguf_digit_split_per_pre_tokenizer_matches_transformers(tmp_path):
+  # Qwen2's split takes digits one by one, Llama 3's in runs of up to three. SmolLM2's vocabulary
+  # has no multi-digit tokens, so only a vocabulary that merges digits ("12", "123") shows which
+  # split ran: the 256 byte symbols and those two merges.
+  import gguf
+  symbols = list(tk._bytes_to_unicode().values())
+  want = {"qwen2": ["1", "2", "3", "4", "Ġ", "1", "2"], "llama-bpe": ["123", "4", "Ġ", "12"]}
+  for arch, pre in (("qwen2", "qwen2"), ("llama", "llama-bpe")):
+    path = tmp_path / f"{pre}.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(symbols + ["12", "123"])
+    w.add_token_merges(["1 2", "12 3"])
+    w.add_token_types([1] * (len(symbols) + 2))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = tk.from_gguf(path)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    assert [ours.id_to_token(i) for i in ours.encode("1234 12")] == want[pre], pre
+    for text in ("1234 12", "a1234567b", "x =  12.50"):
+      assert ours.encode(text) == ref.encode(text, add_special_tokens=False), (pre, text)
+
+
+def test_end_of_turn_is_the_templates_token_not_eos(tmp_path):
+  # Qwen2.5's base tokenizer: eos <|endoftext|>, while its ChatML turns end in <|im_end|>; a
+  # decoder that stopped only at eos would run on past the answer into a made-up next turn.
+  tok = tk.simple_chars()
+  tok.save(tmp_path)
+  cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  cfg["eos_token"] = "<|endoftext|>"
+  del cfg["dllm_jax_eot_token"]  # (a tokenizer saved by transformers has no such key)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+  back = tk.from_hf_dir(tmp_path)
+  assert back.eos_token_id == tok.token_to_id("<|endoftext|>")
+  assert back.eot_token_id == tok.token_to_id("<|im_end|>")
+  # An end of turn we were given (here one none of the known names) survives save and load.
+  tok.eot_token_id = tok.token_to_id("<|endoftext|>")
+  tok.save(tmp_path / "custom")
+  assert tk.from_hf_dir(tmp_path / "custom").eot_token_id == tok.eot_token_id
+
+
+def test_special_tokens_of_both_config_files_resolve_as_in_transformers(tmp_path):
+  # tokenizer_config.json and special_tokens_map.json naming different eos tokens: the one
+  # transformers uses, tokenizer_config.json's where it lists added_tokens_decoder (as every file
+  # transformers >= 4.34 writes, and `save`, do).
+  tk.simple_chars().save(tmp_path)
+  (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert ref.eos_token == "<|im_end|>"  # (tokenizer_config.json's, transformers 5)
+  assert tk.from_hf_dir(tmp_path).eos_token_id == ref.eos_token_id
+
+
+def test_template_tojson_keeps_non_ascii_text_as_transformers_does(tmp_path):
+  # Tool and JSON-rendering templates: "café" stays "café", not "caf\u00e9" (other tokens).
+  tok = tk.simple_chars(extra_chars="é日本")
+  tok.chat_template = "{% for m in messages %}{{ m | tojson }}\n{% endfor %}"
+  tok.save(tmp_path)
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  messages = [{"role": "user", "content": "café 日本"}]
+  ours = tok.apply_chat_template(messages)
+  assert "café 日本" in ours
+  assert ours == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

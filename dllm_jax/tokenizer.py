@@ -312,14 +312,22 @@ def from_hf_dir(path: str | pathlib.Path) -> Tokenizer:
   backend.no_truncation()
   backend.no_padding()
 
-  config: dict = {}
-  for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
+  files = {}
+  for name in ("special_tokens_map.json", "tokenizer_config.json"):
     f = path / name
     if f.is_file():
       try:
-        config.update(json.loads(f.read_text()))
+        files[name] = json.loads(f.read_text())
       except json.JSONDecodeError as e:
         raise TokenizerError(f"{f} is not valid JSON: {e}") from e
+  tok_config, special = files.get("tokenizer_config.json", {}), files.get(
+      "special_tokens_map.json", {})
+  # As transformers resolves the two: a tokenizer_config.json that lists added_tokens_decoder
+  # (every one transformers >= 4.34 writes) wins; an older one yields to special_tokens_map.json.
+  if "added_tokens_decoder" in tok_config:
+    config = {**special, **tok_config}
+  else:
+    config = {**tok_config, **special}
   template = config.get("chat_template")
   if isinstance(template, list):  # several named templates: HF uses "default"
     named = {t.get("name"): t.get("template") for t in template}

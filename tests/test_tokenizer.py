@@ -416,6 +416,13 @@ def test_special_tokens_of_both_config_files_resolve_as_in_transformers(tmp_path
   ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   assert ref.eos_token == "<|im_end|>"  # (tokenizer_config.json's, transformers 5)
   assert tk.from_hf_dir(tmp_path).eos_token_id == ref.eos_token_id
+  # A file from before transformers 4.34 (no added_tokens_decoder): special_tokens_map.json wins.
+  cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  del cfg["added_tokens_decoder"]
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+  legacy = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert legacy.eos_token == "<|endoftext|>"
+  assert tk.from_hf_dir(tmp_path).eos_token_id == legacy.eos_token_id
 
 
 def test_template_tojson_keeps_non_ascii_text_as_transformers_does(tmp_path):

@@ -386,3 +386,44 @@ def test_training_kernels_lower_for_cuda_as_triton_calls(lower_for_cuda):
   text = lower_for_cuda(fwd_bwd, sd((b, t, h, d), jnp.bfloat16), sd((b, t, kh, d), jnp.bfloat16),
                         sd((b, t, kh, d), jnp.bfloat16), sd((b, t, h, d), jnp.bfloat16))
   assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
+
+
+def test_auto_attention_is_the_kernel_on_a_gpu_and_xla_on_the_cpu(monkeypatch):
+  # "auto" (the config default) must reach the kernels on a GPU; on this CPU-only machine every
+  # other test runs the XLA reference, so a dispatch that never chose the kernel would pass.
+  assert attention.resolve_impl("xla") == "xla" and attention.resolve_impl("pallas") == "pallas"
+  for backend, want in (("cpu", "xla"), ("gpu", "pallas")):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    assert attention.resolve_impl("auto") == want, backend
+
+
+def test_model_tells_the_kernels_its_mask_contract(monkeypatch):
+  # Without a contract `kernels.attend` falls back to XLA (with one warning): the model's
+  # uncached forward must pass "layout" and its cache branch "cache", or the kernel never runs.
+  seen = []
+
+  def spy(q, k, v, spec, q_meta, k_meta, contract):
+    seen.append(contract)
+    return attention.xla_attention(q, k, v, masks.dense_mask(spec, q_meta, k_meta))
+
+  cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=8, attention_impl="pallas")
+  params = model.init_params(cfg, jax.random.key(0))
+  monkeypatch.setattr(kernels, "attend", spy)  # (after init, whose trace attends too)
+  spec = masks.MaskSpec("causal")
+  meta = masks.TokenMeta.simple(jnp.arange(4, dtype=jnp.int32)[None])
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  model.forward(params, cfg, tokens, meta, spec)
+  model.forward(params, cfg, tokens, meta, spec, kvcache.init_cache(cfg, 1, 8))
+  assert seen == ["layout", "cache"]
+
+
+def test_fully_masked_query_rows_attend_uniformly_not_nan():
+  # A row with no allowed key (padding) must stay finite: the reference masks with a finite
+  # -1e30, so its softmax is uniform over the keys, i.e. the mean of v.
+  q, k, v, _ = _qkv(jax.random.key(4), 1, 8, 2, 1, 16, jnp.float32)
+  mask = jnp.tril(jnp.ones((8, 8), bool)).at[3].set(False)[None]
+  out = attention.xla_attention(q, k, v, mask)
+  assert bool(jnp.isfinite(out).all())
+  np.testing.assert_allclose(out[0, 3], jnp.broadcast_to(v[0, :, 0].mean(0), (2, 16)),
+                             rtol=1e-5, atol=1e-6)

@@ -309,3 +309,33 @@ def test_projection_refuses_an_input_of_the_wrong_trailing_shape():
   assert ok.shape == (2, 3, TINY.hidden_size)
   with pytest.raises(ValueError, match="must end in the kernel's input dims"):
     o.apply(kernel, jnp.ones((2, 3, TINY.head_dim, TINY.num_heads)))
+
+
+def test_square_model_kernel_layout_is_ambiguous_and_not_refused():
+  # With H == D == E the o kernel's [H, D, E] and [E, H, D] have one shape: the stored layout
+  # cannot be read off it, so it must be None and neither config's layout refused (guessing
+  # "in_out" would reject every out_in square model).
+  cfg = dataclasses.replace(TINY, hidden_size=4, num_heads=4, num_kv_heads=2, head_dim=4)
+  p = model.init_params(cfg, jax.random.key(0))
+  assert model.stored_kernel_layout(p, cfg) is None
+  om, om_cfg = model.with_kernel_layout(p, cfg, "out_in")
+  assert model.stored_kernel_layout(om, om_cfg) is None
+  step = (jnp.zeros((1, 2), jnp.int32), masks.TokenMeta.simple(_positions(1, 2)),
+          masks.MaskSpec("causal"))
+  np.testing.assert_allclose(model.forward(om, om_cfg, *step)[0],
+                             model.forward(p, cfg, *step)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_rms_norm_rounds_once_from_the_exact_value():
+  # The statistics are taken in float32 whatever the compute dtype (as HF does): with unit
+  # scales the bf16 output is the exact normalised value rounded once. Computing them in bf16
+  # is off by bf16 rounding, which the whole-model bf16 test's 2e-2 tolerance cannot see.
+  x = np.random.default_rng(0).normal(size=(4, 512)).astype(np.float32)
+  norm = model.RMSNorm(1e-6, jnp.bfloat16, jnp.float32)
+  xb = jnp.asarray(x, jnp.bfloat16)
+  y = norm.apply({"params": {"scale": jnp.ones(512, jnp.float32)}}, xb)
+  assert y.dtype == jnp.bfloat16
+  x64 = np.asarray(xb.astype(jnp.float32), np.float64)
+  want = x64 / np.sqrt(np.mean(x64 * x64, -1, keepdims=True) + 1e-6)
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(jnp.asarray(want, jnp.bfloat16), np.float32))

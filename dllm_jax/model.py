@@ -626,19 +626,23 @@ _PROJECTIONS = {("attn", "q"): 1, ("attn", "k"): 1, ("attn", "v"): 1, ("attn", "
 
 def stored_kernel_layout(params: Params, cfg: ModelConfig) -> Optional[str]:
   """The kernel layout the params' shapes say ("in_out" or "out_in"), read off the first
-  layer's o kernel ([H, D, E] or [E, H, D]); None when that does not tell (H == E == D)."""
+  layer's o kernel ([H, D, E] or [E, H, D]), else, where H == D == E makes that one shape, its
+  gate kernel ([E, M] or [M, E]); None when neither tells (a model square in both)."""
   layer = params["layers"] if "layers" in params else params.get("layers_0")
   if layer is None:
     raise ValueError(f"params hold neither 'layers' nor 'layers_0' but {sorted(params)}; pass "
                      "the model's params dict")
-  shape = tuple(layer["attn"]["o"]["kernel"].shape[-3:])
-  h, d, e = cfg.num_heads, cfg.head_dim, cfg.hidden_size
-  fits = [name for name, want in (("in_out", (h, d, e)), ("out_in", (e, h, d)))
-          if shape == want]
-  if not fits:
-    raise ValueError(f"params' o kernel ends in {shape}, neither [H, D, E] = {(h, d, e)} nor "
-                     f"[E, H, D] = {(e, h, d)}: they are not this config's model")
-  return fits[0] if len(fits) == 1 else None
+  h, d, e, m = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+  for block, proj, in_out, out_in in (("attn", "o", (h, d, e), (e, h, d)),
+                                      ("mlp", "gate", (e, m), (m, e))):
+    shape = tuple(layer[block][proj]["kernel"].shape[-len(in_out):])
+    fits = [name for name, want in (("in_out", in_out), ("out_in", out_in)) if shape == want]
+    if not fits:
+      raise ValueError(f"params' {proj} kernel ends in {shape}, neither {in_out} (in_out) nor "
+                       f"{out_in} (out_in): they are not this config's model")
+    if len(fits) == 1:
+      return fits[0]
+  return None
 
 
 def check_kernel_layout(params: Params, cfg: ModelConfig) -> None:

@@ -312,10 +312,19 @@ def test_projection_refuses_an_input_of_the_wrong_trailing_shape():
 
 
 def test_square_model_kernel_layout_is_ambiguous_and_not_refused():
-  # With H == D == E the o kernel's [H, D, E] and [E, H, D] have one shape: the stored layout
-  # cannot be read off it, so it must be None and neither config's layout refused (guessing
-  # "in_out" would reject every out_in square model).
-  cfg = dataclasses.replace(TINY, hidden_size=4, num_heads=4, num_kv_heads=2, head_dim=4)
+  # With H == D == E the o kernel's [H, D, E] and [E, H, D] have one shape: the layout is read
+  # off the gate kernel instead, and converted params are refused as for any model. Where that
+  # is square too (M == E), the stored layout cannot be read: None, and neither config's layout
+  # refused (guessing "in_out" would reject every out_in square model).
+  attn_square = dataclasses.replace(TINY, hidden_size=4, num_heads=4, num_kv_heads=2, head_dim=4)
+  assert attn_square.intermediate_size != 4
+  p = model.init_params(attn_square, jax.random.key(0))
+  assert model.stored_kernel_layout(p, attn_square) == "in_out"
+  om, om_cfg = model.with_kernel_layout(p, attn_square, "out_in")
+  assert model.stored_kernel_layout(om, om_cfg) == "out_in"
+  with pytest.raises(ValueError, match="stored out_in but kernel_layout='in_out'"):
+    model.with_kernel_layout(om, attn_square, "out_in")  # (would transpose them back)
+  cfg = dataclasses.replace(attn_square, intermediate_size=4)
   p = model.init_params(cfg, jax.random.key(0))
   assert model.stored_kernel_layout(p, cfg) is None
   om, om_cfg = model.with_kernel_layout(p, cfg, "out_in")

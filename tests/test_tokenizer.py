@@ -330,6 +330,25 @@ def test_a_saved_character_tokenizer_keeps_its_alphabet(tmp_path):
     again.encode("café")
 
 
+def _write_tokenizer_gguf(path, arch, pre, tokens, merges, types, add_bos=None):
+  """A GGUF holding only a BPE tokenizer (bos 1, eos 2) with pre-tokenizer `pre`."""
+  import gguf
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre(pre)
+  w.add_token_list(tokens)
+  w.add_token_merges(merges)
+  w.add_token_types(types)
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+  if add_bos is not None:
+    w.add_add_bos_token(add_bos)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
 def test_gguf_pre_tokenizer_split_matches_transformers(tmp_path, gguf_tok):
   """SmolLM2's vocabulary relabelled as Qwen2's (`tokenizer.ggml.pre`): the split changes (e.g.
   "(word" stays one piece) and must change as in transformers."""
@@ -337,19 +356,10 @@ def test_gguf_pre_tokenizer_split_matches_transformers(tmp_path, gguf_tok):
   import gguf
   src = gguf.GGUFReader(str(GGUF)).fields
   path = tmp_path / f"{pre}.gguf"
-  w = gguf.GGUFWriter(str(path), "qwen2")
-  w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre(pre)
-  w.add_token_list(src["tokenizer.ggml.tokens"].contents())
-  w.add_token_merges(src["tokenizer.ggml.merges"].contents())
-  w.add_token_types(src["tokenizer.ggml.token_type"].contents())
-  w.add_bos_token_id(1)
-  w.add_eos_token_id(2)
-  w.add_add_bos_token(True)  # (as Llama 3's files: a plain text starts with BOS)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  _write_tokenizer_gguf(path, "qwen2", pre, src["tokenizer.ggml.tokens"].contents(),
+                        src["tokenizer.ggml.merges"].contents(),
+                        src["tokenizer.ggml.token_type"].contents(),
+                        add_bos=True)  # (as Llama 3's files: a plain text starts with BOS)
   ours = tk.from_gguf(path)
   ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
   plain = gguf_tok
@@ -365,23 +375,12 @@ def test_gguf_digit_split_per_pre_tokenizer_matches_transformers(tmp_path):
   # Qwen2's split takes digits one by one, Llama 3's in runs of up to three. SmolLM2's vocabulary
   # has no multi-digit tokens, so only a vocabulary that merges digits ("12", "123") shows which
   # split ran: the 256 byte symbols and those two merges.
-  import gguf
   symbols = list(tk._bytes_to_unicode().values())
   want = {"qwen2": ["1", "2", "3", "4", "Ġ", "1", "2"], "llama-bpe": ["123", "4", "Ġ", "12"]}
   for arch, pre in (("qwen2", "qwen2"), ("llama", "llama-bpe")):
     path = tmp_path / f"{pre}.gguf"
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(symbols + ["12", "123"])
-    w.add_token_merges(["1 2", "12 3"])
-    w.add_token_types([1] * (len(symbols) + 2))
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_tokenizer_gguf(path, arch, pre, symbols + ["12", "123"], ["1 2", "12 3"],
+                          [1] * (len(symbols) + 2))
     ours = tk.from_gguf(path)
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     assert [ours.id_to_token(i) for i in ours.encode("1234 12")] == want[pre], pre

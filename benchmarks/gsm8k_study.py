@@ -163,7 +163,8 @@ def main():
                   help="JAX persistent compilation cache (default WORK/jax_cache; '' for none): "
                        "the thresholds of one sub-block size then compile once")
   ap.add_argument("--jobs", type=int, default=1,
-                  help="concurrent processes for zeroshot/areval/diffeval (see above)")
+                  help="concurrent processes for the two fine-tunes and for "
+                       "zeroshot/areval/diffeval (see above)")
   ap.add_argument("--train-kinds", default="ar,diffusion",
                   help="the fine-tunes the train stage runs (with --jobs 2, side by side)")
   ap.add_argument("--set", action="append", default=[], help="extra training overrides")
@@ -198,10 +199,8 @@ def main():
              "from ['ar', 'diffusion']")
   if "train" in stages and args.jobs > 1 and len(train_kinds) > 1:
     # One child a fine-tune: a 135M model's train step leaves the GPU room for the other's.
-    common = [sys.executable, os.path.abspath(__file__), "--data-dir", args.data_dir, "--work",
-              str(work), "--base", args.base, "--steps", str(args.steps), "--stages", "train",
-              "--jobs", "1", "--compile-cache", cache_dir]
-    common += [x for kv in args.set for x in ("--set", kv)]
+    common = _child(args, work, cache_dir, "--steps", str(args.steps), "--stages", "train",
+                    *[x for kv in args.set for x in ("--set", kv)])
     _run_children([common + ["--train-kinds", k] for k in train_kinds], args.jobs, work, "train")
     study = _load(work / "study.json")
   elif "train" in stages:
@@ -223,10 +222,8 @@ def main():
   if args.jobs > 1 and evals:
     # One child per sub-block size (threshold 1.0 first: the others' agreement reads it), and
     # one for the two AR evaluations.
-    common = [sys.executable, os.path.abspath(__file__), "--data-dir", args.data_dir, "--work",
-              str(work), "--base", args.base, "--max-new-tokens", str(n), "--thresholds",
-              args.thresholds, "--jobs", "1", "--layout", args.layout,
-              "--compile-cache", cache_dir]
+    common = _child(args, work, cache_dir, "--max-new-tokens", str(n), "--thresholds",
+                    args.thresholds, "--layout", args.layout)
     common += ["--limit", str(args.limit)] if args.limit else []
     children = []
     ar_stages = [s for s in evals if s != "diffeval"]
@@ -252,6 +249,13 @@ def main():
                     32, args.limit, reference=f"diff_t1.0_s{sub}", jobs=jobs,
                     layout=args.layout)
   _save(work, study)
+
+
+def _child(args, work: pathlib.Path, cache_dir: str, *extra: str) -> list[str]:
+  """The command line of one child job: this script on the same data, work folder, base model
+  and compilation cache, one job itself, plus `extra`."""
+  return [sys.executable, os.path.abspath(__file__), "--data-dir", args.data_dir, "--work",
+          str(work), "--base", args.base, "--jobs", "1", "--compile-cache", cache_dir, *extra]
 
 
 def _run_children(children: list[list[str]], jobs: int, work: pathlib.Path, what: str) -> None:
@@ -341,8 +345,8 @@ def report(study: dict, plot_dir: pathlib.Path = DOCS) -> str:
       what = "next-token" if kind == "ar" else "masked-token"
       shared = "† (both fine-tunes shared the GPU)" if t.get("concurrent_jobs", 1) > 1 else ""
       lines.append(f"\n{kind} fine-tune: {t['step']} steps in {t['wall_s']:.0f} s{shared}, "
-                   f"final train loss {t['loss']:.3f}, held-out {what} accuracy {t['eval_accuracy']:.3f} "
-                   f"(GSM8K test, {t['eval_tokens']:.0f} tokens)")
+                   f"final train loss {t['loss']:.3f}, held-out {what} accuracy "
+                   f"{t['eval_accuracy']:.3f} (GSM8K test, {t['eval_tokens']:.0f} tokens)")
   text = "\n".join(lines)
   print(text)
   try:

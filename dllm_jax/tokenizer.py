@@ -312,16 +312,14 @@ def from_hf_dir(path: str | pathlib.Path) -> Tokenizer:
   backend.no_truncation()
   backend.no_padding()
 
-  files = {}
-  for name in ("special_tokens_map.json", "tokenizer_config.json"):
+  def read(name: str) -> dict:
     f = path / name
-    if f.is_file():
-      try:
-        files[name] = json.loads(f.read_text())
-      except json.JSONDecodeError as e:
-        raise TokenizerError(f"{f} is not valid JSON: {e}") from e
-  tok_config, special = files.get("tokenizer_config.json", {}), files.get(
-      "special_tokens_map.json", {})
+    try:
+      return json.loads(f.read_text()) if f.is_file() else {}
+    except json.JSONDecodeError as e:
+      raise TokenizerError(f"{f} is not valid JSON: {e}") from e
+
+  tok_config, special = read("tokenizer_config.json"), read("special_tokens_map.json")
   # As transformers resolves the two: a tokenizer_config.json that lists added_tokens_decoder
   # (every one transformers >= 4.34 writes) wins; an older one yields to special_tokens_map.json.
   if "added_tokens_decoder" in tok_config:

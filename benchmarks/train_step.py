@@ -17,9 +17,9 @@ compare directly, and `scaling` is a device count's real tokens/s per device ove
 
 Figures: real tokens/s (tokens of the data, L per row, not the noisy copies), and per device; step
 time per real token relative to AR-SFT; MFU: model FLOPs actually executed (matmuls of every
-processed token, the LM head only where logits are taken, attention over allowed pairs only;
-backward = 2x forward; remat recompute not counted) per device over the bf16 matmul rate of one
-device measured in the same run; the compiled step's memory per device (the compiler's own
+processed token, the LM head on the L positions a row whose logits the loss takes, attention
+over allowed pairs only; backward = 2x forward; remat recompute not counted) per device over the
+bf16 matmul rate of one device measured in the same run; the compiled step's memory per device (the compiler's own
 analysis: state, batch, temporaries, less what the donated state reuses).
 """
 
@@ -50,16 +50,18 @@ def model_flops_per_row(cfg, seq_len: int, kind: str, layout: str, block: int) -
   # Noisy block b sees its own block and the b earlier clean blocks.
   noisy_pairs = block * block * n_blocks + block * block * n_blocks * (n_blocks - 1) / 2
   if kind == "ar":
-    rows, tokens, logit_tokens, pairs = 1, seq_len, seq_len, causal_pairs
+    rows, tokens, pairs = 1, seq_len, causal_pairs
   elif layout == "3l":
-    rows, tokens, logit_tokens = 1, 3 * seq_len, 2 * seq_len
+    rows, tokens = 1, 3 * seq_len
     pairs = 2 * noisy_pairs + block_causal_pairs
   else:  # 2x2l: two rows of [noisy ; clean]
-    rows, tokens, logit_tokens = 2, 2 * seq_len, seq_len
+    rows, tokens = 2, 2 * seq_len
     pairs = noisy_pairs + block_causal_pairs
   attn = 4 * pairs * h * d * cfg.num_layers
-  fwd = tokens * per_token_layer * cfg.num_layers + logit_tokens * 2 * e * v + attn
-  return 3 * rows * fwd
+  # The head runs on L positions under every objective (diffusion: each position in the one
+  # noisy copy where it takes the loss).
+  fwd = rows * (tokens * per_token_layer * cfg.num_layers + attn) + seq_len * 2 * e * v
+  return 3 * fwd
 
 
 def parse_mesh(text: str) -> dict:

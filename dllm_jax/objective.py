@@ -233,13 +233,16 @@ def _diffusion_loss(params, model_cfg, obj_cfg, batch, rng):
   segments = jnp.asarray(batch["segments"], jnp.int32)
   noisy, noisy_c, masked, masked_c = _noise(rng, batch, obj_cfg, model_cfg.mask_token_id)
   hidden = _diffusion_forward(params, model_cfg, obj_cfg, noisy, noisy_c, tokens, segments,
-                              return_hidden=True)  # [B, 2L, E]: one head matmul for both copies
-  (targets_1, counted_1), (targets_2, counted_2) = (
+                              return_hidden=True)  # [B, 2L, E]
+  (targets, counted_1), (_, counted_2) = (
       _shifted_targets(tokens, m, segments) for m in (masked, masked_c))
-  ce, right = _hidden_token_ce(params, model_cfg, hidden,
-                               jnp.concatenate([targets_1, targets_2], axis=1),
-                               obj_cfg.loss_chunk)
-  counted = jnp.concatenate([counted_1, counted_2], axis=1)
+  # The copies mask complementary tokens, so a position counts in one copy at most and both
+  # copies predict the same target there: the head runs on L hidden states, each position's
+  # from the copy where it counts, instead of on 2L of which half are thrown away.
+  length = tokens.shape[1]
+  hidden = jnp.where(counted_1[..., None], hidden[:, :length], hidden[:, length:])
+  ce, right = _hidden_token_ce(params, model_cfg, hidden, targets, obj_cfg.loss_chunk)
+  counted = counted_1 | counted_2
   return (jnp.sum(jnp.where(counted, ce, 0.0)), jnp.sum(counted).astype(jnp.float32),
           {"correct": jnp.sum(counted & right).astype(jnp.float32)})
 

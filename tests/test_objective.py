@@ -248,6 +248,48 @@ def test_3l_processes_a_quarter_fewer_tokens(params):
   assert seen["3l"] * 4 == seen["2x2l"] * 3
 
 
+def _vocab_dots(jaxpr) -> list[tuple]:
+  """Output shapes of the dot_generals in `jaxpr` (sub-jaxprs too) whose last axis is the
+  vocabulary: the LM head's matmuls."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] == CFG.vocab_size:
+      shapes.append(eqn.outvars[0].aval.shape)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      shapes += _vocab_dots(sub)
+  return shapes
+
+
+@pytest.mark.parametrize("layout", ["3l", "2x2l"])
+def test_diffusion_head_runs_once_per_position(params, layout):
+  """The two copies count complementary positions, so the LM head runs on L hidden states a row,
+  not on both copies' 2L; the loss and its gradients are those of the head on both copies."""
+  batch = random_batch(6)
+  obj = ObjectiveConfig(block_size=BLOCK, layout=layout)
+  rng = jax.random.key(8)
+  loss = lambda p: objective.loss_fn(p, CFG, obj, batch, rng)[0]
+  assert _vocab_dots(jax.make_jaxpr(loss)(params).jaxpr) == [(3, 48, CFG.vocab_size)]
+
+  def both_copies(p):  # the head on every position of both copies, counted ones summed
+    tokens, segments = jnp.asarray(batch["tokens"]), jnp.asarray(batch["segments"])
+    noisy, noisy_c, m, mc = objective.noise(rng, batch, obj, CFG.mask_token_id)
+    total = 0.0
+    for logits, mk in zip(objective.diffusion_logits(p, CFG, obj, noisy, noisy_c, tokens,
+                                                     segments), (m, mc)):
+      targets, counted = objective._shifted_targets(tokens, mk, segments)
+      logits = logits.astype(jnp.float32)
+      ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None],
+                                                               -1)[..., 0]
+      total += jnp.sum(jnp.where(counted, ce, 0.0))
+    return total
+
+  (got, g), (want, w) = (jax.jit(jax.value_and_grad(f))(params) for f in (loss, both_copies))
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(w)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.max(np.abs(a - b)) <= 2e-6 * np.max(np.abs(b)), np.max(np.abs(a - b))
+
+
 def _position_grads(params, layout, batch, rng, copy, query):
   """|d loss(query position of a noisy copy) / d input embedding| for every token of the layout
   row 0, as [row length]."""
@@ -368,7 +410,7 @@ def test_chunked_loss_does_not_hold_all_logits(kind):
   cfg = dataclasses.replace(CFG, vocab_size=16384, mask_token_id=16383, num_layers=1)
   params = model.init_params(cfg, jax.random.key(0))
   batch = random_batch(9, batch=2, length=128)
-  loss_rows = 2 * (1 if kind == "ar" else 2) * 128  # rows x positions that take a loss
+  loss_rows = 2 * 128  # rows x positions whose logits the loss takes (diffusion: one copy's)
   logits_bytes = loss_rows * cfg.vocab_size * 4
 
   def temp_bytes(chunk):

@@ -193,7 +193,7 @@ def test_train_step_binds_the_activation_constraints_to_the_mesh():
                       '{"tensor"}, {}]> : tensor<4x96x4x8xf32>',  # q: heads over tensor
                       '{"tensor"}, {}]> : tensor<4x96x2x8xf32>',  # k: kv heads over tensor
                       '{"tensor"}]> : tensor<4x96x64xf32>',  # the MLP hidden
-                      '{"tensor"}]> : tensor<4x64x130xf32>'):  # logits of the noisy tokens
+                      '{"tensor"}]> : tensor<4x32x130xf32>'):  # logits: L a row (one copy's)
     assert "sdy.sharding_constraint" in hlo and batch_split + constrained in hlo, constrained
 
 

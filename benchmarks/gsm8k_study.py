@@ -27,7 +27,8 @@ compilation cache (--compile-cache, default WORK/jax_cache): the threshold is an
 compiled decoder, so each sub-block size should compile once per batch size (shown on CPU by
 tests/test_eval.py; not yet observed on a GPU). On a cache hit `compile_s` is the load time.
 Results: WORK/study.json, merged under a file lock (and copied to $OUT/study.json when $OUT is
-set); every generation in WORK/<setting>.jsonl.
+set); every generation in WORK/<setting>.jsonl. benchmarks/gsm8k_study_remote.sh runs every
+stage detached on a GPU machine reached through short calls, and polls the results back.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """The GSM8K study driver: concurrent jobs merge their results, stage names are checked, and the
 report marks what did not run and what shared the GPU."""
 
+import hashlib
 import json
+import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -140,3 +143,21 @@ def test_side_by_side_fine_tunes_get_one_child_each(study_mod, tmp_path, monkeyp
     assert cmd[cmd.index("--stages") + 1] == "train" and cmd[cmd.index("--jobs") + 1] == "1"
   saved = json.loads((tmp_path / "w" / "study.json").read_text())
   assert saved["train_ar"]["concurrent_jobs"] == 2 and saved["train_diffusion"]["step"] == 3
+
+
+REMOTE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gsm8k_study_remote.sh"
+
+
+@pytest.mark.parametrize("size", [1001, 1000])
+def test_remote_runner_splits_a_file_into_halves_that_rejoin(tmp_path, size):
+  data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+  (tmp_path / "model.gguf").write_bytes(data)
+  done = subprocess.run(["bash", str(REMOTE), "split", str(tmp_path / "model.gguf"),
+                         str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
+                        text=True, check=True)
+  one, two = (tmp_path / "a" / "part1").read_bytes(), (tmp_path / "b" / "part2").read_bytes()
+  assert len(one) == (size + 1) // 2 and one + two == data
+  assert done.stdout.split()[0] == hashlib.sha256(data).hexdigest()  # what `start` checks
+  bad = subprocess.run(["bash", str(REMOTE), "split", str(tmp_path / "model.gguf")],
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and "usage" in bad.stderr

@@ -48,7 +48,9 @@ poll() {
   local lim=${1:-560} t0=$(date +%s) out=${OUT:-/tmp/study_out}
   mkdir -p "$out"
   while [ $(( $(date +%s) - t0 )) -lt "$lim" ] && [ ! -e "$WORK/DONE" ]; do sleep 15; done
-  echo "--- poll after $(( $(date +%s) - t0 )) s; DONE=$([ -e "$WORK/DONE" ] && echo yes || echo no)"
+  local done=no
+  [ -e "$WORK/DONE" ] && done=yes
+  echo "--- poll after $(( $(date +%s) - t0 )) s; DONE=$done"
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
   cp /tmp/study_log.txt "$out/" 2>/dev/null
   tail -n 40 /tmp/study_log.txt

@@ -19,8 +19,8 @@ Figures: real tokens/s (tokens of the data, L per row, not the noisy copies), an
 time per real token relative to AR-SFT; MFU: model FLOPs actually executed (matmuls of every
 processed token, the LM head on the L positions a row whose logits the loss takes, attention
 over allowed pairs only; backward = 2x forward; remat recompute not counted) per device over the
-bf16 matmul rate of one device measured in the same run; the compiled step's memory per device (the compiler's own
-analysis: state, batch, temporaries, less what the donated state reuses).
+bf16 matmul rate of one device measured in the same run; the compiled step's memory per device
+(the compiler's own analysis: state, batch, temporaries, less what the donated state reuses).
 """
 
 from __future__ import annotations

@@ -7,20 +7,30 @@
 Every batch has the same shape (prompts padded to one length, the last batch filled with copies
 of its first row that are dropped afterwards), so the decoder compiles once; compile time is
 reported apart from the timed generation.
+
+With --out, each batch's generations reach OUT.partial as they are made (the flags beside them
+in OUT.partial.json), and OUT is written whole at the end. Ctrl-C or SIGTERM stops the run after
+the batch being decoded (a second one at once) with the summary of the problems done, exit
+status 128 + the signal; `--resume` with the same flags decodes the rest, and its OUT is the one
+an uninterrupted run writes (a batch's key depends only on --seed and its first problem).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import pathlib
 import re
+import signal
 import sys
+import threading
 import time
-from typing import Optional, Sequence
+import warnings
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -119,13 +129,26 @@ def accuracy_with_se(correct: Sequence[bool]) -> tuple[float, float]:
 def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.DecodeConfig,
              batch_size: int, seed: int = 0, log=print,
              stop_token_ids: Optional[tuple[int, ...]] = None,
-             layout: str = "per_layer") -> tuple[list[dict], dict]:
+             layout: str = "per_layer", *, done: Sequence[dict] = (),
+             on_batch: Optional[Callable[[list[dict]], None]] = None,
+             stop: Optional[Callable[[], bool]] = None) -> tuple[list[dict], dict]:
   """Generates an answer for every problem; returns per-problem records and a summary.
 
   stop_token_ids: None stops where decode.py does (`decoding.stop_token_ids`).
   layout: `model.LAYOUTS`; "per_layer" (one buffer per layer, no layer loop in the decode step)
     decodes about twice as fast on a GPU as "stacked" (the layout saved); same tokens either way.
+  done: the records of an interrupted run of the same settings, whole batches from the first
+    problem; decoding goes on after them. Each batch's key depends only on the seed and the
+    batch's first problem, so the records are those of a run never interrupted.
+  on_batch: called with each batch's new records as soon as they exist (to keep them).
+  stop: asked after each batch; True ends the run there (the summary then says "interrupted").
+  Accuracy and the per-token counts cover every record; tokens/s, run_s and the rounds cover the
+  batches decoded by this call.
   """
+  whole = len(done) % batch_size == 0 or len(done) == len(problems)
+  if not whole or [r["index"] for r in done] != [p.index for p in problems[:len(done)]]:
+    raise ValueError(f"done: {len(done)} records that are not whole batches of {batch_size} "
+                     "from the first problem, in order")
   tok = pretrained.tokenizer
   if tok is None:
     raise ValueError("the checkpoint has no tokenizer; evaluation needs one to render prompts")
@@ -164,35 +187,46 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
   params = model.with_layout(pretrained.params, layout)
   rng = jax.random.key(seed)
   t0 = time.perf_counter()
-  compiled = fn.lower(params, *batch_arrays(0), rng, threshold).compile()
+  if len(done) < len(problems):
+    compiled = fn.lower(params, *batch_arrays(0), rng, threshold).compile()
   compile_s = time.perf_counter() - t0
 
-  records, run_s, total_tokens, total_nfe, total_iters = [], 0.0, 0, 0, 0
-  for start in range(0, len(prompts), batch_size):
+  records, run_s, run_tokens, total_iters = list(done), 0.0, 0, 0
+  interrupted = False
+  for start in range(len(done), len(prompts), batch_size):
+    if stop is not None and stop():
+      interrupted = True
+      break
     toks, lens = batch_arrays(start)
-    rng, key = jax.random.split(rng)
+    key = jax.random.fold_in(rng, start)
     jax.block_until_ready((toks, lens, key))
     t0 = time.perf_counter()
     out, lengths, stats = jax.block_until_ready(compiled(params, toks, lens, key, threshold))
     run_s += time.perf_counter() - t0
     out, lengths, nfe = np.asarray(out), np.asarray(lengths), np.asarray(stats["nfe"])
     total_iters += int(stats["iterations"])
+    new = []
     for r in range(min(batch_size, len(prompts) - start)):
       p = problems[start + r]
       text = tok.decode(out[r, :lengths[r]].tolist())
       pred = extract_answer(text)
-      total_tokens += int(lengths[r])
-      total_nfe += int(nfe[r])
-      records.append({"index": p.index, "question": p.question, "gold": p.gold,
-                      "generation": text, "prediction": pred, "correct": pred == p.gold,
-                      "tokens": int(lengths[r]), "nfe": int(nfe[r])})
+      run_tokens += int(lengths[r])
+      new.append({"index": p.index, "question": p.question, "gold": p.gold,
+                  "generation": text, "prediction": pred, "correct": pred == p.gold,
+                  "tokens": int(lengths[r]), "nfe": int(nfe[r])})
+    records += new
+    if on_batch is not None:
+      on_batch(new)
     log(f"[eval] {len(records)}/{len(problems)} problems, "
-        f"{total_tokens / max(run_s, 1e-9):.1f} tokens/s")
+        f"{run_tokens / max(run_s, 1e-9):.1f} tokens/s")
 
   acc, se = accuracy_with_se([r["correct"] for r in records])
+  total_tokens = sum(r["tokens"] for r in records)
+  total_nfe = sum(r["nfe"] for r in records)
   summary = {
       "n": len(records), "accuracy": acc, "stderr": se,
-      "tokens_per_s": total_tokens / max(run_s, 1e-9),
+      # (None where this call decoded nothing: an interrupted run resumed after its last batch)
+      "tokens_per_s": run_tokens / max(run_s, 1e-9) if run_s else None,
       "forwards_per_token": total_nfe / max(total_tokens, 1),
       "tokens_per_forward": total_tokens / max(total_nfe, 1),
       "generated_tokens": total_tokens, "run_s": run_s, "compile_s": compile_s,
@@ -207,6 +241,11 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
       "decode": dataclasses.asdict(decode_cfg),
       "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
   }
+  if done:
+    summary["resumed_after"] = len(done)  # (problems decoded by the interrupted run)
+  if interrupted:
+    summary["interrupted"] = True
+    summary["problems"] = len(problems)
   return records, summary
 
 
@@ -272,6 +311,138 @@ def _check_out(out: str, inputs: Sequence[str]) -> None:
     raise decoding_cli.UsageError(f"--out {out}: the directory {parent} is not writable")
 
 
+# An interrupted run's records, kept beside --out (OUT.partial, a batch at a time) with the flags
+# they were decoded with (OUT.partial.json), until the run ends and writes OUT whole.
+def _partial_path(out: Optional[str]) -> Optional[pathlib.Path]:
+  """OUT.partial for an --out that is a file path; None without --out or for a device or pipe
+  (/dev/stdout), beside which nothing is kept."""
+  if not out:
+    return None
+  path = pathlib.Path(out)
+  if path.exists() and not path.is_file():
+    return None
+  return path.with_name(path.name + ".partial")
+
+
+def _settings_path(partial: pathlib.Path) -> pathlib.Path:
+  return partial.with_name(partial.name + ".json")
+
+
+# Flags that do not change a problem's record.
+_NOT_SETTINGS = ("out", "resume", "json", "compare_to")
+
+
+def _settings(args) -> dict:
+  """The flags a problem's record depends on, files as absolute paths (a resumed run may start
+  in another directory)."""
+  settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
+  settings["data"] = str(pathlib.Path(args.data).resolve())
+  if os.path.exists(args.checkpoint):
+    settings["checkpoint"] = str(pathlib.Path(args.checkpoint).resolve())
+  return settings
+
+
+# What `evaluate` writes in a record, and the types --resume requires of one read back.
+_RECORD_FIELDS = {"index": int, "question": str, "gold": str, "generation": str,
+                  "correct": bool, "tokens": int, "nfe": int}
+
+
+def _read_partial(partial: pathlib.Path, problems: Sequence[Problem], batch: int) -> list[dict]:
+  """The records of OUT.partial as whole batches from the first problem (a kill mid-batch can
+  leave part of one, and a cut last line): what --resume need not decode again."""
+  data = partial.read_bytes()
+  lines = data.splitlines()
+  records = []
+  for number, raw in enumerate(lines, 1):
+    where = f"{partial}:{number}"
+    if not raw.strip():
+      continue
+    try:
+      record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      if number == len(lines) and not data.endswith(b"\n"):
+        break  # (the line being written when the run was killed: its batch is decoded again)
+      raise decoding_cli.UsageError(f"{where}: not a JSON line; {partial} is damaged: delete "
+                                    "it and its .json to start again") from None
+    good = isinstance(record, dict) and all(
+        isinstance(record.get(k), t) and (t is bool or not isinstance(record.get(k), bool))
+        for k, t in _RECORD_FIELDS.items()) and (record.get("prediction") is None
+                                                 or isinstance(record["prediction"], str))
+    if not good:
+      raise decoding_cli.UsageError(f"{where}: not a record of this command (fields "
+                                    f"{sorted(_RECORD_FIELDS)} and prediction); delete "
+                                    f"{partial} and its .json to start again")
+    at = len(records)
+    if (at >= len(problems) or record["index"] != problems[at].index
+        or record["question"] != problems[at].question):
+      raise decoding_cli.UsageError(
+          f"{where}: holds problem {record['index']} where this run's problem number {at} "
+          f"stands; it was decoded from another --data file or --limit: delete {partial} and "
+          "its .json to start again")
+    records.append(record)
+  if len(records) == len(problems):
+    return records
+  return records[:len(records) - len(records) % batch]
+
+
+def _resumed_records(args, partial: pathlib.Path, problems: Sequence[Problem],
+                     batch: int) -> list[dict]:
+  """The records that --resume goes on after ([] for a run from the first problem); a
+  UsageError where an interrupted run's file would be overwritten without --resume, or cannot be
+  continued with these flags."""
+  if not partial.exists():
+    if args.resume:
+      warnings.warn(f"--resume: no interrupted run to continue ({partial} does not exist); "
+                    "decoding from the first problem")
+    return []
+  if not args.resume:
+    raise decoding_cli.UsageError(
+        f"--out {args.out}: {partial} holds the generations of an interrupted run; continue it "
+        f"with --resume (and the same flags), or delete {partial} to start again")
+  settings = _settings_path(partial)
+  try:
+    saved = json.loads(settings.read_text(encoding="utf-8"))
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    raise decoding_cli.UsageError(
+        f"--resume: {settings} is unreadable ({e}), so the flags {partial} was decoded with are "
+        f"unknown; delete both to start again") from None
+  now = _settings(args)
+  differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+  if differ:
+    said = "; ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there, {now.get(k)!r} here"
+                     for k in differ)
+    raise decoding_cli.UsageError(
+        f"--resume: {partial} was decoded with other flags ({said}); resume with the flags it "
+        f"was decoded with, or delete {partial} to start again")
+  return _read_partial(partial, problems, batch)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(signals: list, say: Callable[[str], None]):
+  """Within: SIGINT and SIGTERM end the run after the batch being decoded (their numbers are
+  appended to `signals`, and `say` is told the signal's name), a second one at once
+  (KeyboardInterrupt). The handlers before are put back after. (Only in the main thread, where
+  Python delivers signals.)"""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    signals.append(signal.Signals(signum))
+    if len(signals) > 1:
+      raise KeyboardInterrupt
+    say(signal.Signals(signum).name)
+
+  before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield
+  finally:
+    for s, h in before.items():
+      signal.signal(s, h)
+
+
 PROG = "python -m dllm_jax.eval"  # (its errors' and warnings' prefix)
 
 
@@ -286,6 +457,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument("--compare-to", default=None,
                       help="another run's generations JSONL: report the share of equal answers")
   parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue the run that an interrupt (Ctrl-C, SIGTERM) or a kill "
+                           "stopped: its generations so far are in OUT.partial; give the same "
+                           "flags (without an interrupted run, starts from the first problem)")
   args = parser.parse_args(argv)
   prog = parser.prog
   try:  # the flags and the files before the slow checkpoint load and the evaluation
@@ -304,38 +479,92 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     # (A run of fewer problems than --batch-size decodes them in one batch of their number,
     # and --kernel-layout auto decides for that batch.)
     batch = min(args.batch_size, len(problems))
+    partial = _partial_path(args.out)
+    if args.resume and partial is None:
+      raise decoding_cli.UsageError(
+          "--resume continues the generations an interrupted run kept beside its --out file; "
+          + ("give --out" if not args.out else f"--out {args.out} is not a file path"))
+    done = _resumed_records(args, partial, problems, batch) if partial else []
     pretrained = decoding_cli.load(args, prog, batch=batch)
   except decoding_cli.UsageError as e:
     raise decoding_cli.usage_exit(prog, str(e)) from None
   decode_cfg = decoding_cli.decode_config(args, pretrained)
   log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-  try:
-    records, summary = evaluate(pretrained, problems, decode_cfg, batch, args.seed, log,
-                                layout=args.layout)
-  except decoding.DecodeError as e:  # (the problems and --max-new-tokens past the context)
-    raise decoding_cli.usage_exit(prog, decoding_cli.as_flags(str(e))) from None
-  except decoding_cli.UsageError as e:  # (a problem's text the tokenizer cannot encode)
-    raise decoding_cli.usage_exit(prog, str(e)) from None
-  summary["checkpoint"] = args.checkpoint
-  if args.out:
-    from dllm_jax import checkpoint  # (loaded with the model already)
+  from dllm_jax import checkpoint  # (loaded with the model already)
 
+  kept, handle = [len(done)], None
+  if partial is not None:
+    # Every batch's records reach the disk as they are made, and the flags beside them: an
+    # interrupt or a kill loses at most the batch being decoded (--resume goes on from there).
+    checkpoint.write_text_whole(_settings_path(partial), json.dumps(_settings(args), indent=1))
+    checkpoint.write_text_whole(partial, "".join(json.dumps(r) + "\n" for r in done))
+    handle = open(partial, "a", encoding="utf-8")
+
+  def keep(new):
+    if handle is not None:
+      handle.write("".join(json.dumps(r) + "\n" for r in new))
+      handle.flush()
+      os.fsync(handle.fileno())
+    kept[0] += len(new)
+
+  def interrupted_line():
+    if partial is None:
+      return (f"interrupted: {kept[0]} of {len(problems)} problems decoded; no --out, so no "
+              "generation is kept")
+    return (f"interrupted: the generations of {kept[0]} of {len(problems)} problems are kept "
+            f"in {partial}; run the same command with --resume to decode the rest")
+
+  signals = []
+  where = f"the generations so far are kept in {partial}" if partial else "no --out"
+
+  def say(name):
+    print(f"{prog}: {name}: stopping after this batch ({where}); again to stop at once",
+          file=sys.stderr)
+
+  with _stop_on_signals(signals, say):
+    try:
+      records, summary = evaluate(pretrained, problems, decode_cfg, batch, args.seed, log,
+                                  layout=args.layout, done=done, on_batch=keep,
+                                  stop=lambda: bool(signals))
+    except decoding.DecodeError as e:  # (the problems and --max-new-tokens past the context)
+      raise decoding_cli.usage_exit(prog, decoding_cli.as_flags(str(e))) from None
+    except decoding_cli.UsageError as e:  # (a problem's text the tokenizer cannot encode)
+      raise decoding_cli.usage_exit(prog, str(e)) from None
+    except KeyboardInterrupt:  # (a second signal, or Ctrl-C where none was caught)
+      print(f"{prog}: {interrupted_line()}", file=sys.stderr)
+      raise SystemExit(128 + (signals[-1] if signals else signal.SIGINT)) from None
+    finally:
+      if handle is not None:
+        handle.close()
+  summary["checkpoint"] = args.checkpoint
+  finished = not summary.get("interrupted")
+  if args.out and finished:
     out, text = pathlib.Path(args.out), "".join(json.dumps(r) + "\n" for r in records)
     if out.is_symlink() or (out.exists() and not out.is_file()):
       out.write_text(text)  # (/dev/stdout, a link, a pipe: written as they are)
     else:
       checkpoint.write_text_whole(out, text)  # (complete or not at all)
+    if partial is not None:  # (only now: a kill before this line leaves them to --resume)
+      partial.unlink()
+      _settings_path(partial).unlink()
   if reference is not None:
     summary["agreement_with"] = args.compare_to
     summary["agreement"] = agreement(records, reference)
   if args.json:
     print(json.dumps(summary))
   else:
+    speed = (f"{summary['tokens_per_s']:.1f} tokens/s" if summary["tokens_per_s"] is not None
+             else "no tokens/s (nothing left to decode)")
     print(f"accuracy {summary['accuracy']:.4f} +- {summary['stderr']:.4f} (n={summary['n']}), "
-          f"{summary['tokens_per_s']:.1f} tokens/s, {summary['tokens_per_forward']:.2f} tokens "
-          f"per forward, compile {summary['compile_s']:.1f}s")
+          f"{speed}, {summary['tokens_per_forward']:.2f} tokens per forward, compile "
+          f"{summary['compile_s']:.1f}s" + (f" (resumed after {summary['resumed_after']} "
+                                            "problems: tokens/s of this run's part)"
+                                            if "resumed_after" in summary else ""))
     if "agreement" in summary:
       print(f"answers equal to {args.compare_to}: {summary['agreement']:.4f}")
+  if not finished:
+    print(f"{prog}: {interrupted_line()}", file=sys.stderr)
+    raise SystemExit(128 + signals[0])
   return summary
 
 

@@ -370,3 +370,80 @@ def test_main_refuses_bad_flags_and_data_before_loading_the_checkpoint(tmp_path)
 def test_the_shared_decoding_flags_name_the_library_choices():
   from dllm_jax import decoding_cli
   assert decoding_cli.MODES == decoding.MODES and decoding_cli.LAYOUTS == model.LAYOUTS
+
+
+def _signal_at(monkeypatch, call, *signums):
+  """Sends each of `signums` to this process when the eval's answer extraction runs for the
+  `call`-th time (inside a batch: its records are not yet kept)."""
+  calls, plain = [0], eval_lib.extract_answer
+
+  def extract(text):
+    calls[0] += 1
+    if calls[0] == call:
+      for s in signums:
+        os.kill(os.getpid(), s)
+    return plain(text)
+
+  monkeypatch.setattr(eval_lib, "extract_answer", extract)
+
+
+def test_an_interrupted_eval_keeps_its_generations_and_resume_finishes_the_same_file(
+    tmp_path, monkeypatch):
+  data = tmp_path / "test.jsonl"
+  data.write_text("".join(json.dumps({"question": f"What is {i} + 3?", "answer": f"#### {i + 3}"})
+                          + "\n" for i in range(7)))
+  ckpt = tmp_path / "ckpt"
+  convert.export_hf_dir(_tiny_pretrained(), ckpt)
+  base = ["gsm8k", "--checkpoint", str(ckpt), "--data", str(data), "--batch-size", "2",
+          "--max-new-tokens", "8", "--block-size", "8", "--sub-block-size", "4",
+          "--dtype", "float32", "--json", "--force"]
+  eval_lib.main(base + ["--out", str(tmp_path / "full.jsonl")])
+  out = tmp_path / "gen.jsonl"
+  partial = tmp_path / "gen.jsonl.partial"
+  settings = tmp_path / "gen.jsonl.partial.json"
+
+  # SIGINT in the second batch: that batch finishes and is kept, the run stops there (130).
+  import signal
+
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  _signal_at(monkeypatch, 3, signal.SIGINT)
+  with pytest.raises(SystemExit) as e:
+    eval_lib.main(base + ["--out", str(out)])
+  assert e.value.code == 128 + signal.SIGINT
+  assert not out.exists() and settings.exists()
+  assert [json.loads(line)["index"] for line in partial.read_text().splitlines()] == [0, 1, 2, 3]
+  monkeypatch.undo()
+
+  # The kept file is not overwritten by a run without --resume, nor continued with other flags.
+  with pytest.raises(SystemExit, match="gen.jsonl.partial holds the generations of an "
+                                       "interrupted run; continue it with --resume"):
+    eval_lib.main(base + ["--out", str(out)])
+  with pytest.raises(SystemExit, match=r"decoded with other flags \(--max-new-tokens 8 there, "
+                                       r"16 here\)"):
+    eval_lib.main(base + ["--out", str(out), "--resume", "--max-new-tokens", "16"])
+  with pytest.raises(SystemExit, match="--resume continues .*; give --out"):
+    eval_lib.main(base + ["--resume"])
+
+  # A kill while a batch was being written leaves a cut line: --resume decodes that batch again.
+  with open(partial, "a") as f:
+    f.write('{"index": 4, "question": "What is 4')
+  summary = eval_lib.main(base + ["--out", str(out), "--resume"])
+  assert summary["resumed_after"] == 4 and summary["n"] == 7
+  assert out.read_bytes() == (tmp_path / "full.jsonl").read_bytes()
+  assert not partial.exists() and not settings.exists()
+
+  # A second signal stops at once: only the batches finished before it are kept (143: SIGTERM).
+  _signal_at(monkeypatch, 3, signal.SIGTERM, signal.SIGTERM)
+  with pytest.raises(SystemExit) as e:
+    eval_lib.main(base + ["--out", str(out)])
+  assert e.value.code == 128 + signal.SIGTERM
+  assert [json.loads(line)["index"] for line in partial.read_text().splitlines()] == [0, 1]
+  assert {s: signal.getsignal(s) for s in handlers} == handlers  # (put back)
+  monkeypatch.undo()
+  lines = partial.read_text().splitlines()
+  partial.write_text("\n".join(["not json"] + lines[1:]) + "\n")
+  with pytest.raises(SystemExit, match=r"gen.jsonl.partial:1: not a JSON line"):
+    eval_lib.main(base + ["--out", str(out), "--resume"])
+  partial.write_text("\n".join(lines) + "\n")
+  eval_lib.main(base + ["--out", str(out), "--resume"])
+  assert out.read_bytes() == (tmp_path / "full.jsonl").read_bytes()

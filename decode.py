@@ -161,8 +161,10 @@ def _check_lengths(prompts, model_cfg, cfg, width, wheres):
     raise UsageError(decoding_cli.as_flags(str(e))) from None
 
 
-def run_batch(args, pretrained, cfg, conversations, wheres=None) -> dict:
-  """Decodes the conversations in batches; `wheres` names each in errors (default: --prompt)."""
+def run_batch(args, pretrained, cfg, conversations, wheres=None, on_result=None) -> dict:
+  """Decodes the conversations in batches; `wheres` names each in errors (default: --prompt).
+  `on_result` is called with each result as soon as its batch is decoded (the text output
+  streams: an interrupt keeps what was printed)."""
   tok = pretrained.tokenizer
   wheres = wheres or ["--prompt"] * len(conversations)
   prompts = [encode_at(tok, c, w, args.no_chat_template) for c, w in zip(conversations, wheres)]
@@ -178,6 +180,8 @@ def run_batch(args, pretrained, cfg, conversations, wheres=None) -> dict:
       results.append({"index": start + i, "prompt": conversations[start + i][-1]["content"],
                       "text": text, "tokens": len(ids), "nfe": nfe,
                       "tokens_per_forward": len(ids) / max(nfe, 1)})
+      if on_result is not None:
+        on_result(results[-1])
   tokens = sum(r["tokens"] for r in results)
   nfe = sum(r["nfe"] for r in results)
   summary = {"mode": cfg.mode, "prompts": len(results), "generated_tokens": tokens,
@@ -312,16 +316,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       result = chat(args, pretrained, cfg, out=sys.stderr if args.json else None)
     else:
       conversations = conversations or [[{"role": "user", "content": args.prompt}]]
-      result = run_batch(args, pretrained, cfg, conversations, wheres)
+      shown = []
+
+      def show(r):  # (text output only: --json prints one document at the end)
+        if len(conversations) > 1:
+          print(f"--- [{r['index']}] {r['prompt']}")
+        print(r["text"], flush=True)
+        shown.append(r)
+
+      try:
+        result = run_batch(args, pretrained, cfg, conversations, wheres,
+                           on_result=None if args.json else show)
+      except KeyboardInterrupt:
+        print(f"decode.py: interrupted after {len(shown)} of {len(conversations)} prompts"
+              + (" (printed above)" if shown else ""), file=sys.stderr)
+        raise SystemExit(130) from None
   except UsageError as e:
     raise decoding_cli.usage_exit("decode.py", str(e)) from None
   if args.json:
     print(json.dumps({k: v for k, v in result.items() if k != "frames"}))
   elif "results" in result:
-    for r in result["results"]:
-      if len(result["results"]) > 1:
-        print(f"--- [{r['index']}] {r['prompt']}")
-      print(r["text"])
     _print_summary(result["summary"])
   elif "turns" in result:
     _print_summary(result["summary"])

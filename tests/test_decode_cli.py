@@ -461,3 +461,30 @@ def test_a_step_directory_of_a_run_names_the_run_to_pass(tmp_path):
     with pytest.raises(decoding_cli.UsageError,
                        match=f"is inside the training run {run}: pass --checkpoint {run} "):
       decoding_cli.load(args, "decode.py")
+
+
+def test_text_output_streams_and_an_interrupt_keeps_the_batches_printed(dirs, tmp_path,
+                                                                         monkeypatch, capsys):
+  path = tmp_path / "p.jsonl"
+  path.write_text("".join(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(5)))
+  flags = ["--checkpoint", dirs["diffusion"], "--prompts", str(path), "--batch-size", "2", *FAST]
+  whole = decode.main(flags)
+  capsys.readouterr()
+  # Ctrl-C while the second batch decodes: the first batch's answers were printed already.
+  calls, plain = [0], decode.Decoder.__call__
+
+  def interrupted(self, *a, **k):
+    calls[0] += 1
+    if calls[0] == 2:
+      raise KeyboardInterrupt
+    return plain(self, *a, **k)
+
+  monkeypatch.setattr(decode.Decoder, "__call__", interrupted)
+  with pytest.raises(SystemExit) as e:
+    decode.main(flags)
+  assert e.value.code == 130
+  captured = capsys.readouterr()
+  first = "".join(f"--- [{r['index']}] {r['prompt']}\n{r['text']}\n"
+                  for r in whole["results"][:2])
+  assert captured.out == first
+  assert "decode.py: interrupted after 2 of 5 prompts (printed above)" in captured.err

@@ -51,17 +51,21 @@ def main(argv=None) -> int:
     # Bad input, explained in the message: no traceback.
     print(f"error: {e}", file=sys.stderr)
     return _leave(2)
+  except training.DivergedError as e:  # (no bad input: a failed run, explained)
+    print(f"error: {e}", file=sys.stderr)
+    return _leave(1)
   except BaseException:
     if _multi_process():
       traceback.print_exc()
       return _leave(1)
     raise
   if result.get("stopped"):
-    # Not finished: a scheduler must not take it for a finished run (128 + SIGTERM, as a shell
-    # reports a process SIGTERM ended).
-    print(f"stopped by SIGTERM at step {result['step']} (saved); continue it with --resume")
+    # Not finished: a scheduler must not take it for a finished run (128 + the signal, as a
+    # shell reports a process the signal ended: 143 for SIGTERM, 130 for Ctrl-C).
+    name = result.get("signal", "SIGTERM")
+    print(f"stopped by {name} at step {result['step']} (saved); continue it with --resume")
     print(f"run directory: {cfg.train.run_dir}")
-    return _leave(143)
+    return _leave(130 if name == "SIGINT" else 143)
   print(_summary_line(result, cfg.train.steps))
   print(f"run directory: {cfg.train.run_dir}")
   return 0

@@ -376,6 +376,11 @@ class TrainConfig:
       if not (value >= 0 and math.isfinite(value)):
         raise ConfigError(f"train.{name}={value}: must be a finite number >= 0"
                           + (" (0 turns clipping off)" if name == "grad_clip" else ""))
+    if self.adam_eps == 0:
+      # (Adam divides by sqrt(v) + eps: 0/0 = NaN for every weight a step leaves without a
+      # gradient, e.g. the embedding rows of tokens the batch lacks, while the loss looks fine.)
+      raise ConfigError("train.adam_eps=0: must be > 0 (rows without a gradient, such as unused "
+                        "tokens' embeddings, would become NaN); the default is 1e-8")
     if self.log_every < 1:
       raise ConfigError(f"train.log_every={self.log_every}: must be at least 1")
     if self.eval_batches < 0:
@@ -411,6 +416,17 @@ class MeshConfig:
       raise ConfigError(f"mesh.num_processes={self.num_processes}, mesh.process_id="
                         f"{self.process_id}: expected num_processes >= 0 (0: from the "
                         "environment) and process_id >= -1 (-1: from the environment)")
+    if self.coordinator_address:
+      check_coordinator_address(self.coordinator_address, "mesh.coordinator_address")
+
+
+def check_coordinator_address(address: str, where: str) -> None:
+  """ConfigError unless `address` is HOST:PORT with a port in 1..65535 (jax.distributed takes
+  anything and then fails inside gRPC: an IndexError, or a crash of the process)."""
+  host, colon, port = address.rpartition(":")
+  if not colon or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise ConfigError(f"{where}={address!r}: expected HOST:PORT (process 0's host and a free "
+                      "port in 1..65535), e.g. 10.0.0.1:1234")
 
 
 @dataclasses.dataclass(frozen=True)

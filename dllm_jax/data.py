@@ -306,6 +306,10 @@ def render(item, tokenizer: Tokenizer, cfg: DataConfig):
       rec = json.loads(rec)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       return _Bad(where, "malformed_json", f"malformed JSON: {e}")
+    except (RecursionError, ValueError) as e:  # (nested past Python's stack, an int past 4300
+      # digits: valid JSON that Python's parser refuses; raised, it ended the run mid-training)
+      return _Bad(where, "malformed_json", f"JSON that Python cannot read: {type(e).__name__}: "
+                                           f"{str(e)[:200]}")
   msgs, reason, detail = _messages(rec)
   if msgs is None:
     return _Bad(where, reason, detail)

@@ -31,7 +31,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from dllm_jax import model, objective, sharding
-from dllm_jax.config import KERNEL_LAYOUTS, ConfigError, ModelConfig, TrainConfig
+from dllm_jax.config import (KERNEL_LAYOUTS, ConfigError, ModelConfig, TrainConfig,
+                             check_coordinator_address)
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +262,8 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
                         "is set: set mesh.coordinator_address=HOST:PORT of process 0 (or "
                         "DLLM_COORDINATOR_ADDRESS)")
     return
+  if not mesh_cfg.coordinator_address:
+    check_coordinator_address(address, "DLLM_COORDINATOR_ADDRESS")
   def env_int(name, default):
     value = os.environ.get(name, default)
     try:
@@ -343,6 +346,27 @@ def keep_run_layout(cfg, run_dir: pathlib.Path):
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kernel_layout=layout))
 
 
+def _warn_schedule_change(run_dir: pathlib.Path, train_cfg: TrainConfig, start: int) -> None:
+  """A warning where a resume's train.steps moves the learning-rate schedule under the run (its
+  warmup and cosine are laid over train.steps): the rate at the resumed step then jumps."""
+  from dllm_jax import checkpoint
+
+  try:
+    old_steps = json.loads((run_dir / checkpoint.CONFIG_JSON).read_text())["train"]["steps"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return
+  if not isinstance(old_steps, int) or old_steps == train_cfg.steps:
+    return
+  was = float(lr_schedule(dataclasses.replace(train_cfg, steps=old_steps))(start))
+  now = float(lr_schedule(train_cfg)(start))
+  if not math.isclose(was, now, rel_tol=1e-6):
+    log.warning("--resume: train.steps %d -> %d moves the learning-rate schedule (train.schedule"
+                "=%s, warmup_ratio=%s over train.steps): at step %d the rate is %.3g, where the "
+                "run's own schedule had %.3g; the resumed steps are not those of one run to %d",
+                old_steps, train_cfg.steps, train_cfg.schedule, train_cfg.warmup_ratio, start,
+                now, was, train_cfg.steps)
+
+
 def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig, tokenizer=None) -> None:
   """ConfigError, before anything is restored or written, when this config would not continue
   the run: its model.json records a model other than `model_cfg` in a field the saved state
@@ -358,6 +382,11 @@ def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig, tokenizer=N
       if f.name not in _RESUME_FREE_FIELDS
       and getattr(saved, f.name) != getattr(model_cfg, f.name)}
   path = run_dir / checkpoint.CONFIG_JSON
+  if not path.is_file():
+    # (A run's checkpoints copied without it: nothing to compare this config with.)
+    log.warning("--resume: %s is missing, so this config's settings cannot be checked against "
+                "the run's: the resumed steps use this config's data, optimizer and seed as "
+                "given", path)
   if path.is_file():
     try:
       old = _flat(json.loads(path.read_text()))
@@ -783,8 +812,10 @@ def check_end_of_run(cfg, model_cfg: ModelConfig) -> None:
 def train(cfg, *, resume: bool = False) -> dict:
   """Trains per `cfg` (a `run_config.Config`); returns the last metrics (and eval results).
 
-  Saves every `checkpoint.every_steps`, at the end and on SIGTERM; `resume=True` continues from
-  the newest good checkpoint of `train.run_dir` exactly where it left off.
+  Saves every `checkpoint.every_steps`, at the end and on SIGTERM or SIGINT (after the step
+  under way; a second SIGINT raises KeyboardInterrupt at once); `resume=True` continues from the
+  newest good checkpoint of `train.run_dir` exactly where it left off. A non-finite loss,
+  gradient norm or parameter (before a save) raises DivergedError, unsaved.
   """
   from dllm_jax import checkpoint, data, run_config
 
@@ -838,6 +869,7 @@ def train(cfg, *, resume: bool = False) -> dict:
   run_cfg = dataclasses.replace(cfg, model=model_cfg)
   if start:
     log.info("resumed at step %d", start)
+    _warn_schedule_change(run_dir, cfg.train, start)
     keep_replaced_config(run_dir, run_cfg, start)
   # Only now: a resume whose config the checkpoints do not fit (restore_latest raises) leaves
   # the run's config.json and model.json describing its checkpoints.
@@ -849,11 +881,22 @@ def train(cfg, *, resume: bool = False) -> dict:
   progress = Progress(cfg.train.steps, start, cfg.train.progress and jax.process_index() == 0)
   metrics_log = MetricsLog(run_dir, start)
 
+  # SIGTERM (a scheduler) and SIGINT (Ctrl-C) end the run after the step under way, saved; a
+  # second Ctrl-C stops at once, unsaved.
   stop = {"signal": None}
-  previous_handler = None
+
+  def on_signal(signum, frame):
+    if stop["signal"] is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if stop["signal"] is None:
+      log.warning("%s: saving after the step under way and stopping%s",
+                  signal.Signals(signum).name,
+                  " (Ctrl-C again to stop at once, unsaved)" if signum == signal.SIGINT else "")
+    stop["signal"] = signum
+
+  previous_handlers = {}
   if _in_main_thread():
-    previous_handler = signal.signal(
-        signal.SIGTERM, lambda signum, frame: stop.__setitem__("signal", signum))
+    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
   last: dict = {}
   step = saved = logged = start
@@ -863,6 +906,13 @@ def train(cfg, *, resume: bool = False) -> dict:
       batch, ran_out = _next_everywhere(batches)
       # Every process must agree to stop at the same step, or the others would wait in the next
       # step's collectives for ever: shards of unequal size run out at different steps.
+      if ran_out and step == 0:
+        from dllm_jax.data import DataError
+
+        # (Saved and exported, step 0 would pass the untrained model off as this run's.)
+        raise DataError(f"the data gave no batch (data.num_epochs={cfg.data.num_epochs}): no "
+                        "step ran; the data summary logged with it says which records were "
+                        "skipped and why")
       if ran_out:
         log.warning("the data ran out (data.num_epochs=%s) after step %d%s; ending the run "
                     "there", cfg.data.num_epochs, step,
@@ -873,17 +923,21 @@ def train(cfg, *, resume: bool = False) -> dict:
       if step % cfg.train.log_every == 0 or step == cfg.train.steps:
         last = _log_step(step, metrics, progress, tokens_per_step, metrics_log)
         logged = step
+        _check_finite(last, None, step, saved, run_dir)
       if step % cfg.checkpoint.every_steps == 0 and step < cfg.train.steps:
+        _check_finite(last if logged == step else None, state, step, saved, run_dir)
         checkpoint.save(mgr, step, state, batches)
         saved = step
       if _any_process(stop["signal"] is not None):  # (after the step: it is saved)
-        log.warning("SIGTERM%s: saving step %d and stopping",
-                    "" if stop["signal"] is not None else " on another process", step)
-        stopped = True
+        name = (signal.Signals(stop["signal"]).name if stop["signal"] is not None
+                else "a signal on another process")
+        log.warning("%s: saving step %d and stopping", name, step)
+        stopped = name
         break
     if metrics is not None and logged != step:  # the last step is always on record
       last = _log_step(step, metrics, progress, tokens_per_step, metrics_log)
     if step != saved or not mgr.all_steps():
+      _check_finite(last if metrics is not None else None, state, step, saved, run_dir)
       checkpoint.save(mgr, step, state, batches)
     mgr.wait_until_finished()
   finally:
@@ -891,11 +945,13 @@ def train(cfg, *, resume: bool = False) -> dict:
     batches.close()
     progress.close()
     metrics_log.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
+    for s, handler in previous_handlers.items():
+      signal.signal(s, handler)
     mgr.close()
 
-  last["step"], last["stopped"] = step, stopped
+  last["step"], last["stopped"] = step, bool(stopped)
+  if stopped:
+    last["signal"] = stopped
   # A run ends at train.steps or where its data runs out (data.num_epochs), and is then
   # evaluated and exported; one stopped by SIGTERM (on any process: all stopped) is not finished.
   if not stopped:
@@ -904,6 +960,39 @@ def train(cfg, *, resume: bool = False) -> dict:
     if cfg.train.export_hf:
       export_hf(state, model_cfg, tokenizer, metadata, run_dir / "hf")
   return last
+
+
+class DivergedError(RuntimeError):
+  """The loss, the gradient norm or the parameters stopped being finite: the run stops unsaved,
+  so its newest checkpoint is the last good state."""
+
+
+@jax.jit
+def _params_finite(params) -> jax.Array:
+  return jax.tree_util.tree_reduce(
+      jnp.logical_and, jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params),
+      jnp.array(True))
+
+
+def _check_finite(metrics: Optional[dict], state, step: int, saved: int,
+                  run_dir: pathlib.Path) -> None:
+  """DivergedError where the logged metrics (a loss or gradient norm) or, given `state`, the
+  parameters about to be saved hold a NaN or an infinity: such a checkpoint would be restored
+  and would push the last good ones out of checkpoint.keep, and the run would go on to exit 0.
+  (The parameters are read only before a save: one pass over them, on every process alike.)"""
+  bad = [f"{k} {metrics[k]}" for k in ("loss", "grad_norm")
+         if metrics and k in metrics and not math.isfinite(metrics[k])]
+  if not bad and state is not None and not bool(_params_finite(state.params)):
+    bad = ["the parameters"]
+  if not bad:
+    return
+  good = (f"its newest checkpoint (step {saved}) is the last good state" if saved
+          else "no checkpoint was saved")
+  raise DivergedError(
+      f"step {step}: {' and '.join(bad)} not finite: the run diverged and stops here unsaved; "
+      f"{good}. Lower train.learning_rate (or set train.grad_clip), and start a new run from "
+      f"{'it' if saved else 'the same source'} (init.source={run_dir if saved else '...'} and "
+      "a new train.run_dir)")
 
 
 def _in_main_thread() -> bool:

@@ -251,3 +251,17 @@ def test_a_config_path_that_is_a_directory_is_named_as_one(tmp_path):
   with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory; give a Python "
                                         "config file"):
     run_config.load(tmp_path)
+
+
+def test_adam_eps_zero_and_a_malformed_coordinator_address_are_refused():
+  # adam_eps=0 trained with a normal-looking loss while unused tokens' embeddings became NaN;
+  # a malformed address failed inside gRPC (an IndexError, or a crash of the process).
+  from dllm_jax.config import MeshConfig, TrainConfig
+
+  with pytest.raises(ConfigError, match=r"train.adam_eps=0: must be > 0"):
+    TrainConfig(adam_eps=0.0)
+  for address in ("nonsense", "localhost:notaport", "host:99999", ":80", "host:0"):
+    with pytest.raises(ConfigError, match=r"mesh.coordinator_address=.*expected HOST:PORT"):
+      MeshConfig(coordinator_address=address)
+  for address in ("localhost:1234", "10.0.0.1:65535", "[::1]:80"):
+    assert MeshConfig(coordinator_address=address).coordinator_address == address

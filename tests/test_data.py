@@ -165,6 +165,8 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):
       json.dumps({"prompt": "é?", "response": "not in the char vocabulary: é"}),  # 10
       json.dumps({"question": "fine", "answer": "too"}),  # 11
       json.dumps({"prompt": "spelled", "response": "a <|mask|> b"}),  # 12: the mask token
+      "[" * 100000 + "]" * 100000,  # 13: JSON nested past Python's stack (RecursionError)
+      '{"prompt": "a", "response": "b", "n": ' + "9" * 5000 + "}",  # 14: an int past 4300 digits
   ]
   path = write_jsonl(tmp_path / "bad.jsonl", lines)
   cfg = DataConfig(source=path, seq_len=64, block_size=16, batch_size=2, shuffle=False,
@@ -174,14 +176,16 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):
     it = data.make_dataset(cfg, TOK)
     list(it)
   assert len(samples_of(batches[0])) == 2
-  assert it.stats.records == 11 and it.stats.samples == 2
-  assert it.stats.skipped == {"malformed_json": 1, "missing_field": 2, "empty_response": 2,
+  assert it.stats.records == 13 and it.stats.samples == 2
+  assert it.stats.skipped == {"malformed_json": 3, "missing_field": 2, "empty_response": 2,
                               "too_long": 1, "not_an_object": 1, "untokenizable": 1,
                               "mask_token": 1}
   assert f"{path}:12: skipped: the text holds the mask token (id {TOK.mask_token_id})" in (
       caplog.text)
   for line in (2, 3, 4, 5, 7, 8, 9, 10):
     assert f"{path}:{line}: skipped" in caplog.text
+  assert f"{path}:13: skipped: JSON that Python cannot read: RecursionError" in caplog.text
+  assert f"{path}:14: skipped: JSON that Python cannot read: ValueError" in caplog.text
   assert "longer than data.seq_len=64" in caplog.text
 
   strict = dataclasses.replace(cfg, strict=True)

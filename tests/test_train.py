@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import os
 import pathlib
 import re
@@ -16,6 +17,7 @@ import types
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -23,6 +25,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 
 from dllm_jax import checkpoint, run_config, sharding, training
+from dllm_jax import data as data_lib
 from dllm_jax.config import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -201,6 +204,63 @@ def test_sigterm_saves_and_stops_then_resume_finishes(reference, tmp_path, monke
   _assert_ends_as(run_dir, ref_dir)
 
 
+def test_ctrl_c_saves_and_stops_like_sigterm_and_a_second_stops_at_once(reference, tmp_path,
+                                                                        monkeypatch):
+  # Ctrl-C had lost every step since the last checkpoint (and a save under way) to a traceback.
+  ref_dir, ref_losses = reference
+  run_dir = tmp_path / "run"
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  _wrap_step(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGINT))
+  result = training.train(_cfg(run_dir))
+  assert result["step"] == 4 and result["stopped"] and result["signal"] == "SIGINT"
+  assert checkpoint.saved_steps(run_dir) == [3, 4]
+  assert {s: signal.getsignal(s) for s in handlers} == handlers
+  monkeypatch.undo()
+  # Two Ctrl-C: the second raises at once, nothing more is saved.
+  _wrap_step(monkeypatch, 2, lambda: [os.kill(os.getpid(), signal.SIGINT) for _ in range(2)])
+  with pytest.raises(KeyboardInterrupt):
+    training.train(_cfg(run_dir), resume=True)
+  assert checkpoint.saved_steps(run_dir) == [3, 4]
+  monkeypatch.undo()
+  assert not training.train(_cfg(run_dir), resume=True)["stopped"]
+  np.testing.assert_allclose(_losses(run_dir)[1], ref_losses, rtol=1e-6)
+  _assert_ends_as(run_dir, ref_dir)
+
+
+def test_a_diverged_run_stops_unsaved_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                         capsys):
+  # A NaN loss had gone on to step N, exit 0, with NaN checkpoints pushing the good ones out.
+  run_dir = tmp_path / "nan"
+  with pytest.raises(training.DivergedError, match=r"loss nan and grad_norm nan not finite: the "
+                                                   r"run diverged and stops here unsaved"):
+    training.train(_cfg(run_dir, 12, ["train.learning_rate=1e6", "train.grad_clip=0"]))
+  assert checkpoint.saved_steps(run_dir) == [3]  # (step 4's loss is NaN, at this rate)
+  params = checkpoint.load_model(run_dir).params
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+  # A loss that turns NaN after the save at step 3 names it as the last good state.
+  real = training._log_step
+  monkeypatch.setattr(training, "_log_step", lambda step, *a: (
+      lambda m: dict(m, loss=float("nan")) if step >= 5 else m)(real(step, *a)))
+  with pytest.raises(training.DivergedError, match=r"step 5: loss nan not finite: .* its newest "
+                                                   r"checkpoint \(step 3\) is the last good"):
+    training.train(_cfg(tmp_path / "late"))
+  assert checkpoint.saved_steps(tmp_path / "late") == [3]
+  monkeypatch.undo()
+  # Parameters gone NaN under a finite loss (as adam_eps=0 made them) are caught at the save.
+  state = types.SimpleNamespace(params={"w": jnp.array([1.0, jnp.nan])})
+  with pytest.raises(training.DivergedError, match="step 6: the parameters not finite.*no "
+                                                   "checkpoint was saved"):
+    training._check_finite({"loss": 1.0, "grad_norm": 2.0}, state, 6, 0, run_dir)
+  training._check_finite({"loss": 1.0}, types.SimpleNamespace(params={"w": jnp.ones(2)}), 6, 0,
+                         run_dir)
+  sys.path.insert(0, str(REPO))
+  import train as train_py
+  monkeypatch.setattr(training, "train", lambda cfg, resume: (_ for _ in ()).throw(
+      training.DivergedError("step 3: loss nan")))
+  assert train_py.main(["--config", "configs/tiny.py"]) == 1
+  assert "error: step 3: loss nan" in capsys.readouterr().err
+
+
 def test_train_py_exits_143_on_a_run_sigterm_stopped(monkeypatch, capsys):
   # A run stopped early is no finished run: a job scheduler reading status 0 would not resume it.
   sys.path.insert(0, str(REPO))
@@ -208,6 +268,10 @@ def test_train_py_exits_143_on_a_run_sigterm_stopped(monkeypatch, capsys):
   monkeypatch.setattr(training, "train", lambda cfg, resume: {"step": 4, "stopped": True})
   assert train_py.main(["--config", "configs/tiny.py"]) == 143
   assert "stopped by SIGTERM at step 4 (saved); continue it with --resume" in capsys.readouterr().out
+  monkeypatch.setattr(training, "train",
+                      lambda cfg, resume: {"step": 4, "stopped": True, "signal": "SIGINT"})
+  assert train_py.main(["--config", "configs/tiny.py"]) == 130
+  assert "stopped by SIGINT at step 4 (saved)" in capsys.readouterr().out
 
 
 def test_a_resume_with_no_step_left_says_so_instead_of_loss_nan(monkeypatch, capsys):
@@ -780,3 +844,28 @@ def test_the_data_summary_accounts_for_every_record_read():
   text = data.DataStats(records=12801, samples=12799, skipped={"too_long": 1}).summary()
   assert "12801 records, 12799 packed, 1 read for the next batch, skipped too_long: 1" in text
   assert "next batch" not in data.DataStats(records=5, samples=5).summary()
+
+
+def test_a_run_whose_data_gives_no_batch_is_an_error_not_an_untrained_checkpoint(tmp_path):
+  # Every record skipped: the run had saved (and would export) the untrained model as step 0,
+  # and exited 0.
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"x": 1}\n{"y": 2}\n')
+  run_dir = tmp_path / "run"
+  with pytest.raises(data_lib.DataError, match=r"the data gave no batch \(data.num_epochs=1\): "
+                                               "no step ran"):
+    training.train(_cfg(run_dir, extra=[f"data.source={bad}", "data.num_epochs=1"]))
+  assert checkpoint.saved_steps(run_dir) == []
+
+
+def test_a_resume_that_moves_the_schedule_says_so(tmp_path, caplog):
+  run_dir = tmp_path / "run"
+  training.train(_cfg(run_dir, 3))
+  with caplog.at_level(logging.WARNING, logger="dllm_jax.training"):
+    training.train(_cfg(run_dir, 6), resume=True)
+  assert re.search(r"--resume: train.steps 3 -> 6 moves the learning-rate schedule .* at step 3 "
+                   r"the rate is [0-9.e-]+, where the run's own schedule had", caplog.text)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="dllm_jax.training"):
+    training.train(_cfg(run_dir, 6), resume=True)  # (no step to run, no change: no warning)
+  assert "moves the learning-rate schedule" not in caplog.text

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
   from dllm_jax import run_config, training
-  from dllm_jax.checkpoint import CheckpointRestoreError
+  from dllm_jax.checkpoint import CheckpointRestoreError, CheckpointSaveError
   from dllm_jax.config import ConfigError
   from dllm_jax.convert import CheckpointError
   from dllm_jax.data import DataError
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     # Bad input, explained in the message: no traceback.
     print(f"error: {e}", file=sys.stderr)
     return _leave(2)
-  except training.DivergedError as e:  # (no bad input: a failed run, explained)
+  except (training.DivergedError, CheckpointSaveError) as e:  # (a failed run, explained)
     print(f"error: {e}", file=sys.stderr)
     return _leave(1)
   except BaseException:

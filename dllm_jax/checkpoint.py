@@ -53,6 +53,39 @@ class CheckpointRestoreError(RuntimeError):
   """No checkpoint of a run restores into the state this config describes."""
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (a full disk, a lost mount); the message names the step,
+  the directory and the first cause."""
+
+
+def _first_cause(e: BaseException) -> str:
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = str(e)
+  if len(text) > 320:  # (orbax puts the OS error, e.g. "No space left on device", last)
+    text = f"{text[:100]} ... {text[-200:]}"
+  return f"{type(e).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def _writing(mgr: ocp.CheckpointManager, what: str):
+  """Orbax's error from a save (or from the asynchronous save before it, which it surfaces
+  here) as one CheckpointSaveError line instead of an asyncio traceback."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001  (any failure to write is this one error)
+    raise CheckpointSaveError(
+        f"{what} in {mgr.directory} failed ({_first_cause(e)}); saves are asynchronous, so this "
+        "may be the one before it. Free space or fix the directory, then continue with --resume "
+        "from the newest checkpoint that was written") from e
+
+
+def wait_until_saved(mgr: ocp.CheckpointManager) -> None:
+  """Waits for the asynchronous save under way; a CheckpointSaveError if it failed."""
+  with _writing(mgr, "finishing the last checkpoint"):
+    mgr.wait_until_finished()
+
+
 class _IteratorState:
   """Adapts a data iterator with a JSON-able `get_state()` dict to grain's orbax handler (which
   stores bytes per process). The state is taken at construction: an async save must not see
@@ -79,7 +112,8 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any =
   items = {"state": ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items["data"] = grain_ckpt.CheckpointSave(_IteratorState(data_iterator))
-  mgr.save(step, args=ocp.args.Composite(**items), force=True)
+  with _writing(mgr, f"saving checkpoint step {step}"):
+    mgr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any = None

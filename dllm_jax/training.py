@@ -900,7 +900,7 @@ def train(cfg, *, resume: bool = False) -> dict:
 
   last: dict = {}
   step = saved = logged = start
-  metrics, stopped = None, False
+  metrics, stopped, clean = None, False, False
   try:
     while step < cfg.train.steps:
       batch, ran_out = _next_everywhere(batches)
@@ -939,7 +939,8 @@ def train(cfg, *, resume: bool = False) -> dict:
     if step != saved or not mgr.all_steps():
       _check_finite(last if metrics is not None else None, state, step, saved, run_dir)
       checkpoint.save(mgr, step, state, batches)
-    mgr.wait_until_finished()
+    checkpoint.wait_until_saved(mgr)
+    clean = True
   finally:
     _report_data(batches)
     batches.close()
@@ -947,7 +948,13 @@ def train(cfg, *, resume: bool = False) -> dict:
     metrics_log.close()
     for s, handler in previous_handlers.items():
       signal.signal(s, handler)
-    mgr.close()
+    try:
+      mgr.close()
+    except Exception:  # noqa: BLE001
+      if clean:
+        raise
+      # (A failed async save raises again here; the error that ended the run goes on instead.)
+      log.debug("closing the checkpoint manager after an error", exc_info=True)
 
   last["step"], last["stopped"] = step, bool(stopped)
   if stopped:

@@ -167,3 +167,28 @@ def test_load_params_reads_the_newest_params_in_their_saved_dtypes(tmp_path):
   step, params = checkpoint.load_params(run_dir)
   assert step == 6
   _assert_bit_exact(params, _state(6)["params"])
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_named_error(tmp_path):
+  # A full disk surfaced as hundreds of lines of orbax and asyncio tracebacks at the next save.
+  mgr = checkpoint.manager(tmp_path / "checkpoints", 2, False)
+
+  class Full:
+    directory = mgr.directory
+
+    def save(self, *a, **k):
+      try:
+        raise OSError(28, "No space left on device")
+      except OSError as e:
+        raise ValueError("OUT_OF_RANGE: Error writing " + "x" * 400 + " [os_error_code=28]") from e
+
+    wait_until_finished = save
+
+  with pytest.raises(checkpoint.CheckpointSaveError,
+                     match=r"saving checkpoint step 5 in .*checkpoints failed \(OSError: \[Errno "
+                           r"28\] No space left on device\); .* continue with --resume") as e:
+    checkpoint.save(Full(), 5, {"w": np.zeros(2)})
+  assert isinstance(e.value.__cause__, ValueError)
+  with pytest.raises(checkpoint.CheckpointSaveError, match=r"finishing the last checkpoint in "):
+    checkpoint.wait_until_saved(Full())
+  mgr.close()

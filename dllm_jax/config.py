@@ -193,7 +193,13 @@ def _parse_value(text: str, tp: Any, key: str) -> Any:
   if origin is tuple:
     items = [t for t in text.split(",") if t.strip()] if text.strip() else []
     elem = args[0] if args else str
-    return tuple(_parse_value(t.strip(), elem, key) for t in items)
+    try:
+      return tuple(_parse_value(t.strip(), elem, key) for t in items)
+    except ConfigError as e:  # (the item's error, and how a tuple is written)
+      name = getattr(elem, "__name__", elem)
+      raise ConfigError(f"--set {key}={text}: an item of it is not {name} "
+                        f"({str(e).split(': ')[-1]}); write the items comma-separated without "
+                        f"brackets, e.g. --set {key}=1,2 (an empty value: none)") from None
   raise ConfigError(f"--set {key}: fields of type {tp} cannot be set from the command line")
 
 

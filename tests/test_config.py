@@ -128,6 +128,13 @@ def test_repeated_key_is_an_error():
     ("train.steps.x=1", "--set train.steps.x: train.steps is not a config section"),
     # An integer field takes no fraction (2.5 steps truncated to 2 would pass without a word).
     ("train.steps=2.5", "--set train.steps=2.5: expected an integer"),
+    # A tuple written as a list: named, with how to write one.
+    ("model.stop_token_ids=[1,2]", r"--set model.stop_token_ids=\[1,2\]: an item of it is not int "
+     r"\(expected an integer\); write the items comma-separated without brackets, e.g. --set "
+     r"model.stop_token_ids=1,2"),
+    ("mesh.coordinator_address=nonsense",
+     "mesh.coordinator_address='nonsense': expected HOST:PORT"),
+    ("train.adam_eps=0", "train.adam_eps=0: must be > 0"),
     ("data.shuffle=maybe", "--set data.shuffle=maybe: expected a boolean"),
     ("train.seed=9223372036854775808", "train.seed=9223372036854775808: out of range"),
     ("train.log_every=0", "train.log_every=0: must be at least 1"),

@@ -66,7 +66,8 @@ def write(layer_kv: jax.Array, new_kv: jax.Array, start: jax.Array,
   """
   def one_row(row, new, s, keep_new):  # row [S, K, D] or, for a batch of one, [1, S, K, D]
     new = new.astype(row.dtype)
-    index = (0,) * (row.ndim - 3) + (s, 0, 0)
+    zero = jnp.zeros((), s.dtype)  # (indices of one dtype: Python ints are int64 under x64)
+    index = (zero,) * (row.ndim - 3) + (s, zero, zero)
     if keep_new is not None:
       keep_new = keep_new.reshape(keep_new.shape + (1, 1))  # [T, 1, 1] or [1, 1]
       new = jnp.where(keep_new, new, jax.lax.dynamic_slice(row, index, new.shape))

@@ -652,3 +652,16 @@ def test_ar_padding_past_a_prompt_is_never_read(params):
     padded[0, 3:] = fill
     got = decoding.generate(params, CFG, padded, lengths, jax.random.key(0), cfg)[0]
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_decodes_the_same_tokens_with_jax_enable_x64_on(params, mode):
+  # A pipeline with 64-bit types on had failed in the cache write (int32 and int64 indices).
+  prompt, lengths = _prompts([3, 5])
+  cfg = DecodeConfig(mode=mode, max_new_tokens=8, block_size=8, sub_block_size=4,
+                     threshold=0.5)
+  want = decoding.generate_jit(params, CFG, prompt, lengths, jax.random.key(0), cfg)
+  with jax.enable_x64(True):
+    got = decoding.generate_jit(params, CFG, prompt, lengths, jax.random.key(0), cfg)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))

@@ -78,6 +78,15 @@ class Tokenizer:
     (Llama's BOS), as transformers' `tokenizer(text)` does. A rendered chat template has them
     already."""
     self._check_alphabet(text)
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      # (a lone surrogate: what undecodable bytes in stdin or argv become, and JSON's "\ud800";
+      # the backend raised a bare TypeError)
+      raise TokenizerError(f"the text holds {text[e.start:e.end]!r} (after "
+                           f"{text[max(0, e.start - 24):e.start]!r}), which is no Unicode "
+                           "character (bytes that were not UTF-8, or a lone surrogate escape): "
+                           "give UTF-8 text") from None
     return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
   def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:

@@ -434,3 +434,12 @@ def test_template_tojson_keeps_non_ascii_text_as_transformers_does(tmp_path):
   ours = tok.apply_chat_template(messages)
   assert "café 日本" in ours
   assert ours == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_text_that_is_not_unicode_is_a_tokenizer_error(gguf_tok):
+  # Undecodable bytes in stdin or argv arrive as lone surrogates (as does JSON's "\ud800"); the
+  # backend raised a bare TypeError, which ended decode.py's chat with a traceback.
+  for text in ("caf\udce9", "bad \ud800 end"):
+    with pytest.raises(tk.TokenizerError, match=r"which is no Unicode character .* give UTF-8"):
+      gguf_tok.encode(text)
+  assert gguf_tok.encode("café") == gguf_tok.encode("caf\u00e9")

@@ -198,22 +198,9 @@ def _print_summary(s: dict, out=None):
         f"(compile {s['compile_s']:.1f}s, not included)", file=out)
 
 
-def chat(args, pretrained, cfg, stdin=None, out=None) -> dict:
-  """Multi-turn chat: each line typed is a user turn; an empty line or EOF ends it."""
-  stdin, out = stdin or sys.stdin, out or sys.stdout
+def _chat_turns(args, pretrained, cfg, decoder, conversation, turns, stdin, out) -> None:
+  """The chat's turns until an empty line or EOF, appended to `conversation` and `turns`."""
   tok = pretrained.tokenizer
-  # --max-new-tokens past what even a one-word first message leaves room for is a flag error,
-  # not a turn to retype.
-  probe = encode_at(tok, [{"role": "user", "content": "hi"}], "a one-word message",
-                    args.no_chat_template)
-  try:
-    _check_lengths([probe], pretrained.config, cfg,
-                   prompt_width(len(probe), cfg, pretrained.config, steps=4), ["--chat"])
-  except UsageError as e:
-    raise UsageError(f"--chat: no turn would fit, not even a one-word message: {e}") from None
-  decoder = Decoder(pretrained, cfg, args.seed)
-  conversation, turns = [], []
-  print("chat: type a message, an empty line to quit", file=out)
   while True:
     print("> ", end="", file=out, flush=True)
     line = stdin.readline()
@@ -241,6 +228,29 @@ def chat(args, pretrained, cfg, stdin=None, out=None) -> dict:
     turns.append({"user": line.strip(), "assistant": reply, "tokens": len(gen), "nfe": nfe})
     print(reply, file=out)
     print(f"  ({len(gen)} tokens, {len(gen) / max(nfe, 1):.2f} per forward)", file=out)
+
+
+def chat(args, pretrained, cfg, stdin=None, out=None) -> dict:
+  """Multi-turn chat: each line typed is a user turn; an empty line or EOF ends it."""
+  stdin, out = stdin or sys.stdin, out or sys.stdout
+  tok = pretrained.tokenizer
+  # --max-new-tokens past what even a one-word first message leaves room for is a flag error,
+  # not a turn to retype.
+  probe = encode_at(tok, [{"role": "user", "content": "hi"}], "a one-word message",
+                    args.no_chat_template)
+  try:
+    _check_lengths([probe], pretrained.config, cfg,
+                   prompt_width(len(probe), cfg, pretrained.config, steps=4), ["--chat"])
+  except UsageError as e:
+    raise UsageError(f"--chat: no turn would fit, not even a one-word message: {e}") from None
+  decoder = Decoder(pretrained, cfg, args.seed)
+  conversation, turns = [], []
+  print("chat: type a message, an empty line to quit", file=out)
+  try:
+    _chat_turns(args, pretrained, cfg, decoder, conversation, turns, stdin, out)
+  except KeyboardInterrupt:  # (Ctrl-C ends the chat as an empty line does; the turn under way
+    # is dropped)
+    print("\n(interrupted: the chat ends here)", file=out)
   tokens = sum(t["tokens"] for t in turns)
   return {"turns": turns, "summary": {
       "mode": cfg.mode, "generated_tokens": tokens, "run_s": decoder.run_s,
@@ -316,20 +326,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       result = chat(args, pretrained, cfg, out=sys.stderr if args.json else None)
     else:
       conversations = conversations or [[{"role": "user", "content": args.prompt}]]
-      shown = []
+      done = []
 
-      def show(r):  # (text output only: --json prints one document at the end)
-        if len(conversations) > 1:
-          print(f"--- [{r['index']}] {r['prompt']}")
-        print(r["text"], flush=True)
-        shown.append(r)
+      def show(r):  # (the text streams; --json prints one document at the end)
+        done.append(r)
+        if not args.json:
+          if len(conversations) > 1:
+            print(f"--- [{r['index']}] {r['prompt']}")
+          print(r["text"], flush=True)
 
       try:
-        result = run_batch(args, pretrained, cfg, conversations, wheres,
-                           on_result=None if args.json else show)
+        result = run_batch(args, pretrained, cfg, conversations, wheres, on_result=show)
       except KeyboardInterrupt:
-        print(f"decode.py: interrupted after {len(shown)} of {len(conversations)} prompts"
-              + (" (printed above)" if shown else ""), file=sys.stderr)
+        if args.json:  # (the answers decoded so far, in the document's shape)
+          print(json.dumps({"results": done, "interrupted": True,
+                            "prompts": len(conversations)}))
+        where = " (printed above)" if not args.json else " (in the JSON document)"
+        print(f"decode.py: interrupted after {len(done)} of {len(conversations)} prompts"
+              + (where if done else ""), file=sys.stderr)
         raise SystemExit(130) from None
   except UsageError as e:
     raise decoding_cli.usage_exit("decode.py", str(e)) from None

@@ -488,3 +488,46 @@ def test_text_output_streams_and_an_interrupt_keeps_the_batches_printed(dirs, tm
                   for r in whole["results"][:2])
   assert captured.out == first
   assert "decode.py: interrupted after 2 of 5 prompts (printed above)" in captured.err
+
+
+def test_an_interrupt_keeps_the_json_answers_and_ends_a_chat_like_an_empty_line(
+    dirs, tmp_path, monkeypatch, capsys):
+  path = tmp_path / "p.jsonl"
+  path.write_text("".join(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(5)))
+  flags = ["--checkpoint", dirs["diffusion"], "--prompts", str(path), "--batch-size", "2",
+           "--json", *FAST]
+  whole = decode.main(flags)
+  capsys.readouterr()
+  calls, plain = [0], decode.Decoder.__call__
+
+  def interrupted(self, *a, **k):
+    calls[0] += 1
+    if calls[0] == 3:
+      raise KeyboardInterrupt
+    return plain(self, *a, **k)
+
+  monkeypatch.setattr(decode.Decoder, "__call__", interrupted)
+  with pytest.raises(SystemExit) as e:
+    decode.main(flags)
+  assert e.value.code == 130
+  captured = capsys.readouterr()
+  printed = json.loads(captured.out)
+  assert printed["interrupted"] and printed["prompts"] == 5
+  assert printed["results"] == whole["results"][:4]
+  assert "interrupted after 4 of 5 prompts (in the JSON document)" in captured.err
+  monkeypatch.undo()
+
+  # Ctrl-C at the chat's second prompt: the first turn is kept, the chat's summary printed.
+  lines = iter(["hello\n"])
+
+  class Keys:
+    def readline(self):
+      line = next(lines, None)
+      if line is None:
+        raise KeyboardInterrupt
+      return line
+
+  monkeypatch.setattr(sys, "stdin", Keys())
+  result = decode.main(["--checkpoint", dirs["diffusion"], "--chat", "--json", *FAST])
+  assert [t["user"] for t in result["turns"]] == ["hello"]
+  assert json.loads(capsys.readouterr().out)["turns"][0]["user"] == "hello"

@@ -126,6 +126,10 @@ class DecodeConfig:
                         "ids (a tuple of ints)") from None
     # Python ints: the config is a static argument of the jitted decoder, and must hash.
     object.__setattr__(self, "stop_token_ids", stops)
+    if not isinstance(self.use_dual_cache, (bool, np.bool_)):  # ("no" would be truthy)
+      raise DecodeError(f"DecodeConfig.use_dual_cache={self.use_dual_cache!r}: expected True or "
+                        "False")
+    object.__setattr__(self, "use_dual_cache", bool(self.use_dual_cache))
     if self.mask_token_id is not None:
       if (not isinstance(self.mask_token_id, (int, np.integer))
           or isinstance(self.mask_token_id, bool)):
@@ -633,8 +637,8 @@ def generate(
   so that one compiled decoder serves a sweep of thresholds (a traced value is not checked: keep
   it in (0, 1]).
   """
-  prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
-  prompt_lengths_B = jnp.asarray(prompt_lengths_B)
+  prompt_tokens_BP = _device_ints(prompt_tokens_BP, "prompt_tokens")
+  prompt_lengths_B = _device_ints(prompt_lengths_B, "prompt_lengths")
   _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold)
   keys = _row_keys(jnp.asarray(rng), prompt_tokens_BP.shape[0])
   if config.mode == "ar":
@@ -657,6 +661,19 @@ def generate(
       "iterations": iterations,
   }
   return out, lengths, stats
+
+
+def _device_ints(x, name: str) -> jax.Array:
+  """`x` as a jax array; host integers that int32 cannot hold are refused first, since
+  jnp.asarray wraps them (2**32 + 5 becomes 5) before any check could see them."""
+  if not isinstance(x, jax.Array):
+    host = np.asarray(x)
+    if (host.dtype.kind in "iu" and host.size and not jax.config.jax_enable_x64
+        and (host.min() < -2 ** 31 or host.max() >= 2 ** 31)):
+      bad = host[(host < -2 ** 31) | (host >= 2 ** 31)].flat[0]
+      raise DecodeError(f"{name} holds {bad}, which int32 cannot hold (token ids and lengths "
+                        "are int32 on the device)")
+  return jnp.asarray(x)
 
 
 def _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold):
@@ -694,8 +711,8 @@ def generate_jit(params: Params, model_cfg: ModelConfig, prompt_tokens_BP, promp
   `generate` checks them: inside the compiled function they are traced and could not be (a bad
   length or token id would decode garbage). Called under an outer jit, only shapes are checked;
   the threshold stays traced, so one compiled decoder serves a sweep of thresholds."""
-  prompt_tokens_BP = jnp.asarray(prompt_tokens_BP)
-  prompt_lengths_B = jnp.asarray(prompt_lengths_B)
+  prompt_tokens_BP = _device_ints(prompt_tokens_BP, "prompt_tokens")
+  prompt_lengths_B = _device_ints(prompt_lengths_B, "prompt_lengths")
   _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold)
   return _generate_compiled(params, model_cfg, prompt_tokens_BP, prompt_lengths_B, rng, config,
                             on_step=on_step, threshold=threshold)

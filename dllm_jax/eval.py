@@ -220,7 +220,8 @@ def evaluate(pretrained, problems: Sequence[Problem], decode_cfg: decoding.Decod
     log(f"[eval] {len(records)}/{len(problems)} problems, "
         f"{run_tokens / max(run_s, 1e-9):.1f} tokens/s")
 
-  acc, se = accuracy_with_se([r["correct"] for r in records])
+  # (None for no problem: an interrupt before the first batch scores nothing, not 0)
+  acc, se = accuracy_with_se([r["correct"] for r in records]) if records else (None, None)
   total_tokens = sum(r["tokens"] for r in records)
   total_nfe = sum(r["nfe"] for r in records)
   summary = {
@@ -554,8 +555,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(json.dumps(summary))
   else:
     speed = (f"{summary['tokens_per_s']:.1f} tokens/s" if summary["tokens_per_s"] is not None
-             else "no tokens/s (nothing left to decode)")
-    print(f"accuracy {summary['accuracy']:.4f} +- {summary['stderr']:.4f} (n={summary['n']}), "
+             else "no tokens/s (no batch decoded by this run)")
+    score = (f"accuracy {summary['accuracy']:.4f} +- {summary['stderr']:.4f}"
+             if summary["n"] else "no problem decoded")
+    print(f"{score} (n={summary['n']}), "
           f"{speed}, {summary['tokens_per_forward']:.2f} tokens per forward, compile "
           f"{summary['compile_s']:.1f}s" + (f" (resumed after {summary['resumed_after']} "
                                             "problems: tokens/s of this run's part)"

@@ -665,3 +665,21 @@ def test_decodes_the_same_tokens_with_jax_enable_x64_on(params, mode):
     got = decoding.generate_jit(params, CFG, prompt, lengths, jax.random.key(0), cfg)
   np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
   np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_ids_past_int32_and_a_non_bool_dual_cache_flag_are_refused(params):
+  # jnp.asarray had wrapped 2**32 + 5 to 5 before the checks; "no" had turned the DualCache on.
+  prompt, lengths = _prompts([3, 5])
+  cfg = DecodeConfig(max_new_tokens=4, block_size=8, sub_block_size=4)
+  wide = prompt.astype(np.int64)
+  wide[0, 1] = 2 ** 32 + 5
+  with pytest.raises(decoding.DecodeError, match=r"prompt_tokens holds 4294967301, which int32 "
+                                                 r"cannot hold"):
+    decoding.generate_jit(params, CFG, wide, lengths, jax.random.key(0), cfg)
+  with pytest.raises(decoding.DecodeError, match=r"prompt_lengths holds 4294967299"):
+    decoding.generate(params, CFG, prompt, np.array([2 ** 32 + 3, 5], np.int64),
+                      jax.random.key(0), cfg)
+  for value in ("no", 0.0, None):
+    with pytest.raises(decoding.DecodeError, match="use_dual_cache=.*expected True or False"):
+      DecodeConfig(use_dual_cache=value)
+  assert DecodeConfig(use_dual_cache=np.bool_(False)).use_dual_cache is False

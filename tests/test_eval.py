@@ -447,3 +447,15 @@ def test_an_interrupted_eval_keeps_its_generations_and_resume_finishes_the_same_
   partial.write_text("\n".join(lines) + "\n")
   eval_lib.main(base + ["--out", str(out), "--resume"])
   assert out.read_bytes() == (tmp_path / "full.jsonl").read_bytes()
+
+
+def test_a_run_stopped_before_its_first_batch_scores_nothing_not_zero(tmp_path):
+  data = tmp_path / "test.jsonl"
+  data.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n")
+  records, summary = eval_lib.evaluate(
+      _tiny_pretrained(), eval_lib.load_gsm8k(data),
+      decoding.DecodeConfig(max_new_tokens=8, block_size=8, sub_block_size=4), batch_size=1,
+      log=lambda *a: None, stop_token_ids=(), stop=lambda: True)
+  assert records == [] and summary["interrupted"] and summary["n"] == 0
+  assert summary["accuracy"] is None and summary["stderr"] is None
+  assert summary["tokens_per_s"] is None

@@ -639,7 +639,8 @@ def generate(
   """
   prompt_tokens_BP = _device_ints(prompt_tokens_BP, "prompt_tokens")
   prompt_lengths_B = _device_ints(prompt_lengths_B, "prompt_lengths")
-  _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold)
+  _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold,
+              params)
   keys = _row_keys(jnp.asarray(rng), prompt_tokens_BP.shape[0])
   if config.mode == "ar":
     out, lengths, nfe, iterations = _ar(params, model_cfg, prompt_tokens_BP, prompt_lengths_B,
@@ -676,9 +677,17 @@ def _device_ints(x, name: str) -> jax.Array:
   return jnp.asarray(x)
 
 
-def _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold):
+def _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold,
+                params=None):
   """`generate`'s checks of its arguments; values an outer jit traces are not checked (see
   `generate`)."""
+  if not isinstance(model_cfg, ModelConfig):
+    raise DecodeError(f"model_cfg must be a ModelConfig, got {type(model_cfg).__name__}")
+  if params is not None:
+    mismatch = model.params_mismatch(params, model_cfg)
+    if mismatch:
+      raise DecodeError(f"params do not fit model_cfg: {mismatch}; pass the config the params "
+                        "were made with (a checkpoint's, from checkpoint.load_model)")
   _check(model_cfg, config, prompt_tokens_BP, prompt_lengths_B)
   if config.mode == "ar" and (on_step is not None or threshold is not None):
     raise DecodeError("generate(on_step=..., threshold=...) are for diffusion decoding; mode='ar' "
@@ -713,6 +722,7 @@ def generate_jit(params: Params, model_cfg: ModelConfig, prompt_tokens_BP, promp
   the threshold stays traced, so one compiled decoder serves a sweep of thresholds."""
   prompt_tokens_BP = _device_ints(prompt_tokens_BP, "prompt_tokens")
   prompt_lengths_B = _device_ints(prompt_lengths_B, "prompt_lengths")
-  _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold)
+  _check_call(model_cfg, config, prompt_tokens_BP, prompt_lengths_B, on_step, threshold,
+              params)
   return _generate_compiled(params, model_cfg, prompt_tokens_BP, prompt_lengths_B, rng, config,
                             on_step=on_step, threshold=threshold)

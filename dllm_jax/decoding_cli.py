@@ -265,34 +265,12 @@ def load(args, command: str, *, batch: int | None = None):
 
 
 def params_mismatch(params, model_cfg) -> str | None:
-  """None when `params` have the tree and shapes that `model_cfg`'s model (in its kernel
-  layout) needs; else the first difference, named by its path. A run directory whose model.json
-  is another model's than its checkpoints' would otherwise fail inside the first forward, or in
-  a layout check that blames the layout."""
-  import dataclasses
-
-  import jax
-
+  """`model.params_mismatch`: a run directory whose model.json is another model's than its
+  checkpoints' would otherwise fail inside the first forward, or in a layout check that blames
+  the layout."""
   from dllm_jax import model
 
-  in_out = dataclasses.replace(model_cfg, kernel_layout="in_out")
-  want = jax.eval_shape(lambda k: model.with_kernel_layout(
-      model.init_params(in_out, k), in_out, model_cfg.kernel_layout)[0], jax.random.key(0))
-
-  def shapes(tree):
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
-
-  want, have = shapes(want), shapes(params)
-  for key in want:
-    if key not in have:
-      return f"params{key} is missing"
-    if have[key] != want[key]:
-      return f"params{key} is {have[key]}, the config's model needs {want[key]}"
-  extra = sorted(set(have) - set(want))
-  if extra:
-    return f"params{extra[0]} is not a parameter of the config's model"
-  return None
+  return model.params_mismatch(params, model_cfg)
 
 
 def _inside_run_hint(path: str) -> str:

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -684,6 +684,44 @@ def with_kernel_layout(params: Params, cfg: ModelConfig,
       layer[block][proj] = dict(layer[block][proj], kernel=kernel.transpose(perm))
     out[name] = layer
   return out, dataclasses.replace(cfg, kernel_layout=kernel_layout)
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(cfg: ModelConfig, stacked: bool) -> dict:
+  """{path: shape} of the params `cfg`'s model needs (in its kernel layout), stacked or
+  per-layer. Cached: a decoder checks every call, and tracing a large model's init takes a
+  while."""
+  in_out = dataclasses.replace(cfg, kernel_layout="in_out")
+
+  def build(k):
+    params = with_kernel_layout(init_params(in_out, k), in_out, cfg.kernel_layout)[0]
+    return params if stacked else with_layout(params, "per_layer")
+
+  return _shapes(jax.eval_shape(build, jax.random.key(0)))
+
+
+def _shapes(tree) -> dict:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def params_mismatch(params: Params, cfg: ModelConfig) -> Optional[str]:
+  """None when `params` (stacked or per-layer) have the tree and shapes that `cfg`'s model, in
+  its kernel layout, needs; else the first difference, named by its path. Shapes only (tracers
+  too). A mismatch would otherwise fail inside the first forward as flax's shape error, a scan
+  length error or a missing-parameter error."""
+  if not isinstance(params, Mapping):
+    return f"params is a {type(params).__name__}, not the model's parameter tree"
+  want, have = _param_shapes(cfg, is_stacked(params)), _shapes(params)
+  for key in want:
+    if key not in have:
+      return f"params{key} is missing"
+    if have[key] != want[key]:
+      return f"params{key} is {have[key]}, the config's model needs {want[key]}"
+  extra = sorted(set(have) - set(want))
+  if extra:
+    return f"params{extra[0]} is not a parameter of the config's model"
+  return None
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:

@@ -1,5 +1,7 @@
 """The jitted decoders against plain-Python transcriptions of the same algorithms."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -683,3 +685,28 @@ def test_ids_past_int32_and_a_non_bool_dual_cache_flag_are_refused(params):
     with pytest.raises(decoding.DecodeError, match="use_dual_cache=.*expected True or False"):
       DecodeConfig(use_dual_cache=value)
   assert DecodeConfig(use_dual_cache=np.bool_(False)).use_dual_cache is False
+
+
+def test_params_that_do_not_fit_the_config_are_named_before_tracing(params):
+  # They failed inside the first forward: flax's shape error, a scan length error, a missing
+  # parameter, or an AttributeError for a dict config.
+  prompt, lengths = _prompts([3, 5])
+  cfg = DecodeConfig(max_new_tokens=4, block_size=8, sub_block_size=4)
+  cases = ((dataclasses.replace(CFG, vocab_size=200), params,
+            r"params\['embed'\]\['embedding'\] is \(128, 32\), the config's model needs "
+            r"\(200, 32\)"),
+           (dataclasses.replace(CFG, num_layers=3), params, r"params\['layers'\].* is \(2, "),
+           (CFG, {k: v for k, v in params.items() if k != "lm_head"},
+            r"params\['lm_head'\] is missing"))
+  for model_cfg, p, message in cases:
+    for fn in (decoding.generate, decoding.generate_jit):
+      with pytest.raises(decoding.DecodeError, match="params do not fit model_cfg: " + message):
+        fn(p, model_cfg, prompt, lengths, jax.random.key(0), cfg)
+  with pytest.raises(decoding.DecodeError, match="model_cfg must be a ModelConfig, got dict"):
+    decoding.generate(params, dataclasses.asdict(CFG), prompt, lengths, jax.random.key(0), cfg)
+  # Both layouts fit, and under an outer jit the check reads shapes only.
+  per_layer = model.with_layout(params, "per_layer")
+  want = decoding.generate_jit(params, CFG, prompt, lengths, jax.random.key(0), cfg)[0]
+  got = jax.jit(lambda p: decoding.generate(p, CFG, prompt, lengths, jax.random.key(0), cfg)[0])(
+      per_layer)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -15,6 +15,7 @@ sharded, so a large model is never first gathered whole on one device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.resources
@@ -281,6 +282,18 @@ def _config_from_hf(raw: dict, where: str, dtype: str,
   return cfg, metadata
 
 
+@contextlib.contextmanager
+def _fields_of(where: str):
+  """A field of a checkpoint's config or metadata whose value is of the wrong kind (a string
+  head count, a zero, a list for a number, a list for an object) as a CheckpointError naming
+  the file; they failed as bare TypeError, ZeroDivisionError or AttributeError."""
+  try:
+    yield
+  except (TypeError, ZeroDivisionError, AttributeError, KeyError, OverflowError) as e:
+    raise CheckpointError(f"{where}: a field holds a value of the wrong kind ({type(e).__name__}: "
+                          f"{e}); compare it with the model's original config") from e
+
+
 class _SafetensorsFiles:
   """Tensors of one checkpoint spread over one or more safetensors files."""
 
@@ -291,10 +304,11 @@ class _SafetensorsFiles:
     single = directory / "model.safetensors"
     if index.is_file():
       try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-      files = sorted(set(weight_map.values()))
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+      except (ValueError, KeyError, TypeError, AttributeError) as e:  # (not UTF-8 or JSON too)
+        raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: "
+                              f"{e}); it maps each tensor name to its file") from e
     elif single.is_file():
       weight_map, files = None, [single.name]
     else:
@@ -347,9 +361,12 @@ def load_hf_dir(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
         "safetensors, tokenizer files); give one, a training run's directory (model.json, "
         "checkpoints/), a .gguf file or smollm2-135m-instruct")
   try:
-    raw = json.loads(config_file.read_text())
-  except json.JSONDecodeError as e:
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+  if not isinstance(raw, dict):
+    raise CheckpointError(f"{config_file} holds a {type(raw).__name__}, not an object of model "
+                          "settings")
   generation = None
   generation_file = path / "generation_config.json"
   if generation_file.is_file():
@@ -360,7 +377,8 @@ def load_hf_dir(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
     if not isinstance(generation, dict):
       raise CheckpointError(f"{generation_file} holds a {type(generation).__name__}, not an "
                             "object of generation settings")
-  cfg, metadata = _config_from_hf(raw, str(config_file), dtype, generation)
+  with _fields_of(str(config_file)):
+    cfg, metadata = _config_from_hf(raw, str(config_file), dtype, generation)
   settings = generation_settings(generation or {})
   if settings:  # (carried through training into an export's generation_config.json)
     metadata["generation"] = settings
@@ -470,35 +488,36 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32") -> Pretrained:
   # GGUF dims are listed innermost first, so [hidden, vocab] for the embedding.
   vocab = int(by_hf["model.embed_tokens.weight"].shape[1])
 
-  heads = int(meta(f"{arch}.attention.head_count", required=True))
-  hidden = int(meta(f"{arch}.embedding_length", required=True))
-  head_dim = int(meta(f"{arch}.attention.key_length", hidden // heads))
-  rot = meta(f"{arch}.rope.dimension_count")
-  if rot is not None and int(rot) != head_dim:
-    raise CheckpointError(f"{path}: {arch}.rope.dimension_count={rot} != head_dim {head_dim}; "
-                          "partial rotary embeddings are not supported")
-  layers = int(meta(f"{arch}.block_count", required=True))
-  cfg = ModelConfig(
-      architecture=arch,
-      vocab_size=vocab,
-      hidden_size=hidden,
-      intermediate_size=int(meta(f"{arch}.feed_forward_length", required=True)),
-      num_layers=layers,
-      num_heads=heads,
-      num_kv_heads=int(meta(f"{arch}.attention.head_count_kv", heads)),
-      head_dim=head_dim,
-      rope_theta=float(meta(f"{arch}.rope.freq_base", 10000.0)),
-      rms_norm_eps=float(meta(f"{arch}.attention.layer_norm_rms_epsilon", required=True)),
-      qkv_bias="model.layers.0.self_attn.q_proj.bias" in by_hf,
-      tie_embeddings="lm_head.weight" not in by_hf,
-      max_position_embeddings=int(meta(f"{arch}.context_length", 2048)),
-      bos_token_id=_first_id(meta("tokenizer.ggml.bos_token_id")),
-      eos_token_id=_first_id(meta("tokenizer.ggml.eos_token_id")),
-      pad_token_id=_first_id(meta("tokenizer.ggml.padding_token_id")),
-      param_dtype=dtype,
-      dtype=dtype,
-      kernel_layout="in_out",  # (as _params_from_hf builds them)
-  )
+  with _fields_of(str(path)):
+    heads = int(meta(f"{arch}.attention.head_count", required=True))
+    hidden = int(meta(f"{arch}.embedding_length", required=True))
+    head_dim = int(meta(f"{arch}.attention.key_length", hidden // heads))
+    rot = meta(f"{arch}.rope.dimension_count")
+    if rot is not None and int(rot) != head_dim:
+      raise CheckpointError(f"{path}: {arch}.rope.dimension_count={rot} != head_dim {head_dim}; "
+                            "partial rotary embeddings are not supported")
+    layers = int(meta(f"{arch}.block_count", required=True))
+    cfg = ModelConfig(
+        architecture=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(meta(f"{arch}.feed_forward_length", required=True)),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(meta(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rope_theta=float(meta(f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(meta(f"{arch}.attention.layer_norm_rms_epsilon", required=True)),
+        qkv_bias="model.layers.0.self_attn.q_proj.bias" in by_hf,
+        tie_embeddings="lm_head.weight" not in by_hf,
+        max_position_embeddings=int(meta(f"{arch}.context_length", 2048)),
+        bos_token_id=_first_id(meta("tokenizer.ggml.bos_token_id")),
+        eos_token_id=_first_id(meta("tokenizer.ggml.eos_token_id")),
+        pad_token_id=_first_id(meta("tokenizer.ggml.padding_token_id")),
+        param_dtype=dtype,
+        dtype=dtype,
+        kernel_layout="in_out",  # (as _params_from_hf builds them)
+    )
   declared = meta(f"{arch}.vocab_size")
   if declared is not None and int(declared) != vocab:
     raise CheckpointError(f"{path}: {arch}.vocab_size={declared} but token_embd.weight has "

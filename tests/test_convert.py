@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 
 import gguf
 import jax
@@ -613,3 +614,27 @@ def test_a_directory_that_holds_no_model_names_what_checkpoints_are_taken(tmp_pa
                            r"one, a training run's directory \(model.json, checkpoints/\), a "
                            r"\.gguf file or smollm2-135m-instruct"):
     convert.load_hf_dir(tmp_path)
+
+
+def test_config_fields_of_the_wrong_kind_are_named_by_file(hf_dirs, tmp_path):
+  # They failed as a bare ZeroDivisionError, TypeError or AttributeError (a review's probes).
+  def edited(name, edit, filename="config.json"):
+    d = tmp_path / name
+    shutil.copytree(hf_dirs["qwen2_sharded"][1], d)
+    raw = json.loads((d / filename).read_text())
+    (d / filename).write_text(json.dumps(edit(raw)))
+    return d
+
+  for name, edit, message in (
+      ("heads0", lambda r: {**r, "num_attention_heads": 0}, "ZeroDivisionError"),
+      ("heads_str", lambda r: {**r, "num_attention_heads": "4"}, "TypeError"),
+      ("rope_str", lambda r: {**r, "rope_scaling": "linear"}, "AttributeError")):
+    with pytest.raises(convert.CheckpointError, match=rf"{name}/config.json: a field holds a "
+                                                      rf"value of the wrong kind \({message}"):
+      convert.load_hf_dir(edited(name, edit))
+  with pytest.raises(convert.CheckpointError, match=r"config.json holds a list, not an object"):
+    convert.load_hf_dir(edited("as_list", lambda r: [r]))
+  with pytest.raises(convert.CheckpointError, match=r"index.json: not a valid safetensors index "
+                                                    r"\(AttributeError"):
+    convert.load_hf_dir(edited("map_list", lambda r: {**r, "weight_map": []},
+                               "model.safetensors.index.json"))

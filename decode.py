@@ -158,7 +158,10 @@ def _check_lengths(prompts, model_cfg, cfg, width, wheres):
   try:
     decoding.check_reach(model_cfg, cfg, width)
   except decoding.DecodeError as e:
-    raise UsageError(decoding_cli.as_flags(str(e))) from None
+    widest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    which = (f" (the widest prompt: {wheres[widest]}, {len(prompts[widest])} tokens)"
+             if len(prompts) > 1 else "")
+    raise UsageError(decoding_cli.as_flags(str(e)) + which) from None
 
 
 def run_batch(args, pretrained, cfg, conversations, wheres=None, on_result=None) -> dict:
@@ -358,4 +361,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 if __name__ == "__main__":
   decoding_cli.cli_warnings("decode.py")
-  main()
+  with decoding_cli.quiet_broken_pipe():
+    main()

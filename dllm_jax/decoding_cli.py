@@ -8,7 +8,9 @@ Building the parser imports no jax, so `--help` and a flag outside its choices a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import sys
 import warnings
@@ -46,6 +48,19 @@ def cli_warnings(prog: str) -> None:
   prints the file and line that raised them and that line's source (for a command-line user,
   noise around the message)."""
   warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"
+
+
+@contextlib.contextmanager
+def quiet_broken_pipe():
+  """A reader that closed the pipe early (`decode.py ... | head -1`) ends the command quietly
+  with 141 (128 + SIGPIPE, as a shell reports it), not with a BrokenPipeError traceback; stdout
+  goes to /dev/null first so that Python's flush at exit does not raise again."""
+  try:
+    yield
+  except BrokenPipeError:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(141) from None
 
 
 def usage_exit(prog: str, message: str) -> UsageExit:

@@ -573,4 +573,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 if __name__ == "__main__":
   decoding_cli.cli_warnings(PROG)
-  main()
+  with decoding_cli.quiet_broken_pipe():
+    main()

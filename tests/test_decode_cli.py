@@ -531,3 +531,20 @@ def test_an_interrupt_keeps_the_json_answers_and_ends_a_chat_like_an_empty_line(
   result = decode.main(["--checkpoint", dirs["diffusion"], "--chat", "--json", *FAST])
   assert [t["user"] for t in result["turns"]] == ["hello"]
   assert json.loads(capsys.readouterr().out)["turns"][0]["user"] == "hello"
+
+
+def test_a_closed_pipe_ends_quietly_and_a_too_long_prompts_file_names_the_widest(dirs, tmp_path):
+  path = tmp_path / "p.jsonl"
+  path.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "x" * 60}) + "\n")
+  with pytest.raises(SystemExit, match=r"lower --max-new-tokens to \d+ or less or shorten the "
+                                       rf"prompt \(the widest prompt: .*p.jsonl:2, \d+ tokens\)"):
+    decode.main(["--checkpoint", dirs["diffusion"], "--prompts", str(path), *FAST[:4],
+                 "--max-new-tokens", "240"])
+  # `decode.py ... | head -1`: the reader is gone before the first answer is printed.
+  proc = subprocess.Popen([sys.executable, str(ROOT / "decode.py"), "--checkpoint",
+                           dirs["diffusion"], "--prompts", str(path), "--batch-size", "1", *FAST],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+  proc.stdout.close()
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 141, err.decode()[-2000:]
+  assert b"Traceback" not in err

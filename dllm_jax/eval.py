@@ -312,6 +312,10 @@ def _check_out(out: str, inputs: Sequence[str]) -> None:
     raise decoding_cli.UsageError(f"--out {out}: the directory {parent} is not writable")
 
 
+class _WriteError(Exception):
+  """OUT.partial could not be written (a full disk); the message says what is kept."""
+
+
 # An interrupted run's records, kept beside --out (OUT.partial, a batch at a time) with the flags
 # they were decoded with (OUT.partial.json), until the run ends and writes OUT whole.
 def _partial_path(out: Optional[str]) -> Optional[pathlib.Path]:
@@ -503,9 +507,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
   def keep(new):
     if handle is not None:
-      handle.write("".join(json.dumps(r) + "\n" for r in new))
-      handle.flush()
-      os.fsync(handle.fileno())
+      try:
+        handle.write("".join(json.dumps(r) + "\n" for r in new))
+        handle.flush()
+        os.fsync(handle.fileno())
+      except OSError as e:  # (a full disk: what is kept so far stays, --resume goes on)
+        raise _WriteError(f"writing {partial} failed ({e}); it keeps the generations of the "
+                          f"batches before ({kept[0]} problems): free space and run the same "
+                          "command with --resume") from None
     kept[0] += len(new)
 
   def interrupted_line():
@@ -531,6 +540,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       raise decoding_cli.usage_exit(prog, decoding_cli.as_flags(str(e))) from None
     except decoding_cli.UsageError as e:  # (a problem's text the tokenizer cannot encode)
       raise decoding_cli.usage_exit(prog, str(e)) from None
+    except _WriteError as e:
+      print(f"{prog}: error: {e}", file=sys.stderr)
+      raise SystemExit(1) from None
     except KeyboardInterrupt:  # (a second signal, or Ctrl-C where none was caught)
       print(f"{prog}: {interrupted_line()}", file=sys.stderr)
       raise SystemExit(128 + (signals[-1] if signals else signal.SIGINT)) from None
@@ -541,10 +553,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   finished = not summary.get("interrupted")
   if args.out and finished:
     out, text = pathlib.Path(args.out), "".join(json.dumps(r) + "\n" for r in records)
-    if out.is_symlink() or (out.exists() and not out.is_file()):
-      out.write_text(text)  # (/dev/stdout, a link, a pipe: written as they are)
-    else:
-      checkpoint.write_text_whole(out, text)  # (complete or not at all)
+    try:
+      if out.is_symlink() or (out.exists() and not out.is_file()):
+        out.write_text(text)  # (/dev/stdout, a link, a pipe: written as they are)
+      else:
+        checkpoint.write_text_whole(out, text)  # (complete or not at all)
+    except OSError as e:
+      kept_in = (f"every generation is kept in {partial}: free space and run the same command "
+                 "with --resume, which only writes it" if partial is not None
+                 else "the generations are lost")
+      print(f"{prog}: error: writing --out {out} failed ({e}); {kept_in}", file=sys.stderr)
+      raise SystemExit(1) from None
     if partial is not None:  # (only now: a kill before this line leaves them to --resume)
       partial.unlink()
       _settings_path(partial).unlink()

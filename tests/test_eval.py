@@ -459,3 +459,46 @@ def test_a_run_stopped_before_its_first_batch_scores_nothing_not_zero(tmp_path):
   assert records == [] and summary["interrupted"] and summary["n"] == 0
   assert summary["accuracy"] is None and summary["stderr"] is None
   assert summary["tokens_per_s"] is None
+
+
+def test_a_full_disk_keeps_what_was_written_and_resume_finishes(tmp_path, monkeypatch, capsys):
+  from dllm_jax import checkpoint
+
+  data = tmp_path / "test.jsonl"
+  data.write_text("".join(json.dumps({"question": f"What is {i} + 3?", "answer": f"#### {i + 3}"})
+                          + "\n" for i in range(5)))
+  ckpt = tmp_path / "ckpt"
+  convert.export_hf_dir(_tiny_pretrained(), ckpt)
+  base = ["gsm8k", "--checkpoint", str(ckpt), "--data", str(data), "--batch-size", "2",
+          "--max-new-tokens", "8", "--block-size", "8", "--sub-block-size", "4",
+          "--dtype", "float32", "--json", "--force"]
+  eval_lib.main(base + ["--out", str(tmp_path / "full.jsonl")])
+  out, partial = tmp_path / "gen.jsonl", tmp_path / "gen.jsonl.partial"
+  calls, fsync = [0], os.fsync
+
+  def full_disk(fd):
+    calls[0] += 1
+    if calls[0] == 2:
+      raise OSError(28, "No space left on device")
+    return fsync(fd)
+
+  monkeypatch.setattr(eval_lib.os, "fsync", full_disk)
+  with pytest.raises(SystemExit) as e:
+    eval_lib.main(base + ["--out", str(out)])
+  monkeypatch.undo()
+  assert e.value.code == 1
+  assert (f"error: writing {partial} failed ([Errno 28] No space left on device); it keeps the "
+          "generations of the batches before (2 problems)") in capsys.readouterr().err
+  # The final write fails: the partial holds every record, and --resume only writes --out.
+  real = checkpoint.write_text_whole
+  monkeypatch.setattr(checkpoint, "write_text_whole", lambda path, text: (
+      (_ for _ in ()).throw(OSError(28, "No space left on device")) if path == out
+      else real(path, text)))
+  with pytest.raises(SystemExit) as e:
+    eval_lib.main(base + ["--out", str(out), "--resume"])
+  monkeypatch.undo()
+  assert e.value.code == 1 and "every generation is kept in" in capsys.readouterr().err
+  assert len(partial.read_text().splitlines()) == 5
+  summary = eval_lib.main(base + ["--out", str(out), "--resume"])
+  assert summary["resumed_after"] == 5 and summary["tokens_per_s"] is None
+  assert out.read_bytes() == (tmp_path / "full.jsonl").read_bytes()

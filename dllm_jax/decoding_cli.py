@@ -81,6 +81,8 @@ def jsonl_values(data: bytes, name: str) -> Iterator[tuple[str, Any]]:
       line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
       raise UsageError(f"{where}: not UTF-8 text ({e})") from None
+    if number == 1:
+      line = line.removeprefix("\ufeff")  # (a UTF-8 BOM, as some editors save; data.py too)
     if not line.strip():
       continue
     try:

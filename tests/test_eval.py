@@ -77,6 +77,10 @@ def test_load_gsm8k_reports_file_and_line(tmp_path):
   path.write_bytes(json.dumps({"question": "q", "answer": "#### 3"}).encode() + b"\n\xff\n")
   with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text"):
     eval_lib.load_gsm8k(path)
+  # A UTF-8 BOM, as some editors save one, is no part of the first record (it was refused as
+  # invalid JSON with a hint the user could not act on).
+  path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "q", "answer": "#### 3"}).encode())
+  assert [p.gold for p in eval_lib.load_gsm8k(path)] == ["3"]
 
 
 def _tiny_pretrained():

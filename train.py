@@ -3,6 +3,7 @@
   python train.py --config configs/tiny.py
   python train.py --config configs/qwen2.5_1.5b.py --set init.source=/models/Qwen2.5-1.5B-Instruct
   python train.py --config configs/tiny.py --resume      # continue train.run_dir exactly
+  python train.py --config runs/tiny/config.json --resume   # the same, without repeating --set
 
 Every config field can be set with --set section.field=value (see dllm_jax/config.py and
 dllm_jax/run_config.py for the sections).
@@ -22,7 +23,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, action="append",
-                      help="a Python config file, e.g. configs/tiny.py")
+                      help="a Python config file, e.g. configs/tiny.py, or a run's "
+                           "config.json (to --resume it as it was started)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override one config field, e.g. --set train.steps=100 (repeatable)")
   parser.add_argument("--resume", action="store_true",
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     parser.error(f"--config given {len(args.config)} times ({', '.join(args.config)}); give one")
   args.config = args.config[0]
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  logging.captureWarnings(True)  # (a library's warning as one log line, not file:line + source)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every file it writes
   # (jax reports at INFO each platform plugin it tried and did not find: libtpu on every GPU or
   # CPU run)
@@ -66,12 +69,12 @@ def main(argv=None) -> int:
     print(f"stopped by {name} at step {result['step']} (saved); continue it with --resume")
     print(f"run directory: {cfg.train.run_dir}")
     return _leave(130 if name == "SIGINT" else 143)
-  print(_summary_line(result, cfg.train.steps))
+  print(_summary_line(result, cfg.train.steps, cfg.objective.kind))
   print(f"run directory: {cfg.train.run_dir}")
   return 0
 
 
-def _summary_line(result: dict, steps: int) -> str:
+def _summary_line(result: dict, steps: int, kind: str = "diffusion") -> str:
   """The line a finished run ends with: its last loss, or, where this invocation ran no step
   (a resumed run already at train.steps), that, not a 'loss nan' that reads as a diverged run."""
   if "loss" in result:
@@ -82,7 +85,8 @@ def _summary_line(result: dict, steps: int) -> str:
   else:
     line = f"step {result['step']}: no step ran (the data ran out)"
   if "eval_accuracy" in result:
-    line += (f"; held-out masked-token accuracy {result['eval_accuracy']:.3f} over "
+    what = "next-token" if kind == "ar" else "masked-token"  # (what the eval scores)
+    line += (f"; held-out {what} accuracy {result['eval_accuracy']:.3f} over "
              f"{int(result['eval_tokens'])} tokens (eval loss {result['eval_loss']:.4f})")
   return line
 

@@ -228,8 +228,8 @@ def _raise_if_not_the_files(error: Exception) -> None:
 def _warn_unreadable(mgr: ocp.CheckpointManager, step: int, error: Exception) -> None:
   msg = (f"checkpoint {mgr.directory}/{step} is corrupt or incomplete "
          f"({type(error).__name__}: {str(error)[:200]}); falling back to an earlier one")
+  # (One channel: train.py routes warnings into its log, decode.py prints them as its own.)
   warnings.warn(msg, RuntimeWarning, stacklevel=3)
-  log.warning(msg)
 
 
 def _set_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> None:

@@ -279,7 +279,7 @@ def load_config_file(path: str | pathlib.Path) -> Any:
     raise ConfigError(f"config file {path} does not exist")
   if path.suffix != ".py":
     raise ConfigError(f"config file {path} is not a Python file; give a .py config that defines "
-                      "get_config(), e.g. configs/tiny.py")
+                      "get_config(), e.g. configs/tiny.py, or a run's config.json")
   spec = importlib.util.spec_from_file_location(f"_dllm_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   try:

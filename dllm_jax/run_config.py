@@ -41,7 +41,22 @@ class Config:
 
 
 def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> Config:
-  """A config file (Python defining `get_config() -> Config`) with `--set` overrides applied."""
+  """A config file (Python defining `get_config() -> Config`, or a run's config.json, which
+  `--resume` can then be given as it is) with `--set` overrides applied."""
+  path = pathlib.Path(path)
+  if path.suffix == ".json" and path.is_file():
+    try:
+      raw = json.loads(path.read_text(encoding="utf-8"))
+      # (A run writes every section; one missing would silently take its defaults.)
+      missing = [f.name for f in dataclasses.fields(Config)
+                 if not isinstance(raw, dict) or f.name not in raw]
+      if missing:
+        raise ConfigError(f"config file {path} is not a run's config.json (it lacks the "
+                          f"sections {missing}); give the one a run wrote, or a .py config")
+      cfg = config_lib.from_dict(Config, raw, str(path))
+    except (ValueError, TypeError) as e:  # (JSON, UTF-8 and field errors; ConfigError is one)
+      raise ConfigError(e if isinstance(e, ConfigError) else f"config file {path}: {e}") from None
+    return config_lib.apply_overrides(cfg, overrides)
   cfg = config_lib.load_config_file(path)
   if not isinstance(cfg, Config):
     raise ConfigError(f"config file {path}: get_config() returned a {type(cfg).__name__}; it must "

@@ -424,7 +424,8 @@ def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig, tokenizer=N
             f"it in {path}.")
     raise ConfigError(f"--resume: {run_dir} was started with other settings ({said}); a "
                       f"resumed run keeps its model, data, objective, optimizer and seed, so "
-                      f"resume with its own config ({path}).{hint}")
+                      f"resume with the command line that started it, or with its own config: "
+                      f"python train.py --config {path} --resume.{hint}")
 
 
 def keep_replaced_config(run_dir: pathlib.Path, cfg, step: int) -> None:

@@ -217,10 +217,18 @@ def test_a_config_file_that_fails_is_one_error_naming_it(tmp_path):
     bad.write_text(text)
     with pytest.raises(ConfigError, match=match):
       run_config.load(bad)
+  other = tmp_path / "conf.yaml"
+  other.write_text("{}")
+  with pytest.raises(ConfigError, match="conf.yaml is not a Python file"):
+    run_config.load(other)
+  # A JSON config is a run's config.json, whole: a section missing would take its defaults.
   other = tmp_path / "conf.json"
   other.write_text("{}")
-  with pytest.raises(ConfigError, match="conf.json is not a Python file"):
+  with pytest.raises(ConfigError, match=r"conf.json is not a run's config.json \(it lacks the "
+                                        r"sections \['model', 'init'"):
     run_config.load(other)
+  other.write_text(run_config.to_json(run_config.Config()))
+  assert run_config.load(other, ["train.steps=7"]).train.steps == 7
 
 
 def test_saved_config_with_unknown_key_is_rejected():

@@ -869,3 +869,20 @@ def test_a_resume_that_moves_the_schedule_says_so(tmp_path, caplog):
   with caplog.at_level(logging.WARNING, logger="dllm_jax.training"):
     training.train(_cfg(run_dir, 6), resume=True)  # (no step to run, no change: no warning)
   assert "moves the learning-rate schedule" not in caplog.text
+
+
+def test_a_run_resumes_from_its_own_config_json(tmp_path):
+  # The resume error advised "resume with its own config (config.json)", which --config refused
+  # (".py only"): the command line that started the run had to be typed again.
+  run_dir = tmp_path / "run"
+  training.train(_cfg(run_dir, 3, ["data.seed=5"]))
+  with pytest.raises(ConfigError, match=r"resume with the command line that started it, or with "
+                                        r"its own config: python train.py --config .*config.json "
+                                        r"--resume"):
+    training.train(_cfg(run_dir, 6), resume=True)
+  cfg = run_config.load(run_dir / "config.json", ["train.steps=6"])
+  assert cfg.data.seed == 5
+  assert training.train(cfg, resume=True)["step"] == 6
+  (tmp_path / "bad.json").write_text("[1]")
+  with pytest.raises(ConfigError, match=r"bad.json"):
+    run_config.load(tmp_path / "bad.json")

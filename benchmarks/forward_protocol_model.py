@@ -15,7 +15,6 @@ it finds the planted bugs it was checked with (V's slot awaited before K's copy 
 V copy that does not wait for its slot).
 """
 import itertools
-import sys
 
 
 SLOTS = 2
@@ -183,8 +182,16 @@ def items_of(spec):
 
 
 if __name__ == '__main__':
+  import argparse
+
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("max_items", type=int, nargs="?", default=3,
+                  help="explore every plan of up to this many work items (default 3)")
+  maxlen = ap.parse_args().max_items
+  if maxlen < 1:
+    ap.error(f"max_items={maxlen}: must be >= 1")
   kinds = [(0,0,1),(0,1,0),(1,2,1),(0,3,0)]
-  maxlen = int(sys.argv[1])
   bad = 0; total = 0; states = 0
   for L in range(1, maxlen+1):
     for spec in itertools.product(kinds, repeat=L):

@@ -237,7 +237,7 @@ def load(args, command: str, *, batch: int | None = None):
     # a missing or unreadable file (OSError), a checkpoint orbax cannot restore.
     raise UsageError(f"--checkpoint {args.checkpoint}: {e}{_inside_run_hint(args.checkpoint)}"
                      ) from None
-  mismatch = params_mismatch(pretrained.params, pretrained.config)
+  mismatch = model.params_mismatch(pretrained.params, pretrained.config)
   if mismatch:
     raise UsageError(f"--checkpoint {args.checkpoint}: its weights are not the model its config "
                      f"describes ({mismatch}); the config (a run's model.json, a HF "
@@ -279,15 +279,6 @@ def load(args, command: str, *, batch: int | None = None):
     return convert.cast(pretrained, dtype, args.layout, args.matvec, kernel_layout)
   except ValueError as e:  # (what the checks above did not foresee: one line, not a traceback)
     raise UsageError(f"--checkpoint {args.checkpoint}: {e}") from None
-
-
-def params_mismatch(params, model_cfg) -> str | None:
-  """`model.params_mismatch`: a run directory whose model.json is another model's than its
-  checkpoints' would otherwise fail inside the first forward, or in a layout check that blames
-  the layout."""
-  from dllm_jax import model
-
-  return model.params_mismatch(params, model_cfg)
 
 
 def _inside_run_hint(path: str) -> str:

@@ -389,9 +389,9 @@ def test_weights_of_another_model_are_one_error_line(monkeypatch):
                              r"describes \(params\[.*different models"):
       decoding_cli.load(_load_args(), "decode.py")
   right = _tiny_pretrained({"objective": "diffusion"})
-  assert decoding_cli.params_mismatch(right.params, right.config) is None
+  assert model.params_mismatch(right.params, right.config) is None
   out_in, out_cfg = model.with_kernel_layout(right.params, right.config, "out_in")
-  assert decoding_cli.params_mismatch(out_in, out_cfg) is None
+  assert model.params_mismatch(out_in, out_cfg) is None
 
 
 def test_the_trained_block_size_is_the_default_and_another_is_warned(monkeypatch, recwarn,
@@ -463,23 +463,35 @@ def test_a_step_directory_of_a_run_names_the_run_to_pass(tmp_path):
       decoding_cli.load(args, "decode.py")
 
 
-def test_text_output_streams_and_an_interrupt_keeps_the_batches_printed(dirs, tmp_path,
-                                                                         monkeypatch, capsys):
+def _five_prompts_run_whole(dirs, tmp_path, capsys, *extra):
+  """(flags decoding five prompts in batches of 2, that run's result), its output discarded."""
   path = tmp_path / "p.jsonl"
   path.write_text("".join(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(5)))
-  flags = ["--checkpoint", dirs["diffusion"], "--prompts", str(path), "--batch-size", "2", *FAST]
+  flags = ["--checkpoint", dirs["diffusion"], "--prompts", str(path), "--batch-size", "2",
+           *extra, *FAST]
   whole = decode.main(flags)
   capsys.readouterr()
-  # Ctrl-C while the second batch decodes: the first batch's answers were printed already.
+  return flags, whole
+
+
+def _ctrl_c_in_batch(monkeypatch, call):
+  """Ctrl-C (KeyboardInterrupt) while the decoder runs its `call`-th batch."""
   calls, plain = [0], decode.Decoder.__call__
 
   def interrupted(self, *a, **k):
     calls[0] += 1
-    if calls[0] == 2:
+    if calls[0] == call:
       raise KeyboardInterrupt
     return plain(self, *a, **k)
 
   monkeypatch.setattr(decode.Decoder, "__call__", interrupted)
+
+
+def test_text_output_streams_and_an_interrupt_keeps_the_batches_printed(dirs, tmp_path,
+                                                                         monkeypatch, capsys):
+  flags, whole = _five_prompts_run_whole(dirs, tmp_path, capsys)
+  # Ctrl-C while the second batch decodes: the first batch's answers were printed already.
+  _ctrl_c_in_batch(monkeypatch, 2)
   with pytest.raises(SystemExit) as e:
     decode.main(flags)
   assert e.value.code == 130
@@ -492,21 +504,8 @@ def test_text_output_streams_and_an_interrupt_keeps_the_batches_printed(dirs, tm
 
 def test_an_interrupt_keeps_the_json_answers_and_ends_a_chat_like_an_empty_line(
     dirs, tmp_path, monkeypatch, capsys):
-  path = tmp_path / "p.jsonl"
-  path.write_text("".join(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(5)))
-  flags = ["--checkpoint", dirs["diffusion"], "--prompts", str(path), "--batch-size", "2",
-           "--json", *FAST]
-  whole = decode.main(flags)
-  capsys.readouterr()
-  calls, plain = [0], decode.Decoder.__call__
-
-  def interrupted(self, *a, **k):
-    calls[0] += 1
-    if calls[0] == 3:
-      raise KeyboardInterrupt
-    return plain(self, *a, **k)
-
-  monkeypatch.setattr(decode.Decoder, "__call__", interrupted)
+  flags, whole = _five_prompts_run_whole(dirs, tmp_path, capsys, "--json")
+  _ctrl_c_in_batch(monkeypatch, 3)
   with pytest.raises(SystemExit) as e:
     decode.main(flags)
   assert e.value.code == 130

@@ -46,14 +46,7 @@ def load(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> Config:
   path = pathlib.Path(path)
   if path.suffix == ".json" and path.is_file():
     try:
-      raw = json.loads(path.read_text(encoding="utf-8"))
-      # (A run writes every section; one missing would silently take its defaults.)
-      missing = [f.name for f in dataclasses.fields(Config)
-                 if not isinstance(raw, dict) or f.name not in raw]
-      if missing:
-        raise ConfigError(f"config file {path} is not a run's config.json (it lacks the "
-                          f"sections {missing}); give the one a run wrote, or a .py config")
-      cfg = config_lib.from_dict(Config, raw, str(path))
+      cfg = from_json(path.read_text(encoding="utf-8"), str(path))
     except (ValueError, TypeError) as e:  # (JSON, UTF-8 and field errors; ConfigError is one)
       raise ConfigError(e if isinstance(e, ConfigError) else f"config file {path}: {e}") from None
     return config_lib.apply_overrides(cfg, overrides)
@@ -69,4 +62,12 @@ def to_json(cfg: Config) -> str:
 
 
 def from_json(text: str, where: str = "config.json") -> Config:
-  return config_lib.from_dict(Config, json.loads(text), where)
+  """A run's config.json (`to_json`) as the Config it was; every section is required, since one
+  missing would silently take its defaults."""
+  raw = json.loads(text)
+  missing = [f.name for f in dataclasses.fields(Config)
+             if not isinstance(raw, dict) or f.name not in raw]
+  if missing:
+    raise ConfigError(f"config file {where} is not a run's config.json (it lacks the sections "
+                      f"{missing}); give the one a run wrote, or a .py config")
+  return config_lib.from_dict(Config, raw, where)

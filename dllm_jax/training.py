@@ -383,11 +383,13 @@ def check_resume(run_dir: pathlib.Path, cfg, model_cfg: ModelConfig, tokenizer=N
       and getattr(saved, f.name) != getattr(model_cfg, f.name)}
   path = run_dir / checkpoint.CONFIG_JSON
   if not path.is_file():
-    # (A run's checkpoints copied without it: nothing to compare this config with.)
-    log.warning("--resume: %s is missing, so this config's settings cannot be checked against "
-                "the run's: the resumed steps use this config's data, optimizer and seed as "
-                "given", path)
-  if path.is_file():
+    # (A run's checkpoints copied without it: nothing to compare this config with. Process 0
+    # writes it: on another host's own disk it is absent by design.)
+    if jax.process_index() == 0:
+      log.warning("--resume: %s is missing, so this config's settings cannot be checked against "
+                  "the run's: the resumed steps use this config's data, optimizer and seed "
+                  "as given", path)
+  else:
     try:
       old = _flat(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
@@ -926,7 +928,7 @@ def train(cfg, *, resume: bool = False) -> dict:
         logged = step
         _check_finite(last, None, step, saved, run_dir)
       if step % cfg.checkpoint.every_steps == 0 and step < cfg.train.steps:
-        _check_finite(last if logged == step else None, state, step, saved, run_dir)
+        _check_finite(None, state, step, saved, run_dir)
         checkpoint.save(mgr, step, state, batches)
         saved = step
       if _any_process(stop["signal"] is not None):  # (after the step: it is saved)
@@ -937,8 +939,9 @@ def train(cfg, *, resume: bool = False) -> dict:
         break
     if metrics is not None and logged != step:  # the last step is always on record
       last = _log_step(step, metrics, progress, tokens_per_step, metrics_log)
+      _check_finite(last, None, step, saved, run_dir)
     if step != saved or not mgr.all_steps():
-      _check_finite(last if metrics is not None else None, state, step, saved, run_dir)
+      _check_finite(None, state, step, saved, run_dir)
       checkpoint.save(mgr, step, state, batches)
     checkpoint.wait_until_saved(mgr)
     clean = True
@@ -984,10 +987,11 @@ def _params_finite(params) -> jax.Array:
 
 def _check_finite(metrics: Optional[dict], state, step: int, saved: int,
                   run_dir: pathlib.Path) -> None:
-  """DivergedError where the logged metrics (a loss or gradient norm) or, given `state`, the
-  parameters about to be saved hold a NaN or an infinity: such a checkpoint would be restored
-  and would push the last good ones out of checkpoint.keep, and the run would go on to exit 0.
-  (The parameters are read only before a save: one pass over them, on every process alike.)"""
+  """DivergedError where the metrics just logged (a loss or gradient norm) or, given `state`,
+  the parameters about to be saved hold a NaN or an infinity: such a checkpoint would be
+  restored and would push the last good ones out of checkpoint.keep, and the run would go on to
+  exit 0. (The parameters are read only before a save: one pass over them, on every process
+  alike; the metrics where they are logged, read to the host already.)"""
   bad = [f"{k} {metrics[k]}" for k in ("loss", "grad_norm")
          if metrics and k in metrics and not math.isfinite(metrics[k])]
   if not bad and state is not None and not bool(_params_finite(state.params)):

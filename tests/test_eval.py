@@ -391,17 +391,24 @@ def _signal_at(monkeypatch, call, *signums):
   monkeypatch.setattr(eval_lib, "extract_answer", extract)
 
 
-def test_an_interrupted_eval_keeps_its_generations_and_resume_finishes_the_same_file(
-    tmp_path, monkeypatch):
+def _eval_flags_with_a_full_run(tmp_path, problems):
+  """The eval's flags over `problems` problems in batches of 2 on a tiny exported model, after
+  one uninterrupted run of them wrote TMP/full.jsonl (what a resumed run must write)."""
   data = tmp_path / "test.jsonl"
   data.write_text("".join(json.dumps({"question": f"What is {i} + 3?", "answer": f"#### {i + 3}"})
-                          + "\n" for i in range(7)))
+                          + "\n" for i in range(problems)))
   ckpt = tmp_path / "ckpt"
   convert.export_hf_dir(_tiny_pretrained(), ckpt)
   base = ["gsm8k", "--checkpoint", str(ckpt), "--data", str(data), "--batch-size", "2",
           "--max-new-tokens", "8", "--block-size", "8", "--sub-block-size", "4",
           "--dtype", "float32", "--json", "--force"]
   eval_lib.main(base + ["--out", str(tmp_path / "full.jsonl")])
+  return base
+
+
+def test_an_interrupted_eval_keeps_its_generations_and_resume_finishes_the_same_file(
+    tmp_path, monkeypatch):
+  base = _eval_flags_with_a_full_run(tmp_path, 7)
   out = tmp_path / "gen.jsonl"
   partial = tmp_path / "gen.jsonl.partial"
   settings = tmp_path / "gen.jsonl.partial.json"
@@ -468,15 +475,7 @@ def test_a_run_stopped_before_its_first_batch_scores_nothing_not_zero(tmp_path):
 def test_a_full_disk_keeps_what_was_written_and_resume_finishes(tmp_path, monkeypatch, capsys):
   from dllm_jax import checkpoint
 
-  data = tmp_path / "test.jsonl"
-  data.write_text("".join(json.dumps({"question": f"What is {i} + 3?", "answer": f"#### {i + 3}"})
-                          + "\n" for i in range(5)))
-  ckpt = tmp_path / "ckpt"
-  convert.export_hf_dir(_tiny_pretrained(), ckpt)
-  base = ["gsm8k", "--checkpoint", str(ckpt), "--data", str(data), "--batch-size", "2",
-          "--max-new-tokens", "8", "--block-size", "8", "--sub-block-size", "4",
-          "--dtype", "float32", "--json", "--force"]
-  eval_lib.main(base + ["--out", str(tmp_path / "full.jsonl")])
+  base = _eval_flags_with_a_full_run(tmp_path, 5)
   out, partial = tmp_path / "gen.jsonl", tmp_path / "gen.jsonl.partial"
   calls, fsync = [0], os.fsync
 
